@@ -1,0 +1,304 @@
+//! The audit chain: each record is one JSON line carrying the hash of the one before, so an edit,
+//! a deletion or a reordering breaks the chain, and a cut tail shows against a kept chain head.
+//!
+//! A record's hash is SHA-256 over its exact bytes without the trailing `"hash"` member, so
+//! verification needs no JSON canonicalisation: it recomputes over the bytes it reads.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::clock::{UnixTime, format_time};
+
+/// The hash a chain starts from.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The last record of a chain: its sequence number (1-based; 0 for an empty chain) and hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainHead {
+    pub sequence: u64,
+    pub hash: String,
+}
+
+impl ChainHead {
+    pub fn genesis() -> ChainHead {
+        ChainHead {
+            sequence: 0,
+            hash: GENESIS_HASH.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for ChainHead {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{}:{}", self.sequence, self.hash)
+    }
+}
+
+impl std::str::FromStr for ChainHead {
+    type Err = String;
+
+    /// Parses `SEQUENCE:HASH`, the form `valet audit verify --head` takes.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (sequence, hash) = text.split_once(':').ok_or("expected SEQUENCE:HASH")?;
+        let sequence = sequence
+            .parse()
+            .map_err(|_| "SEQUENCE must be a whole number")?;
+        if hash.len() != 64 || !hash.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+            return Err("HASH must be 64 hex digits".to_string());
+        }
+        Ok(ChainHead {
+            sequence,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+}
+
+/// Whether the decision let the action happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Allowed,
+    Denied,
+    Failed,
+}
+
+/// One decision to record. Holds ids, names and reasons — never a secret or a token.
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    fields: Map<String, Value>,
+}
+
+impl AuditEvent {
+    /// An event for `action` (e.g. `token.issue`) with its outcome.
+    pub fn new(action: &str, outcome: Outcome) -> AuditEvent {
+        let mut fields = Map::new();
+        fields.insert("action".into(), Value::from(action));
+        fields.insert(
+            "outcome".into(),
+            serde_json::to_value(outcome).unwrap_or(Value::Null),
+        );
+        AuditEvent { fields }
+    }
+
+    /// Adds a text field; empty values are left out.
+    pub fn with(mut self, key: &str, value: impl Into<String>) -> AuditEvent {
+        let value = value.into();
+        if !value.is_empty() {
+            self.fields.insert(key.into(), Value::from(value));
+        }
+        self
+    }
+
+    /// Adds any JSON value.
+    pub fn with_value(mut self, key: &str, value: Value) -> AuditEvent {
+        self.fields.insert(key.into(), value);
+        self
+    }
+
+    /// Records the grant's identifying fields.
+    pub fn with_grant(self, grant: &crate::grant::Grant) -> AuditEvent {
+        self.with("grant_id", &grant.id)
+            .with("grant_principal", &grant.principal)
+            .with("task_id", &grant.task_id)
+            .with("scope", &grant.scope)
+            .with("environment", &grant.environment)
+            .with_value("expires_at", Value::from(format_time(grant.expires_at)))
+    }
+
+    pub fn action(&self) -> &str {
+        self.fields
+            .get("action")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+}
+
+/// Chains `event` after `head` at `now`: returns the line to append (no newline) and the new head.
+pub fn chain(head: &ChainHead, event: &AuditEvent, now: UnixTime) -> (String, ChainHead) {
+    let sequence = head.sequence + 1;
+    let mut body = Map::new();
+    body.insert("seq".into(), Value::from(sequence));
+    body.insert("time".into(), Value::from(format_time(now)));
+    body.insert("prev".into(), Value::from(head.hash.clone()));
+    for (key, value) in &event.fields {
+        if !matches!(key.as_str(), "seq" | "time" | "prev" | "hash") {
+            body.insert(key.clone(), value.clone());
+        }
+    }
+    let body_text = Value::Object(body).to_string();
+    let hash = sha256_hex(body_text.as_bytes());
+    let mut line = body_text;
+    line.pop();
+    line.push_str(&format!(",\"hash\":\"{hash}\"}}"));
+    (line, ChainHead { sequence, hash })
+}
+
+/// What a good chain looked like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainSummary {
+    pub n_records: u64,
+    pub head: ChainHead,
+}
+
+/// Where and how a chain is broken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}{}: {kind}", sequence.map(|sequence| format!(" (record {sequence})")).unwrap_or_default())]
+pub struct ChainBreak {
+    /// 1-based line number in the file.
+    pub line: u64,
+    pub sequence: Option<u64>,
+    pub kind: BreakKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BreakKind {
+    #[error("not an audit record (expected one JSON object ending in a \"hash\" member)")]
+    NotARecord,
+    #[error("the record's hash does not match its contents: it was edited")]
+    HashMismatch,
+    #[error(
+        "expected record {expected} here, found {found}: records were deleted, inserted or reordered"
+    )]
+    SequenceGap { expected: u64, found: u64 },
+    #[error(
+        "the record does not follow the one before it (its prev hash differs): records were deleted, inserted or reordered"
+    )]
+    PrevMismatch,
+    #[error(
+        "the chain ends at record {found_sequence} but the head valetd keeps is record {expected}: the tail was cut"
+    )]
+    TailCut { expected: u64, found_sequence: u64 },
+    #[error(
+        "the chain's head is {found} but valetd's kept head is {expected}: the log was rewritten"
+    )]
+    HeadMismatch { expected: String, found: String },
+}
+
+/// Verifies a chain line by line; with `expected_head`, also that nothing was cut from its end.
+/// Chains may start at any sequence (after rotation), given the first record's `prev` is trusted.
+pub fn verify<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+    expected_head: Option<&ChainHead>,
+) -> Result<ChainSummary, ChainBreak> {
+    let mut head: Option<ChainHead> = None;
+    let mut n_records = 0u64;
+    let mut line_number = 0u64;
+    for line in lines {
+        line_number += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fail = |sequence: Option<u64>, kind: BreakKind| ChainBreak {
+            line: line_number,
+            sequence,
+            kind,
+        };
+        let (sequence, prev, hash) = match parse_record(line) {
+            ParsedLine::Record {
+                sequence,
+                prev,
+                hash,
+            } => (sequence, prev, hash),
+            ParsedLine::Edited { sequence } => {
+                return Err(fail(Some(sequence), BreakKind::HashMismatch));
+            }
+            ParsedLine::NotARecord => return Err(fail(None, BreakKind::NotARecord)),
+        };
+        if let Some(previous) = &head {
+            if sequence != previous.sequence + 1 {
+                return Err(fail(
+                    Some(sequence),
+                    BreakKind::SequenceGap {
+                        expected: previous.sequence + 1,
+                        found: sequence,
+                    },
+                ));
+            }
+            if prev != previous.hash {
+                return Err(fail(Some(sequence), BreakKind::PrevMismatch));
+            }
+        } else if sequence == 1 && prev != GENESIS_HASH {
+            return Err(fail(Some(sequence), BreakKind::PrevMismatch));
+        }
+        head = Some(ChainHead { sequence, hash });
+        n_records += 1;
+    }
+    let head = head.unwrap_or_else(ChainHead::genesis);
+    if let Some(expected) = expected_head {
+        if head.sequence < expected.sequence {
+            return Err(ChainBreak {
+                line: line_number,
+                sequence: Some(head.sequence),
+                kind: BreakKind::TailCut {
+                    expected: expected.sequence,
+                    found_sequence: head.sequence,
+                },
+            });
+        }
+        if head.sequence == expected.sequence && head.hash != expected.hash {
+            return Err(ChainBreak {
+                line: line_number,
+                sequence: Some(head.sequence),
+                kind: BreakKind::HeadMismatch {
+                    expected: expected.to_string(),
+                    found: head.to_string(),
+                },
+            });
+        }
+    }
+    Ok(ChainSummary { n_records, head })
+}
+
+/// One line, read.
+enum ParsedLine {
+    Record {
+        sequence: u64,
+        prev: String,
+        hash: String,
+    },
+    Edited {
+        sequence: u64,
+    },
+    NotARecord,
+}
+
+/// Reads the sequence, prev and hash of one line, checking the hash over the line's own bytes.
+fn parse_record(line: &str) -> ParsedLine {
+    const SUFFIX_LEN: usize = ",\"hash\":\"\"}".len() + 64;
+    let line = line.trim_end_matches(['\r', '\n']);
+    if line.len() < SUFFIX_LEN || !line.is_char_boundary(line.len() - SUFFIX_LEN) {
+        return ParsedLine::NotARecord;
+    }
+    let (body_open, suffix) = line.split_at(line.len() - SUFFIX_LEN);
+    let Some(stated_hash) = suffix
+        .strip_prefix(",\"hash\":\"")
+        .and_then(|rest| rest.strip_suffix("\"}"))
+    else {
+        return ParsedLine::NotARecord;
+    };
+    let body = format!("{body_open}}}");
+    let Ok(parsed) = serde_json::from_str::<Map<String, Value>>(&body) else {
+        return ParsedLine::NotARecord;
+    };
+    let (Some(sequence), Some(prev)) = (
+        parsed.get("seq").and_then(Value::as_u64),
+        parsed.get("prev").and_then(Value::as_str),
+    ) else {
+        return ParsedLine::NotARecord;
+    };
+    if sha256_hex(body.as_bytes()) != stated_hash {
+        return ParsedLine::Edited { sequence };
+    }
+    ParsedLine::Record {
+        sequence,
+        prev: prev.to_string(),
+        hash: stated_hash.to_string(),
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+#[cfg(test)]
+mod tests;

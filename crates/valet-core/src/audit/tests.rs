@@ -1,0 +1,139 @@
+//! Chain tampering, one test per way a log can be falsified.
+
+use super::*;
+
+fn chain_of(n_records: u64) -> (Vec<String>, ChainHead) {
+    let mut head = ChainHead::genesis();
+    let mut lines = Vec::new();
+    for index in 0..n_records {
+        let event =
+            AuditEvent::new("token.issue", Outcome::Allowed).with("grant_id", format!("g{index}"));
+        let (line, next) = chain(&head, &event, 1_700_000_000 + index as i64);
+        lines.push(line);
+        head = next;
+    }
+    (lines, head)
+}
+
+fn verify_all(lines: &[String], head: Option<&ChainHead>) -> Result<ChainSummary, ChainBreak> {
+    verify(lines.iter().map(String::as_str), head)
+}
+
+#[test]
+fn an_untouched_chain_verifies_against_its_head() {
+    let (lines, head) = chain_of(5);
+    let summary = verify_all(&lines, Some(&head)).unwrap();
+    assert_eq!(summary.n_records, 5);
+    assert_eq!(summary.head, head);
+    assert!(lines[0].contains("\"action\":\"token.issue\""));
+}
+
+#[test]
+fn an_edited_record_is_found() {
+    let (mut lines, head) = chain_of(5);
+    lines[2] = lines[2].replace("g2", "g9");
+    let broken = verify_all(&lines, Some(&head)).unwrap_err();
+    assert_eq!((broken.line, broken.kind), (3, BreakKind::HashMismatch));
+}
+
+#[test]
+fn an_edit_with_a_recomputed_hash_still_breaks_the_next_link() {
+    let (mut lines, _) = chain_of(4);
+    let forged_event = AuditEvent::new("token.issue", Outcome::Allowed).with("grant_id", "forged");
+    let before = ChainHead {
+        sequence: 1,
+        hash: parse_hash(&lines[0]),
+    };
+    lines[1] = chain(&before, &forged_event, 1).0;
+    let broken = verify_all(&lines, None).unwrap_err();
+    assert_eq!((broken.line, broken.kind), (3, BreakKind::PrevMismatch));
+}
+
+#[test]
+fn a_deleted_record_is_found() {
+    let (mut lines, _) = chain_of(5);
+    lines.remove(1);
+    let broken = verify_all(&lines, None).unwrap_err();
+    assert_eq!(
+        broken.kind,
+        BreakKind::SequenceGap {
+            expected: 2,
+            found: 3
+        }
+    );
+}
+
+#[test]
+fn reordered_records_are_found() {
+    let (mut lines, _) = chain_of(5);
+    lines.swap(1, 2);
+    assert!(matches!(
+        verify_all(&lines, None).unwrap_err().kind,
+        BreakKind::SequenceGap {
+            expected: 2,
+            found: 3
+        }
+    ));
+}
+
+#[test]
+fn a_cut_tail_is_found_only_against_the_kept_head() {
+    let (mut lines, head) = chain_of(5);
+    lines.truncate(3);
+    assert!(
+        verify_all(&lines, None).is_ok(),
+        "without a head a prefix is a valid chain"
+    );
+    let broken = verify_all(&lines, Some(&head)).unwrap_err();
+    assert_eq!(
+        broken.kind,
+        BreakKind::TailCut {
+            expected: 5,
+            found_sequence: 3
+        }
+    );
+}
+
+#[test]
+fn a_rewritten_log_does_not_match_the_kept_head() {
+    let (_, head) = chain_of(3);
+    let (other, _) = {
+        let mut h = ChainHead::genesis();
+        let mut lines = Vec::new();
+        for index in 0..3 {
+            let (line, next) = chain(
+                &h,
+                &AuditEvent::new("token.issue", Outcome::Denied).with("n", index.to_string()),
+                5,
+            );
+            lines.push(line);
+            h = next;
+        }
+        (lines, h)
+    };
+    assert!(matches!(
+        verify_all(&other, Some(&head)).unwrap_err().kind,
+        BreakKind::HeadMismatch { .. }
+    ));
+}
+
+#[test]
+fn garbage_lines_are_reported_not_panicked_on() {
+    for garbage in ["not json", "{}", "{\"seq\":1}", "é", "{\"hash\":\"zz\"}"] {
+        let broken = verify([garbage], None).unwrap_err();
+        assert_eq!(broken.kind, BreakKind::NotARecord, "{garbage}");
+    }
+}
+
+#[test]
+fn head_text_round_trips() {
+    let (_, head) = chain_of(2);
+    assert_eq!(head.to_string().parse::<ChainHead>().unwrap(), head);
+    assert!("12".parse::<ChainHead>().is_err());
+    assert!("x:abc".parse::<ChainHead>().is_err());
+}
+
+fn parse_hash(line: &str) -> String {
+    let value: serde_json::Value = serde_json::from_str(line).unwrap();
+    value["hash"].as_str().unwrap().to_string()
+}

@@ -1,0 +1,785 @@
+//! The validated config: typed values built from the raw file, with every problem reported at
+//! once under its key path (`scope[2].max_ttl: 2h exceeds server.max_ttl 1h`).
+
+mod raw;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use regex::Regex;
+
+/// Names of principals, scopes and credentials: what the config may call things.
+pub const NAME_RULE: &str = "1 to 64 characters from a-z, A-Z, 0-9, '.', '_', '-'";
+
+/// A config that passed validation. Cheap to share; swapped atomically on reload.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// Where the key-encryption key comes from; `None` is allowed only in development mode.
+    pub seal: Option<KeySource>,
+    pub audit: AuditConfig,
+    pub principals: BTreeMap<String, Principal>,
+    pub credentials: BTreeMap<String, Credential>,
+    pub scopes: BTreeMap<String, Scope>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// The `iss` of every token.
+    pub issuer: String,
+    /// The global cap on any token's lifetime, renewals included.
+    pub max_ttl: Duration,
+    /// How long expired and revoked grants stay listable before they are swept.
+    pub grant_retention: Duration,
+}
+
+/// Where a secret is read from. Secrets are never inline in the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    File(PathBuf),
+    Env(String),
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::File(path) => write!(formatter, "file {}", path.display()),
+            KeySource::Env(name) => write!(formatter, "environment variable {name}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+}
+
+/// What a principal is allowed to do at the API, beyond requesting its listed scopes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Requests tokens for its listed scopes; sees and revokes only its own grants.
+    Agent,
+    /// Lists, watches and revokes every grant.
+    Operator,
+    /// An operator who may also rotate signing keys and reload the config.
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Agent, Role::Operator, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|role| role.as_str() == text)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub name: String,
+    pub roles: BTreeSet<Role>,
+    /// SHA-256 of the principal's bearer key; the key itself is never configured.
+    pub key_sha256: [u8; 32],
+    pub scopes: BTreeSet<String>,
+}
+
+impl Principal {
+    /// Whether the principal acts with `role`'s rights; admins hold operator rights too.
+    pub fn has_role(&self, role: Role) -> bool {
+        self.roles.contains(&role) || (role == Role::Operator && self.roles.contains(&Role::Admin))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub name: String,
+    pub source: KeySource,
+}
+
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub name: String,
+    pub credential: String,
+    pub environment: String,
+    pub audience: String,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub max_uses: Option<u64>,
+    pub renewable: bool,
+    pub params: BTreeMap<String, ParamRule>,
+}
+
+/// What values a requester may give one parameter.
+#[derive(Debug, Clone)]
+pub struct ParamRule {
+    pub required: bool,
+    pub allowed: AllowedValues,
+}
+
+#[derive(Debug, Clone)]
+pub enum AllowedValues {
+    /// The whole value must match this pattern (anchored).
+    Pattern { source: String, regex: Regex },
+    /// The value must be one of these.
+    OneOf(BTreeSet<String>),
+}
+
+impl AllowedValues {
+    pub fn permits(&self, value: &str) -> bool {
+        match self {
+            AllowedValues::Pattern { regex, .. } => regex.is_match(value),
+            AllowedValues::OneOf(values) => values.contains(value),
+        }
+    }
+}
+
+impl fmt::Display for AllowedValues {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AllowedValues::Pattern { source, .. } => write!(formatter, "a value matching {source}"),
+            AllowedValues::OneOf(values) => {
+                let list: Vec<&str> = values.iter().map(String::as_str).collect();
+                write!(formatter, "one of [{}]", list.join(", "))
+            }
+        }
+    }
+}
+
+/// One thing wrong with a config, at one key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key_path: String,
+    pub kind: ProblemKind,
+}
+
+/// The kinds of mistake a config can hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProblemKind {
+    #[error("the file is not valid TOML or a value has the wrong type: {0}")]
+    Syntax(String),
+    #[error("unknown key; see docs/configuration.md for the keys this section takes")]
+    UnknownKey,
+    #[error("missing; this key is required")]
+    Missing,
+    #[error("{value:?} is not a valid {what}; expected {expected}")]
+    Invalid {
+        value: String,
+        what: &'static str,
+        expected: String,
+    },
+    #[error("{name:?} is defined more than once")]
+    Duplicate { name: String },
+    #[error("names credential {name:?}, which is not defined; defined credentials: [{defined}]")]
+    UnknownCredential { name: String, defined: String },
+    #[error("names scope {name:?}, which is not defined; defined scopes: [{defined}]")]
+    UnknownScope { name: String, defined: String },
+    #[error("{asked} exceeds {cap_key} {cap}")]
+    DurationAboveCap {
+        asked: String,
+        cap_key: String,
+        cap: String,
+    },
+    #[error("set both {first} and {second}; set exactly one")]
+    BothSet {
+        first: &'static str,
+        second: &'static str,
+    },
+    #[error("set neither {first} nor {second}; set exactly one")]
+    NeitherSet {
+        first: &'static str,
+        second: &'static str,
+    },
+    #[error("the same key hash as principal {other:?}; every principal needs its own key")]
+    SharedKey { other: String },
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}: {}", self.key_path, self.kind)
+    }
+}
+
+/// Every problem found in a config. Never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n_problems = self.0.len();
+        write!(
+            formatter,
+            "the config has {n_problems} problem{}:",
+            if n_problems == 1 { "" } else { "s" }
+        )?;
+        for problem in &self.0 {
+            write!(formatter, "\n  {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Parses and validates config text. Relative paths are resolved against `base_dir`, the
+    /// directory of the config file, so a config means the same wherever valetd is started.
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigErrors> {
+        let (raw, unknown_keys) = raw::parse(text).map_err(|error| {
+            ConfigErrors(vec![ConfigProblem {
+                key_path: "(file)".to_string(),
+                kind: ProblemKind::Syntax(error.to_string().trim().replace('\n', " ")),
+            }])
+        })?;
+        let mut problems = Problems::default();
+        for key_path in unknown_keys {
+            problems.push(key_path, ProblemKind::UnknownKey);
+        }
+        let config = build(raw, base_dir, &mut problems);
+        match config {
+            Some(config) if problems.0.is_empty() => Ok(config),
+            _ => Err(ConfigErrors(problems.0)),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn push(&mut self, key_path: impl Into<String>, kind: ProblemKind) {
+        self.0.push(ConfigProblem {
+            key_path: key_path.into(),
+            kind,
+        });
+    }
+
+    fn required<T>(&mut self, value: Option<T>, key_path: &str) -> Option<T> {
+        if value.is_none() {
+            self.push(key_path, ProblemKind::Missing);
+        }
+        value
+    }
+
+    fn name(&mut self, value: Option<String>, key_path: &str) -> Option<String> {
+        let value = self.required(value, key_path)?;
+        if is_valid_name(&value) {
+            Some(value)
+        } else {
+            self.push(key_path, invalid(&value, "name", NAME_RULE));
+            None
+        }
+    }
+
+    fn duration(&mut self, value: Option<String>, key_path: &str) -> Option<Duration> {
+        let value = value?;
+        match humantime::parse_duration(&value) {
+            Ok(duration) if !duration.is_zero() => Some(duration),
+            _ => {
+                self.push(
+                    key_path,
+                    invalid(
+                        &value,
+                        "duration",
+                        "a positive duration such as \"90s\", \"5m\" or \"1h\"",
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn cap(&mut self, key_path: &str, asked: Duration, cap_key: &str, cap: Duration) {
+        if asked > cap {
+            self.push(
+                key_path,
+                ProblemKind::DurationAboveCap {
+                    asked: format_duration(asked),
+                    cap_key: cap_key.to_string(),
+                    cap: format_duration(cap),
+                },
+            );
+        }
+    }
+}
+
+fn invalid(value: &str, what: &'static str, expected: &str) -> ProblemKind {
+    ProblemKind::Invalid {
+        value: value.to_string(),
+        what,
+        expected: expected.to_string(),
+    }
+}
+
+/// Formats a duration the way the config writes it ("1h 30m").
+pub fn format_duration(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
+/// Whether `name` is a valid principal, scope or credential name.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+}
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:7470";
+const DEFAULT_GRANT_RETENTION: Duration = Duration::from_secs(3600);
+
+fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Option<Config> {
+    let resolve = |path: String| -> PathBuf {
+        let path = PathBuf::from(path);
+        if path.is_absolute() {
+            path
+        } else {
+            base_dir.join(path)
+        }
+    };
+
+    let raw_server = problems.required(raw.server, "server").unwrap_or_default();
+    let listen_text = raw_server
+        .listen
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let listen = match listen_text.parse::<SocketAddr>() {
+        Ok(address) => Some(address),
+        Err(_) => {
+            problems.push(
+                "server.listen",
+                invalid(
+                    &listen_text,
+                    "socket address",
+                    "IP:PORT, such as \"127.0.0.1:7470\"",
+                ),
+            );
+            None
+        }
+    };
+    let data_dir = problems
+        .required(raw_server.data_dir, "server.data_dir")
+        .map(resolve);
+    let issuer = problems.required(raw_server.issuer, "server.issuer");
+    if let Some(issuer) = &issuer
+        && (issuer.is_empty() || issuer.len() > 256)
+    {
+        problems.push(
+            "server.issuer",
+            invalid(issuer, "issuer", "1 to 256 characters"),
+        );
+    }
+    let server_max_ttl_raw = problems.required(raw_server.max_ttl, "server.max_ttl");
+    let server_max_ttl = problems.duration(server_max_ttl_raw, "server.max_ttl");
+    let grant_retention = match raw_server.grant_retention {
+        Some(text) => problems.duration(Some(text), "server.grant_retention"),
+        None => Some(DEFAULT_GRANT_RETENTION),
+    };
+
+    let seal = match raw.seal {
+        None => None,
+        Some(raw_seal) => key_source(
+            raw_seal.key_file,
+            raw_seal.key_env,
+            ("seal.key_file", "seal.key_env"),
+            "seal",
+            problems,
+        )
+        .map(|source| match source {
+            KeySource::File(path) => KeySource::File(resolve(path.to_string_lossy().into_owned())),
+            other => other,
+        }),
+    };
+
+    let audit_path = problems
+        .required(raw.audit, "audit")
+        .and_then(|raw_audit| problems.required(raw_audit.path, "audit.path"))
+        .map(resolve);
+
+    let mut credentials = BTreeMap::new();
+    for (index, raw_credential) in raw.credential.into_iter().enumerate() {
+        let at = format!("credential[{index}]");
+        let name = problems.name(raw_credential.name, &format!("{at}.name"));
+        let source = key_source(
+            raw_credential.file,
+            raw_credential.env,
+            ("file", "env"),
+            &at,
+            problems,
+        )
+        .map(|source| match source {
+            KeySource::File(path) => KeySource::File(resolve(path.to_string_lossy().into_owned())),
+            other => other,
+        });
+        if let (Some(name), Some(source)) = (name, source)
+            && credentials
+                .insert(
+                    name.clone(),
+                    Credential {
+                        name: name.clone(),
+                        source,
+                    },
+                )
+                .is_some()
+        {
+            problems.push(format!("{at}.name"), ProblemKind::Duplicate { name });
+        }
+    }
+    let defined_credentials = credentials.keys().cloned().collect::<Vec<_>>().join(", ");
+
+    let mut scopes = BTreeMap::new();
+    for (index, raw_scope) in raw.scope.into_iter().enumerate() {
+        let at = format!("scope[{index}]");
+        if let Some(scope) = build_scope(
+            raw_scope,
+            &at,
+            server_max_ttl,
+            &credentials,
+            &defined_credentials,
+            problems,
+        ) {
+            let name = scope.name.clone();
+            if scopes.insert(name.clone(), scope).is_some() {
+                problems.push(format!("{at}.name"), ProblemKind::Duplicate { name });
+            }
+        }
+    }
+    let defined_scopes = scopes.keys().cloned().collect::<Vec<_>>().join(", ");
+
+    let mut principals: BTreeMap<String, Principal> = BTreeMap::new();
+    for (index, raw_principal) in raw.principal.into_iter().enumerate() {
+        let at = format!("principal[{index}]");
+        let name = problems.name(raw_principal.name, &format!("{at}.name"));
+        let mut roles = BTreeSet::new();
+        if raw_principal.roles.is_empty() {
+            problems.push(
+                format!("{at}.roles"),
+                invalid(
+                    "[]",
+                    "role list",
+                    "at least one of \"agent\", \"operator\", \"admin\"",
+                ),
+            );
+        }
+        for (role_index, role_text) in raw_principal.roles.iter().enumerate() {
+            match Role::parse(role_text) {
+                Some(role) => {
+                    roles.insert(role);
+                }
+                None => problems.push(
+                    format!("{at}.roles[{role_index}]"),
+                    invalid(role_text, "role", "\"agent\", \"operator\" or \"admin\""),
+                ),
+            }
+        }
+        let key_sha256 = problems
+            .required(raw_principal.key_sha256, &format!("{at}.key_sha256"))
+            .and_then(|text| {
+                let decoded = hex::decode(text.trim()).ok().and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
+                if decoded.is_none() {
+                    problems.push(
+                        format!("{at}.key_sha256"),
+                        invalid(&text, "key hash", "64 hex digits: the SHA-256 of the principal's key (`valet keygen` prints it)"),
+                    );
+                }
+                decoded
+            });
+        let mut allowed_scopes = BTreeSet::new();
+        for (scope_index, scope_name) in raw_principal.scopes.into_iter().enumerate() {
+            if !scopes.contains_key(&scope_name) {
+                problems.push(
+                    format!("{at}.scopes[{scope_index}]"),
+                    ProblemKind::UnknownScope {
+                        name: scope_name.clone(),
+                        defined: defined_scopes.clone(),
+                    },
+                );
+            }
+            allowed_scopes.insert(scope_name);
+        }
+        let (Some(name), Some(key_sha256)) = (name, key_sha256) else {
+            continue;
+        };
+        if let Some(other) = principals
+            .values()
+            .find(|other| other.key_sha256 == key_sha256)
+        {
+            problems.push(
+                format!("{at}.key_sha256"),
+                ProblemKind::SharedKey {
+                    other: other.name.clone(),
+                },
+            );
+        }
+        let principal = Principal {
+            name: name.clone(),
+            roles,
+            key_sha256,
+            scopes: allowed_scopes,
+        };
+        if principals.insert(name.clone(), principal).is_some() {
+            problems.push(format!("{at}.name"), ProblemKind::Duplicate { name });
+        }
+    }
+
+    Some(Config {
+        server: ServerConfig {
+            listen: listen?,
+            data_dir: data_dir?,
+            issuer: issuer?,
+            max_ttl: server_max_ttl?,
+            grant_retention: grant_retention?,
+        },
+        seal,
+        audit: AuditConfig { path: audit_path? },
+        principals,
+        credentials,
+        scopes,
+    })
+}
+
+fn key_source(
+    file: Option<String>,
+    env: Option<String>,
+    (file_key, env_key): (&'static str, &'static str),
+    at: &str,
+    problems: &mut Problems,
+) -> Option<KeySource> {
+    let short = |key: &'static str| key.rsplit('.').next().unwrap_or(key);
+    match (file, env) {
+        (Some(_), Some(_)) => {
+            problems.push(
+                at,
+                ProblemKind::BothSet {
+                    first: short(file_key),
+                    second: short(env_key),
+                },
+            );
+            None
+        }
+        (None, None) => {
+            problems.push(
+                at,
+                ProblemKind::NeitherSet {
+                    first: short(file_key),
+                    second: short(env_key),
+                },
+            );
+            None
+        }
+        (Some(path), None) if path.is_empty() => {
+            problems.push(
+                format!("{at}.{}", short(file_key)),
+                invalid("", "path", "a file path"),
+            );
+            None
+        }
+        (None, Some(name)) if !is_valid_env_name(&name) => {
+            problems.push(
+                format!("{at}.{}", short(env_key)),
+                invalid(
+                    &name,
+                    "environment variable name",
+                    "letters, digits and '_', not starting with a digit",
+                ),
+            );
+            None
+        }
+        (Some(path), None) => Some(KeySource::File(PathBuf::from(path))),
+        (None, Some(name)) => Some(KeySource::Env(name)),
+    }
+}
+
+fn is_valid_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(first) if first.is_ascii_alphabetic() || first == b'_')
+        && bytes.all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
+}
+
+fn build_scope(
+    raw_scope: raw::RawScope,
+    at: &str,
+    server_max_ttl: Option<Duration>,
+    credentials: &BTreeMap<String, Credential>,
+    defined_credentials: &str,
+    problems: &mut Problems,
+) -> Option<Scope> {
+    let name = problems.name(raw_scope.name, &format!("{at}.name"));
+    let credential = problems.required(raw_scope.credential, &format!("{at}.credential"));
+    if let Some(credential) = &credential
+        && !credentials.contains_key(credential)
+    {
+        problems.push(
+            format!("{at}.credential"),
+            ProblemKind::UnknownCredential {
+                name: credential.clone(),
+                defined: defined_credentials.to_string(),
+            },
+        );
+    }
+    let environment = problems.name(raw_scope.environment, &format!("{at}.environment"));
+    let audience = match raw_scope.audience {
+        Some(audience) if audience.is_empty() || audience.len() > 256 => {
+            problems.push(
+                format!("{at}.audience"),
+                invalid(&audience, "audience", "1 to 256 characters"),
+            );
+            None
+        }
+        Some(audience) => Some(audience),
+        None => {
+            problems.push(format!("{at}.audience"), ProblemKind::Missing);
+            None
+        }
+    };
+    let max_ttl_raw = problems.required(raw_scope.max_ttl, &format!("{at}.max_ttl"));
+    let max_ttl = problems.duration(max_ttl_raw, &format!("{at}.max_ttl"));
+    let default_ttl_raw = problems.required(raw_scope.default_ttl, &format!("{at}.default_ttl"));
+    let default_ttl = problems.duration(default_ttl_raw, &format!("{at}.default_ttl"));
+    if let (Some(max_ttl), Some(server_max_ttl)) = (max_ttl, server_max_ttl) {
+        problems.cap(
+            &format!("{at}.max_ttl"),
+            max_ttl,
+            "server.max_ttl",
+            server_max_ttl,
+        );
+    }
+    if let (Some(default_ttl), Some(max_ttl)) = (default_ttl, max_ttl) {
+        problems.cap(
+            &format!("{at}.default_ttl"),
+            default_ttl,
+            &format!("{at}.max_ttl"),
+            max_ttl,
+        );
+    }
+    let max_uses = match raw_scope.max_uses {
+        None => None,
+        Some(count) if count >= 1 => u64::try_from(count).ok(),
+        Some(count) => {
+            problems.push(
+                format!("{at}.max_uses"),
+                invalid(
+                    &count.to_string(),
+                    "use count",
+                    "a whole number of at least 1",
+                ),
+            );
+            None
+        }
+    };
+    let mut params = BTreeMap::new();
+    for (param_name, raw_param) in raw_scope.params {
+        let param_at = format!("{at}.params.{param_name}");
+        if !is_valid_param_name(&param_name) {
+            problems.push(
+                param_at.clone(),
+                invalid(
+                    &param_name,
+                    "parameter name",
+                    "1 to 64 characters from a-z, 0-9, '_', starting with a letter",
+                ),
+            );
+            continue;
+        }
+        let allowed = match (raw_param.pattern, raw_param.values) {
+            (Some(_), Some(_)) => {
+                problems.push(
+                    param_at.clone(),
+                    ProblemKind::BothSet {
+                        first: "pattern",
+                        second: "values",
+                    },
+                );
+                continue;
+            }
+            (None, None) => {
+                problems.push(
+                    param_at.clone(),
+                    ProblemKind::NeitherSet {
+                        first: "pattern",
+                        second: "values",
+                    },
+                );
+                continue;
+            }
+            (Some(pattern), None) => match Regex::new(&format!("^(?:{pattern})$")) {
+                Ok(regex) => AllowedValues::Pattern {
+                    source: pattern,
+                    regex,
+                },
+                Err(error) => {
+                    problems.push(
+                        format!("{param_at}.pattern"),
+                        invalid(
+                            &pattern,
+                            "pattern",
+                            &format!("a regular expression ({})", first_line(&error.to_string())),
+                        ),
+                    );
+                    continue;
+                }
+            },
+            (None, Some(values)) if values.is_empty() => {
+                problems.push(
+                    format!("{param_at}.values"),
+                    invalid("[]", "value list", "at least one value"),
+                );
+                continue;
+            }
+            (None, Some(values)) => AllowedValues::OneOf(values.into_iter().collect()),
+        };
+        params.insert(
+            param_name,
+            ParamRule {
+                required: raw_param.required.unwrap_or(true),
+                allowed,
+            },
+        );
+    }
+    Some(Scope {
+        name: name?,
+        credential: credential?,
+        environment: environment?,
+        audience: audience?,
+        default_ttl: default_ttl?,
+        max_ttl: max_ttl?,
+        max_uses,
+        renewable: raw_scope.renewable.unwrap_or(true),
+        params,
+    })
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or(text)
+        .trim()
+}
+
+/// Whether `name` may name a scope parameter (it becomes a token claim key).
+pub fn is_valid_param_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    name.len() <= 64
+        && matches!(bytes.next(), Some(first) if first.is_ascii_lowercase())
+        && bytes.all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_')
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,105 @@
+//! The config file as written: plain strings and options, before any validation.
+//!
+//! Everything is lenient here (durations and addresses are strings) so that validation can report
+//! every problem at once with its key path, instead of stopping at the first type error.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawConfig {
+    pub server: Option<RawServer>,
+    pub seal: Option<RawSeal>,
+    pub audit: Option<RawAudit>,
+    #[serde(default)]
+    pub principal: Vec<RawPrincipal>,
+    #[serde(default)]
+    pub credential: Vec<RawCredential>,
+    #[serde(default)]
+    pub scope: Vec<RawScope>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub data_dir: Option<String>,
+    pub issuer: Option<String>,
+    pub max_ttl: Option<String>,
+    pub grant_retention: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawSeal {
+    pub key_file: Option<String>,
+    pub key_env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawAudit {
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawPrincipal {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    pub key_sha256: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawCredential {
+    pub name: Option<String>,
+    pub env: Option<String>,
+    pub file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawScope {
+    pub name: Option<String>,
+    pub credential: Option<String>,
+    pub environment: Option<String>,
+    pub audience: Option<String>,
+    pub default_ttl: Option<String>,
+    pub max_ttl: Option<String>,
+    pub max_uses: Option<i64>,
+    pub renewable: Option<bool>,
+    #[serde(default)]
+    pub params: BTreeMap<String, RawParam>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawParam {
+    pub pattern: Option<String>,
+    pub values: Option<Vec<String>>,
+    pub required: Option<bool>,
+}
+
+/// Parses TOML text into the raw model, collecting the path of every key the model does not know.
+pub fn parse(text: &str) -> Result<(RawConfig, Vec<String>), toml::de::Error> {
+    let mut unknown = Vec::new();
+    let deserializer = toml::Deserializer::parse(text)?;
+    let raw = serde_ignored::deserialize(deserializer, |path| {
+        unknown.push(key_path(&path.to_string()))
+    })?;
+    Ok((raw, unknown))
+}
+
+/// Turns serde_ignored's `scope.0.max_tll` into the config's own form, `scope[0].max_tll`.
+fn key_path(dotted: &str) -> String {
+    let mut out = String::new();
+    for part in dotted.split('.').filter(|part| *part != "?") {
+        if part.chars().all(|character| character.is_ascii_digit()) && !part.is_empty() {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}

@@ -1,0 +1,178 @@
+//! Config validation: the shipped examples parse; every kind of mistake is reported, all at once.
+
+use std::path::Path;
+
+use super::*;
+
+const EXAMPLES: &[(&str, &str)] = &[(
+    "deploy/examples/valet.toml",
+    include_str!("../../../../deploy/examples/valet.toml"),
+)];
+
+#[test]
+fn every_example_config_in_the_repository_parses() {
+    for (name, text) in EXAMPLES {
+        let config = Config::parse(text, Path::new("/repo/deploy/examples"))
+            .unwrap_or_else(|errors| panic!("{name}: {errors}"));
+        assert!(!config.scopes.is_empty(), "{name}");
+        assert_eq!(
+            config.audit.path,
+            Path::new("/repo/deploy/examples/var/audit.jsonl")
+        );
+    }
+}
+
+#[test]
+fn every_mistake_is_reported_at_once_with_its_key_path() {
+    let text = r#"
+[server]
+listen = "not-an-address"
+issuer = "https://valet.test"
+max_ttl = "1h"
+colour = "blue"
+
+[seal]
+key_file = "a"
+key_env = "B"
+
+[audit]
+path = "audit.jsonl"
+
+[[credential]]
+name = "railway"
+
+[[credential]]
+name = "bad name!"
+env = "X"
+
+[[scope]]
+name = "too-long"
+credential = "nope"
+environment = "staging"
+audience = "railway"
+default_ttl = "5 parsecs"
+max_ttl = "2h"
+max_uses = 0
+[scope.params.project]
+pattern = "(unclosed"
+[scope.params.Region]
+values = ["eu"]
+
+[[scope]]
+name = "too-long"
+credential = "railway"
+environment = "staging"
+audience = "railway"
+default_ttl = "10m"
+max_ttl = "5m"
+
+[[principal]]
+name = "ci-agent"
+roles = ["agent", "superuser"]
+key_sha256 = "xyz"
+scopes = ["missing-scope"]
+"#;
+    let errors = Config::parse(text, Path::new("/etc/valet")).unwrap_err();
+    let rendered: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+    let expected = [
+        "server.colour: unknown key",
+        "server.listen: \"not-an-address\" is not a valid socket address",
+        "server.data_dir: missing",
+        "seal: set both key_file and key_env",
+        "credential[0]: set neither file nor env",
+        "credential[1].name: \"bad name!\" is not a valid name",
+        "scope[0].credential: names credential \"nope\", which is not defined; defined credentials: []",
+        "scope[0].max_ttl: 2h exceeds server.max_ttl 1h",
+        "scope[0].default_ttl: \"5 parsecs\" is not a valid duration",
+        "scope[0].max_uses: \"0\" is not a valid use count",
+        "scope[0].params.project.pattern: \"(unclosed\" is not a valid pattern",
+        "scope[0].params.Region: \"Region\" is not a valid parameter name",
+        "scope[1].default_ttl: 10m exceeds scope[1].max_ttl 5m",
+        "principal[0].roles[1]: \"superuser\" is not a valid role",
+        "principal[0].key_sha256: \"xyz\" is not a valid key hash",
+        "principal[0].scopes[0]: names scope \"missing-scope\", which is not defined",
+    ];
+    for wanted in expected {
+        assert!(
+            rendered.iter().any(|line| line.starts_with(wanted)),
+            "missing {wanted:?} in:\n{}",
+            rendered.join("\n")
+        );
+    }
+    assert!(
+        errors
+            .to_string()
+            .starts_with(&format!("the config has {} problems:", errors.0.len()))
+    );
+}
+
+#[test]
+fn a_duplicate_scope_name_is_reported() {
+    let text = r#"
+[server]
+data_dir = "d"
+issuer = "i"
+max_ttl = "1h"
+[audit]
+path = "a"
+[[credential]]
+name = "c"
+env = "C"
+[[scope]]
+name = "s"
+credential = "c"
+environment = "e"
+audience = "a"
+default_ttl = "1m"
+max_ttl = "1m"
+[[scope]]
+name = "s"
+credential = "c"
+environment = "e"
+audience = "a"
+default_ttl = "1m"
+max_ttl = "1m"
+"#;
+    let errors = Config::parse(text, Path::new("/")).unwrap_err();
+    assert_eq!(
+        errors.0[0].to_string(),
+        "scope[1].name: \"s\" is defined more than once"
+    );
+}
+
+#[test]
+fn syntax_errors_say_where() {
+    let errors = Config::parse("[server\nlisten = 1", Path::new("/")).unwrap_err();
+    assert_eq!(errors.0.len(), 1);
+    assert!(
+        errors.0[0]
+            .to_string()
+            .starts_with("(file): the file is not valid TOML"),
+        "{}",
+        errors
+    );
+    let errors = Config::parse("[server]\nmax_ttl = 5\n", Path::new("/")).unwrap_err();
+    assert!(errors.to_string().contains("max_ttl"), "{errors}");
+}
+
+#[test]
+fn two_principals_may_not_share_a_key() {
+    let text = r#"
+[server]
+data_dir = "d"
+issuer = "i"
+max_ttl = "1h"
+[audit]
+path = "a"
+[[principal]]
+name = "a"
+roles = ["agent"]
+key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+[[principal]]
+name = "b"
+roles = ["agent"]
+key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+"#;
+    let errors = Config::parse(text, Path::new("/")).unwrap_err();
+    assert!(matches!(errors.0[0].kind, ProblemKind::SharedKey { .. }));
+}

@@ -1,0 +1,324 @@
+//! The grant record and its lifecycle: `pending → active → revoked | expired`, `pending → denied`.
+//! Every transition is a function from one record to the next, so the store can compare-and-swap.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{UnixTime, add_duration, format_time};
+
+/// The durable record of one issued token. Holds no secret: the token itself is never stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// The token's `jti`.
+    pub id: String,
+    pub principal: String,
+    pub task_id: String,
+    pub purpose: String,
+    pub scope: String,
+    pub environment: String,
+    pub audience: String,
+    pub params: BTreeMap<String, String>,
+    pub issued_at: UnixTime,
+    pub expires_at: UnixTime,
+    /// Renewals never push `expires_at` past this: issue time plus the scope's max TTL.
+    pub max_expires_at: UnixTime,
+    pub uses: u64,
+    pub max_uses: Option<u64>,
+    pub status: GrantStatus,
+    /// Who ended the grant and why, once it is no longer active.
+    pub status_reason: Option<String>,
+    /// The key that signed the grant's latest token.
+    pub key_id: String,
+    pub updated_at: UnixTime,
+}
+
+/// The stored status. `Expired` is never stored: it is derived from `expires_at` and the clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantStatus {
+    Pending,
+    Active,
+    Revoked,
+    Expired,
+    Denied,
+}
+
+impl GrantStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantStatus::Pending => "pending",
+            GrantStatus::Active => "active",
+            GrantStatus::Revoked => "revoked",
+            GrantStatus::Expired => "expired",
+            GrantStatus::Denied => "denied",
+        }
+    }
+}
+
+impl fmt::Display for GrantStatus {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// Why a grant cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InactiveReason {
+    #[error("grant {grant_id} was revoked: {reason}")]
+    Revoked { grant_id: String, reason: String },
+    #[error("grant {grant_id} expired at {}", format_time(*at))]
+    Expired { grant_id: String, at: UnixTime },
+    #[error("grant {grant_id} has used all {max_uses} of its uses")]
+    UsesExhausted { grant_id: String, max_uses: u64 },
+    #[error("grant {grant_id} is waiting for approval")]
+    Pending { grant_id: String },
+    #[error("grant {grant_id} was denied: {reason}")]
+    Denied { grant_id: String, reason: String },
+}
+
+/// A transition the grant's current status does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    #[error("grant {grant_id} cannot be {action}: it is {status}")]
+    NotActive {
+        grant_id: String,
+        action: &'static str,
+        status: GrantStatus,
+    },
+    #[error("grant {grant_id} cannot be renewed: it already runs until its scope's max lifetime ({})", format_time(*max_expires_at))]
+    AtMaxLifetime {
+        grant_id: String,
+        max_expires_at: UnixTime,
+    },
+}
+
+impl Grant {
+    /// The status as a reader should see it at `now`: an active grant past its expiry is expired.
+    pub fn status_at(&self, now: UnixTime) -> GrantStatus {
+        match self.status {
+            GrantStatus::Active | GrantStatus::Pending if now >= self.expires_at => {
+                GrantStatus::Expired
+            }
+            status => status,
+        }
+    }
+
+    /// `None` when the grant may be used at `now`, otherwise why not.
+    pub fn inactive_reason(&self, now: UnixTime) -> Option<InactiveReason> {
+        let grant_id = self.id.clone();
+        let reason = || {
+            self.status_reason
+                .clone()
+                .unwrap_or_else(|| "no reason given".to_string())
+        };
+        match self.status_at(now) {
+            GrantStatus::Active => match self.max_uses {
+                Some(max_uses) if self.uses >= max_uses => {
+                    Some(InactiveReason::UsesExhausted { grant_id, max_uses })
+                }
+                _ => None,
+            },
+            GrantStatus::Expired => Some(InactiveReason::Expired {
+                grant_id,
+                at: self.expires_at,
+            }),
+            GrantStatus::Revoked => Some(InactiveReason::Revoked {
+                grant_id,
+                reason: reason(),
+            }),
+            GrantStatus::Pending => Some(InactiveReason::Pending { grant_id }),
+            GrantStatus::Denied => Some(InactiveReason::Denied {
+                grant_id,
+                reason: reason(),
+            }),
+        }
+    }
+
+    /// The record after revocation by `by` for `reason`. Only an active grant can be revoked.
+    pub fn revoked(&self, by: &str, reason: &str, now: UnixTime) -> Result<Grant, TransitionError> {
+        self.require_status(GrantStatus::Active, "revoked", now)?;
+        Ok(Grant {
+            status: GrantStatus::Revoked,
+            status_reason: Some(format!("revoked by {by}: {reason}")),
+            updated_at: now,
+            ..self.clone()
+        })
+    }
+
+    /// The record after one more successful use.
+    pub fn used(&self, now: UnixTime) -> Result<Grant, InactiveReason> {
+        if let Some(reason) = self.inactive_reason(now) {
+            return Err(reason);
+        }
+        Ok(Grant {
+            uses: self.uses.saturating_add(1),
+            updated_at: now,
+            ..self.clone()
+        })
+    }
+
+    /// The record after renewal for `ttl` from `now`, signed by `key_id`. The new expiry is capped
+    /// at `max_expires_at`; a renewal that cannot extend at all is refused.
+    pub fn renewed(
+        &self,
+        ttl: Duration,
+        key_id: &str,
+        now: UnixTime,
+    ) -> Result<Grant, TransitionError> {
+        self.require_status(GrantStatus::Active, "renewed", now)?;
+        let expires_at = add_duration(now, ttl).min(self.max_expires_at);
+        if expires_at <= self.expires_at {
+            return Err(TransitionError::AtMaxLifetime {
+                grant_id: self.id.clone(),
+                max_expires_at: self.max_expires_at,
+            });
+        }
+        Ok(Grant {
+            expires_at,
+            key_id: key_id.to_string(),
+            updated_at: now,
+            ..self.clone()
+        })
+    }
+
+    /// Whether the record may be deleted: it can no longer be used and has been kept for
+    /// `retention` past the moment it stopped being usable.
+    pub fn sweepable(&self, now: UnixTime, retention: Duration) -> bool {
+        let ended_at = match self.status_at(now) {
+            GrantStatus::Active | GrantStatus::Pending => return false,
+            GrantStatus::Expired => self.expires_at,
+            // A revoked grant's token stays cryptographically valid until `expires_at`; keep the
+            // record (and so the revocation) at least that long.
+            GrantStatus::Revoked | GrantStatus::Denied => self.expires_at.max(self.updated_at),
+        };
+        now >= add_duration(ended_at, retention)
+    }
+
+    fn require_status(
+        &self,
+        wanted: GrantStatus,
+        action: &'static str,
+        now: UnixTime,
+    ) -> Result<(), TransitionError> {
+        let status = self.status_at(now);
+        if status == wanted {
+            Ok(())
+        } else {
+            Err(TransitionError::NotActive {
+                grant_id: self.id.clone(),
+                action,
+                status,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn active_grant(now: UnixTime) -> Grant {
+        Grant {
+            id: "g1".into(),
+            principal: "ci-agent".into(),
+            task_id: "t1".into(),
+            purpose: "test".into(),
+            scope: "s".into(),
+            environment: "staging".into(),
+            audience: "railway".into(),
+            params: BTreeMap::new(),
+            issued_at: now,
+            expires_at: now + 300,
+            max_expires_at: now + 900,
+            uses: 0,
+            max_uses: Some(2),
+            status: GrantStatus::Active,
+            status_reason: None,
+            key_id: "k1".into(),
+            updated_at: now,
+        }
+    }
+
+    #[test]
+    fn an_active_grant_expires_by_the_clock() {
+        let grant = active_grant(1_000);
+        assert_eq!(grant.status_at(1_299), GrantStatus::Active);
+        assert_eq!(grant.status_at(1_300), GrantStatus::Expired);
+        assert_eq!(
+            grant.inactive_reason(1_300),
+            Some(InactiveReason::Expired {
+                grant_id: "g1".into(),
+                at: 1_300
+            })
+        );
+    }
+
+    #[test]
+    fn uses_count_up_to_the_maximum() {
+        let grant = active_grant(1_000);
+        let once = grant.used(1_001).unwrap();
+        let twice = once.used(1_002).unwrap();
+        assert_eq!(twice.uses, 2);
+        assert_eq!(
+            twice.used(1_003),
+            Err(InactiveReason::UsesExhausted {
+                grant_id: "g1".into(),
+                max_uses: 2
+            })
+        );
+    }
+
+    #[test]
+    fn revocation_is_final_and_says_who_and_why() {
+        let revoked = active_grant(1_000)
+            .revoked("ops", "leaked in a log", 1_010)
+            .unwrap();
+        assert_eq!(revoked.status, GrantStatus::Revoked);
+        assert!(
+            matches!(revoked.inactive_reason(1_011), Some(InactiveReason::Revoked { reason, .. }) if reason.contains("ops") && reason.contains("leaked"))
+        );
+        assert!(revoked.revoked("ops", "again", 1_012).is_err());
+        assert!(
+            revoked
+                .renewed(Duration::from_secs(60), "k1", 1_012)
+                .is_err()
+        );
+        assert!(revoked.used(1_012).is_err());
+    }
+
+    #[test]
+    fn renewal_extends_up_to_the_max_lifetime_and_then_refuses() {
+        let grant = active_grant(1_000);
+        let renewed = grant
+            .renewed(Duration::from_secs(600), "k2", 1_100)
+            .unwrap();
+        assert_eq!(renewed.expires_at, 1_700);
+        assert_eq!(renewed.key_id, "k2");
+        let capped = renewed
+            .renewed(Duration::from_secs(600), "k2", 1_600)
+            .unwrap();
+        assert_eq!(capped.expires_at, 1_900);
+        assert!(matches!(
+            capped.renewed(Duration::from_secs(600), "k2", 1_800),
+            Err(TransitionError::AtMaxLifetime { .. })
+        ));
+    }
+
+    #[test]
+    fn records_are_swept_only_after_retention() {
+        let grant = active_grant(1_000);
+        let retention = Duration::from_secs(100);
+        assert!(!grant.sweepable(1_200, retention));
+        assert!(!grant.sweepable(1_399, retention));
+        assert!(grant.sweepable(1_400, retention));
+        let revoked = grant.revoked("ops", "r", 1_010).unwrap();
+        assert!(
+            !revoked.sweepable(1_200, retention),
+            "a revocation must outlive the token it revokes"
+        );
+        assert!(revoked.sweepable(1_400, retention));
+    }
+}

@@ -1,0 +1,16 @@
+//! Valet's rules, with no I/O and no async runtime: the config model and its validation, scope
+//! evaluation, the grant lifecycle, token signing and verification, the key ring and the audit
+//! chain. Everything here is unit-testable without a network or a disk.
+
+pub mod audit;
+pub mod clock;
+pub mod config;
+pub mod grant;
+pub mod keyring;
+pub mod policy;
+pub mod random;
+pub mod secret;
+pub mod token;
+
+pub use clock::{Clock, FakeClock, SystemClock, UnixTime};
+pub use secret::Secret;

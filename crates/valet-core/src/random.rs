@@ -1,0 +1,56 @@
+//! The one source of randomness: ring's system generator, behind functions that cannot be misused.
+
+use ring::rand::{SecureRandom, SystemRandom};
+
+/// Fills `buffer` with cryptographically secure random bytes.
+///
+/// The operating system's generator failing is not a condition valetd can continue under, and
+/// ring reports it only on broken platforms; callers still get an error rather than a panic.
+pub fn fill(buffer: &mut [u8]) -> Result<(), RandomnessUnavailable> {
+    SystemRandom::new()
+        .fill(buffer)
+        .map_err(|_| RandomnessUnavailable)
+}
+
+/// `N` random bytes.
+pub fn bytes<const N: usize>() -> Result<[u8; N], RandomnessUnavailable> {
+    let mut buffer = [0u8; N];
+    fill(&mut buffer)?;
+    Ok(buffer)
+}
+
+/// The system's random number generator failed.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the system random number generator failed")]
+pub struct RandomnessUnavailable;
+
+/// A new grant id: 48 bits of milliseconds then 80 random bits, in Crockford base32 (26
+/// characters), so ids sort by issue time and listing in id order lists oldest first.
+pub fn grant_id(now_millis: u64) -> Result<String, RandomnessUnavailable> {
+    let random: [u8; 10] = bytes()?;
+    let mut value: u128 = u128::from(now_millis & 0xFFFF_FFFF_FFFF) << 80;
+    for (index, byte) in random.iter().enumerate() {
+        value |= u128::from(*byte) << (8 * (9 - index));
+    }
+    const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+    let mut text = [0u8; 26];
+    for (index, slot) in text.iter_mut().enumerate() {
+        let shift = 5 * (25 - index);
+        *slot = ALPHABET[((value >> shift) & 0x1F) as usize];
+    }
+    Ok(String::from_utf8_lossy(&text).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grant_ids_are_unique_and_sort_by_time() {
+        let early = grant_id(1_000).unwrap();
+        let late = grant_id(2_000).unwrap();
+        assert_eq!(early.len(), 26);
+        assert!(early < late);
+        assert_ne!(grant_id(1_000).unwrap(), grant_id(1_000).unwrap());
+    }
+}
