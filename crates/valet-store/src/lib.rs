@@ -1,1 +1,143 @@
-//! placeholder
+//! Durable state behind one trait: grants (create-if-absent, compare-and-swap transitions, listing,
+//! sweeping), revocations, sealed signing keys and the audit chain head. Every engine gives the
+//! same semantics, checked by one conformance suite; the embedded engine is sled.
+
+mod committer;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+mod sled_store;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+use valet_core::UnixTime;
+use valet_core::audit::ChainHead;
+use valet_core::grant::{Grant, GrantStatus};
+use valet_core::keyring::StoredKey;
+
+pub use sled_store::SledStore;
+
+/// What can go wrong in a store. `Unavailable` means "fail closed": nothing was done durably.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the {engine} store cannot be used: {detail}")]
+    Unavailable { engine: &'static str, detail: String },
+    #[error("grant {id} already exists")]
+    AlreadyExists { id: String },
+    #[error("grant {id} changed while this request was deciding; retry the request")]
+    Conflict { id: String },
+    #[error("grant {id} does not exist")]
+    NotFound { id: String },
+    #[error("a stored {what} record ({key}) cannot be read: {detail}")]
+    Corrupt { what: &'static str, key: String, detail: String },
+    #[error("the signing key ring changed while this rotation was deciding; retry the rotation")]
+    KeyRingConflict,
+}
+
+/// Which grants to list. Empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct GrantFilter {
+    pub principal: Option<String>,
+    pub task_id: Option<String>,
+    pub scope: Option<String>,
+    pub environment: Option<String>,
+    /// Matched against the status at `now` (so `expired` finds active grants past their expiry).
+    pub status: Option<GrantStatus>,
+}
+
+impl GrantFilter {
+    pub fn matches(&self, grant: &Grant, now: UnixTime) -> bool {
+        fn field(wanted: &Option<String>, actual: &str) -> bool {
+            wanted.as_deref().is_none_or(|wanted| wanted == actual)
+        }
+        field(&self.principal, &grant.principal)
+            && field(&self.task_id, &grant.task_id)
+            && field(&self.scope, &grant.scope)
+            && field(&self.environment, &grant.environment)
+            && self.status.is_none_or(|status| grant.status_at(now) == status)
+    }
+}
+
+/// One page of grants, oldest first; `next_after` continues the listing.
+#[derive(Debug, Clone, Default)]
+pub struct GrantPage {
+    pub grants: Vec<Grant>,
+    pub next_after: Option<String>,
+}
+
+/// A durable revocation: in force until the revoked token would have expired anyway.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Revocation {
+    pub grant_id: String,
+    pub revoked_at: UnixTime,
+    pub expires_at: UnixTime,
+}
+
+/// A change every valetd replica may follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChange {
+    GrantCreated(Grant),
+    GrantUpdated(Grant),
+    GrantRevoked(Grant),
+    KeyRingChanged,
+}
+
+/// What one sweep removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub n_grants: u64,
+    pub n_revocations: u64,
+    pub n_keys: u64,
+}
+
+/// How many records the store holds, for operators and the churn benchmark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreCounts {
+    pub n_grants: u64,
+    pub n_revocations: u64,
+    pub n_keys: u64,
+}
+
+/// Durable state. Every write is durable when its future completes, unless a method says otherwise.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new grant; fails with `AlreadyExists` if the id is taken.
+    async fn create_grant(&self, grant: &Grant) -> Result<(), StoreError>;
+
+    async fn get_grant(&self, id: &str) -> Result<Option<Grant>, StoreError>;
+
+    /// Replaces `expected` with `new` only if the stored record still equals `expected`.
+    /// A transition to `revoked` also records the revocation, in the same atomic write.
+    async fn update_grant(&self, expected: &Grant, new: &Grant) -> Result<(), StoreError>;
+
+    /// Grants matching `filter` at `now`, in id (issue) order, starting after `after`.
+    async fn list_grants(&self, filter: &GrantFilter, now: UnixTime, after: Option<&str>, limit: usize) -> Result<GrantPage, StoreError>;
+
+    /// Every grant of one task, whoever holds it.
+    async fn task_grants(&self, task_id: &str) -> Result<Vec<Grant>, StoreError>;
+
+    /// Every revocation still in force.
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError>;
+
+    /// Deletes grants that `Grant::sweepable` says may go, their revocations, and public keys
+    /// past their verification window.
+    async fn sweep(&self, now: UnixTime, retention: std::time::Duration) -> Result<SweepReport, StoreError>;
+
+    /// The stored signing keys.
+    async fn keys(&self) -> Result<Vec<StoredKey>, StoreError>;
+
+    /// Writes key records atomically, only if the current (unretired) key is still
+    /// `expected_current` (`None`: there is no key yet). Rotation and first start both use it.
+    async fn replace_keys(&self, expected_current: Option<&str>, records: &[StoredKey]) -> Result<(), StoreError>;
+
+    /// The audit chain head last recorded.
+    async fn audit_head(&self) -> Result<Option<ChainHead>, StoreError>;
+
+    /// Records the audit chain head. Durable with the next durable write, not necessarily on return:
+    /// the audit file itself is synced before any answer, and the head only guards its tail.
+    async fn record_audit_head(&self, head: &ChainHead) -> Result<(), StoreError>;
+
+    async fn counts(&self) -> Result<StoreCounts, StoreError>;
+
+    /// Changes made through this store from now on.
+    fn subscribe(&self) -> broadcast::Receiver<StoreChange>;
+}

@@ -1,0 +1,361 @@
+//! The embedded engine: sled trees for grants, a task index, revocations, keys and metadata.
+//! Multi-tree changes are sled transactions; durability comes from the group committer.
+
+use std::ops::Bound;
+use std::path::Path;
+
+use async_trait::async_trait;
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use tokio::sync::broadcast;
+use valet_core::UnixTime;
+use valet_core::audit::ChainHead;
+use valet_core::grant::{Grant, GrantStatus};
+use valet_core::keyring::StoredKey;
+
+use crate::committer::Committer;
+use crate::{GrantFilter, GrantPage, Revocation, Store, StoreChange, StoreCounts, StoreError, SweepReport};
+
+const ENGINE: &str = "sled";
+const AUDIT_HEAD_KEY: &[u8] = b"audit_head";
+const CURRENT_KEY_KEY: &[u8] = b"current_signing_key";
+
+/// The embedded store, in one directory.
+pub struct SledStore {
+    db: sled::Db,
+    grants: sled::Tree,
+    task_index: sled::Tree,
+    revocations: sled::Tree,
+    keys: sled::Tree,
+    meta: sled::Tree,
+    committer: Committer,
+    changes: broadcast::Sender<StoreChange>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `directory`.
+    pub fn open(directory: &Path) -> Result<SledStore, StoreError> {
+        let unavailable = |error: &dyn std::fmt::Display| StoreError::Unavailable {
+            engine: ENGINE,
+            detail: format!("cannot open {}: {error}", directory.display()),
+        };
+        let db = sled::Config::new().path(directory).open().map_err(|error| unavailable(&error))?;
+        let tree = |name: &str| db.open_tree(name).map_err(|error| unavailable(&error));
+        let store = SledStore {
+            grants: tree("grants")?,
+            task_index: tree("task_index")?,
+            revocations: tree("revocations")?,
+            keys: tree("keys")?,
+            meta: tree("meta")?,
+            committer: Committer::start(db.clone()).map_err(|error| unavailable(&error))?,
+            changes: broadcast::channel(1024).0,
+            db,
+        };
+        Ok(store)
+    }
+
+    async fn durable(&self) -> Result<(), StoreError> {
+        self.committer.durable().await.map_err(|detail| StoreError::Unavailable { engine: ENGINE, detail })
+    }
+
+    fn publish(&self, change: StoreChange) {
+        // No subscriber is not an error: nobody is watching.
+        let _ = self.changes.send(change);
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        if let Err(error) = self.db.flush() {
+            tracing::error!(%error, "final store flush failed");
+        }
+    }
+}
+
+fn unavailable(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable { engine: ENGINE, detail: error.to_string() }
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // These records are plain structs of strings and numbers; serializing them cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &'static str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt {
+        what,
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail: error.to_string(),
+    })
+}
+
+fn task_key(task_id: &str, grant_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(task_id.len() + 1 + grant_id.len());
+    key.extend_from_slice(task_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(grant_id.as_bytes());
+    key
+}
+
+fn transaction_error(error: TransactionError<StoreError>) -> StoreError {
+    match error {
+        TransactionError::Abort(error) => error,
+        TransactionError::Storage(error) => unavailable(error),
+    }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    async fn create_grant(&self, grant: &Grant) -> Result<(), StoreError> {
+        let record = encode(grant);
+        (&self.grants, &self.task_index)
+            .transaction(|(grants, task_index)| {
+                if grants.get(grant.id.as_bytes())?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(StoreError::AlreadyExists { id: grant.id.clone() }));
+                }
+                grants.insert(grant.id.as_bytes(), record.as_slice())?;
+                task_index.insert(task_key(&grant.task_id, &grant.id), &[])?;
+                Ok(())
+            })
+            .map_err(transaction_error)?;
+        self.durable().await?;
+        self.publish(StoreChange::GrantCreated(grant.clone()));
+        Ok(())
+    }
+
+    async fn get_grant(&self, id: &str) -> Result<Option<Grant>, StoreError> {
+        match self.grants.get(id.as_bytes()).map_err(unavailable)? {
+            Some(bytes) => Ok(Some(decode("grant", id.as_bytes(), &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn update_grant(&self, expected: &Grant, new: &Grant) -> Result<(), StoreError> {
+        let expected_record = encode(expected);
+        let new_record = encode(new);
+        let newly_revoked = new.status == GrantStatus::Revoked && expected.status != GrantStatus::Revoked;
+        let revocation = encode(&Revocation { grant_id: new.id.clone(), revoked_at: new.updated_at, expires_at: new.expires_at });
+        (&self.grants, &self.revocations)
+            .transaction(|(grants, revocations)| {
+                match grants.get(expected.id.as_bytes())? {
+                    None => return Err(ConflictableTransactionError::Abort(StoreError::NotFound { id: expected.id.clone() })),
+                    Some(current) if current.as_ref() != expected_record.as_slice() => {
+                        return Err(ConflictableTransactionError::Abort(StoreError::Conflict { id: expected.id.clone() }));
+                    }
+                    Some(_) => {}
+                }
+                grants.insert(new.id.as_bytes(), new_record.as_slice())?;
+                if newly_revoked {
+                    revocations.insert(new.id.as_bytes(), revocation.as_slice())?;
+                }
+                Ok(())
+            })
+            .map_err(transaction_error)?;
+        self.durable().await?;
+        self.publish(if newly_revoked { StoreChange::GrantRevoked(new.clone()) } else { StoreChange::GrantUpdated(new.clone()) });
+        Ok(())
+    }
+
+    async fn list_grants(&self, filter: &GrantFilter, now: UnixTime, after: Option<&str>, limit: usize) -> Result<GrantPage, StoreError> {
+        let limit = limit.max(1);
+        let mut page = GrantPage::default();
+        let push = |grant: Grant, page: &mut GrantPage| -> bool {
+            if !filter.matches(&grant, now) {
+                return true;
+            }
+            if page.grants.len() == limit {
+                page.next_after = page.grants.last().map(|last| last.id.clone());
+                return false;
+            }
+            page.grants.push(grant);
+            true
+        };
+        if let Some(task_id) = &filter.task_id {
+            let prefix = task_key(task_id, "");
+            for entry in self.task_index.scan_prefix(&prefix) {
+                let (key, _) = entry.map_err(unavailable)?;
+                let grant_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+                if after.is_some_and(|after| grant_id.as_str() <= after) {
+                    continue;
+                }
+                if let Some(grant) = self.get_grant(&grant_id).await?
+                    && !push(grant, &mut page)
+                {
+                    break;
+                }
+            }
+        } else {
+            let start = match after {
+                Some(after) => Bound::Excluded(after.as_bytes().to_vec()),
+                None => Bound::Unbounded,
+            };
+            for entry in self.grants.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+                let (key, bytes) = entry.map_err(unavailable)?;
+                if !push(decode("grant", &key, &bytes)?, &mut page) {
+                    break;
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    async fn task_grants(&self, task_id: &str) -> Result<Vec<Grant>, StoreError> {
+        let filter = GrantFilter { task_id: Some(task_id.to_string()), ..GrantFilter::default() };
+        Ok(self.list_grants(&filter, 0, None, usize::MAX).await?.grants)
+    }
+
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        self.revocations
+            .iter()
+            .map(|entry| {
+                let (key, bytes) = entry.map_err(unavailable)?;
+                decode("revocation", &key, &bytes)
+            })
+            .collect()
+    }
+
+    async fn sweep(&self, now: UnixTime, retention: std::time::Duration) -> Result<SweepReport, StoreError> {
+        let mut report = SweepReport::default();
+        for entry in self.grants.iter() {
+            let (key, bytes) = entry.map_err(unavailable)?;
+            let grant: Grant = decode("grant", &key, &bytes)?;
+            if grant.sweepable(now, retention) {
+                let removed = (&self.grants, &self.task_index, &self.revocations)
+                    .transaction(|(grants, task_index, revocations)| {
+                        // Only delete the record we judged: a concurrent change makes us skip it.
+                        if grants.get(&key)?.as_deref() != Some(bytes.as_ref()) {
+                            return Ok(false);
+                        }
+                        grants.remove(&key)?;
+                        task_index.remove(task_key(&grant.task_id, &grant.id))?;
+                        Ok(revocations.remove(&key)?.is_some())
+                    })
+                    .map_err(transaction_error)?;
+                report.n_grants += 1;
+                report.n_revocations += u64::from(removed);
+            }
+        }
+        for entry in self.revocations.iter() {
+            let (key, bytes) = entry.map_err(unavailable)?;
+            let revocation: Revocation = decode("revocation", &key, &bytes)?;
+            if now >= revocation.expires_at && !self.grants.contains_key(&key).map_err(unavailable)? {
+                self.revocations.remove(&key).map_err(unavailable)?;
+                report.n_revocations += 1;
+            }
+        }
+        let mut n_keys = 0;
+        for record in self.keys().await? {
+            if !record.verifies_at(now) {
+                self.keys.remove(record.kid.as_bytes()).map_err(unavailable)?;
+                n_keys += 1;
+            }
+        }
+        report.n_keys = n_keys;
+        if n_keys > 0 {
+            self.publish(StoreChange::KeyRingChanged);
+        }
+        self.durable().await?;
+        Ok(report)
+    }
+
+    async fn keys(&self) -> Result<Vec<StoredKey>, StoreError> {
+        self.keys
+            .iter()
+            .map(|entry| {
+                let (key, bytes) = entry.map_err(unavailable)?;
+                decode("signing key", &key, &bytes)
+            })
+            .collect()
+    }
+
+    async fn replace_keys(&self, expected_current: Option<&str>, records: &[StoredKey]) -> Result<(), StoreError> {
+        let new_current = records.iter().find(|record| record.retired_at.is_none()).map(|record| record.kid.clone());
+        (&self.keys, &self.meta)
+            .transaction(|(keys, meta)| {
+                let current = meta.get(CURRENT_KEY_KEY)?;
+                if current.as_deref() != expected_current.map(str::as_bytes) {
+                    return Err(ConflictableTransactionError::Abort(StoreError::KeyRingConflict));
+                }
+                for record in records {
+                    keys.insert(record.kid.as_bytes(), encode(record))?;
+                }
+                if let Some(kid) = &new_current {
+                    meta.insert(CURRENT_KEY_KEY, kid.as_bytes())?;
+                }
+                Ok(())
+            })
+            .map_err(transaction_error)?;
+        self.durable().await?;
+        self.publish(StoreChange::KeyRingChanged);
+        Ok(())
+    }
+
+    async fn audit_head(&self) -> Result<Option<ChainHead>, StoreError> {
+        match self.meta.get(AUDIT_HEAD_KEY).map_err(unavailable)? {
+            Some(bytes) => Ok(Some(decode("audit head", AUDIT_HEAD_KEY, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn record_audit_head(&self, head: &ChainHead) -> Result<(), StoreError> {
+        self.meta.insert(AUDIT_HEAD_KEY, encode(head)).map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn counts(&self) -> Result<StoreCounts, StoreError> {
+        Ok(StoreCounts {
+            n_grants: self.grants.len() as u64,
+            n_revocations: self.revocations.len() as u64,
+            n_keys: self.keys.len() as u64,
+        })
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoreChange> {
+        self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, SledStore) {
+        let directory = tempfile::tempdir().unwrap();
+        let store = SledStore::open(directory.path()).unwrap();
+        (directory, store)
+    }
+
+    #[tokio::test]
+    async fn sled_passes_the_conformance_suite() {
+        let (_directory, store) = store().await;
+        crate::conformance::run_all(&store).await;
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopening() {
+        let directory = tempfile::tempdir().unwrap();
+        let grant = crate::conformance::grant("g-reopen", "task", 1_000);
+        {
+            let store = SledStore::open(directory.path()).unwrap();
+            store.create_grant(&grant).await.unwrap();
+            let revoked = grant.revoked("ops", "test", 1_001).unwrap();
+            store.update_grant(&grant, &revoked).await.unwrap();
+            store.record_audit_head(&ChainHead { sequence: 7, hash: "ab".repeat(32) }).await.unwrap();
+            store.sweep(1_001, std::time::Duration::from_secs(60)).await.unwrap();
+        }
+        let store = SledStore::open(directory.path()).unwrap();
+        let reopened = store.get_grant("g-reopen").await.unwrap().unwrap();
+        assert_eq!(reopened.status, GrantStatus::Revoked);
+        assert_eq!(store.revocations().await.unwrap().len(), 1);
+        assert_eq!(store.audit_head().await.unwrap().unwrap().sequence, 7);
+    }
+
+    #[tokio::test]
+    async fn an_unwritable_directory_is_a_clear_error() {
+        let directory = tempfile::tempdir().unwrap();
+        let file = directory.path().join("not-a-directory");
+        std::fs::write(&file, b"x").unwrap();
+        let error = SledStore::open(&file.join("data")).err().unwrap();
+        assert!(error.to_string().contains("cannot open"), "{error}");
+    }
+}
