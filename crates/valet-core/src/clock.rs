@@ -11,6 +11,11 @@ pub type UnixTime = i64;
 pub trait Clock: Send + Sync + 'static {
     /// The current time, in whole seconds since the Unix epoch (UTC).
     fn now(&self) -> UnixTime;
+
+    /// The current time in milliseconds, for ordering (grant ids). Defaults to whole seconds.
+    fn now_millis(&self) -> u64 {
+        u64::try_from(self.now()).unwrap_or(0).saturating_mul(1000)
+    }
 }
 
 /// The machine's clock.
@@ -22,6 +27,13 @@ impl Clock for SystemClock {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|elapsed| i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
+
+    fn now_millis(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0)
     }
 }

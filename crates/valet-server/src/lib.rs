@@ -1,1 +1,16 @@
-//! placeholder
+//! valetd as a library: everything the `valetd` binary does, reachable from tests.
+
+mod admin;
+mod audit_sink;
+mod broker;
+mod convert;
+mod error;
+mod keys;
+mod layers;
+mod loader;
+mod server;
+mod valet;
+
+pub use error::ServerError;
+pub use loader::Overrides;
+pub use server::{LogFormat, Options, init_logging, run};

@@ -35,15 +35,24 @@ impl Committer {
                     }
                 }
             })?;
-        Ok(Committer { requests: Some(requests), thread: Some(thread) })
+        Ok(Committer {
+            requests: Some(requests),
+            thread: Some(thread),
+        })
     }
 
     /// Waits until everything written before this call is on disk.
     pub async fn durable(&self) -> Result<(), String> {
         let (waiter, done) = oneshot::channel();
-        let requests = self.requests.as_ref().ok_or_else(|| "the store is closing".to_string())?;
-        requests.send(waiter).map_err(|_| "the store's commit thread has stopped".to_string())?;
-        done.await.map_err(|_| "the store's commit thread has stopped".to_string())?
+        let requests = self
+            .requests
+            .as_ref()
+            .ok_or_else(|| "the store is closing".to_string())?;
+        requests
+            .send(waiter)
+            .map_err(|_| "the store's commit thread has stopped".to_string())?;
+        done.await
+            .map_err(|_| "the store's commit thread has stopped".to_string())?
     }
 }
 

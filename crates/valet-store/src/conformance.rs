@@ -48,9 +48,15 @@ async fn grants_are_created_once_and_read_back(store: &dyn Store) {
     let grant = grant("c-1", "task-c", 1_000);
     store.create_grant(&grant).await.unwrap();
     assert_eq!(store.get_grant("c-1").await.unwrap(), Some(grant.clone()));
-    assert!(matches!(store.create_grant(&grant).await, Err(StoreError::AlreadyExists { .. })));
+    assert!(matches!(
+        store.create_grant(&grant).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
     assert_eq!(store.get_grant("nope").await.unwrap(), None);
-    assert_eq!(changes.recv().await.unwrap(), StoreChange::GrantCreated(grant));
+    assert_eq!(
+        changes.recv().await.unwrap(),
+        StoreChange::GrantCreated(grant)
+    );
 }
 
 async fn transitions_are_compare_and_swap(store: &dyn Store) {
@@ -59,15 +65,29 @@ async fn transitions_are_compare_and_swap(store: &dyn Store) {
     let used = grant.used(1_001).unwrap();
     store.update_grant(&grant, &used).await.unwrap();
     let stale = grant.used(1_002).unwrap();
-    assert!(matches!(store.update_grant(&grant, &stale).await, Err(StoreError::Conflict { .. })));
+    assert!(matches!(
+        store.update_grant(&grant, &stale).await,
+        Err(StoreError::Conflict { .. })
+    ));
     let revoked = used.revoked("ops", "conformance", 1_003).unwrap();
     let mut changes = store.subscribe();
     store.update_grant(&used, &revoked).await.unwrap();
-    assert_eq!(changes.recv().await.unwrap(), StoreChange::GrantRevoked(revoked.clone()));
+    assert_eq!(
+        changes.recv().await.unwrap(),
+        StoreChange::GrantRevoked(revoked.clone())
+    );
     let revocations = store.revocations().await.unwrap();
-    assert!(revocations.iter().any(|revocation| revocation.grant_id == "t-1" && revocation.expires_at == revoked.expires_at));
+    assert!(
+        revocations
+            .iter()
+            .any(|revocation| revocation.grant_id == "t-1"
+                && revocation.expires_at == revoked.expires_at)
+    );
     let ghost = self::grant("ghost", "task-t", 1_000);
-    assert!(matches!(store.update_grant(&ghost, &ghost).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        store.update_grant(&ghost, &ghost).await,
+        Err(StoreError::NotFound { .. })
+    ));
 }
 
 async fn concurrent_uses_never_exceed_the_limit(store: &dyn Store) {
@@ -95,24 +115,52 @@ async fn concurrent_uses_never_exceed_the_limit(store: &dyn Store) {
 
 async fn listing_filters_and_paginates(store: &dyn Store) {
     for index in 0..7 {
-        let mut grant = grant(&format!("l-{index}"), if index < 4 { "task-l1" } else { "task-l2" }, 2_000);
+        let mut grant = grant(
+            &format!("l-{index}"),
+            if index < 4 { "task-l1" } else { "task-l2" },
+            2_000,
+        );
         if index % 2 == 0 {
             grant.principal = "agent-b".into();
         }
         store.create_grant(&grant).await.unwrap();
     }
-    let by_task = GrantFilter { task_id: Some("task-l1".into()), ..GrantFilter::default() };
+    let by_task = GrantFilter {
+        task_id: Some("task-l1".into()),
+        ..GrantFilter::default()
+    };
     let page = store.list_grants(&by_task, 2_000, None, 3).await.unwrap();
-    assert_eq!(page.grants.iter().map(|grant| grant.id.as_str()).collect::<Vec<_>>(), ["l-0", "l-1", "l-2"]);
-    let rest = store.list_grants(&by_task, 2_000, page.next_after.as_deref(), 3).await.unwrap();
-    assert_eq!(rest.grants.iter().map(|grant| grant.id.as_str()).collect::<Vec<_>>(), ["l-3"]);
+    assert_eq!(
+        page.grants
+            .iter()
+            .map(|grant| grant.id.as_str())
+            .collect::<Vec<_>>(),
+        ["l-0", "l-1", "l-2"]
+    );
+    let rest = store
+        .list_grants(&by_task, 2_000, page.next_after.as_deref(), 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.grants
+            .iter()
+            .map(|grant| grant.id.as_str())
+            .collect::<Vec<_>>(),
+        ["l-3"]
+    );
     assert_eq!(rest.next_after, None);
 
-    let by_principal = GrantFilter { principal: Some("agent-b".into()), ..GrantFilter::default() };
+    let by_principal = GrantFilter {
+        principal: Some("agent-b".into()),
+        ..GrantFilter::default()
+    };
     let mut seen = Vec::new();
     let mut after = None;
     loop {
-        let page = store.list_grants(&by_principal, 2_000, after.as_deref(), 2).await.unwrap();
+        let page = store
+            .list_grants(&by_principal, 2_000, after.as_deref(), 2)
+            .await
+            .unwrap();
         seen.extend(page.grants.iter().map(|grant| grant.id.clone()));
         match page.next_after {
             Some(next) => after = Some(next),
@@ -121,9 +169,29 @@ async fn listing_filters_and_paginates(store: &dyn Store) {
     }
     assert_eq!(seen, ["l-0", "l-2", "l-4", "l-6"]);
 
-    let expired = GrantFilter { status: Some(GrantStatus::Expired), task_id: Some("task-l2".into()), ..GrantFilter::default() };
-    assert_eq!(store.list_grants(&expired, 2_000, None, 10).await.unwrap().grants.len(), 0);
-    assert_eq!(store.list_grants(&expired, 2_300, None, 10).await.unwrap().grants.len(), 3);
+    let expired = GrantFilter {
+        status: Some(GrantStatus::Expired),
+        task_id: Some("task-l2".into()),
+        ..GrantFilter::default()
+    };
+    assert_eq!(
+        store
+            .list_grants(&expired, 2_000, None, 10)
+            .await
+            .unwrap()
+            .grants
+            .len(),
+        0
+    );
+    assert_eq!(
+        store
+            .list_grants(&expired, 2_300, None, 10)
+            .await
+            .unwrap()
+            .grants
+            .len(),
+        3
+    );
     assert_eq!(store.task_grants("task-l2").await.unwrap().len(), 3);
 }
 
@@ -139,7 +207,14 @@ async fn sweeping_removes_only_what_is_done(store: &dyn Store) {
     assert!(report.n_grants >= 1);
     assert_eq!(store.get_grant("s-old").await.unwrap(), None);
     assert!(store.get_grant("s-live").await.unwrap().is_some());
-    assert!(!store.revocations().await.unwrap().iter().any(|revocation| revocation.grant_id == "s-old"));
+    assert!(
+        !store
+            .revocations()
+            .await
+            .unwrap()
+            .iter()
+            .any(|revocation| revocation.grant_id == "s-old")
+    );
     assert_eq!(store.task_grants("task-s").await.unwrap().len(), 1);
     let after = store.counts().await.unwrap();
     assert_eq!(after.n_grants, before.n_grants - report.n_grants);
@@ -148,23 +223,43 @@ async fn sweeping_removes_only_what_is_done(store: &dyn Store) {
 async fn key_replacement_is_compare_and_swap(store: &dyn Store) {
     let seal = SealKey::from_base64(&SealKey::generate_base64().unwrap()).unwrap();
     let first = StoredKey::seal(&SigningKey::generate().unwrap(), &seal, 100).unwrap();
-    store.replace_keys(None, std::slice::from_ref(&first)).await.unwrap();
-    assert!(matches!(store.replace_keys(None, std::slice::from_ref(&first)).await, Err(StoreError::KeyRingConflict)));
+    store
+        .replace_keys(None, std::slice::from_ref(&first))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.replace_keys(None, std::slice::from_ref(&first)).await,
+        Err(StoreError::KeyRingConflict)
+    ));
     let second = StoredKey::seal(&SigningKey::generate().unwrap(), &seal, 200).unwrap();
     let retired = first.retired(200, Duration::from_secs(3600));
-    store.replace_keys(Some(&first.kid), &[retired.clone(), second.clone()]).await.unwrap();
-    assert!(matches!(store.replace_keys(Some(&first.kid), std::slice::from_ref(&second)).await, Err(StoreError::KeyRingConflict)));
+    store
+        .replace_keys(Some(&first.kid), &[retired.clone(), second.clone()])
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .replace_keys(Some(&first.kid), std::slice::from_ref(&second))
+            .await,
+        Err(StoreError::KeyRingConflict)
+    ));
     let mut keys = store.keys().await.unwrap();
     keys.sort_by_key(|key| key.created_at);
     assert_eq!(keys, vec![retired, second]);
-    let report = store.sweep(200 + 3600, Duration::from_secs(60)).await.unwrap();
+    let report = store
+        .sweep(200 + 3600, Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(report.n_keys, 1);
     assert_eq!(store.keys().await.unwrap().len(), 1);
 }
 
 async fn audit_head_round_trips(store: &dyn Store) {
     assert_eq!(store.audit_head().await.unwrap(), None);
-    let head = ChainHead { sequence: 42, hash: "cd".repeat(32) };
+    let head = ChainHead {
+        sequence: 42,
+        hash: "cd".repeat(32),
+    };
     store.record_audit_head(&head).await.unwrap();
     assert_eq!(store.audit_head().await.unwrap(), Some(head));
 }

@@ -20,7 +20,10 @@ pub use sled_store::SledStore;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the {engine} store cannot be used: {detail}")]
-    Unavailable { engine: &'static str, detail: String },
+    Unavailable {
+        engine: &'static str,
+        detail: String,
+    },
     #[error("grant {id} already exists")]
     AlreadyExists { id: String },
     #[error("grant {id} changed while this request was deciding; retry the request")]
@@ -28,7 +31,11 @@ pub enum StoreError {
     #[error("grant {id} does not exist")]
     NotFound { id: String },
     #[error("a stored {what} record ({key}) cannot be read: {detail}")]
-    Corrupt { what: &'static str, key: String, detail: String },
+    Corrupt {
+        what: &'static str,
+        key: String,
+        detail: String,
+    },
     #[error("the signing key ring changed while this rotation was deciding; retry the rotation")]
     KeyRingConflict,
 }
@@ -53,7 +60,9 @@ impl GrantFilter {
             && field(&self.task_id, &grant.task_id)
             && field(&self.scope, &grant.scope)
             && field(&self.environment, &grant.environment)
-            && self.status.is_none_or(|status| grant.status_at(now) == status)
+            && self
+                .status
+                .is_none_or(|status| grant.status_at(now) == status)
     }
 }
 
@@ -76,7 +85,7 @@ pub struct Revocation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreChange {
     GrantCreated(Grant),
-    GrantUpdated(Grant),
+    GrantUpdated { before: Grant, after: Grant },
     GrantRevoked(Grant),
     KeyRingChanged,
 }
@@ -110,7 +119,13 @@ pub trait Store: Send + Sync + 'static {
     async fn update_grant(&self, expected: &Grant, new: &Grant) -> Result<(), StoreError>;
 
     /// Grants matching `filter` at `now`, in id (issue) order, starting after `after`.
-    async fn list_grants(&self, filter: &GrantFilter, now: UnixTime, after: Option<&str>, limit: usize) -> Result<GrantPage, StoreError>;
+    async fn list_grants(
+        &self,
+        filter: &GrantFilter,
+        now: UnixTime,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<GrantPage, StoreError>;
 
     /// Every grant of one task, whoever holds it.
     async fn task_grants(&self, task_id: &str) -> Result<Vec<Grant>, StoreError>;
@@ -120,14 +135,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes grants that `Grant::sweepable` says may go, their revocations, and public keys
     /// past their verification window.
-    async fn sweep(&self, now: UnixTime, retention: std::time::Duration) -> Result<SweepReport, StoreError>;
+    async fn sweep(
+        &self,
+        now: UnixTime,
+        retention: std::time::Duration,
+    ) -> Result<SweepReport, StoreError>;
 
     /// The stored signing keys.
     async fn keys(&self) -> Result<Vec<StoredKey>, StoreError>;
 
     /// Writes key records atomically, only if the current (unretired) key is still
     /// `expected_current` (`None`: there is no key yet). Rotation and first start both use it.
-    async fn replace_keys(&self, expected_current: Option<&str>, records: &[StoredKey]) -> Result<(), StoreError>;
+    async fn replace_keys(
+        &self,
+        expected_current: Option<&str>,
+        records: &[StoredKey],
+    ) -> Result<(), StoreError>;
 
     /// The audit chain head last recorded.
     async fn audit_head(&self) -> Result<Option<ChainHead>, StoreError>;

@@ -14,7 +14,9 @@ use valet_core::grant::{Grant, GrantStatus};
 use valet_core::keyring::StoredKey;
 
 use crate::committer::Committer;
-use crate::{GrantFilter, GrantPage, Revocation, Store, StoreChange, StoreCounts, StoreError, SweepReport};
+use crate::{
+    GrantFilter, GrantPage, Revocation, Store, StoreChange, StoreCounts, StoreError, SweepReport,
+};
 
 const ENGINE: &str = "sled";
 const AUDIT_HEAD_KEY: &[u8] = b"audit_head";
@@ -39,7 +41,10 @@ impl SledStore {
             engine: ENGINE,
             detail: format!("cannot open {}: {error}", directory.display()),
         };
-        let db = sled::Config::new().path(directory).open().map_err(|error| unavailable(&error))?;
+        let db = sled::Config::new()
+            .path(directory)
+            .open()
+            .map_err(|error| unavailable(&error))?;
         let tree = |name: &str| db.open_tree(name).map_err(|error| unavailable(&error));
         let store = SledStore {
             grants: tree("grants")?,
@@ -55,7 +60,13 @@ impl SledStore {
     }
 
     async fn durable(&self) -> Result<(), StoreError> {
-        self.committer.durable().await.map_err(|detail| StoreError::Unavailable { engine: ENGINE, detail })
+        self.committer
+            .durable()
+            .await
+            .map_err(|detail| StoreError::Unavailable {
+                engine: ENGINE,
+                detail,
+            })
     }
 
     fn publish(&self, change: StoreChange) {
@@ -73,7 +84,10 @@ impl Drop for SledStore {
 }
 
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable { engine: ENGINE, detail: error.to_string() }
+    StoreError::Unavailable {
+        engine: ENGINE,
+        detail: error.to_string(),
+    }
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
@@ -81,7 +95,11 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
-fn decode<T: serde::de::DeserializeOwned>(what: &'static str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt {
         what,
         key: String::from_utf8_lossy(key).into_owned(),
@@ -111,7 +129,11 @@ impl Store for SledStore {
         (&self.grants, &self.task_index)
             .transaction(|(grants, task_index)| {
                 if grants.get(grant.id.as_bytes())?.is_some() {
-                    return Err(ConflictableTransactionError::Abort(StoreError::AlreadyExists { id: grant.id.clone() }));
+                    return Err(ConflictableTransactionError::Abort(
+                        StoreError::AlreadyExists {
+                            id: grant.id.clone(),
+                        },
+                    ));
                 }
                 grants.insert(grant.id.as_bytes(), record.as_slice())?;
                 task_index.insert(task_key(&grant.task_id, &grant.id), &[])?;
@@ -133,14 +155,25 @@ impl Store for SledStore {
     async fn update_grant(&self, expected: &Grant, new: &Grant) -> Result<(), StoreError> {
         let expected_record = encode(expected);
         let new_record = encode(new);
-        let newly_revoked = new.status == GrantStatus::Revoked && expected.status != GrantStatus::Revoked;
-        let revocation = encode(&Revocation { grant_id: new.id.clone(), revoked_at: new.updated_at, expires_at: new.expires_at });
+        let newly_revoked =
+            new.status == GrantStatus::Revoked && expected.status != GrantStatus::Revoked;
+        let revocation = encode(&Revocation {
+            grant_id: new.id.clone(),
+            revoked_at: new.updated_at,
+            expires_at: new.expires_at,
+        });
         (&self.grants, &self.revocations)
             .transaction(|(grants, revocations)| {
                 match grants.get(expected.id.as_bytes())? {
-                    None => return Err(ConflictableTransactionError::Abort(StoreError::NotFound { id: expected.id.clone() })),
+                    None => {
+                        return Err(ConflictableTransactionError::Abort(StoreError::NotFound {
+                            id: expected.id.clone(),
+                        }));
+                    }
                     Some(current) if current.as_ref() != expected_record.as_slice() => {
-                        return Err(ConflictableTransactionError::Abort(StoreError::Conflict { id: expected.id.clone() }));
+                        return Err(ConflictableTransactionError::Abort(StoreError::Conflict {
+                            id: expected.id.clone(),
+                        }));
                     }
                     Some(_) => {}
                 }
@@ -152,11 +185,24 @@ impl Store for SledStore {
             })
             .map_err(transaction_error)?;
         self.durable().await?;
-        self.publish(if newly_revoked { StoreChange::GrantRevoked(new.clone()) } else { StoreChange::GrantUpdated(new.clone()) });
+        self.publish(if newly_revoked {
+            StoreChange::GrantRevoked(new.clone())
+        } else {
+            StoreChange::GrantUpdated {
+                before: expected.clone(),
+                after: new.clone(),
+            }
+        });
         Ok(())
     }
 
-    async fn list_grants(&self, filter: &GrantFilter, now: UnixTime, after: Option<&str>, limit: usize) -> Result<GrantPage, StoreError> {
+    async fn list_grants(
+        &self,
+        filter: &GrantFilter,
+        now: UnixTime,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<GrantPage, StoreError> {
         let limit = limit.max(1);
         let mut page = GrantPage::default();
         let push = |grant: Grant, page: &mut GrantPage| -> bool {
@@ -200,7 +246,10 @@ impl Store for SledStore {
     }
 
     async fn task_grants(&self, task_id: &str) -> Result<Vec<Grant>, StoreError> {
-        let filter = GrantFilter { task_id: Some(task_id.to_string()), ..GrantFilter::default() };
+        let filter = GrantFilter {
+            task_id: Some(task_id.to_string()),
+            ..GrantFilter::default()
+        };
         Ok(self.list_grants(&filter, 0, None, usize::MAX).await?.grants)
     }
 
@@ -214,7 +263,11 @@ impl Store for SledStore {
             .collect()
     }
 
-    async fn sweep(&self, now: UnixTime, retention: std::time::Duration) -> Result<SweepReport, StoreError> {
+    async fn sweep(
+        &self,
+        now: UnixTime,
+        retention: std::time::Duration,
+    ) -> Result<SweepReport, StoreError> {
         let mut report = SweepReport::default();
         for entry in self.grants.iter() {
             let (key, bytes) = entry.map_err(unavailable)?;
@@ -238,7 +291,9 @@ impl Store for SledStore {
         for entry in self.revocations.iter() {
             let (key, bytes) = entry.map_err(unavailable)?;
             let revocation: Revocation = decode("revocation", &key, &bytes)?;
-            if now >= revocation.expires_at && !self.grants.contains_key(&key).map_err(unavailable)? {
+            if now >= revocation.expires_at
+                && !self.grants.contains_key(&key).map_err(unavailable)?
+            {
                 self.revocations.remove(&key).map_err(unavailable)?;
                 report.n_revocations += 1;
             }
@@ -246,7 +301,9 @@ impl Store for SledStore {
         let mut n_keys = 0;
         for record in self.keys().await? {
             if !record.verifies_at(now) {
-                self.keys.remove(record.kid.as_bytes()).map_err(unavailable)?;
+                self.keys
+                    .remove(record.kid.as_bytes())
+                    .map_err(unavailable)?;
                 n_keys += 1;
             }
         }
@@ -268,13 +325,22 @@ impl Store for SledStore {
             .collect()
     }
 
-    async fn replace_keys(&self, expected_current: Option<&str>, records: &[StoredKey]) -> Result<(), StoreError> {
-        let new_current = records.iter().find(|record| record.retired_at.is_none()).map(|record| record.kid.clone());
+    async fn replace_keys(
+        &self,
+        expected_current: Option<&str>,
+        records: &[StoredKey],
+    ) -> Result<(), StoreError> {
+        let new_current = records
+            .iter()
+            .find(|record| record.retired_at.is_none())
+            .map(|record| record.kid.clone());
         (&self.keys, &self.meta)
             .transaction(|(keys, meta)| {
                 let current = meta.get(CURRENT_KEY_KEY)?;
                 if current.as_deref() != expected_current.map(str::as_bytes) {
-                    return Err(ConflictableTransactionError::Abort(StoreError::KeyRingConflict));
+                    return Err(ConflictableTransactionError::Abort(
+                        StoreError::KeyRingConflict,
+                    ));
                 }
                 for record in records {
                     keys.insert(record.kid.as_bytes(), encode(record))?;
@@ -298,7 +364,9 @@ impl Store for SledStore {
     }
 
     async fn record_audit_head(&self, head: &ChainHead) -> Result<(), StoreError> {
-        self.meta.insert(AUDIT_HEAD_KEY, encode(head)).map_err(unavailable)?;
+        self.meta
+            .insert(AUDIT_HEAD_KEY, encode(head))
+            .map_err(unavailable)?;
         Ok(())
     }
 
@@ -340,8 +408,17 @@ mod tests {
             store.create_grant(&grant).await.unwrap();
             let revoked = grant.revoked("ops", "test", 1_001).unwrap();
             store.update_grant(&grant, &revoked).await.unwrap();
-            store.record_audit_head(&ChainHead { sequence: 7, hash: "ab".repeat(32) }).await.unwrap();
-            store.sweep(1_001, std::time::Duration::from_secs(60)).await.unwrap();
+            store
+                .record_audit_head(&ChainHead {
+                    sequence: 7,
+                    hash: "ab".repeat(32),
+                })
+                .await
+                .unwrap();
+            store
+                .sweep(1_001, std::time::Duration::from_secs(60))
+                .await
+                .unwrap();
         }
         let store = SledStore::open(directory.path()).unwrap();
         let reopened = store.get_grant("g-reopen").await.unwrap().unwrap();

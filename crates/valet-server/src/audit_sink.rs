@@ -1,0 +1,224 @@
+//! The audit log writer: appends chained records to the audit file, synced to disk before anyone
+//! is answered. Like the store, it commits in groups: one sync for every record waiting at once.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use valet_core::Clock;
+use valet_core::audit::{self, AuditEvent, ChainHead};
+use valet_store::Store;
+
+/// Why a record could not be written.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuditError {
+    #[error("the audit log {path} cannot be written: {detail}")]
+    Unwritable { path: String, detail: String },
+    #[error(
+        "the audit log {path} ends at record {file_sequence} but the store's chain head is record {store_sequence}: the log was cut or replaced; restore it, or move it aside to start a new chain"
+    )]
+    TailMissing {
+        path: String,
+        file_sequence: u64,
+        store_sequence: u64,
+    },
+    #[error(
+        "the audit log {path} does not end with the chain head the store recorded ({expected}); it was rewritten"
+    )]
+    HeadMismatch { path: String, expected: String },
+    #[error("the audit writer has stopped")]
+    Stopped,
+}
+
+type Reply = oneshot::Sender<Result<ChainHead, AuditError>>;
+
+/// A handle for appending records. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditSink {
+    sender: mpsc::Sender<(AuditEvent, Reply)>,
+}
+
+impl AuditSink {
+    /// Opens the audit file, checks its tail against the head the store kept, and starts the
+    /// writer task.
+    pub async fn open(
+        path: &Path,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<AuditSink, AuditError> {
+        let display = path.display().to_string();
+        let unwritable = |detail: String| AuditError::Unwritable {
+            path: display.clone(),
+            detail,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|error| unwritable(error.to_string()))?;
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(path)
+            .map_err(|error| unwritable(error.to_string()))?;
+        let file_head =
+            last_record_head(&mut file).map_err(|error| unwritable(error.to_string()))?;
+        let store_head = store
+            .audit_head()
+            .await
+            .map_err(|error| unwritable(error.to_string()))?;
+        let head = match (file_head, store_head) {
+            (Some(file_head), Some(store_head)) if file_head.sequence < store_head.sequence => {
+                return Err(AuditError::TailMissing {
+                    path: display,
+                    file_sequence: file_head.sequence,
+                    store_sequence: store_head.sequence,
+                });
+            }
+            (None, Some(store_head)) if store_head.sequence > 0 => {
+                return Err(AuditError::TailMissing {
+                    path: display,
+                    file_sequence: 0,
+                    store_sequence: store_head.sequence,
+                });
+            }
+            (Some(file_head), Some(store_head))
+                if file_head.sequence == store_head.sequence && file_head != store_head =>
+            {
+                return Err(AuditError::HeadMismatch {
+                    path: display,
+                    expected: store_head.to_string(),
+                });
+            }
+            (Some(file_head), _) => file_head,
+            (None, _) => ChainHead::genesis(),
+        };
+        let (sender, receiver) = mpsc::channel(4096);
+        let writer = Writer {
+            path: path.to_path_buf(),
+            file: Some(file),
+            head,
+            store,
+            clock,
+        };
+        tokio::spawn(writer.run(receiver));
+        Ok(AuditSink { sender })
+    }
+
+    /// Appends `event`; returns once it is on disk, with the new chain head.
+    pub async fn record(&self, event: AuditEvent) -> Result<ChainHead, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send((event, reply))
+            .await
+            .map_err(|_| AuditError::Stopped)?;
+        answer.await.map_err(|_| AuditError::Stopped)?
+    }
+}
+
+struct Writer {
+    path: PathBuf,
+    file: Option<File>,
+    head: ChainHead,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Writer {
+    async fn run(mut self, mut receiver: mpsc::Receiver<(AuditEvent, Reply)>) {
+        const MAX_BATCH: usize = 1024;
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            let now = self.clock.now();
+            let mut text = String::new();
+            let mut heads = Vec::with_capacity(batch.len());
+            let mut head = self.head.clone();
+            for (event, _) in &batch {
+                let (line, next) = audit::chain(&head, event, now);
+                text.push_str(&line);
+                text.push('\n');
+                heads.push(next.clone());
+                head = next;
+            }
+            let outcome = self.append(text).await;
+            if outcome.is_ok() {
+                self.head = head;
+                if let Err(error) = self.store.record_audit_head(&self.head).await {
+                    tracing::error!(%error, "cannot record the audit chain head in the store");
+                }
+            }
+            for ((_, reply), head) in batch.drain(..).zip(heads) {
+                let _ = reply.send(outcome.clone().map(|_| head));
+            }
+        }
+    }
+
+    /// Writes and syncs `text`; on failure, cuts the file back to where it was so the chain on
+    /// disk never holds a record whose caller was told it failed.
+    async fn append(&mut self, text: String) -> Result<(), AuditError> {
+        let path = self.path.display().to_string();
+        let Some(mut file) = self.file.take() else {
+            return Err(AuditError::Unwritable {
+                path,
+                detail: "the file was lost after an earlier failure".into(),
+            });
+        };
+        let (file, outcome) = tokio::task::spawn_blocking(move || {
+            let before = file.metadata().map(|metadata| metadata.len()).ok();
+            let outcome = file
+                .write_all(text.as_bytes())
+                .and_then(|_| file.sync_data());
+            if outcome.is_err()
+                && let Some(length) = before
+                && file
+                    .metadata()
+                    .map(|metadata| metadata.is_file())
+                    .unwrap_or(false)
+            {
+                let _ = file.set_len(length);
+            }
+            (file, outcome)
+        })
+        .await
+        .map_err(|error| AuditError::Unwritable {
+            path: path.clone(),
+            detail: error.to_string(),
+        })?;
+        self.file = Some(file);
+        outcome.map_err(|error| AuditError::Unwritable {
+            path,
+            detail: error.to_string(),
+        })
+    }
+}
+
+/// The chain head of the file's last record, reading only its tail.
+fn last_record_head(file: &mut File) -> std::io::Result<Option<ChainHead>> {
+    let metadata = file.metadata()?;
+    if !metadata.is_file() || metadata.len() == 0 {
+        return Ok(None);
+    }
+    let length = metadata.len();
+    let mut window = 4096u64;
+    loop {
+        let start = length.saturating_sub(window);
+        file.seek(SeekFrom::Start(start))?;
+        let mut tail = Vec::new();
+        Read::by_ref(file)
+            .take(length - start)
+            .read_to_end(&mut tail)?;
+        let text = String::from_utf8_lossy(&tail);
+        let trimmed = text.trim_end_matches('\n');
+        if let Some(position) = trimmed.rfind('\n').or((start == 0).then_some(0)) {
+            let line = trimmed[position..].trim_start_matches('\n');
+            return match audit::verify([line], None) {
+                Ok(summary) => Ok(Some(summary.head).filter(|head| head.sequence > 0)),
+                Err(_) => Err(std::io::Error::other(
+                    "its last line is not a complete audit record (a crash mid-write, or an edit); `valet audit verify` shows where",
+                )),
+            };
+        }
+        window *= 4;
+    }
+}

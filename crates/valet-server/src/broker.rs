@@ -1,0 +1,165 @@
+//! The `valet.v1.Broker` service: wire types in, `Valet` operations, wire types out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+use valet_core::policy::TokenRequest;
+use valet_proto::v1;
+use valet_proto::v1::broker_server::Broker;
+
+use crate::convert::grant_to_wire;
+use crate::error::ApiError;
+use crate::valet::{Caller, Valet};
+
+pub struct BrokerService {
+    pub valet: Arc<Valet>,
+}
+
+/// The authenticated caller the authentication layer attached to the request.
+pub fn caller_of<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no authenticated principal"))
+}
+
+/// Runs an operation and maps its error to a status under the caller's request id.
+pub async fn answer<T>(
+    caller: &Caller,
+    operation: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<Response<T>, Status> {
+    operation
+        .await
+        .map(Response::new)
+        .map_err(|error| error.into_status(&caller.request_id))
+}
+
+fn ttl(seconds: u64) -> Option<Duration> {
+    (seconds > 0).then(|| Duration::from_secs(seconds))
+}
+
+#[tonic::async_trait]
+impl Broker for BrokerService {
+    async fn request_token(
+        &self,
+        request: Request<v1::RequestTokenRequest>,
+    ) -> Result<Response<v1::RequestTokenResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let wire = request.into_inner();
+        let token_request = TokenRequest {
+            scope: wire.scope,
+            task_id: wire.task_id,
+            purpose: wire.purpose,
+            ttl: ttl(wire.ttl_seconds),
+            params: wire.params.into_iter().collect(),
+            audience: (!wire.audience.is_empty()).then_some(wire.audience),
+        };
+        answer(&caller, async {
+            let (grant, token) = self.valet.issue(&caller, token_request).await?;
+            Ok(v1::RequestTokenResponse {
+                grant: Some(grant_to_wire(&grant, self.valet.clock.now())),
+                token,
+            })
+        })
+        .await
+    }
+
+    async fn renew_token(
+        &self,
+        request: Request<v1::RenewTokenRequest>,
+    ) -> Result<Response<v1::RenewTokenResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let wire = request.into_inner();
+        answer(&caller, async {
+            let (grant, token) = self
+                .valet
+                .renew(&caller, &wire.grant_id, ttl(wire.ttl_seconds))
+                .await?;
+            Ok(v1::RenewTokenResponse {
+                grant: Some(grant_to_wire(&grant, self.valet.clock.now())),
+                token,
+            })
+        })
+        .await
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<v1::RevokeTokenRequest>,
+    ) -> Result<Response<v1::RevokeTokenResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let wire = request.into_inner();
+        answer(&caller, async {
+            let grant = self
+                .valet
+                .revoke_grant(&caller, &wire.grant_id, &wire.reason)
+                .await?;
+            Ok(v1::RevokeTokenResponse {
+                grant: Some(grant_to_wire(&grant, self.valet.clock.now())),
+            })
+        })
+        .await
+    }
+
+    async fn revoke_task(
+        &self,
+        request: Request<v1::RevokeTaskRequest>,
+    ) -> Result<Response<v1::RevokeTaskResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let wire = request.into_inner();
+        answer(&caller, async {
+            let revoked = self
+                .valet
+                .revoke_task(&caller, &wire.task_id, &wire.reason)
+                .await?;
+            Ok(v1::RevokeTaskResponse {
+                n_revoked: revoked.len() as u64,
+                grant_ids: revoked.into_iter().map(|grant| grant.id).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn introspect(
+        &self,
+        request: Request<v1::IntrospectRequest>,
+    ) -> Result<Response<v1::IntrospectResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let wire = request.into_inner();
+        answer(&caller, async {
+            let introspection = self.valet.introspect(&caller, &wire.token).await?;
+            let now = self.valet.clock.now();
+            Ok(v1::IntrospectResponse {
+                active: introspection.active,
+                grant: introspection.grant.map(|grant| grant_to_wire(&grant, now)),
+                reason: introspection.reason.unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    async fn get_jwks(
+        &self,
+        _request: Request<v1::GetJwksRequest>,
+    ) -> Result<Response<v1::GetJwksResponse>, Status> {
+        let ring = self.valet.keys.ring();
+        let keys = ring
+            .jwks()
+            .into_iter()
+            .map(|jwk| v1::Jwk {
+                kty: jwk.kty,
+                crv: jwk.crv,
+                x: jwk.x,
+                kid: jwk.kid,
+                alg: jwk.alg,
+                r#use: jwk.key_use,
+            })
+            .collect();
+        Ok(Response::new(v1::GetJwksResponse {
+            keys,
+            issuer: self.valet.config().server.issuer.clone(),
+        }))
+    }
+}

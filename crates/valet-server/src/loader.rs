@@ -1,0 +1,136 @@
+//! Reading what the config points at: the config file itself, root credentials and the
+//! key-encryption key. Every secret read here goes straight into a `Secret`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use valet_core::Secret;
+use valet_core::config::{Config, KeySource};
+use valet_core::keyring::SealKey;
+
+use crate::error::ServerError;
+
+/// A validated config with the root credentials it names, read and ready.
+pub struct LoadedConfig {
+    pub config: Config,
+    pub credentials: BTreeMap<String, Secret>,
+}
+
+/// Command-line values that win over the config file, at start and at every reload.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<std::net::SocketAddr>,
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+/// Reads and validates the config file and every credential it names.
+pub fn load_config(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, ServerError> {
+    let display = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|error| ServerError::ConfigUnreadable {
+        path: display.clone(),
+        detail: error.to_string(),
+    })?;
+    let base_dir = path
+        .canonicalize()
+        .ok()
+        .and_then(|absolute| absolute.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| Path::new(".").to_path_buf());
+    let mut config =
+        Config::parse(&text, &base_dir).map_err(|errors| ServerError::ConfigInvalid {
+            path: display,
+            errors,
+        })?;
+    if let Some(listen) = overrides.listen {
+        config.server.listen = listen;
+    }
+    if let Some(data_dir) = &overrides.data_dir {
+        config.server.data_dir = data_dir.clone();
+    }
+    let mut credentials = BTreeMap::new();
+    for credential in config.credentials.values() {
+        let secret = read_secret(&credential.source).map_err(|detail| {
+            ServerError::CredentialUnreadable {
+                name: credential.name.clone(),
+                source_description: credential.source.to_string(),
+                detail,
+            }
+        })?;
+        credentials.insert(credential.name.clone(), secret);
+    }
+    Ok(LoadedConfig {
+        config,
+        credentials,
+    })
+}
+
+/// Reads a secret from a file (trailing newline removed) or an environment variable.
+pub fn read_secret(source: &KeySource) -> Result<Secret, String> {
+    let secret = match source {
+        KeySource::File(path) => {
+            let mut bytes = std::fs::read(path).map_err(|error| error.to_string())?;
+            while bytes
+                .last()
+                .is_some_and(|byte| *byte == b'\n' || *byte == b'\r')
+            {
+                bytes.pop();
+            }
+            Secret::new(bytes)
+        }
+        KeySource::Env(name) => Secret::from(
+            std::env::var(name).map_err(|_| "the variable is not set or not UTF-8".to_string())?,
+        ),
+    };
+    if secret.is_empty() {
+        return Err("it is empty".to_string());
+    }
+    Ok(secret)
+}
+
+/// The key-encryption key: from the config, or in development mode from (or into) the data dir.
+pub fn load_seal_key(config: &Config, dev: bool) -> Result<SealKey, ServerError> {
+    let source = match (&config.seal, dev) {
+        (Some(source), _) => source.clone(),
+        (None, false) => return Err(ServerError::NoSealKey),
+        (None, true) => {
+            let path = config.server.data_dir.join("dev-seal.key");
+            if !path.exists() {
+                let key = SealKey::generate_base64()?;
+                write_private_file(&path, key.expose()).map_err(|error| {
+                    ServerError::SealKeyUnreadable {
+                        source_description: format!("file {}", path.display()),
+                        detail: error.to_string(),
+                    }
+                })?;
+            }
+            tracing::warn!(
+                path = %path.display(),
+                "DEVELOPMENT MODE: the key-encryption key is generated into the data dir, next to what it protects. \
+                 Never run production like this: set [seal] key_file or key_env."
+            );
+            KeySource::File(path)
+        }
+    };
+    let text = read_secret(&source).map_err(|detail| ServerError::SealKeyUnreadable {
+        source_description: source.to_string(),
+        detail,
+    })?;
+    SealKey::from_base64(&text).map_err(|error| ServerError::SealKeyUnreadable {
+        source_description: source.to_string(),
+        detail: error.to_string(),
+    })
+}
+
+fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}

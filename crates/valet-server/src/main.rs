@@ -1,0 +1,54 @@
+//! `valetd`: parses arguments, sets up logging, runs the broker, maps errors to an exit code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use valet_server::{LogFormat, Options, init_logging, run};
+
+/// The Valet credential broker: holds root credentials, issues scoped, short-lived tokens.
+#[derive(Debug, Parser)]
+#[command(name = "valetd", version)]
+struct Arguments {
+    /// The config file (TOML). See docs/configuration.md.
+    #[arg(long, env = "VALET_CONFIG")]
+    config: PathBuf,
+    /// Development mode: generate a key-encryption key into the data dir if the config names none.
+    /// Never use in production.
+    #[arg(long)]
+    dev: bool,
+    /// Listen address, overriding server.listen (use port 0 for any free port).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory, overriding server.data_dir.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "human")]
+    log_format: LogFormat,
+}
+
+fn main() {
+    let arguments = Arguments::parse();
+    init_logging(arguments.log_format);
+    let options = Options {
+        config_path: arguments.config,
+        dev: arguments.dev,
+        overrides: valet_server::Overrides {
+            listen: arguments.listen,
+            data_dir: arguments.data_dir,
+        },
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("valetd: cannot start the async runtime: {error}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(error) = runtime.block_on(run(options)) {
+        tracing::error!(%error, "valetd cannot run");
+        eprintln!("valetd: {error}");
+        std::process::exit(error.exit_code());
+    }
+}

@@ -1,0 +1,197 @@
+//! Wiring: load the config, open the store, the audit log and the key ring, serve gRPC, sweep
+//! expired state, reload on SIGHUP, and stop cleanly on SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use valet_core::{Clock, SystemClock};
+use valet_proto::v1::admin_server::AdminServer;
+use valet_proto::v1::broker_server::BrokerServer;
+use valet_store::{SledStore, Store};
+
+use crate::admin::AdminService;
+use crate::audit_sink::AuditSink;
+use crate::broker::BrokerService;
+use crate::error::ServerError;
+use crate::keys::Keys;
+use crate::layers;
+use crate::loader::{self, Overrides};
+use crate::valet::Valet;
+
+/// The largest request message valetd decodes. Requests are small; this bounds memory per call.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// How often expired grants, revocations and retired keys are swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How valetd was started.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config_path: PathBuf,
+    /// Development mode: generate a key-encryption key into the data dir when none is configured.
+    pub dev: bool,
+    pub overrides: Overrides,
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Sets up logging to stderr. `RUST_LOG` refines the level (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}
+
+/// Runs valetd until SIGTERM or SIGINT.
+pub async fn run(options: Options) -> Result<(), ServerError> {
+    let loaded = loader::load_config(&options.config_path, &options.overrides)?;
+    let config = loaded.config.clone();
+    let data_dir = &config.server.data_dir;
+    std::fs::create_dir_all(data_dir).map_err(|error| ServerError::DataDir {
+        path: data_dir.display().to_string(),
+        detail: error.to_string(),
+    })?;
+    let seal_key = loader::load_seal_key(&config, options.dev)?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&data_dir.join("store"))?);
+    let audit = AuditSink::open(&config.audit.path, store.clone(), clock.clone()).await?;
+    let keys = Keys::open(store.clone(), seal_key, clock.clone())
+        .await
+        .map_err(|error| ServerError::Transport(error.to_string()))?;
+    let valet = Arc::new(Valet::new(
+        loaded,
+        options.config_path.clone(),
+        options.overrides.clone(),
+        keys,
+        store,
+        audit,
+        clock,
+    ));
+
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|error| ServerError::Listen {
+            address: config.server.listen.to_string(),
+            detail: error.to_string(),
+        })?;
+    let address = listener.local_addr().map_err(|error| ServerError::Listen {
+        address: config.server.listen.to_string(),
+        detail: error.to_string(),
+    })?;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<BrokerServer<BrokerService>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServer<AdminService>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(valet_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|error| ServerError::Transport(error.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|error| ServerError::Transport(error.to_string()))?;
+
+    let broker = BrokerServer::new(BrokerService {
+        valet: valet.clone(),
+    })
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let admin = AdminServer::new(AdminService {
+        valet: valet.clone(),
+    })
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
+
+    tokio::spawn(sweep_forever(valet.clone()));
+    tokio::spawn(reload_on_sighup(valet.clone()));
+
+    tracing::info!(%address, n_scopes = config.scopes.len(), n_principals = config.principals.len(), "valetd listening on {address}");
+    tonic::transport::Server::builder()
+        .layer(layers::stack(valet.clone()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(broker)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+        .await
+        .map_err(|error| ServerError::Transport(error.to_string()))?;
+    tracing::info!("valetd stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM: finishing in-flight requests, then stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing in-flight requests, then stopping"),
+    }
+}
+
+async fn reload_on_sighup(valet: Arc<Valet>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::error!("cannot listen for SIGHUP; reload with `valet config reload` instead");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        // Errors are logged and audited inside reload; the running config stays.
+        let _ = valet.reload(None).await;
+    }
+}
+
+async fn sweep_forever(valet: Arc<Valet>) {
+    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        ticks.tick().await;
+        let retention = valet.config().server.grant_retention;
+        match valet.store.sweep(valet.clock.now(), retention).await {
+            Ok(report) => {
+                if report.n_grants + report.n_revocations + report.n_keys > 0 {
+                    tracing::info!(
+                        n_grants = report.n_grants,
+                        n_revocations = report.n_revocations,
+                        n_keys = report.n_keys,
+                        "swept ended records"
+                    );
+                }
+                if let Err(error) = valet.keys.refresh().await {
+                    tracing::error!(%error, "cannot refresh the key ring after a sweep");
+                }
+            }
+            Err(error) => tracing::error!(%error, "sweep failed; will retry"),
+        }
+    }
+}
