@@ -1,1 +1,363 @@
-//! placeholder
+//! The Rust client for agent runtimes and tools: connect with a principal key, request, renew,
+//! revoke and introspect tokens, verify tokens offline against the broker's JWKS, and hold a
+//! task guard that revokes everything a task was given when the task ends.
+
+mod guard;
+mod verifier;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use valet_core::Secret;
+pub use valet_core::token::Claims;
+pub use valet_proto::v1;
+use valet_proto::v1::admin_client::AdminClient;
+use valet_proto::v1::broker_client::BrokerClient;
+
+pub use guard::TaskGuard;
+pub use verifier::OfflineVerifier;
+
+/// The environment variable naming the server URL.
+pub const SERVER_ENV: &str = "VALET_SERVER";
+/// The environment variable holding the principal key.
+pub const KEY_ENV: &str = "VALET_KEY";
+/// Where valetd listens when nothing else is said.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7470";
+
+/// What can go wrong talking to valetd.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "no principal key: set {KEY_ENV} (or pass a key file) to the key `valet keygen` made for this principal"
+    )]
+    NoKey,
+    #[error("the principal key contains characters that cannot be sent in a header")]
+    KeyNotSendable,
+    #[error("{server:?} is not a valid server URL (expected http://HOST:PORT): {detail}")]
+    BadServerUrl { server: String, detail: String },
+    #[error(
+        "cannot reach valetd at {server}: {detail} (set {SERVER_ENV} or --server to the broker's address)"
+    )]
+    Unreachable { server: String, detail: String },
+    /// valetd answered with an error; the message says what was wrong and what is allowed.
+    #[error("{}", .0.message())]
+    Status(tonic::Status),
+    #[error("the token was refused: {0}")]
+    Verify(#[from] valet_core::token::VerifyError),
+    #[error("the broker answered without a {what}")]
+    IncompleteReply { what: &'static str },
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        ClientError::Status(status)
+    }
+}
+
+impl ClientError {
+    /// The gRPC code when valetd answered with an error.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Status(status) => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// How to reach valetd and as whom.
+#[derive(Clone)]
+pub struct ClientConfig {
+    pub server: String,
+    pub key: Secret,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ClientConfig")
+            .field("server", &self.server)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl ClientConfig {
+    pub fn new(server: impl Into<String>, key: Secret) -> ClientConfig {
+        ClientConfig {
+            server: server.into(),
+            key,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Reads `VALET_SERVER` (default `http://127.0.0.1:7470`) and `VALET_KEY`.
+    pub fn from_env() -> Result<ClientConfig, ClientError> {
+        let server = std::env::var(SERVER_ENV).unwrap_or_else(|_| DEFAULT_SERVER.to_string());
+        let key = std::env::var(KEY_ENV).map_err(|_| ClientError::NoKey)?;
+        if key.trim().is_empty() {
+            return Err(ClientError::NoKey);
+        }
+        Ok(ClientConfig::new(
+            server,
+            Secret::from(key.trim().to_string()),
+        ))
+    }
+}
+
+/// Adds the principal key to every call.
+#[derive(Clone)]
+pub struct PrincipalKey(MetadataValue<Ascii>);
+
+impl Interceptor for PrincipalKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+type Authenticated = InterceptedService<Channel, PrincipalKey>;
+
+/// A connection to valetd. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct Client {
+    server: String,
+    broker: BrokerClient<Authenticated>,
+    admin: AdminClient<Authenticated>,
+    verifier: OfflineVerifier,
+}
+
+/// A token and the grant it stands for. The token is a `Secret`: it does not print.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub grant: v1::Grant,
+    pub token: Secret,
+}
+
+impl IssuedToken {
+    /// The token text, to hand to the tool that needs it.
+    pub fn token_str(&self) -> &str {
+        self.token.expose_str().unwrap_or_default()
+    }
+}
+
+/// A token request; build with [`TokenRequest::new`] and the `with_*` methods.
+#[derive(Debug, Clone, Default)]
+pub struct TokenRequest {
+    pub scope: String,
+    pub task_id: String,
+    pub purpose: String,
+    pub ttl: Option<Duration>,
+    pub params: BTreeMap<String, String>,
+    pub audience: Option<String>,
+}
+
+impl TokenRequest {
+    pub fn new(scope: impl Into<String>, task_id: impl Into<String>) -> TokenRequest {
+        TokenRequest {
+            scope: scope.into(),
+            task_id: task_id.into(),
+            ..TokenRequest::default()
+        }
+    }
+
+    pub fn with_purpose(mut self, purpose: impl Into<String>) -> TokenRequest {
+        self.purpose = purpose.into();
+        self
+    }
+
+    pub fn with_ttl(mut self, ttl: Duration) -> TokenRequest {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    pub fn with_param(mut self, name: impl Into<String>, value: impl Into<String>) -> TokenRequest {
+        self.params.insert(name.into(), value.into());
+        self
+    }
+}
+
+impl Client {
+    /// Connects to valetd; fails fast with the address tried when it cannot be reached.
+    pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
+        let endpoint = Endpoint::from_shared(config.server.clone())
+            .map_err(|error| ClientError::BadServerUrl {
+                server: config.server.clone(),
+                detail: error.to_string(),
+            })?
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .tcp_nodelay(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|error| ClientError::Unreachable {
+                server: config.server.clone(),
+                detail: source_chain(&error),
+            })?;
+        let key = config.key.expose_str().ok_or(ClientError::KeyNotSendable)?;
+        let mut header: MetadataValue<Ascii> = format!("Bearer {key}")
+            .parse()
+            .map_err(|_| ClientError::KeyNotSendable)?;
+        header.set_sensitive(true);
+        let interceptor = PrincipalKey(header);
+        let broker = BrokerClient::with_interceptor(channel.clone(), interceptor.clone());
+        let admin = AdminClient::with_interceptor(channel, interceptor);
+        Ok(Client {
+            server: config.server,
+            verifier: OfflineVerifier::new(broker.clone()),
+            broker,
+            admin,
+        })
+    }
+
+    /// The server this client talks to.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Requests a token for one scope and task.
+    pub async fn request_token(&self, request: TokenRequest) -> Result<IssuedToken, ClientError> {
+        let reply = self
+            .broker
+            .clone()
+            .request_token(v1::RequestTokenRequest {
+                scope: request.scope,
+                task_id: request.task_id,
+                purpose: request.purpose,
+                ttl_seconds: request.ttl.map(|ttl| ttl.as_secs().max(1)).unwrap_or(0),
+                params: request.params.into_iter().collect(),
+                audience: request.audience.unwrap_or_default(),
+            })
+            .await?
+            .into_inner();
+        Ok(IssuedToken {
+            grant: reply
+                .grant
+                .ok_or(ClientError::IncompleteReply { what: "grant" })?,
+            token: Secret::from(reply.token),
+        })
+    }
+
+    /// Extends a grant's life (within its scope's max TTL) and returns a fresh token for it.
+    pub async fn renew(
+        &self,
+        grant_id: &str,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedToken, ClientError> {
+        let reply = self
+            .broker
+            .clone()
+            .renew_token(v1::RenewTokenRequest {
+                grant_id: grant_id.to_string(),
+                ttl_seconds: ttl.map(|ttl| ttl.as_secs().max(1)).unwrap_or(0),
+            })
+            .await?
+            .into_inner();
+        Ok(IssuedToken {
+            grant: reply
+                .grant
+                .ok_or(ClientError::IncompleteReply { what: "grant" })?,
+            token: Secret::from(reply.token),
+        })
+    }
+
+    /// Revokes one grant; in force when this returns.
+    pub async fn revoke(&self, grant_id: &str, reason: &str) -> Result<v1::Grant, ClientError> {
+        let reply = self
+            .broker
+            .clone()
+            .revoke_token(v1::RevokeTokenRequest {
+                grant_id: grant_id.to_string(),
+                reason: reason.to_string(),
+            })
+            .await?
+            .into_inner();
+        reply
+            .grant
+            .ok_or(ClientError::IncompleteReply { what: "grant" })
+    }
+
+    /// Revokes every grant of a task; returns the revoked grant ids.
+    pub async fn revoke_task(
+        &self,
+        task_id: &str,
+        reason: &str,
+    ) -> Result<Vec<String>, ClientError> {
+        let reply = self
+            .broker
+            .clone()
+            .revoke_task(v1::RevokeTaskRequest {
+                task_id: task_id.to_string(),
+                reason: reason.to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok(reply.grant_ids)
+    }
+
+    /// Asks valetd whether a token is active (counts a use when its scope limits uses).
+    pub async fn introspect(&self, token: &str) -> Result<v1::IntrospectResponse, ClientError> {
+        Ok(self
+            .broker
+            .clone()
+            .introspect(v1::IntrospectRequest {
+                token: token.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Verifies a token without asking valetd, against its cached JWKS (refreshed on an unknown
+    /// key id). Says nothing about revocation: use `introspect` for that.
+    pub async fn verify_offline(
+        &self,
+        token: &str,
+        audience: Option<&str>,
+    ) -> Result<Claims, ClientError> {
+        self.verifier.verify(token, audience).await
+    }
+
+    /// The offline verifier, to share with code that only verifies.
+    pub fn verifier(&self) -> OfflineVerifier {
+        self.verifier.clone()
+    }
+
+    /// The operator API (list, watch, revoke-all, rotate, reload, audit head).
+    pub fn admin(&self) -> AdminClient<Authenticated> {
+        self.admin.clone()
+    }
+
+    /// The raw broker API.
+    pub fn broker(&self) -> BrokerClient<Authenticated> {
+        self.broker.clone()
+    }
+
+    /// Starts a task: tokens requested through the guard belong to `task_id`, and all of them
+    /// are revoked when the guard ends or is dropped.
+    pub fn task(&self, task_id: impl Into<String>) -> TaskGuard {
+        TaskGuard::new(self.clone(), task_id.into())
+    }
+}
+
+fn source_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
