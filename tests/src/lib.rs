@@ -1,1 +1,341 @@
-//! Harness for end-to-end tests.
+//! Harness for end-to-end tests: writes a config into a temp dir, starts a real `valetd` on a free
+//! loopback port, connects clients as its principals, and stops the process when dropped — also
+//! when the test fails. Everything valetd prints is kept, so tests can scan it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use valet_client::{Client, ClientConfig};
+use valet_core::Secret;
+
+/// Keys of the principals every test config defines.
+pub const AGENT_KEY: &str = "vk_test_agent_3b1f0c6e5d4a";
+pub const OTHER_AGENT_KEY: &str = "vk_test_other_agent_91ab77";
+pub const OPERATOR_KEY: &str = "vk_test_operator_c0ffee42";
+pub const ADMIN_KEY: &str = "vk_test_admin_5eed1e55";
+
+/// Root credentials of the test config: nothing valetd emits may contain them.
+pub const RAILWAY_ROOT_SECRET: &str = "railway-ROOT-secret-7a61c0b2d9e84f35";
+pub const GITHUB_ROOT_SECRET: &str = "ghp_ROOTsecretTokenNeverLeaves0451";
+/// The key-encryption key of the test config (base64 of 32 bytes).
+pub const SEAL_KEY: &str = "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=";
+
+/// The path of a workspace binary, next to the test executable's `deps` directory.
+pub fn binary(name: &str) -> PathBuf {
+    let executable = std::env::current_exe().expect("the test executable has a path");
+    let directory = executable
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps");
+    let path = directory.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`; the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+fn sha256_hex(text: &str) -> String {
+    let digest = Secret::from(text.to_string()).sha256();
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// The standard test config, with `extra` appended (more scopes, say). Paths are relative to the
+/// config's directory.
+pub fn standard_config(extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "data"
+issuer = "https://valet.test"
+max_ttl = "1h"
+grant_retention = "1h"
+
+[seal]
+key_file = "seal.key"
+
+[audit]
+path = "audit/audit.jsonl"
+
+[[credential]]
+name = "railway"
+file = "railway.secret"
+
+[[credential]]
+name = "github"
+env = "VALET_TEST_GITHUB_TOKEN"
+
+[[scope]]
+name = "deploy-staging"
+credential = "railway"
+environment = "staging"
+audience = "railway"
+default_ttl = "5m"
+max_ttl = "10m"
+[scope.params.project]
+pattern = "[a-z][a-z0-9-]{{0,31}}"
+
+[[scope]]
+name = "limited"
+credential = "github"
+environment = "ci"
+audience = "github"
+default_ttl = "5m"
+max_ttl = "10m"
+max_uses = 2
+
+[[scope]]
+name = "short"
+credential = "github"
+environment = "ci"
+audience = "github"
+default_ttl = "1s"
+max_ttl = "3s"
+
+[[scope]]
+name = "prod-db"
+credential = "railway"
+environment = "production"
+audience = "railway"
+default_ttl = "5m"
+max_ttl = "10m"
+renewable = false
+
+[[principal]]
+name = "agent"
+roles = ["agent"]
+key_sha256 = "{agent}"
+scopes = ["deploy-staging", "limited", "short"]
+
+[[principal]]
+name = "other-agent"
+roles = ["agent"]
+key_sha256 = "{other}"
+scopes = ["deploy-staging", "prod-db"]
+
+[[principal]]
+name = "operator"
+roles = ["operator"]
+key_sha256 = "{operator}"
+
+[[principal]]
+name = "admin"
+roles = ["admin"]
+key_sha256 = "{admin}"
+{extra}
+"#,
+        agent = sha256_hex(AGENT_KEY),
+        other = sha256_hex(OTHER_AGENT_KEY),
+        operator = sha256_hex(OPERATOR_KEY),
+        admin = sha256_hex(ADMIN_KEY),
+    )
+}
+
+/// A directory holding a config and everything it points at.
+pub struct Deployment {
+    pub directory: tempfile::TempDir,
+}
+
+impl Deployment {
+    /// A deployment of `config` (see [`standard_config`]) with its seal key and credential files.
+    pub fn new(config: &str) -> Deployment {
+        let directory = tempfile::tempdir().expect("a temp dir");
+        std::fs::write(directory.path().join("valet.toml"), config).expect("write config");
+        std::fs::write(directory.path().join("seal.key"), SEAL_KEY).expect("write seal key");
+        std::fs::write(
+            directory.path().join("railway.secret"),
+            format!("{RAILWAY_ROOT_SECRET}\n"),
+        )
+        .expect("write secret");
+        Deployment { directory }
+    }
+
+    pub fn standard() -> Deployment {
+        Deployment::new(&standard_config(""))
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.directory.path().join(relative)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path("valet.toml")
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        self.path("audit/audit.jsonl")
+    }
+
+    /// Starts valetd on this deployment with extra arguments.
+    pub fn start(&self, extra_arguments: &[&str]) -> Valetd {
+        Valetd::start(&self.config_path(), extra_arguments)
+    }
+
+    /// Runs valetd expecting it to fail at start; returns (exit code, everything it printed).
+    pub fn start_expecting_failure(&self, extra_arguments: &[&str]) -> (i32, String) {
+        let output = valetd_command(&self.config_path(), extra_arguments)
+            .output()
+            .expect("run valetd");
+        assert!(
+            !output.status.success(),
+            "valetd was expected to fail but exited successfully"
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.code().unwrap_or(-1), text)
+    }
+}
+
+fn valetd_command(config: &Path, extra_arguments: &[&str]) -> Command {
+    let mut command = Command::new(binary("valetd"));
+    command
+        .arg("--config")
+        .arg(config)
+        .args(extra_arguments)
+        .env("VALET_TEST_GITHUB_TOKEN", GITHUB_ROOT_SECRET)
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// A running valetd; stopped (SIGKILL if needed) when dropped.
+pub struct Valetd {
+    child: Option<Child>,
+    pub address: String,
+    output: Arc<Mutex<String>>,
+}
+
+impl Valetd {
+    fn start(config: &Path, extra_arguments: &[&str]) -> Valetd {
+        let mut child = valetd_command(config, extra_arguments)
+            .spawn()
+            .expect("start valetd");
+        let output = Arc::new(Mutex::new(String::new()));
+        let (address_sender, address_receiver) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().expect("piped stderr");
+        let stdout = child.stdout.take().expect("piped stdout");
+        for (stream, is_stderr) in [
+            (Box::new(stderr) as Box<dyn std::io::Read + Send>, true),
+            (Box::new(stdout), false),
+        ] {
+            let output = output.clone();
+            let address_sender = address_sender.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if is_stderr && let Some(address) = line.split("valetd listening on ").nth(1) {
+                        let address = address
+                            .split(|character: char| character.is_whitespace() || character == '"')
+                            .next()
+                            .unwrap_or_default()
+                            .to_string();
+                        let _ = address_sender.send(address);
+                    }
+                    let mut text = output
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            });
+        }
+        let mut valetd = Valetd {
+            child: Some(child),
+            address: String::new(),
+            output,
+        };
+        match address_receiver.recv_timeout(Duration::from_secs(30)) {
+            Ok(address) => valetd.address = format!("http://{address}"),
+            Err(_) => panic!(
+                "valetd did not start listening within 30 s; it printed:\n{}",
+                valetd.output()
+            ),
+        }
+        valetd
+    }
+
+    /// Everything valetd printed so far (stdout and stderr).
+    pub fn output(&self) -> String {
+        self.output
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// A client authenticated with `key`.
+    pub async fn client(&self, key: &str) -> Client {
+        Client::connect(ClientConfig::new(
+            self.address.clone(),
+            Secret::from(key.to_string()),
+        ))
+        .await
+        .expect("connect to valetd")
+    }
+
+    /// Sends a signal to valetd (`kill -SIGNAL`).
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string())
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -{signal} failed");
+        }
+    }
+
+    /// Stops valetd with SIGTERM and returns its exit code. Async, so the test's own client
+    /// connections keep being driven while valetd closes them.
+    pub async fn stop(mut self) -> Option<i32> {
+        self.signal("TERM");
+        let mut child = self.child.take()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("valetd did not stop within 20 s of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Valetd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `check` until it returns true or `limit` passes; returns whether it did.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -105,6 +105,18 @@ impl AuditEvent {
             .with_value("expires_at", Value::from(format_time(grant.expires_at)))
     }
 
+    /// The event with `redact` applied to every text value (it returns `None` to keep a value).
+    pub fn redacted(mut self, redact: impl Fn(&str) -> Option<String>) -> AuditEvent {
+        for value in self.fields.values_mut() {
+            if let Value::String(text) = value
+                && let Some(clean) = redact(text)
+            {
+                *text = clean;
+            }
+        }
+        self
+    }
+
     pub fn action(&self) -> &str {
         self.fields
             .get("action")

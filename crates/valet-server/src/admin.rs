@@ -68,7 +68,7 @@ impl Admin for AdminService {
     ) -> Result<Response<v1::ListGrantsResponse>, Status> {
         let caller = caller_of(&request)?;
         let wire = request.into_inner();
-        answer(&caller, async {
+        answer(&self.valet, &caller, async {
             let filter = filter_for(&caller.principal, wire.filter)?;
             let page_size = match wire.page_size {
                 0 => DEFAULT_PAGE_SIZE,
@@ -113,8 +113,11 @@ impl Admin for AdminService {
     ) -> Result<Response<Self::WatchGrantsStream>, Status> {
         let caller = caller_of(&request)?;
         let wire = request.into_inner();
-        let filter = filter_for(&caller.principal, wire.filter)
-            .map_err(|error| error.into_status(&caller.request_id))?;
+        let filter = filter_for(&caller.principal, wire.filter).map_err(|error| {
+            self.valet
+                .redactor
+                .redact_status(error.into_status(&caller.request_id))
+        })?;
         let mut changes = self.valet.store.subscribe();
         let clock = self.valet.clock.clone();
         let stream = async_stream(move |sender| async move {
@@ -162,7 +165,7 @@ impl Admin for AdminService {
     ) -> Result<Response<v1::RevokeAllResponse>, Status> {
         let caller = caller_of(&request)?;
         let wire = request.into_inner();
-        answer(&caller, async {
+        answer(&self.valet, &caller, async {
             let filter = match wire.target {
                 Some(v1::revoke_all_request::Target::Principal(name)) if !name.is_empty() => {
                     GrantFilter {
@@ -202,7 +205,7 @@ impl Admin for AdminService {
         request: Request<v1::RotateSigningKeyRequest>,
     ) -> Result<Response<v1::RotateSigningKeyResponse>, Status> {
         let caller = caller_of(&request)?;
-        answer(&caller, async {
+        answer(&self.valet, &caller, async {
             let (new_key_id, retired_key_id) = self.valet.rotate_signing_key(&caller).await?;
             Ok(v1::RotateSigningKeyResponse {
                 new_key_id,
@@ -217,7 +220,7 @@ impl Admin for AdminService {
         request: Request<v1::ReloadConfigRequest>,
     ) -> Result<Response<v1::ReloadConfigResponse>, Status> {
         let caller = caller_of(&request)?;
-        answer(&caller, async {
+        answer(&self.valet, &caller, async {
             self.valet
                 .require_role(&caller, Role::Admin, "reloading the config")
                 .await?;
@@ -236,7 +239,7 @@ impl Admin for AdminService {
         request: Request<v1::GetAuditHeadRequest>,
     ) -> Result<Response<v1::GetAuditHeadResponse>, Status> {
         let caller = caller_of(&request)?;
-        answer(&caller, async {
+        answer(&self.valet, &caller, async {
             self.valet
                 .require_role(&caller, Role::Operator, "reading the audit chain head")
                 .await?;

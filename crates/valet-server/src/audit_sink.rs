@@ -11,6 +11,8 @@ use valet_core::Clock;
 use valet_core::audit::{self, AuditEvent, ChainHead};
 use valet_store::Store;
 
+use crate::redactor::Redactor;
+
 /// Why a record could not be written.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
@@ -47,6 +49,7 @@ impl AuditSink {
         path: &Path,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
+        redactor: Arc<Redactor>,
     ) -> Result<AuditSink, AuditError> {
         let display = path.display().to_string();
         let unwritable = |detail: String| AuditError::Unwritable {
@@ -101,6 +104,7 @@ impl AuditSink {
             head,
             store,
             clock,
+            redactor,
         };
         tokio::spawn(writer.run(receiver));
         Ok(AuditSink { sender })
@@ -123,6 +127,7 @@ struct Writer {
     head: ChainHead,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    redactor: Arc<Redactor>,
 }
 
 impl Writer {
@@ -135,7 +140,8 @@ impl Writer {
             let mut heads = Vec::with_capacity(batch.len());
             let mut head = self.head.clone();
             for (event, _) in &batch {
-                let (line, next) = audit::chain(&head, event, now);
+                let event = event.clone().redacted(|text| self.redactor.redact(text));
+                let (line, next) = audit::chain(&head, &event, now);
                 text.push_str(&line);
                 text.push('\n');
                 heads.push(next.clone());

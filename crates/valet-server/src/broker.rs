@@ -26,14 +26,17 @@ pub fn caller_of<T>(request: &Request<T>) -> Result<Caller, Status> {
 }
 
 /// Runs an operation and maps its error to a status under the caller's request id.
+/// Root credentials an error message might echo are redacted.
 pub async fn answer<T>(
+    valet: &Valet,
     caller: &Caller,
     operation: impl std::future::Future<Output = Result<T, ApiError>>,
 ) -> Result<Response<T>, Status> {
-    operation
-        .await
-        .map(Response::new)
-        .map_err(|error| error.into_status(&caller.request_id))
+    operation.await.map(Response::new).map_err(|error| {
+        valet
+            .redactor
+            .redact_status(error.into_status(&caller.request_id))
+    })
 }
 
 fn ttl(seconds: u64) -> Option<Duration> {
@@ -56,7 +59,7 @@ impl Broker for BrokerService {
             params: wire.params.into_iter().collect(),
             audience: (!wire.audience.is_empty()).then_some(wire.audience),
         };
-        answer(&caller, async {
+        answer(&self.valet, &caller, async {
             let (grant, token) = self.valet.issue(&caller, token_request).await?;
             Ok(v1::RequestTokenResponse {
                 grant: Some(grant_to_wire(&grant, self.valet.clock.now())),
@@ -72,7 +75,7 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::RenewTokenResponse>, Status> {
         let caller = caller_of(&request)?;
         let wire = request.into_inner();
-        answer(&caller, async {
+        answer(&self.valet, &caller, async {
             let (grant, token) = self
                 .valet
                 .renew(&caller, &wire.grant_id, ttl(wire.ttl_seconds))
@@ -91,7 +94,7 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::RevokeTokenResponse>, Status> {
         let caller = caller_of(&request)?;
         let wire = request.into_inner();
-        answer(&caller, async {
+        answer(&self.valet, &caller, async {
             let grant = self
                 .valet
                 .revoke_grant(&caller, &wire.grant_id, &wire.reason)
@@ -109,7 +112,7 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::RevokeTaskResponse>, Status> {
         let caller = caller_of(&request)?;
         let wire = request.into_inner();
-        answer(&caller, async {
+        answer(&self.valet, &caller, async {
             let revoked = self
                 .valet
                 .revoke_task(&caller, &wire.task_id, &wire.reason)
@@ -128,7 +131,7 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::IntrospectResponse>, Status> {
         let caller = caller_of(&request)?;
         let wire = request.into_inner();
-        answer(&caller, async {
+        answer(&self.valet, &caller, async {
             let introspection = self.valet.introspect(&caller, &wire.token).await?;
             let now = self.valet.clock.now();
             Ok(v1::IntrospectResponse {

@@ -8,6 +8,7 @@ mod error;
 mod keys;
 mod layers;
 mod loader;
+mod redactor;
 mod server;
 mod valet;
 

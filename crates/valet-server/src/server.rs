@@ -19,10 +19,13 @@ use crate::error::ServerError;
 use crate::keys::Keys;
 use crate::layers;
 use crate::loader::{self, Overrides};
+use crate::redactor::Redactor;
 use crate::valet::Valet;
 
 /// The largest request message valetd decodes. Requests are small; this bounds memory per call.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// How long in-flight requests get to finish after SIGTERM or SIGINT.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often expired grants, revocations and retired keys are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -64,7 +67,7 @@ pub fn init_logging(format: LogFormat) {
 /// Runs valetd until SIGTERM or SIGINT.
 pub async fn run(options: Options) -> Result<(), ServerError> {
     let loaded = loader::load_config(&options.config_path, &options.overrides)?;
-    let config = loaded.config.clone();
+    let config = loaded.config;
     let data_dir = &config.server.data_dir;
     std::fs::create_dir_all(data_dir).map_err(|error| ServerError::DataDir {
         path: data_dir.display().to_string(),
@@ -73,12 +76,20 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     let seal_key = loader::load_seal_key(&config, options.dev)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&data_dir.join("store"))?);
-    let audit = AuditSink::open(&config.audit.path, store.clone(), clock.clone()).await?;
+    let redactor = Redactor::new(loaded.credentials);
+    let audit = AuditSink::open(
+        &config.audit.path,
+        store.clone(),
+        clock.clone(),
+        redactor.clone(),
+    )
+    .await?;
     let keys = Keys::open(store.clone(), seal_key, clock.clone())
         .await
         .map_err(|error| ServerError::Transport(error.to_string()))?;
     let valet = Arc::new(Valet::new(
-        loaded,
+        config.clone(),
+        redactor,
         options.config_path.clone(),
         options.overrides.clone(),
         keys,
@@ -130,16 +141,28 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     tokio::spawn(reload_on_sighup(valet.clone()));
 
     tracing::info!(%address, n_scopes = config.scopes.len(), n_principals = config.principals.len(), "valetd listening on {address}");
-    tonic::transport::Server::builder()
+    let (stopping_sender, mut stopping) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = stopping_sender.send(true);
+    };
+    let serve = tonic::transport::Server::builder()
         .layer(layers::stack(valet.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(broker)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
-        .await
-        .map_err(|error| ServerError::Transport(error.to_string()))?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    // A client that never closes its connection must not keep valetd from stopping.
+    let grace_over = async {
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = serve => served.map_err(|error| ServerError::Transport(error.to_string()))?,
+        _ = grace_over => tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the shutdown grace period; stopping anyway"),
+    }
     tracing::info!("valetd stopped");
     Ok(())
 }

@@ -2,7 +2,6 @@
 //! rotate. Each one decides with valet-core, makes the outcome durable in the store, records it in
 //! the audit log, and only then returns — a failure at any step fails the whole operation.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -12,13 +11,14 @@ use valet_core::config::{Config, Principal, Role};
 use valet_core::grant::{Grant, GrantStatus, InactiveReason};
 use valet_core::policy::{self, RequestError, TokenRequest};
 use valet_core::token::{self, Claims, Expectations};
-use valet_core::{Clock, Secret, random};
+use valet_core::{Clock, random};
 use valet_store::{GrantFilter, Store, StoreError};
 
 use crate::audit_sink::AuditSink;
 use crate::error::ApiError;
 use crate::keys::Keys;
 use crate::loader;
+use crate::redactor::Redactor;
 
 /// Who is calling, and under which request id.
 #[derive(Debug, Clone)]
@@ -41,8 +41,8 @@ const MAX_CAS_ATTEMPTS: usize = 8;
 /// The running broker: config, keys, store, audit log and clock.
 pub struct Valet {
     config: ArcSwap<Config>,
-    /// Root credentials, read at start and on reload. Used by the gateway; never sent anywhere else.
-    credentials: ArcSwap<BTreeMap<String, Secret>>,
+    /// Root credentials, read at start and on reload, and kept out of everything valetd emits.
+    pub redactor: Arc<Redactor>,
     config_path: PathBuf,
     overrides: loader::Overrides,
     pub keys: Keys,
@@ -53,7 +53,8 @@ pub struct Valet {
 
 impl Valet {
     pub fn new(
-        loaded: loader::LoadedConfig,
+        config: Config,
+        redactor: Arc<Redactor>,
         config_path: PathBuf,
         overrides: loader::Overrides,
         keys: Keys,
@@ -62,8 +63,8 @@ impl Valet {
         clock: Arc<dyn Clock>,
     ) -> Valet {
         Valet {
-            config: ArcSwap::from_pointee(loaded.config),
-            credentials: ArcSwap::from_pointee(loaded.credentials),
+            config: ArcSwap::from_pointee(config),
+            redactor,
             config_path,
             overrides,
             keys,
@@ -79,7 +80,7 @@ impl Valet {
 
     /// How many root credentials are loaded (never their values).
     pub fn n_credentials(&self) -> usize {
-        self.credentials.load().len()
+        self.redactor.n_credentials()
     }
 
     async fn record(&self, caller: &Caller, event: AuditEvent) -> Result<(), ApiError> {
@@ -422,7 +423,7 @@ impl Valet {
                     );
                 }
                 self.audit.record(event(Outcome::Allowed)).await?;
-                self.credentials.store(Arc::new(loaded.credentials));
+                self.redactor.replace(loaded.credentials);
                 self.config.store(Arc::new(loaded.config));
                 tracing::info!(by = who, "config reloaded");
                 Ok(self.config())

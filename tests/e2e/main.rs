@@ -1,0 +1,10 @@
+//! End-to-end tests: real valetd processes on loopback, driven through valet-client and the CLI.
+
+mod admin;
+mod bad_input;
+mod cli;
+mod lifecycle;
+mod protocol;
+mod restart;
+mod secrets;
+mod startup;

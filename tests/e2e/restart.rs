@@ -1,0 +1,162 @@
+//! A restart keeps grants, revocations, signing keys and the audit chain; rotation keeps old
+//! tokens verifiable until they expire.
+
+use valet_client::{TokenRequest, v1};
+use valet_core::audit::{self, ChainHead};
+use valet_tests::{ADMIN_KEY, AGENT_KEY, Deployment, OPERATOR_KEY};
+
+fn staging(task: &str) -> TokenRequest {
+    TokenRequest::new("deploy-staging", task).with_param("project", "shop")
+}
+
+async fn audit_head(valetd: &valet_tests::Valetd) -> ChainHead {
+    let operator = valetd.client(OPERATOR_KEY).await;
+    let head = operator
+        .admin()
+        .get_audit_head(v1::GetAuditHeadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    ChainHead {
+        sequence: head.sequence,
+        hash: head.hash,
+    }
+}
+
+#[tokio::test]
+async fn a_restart_keeps_grants_revocations_keys_and_the_audit_chain() {
+    let deployment = Deployment::standard();
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    let kept = agent.request_token(staging("task-kept")).await.unwrap();
+    let revoked = agent.request_token(staging("task-revoked")).await.unwrap();
+    agent
+        .revoke(&revoked.grant.id, "before restart")
+        .await
+        .unwrap();
+    let admin = valetd.client(ADMIN_KEY).await;
+    let rotation = admin
+        .admin()
+        .rotate_signing_key(v1::RotateSigningKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let head_before = audit_head(&valetd).await;
+    assert_eq!(valetd.stop().await, Some(0));
+
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    assert!(
+        agent.introspect(kept.token_str()).await.unwrap().active,
+        "a grant issued before the restart is still active"
+    );
+    let after = agent.introspect(revoked.token_str()).await.unwrap();
+    assert!(
+        !after.active && after.reason.contains("before restart"),
+        "{}",
+        after.reason
+    );
+
+    let jwks = agent
+        .broker()
+        .get_jwks(v1::GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let kids: Vec<&str> = jwks.keys.iter().map(|key| key.kid.as_str()).collect();
+    assert_eq!(
+        kids,
+        [
+            rotation.new_key_id.as_str(),
+            rotation.retired_key_id.as_str()
+        ],
+        "current key first, retired key kept"
+    );
+
+    let fresh = agent.request_token(staging("task-fresh")).await.unwrap();
+    assert_eq!(fresh.grant.key_id, rotation.new_key_id);
+
+    // The chain continues across the restart and verifies end to end against the kept head.
+    let head_after = audit_head(&valetd).await;
+    assert!(head_after.sequence > head_before.sequence);
+    let text = std::fs::read_to_string(deployment.audit_path()).unwrap();
+    let summary = audit::verify(text.lines(), Some(&head_after)).unwrap();
+    assert_eq!(summary.head, head_after);
+}
+
+#[tokio::test]
+async fn rotation_keeps_old_tokens_verifiable_and_signs_new_ones_with_the_new_key() {
+    let deployment = Deployment::standard();
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    let old = agent.request_token(staging("task-old")).await.unwrap();
+    assert!(
+        agent
+            .verify_offline(old.token_str(), Some("railway"))
+            .await
+            .is_ok()
+    );
+
+    let operator = valetd.client(OPERATOR_KEY).await;
+    let denied = operator
+        .admin()
+        .rotate_signing_key(v1::RotateSigningKeyRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert!(
+        denied.message().contains("needs role admin"),
+        "{}",
+        denied.message()
+    );
+
+    let admin = valetd.client(ADMIN_KEY).await;
+    let rotation = admin
+        .admin()
+        .rotate_signing_key(v1::RotateSigningKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rotation.retired_key_id, old.grant.key_id);
+
+    let new = agent.request_token(staging("task-new")).await.unwrap();
+    assert_eq!(new.grant.key_id, rotation.new_key_id);
+    // The verifier's cached JWKS knows only the old key: the unknown kid makes it refresh.
+    assert!(
+        agent
+            .verify_offline(new.token_str(), Some("railway"))
+            .await
+            .is_ok()
+    );
+    assert!(
+        agent
+            .verify_offline(old.token_str(), Some("railway"))
+            .await
+            .is_ok()
+    );
+    assert!(agent.introspect(old.token_str()).await.unwrap().active);
+    assert!(agent.introspect(new.token_str()).await.unwrap().active);
+}
+
+#[tokio::test]
+async fn a_cut_audit_log_is_refused_at_start() {
+    let deployment = Deployment::standard();
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    for index in 0..3 {
+        agent
+            .request_token(staging(&format!("task-{index}")))
+            .await
+            .unwrap();
+    }
+    valetd.stop().await;
+    let text = std::fs::read_to_string(deployment.audit_path()).unwrap();
+    let kept: Vec<&str> = text.lines().take(1).collect();
+    std::fs::write(deployment.audit_path(), format!("{}\n", kept.join("\n"))).unwrap();
+    let (code, output) = deployment.start_expecting_failure(&[]);
+    assert_eq!(code, 1);
+    assert!(
+        output.contains("ends at record 1 but the store's chain head is record 3: the log was cut"),
+        "{output}"
+    );
+}
