@@ -566,10 +566,7 @@ fn print_grants(grants: &[v1::Grant], json: bool) {
         );
         return;
     }
-    println!(
-        "{:<26}  {:<16}  {:<20}  {:<24}  {:<10}  {:<20}  {:>5}  {}",
-        "ID", "PRINCIPAL", "TASK", "SCOPE", "ENV", "EXPIRES", "USES", "STATUS"
-    );
+    println!("ID                          PRINCIPAL         TASK                  SCOPE                     ENV         EXPIRES                USES  STATUS");
     for grant in grants {
         println!(
             "{:<26}  {:<16}  {:<20}  {:<24}  {:<10}  {:<20}  {:>5}  {}",

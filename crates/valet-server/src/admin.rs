@@ -138,9 +138,9 @@ impl Admin for AdminService {
                     StoreChange::GrantUpdated { before, after }
                         if after.expires_at != before.expires_at =>
                     {
-                        (v1::GrantEventKind::Renewed, after)
+                        (v1::GrantEventKind::Renewed, *after)
                     }
-                    StoreChange::GrantUpdated { after, .. } => (v1::GrantEventKind::Used, after),
+                    StoreChange::GrantUpdated { after, .. } => (v1::GrantEventKind::Used, *after),
                     StoreChange::KeyRingChanged => continue,
                 };
                 let now = clock.now();

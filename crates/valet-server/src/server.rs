@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use valet_core::{Clock, SystemClock};
@@ -87,16 +88,16 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     let keys = Keys::open(store.clone(), seal_key, clock.clone())
         .await
         .map_err(|error| ServerError::Transport(error.to_string()))?;
-    let valet = Arc::new(Valet::new(
-        config.clone(),
+    let valet = Arc::new(Valet {
+        config: ArcSwap::from_pointee(config.clone()),
         redactor,
-        options.config_path.clone(),
-        options.overrides.clone(),
+        config_path: options.config_path.clone(),
+        overrides: options.overrides.clone(),
         keys,
         store,
         audit,
         clock,
-    ));
+    });
 
     let listener = TcpListener::bind(config.server.listen)
         .await

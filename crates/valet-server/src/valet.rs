@@ -40,11 +40,11 @@ const MAX_CAS_ATTEMPTS: usize = 8;
 
 /// The running broker: config, keys, store, audit log and clock.
 pub struct Valet {
-    config: ArcSwap<Config>,
+    pub(crate) config: ArcSwap<Config>,
     /// Root credentials, read at start and on reload, and kept out of everything valetd emits.
     pub redactor: Arc<Redactor>,
-    config_path: PathBuf,
-    overrides: loader::Overrides,
+    pub(crate) config_path: PathBuf,
+    pub(crate) overrides: loader::Overrides,
     pub keys: Keys,
     pub store: Arc<dyn Store>,
     pub audit: AuditSink,
@@ -52,28 +52,6 @@ pub struct Valet {
 }
 
 impl Valet {
-    pub fn new(
-        config: Config,
-        redactor: Arc<Redactor>,
-        config_path: PathBuf,
-        overrides: loader::Overrides,
-        keys: Keys,
-        store: Arc<dyn Store>,
-        audit: AuditSink,
-        clock: Arc<dyn Clock>,
-    ) -> Valet {
-        Valet {
-            config: ArcSwap::from_pointee(config),
-            redactor,
-            config_path,
-            overrides,
-            keys,
-            store,
-            audit,
-            clock,
-        }
-    }
-
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
     }

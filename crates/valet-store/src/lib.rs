@@ -85,7 +85,7 @@ pub struct Revocation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreChange {
     GrantCreated(Grant),
-    GrantUpdated { before: Grant, after: Grant },
+    GrantUpdated { before: Box<Grant>, after: Box<Grant> },
     GrantRevoked(Grant),
     KeyRingChanged,
 }

@@ -189,8 +189,8 @@ impl Store for SledStore {
             StoreChange::GrantRevoked(new.clone())
         } else {
             StoreChange::GrantUpdated {
-                before: expected.clone(),
-                after: new.clone(),
+                before: Box::new(expected.clone()),
+                after: Box::new(new.clone()),
             }
         });
         Ok(())
