@@ -566,7 +566,9 @@ fn print_grants(grants: &[v1::Grant], json: bool) {
         );
         return;
     }
-    println!("ID                          PRINCIPAL         TASK                  SCOPE                     ENV         EXPIRES                USES  STATUS");
+    println!(
+        "ID                          PRINCIPAL         TASK                  SCOPE                     ENV         EXPIRES                USES  STATUS"
+    );
     for grant in grants {
         println!(
             "{:<26}  {:<16}  {:<20}  {:<24}  {:<10}  {:<20}  {:>5}  {}",

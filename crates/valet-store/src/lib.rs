@@ -85,7 +85,10 @@ pub struct Revocation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreChange {
     GrantCreated(Grant),
-    GrantUpdated { before: Box<Grant>, after: Box<Grant> },
+    GrantUpdated {
+        before: Box<Grant>,
+        after: Box<Grant>,
+    },
     GrantRevoked(Grant),
     KeyRingChanged,
 }
