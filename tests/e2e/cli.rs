@@ -148,3 +148,515 @@ async fn an_unreachable_server_is_exit_4_naming_the_address() {
     );
     assert!(stderr.contains("VALET_SERVER"), "{stderr}");
 }
+
+mod daily {
+    //! The everyday commands, as a developer and an operator type them.
+
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    use valet_tests::{ADMIN_KEY, AGENT_KEY, Deployment, OPERATOR_KEY, binary};
+
+    use super::valet;
+
+    fn request(server: &str, extra: &[&str]) -> (i32, String, String) {
+        let mut arguments = vec![
+            "token",
+            "request",
+            "--scope",
+            "deploy-staging",
+            "--task",
+            "cli-task",
+            "--param",
+            "project=shop",
+        ];
+        arguments.extend_from_slice(extra);
+        valet(&arguments, server, AGENT_KEY)
+    }
+
+    #[tokio::test]
+    async fn token_commands_print_only_the_token_on_stdout_and_json_on_request() {
+        let deployment = Deployment::standard();
+        let valetd = deployment.start(&[]);
+        let server = valetd.address.as_str();
+
+        let (code, token, stderr) = request(server, &["--ttl", "2m"]);
+        assert_eq!(code, 0, "{stderr}");
+        let token = token.trim().to_string();
+        assert_eq!(
+            token.split('.').count(),
+            3,
+            "stdout is the token alone: {token:?}"
+        );
+        assert!(
+            stderr.contains("grant ")
+                && stderr.contains("task cli-task")
+                && stderr.contains("scope deploy-staging"),
+            "{stderr}"
+        );
+
+        let (code, stdout, _) = request(server, &["--json"]);
+        assert_eq!(code, 0);
+        let reply: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        for key in [
+            "id",
+            "principal",
+            "task",
+            "scope",
+            "environment",
+            "issued_at",
+            "expires_at",
+            "status",
+        ] {
+            assert!(
+                !reply["grant"][key].is_null(),
+                "grant.{key} missing: {reply}"
+            );
+        }
+        let grant_id = reply["grant"]["id"].as_str().unwrap().to_string();
+
+        let (code, stdout, _) = valet(&["token", "introspect", &token], server, AGENT_KEY);
+        assert_eq!(code, 0);
+        assert!(stdout.starts_with("active: true"), "{stdout}");
+
+        let (code, stdout, _) = valet(
+            &["token", "verify", &token, "--audience", "github"],
+            server,
+            AGENT_KEY,
+        );
+        assert_eq!(code, 3);
+        assert!(
+            stdout.contains("invalid: the token is for audience \"railway\"; expected \"github\""),
+            "{stdout}"
+        );
+
+        let (code, stdout, _) = valet(
+            &["token", "renew", &grant_id, "--ttl", "8m", "--json"],
+            server,
+            AGENT_KEY,
+        );
+        assert_eq!(code, 0, "{stdout}");
+        let renewed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_ne!(renewed["grant"]["expires_at"], reply["grant"]["expires_at"]);
+
+        let (code, stdout, _) = valet(
+            &[
+                "token", "revoke", &grant_id, "--reason", "cli test", "--json",
+            ],
+            server,
+            AGENT_KEY,
+        );
+        assert_eq!(code, 0);
+        let revoked: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(revoked["status"], "revoked");
+
+        let (code, stdout, _) = valet(&["task", "revoke", "cli-task", "--json"], server, AGENT_KEY);
+        assert_eq!(code, 0);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["revoked"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+
+        // Introspection of a revoked token reads from stdin with "-" and exits 3.
+        let mut child = Command::new(binary("valet"))
+            .args(["token", "introspect", "-"])
+            .env("VALET_SERVER", server)
+            .env("VALET_KEY", AGENT_KEY)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), token.as_bytes()).unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert_eq!(output.status.code(), Some(3));
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains("reason: grant"),
+            "{}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+
+        // A denial is exit 3 with one sentence naming the rule, and a hint.
+        let (code, _, stderr) = valet(
+            &["token", "request", "--scope", "prod-db", "--task", "t"],
+            server,
+            AGENT_KEY,
+        );
+        assert_eq!(code, 3);
+        assert!(
+            stderr.starts_with("valet: principal \"agent\" may not request scope \"prod-db\""),
+            "{stderr}"
+        );
+        assert!(stderr.contains("hint:"), "{stderr}");
+        assert!(!stderr.contains(&token), "tokens never appear in errors");
+    }
+
+    #[tokio::test]
+    async fn grants_list_is_stable_when_piped_and_watch_streams_changes() {
+        let deployment = Deployment::standard();
+        let valetd = deployment.start(&[]);
+        let server = valetd.address.as_str();
+        request(server, &[]);
+        request(server, &[]);
+
+        let (code, stdout, _) = valet(
+            &["grants", "list", "--status", "active"],
+            server,
+            OPERATOR_KEY,
+        );
+        assert_eq!(code, 0);
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(
+            lines[0],
+            "ID\tPRINCIPAL\tTASK\tSCOPE\tENV\tISSUED\tEXPIRES IN\tUSES\tSTATUS"
+        );
+        assert_eq!(lines.len(), 3, "{stdout}");
+        assert!(
+            lines[1].contains("\tagent\tcli-task\tdeploy-staging\tstaging\t")
+                && lines[1].ends_with("\t0\tactive"),
+            "{}",
+            lines[1]
+        );
+
+        let (_, stdout, _) = valet(
+            &["grants", "list", "--json", "--principal", "agent"],
+            server,
+            OPERATOR_KEY,
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&stdout)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+
+        let mut watcher = Command::new(binary("valet"))
+            .args(["grants", "watch", "--json"])
+            .env("VALET_SERVER", server)
+            .env("VALET_KEY", OPERATOR_KEY)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = watcher.stdout.take().unwrap();
+        let (lines_sender, lines_receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = lines_sender.send(line);
+            }
+        });
+        // The watch starts asynchronously: issue until it reports one.
+        let mut event = None;
+        for _ in 0..50 {
+            request(server, &[]);
+            if let Ok(line) = lines_receiver.recv_timeout(Duration::from_millis(200)) {
+                event = Some(line);
+                break;
+            }
+        }
+        let _ = watcher.kill();
+        let _ = watcher.wait();
+        let event: serde_json::Value =
+            serde_json::from_str(&event.expect("watch printed an event")).unwrap();
+        assert_eq!(event["event"], "issued");
+        assert_eq!(event["grant"]["task"], "cli-task");
+    }
+
+    #[tokio::test]
+    async fn revoke_all_asks_for_confirmation_unless_told_yes() {
+        let deployment = Deployment::standard();
+        let valetd = deployment.start(&[]);
+        let server = valetd.address.as_str();
+        request(server, &[]);
+        let (code, _, stderr) = valet(
+            &[
+                "revoke-all",
+                "--environment",
+                "staging",
+                "--reason",
+                "drill",
+            ],
+            server,
+            OPERATOR_KEY,
+        );
+        assert_eq!(code, 2, "no terminal, no --yes: a usage error");
+        assert!(stderr.contains("pass --yes in scripts"), "{stderr}");
+        let (code, stdout, _) = valet(
+            &[
+                "revoke-all",
+                "--environment",
+                "staging",
+                "--reason",
+                "drill",
+                "--yes",
+                "--json",
+            ],
+            server,
+            OPERATOR_KEY,
+        );
+        assert_eq!(code, 0);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["revoked"],
+            1
+        );
+        let (code, _, stderr) = valet(
+            &[
+                "revoke-all",
+                "--environment",
+                "staging",
+                "--reason",
+                "drill",
+                "--yes",
+            ],
+            server,
+            AGENT_KEY,
+        );
+        assert_eq!(code, 3, "{stderr}");
+    }
+
+    #[tokio::test]
+    async fn admin_commands_and_the_audit_tail() {
+        let deployment = Deployment::standard();
+        let valetd = deployment.start(&[]);
+        let server = valetd.address.as_str();
+        let (code, stdout, _) = valet(&["keys", "rotate", "--json"], server, ADMIN_KEY);
+        assert_eq!(code, 0);
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["new_key_id"].is_string()
+        );
+        let (code, stdout, _) = valet(&["config", "reload"], server, ADMIN_KEY);
+        assert_eq!(code, 0);
+        assert!(
+            stdout.contains("config reloaded: 4 principals, 4 scopes, 2 credentials"),
+            "{stdout}"
+        );
+        let (code, _, stderr) = valet(&["config", "reload"], server, OPERATOR_KEY);
+        assert_eq!(code, 3);
+        assert!(stderr.contains("needs role admin"), "{stderr}");
+
+        let (code, stdout, _) = valet(&["audit", "tail", "--last", "2"], server, OPERATOR_KEY);
+        assert_eq!(code, 0);
+        let records: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0]["action"], "config.reload");
+        assert_eq!(
+            records[1]["action"], "access",
+            "the operator's refused reload is the latest record"
+        );
+
+        let mut follower = Command::new(binary("valet"))
+            .args(["audit", "tail", "--last", "1", "--follow"])
+            .env("VALET_SERVER", server)
+            .env("VALET_KEY", OPERATOR_KEY)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(follower.stdout.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        assert!(first.contains("\"action\":\"access\""), "{first}");
+        request(server, &[]);
+        let next = lines.next().unwrap().unwrap();
+        let _ = follower.kill();
+        let _ = follower.wait();
+        assert!(next.contains("\"action\":\"token.issue\""), "{next}");
+    }
+
+    #[tokio::test]
+    async fn completions_and_the_man_page_come_from_the_same_definitions() {
+        let (code, stdout, _) = valet(&["completions", "bash"], "http://127.0.0.1:1", "unused");
+        assert_eq!(code, 0);
+        assert!(
+            stdout.contains("revoke-all") && stdout.contains("exec"),
+            "completions list the commands"
+        );
+        let (code, stdout, _) = valet(&["man"], "http://127.0.0.1:1", "unused");
+        assert_eq!(code, 0);
+        assert!(
+            stdout.starts_with(".ie") || stdout.contains(".TH valet"),
+            "{}",
+            &stdout[..stdout.len().min(200)]
+        );
+    }
+}
+
+mod exec {
+    //! `valet exec`: the token reaches the command, exit codes and signals pass through, and the
+    //! task is revoked however the command (or valet itself) ends.
+
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    use valet_client::v1;
+    use valet_tests::{AGENT_KEY, Deployment, OPERATOR_KEY, binary, eventually};
+
+    fn exec_command(
+        server: &str,
+        task: &str,
+        scope_arguments: &[&str],
+        command: &[&str],
+    ) -> Command {
+        let mut process = Command::new(binary("valet"));
+        process
+            .args(["exec", "--task", task])
+            .args(scope_arguments)
+            .arg("--")
+            .args(command);
+        process
+            .env("VALET_SERVER", server)
+            .env("VALET_KEY", AGENT_KEY)
+            .stdin(Stdio::null());
+        process
+    }
+
+    const STAGING: &[&str] = &["--scope", "deploy-staging", "--param", "project=shop"];
+
+    async fn task_statuses(valetd: &valet_tests::Valetd, task: &str) -> Vec<i32> {
+        let operator = valetd.client(OPERATOR_KEY).await;
+        let filter = v1::GrantFilter {
+            task_id: task.into(),
+            ..Default::default()
+        };
+        let grants = operator
+            .admin()
+            .list_grants(v1::ListGrantsRequest {
+                filter: Some(filter),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .grants;
+        grants.into_iter().map(|grant| grant.status).collect()
+    }
+
+    #[tokio::test]
+    async fn the_command_sees_the_token_its_exit_code_passes_through_and_the_task_is_revoked() {
+        let deployment = Deployment::standard();
+        let valetd = deployment.start(&[]);
+        let script = r#"test -n "$VALET_TOKEN" && test -n "$VALET_GRANT" && test "$(cat "$VALET_TOKEN_FILE")" = "$VALET_TOKEN" && echo "grant=$VALET_GRANT" && exit 7"#;
+        let output = exec_command(&valetd.address, "exec-1", STAGING, &["sh", "-c", script])
+            .output()
+            .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(7),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(String::from_utf8_lossy(&output.stdout).starts_with("grant="));
+        assert_eq!(
+            task_statuses(&valetd, "exec-1").await,
+            vec![v1::GrantStatus::Revoked as i32]
+        );
+
+        let output = exec_command(
+            &valetd.address,
+            "exec-2",
+            &["--env-name", "RAILWAY_TOKEN", "--scope", "limited"],
+            &["sh", "-c", r#"test -n "$RAILWAY_TOKEN""#],
+        )
+        .output()
+        .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+
+        let output = exec_command(
+            &valetd.address,
+            "exec-3",
+            STAGING,
+            &["sh", "-c", "kill -USR1 $$"],
+        )
+        .output()
+        .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(128 + 10),
+            "death by a signal is 128 + its number"
+        );
+        assert_eq!(
+            task_statuses(&valetd, "exec-3").await,
+            vec![v1::GrantStatus::Revoked as i32]
+        );
+
+        let output = exec_command(
+            &valetd.address,
+            "exec-4",
+            &["--scope", "prod-db"],
+            &["true"],
+        )
+        .output()
+        .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(3),
+            "a denied request runs nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_valet_exec_forwards_the_signal_and_still_revokes() {
+        let deployment = Deployment::standard();
+        let valetd = deployment.start(&[]);
+        for (task, signal, code) in [("exec-term", "TERM", 143), ("exec-int", "INT", 130)] {
+            let mut child = exec_command(&valetd.address, task, STAGING, &["sleep", "30"])
+                .spawn()
+                .unwrap();
+            let started = eventually(Duration::from_secs(10), || async {
+                task_statuses(&valetd, task).await == vec![v1::GrantStatus::Active as i32]
+            })
+            .await;
+            assert!(started, "the grant was issued");
+            let status = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string())
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let exit = child.wait().unwrap();
+            assert_eq!(
+                exit.code(),
+                Some(code),
+                "the command died of the forwarded SIG{signal}"
+            );
+            assert_eq!(
+                task_statuses(&valetd, task).await,
+                vec![v1::GrantStatus::Revoked as i32]
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_command_that_outlives_the_ttl_gets_renewed_tokens_in_its_token_file() {
+        let deployment = Deployment::standard();
+        let valetd = deployment.start(&[]);
+        // "short" lasts 2 s and may be renewed up to 6 s: the file must hold a newer token by 3 s.
+        let script =
+            r#"first="$VALET_TOKEN"; sleep 3; test "$(cat "$VALET_TOKEN_FILE")" != "$first""#;
+        let output = exec_command(
+            &valetd.address,
+            "exec-renew",
+            &["--scope", "short"],
+            &["sh", "-c", script],
+        )
+        .output()
+        .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}

@@ -94,8 +94,8 @@ name = "short"
 credential = "github"
 environment = "ci"
 audience = "github"
-default_ttl = "1s"
-max_ttl = "3s"
+default_ttl = "2s"
+max_ttl = "6s"
 
 [[scope]]
 name = "prod-db"

@@ -1,213 +1,45 @@
-//! The commands of `valet`, each a function from parsed arguments to output and an exit code.
+//! The commands: each takes parsed arguments, talks to valetd where it must, prints, and returns
+//! an exit code.
 
-use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand};
-use valet_client::{Client, ClientConfig, ClientError, TokenRequest, v1};
-use valet_core::Secret;
+use anyhow::Context;
+use clap::CommandFactory;
+use tokio_stream::StreamExt;
+use valet_client::{Client, ClientConfig, ClientError, IssuedToken, TokenRequest, v1};
 use valet_core::audit::{self, ChainHead};
 use valet_core::clock::format_time;
 use valet_core::config::Config;
+use valet_core::{Clock, Secret, SystemClock};
 
-pub const EXIT_FAILURE: i32 = 1;
-pub const EXIT_DENIED: i32 = 3;
-pub const EXIT_UNREACHABLE: i32 = 4;
-
-/// The Valet command line: request, inspect and revoke task-scoped tokens.
-#[derive(Debug, Parser)]
-#[command(
-    name = "valet",
-    version,
-    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 denied, 4 unreachable.\n\
-                  Environment: VALET_SERVER (default http://127.0.0.1:7470), VALET_KEY (the principal key)."
-)]
-pub struct Arguments {
-    #[command(flatten)]
-    connection: Connection,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Args)]
-struct Connection {
-    /// The valetd address.
-    #[arg(long, global = true, env = "VALET_SERVER", default_value = valet_client::DEFAULT_SERVER)]
-    server: String,
-    /// Read the principal key from this file instead of VALET_KEY.
-    #[arg(long, global = true)]
-    key_file: Option<PathBuf>,
-    /// Print data as JSON.
-    #[arg(long, global = true)]
-    json: bool,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Request, renew, revoke, introspect and verify tokens.
-    #[command(subcommand)]
-    Token(TokenCommand),
-    /// Act on all grants of a task.
-    #[command(subcommand)]
-    Task(TaskCommand),
-    /// List grants.
-    #[command(subcommand)]
-    Grants(GrantsCommand),
-    /// Revoke every active grant of a principal, scope or environment.
-    RevokeAll(RevokeAllArguments),
-    /// Signing keys (admin).
-    #[command(subcommand)]
-    Keys(KeysCommand),
-    /// Check a config file offline, or make valetd reload its config (admin).
-    #[command(subcommand)]
-    Config(ConfigCommand),
-    /// Make a new principal key and print its config stanza.
-    Keygen {
-        /// The principal's name.
-        #[arg(long)]
-        name: String,
-    },
-    /// Verify the audit log.
-    #[command(subcommand)]
-    Audit(AuditCommand),
-}
-
-#[derive(Debug, Subcommand)]
-enum TokenCommand {
-    /// Request a token: prints only the token on stdout, the grant on stderr.
-    Request {
-        #[arg(long)]
-        scope: String,
-        #[arg(long)]
-        task: String,
-        #[arg(long, default_value = "")]
-        purpose: String,
-        /// Lifetime such as 5m (default: the scope's default).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        ttl: Option<Duration>,
-        /// A scope parameter, NAME=VALUE; repeat for more.
-        #[arg(long = "param", value_parser = parse_param)]
-        params: Vec<(String, String)>,
-    },
-    /// Renew a grant: prints the fresh token.
-    Renew {
-        grant: String,
-        #[arg(long, value_parser = humantime::parse_duration)]
-        ttl: Option<Duration>,
-    },
-    /// Revoke one grant.
-    Revoke {
-        grant: String,
-        #[arg(long, default_value = "")]
-        reason: String,
-    },
-    /// Ask valetd whether a token is active (TOKEN or - for stdin).
-    Introspect { token: Option<String> },
-    /// Verify a token offline against valetd's public keys (TOKEN or - for stdin).
-    Verify {
-        token: Option<String>,
-        #[arg(long)]
-        audience: Option<String>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum TaskCommand {
-    /// Revoke every grant of a task.
-    Revoke {
-        task: String,
-        #[arg(long, default_value = "")]
-        reason: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum GrantsCommand {
-    /// List grants, oldest first.
-    List {
-        #[arg(long)]
-        principal: Option<String>,
-        #[arg(long)]
-        task: Option<String>,
-        #[arg(long)]
-        scope: Option<String>,
-        #[arg(long)]
-        environment: Option<String>,
-        /// active, revoked, expired or pending.
-        #[arg(long)]
-        status: Option<String>,
-    },
-}
-
-#[derive(Debug, Args)]
-#[group(required = true, multiple = false, id = "target")]
-struct RevokeAllTarget {
-    #[arg(long)]
-    principal: Option<String>,
-    #[arg(long)]
-    scope: Option<String>,
-    #[arg(long)]
-    environment: Option<String>,
-}
-
-#[derive(Debug, Args)]
-struct RevokeAllArguments {
-    #[command(flatten)]
-    target: RevokeAllTarget,
-    /// Why; recorded on every revoked grant and in the audit log.
-    #[arg(long)]
-    reason: String,
-    /// Do not ask for confirmation.
-    #[arg(long)]
-    yes: bool,
-}
-
-#[derive(Debug, Subcommand)]
-enum KeysCommand {
-    /// Make a new signing key current; the old one verifies until its tokens expire.
-    Rotate,
-}
-
-#[derive(Debug, Subcommand)]
-enum ConfigCommand {
-    /// Validate a config file offline; prints every problem with its key path.
-    Check { file: PathBuf },
-    /// Make valetd re-read its config file.
-    Reload,
-}
-
-#[derive(Debug, Subcommand)]
-enum AuditCommand {
-    /// Check an audit log's hash chain and report the first bad record.
-    Verify {
-        file: PathBuf,
-        /// The chain head valetd keeps (SEQUENCE:HASH), to detect a cut tail.
-        #[arg(long, conflicts_with = "fetch_head")]
-        head: Option<ChainHead>,
-        /// Ask valetd for the chain head (needs an operator key).
-        #[arg(long)]
-        fetch_head: bool,
-    },
-    /// Print the chain head valetd keeps, as SEQUENCE:HASH.
-    Head,
-}
-
-fn parse_param(text: &str) -> Result<(String, String), String> {
-    let (name, value) = text
-        .split_once('=')
-        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
-    Ok((name.to_string(), value.to_string()))
-}
+use crate::arguments::{
+    Arguments, AuditCommand, Command, ConfigCommand, Connection, GrantFilterArguments,
+    GrantsCommand, KeysCommand, RevokeAllArguments, TaskCommand, TokenCommand,
+    TokenRequestArguments,
+};
+use crate::output::{self, EXIT_DENIED, EXIT_FAILURE, Style, UsageError};
 
 /// Runs one command; returns the exit code.
 pub async fn run(arguments: Arguments) -> anyhow::Result<i32> {
     let connection = &arguments.connection;
+    let json = connection.json;
     match arguments.command {
-        Command::Config(ConfigCommand::Check { file }) => config_check(&file),
-        Command::Keygen { name } => keygen(&name, connection.json),
+        Command::Config(ConfigCommand::Check { file }) => config_check(&file, json),
+        Command::Keygen { name } => keygen(&name, json),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Arguments::command(),
+                "valet",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Arguments::command()).render(&mut std::io::stdout())?;
+            Ok(0)
+        }
         Command::Audit(AuditCommand::Verify {
             file,
             head,
@@ -218,36 +50,30 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<i32> {
                 (None, true) => Some(fetch_audit_head(&connect(connection).await?).await?),
                 (None, false) => None,
             };
-            audit_verify(&file, head.as_ref(), connection.json)
+            audit_verify(&file, head.as_ref(), json)
         }
-        command => {
-            let client = connect(connection).await?;
-            online(command, &client, connection.json).await
-        }
+        Command::Exec(arguments) => crate::exec::exec(&connect(connection).await?, arguments).await,
+        command => online(command, &connect(connection).await?, json).await,
     }
 }
 
 async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result<i32> {
+    let now = SystemClock.now();
     match command {
-        Command::Token(TokenCommand::Request {
-            scope,
-            task,
-            purpose,
-            ttl,
-            params,
-        }) => {
-            let mut request = TokenRequest::new(scope, task).with_purpose(purpose);
-            request.ttl = ttl;
-            request.params = params.into_iter().collect();
-            let issued = client.request_token(request).await?;
-            print_issued(&issued, json);
+        Command::Token(TokenCommand::Request(arguments)) => {
+            let issued = client.request_token(token_request(arguments)).await?;
+            print_issued(&issued, json, now);
         }
         Command::Token(TokenCommand::Renew { grant, ttl }) => {
-            print_issued(&client.renew(&grant, ttl).await?, json)
+            print_issued(&client.renew(&grant, ttl).await?, json, now)
         }
         Command::Token(TokenCommand::Revoke { grant, reason }) => {
             let grant = client.revoke(&grant, &reason).await?;
-            print_grants(&[grant], json);
+            if json {
+                println!("{}", output::grant_json(&grant));
+            } else {
+                println!("{}", output::grant_summary(&grant, now));
+            }
         }
         Command::Token(TokenCommand::Introspect { token }) => {
             let token = token_argument(token)?;
@@ -255,15 +81,18 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
                 .introspect(token.expose_str().unwrap_or_default())
                 .await?;
             if json {
-                let value = serde_json::json!({"active": reply.active, "reason": reply.reason, "grant": reply.grant.as_ref().map(grant_json)});
-                println!("{value}");
+                let grant = reply.grant.as_ref().map(output::grant_json);
+                println!(
+                    "{}",
+                    serde_json::json!({"active": reply.active, "reason": (!reply.reason.is_empty()).then_some(&reply.reason), "grant": grant})
+                );
             } else {
                 println!("active: {}", reply.active);
                 if !reply.reason.is_empty() {
                     println!("reason: {}", reply.reason);
                 }
                 if let Some(grant) = &reply.grant {
-                    print_grants(std::slice::from_ref(grant), false);
+                    println!("{}", output::grant_summary(grant, now));
                 }
             }
             return Ok(if reply.active { 0 } else { EXIT_DENIED });
@@ -274,23 +103,19 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
                 .verify_offline(token.expose_str().unwrap_or_default(), audience.as_deref())
                 .await
             {
-                Ok(claims) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"valid": true, "claims": claims_json(&claims)})
-                        );
-                    } else {
-                        println!(
-                            "valid: grant {} for {} (scope {}, task {}), expires {}",
-                            claims.jti,
-                            claims.sub,
-                            claims.scope,
-                            claims.task,
-                            format_time(claims.exp)
-                        );
-                    }
-                }
+                Ok(claims) if json => println!(
+                    "{}",
+                    serde_json::json!({"valid": true, "claims": claims_json(&claims)})
+                ),
+                Ok(claims) => println!(
+                    "valid: grant {} for {} (scope {}, environment {}, task {}), expires {}",
+                    claims.jti,
+                    claims.sub,
+                    claims.scope,
+                    claims.env,
+                    claims.task,
+                    format_time(claims.exp)
+                ),
                 Err(ClientError::Verify(error)) => {
                     if json {
                         println!(
@@ -313,90 +138,21 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
                 println!("revoked {} grant(s) of task {task}", revoked.len());
             }
         }
-        Command::Grants(GrantsCommand::List {
-            principal,
-            task,
-            scope,
-            environment,
-            status,
-        }) => {
-            let status = match status.as_deref() {
-                None => v1::GrantStatus::Unspecified,
-                Some("active") => v1::GrantStatus::Active,
-                Some("revoked") => v1::GrantStatus::Revoked,
-                Some("expired") => v1::GrantStatus::Expired,
-                Some("pending") => v1::GrantStatus::Pending,
-                Some(other) => bail!(
-                    "--status {other:?} is not a grant status; use active, revoked, expired or pending"
-                ),
-            };
-            let filter = v1::GrantFilter {
-                principal: principal.unwrap_or_default(),
-                task_id: task.unwrap_or_default(),
-                scope: scope.unwrap_or_default(),
-                environment: environment.unwrap_or_default(),
-                status: status as i32,
-            };
-            let mut grants = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .admin()
-                    .list_grants(v1::ListGrantsRequest {
-                        filter: Some(filter.clone()),
-                        page_size: 1000,
-                        page_token,
-                    })
-                    .await
-                    .map_err(ClientError::from)?
-                    .into_inner();
-                grants.extend(page.grants);
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                page_token = page.next_page_token;
-            }
-            print_grants(&grants, json);
-        }
-        Command::RevokeAll(arguments) => {
-            let (target, name) = match arguments.target {
-                RevokeAllTarget {
-                    principal: Some(name),
-                    ..
-                } => (
-                    v1::revoke_all_request::Target::Principal(name.clone()),
-                    name,
-                ),
-                RevokeAllTarget {
-                    scope: Some(name), ..
-                } => (v1::revoke_all_request::Target::Scope(name.clone()), name),
-                RevokeAllTarget {
-                    environment: Some(name),
-                    ..
-                } => (
-                    v1::revoke_all_request::Target::Environment(name.clone()),
-                    name,
-                ),
-                _ => bail!("name one target: --principal, --scope or --environment"),
-            };
-            if !arguments.yes {
-                confirm(&name)?;
-            }
-            let reply = client
-                .admin()
-                .revoke_all(v1::RevokeAllRequest {
-                    target: Some(target),
-                    reason: arguments.reason,
-                })
-                .await
-                .map_err(ClientError::from)?
-                .into_inner();
+        Command::Grants(GrantsCommand::List(filter)) => {
+            let grants = list_all(client, grant_filter(&filter)).await?;
             if json {
-                println!("{}", serde_json::json!({"revoked": reply.n_revoked}));
+                println!(
+                    "{}",
+                    serde_json::Value::Array(grants.iter().map(output::grant_json).collect())
+                );
             } else {
-                println!("revoked {} grant(s)", reply.n_revoked);
+                print!("{}", output::grant_table(&grants, now, Style::of_stdout()));
             }
         }
+        Command::Grants(GrantsCommand::Watch(filter)) => {
+            watch(client, grant_filter(&filter), json).await?
+        }
+        Command::RevokeAll(arguments) => return revoke_all(client, arguments, json).await,
         Command::Keys(KeysCommand::Rotate) => {
             let reply = client
                 .admin()
@@ -411,7 +167,7 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
                 );
             } else {
                 println!(
-                    "signing key is now {} (retired {}, which verifies until its tokens expire)",
+                    "signing key is now {}; {} is retired and verifies until its tokens expire",
                     reply.new_key_id, reply.retired_key_id
                 );
             }
@@ -423,22 +179,61 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
                 .await
                 .map_err(ClientError::from)?
                 .into_inner();
-            println!(
-                "config reloaded: {} principals, {} scopes, {} credentials",
-                reply.n_principals, reply.n_scopes, reply.n_credentials
-            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"principals": reply.n_principals, "scopes": reply.n_scopes, "credentials": reply.n_credentials})
+                );
+            } else {
+                println!(
+                    "config reloaded: {} principals, {} scopes, {} credentials",
+                    reply.n_principals, reply.n_scopes, reply.n_credentials
+                );
+            }
         }
-        Command::Audit(AuditCommand::Head) => println!("{}", fetch_audit_head(client).await?),
+        Command::Audit(AuditCommand::Head) => {
+            let head = fetch_audit_head(client).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"sequence": head.sequence, "hash": head.hash})
+                );
+            } else {
+                println!("{head}");
+            }
+        }
+        Command::Audit(AuditCommand::Tail { last, follow }) => {
+            let mut records = client
+                .admin()
+                .audit_tail(v1::AuditTailRequest { last, follow })
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            while let Some(record) = records.next().await {
+                // Records are JSON lines already: the same text for people and programs.
+                println!("{}", record.map_err(ClientError::from)?.line);
+            }
+        }
         Command::Config(ConfigCommand::Check { .. })
         | Command::Keygen { .. }
-        | Command::Audit(AuditCommand::Verify { .. }) => {
-            unreachable!("offline commands are handled before connecting")
-        }
+        | Command::Audit(AuditCommand::Verify { .. })
+        | Command::Exec(_)
+        | Command::Completions { .. }
+        | Command::Man => unreachable!("handled before connecting"),
     }
     Ok(0)
 }
 
-async fn connect(connection: &Connection) -> anyhow::Result<Client> {
+pub fn token_request(arguments: TokenRequestArguments) -> TokenRequest {
+    let mut request =
+        TokenRequest::new(arguments.scope, arguments.task).with_purpose(arguments.purpose);
+    request.ttl = arguments.ttl;
+    request.params = arguments.params.into_iter().collect();
+    request
+}
+
+/// Connects with the key from `--key-file` or `VALET_KEY`.
+pub async fn connect(connection: &Connection) -> anyhow::Result<Client> {
     let key = match &connection.key_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -451,6 +246,161 @@ async fn connect(connection: &Connection) -> anyhow::Result<Client> {
         },
     };
     Ok(Client::connect(ClientConfig::new(connection.server.clone(), key)).await?)
+}
+
+fn grant_filter(arguments: &GrantFilterArguments) -> v1::GrantFilter {
+    let status = match arguments.status.as_deref() {
+        Some("active") => v1::GrantStatus::Active,
+        Some("revoked") => v1::GrantStatus::Revoked,
+        Some("expired") => v1::GrantStatus::Expired,
+        Some("pending") => v1::GrantStatus::Pending,
+        _ => v1::GrantStatus::Unspecified,
+    };
+    v1::GrantFilter {
+        principal: arguments.principal.clone().unwrap_or_default(),
+        task_id: arguments.task.clone().unwrap_or_default(),
+        scope: arguments.scope.clone().unwrap_or_default(),
+        environment: arguments.environment.clone().unwrap_or_default(),
+        status: status as i32,
+    }
+}
+
+async fn list_all(client: &Client, filter: v1::GrantFilter) -> anyhow::Result<Vec<v1::Grant>> {
+    let mut grants = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .admin()
+            .list_grants(v1::ListGrantsRequest {
+                filter: Some(filter.clone()),
+                page_size: 1000,
+                page_token,
+            })
+            .await
+            .map_err(ClientError::from)?
+            .into_inner();
+        grants.extend(page.grants);
+        if page.next_page_token.is_empty() {
+            return Ok(grants);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+async fn watch(client: &Client, filter: v1::GrantFilter, json: bool) -> anyhow::Result<()> {
+    let mut events = client
+        .admin()
+        .watch_grants(v1::WatchGrantsRequest {
+            filter: Some(filter),
+        })
+        .await
+        .map_err(ClientError::from)?
+        .into_inner();
+    if !json {
+        eprintln!("watching grant changes (Ctrl-C to stop)");
+    }
+    while let Some(event) = events.next().await {
+        let event = event.map_err(ClientError::from)?;
+        let kind = match v1::GrantEventKind::try_from(event.kind)
+            .unwrap_or(v1::GrantEventKind::Unspecified)
+        {
+            v1::GrantEventKind::Issued => "issued",
+            v1::GrantEventKind::Renewed => "renewed",
+            v1::GrantEventKind::Revoked => "revoked",
+            v1::GrantEventKind::Used => "used",
+            v1::GrantEventKind::Unspecified => "changed",
+        };
+        let Some(grant) = event.grant else { continue };
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"event": kind, "grant": output::grant_json(&grant)})
+            );
+        } else {
+            println!(
+                "{} {kind:<8} {}",
+                format_time(SystemClock.now()),
+                output::grant_summary(&grant, SystemClock.now())
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn revoke_all(
+    client: &Client,
+    arguments: RevokeAllArguments,
+    json: bool,
+) -> anyhow::Result<i32> {
+    use v1::revoke_all_request::Target;
+    let target = arguments.target;
+    let (wire_target, kind, name) = if let Some(name) = target.principal {
+        (Target::Principal(name.clone()), "principal", name)
+    } else if let Some(name) = target.scope {
+        (Target::Scope(name.clone()), "scope", name)
+    } else if let Some(name) = target.environment {
+        (Target::Environment(name.clone()), "environment", name)
+    } else {
+        return Err(
+            UsageError("name one target: --principal, --scope or --environment".into()).into(),
+        );
+    };
+    if !arguments.yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(UsageError(
+                "revoke-all needs confirmation: run it on a terminal, or pass --yes in scripts"
+                    .into(),
+            )
+            .into());
+        }
+        let filter = v1::GrantFilter {
+            principal: if kind == "principal" {
+                name.clone()
+            } else {
+                String::new()
+            },
+            scope: if kind == "scope" {
+                name.clone()
+            } else {
+                String::new()
+            },
+            environment: if kind == "environment" {
+                name.clone()
+            } else {
+                String::new()
+            },
+            status: v1::GrantStatus::Active as i32,
+            ..v1::GrantFilter::default()
+        };
+        let count = list_all(client, filter).await?.len();
+        eprint!(
+            "This revokes {count} active grant(s) of {kind} {name:?}. Type the {kind}'s name to confirm: "
+        );
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if answer.trim() != name {
+            eprintln!("not confirmed; nothing was revoked");
+            return Ok(EXIT_FAILURE);
+        }
+    }
+    let reply = client
+        .admin()
+        .revoke_all(v1::RevokeAllRequest {
+            target: Some(wire_target),
+            reason: arguments.reason,
+        })
+        .await
+        .map_err(ClientError::from)?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"revoked": reply.n_revoked, kind: name})
+        );
+    } else {
+        println!("revoked {} grant(s) of {kind} {name}", reply.n_revoked);
+    }
+    Ok(0)
 }
 
 async fn fetch_audit_head(client: &Client) -> anyhow::Result<ChainHead> {
@@ -479,75 +429,18 @@ fn token_argument(token: Option<String>) -> anyhow::Result<Secret> {
     }
 }
 
-fn confirm(name: &str) -> anyhow::Result<()> {
-    use std::io::IsTerminal;
-    if !std::io::stdin().is_terminal() {
-        bail!("revoke-all needs confirmation: run it on a terminal, or pass --yes in scripts");
-    }
-    eprint!("This revokes every active grant of {name:?}. Type {name:?} to confirm: ");
-    let mut answer = String::new();
-    std::io::stdin().read_line(&mut answer)?;
-    if answer.trim() != name {
-        bail!("not confirmed; nothing was revoked");
-    }
-    Ok(())
-}
-
-fn print_issued(issued: &valet_client::IssuedToken, json: bool) {
+/// The token alone on stdout (so `$(valet token request …)` works), the grant on stderr; or one
+/// JSON object with both.
+fn print_issued(issued: &IssuedToken, json: bool, now: valet_core::UnixTime) {
     if json {
         println!(
             "{}",
-            serde_json::json!({"token": issued.token_str(), "grant": grant_json(&issued.grant)})
+            serde_json::json!({"token": issued.token_str(), "grant": output::grant_json(&issued.grant)})
         );
     } else {
         println!("{}", issued.token_str());
-        let grant = &issued.grant;
-        eprintln!(
-            "grant {} for task {} (scope {}, environment {}), expires {}",
-            grant.id,
-            grant.task_id,
-            grant.scope,
-            grant.environment,
-            grant
-                .expires_at
-                .as_ref()
-                .map(|at| format_time(at.seconds))
-                .unwrap_or_default()
-        );
+        eprintln!("{}", output::grant_summary(&issued.grant, now));
     }
-}
-
-fn status_name(status: i32) -> &'static str {
-    match v1::GrantStatus::try_from(status).unwrap_or(v1::GrantStatus::Unspecified) {
-        v1::GrantStatus::Pending => "pending",
-        v1::GrantStatus::Active => "active",
-        v1::GrantStatus::Revoked => "revoked",
-        v1::GrantStatus::Expired => "expired",
-        v1::GrantStatus::Denied => "denied",
-        v1::GrantStatus::Unspecified => "unknown",
-    }
-}
-
-fn grant_json(grant: &v1::Grant) -> serde_json::Value {
-    let time = |at: &Option<prost_types::Timestamp>| at.as_ref().map(|at| format_time(at.seconds));
-    serde_json::json!({
-        "id": grant.id,
-        "principal": grant.principal,
-        "task": grant.task_id,
-        "purpose": grant.purpose,
-        "scope": grant.scope,
-        "environment": grant.environment,
-        "audience": grant.audience,
-        "params": grant.params.iter().collect::<BTreeMap<_, _>>(),
-        "issued_at": time(&grant.issued_at),
-        "expires_at": time(&grant.expires_at),
-        "max_expires_at": time(&grant.max_expires_at),
-        "uses": grant.uses,
-        "max_uses": (grant.max_uses > 0).then_some(grant.max_uses),
-        "status": status_name(grant.status),
-        "status_reason": (!grant.status_reason.is_empty()).then_some(&grant.status_reason),
-        "key_id": grant.key_id,
-    })
 }
 
 fn claims_json(claims: &valet_client::Claims) -> serde_json::Value {
@@ -558,37 +451,7 @@ fn claims_json(claims: &valet_client::Claims) -> serde_json::Value {
     })
 }
 
-fn print_grants(grants: &[v1::Grant], json: bool) {
-    if json {
-        println!(
-            "{}",
-            serde_json::Value::Array(grants.iter().map(grant_json).collect())
-        );
-        return;
-    }
-    println!(
-        "ID                          PRINCIPAL         TASK                  SCOPE                     ENV         EXPIRES                USES  STATUS"
-    );
-    for grant in grants {
-        println!(
-            "{:<26}  {:<16}  {:<20}  {:<24}  {:<10}  {:<20}  {:>5}  {}",
-            grant.id,
-            grant.principal,
-            grant.task_id,
-            grant.scope,
-            grant.environment,
-            grant
-                .expires_at
-                .as_ref()
-                .map(|at| format_time(at.seconds))
-                .unwrap_or_default(),
-            grant.uses,
-            status_name(grant.status)
-        );
-    }
-}
-
-fn config_check(file: &Path) -> anyhow::Result<i32> {
+fn config_check(file: &Path, json: bool) -> anyhow::Result<i32> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let base_dir = file
@@ -598,17 +461,33 @@ fn config_check(file: &Path) -> anyhow::Result<i32> {
         .unwrap_or_else(|| PathBuf::from("."));
     match Config::parse(&text, &base_dir) {
         Ok(config) => {
-            println!(
-                "{} is valid: {} principals, {} scopes, {} credentials",
-                file.display(),
-                config.principals.len(),
-                config.scopes.len(),
-                config.credentials.len()
-            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"valid": true, "principals": config.principals.len(), "scopes": config.scopes.len(), "credentials": config.credentials.len()})
+                );
+            } else {
+                println!(
+                    "{} is valid: {} principals, {} scopes, {} credentials",
+                    file.display(),
+                    config.principals.len(),
+                    config.scopes.len(),
+                    config.credentials.len()
+                );
+            }
             Ok(0)
         }
         Err(errors) => {
-            println!("{}: {errors}", file.display());
+            if json {
+                let problems: Vec<_> =
+                    errors.0.iter().map(|problem| serde_json::json!({"key_path": problem.key_path, "problem": problem.kind.to_string()})).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"valid": false, "problems": problems})
+                );
+            } else {
+                println!("{}: {errors}", file.display());
+            }
             Ok(EXIT_FAILURE)
         }
     }
@@ -616,10 +495,11 @@ fn config_check(file: &Path) -> anyhow::Result<i32> {
 
 fn keygen(name: &str, json: bool) -> anyhow::Result<i32> {
     if !valet_core::config::is_valid_name(name) {
-        bail!(
+        return Err(UsageError(format!(
             "{name:?} is not a valid principal name; use {}",
             valet_core::config::NAME_RULE
-        );
+        ))
+        .into());
     }
     let random: [u8; 32] = valet_core::random::bytes()?;
     let key = Secret::from(format!("vk_{}", hex::encode(random)));
@@ -632,11 +512,12 @@ fn keygen(name: &str, json: bool) -> anyhow::Result<i32> {
         );
     } else {
         eprintln!(
-            "The key below is shown once. Give it to the principal (as VALET_KEY); valetd keeps only its hash."
+            "The key below is shown once: give it to the principal as VALET_KEY. valetd keeps only its hash."
         );
         println!("{key_text}");
-        eprintln!(
-            "\n[[principal]]\nname = \"{name}\"\nroles = [\"agent\"]\nkey_sha256 = \"{hash}\"\nscopes = []"
+        eprintln!("\nAdd this to valetd's config (choose its roles and scopes):\n");
+        println!(
+            "[[principal]]\nname = \"{name}\"\nroles = [\"agent\"]\nkey_sha256 = \"{hash}\"\nscopes = []"
         );
     }
     Ok(0)
@@ -673,22 +554,5 @@ fn audit_verify(file: &Path, head: Option<&ChainHead>, json: bool) -> anyhow::Re
             }
             Ok(EXIT_FAILURE)
         }
-    }
-}
-
-/// The exit code for an error: denied and unreachable have their own codes.
-pub fn exit_code_of(error: &anyhow::Error) -> i32 {
-    match error.downcast_ref::<ClientError>() {
-        Some(ClientError::Unreachable { .. }) => EXIT_UNREACHABLE,
-        Some(client_error) => match client_error.code() {
-            Some(
-                tonic::Code::PermissionDenied
-                | tonic::Code::Unauthenticated
-                | tonic::Code::FailedPrecondition,
-            ) => EXIT_DENIED,
-            Some(tonic::Code::Unavailable) => EXIT_UNREACHABLE,
-            _ => EXIT_FAILURE,
-        },
-        None => EXIT_FAILURE,
     }
 }

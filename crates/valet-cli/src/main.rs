@@ -1,12 +1,15 @@
-//! `valet`: parses arguments, runs one command, maps the outcome to an exit code
-//! (0 ok, 1 failure, 2 usage, 3 denied, 4 unreachable).
+//! `valet`: parses arguments, runs one command, prints errors as one sentence plus a hint, and
+//! exits with 0 ok, 1 failure, 2 usage, 3 denied, 4 unreachable.
 
+mod arguments;
 mod commands;
+mod exec;
+mod output;
 
 use clap::Parser;
 
 fn main() {
-    let arguments = commands::Arguments::parse();
+    let arguments = arguments::Arguments::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -14,14 +17,14 @@ fn main() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("valet: cannot start the async runtime: {error}");
-            std::process::exit(1);
+            std::process::exit(output::EXIT_FAILURE);
         }
     };
     let code = match runtime.block_on(commands::run(arguments)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("valet: {error:#}");
-            commands::exit_code_of(&error)
+            eprint!("{}", output::render_error(&error));
+            output::exit_code_of(&error)
         }
     };
     std::process::exit(code);

@@ -93,6 +93,14 @@ pub enum TransitionError {
         grant_id: String,
         max_expires_at: UnixTime,
     },
+    #[error(
+        "grant {grant_id} already runs until {}; renewing for the asked TTL would not extend it",
+        format_time(*expires_at)
+    )]
+    NotExtended {
+        grant_id: String,
+        expires_at: UnixTime,
+    },
 }
 
 impl Grant {
@@ -169,11 +177,17 @@ impl Grant {
         now: UnixTime,
     ) -> Result<Grant, TransitionError> {
         self.require_status(GrantStatus::Active, "renewed", now)?;
-        let expires_at = add_duration(now, ttl).min(self.max_expires_at);
-        if expires_at <= self.expires_at {
+        if self.expires_at >= self.max_expires_at {
             return Err(TransitionError::AtMaxLifetime {
                 grant_id: self.id.clone(),
                 max_expires_at: self.max_expires_at,
+            });
+        }
+        let expires_at = add_duration(now, ttl).min(self.max_expires_at);
+        if expires_at <= self.expires_at {
+            return Err(TransitionError::NotExtended {
+                grant_id: self.id.clone(),
+                expires_at: self.expires_at,
             });
         }
         Ok(Grant {
@@ -304,6 +318,10 @@ mod tests {
         assert!(matches!(
             capped.renewed(Duration::from_secs(600), "k2", 1_800),
             Err(TransitionError::AtMaxLifetime { .. })
+        ));
+        assert!(matches!(
+            renewed.renewed(Duration::from_secs(60), "k2", 1_100),
+            Err(TransitionError::NotExtended { .. })
         ));
     }
 

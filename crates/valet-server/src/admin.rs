@@ -59,6 +59,11 @@ fn filter_for(
 
 type GrantEventStream =
     Pin<Box<dyn Stream<Item = Result<v1::GrantEvent, Status>> + Send + 'static>>;
+type AuditRecordStream =
+    Pin<Box<dyn Stream<Item = Result<v1::AuditRecord, Status>> + Send + 'static>>;
+
+const DEFAULT_TAIL: u32 = 20;
+const MAX_TAIL: u32 = 1000;
 
 #[tonic::async_trait]
 impl Admin for AdminService {
@@ -255,6 +260,90 @@ impl Admin for AdminService {
             })
         })
         .await
+    }
+
+    type AuditTailStream = AuditRecordStream;
+
+    async fn audit_tail(
+        &self,
+        request: Request<v1::AuditTailRequest>,
+    ) -> Result<Response<Self::AuditTailStream>, Status> {
+        let caller = caller_of(&request)?;
+        let wire = request.into_inner();
+        let redact = |error: ApiError| {
+            self.valet
+                .redactor
+                .redact_status(error.into_status(&caller.request_id))
+        };
+        self.valet
+            .require_role(&caller, Role::Operator, "reading the audit log")
+            .await
+            .map_err(redact)?;
+        let last = match wire.last {
+            0 => DEFAULT_TAIL,
+            last if last <= MAX_TAIL => last,
+            last => {
+                return Err(redact(ApiError::InvalidField {
+                    field: "last",
+                    problem: format!("{last} is above the maximum {MAX_TAIL}"),
+                }));
+            }
+        };
+        // Subscribe before reading the file, so no record falls between the two.
+        let mut written = wire.follow.then(|| self.valet.audit.follow());
+        let recent = self
+            .valet
+            .audit
+            .last_records(last as usize)
+            .await
+            .map_err(|error| redact(error.into()))?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut last_sent = 0;
+            for record in recent {
+                last_sent = record.sequence;
+                if sender
+                    .send(Ok(v1::AuditRecord {
+                        sequence: record.sequence,
+                        line: record.line,
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let Some(written) = written.as_mut() else {
+                return;
+            };
+            loop {
+                match written.recv().await {
+                    Ok(record) if record.sequence > last_sent => {
+                        last_sent = record.sequence;
+                        let message = v1::AuditRecord {
+                            sequence: record.sequence,
+                            line: record.line.clone(),
+                        };
+                        if sender.send(Ok(message)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n_missed)) => {
+                        let _ = sender
+                            .send(Err(Status::data_loss(format!(
+                                "the follower fell {n_missed} records behind; tail again"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 }
 

@@ -6,7 +6,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use valet_core::Clock;
 use valet_core::audit::{self, AuditEvent, ChainHead};
 use valet_store::Store;
@@ -40,6 +40,15 @@ type Reply = oneshot::Sender<Result<ChainHead, AuditError>>;
 #[derive(Clone)]
 pub struct AuditSink {
     sender: mpsc::Sender<(AuditEvent, Reply)>,
+    written: broadcast::Sender<Arc<WrittenRecord>>,
+    path: PathBuf,
+}
+
+/// A record as it was written, for followers of the log.
+#[derive(Debug, Clone)]
+pub struct WrittenRecord {
+    pub sequence: u64,
+    pub line: String,
 }
 
 impl AuditSink {
@@ -105,9 +114,15 @@ impl AuditSink {
             store,
             clock,
             redactor,
+            written: broadcast::channel(1024).0,
         };
+        let written = writer.written.clone();
         tokio::spawn(writer.run(receiver));
-        Ok(AuditSink { sender })
+        Ok(AuditSink {
+            sender,
+            written,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Appends `event`; returns once it is on disk, with the new chain head.
@@ -119,6 +134,27 @@ impl AuditSink {
             .map_err(|_| AuditError::Stopped)?;
         answer.await.map_err(|_| AuditError::Stopped)?
     }
+
+    /// Records written from now on.
+    pub fn follow(&self) -> broadcast::Receiver<Arc<WrittenRecord>> {
+        self.written.subscribe()
+    }
+
+    /// The last `n` records in the file, oldest first.
+    pub async fn last_records(&self, n: usize) -> Result<Vec<WrittenRecord>, AuditError> {
+        let path = self.path.clone();
+        let display = path.display().to_string();
+        tokio::task::spawn_blocking(move || last_lines(&path, n))
+            .await
+            .map_err(|error| AuditError::Unwritable {
+                path: display.clone(),
+                detail: error.to_string(),
+            })?
+            .map_err(|error| AuditError::Unwritable {
+                path: display,
+                detail: error.to_string(),
+            })
+    }
 }
 
 struct Writer {
@@ -128,6 +164,7 @@ struct Writer {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     redactor: Arc<Redactor>,
+    written: broadcast::Sender<Arc<WrittenRecord>>,
 }
 
 impl Writer {
@@ -138,12 +175,17 @@ impl Writer {
             let now = self.clock.now();
             let mut text = String::new();
             let mut heads = Vec::with_capacity(batch.len());
+            let mut lines = Vec::with_capacity(batch.len());
             let mut head = self.head.clone();
             for (event, _) in &batch {
                 let event = event.clone().redacted(|text| self.redactor.redact(text));
                 let (line, next) = audit::chain(&head, &event, now);
                 text.push_str(&line);
                 text.push('\n');
+                lines.push(WrittenRecord {
+                    sequence: next.sequence,
+                    line,
+                });
                 heads.push(next.clone());
                 head = next;
             }
@@ -152,6 +194,10 @@ impl Writer {
                 self.head = head;
                 if let Err(error) = self.store.record_audit_head(&self.head).await {
                     tracing::error!(%error, "cannot record the audit chain head in the store");
+                }
+                for record in lines {
+                    // Nobody following is not an error.
+                    let _ = self.written.send(Arc::new(record));
                 }
             }
             for ((_, reply), head) in batch.drain(..).zip(heads) {
@@ -224,6 +270,44 @@ fn last_record_head(file: &mut File) -> std::io::Result<Option<ChainHead>> {
                     "its last line is not a complete audit record (a crash mid-write, or an edit); `valet audit verify` shows where",
                 )),
             };
+        }
+        window *= 4;
+    }
+}
+
+/// The last `n` complete lines of a file, with their sequence numbers, reading only its tail.
+fn last_lines(path: &Path, n: usize) -> std::io::Result<Vec<WrittenRecord>> {
+    let mut file = File::open(path)?;
+    let length = file.metadata()?.len();
+    if n == 0 || length == 0 || !file.metadata()?.is_file() {
+        return Ok(Vec::new());
+    }
+    let mut window = 64 * 1024u64;
+    loop {
+        let start = length.saturating_sub(window);
+        file.seek(SeekFrom::Start(start))?;
+        let mut tail = Vec::new();
+        Read::by_ref(&mut file)
+            .take(length - start)
+            .read_to_end(&mut tail)?;
+        let text = String::from_utf8_lossy(&tail);
+        let mut lines: Vec<&str> = text.lines().collect();
+        if start > 0 {
+            // The first line may be cut in the middle.
+            lines.remove(0);
+        }
+        if lines.len() >= n || start == 0 {
+            let keep = lines.len().saturating_sub(n);
+            return Ok(lines[keep..]
+                .iter()
+                .map(|line| WrittenRecord {
+                    sequence: serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|value| value.get("seq").and_then(serde_json::Value::as_u64))
+                        .unwrap_or(0),
+                    line: line.to_string(),
+                })
+                .collect());
         }
         window *= 4;
     }

@@ -1,0 +1,239 @@
+//! The command line's shape: every command, flag and help text, in one clap definition that also
+//! generates the shell completions and the man page.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use valet_core::audit::ChainHead;
+
+/// The Valet command line: request, inspect and revoke task-scoped tokens, and wrap commands in them.
+#[derive(Debug, Parser)]
+#[command(
+    name = "valet",
+    version,
+    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 denied, 4 unreachable.\n\
+                  Environment: VALET_SERVER (default http://127.0.0.1:7470), VALET_KEY (the principal key)."
+)]
+pub struct Arguments {
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// The valetd address.
+    #[arg(long, global = true, env = "VALET_SERVER", default_value = valet_client::DEFAULT_SERVER)]
+    pub server: String,
+    /// Read the principal key from this file instead of VALET_KEY.
+    #[arg(long, global = true)]
+    pub key_file: Option<PathBuf>,
+    /// Print data as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Request, renew, revoke, introspect and verify tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Act on all grants of a task.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// List and watch grants.
+    #[command(subcommand)]
+    Grants(GrantsCommand),
+    /// Revoke every active grant of a principal, scope or environment (operators).
+    RevokeAll(RevokeAllArguments),
+    /// Signing keys (admins).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Check a config file offline, or make valetd reload its config (admins).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Make a new principal key and print its [[principal]] stanza.
+    Keygen {
+        /// The principal's name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Verify and read the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Run a command with a task-scoped token in its environment; revoke the task when it exits.
+    Exec(ExecArguments),
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenRequestArguments {
+    #[arg(long)]
+    pub scope: String,
+    #[arg(long)]
+    pub task: String,
+    #[arg(long, default_value = "")]
+    pub purpose: String,
+    /// Lifetime such as 5m (default: the scope's default).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// A scope parameter, NAME=VALUE; repeat for more.
+    #[arg(long = "param", value_parser = parse_param)]
+    pub params: Vec<(String, String)>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Request a token: prints only the token on stdout, the grant on stderr.
+    Request(TokenRequestArguments),
+    /// Renew a grant: a later expiry within its max lifetime, and a fresh token on stdout.
+    Renew {
+        grant: String,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Revoke one grant.
+    Revoke {
+        grant: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Ask valetd whether a token is active (TOKEN, or - or nothing for stdin). Exit 3 if not.
+    Introspect { token: Option<String> },
+    /// Verify a token offline against valetd's public keys (TOKEN, or - or nothing for stdin).
+    Verify {
+        token: Option<String>,
+        /// The audience the token must be for.
+        #[arg(long)]
+        audience: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Revoke every grant of a task.
+    Revoke {
+        task: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct GrantFilterArguments {
+    #[arg(long)]
+    pub principal: Option<String>,
+    #[arg(long)]
+    pub task: Option<String>,
+    #[arg(long)]
+    pub scope: Option<String>,
+    #[arg(long)]
+    pub environment: Option<String>,
+    /// active, revoked, expired or pending.
+    #[arg(long, value_parser = ["active", "revoked", "expired", "pending"])]
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GrantsCommand {
+    /// List grants, oldest first.
+    List(GrantFilterArguments),
+    /// Stream grant changes as they happen (Ctrl-C to stop).
+    Watch(GrantFilterArguments),
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false, id = "target")]
+pub struct RevokeAllTarget {
+    #[arg(long)]
+    pub principal: Option<String>,
+    #[arg(long)]
+    pub scope: Option<String>,
+    #[arg(long)]
+    pub environment: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeAllArguments {
+    #[command(flatten)]
+    pub target: RevokeAllTarget,
+    /// Why; recorded on every revoked grant and in the audit log.
+    #[arg(long)]
+    pub reason: String,
+    /// Do not ask for confirmation (for scripts).
+    #[arg(long)]
+    pub yes: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a new signing key current; the old one verifies until its tokens expire.
+    Rotate,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file offline; prints every problem with its key path. Exit 0 only if valid.
+    Check { file: PathBuf },
+    /// Make valetd re-read its config file.
+    Reload,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check an audit log's hash chain and report the first bad record.
+    Verify {
+        file: PathBuf,
+        /// The chain head valetd keeps (SEQUENCE:HASH), to detect a cut tail.
+        #[arg(long, conflicts_with = "fetch_head")]
+        head: Option<ChainHead>,
+        /// Ask valetd for the chain head (operators).
+        #[arg(long)]
+        fetch_head: bool,
+    },
+    /// Print the chain head valetd keeps, as SEQUENCE:HASH (operators).
+    Head,
+    /// Print the latest audit records (operators).
+    Tail {
+        /// How many of the latest records.
+        #[arg(long, default_value_t = 20)]
+        last: u32,
+        /// Keep printing records as they are written.
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArguments {
+    #[arg(long)]
+    pub scope: String,
+    #[arg(long)]
+    pub task: String,
+    #[arg(long, default_value = "")]
+    pub purpose: String,
+    /// Lifetime such as 5m (default: the scope's default). Renewed while the command runs.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// A scope parameter, NAME=VALUE; repeat for more.
+    #[arg(long = "param", value_parser = parse_param)]
+    pub params: Vec<(String, String)>,
+    /// The environment variable that carries the token.
+    #[arg(long, default_value = "VALET_TOKEN")]
+    pub env_name: String,
+    /// The command and its arguments.
+    #[arg(required = true, last = true)]
+    pub command: Vec<String>,
+}
+
+fn parse_param(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
+    Ok((name.to_string(), value.to_string()))
+}

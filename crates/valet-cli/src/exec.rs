@@ -1,0 +1,232 @@
+//! `valet exec`: run a command with a task-scoped token, keep the token alive while the command
+//! runs, and revoke the task when the command ends — however it ends.
+//!
+//! The token reaches the command as an environment variable (default `VALET_TOKEN`), with the
+//! grant id in `VALET_GRANT`. An environment cannot change once a process runs, so renewals are
+//! written to the file named by `VALET_TOKEN_FILE` (mode 0600, in a 0700 directory, replaced
+//! atomically); long-running commands should read the token from there.
+
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use anyhow::Context;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::Instant;
+use valet_client::{Client, ClientError, IssuedToken, TokenRequest};
+use valet_core::{Clock, SystemClock};
+
+use crate::arguments::ExecArguments;
+use crate::output::{EXIT_FAILURE, UsageError};
+
+/// Runs the command; returns its exit code (128 + N when a signal N ended it).
+pub async fn exec(client: &Client, arguments: ExecArguments) -> anyhow::Result<i32> {
+    if !is_env_name(&arguments.env_name) {
+        return Err(UsageError(format!(
+            "--env-name {:?} is not an environment variable name: letters, digits and '_', not starting with a digit",
+            arguments.env_name
+        ))
+        .into());
+    }
+    let mut request =
+        TokenRequest::new(&arguments.scope, &arguments.task).with_purpose(&arguments.purpose);
+    request.ttl = arguments.ttl;
+    request.params = arguments.params.iter().cloned().collect();
+    let issued = client.request_token(request).await?;
+    let outcome = run_with_token(client, &arguments, &issued).await;
+    let revoked = client
+        .revoke_task(&arguments.task, "valet exec: the command ended")
+        .await;
+    match (outcome, revoked) {
+        (Ok(code), Ok(_)) => Ok(code),
+        (Err(error), Ok(_)) => Err(error),
+        (outcome, Err(error)) => {
+            eprintln!(
+                "valet: could not revoke task {} after the command ended ({error}); revoke it with `valet task revoke {}`",
+                arguments.task, arguments.task
+            );
+            outcome.map(|_| EXIT_FAILURE)
+        }
+    }
+}
+
+async fn run_with_token(
+    client: &Client,
+    arguments: &ExecArguments,
+    issued: &IssuedToken,
+) -> anyhow::Result<i32> {
+    let token_file = TokenFile::create(issued)?;
+    let mut child = tokio::process::Command::new(&arguments.command[0])
+        .args(&arguments.command[1..])
+        .env(&arguments.env_name, issued.token_str())
+        .env("VALET_GRANT", &issued.grant.id)
+        .env("VALET_TOKEN_FILE", token_file.path())
+        .spawn()
+        .with_context(|| format!("cannot run {:?}", arguments.command[0]))?;
+    let pid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
+
+    // On a terminal, Ctrl-C and Ctrl-\ already reach the command (same process group):
+    // forwarding them too would deliver each twice.
+    let interactive = std::io::stdin().is_terminal();
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut user1 = signal(SignalKind::user_defined1())?;
+    let mut user2 = signal(SignalKind::user_defined2())?;
+    let forward = |forwarded: Signal| {
+        if let Some(pid) = pid {
+            let _ = kill(pid, forwarded);
+        }
+    };
+
+    let mut renewal = Renewal::after(&issued.grant, arguments.ttl);
+    let status: ExitStatus = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            _ = interrupt.recv() => if !interactive { forward(Signal::SIGINT) },
+            _ = quit.recv() => if !interactive { forward(Signal::SIGQUIT) },
+            _ = terminate.recv() => forward(Signal::SIGTERM),
+            _ = hangup.recv() => forward(Signal::SIGHUP),
+            _ = user1.recv() => forward(Signal::SIGUSR1),
+            _ = user2.recv() => forward(Signal::SIGUSR2),
+            _ = renewal.due() => renewal.renew(client, &issued.grant.id, &token_file).await,
+        }
+    };
+    Ok(exit_code(status))
+}
+
+fn exit_code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|signal| 128 + signal))
+        .unwrap_or(EXIT_FAILURE)
+}
+
+fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(first) if first.is_ascii_alphabetic() || first == b'_')
+        && bytes.all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
+}
+
+/// When to renew next: at two thirds of the remaining lifetime, like a DHCP lease, but no sooner
+/// than one second from now (valetd's expiries have one-second resolution).
+struct Renewal {
+    at: Option<Instant>,
+    ttl: Option<Duration>,
+}
+
+impl Renewal {
+    fn after(grant: &valet_client::v1::Grant, ttl: Option<Duration>) -> Renewal {
+        Renewal {
+            at: next_renewal(grant),
+            ttl,
+        }
+    }
+
+    async fn due(&self) {
+        match self.at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn renew(&mut self, client: &Client, grant_id: &str, token_file: &TokenFile) {
+        match client.renew(grant_id, self.ttl).await {
+            Ok(renewed) => match token_file.replace(&renewed) {
+                Ok(()) => self.at = next_renewal(&renewed.grant),
+                Err(error) => {
+                    eprintln!(
+                        "valet: renewed grant {grant_id} but cannot write the token file: {error}"
+                    );
+                    self.at = None;
+                }
+            },
+            Err(error)
+                if matches!(
+                    error.code(),
+                    Some(tonic::Code::Unavailable | tonic::Code::Aborted)
+                ) || matches!(error, ClientError::Unreachable { .. }) =>
+            {
+                eprintln!("valet: renewing grant {grant_id} failed ({error}); retrying in 5s");
+                self.at = Some(Instant::now() + Duration::from_secs(5));
+            }
+            Err(error) => {
+                eprintln!("valet: grant {grant_id} will not be renewed: {error}");
+                self.at = None;
+            }
+        }
+    }
+}
+
+fn next_renewal(grant: &valet_client::v1::Grant) -> Option<Instant> {
+    let expires_at = grant.expires_at.as_ref()?.seconds;
+    let max_expires_at = grant
+        .max_expires_at
+        .as_ref()
+        .map(|at| at.seconds)
+        .unwrap_or(expires_at);
+    if expires_at >= max_expires_at {
+        return None;
+    }
+    let remaining_millis = u64::try_from(expires_at)
+        .unwrap_or(0)
+        .saturating_mul(1000)
+        .saturating_sub(SystemClock.now_millis());
+    Some(Instant::now() + Duration::from_millis((remaining_millis * 2 / 3).max(1000)))
+}
+
+/// The token file: a private directory with one file, removed when dropped.
+struct TokenFile {
+    directory: PathBuf,
+}
+
+impl TokenFile {
+    fn create(issued: &IssuedToken) -> anyhow::Result<TokenFile> {
+        let random: [u8; 8] = valet_core::random::bytes()?;
+        let directory = std::env::temp_dir().join(format!("valet-exec-{}", hex::encode(random)));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&directory)
+            .with_context(|| format!("cannot create {}", directory.display()))?;
+        let file = TokenFile { directory };
+        file.replace(issued)?;
+        Ok(file)
+    }
+
+    fn path(&self) -> PathBuf {
+        self.directory.join("token")
+    }
+
+    /// Writes the token to a new file and renames it over the old one, so readers never see half.
+    fn replace(&self, issued: &IssuedToken) -> std::io::Result<()> {
+        let staging = self.directory.join("token.new");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&staging)?;
+        file.write_all(issued.token_str().as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&staging, self.path())
+    }
+}
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        let _ = remove_directory(&self.directory);
+    }
+}
+
+fn remove_directory(directory: &Path) -> std::io::Result<()> {
+    std::fs::remove_dir_all(directory)
+}

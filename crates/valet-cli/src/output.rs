@@ -1,0 +1,295 @@
+//! How the command line shows things: grant tables (aligned and coloured on a terminal, stable
+//! tab-separated text when piped), relative times, JSON records, and errors as one sentence with a
+//! hint where one helps.
+
+use std::collections::BTreeMap;
+
+use valet_client::{ClientError, v1};
+use valet_core::UnixTime;
+use valet_core::clock::format_time;
+
+pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_DENIED: i32 = 3;
+pub const EXIT_UNREACHABLE: i32 = 4;
+
+/// A usage mistake the argument parser could not catch (exit 2).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Where output goes: a person at a terminal, or a program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    Terminal,
+    Plain,
+}
+
+impl Style {
+    pub fn of_stdout() -> Style {
+        if std::io::IsTerminal::is_terminal(&std::io::stdout())
+            && std::env::var_os("NO_COLOR").is_none()
+        {
+            Style::Terminal
+        } else {
+            Style::Plain
+        }
+    }
+}
+
+pub fn status_name(status: i32) -> &'static str {
+    match v1::GrantStatus::try_from(status).unwrap_or(v1::GrantStatus::Unspecified) {
+        v1::GrantStatus::Pending => "pending",
+        v1::GrantStatus::Active => "active",
+        v1::GrantStatus::Revoked => "revoked",
+        v1::GrantStatus::Expired => "expired",
+        v1::GrantStatus::Denied => "denied",
+        v1::GrantStatus::Unspecified => "unknown",
+    }
+}
+
+fn seconds(at: &Option<prost_types::Timestamp>) -> Option<UnixTime> {
+    at.as_ref().map(|at| at.seconds)
+}
+
+/// A span of time in the largest two units: "42s", "4m 12s", "3h 5m", "2d 1h".
+pub fn span(seconds: u64) -> String {
+    let (days, hours, minutes, rest) = (
+        seconds / 86_400,
+        seconds / 3_600 % 24,
+        seconds / 60 % 60,
+        seconds % 60,
+    );
+    match (days, hours, minutes) {
+        (0, 0, 0) => format!("{rest}s"),
+        (0, 0, _) if rest == 0 => format!("{minutes}m"),
+        (0, 0, _) => format!("{minutes}m {rest}s"),
+        (0, _, 0) => format!("{hours}h"),
+        (0, _, _) => format!("{hours}h {minutes}m"),
+        (_, 0, _) => format!("{days}d"),
+        _ => format!("{days}d {hours}h"),
+    }
+}
+
+/// "3m ago" or "in 3m" relative to `now`.
+pub fn relative(at: UnixTime, now: UnixTime) -> String {
+    if at <= now {
+        format!("{} ago", span((now - at) as u64))
+    } else {
+        format!("in {}", span((at - now) as u64))
+    }
+}
+
+/// The grant as a JSON object: the full record, times in RFC 3339.
+pub fn grant_json(grant: &v1::Grant) -> serde_json::Value {
+    let time = |at: &Option<prost_types::Timestamp>| seconds(at).map(format_time);
+    serde_json::json!({
+        "id": grant.id,
+        "principal": grant.principal,
+        "task": grant.task_id,
+        "purpose": grant.purpose,
+        "scope": grant.scope,
+        "environment": grant.environment,
+        "audience": grant.audience,
+        "params": grant.params.iter().collect::<BTreeMap<_, _>>(),
+        "issued_at": time(&grant.issued_at),
+        "expires_at": time(&grant.expires_at),
+        "max_expires_at": time(&grant.max_expires_at),
+        "uses": grant.uses,
+        "max_uses": (grant.max_uses > 0).then_some(grant.max_uses),
+        "status": status_name(grant.status),
+        "status_reason": (!grant.status_reason.is_empty()).then_some(&grant.status_reason),
+        "key_id": grant.key_id,
+    })
+}
+
+/// One line about a grant, for stderr after a request and for `grants watch`.
+pub fn grant_summary(grant: &v1::Grant, now: UnixTime) -> String {
+    let expires = seconds(&grant.expires_at)
+        .map(|at| format!("{} ({})", format_time(at), relative(at, now)))
+        .unwrap_or_default();
+    format!(
+        "grant {} for {} task {} (scope {}, environment {}), {}, expires {}",
+        grant.id,
+        grant.principal,
+        grant.task_id,
+        grant.scope,
+        grant.environment,
+        status_name(grant.status),
+        expires
+    )
+}
+
+const COLUMNS: [&str; 9] = [
+    "ID",
+    "PRINCIPAL",
+    "TASK",
+    "SCOPE",
+    "ENV",
+    "ISSUED",
+    "EXPIRES IN",
+    "USES",
+    "STATUS",
+];
+
+/// The grant table. On a terminal: aligned columns, times relative to `now`, status coloured.
+/// Piped: one tab-separated line per grant under a header, times in RFC 3339 — stable for scripts.
+pub fn grant_table(grants: &[v1::Grant], now: UnixTime, style: Style) -> String {
+    let rows: Vec<[String; 9]> = grants
+        .iter()
+        .map(|grant| {
+            let issued = seconds(&grant.issued_at).unwrap_or(0);
+            let expires = seconds(&grant.expires_at).unwrap_or(0);
+            let (issued, expires) = match style {
+                Style::Terminal => (
+                    relative(issued, now),
+                    if expires > now {
+                        span((expires - now) as u64)
+                    } else {
+                        format!("ended {}", relative(expires, now))
+                    },
+                ),
+                Style::Plain => (format_time(issued), format_time(expires)),
+            };
+            let uses = if grant.max_uses > 0 {
+                format!("{}/{}", grant.uses, grant.max_uses)
+            } else {
+                grant.uses.to_string()
+            };
+            [
+                grant.id.clone(),
+                grant.principal.clone(),
+                grant.task_id.clone(),
+                grant.scope.clone(),
+                grant.environment.clone(),
+                issued,
+                expires,
+                uses,
+                status_name(grant.status).to_string(),
+            ]
+        })
+        .collect();
+    let mut out = String::new();
+    match style {
+        Style::Plain => {
+            out.push_str(&COLUMNS.join("\t"));
+            out.push('\n');
+            for row in rows {
+                out.push_str(&row.join("\t"));
+                out.push('\n');
+            }
+        }
+        Style::Terminal => {
+            let mut widths = COLUMNS.map(str::len);
+            for row in &rows {
+                for (width, cell) in widths.iter_mut().zip(row) {
+                    *width = (*width).max(cell.chars().count());
+                }
+            }
+            let line = |cells: Vec<String>| {
+                let mut text = String::new();
+                for (index, (cell, width)) in cells.iter().zip(widths).enumerate() {
+                    let visible = cell.chars().count();
+                    let cell = if index == 8 {
+                        colour_status(cell)
+                    } else {
+                        cell.clone()
+                    };
+                    text.push_str(&cell);
+                    if index < 8 {
+                        text.push_str(&" ".repeat(width - visible + 2));
+                    }
+                }
+                text.trim_end().to_string() + "\n"
+            };
+            out.push_str(&line(
+                COLUMNS.iter().map(|column| column.to_string()).collect(),
+            ));
+            for row in rows {
+                out.push_str(&line(row.to_vec()));
+            }
+            if grants.is_empty() {
+                out.push_str("(no grants)\n");
+            }
+        }
+    }
+    out
+}
+
+fn colour_status(status: &str) -> String {
+    let code = match status {
+        "active" => "32",
+        "revoked" | "denied" => "31",
+        "expired" => "33",
+        "pending" => "36",
+        _ => return status.to_string(),
+    };
+    format!("\x1b[{code}m{status}\x1b[0m")
+}
+
+/// The exit code for an error: usage, denied and unreachable have their own.
+pub fn exit_code_of(error: &anyhow::Error) -> i32 {
+    if error.downcast_ref::<UsageError>().is_some() {
+        return EXIT_USAGE;
+    }
+    match error.downcast_ref::<ClientError>() {
+        Some(ClientError::Unreachable { .. } | ClientError::BadServerUrl { .. }) => {
+            EXIT_UNREACHABLE
+        }
+        Some(ClientError::NoKey) => EXIT_USAGE,
+        Some(ClientError::Verify(_)) => EXIT_DENIED,
+        Some(client_error) => match client_error.code() {
+            Some(
+                tonic::Code::PermissionDenied
+                | tonic::Code::Unauthenticated
+                | tonic::Code::FailedPrecondition
+                | tonic::Code::InvalidArgument,
+            ) => EXIT_DENIED,
+            Some(tonic::Code::Unavailable) => EXIT_UNREACHABLE,
+            _ => EXIT_FAILURE,
+        },
+        None => EXIT_FAILURE,
+    }
+}
+
+/// An error as the user sees it: `valet: <what was wrong and what is allowed>`, then a hint.
+pub fn render_error(error: &anyhow::Error) -> String {
+    let mut text = format!("valet: {error}");
+    for cause in error.chain().skip(1) {
+        text.push_str(&format!(": {cause}"));
+    }
+    text.push('\n');
+    let hint = match error.downcast_ref::<ClientError>() {
+        Some(ClientError::Unreachable { .. }) => Some("is valetd running at that address?"),
+        Some(ClientError::NoKey) => {
+            Some("export VALET_KEY=<your principal key>, or pass --key-file PATH.")
+        }
+        Some(client_error) => match client_error.code() {
+            Some(tonic::Code::Unauthenticated) => Some(
+                "check VALET_KEY: valetd knows principals by the SHA-256 of their key (`valet keygen`).",
+            ),
+            Some(tonic::Code::PermissionDenied) => Some(
+                "the scopes and roles a principal has are set in valetd's config; ask its admin.",
+            ),
+            Some(tonic::Code::Unavailable) => {
+                Some("valetd refused to act without a durable record; its log has the request id.")
+            }
+            _ => None,
+        },
+        None => None,
+    };
+    if let Some(hint) = hint {
+        text.push_str(&format!("hint: {hint}\n"));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests;
