@@ -417,6 +417,51 @@ mod daily {
             AGENT_KEY,
         );
         assert_eq!(code, 3, "{stderr}");
+
+        // On a terminal (util-linux `script` gives valet one), it states the count and the target
+        // and revokes only when the target's name is typed.
+        request(server, &[]);
+        request(server, &[]);
+        let on_terminal = |answer: &str| {
+            let command = format!(
+                "{} revoke-all --environment staging --reason drill",
+                binary("valet").display()
+            );
+            let mut child = Command::new("script")
+                .args(["-qec", &command, "/dev/null"])
+                .env("VALET_SERVER", server)
+                .env("VALET_KEY", OPERATOR_KEY)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("util-linux script runs");
+            std::io::Write::write_all(
+                child.stdin.as_mut().unwrap(),
+                format!("{answer}\n").as_bytes(),
+            )
+            .unwrap();
+            let output = child.wait_with_output().unwrap();
+            (
+                output.status.code(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+            )
+        };
+        let (code, transcript) = on_terminal("production");
+        assert_eq!(code, Some(1), "{transcript}");
+        assert!(
+            transcript.contains("This revokes 2 active grant(s) of environment \"staging\""),
+            "{transcript}"
+        );
+        assert!(
+            transcript.contains("not confirmed; nothing was revoked"),
+            "{transcript}"
+        );
+        let (code, transcript) = on_terminal("staging");
+        assert_eq!(code, Some(0), "{transcript}");
+        assert!(
+            transcript.contains("revoked 2 grant(s) of environment staging"),
+            "{transcript}"
+        );
     }
 
     #[tokio::test]
