@@ -311,7 +311,7 @@ mod daily {
         let lines: Vec<&str> = stdout.lines().collect();
         assert_eq!(
             lines[0],
-            "ID\tPRINCIPAL\tTASK\tSCOPE\tENV\tISSUED\tEXPIRES IN\tUSES\tSTATUS"
+            "ID\tPRINCIPAL\tTASK\tSCOPE\tENV\tISSUED_AT\tEXPIRES_AT\tUSES\tSTATUS"
         );
         assert_eq!(lines.len(), 3, "{stdout}");
         assert!(

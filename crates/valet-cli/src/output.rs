@@ -127,6 +127,17 @@ pub fn grant_summary(grant: &v1::Grant, now: UnixTime) -> String {
     )
 }
 
+const PLAIN_COLUMNS: [&str; 9] = [
+    "ID",
+    "PRINCIPAL",
+    "TASK",
+    "SCOPE",
+    "ENV",
+    "ISSUED_AT",
+    "EXPIRES_AT",
+    "USES",
+    "STATUS",
+];
 const COLUMNS: [&str; 9] = [
     "ID",
     "PRINCIPAL",
@@ -179,7 +190,8 @@ pub fn grant_table(grants: &[v1::Grant], now: UnixTime, style: Style) -> String 
     let mut out = String::new();
     match style {
         Style::Plain => {
-            out.push_str(&COLUMNS.join("\t"));
+            // Absolute times here, so the headers say so.
+            out.push_str(&PLAIN_COLUMNS.join("\t"));
             out.push('\n');
             for row in rows {
                 out.push_str(&row.join("\t"));
