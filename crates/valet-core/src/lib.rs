@@ -9,6 +9,7 @@ pub mod grant;
 pub mod keyring;
 pub mod policy;
 pub mod random;
+pub mod rules;
 pub mod secret;
 pub mod token;
 

@@ -1,7 +1,10 @@
 //! The validated config: typed values built from the raw file, with every problem reported at
 //! once under its key path (`scope[2].max_ttl: 2h exceeds server.max_ttl 1h`).
 
+mod gateway;
 mod raw;
+
+pub use gateway::{BaseUrl, Injection, Upstream, is_credential_header};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -24,6 +27,7 @@ pub struct Config {
     pub principals: BTreeMap<String, Principal>,
     pub credentials: BTreeMap<String, Credential>,
     pub scopes: BTreeMap<String, Scope>,
+    pub upstreams: BTreeMap<String, Upstream>,
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +40,8 @@ pub struct ServerConfig {
     pub max_ttl: Duration,
     /// How long expired and revoked grants stay listable before they are swept.
     pub grant_retention: Duration,
+    /// Where the HTTP gateway listens; no gateway when `None`.
+    pub gateway_listen: Option<SocketAddr>,
 }
 
 /// Where a secret is read from. Secrets are never inline in the config.
@@ -125,6 +131,10 @@ pub struct Scope {
     pub max_uses: Option<u64>,
     pub renewable: bool,
     pub params: BTreeMap<String, ParamRule>,
+    /// The upstream whose calls this scope allows through the gateway.
+    pub upstream: Option<String>,
+    /// Which calls; empty when the scope has no upstream.
+    pub allow: Vec<crate::rules::AllowRule>,
 }
 
 /// What values a requester may give one parameter.
@@ -443,6 +453,17 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
     }
     let defined_credentials = credentials.keys().cloned().collect::<Vec<_>>().join(", ");
 
+    let upstreams = gateway::build_upstreams(raw.upstream, &credentials, &defined_credentials, &resolve, problems);
+    let gateway_listen = raw_server.gateway_listen.and_then(|text| match text.parse::<SocketAddr>() {
+        Ok(address) => Some(address),
+        Err(_) => {
+            problems.push(
+                "server.gateway_listen",
+                invalid(&text, "socket address", "IP:PORT, such as \"127.0.0.1:7471\""),
+            );
+            None
+        }
+    });
     let mut scopes = BTreeMap::new();
     for (index, raw_scope) in raw.scope.into_iter().enumerate() {
         let at = format!("scope[{index}]");
@@ -450,8 +471,8 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             raw_scope,
             &at,
             server_max_ttl,
-            &credentials,
-            &defined_credentials,
+            (&credentials, &defined_credentials),
+            &upstreams,
             problems,
         ) {
             let name = scope.name.clone();
@@ -545,12 +566,14 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             issuer: issuer?,
             max_ttl: server_max_ttl?,
             grant_retention: grant_retention?,
+            gateway_listen,
         },
         seal,
         audit: AuditConfig { path: audit_path? },
         principals,
         credentials,
         scopes,
+        upstreams,
     })
 }
 
@@ -616,12 +639,47 @@ fn build_scope(
     raw_scope: raw::RawScope,
     at: &str,
     server_max_ttl: Option<Duration>,
-    credentials: &BTreeMap<String, Credential>,
-    defined_credentials: &str,
+    (credentials, defined_credentials): (&BTreeMap<String, Credential>, &str),
+    upstreams: &BTreeMap<String, Upstream>,
     problems: &mut Problems,
 ) -> Option<Scope> {
     let name = problems.name(raw_scope.name, &format!("{at}.name"));
-    let credential = problems.required(raw_scope.credential, &format!("{at}.credential"));
+    let upstream = raw_scope.upstream.and_then(|name| match upstreams.get(&name) {
+        Some(upstream) => Some(upstream),
+        None => {
+            let defined = upstreams.keys().cloned().collect::<Vec<_>>().join(", ");
+            problems.push(format!("{at}.upstream"), invalid(&name, "upstream", &format!("one of the defined upstreams [{defined}]")));
+            None
+        }
+    });
+    // A gateway scope draws on its upstream's credential and is for its upstream's audience;
+    // saying so again is allowed, saying something else is an error.
+    let credential = match (raw_scope.credential, upstream) {
+        (Some(credential), Some(upstream)) if credential != upstream.credential => {
+            problems.push(
+                format!("{at}.credential"),
+                invalid(&credential, "credential", &format!("the upstream's credential {:?} (or leave it out)", upstream.credential)),
+            );
+            None
+        }
+        (None, Some(upstream)) => Some(upstream.credential.clone()),
+        (credential, _) => problems.required(credential, &format!("{at}.credential")),
+    };
+    let raw_audience = match (raw_scope.audience, upstream) {
+        (Some(audience), Some(upstream)) if audience != upstream.name => {
+            problems.push(
+                format!("{at}.audience"),
+                invalid(&audience, "audience", &format!("the upstream's name {:?} (or leave it out)", upstream.name)),
+            );
+            None
+        }
+        (None, Some(upstream)) => Some(upstream.name.clone()),
+        (None, None) => {
+            problems.push(format!("{at}.audience"), ProblemKind::Missing);
+            None
+        }
+        (audience, _) => audience,
+    };
     if let Some(credential) = &credential
         && !credentials.contains_key(credential)
     {
@@ -634,7 +692,7 @@ fn build_scope(
         );
     }
     let environment = problems.name(raw_scope.environment, &format!("{at}.environment"));
-    let audience = match raw_scope.audience {
+    let audience = match raw_audience {
         Some(audience) if audience.is_empty() || audience.len() > 256 => {
             problems.push(
                 format!("{at}.audience"),
@@ -642,11 +700,7 @@ fn build_scope(
             );
             None
         }
-        Some(audience) => Some(audience),
-        None => {
-            problems.push(format!("{at}.audience"), ProblemKind::Missing);
-            None
-        }
+        audience => audience,
     };
     let max_ttl_raw = problems.required(raw_scope.max_ttl, &format!("{at}.max_ttl"));
     let max_ttl = problems.duration(max_ttl_raw, &format!("{at}.max_ttl"));
@@ -752,6 +806,19 @@ fn build_scope(
             },
         );
     }
+    let n_raw_rules = raw_scope.allow.len();
+    let allow = gateway::build_allow_rules(raw_scope.allow, at, &params, problems);
+    match upstream {
+        None if n_raw_rules > 0 => problems.push(
+            format!("{at}.allow"),
+            invalid("[[scope.allow]]", "rule list", "rules only in a scope with an upstream (set upstream = NAME)"),
+        ),
+        Some(_) if n_raw_rules == 0 => problems.push(
+            format!("{at}.allow"),
+            invalid("[]", "rule list", "at least one [[scope.allow]] rule: a gateway scope allows nothing by default"),
+        ),
+        _ => {}
+    }
     Some(Scope {
         name: name?,
         credential: credential?,
@@ -761,6 +828,8 @@ fn build_scope(
         max_ttl: max_ttl?,
         max_uses,
         renewable: raw_scope.renewable.unwrap_or(true),
+        upstream: upstream.map(|upstream| upstream.name.clone()),
+        allow,
         params,
     })
 }

@@ -18,6 +18,8 @@ pub struct RawConfig {
     pub credential: Vec<RawCredential>,
     #[serde(default)]
     pub scope: Vec<RawScope>,
+    #[serde(default)]
+    pub upstream: Vec<RawUpstream>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -27,6 +29,7 @@ pub struct RawServer {
     pub issuer: Option<String>,
     pub max_ttl: Option<String>,
     pub grant_retention: Option<String>,
+    pub gateway_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -69,6 +72,46 @@ pub struct RawScope {
     pub renewable: Option<bool>,
     #[serde(default)]
     pub params: BTreeMap<String, RawParam>,
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub allow: Vec<RawAllow>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawUpstream {
+    pub name: Option<String>,
+    pub base_url: Option<String>,
+    pub credential: Option<String>,
+    pub inject: Option<RawInject>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub ca_file: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawInject {
+    pub header: Option<BTreeMap<String, String>>,
+    pub query: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawAllow {
+    pub method: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub path: Option<String>,
+    pub graphql: Option<RawGraphql>,
+    pub max_body: Option<i64>,
+    pub max_calls: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawGraphql {
+    #[serde(default)]
+    pub query: Vec<String>,
+    #[serde(default)]
+    pub mutation: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,0 +1,267 @@
+//! The gateway's part of the config: `[[upstream]]` (where calls go and how the root credential
+//! is added) and `[[scope.allow]]` (which calls a scope lets through).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::raw::{RawAllow, RawUpstream};
+use super::{Credential, ParamRule, Problems, ProblemKind, invalid};
+use crate::rules::{AllowRule, DEFAULT_MAX_BODY, GraphqlAllow, PathPattern};
+
+/// An API the gateway forwards to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub name: String,
+    pub base_url: BaseUrl,
+    /// The root credential injected on the upstream leg.
+    pub credential: String,
+    pub inject: Injection,
+    /// Extra headers added to every forwarded call.
+    pub headers: Vec<(String, String)>,
+    /// A PEM file of CA certificates for an upstream behind a private CA.
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+}
+
+/// `scheme://authority/base-path`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub https: bool,
+    /// `host[:port]`.
+    pub authority: String,
+    /// Prefix for every forwarded path, without a trailing slash ("" or "/api").
+    pub path: String,
+}
+
+impl std::fmt::Display for BaseUrl {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{}://{}{}", if self.https { "https" } else { "http" }, self.authority, self.path)
+    }
+}
+
+/// How the root credential reaches the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Injection {
+    /// A header whose value is the template with `{secret}` replaced.
+    Header { name: String, template: String },
+    /// A query parameter whose value is the template with `{secret}` replaced.
+    Query { name: String, template: String },
+}
+
+impl Injection {
+    /// The header or parameter name (never the value).
+    pub fn name(&self) -> &str {
+        match self {
+            Injection::Header { name, .. } | Injection::Query { name, .. } => name,
+        }
+    }
+}
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+pub(super) fn build_upstreams(
+    raw_upstreams: Vec<RawUpstream>,
+    credentials: &BTreeMap<String, Credential>,
+    defined_credentials: &str,
+    resolve: &dyn Fn(String) -> PathBuf,
+    problems: &mut Problems,
+) -> BTreeMap<String, Upstream> {
+    let mut upstreams = BTreeMap::new();
+    for (index, raw) in raw_upstreams.into_iter().enumerate() {
+        let at = format!("upstream[{index}]");
+        let name = problems.name(raw.name, &format!("{at}.name"));
+        let base_url = problems.required(raw.base_url, &format!("{at}.base_url")).and_then(|text| {
+            let parsed = parse_base_url(&text);
+            if parsed.is_none() {
+                problems.push(
+                    format!("{at}.base_url"),
+                    invalid(&text, "base URL", "http:// or https:// with a host, an optional port and path, and no query"),
+                );
+            }
+            parsed
+        });
+        let credential = problems.required(raw.credential, &format!("{at}.credential"));
+        if let Some(credential) = &credential
+            && !credentials.contains_key(credential)
+        {
+            problems.push(
+                format!("{at}.credential"),
+                ProblemKind::UnknownCredential { name: credential.clone(), defined: defined_credentials.to_string() },
+            );
+        }
+        let inject = problems.required(raw.inject, &format!("{at}.inject")).and_then(|inject| {
+            let entries: Vec<(bool, String, String)> = inject
+                .header
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(name, template)| (true, name, template))
+                .chain(inject.query.unwrap_or_default().into_iter().map(|(name, template)| (false, name, template)))
+                .collect();
+            let [(is_header, name, template)] = <[_; 1]>::try_from(entries).ok().or_else(|| {
+                problems.push(
+                    format!("{at}.inject"),
+                    invalid("…", "injection", "exactly one entry: header = { NAME = \"… {secret} …\" } or query = { NAME = \"{secret}\" }"),
+                );
+                None
+            })?;
+            if !template.contains("{secret}") {
+                problems.push(format!("{at}.inject"), invalid(&template, "template", "text containing {secret}"));
+                return None;
+            }
+            if is_header && !is_header_name(&name) {
+                problems.push(format!("{at}.inject.header"), invalid(&name, "header name", "letters, digits and '-'"));
+                return None;
+            }
+            Some(if is_header { Injection::Header { name, template } } else { Injection::Query { name, template } })
+        });
+        let mut headers = Vec::new();
+        for (header, value) in raw.headers {
+            if !is_header_name(&header) || value.chars().any(char::is_control) {
+                problems.push(format!("{at}.headers.{header}"), invalid(&header, "header", "a header name of letters, digits and '-' with a value without control characters"));
+            } else if is_credential_header(&header) {
+                problems.push(
+                    format!("{at}.headers.{header}"),
+                    invalid(&header, "extra header", "not a credential header; the root credential goes in inject"),
+                );
+            } else {
+                headers.push((header, value));
+            }
+        }
+        let connect_timeout = match raw.connect_timeout {
+            Some(text) => problems.duration(Some(text), &format!("{at}.connect_timeout")),
+            None => Some(DEFAULT_CONNECT_TIMEOUT),
+        };
+        let timeout = match raw.timeout {
+            Some(text) => problems.duration(Some(text), &format!("{at}.timeout")),
+            None => Some(DEFAULT_UPSTREAM_TIMEOUT),
+        };
+        let (Some(name), Some(base_url), Some(credential), Some(inject), Some(connect_timeout), Some(timeout)) =
+            (name, base_url, credential, inject, connect_timeout, timeout)
+        else {
+            continue;
+        };
+        let upstream = Upstream { name: name.clone(), base_url, credential, inject, headers, ca_file: raw.ca_file.map(resolve), connect_timeout, timeout };
+        if upstreams.insert(name.clone(), upstream).is_some() {
+            problems.push(format!("{at}.name"), ProblemKind::Duplicate { name });
+        }
+    }
+    upstreams
+}
+
+pub(super) fn build_allow_rules(raw_rules: Vec<RawAllow>, at: &str, params: &BTreeMap<String, ParamRule>, problems: &mut Problems) -> Vec<AllowRule> {
+    let mut rules = Vec::new();
+    for (index, raw) in raw_rules.into_iter().enumerate() {
+        let rule_at = format!("{at}.allow[{index}]");
+        let graphql = raw.graphql.map(|graphql| {
+            let mut fields = |list: Vec<String>, kind: &str| -> BTreeSet<String> {
+                let mut set = BTreeSet::new();
+                for field in list {
+                    if is_graphql_name(&field) {
+                        set.insert(field);
+                    } else {
+                        problems.push(format!("{rule_at}.graphql.{kind}"), invalid(&field, "GraphQL field name", "a name such as customDomainCreate"));
+                    }
+                }
+                set
+            };
+            GraphqlAllow { query: fields(graphql.query, "query"), mutation: fields(graphql.mutation, "mutation") }
+        });
+        let listed: Vec<String> = match (raw.method, raw.methods) {
+            (Some(_), Some(_)) => {
+                problems.push(rule_at.clone(), ProblemKind::BothSet { first: "method", second: "methods" });
+                Vec::new()
+            }
+            (Some(method), None) => vec![method],
+            (None, Some(methods)) => methods,
+            (None, None) if graphql.is_some() => vec!["POST".to_string()],
+            (None, None) => {
+                problems.push(rule_at.clone(), ProblemKind::NeitherSet { first: "method", second: "methods" });
+                Vec::new()
+            }
+        };
+        let mut methods = BTreeSet::new();
+        for method in listed {
+            let upper = method.to_ascii_uppercase();
+            if METHODS.contains(&upper.as_str()) {
+                methods.insert(upper);
+            } else {
+                problems.push(format!("{rule_at}.method"), invalid(&method, "method", &METHODS.join(", ")));
+            }
+        }
+        let path = problems.required(raw.path, &format!("{rule_at}.path")).and_then(|text| match PathPattern::parse(&text) {
+            Ok(pattern) => {
+                for param in pattern.params() {
+                    if !params.contains_key(param) {
+                        let declared = params.keys().cloned().collect::<Vec<_>>().join(", ");
+                        problems.push(
+                            format!("{rule_at}.path"),
+                            invalid(&text, "path pattern", &format!("placeholders naming this scope's params [{declared}]; {{{param}}} is not one")),
+                        );
+                    }
+                }
+                Some(pattern)
+            }
+            Err(error) => {
+                problems.push(format!("{rule_at}.path"), invalid(&text, "path pattern", &error.to_string()));
+                None
+            }
+        });
+        let positive = |value: Option<i64>, key: &str, problems: &mut Problems| -> Option<Option<u64>> {
+            match value {
+                None => Some(None),
+                Some(number) if number >= 1 => Some(u64::try_from(number).ok()),
+                Some(number) => {
+                    problems.push(format!("{rule_at}.{key}"), invalid(&number.to_string(), key_what(key), "a whole number of at least 1"));
+                    None
+                }
+            }
+        };
+        let max_body = positive(raw.max_body, "max_body", problems);
+        let max_calls = positive(raw.max_calls, "max_calls", problems);
+        if let (Some(path), Some(max_body), Some(max_calls), false) = (path, max_body, max_calls, methods.is_empty()) {
+            rules.push(AllowRule { index, methods, path, graphql, max_body: max_body.unwrap_or(DEFAULT_MAX_BODY), max_calls });
+        }
+    }
+    rules
+}
+
+fn key_what(key: &str) -> &'static str {
+    if key == "max_body" { "byte count" } else { "call count" }
+}
+
+fn parse_base_url(text: &str) -> Option<BaseUrl> {
+    let (https, rest) = if let Some(rest) = text.strip_prefix("https://") {
+        (true, rest)
+    } else {
+        (false, text.strip_prefix("http://")?)
+    };
+    if rest.contains(['?', '#', '@', ' ']) {
+        return None;
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(position) => (&rest[..position], rest[position..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || path.contains("//") || path.split('/').any(|segment| segment == "." || segment == "..") {
+        return None;
+    }
+    Some(BaseUrl { https, authority: authority.to_string(), path: path.to_string() })
+}
+
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-')
+}
+
+/// Headers that carry credentials: stripped from the agent's request, never set as extras.
+pub fn is_credential_header(name: &str) -> bool {
+    matches!(name.to_ascii_lowercase().as_str(), "authorization" | "proxy-authorization" | "cookie" | "x-api-key" | "valet-approval")
+}
+
+fn is_graphql_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(first) if first.is_ascii_alphabetic() || first == b'_') && bytes.all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
+}
