@@ -3,6 +3,7 @@
 mod admin;
 mod bad_input;
 mod cli;
+mod gateway;
 mod lifecycle;
 mod protocol;
 mod restart;

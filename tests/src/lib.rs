@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use valet_client::{Client, ClientConfig};
+
+pub mod upstream;
 use valet_core::Secret;
 
 /// Keys of the principals every test config defines.
@@ -212,6 +214,8 @@ fn valetd_command(config: &Path, extra_arguments: &[&str]) -> Command {
 pub struct Valetd {
     child: Option<Child>,
     pub address: String,
+    /// The gateway's address, when the config has one.
+    pub gateway: Option<String>,
     output: Arc<Mutex<String>>,
 }
 
@@ -232,6 +236,14 @@ impl Valetd {
             let address_sender = address_sender.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if is_stderr && let Some(address) = line.split("gateway listening on ").nth(1) {
+                        let address = address
+                            .split(|character: char| character.is_whitespace() || character == '"')
+                            .next()
+                            .unwrap_or_default()
+                            .to_string();
+                        let _ = address_sender.send(format!("gateway {address}"));
+                    }
                     if is_stderr && let Some(address) = line.split("valetd listening on ").nth(1) {
                         let address = address
                             .split(|character: char| character.is_whitespace() || character == '"')
@@ -251,16 +263,25 @@ impl Valetd {
         let mut valetd = Valetd {
             child: Some(child),
             address: String::new(),
+            gateway: None,
             output,
         };
-        match address_receiver.recv_timeout(Duration::from_secs(30)) {
-            Ok(address) => valetd.address = format!("http://{address}"),
-            Err(_) => panic!(
-                "valetd did not start listening within 30 s; it printed:\n{}",
-                valetd.output()
-            ),
+        // The gateway (when configured) announces itself before the gRPC listener.
+        loop {
+            match address_receiver.recv_timeout(Duration::from_secs(30)) {
+                Ok(address) if address.starts_with("gateway ") => {
+                    valetd.gateway = Some(format!("http://{}", &address["gateway ".len()..]))
+                }
+                Ok(address) => {
+                    valetd.address = format!("http://{address}");
+                    return valetd;
+                }
+                Err(_) => panic!(
+                    "valetd did not start listening within 30 s; it printed:\n{}",
+                    valetd.output()
+                ),
+            }
         }
-        valetd
     }
 
     /// Everything valetd printed so far (stdout and stderr).

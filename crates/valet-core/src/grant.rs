@@ -33,6 +33,9 @@ pub struct Grant {
     /// The key that signed the grant's latest token.
     pub key_id: String,
     pub updated_at: UnixTime,
+    /// Gateway calls made per allow rule (by rule index), for rules with `max_calls`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rule_calls: BTreeMap<String, u64>,
 }
 
 /// The stored status. `Expired` is never stored: it is derived from `expires_at` and the clock.
@@ -77,6 +80,19 @@ pub enum InactiveReason {
     Pending { grant_id: String },
     #[error("grant {grant_id} was denied: {reason}")]
     Denied { grant_id: String, reason: String },
+}
+
+/// Why a gateway call may not count against a grant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallRefused {
+    #[error(transparent)]
+    Inactive(InactiveReason),
+    #[error("grant {grant_id} has made all {max_calls} calls {rule} allows")]
+    RuleExhausted {
+        grant_id: String,
+        rule: String,
+        max_calls: u64,
+    },
 }
 
 /// A transition the grant's current status does not allow.
@@ -168,6 +184,38 @@ impl Grant {
         })
     }
 
+    /// The record after one gateway call through `rule`, counting it against the grant's
+    /// `max_uses` and the rule's `max_calls`.
+    pub fn called(
+        &self,
+        rule: &crate::rules::AllowRule,
+        now: UnixTime,
+    ) -> Result<Grant, CallRefused> {
+        if let Some(reason) = self.inactive_reason(now) {
+            return Err(CallRefused::Inactive(reason));
+        }
+        let key = rule.index.to_string();
+        let calls = self.rule_calls.get(&key).copied().unwrap_or(0);
+        if let Some(max_calls) = rule.max_calls
+            && calls >= max_calls
+        {
+            return Err(CallRefused::RuleExhausted {
+                grant_id: self.id.clone(),
+                rule: rule.to_string(),
+                max_calls,
+            });
+        }
+        let mut next = Grant {
+            uses: self.uses.saturating_add(1),
+            updated_at: now,
+            ..self.clone()
+        };
+        if rule.max_calls.is_some() {
+            next.rule_calls.insert(key, calls + 1);
+        }
+        Ok(next)
+    }
+
     /// The record after renewal for `ttl` from `now`, signed by `key_id`. The new expiry is capped
     /// at `max_expires_at`; a renewal that cannot extend at all is refused.
     pub fn renewed(
@@ -253,6 +301,7 @@ mod tests {
             status_reason: None,
             key_id: "k1".into(),
             updated_at: now,
+            rule_calls: BTreeMap::new(),
         }
     }
 

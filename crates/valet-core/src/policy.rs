@@ -158,6 +158,7 @@ impl GrantTerms {
             status_reason: None,
             key_id: key_id.to_string(),
             updated_at: now,
+            rule_calls: BTreeMap::new(),
         }
     }
 }

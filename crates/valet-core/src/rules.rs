@@ -33,7 +33,12 @@ pub struct GraphqlAllow {
 
 impl AllowRule {
     /// Whether method and path match, with `{param}` segments bound to `params`.
-    pub fn matches(&self, method: &str, segments: &[String], params: &BTreeMap<String, String>) -> bool {
+    pub fn matches(
+        &self,
+        method: &str,
+        segments: &[String],
+        params: &BTreeMap<String, String>,
+    ) -> bool {
         self.methods.contains(method) && self.path.matches(segments, params)
     }
 }
@@ -41,7 +46,13 @@ impl AllowRule {
 impl fmt::Display for AllowRule {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         let methods: Vec<&str> = self.methods.iter().map(String::as_str).collect();
-        write!(formatter, "allow[{}] {} {}", self.index, methods.join("|"), self.path)
+        write!(
+            formatter,
+            "allow[{}] {} {}",
+            self.index,
+            methods.join("|"),
+            self.path
+        )
     }
 }
 
@@ -70,7 +81,9 @@ pub enum PatternError {
     NotAbsolute,
     #[error("'**' may only be the last segment")]
     RestNotLast,
-    #[error("segment {segment:?} mixes a placeholder with other text; a segment is a literal, '*', '**' or one '{{param}}'")]
+    #[error(
+        "segment {segment:?} mixes a placeholder with other text; a segment is a literal, '*', '**' or one '{{param}}'"
+    )]
     MixedSegment { segment: String },
     #[error("has an empty segment ('//'); paths are matched segment by segment")]
     EmptySegment,
@@ -82,27 +95,44 @@ impl PathPattern {
     pub fn parse(source: &str) -> Result<PathPattern, PatternError> {
         let rest = source.strip_prefix('/').ok_or(PatternError::NotAbsolute)?;
         let mut segments = Vec::new();
-        let parts: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split('/').collect() };
+        let parts: Vec<&str> = if rest.is_empty() {
+            Vec::new()
+        } else {
+            rest.split('/').collect()
+        };
         for (position, part) in parts.iter().enumerate() {
             let segment = match *part {
                 "" => return Err(PatternError::EmptySegment),
-                "." | ".." => return Err(PatternError::DotSegment { segment: part.to_string() }),
+                "." | ".." => {
+                    return Err(PatternError::DotSegment {
+                        segment: part.to_string(),
+                    });
+                }
                 "*" => PatternSegment::Any,
                 "**" if position + 1 == parts.len() => PatternSegment::Rest,
                 "**" => return Err(PatternError::RestNotLast),
                 part if part.starts_with('{') && part.ends_with('}') && part.len() > 2 => {
                     let name = &part[1..part.len() - 1];
                     if name.contains(['{', '}', '*']) {
-                        return Err(PatternError::MixedSegment { segment: part.to_string() });
+                        return Err(PatternError::MixedSegment {
+                            segment: part.to_string(),
+                        });
                     }
                     PatternSegment::Param(name.to_string())
                 }
-                part if part.contains(['{', '}', '*']) => return Err(PatternError::MixedSegment { segment: part.to_string() }),
+                part if part.contains(['{', '}', '*']) => {
+                    return Err(PatternError::MixedSegment {
+                        segment: part.to_string(),
+                    });
+                }
                 part => PatternSegment::Literal(part.to_string()),
             };
             segments.push(segment);
         }
-        Ok(PathPattern { source: source.to_string(), segments })
+        Ok(PathPattern {
+            source: source.to_string(),
+            segments,
+        })
     }
 
     /// The `{param}` names the pattern uses.
@@ -149,9 +179,13 @@ impl fmt::Display for PathPattern {
 pub enum PathError {
     #[error("the path has an empty segment ('//'), which upstreams read in different ways")]
     EmptySegment,
-    #[error("the path has a '.' or '..' segment (also when percent-encoded), which would change which resource it names")]
+    #[error(
+        "the path has a '.' or '..' segment (also when percent-encoded), which would change which resource it names"
+    )]
     DotSegment,
-    #[error("the path has an encoded '/' or '\\' (%2F, %5C), which upstreams read in different ways")]
+    #[error(
+        "the path has an encoded '/' or '\\' (%2F, %5C), which upstreams read in different ways"
+    )]
     EncodedSeparator,
     #[error("the path has a backslash, a control character or an invalid percent-encoding")]
     BadCharacter,
@@ -199,8 +233,13 @@ fn percent_decode(text: &str) -> Result<String, PathError> {
     let mut index = 0;
     while index < bytes.len() {
         if bytes[index] == b'%' {
-            let hex = bytes.get(index + 1..index + 3).ok_or(PathError::BadCharacter)?;
-            let value = std::str::from_utf8(hex).ok().and_then(|hex| u8::from_str_radix(hex, 16).ok()).ok_or(PathError::BadCharacter)?;
+            let hex = bytes
+                .get(index + 1..index + 3)
+                .ok_or(PathError::BadCharacter)?;
+            let value = std::str::from_utf8(hex)
+                .ok()
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                .ok_or(PathError::BadCharacter)?;
             out.push(value);
             index += 3;
         } else {
@@ -220,7 +259,10 @@ mod tests {
     }
 
     fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -228,37 +270,74 @@ mod tests {
         let pattern = PathPattern::parse("/v1/projects/{project}/services/*").unwrap();
         let bound = params(&[("project", "shop")]);
         assert!(pattern.matches(&segments("/v1/projects/shop/services/web"), &bound));
-        assert!(!pattern.matches(&segments("/v1/projects/bank/services/web"), &bound), "a param must equal the grant's");
+        assert!(
+            !pattern.matches(&segments("/v1/projects/bank/services/web"), &bound),
+            "a param must equal the grant's"
+        );
         assert!(!pattern.matches(&segments("/v1/projects/shop/services"), &bound));
         assert!(!pattern.matches(&segments("/v1/projects/shop/services/web/logs"), &bound));
-        assert!(!pattern.matches(&segments("/v1/projects/shop/services/web"), &params(&[])), "an unbound param matches nothing");
+        assert!(
+            !pattern.matches(&segments("/v1/projects/shop/services/web"), &params(&[])),
+            "an unbound param matches nothing"
+        );
         let rest = PathPattern::parse("/v1/**").unwrap();
         assert!(rest.matches(&segments("/v1"), &bound));
         assert!(rest.matches(&segments("/v1/a/b/c"), &bound));
         assert!(!rest.matches(&segments("/v2/a"), &bound));
-        assert!(PathPattern::parse("/").unwrap().matches(&segments("/"), &bound));
+        assert!(
+            PathPattern::parse("/")
+                .unwrap()
+                .matches(&segments("/"), &bound)
+        );
     }
 
     #[test]
     fn bad_patterns_say_what_is_wrong() {
         assert_eq!(PathPattern::parse("v1"), Err(PatternError::NotAbsolute));
         assert_eq!(PathPattern::parse("/**/x"), Err(PatternError::RestNotLast));
-        assert!(matches!(PathPattern::parse("/a{b}"), Err(PatternError::MixedSegment { .. })));
+        assert!(matches!(
+            PathPattern::parse("/a{b}"),
+            Err(PatternError::MixedSegment { .. })
+        ));
         assert_eq!(PathPattern::parse("/a//b"), Err(PatternError::EmptySegment));
-        assert!(matches!(PathPattern::parse("/a/../b"), Err(PatternError::DotSegment { .. })));
+        assert!(matches!(
+            PathPattern::parse("/a/../b"),
+            Err(PatternError::DotSegment { .. })
+        ));
     }
 
     #[test]
     fn paths_that_could_be_read_two_ways_are_refused() {
-        assert_eq!(normalized_segments("/v1//projects"), Err(PathError::EmptySegment));
-        assert_eq!(normalized_segments("/v1/../admin"), Err(PathError::DotSegment));
-        assert_eq!(normalized_segments("/v1/%2e%2E/admin"), Err(PathError::DotSegment));
+        assert_eq!(
+            normalized_segments("/v1//projects"),
+            Err(PathError::EmptySegment)
+        );
+        assert_eq!(
+            normalized_segments("/v1/../admin"),
+            Err(PathError::DotSegment)
+        );
+        assert_eq!(
+            normalized_segments("/v1/%2e%2E/admin"),
+            Err(PathError::DotSegment)
+        );
         assert_eq!(normalized_segments("/v1/./x"), Err(PathError::DotSegment));
-        assert_eq!(normalized_segments("/v1/a%2Fb"), Err(PathError::EncodedSeparator));
-        assert_eq!(normalized_segments("/v1/a%5cb"), Err(PathError::EncodedSeparator));
-        assert_eq!(normalized_segments("/v1/a\\b"), Err(PathError::BadCharacter));
+        assert_eq!(
+            normalized_segments("/v1/a%2Fb"),
+            Err(PathError::EncodedSeparator)
+        );
+        assert_eq!(
+            normalized_segments("/v1/a%5cb"),
+            Err(PathError::EncodedSeparator)
+        );
+        assert_eq!(
+            normalized_segments("/v1/a\\b"),
+            Err(PathError::BadCharacter)
+        );
         assert_eq!(normalized_segments("/v1/%zz"), Err(PathError::BadCharacter));
         assert_eq!(normalized_segments("/v1/%00"), Err(PathError::BadCharacter));
-        assert_eq!(normalized_segments("/v1/caf%C3%A9/"), Ok(vec!["v1".to_string(), "café".to_string()]));
+        assert_eq!(
+            normalized_segments("/v1/caf%C3%A9/"),
+            Ok(vec!["v1".to_string(), "café".to_string()])
+        );
     }
 }

@@ -19,7 +19,7 @@ pub enum AuditError {
     #[error("the audit log {path} cannot be written: {detail}")]
     Unwritable { path: String, detail: String },
     #[error(
-        "the audit log {path} ends at record {file_sequence} but the store's chain head is record {store_sequence}: the log was cut or replaced; restore it, or move it aside to start a new chain"
+        "the audit log {path} ends at record {file_sequence} but the store's chain head is record {store_sequence}: the log was cut or replaced; restore it (to rotate the log, move the whole file aside: a new file continues the chain)"
     )]
     TailMissing {
         path: String,
@@ -68,6 +68,11 @@ impl AuditSink {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|error| unwritable(error.to_string()))?;
         }
+        // A log that is absent (moved aside for rotation) or not a regular file starts a new file
+        // that continues the chain from the store's head; an existing regular file must end there.
+        let continues_elsewhere = std::fs::metadata(path)
+            .map(|metadata| !metadata.is_file())
+            .unwrap_or(true);
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -87,6 +92,10 @@ impl AuditSink {
                     file_sequence: file_head.sequence,
                     store_sequence: store_head.sequence,
                 });
+            }
+            (None, Some(store_head)) if continues_elsewhere => {
+                tracing::warn!(path = %path.display(), head = %store_head, "the audit log starts a new file, continuing the chain from the store's head");
+                store_head
             }
             (None, Some(store_head)) if store_head.sequence > 0 => {
                 return Err(AuditError::TailMissing {

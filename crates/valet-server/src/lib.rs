@@ -5,6 +5,7 @@ mod audit_sink;
 mod broker;
 mod convert;
 mod error;
+mod gateway_broker;
 mod keys;
 mod layers;
 mod loader;

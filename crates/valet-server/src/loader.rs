@@ -21,6 +21,7 @@ pub struct LoadedConfig {
 pub struct Overrides {
     pub listen: Option<std::net::SocketAddr>,
     pub data_dir: Option<std::path::PathBuf>,
+    pub gateway_listen: Option<std::net::SocketAddr>,
 }
 
 /// Reads and validates the config file and every credential it names.
@@ -45,6 +46,9 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, S
     }
     if let Some(data_dir) = &overrides.data_dir {
         config.server.data_dir = data_dir.clone();
+    }
+    if let Some(gateway_listen) = overrides.gateway_listen {
+        config.server.gateway_listen = Some(gateway_listen);
     }
     let mut credentials = BTreeMap::new();
     for credential in config.credentials.values() {

@@ -20,6 +20,9 @@ struct Arguments {
     /// Listen address, overriding server.listen (use port 0 for any free port).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Gateway listen address, overriding server.gateway_listen (port 0 for any free port).
+    #[arg(long)]
+    gateway_listen: Option<SocketAddr>,
     /// Data directory, overriding server.data_dir.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -37,6 +40,7 @@ fn main() {
         overrides: valet_server::Overrides {
             listen: arguments.listen,
             data_dir: arguments.data_dir,
+            gateway_listen: arguments.gateway_listen,
         },
     };
     let runtime = match tokio::runtime::Runtime::new() {

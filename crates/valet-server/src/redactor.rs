@@ -34,6 +34,11 @@ impl Redactor {
         self.credentials.load().len()
     }
 
+    /// A root credential by name, for the gateway's upstream leg.
+    pub fn credential(&self, name: &str) -> Option<Secret> {
+        self.credentials.load().get(name).cloned()
+    }
+
     /// `Some(clean text)` when `text` contained a credential, `None` when it is clean.
     pub fn redact(&self, text: &str) -> Option<String> {
         let credentials = self.credentials.load();

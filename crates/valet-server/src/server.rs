@@ -138,11 +138,34 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     })
     .max_decoding_message_size(MAX_REQUEST_BYTES);
 
+    let (stopping_sender, mut stopping) = tokio::sync::watch::channel(false);
+    if let Some(gateway_address) = config.server.gateway_listen {
+        let gateway_listener =
+            TcpListener::bind(gateway_address)
+                .await
+                .map_err(|error| ServerError::Listen {
+                    address: gateway_address.to_string(),
+                    detail: error.to_string(),
+                })?;
+        let bound = gateway_listener
+            .local_addr()
+            .map_err(|error| ServerError::Listen {
+                address: gateway_address.to_string(),
+                detail: error.to_string(),
+            })?;
+        let gateway = valet_gateway::Gateway::new(Arc::new(crate::gateway_broker::GatewayBroker(
+            valet.clone(),
+        )));
+        let mut gateway_stopping = stopping.clone();
+        tokio::spawn(gateway.serve(gateway_listener, async move {
+            let _ = gateway_stopping.wait_for(|stopping| *stopping).await;
+        }));
+        tracing::info!(address = %bound, n_upstreams = config.upstreams.len(), "gateway listening on {bound}");
+    }
     tokio::spawn(sweep_forever(valet.clone()));
     tokio::spawn(reload_on_sighup(valet.clone()));
 
     tracing::info!(%address, n_scopes = config.scopes.len(), n_principals = config.principals.len(), "valetd listening on {address}");
-    let (stopping_sender, mut stopping) = tokio::sync::watch::channel(false);
     let signal = async move {
         shutdown_signal().await;
         let _ = stopping_sender.send(true);

@@ -29,6 +29,7 @@ pub fn grant(id: &str, task_id: &str, now: i64) -> Grant {
         status_reason: None,
         key_id: "k".into(),
         updated_at: now,
+        rule_calls: BTreeMap::new(),
     }
 }
 

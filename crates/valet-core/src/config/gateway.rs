@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::raw::{RawAllow, RawUpstream};
-use super::{Credential, ParamRule, Problems, ProblemKind, invalid};
+use super::{Credential, ParamRule, ProblemKind, Problems, invalid};
 use crate::rules::{AllowRule, DEFAULT_MAX_BODY, GraphqlAllow, PathPattern};
 
 /// An API the gateway forwards to.
@@ -37,7 +37,13 @@ pub struct BaseUrl {
 
 impl std::fmt::Display for BaseUrl {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(formatter, "{}://{}{}", if self.https { "https" } else { "http" }, self.authority, self.path)
+        write!(
+            formatter,
+            "{}://{}{}",
+            if self.https { "https" } else { "http" },
+            self.authority,
+            self.path
+        )
     }
 }
 
@@ -90,7 +96,10 @@ pub(super) fn build_upstreams(
         {
             problems.push(
                 format!("{at}.credential"),
-                ProblemKind::UnknownCredential { name: credential.clone(), defined: defined_credentials.to_string() },
+                ProblemKind::UnknownCredential {
+                    name: credential.clone(),
+                    defined: defined_credentials.to_string(),
+                },
             );
         }
         let inject = problems.required(raw.inject, &format!("{at}.inject")).and_then(|inject| {
@@ -125,7 +134,11 @@ pub(super) fn build_upstreams(
             } else if is_credential_header(&header) {
                 problems.push(
                     format!("{at}.headers.{header}"),
-                    invalid(&header, "extra header", "not a credential header; the root credential goes in inject"),
+                    invalid(
+                        &header,
+                        "extra header",
+                        "not a credential header; the root credential goes in inject",
+                    ),
                 );
             } else {
                 headers.push((header, value));
@@ -139,12 +152,27 @@ pub(super) fn build_upstreams(
             Some(text) => problems.duration(Some(text), &format!("{at}.timeout")),
             None => Some(DEFAULT_UPSTREAM_TIMEOUT),
         };
-        let (Some(name), Some(base_url), Some(credential), Some(inject), Some(connect_timeout), Some(timeout)) =
-            (name, base_url, credential, inject, connect_timeout, timeout)
+        let (
+            Some(name),
+            Some(base_url),
+            Some(credential),
+            Some(inject),
+            Some(connect_timeout),
+            Some(timeout),
+        ) = (name, base_url, credential, inject, connect_timeout, timeout)
         else {
             continue;
         };
-        let upstream = Upstream { name: name.clone(), base_url, credential, inject, headers, ca_file: raw.ca_file.map(resolve), connect_timeout, timeout };
+        let upstream = Upstream {
+            name: name.clone(),
+            base_url,
+            credential,
+            inject,
+            headers,
+            ca_file: raw.ca_file.map(resolve),
+            connect_timeout,
+            timeout,
+        };
         if upstreams.insert(name.clone(), upstream).is_some() {
             problems.push(format!("{at}.name"), ProblemKind::Duplicate { name });
         }
@@ -152,7 +180,12 @@ pub(super) fn build_upstreams(
     upstreams
 }
 
-pub(super) fn build_allow_rules(raw_rules: Vec<RawAllow>, at: &str, params: &BTreeMap<String, ParamRule>, problems: &mut Problems) -> Vec<AllowRule> {
+pub(super) fn build_allow_rules(
+    raw_rules: Vec<RawAllow>,
+    at: &str,
+    params: &BTreeMap<String, ParamRule>,
+    problems: &mut Problems,
+) -> Vec<AllowRule> {
     let mut rules = Vec::new();
     for (index, raw) in raw_rules.into_iter().enumerate() {
         let rule_at = format!("{at}.allow[{index}]");
@@ -163,23 +196,45 @@ pub(super) fn build_allow_rules(raw_rules: Vec<RawAllow>, at: &str, params: &BTr
                     if is_graphql_name(&field) {
                         set.insert(field);
                     } else {
-                        problems.push(format!("{rule_at}.graphql.{kind}"), invalid(&field, "GraphQL field name", "a name such as customDomainCreate"));
+                        problems.push(
+                            format!("{rule_at}.graphql.{kind}"),
+                            invalid(
+                                &field,
+                                "GraphQL field name",
+                                "a name such as customDomainCreate",
+                            ),
+                        );
                     }
                 }
                 set
             };
-            GraphqlAllow { query: fields(graphql.query, "query"), mutation: fields(graphql.mutation, "mutation") }
+            GraphqlAllow {
+                query: fields(graphql.query, "query"),
+                mutation: fields(graphql.mutation, "mutation"),
+            }
         });
         let listed: Vec<String> = match (raw.method, raw.methods) {
             (Some(_), Some(_)) => {
-                problems.push(rule_at.clone(), ProblemKind::BothSet { first: "method", second: "methods" });
+                problems.push(
+                    rule_at.clone(),
+                    ProblemKind::BothSet {
+                        first: "method",
+                        second: "methods",
+                    },
+                );
                 Vec::new()
             }
             (Some(method), None) => vec![method],
             (None, Some(methods)) => methods,
             (None, None) if graphql.is_some() => vec!["POST".to_string()],
             (None, None) => {
-                problems.push(rule_at.clone(), ProblemKind::NeitherSet { first: "method", second: "methods" });
+                problems.push(
+                    rule_at.clone(),
+                    ProblemKind::NeitherSet {
+                        first: "method",
+                        second: "methods",
+                    },
+                );
                 Vec::new()
             }
         };
@@ -189,7 +244,10 @@ pub(super) fn build_allow_rules(raw_rules: Vec<RawAllow>, at: &str, params: &BTr
             if METHODS.contains(&upper.as_str()) {
                 methods.insert(upper);
             } else {
-                problems.push(format!("{rule_at}.method"), invalid(&method, "method", &METHODS.join(", ")));
+                problems.push(
+                    format!("{rule_at}.method"),
+                    invalid(&method, "method", &METHODS.join(", ")),
+                );
             }
         }
         let path = problems.required(raw.path, &format!("{rule_at}.path")).and_then(|text| match PathPattern::parse(&text) {
@@ -210,27 +268,48 @@ pub(super) fn build_allow_rules(raw_rules: Vec<RawAllow>, at: &str, params: &BTr
                 None
             }
         });
-        let positive = |value: Option<i64>, key: &str, problems: &mut Problems| -> Option<Option<u64>> {
-            match value {
-                None => Some(None),
-                Some(number) if number >= 1 => Some(u64::try_from(number).ok()),
-                Some(number) => {
-                    problems.push(format!("{rule_at}.{key}"), invalid(&number.to_string(), key_what(key), "a whole number of at least 1"));
-                    None
+        let positive =
+            |value: Option<i64>, key: &str, problems: &mut Problems| -> Option<Option<u64>> {
+                match value {
+                    None => Some(None),
+                    Some(number) if number >= 1 => Some(u64::try_from(number).ok()),
+                    Some(number) => {
+                        problems.push(
+                            format!("{rule_at}.{key}"),
+                            invalid(
+                                &number.to_string(),
+                                key_what(key),
+                                "a whole number of at least 1",
+                            ),
+                        );
+                        None
+                    }
                 }
-            }
-        };
+            };
         let max_body = positive(raw.max_body, "max_body", problems);
         let max_calls = positive(raw.max_calls, "max_calls", problems);
-        if let (Some(path), Some(max_body), Some(max_calls), false) = (path, max_body, max_calls, methods.is_empty()) {
-            rules.push(AllowRule { index, methods, path, graphql, max_body: max_body.unwrap_or(DEFAULT_MAX_BODY), max_calls });
+        if let (Some(path), Some(max_body), Some(max_calls), false) =
+            (path, max_body, max_calls, methods.is_empty())
+        {
+            rules.push(AllowRule {
+                index,
+                methods,
+                path,
+                graphql,
+                max_body: max_body.unwrap_or(DEFAULT_MAX_BODY),
+                max_calls,
+            });
         }
     }
     rules
 }
 
 fn key_what(key: &str) -> &'static str {
-    if key == "max_body" { "byte count" } else { "call count" }
+    if key == "max_body" {
+        "byte count"
+    } else {
+        "call count"
+    }
 }
 
 fn parse_base_url(text: &str) -> Option<BaseUrl> {
@@ -246,22 +325,38 @@ fn parse_base_url(text: &str) -> Option<BaseUrl> {
         Some(position) => (&rest[..position], rest[position..].trim_end_matches('/')),
         None => (rest, ""),
     };
-    if authority.is_empty() || path.contains("//") || path.split('/').any(|segment| segment == "." || segment == "..") {
+    if authority.is_empty()
+        || path.contains("//")
+        || path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+    {
         return None;
     }
-    Some(BaseUrl { https, authority: authority.to_string(), path: path.to_string() })
+    Some(BaseUrl {
+        https,
+        authority: authority.to_string(),
+        path: path.to_string(),
+    })
 }
 
 fn is_header_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-')
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-')
 }
 
 /// Headers that carry credentials: stripped from the agent's request, never set as extras.
 pub fn is_credential_header(name: &str) -> bool {
-    matches!(name.to_ascii_lowercase().as_str(), "authorization" | "proxy-authorization" | "cookie" | "x-api-key" | "valet-approval")
+    matches!(
+        name.to_ascii_lowercase().as_str(),
+        "authorization" | "proxy-authorization" | "cookie" | "x-api-key" | "valet-approval"
+    )
 }
 
 fn is_graphql_name(name: &str) -> bool {
     let mut bytes = name.bytes();
-    matches!(bytes.next(), Some(first) if first.is_ascii_alphabetic() || first == b'_') && bytes.all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
+    matches!(bytes.next(), Some(first) if first.is_ascii_alphabetic() || first == b'_')
+        && bytes.all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
 }

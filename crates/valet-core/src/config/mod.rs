@@ -453,17 +453,30 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
     }
     let defined_credentials = credentials.keys().cloned().collect::<Vec<_>>().join(", ");
 
-    let upstreams = gateway::build_upstreams(raw.upstream, &credentials, &defined_credentials, &resolve, problems);
-    let gateway_listen = raw_server.gateway_listen.and_then(|text| match text.parse::<SocketAddr>() {
-        Ok(address) => Some(address),
-        Err(_) => {
-            problems.push(
-                "server.gateway_listen",
-                invalid(&text, "socket address", "IP:PORT, such as \"127.0.0.1:7471\""),
-            );
-            None
-        }
-    });
+    let upstreams = gateway::build_upstreams(
+        raw.upstream,
+        &credentials,
+        &defined_credentials,
+        &resolve,
+        problems,
+    );
+    let gateway_listen =
+        raw_server
+            .gateway_listen
+            .and_then(|text| match text.parse::<SocketAddr>() {
+                Ok(address) => Some(address),
+                Err(_) => {
+                    problems.push(
+                        "server.gateway_listen",
+                        invalid(
+                            &text,
+                            "socket address",
+                            "IP:PORT, such as \"127.0.0.1:7471\"",
+                        ),
+                    );
+                    None
+                }
+            });
     let mut scopes = BTreeMap::new();
     for (index, raw_scope) in raw.scope.into_iter().enumerate() {
         let at = format!("scope[{index}]");
@@ -644,21 +657,37 @@ fn build_scope(
     problems: &mut Problems,
 ) -> Option<Scope> {
     let name = problems.name(raw_scope.name, &format!("{at}.name"));
-    let upstream = raw_scope.upstream.and_then(|name| match upstreams.get(&name) {
-        Some(upstream) => Some(upstream),
-        None => {
-            let defined = upstreams.keys().cloned().collect::<Vec<_>>().join(", ");
-            problems.push(format!("{at}.upstream"), invalid(&name, "upstream", &format!("one of the defined upstreams [{defined}]")));
-            None
-        }
-    });
+    let upstream = raw_scope
+        .upstream
+        .and_then(|name| match upstreams.get(&name) {
+            Some(upstream) => Some(upstream),
+            None => {
+                let defined = upstreams.keys().cloned().collect::<Vec<_>>().join(", ");
+                problems.push(
+                    format!("{at}.upstream"),
+                    invalid(
+                        &name,
+                        "upstream",
+                        &format!("one of the defined upstreams [{defined}]"),
+                    ),
+                );
+                None
+            }
+        });
     // A gateway scope draws on its upstream's credential and is for its upstream's audience;
     // saying so again is allowed, saying something else is an error.
     let credential = match (raw_scope.credential, upstream) {
         (Some(credential), Some(upstream)) if credential != upstream.credential => {
             problems.push(
                 format!("{at}.credential"),
-                invalid(&credential, "credential", &format!("the upstream's credential {:?} (or leave it out)", upstream.credential)),
+                invalid(
+                    &credential,
+                    "credential",
+                    &format!(
+                        "the upstream's credential {:?} (or leave it out)",
+                        upstream.credential
+                    ),
+                ),
             );
             None
         }
@@ -669,7 +698,11 @@ fn build_scope(
         (Some(audience), Some(upstream)) if audience != upstream.name => {
             problems.push(
                 format!("{at}.audience"),
-                invalid(&audience, "audience", &format!("the upstream's name {:?} (or leave it out)", upstream.name)),
+                invalid(
+                    &audience,
+                    "audience",
+                    &format!("the upstream's name {:?} (or leave it out)", upstream.name),
+                ),
             );
             None
         }
@@ -811,11 +844,19 @@ fn build_scope(
     match upstream {
         None if n_raw_rules > 0 => problems.push(
             format!("{at}.allow"),
-            invalid("[[scope.allow]]", "rule list", "rules only in a scope with an upstream (set upstream = NAME)"),
+            invalid(
+                "[[scope.allow]]",
+                "rule list",
+                "rules only in a scope with an upstream (set upstream = NAME)",
+            ),
         ),
         Some(_) if n_raw_rules == 0 => problems.push(
             format!("{at}.allow"),
-            invalid("[]", "rule list", "at least one [[scope.allow]] rule: a gateway scope allows nothing by default"),
+            invalid(
+                "[]",
+                "rule list",
+                "at least one [[scope.allow]] rule: a gateway scope allows nothing by default",
+            ),
         ),
         _ => {}
     }
