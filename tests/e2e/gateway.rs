@@ -523,6 +523,15 @@ async fn query_credentials_are_injected_and_cannot_be_overridden() {
         upstream.seen()[0].target,
         format!("/items?limit=5&api_key={GITHUB_ROOT_SECRET}")
     );
+    // This upstream echoes the URL it was called with; the agent must still not see the secret.
+    assert!(!reply.body.contains(GITHUB_ROOT_SECRET), "{}", reply.body);
+    assert!(
+        reply
+            .body
+            .contains(&format!("api_key={}", "*".repeat(GITHUB_ROOT_SECRET.len()))),
+        "{}",
+        reply.body
+    );
 }
 
 #[tokio::test]

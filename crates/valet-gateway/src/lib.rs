@@ -5,6 +5,7 @@
 //! streams the answer back. The same listener serves the JWKS and OpenID discovery documents.
 
 mod graphql;
+mod mask;
 mod proxy;
 mod response;
 mod upstream;

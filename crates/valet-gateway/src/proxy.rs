@@ -10,6 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::Frame;
 use valet_core::audit::{AuditEvent, Outcome};
 use valet_core::config::{Injection, Scope, Upstream, is_credential_header};
 use valet_core::grant::Grant;
@@ -17,6 +18,7 @@ use valet_core::rules::{self, AllowRule};
 use valet_core::token::{self, Expectations};
 
 use crate::graphql::{self, AskedField};
+use crate::mask::Masker;
 use crate::response::{self, Body, BoxError, GatewayError};
 use crate::{BrokerError, Gateway};
 
@@ -298,6 +300,14 @@ async fn forward(
         };
     let (mut parts, upstream_body) = answer.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    let masker = masker_for(&upstream, &secret);
+    for value in parts.headers.values_mut() {
+        if let Some(masked) = masker.mask_once(value.as_bytes())
+            && let Ok(masked) = HeaderValue::from_bytes(&masked)
+        {
+            *value = masked;
+        }
+    }
     let status = parts.status.as_u16();
     let closing = Closing {
         broker: gateway.broker.clone(),
@@ -312,7 +322,7 @@ async fn forward(
     };
     Ok(http::Response::from_parts(
         parts,
-        counted(upstream_body, closing),
+        counted(upstream_body, masker, closing),
     ))
 }
 
@@ -596,23 +606,57 @@ impl Drop for Closing {
     }
 }
 
-/// The upstream's body, streamed frame by frame as it arrives, counted for the closing record.
-fn counted(body: hyper::body::Incoming, closing: Closing) -> Body {
-    let stream = futures::stream::unfold((body, closing), |(mut body, mut closing)| async move {
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    closing.bytes += data.len() as u64;
+/// The secret as the upstream leg carries it: raw, and for query injection also
+/// percent-encoded, so an echo of either form is caught.
+fn masker_for(upstream: &Upstream, secret: &valet_core::Secret) -> Masker {
+    let mut needles = vec![secret.expose().to_vec()];
+    if let Injection::Query { .. } = &upstream.inject
+        && let Some(text) = secret.expose_str()
+    {
+        needles.push(percent_encode(text).into_bytes());
+    }
+    Masker::new(needles)
+}
+
+/// The upstream's body, streamed frame by frame as it arrives, with the root credential masked,
+/// counted for the closing record.
+fn counted(body: hyper::body::Incoming, masker: Masker, closing: Closing) -> Body {
+    let stream = futures::stream::unfold(
+        (Some(body), masker, closing),
+        |(body, mut masker, mut closing)| async move {
+            let mut body = body?;
+            loop {
+                match body.frame().await {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => {
+                            closing.bytes += data.len() as u64;
+                            let ready = masker.push(&data);
+                            if ready.is_empty() {
+                                continue;
+                            }
+                            return Some((Ok(Frame::data(ready)), (Some(body), masker, closing)));
+                        }
+                        // Trailers pass through.
+                        Err(frame) => return Some((Ok(frame), (Some(body), masker, closing))),
+                    },
+                    Some(Err(error)) => {
+                        return Some((
+                            Err(Box::new(error) as BoxError),
+                            (Some(body), masker, closing),
+                        ));
+                    }
+                    None => {
+                        closing.finish(true);
+                        let rest = masker.finish();
+                        if rest.is_empty() {
+                            return None;
+                        }
+                        return Some((Ok(Frame::data(rest)), (None, masker, closing)));
+                    }
                 }
-                Some((Ok(frame), (body, closing)))
             }
-            Some(Err(error)) => Some((Err(Box::new(error) as BoxError), (body, closing))),
-            None => {
-                closing.finish(true);
-                None
-            }
-        }
-    });
+        },
+    );
     BodyExt::boxed(StreamBody::new(stream))
 }
 
