@@ -160,3 +160,53 @@ async fn a_cut_audit_log_is_refused_at_start() {
         "{output}"
     );
 }
+
+#[tokio::test]
+async fn a_log_moved_aside_for_rotation_is_continued_by_the_new_file() {
+    let deployment = Deployment::standard();
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    agent
+        .request_token(staging("before-rotation"))
+        .await
+        .unwrap();
+    let head_before = audit_head(&valetd).await;
+    valetd.stop().await;
+    std::fs::rename(
+        deployment.audit_path(),
+        deployment.path("audit/audit.jsonl.1"),
+    )
+    .unwrap();
+
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    agent
+        .request_token(staging("after-rotation"))
+        .await
+        .unwrap();
+    let new_file = std::fs::read_to_string(deployment.audit_path()).unwrap();
+    let first: serde_json::Value = serde_json::from_str(new_file.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        first["seq"],
+        head_before.sequence + 1,
+        "the sequence continues"
+    );
+    assert_eq!(
+        first["prev"],
+        head_before.hash.as_str(),
+        "and links to the old file's last record"
+    );
+    let old_file = std::fs::read_to_string(deployment.path("audit/audit.jsonl.1")).unwrap();
+    let both = format!("{old_file}{new_file}");
+    assert!(
+        audit::verify(both.lines(), Some(&audit_head(&valetd).await)).is_ok(),
+        "the two files form one chain"
+    );
+
+    // An existing but emptied log is a cut, not a rotation.
+    valetd.stop().await;
+    std::fs::write(deployment.audit_path(), "").unwrap();
+    let (code, output) = deployment.start_expecting_failure(&[]);
+    assert_eq!(code, 1);
+    assert!(output.contains("the log was cut"), "{output}");
+}

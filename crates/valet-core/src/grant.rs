@@ -375,6 +375,35 @@ mod tests {
     }
 
     #[test]
+    fn gateway_calls_count_against_uses_and_each_rule_s_own_limit() {
+        let rule = crate::rules::AllowRule {
+            index: 1,
+            methods: ["POST".to_string()].into_iter().collect(),
+            path: crate::rules::PathPattern::parse("/deploys").unwrap(),
+            graphql: None,
+            max_body: 64,
+            max_calls: Some(1),
+        };
+        let grant = active_grant(1_000);
+        let once = grant.called(&rule, 1_001).unwrap();
+        assert_eq!((once.uses, once.rule_calls.get("1").copied()), (1, Some(1)));
+        assert!(matches!(
+            once.called(&rule, 1_002),
+            Err(CallRefused::RuleExhausted { max_calls: 1, .. })
+        ));
+        let unlimited_rule = crate::rules::AllowRule {
+            max_calls: None,
+            index: 0,
+            ..rule
+        };
+        let twice = once.called(&unlimited_rule, 1_002).unwrap();
+        assert!(matches!(
+            twice.called(&unlimited_rule, 1_003),
+            Err(CallRefused::Inactive(InactiveReason::UsesExhausted { .. }))
+        ));
+    }
+
+    #[test]
     fn records_are_swept_only_after_retention() {
         let grant = active_grant(1_000);
         let retention = Duration::from_secs(100);
