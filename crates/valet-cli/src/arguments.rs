@@ -63,6 +63,24 @@ pub enum Command {
     /// Verify and read the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// See and follow approval requests.
+    #[command(subcommand)]
+    Approvals(ApprovalsCommand),
+    /// Approve a pending request (operators, admins, or its listed approvers; never its requester).
+    Approve {
+        id: String,
+        /// The value the request asks to be typed (its environment, or a parameter's value).
+        #[arg(long)]
+        confirm: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Deny a pending request, with a reason.
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
     /// Run a command with a task-scoped token in its environment; revoke the task when it exits.
     Exec(ExecArguments),
     /// Print shell completions.
@@ -85,6 +103,25 @@ pub struct TokenRequestArguments {
     /// A scope parameter, NAME=VALUE; repeat for more.
     #[arg(long = "param", value_parser = parse_param)]
     pub params: Vec<(String, String)>,
+    /// For scopes that need approval: how long to wait for it (default 15m).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "15m")]
+    pub wait: Duration,
+    /// For scopes that need approval: do not wait; print the approval id and exit 3.
+    #[arg(long, conflicts_with = "wait")]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// Pending requests (all requests with --all), oldest first.
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// One request in full: what exactly is asked, by whom, and who has decided.
+    Show { id: String },
+    /// Requests as they arrive and change (Ctrl-C to stop).
+    Watch,
 }
 
 #[derive(Debug, Subcommand)]

@@ -14,9 +14,9 @@ use valet_core::config::Config;
 use valet_core::{Clock, Secret, SystemClock};
 
 use crate::arguments::{
-    Arguments, AuditCommand, Command, ConfigCommand, Connection, GrantFilterArguments,
-    GrantsCommand, KeysCommand, RevokeAllArguments, TaskCommand, TokenCommand,
-    TokenRequestArguments,
+    ApprovalsCommand, Arguments, AuditCommand, Command, ConfigCommand, Connection,
+    GrantFilterArguments, GrantsCommand, KeysCommand, RevokeAllArguments, TaskCommand,
+    TokenCommand, TokenRequestArguments,
 };
 use crate::output::{self, EXIT_DENIED, EXIT_FAILURE, Style, UsageError};
 
@@ -61,7 +61,32 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
     let now = SystemClock.now();
     match command {
         Command::Token(TokenCommand::Request(arguments)) => {
-            let issued = client.request_token(token_request(arguments)).await?;
+            let (wait, no_wait) = (arguments.wait, arguments.no_wait);
+            let mut issued = client.request_token(token_request(arguments)).await?;
+            if let Some(approval) = issued.approval.clone().filter(|_| issued.is_pending()) {
+                eprintln!(
+                    "{} needs approval: request {}",
+                    approval.summary, approval.id
+                );
+                eprintln!(
+                    "an approver runs: valet approvals show {} && valet approve {}",
+                    approval.id, approval.id
+                );
+                if no_wait {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"approval": output::approval_json(&approval), "grant": output::grant_json(&issued.grant)})
+                        );
+                    }
+                    return Ok(EXIT_DENIED);
+                }
+                eprintln!(
+                    "waiting up to {} for a decision…",
+                    humantime::format_duration(wait)
+                );
+                issued = client.wait_for_grant(&issued.grant.id, wait).await?;
+            }
             print_issued(&issued, json, now);
         }
         Command::Token(TokenCommand::Renew { grant, ttl }) => {
@@ -213,6 +238,90 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
                 // Records are JSON lines already: the same text for people and programs.
                 println!("{}", record.map_err(ClientError::from)?.line);
             }
+        }
+        Command::Approvals(ApprovalsCommand::List { all }) => {
+            let approvals = client
+                .admin()
+                .list_approvals(v1::ListApprovalsRequest { pending_only: !all })
+                .await
+                .map_err(ClientError::from)?
+                .into_inner()
+                .approvals;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(approvals.iter().map(output::approval_json).collect())
+                );
+            } else {
+                print!(
+                    "{}",
+                    output::approval_table(&approvals, now, Style::of_stdout())
+                );
+            }
+        }
+        Command::Approvals(ApprovalsCommand::Show { id }) => {
+            let approval = client
+                .admin()
+                .get_approval(v1::GetApprovalRequest { id })
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            if json {
+                println!("{}", output::approval_json(&approval));
+            } else {
+                print!("{}", output::approval_details(&approval, now));
+            }
+        }
+        Command::Approvals(ApprovalsCommand::Watch) => {
+            let mut approvals = client
+                .admin()
+                .watch_approvals(v1::WatchApprovalsRequest {})
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            if !json {
+                eprintln!("watching approval requests (Ctrl-C to stop)");
+            }
+            while let Some(approval) = approvals.next().await {
+                let approval = approval.map_err(ClientError::from)?;
+                if json {
+                    println!("{}", output::approval_json(&approval));
+                } else {
+                    println!(
+                        "{} {:<9} {} — {}",
+                        format_time(SystemClock.now()),
+                        output::approval_status_name(approval.status),
+                        approval.id,
+                        approval.summary
+                    );
+                }
+            }
+        }
+        Command::Approve {
+            id,
+            confirm,
+            reason,
+        } => {
+            let approval = client
+                .admin()
+                .approve(v1::ApproveRequest {
+                    id,
+                    confirm: confirm.unwrap_or_default(),
+                    reason,
+                })
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            print_decision(&approval, json);
+        }
+        Command::Deny { id, reason } => {
+            let approval = client
+                .admin()
+                .deny(v1::DenyRequest { id, reason })
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            print_decision(&approval, json);
         }
         Command::Config(ConfigCommand::Check { .. })
         | Command::Keygen { .. }
@@ -440,6 +549,24 @@ fn print_issued(issued: &IssuedToken, json: bool, now: valet_core::UnixTime) {
     } else {
         println!("{}", issued.token_str());
         eprintln!("{}", output::grant_summary(&issued.grant, now));
+    }
+}
+
+fn print_decision(approval: &v1::Approval, json: bool) {
+    if json {
+        println!("{}", output::approval_json(approval));
+    } else {
+        let status = output::approval_status_name(approval.status);
+        let detail = if approval.status_reason.is_empty() {
+            format!(
+                "{} of {} approval(s) so far",
+                approval.approvals.len(),
+                approval.required
+            )
+        } else {
+            approval.status_reason.clone()
+        };
+        println!("{} is {status}: {detail}", approval.id);
     }
 }
 

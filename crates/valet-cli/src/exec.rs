@@ -36,7 +36,16 @@ pub async fn exec(client: &Client, arguments: ExecArguments) -> anyhow::Result<i
         TokenRequest::new(&arguments.scope, &arguments.task).with_purpose(&arguments.purpose);
     request.ttl = arguments.ttl;
     request.params = arguments.params.iter().cloned().collect();
-    let issued = client.request_token(request).await?;
+    let mut issued = client.request_token(request).await?;
+    if let Some(approval) = issued.approval.clone().filter(|_| issued.is_pending()) {
+        eprintln!(
+            "valet: {} needs approval: request {}; waiting up to 15m",
+            approval.summary, approval.id
+        );
+        issued = client
+            .wait_for_grant(&issued.grant.id, Duration::from_secs(15 * 60))
+            .await?;
+    }
     let outcome = run_with_token(client, &arguments, &issued).await;
     let revoked = client
         .revoke_task(&arguments.task, "valet exec: the command ended")

@@ -246,6 +246,168 @@ fn colour_status(status: &str) -> String {
     format!("\x1b[{code}m{status}\x1b[0m")
 }
 
+pub fn approval_status_name(status: i32) -> &'static str {
+    match v1::ApprovalStatus::try_from(status).unwrap_or(v1::ApprovalStatus::Unspecified) {
+        v1::ApprovalStatus::Pending => "pending",
+        v1::ApprovalStatus::Approved => "approved",
+        v1::ApprovalStatus::Denied => "denied",
+        v1::ApprovalStatus::Expired => "expired",
+        v1::ApprovalStatus::Consumed => "used",
+        v1::ApprovalStatus::Unspecified => "unknown",
+    }
+}
+
+/// The approval as a JSON object.
+pub fn approval_json(approval: &v1::Approval) -> serde_json::Value {
+    let time = |at: &Option<prost_types::Timestamp>| seconds(at).map(format_time);
+    serde_json::json!({
+        "id": approval.id,
+        "kind": approval.kind,
+        "summary": approval.summary,
+        "grant_id": approval.grant_id,
+        "requester": approval.requester,
+        "scope": approval.scope,
+        "environment": approval.environment,
+        "task": approval.task_id,
+        "purpose": approval.purpose,
+        "params": approval.params.iter().collect::<BTreeMap<_, _>>(),
+        "call": approval.call.as_ref().map(|call| serde_json::json!({
+            "method": call.method, "target": call.target, "body_sha256": call.body_sha256,
+            "graphql": call.graphql, "variables": (!call.variables.is_empty()).then_some(&call.variables),
+        })),
+        "created_at": time(&approval.created_at),
+        "expires_at": time(&approval.expires_at),
+        "required": approval.required,
+        "approvers": approval.approvers,
+        "confirm": (!approval.confirm.is_empty()).then_some(&approval.confirm),
+        "approvals": approval.approvals.iter().map(|decision| serde_json::json!({"by": decision.by, "at": time(&decision.at), "reason": decision.reason})).collect::<Vec<_>>(),
+        "status": approval_status_name(approval.status),
+        "status_reason": (!approval.status_reason.is_empty()).then_some(&approval.status_reason),
+    })
+}
+
+/// Pending (or all) approvals: one line each.
+pub fn approval_table(approvals: &[v1::Approval], now: UnixTime, style: Style) -> String {
+    let mut out = String::new();
+    let header = ["ID", "STATUS", "APPROVALS", "EXPIRES", "SUMMARY"];
+    if style == Style::Plain {
+        out.push_str(&header.join("\t"));
+        out.push('\n');
+    } else {
+        out.push_str(&format!(
+            "{:<32}  {:<9}  {:<9}  {:<10}  {}\n",
+            header[0], header[1], header[2], header[3], header[4]
+        ));
+    }
+    for approval in approvals {
+        let count = format!("{}/{}", approval.approvals.len(), approval.required);
+        let expires = seconds(&approval.expires_at)
+            .map(|at| {
+                if style == Style::Plain {
+                    format_time(at)
+                } else {
+                    relative(at, now)
+                }
+            })
+            .unwrap_or_default();
+        let status = approval_status_name(approval.status);
+        if style == Style::Plain {
+            out.push_str(
+                &[
+                    approval.id.as_str(),
+                    status,
+                    &count,
+                    &expires,
+                    &approval.summary,
+                ]
+                .join("\t"),
+            );
+            out.push('\n');
+        } else {
+            out.push_str(&format!(
+                "{:<32}  {:<9}  {:<9}  {:<10}  {}\n",
+                approval.id, status, count, expires, approval.summary
+            ));
+        }
+    }
+    if approvals.is_empty() && style == Style::Terminal {
+        out.push_str("(no approval requests)\n");
+    }
+    out
+}
+
+/// Everything an approver should read before deciding.
+pub fn approval_details(approval: &v1::Approval, now: UnixTime) -> String {
+    let mut out = format!("approval {}\n  {}\n", approval.id, approval.summary);
+    out.push_str(&format!(
+        "  status:      {}{}\n",
+        approval_status_name(approval.status),
+        if approval.status_reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", approval.status_reason)
+        }
+    ));
+    out.push_str(&format!(
+        "  requester:   {} (task {})\n",
+        approval.requester, approval.task_id
+    ));
+    if !approval.purpose.is_empty() {
+        out.push_str(&format!("  purpose:     {}\n", approval.purpose));
+    }
+    out.push_str(&format!(
+        "  scope:       {} (environment {})\n",
+        approval.scope, approval.environment
+    ));
+    for (name, value) in approval.params.iter().collect::<BTreeMap<_, _>>() {
+        out.push_str(&format!("  param:       {name} = {value}\n"));
+    }
+    if let Some(call) = &approval.call {
+        out.push_str(&format!("  call:        {} {}\n", call.method, call.target));
+        for field in &call.graphql {
+            out.push_str(&format!("  graphql:     {field}\n"));
+        }
+        if !call.variables.is_empty() {
+            out.push_str(&format!("  variables:   {}\n", call.variables));
+        }
+        out.push_str(&format!("  body sha256: {}\n", call.body_sha256));
+    }
+    if let Some(expires) = seconds(&approval.expires_at) {
+        out.push_str(&format!(
+            "  expires:     {} ({})\n",
+            format_time(expires),
+            relative(expires, now)
+        ));
+    }
+    let approvers = if approval.approvers.is_empty() {
+        "any operator or admin".to_string()
+    } else {
+        approval.approvers.join(", ")
+    };
+    out.push_str(&format!(
+        "  needs:       {} approval(s) from {approvers}\n",
+        approval.required
+    ));
+    for decision in &approval.approvals {
+        out.push_str(&format!(
+            "  approved by: {}{}\n",
+            decision.by,
+            if decision.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", decision.reason)
+            }
+        ));
+    }
+    if !approval.confirm.is_empty() {
+        out.push_str(&format!(
+            "  to approve, type the {}: valet approve {} --confirm VALUE\n",
+            approval.confirm, approval.id
+        ));
+    }
+    out
+}
+
 /// The exit code for an error: usage, denied and unreachable have their own.
 pub fn exit_code_of(error: &anyhow::Error) -> i32 {
     if error.downcast_ref::<UsageError>().is_some() {
@@ -256,7 +418,11 @@ pub fn exit_code_of(error: &anyhow::Error) -> i32 {
             EXIT_UNREACHABLE
         }
         Some(ClientError::NoKey) => EXIT_USAGE,
-        Some(ClientError::Verify(_)) => EXIT_DENIED,
+        Some(
+            ClientError::Verify(_)
+            | ClientError::NotApproved { .. }
+            | ClientError::StillPending { .. },
+        ) => EXIT_DENIED,
         Some(client_error) => match client_error.code() {
             Some(
                 tonic::Code::PermissionDenied

@@ -50,6 +50,13 @@ pub enum ClientError {
     Verify(#[from] valet_core::token::VerifyError),
     #[error("the broker answered without a {what}")]
     IncompleteReply { what: &'static str },
+    #[error("grant {grant_id} was not approved: {reason}")]
+    NotApproved { grant_id: String, reason: String },
+    #[error("grant {grant_id} is still waiting for approval {approval_id}")]
+    StillPending {
+        grant_id: String,
+        approval_id: String,
+    },
 }
 
 impl From<tonic::Status> for ClientError {
@@ -142,10 +149,18 @@ pub struct Client {
 #[derive(Debug, Clone)]
 pub struct IssuedToken {
     pub grant: v1::Grant,
+    /// Empty while the grant waits for approval.
     pub token: Secret,
+    /// Set when the scope needs approval: wait with [`Client::wait_for_grant`].
+    pub approval: Option<v1::Approval>,
 }
 
 impl IssuedToken {
+    /// Whether the grant is waiting for people to approve it.
+    pub fn is_pending(&self) -> bool {
+        self.approval.is_some() && self.token.is_empty()
+    }
+
     /// The token text, to hand to the tool that needs it.
     pub fn token_str(&self) -> &str {
         self.token.expose_str().unwrap_or_default()
@@ -247,6 +262,62 @@ impl Client {
                 .grant
                 .ok_or(ClientError::IncompleteReply { what: "grant" })?,
             token: Secret::from(reply.token),
+            approval: reply.approval,
+        })
+    }
+
+    /// Waits up to `timeout` for a pending grant: its token once approved, `NotApproved` when
+    /// denied or timed out, `StillPending` when the wait ends first.
+    pub async fn wait_for_grant(
+        &self,
+        grant_id: &str,
+        timeout: Duration,
+    ) -> Result<IssuedToken, ClientError> {
+        let mut updates = self
+            .broker
+            .clone()
+            .wait_for_grant(v1::WaitForGrantRequest {
+                grant_id: grant_id.to_string(),
+                timeout_seconds: timeout.as_secs().max(1),
+            })
+            .await?
+            .into_inner();
+        let mut last = None;
+        while let Some(update) = updates.message().await? {
+            let grant = update
+                .grant
+                .clone()
+                .ok_or(ClientError::IncompleteReply { what: "grant" })?;
+            match v1::GrantStatus::try_from(grant.status).unwrap_or(v1::GrantStatus::Unspecified) {
+                v1::GrantStatus::Active if !update.token.is_empty() => {
+                    return Ok(IssuedToken {
+                        grant,
+                        token: Secret::from(update.token),
+                        approval: update.approval,
+                    });
+                }
+                v1::GrantStatus::Pending => last = Some(update),
+                _ => {
+                    let reason = update
+                        .approval
+                        .as_ref()
+                        .map(|approval| approval.status_reason.clone())
+                        .filter(|reason| !reason.is_empty())
+                        .unwrap_or_else(|| grant.status_reason.clone());
+                    return Err(ClientError::NotApproved {
+                        grant_id: grant.id,
+                        reason,
+                    });
+                }
+            }
+        }
+        let approval_id = last
+            .and_then(|update| update.approval)
+            .map(|approval| approval.id)
+            .unwrap_or_default();
+        Err(ClientError::StillPending {
+            grant_id: grant_id.to_string(),
+            approval_id,
         })
     }
 
@@ -270,6 +341,7 @@ impl Client {
                 .grant
                 .ok_or(ClientError::IncompleteReply { what: "grant" })?,
             token: Secret::from(reply.token),
+            approval: None,
         })
     }
 

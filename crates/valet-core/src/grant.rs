@@ -184,6 +184,37 @@ impl Grant {
         })
     }
 
+    /// The record of a pending grant once approved at `now`: active for `ttl`, its max lifetime
+    /// counted from now.
+    pub fn activated(
+        &self,
+        ttl: Duration,
+        max_lifetime: Duration,
+        key_id: &str,
+        now: UnixTime,
+    ) -> Result<Grant, TransitionError> {
+        self.require_status(GrantStatus::Pending, "activated", now)?;
+        Ok(Grant {
+            status: GrantStatus::Active,
+            issued_at: now,
+            expires_at: add_duration(now, ttl),
+            max_expires_at: add_duration(now, max_lifetime),
+            key_id: key_id.to_string(),
+            updated_at: now,
+            ..self.clone()
+        })
+    }
+
+    /// The record of a pending grant whose approval was denied or timed out.
+    pub fn denied(&self, reason: &str, now: UnixTime) -> Grant {
+        Grant {
+            status: GrantStatus::Denied,
+            status_reason: Some(reason.to_string()),
+            updated_at: now,
+            ..self.clone()
+        }
+    }
+
     /// The record after one gateway call through `rule`, counting it against the grant's
     /// `max_uses` and the rule's `max_calls`.
     pub fn called(
@@ -383,6 +414,7 @@ mod tests {
             graphql: None,
             max_body: 64,
             max_calls: Some(1),
+            approval: None,
         };
         let grant = active_grant(1_000);
         let once = grant.called(&rule, 1_001).unwrap();

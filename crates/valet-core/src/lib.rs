@@ -2,6 +2,7 @@
 //! evaluation, the grant lifecycle, token signing and verification, the key ring and the audit
 //! chain. Everything here is unit-testable without a network or a disk.
 
+pub mod approval;
 pub mod audit;
 pub mod clock;
 pub mod config;

@@ -19,6 +19,8 @@ pub struct AllowRule {
     pub max_body: u64,
     /// Calls one grant may make through this rule.
     pub max_calls: Option<u64>,
+    /// When set, each call needs a person's approval of that exact call.
+    pub approval: Option<crate::approval::ApprovalPolicy>,
 }
 
 /// Bodies larger than this are refused unless a rule says otherwise.

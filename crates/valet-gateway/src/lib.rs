@@ -39,6 +39,22 @@ pub trait Broker: Send + Sync + 'static {
     async fn audit(&self, event: AuditEvent) -> Result<(), BrokerError>;
     /// Removes any root credential from text about to leave valetd.
     fn redact(&self, text: &str) -> String;
+    /// Records a pending approval for one exact call; returns its id.
+    async fn request_call_approval(
+        &self,
+        grant: &Grant,
+        policy: &valet_core::approval::ApprovalPolicy,
+        call: valet_core::approval::CallFingerprint,
+        request_id: &str,
+    ) -> Result<String, BrokerError>;
+    /// Uses the approval `id` for this exact call of this grant, once; `Refused` says why not.
+    async fn consume_call_approval(
+        &self,
+        id: &str,
+        grant: &Grant,
+        call: &valet_core::approval::CallFingerprint,
+        request_id: &str,
+    ) -> Result<(), BrokerError>;
 }
 
 /// A broker failure, as the gateway needs to tell them apart.
@@ -48,6 +64,9 @@ pub enum BrokerError {
     Conflict,
     #[error("{0}")]
     Unavailable(String),
+    /// The approval cannot be used for this call; the text says why.
+    #[error("{reason}")]
+    Refused { reason: String, pending: bool },
 }
 
 /// The gateway: serves one listener until `shutdown` completes.

@@ -21,6 +21,7 @@ use crate::graphql::{self, AskedField};
 use crate::mask::Masker;
 use crate::response::{self, Body, BoxError, GatewayError};
 use crate::{BrokerError, Gateway};
+use valet_core::approval::CallFingerprint;
 
 /// How many times counting a call is retried against concurrent calls of the same grant.
 const MAX_CAS_ATTEMPTS: usize = 16;
@@ -254,6 +255,51 @@ async fn forward(
     };
     let (rule, asked_fields) = choose_rule(scope, &candidates, &body)?;
 
+    // A rule that needs approval forwards only the identical call a person approved, once.
+    if let Some(policy) = &rule.approval {
+        let call = fingerprint(
+            &record.method,
+            &record.path,
+            parts.uri.query(),
+            &body,
+            &asked_fields,
+            rule.graphql.is_some(),
+        );
+        match parts
+            .headers
+            .get("valet-approval")
+            .and_then(|value| value.to_str().ok())
+        {
+            None => {
+                let approval_id = broker
+                    .request_call_approval(&grant, policy, call.clone(), &record.request_id)
+                    .await
+                    .map_err(unavailable)?;
+                return Err(GatewayError::ApprovalRequired { approval_id, call });
+            }
+            Some(id) => match broker
+                .consume_call_approval(id.trim(), &grant, &call, &record.request_id)
+                .await
+            {
+                Ok(()) => {}
+                Err(BrokerError::Refused {
+                    reason,
+                    pending: true,
+                }) => {
+                    tracing::debug!(%reason, "approval still pending");
+                    return Err(GatewayError::ApprovalRequired {
+                        approval_id: id.trim().to_string(),
+                        call,
+                    });
+                }
+                Err(BrokerError::Refused { reason, .. }) => {
+                    return Err(GatewayError::ApprovalRefused(reason));
+                }
+                Err(error) => return Err(unavailable(error)),
+            },
+        }
+    }
+
     // Count the call against the grant and the rule, then record the decision.
     let grant = count_call(gateway, grant, rule).await?;
     record.grant = Some(grant.clone());
@@ -481,6 +527,53 @@ fn upstream_request(
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     Ok(request)
+}
+
+/// The identity of a call for approval: method, target, body hash, and what people need to read.
+fn fingerprint(
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    body: &Bytes,
+    fields: &[AskedField],
+    is_graphql: bool,
+) -> CallFingerprint {
+    let target = match query {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
+    };
+    let digest = ring::digest::digest(&ring::digest::SHA256, body);
+    let variables = if is_graphql {
+        serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|value| match value {
+                serde_json::Value::Object(object) => object
+                    .get("variables")
+                    .filter(|variables| !variables.is_null())
+                    .map(ToString::to_string),
+                serde_json::Value::Array(items) => {
+                    let all: Vec<serde_json::Value> = items
+                        .iter()
+                        .filter_map(|item| item.get("variables").cloned())
+                        .collect();
+                    (!all.is_empty()).then(|| serde_json::Value::Array(all).to_string())
+                }
+                _ => None,
+            })
+    } else {
+        None
+    };
+    CallFingerprint {
+        method: method.to_string(),
+        target,
+        body_sha256: digest
+            .as_ref()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect(),
+        graphql: fields.iter().map(ToString::to_string).collect(),
+        variables,
+    }
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {

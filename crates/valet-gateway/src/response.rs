@@ -53,6 +53,15 @@ pub enum GatewayError {
         "the gateway serves /u/<upstream>/<path>, /.well-known/jwks.json, /.well-known/openid-configuration and /healthz"
     )]
     NotFound,
+    #[error(
+        "this call needs a person's approval: retry the identical request with header Valet-Approval: {approval_id} once it is approved"
+    )]
+    ApprovalRequired {
+        approval_id: String,
+        call: valet_core::approval::CallFingerprint,
+    },
+    #[error("{0}")]
+    ApprovalRefused(String),
 }
 
 impl GatewayError {
@@ -72,6 +81,8 @@ impl GatewayError {
             GatewayError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::ApprovalRequired { .. } => StatusCode::PRECONDITION_REQUIRED,
+            GatewayError::ApprovalRefused(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -92,6 +103,8 @@ impl GatewayError {
             GatewayError::UpstreamFailed { .. } => "upstream_failed",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::NotFound => "not_found",
+            GatewayError::ApprovalRequired { .. } => "approval_required",
+            GatewayError::ApprovalRefused(_) => "approval_refused",
         }
     }
 
@@ -150,6 +163,16 @@ pub fn error_response(
         body["rules"] = serde_json::Value::from(rules.as_str());
         body["asked"] = serde_json::Value::from(redact(asked));
         body["reason"] = serde_json::Value::from(redact(reason));
+    }
+    if let GatewayError::ApprovalRequired { approval_id, call } = error {
+        body["approval_id"] = serde_json::Value::from(approval_id.as_str());
+        body["call"] = serde_json::json!({
+            "method": call.method,
+            "target": call.target,
+            "body_sha256": call.body_sha256,
+            "graphql": call.graphql,
+            "variables": call.variables.as_deref().map(redact),
+        });
     }
     let mut response = json(error.status(), &body);
     if error.status() == http::StatusCode::UNAUTHORIZED {

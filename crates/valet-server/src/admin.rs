@@ -12,7 +12,7 @@ use valet_proto::v1::admin_server::Admin;
 use valet_store::{GrantFilter, StoreChange};
 
 use crate::broker::{answer, caller_of};
-use crate::convert::{grant_to_wire, status_from_wire};
+use crate::convert::{approval_to_wire, grant_to_wire, status_from_wire};
 use crate::error::ApiError;
 use crate::valet::Valet;
 
@@ -146,7 +146,7 @@ impl Admin for AdminService {
                         (v1::GrantEventKind::Renewed, *after)
                     }
                     StoreChange::GrantUpdated { after, .. } => (v1::GrantEventKind::Used, *after),
-                    StoreChange::KeyRingChanged => continue,
+                    StoreChange::KeyRingChanged | StoreChange::ApprovalChanged(_) => continue,
                 };
                 let now = clock.now();
                 if !filter.matches(&grant, now) {
@@ -260,6 +260,141 @@ impl Admin for AdminService {
             })
         })
         .await
+    }
+
+    async fn list_approvals(
+        &self,
+        request: Request<v1::ListApprovalsRequest>,
+    ) -> Result<Response<v1::ListApprovalsResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let wire = request.into_inner();
+        answer(&self.valet, &caller, async {
+            let now = self.valet.clock.now();
+            let mut approvals = self.valet.store.list_approvals(wire.pending_only).await?;
+            // Agents see their own requests; operators see everything.
+            if !caller.principal.has_role(Role::Operator) {
+                approvals.retain(|approval| approval.requester == caller.principal.name);
+            }
+            Ok(v1::ListApprovalsResponse {
+                approvals: approvals
+                    .iter()
+                    .map(|approval| approval_to_wire(approval, now))
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn get_approval(
+        &self,
+        request: Request<v1::GetApprovalRequest>,
+    ) -> Result<Response<v1::Approval>, Status> {
+        let caller = caller_of(&request)?;
+        let wire = request.into_inner();
+        answer(&self.valet, &caller, async {
+            let approval = self.valet.fetch_approval(&wire.id).await?;
+            if !caller.principal.has_role(Role::Operator)
+                && approval.requester != caller.principal.name
+            {
+                policy::require_role(
+                    &caller.principal,
+                    Role::Operator,
+                    "looking at another principal's approval",
+                )?;
+            }
+            Ok(approval_to_wire(&approval, self.valet.clock.now()))
+        })
+        .await
+    }
+
+    async fn approve(
+        &self,
+        request: Request<v1::ApproveRequest>,
+    ) -> Result<Response<v1::Approval>, Status> {
+        let caller = caller_of(&request)?;
+        let wire = request.into_inner();
+        answer(&self.valet, &caller, async {
+            policy::check_text(
+                "reason",
+                &wire.reason,
+                policy::limits::MAX_REASON_BYTES,
+                false,
+            )?;
+            let confirmation = (!wire.confirm.is_empty()).then_some(wire.confirm.as_str());
+            let approval = self
+                .valet
+                .approve(&caller, &wire.id, confirmation, &wire.reason)
+                .await?;
+            Ok(approval_to_wire(&approval, self.valet.clock.now()))
+        })
+        .await
+    }
+
+    async fn deny(
+        &self,
+        request: Request<v1::DenyRequest>,
+    ) -> Result<Response<v1::Approval>, Status> {
+        let caller = caller_of(&request)?;
+        let wire = request.into_inner();
+        answer(&self.valet, &caller, async {
+            policy::check_text(
+                "reason",
+                &wire.reason,
+                policy::limits::MAX_REASON_BYTES,
+                false,
+            )?;
+            let approval = self
+                .valet
+                .deny_approval(&caller, &wire.id, &wire.reason)
+                .await?;
+            Ok(approval_to_wire(&approval, self.valet.clock.now()))
+        })
+        .await
+    }
+
+    type WatchApprovalsStream =
+        Pin<Box<dyn Stream<Item = Result<v1::Approval, Status>> + Send + 'static>>;
+
+    async fn watch_approvals(
+        &self,
+        request: Request<v1::WatchApprovalsRequest>,
+    ) -> Result<Response<Self::WatchApprovalsStream>, Status> {
+        let caller = caller_of(&request)?;
+        let operator = caller.principal.has_role(Role::Operator);
+        let name = caller.principal.name.clone();
+        let mut changes = self.valet.store.subscribe();
+        let clock = self.valet.clock.clone();
+        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                match changes.recv().await {
+                    Ok(StoreChange::ApprovalChanged(approval))
+                        if operator || approval.requester == name =>
+                    {
+                        if sender
+                            .send(Ok(approval_to_wire(&approval, clock.now())))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n_missed)) => {
+                        let _ = sender
+                            .send(Err(Status::data_loss(format!(
+                                "the watcher fell {n_missed} changes behind; list approvals again"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
     type AuditTailStream = AuditRecordStream;

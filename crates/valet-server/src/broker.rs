@@ -8,9 +8,10 @@ use valet_core::policy::TokenRequest;
 use valet_proto::v1;
 use valet_proto::v1::broker_server::Broker;
 
+use crate::convert::approval_to_wire;
 use crate::convert::grant_to_wire;
 use crate::error::ApiError;
-use crate::valet::{Caller, Valet};
+use crate::valet::{Caller, Issued, Valet};
 
 pub struct BrokerService {
     pub valet: Arc<Valet>,
@@ -60,13 +61,140 @@ impl Broker for BrokerService {
             audience: (!wire.audience.is_empty()).then_some(wire.audience),
         };
         answer(&self.valet, &caller, async {
-            let (grant, token) = self.valet.issue(&caller, token_request).await?;
-            Ok(v1::RequestTokenResponse {
-                grant: Some(grant_to_wire(&grant, self.valet.clock.now())),
-                token,
+            let now = self.valet.clock.now();
+            Ok(match self.valet.issue(&caller, token_request).await? {
+                Issued::Token { grant, token } => v1::RequestTokenResponse {
+                    grant: Some(grant_to_wire(&grant, now)),
+                    token,
+                    approval: None,
+                },
+                Issued::Pending { grant, approval } => v1::RequestTokenResponse {
+                    grant: Some(grant_to_wire(&grant, now)),
+                    token: String::new(),
+                    approval: Some(approval_to_wire(&approval, now)),
+                },
             })
         })
         .await
+    }
+
+    type WaitForGrantStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<v1::WaitForGrantResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn wait_for_grant(
+        &self,
+        request: Request<v1::WaitForGrantRequest>,
+    ) -> Result<Response<Self::WaitForGrantStream>, Status> {
+        let caller = caller_of(&request)?;
+        let wire = request.into_inner();
+        let timeout = match wire.timeout_seconds {
+            0 => Duration::from_secs(60),
+            seconds if seconds <= 3600 => Duration::from_secs(seconds),
+            seconds => {
+                return Err(Status::invalid_argument(format!(
+                    "timeout_seconds {seconds} is above the maximum 3600"
+                )));
+            }
+        };
+        let valet = self.valet.clone();
+        // Subscribe first, so no change falls between the first read and the wait.
+        let mut changes = valet.store.subscribe();
+        let grant = valet
+            .store
+            .get_grant(&wire.grant_id)
+            .await
+            .map_err(|error| ApiError::from(error).into_status(&caller.request_id))?;
+        let Some(grant) = grant else {
+            return Err(Status::not_found(format!(
+                "grant {} does not exist",
+                wire.grant_id
+            )));
+        };
+        if grant.principal != caller.principal.name {
+            return Err(Status::permission_denied(format!(
+                "grant {} belongs to another principal; only the requester receives its token",
+                grant.id
+            )));
+        }
+        let approval = valet
+            .store
+            .list_approvals(false)
+            .await
+            .ok()
+            .and_then(|all| {
+                all.into_iter()
+                    .find(|approval| approval.grant_id == grant.id)
+            });
+        let (sender, receiver) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut grant = grant;
+            let mut approval = approval;
+            loop {
+                let now = valet.clock.now();
+                let status = grant.status_at(now);
+                let done = status != valet_core::grant::GrantStatus::Pending;
+                let token = if status == valet_core::grant::GrantStatus::Active {
+                    valet.token_for(&grant)
+                } else {
+                    String::new()
+                };
+                let message = v1::WaitForGrantResponse {
+                    grant: Some(grant_to_wire(&grant, now)),
+                    token,
+                    approval: approval
+                        .as_ref()
+                        .map(|approval| approval_to_wire(approval, now)),
+                };
+                if sender.send(Ok(message)).await.is_err() || done {
+                    return;
+                }
+                // Wait for the next change to this grant or its approval, or the deadline.
+                let expires_in = Duration::from_secs(
+                    u64::try_from(grant.expires_at - valet.clock.now()).unwrap_or(0),
+                );
+                let timed_out = tokio::time::Instant::now() + expires_in;
+                loop {
+                    let change = tokio::select! {
+                        change = changes.recv() => change,
+                        // The approval's timeout: report the grant as it then stands.
+                        _ = tokio::time::sleep_until(timed_out) => break,
+                        _ = tokio::time::sleep_until(deadline) => return,
+                    };
+                    match change {
+                        Ok(valet_store::StoreChange::GrantUpdated { after, .. })
+                            if after.id == grant.id =>
+                        {
+                            grant = *after;
+                            break;
+                        }
+                        Ok(valet_store::StoreChange::GrantRevoked(after))
+                            if after.id == grant.id =>
+                        {
+                            grant = after;
+                            break;
+                        }
+                        Ok(valet_store::StoreChange::ApprovalChanged(changed))
+                            if changed.grant_id == grant.id =>
+                        {
+                            approval = Some(*changed);
+                        }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            if let Ok(Some(current)) = valet.store.get_grant(&grant.id).await {
+                                grant = current;
+                            }
+                            break;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
     async fn renew_token(

@@ -1,6 +1,7 @@
 //! Conversions between valet-core's records and the wire types.
 
 use valet_core::UnixTime;
+use valet_core::approval::{ApprovalKind, ApprovalRequest, ApprovalStatus};
 use valet_core::grant::{Grant, GrantStatus};
 use valet_proto::v1;
 
@@ -52,4 +53,79 @@ pub fn grant_to_wire(grant: &Grant, now: UnixTime) -> v1::Grant {
         key_id: grant.key_id.clone(),
         max_expires_at: Some(timestamp(grant.max_expires_at)),
     }
+}
+
+/// The wire form of an approval request.
+pub fn approval_to_wire(approval: &ApprovalRequest, now: UnixTime) -> v1::Approval {
+    let status = match approval.status_at(now) {
+        ApprovalStatus::Pending => v1::ApprovalStatus::Pending,
+        ApprovalStatus::Approved => v1::ApprovalStatus::Approved,
+        ApprovalStatus::Denied => v1::ApprovalStatus::Denied,
+        ApprovalStatus::Expired => v1::ApprovalStatus::Expired,
+        ApprovalStatus::Consumed => v1::ApprovalStatus::Consumed,
+    };
+    v1::Approval {
+        id: approval.id.clone(),
+        kind: match approval.kind {
+            ApprovalKind::Token => "token".into(),
+            ApprovalKind::Call => "call".into(),
+        },
+        grant_id: approval.grant_id.clone(),
+        requester: approval.requester.clone(),
+        scope: approval.scope.clone(),
+        environment: approval.environment.clone(),
+        task_id: approval.task_id.clone(),
+        purpose: approval.purpose.clone(),
+        params: approval.params.clone().into_iter().collect(),
+        call: approval.call.as_ref().map(|call| v1::ApprovalCall {
+            method: call.method.clone(),
+            target: call.target.clone(),
+            body_sha256: call.body_sha256.clone(),
+            graphql: call.graphql.clone(),
+            variables: call.variables.clone().unwrap_or_default(),
+        }),
+        created_at: Some(timestamp(approval.created_at)),
+        expires_at: Some(timestamp(approval.expires_at)),
+        required: approval.required,
+        approvers: approval.approvers.clone(),
+        confirm: approval
+            .confirm
+            .as_ref()
+            .map(|(what, _)| what.clone())
+            .unwrap_or_default(),
+        approvals: approval
+            .approvals
+            .iter()
+            .map(|decision| v1::ApprovalDecision {
+                by: decision.by.clone(),
+                at: Some(timestamp(decision.at)),
+                reason: decision.reason.clone(),
+            })
+            .collect(),
+        status: status as i32,
+        status_reason: approval.status_reason.clone().unwrap_or_default(),
+        summary: approval.summary(),
+    }
+}
+
+/// The approval as the webhook receives it: what is asked, by whom, and until when.
+pub fn approval_json(approval: &ApprovalRequest) -> serde_json::Value {
+    serde_json::json!({
+        "id": approval.id,
+        "kind": match approval.kind { ApprovalKind::Token => "token", ApprovalKind::Call => "call" },
+        "summary": approval.summary(),
+        "grant_id": approval.grant_id,
+        "requester": approval.requester,
+        "scope": approval.scope,
+        "environment": approval.environment,
+        "task_id": approval.task_id,
+        "purpose": approval.purpose,
+        "params": approval.params,
+        "call": approval.call,
+        "created_at": valet_core::clock::format_time(approval.created_at),
+        "expires_at": valet_core::clock::format_time(approval.expires_at),
+        "required": approval.required,
+        "approvers": approval.approvers,
+        "confirm": approval.confirm.as_ref().map(|(what, _)| what),
+    })
 }

@@ -87,6 +87,8 @@ pub enum ApiError {
     Audit(#[from] AuditError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error(transparent)]
+    Approval(#[from] valet_core::approval::ApprovalError),
 }
 
 impl ApiError {
@@ -102,6 +104,21 @@ impl ApiError {
             ApiError::Reload(_) => Code::FailedPrecondition,
             ApiError::Store(StoreError::Conflict { .. } | StoreError::KeyRingConflict) => {
                 Code::Aborted
+            }
+            ApiError::Approval(error) => {
+                use valet_core::approval::ApprovalError;
+                match error {
+                    ApprovalError::SelfApproval { .. }
+                    | ApprovalError::AgentCannotApprove { .. }
+                    | ApprovalError::NotAnApprover { .. } => Code::PermissionDenied,
+                    ApprovalError::ReasonRequired { .. } => Code::InvalidArgument,
+                    _ => Code::FailedPrecondition,
+                }
+            }
+            ApiError::Store(StoreError::ApprovalNotFound { id }) => {
+                return Status::not_found(format!(
+                    "approval {id} does not exist (ended approvals are swept)"
+                ));
             }
             ApiError::Store(StoreError::NotFound { id }) => {
                 return Status::not_found(format!("grant {id} does not exist"));

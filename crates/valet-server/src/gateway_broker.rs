@@ -12,6 +12,7 @@ use valet_core::{Secret, UnixTime};
 use valet_gateway::{Broker, BrokerError};
 use valet_store::StoreError;
 
+use crate::error::ApiError;
 use crate::valet::Valet;
 
 pub struct GatewayBroker(pub Arc<Valet>);
@@ -64,5 +65,60 @@ impl Broker for GatewayBroker {
             .redactor
             .redact(text)
             .unwrap_or_else(|| text.to_string())
+    }
+
+    async fn request_call_approval(
+        &self,
+        grant: &Grant,
+        policy: &valet_core::approval::ApprovalPolicy,
+        call: valet_core::approval::CallFingerprint,
+        request_id: &str,
+    ) -> Result<String, BrokerError> {
+        self.0
+            .request_call_approval(grant, policy, call, request_id)
+            .await
+            .map(|approval| approval.id)
+            .map_err(|error| BrokerError::Unavailable(error.to_string()))
+    }
+
+    async fn consume_call_approval(
+        &self,
+        id: &str,
+        grant: &Grant,
+        call: &valet_core::approval::CallFingerprint,
+        request_id: &str,
+    ) -> Result<(), BrokerError> {
+        use valet_core::approval::{ApprovalError, ApprovalStatus};
+        match self
+            .0
+            .consume_call_approval(id, grant, call, request_id)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(ApiError::Approval(error)) => {
+                let pending = matches!(
+                    error,
+                    ApprovalError::NotUsable {
+                        status: ApprovalStatus::Pending,
+                        ..
+                    }
+                );
+                Err(BrokerError::Refused {
+                    reason: error.to_string(),
+                    pending,
+                })
+            }
+            Err(ApiError::Store(StoreError::ApprovalNotFound { id })) => {
+                Err(BrokerError::Refused {
+                    reason: format!("approval {id} does not exist"),
+                    pending: false,
+                })
+            }
+            Err(ApiError::InvalidField { problem, .. }) => Err(BrokerError::Refused {
+                reason: format!("Valet-Approval: {problem}"),
+                pending: false,
+            }),
+            Err(error) => Err(BrokerError::Unavailable(error.to_string())),
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! valetd as a library: everything the `valetd` binary does, reachable from tests.
 
 mod admin;
+mod approvals;
 mod audit_sink;
 mod broker;
 mod convert;
@@ -12,6 +13,7 @@ mod loader;
 mod redactor;
 mod server;
 mod valet;
+mod webhook;
 
 pub use error::ServerError;
 pub use loader::Overrides;

@@ -88,7 +88,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     let keys = Keys::open(store.clone(), seal_key, clock.clone())
         .await
         .map_err(|error| ServerError::Transport(error.to_string()))?;
-    let valet = Arc::new(Valet {
+    let valet = Arc::new_cyclic(|weak| Valet {
         config: ArcSwap::from_pointee(config.clone()),
         redactor,
         config_path: options.config_path.clone(),
@@ -97,6 +97,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         store,
         audit,
         clock,
+        notifier: crate::approvals::Notifier::start(weak.clone()),
     });
 
     let listener = TcpListener::bind(config.server.listen)
@@ -163,6 +164,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         tracing::info!(address = %bound, n_upstreams = config.upstreams.len(), "gateway listening on {bound}");
     }
     tokio::spawn(sweep_forever(valet.clone()));
+    tokio::spawn(expire_approvals_forever(valet.clone()));
     tokio::spawn(reload_on_sighup(valet.clone()));
 
     tracing::info!(%address, n_scopes = config.scopes.len(), n_principals = config.principals.len(), "valetd listening on {address}");
@@ -241,6 +243,18 @@ async fn sweep_forever(valet: Arc<Valet>) {
                 }
             }
             Err(error) => tracing::error!(%error, "sweep failed; will retry"),
+        }
+    }
+}
+
+/// Approval timeouts are enforced at once by the status checks; this records them (audit, grant
+/// denied) within a second.
+async fn expire_approvals_forever(valet: Arc<Valet>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        ticks.tick().await;
+        if let Err(error) = valet.expire_approvals().await {
+            tracing::error!(%error, "cannot time out pending approvals; will retry");
         }
     }
 }

@@ -27,6 +27,19 @@ pub struct Caller {
     pub request_id: String,
 }
 
+/// What a token request produced: a token, or a pending approval.
+#[derive(Debug)]
+pub enum Issued {
+    Token {
+        grant: Grant,
+        token: String,
+    },
+    Pending {
+        grant: Grant,
+        approval: valet_core::approval::ApprovalRequest,
+    },
+}
+
 /// The answer to an introspection.
 #[derive(Debug, Clone)]
 pub struct Introspection {
@@ -48,6 +61,8 @@ pub struct Valet {
     pub keys: Keys,
     pub store: Arc<dyn Store>,
     pub audit: AuditSink,
+    /// Announces new approval requests to the webhook.
+    pub(crate) notifier: crate::approvals::Notifier,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -61,7 +76,7 @@ impl Valet {
         self.redactor.n_credentials()
     }
 
-    async fn record(&self, caller: &Caller, event: AuditEvent) -> Result<(), ApiError> {
+    pub(crate) async fn record(&self, caller: &Caller, event: AuditEvent) -> Result<(), ApiError> {
         let event = event
             .with("principal", &caller.principal.name)
             .with("request_id", &caller.request_id);
@@ -82,11 +97,7 @@ impl Valet {
     }
 
     /// Issues a token: decide, store the grant durably, audit, then return grant and token.
-    pub async fn issue(
-        &self,
-        caller: &Caller,
-        request: TokenRequest,
-    ) -> Result<(Grant, String), ApiError> {
+    pub async fn issue(&self, caller: &Caller, request: TokenRequest) -> Result<Issued, ApiError> {
         let config = self.config();
         let denied = || {
             AuditEvent::new("token.issue", Outcome::Denied)
@@ -111,6 +122,17 @@ impl Valet {
             Ok(terms) => terms,
             Err(error) => return self.deny(caller, denied(), error.into()).await,
         };
+        if let Some(scope) = config.scopes.get(&terms.scope)
+            && let Some(policy) = &scope.approval
+        {
+            let (grant, pending) = self
+                .request_token_approval(caller, &request, terms, scope, policy)
+                .await?;
+            return Ok(Issued::Pending {
+                grant,
+                approval: pending,
+            });
+        }
         let ring = self.keys.ring();
         let signing_key = ring.current();
         let now = self.clock.now();
@@ -135,7 +157,17 @@ impl Valet {
             }
             return Err(error);
         }
-        Ok((grant, token))
+        Ok(Issued::Token { grant, token })
+    }
+
+    /// A token for an active grant, for its own principal (after an approval).
+    pub fn token_for(&self, grant: &Grant) -> String {
+        let config = self.config();
+        let ring = self.keys.ring();
+        token::sign(
+            &claims_of(grant, &config.server.issuer, self.clock.now()),
+            ring.current(),
+        )
     }
 
     /// Renews a grant: a later expiry (within its max lifetime) and a fresh token.

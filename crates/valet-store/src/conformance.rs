@@ -42,6 +42,7 @@ pub async fn run_all(store: &dyn Store) {
     sweeping_removes_only_what_is_done(store).await;
     key_replacement_is_compare_and_swap(store).await;
     audit_head_round_trips(store).await;
+    approvals_are_created_once_and_decided_by_compare_and_swap(store).await;
 }
 
 async fn grants_are_created_once_and_read_back(store: &dyn Store) {
@@ -263,4 +264,67 @@ async fn audit_head_round_trips(store: &dyn Store) {
     };
     store.record_audit_head(&head).await.unwrap();
     assert_eq!(store.audit_head().await.unwrap(), Some(head));
+}
+
+async fn approvals_are_created_once_and_decided_by_compare_and_swap(store: &dyn Store) {
+    use valet_core::approval::{ApprovalKind, ApprovalRequest, ApprovalStatus};
+    let pending = ApprovalRequest {
+        id: "ap-1".into(),
+        kind: ApprovalKind::Token,
+        grant_id: "g".into(),
+        requester: "agent-a".into(),
+        scope: "scope-a".into(),
+        environment: "production".into(),
+        task_id: "t".into(),
+        purpose: String::new(),
+        params: BTreeMap::new(),
+        ttl_seconds: 0,
+        call: None,
+        created_at: 100,
+        expires_at: 1_000,
+        required: 1,
+        approvers: Vec::new(),
+        confirm: None,
+        approvals: Vec::new(),
+        status: ApprovalStatus::Pending,
+        status_reason: None,
+        updated_at: 100,
+    };
+    store.create_approval(&pending).await.unwrap();
+    assert!(matches!(
+        store.create_approval(&pending).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert_eq!(
+        store.list_approvals(true).await.unwrap(),
+        vec![pending.clone()]
+    );
+    let denied = ApprovalRequest {
+        status: ApprovalStatus::Denied,
+        updated_at: 200,
+        ..pending.clone()
+    };
+    store.update_approval(&pending, &denied).await.unwrap();
+    let approved = ApprovalRequest {
+        status: ApprovalStatus::Approved,
+        ..pending.clone()
+    };
+    assert!(
+        matches!(
+            store.update_approval(&pending, &approved).await,
+            Err(StoreError::Conflict { .. })
+        ),
+        "a decided request cannot be decided again from a stale read"
+    );
+    assert!(store.list_approvals(true).await.unwrap().is_empty());
+    assert_eq!(store.get_approval("ap-1").await.unwrap(), Some(denied));
+    store
+        .sweep(1_000 + 3_600, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_approval("ap-1").await.unwrap(),
+        None,
+        "ended approvals are swept after retention"
+    );
 }

@@ -10,6 +10,7 @@ mod sled_store;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 use valet_core::UnixTime;
+use valet_core::approval::ApprovalRequest;
 use valet_core::audit::ChainHead;
 use valet_core::grant::{Grant, GrantStatus};
 use valet_core::keyring::StoredKey;
@@ -36,6 +37,8 @@ pub enum StoreError {
         key: String,
         detail: String,
     },
+    #[error("approval {id} does not exist")]
+    ApprovalNotFound { id: String },
     #[error("the signing key ring changed while this rotation was deciding; retry the rotation")]
     KeyRingConflict,
 }
@@ -91,6 +94,7 @@ pub enum StoreChange {
     },
     GrantRevoked(Grant),
     KeyRingChanged,
+    ApprovalChanged(Box<ApprovalRequest>),
 }
 
 /// What one sweep removed.
@@ -163,6 +167,21 @@ pub trait Store: Send + Sync + 'static {
     async fn record_audit_head(&self, head: &ChainHead) -> Result<(), StoreError>;
 
     async fn counts(&self) -> Result<StoreCounts, StoreError>;
+
+    /// Stores a new approval request; fails with `AlreadyExists` if the id is taken.
+    async fn create_approval(&self, approval: &ApprovalRequest) -> Result<(), StoreError>;
+
+    async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRequest>, StoreError>;
+
+    /// Replaces `expected` with `new` only if the stored record still equals `expected`.
+    async fn update_approval(
+        &self,
+        expected: &ApprovalRequest,
+        new: &ApprovalRequest,
+    ) -> Result<(), StoreError>;
+
+    /// Approval requests, oldest first; only undecided ones when `pending_only`.
+    async fn list_approvals(&self, pending_only: bool) -> Result<Vec<ApprovalRequest>, StoreError>;
 
     /// Changes made through this store from now on.
     fn subscribe(&self) -> broadcast::Receiver<StoreChange>;

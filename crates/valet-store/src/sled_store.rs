@@ -9,6 +9,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::broadcast;
 use valet_core::UnixTime;
+use valet_core::approval::{ApprovalRequest, ApprovalStatus};
 use valet_core::audit::ChainHead;
 use valet_core::grant::{Grant, GrantStatus};
 use valet_core::keyring::StoredKey;
@@ -30,6 +31,7 @@ pub struct SledStore {
     revocations: sled::Tree,
     keys: sled::Tree,
     meta: sled::Tree,
+    approvals: sled::Tree,
     committer: Committer,
     changes: broadcast::Sender<StoreChange>,
 }
@@ -52,6 +54,7 @@ impl SledStore {
             revocations: tree("revocations")?,
             keys: tree("keys")?,
             meta: tree("meta")?,
+            approvals: tree("approvals")?,
             committer: Committer::start(db.clone()).map_err(|error| unavailable(&error))?,
             changes: broadcast::channel(1024).0,
             db,
@@ -298,6 +301,21 @@ impl Store for SledStore {
                 report.n_revocations += 1;
             }
         }
+        for entry in self.approvals.iter() {
+            let (key, bytes) = entry.map_err(unavailable)?;
+            let approval: ApprovalRequest = decode("approval", &key, &bytes)?;
+            let ended = !matches!(
+                approval.status,
+                ApprovalStatus::Pending | ApprovalStatus::Approved
+            );
+            let ended_at = approval.expires_at.max(approval.updated_at);
+            if ended && now >= valet_core::clock::add_duration(ended_at, retention) {
+                let _ = self
+                    .approvals
+                    .compare_and_swap(&key, Some(bytes), None as Option<&[u8]>)
+                    .map_err(unavailable)?;
+            }
+        }
         let mut n_keys = 0;
         for record in self.keys().await? {
             if !record.verifies_at(now) {
@@ -376,6 +394,77 @@ impl Store for SledStore {
             n_revocations: self.revocations.len() as u64,
             n_keys: self.keys.len() as u64,
         })
+    }
+
+    async fn create_approval(&self, approval: &ApprovalRequest) -> Result<(), StoreError> {
+        let inserted = self
+            .approvals
+            .compare_and_swap(
+                approval.id.as_bytes(),
+                None as Option<&[u8]>,
+                Some(encode(approval)),
+            )
+            .map_err(unavailable)?;
+        if inserted.is_err() {
+            return Err(StoreError::AlreadyExists {
+                id: approval.id.clone(),
+            });
+        }
+        self.durable().await?;
+        self.publish(StoreChange::ApprovalChanged(Box::new(approval.clone())));
+        Ok(())
+    }
+
+    async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRequest>, StoreError> {
+        match self.approvals.get(id.as_bytes()).map_err(unavailable)? {
+            Some(bytes) => Ok(Some(decode("approval", id.as_bytes(), &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn update_approval(
+        &self,
+        expected: &ApprovalRequest,
+        new: &ApprovalRequest,
+    ) -> Result<(), StoreError> {
+        let swapped = self
+            .approvals
+            .compare_and_swap(
+                expected.id.as_bytes(),
+                Some(encode(expected)),
+                Some(encode(new)),
+            )
+            .map_err(unavailable)?;
+        match swapped {
+            Ok(()) => {}
+            Err(error) if error.current.is_none() => {
+                return Err(StoreError::ApprovalNotFound {
+                    id: expected.id.clone(),
+                });
+            }
+            Err(_) => {
+                return Err(StoreError::Conflict {
+                    id: expected.id.clone(),
+                });
+            }
+        }
+        self.durable().await?;
+        self.publish(StoreChange::ApprovalChanged(Box::new(new.clone())));
+        Ok(())
+    }
+
+    async fn list_approvals(&self, pending_only: bool) -> Result<Vec<ApprovalRequest>, StoreError> {
+        let mut approvals = Vec::new();
+        for entry in self.approvals.iter() {
+            let (key, bytes) = entry.map_err(unavailable)?;
+            let approval: ApprovalRequest = decode("approval", &key, &bytes)?;
+            if !pending_only || approval.status == ApprovalStatus::Pending {
+                approvals.push(approval);
+            }
+        }
+        approvals
+            .sort_by(|left, right| (left.created_at, &left.id).cmp(&(right.created_at, &right.id)));
+        Ok(approvals)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<StoreChange> {

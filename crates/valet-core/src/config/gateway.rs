@@ -286,6 +286,14 @@ pub(super) fn build_allow_rules(
                     }
                 }
             };
+        let approval = raw.approval.and_then(|raw| {
+            super::approval::build_rule_policy(
+                raw,
+                &format!("{rule_at}.approval"),
+                params,
+                problems,
+            )
+        });
         let max_body = positive(raw.max_body, "max_body", problems);
         let max_calls = positive(raw.max_calls, "max_calls", problems);
         if let (Some(path), Some(max_body), Some(max_calls), false) =
@@ -298,6 +306,7 @@ pub(super) fn build_allow_rules(
                 graphql,
                 max_body: max_body.unwrap_or(DEFAULT_MAX_BODY),
                 max_calls,
+                approval,
             });
         }
     }

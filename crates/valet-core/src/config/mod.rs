@@ -1,6 +1,7 @@
 //! The validated config: typed values built from the raw file, with every problem reported at
 //! once under its key path (`scope[2].max_ttl: 2h exceeds server.max_ttl 1h`).
 
+mod approval;
 mod gateway;
 mod raw;
 
@@ -28,6 +29,8 @@ pub struct Config {
     pub credentials: BTreeMap<String, Credential>,
     pub scopes: BTreeMap<String, Scope>,
     pub upstreams: BTreeMap<String, Upstream>,
+    /// Where new pending approvals are announced (a JSON POST each).
+    pub approvals_webhook: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +138,8 @@ pub struct Scope {
     pub upstream: Option<String>,
     /// Which calls; empty when the scope has no upstream.
     pub allow: Vec<crate::rules::AllowRule>,
+    /// When set, tokens for this scope are issued only after people approve.
+    pub approval: Option<crate::approval::ApprovalPolicy>,
 }
 
 /// What values a requester may give one parameter.
@@ -477,6 +482,10 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
                     None
                 }
             });
+    let approvals_webhook = raw
+        .approvals
+        .and_then(|approvals| approvals.webhook)
+        .and_then(|url| approval::build_webhook(url, problems));
     let mut scopes = BTreeMap::new();
     for (index, raw_scope) in raw.scope.into_iter().enumerate() {
         let at = format!("scope[{index}]");
@@ -587,6 +596,7 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
         credentials,
         scopes,
         upstreams,
+        approvals_webhook,
     })
 }
 
@@ -839,6 +849,9 @@ fn build_scope(
             },
         );
     }
+    let scope_approval = raw_scope
+        .approval
+        .and_then(|raw| approval::build_policy(raw, &format!("{at}.approval"), &params, problems));
     let n_raw_rules = raw_scope.allow.len();
     let allow = gateway::build_allow_rules(raw_scope.allow, at, &params, problems);
     match upstream {
@@ -871,6 +884,7 @@ fn build_scope(
         renewable: raw_scope.renewable.unwrap_or(true),
         upstream: upstream.map(|upstream| upstream.name.clone()),
         allow,
+        approval: scope_approval,
         params,
     })
 }

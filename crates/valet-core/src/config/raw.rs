@@ -20,6 +20,29 @@ pub struct RawConfig {
     pub scope: Vec<RawScope>,
     #[serde(default)]
     pub upstream: Vec<RawUpstream>,
+    pub approvals: Option<RawApprovals>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawApprovals {
+    pub webhook: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawApproval {
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    pub count: Option<i64>,
+    pub timeout: Option<String>,
+    pub confirm: Option<String>,
+}
+
+/// `approval = true`, or a table with the same keys as `[scope.approval]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawRuleApproval {
+    Flag(bool),
+    Policy(RawApproval),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -75,6 +98,7 @@ pub struct RawScope {
     pub upstream: Option<String>,
     #[serde(default)]
     pub allow: Vec<RawAllow>,
+    pub approval: Option<RawApproval>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -104,6 +128,7 @@ pub struct RawAllow {
     pub graphql: Option<RawGraphql>,
     pub max_body: Option<i64>,
     pub max_calls: Option<i64>,
+    pub approval: Option<RawRuleApproval>,
 }
 
 #[derive(Debug, Default, Deserialize)]

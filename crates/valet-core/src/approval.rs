@@ -1,0 +1,427 @@
+//! Human approval: a pending request for a token (scope level) or for one exact gateway call, the
+//! rules for who may decide it (never the requester, never an agent, N distinct approvers, the
+//! confirmation value typed), and its life: pending → approved → consumed, or denied, or expired.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{UnixTime, add_duration, format_time};
+use crate::config::{Principal, Role};
+
+/// Who may approve, how many, how long, and what they must type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalPolicy {
+    /// Empty: any operator or admin.
+    pub approvers: Vec<Approver>,
+    pub count: u32,
+    pub timeout: Duration,
+    pub confirm: Option<Confirm>,
+}
+
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Approver {
+    Principal(String),
+    Role(Role),
+}
+
+impl fmt::Display for Approver {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Approver::Principal(name) => formatter.write_str(name),
+            Approver::Role(role) => write!(formatter, "role:{role}"),
+        }
+    }
+}
+
+impl Approver {
+    /// Parses `NAME` or `role:ROLE`.
+    pub fn parse(text: &str) -> Option<Approver> {
+        match text.strip_prefix("role:") {
+            Some(role) => Role::ALL
+                .into_iter()
+                .find(|candidate| candidate.as_str() == role)
+                .map(Approver::Role),
+            None => {
+                crate::config::is_valid_name(text).then(|| Approver::Principal(text.to_string()))
+            }
+        }
+    }
+}
+
+/// What the approver must type to approve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confirm {
+    Environment,
+    Param(String),
+}
+
+impl fmt::Display for Confirm {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Confirm::Environment => formatter.write_str("environment"),
+            Confirm::Param(name) => write!(formatter, "param {name}"),
+        }
+    }
+}
+
+/// What is being approved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalKind {
+    /// A token for a scope that needs approval: the grant becomes active on approval.
+    Token,
+    /// One exact call through the gateway.
+    Call,
+}
+
+/// The identity of one gateway call: any difference makes it a different call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallFingerprint {
+    pub method: String,
+    /// Path and query exactly as sent.
+    pub target: String,
+    pub body_sha256: String,
+    /// GraphQL fields asked for (`mutation volumeDelete`), for people to read.
+    #[serde(default)]
+    pub graphql: Vec<String>,
+    /// The GraphQL variables as sent, for people to read.
+    #[serde(default)]
+    pub variables: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalStatus {
+    Pending,
+    Approved,
+    Denied,
+    Expired,
+    /// A call approval that has been used (once).
+    Consumed,
+}
+
+impl fmt::Display for ApprovalStatus {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(match self {
+            ApprovalStatus::Pending => "pending",
+            ApprovalStatus::Approved => "approved",
+            ApprovalStatus::Denied => "denied",
+            ApprovalStatus::Expired => "expired",
+            ApprovalStatus::Consumed => "consumed",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub by: String,
+    pub at: UnixTime,
+    pub reason: String,
+}
+
+/// A request waiting for (or decided by) people. Holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRequest {
+    pub id: String,
+    pub kind: ApprovalKind,
+    pub grant_id: String,
+    pub requester: String,
+    pub scope: String,
+    pub environment: String,
+    pub task_id: String,
+    pub purpose: String,
+    pub params: BTreeMap<String, String>,
+    /// For token approvals: the lifetime asked for, in seconds (0: the scope's default).
+    #[serde(default)]
+    pub ttl_seconds: u64,
+    pub call: Option<CallFingerprint>,
+    pub created_at: UnixTime,
+    /// Pending requests time out (and count as denied) at this moment; approved call approvals
+    /// may be used until it.
+    pub expires_at: UnixTime,
+    pub required: u32,
+    /// `NAME` or `role:ROLE`; empty means any operator or admin.
+    pub approvers: Vec<String>,
+    /// What the approver must type, and its expected value.
+    pub confirm: Option<(String, String)>,
+    pub approvals: Vec<Decision>,
+    pub status: ApprovalStatus,
+    pub status_reason: Option<String>,
+    pub updated_at: UnixTime,
+}
+
+/// Why a decision on an approval is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("approval {id} is {status}; only pending requests can be decided")]
+    NotPending { id: String, status: ApprovalStatus },
+    #[error(
+        "principal {principal:?} asked for approval {id} and cannot approve it: no self-approval"
+    )]
+    SelfApproval { id: String, principal: String },
+    #[error("principal {principal:?} is an agent; agents never approve")]
+    AgentCannotApprove { principal: String },
+    #[error("principal {principal:?} may not decide approval {id}; its approvers: [{approvers}]")]
+    NotAnApprover {
+        id: String,
+        principal: String,
+        approvers: String,
+    },
+    #[error(
+        "principal {principal:?} has already approved {id}; it needs {required} distinct approvers"
+    )]
+    AlreadyApproved {
+        id: String,
+        principal: String,
+        required: u32,
+    },
+    #[error("approval {id} needs the {what} typed to confirm; {given}")]
+    WrongConfirmation {
+        id: String,
+        what: String,
+        given: String,
+    },
+    #[error("a reason is required to deny approval {id}")]
+    ReasonRequired { id: String },
+    #[error("approval {id} is {status}: {detail}")]
+    NotUsable {
+        id: String,
+        status: ApprovalStatus,
+        detail: String,
+    },
+    #[error(
+        "approval {id} was given for a different request: {difference}; an approval covers exactly one request"
+    )]
+    DifferentRequest { id: String, difference: String },
+}
+
+impl ApprovalRequest {
+    /// The status as of `now`: a pending request past its expiry has timed out.
+    pub fn status_at(&self, now: UnixTime) -> ApprovalStatus {
+        match self.status {
+            ApprovalStatus::Pending | ApprovalStatus::Approved if now >= self.expires_at => {
+                ApprovalStatus::Expired
+            }
+            status => status,
+        }
+    }
+
+    /// The record after `approver` approves; `Approved` once `required` distinct approvers have.
+    pub fn approved_by(
+        &self,
+        approver: &Principal,
+        confirmation: Option<&str>,
+        reason: &str,
+        now: UnixTime,
+    ) -> Result<ApprovalRequest, ApprovalError> {
+        self.check_decider(approver, now)?;
+        if self
+            .approvals
+            .iter()
+            .any(|decision| decision.by == approver.name)
+        {
+            return Err(ApprovalError::AlreadyApproved {
+                id: self.id.clone(),
+                principal: approver.name.clone(),
+                required: self.required,
+            });
+        }
+        if let Some((what, expected)) = &self.confirm
+            && confirmation != Some(expected.as_str())
+        {
+            return Err(ApprovalError::WrongConfirmation {
+                id: self.id.clone(),
+                what: what.clone(),
+                given: match confirmation {
+                    None => "none was given (valet approve ID --confirm VALUE)".to_string(),
+                    Some(_) => "the value given does not match".to_string(),
+                },
+            });
+        }
+        let mut next = self.clone();
+        next.approvals.push(Decision {
+            by: approver.name.clone(),
+            at: now,
+            reason: reason.to_string(),
+        });
+        next.updated_at = now;
+        if next.approvals.len() as u32 >= self.required {
+            next.status = ApprovalStatus::Approved;
+            let names: Vec<&str> = next
+                .approvals
+                .iter()
+                .map(|decision| decision.by.as_str())
+                .collect();
+            next.status_reason = Some(format!("approved by {}", names.join(", ")));
+        }
+        Ok(next)
+    }
+
+    /// The record after `approver` denies it, with a reason.
+    pub fn denied_by(
+        &self,
+        approver: &Principal,
+        reason: &str,
+        now: UnixTime,
+    ) -> Result<ApprovalRequest, ApprovalError> {
+        self.check_decider(approver, now)?;
+        if reason.trim().is_empty() {
+            return Err(ApprovalError::ReasonRequired {
+                id: self.id.clone(),
+            });
+        }
+        Ok(ApprovalRequest {
+            status: ApprovalStatus::Denied,
+            status_reason: Some(format!("denied by {}: {reason}", approver.name)),
+            updated_at: now,
+            ..self.clone()
+        })
+    }
+
+    /// The record after it timed out.
+    pub fn timed_out(&self, now: UnixTime) -> Option<ApprovalRequest> {
+        (self.status == ApprovalStatus::Pending && now >= self.expires_at).then(|| {
+            ApprovalRequest {
+                status: ApprovalStatus::Expired,
+                status_reason: Some(format!(
+                    "timed out at {} without {} approval(s): denied",
+                    format_time(self.expires_at),
+                    self.required
+                )),
+                updated_at: now,
+                ..self.clone()
+            }
+        })
+    }
+
+    /// The record after the approved call `call` of grant `grant_id` used it — once.
+    pub fn consumed_by(
+        &self,
+        grant_id: &str,
+        call: &CallFingerprint,
+        now: UnixTime,
+    ) -> Result<ApprovalRequest, ApprovalError> {
+        let status = self.status_at(now);
+        if status != ApprovalStatus::Approved {
+            let detail = match status {
+                ApprovalStatus::Pending => "it is still waiting for approval".to_string(),
+                ApprovalStatus::Consumed => {
+                    "it was already used once: approvals cannot be replayed".to_string()
+                }
+                _ => self
+                    .status_reason
+                    .clone()
+                    .unwrap_or_else(|| "it cannot be used".to_string()),
+            };
+            return Err(ApprovalError::NotUsable {
+                id: self.id.clone(),
+                status,
+                detail,
+            });
+        }
+        let difference = match &self.call {
+            _ if self.grant_id != grant_id => Some("another grant".to_string()),
+            None => Some("it approves a token, not a call".to_string()),
+            Some(approved) if approved.method != call.method => Some(format!(
+                "method {} instead of {}",
+                call.method, approved.method
+            )),
+            Some(approved) if approved.target != call.target => Some(format!(
+                "target {} instead of {}",
+                call.target, approved.target
+            )),
+            Some(approved) if approved.body_sha256 != call.body_sha256 => {
+                Some("a different body (document or variables)".to_string())
+            }
+            Some(_) => None,
+        };
+        if let Some(difference) = difference {
+            return Err(ApprovalError::DifferentRequest {
+                id: self.id.clone(),
+                difference,
+            });
+        }
+        Ok(ApprovalRequest {
+            status: ApprovalStatus::Consumed,
+            status_reason: Some("used once".to_string()),
+            updated_at: now,
+            ..self.clone()
+        })
+    }
+
+    fn check_decider(&self, approver: &Principal, now: UnixTime) -> Result<(), ApprovalError> {
+        let status = self.status_at(now);
+        if status != ApprovalStatus::Pending {
+            return Err(ApprovalError::NotPending {
+                id: self.id.clone(),
+                status,
+            });
+        }
+        if approver.name == self.requester {
+            return Err(ApprovalError::SelfApproval {
+                id: self.id.clone(),
+                principal: approver.name.clone(),
+            });
+        }
+        if !approver.has_role(Role::Operator) {
+            return Err(ApprovalError::AgentCannotApprove {
+                principal: approver.name.clone(),
+            });
+        }
+        let listed = self
+            .approvers
+            .iter()
+            .filter_map(|text| Approver::parse(text))
+            .any(|listed| match listed {
+                Approver::Principal(name) => name == approver.name,
+                Approver::Role(role) => approver.has_role(role),
+            });
+        if !self.approvers.is_empty() && !listed {
+            return Err(ApprovalError::NotAnApprover {
+                id: self.id.clone(),
+                principal: approver.name.clone(),
+                approvers: self.approvers.join(", "),
+            });
+        }
+        Ok(())
+    }
+
+    /// One line for people: what is asked, by whom.
+    pub fn summary(&self) -> String {
+        match (&self.kind, &self.call) {
+            (ApprovalKind::Call, Some(call)) => {
+                let fields = if call.graphql.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", call.graphql.join(", "))
+                };
+                format!(
+                    "{} asks to call {} {}{fields} with grant {} (scope {}, environment {})",
+                    self.requester,
+                    call.method,
+                    call.target,
+                    self.grant_id,
+                    self.scope,
+                    self.environment
+                )
+            }
+            _ => format!(
+                "{} asks for a token for scope {} (environment {}, task {})",
+                self.requester, self.scope, self.environment, self.task_id
+            ),
+        }
+    }
+}
+
+/// When a new request made at `now` under `policy` times out.
+pub fn expiry(policy: &ApprovalPolicy, now: UnixTime) -> UnixTime {
+    add_duration(now, policy.timeout)
+}
+
+#[cfg(test)]
+mod tests;
