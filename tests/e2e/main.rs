@@ -1,6 +1,7 @@
 //! End-to-end tests: real valetd processes on loopback, driven through valet-client and the CLI.
 
 mod admin;
+mod approvals;
 mod bad_input;
 mod cli;
 mod gateway;

@@ -129,7 +129,18 @@ async fn answer(
             body,
         });
     let path = parts.uri.path();
-    let response = if path.ends_with("/stream") {
+    let n_hooks = seen
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .iter()
+        .filter(|seen| seen.target.starts_with("/hook-flaky"))
+        .count();
+    let response = if path == "/hook-flaky" && n_hooks == 1 {
+        // A webhook receiver that fails its first delivery, to prove retries.
+        let mut response = text("not yet\n");
+        *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+        response
+    } else if path.ends_with("/stream") {
         let (sender, receiver) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
         tokio::spawn(async move {
             let _ = sender

@@ -275,7 +275,10 @@ async fn forward(
                     .request_call_approval(&grant, policy, call.clone(), &record.request_id)
                     .await
                     .map_err(unavailable)?;
-                return Err(GatewayError::ApprovalRequired { approval_id, call });
+                return Err(GatewayError::ApprovalRequired {
+                    approval_id,
+                    call: Box::new(call),
+                });
             }
             Some(id) => match broker
                 .consume_call_approval(id.trim(), &grant, &call, &record.request_id)
@@ -289,7 +292,7 @@ async fn forward(
                     tracing::debug!(%reason, "approval still pending");
                     return Err(GatewayError::ApprovalRequired {
                         approval_id: id.trim().to_string(),
-                        call,
+                        call: Box::new(call),
                     });
                 }
                 Err(BrokerError::Refused { reason, .. }) => {

@@ -58,7 +58,7 @@ pub enum GatewayError {
     )]
     ApprovalRequired {
         approval_id: String,
-        call: valet_core::approval::CallFingerprint,
+        call: Box<valet_core::approval::CallFingerprint>,
     },
     #[error("{0}")]
     ApprovalRefused(String),

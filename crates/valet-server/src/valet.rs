@@ -36,7 +36,7 @@ pub enum Issued {
     },
     Pending {
         grant: Grant,
-        approval: valet_core::approval::ApprovalRequest,
+        approval: Box<valet_core::approval::ApprovalRequest>,
     },
 }
 
@@ -130,7 +130,7 @@ impl Valet {
                 .await?;
             return Ok(Issued::Pending {
                 grant,
-                approval: pending,
+                approval: Box::new(pending),
             });
         }
         let ring = self.keys.ring();

@@ -1,0 +1,673 @@
+//! Human approval: for a sensitive scope's tokens and for single destructive gateway calls.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use valet_client::{ClientError, TokenRequest, v1};
+use valet_tests::upstream::Upstream;
+use valet_tests::{
+    ADMIN_KEY, AGENT_KEY, Deployment, OPERATOR_KEY, OTHER_AGENT_KEY, RAILWAY_ROOT_SECRET,
+    standard_config,
+};
+
+fn approval_config(upstream: &Upstream) -> String {
+    let url = upstream.url();
+    standard_config(&format!(
+        r#"
+[approvals]
+webhook = "{url}/hook-flaky"
+
+[[scope]]
+name = "prod-deploy"
+credential = "railway"
+environment = "production"
+audience = "railway"
+default_ttl = "5m"
+max_ttl = "10m"
+[scope.params.project]
+pattern = "[a-z]+"
+[scope.approval]
+approvers = ["role:operator", "other-agent"]
+timeout = "1m"
+confirm = "environment"
+
+[[scope]]
+name = "quick-approval"
+credential = "railway"
+environment = "production"
+audience = "railway"
+default_ttl = "5m"
+max_ttl = "10m"
+[scope.approval]
+timeout = "2s"
+
+[[scope]]
+name = "two-person"
+credential = "railway"
+environment = "production"
+audience = "railway"
+default_ttl = "5m"
+max_ttl = "10m"
+[scope.approval]
+count = 2
+
+[[upstream]]
+name = "railway"
+base_url = "{url}"
+credential = "railway"
+[upstream.inject]
+header = {{ Authorization = "Bearer {{secret}}" }}
+
+[[scope]]
+name = "railway-prod"
+upstream = "railway"
+environment = "production"
+default_ttl = "5m"
+max_ttl = "10m"
+[[scope.allow]]
+path = "/graphql/v2"
+graphql = {{ query = ["project"], mutation = ["customDomainCreate"] }}
+[[scope.allow]]
+path = "/graphql/v2"
+graphql = {{ mutation = ["volumeDelete"] }}
+approval = {{ confirm = "environment", timeout = "1m" }}
+"#
+    ))
+    .replace("listen = \"127.0.0.1:0\"\n", "listen = \"127.0.0.1:0\"\ngateway_listen = \"127.0.0.1:0\"\n")
+    .replace(
+        "scopes = [\"deploy-staging\", \"limited\", \"short\"]",
+        "scopes = [\"deploy-staging\", \"limited\", \"short\", \"prod-deploy\", \"quick-approval\", \"two-person\", \"railway-prod\"]",
+    )
+    .replace(
+        "name = \"admin\"\nroles = [\"admin\"]",
+        "name = \"admin\"\nroles = [\"admin\"]\nscopes = [\"prod-deploy\"]",
+    )
+}
+
+fn prod(task: &str) -> TokenRequest {
+    TokenRequest::new("prod-deploy", task).with_param("project", "shop")
+}
+
+async fn approve(
+    valetd: &valet_tests::Valetd,
+    key: &str,
+    id: &str,
+    confirm: &str,
+) -> Result<v1::Approval, tonic::Status> {
+    let client = valetd.client(key).await;
+    client
+        .admin()
+        .approve(v1::ApproveRequest {
+            id: id.into(),
+            confirm: confirm.into(),
+            reason: "looked at it".into(),
+        })
+        .await
+        .map(|reply| reply.into_inner())
+}
+
+#[tokio::test]
+async fn a_sensitive_scope_issues_only_after_approval_with_the_typed_confirmation() {
+    let upstream = Upstream::start().await;
+    let deployment = Deployment::new(&approval_config(&upstream));
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+
+    let pending = agent
+        .request_token(prod("deploy-1").with_purpose("ship v2"))
+        .await
+        .unwrap();
+    assert!(pending.is_pending(), "no token before approval");
+    let approval = pending.approval.clone().unwrap();
+    assert_eq!(approval.confirm, "environment");
+    assert_eq!(pending.grant.status, v1::GrantStatus::Pending as i32);
+    assert!(
+        agent
+            .introspect(pending.token_str())
+            .await
+            .is_ok_and(|reply| !reply.active)
+    );
+
+    let waiter = {
+        let agent = agent.clone();
+        let grant_id = pending.grant.id.clone();
+        tokio::spawn(async move {
+            agent
+                .wait_for_grant(&grant_id, Duration::from_secs(30))
+                .await
+        })
+    };
+
+    let missing = approve(&valetd, OPERATOR_KEY, &approval.id, "")
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        missing
+            .message()
+            .contains("needs the environment typed to confirm"),
+        "{}",
+        missing.message()
+    );
+    let wrong = approve(&valetd, OPERATOR_KEY, &approval.id, "staging")
+        .await
+        .unwrap_err();
+    assert!(
+        wrong.message().contains("does not match"),
+        "{}",
+        wrong.message()
+    );
+    let agent_approver = approve(&valetd, OTHER_AGENT_KEY, &approval.id, "production")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        agent_approver.code(),
+        tonic::Code::PermissionDenied,
+        "listed, but an agent: never"
+    );
+    assert!(
+        agent_approver.message().contains("agents never approve"),
+        "{}",
+        agent_approver.message()
+    );
+
+    let decided = approve(&valetd, OPERATOR_KEY, &approval.id, "production")
+        .await
+        .unwrap();
+    assert_eq!(decided.status, v1::ApprovalStatus::Approved as i32);
+    let issued = waiter
+        .await
+        .unwrap()
+        .expect("the waiting agent receives its token");
+    assert_eq!(issued.grant.status, v1::GrantStatus::Active as i32);
+    assert!(agent.introspect(issued.token_str()).await.unwrap().active);
+    let lifetime =
+        issued.grant.expires_at.unwrap().seconds - issued.grant.issued_at.unwrap().seconds;
+    assert_eq!(lifetime, 300, "the TTL starts at approval");
+
+    // The decision and its audit trail.
+    let audit = std::fs::read_to_string(deployment.audit_path()).unwrap();
+    for action in ["approval.request", "approval.approve"] {
+        assert!(
+            audit.contains(&format!("\"action\":\"{action}\"")),
+            "{action} is audited"
+        );
+    }
+    assert!(
+        audit.contains("\"principal\":\"operator\""),
+        "who approved is recorded"
+    );
+}
+
+#[tokio::test]
+async fn denial_timeout_self_approval_and_n_of_m() {
+    let upstream = Upstream::start().await;
+    let deployment = Deployment::new(&approval_config(&upstream));
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    let operator = valetd.client(OPERATOR_KEY).await;
+
+    // Denied: the waiting agent hears why.
+    let pending = agent.request_token(prod("deny-1")).await.unwrap();
+    let id = pending.approval.unwrap().id;
+    let no_reason = operator
+        .admin()
+        .deny(v1::DenyRequest {
+            id: id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(no_reason.code(), tonic::Code::InvalidArgument);
+    operator
+        .admin()
+        .deny(v1::DenyRequest {
+            id: id.clone(),
+            reason: "not during the freeze".into(),
+        })
+        .await
+        .unwrap();
+    match agent
+        .wait_for_grant(&pending.grant.id, Duration::from_secs(10))
+        .await
+    {
+        Err(ClientError::NotApproved { reason, .. }) => assert!(
+            reason.contains("denied by operator: not during the freeze"),
+            "{reason}"
+        ),
+        other => panic!("expected a denial, got {other:?}"),
+    }
+    assert_eq!(
+        approve(&valetd, ADMIN_KEY, &id, "production")
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::FailedPrecondition,
+        "decided is final"
+    );
+
+    // Timed out: counts as denied.
+    let quick = agent
+        .request_token(TokenRequest::new("quick-approval", "timeout-1"))
+        .await
+        .unwrap();
+    match agent
+        .wait_for_grant(&quick.grant.id, Duration::from_secs(20))
+        .await
+    {
+        Err(ClientError::NotApproved { .. }) => {}
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    let timed_out = valet_tests::eventually(Duration::from_secs(10), || async {
+        std::fs::read_to_string(deployment.audit_path())
+            .unwrap()
+            .contains("\"action\":\"approval.timeout\"")
+    })
+    .await;
+    assert!(timed_out, "the timeout is audited");
+
+    // No self-approval, even for an admin who may request the scope and is an approver by role.
+    let admin = valetd.client(ADMIN_KEY).await;
+    let own = admin.request_token(prod("self-1")).await.unwrap();
+    let refused = approve(&valetd, ADMIN_KEY, &own.approval.unwrap().id, "production")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused.message().contains("no self-approval"),
+        "{}",
+        refused.message()
+    );
+
+    // Two distinct approvers.
+    let two = agent
+        .request_token(TokenRequest::new("two-person", "two-1"))
+        .await
+        .unwrap();
+    let id = two.approval.unwrap().id;
+    let first = approve(&valetd, OPERATOR_KEY, &id, "").await.unwrap();
+    assert_eq!(first.status, v1::ApprovalStatus::Pending as i32);
+    assert_eq!(
+        approve(&valetd, OPERATOR_KEY, &id, "")
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::FailedPrecondition,
+        "the same approver twice counts once"
+    );
+    let second = approve(&valetd, ADMIN_KEY, &id, "").await.unwrap();
+    assert_eq!(second.status, v1::ApprovalStatus::Approved as i32);
+    assert!(
+        agent
+            .wait_for_grant(&two.grant.id, Duration::from_secs(10))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn pending_requests_survive_a_restart_and_the_webhook_is_retried() {
+    let upstream = Upstream::start().await;
+    let deployment = Deployment::new(&approval_config(&upstream));
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    let pending = agent.request_token(prod("restart-1")).await.unwrap();
+    let id = pending.approval.unwrap().id;
+
+    // The webhook's first delivery fails (500); the retry delivers.
+    let delivered = valet_tests::eventually(Duration::from_secs(15), || async {
+        upstream
+            .seen()
+            .iter()
+            .filter(|seen| seen.target == "/hook-flaky")
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(delivered, "the webhook was retried after failing");
+    let hook: serde_json::Value = serde_json::from_slice(
+        &upstream
+            .seen()
+            .iter()
+            .find(|seen| seen.target == "/hook-flaky")
+            .unwrap()
+            .body,
+    )
+    .unwrap();
+    assert_eq!(hook["event"], "approval.pending");
+    assert_eq!(hook["approval"]["id"], id.as_str());
+    assert!(
+        hook["approval"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("scope prod-deploy")
+    );
+    let audit = std::fs::read_to_string(deployment.audit_path()).unwrap();
+    assert!(
+        audit.contains("\"action\":\"approval.webhook\",")
+            && audit.contains("\"outcome\":\"failed\""),
+        "the failed delivery is audited"
+    );
+    valetd.stop().await;
+
+    let valetd = deployment.start(&[]);
+    let operator = valetd.client(OPERATOR_KEY).await;
+    let listed = operator
+        .admin()
+        .list_approvals(v1::ListApprovalsRequest { pending_only: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .approvals;
+    assert_eq!(
+        listed
+            .iter()
+            .map(|approval| approval.id.as_str())
+            .collect::<Vec<_>>(),
+        [id.as_str()]
+    );
+    approve(&valetd, OPERATOR_KEY, &id, "production")
+        .await
+        .unwrap();
+    let agent = valetd.client(AGENT_KEY).await;
+    let issued = agent
+        .wait_for_grant(&pending.grant.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(agent.introspect(issued.token_str()).await.unwrap().active);
+}
+
+async fn gateway_call(
+    gateway: &str,
+    token: &str,
+    body: &str,
+    extra: &[(&str, &str)],
+    path: &str,
+) -> (u16, serde_json::Value) {
+    let client: HttpClient<HttpConnector, Full<Bytes>> =
+        HttpClient::builder(TokioExecutor::new()).build_http();
+    let mut request = http::Request::post(format!("{gateway}{path}"))
+        .header("authorization", format!("Bearer {token}"));
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    let response = client
+        .request(
+            request
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn a_destructive_call_goes_through_once_and_only_as_approved() {
+    let upstream = Upstream::start().await;
+    let deployment = Deployment::new(&approval_config(&upstream));
+    let valetd = deployment.start(&[]);
+    let gateway = valetd.gateway.clone().unwrap();
+    let agent = valetd.client(AGENT_KEY).await;
+    let issued = agent
+        .request_token(TokenRequest::new("railway-prod", "volume-1"))
+        .await
+        .unwrap();
+    let token = issued.token_str();
+    let graphql_calls = || {
+        upstream
+            .seen()
+            .into_iter()
+            .filter(|seen| seen.target.starts_with("/graphql"))
+            .collect::<Vec<_>>()
+    };
+    let delete = serde_json::json!({"query": "mutation Drop($id: String!) { volumeDelete(volumeId: $id) }", "variables": {"id": "vol-prod-db"}}).to_string();
+    let path = "/u/railway/graphql/v2";
+
+    // Allowed fields pass without approval.
+    let (status, _) = gateway_call(
+        &gateway,
+        token,
+        &serde_json::json!({"query": "{ project(id: \"p\") { id } }"}).to_string(),
+        &[],
+        path,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let (status, asked) = gateway_call(&gateway, token, &delete, &[], path).await;
+    assert_eq!(status, 428, "{asked}");
+    let approval_id = asked["approval_id"].as_str().unwrap().to_string();
+    assert_eq!(asked["call"]["method"], "POST");
+    assert_eq!(asked["call"]["target"], "/graphql/v2");
+    assert_eq!(
+        asked["call"]["graphql"],
+        serde_json::json!(["mutation volumeDelete"])
+    );
+    assert_eq!(asked["call"]["variables"], "{\"id\":\"vol-prod-db\"}");
+    assert_eq!(asked["call"]["body_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        graphql_calls().len(),
+        1,
+        "the destructive call did not reach the upstream"
+    );
+
+    // Still pending: the retry is told to wait, and nothing is forwarded.
+    let (status, _) = gateway_call(
+        &gateway,
+        token,
+        &delete,
+        &[("valet-approval", &approval_id)],
+        path,
+    )
+    .await;
+    assert_eq!(status, 428);
+    approve(&valetd, OPERATOR_KEY, &approval_id, "production")
+        .await
+        .unwrap();
+
+    // Any difference is refused.
+    let other_variable = delete.replace("vol-prod-db", "vol-prod-backups");
+    let (status, reply) = gateway_call(
+        &gateway,
+        token,
+        &other_variable,
+        &[("valet-approval", &approval_id)],
+        path,
+    )
+    .await;
+    assert_eq!(status, 403, "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("a different body"),
+        "{reply}"
+    );
+    let reformatted = delete.replace(
+        "volumeDelete(volumeId: $id)",
+        "volumeDelete(volumeId:  $id)",
+    );
+    assert_eq!(
+        gateway_call(
+            &gateway,
+            token,
+            &reformatted,
+            &[("valet-approval", &approval_id)],
+            path
+        )
+        .await
+        .0,
+        403,
+        "a changed body"
+    );
+    let (status, reply) = gateway_call(
+        &gateway,
+        token,
+        &delete,
+        &[("valet-approval", &approval_id)],
+        "/u/railway/graphql/v2?dry_run=false",
+    )
+    .await;
+    assert_eq!(status, 403, "a different target: {reply}");
+    assert_eq!(graphql_calls().len(), 1);
+
+    // The identical call goes through, once, with the root credential and without the approval header.
+    let (status, reply) = gateway_call(
+        &gateway,
+        token,
+        &delete,
+        &[("valet-approval", &approval_id)],
+        path,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let seen = graphql_calls();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].body, Bytes::from(delete.clone()));
+    assert_eq!(
+        seen[1].header("authorization"),
+        Some(format!("Bearer {RAILWAY_ROOT_SECRET}").as_str())
+    );
+    assert_eq!(seen[1].header("valet-approval"), None);
+
+    let (status, reply) = gateway_call(
+        &gateway,
+        token,
+        &delete,
+        &[("valet-approval", &approval_id)],
+        path,
+    )
+    .await;
+    assert_eq!(status, 403, "a replay: {reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("already used once"),
+        "{reply}"
+    );
+    assert_eq!(graphql_calls().len(), 2, "exactly once");
+    let audit = std::fs::read_to_string(deployment.audit_path()).unwrap();
+    assert!(audit.contains("\"action\":\"approval.use\""));
+}
+
+#[tokio::test]
+async fn operators_see_and_decide_requests_from_the_cli() {
+    let upstream = Upstream::start().await;
+    let deployment = Deployment::new(&approval_config(&upstream));
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    let pending = agent
+        .request_token(prod("cli-1").with_purpose("hotfix"))
+        .await
+        .unwrap();
+    let id = pending.approval.unwrap().id;
+    let valet = |arguments: &[&str], key: &str| {
+        let output = std::process::Command::new(valet_tests::binary("valet"))
+            .args(arguments)
+            .env("VALET_SERVER", &valetd.address)
+            .env("VALET_KEY", key)
+            .output()
+            .unwrap();
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, _) = valet(&["approvals", "list"], OPERATOR_KEY);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains(&id) && stdout.contains("agent asks for a token for scope prod-deploy"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = valet(&["approvals", "show", &id], OPERATOR_KEY);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("purpose:     hotfix") && stdout.contains("--confirm VALUE"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = valet(&["approve", &id, "--confirm", "staging"], OPERATOR_KEY);
+    assert_eq!(code, 3, "{stderr}");
+    let (code, stdout, _) = valet(
+        &[
+            "approve",
+            &id,
+            "--confirm",
+            "production",
+            "--reason",
+            "change 42",
+        ],
+        OPERATOR_KEY,
+    );
+    assert_eq!(code, 0);
+    assert!(stdout.contains("is approved"), "{stdout}");
+
+    // `valet token request` waits for the decision and then prints the token.
+    let waiting = std::process::Command::new(valet_tests::binary("valet"))
+        .args([
+            "token",
+            "request",
+            "--scope",
+            "prod-deploy",
+            "--task",
+            "cli-2",
+            "--param",
+            "project=shop",
+            "--wait",
+            "30s",
+        ])
+        .env("VALET_SERVER", &valetd.address)
+        .env("VALET_KEY", AGENT_KEY)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let operator = valetd.client(OPERATOR_KEY).await;
+    let mut second = None;
+    for _ in 0..100 {
+        let listed = operator
+            .admin()
+            .list_approvals(v1::ListApprovalsRequest { pending_only: true })
+            .await
+            .unwrap()
+            .into_inner()
+            .approvals;
+        if let Some(approval) = listed
+            .into_iter()
+            .find(|approval| approval.task_id == "cli-2")
+        {
+            second = Some(approval.id);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, _, _) = valet(
+        &[
+            "deny",
+            &second.expect("the request is pending"),
+            "--reason",
+            "wrong window",
+        ],
+        OPERATOR_KEY,
+    );
+    assert_eq!(code, 0);
+    let output = waiting.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("denied by operator: wrong window"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.stdout.is_empty(), "no token on a denial");
+}
