@@ -18,3 +18,6 @@ cargo build --workspace --bins --locked
 
 echo "== tests"
 cargo test --workspace --locked
+
+echo "== benchmark smoke: every scenario of valet-bench, a few hundred requests each, no errors"
+./target/debug/valet-bench all --smoke

@@ -1,0 +1,104 @@
+//! `valet-bench`: starts a real valetd (and its baselines) on loopback, drives each scenario, and
+//! prints throughput, latency percentiles, errors and the ratio against a baseline measured in
+//! the same run — on these shared machines only ratios compare across runs.
+
+mod load;
+mod processes;
+mod report;
+mod scenarios;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "valet-bench", version)]
+struct Arguments {
+    #[command(subcommand)]
+    command: Option<Helper>,
+    /// The scenario to run.
+    #[arg(value_enum, default_value = "all")]
+    scenario: Scenario,
+    /// Concurrent streams (default: 1, 16 and 64 for `issue`; 64 elsewhere).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// How long each measurement runs.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    duration: Duration,
+    /// How long the churn scenario runs.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    churn_duration: Duration,
+    /// One JSON object per scenario on stdout.
+    #[arg(long)]
+    json: bool,
+    /// A few hundred requests per scenario, checking only that there are no errors (for CI).
+    #[arg(long)]
+    smoke: bool,
+}
+
+/// Helper processes the tool starts as baselines (not for people to run).
+#[derive(Debug, Subcommand)]
+enum Helper {
+    #[command(hide = true)]
+    ServeEcho { address: String },
+    #[command(hide = true)]
+    ServeUpstream { address: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    All,
+    Issue,
+    Introspect,
+    VerifyOffline,
+    Gateway,
+    Revoke,
+    Churn,
+}
+
+fn main() {
+    let arguments = Arguments::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("valet-bench: cannot start the async runtime: {error}");
+            std::process::exit(1);
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match arguments.command {
+            Some(Helper::ServeEcho { address }) => {
+                processes::serve_echo(&address).await.map(|_| true)
+            }
+            Some(Helper::ServeUpstream { address }) => {
+                processes::serve_upstream(&address).await.map(|_| true)
+            }
+            None => {
+                let options = scenarios::Options {
+                    concurrency: arguments.concurrency,
+                    duration: if arguments.smoke {
+                        Duration::from_millis(300)
+                    } else {
+                        arguments.duration
+                    },
+                    churn_duration: if arguments.smoke {
+                        Duration::from_secs(2)
+                    } else {
+                        arguments.churn_duration
+                    },
+                    smoke: arguments.smoke,
+                    json: arguments.json,
+                };
+                scenarios::run(arguments.scenario, &options).await
+            }
+        }
+    });
+    match outcome {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(error) => {
+            eprintln!("valet-bench: {error:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The processes a run drives: valetd itself, a bare tonic echo server and a fast HTTP upstream
+//! (both this binary in helper mode), and nginx as the reverse-proxy baseline.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use valet_core::Secret;
+
+pub const AGENT_KEY: &str = "vk_bench_agent_7c0e2b1d";
+pub const OPERATOR_KEY: &str = "vk_bench_operator_51aa90fe";
+pub const UPSTREAM_SECRET: &str = "bench-root-credential-0d9c6e2a";
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(Secret::from(text.to_string()).sha256())
+}
+
+/// A child process, killed when dropped.
+pub struct Process {
+    pub child: Child,
+    pub address: String,
+    pub gateway: Option<String>,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find(|line| line.starts_with("VmRSS:"))
+                    .map(str::to_string)
+            })
+            .and_then(|line| {
+                line.split_whitespace()
+                    .nth(1)
+                    .and_then(|kib| kib.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// SIGTERM, then wait.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let executable = std::env::current_exe()?;
+    let path = executable
+        .parent()
+        .context("the executable has a directory")?
+        .join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build it with the same profile (cargo build --release --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Spawns `command`, waiting for lines naming its addresses (`marker ADDR`).
+fn spawn_listening(
+    mut command: Command,
+    marker: &str,
+    gateway_marker: Option<&str>,
+) -> anyhow::Result<Process> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .context("start a process")?;
+    let (sender, receiver) = std::sync::mpsc::channel::<(bool, String)>();
+    for stream in [
+        Box::new(child.stdout.take().context("stdout")?) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().context("stderr")?),
+    ] {
+        let sender = sender.clone();
+        let marker = marker.to_string();
+        let gateway_marker = gateway_marker.map(str::to_string);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let take = |after: &str| {
+                    after
+                        .split(|character: char| character.is_whitespace() || character == '"')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                if let Some(gateway_marker) = &gateway_marker
+                    && let Some(after) = line.split(gateway_marker.as_str()).nth(1)
+                {
+                    let _ = sender.send((true, take(after)));
+                }
+                if let Some(after) = line.split(marker.as_str()).nth(1) {
+                    let _ = sender.send((false, take(after)));
+                }
+            }
+        });
+    }
+    let mut process = Process {
+        child,
+        address: String::new(),
+        gateway: None,
+    };
+    loop {
+        match receiver.recv_timeout(Duration::from_secs(60)) {
+            Ok((true, address)) => process.gateway = Some(address),
+            Ok((false, address)) => {
+                process.address = address;
+                return Ok(process);
+            }
+            Err(_) => bail!("a process did not start listening within 60 s"),
+        }
+    }
+}
+
+/// A deployment directory with valetd's config.
+pub struct Deployment {
+    pub directory: tempfile::TempDir,
+}
+
+impl Deployment {
+    pub fn new(upstream: &str) -> anyhow::Result<Deployment> {
+        let directory = tempfile::tempdir()?;
+        let config = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+gateway_listen = "127.0.0.1:0"
+data_dir = "data"
+issuer = "https://valet.bench"
+max_ttl = "1h"
+grant_retention = "1s"
+
+[seal]
+key_file = "seal.key"
+
+[audit]
+path = "audit.jsonl"
+
+[[credential]]
+name = "upstream"
+file = "upstream.secret"
+
+[[scope]]
+name = "bench"
+credential = "upstream"
+environment = "bench"
+audience = "bench"
+default_ttl = "10m"
+max_ttl = "1h"
+
+[[scope]]
+name = "churn"
+credential = "upstream"
+environment = "bench"
+audience = "bench"
+default_ttl = "1s"
+max_ttl = "1s"
+
+[[upstream]]
+name = "fast"
+base_url = "http://{upstream}"
+credential = "upstream"
+[upstream.inject]
+header = {{ Authorization = "Bearer {{secret}}" }}
+
+[[scope]]
+name = "gateway"
+upstream = "fast"
+environment = "bench"
+default_ttl = "30m"
+max_ttl = "1h"
+[[scope.allow]]
+method = "GET"
+path = "/ok"
+[[scope.allow]]
+path = "/graphql"
+graphql = {{ query = ["project"], mutation = ["customDomainCreate"] }}
+
+[[principal]]
+name = "agent"
+roles = ["agent"]
+key_sha256 = "{agent}"
+scopes = ["bench", "churn", "gateway"]
+
+[[principal]]
+name = "operator"
+roles = ["operator"]
+key_sha256 = "{operator}"
+"#,
+            agent = sha256_hex(AGENT_KEY),
+            operator = sha256_hex(OPERATOR_KEY),
+        );
+        std::fs::write(directory.path().join("valet.toml"), config)?;
+        std::fs::write(
+            directory.path().join("seal.key"),
+            "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=",
+        )?;
+        std::fs::write(directory.path().join("upstream.secret"), UPSTREAM_SECRET)?;
+        Ok(Deployment { directory })
+    }
+
+    /// Starts valetd; returns it and how long it took to listen.
+    pub fn start(&self) -> anyhow::Result<(Process, Duration)> {
+        let mut command = Command::new(sibling("valetd")?);
+        command
+            .arg("--config")
+            .arg(self.directory.path().join("valet.toml"))
+            .env("RUST_LOG", "info");
+        let started = Instant::now();
+        let process = spawn_listening(
+            command,
+            "valetd listening on ",
+            Some("gateway listening on "),
+        )?;
+        Ok((process, started.elapsed()))
+    }
+
+    pub fn data_dir_bytes(&self) -> u64 {
+        directory_bytes(&self.directory.path().join("data"))
+    }
+}
+
+fn directory_bytes(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| {
+                    let path = entry.path();
+                    if path.is_dir() {
+                        directory_bytes(&path)
+                    } else {
+                        entry.metadata().map(|metadata| metadata.len()).unwrap_or(0)
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// This binary in a helper role.
+pub fn start_helper(role: &str) -> anyhow::Result<Process> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command.arg(role).arg("127.0.0.1:0");
+    spawn_listening(command, "listening ", None)
+}
+
+/// nginx as a plain reverse proxy injecting the same credential header in front of `upstream`.
+pub fn start_nginx(upstream: &str, directory: &Path) -> anyhow::Result<Process> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|path| Path::new(path).exists());
+    let Some(nginx) = nginx else {
+        bail!("nginx is not installed: `apt-get install -y nginx` (scripts/bench.sh does it)");
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = format!(
+        r#"
+daemon off;
+worker_processes 1;
+error_log stderr warn;
+pid {dir}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  upstream fast {{ server {upstream}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location /u/fast/ {{
+      proxy_pass http://fast/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer {secret}";
+    }}
+  }}
+}}
+"#,
+        dir = directory.display(),
+        secret = UPSTREAM_SECRET,
+    );
+    let path = directory.join("nginx.conf");
+    std::fs::write(&path, config)?;
+    let child = Command::new(nginx)
+        .arg("-c")
+        .arg(&path)
+        .arg("-p")
+        .arg(directory)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let address = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&address).is_err() {
+        if Instant::now() > deadline {
+            bail!("nginx did not start listening on {address} within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Process {
+        child,
+        address,
+        gateway: None,
+    })
+}
+
+/// A bare tonic server with only the health service: the echo baseline.
+pub async fn serve_echo(address: &str) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    println!("listening {}", listener.local_addr()?);
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming(tokio_stream_listener(listener))
+        .await?;
+    Ok(())
+}
+
+fn tokio_stream_listener(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            stream
+        });
+        Some((accepted, listener))
+    })
+}
+
+/// A fast HTTP upstream: `GET /ok` and `POST /graphql` answer small JSON at once.
+pub async fn serve_upstream(address: &str) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    println!("listening {}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let service = hyper::service::service_fn(
+            |request: http::Request<hyper::body::Incoming>| async move {
+                let body = if request.uri().path() == "/graphql" {
+                    &br#"{"data":{"project":{"id":"p"}}}"#[..]
+                } else {
+                    &br#"{"ok":true}"#[..]
+                };
+                // Drain the request body before answering.
+                let _ = http_body_util::BodyExt::collect(request.into_body()).await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                    Bytes::from_static(body),
+                )))
+            },
+        );
+        tokio::spawn(async move {
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

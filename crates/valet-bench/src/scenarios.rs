@@ -1,0 +1,588 @@
+//! The scenarios, each against a baseline measured in the same run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use valet_client::{Client, ClientConfig, TokenRequest};
+use valet_core::Secret;
+
+use crate::Scenario;
+use crate::load::{self, Measurement};
+use crate::processes::{self, AGENT_KEY, Deployment, OPERATOR_KEY, Process};
+use crate::report::Report;
+
+pub struct Options {
+    pub concurrency: Option<usize>,
+    pub duration: Duration,
+    pub churn_duration: Duration,
+    pub smoke: bool,
+    pub json: bool,
+}
+
+struct Setup {
+    deployment: Deployment,
+    valetd: Process,
+    echo: Process,
+    upstream: Process,
+}
+
+/// Runs the chosen scenario(s); returns false when any measurement had errors.
+pub async fn run(scenario: Scenario, options: &Options) -> anyhow::Result<bool> {
+    let upstream = processes::start_helper("serve-upstream")?;
+    let echo = processes::start_helper("serve-echo")?;
+    let deployment = Deployment::new(&upstream.address)?;
+    let (valetd, _) = deployment.start()?;
+    let setup = Setup {
+        deployment,
+        valetd,
+        echo,
+        upstream,
+    };
+    let mut reports = Vec::new();
+    let all = scenario == Scenario::All;
+    if all || scenario == Scenario::Issue {
+        reports.extend(issue(&setup, options).await?);
+    }
+    if all || scenario == Scenario::Introspect {
+        reports.push(introspect(&setup, options).await?);
+    }
+    if all || scenario == Scenario::VerifyOffline {
+        reports.push(verify_offline(&setup, options).await?);
+    }
+    if all || scenario == Scenario::Gateway {
+        reports.extend(gateway(&setup, options).await?);
+    }
+    if all || scenario == Scenario::Revoke {
+        reports.push(revoke(&setup, options).await?);
+    }
+    if all || scenario == Scenario::Churn {
+        // Last: it restarts valetd.
+        reports.push(churn(setup, options).await?);
+    }
+    let mut clean = true;
+    for report in &reports {
+        clean &= report.measured.errors == 0
+            && report
+                .baseline
+                .as_ref()
+                .is_none_or(|baseline| baseline.errors == 0);
+    }
+    if options.smoke && !options.json {
+        println!(
+            "smoke: {} measurements, {}",
+            reports.len(),
+            if clean { "no errors" } else { "ERRORS" }
+        );
+    }
+    Ok(clean)
+}
+
+async fn agent(setup: &Setup) -> anyhow::Result<Client> {
+    Ok(Client::connect(ClientConfig::new(
+        format!("http://{}", setup.valetd.address),
+        Secret::from(AGENT_KEY.to_string()),
+    ))
+    .await?)
+}
+
+fn cap(options: &Options) -> Option<u64> {
+    options.smoke.then_some(300)
+}
+
+fn report(
+    scenario: &str,
+    concurrency: usize,
+    measured: Measurement,
+    baseline_name: &str,
+    baseline: Option<Measurement>,
+    options: &Options,
+) -> Report {
+    let report = Report {
+        scenario: scenario.to_string(),
+        concurrency,
+        measured,
+        baseline_name: baseline_name.to_string(),
+        baseline,
+        notes: Default::default(),
+    };
+    report.print(options.json);
+    report
+}
+
+async fn echo_baseline(
+    setup: &Setup,
+    concurrency: usize,
+    options: &Options,
+) -> anyhow::Result<Measurement> {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", setup.echo.address))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+    let health = tonic_health::pb::health_client::HealthClient::new(channel);
+    Ok(
+        load::run(concurrency, options.duration, cap(options), move |_| {
+            let mut health = health.clone();
+            async move {
+                health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|status| status.to_string())
+            }
+        })
+        .await,
+    )
+}
+
+async fn issue(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> {
+    let levels = match options.concurrency {
+        Some(concurrency) => vec![concurrency],
+        None => vec![1, 16, 64],
+    };
+    let mut reports = Vec::new();
+    for concurrency in levels {
+        let baseline = echo_baseline(setup, concurrency, options).await?;
+        let client = agent(setup).await?;
+        let counter = Arc::new(AtomicU64::new(0));
+        let measured = load::run(concurrency, options.duration, cap(options), move |worker| {
+            let client = client.clone();
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            async move {
+                client
+                    .request_token(TokenRequest::new("bench", format!("issue-{worker}-{n}")))
+                    .await
+                    .map(|_| ())
+                    .map_err(|error| error.to_string())
+            }
+        })
+        .await;
+        reports.push(report(
+            "issue",
+            concurrency,
+            measured,
+            "tonic echo",
+            Some(baseline),
+            options,
+        ));
+    }
+    Ok(reports)
+}
+
+async fn introspect(setup: &Setup, options: &Options) -> anyhow::Result<Report> {
+    let concurrency = options.concurrency.unwrap_or(64);
+    let baseline = echo_baseline(setup, concurrency, options).await?;
+    let client = agent(setup).await?;
+    let token = Arc::new(
+        client
+            .request_token(TokenRequest::new("bench", "introspect"))
+            .await?
+            .token_str()
+            .to_string(),
+    );
+    let measured = load::run(concurrency, options.duration, cap(options), move |_| {
+        let (client, token) = (client.clone(), token.clone());
+        async move {
+            match client.introspect(&token).await {
+                Ok(reply) if reply.active => Ok(()),
+                Ok(reply) => Err(format!("inactive: {}", reply.reason)),
+                Err(error) => Err(error.to_string()),
+            }
+        }
+    })
+    .await;
+    Ok(report(
+        "introspect",
+        concurrency,
+        measured,
+        "tonic echo",
+        Some(baseline),
+        options,
+    ))
+}
+
+async fn verify_offline(setup: &Setup, options: &Options) -> anyhow::Result<Report> {
+    let client = agent(setup).await?;
+    let token = client
+        .request_token(TokenRequest::new("bench", "verify"))
+        .await?
+        .token_str()
+        .to_string();
+    let verifier = client.verifier();
+    verifier.verify(&token, Some("bench")).await?;
+    // The baseline: ring's Ed25519 verify on the same signed bytes, key already in hand.
+    let jwks = client
+        .broker()
+        .get_jwks(valet_client::v1::GetJwksRequest {})
+        .await?
+        .into_inner();
+    let public_key = decode_url(&jwks.keys[0].x).ok_or_else(|| anyhow::anyhow!("bad JWKS key"))?;
+    let (signed, signature) = token
+        .rsplit_once('.')
+        .ok_or_else(|| anyhow::anyhow!("bad token"))?;
+    let (signed, signature) = (
+        Arc::new(signed.as_bytes().to_vec()),
+        Arc::new(decode_url(signature).ok_or_else(|| anyhow::anyhow!("bad signature"))?),
+    );
+    let public_key = Arc::new(public_key);
+    let baseline = load::run(1, options.duration, cap(options), move |_| {
+        let (signed, signature, public_key) =
+            (signed.clone(), signature.clone(), public_key.clone());
+        async move {
+            ring::signature::UnparsedPublicKey::new(
+                &ring::signature::ED25519,
+                public_key.as_slice(),
+            )
+            .verify(&signed, &signature)
+            .map_err(|_| "verify failed".to_string())
+        }
+    })
+    .await;
+    let token = Arc::new(token);
+    let measured = load::run(1, options.duration, cap(options), move |_| {
+        let (verifier, token) = (verifier.clone(), token.clone());
+        async move {
+            verifier
+                .verify(&token, Some("bench"))
+                .await
+                .map(|_| ())
+                .map_err(|error| error.to_string())
+        }
+    })
+    .await;
+    Ok(report(
+        "verify-offline",
+        1,
+        measured,
+        "raw ring Ed25519 verify",
+        Some(baseline),
+        options,
+    ))
+}
+
+type Http = HttpClient<HttpConnector, Full<Bytes>>;
+
+fn http_client() -> Http {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    HttpClient::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
+
+async fn http_load(
+    url: String,
+    token: Option<String>,
+    body: Option<&'static str>,
+    concurrency: usize,
+    options: &Options,
+) -> Measurement {
+    let client = http_client();
+    let url = Arc::new(url);
+    let token = Arc::new(token);
+    load::run(concurrency, options.duration, cap(options), move |_| {
+        let (client, url, token) = (client.clone(), url.clone(), token.clone());
+        async move {
+            let mut request = http::Request::builder().uri(url.as_str());
+            request = match body {
+                Some(_) => request
+                    .method("POST")
+                    .header("content-type", "application/json"),
+                None => request.method("GET"),
+            };
+            if let Some(token) = token.as_ref() {
+                request = request.header("authorization", format!("Bearer {token}"));
+            }
+            let request = request
+                .body(Full::new(Bytes::from_static(body.unwrap_or("").as_bytes())))
+                .map_err(|error| error.to_string())?;
+            let response = client
+                .request(request)
+                .await
+                .map_err(|error| error.to_string())?;
+            let status = response.status();
+            let _ = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|error| error.to_string())?;
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(format!("status {status}"))
+            }
+        }
+    })
+    .await
+}
+
+async fn gateway(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> {
+    let client = agent(setup).await?;
+    let token = client
+        .request_token(TokenRequest::new("gateway", "gateway-bench"))
+        .await?
+        .token_str()
+        .to_string();
+    let gateway = setup
+        .valetd
+        .gateway
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("valetd started without a gateway"))?;
+    let nginx_directory = tempfile::tempdir()?;
+    let nginx = if options.smoke {
+        None
+    } else {
+        Some(processes::start_nginx(
+            &setup.upstream.address,
+            nginx_directory.path(),
+        )?)
+    };
+    const GRAPHQL: &str = r#"{"query":"{ project(id: \"p\") { id } }"}"#;
+    let mut reports = Vec::new();
+    let levels = match options.concurrency {
+        Some(concurrency) => vec![concurrency],
+        None => vec![1, 64],
+    };
+    for (name, path, body) in [
+        ("gateway GET", "ok", None),
+        ("gateway GraphQL POST", "graphql", Some(GRAPHQL)),
+    ] {
+        for &concurrency in &levels {
+            let direct = http_load(
+                format!("http://{}/{path}", setup.upstream.address),
+                None,
+                body,
+                concurrency,
+                options,
+            )
+            .await;
+            let through_nginx = match &nginx {
+                Some(nginx) => Some(
+                    http_load(
+                        format!("http://{}/u/fast/{path}", nginx.address),
+                        None,
+                        body,
+                        concurrency,
+                        options,
+                    )
+                    .await,
+                ),
+                None => None,
+            };
+            let measured = http_load(
+                format!("http://{gateway}/u/fast/{path}"),
+                Some(token.clone()),
+                body,
+                concurrency,
+                options,
+            )
+            .await;
+            let added_p50_us = (measured.percentile_ms(0.5) - direct.percentile_ms(0.5)) * 1000.0;
+            let added_p99_us = (measured.percentile_ms(0.99) - direct.percentile_ms(0.99)) * 1000.0;
+            let (baseline_name, baseline) = match through_nginx {
+                Some(nginx) => ("nginx", Some(nginx)),
+                None => ("direct (smoke: no nginx)", Some(direct.clone())),
+            };
+            let mut notes = serde_json::Map::new();
+            notes.insert(
+                "direct_throughput".into(),
+                Value::from((direct.throughput() * 10.0).round() / 10.0),
+            );
+            notes.insert(
+                "direct_p50_ms".into(),
+                Value::from((direct.percentile_ms(0.5) * 1000.0).round() / 1000.0),
+            );
+            notes.insert("added_p50_us".into(), Value::from(added_p50_us.round()));
+            notes.insert("added_p99_us".into(), Value::from(added_p99_us.round()));
+            let report = Report {
+                scenario: name.to_string(),
+                concurrency,
+                measured,
+                baseline_name: baseline_name.to_string(),
+                baseline,
+                notes,
+            };
+            report.print(options.json);
+            reports.push(report);
+        }
+    }
+    Ok(reports)
+}
+
+async fn revoke(setup: &Setup, options: &Options) -> anyhow::Result<Report> {
+    let revoker = agent(setup).await?;
+    // Another connection: the refusal must not depend on the revoking connection.
+    let checker = Client::connect(ClientConfig::new(
+        format!("http://{}", setup.valetd.address),
+        Secret::from(OPERATOR_KEY.to_string()),
+    ))
+    .await?;
+    let rounds = if options.smoke { 20 } else { 200 };
+    let mut measured = Measurement::default();
+    let mut windows = Vec::new();
+    let started = Instant::now();
+    let mut refused_first = 0;
+    for round in 0..rounds {
+        let issued = revoker
+            .request_token(TokenRequest::new("bench", format!("revoke-{round}")))
+            .await?;
+        revoker.revoke(&issued.grant.id, "bench").await?;
+        let returned = Instant::now();
+        let reply = checker.introspect(issued.token_str()).await?;
+        windows.push(returned.elapsed());
+        if reply.active {
+            measured.errors += 1;
+            measured.first_error.get_or_insert_with(|| {
+                format!(
+                    "grant {} was still active after RevokeToken returned",
+                    issued.grant.id
+                )
+            });
+        } else {
+            refused_first += 1;
+        }
+    }
+    measured.n_ok = refused_first;
+    measured.elapsed = started.elapsed();
+    windows.sort_unstable();
+    let mut notes = serde_json::Map::new();
+    notes.insert(
+        "refused_on_first_call".into(),
+        Value::from(format!("{refused_first}/{rounds}")),
+    );
+    notes.insert(
+        "first_refused_call_p50_ms".into(),
+        Value::from(windows[windows.len() / 2].as_secs_f64() * 1000.0),
+    );
+    notes.insert(
+        "first_refused_call_max_ms".into(),
+        Value::from(windows[windows.len() - 1].as_secs_f64() * 1000.0),
+    );
+    let report = Report {
+        scenario: "revoke".into(),
+        concurrency: 1,
+        measured,
+        baseline_name: String::new(),
+        baseline: None,
+        notes,
+    };
+    report.print(options.json);
+    Ok(report)
+}
+
+async fn churn(setup: Setup, options: &Options) -> anyhow::Result<Report> {
+    let concurrency = options.concurrency.unwrap_or(16);
+    let client = agent(&setup).await?;
+    let operator = Client::connect(ClientConfig::new(
+        format!("http://{}", setup.valetd.address),
+        Secret::from(OPERATOR_KEY.to_string()),
+    ))
+    .await?;
+    let counter = Arc::new(AtomicU64::new(0));
+    let load_client = client.clone();
+    let load_counter = counter.clone();
+    let duration = options.churn_duration;
+    let load = tokio::spawn(async move {
+        load::run(concurrency, duration, None, move |worker| {
+            let client = load_client.clone();
+            let n = load_counter.fetch_add(1, Ordering::Relaxed);
+            async move {
+                let issued = client
+                    .request_token(TokenRequest::new("churn", format!("churn-{worker}-{n}")))
+                    .await
+                    .map_err(|error| error.to_string())?;
+                // Every tenth grant is revoked; the rest expire after 1 s.
+                if n.is_multiple_of(10) {
+                    client
+                        .revoke(&issued.grant.id, "churn")
+                        .await
+                        .map_err(|error| error.to_string())?;
+                }
+                Ok(())
+            }
+        })
+        .await
+    });
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    let interval = if options.smoke {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(10)
+    };
+    while !load.is_finished() {
+        tokio::time::sleep(interval).await;
+        let n_grants = count_grants(&operator).await.unwrap_or(0);
+        samples.push(serde_json::json!({
+            "at_s": started.elapsed().as_secs(),
+            "issued": counter.load(Ordering::Relaxed),
+            "rss_kib": setup.valetd.rss_kib(),
+            "data_dir_kib": setup.deployment.data_dir_bytes() / 1024,
+            "stored_grants": n_grants,
+        }));
+    }
+    let measured = load.await?;
+    let issued_total = counter.load(Ordering::Relaxed);
+    // Restart and time it: from exec to listening, with everything the run stored.
+    drop(client);
+    drop(operator);
+    let Setup {
+        deployment, valetd, ..
+    } = setup;
+    valetd.stop();
+    let (restarted, restart_time) = deployment.start()?;
+    drop(restarted);
+    let mut notes = serde_json::Map::new();
+    notes.insert("grants_issued".into(), Value::from(issued_total));
+    notes.insert("samples".into(), Value::Array(samples));
+    notes.insert(
+        "restart_ms".into(),
+        Value::from(restart_time.as_millis() as u64),
+    );
+    let report = Report {
+        scenario: "churn".into(),
+        concurrency,
+        measured,
+        baseline_name: String::new(),
+        baseline: None,
+        notes,
+    };
+    report.print(options.json);
+    Ok(report)
+}
+
+async fn count_grants(operator: &Client) -> anyhow::Result<u64> {
+    let mut total = 0;
+    let mut page_token = String::new();
+    loop {
+        let page = operator
+            .admin()
+            .list_grants(valet_client::v1::ListGrantsRequest {
+                filter: None,
+                page_size: 1000,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        total += page.grants.len() as u64;
+        if page.next_page_token.is_empty() {
+            return Ok(total);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+fn decode_url(text: &str) -> Option<Vec<u8>> {
+    URL_SAFE_NO_PAD.decode(text).ok()
+}
