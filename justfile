@@ -16,3 +16,7 @@ lint:
 # Everything CI runs.
 ci:
     ./.ci/run
+
+# Every benchmark (release build, same-run baselines); writes docs/benchmarks.md.
+bench:
+    ./scripts/bench.sh

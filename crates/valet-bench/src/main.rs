@@ -34,6 +34,12 @@ struct Arguments {
     /// A few hundred requests per scenario, checking only that there are no errors (for CI).
     #[arg(long)]
     smoke: bool,
+    /// Also write the results as Markdown to this file (docs/benchmarks.md).
+    #[arg(long)]
+    write_doc: Option<std::path::PathBuf>,
+    /// Criterion output to include in the written document.
+    #[arg(long)]
+    micro: Option<std::path::PathBuf>,
 }
 
 /// Helper processes the tool starts as baselines (not for people to run).
@@ -88,6 +94,8 @@ fn main() {
                     },
                     smoke: arguments.smoke,
                     json: arguments.json,
+                    write_doc: arguments.write_doc.clone(),
+                    micro: arguments.micro.clone(),
                 };
                 scenarios::run(arguments.scenario, &options).await
             }

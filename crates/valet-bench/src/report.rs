@@ -86,3 +86,122 @@ impl Report {
 fn round(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
 }
+
+/// The reports as Markdown: a table per scenario, with the machine, the date and the command.
+pub fn markdown(reports: &[Report], command: &str, micro: &str) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|line| line.starts_with("model name"))
+                .map(|line| line.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism()
+        .map(|cores| cores.get())
+        .unwrap_or(0);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines().next().map(|line| {
+                line.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    / 1024
+                    / 1024
+            })
+        })
+        .unwrap_or(0);
+    let date = valet_core::clock::format_time(<valet_core::SystemClock as valet_core::Clock>::now(
+        &valet_core::SystemClock,
+    ));
+    let mut out = String::new();
+    out.push_str("# Benchmarks\n\n");
+    out.push_str("Figures from one run of `valet-bench` against a real valetd (release build, embedded store, every\n");
+    out.push_str("grant and audit record durable before the answer) on loopback. These machines are shared and\n");
+    out.push_str("noisy: compare the **ratios** against the baseline measured in the same run, not raw figures\n");
+    out.push_str(
+        "across runs. The load generator, valetd and the baselines share the same cores.\n\n",
+    );
+    out.push_str(&format!(
+        "- Machine: {cores} cores ({cpu}), {memory} GiB\n- Date: {date}\n- Command: `{command}`\n\n"
+    ));
+    let mut scenarios: Vec<&str> = reports
+        .iter()
+        .map(|report| report.scenario.as_str())
+        .collect();
+    scenarios.dedup();
+    for scenario in scenarios {
+        out.push_str(&format!("## {scenario}\n\n"));
+        out.push_str("| in flight | throughput /s | p50 ms | p90 ms | p99 ms | max ms | errors | baseline | baseline /s | baseline p50 ms | ratio |\n");
+        out.push_str(
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |\n",
+        );
+        let mut notes = String::new();
+        for report in reports.iter().filter(|report| report.scenario == scenario) {
+            let measured = &report.measured;
+            let (baseline_throughput, baseline_p50, ratio) =
+                match (&report.baseline, report.ratio()) {
+                    (Some(baseline), Some(ratio)) => (
+                        format!("{:.0}", baseline.throughput()),
+                        format!("{:.3}", baseline.percentile_ms(0.5)),
+                        format!("{ratio:.2}"),
+                    ),
+                    _ => ("–".into(), "–".into(), "–".into()),
+                };
+            out.push_str(&format!(
+                "| {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} |\n",
+                report.concurrency,
+                measured.throughput(),
+                measured.percentile_ms(0.5),
+                measured.percentile_ms(0.9),
+                measured.percentile_ms(0.99),
+                measured.percentile_ms(1.0),
+                measured.errors,
+                if report.baseline_name.is_empty() {
+                    "–"
+                } else {
+                    &report.baseline_name
+                },
+                baseline_throughput,
+                baseline_p50,
+                ratio
+            ));
+            for (key, value) in &report.notes {
+                if key == "samples" {
+                    continue;
+                }
+                notes.push_str(&format!(
+                    "- in flight {}: {key} = {value}\n",
+                    report.concurrency
+                ));
+            }
+            if let Some(Value::Array(samples)) = report.notes.get("samples") {
+                notes.push_str("\n| at s | grants issued | grants stored | RSS KiB | data dir KiB |\n| ---: | ---: | ---: | ---: | ---: |\n");
+                for sample in samples {
+                    notes.push_str(&format!(
+                        "| {} | {} | {} | {} | {} |\n",
+                        sample["at_s"],
+                        sample["issued"],
+                        sample["stored_grants"],
+                        sample["rss_kib"],
+                        sample["data_dir_kib"]
+                    ));
+                }
+            }
+        }
+        if !notes.is_empty() {
+            out.push('\n');
+            out.push_str(&notes);
+        }
+        out.push('\n');
+    }
+    if !micro.trim().is_empty() {
+        out.push_str("## Micro-benchmarks (criterion)\n\n```\n");
+        out.push_str(micro.trim());
+        out.push_str("\n```\n");
+    }
+    out
+}

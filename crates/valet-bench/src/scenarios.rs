@@ -26,6 +26,8 @@ pub struct Options {
     pub churn_duration: Duration,
     pub smoke: bool,
     pub json: bool,
+    pub write_doc: Option<std::path::PathBuf>,
+    pub micro: Option<std::path::PathBuf>,
 }
 
 struct Setup {
@@ -67,6 +69,16 @@ pub async fn run(scenario: Scenario, options: &Options) -> anyhow::Result<bool> 
     if all || scenario == Scenario::Churn {
         // Last: it restarts valetd.
         reports.push(churn(setup, options).await?);
+    }
+    if let Some(path) = &options.write_doc {
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        let micro = options
+            .micro
+            .as_ref()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .unwrap_or_default();
+        std::fs::write(path, crate::report::markdown(&reports, &command, &micro))?;
+        eprintln!("wrote {}", path.display());
     }
     let mut clean = true;
     for report in &reports {

@@ -22,7 +22,7 @@ use valet_core::grant::Grant;
 use valet_core::keyring::KeyRing;
 use valet_core::{Secret, UnixTime};
 
-pub use graphql::{AskedField, GraphqlDenial};
+pub use graphql::{AskedField, GraphqlDenial, check as check_graphql};
 
 /// What the gateway needs from the broker it runs in.
 #[async_trait]
