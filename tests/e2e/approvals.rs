@@ -3,10 +3,6 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use valet_client::{ClientError, TokenRequest, v1};
 use valet_tests::upstream::Upstream;
 use valet_tests::{
@@ -388,26 +384,10 @@ async fn gateway_call(
     extra: &[(&str, &str)],
     path: &str,
 ) -> (u16, serde_json::Value) {
-    let client: HttpClient<HttpConnector, Full<Bytes>> =
-        HttpClient::builder(TokioExecutor::new()).build_http();
-    let mut request = http::Request::post(format!("{gateway}{path}"))
-        .header("authorization", format!("Bearer {token}"));
-    for (name, value) in extra {
-        request = request.header(*name, *value);
-    }
-    let response = client
-        .request(
-            request
-                .body(Full::new(Bytes::from(body.to_string())))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let reply = valet_tests::upstream::call(gateway, "POST", path, token, body, extra).await;
     (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        reply.status,
+        serde_json::from_str(&reply.body).unwrap_or(serde_json::Value::Null),
     )
 }
 

@@ -9,7 +9,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use valet_client::TokenRequest;
-use valet_tests::upstream::{Upstream, raw_request};
+use valet_tests::upstream::{Upstream, call, raw_request};
 use valet_tests::{
     AGENT_KEY, Deployment, GITHUB_ROOT_SECRET, RAILWAY_ROOT_SECRET, standard_config,
 };
@@ -120,52 +120,6 @@ path = "/**"
         "scopes = [\"deploy-staging\", \"limited\", \"short\"]",
         "scopes = [\"deploy-staging\", \"limited\", \"short\", \"railway-domains\", \"rest-projects\", \"rest-short\", \"keyed-read\", \"nowhere-read\"]",
     )
-}
-
-struct Call {
-    status: u16,
-    headers: http::HeaderMap,
-    body: String,
-}
-
-impl Call {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", self.body))
-    }
-}
-
-async fn call(
-    gateway: &str,
-    method: &str,
-    path: &str,
-    token: &str,
-    body: &str,
-    extra: &[(&str, &str)],
-) -> Call {
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let mut request = http::Request::builder()
-        .method(method)
-        .uri(format!("{gateway}{path}"))
-        .header("authorization", format!("Bearer {token}"));
-    for (name, value) in extra {
-        request = request.header(*name, *value);
-    }
-    let response = client
-        .request(
-            request
-                .body(Full::new(Bytes::from(body.to_string())))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    let body = String::from_utf8_lossy(&body.collect().await.unwrap().to_bytes()).into_owned();
-    Call {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body,
-    }
 }
 
 fn graphql(query: &str) -> String {

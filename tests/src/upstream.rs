@@ -219,3 +219,53 @@ pub async fn raw_request(
         .unwrap_or_default();
     (status, body)
 }
+
+/// A gateway answer, read whole.
+pub struct Call {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Call {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", self.body))
+    }
+}
+
+/// One HTTP call with a bearer token, answered in full.
+pub async fn call(
+    gateway: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+    extra: &[(&str, &str)],
+) -> Call {
+    let client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    > = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("{gateway}{path}"))
+        .header("authorization", format!("Bearer {token}"));
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    let response = client
+        .request(
+            request
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let body = String::from_utf8_lossy(&body.collect().await.unwrap().to_bytes()).into_owned();
+    Call {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}

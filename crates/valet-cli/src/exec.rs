@@ -32,21 +32,15 @@ pub async fn exec(client: &Client, arguments: ExecArguments) -> anyhow::Result<i
         ))
         .into());
     }
-    let mut request =
-        TokenRequest::new(&arguments.scope, &arguments.task).with_purpose(&arguments.purpose);
-    request.ttl = arguments.ttl;
-    request.params = arguments.params.iter().cloned().collect();
-    let mut issued = client.request_token(request).await?;
-    if let Some(approval) = issued.approval.clone().filter(|_| issued.is_pending()) {
-        eprintln!(
-            "valet: {} needs approval: request {}; waiting up to 15m",
-            approval.summary, approval.id
-        );
-        issued = client
-            .wait_for_grant(&issued.grant.id, Duration::from_secs(15 * 60))
-            .await?;
-    }
-    let outcome = run_with_token(client, &arguments, &issued).await;
+    // Catch signals before anything is issued, so an interruption at any moment still revokes.
+    let mut signals = Signals::install()?;
+    let outcome = tokio::select! {
+        issued = obtain_token(client, &arguments) => match issued {
+            Ok(issued) => run_with_token(client, &arguments, &issued, signals).await,
+            Err(error) => Err(error),
+        },
+        Some(signal) = signals.receiver.recv() => Ok(128 + signal as i32),
+    };
     let revoked = client
         .revoke_task(&arguments.task, "valet exec: the command ended")
         .await;
@@ -63,10 +57,60 @@ pub async fn exec(client: &Client, arguments: ExecArguments) -> anyhow::Result<i
     }
 }
 
+async fn obtain_token(client: &Client, arguments: &ExecArguments) -> anyhow::Result<IssuedToken> {
+    let mut request =
+        TokenRequest::new(&arguments.scope, &arguments.task).with_purpose(&arguments.purpose);
+    request.ttl = arguments.ttl;
+    request.params = arguments.params.iter().cloned().collect();
+    let mut issued = client.request_token(request).await?;
+    if let Some(approval) = issued.approval.clone().filter(|_| issued.is_pending()) {
+        eprintln!(
+            "valet: {} needs approval: request {}; waiting up to 15m",
+            approval.summary, approval.id
+        );
+        issued = client
+            .wait_for_grant(&issued.grant.id, Duration::from_secs(15 * 60))
+            .await?;
+    }
+    Ok(issued)
+}
+
+/// The signals valet forwards, caught from the start and delivered in order.
+struct Signals {
+    receiver: tokio::sync::mpsc::UnboundedReceiver<Signal>,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let kinds = [
+            (SignalKind::interrupt(), Signal::SIGINT),
+            (SignalKind::quit(), Signal::SIGQUIT),
+            (SignalKind::terminate(), Signal::SIGTERM),
+            (SignalKind::hangup(), Signal::SIGHUP),
+            (SignalKind::user_defined1(), Signal::SIGUSR1),
+            (SignalKind::user_defined2(), Signal::SIGUSR2),
+        ];
+        for (kind, name) in kinds {
+            let mut stream = signal(kind)?;
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    if sender.send(name).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Ok(Signals { receiver })
+    }
+}
+
 async fn run_with_token(
     client: &Client,
     arguments: &ExecArguments,
     issued: &IssuedToken,
+    mut signals: Signals,
 ) -> anyhow::Result<i32> {
     let token_file = TokenFile::create(issued)?;
     let mut child = tokio::process::Command::new(&arguments.command[0])
@@ -84,12 +128,6 @@ async fn run_with_token(
     // On a terminal, Ctrl-C and Ctrl-\ already reach the command (same process group):
     // forwarding them too would deliver each twice.
     let interactive = std::io::stdin().is_terminal();
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut quit = signal(SignalKind::quit())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut user1 = signal(SignalKind::user_defined1())?;
-    let mut user2 = signal(SignalKind::user_defined2())?;
     let forward = |forwarded: Signal| {
         if let Some(pid) = pid {
             let _ = kill(pid, forwarded);
@@ -100,12 +138,12 @@ async fn run_with_token(
     let status: ExitStatus = loop {
         tokio::select! {
             status = child.wait() => break status?,
-            _ = interrupt.recv() => if !interactive { forward(Signal::SIGINT) },
-            _ = quit.recv() => if !interactive { forward(Signal::SIGQUIT) },
-            _ = terminate.recv() => forward(Signal::SIGTERM),
-            _ = hangup.recv() => forward(Signal::SIGHUP),
-            _ = user1.recv() => forward(Signal::SIGUSR1),
-            _ = user2.recv() => forward(Signal::SIGUSR2),
+            Some(received) = signals.receiver.recv() => {
+                let from_terminal = matches!(received, Signal::SIGINT | Signal::SIGQUIT) && interactive;
+                if !from_terminal {
+                    forward(received);
+                }
+            }
             _ = renewal.due() => renewal.renew(client, &issued.grant.id, &token_file).await,
         }
     };

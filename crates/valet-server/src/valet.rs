@@ -140,22 +140,43 @@ impl Valet {
             .map_err(|error| ApiError::Key(error.into()))?;
         let grant = terms.into_grant(id, &caller.principal.name, &request, signing_key.kid(), now);
         let token = token::sign(&claims_of(&grant, &config.server.issuer, now), signing_key);
-        self.store.create_grant(&grant).await?;
         let issued = AuditEvent::new("token.issue", Outcome::Allowed)
             .with_grant(&grant)
             .with("purpose", &grant.purpose)
             .with("key_id", signing_key.kid())
             .with("token_fingerprint", token::fingerprint(&token));
-        if let Err(error) = self.record(caller, issued).await {
-            // The token is never handed out; make sure the grant cannot be used either.
-            if let Ok(revoked) = grant.revoked(
-                "valetd",
-                "the audit record of its issue could not be written",
-                now,
-            ) {
-                let _ = self.store.update_grant(&grant, &revoked).await;
+        // Both records must be durable before the token is handed out; they commit concurrently
+        // (each in its own group commit), so the caller waits for the slower, not the sum.
+        let (stored, audited) =
+            tokio::join!(self.store.create_grant(&grant), self.record(caller, issued));
+        match (stored, audited) {
+            (Ok(()), Ok(())) => {}
+            (Err(error), audited) => {
+                if audited.is_ok() {
+                    // The audit log says issued; say also that it was not, and why.
+                    let failed = AuditEvent::new("token.issue", Outcome::Failed)
+                        .with("grant_id", &grant.id)
+                        .with(
+                            "reason",
+                            format!(
+                                "the grant could not be stored, so no token was handed out: {error}"
+                            ),
+                        );
+                    let _ = self.record(caller, failed).await;
+                }
+                return Err(error.into());
             }
-            return Err(error);
+            (Ok(()), Err(error)) => {
+                // The token is never handed out; make sure the grant cannot be used either.
+                if let Ok(revoked) = grant.revoked(
+                    "valetd",
+                    "the audit record of its issue could not be written",
+                    now,
+                ) {
+                    let _ = self.store.update_grant(&grant, &revoked).await;
+                }
+                return Err(error);
+            }
         }
         Ok(Issued::Token { grant, token })
     }
