@@ -17,7 +17,12 @@ echo "== build the binaries the end-to-end tests run (valetd, valet)"
 cargo build --workspace --bins --locked
 
 echo "== tests"
-cargo test --workspace --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
 
 echo "== benchmark smoke: every scenario of valet-bench, a few hundred requests each, no errors"
 ./target/debug/valet-bench all --smoke
+
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"

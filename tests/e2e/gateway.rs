@@ -720,3 +720,29 @@ async fn when_the_audit_log_cannot_be_written_the_gateway_forwards_nothing() {
     );
     assert!(upstream.seen().is_empty(), "nothing was forwarded");
 }
+
+#[tokio::test]
+async fn the_gateway_speaks_http2_as_well() {
+    let upstream = Upstream::start().await;
+    let deployment = Deployment::new(&gateway_config(&upstream));
+    let valetd = deployment.start(&[]);
+    let gateway = valetd.gateway.clone().unwrap();
+    let agent = valetd.client(AGENT_KEY).await;
+    let issued = agent
+        .request_token(TokenRequest::new("rest-projects", "gw-h2").with_param("project", "shop"))
+        .await
+        .unwrap();
+    // HTTP/2 with prior knowledge (h2c), as gRPC-style clients and many SDKs speak it.
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let request = http::Request::get(format!("{gateway}/u/rest/v1/projects/shop/services"))
+        .header("authorization", format!("Bearer {}", issued.token_str()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("/api/v1/projects/shop/services"));
+}
