@@ -4,6 +4,7 @@
 
 pub mod approval;
 pub mod audit;
+pub mod aws;
 pub mod clock;
 pub mod config;
 pub mod grant;

@@ -91,6 +91,20 @@ pub(super) fn build_upstreams(
             parsed
         });
         let credential = problems.required(raw.credential, &format!("{at}.credential"));
+        if let Some(credential) = credential
+            .as_ref()
+            .and_then(|name| credentials.get(name))
+            .filter(|credential| credential.aws.is_some())
+        {
+            problems.push(
+                format!("{at}.credential"),
+                invalid(
+                    &credential.name,
+                    "credential for an upstream",
+                    "a credential of kind \"secret\"; an AWS key is only ever used to mint STS credentials",
+                ),
+            );
+        }
         if let Some(credential) = &credential
             && !credentials.contains_key(credential)
         {

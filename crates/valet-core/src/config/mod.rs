@@ -2,9 +2,11 @@
 //! once under its key path (`scope[2].max_ttl: 2h exceeds server.max_ttl 1h`).
 
 mod approval;
+mod aws;
 mod gateway;
 mod raw;
 
+pub use aws::{AwsCredential, AwsRevoke, AwsStsScope, ConditionValues, is_access_key_id};
 pub use gateway::{BaseUrl, Injection, Upstream, is_credential_header};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -120,7 +122,10 @@ impl Principal {
 #[derive(Debug, Clone)]
 pub struct Credential {
     pub name: String,
+    /// Where the secret comes from (for an AWS credential: the secret access key).
     pub source: KeySource,
+    /// Set for `kind = "aws"`.
+    pub aws: Option<AwsCredential>,
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +145,8 @@ pub struct Scope {
     pub allow: Vec<crate::rules::AllowRule>,
     /// When set, tokens for this scope are issued only after people approve.
     pub approval: Option<crate::approval::ApprovalPolicy>,
+    /// Set for `provider = "aws-sts"`: grants carry STS credentials for this role and policy.
+    pub aws: Option<AwsStsScope>,
 }
 
 /// What values a requester may give one parameter.
@@ -428,8 +435,9 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
         .map(resolve);
 
     let mut credentials = BTreeMap::new();
-    for (index, raw_credential) in raw.credential.into_iter().enumerate() {
+    for (index, mut raw_credential) in raw.credential.into_iter().enumerate() {
         let at = format!("credential[{index}]");
+        let aws = aws::build_credential(&mut raw_credential, &at, problems);
         let name = problems.name(raw_credential.name, &format!("{at}.name"));
         let source = key_source(
             raw_credential.file,
@@ -449,6 +457,7 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
                     Credential {
                         name: name.clone(),
                         source,
+                        aws,
                     },
                 )
                 .is_some()
@@ -659,16 +668,19 @@ fn is_valid_env_name(name: &str) -> bool {
 }
 
 fn build_scope(
-    raw_scope: raw::RawScope,
+    mut raw_scope: raw::RawScope,
     at: &str,
     server_max_ttl: Option<Duration>,
     (credentials, defined_credentials): (&BTreeMap<String, Credential>, &str),
     upstreams: &BTreeMap<String, Upstream>,
     problems: &mut Problems,
 ) -> Option<Scope> {
-    let name = problems.name(raw_scope.name, &format!("{at}.name"));
+    let name = problems.name(raw_scope.name.take(), &format!("{at}.name"));
+    let is_aws_sts = raw_scope.provider.as_deref() == Some("aws-sts");
+    let has_upstream = raw_scope.upstream.is_some();
     let upstream = raw_scope
         .upstream
+        .take()
         .and_then(|name| match upstreams.get(&name) {
             Some(upstream) => Some(upstream),
             None => {
@@ -686,7 +698,7 @@ fn build_scope(
         });
     // A gateway scope draws on its upstream's credential and is for its upstream's audience;
     // saying so again is allowed, saying something else is an error.
-    let credential = match (raw_scope.credential, upstream) {
+    let credential = match (raw_scope.credential.take(), upstream) {
         (Some(credential), Some(upstream)) if credential != upstream.credential => {
             problems.push(
                 format!("{at}.credential"),
@@ -704,7 +716,7 @@ fn build_scope(
         (None, Some(upstream)) => Some(upstream.credential.clone()),
         (credential, _) => problems.required(credential, &format!("{at}.credential")),
     };
-    let raw_audience = match (raw_scope.audience, upstream) {
+    let raw_audience = match (raw_scope.audience.take(), upstream) {
         (Some(audience), Some(upstream)) if audience != upstream.name => {
             problems.push(
                 format!("{at}.audience"),
@@ -717,6 +729,8 @@ fn build_scope(
             None
         }
         (None, Some(upstream)) => Some(upstream.name.clone()),
+        // STS credentials are for AWS; the grant's own token names that as its audience.
+        (None, None) if is_aws_sts => Some("aws".to_string()),
         (None, None) => {
             problems.push(format!("{at}.audience"), ProblemKind::Missing);
             None
@@ -734,7 +748,7 @@ fn build_scope(
             },
         );
     }
-    let environment = problems.name(raw_scope.environment, &format!("{at}.environment"));
+    let environment = problems.name(raw_scope.environment.take(), &format!("{at}.environment"));
     let audience = match raw_audience {
         Some(audience) if audience.is_empty() || audience.len() > 256 => {
             problems.push(
@@ -745,9 +759,10 @@ fn build_scope(
         }
         audience => audience,
     };
-    let max_ttl_raw = problems.required(raw_scope.max_ttl, &format!("{at}.max_ttl"));
+    let max_ttl_raw = problems.required(raw_scope.max_ttl.take(), &format!("{at}.max_ttl"));
     let max_ttl = problems.duration(max_ttl_raw, &format!("{at}.max_ttl"));
-    let default_ttl_raw = problems.required(raw_scope.default_ttl, &format!("{at}.default_ttl"));
+    let default_ttl_raw =
+        problems.required(raw_scope.default_ttl.take(), &format!("{at}.default_ttl"));
     let default_ttl = problems.duration(default_ttl_raw, &format!("{at}.default_ttl"));
     if let (Some(max_ttl), Some(server_max_ttl)) = (max_ttl, server_max_ttl) {
         problems.cap(
@@ -781,7 +796,7 @@ fn build_scope(
         }
     };
     let mut params = BTreeMap::new();
-    for (param_name, raw_param) in raw_scope.params {
+    for (param_name, raw_param) in std::mem::take(&mut raw_scope.params) {
         let param_at = format!("{at}.params.{param_name}");
         if !is_valid_param_name(&param_name) {
             problems.push(
@@ -849,11 +864,21 @@ fn build_scope(
             },
         );
     }
+    let scope_aws = aws::build_scope(
+        &mut raw_scope,
+        at,
+        credential.as_ref().and_then(|name| credentials.get(name)),
+        (&params, has_upstream),
+        max_ttl,
+        problems,
+    );
     let scope_approval = raw_scope
         .approval
+        .take()
         .and_then(|raw| approval::build_policy(raw, &format!("{at}.approval"), &params, problems));
     let n_raw_rules = raw_scope.allow.len();
-    let allow = gateway::build_allow_rules(raw_scope.allow, at, &params, problems);
+    let allow =
+        gateway::build_allow_rules(std::mem::take(&mut raw_scope.allow), at, &params, problems);
     match upstream {
         None if n_raw_rules > 0 => problems.push(
             format!("{at}.allow"),
@@ -885,6 +910,7 @@ fn build_scope(
         upstream: upstream.map(|upstream| upstream.name.clone()),
         allow,
         approval: scope_approval,
+        aws: scope_aws,
         params,
     })
 }

@@ -81,6 +81,11 @@ pub struct RawCredential {
     pub name: Option<String>,
     pub env: Option<String>,
     pub file: Option<String>,
+    pub kind: Option<String>,
+    pub access_key_id: Option<String>,
+    pub access_key_id_env: Option<String>,
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +104,20 @@ pub struct RawScope {
     #[serde(default)]
     pub allow: Vec<RawAllow>,
     pub approval: Option<RawApproval>,
+    pub provider: Option<String>,
+    pub role_arn: Option<String>,
+    pub actions: Option<Vec<String>>,
+    pub resources: Option<Vec<String>>,
+    pub conditions: Option<BTreeMap<String, BTreeMap<String, RawConditionValues>>>,
+    pub revoke: Option<String>,
+}
+
+/// An IAM condition's value: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawConditionValues {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -17,6 +17,10 @@ const EXAMPLES: &[(&str, &str)] = &[
         "deploy/examples/github.toml",
         include_str!("../../../../deploy/examples/github.toml"),
     ),
+    (
+        "deploy/examples/aws.toml",
+        include_str!("../../../../deploy/examples/aws.toml"),
+    ),
 ];
 
 #[test]
