@@ -9,6 +9,7 @@ use valet_proto::v1;
 use valet_proto::v1::broker_server::Broker;
 
 use crate::convert::approval_to_wire;
+use crate::convert::aws_to_wire;
 use crate::convert::grant_to_wire;
 use crate::error::ApiError;
 use crate::valet::{Caller, Issued, Valet};
@@ -63,15 +64,17 @@ impl Broker for BrokerService {
         answer(&self.valet, &caller, async {
             let now = self.valet.clock.now();
             Ok(match self.valet.issue(&caller, token_request).await? {
-                Issued::Token { grant, token } => v1::RequestTokenResponse {
+                Issued::Token { grant, token, aws } => v1::RequestTokenResponse {
                     grant: Some(grant_to_wire(&grant, now)),
                     token,
                     approval: None,
+                    aws: aws.map(|aws| aws_to_wire(&aws)),
                 },
                 Issued::Pending { grant, approval } => v1::RequestTokenResponse {
                     grant: Some(grant_to_wire(&grant, now)),
                     token: String::new(),
                     approval: Some(approval_to_wire(&approval, now)),
+                    aws: None,
                 },
             })
         })
@@ -135,14 +138,24 @@ impl Broker for BrokerService {
                 let now = valet.clock.now();
                 let status = grant.status_at(now);
                 let done = status != valet_core::grant::GrantStatus::Pending;
-                let token = if status == valet_core::grant::GrantStatus::Active {
-                    valet.token_for(&grant)
+                let (token, aws) = if status == valet_core::grant::GrantStatus::Active {
+                    match valet.token_for(&caller, &grant).await {
+                        Ok(minted) => minted,
+                        Err(error) => {
+                            let status = valet
+                                .redactor
+                                .redact_status(error.into_status(&caller.request_id));
+                            let _ = sender.send(Err(status)).await;
+                            return;
+                        }
+                    }
                 } else {
-                    String::new()
+                    (String::new(), None)
                 };
                 let message = v1::WaitForGrantResponse {
                     grant: Some(grant_to_wire(&grant, now)),
                     token,
+                    aws: aws.map(|aws| aws_to_wire(&aws)),
                     approval: approval
                         .as_ref()
                         .map(|approval| approval_to_wire(approval, now)),
@@ -204,13 +217,14 @@ impl Broker for BrokerService {
         let caller = caller_of(&request)?;
         let wire = request.into_inner();
         answer(&self.valet, &caller, async {
-            let (grant, token) = self
+            let (grant, token, aws) = self
                 .valet
                 .renew(&caller, &wire.grant_id, ttl(wire.ttl_seconds))
                 .await?;
             Ok(v1::RenewTokenResponse {
                 grant: Some(grant_to_wire(&grant, self.valet.clock.now())),
                 token,
+                aws: aws.map(|aws| aws_to_wire(&aws)),
             })
         })
         .await
@@ -223,12 +237,13 @@ impl Broker for BrokerService {
         let caller = caller_of(&request)?;
         let wire = request.into_inner();
         answer(&self.valet, &caller, async {
-            let grant = self
+            let (grant, notice) = self
                 .valet
                 .revoke_grant(&caller, &wire.grant_id, &wire.reason)
                 .await?;
             Ok(v1::RevokeTokenResponse {
                 grant: Some(grant_to_wire(&grant, self.valet.clock.now())),
+                notice: notice.unwrap_or_default(),
             })
         })
         .await

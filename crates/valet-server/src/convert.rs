@@ -129,3 +129,26 @@ pub fn approval_json(approval: &ApprovalRequest) -> serde_json::Value {
         "confirm": approval.confirm.as_ref().map(|(what, _)| what),
     })
 }
+
+/// STS credentials as the requester receives them. The only place their secret parts leave
+/// their `Secret` wrappers: into the reply to the grant's own principal.
+pub fn aws_to_wire(aws: &crate::sts::AwsGrant) -> v1::AwsCredentials {
+    let credentials = &aws.credentials;
+    v1::AwsCredentials {
+        access_key_id: credentials.access_key_id.clone(),
+        secret_access_key: credentials
+            .secret_access_key
+            .expose_str()
+            .unwrap_or_default()
+            .to_string(),
+        session_token: credentials
+            .session_token
+            .expose_str()
+            .unwrap_or_default()
+            .to_string(),
+        expires_at: Some(timestamp(credentials.expires_at)),
+        region: credentials.region.clone(),
+        assumed_role_arn: credentials.assumed_role_arn.clone(),
+        notice: aws.notice.clone(),
+    }
+}

@@ -89,6 +89,16 @@ pub enum ApiError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Approval(#[from] valet_core::approval::ApprovalError),
+    #[error(transparent)]
+    Aws(#[from] crate::aws::AwsError),
+    #[error(
+        "grant {grant_id} is revoked in Valet, but AWS keeps honouring its credentials until {until}: writing the deny failed: {error}; revoke the grant again to retry"
+    )]
+    AwsRevocation {
+        grant_id: String,
+        until: String,
+        error: crate::aws::AwsError,
+    },
 }
 
 impl ApiError {
@@ -102,6 +112,11 @@ impl ApiError {
             ApiError::GrantNotFound { .. } => Code::NotFound,
             ApiError::InvalidField { .. } => Code::InvalidArgument,
             ApiError::Reload(_) => Code::FailedPrecondition,
+            ApiError::Aws(error) if error.is_invalid_argument() => Code::InvalidArgument,
+            ApiError::Aws(error) | ApiError::AwsRevocation { error, .. } if error.is_transient() => {
+                Code::Unavailable
+            }
+            ApiError::Aws(_) | ApiError::AwsRevocation { .. } => Code::FailedPrecondition,
             ApiError::Store(StoreError::Conflict { .. } | StoreError::KeyRingConflict) => {
                 Code::Aborted
             }

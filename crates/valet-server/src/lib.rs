@@ -3,15 +3,18 @@
 mod admin;
 mod approvals;
 mod audit_sink;
+mod aws;
 mod broker;
 mod convert;
 mod error;
+mod https;
 mod gateway_broker;
 mod keys;
 mod layers;
 mod loader;
 mod redactor;
 mod server;
+mod sts;
 mod valet;
 mod webhook;
 

@@ -98,6 +98,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         audit,
         clock,
         notifier: crate::approvals::Notifier::start(weak.clone()),
+        aws: crate::aws::Aws::default(),
     });
 
     let listener = TcpListener::bind(config.server.listen)

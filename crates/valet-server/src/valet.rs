@@ -19,6 +19,7 @@ use crate::error::ApiError;
 use crate::keys::Keys;
 use crate::loader;
 use crate::redactor::Redactor;
+use crate::sts::AwsGrant;
 
 /// Who is calling, and under which request id.
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub enum Issued {
     Token {
         grant: Grant,
         token: String,
+        /// STS credentials, for a grant of an aws-sts scope.
+        aws: Option<Box<AwsGrant>>,
     },
     Pending {
         grant: Grant,
@@ -63,6 +66,8 @@ pub struct Valet {
     pub audit: AuditSink,
     /// Announces new approval requests to the webhook.
     pub(crate) notifier: crate::approvals::Notifier,
+    /// Calls to AWS for aws-sts scopes.
+    pub(crate) aws: crate::aws::Aws,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -140,11 +145,27 @@ impl Valet {
             .map_err(|error| ApiError::Key(error.into()))?;
         let grant = terms.into_grant(id, &caller.principal.name, &request, signing_key.kid(), now);
         let token = token::sign(&claims_of(&grant, &config.server.issuer, now), signing_key);
+        // Native credentials are minted before anything is stored: a grant is recorded only
+        // with what its requester actually receives.
+        let aws = match self.mint_aws(&config, &grant, now).await {
+            Ok(aws) => aws.map(Box::new),
+            Err(error) => {
+                let failed = AuditEvent::new("token.issue", Outcome::Failed)
+                    .with_grant(&grant)
+                    .with("reason", error.to_string());
+                self.record(caller, failed).await?;
+                return Err(error);
+            }
+        };
         let issued = AuditEvent::new("token.issue", Outcome::Allowed)
             .with_grant(&grant)
             .with("purpose", &grant.purpose)
             .with("key_id", signing_key.kid())
             .with("token_fingerprint", token::fingerprint(&token));
+        let issued = match &aws {
+            Some(aws) => aws.describe(issued),
+            None => issued,
+        };
         // Both records must be durable before the token is handed out; they commit concurrently
         // (each in its own group commit), so the caller waits for the slower, not the sum.
         let (stored, audited) =
@@ -178,17 +199,26 @@ impl Valet {
                 return Err(error);
             }
         }
-        Ok(Issued::Token { grant, token })
+        Ok(Issued::Token { grant, token, aws })
     }
 
-    /// A token for an active grant, for its own principal (after an approval).
-    pub fn token_for(&self, grant: &Grant) -> String {
+    /// A token for an active grant, for its own principal (after an approval), with STS
+    /// credentials for a grant of an aws-sts scope (a new session, recorded in the audit log).
+    pub async fn token_for(
+        &self,
+        caller: &Caller,
+        grant: &Grant,
+    ) -> Result<(String, Option<AwsGrant>), ApiError> {
         let config = self.config();
         let ring = self.keys.ring();
-        token::sign(
-            &claims_of(grant, &config.server.issuer, self.clock.now()),
-            ring.current(),
-        )
+        let now = self.clock.now();
+        let token = token::sign(&claims_of(grant, &config.server.issuer, now), ring.current());
+        let aws = self.mint_aws(&config, grant, now).await?;
+        if let Some(aws) = &aws {
+            let event = aws.describe(AuditEvent::new("aws.session", Outcome::Allowed).with_grant(grant));
+            self.record(caller, event).await?;
+        }
+        Ok((token, aws))
     }
 
     /// Renews a grant: a later expiry (within its max lifetime) and a fresh token.
@@ -197,7 +227,7 @@ impl Valet {
         caller: &Caller,
         grant_id: &str,
         ttl: Option<std::time::Duration>,
-    ) -> Result<(Grant, String), ApiError> {
+    ) -> Result<(Grant, String, Option<AwsGrant>), ApiError> {
         let config = self.config();
         let mut current = self.owned_grant(caller, grant_id, "token.renew").await?;
         let denied =
@@ -213,6 +243,17 @@ impl Valet {
                 Ok(renewed) => renewed,
                 Err(error) => return self.deny(caller, denied(&current), error.into()).await,
             };
+            // STS sessions cannot be extended: a renewal is a new session for the new lifetime.
+            let aws = match self.mint_aws(&config, &renewed, now).await {
+                Ok(aws) => aws,
+                Err(error) => {
+                    let failed = AuditEvent::new("token.renew", Outcome::Failed)
+                        .with_grant(&current)
+                        .with("reason", error.to_string());
+                    self.record(caller, failed).await?;
+                    return Err(error);
+                }
+            };
             match self.store.update_grant(&current, &renewed).await {
                 Ok(()) => {
                     let token = token::sign(
@@ -223,8 +264,12 @@ impl Valet {
                         .with_grant(&renewed)
                         .with("key_id", ring.current().kid())
                         .with("token_fingerprint", token::fingerprint(&token));
+                    let event = match &aws {
+                        Some(aws) => aws.describe(event),
+                        None => event,
+                    };
                     self.record(caller, event).await?;
-                    return Ok((renewed, token));
+                    return Ok((renewed, token, aws));
                 }
                 Err(StoreError::Conflict { .. }) => current = self.fetch(grant_id).await?,
                 Err(error) => return Err(error.into()),
@@ -236,17 +281,21 @@ impl Valet {
         .into())
     }
 
-    /// Revokes one grant. Revoking a grant that is no longer active changes nothing.
+    /// Revokes one grant. Revoking a grant that is no longer active changes nothing in Valet;
+    /// for a revoked grant of an aws-sts scope it writes the deny at AWS again. Returns what the
+    /// revocation means outside Valet, when that needs saying.
     pub async fn revoke_grant(
         &self,
         caller: &Caller,
         grant_id: &str,
         reason: &str,
-    ) -> Result<Grant, ApiError> {
+    ) -> Result<(Grant, Option<String>), ApiError> {
         policy::check_text("reason", reason, policy::limits::MAX_REASON_BYTES, false)?;
         let grant = self.owned_grant(caller, grant_id, "token.revoke").await?;
-        self.revoke(caller, grant, reason_or_default(reason), "token.revoke")
-            .await
+        let (grant, at_aws) = self
+            .revoke(caller, grant, reason_or_default(reason), "token.revoke")
+            .await?;
+        Ok((grant, at_aws?))
     }
 
     /// Revokes every grant of a task the caller may act on.
@@ -267,7 +316,8 @@ impl Valet {
             }
             revoked.push(
                 self.revoke(caller, grant, reason_or_default(reason), "task.revoke")
-                    .await?,
+                    .await?
+                    .0,
             );
         }
         Ok(revoked)
@@ -298,7 +348,7 @@ impl Valet {
                 .list_grants(&filter, self.clock.now(), after.as_deref(), 500)
                 .await?;
             for grant in page.grants {
-                revoked.push(self.revoke(caller, grant, reason, "revoke_all").await?);
+                revoked.push(self.revoke(caller, grant, reason, "revoke_all").await?.0);
             }
             match page.next_after {
                 Some(next) => after = Some(next),
@@ -308,17 +358,23 @@ impl Valet {
         Ok(revoked)
     }
 
+    /// Revokes `current` in Valet (the outer result), then at AWS for an aws-sts scope (the
+    /// inner one: a failure there is audited and reported, and never stops a batch revocation).
     async fn revoke(
         &self,
         caller: &Caller,
         mut current: Grant,
         reason: &str,
         action: &str,
-    ) -> Result<Grant, ApiError> {
+    ) -> Result<(Grant, Result<Option<String>, ApiError>), ApiError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let now = self.clock.now();
             let Ok(revoked) = current.revoked(&caller.principal.name, reason, now) else {
-                return Ok(current);
+                if current.status == GrantStatus::Revoked {
+                    let at_aws = self.revoke_at_aws(caller, &current, now).await?;
+                    return Ok((current, at_aws));
+                }
+                return Ok((current, Ok(None)));
             };
             match self.store.update_grant(&current, &revoked).await {
                 Ok(()) => {
@@ -327,13 +383,37 @@ impl Valet {
                         .with("via", action)
                         .with("reason", reason);
                     self.record(caller, event).await?;
-                    return Ok(revoked);
+                    let at_aws = self.revoke_at_aws(caller, &revoked, now).await?;
+                    return Ok((revoked, at_aws));
                 }
                 Err(StoreError::Conflict { .. }) => current = self.fetch(&current.id).await?,
                 Err(error) => return Err(error.into()),
             }
         }
         Err(StoreError::Conflict { id: current.id }.into())
+    }
+
+    async fn revoke_at_aws(
+        &self,
+        caller: &Caller,
+        revoked: &Grant,
+        now: valet_core::UnixTime,
+    ) -> Result<Result<Option<String>, ApiError>, ApiError> {
+        match self.deny_aws(revoked, now).await {
+            Ok(None) => Ok(Ok(None)),
+            Ok(Some((notice, event))) => {
+                self.record(caller, event).await?;
+                Ok(Ok(Some(notice)))
+            }
+            Err(error) => {
+                tracing::error!(grant_id = %revoked.id, %error, "the revocation could not be written at AWS");
+                let failed = AuditEvent::new("aws.revoke", Outcome::Failed)
+                    .with_grant(revoked)
+                    .with("reason", error.to_string());
+                self.record(caller, failed).await?;
+                Ok(Err(error))
+            }
+        }
     }
 
     /// Is this token active? Verifies it, reads its grant, and counts a use when uses are limited.

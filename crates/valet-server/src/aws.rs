@@ -1,0 +1,447 @@
+//! valetd's calls to AWS over the Query API: STS `AssumeRole` for a grant of an `aws-sts` scope,
+//! and IAM `GetRolePolicy`/`PutRolePolicy` to deny a revoked grant's sessions. Requests are signed
+//! with the scope's root key (SigV4, valet-core); answers are read as XML.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use valet_core::aws::{self, RevocationUpdate, SessionPolicyError, sigv4};
+use valet_core::config::{AwsCredential, AwsStsScope};
+use valet_core::{Secret, UnixTime};
+
+use crate::https::HttpsClient;
+
+const STS_VERSION: &str = "2011-06-15";
+const IAM_VERSION: &str = "2010-05-08";
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// Temporary credentials STS minted for one grant. The secret parts cannot be printed.
+#[derive(Debug, Clone)]
+pub struct StsCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
+    pub session_token: Secret,
+    pub expires_at: UnixTime,
+    pub assumed_role_arn: String,
+    pub region: String,
+}
+
+/// Why a call to AWS failed. Never carries the root key: AWS does not echo it, and the redactor
+/// masks every root credential in whatever valetd emits besides.
+#[derive(Debug, thiserror::Error)]
+pub enum AwsError {
+    #[error("scope {scope:?}: {error}")]
+    Policy {
+        scope: String,
+        error: SessionPolicyError,
+    },
+    #[error("scope {scope:?}: its AWS credential {credential:?} is not loaded")]
+    NotLoaded { scope: String, credential: String },
+    #[error("scope {scope:?}: AWS {operation} was refused: {code}: {message}")]
+    Refused {
+        scope: String,
+        operation: &'static str,
+        code: String,
+        message: String,
+        http_status: u16,
+    },
+    #[error("scope {scope:?}: AWS {operation} could not be reached at {endpoint}: {detail}")]
+    Unreachable {
+        scope: String,
+        operation: &'static str,
+        endpoint: String,
+        detail: String,
+    },
+    #[error("scope {scope:?}: AWS {operation} answered something valetd cannot read: {detail}")]
+    Malformed {
+        scope: String,
+        operation: &'static str,
+        detail: String,
+    },
+}
+
+impl AwsError {
+    /// Whether trying again later may succeed (throttling, AWS-side trouble, no connection).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            AwsError::Refused {
+                code, http_status, ..
+            } => {
+                *http_status >= 500
+                    || matches!(
+                        code.as_str(),
+                        "Throttling"
+                            | "ThrottlingException"
+                            | "RequestLimitExceeded"
+                            | "ServiceUnavailable"
+                            | "IDPCommunicationError"
+                    )
+            }
+            AwsError::Unreachable { .. } | AwsError::Malformed { .. } => true,
+            AwsError::Policy { .. } | AwsError::NotLoaded { .. } => false,
+        }
+    }
+
+    pub fn is_invalid_argument(&self) -> bool {
+        matches!(self, AwsError::Policy { .. })
+    }
+}
+
+/// What a call is about: the scope (for errors), the credential to sign with, and its secret.
+pub struct Caller<'a> {
+    pub scope: &'a str,
+    pub credential: &'a AwsCredential,
+    pub secret: &'a Secret,
+}
+
+/// The AWS client: one connection pool, and one lock per role so revocation policy updates on a
+/// role never interleave.
+#[derive(Default)]
+pub struct Aws {
+    client: OnceLock<HttpsClient>,
+    role_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Aws {
+    /// STS `AssumeRole` for grant `grant_id`, narrowed by `policy`, for `duration_seconds`.
+    pub async fn assume_role(
+        &self,
+        caller: &Caller<'_>,
+        scope: &AwsStsScope,
+        grant_id: &str,
+        policy: &str,
+        duration_seconds: u64,
+        now: UnixTime,
+    ) -> Result<StsCredentials, AwsError> {
+        let identity = aws::source_identity(grant_id);
+        let duration = duration_seconds.to_string();
+        let answer = self
+            .call(
+                caller,
+                Service::Sts,
+                "AssumeRole",
+                &[
+                    ("RoleArn", &scope.role_arn),
+                    ("RoleSessionName", &identity),
+                    ("SourceIdentity", &identity),
+                    ("Policy", policy),
+                    ("DurationSeconds", &duration),
+                ],
+                now,
+            )
+            .await?;
+        let malformed = |detail: String| AwsError::Malformed {
+            scope: caller.scope.to_string(),
+            operation: "AssumeRole",
+            detail,
+        };
+        let document = roxmltree::Document::parse(&answer)
+            .map_err(|error| malformed(format!("not XML: {error}")))?;
+        let field = |name: &str| {
+            document
+                .descendants()
+                .find(|node| node.has_tag_name(name))
+                .and_then(|node| node.text())
+                .map(str::trim)
+                .map(str::to_string)
+                .ok_or_else(|| malformed(format!("no {name} in the answer")))
+        };
+        let expiration = field("Expiration")?;
+        let expires_at = humantime::parse_rfc3339_weak(expiration.trim_end_matches('Z'))
+            .ok()
+            .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|since| UnixTime::try_from(since.as_secs()).ok())
+            .ok_or_else(|| malformed(format!("Expiration {expiration:?} is not a time")))?;
+        Ok(StsCredentials {
+            access_key_id: field("AccessKeyId")?,
+            secret_access_key: Secret::from(field("SecretAccessKey")?),
+            session_token: Secret::from(field("SessionToken")?),
+            expires_at,
+            assumed_role_arn: field("Arn")?,
+            region: caller.credential.region.clone(),
+        })
+    }
+
+    /// Denies every session of `grant_id` on the scope's role until `keep_until`, through the
+    /// inline role policy Valet owns there.
+    pub async fn deny_sessions(
+        &self,
+        caller: &Caller<'_>,
+        scope: &AwsStsScope,
+        grant_id: &str,
+        keep_until: UnixTime,
+        now: UnixTime,
+    ) -> Result<RevocationUpdate, AwsError> {
+        let role_name = scope
+            .role_arn
+            .rsplit('/')
+            .next()
+            .unwrap_or(&scope.role_arn)
+            .to_string();
+        let lock = {
+            let mut locks = self
+                .role_locks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            locks.entry(scope.role_arn.clone()).or_default().clone()
+        };
+        let _held = lock.lock().await;
+        let existing = match self
+            .call(
+                caller,
+                Service::Iam,
+                "GetRolePolicy",
+                &[
+                    ("RoleName", &role_name),
+                    ("PolicyName", aws::REVOCATION_POLICY_NAME),
+                ],
+                now,
+            )
+            .await
+        {
+            Ok(answer) => Some(policy_document(&answer).map_err(|detail| AwsError::Malformed {
+                scope: caller.scope.to_string(),
+                operation: "GetRolePolicy",
+                detail,
+            })?),
+            Err(AwsError::Refused { code, .. }) if code == "NoSuchEntity" => None,
+            Err(error) => return Err(error),
+        };
+        let update = aws::add_revoked_session(
+            existing.as_deref(),
+            &aws::source_identity(grant_id),
+            keep_until,
+            now,
+        )
+        .map_err(|detail| AwsError::Malformed {
+            scope: caller.scope.to_string(),
+            operation: "GetRolePolicy",
+            detail,
+        })?;
+        self.call(
+            caller,
+            Service::Iam,
+            "PutRolePolicy",
+            &[
+                ("RoleName", &role_name),
+                ("PolicyName", aws::REVOCATION_POLICY_NAME),
+                ("PolicyDocument", &update.document),
+            ],
+            now,
+        )
+        .await?;
+        Ok(update)
+    }
+
+    /// One signed Query API call; the answer's XML text on success.
+    async fn call(
+        &self,
+        caller: &Caller<'_>,
+        service: Service,
+        operation: &'static str,
+        parameters: &[(&str, &str)],
+        now: UnixTime,
+    ) -> Result<String, AwsError> {
+        let credential = caller.credential;
+        let (default_sts, default_iam) = aws::default_endpoints(&credential.region);
+        let (endpoint, signing_region, service_name, version) = match service {
+            Service::Sts => (
+                credential.endpoint.clone().unwrap_or(default_sts),
+                credential.region.as_str(),
+                "sts",
+                STS_VERSION,
+            ),
+            Service::Iam => (
+                credential.endpoint.clone().unwrap_or(default_iam),
+                aws::partition_of(&credential.region).1,
+                "iam",
+                IAM_VERSION,
+            ),
+        };
+        let unreachable = |detail: String| AwsError::Unreachable {
+            scope: caller.scope.to_string(),
+            operation,
+            endpoint: endpoint.clone(),
+            detail,
+        };
+        let uri: http::Uri = format!("{endpoint}/")
+            .parse()
+            .map_err(|error| unreachable(format!("the endpoint is not a URL: {error}")))?;
+        let host = uri
+            .authority()
+            .map(|authority| authority.as_str().to_string())
+            .ok_or_else(|| unreachable("the endpoint has no host".to_string()))?;
+        let body = {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            form.append_pair("Action", operation);
+            form.append_pair("Version", version);
+            for (name, value) in parameters {
+                form.append_pair(name, value);
+            }
+            form.finish()
+        };
+        const CONTENT_TYPE: &str = "application/x-www-form-urlencoded; charset=utf-8";
+        let signed = sigv4::sign(
+            &sigv4::Request {
+                method: "POST",
+                host: &host,
+                path: "/",
+                query: "",
+                headers: &[("content-type", CONTENT_TYPE)],
+                body: body.as_bytes(),
+            },
+            &sigv4::Signer {
+                access_key_id: &credential.access_key_id,
+                secret_access_key: caller.secret,
+                session_token: None,
+                region: signing_region,
+                service: service_name,
+            },
+            now,
+        );
+        let mut request = http::Request::post(uri)
+            .header(http::header::HOST, &host)
+            .header(http::header::CONTENT_TYPE, CONTENT_TYPE)
+            .header(http::header::USER_AGENT, "valetd");
+        for (name, value) in &signed.headers {
+            request = request.header(*name, value);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|error| unreachable(error.to_string()))?;
+        let client = match self.client.get() {
+            Some(client) => client.clone(),
+            None => {
+                let client = crate::https::client().map_err(&unreachable)?;
+                self.client.get_or_init(|| client).clone()
+            }
+        };
+        let (status, text) = tokio::time::timeout(CALL_TIMEOUT, async {
+            let response = client
+                .request(request)
+                .await
+                .map_err(|error| unreachable(describe(&error)))?;
+            let status = response.status().as_u16();
+            let bytes = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(|error| unreachable(format!("the answer could not be read: {error}")))?
+                .to_bytes();
+            Ok::<_, AwsError>((status, String::from_utf8_lossy(&bytes).into_owned()))
+        })
+        .await
+        .map_err(|_| unreachable(format!("no answer within {} s", CALL_TIMEOUT.as_secs())))??;
+        if (200..300).contains(&status) {
+            return Ok(text);
+        }
+        let (code, message) = error_of(&text).unwrap_or_else(|| {
+            (
+                format!("HTTP{status}"),
+                text.chars().take(200).collect::<String>(),
+            )
+        });
+        Err(AwsError::Refused {
+            scope: caller.scope.to_string(),
+            operation,
+            code,
+            message,
+            http_status: status,
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Service {
+    Sts,
+    Iam,
+}
+
+/// The code and message of an AWS error answer (`<Error><Code>…</Code><Message>…</Message>`).
+fn error_of(text: &str) -> Option<(String, String)> {
+    let document = roxmltree::Document::parse(text).ok()?;
+    let text_of = |name: &str| {
+        document
+            .descendants()
+            .find(|node| node.has_tag_name(name))
+            .and_then(|node| node.text())
+            .map(|text| text.trim().to_string())
+    };
+    Some((text_of("Code")?, text_of("Message").unwrap_or_default()))
+}
+
+/// The policy document of a `GetRolePolicy` answer; IAM sends it URL-encoded.
+fn policy_document(answer: &str) -> Result<String, String> {
+    let document =
+        roxmltree::Document::parse(answer).map_err(|error| format!("not XML: {error}"))?;
+    let text = document
+        .descendants()
+        .find(|node| node.has_tag_name("PolicyDocument"))
+        .and_then(|node| node.text())
+        .ok_or("no PolicyDocument in the answer")?
+        .trim();
+    if text.starts_with('{') {
+        return Ok(text.to_string());
+    }
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|error| format!("the PolicyDocument is not URL-encoded UTF-8: {error}"))
+}
+
+fn describe(error: &hyper_util::client::legacy::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aws_error_answers_are_read() {
+        let answer = r#"<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+  <Error><Type>Sender</Type><Code>AccessDenied</Code><Message>not authorized to perform sts:AssumeRole</Message></Error>
+  <RequestId>c6104cbe</RequestId></ErrorResponse>"#;
+        assert_eq!(
+            error_of(answer),
+            Some((
+                "AccessDenied".to_string(),
+                "not authorized to perform sts:AssumeRole".to_string()
+            ))
+        );
+        assert_eq!(error_of("<html>bad gateway</html>"), None);
+    }
+
+    #[test]
+    fn policy_documents_are_decoded() {
+        let answer = "<GetRolePolicyResponse><GetRolePolicyResult><PolicyDocument>%7B%22Version%22%3A%222012-10-17%22%7D</PolicyDocument></GetRolePolicyResult></GetRolePolicyResponse>";
+        assert_eq!(
+            policy_document(answer).unwrap(),
+            r#"{"Version":"2012-10-17"}"#
+        );
+    }
+
+    #[test]
+    fn throttling_is_transient_and_a_refusal_is_not() {
+        let refused = |code: &str, http_status| AwsError::Refused {
+            scope: "s".into(),
+            operation: "AssumeRole",
+            code: code.into(),
+            message: String::new(),
+            http_status,
+        };
+        assert!(refused("Throttling", 400).is_transient());
+        assert!(refused("InternalFailure", 500).is_transient());
+        assert!(!refused("AccessDenied", 403).is_transient());
+    }
+}

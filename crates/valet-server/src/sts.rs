@@ -1,0 +1,214 @@
+//! Grants of `aws-sts` scopes: minting their STS credentials (on issue, renewal and approval),
+//! denying their sessions on revocation, and saying plainly what both mean at AWS.
+
+use valet_core::audit::AuditEvent;
+use valet_core::aws::{MAX_SESSION_SECONDS, MIN_SESSION_SECONDS, REVOCATION_POLICY_NAME};
+use valet_core::clock::format_time;
+use valet_core::config::{AwsRevoke, AwsStsScope, Config};
+use valet_core::grant::Grant;
+use valet_core::{UnixTime, aws};
+
+use crate::aws::{AwsError, Caller, StsCredentials};
+use crate::error::ApiError;
+use crate::valet::Valet;
+
+/// STS credentials for one grant, and what the requester should know about them.
+#[derive(Debug, Clone)]
+pub struct AwsGrant {
+    pub credentials: StsCredentials,
+    pub notice: String,
+    session_policy: String,
+}
+
+impl AwsGrant {
+    /// Audit fields: which session, which policy, until when. Never the secret parts.
+    pub fn describe(&self, event: AuditEvent) -> AuditEvent {
+        event
+            .with("aws_session", &self.credentials.assumed_role_arn)
+            .with("aws_access_key_id", &self.credentials.access_key_id)
+            .with(
+                "aws_credentials_expire_at",
+                format_time(self.credentials.expires_at),
+            )
+            .with("aws_session_policy", &self.session_policy)
+    }
+}
+
+impl Valet {
+    /// Mints STS credentials for `grant` when its scope is an aws-sts scope; `None` otherwise.
+    pub(crate) async fn mint_aws(
+        &self,
+        config: &Config,
+        grant: &Grant,
+        now: UnixTime,
+    ) -> Result<Option<AwsGrant>, ApiError> {
+        let Some((scope, caller)) = self.aws_scope(config, &grant.scope)? else {
+            return Ok(None);
+        };
+        let session_policy =
+            aws::session_policy(scope, &grant.params).map_err(|error| AwsError::Policy {
+                scope: grant.scope.clone(),
+                error,
+            })?;
+        let lifetime = u64::try_from(grant.expires_at - now).unwrap_or(0);
+        let duration = lifetime.clamp(MIN_SESSION_SECONDS, MAX_SESSION_SECONDS);
+        let credentials = self
+            .aws
+            .assume_role(
+                &caller.borrow(),
+                scope,
+                &grant.id,
+                &session_policy,
+                duration,
+                now,
+            )
+            .await?;
+        let mut notice = Vec::new();
+        if credentials.expires_at > grant.expires_at {
+            notice.push(format!(
+                "STS sessions last at least {MIN_SESSION_SECONDS} s, so these credentials work until {}, {} s after the grant expires at {}; Valet treats the grant as ended at its own expiry.",
+                format_time(credentials.expires_at),
+                credentials.expires_at - grant.expires_at,
+                format_time(grant.expires_at),
+            ));
+        }
+        notice.push(revocation_notice(scope, &credentials));
+        Ok(Some(AwsGrant {
+            credentials,
+            notice: notice.join(" "),
+            session_policy,
+        }))
+    }
+
+    /// After `grant` was revoked: deny its sessions at AWS when the scope asks for it. Returns
+    /// what the revocation means at AWS, for the caller; `None` for a grant of a Valet scope.
+    pub(crate) async fn deny_aws(
+        &self,
+        grant: &Grant,
+        now: UnixTime,
+    ) -> Result<Option<(String, AuditEvent)>, ApiError> {
+        let config = self.config();
+        let Some((scope, caller)) = self.aws_scope(&config, &grant.scope)? else {
+            return Ok(None);
+        };
+        // The newest session of the grant was minted at the latest now, for at least the minimum
+        // session length, and never past the grant's expiry when that is later.
+        let keep_until = grant
+            .expires_at
+            .max(now + i64::try_from(MIN_SESSION_SECONDS).unwrap_or(900));
+        let event = |event: AuditEvent| {
+            event
+                .with_grant(grant)
+                .with("aws_role_arn", &scope.role_arn)
+                .with("aws_revoke", scope.revoke.as_str())
+        };
+        match scope.revoke {
+            AwsRevoke::AtExpiry => Ok(Some((
+                format!(
+                    "Revoked in Valet. AWS keeps honouring the grant's STS credentials until they expire (by {}): the scope uses revoke = \"expiry\", and STS cannot end one session.",
+                    format_time(keep_until)
+                ),
+                event(AuditEvent::new("aws.revoke", valet_core::audit::Outcome::Allowed))
+                    .with("in_force_at_aws", format_time(keep_until)),
+            ))),
+            AwsRevoke::RolePolicy => {
+                let update = self
+                    .aws
+                    .deny_sessions(&caller.borrow(), scope, &grant.id, keep_until, now)
+                    .await
+                    .map_err(|error| ApiError::AwsRevocation {
+                        grant_id: grant.id.clone(),
+                        until: format_time(keep_until),
+                        error,
+                    })?;
+                let notice = match update.denied_all_issued_before {
+                    None => format!(
+                        "Revoked in Valet and at AWS: the role policy {REVOCATION_POLICY_NAME} on {} denies the grant's sessions (aws:SourceIdentity {}).",
+                        scope.role_arn,
+                        aws::source_identity(&grant.id)
+                    ),
+                    Some(before) => format!(
+                        "Revoked in Valet and at AWS. Too many revoked sessions to name one by one, so the role policy {REVOCATION_POLICY_NAME} on {} now denies every session of the role issued before {}; other grants of the role get working credentials again by renewing.",
+                        scope.role_arn,
+                        format_time(before)
+                    ),
+                };
+                let event = event(AuditEvent::new(
+                    "aws.revoke",
+                    valet_core::audit::Outcome::Allowed,
+                ))
+                .with("aws_policy_name", REVOCATION_POLICY_NAME)
+                .with(
+                    "aws_denied_issued_before",
+                    update
+                        .denied_all_issued_before
+                        .map(format_time)
+                        .unwrap_or_default(),
+                );
+                Ok(Some((notice, event)))
+            }
+        }
+    }
+
+    fn aws_scope<'a>(
+        &self,
+        config: &'a Config,
+        scope_name: &str,
+    ) -> Result<Option<(&'a AwsStsScope, OwnedCaller<'a>)>, ApiError> {
+        let Some(scope) = config.scopes.get(scope_name) else {
+            return Ok(None);
+        };
+        let Some(aws_scope) = &scope.aws else {
+            return Ok(None);
+        };
+        let credential = config
+            .credentials
+            .get(&scope.credential)
+            .and_then(|credential| credential.aws.as_ref());
+        let secret = self.redactor.credential(&scope.credential);
+        match (credential, secret) {
+            (Some(credential), Some(secret)) => Ok(Some((
+                aws_scope,
+                OwnedCaller {
+                    scope: scope_name.to_string(),
+                    credential,
+                    secret,
+                },
+            ))),
+            _ => Err(AwsError::NotLoaded {
+                scope: scope_name.to_string(),
+                credential: scope.credential.clone(),
+            }
+            .into()),
+        }
+    }
+}
+
+struct OwnedCaller<'a> {
+    scope: String,
+    credential: &'a valet_core::config::AwsCredential,
+    secret: valet_core::Secret,
+}
+
+impl OwnedCaller<'_> {
+    fn borrow(&self) -> Caller<'_> {
+        Caller {
+            scope: &self.scope,
+            credential: self.credential,
+            secret: &self.secret,
+        }
+    }
+}
+
+fn revocation_notice(scope: &AwsStsScope, credentials: &StsCredentials) -> String {
+    match scope.revoke {
+        AwsRevoke::AtExpiry => format!(
+            "Revoking the grant does not stop these credentials before {} (the scope uses revoke = \"expiry\"; STS cannot end one session).",
+            format_time(credentials.expires_at)
+        ),
+        AwsRevoke::RolePolicy => format!(
+            "Revoking the grant denies its sessions at once through the role policy {REVOCATION_POLICY_NAME} on {}.",
+            scope.role_arn
+        ),
+    }
+}
