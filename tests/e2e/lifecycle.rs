@@ -53,7 +53,7 @@ async fn issue_introspect_revoke_and_the_revocation_is_in_force_on_return() {
         .revoke(&issued.grant.id, "finished early")
         .await
         .unwrap();
-    assert_eq!(revoked.status, v1::GrantStatus::Revoked as i32);
+    assert_eq!(revoked.grant.status, v1::GrantStatus::Revoked as i32);
     let after = agent.introspect(issued.token_str()).await.unwrap();
     assert!(!after.active);
     assert!(
@@ -67,8 +67,8 @@ async fn issue_introspect_revoke_and_the_revocation_is_in_force_on_return() {
             .revoke(&issued.grant.id, "again")
             .await
             .unwrap()
-            .status_reason,
-        revoked.status_reason
+            .grant.status_reason,
+        revoked.grant.status_reason
     );
 }
 

@@ -93,11 +93,18 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
             print_issued(&client.renew(&grant, ttl).await?, json, now)
         }
         Command::Token(TokenCommand::Revoke { grant, reason }) => {
-            let grant = client.revoke(&grant, &reason).await?;
+            let revoked = client.revoke(&grant, &reason).await?;
             if json {
-                println!("{}", output::grant_json(&grant));
+                let mut object = output::grant_json(&revoked.grant);
+                if let Some(notice) = &revoked.notice {
+                    object["notice"] = serde_json::json!(notice);
+                }
+                println!("{object}");
             } else {
-                println!("{}", output::grant_summary(&grant, now));
+                println!("{}", output::grant_summary(&revoked.grant, now));
+                if let Some(notice) = &revoked.notice {
+                    eprintln!("{notice}");
+                }
             }
         }
         Command::Token(TokenCommand::Introspect { token }) => {
@@ -539,17 +546,48 @@ fn token_argument(token: Option<String>) -> anyhow::Result<Secret> {
 }
 
 /// The token alone on stdout (so `$(valet token request …)` works), the grant on stderr; or one
-/// JSON object with both.
+/// JSON object with both. For an aws-sts scope, stdout carries `export` lines for the AWS
+/// credentials instead (so `eval "$(valet token request …)"` works), and the notice goes to stderr.
 fn print_issued(issued: &IssuedToken, json: bool, now: valet_core::UnixTime) {
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"token": issued.token_str(), "grant": output::grant_json(&issued.grant)})
-        );
-    } else {
-        println!("{}", issued.token_str());
-        eprintln!("{}", output::grant_summary(&issued.grant, now));
+        let mut object = serde_json::json!({"token": issued.token_str(), "grant": output::grant_json(&issued.grant)});
+        if let Some(aws) = &issued.aws {
+            let mut credentials: serde_json::Map<String, serde_json::Value> = aws
+                .environment()
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), serde_json::json!(value)))
+                .collect();
+            credentials.insert("expires_at".into(), serde_json::json!(valet_core::clock::format_time(aws.expires_at)));
+            credentials.insert("assumed_role_arn".into(), serde_json::json!(aws.assumed_role_arn));
+            credentials.insert("notice".into(), serde_json::json!(aws.notice));
+            object["aws"] = serde_json::Value::Object(credentials);
+        }
+        println!("{object}");
+        return;
     }
+    match &issued.aws {
+        Some(aws) => {
+            for (name, value) in aws.environment() {
+                println!("export {name}={}", shell_quote(&value));
+            }
+            eprintln!("{}", output::grant_summary(&issued.grant, now));
+            eprintln!(
+                "AWS session {} until {}. {}",
+                aws.assumed_role_arn,
+                valet_core::clock::format_time(aws.expires_at),
+                aws.notice
+            );
+        }
+        None => {
+            println!("{}", issued.token_str());
+            eprintln!("{}", output::grant_summary(&issued.grant, now));
+        }
+    }
+}
+
+/// Single-quotes `value` for a POSIX shell.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "'\\''"))
 }
 
 fn print_decision(approval: &v1::Approval, json: bool) {

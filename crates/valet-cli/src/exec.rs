@@ -4,7 +4,9 @@
 //! The token reaches the command as an environment variable (default `VALET_TOKEN`), with the
 //! grant id in `VALET_GRANT`. An environment cannot change once a process runs, so renewals are
 //! written to the file named by `VALET_TOKEN_FILE` (mode 0600, in a 0700 directory, replaced
-//! atomically); long-running commands should read the token from there.
+//! atomically); long-running commands should read the token from there. For an aws-sts scope the
+//! STS credentials are in `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` and
+//! `AWS_REGION`, so the AWS CLI and SDKs work unchanged.
 
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -113,11 +115,16 @@ async fn run_with_token(
     mut signals: Signals,
 ) -> anyhow::Result<i32> {
     let token_file = TokenFile::create(issued)?;
-    let mut child = tokio::process::Command::new(&arguments.command[0])
+    let mut command = tokio::process::Command::new(&arguments.command[0]);
+    command
         .args(&arguments.command[1..])
         .env(&arguments.env_name, issued.token_str())
         .env("VALET_GRANT", &issued.grant.id)
-        .env("VALET_TOKEN_FILE", token_file.path())
+        .env("VALET_TOKEN_FILE", token_file.path());
+    if let Some(aws) = &issued.aws {
+        command.envs(aws.environment());
+    }
+    let mut child = command
         .spawn()
         .with_context(|| format!("cannot run {:?}", arguments.command[0]))?;
     let pid = child
@@ -134,7 +141,15 @@ async fn run_with_token(
         }
     };
 
-    let mut renewal = Renewal::after(&issued.grant, arguments.ttl);
+    // STS credentials live in the command's environment, which cannot change once it runs: an
+    // AWS grant is not renewed (ask for a --ttl that covers the command).
+    let mut renewal = match &issued.aws {
+        Some(_) => Renewal {
+            at: None,
+            ttl: None,
+        },
+        None => Renewal::after(&issued.grant, arguments.ttl),
+    };
     let status: ExitStatus = loop {
         tokio::select! {
             status = child.wait() => break status?,

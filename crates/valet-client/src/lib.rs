@@ -153,6 +153,57 @@ pub struct IssuedToken {
     pub token: Secret,
     /// Set when the scope needs approval: wait with [`Client::wait_for_grant`].
     pub approval: Option<v1::Approval>,
+    /// Set for a scope with provider "aws-sts": the STS credentials of the grant.
+    pub aws: Option<AwsSession>,
+}
+
+/// Temporary AWS credentials from STS, narrowed to the grant's scope. The secret parts do not
+/// print.
+#[derive(Debug, Clone)]
+pub struct AwsSession {
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
+    pub session_token: Secret,
+    /// When AWS stops honouring them, in Unix seconds.
+    pub expires_at: i64,
+    pub region: String,
+    pub assumed_role_arn: String,
+    /// What their lifetime and revocation mean, in plain words.
+    pub notice: String,
+}
+
+impl AwsSession {
+    fn from_wire(wire: Option<v1::AwsCredentials>) -> Option<AwsSession> {
+        let wire = wire?;
+        Some(AwsSession {
+            access_key_id: wire.access_key_id,
+            secret_access_key: Secret::from(wire.secret_access_key),
+            session_token: Secret::from(wire.session_token),
+            expires_at: wire.expires_at.map(|at| at.seconds).unwrap_or(0),
+            region: wire.region,
+            assumed_role_arn: wire.assumed_role_arn,
+            notice: wire.notice,
+        })
+    }
+
+    /// The environment the AWS CLI and SDKs read credentials from.
+    pub fn environment(&self) -> Vec<(&'static str, String)> {
+        let expose = |secret: &Secret| secret.expose_str().unwrap_or_default().to_string();
+        vec![
+            ("AWS_ACCESS_KEY_ID", self.access_key_id.clone()),
+            ("AWS_SECRET_ACCESS_KEY", expose(&self.secret_access_key)),
+            ("AWS_SESSION_TOKEN", expose(&self.session_token)),
+            ("AWS_REGION", self.region.clone()),
+            ("AWS_DEFAULT_REGION", self.region.clone()),
+        ]
+    }
+}
+
+/// A revoked grant, and what the revocation means outside Valet when that needs saying.
+#[derive(Debug, Clone)]
+pub struct Revoked {
+    pub grant: v1::Grant,
+    pub notice: Option<String>,
 }
 
 impl IssuedToken {
@@ -263,6 +314,7 @@ impl Client {
                 .ok_or(ClientError::IncompleteReply { what: "grant" })?,
             token: Secret::from(reply.token),
             approval: reply.approval,
+            aws: AwsSession::from_wire(reply.aws),
         })
     }
 
@@ -294,6 +346,7 @@ impl Client {
                         grant,
                         token: Secret::from(update.token),
                         approval: update.approval,
+                        aws: AwsSession::from_wire(update.aws),
                     });
                 }
                 v1::GrantStatus::Pending => last = Some(update),
@@ -342,11 +395,12 @@ impl Client {
                 .ok_or(ClientError::IncompleteReply { what: "grant" })?,
             token: Secret::from(reply.token),
             approval: None,
+            aws: AwsSession::from_wire(reply.aws),
         })
     }
 
     /// Revokes one grant; in force when this returns.
-    pub async fn revoke(&self, grant_id: &str, reason: &str) -> Result<v1::Grant, ClientError> {
+    pub async fn revoke(&self, grant_id: &str, reason: &str) -> Result<Revoked, ClientError> {
         let reply = self
             .broker
             .clone()
@@ -356,9 +410,12 @@ impl Client {
             })
             .await?
             .into_inner();
-        reply
-            .grant
-            .ok_or(ClientError::IncompleteReply { what: "grant" })
+        Ok(Revoked {
+            grant: reply
+                .grant
+                .ok_or(ClientError::IncompleteReply { what: "grant" })?,
+            notice: (!reply.notice.is_empty()).then_some(reply.notice),
+        })
     }
 
     /// Revokes every grant of a task; returns the revoked grant ids.
