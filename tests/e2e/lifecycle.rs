@@ -67,7 +67,8 @@ async fn issue_introspect_revoke_and_the_revocation_is_in_force_on_return() {
             .revoke(&issued.grant.id, "again")
             .await
             .unwrap()
-            .grant.status_reason,
+            .grant
+            .status_reason,
         revoked.grant.status_reason
     );
 }

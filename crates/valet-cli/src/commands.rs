@@ -557,8 +557,14 @@ fn print_issued(issued: &IssuedToken, json: bool, now: valet_core::UnixTime) {
                 .into_iter()
                 .map(|(name, value)| (name.to_string(), serde_json::json!(value)))
                 .collect();
-            credentials.insert("expires_at".into(), serde_json::json!(valet_core::clock::format_time(aws.expires_at)));
-            credentials.insert("assumed_role_arn".into(), serde_json::json!(aws.assumed_role_arn));
+            credentials.insert(
+                "expires_at".into(),
+                serde_json::json!(valet_core::clock::format_time(aws.expires_at)),
+            );
+            credentials.insert(
+                "assumed_role_arn".into(),
+                serde_json::json!(aws.assumed_role_arn),
+            );
             credentials.insert("notice".into(), serde_json::json!(aws.notice));
             object["aws"] = serde_json::Value::Object(credentials);
         }

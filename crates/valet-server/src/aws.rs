@@ -203,11 +203,13 @@ impl Aws {
             )
             .await
         {
-            Ok(answer) => Some(policy_document(&answer).map_err(|detail| AwsError::Malformed {
-                scope: caller.scope.to_string(),
-                operation: "GetRolePolicy",
-                detail,
-            })?),
+            Ok(answer) => Some(
+                policy_document(&answer).map_err(|detail| AwsError::Malformed {
+                    scope: caller.scope.to_string(),
+                    operation: "GetRolePolicy",
+                    detail,
+                })?,
+            ),
             Err(AwsError::Refused { code, .. }) if code == "NoSuchEntity" => None,
             Err(error) => return Err(error),
         };
@@ -275,15 +277,12 @@ impl Aws {
             .authority()
             .map(|authority| authority.as_str().to_string())
             .ok_or_else(|| unreachable("the endpoint has no host".to_string()))?;
-        let body = {
-            let mut form = form_urlencoded::Serializer::new(String::new());
-            form.append_pair("Action", operation);
-            form.append_pair("Version", version);
-            for (name, value) in parameters {
-                form.append_pair(name, value);
-            }
-            form.finish()
-        };
+        let body = [("Action", operation), ("Version", version)]
+            .iter()
+            .chain(parameters)
+            .map(|(name, value)| format!("{}={}", form_encode(name), form_encode(value)))
+            .collect::<Vec<_>>()
+            .join("&");
         const CONTENT_TYPE: &str = "application/x-www-form-urlencoded; charset=utf-8";
         let signed = sigv4::sign(
             &sigv4::Request {
@@ -360,6 +359,23 @@ enum Service {
     Iam,
 }
 
+/// Form-encodes `text` the way AWS's own SDKs do: unreserved characters as they are, space as
+/// `+`, every other byte as `%XX`. (Some servers re-encode the parsed form to check the signature,
+/// so the bytes must be the canonical ones, not merely valid.)
+fn form_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(char::from(byte))
+            }
+            b' ' => out.push('+'),
+            other => out.push_str(&format!("%{other:02X}")),
+        }
+    }
+    out
+}
+
 /// The code and message of an AWS error answer (`<Error><Code>…</Code><Message>…</Message>`).
 fn error_of(text: &str) -> Option<(String, String)> {
     let document = roxmltree::Document::parse(text).ok()?;
@@ -406,6 +422,14 @@ fn describe(error: &hyper_util::client::legacy::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forms_are_encoded_like_the_aws_sdks_do() {
+        assert_eq!(
+            form_encode(r#"{"Resource":["arn:aws:s3:::b/*"]} ~x"#),
+            "%7B%22Resource%22%3A%5B%22arn%3Aaws%3As3%3A%3A%3Ab%2F%2A%22%5D%7D+~x"
+        );
+    }
 
     #[test]
     fn aws_error_answers_are_read() {

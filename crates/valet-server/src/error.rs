@@ -113,7 +113,9 @@ impl ApiError {
             ApiError::InvalidField { .. } => Code::InvalidArgument,
             ApiError::Reload(_) => Code::FailedPrecondition,
             ApiError::Aws(error) if error.is_invalid_argument() => Code::InvalidArgument,
-            ApiError::Aws(error) | ApiError::AwsRevocation { error, .. } if error.is_transient() => {
+            ApiError::Aws(error) | ApiError::AwsRevocation { error, .. }
+                if error.is_transient() =>
+            {
                 Code::Unavailable
             }
             ApiError::Aws(_) | ApiError::AwsRevocation { .. } => Code::FailedPrecondition,

@@ -108,8 +108,11 @@ impl Valet {
                     "Revoked in Valet. AWS keeps honouring the grant's STS credentials until they expire (by {}): the scope uses revoke = \"expiry\", and STS cannot end one session.",
                     format_time(keep_until)
                 ),
-                event(AuditEvent::new("aws.revoke", valet_core::audit::Outcome::Allowed))
-                    .with("in_force_at_aws", format_time(keep_until)),
+                event(AuditEvent::new(
+                    "aws.revoke",
+                    valet_core::audit::Outcome::Allowed,
+                ))
+                .with("in_force_at_aws", format_time(keep_until)),
             ))),
             AwsRevoke::RolePolicy => {
                 let update = self

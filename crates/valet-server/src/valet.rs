@@ -212,10 +212,14 @@ impl Valet {
         let config = self.config();
         let ring = self.keys.ring();
         let now = self.clock.now();
-        let token = token::sign(&claims_of(grant, &config.server.issuer, now), ring.current());
+        let token = token::sign(
+            &claims_of(grant, &config.server.issuer, now),
+            ring.current(),
+        );
         let aws = self.mint_aws(&config, grant, now).await?;
         if let Some(aws) = &aws {
-            let event = aws.describe(AuditEvent::new("aws.session", Outcome::Allowed).with_grant(grant));
+            let event =
+                aws.describe(AuditEvent::new("aws.session", Outcome::Allowed).with_grant(grant));
             self.record(caller, event).await?;
         }
         Ok((token, aws))

@@ -101,32 +101,30 @@ pub(super) fn build_credential(
                         None
                     }
                 });
-            let (access_key_id, access_key_id_env) = match (
-                raw.access_key_id.take(),
-                raw.access_key_id_env.take(),
-            ) {
-                (Some(_), Some(_)) => {
-                    problems.push(
-                        at,
-                        ProblemKind::BothSet {
-                            first: "access_key_id",
-                            second: "access_key_id_env",
-                        },
-                    );
-                    (None, None)
-                }
-                (None, None) => {
-                    problems.push(
-                        at,
-                        ProblemKind::NeitherSet {
-                            first: "access_key_id",
-                            second: "access_key_id_env",
-                        },
-                    );
-                    (None, None)
-                }
-                (Some(id), None) if !is_access_key_id(&id) => {
-                    problems.push(
+            let (access_key_id, access_key_id_env) =
+                match (raw.access_key_id.take(), raw.access_key_id_env.take()) {
+                    (Some(_), Some(_)) => {
+                        problems.push(
+                            at,
+                            ProblemKind::BothSet {
+                                first: "access_key_id",
+                                second: "access_key_id_env",
+                            },
+                        );
+                        (None, None)
+                    }
+                    (None, None) => {
+                        problems.push(
+                            at,
+                            ProblemKind::NeitherSet {
+                                first: "access_key_id",
+                                second: "access_key_id_env",
+                            },
+                        );
+                        (None, None)
+                    }
+                    (Some(id), None) if !is_access_key_id(&id) => {
+                        problems.push(
                         format!("{at}.access_key_id"),
                         invalid(
                             &id,
@@ -134,22 +132,22 @@ pub(super) fn build_credential(
                             "16 to 128 characters from A-Z and 0-9, such as AKIAIOSFODNN7EXAMPLE",
                         ),
                     );
-                    (None, None)
-                }
-                (Some(id), None) => (Some(id), None),
-                (None, Some(name)) if !super::is_valid_env_name(&name) => {
-                    problems.push(
-                        format!("{at}.access_key_id_env"),
-                        invalid(
-                            &name,
-                            "environment variable name",
-                            "letters, digits and '_', not starting with a digit",
-                        ),
-                    );
-                    (None, None)
-                }
-                (None, Some(name)) => (Some(String::new()), Some(name)),
-            };
+                        (None, None)
+                    }
+                    (Some(id), None) => (Some(id), None),
+                    (None, Some(name)) if !super::is_valid_env_name(&name) => {
+                        problems.push(
+                            format!("{at}.access_key_id_env"),
+                            invalid(
+                                &name,
+                                "environment variable name",
+                                "letters, digits and '_', not starting with a digit",
+                            ),
+                        );
+                        (None, None)
+                    }
+                    (None, Some(name)) => (Some(String::new()), Some(name)),
+                };
             let endpoint = raw.endpoint.take().and_then(|endpoint| {
                 if is_endpoint(&endpoint) {
                     Some(endpoint.trim_end_matches('/').to_string())

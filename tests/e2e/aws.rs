@@ -1,0 +1,352 @@
+//! AWS scopes against a local moto server with authentication on: real signed AssumeRole calls,
+//! the exact session policy moto received, revocation through the role policy, a wrong root key,
+//! and `valet exec` running boto3 with the injected credentials.
+
+use std::process::Command;
+
+use valet_client::{TokenRequest, v1};
+use valet_tests::moto::{Moto, python};
+use valet_tests::{Deployment, binary, standard_config};
+
+const REPORT_AGENT_KEY: &str = "vk_test_report_agent_51d0a7";
+
+fn deployment(moto: &Moto, secret: &str, revoke: &str) -> Deployment {
+    let key_sha256 = hex(&valet_core::Secret::from(REPORT_AGENT_KEY.to_string()).sha256());
+    let extra = format!(
+        r#"
+[[credential]]
+name = "aws-root"
+kind = "aws"
+access_key_id = "{access_key_id}"
+file = "aws.secret"
+region = "us-east-1"
+endpoint = "{endpoint}"
+
+[[scope]]
+name = "reports-read"
+credential = "aws-root"
+provider = "aws-sts"
+environment = "staging"
+default_ttl = "5m"
+max_ttl = "1h"
+role_arn = "{role_arn}"
+actions = ["s3:ListBucket", "s3:GetObject"]
+resources = ["arn:aws:s3:::reports-{{team}}", "arn:aws:s3:::reports-{{team}}/*"]
+revoke = "{revoke}"
+[scope.conditions.StringEquals]
+"aws:RequestedRegion" = "us-east-1"
+[scope.params.team]
+pattern = "[a-z]{{1,16}}"
+
+[[principal]]
+name = "report-agent"
+roles = ["agent"]
+key_sha256 = "{key_sha256}"
+scopes = ["reports-read"]
+"#,
+        access_key_id = moto.access_key_id,
+        endpoint = moto.endpoint,
+        role_arn = moto.role_arn,
+    );
+    let deployment = Deployment::new(&standard_config(&extra));
+    std::fs::write(deployment.path("aws.secret"), format!("{secret}\n")).unwrap();
+    deployment
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn reports(team: &str) -> TokenRequest {
+    TokenRequest::new("reports-read", "task-aws")
+        .with_purpose("summarise the quarter")
+        .with_param("team", team)
+}
+
+const BOTO3_CHECK: &str = r#"
+import os, sys, boto3
+endpoint = sys.argv[1]
+identity = boto3.client("sts", endpoint_url=endpoint).get_caller_identity()
+listed = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=sys.argv[2])
+print(identity["Arn"])
+print(",".join(item["Key"] for item in listed.get("Contents", [])))
+"#;
+
+#[tokio::test]
+async fn sts_credentials_work_and_carry_exactly_the_scopes_policy() {
+    let moto = Moto::start();
+    let deployment = deployment(&moto, &moto.secret_access_key, "expiry");
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(REPORT_AGENT_KEY).await;
+
+    let issued = agent.request_token(reports("blue")).await.unwrap();
+    let session = issued
+        .aws
+        .clone()
+        .expect("an aws-sts scope returns STS credentials");
+    let grant_id = &issued.grant.id;
+    assert!(
+        session.access_key_id.starts_with("ASIA"),
+        "{}",
+        session.access_key_id
+    );
+    assert_eq!(session.region, "us-east-1");
+    assert!(
+        session
+            .assumed_role_arn
+            .ends_with(&format!("assumed-role/valet-agent/valet-{grant_id}")),
+        "{}",
+        session.assumed_role_arn
+    );
+    // The grant asked for 5 minutes; STS's shortest session is 15, and the reply says so.
+    let grant_expiry = issued.grant.expires_at.unwrap().seconds;
+    assert!(
+        session.expires_at >= grant_expiry + 590,
+        "{} vs {grant_expiry}",
+        session.expires_at
+    );
+    assert!(
+        session.notice.contains("at least 900 s"),
+        "{}",
+        session.notice
+    );
+    assert!(
+        session.notice.contains("revoke = \"expiry\""),
+        "{}",
+        session.notice
+    );
+
+    // The exact policy moto received, with the team bound into both resources.
+    let sessions = moto.sessions();
+    assert_eq!(
+        sessions,
+        vec![(
+            format!("valet-{grant_id}"),
+            r#"{"Statement":[{"Action":["s3:ListBucket","s3:GetObject"],"Condition":{"StringEquals":{"aws:RequestedRegion":"us-east-1"}},"Effect":"Allow","Resource":["arn:aws:s3:::reports-blue","arn:aws:s3:::reports-blue/*"]}],"Version":"2012-10-17"}"#.to_string()
+        )]
+    );
+
+    // The credentials work for an allowed call, signed and checked by moto.
+    let output = Command::new(python())
+        .args(["-c", BOTO3_CHECK, &moto.endpoint, &moto.bucket])
+        .env_clear()
+        .envs(session.environment())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains(&format!("valet-{grant_id}")), "{stdout}");
+    assert!(stdout.contains("q3/summary.txt"), "{stdout}");
+
+    // Renewal is a new session for the new lifetime, with the same policy.
+    let renewed = agent.renew(grant_id, None).await.unwrap();
+    let renewed_session = renewed.aws.expect("renewal returns fresh credentials");
+    assert_ne!(renewed_session.access_key_id, session.access_key_id);
+    assert_eq!(moto.sessions().len(), 2);
+
+    // The audit log says which session and policy, and holds no secret.
+    let audit = std::fs::read_to_string(deployment.audit_path()).unwrap();
+    assert!(
+        audit.contains(&session.access_key_id),
+        "the temporary key id is recorded"
+    );
+    assert!(audit.contains("aws_session_policy"));
+    for secret in [
+        moto.secret_access_key.as_str(),
+        session.secret_access_key.expose_str().unwrap(),
+        session.session_token.expose_str().unwrap(),
+        renewed_session.secret_access_key.expose_str().unwrap(),
+    ] {
+        assert!(!audit.contains(secret), "a secret reached the audit log");
+        assert!(
+            !valetd.output().contains(secret),
+            "a secret reached valetd's log"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_param_outside_its_pattern_never_reaches_aws() {
+    let moto = Moto::start();
+    let deployment = deployment(&moto, &moto.secret_access_key, "expiry");
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(REPORT_AGENT_KEY).await;
+
+    for team in ["*", "blue/*", "x?", "${aws:username}"] {
+        let error = agent.request_token(reports(team)).await.unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("team"), "{team}: {message}");
+        assert!(message.contains("[a-z]{1,16}"), "{team}: {message}");
+    }
+    assert!(moto.sessions().is_empty(), "no AssumeRole was made");
+}
+
+#[tokio::test]
+async fn revocation_writes_a_deny_for_the_session_into_the_role_policy() {
+    let moto = Moto::start();
+    let deployment = deployment(&moto, &moto.secret_access_key, "role-policy");
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(REPORT_AGENT_KEY).await;
+
+    let first = agent.request_token(reports("blue")).await.unwrap();
+    assert!(
+        first
+            .aws
+            .as_ref()
+            .unwrap()
+            .notice
+            .contains("denies its sessions at once"),
+        "{}",
+        first.aws.as_ref().unwrap().notice
+    );
+    let second = agent.request_token(reports("blue")).await.unwrap();
+    assert_eq!(moto.role_policy("valet-revoked-sessions"), None);
+
+    let revoked = agent
+        .revoke(&first.grant.id, "task finished")
+        .await
+        .unwrap();
+    assert_eq!(revoked.grant.status, v1::GrantStatus::Revoked as i32);
+    let notice = revoked.notice.expect("a notice for an aws-sts grant");
+    assert!(notice.contains("valet-revoked-sessions"), "{notice}");
+    let policy = moto
+        .role_policy("valet-revoked-sessions")
+        .expect("the deny policy is written");
+    let document: serde_json::Value = serde_json::from_str(&policy).unwrap();
+    let statement = &document["Statement"][0];
+    assert_eq!(statement["Effect"], "Deny");
+    assert_eq!(statement["Action"], "*");
+    assert_eq!(
+        statement["Condition"]["StringEquals"]["aws:SourceIdentity"],
+        serde_json::json!([format!("valet-{}", first.grant.id)])
+    );
+
+    // A second revocation joins the list; the policy the role already had stays.
+    agent.revoke(&second.grant.id, "also done").await.unwrap();
+    let policy = moto.role_policy("valet-revoked-sessions").unwrap();
+    assert!(
+        policy.contains(&format!("valet-{}", first.grant.id)),
+        "{policy}"
+    );
+    assert!(
+        policy.contains(&format!("valet-{}", second.grant.id)),
+        "{policy}"
+    );
+    assert!(moto.role_policy("read-reports").is_some());
+
+    let audit = std::fs::read_to_string(deployment.audit_path()).unwrap();
+    assert!(
+        audit.contains("\"aws.revoke\""),
+        "the AWS side of the revocation is audited"
+    );
+}
+
+#[tokio::test]
+async fn revocation_of_an_expiry_scope_says_when_aws_stops_honouring_it() {
+    let moto = Moto::start();
+    let deployment = deployment(&moto, &moto.secret_access_key, "expiry");
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(REPORT_AGENT_KEY).await;
+    let issued = agent.request_token(reports("blue")).await.unwrap();
+    let revoked = agent.revoke(&issued.grant.id, "done").await.unwrap();
+    let notice = revoked.notice.unwrap();
+    assert!(notice.contains("until they expire"), "{notice}");
+    assert_eq!(moto.role_policy("valet-revoked-sessions"), None);
+}
+
+#[tokio::test]
+async fn a_wrong_root_key_is_a_clear_error_that_never_shows_the_key() {
+    let moto = Moto::start();
+    let wrong = "WRONGwrongWRONGwrongWRONGwrong0123456789";
+    let deployment = deployment(&moto, wrong, "expiry");
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(REPORT_AGENT_KEY).await;
+
+    let error = agent.request_token(reports("blue")).await.unwrap_err();
+    let message = error.to_string();
+    assert_eq!(
+        error.code(),
+        Some(tonic::Code::FailedPrecondition),
+        "{message}"
+    );
+    assert!(
+        message.contains("reports-read"),
+        "names the scope: {message}"
+    );
+    assert!(message.contains("AssumeRole"), "names the call: {message}");
+    assert!(
+        message.contains("SignatureDoesNotMatch"),
+        "names AWS's code: {message}"
+    );
+    assert!(!message.contains(wrong));
+    let audit = std::fs::read_to_string(deployment.audit_path()).unwrap();
+    assert!(
+        audit.contains("SignatureDoesNotMatch"),
+        "the failure is audited"
+    );
+    assert!(!audit.contains(wrong));
+    assert!(!valetd.output().contains(wrong));
+    assert!(moto.sessions().is_empty());
+}
+
+#[tokio::test]
+async fn valet_exec_runs_boto3_with_the_injected_credentials() {
+    let moto = Moto::start();
+    let deployment = deployment(&moto, &moto.secret_access_key, "expiry");
+    let valetd = deployment.start(&[]);
+
+    let python = python();
+    let output = Command::new(binary("valet"))
+        .args([
+            "exec",
+            "--scope",
+            "reports-read",
+            "--task",
+            "task-exec",
+            "--param",
+            "team=blue",
+            "--",
+        ])
+        .arg(&python)
+        .args(["-c", BOTO3_CHECK, &moto.endpoint, &moto.bucket])
+        .env("VALET_SERVER", &valetd.address)
+        .env("VALET_KEY", REPORT_AGENT_KEY)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("assumed-role/valet-agent/valet-"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("q3/summary.txt"), "{stdout}");
+
+    // The task's grant was revoked when the command ended.
+    let operator = valetd.client(valet_tests::OPERATOR_KEY).await;
+    let grants = operator
+        .admin()
+        .list_grants(v1::ListGrantsRequest {
+            filter: Some(v1::GrantFilter {
+                task_id: "task-exec".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].status, v1::GrantStatus::Revoked as i32);
+}
