@@ -13,6 +13,16 @@ if cargo tree -p valet-client -e normal --prefix none | grep -qE '^valet-(server
   echo "valet-client must not depend on valet-server or valet-store"; exit 1
 fi
 
+echo "== Python tools for the AWS tests: moto (a local STS/IAM/S3 peer) and boto3, in var/venv"
+venv=var/venv
+if ! "$venv/bin/python" -c 'import moto, boto3' 2>/dev/null; then
+  if ! python3 -m venv "$venv" 2>/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$venv"
+  fi
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5' 'boto3==1.44.5'
+fi
+
 echo "== build the binaries the end-to-end tests run (valetd, valet)"
 cargo build --workspace --bins --locked
 

@@ -249,7 +249,14 @@ async fn revocation_writes_a_deny_for_the_session_into_the_role_policy() {
 async fn revocation_of_an_expiry_scope_says_when_aws_stops_honouring_it() {
     let moto = Moto::start();
     let deployment = deployment(&moto, &moto.secret_access_key, "expiry");
-    let valetd = deployment.start(&[]);
+    // The access key id may come from the environment, like the secret.
+    let config = std::fs::read_to_string(deployment.config_path()).unwrap();
+    let config = config.replace(
+        &format!("access_key_id = \"{}\"", moto.access_key_id),
+        "access_key_id_env = \"TEST_AWS_ACCESS_KEY_ID\"",
+    );
+    std::fs::write(deployment.config_path(), config).unwrap();
+    let valetd = deployment.start_with_env(&[("TEST_AWS_ACCESS_KEY_ID", &moto.access_key_id)]);
     let agent = valetd.client(REPORT_AGENT_KEY).await;
     let issued = agent.request_token(reports("blue")).await.unwrap();
     let revoked = agent.revoke(&issued.grant.id, "done").await.unwrap();

@@ -176,7 +176,12 @@ impl Deployment {
 
     /// Starts valetd on this deployment with extra arguments.
     pub fn start(&self, extra_arguments: &[&str]) -> Valetd {
-        Valetd::start(&self.config_path(), extra_arguments)
+        Valetd::start(&self.config_path(), extra_arguments, &[])
+    }
+
+    /// Starts valetd with extra environment variables (credentials read from the environment).
+    pub fn start_with_env(&self, environment: &[(&str, &str)]) -> Valetd {
+        Valetd::start(&self.config_path(), &[], environment)
     }
 
     /// Runs valetd expecting it to fail at start; returns (exit code, everything it printed).
@@ -221,8 +226,9 @@ pub struct Valetd {
 }
 
 impl Valetd {
-    fn start(config: &Path, extra_arguments: &[&str]) -> Valetd {
+    fn start(config: &Path, extra_arguments: &[&str], environment: &[(&str, &str)]) -> Valetd {
         let mut child = valetd_command(config, extra_arguments)
+            .envs(environment.iter().copied())
             .spawn()
             .expect("start valetd");
         let output = Arc::new(Mutex::new(String::new()));

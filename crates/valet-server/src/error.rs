@@ -90,14 +90,14 @@ pub enum ApiError {
     #[error(transparent)]
     Approval(#[from] valet_core::approval::ApprovalError),
     #[error(transparent)]
-    Aws(#[from] crate::aws::AwsError),
+    Aws(#[from] Box<crate::aws::AwsError>),
     #[error(
         "grant {grant_id} is revoked in Valet, but AWS keeps honouring its credentials until {until}: writing the deny failed: {error}; revoke the grant again to retry"
     )]
     AwsRevocation {
         grant_id: String,
         until: String,
-        error: crate::aws::AwsError,
+        error: Box<crate::aws::AwsError>,
     },
 }
 
@@ -152,5 +152,11 @@ impl ApiError {
             }
         };
         Status::new(code, self.to_string())
+    }
+}
+
+impl From<crate::aws::AwsError> for ApiError {
+    fn from(error: crate::aws::AwsError) -> ApiError {
+        ApiError::Aws(Box::new(error))
     }
 }

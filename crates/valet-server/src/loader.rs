@@ -50,6 +50,28 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, S
     if let Some(gateway_listen) = overrides.gateway_listen {
         config.server.gateway_listen = Some(gateway_listen);
     }
+    for credential in config.credentials.values_mut() {
+        let Some(aws) = &mut credential.aws else {
+            continue;
+        };
+        let Some(name) = &aws.access_key_id_env else {
+            continue;
+        };
+        let unreadable = |detail: &str| ServerError::CredentialUnreadable {
+            name: credential.name.clone(),
+            source_description: format!("access key id from environment variable {name}"),
+            detail: detail.to_string(),
+        };
+        let value =
+            std::env::var(name).map_err(|_| unreadable("the variable is not set or not UTF-8"))?;
+        let value = value.trim();
+        if !valet_core::config::is_access_key_id(value) {
+            return Err(unreadable(
+                "it is not an AWS access key id (16 to 128 characters from A-Z and 0-9)",
+            ));
+        }
+        aws.access_key_id = value.to_string();
+    }
     let mut credentials = BTreeMap::new();
     for credential in config.credentials.values() {
         let secret = read_secret(&credential.source).map_err(|detail| {

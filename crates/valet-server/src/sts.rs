@@ -122,7 +122,7 @@ impl Valet {
                     .map_err(|error| ApiError::AwsRevocation {
                         grant_id: grant.id.clone(),
                         until: format_time(keep_until),
-                        error,
+                        error: Box::new(error),
                     })?;
                 let notice = match update.denied_all_issued_before {
                     None => format!(
