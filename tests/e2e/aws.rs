@@ -357,3 +357,51 @@ async fn valet_exec_runs_boto3_with_the_injected_credentials() {
     assert_eq!(grants.len(), 1);
     assert_eq!(grants[0].status, v1::GrantStatus::Revoked as i32);
 }
+
+#[tokio::test]
+async fn an_approved_aws_grant_gets_its_credentials_when_the_decision_lands() {
+    let moto = Moto::start();
+    let deployment = deployment(&moto, &moto.secret_access_key, "expiry");
+    let config = std::fs::read_to_string(deployment.config_path()).unwrap();
+    let config = config.replace(
+        "[scope.params.team]",
+        "[scope.approval]\napprovers = [\"role:operator\"]\n[scope.params.team]",
+    );
+    std::fs::write(deployment.config_path(), config).unwrap();
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(REPORT_AGENT_KEY).await;
+
+    let pending = agent.request_token(reports("blue")).await.unwrap();
+    assert!(pending.is_pending());
+    assert!(pending.aws.is_none(), "no credentials before approval");
+    assert!(moto.sessions().is_empty(), "no session before approval");
+
+    let operator = valetd.client(valet_tests::OPERATOR_KEY).await;
+    operator
+        .admin()
+        .approve(v1::ApproveRequest {
+            id: pending.approval.unwrap().id,
+            confirm: String::new(),
+            reason: "quarterly report".into(),
+        })
+        .await
+        .unwrap();
+    let approved = agent
+        .wait_for_grant(&pending.grant.id, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let session = approved
+        .aws
+        .expect("the approved grant carries STS credentials");
+    assert!(
+        session
+            .assumed_role_arn
+            .ends_with(&format!("valet-{}", pending.grant.id))
+    );
+    assert_eq!(moto.sessions().len(), 1);
+    let audit = std::fs::read_to_string(deployment.audit_path()).unwrap();
+    assert!(
+        audit.contains("\"aws.session\""),
+        "the session minted on approval is audited"
+    );
+}
