@@ -53,6 +53,27 @@ scopes = ["reports-read"]
     deployment
 }
 
+/// moto, a deployment against it with the right root key, valetd, and the report agent.
+struct Running {
+    moto: Moto,
+    deployment: Deployment,
+    valetd: valet_tests::Valetd,
+    agent: valet_client::Client,
+}
+
+async fn running(revoke: &str) -> Running {
+    let moto = Moto::start();
+    let deployment = deployment(&moto, &moto.secret_access_key, revoke);
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(REPORT_AGENT_KEY).await;
+    Running {
+        moto,
+        deployment,
+        valetd,
+        agent,
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
@@ -74,10 +95,12 @@ print(",".join(item["Key"] for item in listed.get("Contents", [])))
 
 #[tokio::test]
 async fn sts_credentials_work_and_carry_exactly_the_scopes_policy() {
-    let moto = Moto::start();
-    let deployment = deployment(&moto, &moto.secret_access_key, "expiry");
-    let valetd = deployment.start(&[]);
-    let agent = valetd.client(REPORT_AGENT_KEY).await;
+    let Running {
+        moto,
+        deployment,
+        valetd,
+        agent,
+    } = running("expiry").await;
 
     let issued = agent.request_token(reports("blue")).await.unwrap();
     let session = issued
@@ -171,10 +194,12 @@ async fn sts_credentials_work_and_carry_exactly_the_scopes_policy() {
 
 #[tokio::test]
 async fn a_param_outside_its_pattern_never_reaches_aws() {
-    let moto = Moto::start();
-    let deployment = deployment(&moto, &moto.secret_access_key, "expiry");
-    let valetd = deployment.start(&[]);
-    let agent = valetd.client(REPORT_AGENT_KEY).await;
+    let Running {
+        moto,
+        deployment: _deployment,
+        valetd: _valetd,
+        agent,
+    } = running("expiry").await;
 
     for team in ["*", "blue/*", "x?", "${aws:username}"] {
         let error = agent.request_token(reports(team)).await.unwrap_err();
@@ -187,10 +212,12 @@ async fn a_param_outside_its_pattern_never_reaches_aws() {
 
 #[tokio::test]
 async fn revocation_writes_a_deny_for_the_session_into_the_role_policy() {
-    let moto = Moto::start();
-    let deployment = deployment(&moto, &moto.secret_access_key, "role-policy");
-    let valetd = deployment.start(&[]);
-    let agent = valetd.client(REPORT_AGENT_KEY).await;
+    let Running {
+        moto,
+        deployment,
+        valetd: _valetd,
+        agent,
+    } = running("role-policy").await;
 
     let first = agent.request_token(reports("blue")).await.unwrap();
     assert!(

@@ -70,19 +70,16 @@ pub(super) fn build_credential(
     let kind = raw.kind.take().unwrap_or_else(|| "secret".to_string());
     match kind.as_str() {
         "secret" => {
-            for (key, set) in [
-                ("access_key_id", raw.access_key_id.is_some()),
-                ("access_key_id_env", raw.access_key_id_env.is_some()),
-                ("region", raw.region.is_some()),
-                ("endpoint", raw.endpoint.is_some()),
-            ] {
-                if set {
-                    problems.push(
-                        format!("{at}.{key}"),
-                        invalid(key, "key for this credential", AWS_KEYS_RULE),
-                    );
-                }
-            }
+            refuse_keys(
+                [
+                    ("access_key_id", raw.access_key_id.is_some()),
+                    ("access_key_id_env", raw.access_key_id_env.is_some()),
+                    ("region", raw.region.is_some()),
+                    ("endpoint", raw.endpoint.is_some()),
+                ],
+                (at, "key for this credential", AWS_KEYS_RULE),
+                problems,
+            );
             None
         }
         "aws" => {
@@ -184,6 +181,19 @@ pub(super) fn build_credential(
     }
 }
 
+/// Reports each key that is set where it does not belong.
+fn refuse_keys<const N: usize>(
+    keys: [(&str, bool); N],
+    (at, what, expected): (&str, &'static str, &str),
+    problems: &mut Problems,
+) {
+    for (key, set) in keys {
+        if set {
+            problems.push(format!("{at}.{key}"), invalid(key, what, expected));
+        }
+    }
+}
+
 /// Whether `text` has the shape of an AWS access key id.
 pub fn is_access_key_id(text: &str) -> bool {
     (16..=128).contains(&text.len())
@@ -220,24 +230,21 @@ pub(super) fn build_scope(
     let credential_is_aws = credential.is_some_and(|credential| credential.aws.is_some());
     match provider.as_str() {
         "valet" => {
-            for (key, set) in [
-                ("role_arn", raw.role_arn.is_some()),
-                ("actions", raw.actions.is_some()),
-                ("resources", raw.resources.is_some()),
-                ("conditions", raw.conditions.is_some()),
-                ("revoke", raw.revoke.is_some()),
-            ] {
-                if set {
-                    problems.push(
-                        format!("{at}.{key}"),
-                        invalid(
-                            key,
-                            "key for this scope",
-                            "only in a scope with provider = \"aws-sts\"",
-                        ),
-                    );
-                }
-            }
+            refuse_keys(
+                [
+                    ("role_arn", raw.role_arn.is_some()),
+                    ("actions", raw.actions.is_some()),
+                    ("resources", raw.resources.is_some()),
+                    ("conditions", raw.conditions.is_some()),
+                    ("revoke", raw.revoke.is_some()),
+                ],
+                (
+                    at,
+                    "key for this scope",
+                    "only in a scope with provider = \"aws-sts\"",
+                ),
+                problems,
+            );
             if let Some(credential) = credential.filter(|_| credential_is_aws) {
                 problems.push(
                     format!("{at}.credential"),
