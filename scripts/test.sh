@@ -13,6 +13,11 @@ if cargo tree -p valet-client -e normal --prefix none | grep -qE '^valet-(server
   echo "valet-client must not depend on valet-server or valet-store"; exit 1
 fi
 
+echo "== etcd for the distributed-mode tests (Debian's etcd-server and etcd-client)"
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null
+fi
+
 echo "== Python tools for the AWS tests: moto (a local STS/IAM/S3 peer) and boto3, in var/venv"
 venv=var/venv
 if ! "$venv/bin/python" -c 'import moto, boto3' 2>/dev/null; then

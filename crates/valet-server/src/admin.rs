@@ -146,7 +146,9 @@ impl Admin for AdminService {
                         (v1::GrantEventKind::Renewed, *after)
                     }
                     StoreChange::GrantUpdated { after, .. } => (v1::GrantEventKind::Used, *after),
-                    StoreChange::KeyRingChanged | StoreChange::ApprovalChanged(_) => continue,
+                    StoreChange::KeyRingChanged
+                    | StoreChange::ApprovalChanged(_)
+                    | StoreChange::Resync => continue,
                 };
                 let now = clock.now();
                 if !filter.matches(&grant, now) {

@@ -42,6 +42,8 @@ pub struct AuditSink {
     sender: mpsc::Sender<(AuditEvent, Reply)>,
     written: broadcast::Sender<Arc<WrittenRecord>>,
     path: PathBuf,
+    /// Set when several replicas share the state: every record says which one wrote it.
+    replica: Option<String>,
 }
 
 /// A record as it was written, for followers of the log.
@@ -128,14 +130,27 @@ impl AuditSink {
         let written = writer.written.clone();
         tokio::spawn(writer.run(receiver));
         Ok(AuditSink {
+            replica: None,
             sender,
             written,
             path: path.to_path_buf(),
         })
     }
 
+    /// Marks every record from now on with this replica's name.
+    pub fn for_replica(self, replica: String) -> AuditSink {
+        AuditSink {
+            replica: Some(replica),
+            ..self
+        }
+    }
+
     /// Appends `event`; returns once it is on disk, with the new chain head.
     pub async fn record(&self, event: AuditEvent) -> Result<ChainHead, AuditError> {
+        let event = match &self.replica {
+            Some(replica) => event.with("replica", replica),
+            None => event,
+        };
         let (reply, answer) = oneshot::channel();
         self.sender
             .send((event, reply))

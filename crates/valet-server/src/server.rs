@@ -8,10 +8,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use valet_core::config::{Config, EtcdConfig, StoreConfig};
 use valet_core::{Clock, SystemClock};
 use valet_proto::v1::admin_server::AdminServer;
 use valet_proto::v1::broker_server::BrokerServer;
-use valet_store::{SledStore, Store};
+use valet_store::{EtcdOptions, EtcdStore, SledStore, Store};
 
 use crate::admin::AdminService;
 use crate::audit_sink::AuditSink;
@@ -65,6 +66,58 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
+/// Opens the configured engine: sled in the data dir, or the etcd cluster.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
+    match &config.store {
+        StoreConfig::Sled => Ok(Arc::new(SledStore::open(
+            &config.server.data_dir.join("store"),
+        )?)),
+        StoreConfig::Etcd(etcd) => {
+            let password = match &etcd.password {
+                None => None,
+                Some(source) => Some(loader::read_secret(source).map_err(|detail| {
+                    ServerError::CredentialUnreadable {
+                        name: "store.password".to_string(),
+                        source_description: source.to_string(),
+                        detail,
+                    }
+                })?),
+            };
+            let store = EtcdStore::connect(EtcdOptions {
+                endpoints: etcd.endpoints.clone(),
+                prefix: etcd.prefix.clone(),
+                username: etcd.username.clone(),
+                password,
+                replica: replica_name(config),
+                retention: config.server.grant_retention,
+            })
+            .await?;
+            tracing::info!(
+                endpoints = etcd.endpoints.join(","),
+                prefix = etcd.prefix,
+                replica = replica_name(config),
+                "state in etcd"
+            );
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// This replica's name: `store.replica`, or the host name.
+pub fn replica_name(config: &Config) -> String {
+    match &config.store {
+        StoreConfig::Etcd(EtcdConfig {
+            replica: Some(replica),
+            ..
+        }) => replica.clone(),
+        _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_string())
+            .ok()
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "valetd".to_string()),
+    }
+}
+
 /// Runs valetd until SIGTERM or SIGINT.
 pub async fn run(options: Options) -> Result<(), ServerError> {
     let loaded = loader::load_config(&options.config_path, &options.overrides)?;
@@ -76,7 +129,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     })?;
     let seal_key = loader::load_seal_key(&config, options.dev)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&data_dir.join("store"))?);
+    let store = open_store(&config).await?;
     let redactor = Redactor::new(loaded.credentials);
     let audit = AuditSink::open(
         &config.audit.path,
@@ -85,6 +138,10 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         redactor.clone(),
     )
     .await?;
+    let audit = match &config.store {
+        StoreConfig::Etcd(_) => audit.for_replica(replica_name(&config)),
+        StoreConfig::Sled => audit,
+    };
     let keys = Keys::open(store.clone(), seal_key, clock.clone())
         .await
         .map_err(|error| ServerError::Transport(error.to_string()))?;
@@ -119,6 +176,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     health_reporter
         .set_serving::<AdminServer<AdminService>>()
         .await;
+    tokio::spawn(report_store_health(valet.clone(), health_reporter.clone()));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(valet_proto::FILE_DESCRIPTOR_SET)
@@ -165,6 +223,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         tracing::info!(address = %bound, n_upstreams = config.upstreams.len(), "gateway listening on {bound}");
     }
     tokio::spawn(sweep_forever(valet.clone()));
+    tokio::spawn(follow_key_ring(valet.clone()));
     tokio::spawn(expire_approvals_forever(valet.clone()));
     tokio::spawn(reload_on_sighup(valet.clone()));
 
@@ -229,6 +288,49 @@ async fn reload_on_sighup(valet: Arc<Valet>) {
     while hangups.recv().await.is_some() {
         // Errors are logged and audited inside reload; the running config stays.
         let _ = valet.reload(None).await;
+    }
+}
+
+/// The broker's health follows the store: `valet.v1.Broker` is NOT_SERVING while the store cannot
+/// be read (etcd without quorum, say), so a load balancer's readiness check takes the replica out;
+/// the overall service ("") stays SERVING while the process runs, for liveness checks.
+async fn report_store_health(valet: Arc<Valet>, reporter: tonic_health::server::HealthReporter) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(2));
+    let mut serving = true;
+    loop {
+        ticks.tick().await;
+        let reachable = valet.store.audit_head().await.is_ok();
+        if reachable != serving {
+            serving = reachable;
+            if serving {
+                tracing::info!("the store is reachable again; the broker reports SERVING");
+                reporter.set_serving::<BrokerServer<BrokerService>>().await;
+            } else {
+                tracing::error!(
+                    "the store is unreachable; the broker reports NOT_SERVING and fails closed"
+                );
+                reporter
+                    .set_not_serving::<BrokerServer<BrokerService>>()
+                    .await;
+            }
+        }
+    }
+}
+
+/// Keeps the key ring current with the store: a rotation on another replica, a sweep, or a gap
+/// in the store's change stream (then everything is re-read, never trusted).
+async fn follow_key_ring(valet: Arc<Valet>) {
+    let mut changes = valet.store.subscribe();
+    loop {
+        let reload = match changes.recv().await {
+            Ok(valet_store::StoreChange::KeyRingChanged | valet_store::StoreChange::Resync) => true,
+            Ok(_) => false,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        if reload && let Err(error) = valet.keys.refresh().await {
+            tracing::error!(%error, "cannot reload the key ring after a change in the store");
+        }
     }
 }
 

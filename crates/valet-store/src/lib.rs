@@ -5,6 +5,7 @@
 mod committer;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+mod etcd_store;
 mod sled_store;
 
 use async_trait::async_trait;
@@ -15,6 +16,7 @@ use valet_core::audit::ChainHead;
 use valet_core::grant::{Grant, GrantStatus};
 use valet_core::keyring::StoredKey;
 
+pub use etcd_store::{EtcdOptions, EtcdStore};
 pub use sled_store::SledStore;
 
 /// What can go wrong in a store. `Unavailable` means "fail closed": nothing was done durably.
@@ -95,6 +97,9 @@ pub enum StoreChange {
     GrantRevoked(Grant),
     KeyRingChanged,
     ApprovalChanged(Box<ApprovalRequest>),
+    /// Changes may have been missed (a distributed engine lost its watch and resumed): whoever
+    /// keeps a view of the store must reload it rather than trust it.
+    Resync,
 }
 
 /// What one sweep removed.

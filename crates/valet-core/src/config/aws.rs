@@ -7,7 +7,7 @@ use std::time::Duration;
 use regex::Regex;
 
 use super::raw::{RawConditionValues, RawCredential, RawScope};
-use super::{AllowedValues, Credential, ParamRule, ProblemKind, Problems, invalid};
+use super::{AllowedValues, Credential, ParamRule, ProblemKind, Problems, invalid, refuse_keys};
 use crate::aws::policy::{MAX_SESSION_POLICY_CHARS, Template};
 use crate::aws::{MAX_SESSION_SECONDS, session_policy};
 
@@ -177,19 +177,6 @@ pub(super) fn build_credential(
                 ),
             );
             None
-        }
-    }
-}
-
-/// Reports each key that is set where it does not belong.
-fn refuse_keys<const N: usize>(
-    keys: [(&str, bool); N],
-    (at, what, expected): (&str, &'static str, &str),
-    problems: &mut Problems,
-) {
-    for (key, set) in keys {
-        if set {
-            problems.push(format!("{at}.{key}"), invalid(key, what, expected));
         }
     }
 }

@@ -5,9 +5,11 @@ mod approval;
 mod aws;
 mod gateway;
 mod raw;
+mod store;
 
 pub use aws::{AwsCredential, AwsRevoke, AwsStsScope, ConditionValues, is_access_key_id};
 pub use gateway::{BaseUrl, Injection, Upstream, is_credential_header};
+pub use store::{EtcdConfig, StoreConfig};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -33,6 +35,8 @@ pub struct Config {
     pub upstreams: BTreeMap<String, Upstream>,
     /// Where new pending approvals are announced (a JSON POST each).
     pub approvals_webhook: Option<String>,
+    /// Which engine keeps the state.
+    pub store: StoreConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -283,7 +287,7 @@ impl Config {
 }
 
 #[derive(Default)]
-struct Problems(Vec<ConfigProblem>);
+pub(super) struct Problems(Vec<ConfigProblem>);
 
 impl Problems {
     fn push(&mut self, key_path: impl Into<String>, kind: ProblemKind) {
@@ -338,6 +342,19 @@ impl Problems {
                     cap: format_duration(cap),
                 },
             );
+        }
+    }
+}
+
+/// Reports each key that is set where it does not belong.
+pub(super) fn refuse_keys<const N: usize>(
+    keys: [(&str, bool); N],
+    (at, what, expected): (&str, &'static str, &str),
+    problems: &mut Problems,
+) {
+    for (key, set) in keys {
+        if set {
+            problems.push(format!("{at}.{key}"), invalid(key, what, expected));
         }
     }
 }
@@ -429,6 +446,17 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
         }),
     };
 
+    let store = store::build(raw.store, problems).map(|store| match store {
+        StoreConfig::Etcd(mut etcd) => {
+            if let Some(KeySource::File(path)) = &etcd.password {
+                etcd.password = Some(KeySource::File(resolve(
+                    path.to_string_lossy().into_owned(),
+                )));
+            }
+            StoreConfig::Etcd(etcd)
+        }
+        sled => sled,
+    });
     let audit_path = problems
         .required(raw.audit, "audit")
         .and_then(|raw_audit| problems.required(raw_audit.path, "audit.path"))
@@ -606,6 +634,7 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
         scopes,
         upstreams,
         approvals_webhook,
+        store: store?,
     })
 }
 

@@ -21,6 +21,18 @@ pub struct RawConfig {
     #[serde(default)]
     pub upstream: Vec<RawUpstream>,
     pub approvals: Option<RawApprovals>,
+    pub store: Option<RawStore>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawStore {
+    pub engine: Option<String>,
+    pub endpoints: Option<Vec<String>>,
+    pub prefix: Option<String>,
+    pub username: Option<String>,
+    pub password_env: Option<String>,
+    pub password_file: Option<String>,
+    pub replica: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

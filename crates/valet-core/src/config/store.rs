@@ -1,0 +1,144 @@
+//! The `[store]` section: the embedded engine (sled, the default) or etcd for several replicas.
+
+use super::raw::RawStore;
+use super::{KeySource, ProblemKind, Problems, invalid, refuse_keys};
+
+/// Which engine keeps valetd's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// sled, in `server.data_dir`: one valetd, no other service.
+    Sled,
+    /// etcd, shared by every replica.
+    Etcd(EtcdConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// `http://HOST:PORT` of each member.
+    pub endpoints: Vec<String>,
+    /// Key prefix of this deployment, such as `/valet/prod`.
+    pub prefix: String,
+    pub username: Option<String>,
+    /// The etcd password's source; required with `username`.
+    pub password: Option<KeySource>,
+    /// This replica's name in records that are per replica (its audit chain head); defaults to
+    /// the host name.
+    pub replica: Option<String>,
+}
+
+pub(super) fn build(raw: Option<RawStore>, problems: &mut Problems) -> Option<StoreConfig> {
+    let Some(raw) = raw else {
+        return Some(StoreConfig::Sled);
+    };
+    match raw.engine.as_deref().unwrap_or("sled") {
+        "sled" => {
+            refuse_keys(
+                [
+                    ("endpoints", raw.endpoints.is_some()),
+                    ("prefix", raw.prefix.is_some()),
+                    ("username", raw.username.is_some()),
+                    ("password_env", raw.password_env.is_some()),
+                    ("password_file", raw.password_file.is_some()),
+                    ("replica", raw.replica.is_some()),
+                ],
+                (
+                    "store",
+                    "key for the sled engine",
+                    "only with engine = \"etcd\"",
+                ),
+                problems,
+            );
+            Some(StoreConfig::Sled)
+        }
+        "etcd" => {
+            let endpoints = match raw.endpoints {
+                None => {
+                    problems.push("store.endpoints", ProblemKind::Missing);
+                    Vec::new()
+                }
+                Some(endpoints) if endpoints.is_empty() => {
+                    problems.push(
+                        "store.endpoints",
+                        invalid("[]", "endpoint list", "at least one etcd member URL"),
+                    );
+                    Vec::new()
+                }
+                Some(endpoints) => endpoints,
+            };
+            for (index, endpoint) in endpoints.iter().enumerate() {
+                let host = endpoint.strip_prefix("http://").unwrap_or_default();
+                if host.is_empty() || host.contains('/') || !host.contains(':') {
+                    problems.push(
+                        format!("store.endpoints[{index}]"),
+                        invalid(
+                            endpoint,
+                            "etcd endpoint",
+                            "http://HOST:PORT (TLS to etcd is not supported yet; reach etcd over a private network or a local TLS proxy)",
+                        ),
+                    );
+                }
+            }
+            let prefix = raw.prefix.unwrap_or_else(|| "/valet".to_string());
+            if !prefix.starts_with('/')
+                || prefix.len() > 128
+                || prefix.chars().any(char::is_control)
+            {
+                problems.push(
+                    "store.prefix",
+                    invalid(
+                        &prefix,
+                        "key prefix",
+                        "a path such as \"/valet/prod\", at most 128 characters",
+                    ),
+                );
+            }
+            let password = match (raw.password_env, raw.password_file) {
+                (Some(_), Some(_)) => {
+                    problems.push(
+                        "store",
+                        ProblemKind::BothSet {
+                            first: "password_env",
+                            second: "password_file",
+                        },
+                    );
+                    None
+                }
+                (Some(name), None) => Some(KeySource::Env(name)),
+                (None, Some(path)) => Some(KeySource::File(path.into())),
+                (None, None) => None,
+            };
+            if raw.username.is_some() != password.is_some() {
+                problems.push(
+                    "store.username",
+                    invalid(
+                        raw.username.as_deref().unwrap_or(""),
+                        "etcd login",
+                        "username together with password_env or password_file",
+                    ),
+                );
+            }
+            if let Some(replica) = &raw.replica
+                && !super::is_valid_name(replica)
+            {
+                problems.push(
+                    "store.replica",
+                    invalid(replica, "replica name", super::NAME_RULE),
+                );
+            }
+            Some(StoreConfig::Etcd(EtcdConfig {
+                endpoints,
+                prefix: prefix.trim_end_matches('/').to_string(),
+                username: raw.username,
+                password,
+                replica: raw.replica,
+            }))
+        }
+        other => {
+            problems.push(
+                "store.engine",
+                invalid(other, "store engine", "\"sled\" (the default) or \"etcd\""),
+            );
+            None
+        }
+    }
+}

@@ -1,0 +1,773 @@
+//! The distributed engine: etcd v3, shared by every valetd replica. Records are JSON values under
+//! one key prefix; every status change is a transaction that compares the stored value, so two
+//! replicas never both win; grants carry leases that outlive their retention, so records that are
+//! never swept still disappear; one watch of the prefix feeds every replica's change stream.
+//!
+//! Keys under `PREFIX`:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `/grants/ID` | grant |
+//! | `/tasks/TASK\0ID` | empty: the task index |
+//! | `/revocations/ID` | revocation |
+//! | `/keys/KID` | sealed signing key |
+//! | `/meta/current_key` | the current key's id |
+//! | `/approvals/ID` | approval request |
+//! | `/replicas/REPLICA/audit_head` | that replica's audit chain head |
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use tokio::sync::{broadcast, watch};
+use valet_core::approval::{ApprovalRequest, ApprovalStatus};
+use valet_core::audit::ChainHead;
+use valet_core::grant::{Grant, GrantStatus};
+use valet_core::keyring::StoredKey;
+use valet_core::{Secret, UnixTime};
+
+use crate::{
+    GrantFilter, GrantPage, Revocation, Store, StoreChange, StoreCounts, StoreError, SweepReport,
+};
+
+const ENGINE: &str = "etcd";
+/// How long one etcd request may take before the store fails closed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a write waits for the watch to deliver it to this replica's subscribers.
+const WATCH_CATCH_UP: Duration = Duration::from_secs(2);
+/// Leases are shared by records whose lifetimes end within the same minute.
+const LEASE_BUCKET_SECONDS: i64 = 60;
+const PAGE: i64 = 500;
+
+/// Where the etcd cluster is and how to talk to it.
+#[derive(Clone)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    /// Namespaces one Valet deployment in a shared etcd, such as `/valet/prod`.
+    pub prefix: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// This replica's name: its audit chain head is kept under it.
+    pub replica: String,
+    /// How long ended grants stay listable; grant leases last at least this long past the end.
+    pub retention: Duration,
+}
+
+/// The etcd engine.
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+    replica: String,
+    retention: Duration,
+    changes: broadcast::Sender<StoreChange>,
+    /// The newest revision the watch has delivered.
+    seen: watch::Receiver<i64>,
+    leases: Mutex<HashMap<i64, (i64, Instant)>>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+fn unavailable(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable {
+        engine: ENGINE,
+        detail: error.to_string(),
+    }
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt {
+        what,
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail: error.to_string(),
+    })
+}
+
+/// Runs one etcd request with the fail-closed time limit.
+async fn bounded<T, E: std::fmt::Display>(
+    request: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(unavailable(error)),
+        Err(_) => Err(unavailable(format!(
+            "etcd did not answer within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+impl EtcdStore {
+    /// Connects to the cluster and starts following its changes.
+    pub async fn connect(options: EtcdOptions) -> Result<EtcdStore, StoreError> {
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
+        if let (Some(username), Some(password)) = (&options.username, &options.password) {
+            connect = connect.with_user(
+                username.clone(),
+                password.expose_str().unwrap_or_default().to_string(),
+            );
+        }
+        let client = bounded(Client::connect(options.endpoints.clone(), Some(connect))).await?;
+        let prefix = options.prefix.trim_end_matches('/').to_string();
+        // Where the watch starts: the current revision, read now.
+        let mut kv = client.kv_client();
+        let start = bounded(kv.get(
+            format!("{prefix}/meta/"),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        ))
+        .await?
+        .header()
+        .map(|header| header.revision())
+        .unwrap_or(0);
+        let (changes, _) = broadcast::channel(1024);
+        let (seen_sender, seen) = watch::channel(start);
+        let watcher = tokio::spawn(follow(
+            client.clone(),
+            prefix.clone(),
+            start,
+            changes.clone(),
+            seen_sender,
+        ));
+        Ok(EtcdStore {
+            client,
+            prefix,
+            replica: options.replica,
+            retention: options.retention,
+            changes,
+            seen,
+            leases: Mutex::new(HashMap::new()),
+            watcher,
+        })
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}/{kind}/{id}", self.prefix)
+    }
+
+    fn task_key(&self, task_id: &str, grant_id: &str) -> String {
+        format!("{}/tasks/{task_id}\0{grant_id}", self.prefix)
+    }
+
+    /// Waits until this replica's watch has delivered `revision`, so a caller that subscribed
+    /// before writing sees its own change. A broken watch does not fail the write (it is durable);
+    /// the watch resynchronises on its own.
+    async fn caught_up(&self, revision: i64) {
+        let mut seen = self.seen.clone();
+        let waited =
+            tokio::time::timeout(WATCH_CATCH_UP, seen.wait_for(|seen| *seen >= revision)).await;
+        if !matches!(waited, Ok(Ok(_))) {
+            tracing::warn!(
+                revision,
+                "the etcd watch is behind; changes reach subscribers late"
+            );
+        }
+    }
+
+    /// A lease that outlives `grant`'s retention: shared by records ending in the same minute,
+    /// never granted shorter than needed.
+    async fn lease_for(&self, grant: &Grant) -> Result<i64, StoreError> {
+        let ends_at = grant.expires_at.max(grant.updated_at);
+        let needed = (ends_at - grant.updated_at).max(0)
+            + i64::try_from(self.retention.as_secs()).unwrap_or(i64::MAX / 4);
+        let bucket = (needed / LEASE_BUCKET_SECONDS + 2) * LEASE_BUCKET_SECONDS;
+        {
+            let leases = self
+                .leases
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some((id, granted)) = leases.get(&bucket)
+                && granted.elapsed() < Duration::from_secs(LEASE_BUCKET_SECONDS as u64)
+            {
+                return Ok(*id);
+            }
+        }
+        let mut lease = self.client.lease_client();
+        let id = bounded(lease.grant(bucket, None)).await?.id();
+        self.leases
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(bucket, (id, Instant::now()));
+        Ok(id)
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
+        let mut kv = self.client.kv_client();
+        bounded(kv.txn(txn)).await
+    }
+
+    async fn get_value(&self, key: String) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = bounded(kv.get(key, None)).await?;
+        Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// Every (key, value) under `prefix`, read in pages.
+    async fn scan(&self, prefix: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.scan_from(prefix, prefix.as_bytes().to_vec(), None)
+            .await
+    }
+
+    /// (key, value) pairs under `prefix` from `start` on, at most `limit` (all when `None`).
+    async fn scan_from(
+        &self,
+        prefix: &str,
+        start: Vec<u8>,
+        limit: Option<usize>,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut out = Vec::new();
+        let mut from = start;
+        loop {
+            let mut kv = self.client.kv_client();
+            let response = bounded(kv.get(
+                from.clone(),
+                Some(GetOptions::new().with_range(end.clone()).with_limit(PAGE)),
+            ))
+            .await?;
+            for pair in response.kvs() {
+                out.push((pair.key().to_vec(), pair.value().to_vec()));
+                if limit.is_some_and(|limit| out.len() >= limit) {
+                    return Ok(out);
+                }
+            }
+            if !response.more() || response.kvs().is_empty() {
+                return Ok(out);
+            }
+            let mut next = response
+                .kvs()
+                .last()
+                .map(|kv| kv.key().to_vec())
+                .unwrap_or_default();
+            next.push(0);
+            from = next;
+        }
+    }
+
+    async fn count(&self, kind: &str) -> Result<u64, StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = bounded(kv.get(
+            format!("{}/{kind}/", self.prefix),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        ))
+        .await?;
+        Ok(u64::try_from(response.count()).unwrap_or(0))
+    }
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn revision_of(response: &etcd_client::TxnResponse) -> i64 {
+    response
+        .header()
+        .map(|header| header.revision())
+        .unwrap_or(0)
+}
+
+/// Follows every change under the prefix, from any replica, into `changes`. After a gap
+/// (compaction, lost connection) it announces a resync, so followers reload instead of trusting a
+/// view that may have missed changes.
+async fn follow(
+    client: Client,
+    prefix: String,
+    start: i64,
+    changes: broadcast::Sender<StoreChange>,
+    seen: watch::Sender<i64>,
+) {
+    let grants = format!("{prefix}/grants/");
+    let keys = format!("{prefix}/keys/");
+    let current_key = format!("{prefix}/meta/current_key");
+    let approvals = format!("{prefix}/approvals/");
+    let mut next = start + 1;
+    loop {
+        let mut watch_client = client.watch_client();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_start_revision(next);
+        let stream = watch_client
+            .watch(format!("{prefix}/"), Some(options))
+            .await;
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch etcd; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            let response = match stream.message().await {
+                Ok(Some(response)) => response,
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "the etcd watch broke; resuming");
+                    break;
+                }
+            };
+            if response.compact_revision() > 0 || response.canceled() {
+                // The changes since `next` are gone: everyone must reload.
+                tracing::warn!(
+                    compacted_to = response.compact_revision(),
+                    "the etcd watch lost changes to compaction; followers reload"
+                );
+                next = response.compact_revision().max(next);
+                let _ = changes.send(StoreChange::Resync);
+                break;
+            }
+            let mut key_ring_changed = false;
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key());
+                next = next.max(kv.mod_revision() + 1);
+                if key.starts_with(&keys) || key == current_key {
+                    key_ring_changed = true;
+                    continue;
+                }
+                if event.event_type() != EventType::Put {
+                    continue;
+                }
+                if key.starts_with(&grants) {
+                    let Ok(after) = serde_json::from_slice::<Grant>(kv.value()) else {
+                        continue;
+                    };
+                    let before = event
+                        .prev_kv()
+                        .and_then(|prev| serde_json::from_slice::<Grant>(prev.value()).ok());
+                    let change = match before {
+                        None => StoreChange::GrantCreated(after),
+                        Some(before)
+                            if after.status == GrantStatus::Revoked
+                                && before.status != GrantStatus::Revoked =>
+                        {
+                            StoreChange::GrantRevoked(after)
+                        }
+                        Some(before) if before == after => continue,
+                        Some(before) => StoreChange::GrantUpdated {
+                            before: Box::new(before),
+                            after: Box::new(after),
+                        },
+                    };
+                    let _ = changes.send(change);
+                } else if key.starts_with(&approvals)
+                    && let Ok(approval) = serde_json::from_slice::<ApprovalRequest>(kv.value())
+                {
+                    let _ = changes.send(StoreChange::ApprovalChanged(Box::new(approval)));
+                }
+            }
+            if key_ring_changed {
+                let _ = changes.send(StoreChange::KeyRingChanged);
+            }
+            if let Some(header) = response.header() {
+                next = next.max(header.revision() + 1);
+            }
+            seen.send_replace(next - 1);
+        }
+        // Reconnected: tell followers to reload what they keep, then carry on from `next`.
+        let _ = changes.send(StoreChange::Resync);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn create_grant(&self, grant: &Grant) -> Result<(), StoreError> {
+        let lease = self.lease_for(grant).await?;
+        let key = self.key("grants", &grant.id);
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(
+                    key,
+                    encode(grant),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                TxnOp::put(
+                    self.task_key(&grant.task_id, &grant.id),
+                    Vec::new(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+            ]);
+        let response = self.txn(txn).await?;
+        if !response.succeeded() {
+            return Err(StoreError::AlreadyExists {
+                id: grant.id.clone(),
+            });
+        }
+        self.caught_up(revision_of(&response)).await;
+        Ok(())
+    }
+
+    async fn get_grant(&self, id: &str) -> Result<Option<Grant>, StoreError> {
+        let key = self.key("grants", id);
+        match self.get_value(key.clone()).await? {
+            Some(bytes) => Ok(Some(decode("grant", key.as_bytes(), &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn update_grant(&self, expected: &Grant, new: &Grant) -> Result<(), StoreError> {
+        let key = self.key("grants", &expected.id);
+        let newly_revoked =
+            new.status == GrantStatus::Revoked && expected.status != GrantStatus::Revoked;
+        let lease = self.lease_for(new).await?;
+        let with_lease = || Some(PutOptions::new().with_lease(lease));
+        let mut operations = vec![
+            TxnOp::put(key.clone(), encode(new), with_lease()),
+            TxnOp::put(
+                self.task_key(&new.task_id, &new.id),
+                Vec::new(),
+                with_lease(),
+            ),
+        ];
+        if newly_revoked {
+            operations.push(TxnOp::put(
+                self.key("revocations", &new.id),
+                encode(&Revocation {
+                    grant_id: new.id.clone(),
+                    revoked_at: new.updated_at,
+                    expires_at: new.expires_at,
+                }),
+                with_lease(),
+            ));
+        }
+        let txn = Txn::new()
+            .when([Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                encode(expected),
+            )])
+            .and_then(operations)
+            .or_else([TxnOp::get(key, None)]);
+        let response = self.txn(txn).await?;
+        if !response.succeeded() {
+            let exists = response.op_responses().iter().any(
+                |operation| matches!(operation, TxnOpResponse::Get(get) if !get.kvs().is_empty()),
+            );
+            return Err(if exists {
+                StoreError::Conflict {
+                    id: expected.id.clone(),
+                }
+            } else {
+                StoreError::NotFound {
+                    id: expected.id.clone(),
+                }
+            });
+        }
+        self.caught_up(revision_of(&response)).await;
+        Ok(())
+    }
+
+    async fn list_grants(
+        &self,
+        filter: &GrantFilter,
+        now: UnixTime,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<GrantPage, StoreError> {
+        let limit = limit.max(1);
+        let mut page = GrantPage::default();
+        let consider = |grant: Grant, page: &mut GrantPage| -> bool {
+            if !filter.matches(&grant, now) {
+                return true;
+            }
+            if page.grants.len() == limit {
+                page.next_after = page.grants.last().map(|last| last.id.clone());
+                return false;
+            }
+            page.grants.push(grant);
+            true
+        };
+        if let Some(task_id) = &filter.task_id {
+            let prefix = self.task_key(task_id, "");
+            for (key, _) in self.scan(&prefix).await? {
+                let grant_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+                if after.is_some_and(|after| grant_id.as_str() <= after) {
+                    continue;
+                }
+                if let Some(grant) = self.get_grant(&grant_id).await?
+                    && !consider(grant, &mut page)
+                {
+                    break;
+                }
+            }
+            return Ok(page);
+        }
+        let prefix = format!("{}/grants/", self.prefix);
+        let mut start = match after {
+            Some(after) => {
+                let mut key = format!("{prefix}{after}").into_bytes();
+                key.push(0);
+                key
+            }
+            None => prefix.clone().into_bytes(),
+        };
+        loop {
+            let batch = self
+                .scan_from(&prefix, start.clone(), Some(PAGE as usize))
+                .await?;
+            let Some((last, _)) = batch.last() else {
+                return Ok(page);
+            };
+            start = last.clone();
+            start.push(0);
+            let full = batch.len() == PAGE as usize;
+            for (key, bytes) in batch {
+                if !consider(decode("grant", &key, &bytes)?, &mut page) {
+                    return Ok(page);
+                }
+            }
+            if !full {
+                return Ok(page);
+            }
+        }
+    }
+
+    async fn task_grants(&self, task_id: &str) -> Result<Vec<Grant>, StoreError> {
+        let filter = GrantFilter {
+            task_id: Some(task_id.to_string()),
+            ..GrantFilter::default()
+        };
+        Ok(self.list_grants(&filter, 0, None, usize::MAX).await?.grants)
+    }
+
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        self.scan(&format!("{}/revocations/", self.prefix))
+            .await?
+            .iter()
+            .map(|(key, bytes)| decode("revocation", key, bytes))
+            .collect()
+    }
+
+    async fn sweep(&self, now: UnixTime, retention: Duration) -> Result<SweepReport, StoreError> {
+        let mut report = SweepReport::default();
+        for (key, bytes) in self.scan(&format!("{}/grants/", self.prefix)).await? {
+            let grant: Grant = decode("grant", &key, &bytes)?;
+            if !grant.sweepable(now, retention) {
+                continue;
+            }
+            // Only delete the record we judged: a concurrent change makes us skip it.
+            let revocation = self.key("revocations", &grant.id);
+            let had_revocation = self.get_value(revocation.clone()).await?.is_some();
+            let txn = Txn::new()
+                .when([Compare::value(key.clone(), CompareOp::Equal, bytes)])
+                .and_then([
+                    TxnOp::delete(key, None),
+                    TxnOp::delete(self.task_key(&grant.task_id, &grant.id), None),
+                    TxnOp::delete(revocation, None),
+                ]);
+            if self.txn(txn).await?.succeeded() {
+                report.n_grants += 1;
+                report.n_revocations += u64::from(had_revocation);
+            }
+        }
+        for (key, bytes) in self.scan(&format!("{}/revocations/", self.prefix)).await? {
+            let revocation: Revocation = decode("revocation", &key, &bytes)?;
+            if now >= revocation.expires_at
+                && self
+                    .get_value(self.key("grants", &revocation.grant_id))
+                    .await?
+                    .is_none()
+            {
+                let mut kv = self.client.kv_client();
+                bounded(kv.delete(key, None)).await?;
+                report.n_revocations += 1;
+            }
+        }
+        for (key, bytes) in self.scan(&format!("{}/approvals/", self.prefix)).await? {
+            let approval: ApprovalRequest = decode("approval", &key, &bytes)?;
+            let ended = !matches!(
+                approval.status,
+                ApprovalStatus::Pending | ApprovalStatus::Approved
+            );
+            let ended_at = approval.expires_at.max(approval.updated_at);
+            if ended && now >= valet_core::clock::add_duration(ended_at, retention) {
+                let txn = Txn::new()
+                    .when([Compare::value(key.clone(), CompareOp::Equal, bytes)])
+                    .and_then([TxnOp::delete(key, None)]);
+                self.txn(txn).await?;
+            }
+        }
+        for record in self.keys().await? {
+            if !record.verifies_at(now) {
+                let mut kv = self.client.kv_client();
+                bounded(kv.delete(self.key("keys", &record.kid), None)).await?;
+                report.n_keys += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    async fn keys(&self) -> Result<Vec<StoredKey>, StoreError> {
+        self.scan(&format!("{}/keys/", self.prefix))
+            .await?
+            .iter()
+            .map(|(key, bytes)| decode("signing key", key, bytes))
+            .collect()
+    }
+
+    async fn replace_keys(
+        &self,
+        expected_current: Option<&str>,
+        records: &[StoredKey],
+    ) -> Result<(), StoreError> {
+        let current_key = format!("{}/meta/current_key", self.prefix);
+        let condition = match expected_current {
+            None => Compare::version(current_key.clone(), CompareOp::Equal, 0),
+            Some(kid) => Compare::value(current_key.clone(), CompareOp::Equal, kid),
+        };
+        let mut operations: Vec<TxnOp> = records
+            .iter()
+            .map(|record| TxnOp::put(self.key("keys", &record.kid), encode(record), None))
+            .collect();
+        if let Some(record) = records.iter().find(|record| record.retired_at.is_none()) {
+            operations.push(TxnOp::put(current_key, record.kid.clone(), None));
+        }
+        let response = self
+            .txn(Txn::new().when([condition]).and_then(operations))
+            .await?;
+        if !response.succeeded() {
+            return Err(StoreError::KeyRingConflict);
+        }
+        self.caught_up(revision_of(&response)).await;
+        Ok(())
+    }
+
+    async fn audit_head(&self) -> Result<Option<ChainHead>, StoreError> {
+        let key = format!("{}/replicas/{}/audit_head", self.prefix, self.replica);
+        match self.get_value(key.clone()).await? {
+            Some(bytes) => Ok(Some(decode("audit head", key.as_bytes(), &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn record_audit_head(&self, head: &ChainHead) -> Result<(), StoreError> {
+        let key = format!("{}/replicas/{}/audit_head", self.prefix, self.replica);
+        let mut kv = self.client.kv_client();
+        bounded(kv.put(key, encode(head), None)).await?;
+        Ok(())
+    }
+
+    async fn counts(&self) -> Result<StoreCounts, StoreError> {
+        Ok(StoreCounts {
+            n_grants: self.count("grants").await?,
+            n_revocations: self.count("revocations").await?,
+            n_keys: self.count("keys").await?,
+        })
+    }
+
+    async fn create_approval(&self, approval: &ApprovalRequest) -> Result<(), StoreError> {
+        let key = self.key("approvals", &approval.id);
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, encode(approval), None)]);
+        let response = self.txn(txn).await?;
+        if !response.succeeded() {
+            return Err(StoreError::AlreadyExists {
+                id: approval.id.clone(),
+            });
+        }
+        self.caught_up(revision_of(&response)).await;
+        Ok(())
+    }
+
+    async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRequest>, StoreError> {
+        let key = self.key("approvals", id);
+        match self.get_value(key.clone()).await? {
+            Some(bytes) => Ok(Some(decode("approval", key.as_bytes(), &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn update_approval(
+        &self,
+        expected: &ApprovalRequest,
+        new: &ApprovalRequest,
+    ) -> Result<(), StoreError> {
+        let key = self.key("approvals", &expected.id);
+        let txn = Txn::new()
+            .when([Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                encode(expected),
+            )])
+            .and_then([TxnOp::put(key.clone(), encode(new), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let response = self.txn(txn).await?;
+        if !response.succeeded() {
+            let exists = response.op_responses().iter().any(
+                |operation| matches!(operation, TxnOpResponse::Get(get) if !get.kvs().is_empty()),
+            );
+            return Err(if exists {
+                StoreError::Conflict {
+                    id: expected.id.clone(),
+                }
+            } else {
+                StoreError::ApprovalNotFound {
+                    id: expected.id.clone(),
+                }
+            });
+        }
+        self.caught_up(revision_of(&response)).await;
+        Ok(())
+    }
+
+    async fn list_approvals(&self, pending_only: bool) -> Result<Vec<ApprovalRequest>, StoreError> {
+        let mut approvals = Vec::new();
+        for (key, bytes) in self.scan(&format!("{}/approvals/", self.prefix)).await? {
+            let approval: ApprovalRequest = decode("approval", &key, &bytes)?;
+            if !pending_only || approval.status == ApprovalStatus::Pending {
+                approvals.push(approval);
+            }
+        }
+        approvals
+            .sort_by(|left, right| (left.created_at, &left.id).cmp(&(right.created_at, &right.id)));
+        Ok(approvals)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoreChange> {
+        self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_ends_are_the_next_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/valet/grants/"), b"/valet/grants0".to_vec());
+        assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
+        assert_eq!(prefix_end(&[0xff]), vec![0]);
+    }
+}

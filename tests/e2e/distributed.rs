@@ -1,0 +1,174 @@
+//! Distributed mode: the store conformance suite against a real etcd, and several valetd replicas
+//! sharing grants, revocations and signing keys through a three-member etcd cluster.
+
+use std::time::{Duration, Instant};
+
+use valet_client::{Client, TokenRequest};
+use valet_store::{EtcdOptions, EtcdStore};
+use valet_tests::etcd::EtcdCluster;
+use valet_tests::{ADMIN_KEY, AGENT_KEY, Deployment, OPERATOR_KEY, Valetd, standard_config};
+
+#[tokio::test]
+async fn the_store_conformance_suite_passes_on_a_real_etcd() {
+    let cluster = EtcdCluster::start(1);
+    let store = EtcdStore::connect(EtcdOptions {
+        endpoints: cluster.endpoints(),
+        prefix: "/conformance".into(),
+        username: None,
+        password: None,
+        replica: "r1".into(),
+        retention: Duration::from_secs(3600),
+    })
+    .await
+    .unwrap();
+    valet_store::conformance::run_all(&store).await;
+}
+
+/// Three replicas of one deployment on `cluster`, each with its own data dir and audit log.
+fn replicas(cluster: &EtcdCluster) -> (Vec<Deployment>, Vec<Valetd>) {
+    let mut deployments = Vec::new();
+    let mut valetds = Vec::new();
+    for index in 0..3 {
+        let store = format!(
+            "\n[store]\nengine = \"etcd\"\nendpoints = {}\nprefix = \"/valet/test\"\nreplica = \"replica-{index}\"\n",
+            cluster.endpoints_toml()
+        );
+        let deployment = Deployment::new(&standard_config(&store));
+        valetds.push(deployment.start(&[]));
+        deployments.push(deployment);
+    }
+    (deployments, valetds)
+}
+
+fn staging(task: &str) -> TokenRequest {
+    TokenRequest::new("deploy-staging", task)
+        .with_purpose("distributed")
+        .with_param("project", "shop")
+}
+
+async fn active(client: &Client, token: &str) -> bool {
+    client
+        .introspect(token)
+        .await
+        .is_ok_and(|reply| reply.active)
+}
+
+#[tokio::test]
+async fn replicas_share_grants_revocations_and_signing_keys() {
+    let cluster = EtcdCluster::start(3);
+    let (deployments, valetds) = replicas(&cluster);
+    let agents = [
+        valetds[0].client(AGENT_KEY).await,
+        valetds[1].client(AGENT_KEY).await,
+        valetds[2].client(AGENT_KEY).await,
+    ];
+
+    // Issued on A: active on B and C.
+    let issued = agents[0].request_token(staging("task-d1")).await.unwrap();
+    assert!(active(&agents[1], issued.token_str()).await);
+    assert!(active(&agents[2], issued.token_str()).await);
+
+    // Revoked on B: refused on A and C from then on. The ordering is asserted; the time it took
+    // is reported, not asserted.
+    let revoked_at = Instant::now();
+    agents[1].revoke(&issued.grant.id, "done").await.unwrap();
+    assert!(!active(&agents[0], issued.token_str()).await);
+    assert!(!active(&agents[2], issued.token_str()).await);
+    println!(
+        "revocation on replica B refused on A and C within {:?} of the revoke call",
+        revoked_at.elapsed()
+    );
+
+    // A key rotated on A is used by all: every replica serves the same JWKS soon after.
+    let admin = valetds[0].client(ADMIN_KEY).await;
+    let rotated = admin
+        .admin()
+        .rotate_signing_key(valet_client::v1::RotateSigningKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let started = Instant::now();
+    for valetd in &valetds[1..] {
+        let client = valetd.client(AGENT_KEY).await;
+        loop {
+            let jwks = client
+                .broker()
+                .get_jwks(valet_client::v1::GetJwksRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if jwks.keys.iter().any(|key| key.kid == rotated.new_key_id) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "replica never picked up the rotated key"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // A token signed on C with the new key verifies on A.
+    let fresh = agents[2].request_token(staging("task-d2")).await.unwrap();
+    assert!(active(&agents[0], fresh.token_str()).await);
+
+    // Every replica keeps its own audit log, each record naming the replica, each log verifiable.
+    for (index, deployment) in deployments.iter().enumerate() {
+        let audit = std::fs::read_to_string(deployment.audit_path()).unwrap();
+        assert!(
+            audit.contains(&format!("\"replica\":\"replica-{index}\"")),
+            "replica {index}'s records name it"
+        );
+    }
+    let operator = valetds[2].client(OPERATOR_KEY).await;
+    let listed = operator
+        .admin()
+        .list_grants(valet_client::v1::ListGrantsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    assert_eq!(listed.len(), 2, "every replica lists every grant");
+}
+
+#[tokio::test]
+async fn losing_etcd_quorum_fails_closed_and_nothing_is_lost_when_it_returns() {
+    let mut cluster = EtcdCluster::start(3);
+    let (_deployments, valetds) = replicas(&cluster);
+    let agent = valetds[0].client(AGENT_KEY).await;
+    let before = agent.request_token(staging("task-q1")).await.unwrap();
+
+    // One member down: the cluster still has quorum, and valetd carries on.
+    cluster.kill(2);
+    let during = agent.request_token(staging("task-q2")).await.unwrap();
+    assert!(active(&agent, during.token_str()).await);
+
+    // Quorum lost: issuing and introspection fail closed with UNAVAILABLE, not a guess.
+    cluster.kill(1);
+    let refused = agent.request_token(staging("task-q3")).await.unwrap_err();
+    assert_eq!(refused.code(), Some(tonic::Code::Unavailable), "{refused}");
+    assert!(refused.to_string().contains("etcd"), "{refused}");
+    let introspected = agent.introspect(before.token_str()).await;
+    assert!(
+        introspected.is_err_and(|error| error.code() == Some(tonic::Code::Unavailable)),
+        "introspection never answers active without the store"
+    );
+
+    // Quorum back: everything issued before is still there, and issuing works again.
+    cluster.restart(1);
+    cluster.restart(2);
+    cluster.wait_healthy(Duration::from_secs(30));
+    let started = Instant::now();
+    loop {
+        if agent.request_token(staging("task-q4")).await.is_ok() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "valetd did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let other = valetds[1].client(AGENT_KEY).await;
+    assert!(active(&other, before.token_str()).await);
+    assert!(active(&other, during.token_str()).await);
+}
