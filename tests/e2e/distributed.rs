@@ -172,3 +172,132 @@ async fn losing_etcd_quorum_fails_closed_and_nothing_is_lost_when_it_returns() {
     assert!(active(&other, before.token_str()).await);
     assert!(active(&other, during.token_str()).await);
 }
+
+/// Issues tokens through `client` until `stop` is set or a request fails; returns what it got,
+/// each with the moment it arrived and the failures with theirs.
+async fn issue_until(
+    client: Client,
+    task: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    started: Instant,
+) -> (
+    Vec<(Duration, valet_client::IssuedToken)>,
+    Vec<(Duration, tonic::Code, String)>,
+) {
+    let mut issued = Vec::new();
+    let mut failed = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        match client.request_token(staging(&task)).await {
+            Ok(token) => issued.push((started.elapsed(), token)),
+            Err(error) => {
+                failed.push((
+                    started.elapsed(),
+                    error.code().unwrap_or(tonic::Code::Unknown),
+                    error.to_string(),
+                ));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    (issued, failed)
+}
+
+#[tokio::test]
+async fn killing_an_etcd_member_under_load_does_not_stop_the_service() {
+    let mut cluster = EtcdCluster::start(3);
+    let (_deployments, valetds) = replicas(&cluster);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for (index, valetd) in valetds.iter().enumerate() {
+        for worker in 0..2 {
+            let client = valetd.client(AGENT_KEY).await;
+            workers.push(tokio::spawn(issue_until(
+                client,
+                format!("load-{index}-{worker}"),
+                stop.clone(),
+                started,
+            )));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let killed_at = started.elapsed();
+    cluster.kill(0);
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut issued = Vec::new();
+    let mut failed = Vec::new();
+    for worker in workers {
+        let (more_issued, more_failed) = worker.await.unwrap();
+        issued.extend(more_issued);
+        failed.extend(more_failed);
+    }
+    let after_kill = issued.iter().filter(|(at, _)| *at > killed_at).count();
+    println!(
+        "etcd member killed at {killed_at:?}: {} tokens issued ({after_kill} after the kill), {} requests refused: {:?}",
+        issued.len(),
+        failed.len(),
+        failed
+            .iter()
+            .map(|(at, _, message)| (at, message))
+            .collect::<Vec<_>>()
+    );
+    assert!(after_kill > 0, "the service carried on after the kill");
+    for (_, code, message) in &failed {
+        assert_eq!(
+            *code,
+            tonic::Code::Unavailable,
+            "a refusal fails closed: {message}"
+        );
+    }
+    let last_second = started.elapsed().saturating_sub(Duration::from_secs(1));
+    assert!(
+        !failed.iter().any(|(at, _, _)| *at > last_second),
+        "requests succeed again once etcd has a new leader"
+    );
+    // Every token a client received is known and active on every replica.
+    let checker = valetds[2].client(AGENT_KEY).await;
+    for (_, token) in &issued {
+        assert!(active(&checker, token.token_str()).await);
+    }
+}
+
+#[tokio::test]
+async fn every_token_a_client_received_survives_a_replica_killed_mid_issue() {
+    let cluster = EtcdCluster::start(3);
+    let (_deployments, mut valetds) = replicas(&cluster);
+    let victim = valetds.remove(0);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..8 {
+        let client = victim.client(AGENT_KEY).await;
+        workers.push(tokio::spawn(issue_until(
+            client,
+            format!("victim-{worker}"),
+            stop.clone(),
+            started,
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    victim.signal("KILL");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut issued = Vec::new();
+    for worker in workers {
+        issued.extend(worker.await.unwrap().0);
+    }
+    assert!(!issued.is_empty());
+    println!(
+        "{} tokens received from the replica before kill -9",
+        issued.len()
+    );
+    let survivor = valetds[0].client(AGENT_KEY).await;
+    for (_, token) in &issued {
+        assert!(
+            active(&survivor, token.token_str()).await,
+            "grant {} was handed out, so it must be in the store",
+            token.grant.id
+        );
+    }
+}

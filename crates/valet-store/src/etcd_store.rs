@@ -40,6 +40,10 @@ const ENGINE: &str = "etcd";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a write waits for the watch to deliver it to this replica's subscribers.
 const WATCH_CATCH_UP: Duration = Duration::from_secs(2);
+/// One attempt against one member; a request retries on another within `REQUEST_TIMEOUT`.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Between attempts after a transient failure.
+const RETRY_PAUSE: Duration = Duration::from_millis(25);
 /// Leases are shared by records whose lifetimes end within the same minute.
 const LEASE_BUCKET_SECONDS: i64 = 60;
 const PAGE: i64 = 500;
@@ -114,13 +118,71 @@ async fn bounded<T, E: std::fmt::Display>(
     }
 }
 
+/// Whether another attempt may reach a live member: the connection failed, broke with the
+/// request in flight, or the attempt timed out on a member that stopped answering. Every write is
+/// a transaction that recognises its own earlier landing (the stored value is already the one it
+/// writes), so a retry never writes twice or reports a conflict with itself.
+fn is_transient(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => match status.code() {
+            tonic::Code::Unavailable => true,
+            tonic::Code::Unknown | tonic::Code::Cancelled => {
+                status.message().contains("transport error")
+                    || status.message().contains("Timeout expired")
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// The value a failed transaction's `or_else` read back, when the key exists.
+fn read_back(response: &etcd_client::TxnResponse) -> Option<Vec<u8>> {
+    response
+        .op_responses()
+        .iter()
+        .find_map(|operation| match operation {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        })
+}
+
+/// Runs `attempt` against the cluster, again on a transient failure (a dead member among the
+/// endpoints), until it succeeds or the fail-closed time limit passes.
+async fn retrying<T, F, Fut>(client: &Client, attempt: F) -> Result<T, StoreError>
+where
+    F: Fn(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, attempt(client.clone())).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) if is_transient(&error) => {
+                if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+                    return Err(unavailable(error));
+                }
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            Ok(Err(error)) => return Err(unavailable(error)),
+            Err(_) => {
+                return Err(unavailable(format!(
+                    "etcd did not answer within {} s",
+                    REQUEST_TIMEOUT.as_secs()
+                )));
+            }
+        }
+    }
+}
+
 impl EtcdStore {
     /// Connects to the cluster and starts following its changes.
     pub async fn connect(options: EtcdOptions) -> Result<EtcdStore, StoreError> {
         let mut connect = ConnectOptions::new()
-            .with_connect_timeout(REQUEST_TIMEOUT)
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_connect_timeout(ATTEMPT_TIMEOUT)
+            .with_timeout(ATTEMPT_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
             .with_keep_alive_while_idle(true);
         if let (Some(username), Some(password)) = (&options.username, &options.password) {
             connect = connect.with_user(
@@ -202,8 +264,11 @@ impl EtcdStore {
                 return Ok(*id);
             }
         }
-        let mut lease = self.client.lease_client();
-        let id = bounded(lease.grant(bucket, None)).await?.id();
+        let id = retrying(&self.client, |client| async move {
+            client.lease_client().grant(bucket, None).await
+        })
+        .await?
+        .id();
         self.leases
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -212,13 +277,19 @@ impl EtcdStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
-        let mut kv = self.client.kv_client();
-        bounded(kv.txn(txn)).await
+        let txn = &txn;
+        retrying(&self.client, |client| async move {
+            client.kv_client().txn(txn.clone()).await
+        })
+        .await
     }
 
     async fn get_value(&self, key: String) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut kv = self.client.kv_client();
-        let response = bounded(kv.get(key, None)).await?;
+        let key = &key;
+        let response = retrying(&self.client, |client| async move {
+            client.kv_client().get(key.clone(), None).await
+        })
+        .await?;
         Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
@@ -239,11 +310,16 @@ impl EtcdStore {
         let mut out = Vec::new();
         let mut from = start;
         loop {
-            let mut kv = self.client.kv_client();
-            let response = bounded(kv.get(
-                from.clone(),
-                Some(GetOptions::new().with_range(end.clone()).with_limit(PAGE)),
-            ))
+            let (from_key, end) = (&from, &end);
+            let response = retrying(&self.client, |client| async move {
+                client
+                    .kv_client()
+                    .get(
+                        from_key.clone(),
+                        Some(GetOptions::new().with_range(end.clone()).with_limit(PAGE)),
+                    )
+                    .await
+            })
             .await?;
             for pair in response.kvs() {
                 out.push((pair.key().to_vec(), pair.value().to_vec()));
@@ -264,12 +340,26 @@ impl EtcdStore {
         }
     }
 
+    async fn delete(&self, key: Vec<u8>) -> Result<(), StoreError> {
+        let key = &key;
+        retrying(&self.client, |client| async move {
+            client.kv_client().delete(key.clone(), None).await
+        })
+        .await?;
+        Ok(())
+    }
+
     async fn count(&self, kind: &str) -> Result<u64, StoreError> {
-        let mut kv = self.client.kv_client();
-        let response = bounded(kv.get(
-            format!("{}/{kind}/", self.prefix),
-            Some(GetOptions::new().with_prefix().with_count_only()),
-        ))
+        let key = &format!("{}/{kind}/", self.prefix);
+        let response = retrying(&self.client, |client| async move {
+            client
+                .kv_client()
+                .get(
+                    key.clone(),
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await
+        })
         .await?;
         Ok(u64::try_from(response.count()).unwrap_or(0))
     }
@@ -404,12 +494,13 @@ impl Store for EtcdStore {
     async fn create_grant(&self, grant: &Grant) -> Result<(), StoreError> {
         let lease = self.lease_for(grant).await?;
         let key = self.key("grants", &grant.id);
+        let record = encode(grant);
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
             .and_then([
                 TxnOp::put(
-                    key,
-                    encode(grant),
+                    key.clone(),
+                    record.clone(),
                     Some(PutOptions::new().with_lease(lease)),
                 ),
                 TxnOp::put(
@@ -417,9 +508,10 @@ impl Store for EtcdStore {
                     Vec::new(),
                     Some(PutOptions::new().with_lease(lease)),
                 ),
-            ]);
+            ])
+            .or_else([TxnOp::get(key, None)]);
         let response = self.txn(txn).await?;
-        if !response.succeeded() {
+        if !response.succeeded() && read_back(&response) != Some(record) {
             return Err(StoreError::AlreadyExists {
                 id: grant.id.clone(),
             });
@@ -442,8 +534,9 @@ impl Store for EtcdStore {
             new.status == GrantStatus::Revoked && expected.status != GrantStatus::Revoked;
         let lease = self.lease_for(new).await?;
         let with_lease = || Some(PutOptions::new().with_lease(lease));
+        let record = encode(new);
         let mut operations = vec![
-            TxnOp::put(key.clone(), encode(new), with_lease()),
+            TxnOp::put(key.clone(), record.clone(), with_lease()),
             TxnOp::put(
                 self.task_key(&new.task_id, &new.id),
                 Vec::new(),
@@ -471,17 +564,14 @@ impl Store for EtcdStore {
             .or_else([TxnOp::get(key, None)]);
         let response = self.txn(txn).await?;
         if !response.succeeded() {
-            let exists = response.op_responses().iter().any(
-                |operation| matches!(operation, TxnOpResponse::Get(get) if !get.kvs().is_empty()),
-            );
-            return Err(if exists {
-                StoreError::Conflict {
+            return Err(match read_back(&response) {
+                Some(current) if current == record => return Ok(()),
+                Some(_) => StoreError::Conflict {
                     id: expected.id.clone(),
-                }
-            } else {
-                StoreError::NotFound {
+                },
+                None => StoreError::NotFound {
                     id: expected.id.clone(),
-                }
+                },
             });
         }
         self.caught_up(revision_of(&response)).await;
@@ -599,8 +689,7 @@ impl Store for EtcdStore {
                     .await?
                     .is_none()
             {
-                let mut kv = self.client.kv_client();
-                bounded(kv.delete(key, None)).await?;
+                self.delete(key).await?;
                 report.n_revocations += 1;
             }
         }
@@ -620,8 +709,8 @@ impl Store for EtcdStore {
         }
         for record in self.keys().await? {
             if !record.verifies_at(now) {
-                let mut kv = self.client.kv_client();
-                bounded(kv.delete(self.key("keys", &record.kid), None)).await?;
+                self.delete(self.key("keys", &record.kid).into_bytes())
+                    .await?;
                 report.n_keys += 1;
             }
         }
@@ -646,17 +735,27 @@ impl Store for EtcdStore {
             None => Compare::version(current_key.clone(), CompareOp::Equal, 0),
             Some(kid) => Compare::value(current_key.clone(), CompareOp::Equal, kid),
         };
+        let new_current = records
+            .iter()
+            .find(|record| record.retired_at.is_none())
+            .map(|record| record.kid.clone());
         let mut operations: Vec<TxnOp> = records
             .iter()
             .map(|record| TxnOp::put(self.key("keys", &record.kid), encode(record), None))
             .collect();
-        if let Some(record) = records.iter().find(|record| record.retired_at.is_none()) {
-            operations.push(TxnOp::put(current_key, record.kid.clone(), None));
+        if let Some(kid) = &new_current {
+            operations.push(TxnOp::put(current_key.clone(), kid.clone(), None));
         }
-        let response = self
-            .txn(Txn::new().when([condition]).and_then(operations))
-            .await?;
-        if !response.succeeded() {
+        let txn = Txn::new()
+            .when([condition])
+            .and_then(operations)
+            .or_else([TxnOp::get(current_key, None)]);
+        let response = self.txn(txn).await?;
+        // A fresh key id in place already means this rotation landed on an earlier attempt.
+        if !response.succeeded()
+            && (new_current.is_none()
+                || read_back(&response) != new_current.map(String::into_bytes))
+        {
             return Err(StoreError::KeyRingConflict);
         }
         self.caught_up(revision_of(&response)).await;
@@ -673,8 +772,14 @@ impl Store for EtcdStore {
 
     async fn record_audit_head(&self, head: &ChainHead) -> Result<(), StoreError> {
         let key = format!("{}/replicas/{}/audit_head", self.prefix, self.replica);
-        let mut kv = self.client.kv_client();
-        bounded(kv.put(key, encode(head), None)).await?;
+        let (key, value) = (&key, &encode(head));
+        retrying(&self.client, |client| async move {
+            client
+                .kv_client()
+                .put(key.clone(), value.clone(), None)
+                .await
+        })
+        .await?;
         Ok(())
     }
 
@@ -688,11 +793,13 @@ impl Store for EtcdStore {
 
     async fn create_approval(&self, approval: &ApprovalRequest) -> Result<(), StoreError> {
         let key = self.key("approvals", &approval.id);
+        let record = encode(approval);
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, encode(approval), None)]);
+            .and_then([TxnOp::put(key.clone(), record.clone(), None)])
+            .or_else([TxnOp::get(key, None)]);
         let response = self.txn(txn).await?;
-        if !response.succeeded() {
+        if !response.succeeded() && read_back(&response) != Some(record) {
             return Err(StoreError::AlreadyExists {
                 id: approval.id.clone(),
             });
@@ -715,27 +822,25 @@ impl Store for EtcdStore {
         new: &ApprovalRequest,
     ) -> Result<(), StoreError> {
         let key = self.key("approvals", &expected.id);
+        let record = encode(new);
         let txn = Txn::new()
             .when([Compare::value(
                 key.clone(),
                 CompareOp::Equal,
                 encode(expected),
             )])
-            .and_then([TxnOp::put(key.clone(), encode(new), None)])
+            .and_then([TxnOp::put(key.clone(), record.clone(), None)])
             .or_else([TxnOp::get(key, None)]);
         let response = self.txn(txn).await?;
         if !response.succeeded() {
-            let exists = response.op_responses().iter().any(
-                |operation| matches!(operation, TxnOpResponse::Get(get) if !get.kvs().is_empty()),
-            );
-            return Err(if exists {
-                StoreError::Conflict {
+            return Err(match read_back(&response) {
+                Some(current) if current == record => return Ok(()),
+                Some(_) => StoreError::Conflict {
                     id: expected.id.clone(),
-                }
-            } else {
-                StoreError::ApprovalNotFound {
+                },
+                None => StoreError::ApprovalNotFound {
                     id: expected.id.clone(),
-                }
+                },
             });
         }
         self.caught_up(revision_of(&response)).await;
