@@ -137,17 +137,6 @@ fn is_transient(error: &etcd_client::Error) -> bool {
     }
 }
 
-/// The value a failed transaction's `or_else` read back, when the key exists.
-fn read_back(response: &etcd_client::TxnResponse) -> Option<Vec<u8>> {
-    response
-        .op_responses()
-        .iter()
-        .find_map(|operation| match operation {
-            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-            _ => None,
-        })
-}
-
 /// Runs `attempt` against the cluster, again on a transient failure (a dead member among the
 /// endpoints), until it succeeds or the fail-closed time limit passes.
 async fn retrying<T, F, Fut>(client: &Client, attempt: F) -> Result<T, StoreError>
@@ -155,11 +144,22 @@ where
     F: Fn(Client) -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
+    Ok(retrying_counted(client, attempt).await?.0)
+}
+
+/// [`retrying`], also saying whether more than one attempt was made.
+async fn retrying_counted<T, F, Fut>(client: &Client, attempt: F) -> Result<(T, bool), StoreError>
+where
+    F: Fn(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let mut retried = false;
     loop {
         match tokio::time::timeout_at(deadline, attempt(client.clone())).await {
-            Ok(Ok(value)) => return Ok(value),
+            Ok(Ok(value)) => return Ok((value, retried)),
             Ok(Err(error)) if is_transient(&error) => {
+                retried = true;
                 if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
                     return Err(unavailable(error));
                 }
@@ -276,12 +276,13 @@ impl EtcdStore {
         Ok(id)
     }
 
-    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
+    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
         let txn = &txn;
-        retrying(&self.client, |client| async move {
+        let (response, retried) = retrying_counted(&self.client, |client| async move {
             client.kv_client().txn(txn.clone()).await
         })
-        .await
+        .await?;
+        Ok(TxnOutcome { response, retried })
     }
 
     async fn get_value(&self, key: String) -> Result<Option<Vec<u8>>, StoreError> {
@@ -377,11 +378,40 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-fn revision_of(response: &etcd_client::TxnResponse) -> i64 {
-    response
-        .header()
-        .map(|header| header.revision())
-        .unwrap_or(0)
+/// A transaction's answer, and whether it took more than one attempt.
+struct TxnOutcome {
+    response: etcd_client::TxnResponse,
+    retried: bool,
+}
+
+impl TxnOutcome {
+    fn succeeded(&self) -> bool {
+        self.response.succeeded()
+    }
+
+    fn revision(&self) -> i64 {
+        self.response
+            .header()
+            .map(|header| header.revision())
+            .unwrap_or(0)
+    }
+
+    /// The value the failure branch read back, when the key exists.
+    fn current(&self) -> Option<Vec<u8>> {
+        self.response
+            .op_responses()
+            .iter()
+            .find_map(|operation| match operation {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            })
+    }
+
+    /// Whether a failed comparison is this very write, landed on an earlier attempt whose
+    /// answer was lost: retried, and the stored value is already the one it writes.
+    fn landed_earlier(&self, record: &[u8]) -> bool {
+        self.retried && self.current().as_deref() == Some(record)
+    }
 }
 
 /// Follows every change under the prefix, from any replica, into `changes`. After a gap
@@ -511,12 +541,12 @@ impl Store for EtcdStore {
             ])
             .or_else([TxnOp::get(key, None)]);
         let response = self.txn(txn).await?;
-        if !response.succeeded() && read_back(&response) != Some(record) {
+        if !response.succeeded() && !response.landed_earlier(&record) {
             return Err(StoreError::AlreadyExists {
                 id: grant.id.clone(),
             });
         }
-        self.caught_up(revision_of(&response)).await;
+        self.caught_up(response.revision()).await;
         Ok(())
     }
 
@@ -564,8 +594,10 @@ impl Store for EtcdStore {
             .or_else([TxnOp::get(key, None)]);
         let response = self.txn(txn).await?;
         if !response.succeeded() {
-            return Err(match read_back(&response) {
-                Some(current) if current == record => return Ok(()),
+            if response.landed_earlier(&record) {
+                return Ok(());
+            }
+            return Err(match response.current() {
                 Some(_) => StoreError::Conflict {
                     id: expected.id.clone(),
                 },
@@ -574,7 +606,7 @@ impl Store for EtcdStore {
                 },
             });
         }
-        self.caught_up(revision_of(&response)).await;
+        self.caught_up(response.revision()).await;
         Ok(())
     }
 
@@ -753,12 +785,13 @@ impl Store for EtcdStore {
         let response = self.txn(txn).await?;
         // A fresh key id in place already means this rotation landed on an earlier attempt.
         if !response.succeeded()
-            && (new_current.is_none()
-                || read_back(&response) != new_current.map(String::into_bytes))
+            && !new_current
+                .as_ref()
+                .is_some_and(|kid| response.landed_earlier(kid.as_bytes()))
         {
             return Err(StoreError::KeyRingConflict);
         }
-        self.caught_up(revision_of(&response)).await;
+        self.caught_up(response.revision()).await;
         Ok(())
     }
 
@@ -799,12 +832,12 @@ impl Store for EtcdStore {
             .and_then([TxnOp::put(key.clone(), record.clone(), None)])
             .or_else([TxnOp::get(key, None)]);
         let response = self.txn(txn).await?;
-        if !response.succeeded() && read_back(&response) != Some(record) {
+        if !response.succeeded() && !response.landed_earlier(&record) {
             return Err(StoreError::AlreadyExists {
                 id: approval.id.clone(),
             });
         }
-        self.caught_up(revision_of(&response)).await;
+        self.caught_up(response.revision()).await;
         Ok(())
     }
 
@@ -833,8 +866,10 @@ impl Store for EtcdStore {
             .or_else([TxnOp::get(key, None)]);
         let response = self.txn(txn).await?;
         if !response.succeeded() {
-            return Err(match read_back(&response) {
-                Some(current) if current == record => return Ok(()),
+            if response.landed_earlier(&record) {
+                return Ok(());
+            }
+            return Err(match response.current() {
                 Some(_) => StoreError::Conflict {
                     id: expected.id.clone(),
                 },
@@ -843,7 +878,7 @@ impl Store for EtcdStore {
                 },
             });
         }
-        self.caught_up(revision_of(&response)).await;
+        self.caught_up(response.revision()).await;
         Ok(())
     }
 
