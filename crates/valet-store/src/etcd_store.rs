@@ -619,17 +619,7 @@ impl Store for EtcdStore {
     ) -> Result<GrantPage, StoreError> {
         let limit = limit.max(1);
         let mut page = GrantPage::default();
-        let consider = |grant: Grant, page: &mut GrantPage| -> bool {
-            if !filter.matches(&grant, now) {
-                return true;
-            }
-            if page.grants.len() == limit {
-                page.next_after = page.grants.last().map(|last| last.id.clone());
-                return false;
-            }
-            page.grants.push(grant);
-            true
-        };
+        let consider = |grant: Grant, page: &mut GrantPage| page.offer(grant, filter, now, limit);
         if let Some(task_id) = &filter.task_id {
             let prefix = self.task_key(task_id, "");
             for (key, _) in self.scan(&prefix).await? {

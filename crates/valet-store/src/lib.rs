@@ -78,6 +78,28 @@ pub struct GrantPage {
     pub next_after: Option<String>,
 }
 
+impl GrantPage {
+    /// Adds `grant` when it matches `filter`; returns false once the page already holds `limit`
+    /// grants (and then says where the next page starts), so the caller stops reading.
+    pub fn offer(
+        &mut self,
+        grant: Grant,
+        filter: &GrantFilter,
+        now: UnixTime,
+        limit: usize,
+    ) -> bool {
+        if !filter.matches(&grant, now) {
+            return true;
+        }
+        if self.grants.len() == limit {
+            self.next_after = self.grants.last().map(|last| last.id.clone());
+            return false;
+        }
+        self.grants.push(grant);
+        true
+    }
+}
+
 /// A durable revocation: in force until the revoked token would have expired anyway.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Revocation {

@@ -208,17 +208,7 @@ impl Store for SledStore {
     ) -> Result<GrantPage, StoreError> {
         let limit = limit.max(1);
         let mut page = GrantPage::default();
-        let push = |grant: Grant, page: &mut GrantPage| -> bool {
-            if !filter.matches(&grant, now) {
-                return true;
-            }
-            if page.grants.len() == limit {
-                page.next_after = page.grants.last().map(|last| last.id.clone());
-                return false;
-            }
-            page.grants.push(grant);
-            true
-        };
+        let push = |grant: Grant, page: &mut GrantPage| page.offer(grant, filter, now, limit);
         if let Some(task_id) = &filter.task_id {
             let prefix = task_key(task_id, "");
             for entry in self.task_index.scan_prefix(&prefix) {
