@@ -171,6 +171,26 @@ async fn losing_etcd_quorum_fails_closed_and_nothing_is_lost_when_it_returns() {
     let other = valetds[1].client(AGENT_KEY).await;
     assert!(active(&other, before.token_str()).await);
     assert!(active(&other, during.token_str()).await);
+
+    // The replicas' watches resumed after the outage: a rotation on A reaches B.
+    let rotated = valetds[0]
+        .client(ADMIN_KEY)
+        .await
+        .admin()
+        .rotate_signing_key(valet_client::v1::RotateSigningKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let fresh = agent.request_token(staging("task-q5")).await.unwrap();
+    assert!(fresh.grant.key_id == rotated.new_key_id);
+    let started = Instant::now();
+    while !active(&other, fresh.token_str()).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "replica B never learnt the key rotated on A after the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Issues tokens through `client` until `stop` is set or a request fails; returns what it got,
@@ -300,4 +320,34 @@ async fn every_token_a_client_received_survives_a_replica_killed_mid_issue() {
             token.grant.id
         );
     }
+}
+
+#[tokio::test]
+async fn valetd_logs_in_to_etcd_and_a_wrong_password_stops_it_at_start() {
+    let cluster = EtcdCluster::start(1);
+    cluster.enable_auth("valet", "etcd-password-for-valet", "/valet/");
+    let config = |password_file: &str| {
+        standard_config(&format!(
+            "\n[store]\nengine = \"etcd\"\nendpoints = {}\nprefix = \"/valet/auth\"\nusername = \"valet\"\npassword_file = \"{password_file}\"\n",
+            cluster.endpoints_toml()
+        ))
+    };
+    let deployment = Deployment::new(&config("etcd.password"));
+    std::fs::write(deployment.path("etcd.password"), "etcd-password-for-valet\n").unwrap();
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    let issued = agent.request_token(staging("task-auth")).await.unwrap();
+    assert!(active(&agent, issued.token_str()).await);
+    assert!(!valetd.output().contains("etcd-password-for-valet"));
+
+    let wrong = Deployment::new(&config("etcd.password"));
+    std::fs::write(wrong.path("etcd.password"), "not-the-password\n").unwrap();
+    let (code, output) = wrong.start_expecting_failure(&[]);
+    assert_eq!(code, 1, "{output}");
+    assert!(output.contains("etcd"), "{output}");
+    assert!(
+        output.contains("authentication failed") || output.contains("invalid user ID or password"),
+        "says why: {output}"
+    );
+    assert!(!output.contains("not-the-password"));
 }

@@ -122,6 +122,30 @@ impl EtcdCluster {
         format!("[{}]", quoted.join(", "))
     }
 
+    /// Turns on etcd authentication: a root user, and `user` with read-write on `prefix` only.
+    pub fn enable_auth(&self, user: &str, password: &str, prefix: &str) {
+        let endpoints = self.endpoints().join(",");
+        let run = |arguments: &[&str]| {
+            let output = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["--endpoints", &endpoints])
+                .args(arguments)
+                .output()
+                .expect("run etcdctl");
+            assert!(
+                output.status.success(),
+                "etcdctl {arguments:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        run(&["user", "add", "root:root-password-for-tests"]);
+        run(&["user", "add", &format!("{user}:{password}")]);
+        run(&["role", "add", user]);
+        run(&["role", "grant-permission", user, "--prefix=true", "readwrite", prefix]);
+        run(&["user", "grant-role", user, user]);
+        run(&["auth", "enable"]);
+    }
+
     /// `kill -9` one member.
     pub fn kill(&mut self, index: usize) {
         if let Some(mut child) = self.members[index].child.take() {
