@@ -18,6 +18,8 @@ async fn the_store_conformance_suite_passes_on_a_real_etcd() {
         password: None,
         replica: "r1".into(),
         retention: Duration::from_secs(3600),
+        ca_file: None,
+        client_certificate: None,
     })
     .await
     .unwrap();
@@ -333,7 +335,11 @@ async fn valetd_logs_in_to_etcd_and_a_wrong_password_stops_it_at_start() {
         ))
     };
     let deployment = Deployment::new(&config("etcd.password"));
-    std::fs::write(deployment.path("etcd.password"), "etcd-password-for-valet\n").unwrap();
+    std::fs::write(
+        deployment.path("etcd.password"),
+        "etcd-password-for-valet\n",
+    )
+    .unwrap();
     let valetd = deployment.start(&[]);
     let agent = valetd.client(AGENT_KEY).await;
     let issued = agent.request_token(staging("task-auth")).await.unwrap();
@@ -350,4 +356,37 @@ async fn valetd_logs_in_to_etcd_and_a_wrong_password_stops_it_at_start() {
         "says why: {output}"
     );
     assert!(!output.contains("not-the-password"));
+}
+
+#[tokio::test]
+async fn valetd_speaks_tls_to_etcd_with_a_client_certificate() {
+    let cluster = EtcdCluster::start_tls(1);
+    let tls = cluster.tls.as_ref().unwrap();
+    let config = |with_client_certificate: bool| {
+        let client = if with_client_certificate {
+            format!(
+                "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+                tls.client_cert.display(),
+                tls.client_key.display()
+            )
+        } else {
+            String::new()
+        };
+        standard_config(&format!(
+            "\n[store]\nengine = \"etcd\"\nendpoints = {}\nprefix = \"/valet/tls\"\nca_file = \"{}\"\n{client}",
+            cluster.endpoints_toml(),
+            tls.ca.display()
+        ))
+    };
+    let deployment = Deployment::new(&config(true));
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    let issued = agent.request_token(staging("task-tls")).await.unwrap();
+    assert!(active(&agent, issued.token_str()).await);
+
+    // Without the client certificate the cluster refuses valetd, and valetd says so at start.
+    let refused = Deployment::new(&config(false));
+    let (code, output) = refused.start_expecting_failure(&[]);
+    assert_eq!(code, 1, "{output}");
+    assert!(output.contains("etcd"), "{output}");
 }

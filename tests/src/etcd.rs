@@ -24,6 +24,105 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Certificates for a cluster that speaks TLS to its clients and asks them for a certificate.
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made with
+    /// the openssl command line into `directory`.
+    fn generate(directory: &std::path::Path) -> TlsFiles {
+        let run = |arguments: &[&str]| {
+            let output = Command::new("openssl")
+                .current_dir(directory)
+                .args(arguments)
+                .output()
+                .expect("run openssl");
+            assert!(
+                output.status.success(),
+                "openssl {arguments:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        let key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        run(&[
+            &["req", "-x509"][..],
+            &key[..],
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=valet-test-ca",
+            ][..],
+        ]
+        .concat());
+        std::fs::write(
+            directory.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .expect("write extensions");
+        std::fs::write(
+            directory.join("client.ext"),
+            "extendedKeyUsage=clientAuth\n",
+        )
+        .expect("write extensions");
+        for name in ["server", "client"] {
+            run(&[
+                &["req"][..],
+                &key[..],
+                &[
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN=valet-test-{name}"),
+                ][..],
+            ]
+            .concat());
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+            ]);
+        }
+        TlsFiles {
+            ca: directory.join("ca.pem"),
+            server_cert: directory.join("server.pem"),
+            server_key: directory.join("server.key"),
+            client_cert: directory.join("client.pem"),
+            client_key: directory.join("client.key"),
+        }
+    }
+}
+
 struct Member {
     name: String,
     client_port: u16,
@@ -36,11 +135,22 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     directory: tempfile::TempDir,
     initial_cluster: String,
+    /// Set when clients must speak TLS and present a certificate.
+    pub tls: Option<TlsFiles>,
 }
 
 impl EtcdCluster {
     /// Starts `size` members and waits until the cluster answers.
     pub fn start(size: usize) -> EtcdCluster {
+        EtcdCluster::start_with(size, false)
+    }
+
+    /// Starts `size` members that speak TLS to clients and require a client certificate.
+    pub fn start_tls(size: usize) -> EtcdCluster {
+        EtcdCluster::start_with(size, true)
+    }
+
+    fn start_with(size: usize, tls: bool) -> EtcdCluster {
         let members: Vec<Member> = (0..size)
             .map(|index| Member {
                 name: format!("m{index}"),
@@ -54,10 +164,13 @@ impl EtcdCluster {
             .map(|member| format!("{}=http://127.0.0.1:{}", member.name, member.peer_port))
             .collect::<Vec<_>>()
             .join(",");
+        let directory = tempfile::tempdir().expect("a temp dir");
+        let tls = tls.then(|| TlsFiles::generate(directory.path()));
         let mut cluster = EtcdCluster {
             members,
-            directory: tempfile::tempdir().expect("a temp dir"),
+            directory,
             initial_cluster,
+            tls,
         };
         for index in 0..size {
             cluster.launch(index);
@@ -68,15 +181,27 @@ impl EtcdCluster {
 
     fn launch(&mut self, index: usize) {
         let member = &self.members[index];
-        let child = Command::new(etcd_binary())
+        let scheme = self.scheme();
+        let mut command = Command::new(etcd_binary());
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", &member.name])
             .arg("--data-dir")
             .arg(self.directory.path().join(&member.name))
             .args([
                 "--listen-client-urls",
-                &format!("http://127.0.0.1:{}", member.client_port),
+                &format!("{scheme}://127.0.0.1:{}", member.client_port),
                 "--advertise-client-urls",
-                &format!("http://127.0.0.1:{}", member.client_port),
+                &format!("{scheme}://127.0.0.1:{}", member.client_port),
                 "--listen-peer-urls",
                 &format!("http://127.0.0.1:{}", member.peer_port),
                 "--initial-advertise-peer-urls",
@@ -104,12 +229,34 @@ impl EtcdCluster {
         self.members[index].child = Some(child);
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     /// The client URLs of every member, running or not.
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|member| format!("http://127.0.0.1:{}", member.client_port))
+            .map(|member| format!("{}://127.0.0.1:{}", self.scheme(), member.client_port))
             .collect()
+    }
+
+    /// etcdctl's arguments for this cluster's endpoints (and certificates).
+    fn etcdctl(&self, endpoints: &[String]) -> Command {
+        let mut command = Command::new("etcdctl");
+        command
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &endpoints.join(",")]);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cacert")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.client_cert)
+                .arg("--key")
+                .arg(&tls.client_key);
+        }
+        command
     }
 
     /// The endpoints as a TOML array.
@@ -124,11 +271,10 @@ impl EtcdCluster {
 
     /// Turns on etcd authentication: a root user, and `user` with read-write on `prefix` only.
     pub fn enable_auth(&self, user: &str, password: &str, prefix: &str) {
-        let endpoints = self.endpoints().join(",");
+        let endpoints = self.endpoints();
         let run = |arguments: &[&str]| {
-            let output = Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .args(["--endpoints", &endpoints])
+            let output = self
+                .etcdctl(&endpoints)
                 .args(arguments)
                 .output()
                 .expect("run etcdctl");
@@ -141,7 +287,14 @@ impl EtcdCluster {
         run(&["user", "add", "root:root-password-for-tests"]);
         run(&["user", "add", &format!("{user}:{password}")]);
         run(&["role", "add", user]);
-        run(&["role", "grant-permission", user, "--prefix=true", "readwrite", prefix]);
+        run(&[
+            "role",
+            "grant-permission",
+            user,
+            "--prefix=true",
+            "readwrite",
+            prefix,
+        ]);
         run(&["user", "grant-role", user, user]);
         run(&["auth", "enable"]);
     }
@@ -170,10 +323,9 @@ impl EtcdCluster {
             .map(|(_, endpoint)| endpoint)
             .collect();
         loop {
-            let healthy = Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .args(["--endpoints", &running.join(","), "--command-timeout=1s"])
-                .args(["put", "/health-check", "ok"])
+            let healthy = self
+                .etcdctl(&running)
+                .args(["--command-timeout=1s", "put", "/health-check", "ok"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()

@@ -90,6 +90,8 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
                 password,
                 replica: replica_name(config),
                 retention: config.server.grant_retention,
+                ca_file: etcd.ca_file.clone(),
+                client_certificate: etcd.client_certificate.clone(),
             })
             .await?;
             tracing::info!(

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::{broadcast, watch};
 use valet_core::approval::{ApprovalRequest, ApprovalStatus};
@@ -60,6 +60,10 @@ pub struct EtcdOptions {
     pub replica: String,
     /// How long ended grants stay listable; grant leases last at least this long past the end.
     pub retention: Duration,
+    /// For `https://` endpoints: the CA's PEM file, and a client certificate and key if the
+    /// cluster asks for one.
+    pub ca_file: Option<std::path::PathBuf>,
+    pub client_certificate: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// The etcd engine.
@@ -184,6 +188,18 @@ impl EtcdStore {
             .with_timeout(ATTEMPT_TIMEOUT)
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
             .with_keep_alive_while_idle(true);
+        if let Some(ca_file) = &options.ca_file {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path).map_err(|error| {
+                    unavailable(format!("cannot read {}: {error}", path.display()))
+                })
+            };
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca_file)?));
+            if let Some((cert, key)) = &options.client_certificate {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            connect = connect.with_tls(tls);
+        }
         if let (Some(username), Some(password)) = (&options.username, &options.password) {
             connect = connect.with_user(
                 username.clone(),

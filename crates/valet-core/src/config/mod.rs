@@ -448,11 +448,15 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
 
     let store = store::build(raw.store, problems).map(|store| match store {
         StoreConfig::Etcd(mut etcd) => {
+            let resolve_path = |path: &PathBuf| resolve(path.to_string_lossy().into_owned());
             if let Some(KeySource::File(path)) = &etcd.password {
-                etcd.password = Some(KeySource::File(resolve(
-                    path.to_string_lossy().into_owned(),
-                )));
+                etcd.password = Some(KeySource::File(resolve_path(path)));
             }
+            etcd.ca_file = etcd.ca_file.as_ref().map(resolve_path);
+            etcd.client_certificate = etcd
+                .client_certificate
+                .as_ref()
+                .map(|(cert, key)| (resolve_path(cert), resolve_path(key)));
             StoreConfig::Etcd(etcd)
         }
         sled => sled,

@@ -33,6 +33,9 @@ pub struct RawStore {
     pub password_env: Option<String>,
     pub password_file: Option<String>,
     pub replica: Option<String>,
+    pub ca_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

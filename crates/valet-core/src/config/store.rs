@@ -1,5 +1,7 @@
 //! The `[store]` section: the embedded engine (sled, the default) or etcd for several replicas.
 
+use std::path::PathBuf;
+
 use super::raw::RawStore;
 use super::{KeySource, ProblemKind, Problems, invalid, refuse_keys};
 
@@ -24,6 +26,10 @@ pub struct EtcdConfig {
     /// This replica's name in records that are per replica (its audit chain head); defaults to
     /// the host name.
     pub replica: Option<String>,
+    /// For `https://` endpoints: the CA that signed the members' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and its key, for clusters that require one.
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
 }
 
 pub(super) fn build(raw: Option<RawStore>, problems: &mut Problems) -> Option<StoreConfig> {
@@ -40,6 +46,9 @@ pub(super) fn build(raw: Option<RawStore>, problems: &mut Problems) -> Option<St
                     ("password_env", raw.password_env.is_some()),
                     ("password_file", raw.password_file.is_some()),
                     ("replica", raw.replica.is_some()),
+                    ("ca_file", raw.ca_file.is_some()),
+                    ("cert_file", raw.cert_file.is_some()),
+                    ("key_file", raw.key_file.is_some()),
                 ],
                 (
                     "store",
@@ -65,19 +74,58 @@ pub(super) fn build(raw: Option<RawStore>, problems: &mut Problems) -> Option<St
                 }
                 Some(endpoints) => endpoints,
             };
+            let tls = endpoints
+                .first()
+                .is_some_and(|first| first.starts_with("https://"));
+            let scheme = if tls { "https://" } else { "http://" };
             for (index, endpoint) in endpoints.iter().enumerate() {
-                let host = endpoint.strip_prefix("http://").unwrap_or_default();
+                let host = endpoint.strip_prefix(scheme).unwrap_or_default();
                 if host.is_empty() || host.contains('/') || !host.contains(':') {
                     problems.push(
                         format!("store.endpoints[{index}]"),
                         invalid(
                             endpoint,
                             "etcd endpoint",
-                            "http://HOST:PORT (TLS to etcd is not supported yet; reach etcd over a private network or a local TLS proxy)",
+                            &format!("{scheme}HOST:PORT, the same scheme for every member"),
                         ),
                     );
                 }
             }
+            if tls && raw.ca_file.is_none() {
+                problems.push(
+                    "store.ca_file",
+                    invalid(
+                        "",
+                        "CA file",
+                        "the PEM file of the CA that signed the etcd members' certificates (https endpoints need one)",
+                    ),
+                );
+            }
+            if !tls && (raw.ca_file.is_some() || raw.cert_file.is_some()) {
+                problems.push(
+                    "store.endpoints",
+                    invalid(
+                        "http://",
+                        "scheme with TLS settings",
+                        "https:// endpoints when ca_file or cert_file is set",
+                    ),
+                );
+            }
+            let client_certificate = match (raw.cert_file, raw.key_file) {
+                (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+                (None, None) => None,
+                _ => {
+                    problems.push(
+                        "store",
+                        invalid(
+                            "cert_file/key_file",
+                            "client certificate",
+                            "cert_file and key_file together, or neither",
+                        ),
+                    );
+                    None
+                }
+            };
             let prefix = raw.prefix.unwrap_or_else(|| "/valet".to_string());
             if !prefix.starts_with('/')
                 || prefix.len() > 128
@@ -131,6 +179,8 @@ pub(super) fn build(raw: Option<RawStore>, problems: &mut Problems) -> Option<St
                 username: raw.username,
                 password,
                 replica: raw.replica,
+                ca_file: raw.ca_file.map(PathBuf::from),
+                client_certificate,
             }))
         }
         other => {

@@ -273,3 +273,71 @@ path = "/"
         );
     }
 }
+
+#[test]
+fn store_mistakes_are_reported_with_their_key_paths() {
+    let base = r#"
+[server]
+data_dir = "data"
+issuer = "https://valet.test"
+max_ttl = "1h"
+[audit]
+path = "audit.jsonl"
+"#;
+    let problems = |store: &str| -> Vec<String> {
+        match Config::parse(&format!("{base}{store}"), Path::new("/etc/valet")) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
+        }
+    };
+    let found = problems(
+        r#"
+[store]
+engine = "etcd"
+endpoints = ["https://10.0.0.1:2379", "http://10.0.0.2:2379"]
+prefix = "valet"
+username = "valet"
+cert_file = "client.pem"
+replica = "bad name!"
+"#,
+    );
+    for wanted in [
+        "store.endpoints[1]: \"http://10.0.0.2:2379\" is not a valid etcd endpoint; expected https://HOST:PORT",
+        "store.ca_file: ",
+        "store.prefix: \"valet\" is not a valid key prefix",
+        "store.username: \"valet\" is not a valid etcd login",
+        "store: \"cert_file/key_file\" is not a valid client certificate",
+        "store.replica: \"bad name!\" is not a valid replica name",
+    ] {
+        assert!(
+            found.iter().any(|problem| problem.starts_with(wanted)),
+            "missing {wanted:?} in:\n{}",
+            found.join("\n")
+        );
+    }
+    assert!(
+        problems("[store]\nengine = \"sled\"\nendpoints = [\"http://a:1\"]\n")
+            .iter()
+            .any(|problem| problem.starts_with("store.endpoints: ")),
+    );
+    assert!(
+        problems("[store]\nengine = \"zookeeper\"\n")
+            .iter()
+            .any(|problem| problem.starts_with("store.engine: \"zookeeper\"")),
+    );
+    let config = Config::parse(
+        &format!(
+            "{base}[store]\nengine = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"c.key\"\n"
+        ),
+        Path::new("/etc/valet"),
+    )
+    .unwrap();
+    let StoreConfig::Etcd(etcd) = config.store else {
+        panic!("etcd engine expected");
+    };
+    assert_eq!(etcd.prefix, "/valet");
+    assert_eq!(
+        etcd.ca_file.as_deref(),
+        Some(Path::new("/etc/valet/ca.pem"))
+    );
+}
