@@ -113,12 +113,26 @@ async fn replicas_share_grants_revocations_and_signing_keys() {
     let fresh = agents[2].request_token(staging("task-d2")).await.unwrap();
     assert!(active(&agents[0], fresh.token_str()).await);
 
-    // Every replica keeps its own audit log, each record naming the replica, each log verifiable.
+    // Every replica keeps its own audit log, each record naming the replica, each log verifiable
+    // against the chain head that replica keeps in etcd.
     for (index, deployment) in deployments.iter().enumerate() {
         let audit = std::fs::read_to_string(deployment.audit_path()).unwrap();
         assert!(
             audit.contains(&format!("\"replica\":\"replica-{index}\"")),
             "replica {index}'s records name it"
+        );
+        let verified = std::process::Command::new(valet_tests::binary("valet"))
+            .args(["audit", "verify", "--fetch-head"])
+            .arg(deployment.audit_path())
+            .env("VALET_SERVER", &valetds[index].address)
+            .env("VALET_KEY", OPERATOR_KEY)
+            .output()
+            .unwrap();
+        assert!(
+            verified.status.success(),
+            "replica {index}: {}{}",
+            String::from_utf8_lossy(&verified.stdout),
+            String::from_utf8_lossy(&verified.stderr)
         );
     }
     let operator = valetds[2].client(OPERATOR_KEY).await;
@@ -154,6 +168,45 @@ async fn losing_etcd_quorum_fails_closed_and_nothing_is_lost_when_it_returns() {
         introspected.is_err_and(|error| error.code() == Some(tonic::Code::Unavailable)),
         "introspection never answers active without the store"
     );
+    // Readiness follows the store: the broker reports NOT_SERVING, the process stays alive.
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let broker_health = || async {
+        let channel = tonic::transport::Endpoint::from_shared(valetds[0].address.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let status = |service: &'static str| {
+            let mut health = health.clone();
+            async move {
+                health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status()
+            }
+        };
+        let overall = status("").await;
+        let broker = status("valet.v1.Broker").await;
+        (overall, broker)
+    };
+    let started = Instant::now();
+    loop {
+        let (overall, broker) = broker_health().await;
+        assert_eq!(overall, ServingStatus::Serving, "liveness stays up");
+        if broker == ServingStatus::NotServing {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the broker never reported NOT_SERVING without etcd"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Quorum back: everything issued before is still there, and issuing works again.
     cluster.restart(1);
@@ -167,6 +220,14 @@ async fn losing_etcd_quorum_fails_closed_and_nothing_is_lost_when_it_returns() {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "valetd did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started = Instant::now();
+    while broker_health().await.1 != ServingStatus::Serving {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the broker never reported SERVING again"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
