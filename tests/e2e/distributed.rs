@@ -451,3 +451,96 @@ async fn valetd_speaks_tls_to_etcd_with_a_client_certificate() {
     assert_eq!(code, 1, "{output}");
     assert!(output.contains("etcd"), "{output}");
 }
+
+#[tokio::test]
+async fn the_gateway_forwards_nothing_while_etcd_is_unreachable() {
+    let upstream = valet_tests::upstream::Upstream::start().await;
+    let mut cluster = EtcdCluster::start(1);
+    let config = format!(
+        "{}\n[store]\nengine = \"etcd\"\nendpoints = {}\nprefix = \"/valet/gateway\"\n",
+        crate::gateway::gateway_config(&upstream),
+        cluster.endpoints_toml()
+    );
+    let deployment = Deployment::new(&config);
+    let valetd = deployment.start(&[]);
+    let gateway = valetd.gateway.clone().expect("the gateway listens");
+    let agent = valetd.client(AGENT_KEY).await;
+    let issued = agent
+        .request_token(TokenRequest::new("rest-projects", "gw-etcd").with_param("project", "shop"))
+        .await
+        .unwrap();
+    let path = "/u/rest/v1/projects/shop/services";
+    let call = || valet_tests::upstream::call(&gateway, "GET", path, issued.token_str(), "", &[]);
+    assert_eq!(call().await.status, 200);
+    assert_eq!(upstream.seen().len(), 1);
+
+    cluster.kill(0);
+    let refused = call().await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(refused.body.contains("etcd"), "{}", refused.body);
+    assert_eq!(
+        upstream.seen().len(),
+        1,
+        "nothing was forwarded without the store"
+    );
+}
+
+#[tokio::test]
+async fn grant_records_carry_a_lease_that_outlives_their_retention() {
+    let cluster = EtcdCluster::start(1);
+    let store = EtcdStore::connect(EtcdOptions {
+        endpoints: cluster.endpoints(),
+        prefix: "/leases".into(),
+        username: None,
+        password: None,
+        replica: "r1".into(),
+        retention: Duration::from_secs(600),
+        ca_file: None,
+        client_certificate: None,
+    })
+    .await
+    .unwrap();
+    let now = valet_core::Clock::now(&valet_core::SystemClock);
+    let grant = valet_store::conformance::grant("lease-1", "task-lease", now);
+    valet_store::Store::create_grant(&store, &grant)
+        .await
+        .unwrap();
+
+    let etcdctl = |arguments: &[&str]| {
+        let output = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &cluster.endpoints().join(","),
+                "--write-out",
+                "json",
+            ])
+            .args(arguments)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let record = etcdctl(&["get", "/leases/grants/lease-1"]);
+    let lease = record["kvs"][0]["lease"].as_i64().unwrap_or(0);
+    assert_ne!(lease, 0, "the grant record is attached to a lease");
+    let index = etcdctl(&["get", "--prefix", "/leases/tasks/task-lease"]);
+    assert_eq!(
+        index["kvs"][0]["lease"].as_i64(),
+        Some(lease),
+        "the task index shares it"
+    );
+    let ttl = etcdctl(&["lease", "timetolive", &format!("{lease:x}")])["ttl"]
+        .as_i64()
+        .unwrap();
+    // The grant lives 300 s, then is kept for 600 s of retention: the lease must outlast both.
+    assert!(ttl >= 900, "lease ttl {ttl} s");
+    assert!(
+        ttl <= 900 + 180,
+        "lease ttl {ttl} s is not far past what is needed"
+    );
+}

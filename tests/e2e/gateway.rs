@@ -16,7 +16,7 @@ use valet_tests::{
 
 /// The standard config plus a gateway with three upstreams on the test server (GraphQL, REST
 /// with a header credential, REST with a query credential) and two that fail.
-fn gateway_config(upstream: &Upstream) -> String {
+pub(crate) fn gateway_config(upstream: &Upstream) -> String {
     let url = upstream.url();
     standard_config(&format!(
         r#"
