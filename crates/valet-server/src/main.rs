@@ -6,6 +6,12 @@ use std::path::PathBuf;
 use clap::Parser;
 use valet_server::{LogFormat, Options, init_logging, run};
 
+/// valetd allocates many small, short-lived buffers per request (protobuf, JSON records, HTTP/2
+/// frames); a profile of `issue` at 64 in flight spent about 8 % of valetd's CPU in glibc's
+/// malloc and free. mimalloc's thread-local free lists cost a fraction of that.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The Valet credential broker: holds root credentials, issues scoped, short-lived tokens.
 #[derive(Debug, Parser)]
 #[command(name = "valetd", version)]
