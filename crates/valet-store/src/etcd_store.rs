@@ -31,6 +31,7 @@ use valet_core::grant::{Grant, GrantStatus};
 use valet_core::keyring::StoredKey;
 use valet_core::{Secret, UnixTime};
 
+use crate::records::{decode, encode};
 use crate::{
     GrantFilter, GrantPage, Revocation, Store, StoreChange, StoreCounts, StoreError, SweepReport,
 };
@@ -90,22 +91,6 @@ fn unavailable(error: impl std::fmt::Display) -> StoreError {
         engine: ENGINE,
         detail: error.to_string(),
     }
-}
-
-fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).unwrap_or_default()
-}
-
-fn decode<T: serde::de::DeserializeOwned>(
-    what: &'static str,
-    key: &[u8],
-    bytes: &[u8],
-) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt {
-        what,
-        key: String::from_utf8_lossy(key).into_owned(),
-        detail: error.to_string(),
-    })
 }
 
 /// Runs one etcd request with the fail-closed time limit.
@@ -299,6 +284,36 @@ impl EtcdStore {
         })
         .await?;
         Ok(TxnOutcome { response, retried })
+    }
+
+    /// Compare-and-swap: runs `operations` (which write `record` at `key`) only if `key` still
+    /// holds `expected`. A conflict when the key holds something else, `missing()` when it is gone;
+    /// success when this very write landed on an earlier attempt.
+    async fn swap(
+        &self,
+        key: String,
+        expected: Vec<u8>,
+        record: &[u8],
+        operations: Vec<TxnOp>,
+        missing: impl FnOnce() -> StoreError,
+    ) -> Result<(), StoreError> {
+        let id = key.rsplit('/').next().unwrap_or_default().to_string();
+        let txn = Txn::new()
+            .when([Compare::value(key.clone(), CompareOp::Equal, expected)])
+            .and_then(operations)
+            .or_else([TxnOp::get(key, None)]);
+        let response = self.txn(txn).await?;
+        if !response.succeeded() {
+            if response.landed_earlier(record) {
+                return Ok(());
+            }
+            return Err(match response.current() {
+                Some(_) => StoreError::Conflict { id },
+                None => missing(),
+            });
+        }
+        self.caught_up(response.revision()).await;
+        Ok(())
     }
 
     async fn get_value(&self, key: String) -> Result<Option<Vec<u8>>, StoreError> {
@@ -600,30 +615,12 @@ impl Store for EtcdStore {
                 with_lease(),
             ));
         }
-        let txn = Txn::new()
-            .when([Compare::value(
-                key.clone(),
-                CompareOp::Equal,
-                encode(expected),
-            )])
-            .and_then(operations)
-            .or_else([TxnOp::get(key, None)]);
-        let response = self.txn(txn).await?;
-        if !response.succeeded() {
-            if response.landed_earlier(&record) {
-                return Ok(());
+        self.swap(key, encode(expected), &record, operations, || {
+            StoreError::NotFound {
+                id: expected.id.clone(),
             }
-            return Err(match response.current() {
-                Some(_) => StoreError::Conflict {
-                    id: expected.id.clone(),
-                },
-                None => StoreError::NotFound {
-                    id: expected.id.clone(),
-                },
-            });
-        }
-        self.caught_up(response.revision()).await;
-        Ok(())
+        })
+        .await
     }
 
     async fn list_grants(
@@ -733,12 +730,7 @@ impl Store for EtcdStore {
         }
         for (key, bytes) in self.scan(&format!("{}/approvals/", self.prefix)).await? {
             let approval: ApprovalRequest = decode("approval", &key, &bytes)?;
-            let ended = !matches!(
-                approval.status,
-                ApprovalStatus::Pending | ApprovalStatus::Approved
-            );
-            let ended_at = approval.expires_at.max(approval.updated_at);
-            if ended && now >= valet_core::clock::add_duration(ended_at, retention) {
+            if crate::approval_sweepable(&approval, now, retention) {
                 let txn = Txn::new()
                     .when([Compare::value(key.clone(), CompareOp::Equal, bytes)])
                     .and_then([TxnOp::delete(key, None)]);
@@ -862,30 +854,13 @@ impl Store for EtcdStore {
     ) -> Result<(), StoreError> {
         let key = self.key("approvals", &expected.id);
         let record = encode(new);
-        let txn = Txn::new()
-            .when([Compare::value(
-                key.clone(),
-                CompareOp::Equal,
-                encode(expected),
-            )])
-            .and_then([TxnOp::put(key.clone(), record.clone(), None)])
-            .or_else([TxnOp::get(key, None)]);
-        let response = self.txn(txn).await?;
-        if !response.succeeded() {
-            if response.landed_earlier(&record) {
-                return Ok(());
+        let operations = vec![TxnOp::put(key.clone(), record.clone(), None)];
+        self.swap(key, encode(expected), &record, operations, || {
+            StoreError::ApprovalNotFound {
+                id: expected.id.clone(),
             }
-            return Err(match response.current() {
-                Some(_) => StoreError::Conflict {
-                    id: expected.id.clone(),
-                },
-                None => StoreError::ApprovalNotFound {
-                    id: expected.id.clone(),
-                },
-            });
-        }
-        self.caught_up(response.revision()).await;
-        Ok(())
+        })
+        .await
     }
 
     async fn list_approvals(&self, pending_only: bool) -> Result<Vec<ApprovalRequest>, StoreError> {
@@ -896,8 +871,7 @@ impl Store for EtcdStore {
                 approvals.push(approval);
             }
         }
-        approvals
-            .sort_by(|left, right| (left.created_at, &left.id).cmp(&(right.created_at, &right.id)));
+        crate::sort_approvals(&mut approvals);
         Ok(approvals)
     }
 

@@ -15,6 +15,7 @@ use valet_core::grant::{Grant, GrantStatus};
 use valet_core::keyring::StoredKey;
 
 use crate::committer::Committer;
+use crate::records::{decode, encode};
 use crate::{
     GrantFilter, GrantPage, Revocation, Store, StoreChange, StoreCounts, StoreError, SweepReport,
 };
@@ -91,23 +92,6 @@ fn unavailable(error: impl std::fmt::Display) -> StoreError {
         engine: ENGINE,
         detail: error.to_string(),
     }
-}
-
-fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    // These records are plain structs of strings and numbers; serializing them cannot fail.
-    serde_json::to_vec(value).unwrap_or_default()
-}
-
-fn decode<T: serde::de::DeserializeOwned>(
-    what: &'static str,
-    key: &[u8],
-    bytes: &[u8],
-) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt {
-        what,
-        key: String::from_utf8_lossy(key).into_owned(),
-        detail: error.to_string(),
-    })
 }
 
 fn task_key(task_id: &str, grant_id: &str) -> Vec<u8> {
@@ -294,12 +278,7 @@ impl Store for SledStore {
         for entry in self.approvals.iter() {
             let (key, bytes) = entry.map_err(unavailable)?;
             let approval: ApprovalRequest = decode("approval", &key, &bytes)?;
-            let ended = !matches!(
-                approval.status,
-                ApprovalStatus::Pending | ApprovalStatus::Approved
-            );
-            let ended_at = approval.expires_at.max(approval.updated_at);
-            if ended && now >= valet_core::clock::add_duration(ended_at, retention) {
+            if crate::approval_sweepable(&approval, now, retention) {
                 let _ = self
                     .approvals
                     .compare_and_swap(&key, Some(bytes), None as Option<&[u8]>)
@@ -452,8 +431,7 @@ impl Store for SledStore {
                 approvals.push(approval);
             }
         }
-        approvals
-            .sort_by(|left, right| (left.created_at, &left.id).cmp(&(right.created_at, &right.id)));
+        crate::sort_approvals(&mut approvals);
         Ok(approvals)
     }
 
