@@ -163,7 +163,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<GrantPage, StoreError>;
 
     /// Every grant of one task, whoever holds it.
-    async fn task_grants(&self, task_id: &str) -> Result<Vec<Grant>, StoreError>;
+    async fn task_grants(&self, task_id: &str) -> Result<Vec<Grant>, StoreError> {
+        let filter = GrantFilter {
+            task_id: Some(task_id.to_string()),
+            ..GrantFilter::default()
+        };
+        Ok(self.list_grants(&filter, 0, None, usize::MAX).await?.grants)
+    }
 
     /// Every revocation still in force.
     async fn revocations(&self) -> Result<Vec<Revocation>, StoreError>;

@@ -222,14 +222,6 @@ impl Store for SledStore {
         Ok(page)
     }
 
-    async fn task_grants(&self, task_id: &str) -> Result<Vec<Grant>, StoreError> {
-        let filter = GrantFilter {
-            task_id: Some(task_id.to_string()),
-            ..GrantFilter::default()
-        };
-        Ok(self.list_grants(&filter, 0, None, usize::MAX).await?.grants)
-    }
-
     async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
         self.revocations
             .iter()
