@@ -95,7 +95,7 @@ impl AwsError {
 pub struct Caller<'a> {
     pub scope: &'a str,
     pub credential: &'a AwsCredential,
-    pub secret: &'a Secret,
+    pub secret: Secret,
 }
 
 /// The AWS client: one connection pool, and one lock per role so revocation policy updates on a
@@ -295,7 +295,7 @@ impl Aws {
             },
             &sigv4::Signer {
                 access_key_id: &credential.access_key_id,
-                secret_access_key: caller.secret,
+                secret_access_key: &caller.secret,
                 session_token: None,
                 region: signing_region,
                 service: service_name,

@@ -54,14 +54,7 @@ impl Valet {
         let duration = lifetime.clamp(MIN_SESSION_SECONDS, MAX_SESSION_SECONDS);
         let credentials = self
             .aws
-            .assume_role(
-                &caller.borrow(),
-                scope,
-                &grant.id,
-                &session_policy,
-                duration,
-                now,
-            )
+            .assume_role(&caller, scope, &grant.id, &session_policy, duration, now)
             .await?;
         let mut notice = Vec::new();
         if credentials.expires_at > grant.expires_at {
@@ -117,7 +110,7 @@ impl Valet {
             AwsRevoke::RolePolicy => {
                 let update = self
                     .aws
-                    .deny_sessions(&caller.borrow(), scope, &grant.id, keep_until, now)
+                    .deny_sessions(&caller, scope, &grant.id, keep_until, now)
                     .await
                     .map_err(|error| ApiError::AwsRevocation {
                         grant_id: grant.id.clone(),
@@ -157,7 +150,7 @@ impl Valet {
         &self,
         config: &'a Config,
         scope_name: &str,
-    ) -> Result<Option<(&'a AwsStsScope, OwnedCaller<'a>)>, ApiError> {
+    ) -> Result<Option<(&'a AwsStsScope, Caller<'a>)>, ApiError> {
         let Some(scope) = config.scopes.get(scope_name) else {
             return Ok(None);
         };
@@ -172,8 +165,8 @@ impl Valet {
         match (credential, secret) {
             (Some(credential), Some(secret)) => Ok(Some((
                 aws_scope,
-                OwnedCaller {
-                    scope: scope_name.to_string(),
+                Caller {
+                    scope: &scope.name,
                     credential,
                     secret,
                 },
@@ -183,22 +176,6 @@ impl Valet {
                 credential: scope.credential.clone(),
             }
             .into()),
-        }
-    }
-}
-
-struct OwnedCaller<'a> {
-    scope: String,
-    credential: &'a valet_core::config::AwsCredential,
-    secret: valet_core::Secret,
-}
-
-impl OwnedCaller<'_> {
-    fn borrow(&self) -> Caller<'_> {
-        Caller {
-            scope: &self.scope,
-            credential: self.credential,
-            secret: &self.secret,
         }
     }
 }
