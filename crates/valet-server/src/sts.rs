@@ -73,6 +73,26 @@ impl Valet {
         }))
     }
 
+    /// [`Valet::mint_aws`], recording `failed` (with the reason) in the audit log when AWS or the
+    /// policy refuses, so no failed attempt goes unrecorded.
+    pub(crate) async fn mint_aws_or_record(
+        &self,
+        caller: &crate::valet::Caller,
+        config: &Config,
+        grant: &Grant,
+        failed: AuditEvent,
+        now: UnixTime,
+    ) -> Result<Option<AwsGrant>, ApiError> {
+        match self.mint_aws(config, grant, now).await {
+            Ok(aws) => Ok(aws),
+            Err(error) => {
+                self.record(caller, failed.with("reason", error.to_string()))
+                    .await?;
+                Err(error)
+            }
+        }
+    }
+
     /// After `grant` was revoked: deny its sessions at AWS when the scope asks for it. Returns
     /// what the revocation means at AWS, for the caller; `None` for a grant of a Valet scope.
     pub(crate) async fn deny_aws(

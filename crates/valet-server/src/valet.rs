@@ -147,16 +147,11 @@ impl Valet {
         let token = token::sign(&claims_of(&grant, &config.server.issuer, now), signing_key);
         // Native credentials are minted before anything is stored: a grant is recorded only
         // with what its requester actually receives.
-        let aws = match self.mint_aws(&config, &grant, now).await {
-            Ok(aws) => aws.map(Box::new),
-            Err(error) => {
-                let failed = AuditEvent::new("token.issue", Outcome::Failed)
-                    .with_grant(&grant)
-                    .with("reason", error.to_string());
-                self.record(caller, failed).await?;
-                return Err(error);
-            }
-        };
+        let failed = AuditEvent::new("token.issue", Outcome::Failed).with_grant(&grant);
+        let aws = self
+            .mint_aws_or_record(caller, &config, &grant, failed, now)
+            .await?
+            .map(Box::new);
         let issued = AuditEvent::new("token.issue", Outcome::Allowed)
             .with_grant(&grant)
             .with("purpose", &grant.purpose)
@@ -248,16 +243,10 @@ impl Valet {
                 Err(error) => return self.deny(caller, denied(&current), error.into()).await,
             };
             // STS sessions cannot be extended: a renewal is a new session for the new lifetime.
-            let aws = match self.mint_aws(&config, &renewed, now).await {
-                Ok(aws) => aws,
-                Err(error) => {
-                    let failed = AuditEvent::new("token.renew", Outcome::Failed)
-                        .with_grant(&current)
-                        .with("reason", error.to_string());
-                    self.record(caller, failed).await?;
-                    return Err(error);
-                }
-            };
+            let failed = AuditEvent::new("token.renew", Outcome::Failed).with_grant(&current);
+            let aws = self
+                .mint_aws_or_record(caller, &config, &renewed, failed, now)
+                .await?;
             match self.store.update_grant(&current, &renewed).await {
                 Ok(()) => {
                     let token = token::sign(
