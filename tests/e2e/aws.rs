@@ -166,7 +166,11 @@ async fn sts_credentials_work_and_carry_exactly_the_scopes_policy() {
     assert!(stdout.contains("q3/summary.txt"), "{stdout}");
 
     // Renewal is a new session for the new lifetime, with the same policy.
-    let renewed = agent.renew(grant_id, None).await.unwrap();
+    // Ask for longer than the default, so the renewal extends the grant even within its first second.
+    let renewed = agent
+        .renew(grant_id, Some(std::time::Duration::from_secs(600)))
+        .await
+        .unwrap();
     let renewed_session = renewed.aws.expect("renewal returns fresh credentials");
     assert_ne!(renewed_session.access_key_id, session.access_key_id);
     assert_eq!(moto.sessions().len(), 2);
