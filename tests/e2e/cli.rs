@@ -493,7 +493,8 @@ mod daily {
         assert_eq!(records.len(), 2);
         assert_eq!(records[0]["action"], "config.reload");
         assert_eq!(
-            records[1]["action"], "access",
+            (&records[1]["action"], &records[1]["outcome"]),
+            (&serde_json::json!("config.reload"), &serde_json::json!("denied")),
             "the operator's refused reload is the latest record"
         );
 
@@ -506,7 +507,10 @@ mod daily {
             .unwrap();
         let mut lines = BufReader::new(follower.stdout.take().unwrap()).lines();
         let first = lines.next().unwrap().unwrap();
-        assert!(first.contains("\"action\":\"access\""), "{first}");
+        assert!(
+            first.contains("\"action\":\"config.reload\"") && first.contains("\"denied\""),
+            "{first}"
+        );
         request(server, &[]);
         let next = lines.next().unwrap().unwrap();
         let _ = follower.kill();

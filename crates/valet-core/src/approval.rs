@@ -418,6 +418,102 @@ impl ApprovalRequest {
     }
 }
 
+impl ApprovalRequest {
+    /// The request for a pending grant of a scope that needs approval.
+    pub fn for_token(
+        id: crate::ids::ApprovalId,
+        pending: &crate::grant::Grant,
+        policy: &ApprovalPolicy,
+        ttl_seconds: u64,
+        now: UnixTime,
+    ) -> ApprovalRequest {
+        ApprovalRequest {
+            ttl_seconds,
+            ..ApprovalRequest::for_grant(
+                id,
+                ApprovalKind::Token,
+                pending,
+                &pending.environment,
+                policy,
+                None,
+                now,
+            )
+        }
+    }
+
+    /// The request for one exact gateway call of an active grant. `environment` is the scope's
+    /// environment as configured now.
+    pub fn for_call(
+        id: crate::ids::ApprovalId,
+        grant: &crate::grant::Grant,
+        environment: &str,
+        policy: &ApprovalPolicy,
+        call: CallFingerprint,
+        now: UnixTime,
+    ) -> ApprovalRequest {
+        ApprovalRequest::for_grant(
+            id,
+            ApprovalKind::Call,
+            grant,
+            environment,
+            policy,
+            Some(call),
+            now,
+        )
+    }
+
+    fn for_grant(
+        id: crate::ids::ApprovalId,
+        kind: ApprovalKind,
+        grant: &crate::grant::Grant,
+        environment: &str,
+        policy: &ApprovalPolicy,
+        call: Option<CallFingerprint>,
+        now: UnixTime,
+    ) -> ApprovalRequest {
+        ApprovalRequest {
+            id: id.into_string(),
+            kind,
+            grant_id: grant.id.clone(),
+            requester: grant.principal.clone(),
+            scope: grant.scope.clone(),
+            environment: environment.to_string(),
+            task_id: grant.task_id.clone(),
+            purpose: grant.purpose.clone(),
+            params: grant.params.clone(),
+            ttl_seconds: 0,
+            call,
+            created_at: now,
+            expires_at: expiry(policy, now),
+            required: policy.count,
+            approvers: policy.approvers.iter().map(ToString::to_string).collect(),
+            confirm: policy
+                .confirm
+                .as_ref()
+                .map(|confirm| confirm.expected(environment, &grant.params)),
+            approvals: Vec::new(),
+            status: ApprovalStatus::Pending,
+            status_reason: None,
+            updated_at: now,
+        }
+    }
+}
+
+impl Confirm {
+    /// What the approver must type, and its expected value, for a grant in `environment` with
+    /// `params`.
+    pub fn expected(
+        &self,
+        environment: &str,
+        params: &BTreeMap<String, String>,
+    ) -> (String, String) {
+        match self {
+            Confirm::Environment => ("environment".to_string(), environment.to_string()),
+            Confirm::Param(name) => (name.clone(), params.get(name).cloned().unwrap_or_default()),
+        }
+    }
+}
+
 /// When a new request made at `now` under `policy` times out.
 pub fn expiry(policy: &ApprovalPolicy, now: UnixTime) -> UnixTime {
     add_duration(now, policy.timeout)

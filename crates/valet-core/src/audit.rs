@@ -53,6 +53,111 @@ impl std::str::FromStr for ChainHead {
     }
 }
 
+/// Every kind of record the audit log holds. The names are the log's vocabulary: tools and
+/// alert rules match on them, so a name never changes once released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuditAction {
+    /// A caller could not be authenticated.
+    Authenticate,
+    TokenIssue,
+    TokenRenew,
+    TokenRevoke,
+    TokenIntrospect,
+    /// Waiting for a pending grant (`WaitForGrant`).
+    TokenWait,
+    /// New STS credentials for an active grant.
+    AwsSession,
+    /// What a revocation did at AWS.
+    AwsRevoke,
+    GrantsList,
+    GrantsWatch,
+    ApprovalRequest,
+    ApprovalApprove,
+    ApprovalDeny,
+    ApprovalTimeout,
+    /// An approved call approval released its call (or was refused for it).
+    ApprovalUse,
+    ApprovalsList,
+    ApprovalGet,
+    ApprovalsWatch,
+    ApprovalWebhook,
+    KeyRotate,
+    ConfigReload,
+    AuditHead,
+    AuditTail,
+    /// A call through the gateway: the decision before forwarding.
+    GatewayCall,
+    /// The closing record of a forwarded call: status, bytes, latency.
+    GatewayResponse,
+}
+
+impl AuditAction {
+    pub const ALL: [AuditAction; 25] = [
+        AuditAction::Authenticate,
+        AuditAction::TokenIssue,
+        AuditAction::TokenRenew,
+        AuditAction::TokenRevoke,
+        AuditAction::TokenIntrospect,
+        AuditAction::TokenWait,
+        AuditAction::AwsSession,
+        AuditAction::AwsRevoke,
+        AuditAction::GrantsList,
+        AuditAction::GrantsWatch,
+        AuditAction::ApprovalRequest,
+        AuditAction::ApprovalApprove,
+        AuditAction::ApprovalDeny,
+        AuditAction::ApprovalTimeout,
+        AuditAction::ApprovalUse,
+        AuditAction::ApprovalsList,
+        AuditAction::ApprovalGet,
+        AuditAction::ApprovalsWatch,
+        AuditAction::ApprovalWebhook,
+        AuditAction::KeyRotate,
+        AuditAction::ConfigReload,
+        AuditAction::AuditHead,
+        AuditAction::AuditTail,
+        AuditAction::GatewayCall,
+        AuditAction::GatewayResponse,
+    ];
+
+    /// The action's name in the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::Authenticate => "principal.authenticate",
+            AuditAction::TokenIssue => "token.issue",
+            AuditAction::TokenRenew => "token.renew",
+            AuditAction::TokenRevoke => "token.revoke",
+            AuditAction::TokenIntrospect => "token.introspect",
+            AuditAction::TokenWait => "token.wait",
+            AuditAction::AwsSession => "aws.session",
+            AuditAction::AwsRevoke => "aws.revoke",
+            AuditAction::GrantsList => "grants.list",
+            AuditAction::GrantsWatch => "grants.watch",
+            AuditAction::ApprovalRequest => "approval.request",
+            AuditAction::ApprovalApprove => "approval.approve",
+            AuditAction::ApprovalDeny => "approval.deny",
+            AuditAction::ApprovalTimeout => "approval.timeout",
+            AuditAction::ApprovalUse => "approval.use",
+            AuditAction::ApprovalsList => "approvals.list",
+            AuditAction::ApprovalGet => "approval.get",
+            AuditAction::ApprovalsWatch => "approvals.watch",
+            AuditAction::ApprovalWebhook => "approval.webhook",
+            AuditAction::KeyRotate => "key.rotate",
+            AuditAction::ConfigReload => "config.reload",
+            AuditAction::AuditHead => "audit.head",
+            AuditAction::AuditTail => "audit.tail",
+            AuditAction::GatewayCall => "gateway.call",
+            AuditAction::GatewayResponse => "gateway.response",
+        }
+    }
+}
+
+impl std::fmt::Display for AuditAction {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
 /// Whether the decision let the action happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -70,9 +175,9 @@ pub struct AuditEvent {
 
 impl AuditEvent {
     /// An event for `action` (e.g. `token.issue`) with its outcome.
-    pub fn new(action: &str, outcome: Outcome) -> AuditEvent {
+    pub fn new(action: AuditAction, outcome: Outcome) -> AuditEvent {
         let mut fields = Map::new();
-        fields.insert("action".into(), Value::from(action));
+        fields.insert("action".into(), Value::from(action.as_str()));
         fields.insert(
             "outcome".into(),
             serde_json::to_value(outcome).unwrap_or(Value::Null),
@@ -93,6 +198,33 @@ impl AuditEvent {
     pub fn with_value(mut self, key: &str, value: Value) -> AuditEvent {
         self.fields.insert(key.into(), value);
         self
+    }
+
+    /// Adds a text field in place; empty values are left out.
+    pub fn set(&mut self, key: &str, value: impl Into<String>) {
+        let value = value.into();
+        if !value.is_empty() {
+            self.fields.insert(key.into(), Value::from(value));
+        }
+    }
+
+    /// Records the grant's identifying fields in place.
+    pub fn set_grant(&mut self, grant: &crate::grant::Grant) {
+        let event = std::mem::replace(self, AuditEvent { fields: Map::new() });
+        *self = event.with_grant(grant);
+    }
+
+    /// A text field's value.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).and_then(Value::as_str)
+    }
+
+    /// Sets the outcome.
+    pub fn set_outcome(&mut self, outcome: Outcome) {
+        self.fields.insert(
+            "outcome".into(),
+            serde_json::to_value(outcome).unwrap_or(Value::Null),
+        );
     }
 
     /// Records the grant's identifying fields.

@@ -120,6 +120,23 @@ pub enum TransitionError {
 }
 
 impl Grant {
+    /// The claims of this grant's token, issued at `now` by `issuer`.
+    pub fn claims(&self, issuer: &str, now: UnixTime) -> crate::token::Claims {
+        crate::token::Claims {
+            iss: issuer.to_string(),
+            sub: self.principal.clone(),
+            aud: self.audience.clone(),
+            iat: now,
+            nbf: now,
+            exp: self.expires_at,
+            jti: self.id.clone(),
+            task: self.task_id.clone(),
+            scope: self.scope.clone(),
+            env: self.environment.clone(),
+            params: self.params.clone(),
+        }
+    }
+
     /// The status as a reader should see it at `now`: an active grant past its expiry is expired.
     pub fn status_at(&self, now: UnixTime) -> GrantStatus {
         match self.status {

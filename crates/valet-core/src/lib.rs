@@ -5,9 +5,12 @@
 pub mod approval;
 pub mod audit;
 pub mod aws;
+pub mod call;
 pub mod clock;
 pub mod config;
 pub mod grant;
+pub mod graphql;
+pub mod ids;
 pub mod keyring;
 pub mod policy;
 pub mod random;
@@ -16,4 +19,5 @@ pub mod secret;
 pub mod token;
 
 pub use clock::{Clock, FakeClock, SystemClock, UnixTime};
+pub use ids::{ApprovalId, GrantId, KeyId, TaskId};
 pub use secret::Secret;

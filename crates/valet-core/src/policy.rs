@@ -402,6 +402,17 @@ pub enum AccessError {
         "principal {principal:?} may act only on its own grants; grant {grant_id} belongs to another principal (operators may act on every grant)"
     )]
     NotOwnGrant { principal: String, grant_id: String },
+    #[error(
+        "grant {grant_id} belongs to another principal; only the requester receives its token"
+    )]
+    NotRequester { grant_id: String },
+    #[error(
+        "principal {principal:?} may look only at its own {what}; operators may look at every principal's"
+    )]
+    NotOwnRecord {
+        principal: String,
+        what: &'static str,
+    },
 }
 
 /// Requires `role` (admins hold operator rights).
@@ -437,6 +448,65 @@ pub fn may_act_on(principal: &Principal, grant: &Grant) -> Result<(), AccessErro
             grant_id: grant.id.clone(),
         })
     }
+}
+
+/// Only the principal that asked for a grant ever receives a token for it.
+pub fn may_receive_token(principal: &Principal, grant: &Grant) -> Result<(), AccessError> {
+    if grant.principal == principal.name {
+        Ok(())
+    } else {
+        Err(AccessError::NotRequester {
+            grant_id: grant.id.clone(),
+        })
+    }
+}
+
+/// Which principal's records a listing shows. Operators see every principal's (or the one they
+/// name); anyone else sees only their own, and naming another principal is refused.
+pub fn visible_principal(
+    principal: &Principal,
+    asked: Option<&str>,
+    what: &'static str,
+) -> Result<Option<String>, AccessError> {
+    if principal.has_role(Role::Operator) {
+        return Ok(asked.map(str::to_string));
+    }
+    match asked {
+        Some(name) if name != principal.name => Err(AccessError::NotOwnRecord {
+            principal: principal.name.clone(),
+            what,
+        }),
+        _ => Ok(Some(principal.name.clone())),
+    }
+}
+
+/// Whether `principal` may see an approval request asked by `requester`.
+pub fn may_see_approval(principal: &Principal, requester: &str) -> Result<(), AccessError> {
+    visible_principal(principal, Some(requester), "approval requests").map(|_| ())
+}
+
+/// How long a pending grant lives once approved, as `authorize` would have decided it under the
+/// config in force now: the TTL asked at request time (`ttl_seconds`, 0 for the scope's default)
+/// capped by the scope's and the server's max TTL, and the grant's max lifetime. A scope that no
+/// longer exists cannot be settled.
+pub fn settlement_lifetime(
+    config: &Config,
+    scope_name: &str,
+    ttl_seconds: u64,
+) -> Result<(Duration, Duration), RequestError> {
+    let scope = config
+        .scopes
+        .get(scope_name)
+        .ok_or_else(|| RequestError::UnknownScope {
+            scope: scope_name.to_string(),
+            allowed: String::new(),
+        })?;
+    let max_lifetime = scope.max_ttl.min(config.server.max_ttl);
+    let ttl = match ttl_seconds {
+        0 => scope.default_ttl,
+        seconds => Duration::from_secs(seconds),
+    };
+    Ok((ttl.min(max_lifetime), max_lifetime))
 }
 
 #[cfg(test)]

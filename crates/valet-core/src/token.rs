@@ -219,6 +219,44 @@ pub fn verify(
     Ok(claims)
 }
 
+/// A valet token as valetd holds it: a bearer credential, so it cannot be printed (`Debug` shows
+/// its fingerprint) and leaves this type only where it is handed to its holder.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// Wraps a token received from a caller or just signed.
+    pub fn new(text: String) -> Token {
+        Token(text)
+    }
+
+    /// The token's text, for the reply to its own holder or for verification.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Gives the text up, for the reply to its own holder.
+    pub fn into_exposed(self) -> String {
+        self.0
+    }
+
+    /// A short, non-reversible fingerprint for logs and audit records.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.0)
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "Token(fingerprint {})", self.fingerprint())
+    }
+}
+
+/// Signs `claims` into a [`Token`].
+pub fn issue(claims: &Claims, key: &SigningKey) -> Token {
+    Token(sign(claims, key))
+}
+
 /// A short, non-reversible fingerprint of a token for logs: never the token itself.
 pub fn fingerprint(token: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());

@@ -269,3 +269,76 @@ fn renewal_respects_the_scope() {
         Err(RequestError::RenewalNotAllowed { .. })
     ));
 }
+
+mod visibility_and_settlement {
+    use std::time::Duration;
+
+    use crate::config::Role;
+    use crate::policy::{
+        AccessError, may_receive_token, may_see_approval, settlement_lifetime, visible_principal,
+    };
+
+    fn principal(name: &str, role: Role) -> crate::config::Principal {
+        let mut principal = super::config().principals.get("ops").unwrap().clone();
+        principal.name = name.to_string();
+        principal.roles = [role].into_iter().collect();
+        principal
+    }
+
+    #[test]
+    fn agents_list_only_their_own_records_and_operators_everyone() {
+        let agent = principal("agent", Role::Agent);
+        let operator = principal("ops", Role::Operator);
+        assert_eq!(
+            visible_principal(&agent, None, "grants").unwrap(),
+            Some("agent".into())
+        );
+        assert_eq!(
+            visible_principal(&agent, Some("agent"), "grants").unwrap(),
+            Some("agent".into())
+        );
+        assert!(matches!(
+            visible_principal(&agent, Some("other"), "grants"),
+            Err(AccessError::NotOwnRecord { .. })
+        ));
+        assert_eq!(visible_principal(&operator, None, "grants").unwrap(), None);
+        assert_eq!(
+            visible_principal(&operator, Some("other"), "grants").unwrap(),
+            Some("other".into())
+        );
+        assert!(may_see_approval(&agent, "agent").is_ok());
+        assert!(may_see_approval(&agent, "other").is_err());
+        assert!(may_see_approval(&operator, "other").is_ok());
+    }
+
+    #[test]
+    fn only_the_requester_receives_a_token() {
+        let config = super::config();
+        let asker = config.principals.get("ci-agent").unwrap();
+        let request = super::request(&[("project", "web")]);
+        let grant = crate::policy::authorize(&config, asker, &request)
+            .unwrap()
+            .into_grant("g-1".into(), "ci-agent", &request, "k", 1_000);
+        let owner = principal(&grant.principal, Role::Agent);
+        let operator = principal("ops", Role::Operator);
+        assert!(may_receive_token(&owner, &grant).is_ok());
+        assert!(matches!(
+            may_receive_token(&operator, &grant),
+            Err(AccessError::NotRequester { .. })
+        ));
+    }
+
+    #[test]
+    fn settlement_caps_the_asked_ttl_as_issue_would() {
+        let config = super::config();
+        let scope = config.scopes.values().next().unwrap();
+        let cap = scope.max_ttl.min(config.server.max_ttl);
+        let (ttl, max) = settlement_lifetime(&config, &scope.name, 0).unwrap();
+        assert_eq!((ttl, max), (scope.default_ttl.min(cap), cap));
+        let (ttl, _) = settlement_lifetime(&config, &scope.name, 10 * 86_400).unwrap();
+        assert_eq!(ttl, cap);
+        let (ttl, _) = settlement_lifetime(&config, &scope.name, 7).unwrap();
+        assert_eq!(ttl, Duration::from_secs(7).min(cap));
+        assert!(settlement_lifetime(&config, "gone", 0).is_err());
+    }
+}

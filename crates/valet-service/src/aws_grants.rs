@@ -1,16 +1,16 @@
 //! Grants of `aws-sts` scopes: minting their STS credentials (on issue, renewal and approval),
 //! denying their sessions on revocation, and saying plainly what both mean at AWS.
 
-use valet_core::audit::AuditEvent;
+use valet_core::audit::{AuditAction, AuditEvent, Outcome};
 use valet_core::aws::{MAX_SESSION_SECONDS, MIN_SESSION_SECONDS, REVOCATION_POLICY_NAME};
 use valet_core::clock::format_time;
 use valet_core::config::{AwsRevoke, AwsStsScope, Config};
 use valet_core::grant::Grant;
 use valet_core::{UnixTime, aws};
 
-use crate::aws::{AwsError, Caller, StsCredentials};
-use crate::error::ApiError;
-use crate::valet::Valet;
+use crate::Valet;
+use crate::aws_client::{AwsCall, AwsError, StsCredentials};
+use crate::error::ServiceError;
 
 /// STS credentials for one grant, and what the requester should know about them.
 #[derive(Debug, Clone)]
@@ -41,7 +41,7 @@ impl Valet {
         config: &Config,
         grant: &Grant,
         now: UnixTime,
-    ) -> Result<Option<AwsGrant>, ApiError> {
+    ) -> Result<Option<AwsGrant>, ServiceError> {
         let Some((scope, caller)) = self.aws_scope(config, &grant.scope)? else {
             return Ok(None);
         };
@@ -73,33 +73,13 @@ impl Valet {
         }))
     }
 
-    /// [`Valet::mint_aws`], recording `failed` (with the reason) in the audit log when AWS or the
-    /// policy refuses, so no failed attempt goes unrecorded.
-    pub(crate) async fn mint_aws_or_record(
-        &self,
-        caller: &crate::valet::Caller,
-        config: &Config,
-        grant: &Grant,
-        failed: AuditEvent,
-        now: UnixTime,
-    ) -> Result<Option<AwsGrant>, ApiError> {
-        match self.mint_aws(config, grant, now).await {
-            Ok(aws) => Ok(aws),
-            Err(error) => {
-                self.record(caller, failed.with("reason", error.to_string()))
-                    .await?;
-                Err(error)
-            }
-        }
-    }
-
     /// After `grant` was revoked: deny its sessions at AWS when the scope asks for it. Returns
     /// what the revocation means at AWS, for the caller; `None` for a grant of a Valet scope.
     pub(crate) async fn deny_aws(
         &self,
         grant: &Grant,
         now: UnixTime,
-    ) -> Result<Option<(String, AuditEvent)>, ApiError> {
+    ) -> Result<Option<(String, AuditEvent)>, ServiceError> {
         let config = self.config();
         let Some((scope, caller)) = self.aws_scope(&config, &grant.scope)? else {
             return Ok(None);
@@ -121,10 +101,7 @@ impl Valet {
                     "Revoked in Valet. AWS keeps honouring the grant's STS credentials until they expire (by {}): the scope uses revoke = \"expiry\", and STS cannot end one session.",
                     format_time(keep_until)
                 ),
-                event(AuditEvent::new(
-                    "aws.revoke",
-                    valet_core::audit::Outcome::Allowed,
-                ))
+                event(AuditEvent::new(AuditAction::AwsRevoke, Outcome::Allowed))
                 .with("in_force_at_aws", format_time(keep_until)),
             ))),
             AwsRevoke::RolePolicy => {
@@ -132,7 +109,7 @@ impl Valet {
                     .aws
                     .deny_sessions(&caller, scope, &grant.id, keep_until, now)
                     .await
-                    .map_err(|error| ApiError::AwsRevocation {
+                    .map_err(|error| ServiceError::AwsRevocation {
                         grant_id: grant.id.clone(),
                         until: format_time(keep_until),
                         error: Box::new(error),
@@ -149,10 +126,7 @@ impl Valet {
                         format_time(before)
                     ),
                 };
-                let event = event(AuditEvent::new(
-                    "aws.revoke",
-                    valet_core::audit::Outcome::Allowed,
-                ))
+                let event = event(AuditEvent::new(AuditAction::AwsRevoke, Outcome::Allowed))
                 .with("aws_policy_name", REVOCATION_POLICY_NAME)
                 .with(
                     "aws_denied_issued_before",
@@ -167,10 +141,10 @@ impl Valet {
     }
 
     fn aws_scope<'a>(
-        &self,
+        &'a self,
         config: &'a Config,
         scope_name: &str,
-    ) -> Result<Option<(&'a AwsStsScope, Caller<'a>)>, ApiError> {
+    ) -> Result<Option<(&'a AwsStsScope, AwsCall<'a>)>, ServiceError> {
         let Some(scope) = config.scopes.get(scope_name) else {
             return Ok(None);
         };
@@ -181,14 +155,15 @@ impl Valet {
             .credentials
             .get(&scope.credential)
             .and_then(|credential| credential.aws.as_ref());
-        let secret = self.redactor.credential(&scope.credential);
+        let secret = self.vault.get(&scope.credential);
         match (credential, secret) {
             (Some(credential), Some(secret)) => Ok(Some((
                 aws_scope,
-                Caller {
+                AwsCall {
                     scope: &scope.name,
                     credential,
                     secret,
+                    outbound: self.outbound.as_ref(),
                 },
             ))),
             _ => Err(AwsError::NotLoaded {

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use valet_core::Clock;
+use valet_core::{Clock, KeyId};
 use valet_core::keyring::{KeyError, KeyRing, SealKey, SigningKey, StoredKey};
 use valet_store::{Store, StoreError};
 
-use crate::error::ApiError;
+use crate::error::ServiceError;
 
 /// The live key ring and what it takes to change it.
 pub struct Keys {
@@ -24,7 +24,7 @@ impl Keys {
         store: Arc<dyn Store>,
         seal_key: SealKey,
         clock: Arc<dyn Clock>,
-    ) -> Result<Keys, ApiError> {
+    ) -> Result<Keys, ServiceError> {
         let records = store.keys().await?;
         if records.is_empty() {
             let first = StoredKey::seal(&SigningKey::generate()?, &seal_key, clock.now())?;
@@ -49,7 +49,7 @@ impl Keys {
     }
 
     /// Re-reads the ring from the store (after a rotation elsewhere, or a sweep).
-    pub async fn refresh(&self) -> Result<(), ApiError> {
+    pub async fn refresh(&self) -> Result<(), ServiceError> {
         let ring = KeyRing::open(&self.store.keys().await?, &self.seal_key, self.clock.now())?;
         self.ring.store(Arc::new(ring));
         Ok(())
@@ -60,7 +60,7 @@ impl Keys {
     pub async fn rotate(
         &self,
         max_token_lifetime: std::time::Duration,
-    ) -> Result<(String, String), ApiError> {
+    ) -> Result<(KeyId, KeyId), ServiceError> {
         let now = self.clock.now();
         let records = self.store.keys().await?;
         let current = records
@@ -74,6 +74,6 @@ impl Keys {
             .replace_keys(Some(&current.kid), &[retired, new.clone()])
             .await?;
         self.refresh().await?;
-        Ok((new.kid, current.kid.clone()))
+        Ok((KeyId::from_record(&new.kid), KeyId::from_record(&current.kid)))
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use apollo_parser::{Parser, cst};
-use valet_core::rules::GraphqlAllow;
+use crate::rules::GraphqlAllow;
 
 /// Largest batch accepted in one request.
 pub const MAX_BATCH: usize = 32;

@@ -8,7 +8,42 @@ use valet_core::Secret;
 use valet_core::config::{Config, KeySource};
 use valet_core::keyring::SealKey;
 
-use crate::error::ServerError;
+/// Why a config, a credential or the key-encryption key cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read config file {path}: {detail}")]
+    ConfigUnreadable { path: String, detail: String },
+    #[error("config file {path} is invalid: {errors}")]
+    ConfigInvalid {
+        path: String,
+        errors: valet_core::config::ConfigErrors,
+    },
+    #[error("credential {name:?} ({source_description}) cannot be read: {detail}")]
+    CredentialUnreadable {
+        name: String,
+        source_description: String,
+        detail: String,
+    },
+    #[error(
+        "no key-encryption key: set [seal] key_file or key_env in the config (make a key with `openssl rand -base64 32`), or run `valetd --dev` for development only"
+    )]
+    NoSealKey,
+    #[error("the key-encryption key ({source_description}) cannot be used: {detail}")]
+    SealKeyUnreadable {
+        source_description: String,
+        detail: String,
+    },
+}
+
+impl LoadError {
+    /// Whether the operator's config (rather than the environment) is at fault.
+    pub fn is_usage_error(&self) -> bool {
+        matches!(
+            self,
+            LoadError::ConfigUnreadable { .. } | LoadError::ConfigInvalid { .. } | LoadError::NoSealKey
+        )
+    }
+}
 
 /// A validated config with the root credentials it names, read and ready.
 pub struct LoadedConfig {
@@ -25,9 +60,9 @@ pub struct Overrides {
 }
 
 /// Reads and validates the config file and every credential it names.
-pub fn load_config(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, ServerError> {
+pub fn load_config(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, LoadError> {
     let display = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|error| ServerError::ConfigUnreadable {
+    let text = std::fs::read_to_string(path).map_err(|error| LoadError::ConfigUnreadable {
         path: display.clone(),
         detail: error.to_string(),
     })?;
@@ -37,7 +72,7 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, S
         .and_then(|absolute| absolute.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| Path::new(".").to_path_buf());
     let mut config =
-        Config::parse(&text, &base_dir).map_err(|errors| ServerError::ConfigInvalid {
+        Config::parse(&text, &base_dir).map_err(|errors| LoadError::ConfigInvalid {
             path: display,
             errors,
         })?;
@@ -57,7 +92,7 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, S
         let Some(name) = &aws.access_key_id_env else {
             continue;
         };
-        let unreadable = |detail: &str| ServerError::CredentialUnreadable {
+        let unreadable = |detail: &str| LoadError::CredentialUnreadable {
             name: credential.name.clone(),
             source_description: format!("access key id from environment variable {name}"),
             detail: detail.to_string(),
@@ -75,7 +110,7 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, S
     let mut credentials = BTreeMap::new();
     for credential in config.credentials.values() {
         let secret = read_secret(&credential.source).map_err(|detail| {
-            ServerError::CredentialUnreadable {
+            LoadError::CredentialUnreadable {
                 name: credential.name.clone(),
                 source_description: credential.source.to_string(),
                 detail,
@@ -113,16 +148,21 @@ pub fn read_secret(source: &KeySource) -> Result<Secret, String> {
 }
 
 /// The key-encryption key: from the config, or in development mode from (or into) the data dir.
-pub fn load_seal_key(config: &Config, dev: bool) -> Result<SealKey, ServerError> {
+pub fn load_seal_key(config: &Config, dev: bool) -> Result<SealKey, LoadError> {
     let source = match (&config.seal, dev) {
         (Some(source), _) => source.clone(),
-        (None, false) => return Err(ServerError::NoSealKey),
+        (None, false) => return Err(LoadError::NoSealKey),
         (None, true) => {
             let path = config.server.data_dir.join("dev-seal.key");
             if !path.exists() {
-                let key = SealKey::generate_base64()?;
+                let key = SealKey::generate_base64().map_err(|error| {
+                    LoadError::SealKeyUnreadable {
+                        source_description: format!("file {}", path.display()),
+                        detail: error.to_string(),
+                    }
+                })?;
                 write_private_file(&path, key.expose()).map_err(|error| {
-                    ServerError::SealKeyUnreadable {
+                    LoadError::SealKeyUnreadable {
                         source_description: format!("file {}", path.display()),
                         detail: error.to_string(),
                     }
@@ -136,11 +176,11 @@ pub fn load_seal_key(config: &Config, dev: bool) -> Result<SealKey, ServerError>
             KeySource::File(path)
         }
     };
-    let text = read_secret(&source).map_err(|detail| ServerError::SealKeyUnreadable {
+    let text = read_secret(&source).map_err(|detail| LoadError::SealKeyUnreadable {
         source_description: source.to_string(),
         detail,
     })?;
-    SealKey::from_base64(&text).map_err(|error| ServerError::SealKeyUnreadable {
+    SealKey::from_base64(&text).map_err(|error| LoadError::SealKeyUnreadable {
         source_description: source.to_string(),
         detail: error.to_string(),
     })

@@ -1,18 +1,18 @@
 //! valetd's calls to AWS over the Query API: STS `AssumeRole` for a grant of an `aws-sts` scope,
 //! and IAM `GetRolePolicy`/`PutRolePolicy` to deny a revoked grant's sessions. Requests are signed
-//! with the scope's root key (SigV4, valet-core); answers are read as XML.
+//! with the scope's root key (SigV4, valet-core) and sent through the service's [`Outbound`];
+//! answers are read as XML.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
 use valet_core::aws::{self, RevocationUpdate, SessionPolicyError, sigv4};
 use valet_core::config::{AwsCredential, AwsStsScope};
 use valet_core::{Secret, UnixTime};
 
-use crate::https::HttpsClient;
+use crate::outbound::Outbound;
 
 const STS_VERSION: &str = "2011-06-15";
 const IAM_VERSION: &str = "2010-05-08";
@@ -91,26 +91,26 @@ impl AwsError {
     }
 }
 
-/// What a call is about: the scope (for errors), the credential to sign with, and its secret.
-pub struct Caller<'a> {
+/// What a call is about: the scope (for errors), the credential to sign with, its secret, and
+/// the client that carries it.
+pub struct AwsCall<'a> {
     pub scope: &'a str,
     pub credential: &'a AwsCredential,
     pub secret: Secret,
+    pub outbound: &'a dyn Outbound,
 }
 
-/// The AWS client: one connection pool, and one lock per role so revocation policy updates on a
-/// role never interleave.
+/// The AWS client: one lock per role so revocation policy updates on a role never interleave.
 #[derive(Default)]
-pub struct Aws {
-    client: OnceLock<HttpsClient>,
+pub struct AwsClient {
     role_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-impl Aws {
+impl AwsClient {
     /// STS `AssumeRole` for grant `grant_id`, narrowed by `policy`, for `duration_seconds`.
     pub async fn assume_role(
         &self,
-        caller: &Caller<'_>,
+        caller: &AwsCall<'_>,
         scope: &AwsStsScope,
         grant_id: &str,
         policy: &str,
@@ -170,7 +170,7 @@ impl Aws {
     /// inline role policy Valet owns there.
     pub async fn deny_sessions(
         &self,
-        caller: &Caller<'_>,
+        caller: &AwsCall<'_>,
         scope: &AwsStsScope,
         grant_id: &str,
         keep_until: UnixTime,
@@ -242,7 +242,7 @@ impl Aws {
     /// One signed Query API call; the answer's XML text on success.
     async fn call(
         &self,
-        caller: &Caller<'_>,
+        caller: &AwsCall<'_>,
         service: Service,
         operation: &'static str,
         parameters: &[(&str, &str)],
@@ -310,30 +310,15 @@ impl Aws {
             request = request.header(*name, value);
         }
         let request = request
-            .body(Full::new(Bytes::from(body)))
+            .body(Bytes::from(body))
             .map_err(|error| unreachable(error.to_string()))?;
-        let client = match self.client.get() {
-            Some(client) => client.clone(),
-            None => {
-                let client = crate::https::client().map_err(&unreachable)?;
-                self.client.get_or_init(|| client).clone()
-            }
-        };
-        let (status, text) = tokio::time::timeout(CALL_TIMEOUT, async {
-            let response = client
-                .request(request)
-                .await
-                .map_err(|error| unreachable(describe(&error)))?;
-            let status = response.status().as_u16();
-            let bytes = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|error| unreachable(format!("the answer could not be read: {error}")))?
-                .to_bytes();
-            Ok::<_, AwsError>((status, String::from_utf8_lossy(&bytes).into_owned()))
-        })
-        .await
-        .map_err(|_| unreachable(format!("no answer within {} s", CALL_TIMEOUT.as_secs())))??;
+        let answer = caller
+            .outbound
+            .send(request, CALL_TIMEOUT, MAX_ANSWER_BYTES)
+            .await
+            .map_err(&unreachable)?;
+        let status = answer.status;
+        let text = String::from_utf8_lossy(&answer.body).into_owned();
         if (200..300).contains(&status) {
             return Ok(text);
         }
@@ -406,17 +391,6 @@ fn policy_document(answer: &str) -> Result<String, String> {
         .decode_utf8()
         .map(|decoded| decoded.into_owned())
         .map_err(|error| format!("the PolicyDocument is not URL-encoded UTF-8: {error}"))
-}
-
-fn describe(error: &hyper_util::client::legacy::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ fn graphql(criterion: &mut Criterion) {
     .to_string();
     criterion.bench_function("GraphQL check (query with fragment)", |bench| {
         bench.iter(|| {
-            valet_gateway::check_graphql(std::hint::black_box(body.as_bytes()), &allow)
+            valet_core::graphql::check(std::hint::black_box(body.as_bytes()), &allow)
                 .expect("allowed")
         })
     });

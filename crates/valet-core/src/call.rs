@@ -1,0 +1,252 @@
+//! The rules of one call through the gateway, with no I/O: which allow rules a call can match,
+//! which one allows its body (GraphQL parsed), what identifies the call for an approval, and why a
+//! call is refused. The gateway and the service both read these; neither re-implements them.
+
+use std::collections::BTreeMap;
+
+use crate::approval::CallFingerprint;
+use crate::config::Scope;
+use crate::grant::{CallRefused, InactiveReason};
+use crate::graphql::{self, AskedField, GraphqlDenial};
+use crate::rules::{AllowRule, PathError};
+use crate::token::VerifyError;
+
+/// Why the gateway did not forward a call, or why a forwarded call failed. Every variant names
+/// what was wrong; the gateway turns each into one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum CallRefusal {
+    #[error("no valet token: send `Authorization: Bearer <valet token>`")]
+    NoToken,
+    #[error("the valet token was refused: {0}")]
+    BadToken(VerifyError),
+    #[error("the token's grant is not known (it ended and was swept)")]
+    UnknownGrant,
+    #[error("{0}")]
+    Inactive(InactiveReason),
+    #[error("no upstream {name:?}; upstreams: [{known}]")]
+    UnknownUpstream { name: String, known: String },
+    #[error("scope {scope:?} is not for upstream {upstream:?}")]
+    WrongUpstream { scope: String, upstream: String },
+    #[error("the path is refused: {0}")]
+    BadPath(PathError),
+    #[error("{reason}")]
+    Denied {
+        scope: String,
+        rules: String,
+        asked: String,
+        reason: String,
+    },
+    #[error("{0}")]
+    LimitReached(CallRefused),
+    #[error("the request body is larger than the {max} bytes the matching rule allows")]
+    BodyTooLarge { max: u64 },
+    #[error("the request body could not be read: {0}")]
+    BadBody(String),
+    #[error("upstream {upstream} could not be reached: {detail}")]
+    UpstreamFailed { upstream: String, detail: String },
+    #[error("upstream {upstream} did not answer within {seconds} s")]
+    UpstreamTimeout { upstream: String, seconds: u64 },
+    #[error(
+        "the gateway serves /u/<upstream>/<path>, /.well-known/jwks.json, /.well-known/openid-configuration and /healthz"
+    )]
+    NotFound,
+    #[error(
+        "this call needs a person's approval: retry the identical request with header Valet-Approval: {approval_id} once it is approved"
+    )]
+    ApprovalRequired {
+        approval_id: String,
+        call: Box<CallFingerprint>,
+    },
+    #[error("{0}")]
+    ApprovalRefused(String),
+}
+
+impl CallRefusal {
+    /// Every kind, as agents see it in the `error` field; tests enumerate this list.
+    pub const KINDS: [&'static str; 16] = [
+        "no_token",
+        "bad_token",
+        "unknown_grant",
+        "inactive",
+        "unknown_upstream",
+        "wrong_upstream",
+        "bad_path",
+        "denied",
+        "limit_reached",
+        "body_too_large",
+        "bad_body",
+        "upstream_failed",
+        "upstream_timeout",
+        "not_found",
+        "approval_required",
+        "approval_refused",
+    ];
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallRefusal::NoToken => "no_token",
+            CallRefusal::BadToken(_) => "bad_token",
+            CallRefusal::UnknownGrant => "unknown_grant",
+            CallRefusal::Inactive(_) => "inactive",
+            CallRefusal::UnknownUpstream { .. } => "unknown_upstream",
+            CallRefusal::WrongUpstream { .. } => "wrong_upstream",
+            CallRefusal::BadPath(_) => "bad_path",
+            CallRefusal::Denied { .. } => "denied",
+            CallRefusal::LimitReached(_) => "limit_reached",
+            CallRefusal::BodyTooLarge { .. } => "body_too_large",
+            CallRefusal::BadBody(_) => "bad_body",
+            CallRefusal::UpstreamFailed { .. } => "upstream_failed",
+            CallRefusal::UpstreamTimeout { .. } => "upstream_timeout",
+            CallRefusal::NotFound => "not_found",
+            CallRefusal::ApprovalRequired { .. } => "approval_required",
+            CallRefusal::ApprovalRefused(_) => "approval_refused",
+        }
+    }
+
+    /// Whether the call was forwarded and failed upstream (rather than refused by Valet).
+    pub fn is_upstream_failure(&self) -> bool {
+        matches!(
+            self,
+            CallRefusal::UpstreamFailed { .. } | CallRefusal::UpstreamTimeout { .. }
+        )
+    }
+
+    fn from_graphql(scope: &Scope, denial: GraphqlDenial) -> CallRefusal {
+        CallRefusal::Denied {
+            scope: scope.name.clone(),
+            rules: rules_summary(scope),
+            asked: denial
+                .asked()
+                .unwrap_or_else(|| "a GraphQL request".to_string()),
+            reason: denial.to_string(),
+        }
+    }
+}
+
+/// The rules of `scope` whose method and path match; none is a denial naming every rule.
+pub fn candidate_rules<'a>(
+    scope: &'a Scope,
+    method: &str,
+    path: &str,
+    segments: &[String],
+    params: &BTreeMap<String, String>,
+) -> Result<Vec<&'a AllowRule>, CallRefusal> {
+    let candidates: Vec<&AllowRule> = scope
+        .allow
+        .iter()
+        .filter(|rule| rule.matches(method, segments, params))
+        .collect();
+    if candidates.is_empty() {
+        return Err(CallRefusal::Denied {
+            scope: scope.name.clone(),
+            rules: rules_summary(scope),
+            asked: format!("{method} {path}"),
+            reason: format!("no rule of scope {:?} allows {method} {path}", scope.name),
+        });
+    }
+    Ok(candidates)
+}
+
+/// The largest body any of `candidates` accepts: the gateway reads no more than this.
+pub fn max_body(candidates: &[&AllowRule]) -> u64 {
+    candidates
+        .iter()
+        .map(|rule| rule.max_body)
+        .max()
+        .unwrap_or(crate::rules::DEFAULT_MAX_BODY)
+}
+
+/// Picks the first candidate rule that allows the body; GraphQL rules parse it.
+pub fn choose_rule<'a>(
+    scope: &Scope,
+    candidates: &[&'a AllowRule],
+    body: &[u8],
+) -> Result<(&'a AllowRule, Vec<AskedField>), CallRefusal> {
+    let mut first_denial = None;
+    for rule in candidates {
+        if body.len() as u64 > rule.max_body {
+            first_denial.get_or_insert(CallRefusal::BodyTooLarge { max: rule.max_body });
+            continue;
+        }
+        match &rule.graphql {
+            None => return Ok((rule, Vec::new())),
+            Some(allow) => match graphql::check(body, allow) {
+                Ok(fields) => return Ok((rule, fields)),
+                Err(denial) => {
+                    first_denial.get_or_insert(CallRefusal::from_graphql(scope, denial));
+                }
+            },
+        }
+    }
+    Err(first_denial.unwrap_or_else(|| CallRefusal::Denied {
+        scope: scope.name.clone(),
+        rules: rules_summary(scope),
+        asked: "this call".into(),
+        reason: "no rule allows it".into(),
+    }))
+}
+
+/// Every rule of a scope in one line, for denials.
+pub fn rules_summary(scope: &Scope) -> String {
+    let rules: Vec<String> = scope
+        .allow
+        .iter()
+        .map(|rule| match &rule.graphql {
+            None => rule.to_string(),
+            Some(allow) => format!(
+                "{rule} graphql query [{}] mutation [{}]",
+                allow.query.iter().cloned().collect::<Vec<_>>().join(", "),
+                allow
+                    .mutation
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })
+        .collect();
+    format!("scope {}: {}", scope.name, rules.join("; "))
+}
+
+/// The identity of a call for approval: method, target, body hash, and what people need to read.
+pub fn fingerprint(
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+    fields: &[AskedField],
+    is_graphql: bool,
+) -> CallFingerprint {
+    let target = match query {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
+    };
+    let digest = ring::digest::digest(&ring::digest::SHA256, body);
+    let variables = if is_graphql {
+        serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|value| match value {
+                serde_json::Value::Object(object) => object
+                    .get("variables")
+                    .filter(|variables| !variables.is_null())
+                    .map(ToString::to_string),
+                serde_json::Value::Array(items) => {
+                    let all: Vec<serde_json::Value> = items
+                        .iter()
+                        .filter_map(|item| item.get("variables").cloned())
+                        .collect();
+                    (!all.is_empty()).then(|| serde_json::Value::Array(all).to_string())
+                }
+                _ => None,
+            })
+    } else {
+        None
+    };
+    CallFingerprint {
+        method: method.to_string(),
+        target,
+        body_sha256: hex::encode(digest.as_ref()),
+        graphql: fields.iter().map(ToString::to_string).collect(),
+        variables,
+    }
+}

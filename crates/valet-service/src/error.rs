@@ -1,0 +1,120 @@
+//! The one error type of the application layer. Every variant names a domain fact; the transports
+//! map it once each (gRPC status in valet-server, HTTP response in valet-gateway).
+
+use valet_core::approval::ApprovalError;
+use valet_core::audit::Outcome;
+use valet_core::call::CallRefusal;
+use valet_core::grant::{InactiveReason, TransitionError};
+use valet_core::keyring::KeyError;
+use valet_core::policy::{AccessError, RequestError};
+use valet_store::StoreError;
+
+use crate::audit_sink::AuditError;
+use crate::aws_client::AwsError;
+use crate::loader::LoadError;
+
+/// Why an operation did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{reason}")]
+    Unauthenticated { reason: String },
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    #[error(transparent)]
+    Inactive(#[from] InactiveReason),
+    #[error("grant {id} does not exist (it may have expired and been swept)")]
+    GrantNotFound { id: String },
+    #[error("approval {id} does not exist (ended approvals are swept)")]
+    ApprovalNotFound { id: String },
+    #[error("{field}: {problem}")]
+    InvalidField {
+        field: &'static str,
+        problem: String,
+    },
+    #[error("the new config was not applied, the running config stays in force: {0}")]
+    Reload(Box<LoadError>),
+    #[error(transparent)]
+    Approval(#[from] ApprovalError),
+    #[error(transparent)]
+    Call(#[from] CallRefusal),
+    #[error(transparent)]
+    Aws(Box<AwsError>),
+    #[error(
+        "grant {grant_id} is revoked in Valet, but AWS keeps honouring its credentials until {until}: writing the deny failed: {error}; revoke the grant again to retry"
+    )]
+    AwsRevocation {
+        grant_id: String,
+        until: String,
+        error: Box<AwsError>,
+    },
+    #[error(transparent)]
+    Store(StoreError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A follower of a change stream fell behind and missed changes.
+    #[error("the watcher fell {n_missed} changes behind; {advice}")]
+    Lagged { n_missed: u64, advice: &'static str },
+    /// Work that had to leave the async workers did not come back (a panic or shutdown).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// How this error is recorded in the audit log: refusals as `denied`, failures outside Valet
+    /// as `failed`; `None` when the store or the audit log itself failed (it is logged instead).
+    pub fn audit_outcome(&self) -> Option<Outcome> {
+        match self {
+            ServiceError::Store(_)
+            | ServiceError::Audit(_)
+            | ServiceError::Internal(_)
+            | ServiceError::Lagged { .. } => None,
+            ServiceError::Aws(_) | ServiceError::AwsRevocation { .. } | ServiceError::Key(_) => {
+                Some(Outcome::Failed)
+            }
+            ServiceError::Call(refusal) if refusal.is_upstream_failure() => Some(Outcome::Failed),
+            _ => Some(Outcome::Denied),
+        }
+    }
+
+    /// Whether the caller may succeed by trying again later.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ServiceError::Aws(error) | ServiceError::AwsRevocation { error, .. } => {
+                error.is_transient()
+            }
+            ServiceError::Store(StoreError::Conflict { .. } | StoreError::KeyRingConflict) => {
+                false
+            }
+            ServiceError::Store(_) | ServiceError::Audit(_) => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(error: StoreError) -> ServiceError {
+        match error {
+            StoreError::ApprovalNotFound { id } => ServiceError::ApprovalNotFound { id },
+            StoreError::NotFound { id } => ServiceError::GrantNotFound { id },
+            error => ServiceError::Store(error),
+        }
+    }
+}
+
+impl From<AwsError> for ServiceError {
+    fn from(error: AwsError) -> ServiceError {
+        ServiceError::Aws(Box::new(error))
+    }
+}
+
+impl From<valet_core::random::RandomnessUnavailable> for ServiceError {
+    fn from(error: valet_core::random::RandomnessUnavailable) -> ServiceError {
+        ServiceError::Key(error.into())
+    }
+}

@@ -1,0 +1,418 @@
+//! The gateway's operations: authorize one call (verify the token, read the grant, match a rule on
+//! method, path and body, take a person's approval when the rule needs one, count the call, and
+//! record the decision) and record how a forwarded call ended. The gateway itself only routes,
+//! forwards and streams; every grant rule and every audit record of a call lives here.
+
+use std::net::SocketAddr;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use valet_core::approval::{ApprovalError, ApprovalStatus, CallFingerprint};
+use valet_core::audit::{AuditAction, AuditEvent, Outcome};
+use valet_core::call::{self, CallRefusal};
+use valet_core::config::Upstream;
+use valet_core::grant::Grant;
+use valet_core::rules::{self, AllowRule};
+use valet_core::token::{self, Expectations};
+use valet_core::Secret;
+
+use crate::caller::Attribution;
+use crate::compare_and_swap::{Decision, Swapped, compare_and_swap};
+use crate::{ServiceError, Valet};
+
+/// Where a gateway call came from and what it asked, before anything is checked.
+#[derive(Debug, Clone)]
+pub struct CallSite {
+    pub request_id: String,
+    pub peer: SocketAddr,
+    /// The upstream named in the URL (`/u/<upstream>/…`).
+    pub upstream: String,
+    pub method: String,
+    /// The path after the upstream's name, starting with `/`.
+    pub path: String,
+    /// The raw query string, when there is one.
+    pub query: Option<String>,
+}
+
+impl Attribution for CallSite {
+    fn attribute(&self, event: AuditEvent) -> AuditEvent {
+        event
+            .with("request_id", &self.request_id)
+            .with("upstream", &self.upstream)
+            .with("method", &self.method)
+            .with("path", &self.path)
+            .with("peer", self.peer.ip().to_string())
+    }
+
+    fn request_id(&self) -> &str {
+        &self.request_id
+    }
+}
+
+/// The holder of the grant a call presents, as its records name it.
+pub(crate) struct GrantHolder<'a> {
+    site: &'a CallSite,
+    principal: String,
+}
+
+impl Attribution for GrantHolder<'_> {
+    fn attribute(&self, event: AuditEvent) -> AuditEvent {
+        self.site.attribute(event).with("principal", &self.principal)
+    }
+
+    fn request_id(&self) -> &str {
+        &self.site.request_id
+    }
+}
+
+/// The request body, read only once the call may have one and only up to what its rule allows.
+#[async_trait]
+pub trait BodySource: Send {
+    /// The length the request declares, when it declares one.
+    fn declared_length(&self) -> Option<u64>;
+    /// Reads the whole body; more than `max` bytes is `BodyTooLarge`.
+    async fn read(self: Box<Self>, max: u64) -> Result<Bytes, CallRefusal>;
+}
+
+/// One call to authorize.
+pub struct CallRequest<'a> {
+    pub site: &'a CallSite,
+    /// The `Authorization` header as sent, if any.
+    pub authorization: Option<&'a str>,
+    /// The `Valet-Approval` header as sent, if any.
+    pub approval: Option<&'a str>,
+    pub body: Box<dyn BodySource + 'a>,
+}
+
+/// A call the gateway may forward, with everything it needs to do so.
+pub struct CallDecision {
+    pub site: CallSite,
+    pub grant: Grant,
+    pub upstream: Upstream,
+    /// The rule that allowed the call, as people read it (`allow[0] POST /graphql`).
+    pub rule: String,
+    /// The body that was checked: exactly what is forwarded.
+    pub body: Bytes,
+    /// The root credential to inject on the upstream leg.
+    pub secret: Secret,
+}
+
+impl std::fmt::Debug for CallDecision {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("CallDecision")
+            .field("request_id", &self.site.request_id)
+            .field("grant", &self.grant.id)
+            .field("upstream", &self.upstream.name)
+            .field("rule", &self.rule)
+            .finish()
+    }
+}
+
+/// How a forwarded call ended.
+#[derive(Debug)]
+pub enum CallOutcome {
+    /// The upstream answered; the body was streamed to the agent (`complete`: to its end).
+    Answered {
+        status: u16,
+        bytes: u64,
+        latency_ms: f64,
+        complete: bool,
+    },
+    /// The upstream could not be reached or did not answer in time.
+    Failed(CallRefusal),
+}
+
+/// Which upstreams the gateway serves, for routing.
+pub struct Upstreams {
+    pub names: Vec<String>,
+}
+
+impl Valet {
+    /// Authorizes one call through the gateway. A refusal is recorded (action `gateway.call`,
+    /// outcome `denied`, the reason) and returned; an allowed call is recorded before it is
+    /// returned, so no call is forwarded without its record.
+    pub async fn authorize_call(
+        &self,
+        request: CallRequest<'_>,
+    ) -> Result<CallDecision, ServiceError> {
+        let site = request.site;
+        let mut context = call_context(None);
+        let outcome = self.authorize_decided(request, &mut context).await;
+        self.answer(site, context, outcome).await
+    }
+
+    /// Records a call refused before it reached an upstream's rules (an unknown route), so
+    /// every refusal of the gateway is in the audit log; returns the refusal.
+    pub async fn refuse_call(&self, site: &CallSite, refusal: CallRefusal) -> ServiceError {
+        match self
+            .answer::<()>(site, call_context(None), Err(refusal.into()))
+            .await
+        {
+            Err(error) => error,
+            Ok(()) => ServiceError::Internal("a refusal answered success".into()),
+        }
+    }
+
+    /// Records how a forwarded call ended. A failed call is recorded as `gateway.call`, outcome
+    /// `failed` (and returned, for the agent); an answered one as `gateway.response`.
+    pub async fn record_call_outcome(
+        &self,
+        decision: &CallDecision,
+        outcome: CallOutcome,
+    ) -> Result<(), ServiceError> {
+        match outcome {
+            CallOutcome::Failed(refusal) => {
+                self.answer::<()>(
+                    &decision.site,
+                    call_context(Some(&decision.grant)),
+                    Err(refusal.into()),
+                )
+                .await
+            }
+            CallOutcome::Answered {
+                status,
+                bytes,
+                latency_ms,
+                complete,
+            } => {
+                let event = call_event(
+                    AuditAction::GatewayResponse,
+                    Outcome::Allowed,
+                    Some(&decision.grant),
+                )
+                .with("rule", &decision.rule)
+                .with("status", status.to_string())
+                .with_value("bytes", serde_json::Value::from(bytes))
+                .with_value("latency_ms", serde_json::Value::from(latency_ms))
+                .with_value("complete", serde_json::Value::from(complete));
+                self.record(&decision.site, event).await
+            }
+        }
+    }
+
+    /// The upstreams in the config, for the gateway's routing errors.
+    pub fn upstreams(&self) -> Upstreams {
+        Upstreams {
+            names: self.config().upstreams.keys().cloned().collect(),
+        }
+    }
+
+    async fn authorize_decided(
+        &self,
+        request: CallRequest<'_>,
+        context: &mut AuditEvent,
+    ) -> Result<CallDecision, ServiceError> {
+        let site = request.site;
+        let config = self.config();
+        let upstream = config.upstreams.get(&site.upstream).cloned().ok_or_else(|| {
+            CallRefusal::UnknownUpstream {
+                name: site.upstream.clone(),
+                known: config
+                    .upstreams
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        })?;
+
+        // The token, verified with the audience pinned to this upstream.
+        let token = request
+            .authorization
+            .and_then(bearer_token)
+            .ok_or(CallRefusal::NoToken)?;
+        let expectations = Expectations {
+            issuer: &config.server.issuer,
+            audience: Some(&upstream.name),
+            now: self.clock.now(),
+            leeway_seconds: 0,
+        };
+        let claims = token::verify(token, self.keys.ring().as_ref(), expectations)
+            .map_err(CallRefusal::BadToken)?;
+        let grant = self
+            .store
+            .get_grant(&claims.jti)
+            .await?
+            .ok_or(CallRefusal::UnknownGrant)?;
+        *context = call_context(Some(&grant));
+        if let Some(reason) = grant.inactive_reason(self.clock.now()) {
+            return Err(CallRefusal::Inactive(reason).into());
+        }
+        let holder = GrantHolder {
+            site,
+            principal: grant.principal.clone(),
+        };
+        let scope = config
+            .scopes
+            .get(&grant.scope)
+            .ok_or_else(|| CallRefusal::Denied {
+                scope: grant.scope.clone(),
+                rules: "(none: the scope is no longer in the config)".into(),
+                asked: format!("{} {}", site.method, site.path),
+                reason: format!("scope {:?} no longer exists", grant.scope),
+            })?;
+        if scope.upstream.as_deref() != Some(upstream.name.as_str()) {
+            return Err(CallRefusal::WrongUpstream {
+                scope: scope.name.clone(),
+                upstream: upstream.name.clone(),
+            }
+            .into());
+        }
+
+        // The path, refused if it could mean something else upstream; then the rules it matches.
+        let segments = rules::normalized_segments(&site.path).map_err(CallRefusal::BadPath)?;
+        let candidates =
+            call::candidate_rules(scope, &site.method, &site.path, &segments, &grant.params)?;
+
+        // The body, read whole up to the largest limit of the candidate rules: the check runs on
+        // exactly the bytes that are forwarded.
+        let max_body = call::max_body(&candidates);
+        if let Some(length) = request.body.declared_length()
+            && length > max_body
+        {
+            return Err(CallRefusal::BodyTooLarge { max: max_body }.into());
+        }
+        let body = request.body.read(max_body).await?;
+        let (rule, asked_fields) = call::choose_rule(scope, &candidates, &body)?;
+
+        // A rule that needs approval forwards only the identical call a person approved, once.
+        if let Some(approval) = &rule.approval {
+            let call = call::fingerprint(
+                &site.method,
+                &site.path,
+                site.query.as_deref(),
+                &body,
+                &asked_fields,
+                rule.graphql.is_some(),
+            );
+            context.set("approval_id", request.approval.unwrap_or_default().trim());
+            self.take_call_approval(&holder, &grant, approval, call, request.approval)
+                .await?;
+        }
+
+        // Count the call against the grant and the rule, then record the decision.
+        let grant = self.count_call(grant, rule).await?;
+        let fields: Vec<String> = asked_fields.iter().map(ToString::to_string).collect();
+        let mut decision = call_event(AuditAction::GatewayCall, Outcome::Allowed, Some(&grant))
+            .with("rule", rule.to_string());
+        if !fields.is_empty() {
+            decision = decision.with_value("graphql", serde_json::Value::from(fields));
+        }
+        self.record(site, decision).await?;
+
+        let secret = self.credential(&upstream.credential).ok_or_else(|| {
+            ServiceError::Internal(format!(
+                "credential {:?} is not loaded",
+                upstream.credential
+            ))
+        })?;
+        Ok(CallDecision {
+            site: site.clone(),
+            grant,
+            rule: rule.to_string(),
+            upstream,
+            body,
+            secret,
+        })
+    }
+
+    /// Opens an approval request for `call`, or uses the approval the caller names for it.
+    async fn take_call_approval(
+        &self,
+        holder: &GrantHolder<'_>,
+        grant: &Grant,
+        approval: &valet_core::approval::ApprovalPolicy,
+        call: CallFingerprint,
+        named: Option<&str>,
+    ) -> Result<(), ServiceError> {
+        let Some(id) = named.map(str::trim) else {
+            let pending = self
+                .request_call_approval(holder, grant, approval, call.clone())
+                .await?;
+            return Err(CallRefusal::ApprovalRequired {
+                approval_id: pending.id,
+                call: Box::new(call),
+            }
+            .into());
+        };
+        match self.consume_call_approval(holder, id, grant, &call).await {
+            Ok(_) => Ok(()),
+            Err(ServiceError::Approval(ApprovalError::NotUsable {
+                status: ApprovalStatus::Pending,
+                ..
+            })) => Err(CallRefusal::ApprovalRequired {
+                approval_id: id.to_string(),
+                call: Box::new(call),
+            }
+            .into()),
+            Err(ServiceError::Approval(error)) => {
+                Err(CallRefusal::ApprovalRefused(error.to_string()).into())
+            }
+            Err(ServiceError::ApprovalNotFound { id }) => Err(CallRefusal::ApprovalRefused(
+                format!("approval {id} does not exist"),
+            )
+            .into()),
+            Err(ServiceError::Request(error)) => Err(CallRefusal::ApprovalRefused(format!(
+                "Valet-Approval: {error}"
+            ))
+            .into()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Records one call on the grant when a limit applies (compare-and-swap, so concurrent calls
+    /// never both take the last use).
+    async fn count_call(&self, grant: Grant, rule: &AllowRule) -> Result<Grant, ServiceError> {
+        if grant.max_uses.is_none() && rule.max_calls.is_none() {
+            return Ok(grant);
+        }
+        let swapped = compare_and_swap(self.store.as_ref(), grant, async |grant: &Grant| {
+            let next = grant
+                .called(rule, self.clock.now())
+                .map_err(CallRefusal::LimitReached)?;
+            Ok(Decision::Write(next, ()))
+        })
+        .await?;
+        Ok(match swapped {
+            Swapped::Written { after, .. } => after,
+            Swapped::Kept { current, .. } => current,
+        })
+    }
+}
+
+/// The record a refused call leaves, completed by [`Valet::answer`].
+fn call_context(grant: Option<&Grant>) -> AuditEvent {
+    call_event(AuditAction::GatewayCall, Outcome::Denied, grant)
+}
+
+fn call_event(action: AuditAction, outcome: Outcome, grant: Option<&Grant>) -> AuditEvent {
+    let event = AuditEvent::new(action, outcome);
+    match grant {
+        Some(grant) => event.with_grant(grant).with("principal", &grant.principal),
+        None => event,
+    }
+}
+
+/// The refusal's details for the record, beyond its reason.
+pub(crate) fn describe_refusal(event: AuditEvent, error: &ServiceError) -> AuditEvent {
+    let ServiceError::Call(refusal) = error else {
+        return event;
+    };
+    let event = event.with("refusal", refusal.kind());
+    match refusal {
+        CallRefusal::Denied { asked, rules, .. } => event.with("asked", asked).with("rules", rules),
+        CallRefusal::ApprovalRequired { approval_id, .. } => {
+            event.with("approval_id", approval_id)
+        }
+        _ => event,
+    }
+}
+
+fn bearer_token(value: &str) -> Option<&str> {
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}

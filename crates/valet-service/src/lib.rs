@@ -1,0 +1,213 @@
+//! The application layer: every entry point (gRPC, the gateway, later MCP and the console) calls
+//! the same coarse operations here with a [`Caller`], and gets a domain result or one
+//! [`ServiceError`]. Each operation decides with valet-core, makes the outcome durable in the
+//! store, records it in the audit log, and only then returns. Every refusal takes one path
+//! ([`Valet::answer`]): the audit record first, then the error.
+//!
+//! No tonic and no hyper here: transports are adapters around this crate.
+
+mod administration;
+mod approvals;
+mod audit_sink;
+mod aws_client;
+mod aws_grants;
+mod caller;
+mod compare_and_swap;
+mod error;
+mod gateway;
+mod keys;
+mod listing;
+mod loader;
+mod outbound;
+mod redactor;
+mod revocation;
+mod tokens;
+mod vault;
+mod waiting;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use valet_core::Clock;
+use valet_core::audit::{AuditAction, AuditEvent, Outcome};
+use valet_core::config::Config;
+use valet_core::keyring::SealKey;
+use valet_store::Store;
+
+pub use administration::{ReloadOutcome, ReloadTrigger};
+pub use audit_sink::{AuditError, AuditSink, WrittenRecord};
+pub use aws_client::{AwsError, StsCredentials};
+pub use aws_grants::AwsGrant;
+pub use caller::{Attribution, Authentication, Caller};
+pub use error::ServiceError;
+pub use gateway::{BodySource, CallDecision, CallOutcome, CallRequest, CallSite, Upstreams};
+pub use approvals::approval_json;
+pub use listing::ServiceStream;
+pub use listing::{ApprovalListing, AuditTail, GrantEvent, GrantEventKind, GrantListing};
+pub use loader::{LoadError, LoadedConfig, Overrides, load_config, load_seal_key, read_secret};
+pub use outbound::{Outbound, OutboundAnswer};
+pub use redactor::Redactor;
+pub use tokens::{Introspection, Issued, Renewed};
+pub use vault::CredentialVault;
+pub use waiting::GrantUpdate;
+
+/// The running broker: config, credentials, keys, store, audit log and clock.
+pub struct Valet {
+    config: ArcSwap<Config>,
+    /// Root credentials, read at start and on reload.
+    vault: Arc<CredentialVault>,
+    /// Keeps every root credential out of what valetd emits.
+    redactor: Arc<Redactor>,
+    config_path: PathBuf,
+    overrides: Overrides,
+    keys: keys::Keys,
+    store: Arc<dyn Store>,
+    audit: AuditSink,
+    /// Announces new approval requests to the webhook.
+    notifier: approvals::Notifier,
+    /// Calls to AWS for aws-sts scopes.
+    aws: aws_client::AwsClient,
+    /// Outbound HTTP (webhooks, AWS), provided by the process that runs the service.
+    outbound: Arc<dyn Outbound>,
+    clock: Arc<dyn Clock>,
+}
+
+/// What it takes to start the service.
+pub struct Parts {
+    pub loaded: LoadedConfig,
+    pub config_path: PathBuf,
+    pub overrides: Overrides,
+    pub seal_key: SealKey,
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub outbound: Arc<dyn Outbound>,
+    /// Set when several replicas share the state: every audit record names the replica.
+    pub replica: Option<String>,
+}
+
+impl Valet {
+    /// Opens the audit log (checked against the store's chain head) and the key ring (created
+    /// on first start), and starts the webhook notifier.
+    pub async fn open(parts: Parts) -> Result<Arc<Valet>, ServiceError> {
+        let vault = CredentialVault::new(parts.loaded.credentials);
+        let redactor = Arc::new(Redactor::new(vault.clone()));
+        let audit = AuditSink::open(
+            &parts.loaded.config.audit.path,
+            parts.store.clone(),
+            parts.clock.clone(),
+            redactor.clone(),
+        )
+        .await?;
+        let audit = match parts.replica {
+            Some(replica) => audit.for_replica(replica),
+            None => audit,
+        };
+        let keys = keys::Keys::open(parts.store.clone(), parts.seal_key, parts.clock.clone()).await?;
+        Ok(Arc::new_cyclic(|weak| Valet {
+            config: ArcSwap::from_pointee(parts.loaded.config),
+            vault,
+            redactor,
+            config_path: parts.config_path,
+            overrides: parts.overrides,
+            keys,
+            store: parts.store,
+            audit,
+            notifier: approvals::Notifier::start(weak.clone()),
+            aws: aws_client::AwsClient::default(),
+            outbound: parts.outbound,
+            clock: parts.clock,
+        }))
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn now(&self) -> valet_core::UnixTime {
+        self.clock.now()
+    }
+
+    /// The signing keys' public halves, for JWKS documents.
+    pub fn jwks(&self) -> Vec<valet_core::keyring::Jwk> {
+        self.keys.ring().jwks()
+    }
+
+    /// How many root credentials are loaded (never their values).
+    pub fn n_credentials(&self) -> usize {
+        self.vault.len()
+    }
+
+    /// Removes every root credential from text about to leave valetd.
+    pub fn redact(&self, text: &str) -> String {
+        self.redactor.redact(text).unwrap_or_else(|| text.to_string())
+    }
+
+    /// Whether the store answers: the broker's readiness.
+    pub async fn store_reachable(&self) -> bool {
+        self.store.audit_head().await.is_ok()
+    }
+
+    /// Changes in the store, for followers (watches, the key ring).
+    pub fn store_changes(&self) -> tokio::sync::broadcast::Receiver<valet_store::StoreChange> {
+        self.store.subscribe()
+    }
+
+    /// Re-reads the key ring after a change in the store (a rotation elsewhere, a sweep, or a gap
+    /// in the change stream: then everything is re-read, never trusted).
+    pub async fn refresh_keys(&self) -> Result<(), ServiceError> {
+        self.keys.refresh().await
+    }
+
+    /// Deletes ended grants, revocations and keys past their retention; re-reads the key ring.
+    pub async fn sweep(&self) -> Result<valet_store::SweepReport, ServiceError> {
+        let retention = self.config().server.grant_retention;
+        let report = self.store.sweep(self.clock.now(), retention).await?;
+        self.keys.refresh().await?;
+        Ok(report)
+    }
+
+    /// Writes `event` as `who`'s, durable on return.
+    pub(crate) async fn record(
+        &self,
+        who: &impl Attribution,
+        event: AuditEvent,
+    ) -> Result<(), ServiceError> {
+        self.audit.record(who.attribute(event)).await?;
+        Ok(())
+    }
+
+    /// The one path every answer of an operation takes. A refusal is recorded first (`context`,
+    /// with the reason, outcome `denied`), then returned; a failure outside Valet (AWS) is
+    /// recorded as `failed`; a store or audit failure is logged under the request id, since the
+    /// record itself is what failed. Success passes through: operations record what they did.
+    pub(crate) async fn answer<T>(
+        &self,
+        caller: &impl Attribution,
+        context: AuditEvent,
+        outcome: Result<T, ServiceError>,
+    ) -> Result<T, ServiceError> {
+        let error = match outcome {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        let Some(audited) = error.audit_outcome() else {
+            tracing::error!(request_id = caller.request_id(), error = %self.redact(&error.to_string()), "operation failed closed");
+            return Err(error);
+        };
+        let mut event = context;
+        event.set_outcome(audited);
+        let event = gateway::describe_refusal(event.with("reason", error.to_string()), &error);
+        self.record(caller, event).await?;
+        Err(error)
+    }
+}
+
+/// A record of `action` that [`Valet::answer`] completes if the operation is refused.
+pub(crate) fn context(action: AuditAction) -> AuditEvent {
+    AuditEvent::new(action, Outcome::Denied)
+}

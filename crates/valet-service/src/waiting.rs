@@ -1,0 +1,154 @@
+//! Waiting for a pending grant: the requester follows its grant (and its approval request) until
+//! it is decided, and receives the token once it is approved. Only the requester ever does.
+
+use std::time::Duration;
+
+use tokio::sync::broadcast::error::RecvError;
+use valet_core::approval::ApprovalRequest;
+use valet_core::audit::AuditAction;
+use valet_core::grant::{Grant, GrantStatus};
+use valet_core::policy;
+use valet_core::token::Token;
+use valet_core::GrantId;
+use valet_store::StoreChange;
+
+use crate::aws_grants::AwsGrant;
+use crate::listing::{ServiceStream, stream_from_task};
+use crate::{Caller, ServiceError, Valet, context};
+
+/// Longest wait one call may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// The wait when none is asked for.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+
+/// The grant as it stands, with its token once it is active.
+#[derive(Debug)]
+pub struct GrantUpdate {
+    pub grant: Grant,
+    pub token: Option<Token>,
+    pub aws: Option<AwsGrant>,
+    pub approval: Option<ApprovalRequest>,
+}
+
+impl Valet {
+    /// Follows `grant_id` until it leaves `pending` or `timeout_seconds` pass (0: a minute): the
+    /// stream yields the grant now, then after each change; an active grant comes with its token.
+    pub async fn wait_for_grant(
+        self: &std::sync::Arc<Self>,
+        caller: &Caller,
+        grant_id: &str,
+        timeout_seconds: u64,
+    ) -> Result<ServiceStream<GrantUpdate>, ServiceError> {
+        let mut context = context(AuditAction::TokenWait);
+        // Subscribe first, so no change falls between the first read and the wait.
+        let changes = self.store.subscribe();
+        let outcome = async {
+            let timeout = match timeout_seconds {
+                0 => DEFAULT_WAIT,
+                seconds if seconds <= MAX_WAIT.as_secs() => Duration::from_secs(seconds),
+                seconds => {
+                    return Err(ServiceError::InvalidField {
+                        field: "timeout_seconds",
+                        problem: format!(
+                            "{seconds} is above the maximum {}",
+                            MAX_WAIT.as_secs()
+                        ),
+                    });
+                }
+            };
+            let grant_id = GrantId::parse(grant_id)?;
+            context.set("grant_id", grant_id.as_str());
+            let grant = self.fetch_grant(grant_id.as_str()).await?;
+            context.set_grant(&grant);
+            policy::may_receive_token(&caller.principal, &grant)?;
+            let approval = self
+                .store
+                .list_approvals(false)
+                .await?
+                .into_iter()
+                .find(|approval| approval.grant_id == grant.id);
+            Ok((timeout, grant, approval))
+        }
+        .await;
+        let (timeout, grant, approval) = self.answer(caller, context, outcome).await?;
+        let valet = self.clone();
+        let caller = caller.clone();
+        Ok(stream_from_task(move |sender| async move {
+            follow(valet, caller, changes, timeout, grant, approval, sender).await;
+        }))
+    }
+}
+
+async fn follow(
+    valet: std::sync::Arc<Valet>,
+    caller: Caller,
+    mut changes: tokio::sync::broadcast::Receiver<StoreChange>,
+    timeout: Duration,
+    mut grant: Grant,
+    mut approval: Option<ApprovalRequest>,
+    sender: tokio::sync::mpsc::Sender<Result<GrantUpdate, ServiceError>>,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let now = valet.clock.now();
+        let status = grant.status_at(now);
+        let done = status != GrantStatus::Pending;
+        let (token, aws) = if status == GrantStatus::Active {
+            match valet.token_for(&caller, &grant).await {
+                Ok((token, aws)) => (Some(token), aws),
+                Err(error) => {
+                    let mut context = context(AuditAction::TokenWait);
+                    context.set_grant(&grant);
+                    if let Err(error) = valet.answer::<()>(&caller, context, Err(error)).await {
+                        let _ = sender.send(Err(error)).await;
+                    }
+                    return;
+                }
+            }
+        } else {
+            (None, None)
+        };
+        let update = GrantUpdate {
+            grant: grant.clone(),
+            token,
+            aws,
+            approval: approval.clone(),
+        };
+        if sender.send(Ok(update)).await.is_err() || done {
+            return;
+        }
+        // Wait for the next change to this grant or its approval, or the deadline.
+        let expires_in =
+            Duration::from_secs(u64::try_from(grant.expires_at - valet.clock.now()).unwrap_or(0));
+        let timed_out = tokio::time::Instant::now() + expires_in;
+        loop {
+            let change = tokio::select! {
+                change = changes.recv() => change,
+                // The approval's timeout: report the grant as it then stands.
+                _ = tokio::time::sleep_until(timed_out) => break,
+                _ = tokio::time::sleep_until(deadline) => return,
+            };
+            match change {
+                Ok(StoreChange::GrantUpdated { after, .. }) if after.id == grant.id => {
+                    grant = *after;
+                    break;
+                }
+                Ok(StoreChange::GrantRevoked(after)) if after.id == grant.id => {
+                    grant = after;
+                    break;
+                }
+                Ok(StoreChange::ApprovalChanged(changed)) if changed.grant_id == grant.id => {
+                    approval = Some(*changed);
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => {
+                    if let Ok(Some(current)) = valet.store.get_grant(&grant.id).await {
+                        grant = current;
+                    }
+                    break;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+}
