@@ -61,7 +61,7 @@ fn rule_matching(criterion: &mut Criterion) {
 
 fn audit_append(criterion: &mut Criterion) {
     let head = ChainHead::genesis();
-    let event = AuditEvent::new("token.issue", Outcome::Allowed)
+    let event = AuditEvent::new(valet_core::audit::AuditAction::TokenIssue, Outcome::Allowed)
         .with("grant_id", "01m85j5fd02fceax4cf7q3tgx3")
         .with("principal", "agent")
         .with("scope", "railway-staging-domains")

@@ -1,84 +1,35 @@
 //! The gateway: an HTTP reverse proxy inside valetd. An agent calls
-//! `http://GATEWAY/u/<upstream>/<path>` with its valet token; the gateway verifies the token,
-//! checks the call against the grant's scope (method, path, GraphQL fields), counts it, audits it,
-//! strips the agent's credentials, injects the root credential on the upstream leg only, and
-//! streams the answer back. The same listener serves the JWKS and OpenID discovery documents.
+//! `http://GATEWAY/u/<upstream>/<path>` with its valet token. A call passes through stages, each
+//! in its own module: [`route`] (which upstream, or a document the gateway serves itself),
+//! authorize (valet-service: token, grant, rule, approval, count, audit), [`forward`] (the
+//! request built for the upstream: agent credentials stripped, the root credential injected),
+//! [`stream`] (the answer streamed back with the root credential masked) and record (the closing
+//! audit record, valet-service again). The gateway keeps no grant bookkeeping of its own.
 
-mod graphql;
+mod forward;
 mod mask;
-mod proxy;
 mod response;
+mod route;
+mod stream;
 mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use valet_core::audit::AuditEvent;
-use valet_core::config::Config;
-use valet_core::grant::Grant;
-use valet_core::keyring::KeyRing;
-use valet_core::{Secret, UnixTime};
-
-pub use graphql::{AskedField, GraphqlDenial, check as check_graphql};
-
-/// What the gateway needs from the broker it runs in.
-#[async_trait]
-pub trait Broker: Send + Sync + 'static {
-    fn config(&self) -> Arc<Config>;
-    fn key_ring(&self) -> Arc<KeyRing>;
-    fn now(&self) -> UnixTime;
-    /// A root credential by name.
-    fn credential(&self, name: &str) -> Option<Secret>;
-    async fn grant(&self, id: &str) -> Result<Option<Grant>, BrokerError>;
-    /// Compare-and-swap, durable on return.
-    async fn update_grant(&self, expected: &Grant, new: &Grant) -> Result<(), BrokerError>;
-    /// Appends an audit record, durable on return.
-    async fn audit(&self, event: AuditEvent) -> Result<(), BrokerError>;
-    /// Removes any root credential from text about to leave valetd.
-    fn redact(&self, text: &str) -> String;
-    /// Records a pending approval for one exact call; returns its id.
-    async fn request_call_approval(
-        &self,
-        grant: &Grant,
-        policy: &valet_core::approval::ApprovalPolicy,
-        call: valet_core::approval::CallFingerprint,
-        request_id: &str,
-    ) -> Result<String, BrokerError>;
-    /// Uses the approval `id` for this exact call of this grant, once; `Refused` says why not.
-    async fn consume_call_approval(
-        &self,
-        id: &str,
-        grant: &Grant,
-        call: &valet_core::approval::CallFingerprint,
-        request_id: &str,
-    ) -> Result<(), BrokerError>;
-}
-
-/// A broker failure, as the gateway needs to tell them apart.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum BrokerError {
-    #[error("the grant changed concurrently")]
-    Conflict,
-    #[error("{0}")]
-    Unavailable(String),
-    /// The approval cannot be used for this call; the text says why.
-    #[error("{reason}")]
-    Refused { reason: String, pending: bool },
-}
+use valet_service::Valet;
 
 /// The gateway: serves one listener until `shutdown` completes.
 pub struct Gateway {
-    broker: Arc<dyn Broker>,
+    valet: Arc<Valet>,
     upstreams: upstream::Clients,
 }
 
 impl Gateway {
-    pub fn new(broker: Arc<dyn Broker>) -> Arc<Gateway> {
+    pub fn new(valet: Arc<Valet>) -> Arc<Gateway> {
         Arc::new(Gateway {
-            broker,
+            valet,
             upstreams: upstream::Clients::default(),
         })
     }
@@ -126,11 +77,50 @@ impl Gateway {
         }
     }
 
+    /// One call, stage by stage.
     async fn handle(
         &self,
         request: http::Request<hyper::body::Incoming>,
         peer: SocketAddr,
     ) -> http::Response<response::Body> {
-        proxy::handle(self, request, peer).await
+        let (site, request) = match route::route(&self.valet, request, peer) {
+            route::Routed::Served(response) => return response,
+            route::Routed::NotFound(site) => {
+                let error = self
+                    .valet
+                    .refuse_call(&site, valet_core::call::CallRefusal::NotFound)
+                    .await;
+                return response::error_response(&self.valet, &error, None);
+            }
+            route::Routed::Upstream(site, request) => (site, request),
+        };
+        let (parts, body) = request.into_parts();
+        let decision = self
+            .valet
+            .authorize_call(valet_service::CallRequest {
+                site: &site,
+                authorization: parts
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|value| value.to_str().ok()),
+                approval: parts
+                    .headers
+                    .get("valet-approval")
+                    .and_then(|value| value.to_str().ok()),
+                body: Box::new(route::IncomingBody::new(&parts.headers, body)),
+            })
+            .await;
+        let decision = match decision {
+            Ok(decision) => decision,
+            Err(denial) => {
+                tracing::info!(request_id = site.request_id, reason = %self.valet.redact(&denial.error.to_string()), "gateway call refused");
+                return response::error_response(
+                    &self.valet,
+                    &denial.error,
+                    denial.grant_id.as_deref(),
+                );
+            }
+        };
+        forward::forward(self, parts, decision).await
     }
 }

@@ -1,5 +1,7 @@
 //! HTTP clients for upstreams: one connection pool per upstream, TLS with the public web roots or
 //! the upstream's own CA file, connect timeout from its config. Rebuilt when its config changes.
+//! Building one reads files, so it happens off the async workers and outside the cache's lock:
+//! a call never waits for another upstream's CA file.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,19 +24,25 @@ pub struct Clients {
 
 impl Clients {
     /// The client for `upstream`, built on first use and again after its config changed.
-    pub fn client_for(&self, upstream: &Upstream) -> Result<UpstreamClient, String> {
-        let mut cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((cached, client)) = cache.get(&upstream.name)
+    pub async fn client_for(&self, upstream: &Upstream) -> Result<UpstreamClient, String> {
+        if let Some((cached, client)) = self.lock().get(&upstream.name)
             && cached == upstream
         {
             return Ok(client.clone());
         }
-        let client = build(upstream)?;
-        cache.insert(upstream.name.clone(), (upstream.clone(), client.clone()));
+        let config = upstream.clone();
+        let client = tokio::task::spawn_blocking(move || build(&config))
+            .await
+            .map_err(|error| format!("building the client failed: {error}"))??;
+        self.lock()
+            .insert(upstream.name.clone(), (upstream.clone(), client.clone()));
         Ok(client)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Upstream, UpstreamClient)>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -108,31 +108,9 @@ pub fn approval_to_wire(approval: &ApprovalRequest, now: UnixTime) -> v1::Approv
     }
 }
 
-/// The approval as the webhook receives it: what is asked, by whom, and until when.
-pub fn approval_json(approval: &ApprovalRequest) -> serde_json::Value {
-    serde_json::json!({
-        "id": approval.id,
-        "kind": match approval.kind { ApprovalKind::Token => "token", ApprovalKind::Call => "call" },
-        "summary": approval.summary(),
-        "grant_id": approval.grant_id,
-        "requester": approval.requester,
-        "scope": approval.scope,
-        "environment": approval.environment,
-        "task_id": approval.task_id,
-        "purpose": approval.purpose,
-        "params": approval.params,
-        "call": approval.call,
-        "created_at": valet_core::clock::format_time(approval.created_at),
-        "expires_at": valet_core::clock::format_time(approval.expires_at),
-        "required": approval.required,
-        "approvers": approval.approvers,
-        "confirm": approval.confirm.as_ref().map(|(what, _)| what),
-    })
-}
-
 /// STS credentials as the requester receives them. The only place their secret parts leave
 /// their `Secret` wrappers: into the reply to the grant's own principal.
-pub fn aws_to_wire(aws: &crate::sts::AwsGrant) -> v1::AwsCredentials {
+pub fn aws_to_wire(aws: &valet_service::AwsGrant) -> v1::AwsCredentials {
     let credentials = &aws.credentials;
     v1::AwsCredentials {
         access_key_id: credentials.access_key_id.clone(),

@@ -6,15 +6,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use tonic::Status;
 use tower::{Layer, Service};
 use tracing::Instrument;
-use valet_core::audit::{AuditEvent, Outcome};
-use valet_core::config::{Config, Principal};
-use valet_core::secret::constant_time_eq;
+use valet_service::Valet;
 
-use crate::error::ApiError;
-use crate::valet::{Caller, Valet};
+use crate::error::status_of;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -106,8 +102,9 @@ fn new_request_id() -> String {
         .unwrap_or_else(|_| "unavailable".to_string())
 }
 
-/// Authenticates the principal from `authorization: Bearer <key>`; the health and reflection
-/// services stay open so load balancers and `grpcurl` can use them.
+/// Authenticates the principal from `authorization: Bearer <key>` through the service (which
+/// records a refusal); the health and reflection services stay open so load balancers and
+/// `grpcurl` can use them.
 #[derive(Clone)]
 pub struct AuthenticateLayer {
     valet: Arc<Valet>,
@@ -154,7 +151,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let valet = self.valet.clone();
         Box::pin(async move {
-            let path = request.uri().path();
+            let path = request.uri().path().to_string();
             if path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.") {
                 return inner.call(request).await;
             }
@@ -163,59 +160,24 @@ where
                 .get::<RequestId>()
                 .map(|id| id.0.clone())
                 .unwrap_or_default();
-            match authenticate(&valet.config(), request.headers()) {
-                Ok(principal) => {
-                    tracing::Span::current().record("principal", principal.name.as_str());
-                    request.extensions_mut().insert(Caller {
-                        principal,
-                        request_id,
-                    });
+            let bearer = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .map(|value| value.as_bytes().to_vec());
+            match valet
+                .authenticate(bearer.as_deref(), &path, &request_id)
+                .await
+            {
+                Ok(caller) => {
+                    tracing::Span::current().record("principal", caller.principal.name.as_str());
+                    request.extensions_mut().insert(caller);
                     inner.call(request).await
                 }
-                Err(reason) => {
-                    let event = AuditEvent::new("principal.authenticate", Outcome::Denied)
-                        .with("reason", reason)
-                        .with("method", path)
-                        .with("request_id", &request_id);
-                    let status = match valet.audit.record(event).await {
-                        Ok(_) => ApiError::Unauthenticated { reason }.into_status(&request_id),
-                        Err(error) => Status::unavailable(format!(
-                            "valetd cannot write its audit log (fail closed); request id {request_id}: {error}"
-                        )),
-                    };
-                    tracing::warn!(reason, "authentication failed");
-                    Ok(status.into_http())
+                Err(error) => {
+                    tracing::warn!(reason = %error, "authentication failed");
+                    Ok(status_of(&valet, error, &request_id).into_http())
                 }
             }
         })
     }
-}
-
-/// Finds the principal whose key hash matches the bearer key, comparing in constant time.
-fn authenticate(config: &Config, headers: &http::HeaderMap) -> Result<Principal, &'static str> {
-    let value = headers
-        .get(http::header::AUTHORIZATION)
-        .ok_or("no principal key: send `authorization: Bearer <principal key>` (the valet CLI and client read VALET_KEY)")?;
-    let value = value
-        .to_str()
-        .map_err(|_| "the authorization header is not text")?;
-    let key = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .ok_or("the authorization header must be `Bearer <principal key>`")?
-        .trim();
-    if key.is_empty() {
-        return Err("the principal key is empty");
-    }
-    let digest = valet_core::Secret::from(key.to_string()).sha256();
-    let mut found = None;
-    // Compare against every principal, so the time taken does not reveal which one matched.
-    for principal in config.principals.values() {
-        if constant_time_eq(&principal.key_sha256, &digest) {
-            found = Some(principal);
-        }
-    }
-    found.cloned().ok_or(
-        "the principal key is not known to valetd (revoked, mistyped, or for another deployment)",
-    )
 }

@@ -1,23 +1,15 @@
-//! valetd as a library: everything the `valetd` binary does, reachable from tests.
+//! valetd as a library: the gRPC adapters around valet-service, the layers every RPC passes
+//! through, the outbound HTTP client, and the wiring that starts it all. Everything the `valetd`
+//! binary does is reachable from tests.
 
 mod admin;
-mod approvals;
-mod audit_sink;
-mod aws;
 mod broker;
 mod convert;
 mod error;
-mod gateway_broker;
-mod https;
-mod keys;
 mod layers;
-mod loader;
-mod redactor;
+mod outbound;
 mod server;
-mod sts;
-mod valet;
-mod webhook;
 
 pub use error::ServerError;
-pub use loader::Overrides;
 pub use server::{LogFormat, Options, init_logging, run};
+pub use valet_service::Overrides;

@@ -5,24 +5,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use valet_core::config::{Config, EtcdConfig, StoreConfig};
 use valet_core::{Clock, SystemClock};
 use valet_proto::v1::admin_server::AdminServer;
 use valet_proto::v1::broker_server::BrokerServer;
+use valet_service::{LoadError, Overrides, Parts, ReloadTrigger, Valet};
 use valet_store::{EtcdOptions, EtcdStore, SledStore, Store};
 
 use crate::admin::AdminService;
-use crate::audit_sink::AuditSink;
 use crate::broker::BrokerService;
 use crate::error::ServerError;
-use crate::keys::Keys;
 use crate::layers;
-use crate::loader::{self, Overrides};
-use crate::redactor::Redactor;
-use crate::valet::Valet;
 
 /// The largest request message valetd decodes. Requests are small; this bounds memory per call.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -75,8 +70,8 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
         StoreConfig::Etcd(etcd) => {
             let password = match &etcd.password {
                 None => None,
-                Some(source) => Some(loader::read_secret(source).map_err(|detail| {
-                    ServerError::CredentialUnreadable {
+                Some(source) => Some(valet_service::read_secret(source).map_err(|detail| {
+                    LoadError::CredentialUnreadable {
                         name: "store.password".to_string(),
                         source_description: source.to_string(),
                         detail,
@@ -122,43 +117,31 @@ pub fn replica_name(config: &Config) -> String {
 
 /// Runs valetd until SIGTERM or SIGINT.
 pub async fn run(options: Options) -> Result<(), ServerError> {
-    let loaded = loader::load_config(&options.config_path, &options.overrides)?;
-    let config = loaded.config;
+    let loaded = valet_service::load_config(&options.config_path, &options.overrides)?;
+    let config = loaded.config.clone();
     let data_dir = &config.server.data_dir;
     std::fs::create_dir_all(data_dir).map_err(|error| ServerError::DataDir {
         path: data_dir.display().to_string(),
         detail: error.to_string(),
     })?;
-    let seal_key = loader::load_seal_key(&config, options.dev)?;
+    let seal_key = valet_service::load_seal_key(&config, options.dev)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store = open_store(&config).await?;
-    let redactor = Redactor::new(loaded.credentials);
-    let audit = AuditSink::open(
-        &config.audit.path,
-        store.clone(),
-        clock.clone(),
-        redactor.clone(),
-    )
-    .await?;
-    let audit = match &config.store {
-        StoreConfig::Etcd(_) => audit.for_replica(replica_name(&config)),
-        StoreConfig::Sled => audit,
-    };
-    let keys = Keys::open(store.clone(), seal_key, clock.clone())
-        .await
-        .map_err(|error| ServerError::Transport(error.to_string()))?;
-    let valet = Arc::new_cyclic(|weak| Valet {
-        config: ArcSwap::from_pointee(config.clone()),
-        redactor,
+    let outbound = crate::outbound::HyperOutbound::new().map_err(ServerError::Transport)?;
+    let valet = Valet::open(Parts {
+        loaded,
         config_path: options.config_path.clone(),
         overrides: options.overrides.clone(),
-        keys,
+        seal_key,
         store,
-        audit,
         clock,
-        notifier: crate::approvals::Notifier::start(weak.clone()),
-        aws: crate::aws::Aws::default(),
-    });
+        outbound: Arc::new(outbound),
+        replica: match &config.store {
+            StoreConfig::Etcd(_) => Some(replica_name(&config)),
+            StoreConfig::Sled => None,
+        },
+    })
+    .await?;
 
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -215,9 +198,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
                 address: gateway_address.to_string(),
                 detail: error.to_string(),
             })?;
-        let gateway = valet_gateway::Gateway::new(Arc::new(crate::gateway_broker::GatewayBroker(
-            valet.clone(),
-        )));
+        let gateway = valet_gateway::Gateway::new(valet.clone());
         let mut gateway_stopping = stopping.clone();
         tokio::spawn(gateway.serve(gateway_listener, async move {
             let _ = gateway_stopping.wait_for(|stopping| *stopping).await;
@@ -289,7 +270,7 @@ async fn reload_on_sighup(valet: Arc<Valet>) {
     };
     while hangups.recv().await.is_some() {
         // Errors are logged and audited inside reload; the running config stays.
-        let _ = valet.reload(None).await;
+        let _ = valet.reload(ReloadTrigger::Signal).await;
     }
 }
 
@@ -301,7 +282,7 @@ async fn report_store_health(valet: Arc<Valet>, reporter: tonic_health::server::
     let mut serving = true;
     loop {
         ticks.tick().await;
-        let reachable = valet.store.audit_head().await.is_ok();
+        let reachable = valet.store_reachable().await;
         if reachable != serving {
             serving = reachable;
             if serving {
@@ -322,7 +303,7 @@ async fn report_store_health(valet: Arc<Valet>, reporter: tonic_health::server::
 /// Keeps the key ring current with the store: a rotation on another replica, a sweep, or a gap
 /// in the store's change stream (then everything is re-read, never trusted).
 async fn follow_key_ring(valet: Arc<Valet>) {
-    let mut changes = valet.store.subscribe();
+    let mut changes = valet.store_changes();
     loop {
         let reload = match changes.recv().await {
             Ok(valet_store::StoreChange::KeyRingChanged | valet_store::StoreChange::Resync) => true,
@@ -330,7 +311,7 @@ async fn follow_key_ring(valet: Arc<Valet>) {
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         };
-        if reload && let Err(error) = valet.keys.refresh().await {
+        if reload && let Err(error) = valet.refresh_keys().await {
             tracing::error!(%error, "cannot reload the key ring after a change in the store");
         }
     }
@@ -340,8 +321,7 @@ async fn sweep_forever(valet: Arc<Valet>) {
     let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         ticks.tick().await;
-        let retention = valet.config().server.grant_retention;
-        match valet.store.sweep(valet.clock.now(), retention).await {
+        match valet.sweep().await {
             Ok(report) => {
                 if report.n_grants + report.n_revocations + report.n_keys > 0 {
                     tracing::info!(
@@ -350,9 +330,6 @@ async fn sweep_forever(valet: Arc<Valet>) {
                         n_keys = report.n_keys,
                         "swept ended records"
                     );
-                }
-                if let Err(error) = valet.keys.refresh().await {
-                    tracing::error!(%error, "cannot refresh the key ring after a sweep");
                 }
             }
             Err(error) => tracing::error!(%error, "sweep failed; will retry"),

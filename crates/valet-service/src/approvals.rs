@@ -106,7 +106,7 @@ impl Valet {
         let swapped = compare_and_swap(
             self.store.as_ref(),
             current,
-            async |current: &ApprovalRequest| {
+            |current: &ApprovalRequest| {
                 let used = current.consumed_by(&grant.id, call, self.clock.now())?;
                 Ok(Decision::Write(used, ()))
             },
@@ -160,7 +160,8 @@ impl Valet {
         decide: impl Fn(
             &ApprovalRequest,
             valet_core::UnixTime,
-        ) -> Result<ApprovalRequest, valet_core::approval::ApprovalError>,
+        ) -> Result<ApprovalRequest, valet_core::approval::ApprovalError>
+        + Sync,
     ) -> Result<ApprovalRequest, ServiceError> {
         let mut context = context(action);
         let outcome = async {
@@ -171,9 +172,7 @@ impl Valet {
             let swapped = compare_and_swap(
                 self.store.as_ref(),
                 current,
-                async |current: &ApprovalRequest| {
-                    Ok(Decision::Write(decide(current, self.clock.now())?, ()))
-                },
+                |current: &ApprovalRequest| Ok(Decision::Write(decide(current, self.clock.now())?, ())),
             )
             .await?;
             let Swapped::Written { after: decided, .. } = swapped else {
@@ -209,7 +208,7 @@ impl Valet {
         let Some(grant) = self.store.get_grant(&decided.grant_id).await? else {
             return Ok(());
         };
-        compare_and_swap(self.store.as_ref(), grant, async |grant: &Grant| {
+        compare_and_swap(self.store.as_ref(), grant, |grant: &Grant| {
             let now = self.clock.now();
             if grant.status != GrantStatus::Pending {
                 return Ok(Decision::Keep(()));

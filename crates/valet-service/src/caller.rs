@@ -51,11 +51,11 @@ impl Attribution for Caller {
 }
 
 impl Valet {
-    /// Authenticates a caller from the bearer credential it presented (`None`: none at all) for
+    /// Authenticates a caller from the `authorization` header it sent (`None`: none at all) for
     /// `operation`. A refusal is recorded, then returned.
     pub async fn authenticate(
         &self,
-        bearer: Option<&str>,
+        bearer: Option<&[u8]>,
         operation: &str,
         request_id: &str,
     ) -> Result<Caller, ServiceError> {
@@ -81,8 +81,9 @@ impl Valet {
 }
 
 /// Finds the principal whose key hash matches the bearer key, comparing in constant time.
-fn principal_for(config: &Config, bearer: Option<&str>) -> Result<Principal, &'static str> {
+fn principal_for(config: &Config, bearer: Option<&[u8]>) -> Result<Principal, &'static str> {
     let value = bearer.ok_or("no principal key: send `authorization: Bearer <principal key>` (the valet CLI and client read VALET_KEY)")?;
+    let value = std::str::from_utf8(value).map_err(|_| "the authorization header is not text")?;
     let key = value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))

@@ -2,6 +2,9 @@
 //! if the stored record is still the current one, and after a concurrent change re-read and decide
 //! again. Every transition of a grant or an approval goes through it.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use async_trait::async_trait;
 use valet_core::approval::ApprovalRequest;
 use valet_core::grant::Grant;
@@ -77,18 +80,39 @@ pub(crate) enum Swapped<T, X> {
     Kept { current: T, extra: X },
 }
 
+/// A decision that needs to await something (minting credentials elsewhere) before it is known.
+pub(crate) type Deciding<'s, T, X> =
+    Pin<Box<dyn Future<Output = Result<Decision<T, X>, ServiceError>> + Send + 's>>;
+
 /// Applies `decide` to `current` until its result is written or it decides to write nothing;
 /// `Err` from `decide` refuses.
 pub(crate) async fn compare_and_swap<T, X>(
     store: &dyn Store,
-    mut current: T,
-    mut decide: impl AsyncFnMut(&T) -> Result<Decision<T, X>, ServiceError>,
+    current: T,
+    mut decide: impl FnMut(&T) -> Result<Decision<T, X>, ServiceError> + Send,
 ) -> Result<Swapped<T, X>, ServiceError>
 where
     T: SwappedRecord,
+    X: Send,
+{
+    compare_and_swap_awaiting(store, current, move |current| {
+        Box::pin(std::future::ready(decide(&current)))
+    })
+    .await
+}
+
+/// [`compare_and_swap`] for a decision that awaits: `decide` gets its own copy of the record.
+pub(crate) async fn compare_and_swap_awaiting<'s, T, X>(
+    store: &dyn Store,
+    mut current: T,
+    mut decide: impl FnMut(T) -> Deciding<'s, T, X> + Send,
+) -> Result<Swapped<T, X>, ServiceError>
+where
+    T: SwappedRecord,
+    X: Send,
 {
     for _ in 0..MAX_ATTEMPTS {
-        let (next, extra) = match decide(&current).await? {
+        let (next, extra) = match decide(current.clone()).await? {
             Decision::Write(next, extra) => (next, extra),
             Decision::Keep(extra) => return Ok(Swapped::Kept { current, extra }),
         };

@@ -82,6 +82,14 @@ impl ServiceError {
         }
     }
 
+    /// Whether a record changed under the operation faster than it could retry.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            ServiceError::Store(StoreError::Conflict { .. } | StoreError::KeyRingConflict)
+        )
+    }
+
     /// Whether the caller may succeed by trying again later.
     pub fn is_transient(&self) -> bool {
         match self {

@@ -109,6 +109,13 @@ impl std::fmt::Debug for CallDecision {
     }
 }
 
+/// A call that was not authorized: why, and the grant it presented once that was known.
+#[derive(Debug)]
+pub struct CallDenial {
+    pub error: ServiceError,
+    pub grant_id: Option<String>,
+}
+
 /// How a forwarded call ended.
 #[derive(Debug)]
 pub enum CallOutcome {
@@ -135,11 +142,14 @@ impl Valet {
     pub async fn authorize_call(
         &self,
         request: CallRequest<'_>,
-    ) -> Result<CallDecision, ServiceError> {
+    ) -> Result<CallDecision, CallDenial> {
         let site = request.site;
         let mut context = call_context(None);
         let outcome = self.authorize_decided(request, &mut context).await;
-        self.answer(site, context, outcome).await
+        let grant_id = context.get("grant_id").map(str::to_string);
+        self.answer(site, context, outcome)
+            .await
+            .map_err(|error| CallDenial { error, grant_id })
     }
 
     /// Records a call refused before it reached an upstream's rules (an unknown route), so
@@ -367,7 +377,7 @@ impl Valet {
         if grant.max_uses.is_none() && rule.max_calls.is_none() {
             return Ok(grant);
         }
-        let swapped = compare_and_swap(self.store.as_ref(), grant, async |grant: &Grant| {
+        let swapped = compare_and_swap(self.store.as_ref(), grant, |grant: &Grant| {
             let next = grant
                 .called(rule, self.clock.now())
                 .map_err(CallRefusal::LimitReached)?;

@@ -44,7 +44,7 @@ pub use aws_client::{AwsError, StsCredentials};
 pub use aws_grants::AwsGrant;
 pub use caller::{Attribution, Authentication, Caller};
 pub use error::ServiceError;
-pub use gateway::{BodySource, CallDecision, CallOutcome, CallRequest, CallSite, Upstreams};
+pub use gateway::{BodySource, CallDecision, CallDenial, CallOutcome, CallRequest, CallSite, Upstreams};
 pub use approvals::approval_json;
 pub use listing::ServiceStream;
 pub use listing::{ApprovalListing, AuditTail, GrantEvent, GrantEventKind, GrantListing};
@@ -169,6 +169,17 @@ impl Valet {
         let report = self.store.sweep(self.clock.now(), retention).await?;
         self.keys.refresh().await?;
         Ok(report)
+    }
+
+    /// Refuses a request its transport could not decode (a field outside its range), through
+    /// the same path as every other refusal.
+    pub async fn refuse<T>(
+        &self,
+        caller: &Caller,
+        action: AuditAction,
+        error: ServiceError,
+    ) -> Result<T, ServiceError> {
+        self.answer(caller, context(action), Err(error)).await
     }
 
     /// Writes `event` as `who`'s, durable on return.

@@ -126,7 +126,7 @@ impl Valet {
         reason: &str,
         via: &str,
     ) -> Result<(Grant, Result<Option<String>, ServiceError>), ServiceError> {
-        let swapped = compare_and_swap(self.store.as_ref(), current, async |current: &Grant| {
+        let swapped = compare_and_swap(self.store.as_ref(), current, |current: &Grant| {
             let now = self.clock.now();
             Ok(match current.revoked(&caller.principal.name, reason, now) {
                 Ok(revoked) => Decision::Write(revoked, now),

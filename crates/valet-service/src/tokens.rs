@@ -11,7 +11,7 @@ use valet_core::token::{self, Expectations, Token};
 use valet_core::{GrantId, Secret};
 
 use crate::aws_grants::AwsGrant;
-use crate::compare_and_swap::{Decision, Swapped, compare_and_swap};
+use crate::compare_and_swap::{Decision, Swapped, compare_and_swap, compare_and_swap_awaiting};
 use crate::{Caller, ServiceError, Valet, context};
 
 /// What a token request produced: a token, or a pending approval.
@@ -184,14 +184,18 @@ impl Valet {
         let config = self.config();
         let current = self.grant_for_action(caller, &grant_id, context).await?;
         let ttl = policy::authorize_renewal(&config, &current, ttl)?;
-        let swapped = compare_and_swap(self.store.as_ref(), current, async |current: &Grant| {
-            context.set_grant(current);
-            let ring = self.keys.ring();
-            let now = self.clock.now();
-            let renewed = current.renewed(ttl, ring.current().kid(), now)?;
-            // STS sessions cannot be extended: a renewal is a new session for the new lifetime.
-            let aws = self.mint_aws(&config, &renewed, now).await?;
-            Ok(Decision::Write(renewed, (ring, aws, now)))
+        context.set_grant(&current);
+        let config = &config;
+        let swapped = compare_and_swap_awaiting(self.store.as_ref(), current, |current: Grant| {
+            Box::pin(async move {
+                let ring = self.keys.ring();
+                let now = self.clock.now();
+                let renewed = current.renewed(ttl, ring.current().kid(), now)?;
+                // STS sessions cannot be extended: a renewal is a new session for the new
+                // lifetime, minted before the renewal is stored.
+                let aws = self.mint_aws(config, &renewed, now).await?;
+                Ok(Decision::Write(renewed, (ring, aws, now)))
+            })
         })
         .await?;
         let Swapped::Written {
@@ -272,7 +276,7 @@ impl Valet {
         };
         context.set_grant(&current);
         policy::may_act_on(&caller.principal, &current)?;
-        let swapped = compare_and_swap(self.store.as_ref(), current, async |current: &Grant| {
+        let swapped = compare_and_swap(self.store.as_ref(), current, |current: &Grant| {
             Ok(match current.used(now) {
                 Err(reason) => Decision::Keep(Some(reason)),
                 Ok(_) if current.max_uses.is_none() => Decision::Keep(None),

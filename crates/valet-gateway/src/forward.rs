@@ -1,0 +1,218 @@
+//! Forwarding, the third stage: the request the upstream receives, built from the authorized
+//! call (its checked body, the agent's credentials stripped, the root credential injected on this
+//! leg only), sent with the upstream's timeout; the answer goes on to [`crate::stream`].
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body_util::Full;
+use valet_core::call::CallRefusal;
+use valet_core::config::{Injection, Upstream, is_credential_header};
+use valet_core::rules;
+use valet_service::{CallDecision, CallOutcome, ServiceError};
+
+use crate::Gateway;
+use crate::response::{self, Body};
+use crate::stream::{self, Closing};
+
+/// Headers that belong to one connection, never forwarded (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Sends the authorized call upstream and streams the answer back; a failure to reach the
+/// upstream is recorded and answered.
+pub async fn forward(
+    gateway: &Gateway,
+    parts: http::request::Parts,
+    decision: CallDecision,
+) -> http::Response<Body> {
+    let started = Instant::now();
+    let valet = &gateway.valet;
+    let sent = send(gateway, parts, &decision).await;
+    let answer = match sent {
+        Ok(answer) => answer,
+        Err(refusal) => {
+            let error = match valet
+                .record_call_outcome(&decision, CallOutcome::Failed(refusal))
+                .await
+            {
+                Err(error) => error,
+                Ok(()) => ServiceError::Internal("a failed call was recorded as success".into()),
+            };
+            return response::error_response(valet, &error, Some(&decision.grant.id));
+        }
+    };
+    let (mut parts, upstream_body) = answer.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let masker = stream::masker_for(&decision.upstream, &decision.secret);
+    for value in parts.headers.values_mut() {
+        if let Some(masked) = masker.mask_once(value.as_bytes())
+            && let Ok(masked) = HeaderValue::from_bytes(&masked)
+        {
+            *value = masked;
+        }
+    }
+    let closing = Closing::new(valet.clone(), decision, parts.status.as_u16(), started);
+    http::Response::from_parts(parts, stream::masked(upstream_body, masker, closing))
+}
+
+async fn send(
+    gateway: &Gateway,
+    parts: http::request::Parts,
+    decision: &CallDecision,
+) -> Result<http::Response<hyper::body::Incoming>, CallRefusal> {
+    let upstream = &decision.upstream;
+    let request = upstream_request(upstream, parts, decision)?;
+    let client = gateway
+        .upstreams
+        .client_for(upstream)
+        .await
+        .map_err(|detail| CallRefusal::UpstreamFailed {
+            upstream: upstream.name.clone(),
+            detail,
+        })?;
+    match tokio::time::timeout(upstream.timeout, client.request(request)).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(error)) => Err(CallRefusal::UpstreamFailed {
+            upstream: upstream.name.clone(),
+            detail: error_chain(&error),
+        }),
+        Err(_) => Err(CallRefusal::UpstreamTimeout {
+            upstream: upstream.name.clone(),
+            seconds: upstream.timeout.as_secs(),
+        }),
+    }
+}
+
+fn upstream_request(
+    upstream: &Upstream,
+    parts: http::request::Parts,
+    decision: &CallDecision,
+) -> Result<http::Request<Full<Bytes>>, CallRefusal> {
+    let unusable = |what: &str| CallRefusal::UpstreamFailed {
+        upstream: upstream.name.clone(),
+        detail: format!("credential {:?} {what}", upstream.credential),
+    };
+    let secret_text = decision
+        .secret
+        .expose_str()
+        .ok_or_else(|| unusable("is not text"))?;
+    let mut query: Vec<&str> = decision
+        .site
+        .query
+        .as_deref()
+        .map(|query| query.split('&').filter(|pair| !pair.is_empty()).collect())
+        .unwrap_or_default();
+    let injected_query;
+    if let Injection::Query { name, template } = &upstream.inject {
+        // The agent may not set the parameter the root credential goes in.
+        query.retain(|pair| pair.split('=').next() != Some(name.as_str()));
+        injected_query = format!(
+            "{}={}",
+            percent_encode(name),
+            percent_encode(&template.replace("{secret}", secret_text))
+        );
+        query.push(&injected_query);
+    }
+    let mut uri = format!(
+        "{}://{}{}{}",
+        if upstream.base_url.https {
+            "https"
+        } else {
+            "http"
+        },
+        upstream.base_url.authority,
+        upstream.base_url.path,
+        decision.site.path
+    );
+    if !query.is_empty() {
+        uri.push('?');
+        uri.push_str(&query.join("&"));
+    }
+    let uri: http::Uri = uri
+        .parse()
+        .map_err(|_| CallRefusal::BadPath(rules::PathError::BadCharacter))?;
+
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    let credential_like: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_credential_header(name.as_str()))
+        .cloned()
+        .collect();
+    for name in credential_like {
+        headers.remove(name);
+    }
+    headers.remove(header::HOST);
+    headers.remove(header::CONTENT_LENGTH);
+    for (name, value) in &upstream.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+    if let Injection::Header { name, template } = &upstream.inject {
+        let name = HeaderName::try_from(name.as_str())
+            .map_err(|_| unusable("has an injection header name HTTP does not allow"))?;
+        let mut value = HeaderValue::try_from(template.replace("{secret}", secret_text))
+            .map_err(|_| unusable("cannot be sent in a header"))?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    let mut request = http::Request::new(Full::new(decision.body.clone()));
+    *request.method_mut() = parts.method;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| {
+            value
+                .split(',')
+                .map(|name| name.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for name in HOP_BY_HOP.iter().map(|name| name.to_string()).chain(listed) {
+        headers.remove(name.as_str());
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+pub fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
