@@ -8,8 +8,8 @@ use valet_store::{EtcdOptions, EtcdStore};
 use valet_tests::etcd::EtcdCluster;
 use valet_tests::{ADMIN_KEY, AGENT_KEY, Deployment, OPERATOR_KEY, Valetd, standard_config};
 
-#[tokio::test]
-async fn the_store_conformance_suite_passes_on_a_real_etcd() {
+/// A one-member etcd cluster (a real process) and an engine on it, for one conformance check.
+async fn etcd_engine() -> (EtcdCluster, Box<dyn valet_store::Store>) {
     let cluster = EtcdCluster::start(1);
     let store = EtcdStore::connect(EtcdOptions {
         endpoints: cluster.endpoints(),
@@ -23,7 +23,12 @@ async fn the_store_conformance_suite_passes_on_a_real_etcd() {
     })
     .await
     .unwrap();
-    valet_store::conformance::run_all(&store).await;
+    (cluster, Box::new(store))
+}
+
+/// The store conformance suite against a real etcd, one test per check.
+mod etcd_conformance {
+    valet_store::conformance_tests!(super::etcd_engine);
 }
 
 /// Three replicas of one deployment on `cluster`, each with its own data dir and audit log.

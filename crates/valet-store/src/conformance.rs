@@ -33,19 +33,32 @@ pub fn grant(id: &str, task_id: &str, now: i64) -> Grant {
     }
 }
 
-/// Runs every check against `store`, which must be empty.
-pub async fn run_all(store: &dyn Store) {
-    grants_are_created_once_and_read_back(store).await;
-    transitions_are_compare_and_swap(store).await;
-    concurrent_uses_never_exceed_the_limit(store).await;
-    listing_filters_and_paginates(store).await;
-    sweeping_removes_only_what_is_done(store).await;
-    key_replacement_is_compare_and_swap(store).await;
-    audit_head_round_trips(store).await;
-    approvals_are_created_once_and_decided_by_compare_and_swap(store).await;
+/// One test per check, for an engine: `$open` is an async function returning an empty store
+/// (and whatever keeps it alive), called afresh for every check so one failure hides no other.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($open:path) => {
+        $crate::conformance_tests!(@checks $open;
+            grants_are_created_once_and_read_back,
+            transitions_are_compare_and_swap,
+            concurrent_uses_never_exceed_the_limit,
+            listing_filters_and_paginates,
+            sweeping_removes_only_what_is_done,
+            key_replacement_is_compare_and_swap,
+            audit_head_round_trips,
+            approvals_are_created_once_and_decided_by_compare_and_swap
+        );
+    };
+    (@checks $open:path; $($check:ident),*) => {$(
+        #[tokio::test]
+        async fn $check() {
+            let (_keep, store) = $open().await;
+            $crate::conformance::$check(&*store).await;
+        }
+    )*};
 }
 
-async fn grants_are_created_once_and_read_back(store: &dyn Store) {
+pub async fn grants_are_created_once_and_read_back(store: &dyn Store) {
     let mut changes = store.subscribe();
     let grant = grant("c-1", "task-c", 1_000);
     store.create_grant(&grant).await.unwrap();
@@ -61,7 +74,7 @@ async fn grants_are_created_once_and_read_back(store: &dyn Store) {
     );
 }
 
-async fn transitions_are_compare_and_swap(store: &dyn Store) {
+pub async fn transitions_are_compare_and_swap(store: &dyn Store) {
     let grant = grant("t-1", "task-t", 1_000);
     store.create_grant(&grant).await.unwrap();
     let used = grant.used(1_001).unwrap();
@@ -92,7 +105,7 @@ async fn transitions_are_compare_and_swap(store: &dyn Store) {
     ));
 }
 
-async fn concurrent_uses_never_exceed_the_limit(store: &dyn Store) {
+pub async fn concurrent_uses_never_exceed_the_limit(store: &dyn Store) {
     let grant = grant("u-1", "task-u", 1_000);
     store.create_grant(&grant).await.unwrap();
     let mut successes = 0;
@@ -115,7 +128,7 @@ async fn concurrent_uses_never_exceed_the_limit(store: &dyn Store) {
     assert_eq!(store.get_grant("u-1").await.unwrap().unwrap().uses, 3);
 }
 
-async fn listing_filters_and_paginates(store: &dyn Store) {
+pub async fn listing_filters_and_paginates(store: &dyn Store) {
     for index in 0..7 {
         let mut grant = grant(
             &format!("l-{index}"),
@@ -197,7 +210,7 @@ async fn listing_filters_and_paginates(store: &dyn Store) {
     assert_eq!(store.task_grants("task-l2").await.unwrap().len(), 3);
 }
 
-async fn sweeping_removes_only_what_is_done(store: &dyn Store) {
+pub async fn sweeping_removes_only_what_is_done(store: &dyn Store) {
     let live = grant("s-live", "task-s", 10_000);
     let old = grant("s-old", "task-s", 5_000);
     store.create_grant(&live).await.unwrap();
@@ -222,7 +235,7 @@ async fn sweeping_removes_only_what_is_done(store: &dyn Store) {
     assert_eq!(after.n_grants, before.n_grants - report.n_grants);
 }
 
-async fn key_replacement_is_compare_and_swap(store: &dyn Store) {
+pub async fn key_replacement_is_compare_and_swap(store: &dyn Store) {
     let seal = SealKey::from_base64(&SealKey::generate_base64().unwrap()).unwrap();
     let first = StoredKey::seal(&SigningKey::generate().unwrap(), &seal, 100).unwrap();
     store
@@ -256,7 +269,7 @@ async fn key_replacement_is_compare_and_swap(store: &dyn Store) {
     assert_eq!(store.keys().await.unwrap().len(), 1);
 }
 
-async fn audit_head_round_trips(store: &dyn Store) {
+pub async fn audit_head_round_trips(store: &dyn Store) {
     assert_eq!(store.audit_head().await.unwrap(), None);
     let head = ChainHead {
         sequence: 42,
@@ -266,7 +279,7 @@ async fn audit_head_round_trips(store: &dyn Store) {
     assert_eq!(store.audit_head().await.unwrap(), Some(head));
 }
 
-async fn approvals_are_created_once_and_decided_by_compare_and_swap(store: &dyn Store) {
+pub async fn approvals_are_created_once_and_decided_by_compare_and_swap(store: &dyn Store) {
     use valet_core::approval::{ApprovalKind, ApprovalRequest, ApprovalStatus};
     let pending = ApprovalRequest {
         id: "ap-1".into(),

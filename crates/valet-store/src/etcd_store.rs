@@ -32,6 +32,7 @@ use valet_core::keyring::StoredKey;
 use valet_core::{Secret, UnixTime};
 
 use crate::records::{decode, encode};
+use crate::sweep::{GrantRemoval, Sweep};
 use crate::{
     GrantFilter, GrantPage, Revocation, Store, StoreChange, StoreCounts, StoreError, SweepReport,
 };
@@ -687,10 +688,10 @@ impl Store for EtcdStore {
     }
 
     async fn sweep(&self, now: UnixTime, retention: Duration) -> Result<SweepReport, StoreError> {
-        let mut report = SweepReport::default();
+        let mut sweep = Sweep::new(now, retention);
         for (key, bytes) in self.scan(&format!("{}/grants/", self.prefix)).await? {
             let grant: Grant = decode("grant", &key, &bytes)?;
-            if !grant.sweepable(now, retention) {
+            if !sweep.grant_may_go(&grant) {
                 continue;
             }
             // Only delete the record we judged: a concurrent change makes us skip it.
@@ -703,26 +704,26 @@ impl Store for EtcdStore {
                     TxnOp::delete(self.task_key(&grant.task_id, &grant.id), None),
                     TxnOp::delete(revocation, None),
                 ]);
-            if self.txn(txn).await?.succeeded() {
-                report.n_grants += 1;
-                report.n_revocations += u64::from(had_revocation);
-            }
+            sweep.grant_removal(if self.txn(txn).await?.succeeded() {
+                GrantRemoval::Removed { had_revocation }
+            } else {
+                GrantRemoval::Skipped
+            });
         }
         for (key, bytes) in self.scan(&format!("{}/revocations/", self.prefix)).await? {
             let revocation: Revocation = decode("revocation", &key, &bytes)?;
-            if now >= revocation.expires_at
-                && self
-                    .get_value(self.key("grants", &revocation.grant_id))
-                    .await?
-                    .is_none()
-            {
+            let grant_exists = self
+                .get_value(self.key("grants", &revocation.grant_id))
+                .await?
+                .is_some();
+            if sweep.revocation_may_go(&revocation, grant_exists) {
                 self.delete(key).await?;
-                report.n_revocations += 1;
+                sweep.revocation_removed();
             }
         }
         for (key, bytes) in self.scan(&format!("{}/approvals/", self.prefix)).await? {
             let approval: ApprovalRequest = decode("approval", &key, &bytes)?;
-            if crate::approval_sweepable(&approval, now, retention) {
+            if sweep.approval_may_go(&approval) {
                 let txn = Txn::new()
                     .when([Compare::value(key.clone(), CompareOp::Equal, bytes)])
                     .and_then([TxnOp::delete(key, None)]);
@@ -730,13 +731,13 @@ impl Store for EtcdStore {
             }
         }
         for record in self.keys().await? {
-            if !record.verifies_at(now) {
+            if sweep.key_may_go(&record) {
                 self.delete(self.key("keys", &record.kid).into_bytes())
                     .await?;
-                report.n_keys += 1;
+                sweep.key_removed();
             }
         }
-        Ok(report)
+        Ok(sweep.report())
     }
 
     async fn keys(&self) -> Result<Vec<StoredKey>, StoreError> {

@@ -8,6 +8,7 @@ pub mod conformance;
 mod etcd_store;
 mod records;
 mod sled_store;
+mod sweep;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
@@ -219,21 +220,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Changes made through this store from now on.
     fn subscribe(&self) -> broadcast::Receiver<StoreChange>;
-}
-
-/// Whether an approval request may be deleted: decided (or timed out) and kept for `retention`.
-pub(crate) fn approval_sweepable(
-    approval: &ApprovalRequest,
-    now: UnixTime,
-    retention: std::time::Duration,
-) -> bool {
-    use valet_core::approval::ApprovalStatus;
-    let ended = !matches!(
-        approval.status,
-        ApprovalStatus::Pending | ApprovalStatus::Approved
-    );
-    let ended_at = approval.expires_at.max(approval.updated_at);
-    ended && now >= valet_core::clock::add_duration(ended_at, retention)
 }
 
 /// Approval requests in the order every engine lists them: oldest first.
