@@ -494,7 +494,10 @@ mod daily {
         assert_eq!(records[0]["action"], "config.reload");
         assert_eq!(
             (&records[1]["action"], &records[1]["outcome"]),
-            (&serde_json::json!("config.reload"), &serde_json::json!("denied")),
+            (
+                &serde_json::json!("config.reload"),
+                &serde_json::json!("denied")
+            ),
             "the operator's refused reload is the latest record"
         );
 

@@ -5,8 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use apollo_parser::{Parser, cst};
 use crate::rules::GraphqlAllow;
+use apollo_parser::{Parser, cst};
 
 /// Largest batch accepted in one request.
 pub const MAX_BATCH: usize = 32;

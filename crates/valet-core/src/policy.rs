@@ -402,9 +402,7 @@ pub enum AccessError {
         "principal {principal:?} may act only on its own grants; grant {grant_id} belongs to another principal (operators may act on every grant)"
     )]
     NotOwnGrant { principal: String, grant_id: String },
-    #[error(
-        "grant {grant_id} belongs to another principal; only the requester receives its token"
-    )]
+    #[error("grant {grant_id} belongs to another principal; only the requester receives its token")]
     NotRequester { grant_id: String },
     #[error(
         "principal {principal:?} may look only at its own {what}; operators may look at every principal's"

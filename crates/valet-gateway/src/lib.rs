@@ -94,7 +94,7 @@ impl Gateway {
             }
             route::Routed::Upstream(site, request) => (site, request),
         };
-        let (parts, body) = request.into_parts();
+        let (parts, body) = (*request).into_parts();
         let decision = self
             .valet
             .authorize_call(valet_service::CallRequest {

@@ -20,7 +20,7 @@ pub enum Routed {
     /// Not a route the gateway serves.
     NotFound(CallSite),
     /// A call to an upstream.
-    Upstream(CallSite, http::Request<hyper::body::Incoming>),
+    Upstream(CallSite, Box<http::Request<hyper::body::Incoming>>),
 }
 
 pub fn route(
@@ -82,7 +82,7 @@ pub fn route(
     {
         Some((upstream, upstream_path)) => {
             let site = site(upstream, upstream_path);
-            Routed::Upstream(site, request)
+            Routed::Upstream(site, Box::new(request))
         }
         None => Routed::NotFound(CallSite {
             path: path.clone(),

@@ -25,7 +25,12 @@ pub struct Closing {
 }
 
 impl Closing {
-    pub fn new(valet: Arc<Valet>, decision: CallDecision, status: u16, started: Instant) -> Closing {
+    pub fn new(
+        valet: Arc<Valet>,
+        decision: CallDecision,
+        status: u16,
+        started: Instant,
+    ) -> Closing {
         Closing {
             valet,
             decision: Some(decision),

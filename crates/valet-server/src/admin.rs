@@ -26,10 +26,11 @@ type WireStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stat
 fn filter_from_wire(wire: Option<v1::GrantFilter>) -> Result<GrantFilter, ServiceError> {
     let wire = wire.unwrap_or_default();
     let text = |value: String| (!value.is_empty()).then_some(value);
-    let status = v1::GrantStatus::try_from(wire.status).map_err(|_| ServiceError::InvalidField {
-        field: "filter.status",
-        problem: format!("{} is not a grant status", wire.status),
-    })?;
+    let status =
+        v1::GrantStatus::try_from(wire.status).map_err(|_| ServiceError::InvalidField {
+            field: "filter.status",
+            problem: format!("{} is not a grant status", wire.status),
+        })?;
     Ok(GrantFilter {
         principal: text(wire.principal),
         task_id: text(wire.task_id),
@@ -68,7 +69,11 @@ impl Admin for AdminService {
                     .list_grants(&caller, filter, wire.page_size, &wire.page_token)
                     .await
             }
-            Err(error) => self.valet.refuse(&caller, AuditAction::GrantsList, error).await,
+            Err(error) => {
+                self.valet
+                    .refuse(&caller, AuditAction::GrantsList, error)
+                    .await
+            }
         };
         let now = self.valet.now();
         reply(
@@ -95,7 +100,11 @@ impl Admin for AdminService {
         let wire = request.into_inner();
         let events = match filter_from_wire(wire.filter) {
             Ok(filter) => self.valet.watch_grants(&caller, filter).await,
-            Err(error) => self.valet.refuse(&caller, AuditAction::GrantsWatch, error).await,
+            Err(error) => {
+                self.valet
+                    .refuse(&caller, AuditAction::GrantsWatch, error)
+                    .await
+            }
         };
         let events = reply(&self.valet, &caller, events)?.into_inner();
         Ok(Response::new(wire_stream(
@@ -298,10 +307,7 @@ impl Admin for AdminService {
     ) -> Result<Response<Self::AuditTailStream>, Status> {
         let caller = caller_of(&request)?;
         let wire = request.into_inner();
-        let records = self
-            .valet
-            .audit_tail(&caller, wire.last, wire.follow)
-            .await;
+        let records = self.valet.audit_tail(&caller, wire.last, wire.follow).await;
         let records = reply(&self.valet, &caller, records)?.into_inner();
         Ok(Response::new(wire_stream(
             &self.valet,

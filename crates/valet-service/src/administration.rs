@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
+use valet_core::KeyId;
 use valet_core::audit::{AuditAction, AuditEvent, Outcome};
 use valet_core::config::{Config, Role};
 use valet_core::policy;
-use valet_core::KeyId;
 
 use crate::loader;
 use crate::{Caller, ServiceError, Valet, context};
@@ -63,7 +63,9 @@ impl Valet {
         signal: &str,
         caller: Option<&Caller>,
     ) -> Result<ReloadOutcome, ServiceError> {
-        let who = caller.map(|caller| caller.principal.name.as_str()).unwrap_or(signal);
+        let who = caller
+            .map(|caller| caller.principal.name.as_str())
+            .unwrap_or(signal);
         // Reading files (config, credentials) is blocking work: off the async workers.
         let path = self.config_path.clone();
         let overrides = self.overrides.clone();

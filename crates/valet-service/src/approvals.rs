@@ -103,15 +103,12 @@ impl Valet {
     ) -> Result<ApprovalRequest, ServiceError> {
         let id = ApprovalId::parse(id)?;
         let current = self.fetch_approval(&id).await?;
-        let swapped = compare_and_swap(
-            self.store.as_ref(),
-            current,
-            |current: &ApprovalRequest| {
+        let swapped =
+            compare_and_swap(self.store.as_ref(), current, |current: &ApprovalRequest| {
                 let used = current.consumed_by(&grant.id, call, self.clock.now())?;
                 Ok(Decision::Write(used, ()))
-            },
-        )
-        .await?;
+            })
+            .await?;
         let Swapped::Written { after: used, .. } = swapped else {
             return Err(ServiceError::Internal(
                 "using an approval decided to write nothing".into(),
@@ -132,9 +129,13 @@ impl Valet {
         confirmation: Option<&str>,
         reason: &str,
     ) -> Result<ApprovalRequest, ServiceError> {
-        self.decide(caller, id, reason, AuditAction::ApprovalApprove, |pending, now| {
-            pending.approved_by(&caller.principal, confirmation, reason, now)
-        })
+        self.decide(
+            caller,
+            id,
+            reason,
+            AuditAction::ApprovalApprove,
+            |pending, now| pending.approved_by(&caller.principal, confirmation, reason, now),
+        )
         .await
     }
 
@@ -145,9 +146,13 @@ impl Valet {
         id: &str,
         reason: &str,
     ) -> Result<ApprovalRequest, ServiceError> {
-        self.decide(caller, id, reason, AuditAction::ApprovalDeny, |pending, now| {
-            pending.denied_by(&caller.principal, reason, now)
-        })
+        self.decide(
+            caller,
+            id,
+            reason,
+            AuditAction::ApprovalDeny,
+            |pending, now| pending.denied_by(&caller.principal, reason, now),
+        )
         .await
     }
 
@@ -169,12 +174,11 @@ impl Valet {
             let id = ApprovalId::parse(id)?;
             context.set("approval_id", id.as_str());
             let current = self.fetch_approval(&id).await?;
-            let swapped = compare_and_swap(
-                self.store.as_ref(),
-                current,
-                |current: &ApprovalRequest| Ok(Decision::Write(decide(current, self.clock.now())?, ())),
-            )
-            .await?;
+            let swapped =
+                compare_and_swap(self.store.as_ref(), current, |current: &ApprovalRequest| {
+                    Ok(Decision::Write(decide(current, self.clock.now())?, ()))
+                })
+                .await?;
             let Swapped::Written { after: decided, .. } = swapped else {
                 return Err(ServiceError::Internal(
                     "a decision decided to write nothing".into(),
@@ -281,9 +285,7 @@ impl Valet {
         self.store
             .get_approval(id.as_str())
             .await?
-            .ok_or_else(|| ServiceError::ApprovalNotFound {
-                id: id.to_string(),
-            })
+            .ok_or_else(|| ServiceError::ApprovalNotFound { id: id.to_string() })
     }
 }
 
@@ -358,11 +360,7 @@ async fn deliver(valet: Arc<Valet>, url: String, pending: ApprovalRequest) {
 }
 
 /// Posts `body` to `url`; `Ok(status)` for a 2xx answer, otherwise what went wrong.
-async fn post_json(
-    outbound: &dyn crate::Outbound,
-    url: &str,
-    body: &str,
-) -> Result<u16, String> {
+async fn post_json(outbound: &dyn crate::Outbound, url: &str, body: &str) -> Result<u16, String> {
     let request = http::Request::post(url)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::USER_AGENT, "valetd")

@@ -13,7 +13,6 @@ use valet_store::Store;
 
 use crate::redactor::Redactor;
 
-
 /// Why a record could not be written.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {

@@ -102,7 +102,7 @@ impl Valet {
                     format_time(keep_until)
                 ),
                 event(AuditEvent::new(AuditAction::AwsRevoke, Outcome::Allowed))
-                .with("in_force_at_aws", format_time(keep_until)),
+                    .with("in_force_at_aws", format_time(keep_until)),
             ))),
             AwsRevoke::RolePolicy => {
                 let update = self
@@ -127,14 +127,14 @@ impl Valet {
                     ),
                 };
                 let event = event(AuditEvent::new(AuditAction::AwsRevoke, Outcome::Allowed))
-                .with("aws_policy_name", REVOCATION_POLICY_NAME)
-                .with(
-                    "aws_denied_issued_before",
-                    update
-                        .denied_all_issued_before
-                        .map(format_time)
-                        .unwrap_or_default(),
-                );
+                    .with("aws_policy_name", REVOCATION_POLICY_NAME)
+                    .with(
+                        "aws_denied_issued_before",
+                        update
+                            .denied_all_issued_before
+                            .map(format_time)
+                            .unwrap_or_default(),
+                    );
                 Ok(Some((notice, event)))
             }
         }

@@ -96,9 +96,7 @@ impl ServiceError {
             ServiceError::Aws(error) | ServiceError::AwsRevocation { error, .. } => {
                 error.is_transient()
             }
-            ServiceError::Store(StoreError::Conflict { .. } | StoreError::KeyRingConflict) => {
-                false
-            }
+            ServiceError::Store(StoreError::Conflict { .. } | StoreError::KeyRingConflict) => false,
             ServiceError::Store(_) | ServiceError::Audit(_) => true,
             _ => false,
         }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use valet_core::Secret;
 use valet_core::approval::{ApprovalError, ApprovalStatus, CallFingerprint};
 use valet_core::audit::{AuditAction, AuditEvent, Outcome};
 use valet_core::call::{self, CallRefusal};
@@ -14,7 +15,6 @@ use valet_core::config::Upstream;
 use valet_core::grant::Grant;
 use valet_core::rules::{self, AllowRule};
 use valet_core::token::{self, Expectations};
-use valet_core::Secret;
 
 use crate::caller::Attribution;
 use crate::compare_and_swap::{Decision, Swapped, compare_and_swap};
@@ -57,7 +57,9 @@ pub(crate) struct GrantHolder<'a> {
 
 impl Attribution for GrantHolder<'_> {
     fn attribute(&self, event: AuditEvent) -> AuditEvent {
-        self.site.attribute(event).with("principal", &self.principal)
+        self.site
+            .attribute(event)
+            .with("principal", &self.principal)
     }
 
     fn request_id(&self) -> &str {
@@ -215,8 +217,11 @@ impl Valet {
     ) -> Result<CallDecision, ServiceError> {
         let site = request.site;
         let config = self.config();
-        let upstream = config.upstreams.get(&site.upstream).cloned().ok_or_else(|| {
-            CallRefusal::UnknownUpstream {
+        let upstream = config
+            .upstreams
+            .get(&site.upstream)
+            .cloned()
+            .ok_or_else(|| CallRefusal::UnknownUpstream {
                 name: site.upstream.clone(),
                 known: config
                     .upstreams
@@ -224,8 +229,7 @@ impl Valet {
                     .cloned()
                     .collect::<Vec<_>>()
                     .join(", "),
-            }
-        })?;
+            })?;
 
         // The token, verified with the audience pinned to this upstream.
         let token = request
@@ -359,14 +363,12 @@ impl Valet {
             Err(ServiceError::Approval(error)) => {
                 Err(CallRefusal::ApprovalRefused(error.to_string()).into())
             }
-            Err(ServiceError::ApprovalNotFound { id }) => Err(CallRefusal::ApprovalRefused(
-                format!("approval {id} does not exist"),
-            )
-            .into()),
-            Err(ServiceError::Request(error)) => Err(CallRefusal::ApprovalRefused(format!(
-                "Valet-Approval: {error}"
-            ))
-            .into()),
+            Err(ServiceError::ApprovalNotFound { id }) => {
+                Err(CallRefusal::ApprovalRefused(format!("approval {id} does not exist")).into())
+            }
+            Err(ServiceError::Request(error)) => {
+                Err(CallRefusal::ApprovalRefused(format!("Valet-Approval: {error}")).into())
+            }
             Err(error) => Err(error),
         }
     }
@@ -412,9 +414,7 @@ pub(crate) fn describe_refusal(event: AuditEvent, error: &ServiceError) -> Audit
     let event = event.with("refusal", refusal.kind());
     match refusal {
         CallRefusal::Denied { asked, rules, .. } => event.with("asked", asked).with("rules", rules),
-        CallRefusal::ApprovalRequired { approval_id, .. } => {
-            event.with("approval_id", approval_id)
-        }
+        CallRefusal::ApprovalRequired { approval_id, .. } => event.with("approval_id", approval_id),
         _ => event,
     }
 }

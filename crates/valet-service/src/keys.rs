@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use valet_core::{Clock, KeyId};
 use valet_core::keyring::{KeyError, KeyRing, SealKey, SigningKey, StoredKey};
+use valet_core::{Clock, KeyId};
 use valet_store::{Store, StoreError};
 
 use crate::error::ServiceError;
@@ -74,6 +74,9 @@ impl Keys {
             .replace_keys(Some(&current.kid), &[retired, new.clone()])
             .await?;
         self.refresh().await?;
-        Ok((KeyId::from_record(&new.kid), KeyId::from_record(&current.kid)))
+        Ok((
+            KeyId::from_record(&new.kid),
+            KeyId::from_record(&current.kid),
+        ))
     }
 }

@@ -39,13 +39,15 @@ use valet_core::keyring::SealKey;
 use valet_store::Store;
 
 pub use administration::{ReloadOutcome, ReloadTrigger};
+pub use approvals::approval_json;
 pub use audit_sink::{AuditError, AuditSink, WrittenRecord};
 pub use aws_client::{AwsError, StsCredentials};
 pub use aws_grants::AwsGrant;
 pub use caller::{Attribution, Authentication, Caller};
 pub use error::ServiceError;
-pub use gateway::{BodySource, CallDecision, CallDenial, CallOutcome, CallRequest, CallSite, Upstreams};
-pub use approvals::approval_json;
+pub use gateway::{
+    BodySource, CallDecision, CallDenial, CallOutcome, CallRequest, CallSite, Upstreams,
+};
 pub use listing::ServiceStream;
 pub use listing::{ApprovalListing, AuditTail, GrantEvent, GrantEventKind, GrantListing};
 pub use loader::{LoadError, LoadedConfig, Overrides, load_config, load_seal_key, read_secret};
@@ -106,7 +108,8 @@ impl Valet {
             Some(replica) => audit.for_replica(replica),
             None => audit,
         };
-        let keys = keys::Keys::open(parts.store.clone(), parts.seal_key, parts.clock.clone()).await?;
+        let keys =
+            keys::Keys::open(parts.store.clone(), parts.seal_key, parts.clock.clone()).await?;
         Ok(Arc::new_cyclic(|weak| Valet {
             config: ArcSwap::from_pointee(parts.loaded.config),
             vault,
@@ -144,7 +147,9 @@ impl Valet {
 
     /// Removes every root credential from text about to leave valetd.
     pub fn redact(&self, text: &str) -> String {
-        self.redactor.redact(text).unwrap_or_else(|| text.to_string())
+        self.redactor
+            .redact(text)
+            .unwrap_or_else(|| text.to_string())
     }
 
     /// Whether the store answers: the broker's readiness.

@@ -6,12 +6,12 @@ use std::pin::Pin;
 
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
+use valet_core::ApprovalId;
 use valet_core::approval::ApprovalRequest;
 use valet_core::audit::{AuditAction, ChainHead};
 use valet_core::config::Role;
 use valet_core::grant::Grant;
 use valet_core::policy;
-use valet_core::ApprovalId;
 use valet_store::{GrantFilter, StoreChange};
 
 use crate::audit_sink::WrittenRecord;
@@ -157,8 +157,9 @@ impl Valet {
     ) -> Result<ApprovalListing, ServiceError> {
         let outcome = async {
             let mut approvals = self.store.list_approvals(pending_only).await?;
-            approvals
-                .retain(|approval| policy::may_see_approval(&caller.principal, &approval.requester).is_ok());
+            approvals.retain(|approval| {
+                policy::may_see_approval(&caller.principal, &approval.requester).is_ok()
+            });
             Ok(ApprovalListing { approvals })
         }
         .await;

@@ -40,7 +40,9 @@ impl LoadError {
     pub fn is_usage_error(&self) -> bool {
         matches!(
             self,
-            LoadError::ConfigUnreadable { .. } | LoadError::ConfigInvalid { .. } | LoadError::NoSealKey
+            LoadError::ConfigUnreadable { .. }
+                | LoadError::ConfigInvalid { .. }
+                | LoadError::NoSealKey
         )
     }
 }
@@ -109,13 +111,12 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, L
     }
     let mut credentials = BTreeMap::new();
     for credential in config.credentials.values() {
-        let secret = read_secret(&credential.source).map_err(|detail| {
-            LoadError::CredentialUnreadable {
+        let secret =
+            read_secret(&credential.source).map_err(|detail| LoadError::CredentialUnreadable {
                 name: credential.name.clone(),
                 source_description: credential.source.to_string(),
                 detail,
-            }
-        })?;
+            })?;
         credentials.insert(credential.name.clone(), secret);
     }
     Ok(LoadedConfig {
@@ -155,12 +156,11 @@ pub fn load_seal_key(config: &Config, dev: bool) -> Result<SealKey, LoadError> {
         (None, true) => {
             let path = config.server.data_dir.join("dev-seal.key");
             if !path.exists() {
-                let key = SealKey::generate_base64().map_err(|error| {
-                    LoadError::SealKeyUnreadable {
+                let key =
+                    SealKey::generate_base64().map_err(|error| LoadError::SealKeyUnreadable {
                         source_description: format!("file {}", path.display()),
                         detail: error.to_string(),
-                    }
-                })?;
+                    })?;
                 write_private_file(&path, key.expose()).map_err(|error| {
                     LoadError::SealKeyUnreadable {
                         source_description: format!("file {}", path.display()),

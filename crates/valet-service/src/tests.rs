@@ -1,1 +1,791 @@
-//! In-process tests of the service (filled in below).
+//! In-process tests of the service's rules: a real sled store in a temp dir, a real audit log, an
+//! injected clock (so no test sleeps for an expiry), and no network.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use valet_core::call::CallRefusal;
+use valet_core::config::Config;
+use valet_core::grant::{Grant, GrantStatus};
+use valet_core::keyring::SealKey;
+use valet_core::policy::TokenRequest;
+use valet_core::token::{self, Token};
+use valet_core::{FakeClock, Secret};
+use valet_store::{GrantFilter, SledStore};
+
+use crate::{
+    Authentication, BodySource, CallOutcome, CallRequest, CallSite, Caller, Issued, LoadedConfig,
+    Outbound, OutboundAnswer, Overrides, Parts, ServiceError, Valet,
+};
+
+const START: i64 = 1_800_000_000;
+
+const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "data"
+issuer = "https://valet.test"
+max_ttl = "1h"
+grant_retention = "1h"
+
+[audit]
+path = "audit.jsonl"
+
+[[credential]]
+name = "railway"
+env = "UNUSED_IN_PROCESS"
+
+[[credential]]
+name = "github"
+env = "UNUSED_IN_PROCESS_TOO"
+
+[[scope]]
+name = "deploy-staging"
+credential = "railway"
+environment = "staging"
+audience = "railway"
+default_ttl = "5m"
+max_ttl = "10m"
+upstream = "railway"
+[scope.params.project]
+pattern = "[a-z][a-z0-9-]{0,31}"
+[[scope.allow]]
+methods = ["GET"]
+path = "/v1/projects/{project}/**"
+[[scope.allow]]
+methods = ["POST"]
+path = "/v1/deploys"
+max_calls = 1
+max_body = 64
+[[scope.allow]]
+methods = ["DELETE"]
+path = "/v1/volumes/*"
+approval = true
+
+[[scope]]
+name = "github-read"
+credential = "github"
+environment = "ci"
+audience = "github"
+default_ttl = "5m"
+max_ttl = "10m"
+upstream = "github"
+[[scope.allow]]
+methods = ["GET"]
+path = "/repos/**"
+
+[[scope]]
+name = "prod-deploy"
+credential = "railway"
+environment = "production"
+audience = "railway"
+default_ttl = "5m"
+max_ttl = "10m"
+[scope.approval]
+approvers = ["role:operator"]
+timeout = "1m"
+confirm = "environment"
+
+[[upstream]]
+name = "railway"
+base_url = "http://127.0.0.1:9"
+credential = "railway"
+[upstream.inject]
+header = { Authorization = "Bearer {secret}" }
+
+[[upstream]]
+name = "github"
+base_url = "http://127.0.0.1:9"
+credential = "github"
+[upstream.inject]
+header = { Authorization = "Bearer {secret}" }
+
+[[principal]]
+name = "agent"
+roles = ["agent"]
+key_sha256 = "5c2b1d0f2a4e54f7bb4b9d2b1a0a3c1f6f1a0d7a4b8d1f0e2c3a4b5c6d7e8f90"
+scopes = ["deploy-staging", "github-read", "prod-deploy"]
+
+[[principal]]
+name = "other-agent"
+roles = ["agent"]
+key_sha256 = "6c2b1d0f2a4e54f7bb4b9d2b1a0a3c1f6f1a0d7a4b8d1f0e2c3a4b5c6d7e8f90"
+scopes = ["deploy-staging"]
+
+[[principal]]
+name = "operator"
+roles = ["operator"]
+key_sha256 = "7c2b1d0f2a4e54f7bb4b9d2b1a0a3c1f6f1a0d7a4b8d1f0e2c3a4b5c6d7e8f90"
+
+[[principal]]
+name = "admin"
+roles = ["admin"]
+key_sha256 = "8c2b1d0f2a4e54f7bb4b9d2b1a0a3c1f6f1a0d7a4b8d1f0e2c3a4b5c6d7e8f90"
+"#;
+
+/// Tests reach no network: every outbound request fails, as an unreachable host would.
+struct NoNetwork;
+
+#[async_trait]
+impl Outbound for NoNetwork {
+    async fn send(
+        &self,
+        _request: http::Request<Bytes>,
+        _timeout: Duration,
+        _max_answer_bytes: usize,
+    ) -> Result<OutboundAnswer, String> {
+        Err("in-process tests reach no network".into())
+    }
+}
+
+struct Fixture {
+    directory: tempfile::TempDir,
+    valet: Arc<Valet>,
+    clock: Arc<FakeClock>,
+}
+
+async fn fixture() -> Fixture {
+    let directory = tempfile::tempdir().unwrap();
+    let mut config = Config::parse(CONFIG, directory.path()).expect("the test config is valid");
+    config.audit.path = directory.path().join("audit.jsonl");
+    let clock = Arc::new(FakeClock::at(START));
+    let store = Arc::new(SledStore::open(&directory.path().join("store")).unwrap());
+    let seal_key = SealKey::from_base64(&SealKey::generate_base64().unwrap()).unwrap();
+    let credentials = BTreeMap::from([
+        (
+            "railway".to_string(),
+            Secret::from("railway-root-secret-0123".to_string()),
+        ),
+        (
+            "github".to_string(),
+            Secret::from("github-root-secret-4567".to_string()),
+        ),
+    ]);
+    let valet = Valet::open(Parts {
+        loaded: LoadedConfig {
+            config,
+            credentials,
+        },
+        config_path: directory.path().join("unused.toml"),
+        overrides: Overrides::default(),
+        seal_key,
+        store,
+        clock: clock.clone(),
+        outbound: Arc::new(NoNetwork),
+        replica: None,
+    })
+    .await
+    .unwrap();
+    Fixture {
+        directory,
+        valet,
+        clock,
+    }
+}
+
+impl Fixture {
+    fn caller(&self, name: &str) -> Caller {
+        Caller {
+            principal: self.valet.config().principals[name].clone(),
+            authentication: Authentication::PrincipalKey,
+            request_id: format!("test-{name}"),
+        }
+    }
+
+    fn audit_path(&self) -> PathBuf {
+        self.directory.path().join("audit.jsonl")
+    }
+
+    fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.audit_path())
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    async fn issue(&self, who: &str, scope: &str, task: &str) -> (Grant, Token) {
+        let mut request = TokenRequest {
+            scope: scope.into(),
+            task_id: task.into(),
+            ..TokenRequest::default()
+        };
+        if scope == "deploy-staging" {
+            request.params.insert("project".into(), "shop".into());
+        }
+        match self.valet.issue(&self.caller(who), request).await.unwrap() {
+            Issued::Token { grant, token, .. } => (grant, token),
+            Issued::Pending { .. } => panic!("expected a token"),
+        }
+    }
+
+    fn advance(&self, seconds: u64) {
+        self.clock.advance(Duration::from_secs(seconds));
+    }
+}
+
+fn request(scope: &str, task: &str) -> TokenRequest {
+    TokenRequest {
+        scope: scope.into(),
+        task_id: task.into(),
+        ..TokenRequest::default()
+    }
+}
+
+#[tokio::test]
+async fn an_issued_grant_and_its_audit_record_are_durable_before_the_answer() {
+    let fixture = fixture().await;
+    let (grant, token) = fixture.issue("agent", "deploy-staging", "t-1").await;
+    assert_eq!(grant.expires_at, START + 300);
+    let stored = fixture
+        .valet
+        .store
+        .get_grant(&grant.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored, grant);
+    let records = fixture.records();
+    let issued = records.last().unwrap();
+    assert_eq!(issued["action"], "token.issue");
+    assert_eq!(issued["outcome"], "allowed");
+    assert_eq!(issued["grant_id"], grant.id.as_str());
+    assert_eq!(issued["token_fingerprint"], token.fingerprint());
+    assert!(
+        !format!("{token:?}").contains(token.expose()),
+        "a token never prints"
+    );
+}
+
+#[tokio::test]
+async fn renewal_extends_within_the_max_lifetime_then_refuses() {
+    let fixture = fixture().await;
+    let agent = fixture.caller("agent");
+    let (grant, _) = fixture.issue("agent", "deploy-staging", "t-renew").await;
+    fixture.advance(240);
+    let renewed = fixture.valet.renew(&agent, &grant.id, None).await.unwrap();
+    assert_eq!(renewed.grant.expires_at, START + 240 + 300);
+    fixture.advance(240);
+    let renewed = fixture.valet.renew(&agent, &grant.id, None).await.unwrap();
+    assert_eq!(
+        renewed.grant.expires_at,
+        START + 600,
+        "capped at the scope's max lifetime, counted from the issue"
+    );
+    fixture.advance(60);
+    let error = fixture
+        .valet
+        .renew(&agent, &grant.id, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, ServiceError::Transition(_)),
+        "{error}: at its max lifetime"
+    );
+    let last = fixture.records().pop().unwrap();
+    assert_eq!(
+        (last["action"].as_str(), last["outcome"].as_str()),
+        (Some("token.renew"), Some("denied"))
+    );
+    let asked_too_long = fixture
+        .valet
+        .renew(&agent, &grant.id, Some(Duration::from_secs(3600)))
+        .await
+        .unwrap_err();
+    assert!(
+        asked_too_long.to_string().contains("max_ttl"),
+        "{asked_too_long}"
+    );
+}
+
+#[tokio::test]
+async fn revocation_is_in_force_at_once_and_a_task_revocation_ends_only_the_callers_grants() {
+    let fixture = fixture().await;
+    let agent = fixture.caller("agent");
+    let (first, first_token) = fixture
+        .issue("agent", "deploy-staging", "shared-task")
+        .await;
+    let (second, _) = fixture.issue("agent", "github-read", "shared-task").await;
+    let (others, others_token) = fixture
+        .issue("other-agent", "deploy-staging", "shared-task")
+        .await;
+    let revoked = fixture
+        .valet
+        .revoke_task(&agent, "shared-task", "done")
+        .await
+        .unwrap();
+    let mut ids: Vec<&str> = revoked.iter().map(|grant| grant.id.as_str()).collect();
+    ids.sort();
+    let mut expected = vec![first.id.as_str(), second.id.as_str()];
+    expected.sort();
+    assert_eq!(ids, expected);
+    let introspected = fixture
+        .valet
+        .introspect(&agent, &first_token)
+        .await
+        .unwrap();
+    assert!(!introspected.active);
+    assert!(
+        introspected.reason.unwrap().contains("revoked"),
+        "the reason says why"
+    );
+    let theirs = fixture
+        .valet
+        .introspect(&fixture.caller("other-agent"), &others_token)
+        .await
+        .unwrap();
+    assert!(
+        theirs.active,
+        "another principal's grant in the same task stays"
+    );
+    assert_eq!(theirs.grant.unwrap().id, others.id);
+    // Revoking again changes nothing and is no refusal.
+    let (again, notice) = fixture
+        .valet
+        .revoke_grant(&agent, &first.id, "again")
+        .await
+        .unwrap();
+    assert_eq!((again.status, notice), (GrantStatus::Revoked, None));
+}
+
+#[tokio::test]
+async fn an_approved_grant_lives_for_its_ttl_from_the_approval_and_a_timeout_denies() {
+    let fixture = fixture().await;
+    let agent = fixture.caller("agent");
+    let operator = fixture.caller("operator");
+    let Issued::Pending { grant, approval } = fixture
+        .valet
+        .issue(&agent, request("prod-deploy", "t-approve"))
+        .await
+        .unwrap()
+    else {
+        panic!("prod-deploy needs approval");
+    };
+    assert_eq!(grant.status, GrantStatus::Pending);
+    fixture.advance(30);
+    let wrong = fixture
+        .valet
+        .approve(&operator, &approval.id, Some("staging"), "")
+        .await
+        .unwrap_err();
+    assert!(
+        wrong.to_string().contains("environment typed to confirm"),
+        "{wrong}"
+    );
+    fixture
+        .valet
+        .approve(&operator, &approval.id, Some("production"), "ok")
+        .await
+        .unwrap();
+    let active = fixture.valet.fetch_grant(&grant.id).await.unwrap();
+    assert_eq!(active.status, GrantStatus::Active);
+    assert_eq!(
+        active.expires_at,
+        START + 30 + 300,
+        "the TTL starts at approval"
+    );
+
+    let Issued::Pending { grant, .. } = fixture
+        .valet
+        .issue(&agent, request("prod-deploy", "t-timeout"))
+        .await
+        .unwrap()
+    else {
+        panic!("prod-deploy needs approval");
+    };
+    fixture.advance(61);
+    assert_eq!(fixture.valet.expire_approvals().await.unwrap(), 1);
+    let denied = fixture.valet.fetch_grant(&grant.id).await.unwrap();
+    assert_eq!(denied.status, GrantStatus::Denied);
+}
+
+#[tokio::test]
+async fn agents_list_only_their_own_grants_and_operators_every_grant() {
+    let fixture = fixture().await;
+    fixture.issue("agent", "deploy-staging", "t-list").await;
+    fixture
+        .issue("other-agent", "deploy-staging", "t-list")
+        .await;
+    let own = fixture
+        .valet
+        .list_grants(&fixture.caller("agent"), GrantFilter::default(), 0, "")
+        .await
+        .unwrap();
+    assert_eq!(own.grants.len(), 1);
+    assert_eq!(own.grants[0].principal, "agent");
+    let all = fixture
+        .valet
+        .list_grants(&fixture.caller("operator"), GrantFilter::default(), 0, "")
+        .await
+        .unwrap();
+    assert_eq!(all.grants.len(), 2);
+    let peeking = GrantFilter {
+        principal: Some("other-agent".into()),
+        ..GrantFilter::default()
+    };
+    assert!(
+        fixture
+            .valet
+            .list_grants(&fixture.caller("agent"), peeking, 0, "")
+            .await
+            .is_err()
+    );
+}
+
+/// The body of a test call.
+struct TestBody {
+    bytes: Bytes,
+    declared: Option<u64>,
+    broken: bool,
+}
+
+#[async_trait]
+impl BodySource for TestBody {
+    fn declared_length(&self) -> Option<u64> {
+        self.declared
+    }
+
+    async fn read(self: Box<Self>, max: u64) -> Result<Bytes, CallRefusal> {
+        if self.broken {
+            return Err(CallRefusal::BadBody("the connection broke mid-body".into()));
+        }
+        if self.bytes.len() as u64 > max {
+            return Err(CallRefusal::BodyTooLarge { max });
+        }
+        Ok(self.bytes)
+    }
+}
+
+fn site(upstream: &str, method: &str, path: &str) -> CallSite {
+    CallSite {
+        request_id: "call-test".into(),
+        peer: "127.0.0.1:1".parse().unwrap(),
+        upstream: upstream.into(),
+        method: method.into(),
+        path: path.into(),
+        query: None,
+    }
+}
+
+/// Authorizes one call; `Err` carries the refusal's kind.
+async fn call(
+    fixture: &Fixture,
+    site: &CallSite,
+    token: Option<&str>,
+    approval: Option<&str>,
+    body: TestBody,
+) -> Result<crate::CallDecision, &'static str> {
+    let authorization = token.map(|token| format!("Bearer {token}"));
+    fixture
+        .valet
+        .authorize_call(CallRequest {
+            site,
+            authorization: authorization.as_deref(),
+            approval,
+            body: Box::new(body),
+        })
+        .await
+        .map_err(|denial| match denial.error {
+            ServiceError::Call(refusal) => refusal.kind(),
+            other => panic!("not a call refusal: {other}"),
+        })
+}
+
+fn empty() -> TestBody {
+    TestBody {
+        bytes: Bytes::new(),
+        declared: None,
+        broken: false,
+    }
+}
+
+/// Asserts `refused` left exactly one audit record, denied or failed, with its reason.
+fn one_record_with_reason(before: usize, fixture: &Fixture, what: &str) {
+    let records = fixture.records();
+    assert_eq!(
+        records.len(),
+        before + 1,
+        "{what}: exactly one audit record; got {:?}",
+        &records[before..]
+    );
+    let record = &records[before];
+    assert!(
+        matches!(record["outcome"].as_str(), Some("denied" | "failed")),
+        "{what}: {record}"
+    );
+    assert!(
+        record["reason"]
+            .as_str()
+            .is_some_and(|reason| !reason.is_empty()),
+        "{what}: the record says why: {record}"
+    );
+}
+
+#[tokio::test]
+async fn every_gateway_refusal_kind_leaves_one_audit_record_with_its_reason() {
+    let fixture = fixture().await;
+    let (grant, token) = fixture.issue("agent", "deploy-staging", "t-gw").await;
+    let (_, github_token) = fixture.issue("agent", "github-read", "t-gw").await;
+    let (revoked, revoked_token) = fixture.issue("agent", "deploy-staging", "t-gw-2").await;
+    fixture
+        .valet
+        .revoke_grant(&fixture.caller("agent"), &revoked.id, "test")
+        .await
+        .unwrap();
+    let unknown_grant = {
+        let mut claims = grant.claims("https://valet.test", START);
+        claims.jti = "01JDNOSUCHGRANT00000000000".into();
+        token::issue(&claims, fixture.valet.keys.ring().current())
+    };
+    let token = token.expose();
+    let allowed = site("railway", "GET", "/v1/projects/shop/services");
+    // A reload moves github-read to another upstream: its tokens no longer fit github.
+    let mut moved = (*fixture.valet.config()).clone();
+    moved.scopes.get_mut("github-read").unwrap().upstream = Some("railway".into());
+    fixture.valet.config.store(Arc::new(moved));
+    let mut covered = std::collections::BTreeSet::new();
+    let refused = |what: &str, outcome: Result<crate::CallDecision, &'static str>| {
+        outcome.err().unwrap_or_else(|| panic!("{what}: refused"))
+    };
+
+    // (kind, where, token, Valet-Approval header, body)
+    type Case<'a> = (
+        &'a str,
+        CallSite,
+        Option<&'a str>,
+        Option<&'a str>,
+        TestBody,
+    );
+    let cases: Vec<Case> = vec![
+        ("no_token", allowed.clone(), None, None, empty()),
+        (
+            "bad_token",
+            allowed.clone(),
+            Some("not-a-token"),
+            None,
+            empty(),
+        ),
+        (
+            "unknown_grant",
+            allowed.clone(),
+            Some(unknown_grant.expose()),
+            None,
+            empty(),
+        ),
+        (
+            "inactive",
+            allowed.clone(),
+            Some(revoked_token.expose()),
+            None,
+            empty(),
+        ),
+        (
+            "unknown_upstream",
+            site("nope", "GET", "/"),
+            Some(token),
+            None,
+            empty(),
+        ),
+        (
+            "wrong_upstream",
+            site("github", "GET", "/repos/a"),
+            Some(github_token.expose()),
+            None,
+            empty(),
+        ),
+        (
+            "bad_path",
+            site("railway", "GET", "/v1/projects/shop/../x"),
+            Some(token),
+            None,
+            empty(),
+        ),
+        (
+            "denied",
+            site("railway", "GET", "/v1/projects/other/x"),
+            Some(token),
+            None,
+            empty(),
+        ),
+        (
+            "body_too_large",
+            site("railway", "POST", "/v1/deploys"),
+            Some(token),
+            None,
+            TestBody {
+                bytes: Bytes::from(vec![b'x'; 65]),
+                declared: Some(65),
+                broken: false,
+            },
+        ),
+        (
+            "bad_body",
+            site("railway", "POST", "/v1/deploys"),
+            Some(token),
+            None,
+            TestBody {
+                bytes: Bytes::new(),
+                declared: None,
+                broken: true,
+            },
+        ),
+        (
+            "approval_required",
+            site("railway", "DELETE", "/v1/volumes/v1"),
+            Some(token),
+            None,
+            empty(),
+        ),
+        (
+            "approval_refused",
+            site("railway", "DELETE", "/v1/volumes/v1"),
+            Some(token),
+            Some("ap_nosuchapproval"),
+            empty(),
+        ),
+    ];
+    for (what, site, token, approval, body) in cases {
+        let before = fixture.records().len();
+        let kind = refused(what, call(&fixture, &site, token, approval, body).await);
+        assert_eq!(kind, what);
+        covered.insert(kind);
+        let records = fixture.records();
+        // An approval request is recorded as its own (allowed) record before the refusal.
+        let refusal_records: Vec<&serde_json::Value> = records[before..]
+            .iter()
+            .filter(|record| record["action"] == "gateway.call")
+            .collect();
+        assert_eq!(refusal_records.len(), 1, "{what}: {:?}", &records[before..]);
+        assert_eq!(refusal_records[0]["refusal"], what);
+        assert!(
+            refusal_records[0]["reason"]
+                .as_str()
+                .is_some_and(|reason| !reason.is_empty())
+        );
+    }
+
+    // The call limit: the first POST passes, the second is refused.
+    let deploy = site("railway", "POST", "/v1/deploys");
+    call(&fixture, &deploy, Some(token), None, empty())
+        .await
+        .unwrap();
+    let before = fixture.records().len();
+    let kind = refused(
+        "limit_reached",
+        call(&fixture, &deploy, Some(token), None, empty()).await,
+    );
+    assert_eq!(kind, "limit_reached");
+    covered.insert(kind);
+    one_record_with_reason(before, &fixture, "limit_reached");
+
+    // A route the gateway does not serve.
+    let before = fixture.records().len();
+    let error = fixture
+        .valet
+        .refuse_call(&site("", "GET", "/favicon.ico"), CallRefusal::NotFound)
+        .await;
+    covered.insert(match &error {
+        ServiceError::Call(refusal) => refusal.kind(),
+        other => panic!("{other}"),
+    });
+    one_record_with_reason(before, &fixture, "not_found");
+
+    // Failures after forwarding, recorded as failed.
+    let decision = call(&fixture, &allowed, Some(token), None, empty())
+        .await
+        .unwrap();
+    for failure in [
+        CallRefusal::UpstreamFailed {
+            upstream: "railway".into(),
+            detail: "connection refused".into(),
+        },
+        CallRefusal::UpstreamTimeout {
+            upstream: "railway".into(),
+            seconds: 30,
+        },
+    ] {
+        let kind = failure.kind();
+        let before = fixture.records().len();
+        let error = fixture
+            .valet
+            .record_call_outcome(&decision, CallOutcome::Failed(failure))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ServiceError::Call(_)));
+        covered.insert(kind);
+        one_record_with_reason(before, &fixture, kind);
+        assert_eq!(fixture.records()[before]["outcome"], "failed");
+    }
+
+    let all: std::collections::BTreeSet<&str> = CallRefusal::KINDS.into_iter().collect();
+    assert_eq!(covered, all, "every kind of gateway refusal is exercised");
+}
+
+#[tokio::test]
+async fn every_refused_operation_leaves_one_audit_record_with_its_reason() {
+    let fixture = fixture().await;
+    let valet = &fixture.valet;
+    let agent = fixture.caller("agent");
+    let other = fixture.caller("other-agent");
+    let operator = fixture.caller("operator");
+    let (grant, token) = fixture.issue("agent", "deploy-staging", "t-refusals").await;
+    let others_filter = GrantFilter {
+        principal: Some("operator".into()),
+        ..GrantFilter::default()
+    };
+    macro_rules! refused {
+        ($what:expr, $operation:expr) => {{
+            let before = fixture.records().len();
+            let outcome = $operation.await;
+            assert!(outcome.is_err(), "{} is refused", $what);
+            one_record_with_reason(before, &fixture, $what);
+        }};
+    }
+    refused!(
+        "authenticate",
+        valet.authenticate(Some(b"Bearer wrong"), "/x", "r")
+    );
+    refused!("issue", valet.issue(&agent, request("no-such-scope", "t")));
+    refused!("renew", valet.renew(&other, &grant.id, None));
+    refused!("revoke_grant", valet.revoke_grant(&other, &grant.id, ""));
+    refused!("revoke_task", valet.revoke_task(&agent, "two words", ""));
+    refused!(
+        "revoke_all",
+        valet.revoke_all(&agent, Some(GrantFilter::default()), "x")
+    );
+    refused!("introspect", valet.introspect(&other, &token));
+    refused!("wait_for_grant", valet.wait_for_grant(&other, &grant.id, 1));
+    refused!(
+        "list_grants",
+        valet.list_grants(&agent, others_filter.clone(), 0, "")
+    );
+    refused!("watch_grants", valet.watch_grants(&agent, others_filter));
+    refused!("get_approval", valet.get_approval(&agent, "ap_none"));
+    refused!("approve", valet.approve(&agent, "ap_none", None, ""));
+    refused!(
+        "deny_approval",
+        valet.deny_approval(&operator, "ap_none", "no")
+    );
+    refused!("audit_head", valet.audit_head(&agent));
+    refused!("audit_tail", valet.audit_tail(&agent, 1, false));
+    refused!("rotate_signing_key", valet.rotate_signing_key(&operator));
+    refused!(
+        "reload",
+        valet.reload(crate::ReloadTrigger::Caller(&operator))
+    );
+    refused!(
+        "refuse",
+        valet.refuse::<()>(
+            &agent,
+            valet_core::audit::AuditAction::GrantsList,
+            ServiceError::InvalidField {
+                field: "filter.status",
+                problem: "9 is not a grant status".into()
+            }
+        )
+    );
+}

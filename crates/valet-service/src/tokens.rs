@@ -54,8 +54,14 @@ impl Valet {
         request: TokenRequest,
     ) -> Result<Issued, ServiceError> {
         let mut context = context(AuditAction::TokenIssue)
-            .with("scope", bounded(&request.scope, policy::limits::MAX_SCOPE_NAME_BYTES))
-            .with("task_id", bounded(&request.task_id, policy::limits::MAX_TASK_ID_BYTES));
+            .with(
+                "scope",
+                bounded(&request.scope, policy::limits::MAX_SCOPE_NAME_BYTES),
+            )
+            .with(
+                "task_id",
+                bounded(&request.task_id, policy::limits::MAX_TASK_ID_BYTES),
+            );
         let outcome = self.issue_decided(caller, &request, &mut context).await;
         self.answer(caller, context, outcome).await
     }
@@ -169,7 +175,9 @@ impl Valet {
         ttl: Option<Duration>,
     ) -> Result<Renewed, ServiceError> {
         let mut context = context(AuditAction::TokenRenew);
-        let outcome = self.renew_decided(caller, grant_id, ttl, &mut context).await;
+        let outcome = self
+            .renew_decided(caller, grant_id, ttl, &mut context)
+            .await;
         self.answer(caller, context, outcome).await
     }
 
@@ -232,8 +240,8 @@ impl Valet {
         caller: &Caller,
         token: &Token,
     ) -> Result<Introspection, ServiceError> {
-        let mut context = context(AuditAction::TokenIntrospect)
-            .with("token_fingerprint", token.fingerprint());
+        let mut context =
+            context(AuditAction::TokenIntrospect).with("token_fingerprint", token.fingerprint());
         let outcome = self.introspect_decided(caller, token, &mut context).await;
         self.answer(caller, context, outcome).await
     }
@@ -264,8 +272,7 @@ impl Valet {
             now,
             leeway_seconds: 0,
         };
-        let claims = match token::verify(token.expose(), self.keys.ring().as_ref(), expectations)
-        {
+        let claims = match token::verify(token.expose(), self.keys.ring().as_ref(), expectations) {
             Ok(claims) => claims,
             Err(error) => return inactive(context, None, error.to_string()).await,
         };

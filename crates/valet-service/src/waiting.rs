@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use tokio::sync::broadcast::error::RecvError;
+use valet_core::GrantId;
 use valet_core::approval::ApprovalRequest;
 use valet_core::audit::AuditAction;
 use valet_core::grant::{Grant, GrantStatus};
 use valet_core::policy;
 use valet_core::token::Token;
-use valet_core::GrantId;
 use valet_store::StoreChange;
 
 use crate::aws_grants::AwsGrant;
@@ -49,10 +49,7 @@ impl Valet {
                 seconds => {
                     return Err(ServiceError::InvalidField {
                         field: "timeout_seconds",
-                        problem: format!(
-                            "{seconds} is above the maximum {}",
-                            MAX_WAIT.as_secs()
-                        ),
+                        problem: format!("{seconds} is above the maximum {}", MAX_WAIT.as_secs()),
                     });
                 }
             };

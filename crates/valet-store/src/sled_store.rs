@@ -288,7 +288,8 @@ impl Store for SledStore {
     }
 
     async fn record_audit_head(&self, head: &ChainHead) -> Result<(), StoreError> {
-        self.trees.meta
+        self.trees
+            .meta
             .insert(AUDIT_HEAD_KEY, encode(head))
             .map_err(unavailable)?;
         Ok(())
@@ -323,7 +324,12 @@ impl Store for SledStore {
     }
 
     async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRequest>, StoreError> {
-        match self.trees.approvals.get(id.as_bytes()).map_err(unavailable)? {
+        match self
+            .trees
+            .approvals
+            .get(id.as_bytes())
+            .map_err(unavailable)?
+        {
             Some(bytes) => Ok(Some(decode("approval", id.as_bytes(), &bytes)?)),
             None => Ok(None),
         }

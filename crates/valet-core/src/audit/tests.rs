@@ -6,8 +6,8 @@ fn chain_of(n_records: u64) -> (Vec<String>, ChainHead) {
     let mut head = ChainHead::genesis();
     let mut lines = Vec::new();
     for index in 0..n_records {
-        let event =
-            AuditEvent::new(AuditAction::TokenIssue, Outcome::Allowed).with("grant_id", format!("g{index}"));
+        let event = AuditEvent::new(AuditAction::TokenIssue, Outcome::Allowed)
+            .with("grant_id", format!("g{index}"));
         let (line, next) = chain(&head, &event, 1_700_000_000 + index as i64);
         lines.push(line);
         head = next;
@@ -39,7 +39,8 @@ fn an_edited_record_is_found() {
 #[test]
 fn an_edit_with_a_recomputed_hash_still_breaks_the_next_link() {
     let (mut lines, _) = chain_of(4);
-    let forged_event = AuditEvent::new(AuditAction::TokenIssue, Outcome::Allowed).with("grant_id", "forged");
+    let forged_event =
+        AuditEvent::new(AuditAction::TokenIssue, Outcome::Allowed).with("grant_id", "forged");
     let before = ChainHead {
         sequence: 1,
         hash: parse_hash(&lines[0]),
@@ -103,7 +104,8 @@ fn a_rewritten_log_does_not_match_the_kept_head() {
         for index in 0..3 {
             let (line, next) = chain(
                 &h,
-                &AuditEvent::new(AuditAction::TokenIssue, Outcome::Denied).with("n", index.to_string()),
+                &AuditEvent::new(AuditAction::TokenIssue, Outcome::Denied)
+                    .with("n", index.to_string()),
                 5,
             );
             lines.push(line);
