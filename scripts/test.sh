@@ -4,13 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== dependency direction: valet-core has no I/O stack; the client never depends on the server"
-forbidden_in_core=$(cargo tree -p valet-core -e normal --prefix none | grep -E '^(tonic|tokio|sled|hyper) ' || true)
+echo "== dependency direction: valet-core has no I/O stack; valet-service no transport; the client never depends on the server"
+forbidden_in_core=$(cargo tree -p valet-core -e normal --prefix none | grep -E '^(tonic|tokio|sled|hyper|etcd-client) ' || true)
 if [ -n "$forbidden_in_core" ]; then
   echo "valet-core must not depend on an I/O stack, but depends on:"; echo "$forbidden_in_core"; exit 1
 fi
-if cargo tree -p valet-client -e normal --prefix none | grep -qE '^valet-(server|store) '; then
-  echo "valet-client must not depend on valet-server or valet-store"; exit 1
+# valet-service reaches etcd-client (which speaks gRPC) through valet-store's engine, so the rule is
+# about its own dependencies and its own source: no transport crate, no transport code.
+forbidden_in_service=$(cargo tree -p valet-service -e normal --depth 1 --prefix none | grep -E '^(tonic|tonic-[a-z]+|hyper|hyper-util|hyper-rustls|axum|valet-gateway|valet-server|valet-proto) ' || true)
+if [ -n "$forbidden_in_service" ] || grep -rqE '\b(tonic|hyper)::' crates/valet-service/src; then
+  echo "valet-service must not depend on a transport (tonic, hyper) or on its adapters, but depends on:"
+  echo "$forbidden_in_service"; grep -rnE '\b(tonic|hyper)::' crates/valet-service/src || true; exit 1
+fi
+if cargo tree -p valet-client -e normal --prefix none | grep -qE '^valet-(server|store|service|gateway) '; then
+  echo "valet-client must not depend on valet-server, valet-service, valet-gateway or valet-store"; exit 1
 fi
 
 echo "== etcd for the distributed-mode tests (Debian's etcd-server and etcd-client)"

@@ -9,6 +9,7 @@ mod distributed;
 mod gateway;
 mod lifecycle;
 mod protocol;
+mod refusals;
 mod restart;
 mod secrets;
 mod startup;
