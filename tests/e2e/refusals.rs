@@ -24,7 +24,10 @@ fn rpcs_in_proto() -> BTreeSet<String> {
             }
         }
     }
-    assert!(rpcs.len() >= 19, "the proto files define the RPCs: {rpcs:?}");
+    assert!(
+        rpcs.len() >= 19,
+        "the proto files define the RPCs: {rpcs:?}"
+    );
     rpcs
 }
 
@@ -95,7 +98,9 @@ async fn every_rpc_refusal_leaves_one_audit_record_with_its_reason() {
     let other = valetd.client(OTHER_AGENT_KEY).await;
     let operator = valetd.client(OPERATOR_KEY).await;
     let issued = agent
-        .request_token(TokenRequest::new("deploy-staging", "t-refusals").with_param("project", "shop"))
+        .request_token(
+            TokenRequest::new("deploy-staging", "t-refusals").with_param("project", "shop"),
+        )
         .await
         .unwrap();
     let grant_id = issued.grant.id.clone();

@@ -79,7 +79,6 @@ pub enum AuditAction {
     ApprovalUse,
     ApprovalsList,
     ApprovalGet,
-    ApprovalsWatch,
     ApprovalWebhook,
     KeyRotate,
     ConfigReload,
@@ -92,7 +91,7 @@ pub enum AuditAction {
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 25] = [
+    pub const ALL: [AuditAction; 24] = [
         AuditAction::Authenticate,
         AuditAction::TokenIssue,
         AuditAction::TokenRenew,
@@ -110,7 +109,6 @@ impl AuditAction {
         AuditAction::ApprovalUse,
         AuditAction::ApprovalsList,
         AuditAction::ApprovalGet,
-        AuditAction::ApprovalsWatch,
         AuditAction::ApprovalWebhook,
         AuditAction::KeyRotate,
         AuditAction::ConfigReload,
@@ -140,7 +138,6 @@ impl AuditAction {
             AuditAction::ApprovalUse => "approval.use",
             AuditAction::ApprovalsList => "approvals.list",
             AuditAction::ApprovalGet => "approval.get",
-            AuditAction::ApprovalsWatch => "approvals.watch",
             AuditAction::ApprovalWebhook => "approval.webhook",
             AuditAction::KeyRotate => "key.rotate",
             AuditAction::ConfigReload => "config.reload",

@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
 use valet_core::ApprovalId;
 use valet_core::approval::ApprovalRequest;
@@ -109,23 +109,11 @@ impl Valet {
         let filter = self
             .answer(caller, context(AuditAction::GrantsWatch), outcome)
             .await?;
-        let mut changes = self.store.subscribe();
         let clock = self.clock.clone();
-        Ok(stream_from_task(move |sender| async move {
-            loop {
-                let change = match changes.recv().await {
-                    Ok(change) => change,
-                    Err(RecvError::Lagged(n_missed)) => {
-                        let _ = sender
-                            .send(Err(ServiceError::Lagged {
-                                n_missed,
-                                advice: "list grants again and re-watch",
-                            }))
-                            .await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => return,
-                };
+        Ok(follow_channel(
+            self.store.subscribe(),
+            "list grants again and re-watch",
+            move |change| {
                 let (kind, grant) = match change {
                     StoreChange::GrantCreated(grant) => (GrantEventKind::Issued, grant),
                     StoreChange::GrantRevoked(grant) => (GrantEventKind::Revoked, grant),
@@ -137,16 +125,13 @@ impl Valet {
                     StoreChange::GrantUpdated { after, .. } => (GrantEventKind::Used, *after),
                     StoreChange::KeyRingChanged
                     | StoreChange::ApprovalChanged(_)
-                    | StoreChange::Resync => continue,
+                    | StoreChange::Resync => return None,
                 };
-                if !filter.matches(&grant, clock.now()) {
-                    continue;
-                }
-                if sender.send(Ok(GrantEvent { kind, grant })).await.is_err() {
-                    return;
-                }
-            }
-        }))
+                filter
+                    .matches(&grant, clock.now())
+                    .then_some(GrantEvent { kind, grant })
+            },
+        ))
     }
 
     /// Approval requests the caller may see (agents: their own; operators: all).
@@ -191,31 +176,18 @@ impl Valet {
         caller: &Caller,
     ) -> Result<ServiceStream<ApprovalRequest>, ServiceError> {
         let principal = caller.principal.clone();
-        let mut changes = self.store.subscribe();
-        Ok(stream_from_task(move |sender| async move {
-            loop {
-                match changes.recv().await {
-                    Ok(StoreChange::ApprovalChanged(approval))
-                        if policy::may_see_approval(&principal, &approval.requester).is_ok() =>
-                    {
-                        if sender.send(Ok(*approval)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(n_missed)) => {
-                        let _ = sender
-                            .send(Err(ServiceError::Lagged {
-                                n_missed,
-                                advice: "list approvals again",
-                            }))
-                            .await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => return,
+        Ok(follow_channel(
+            self.store.subscribe(),
+            "list approvals again",
+            move |change| match change {
+                StoreChange::ApprovalChanged(approval)
+                    if policy::may_see_approval(&principal, &approval.requester).is_ok() =>
+                {
+                    Some(*approval)
                 }
-            }
-        }))
+                _ => None,
+            },
+        ))
     }
 
     /// The audit chain head valetd recorded. Operators only.
@@ -261,41 +233,17 @@ impl Valet {
             .answer(caller, context(AuditAction::AuditTail), outcome)
             .await?;
         // Subscribe before reading the file, so no record falls between the two.
-        let mut written = follow.then(|| self.audit.follow());
+        let written = follow.then(|| self.audit.follow());
         let recent = self.audit.last_records(last as usize).await?;
-        Ok(stream_from_task(move |sender| async move {
-            let mut last_sent = 0;
-            for record in recent {
-                last_sent = record.sequence;
-                if sender.send(Ok(record)).await.is_err() {
-                    return;
-                }
-            }
-            let Some(written) = written.as_mut() else {
-                return;
-            };
-            loop {
-                match written.recv().await {
-                    Ok(record) if record.sequence > last_sent => {
-                        last_sent = record.sequence;
-                        if sender.send(Ok((*record).clone())).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(n_missed)) => {
-                        let _ = sender
-                            .send(Err(ServiceError::Lagged {
-                                n_missed,
-                                advice: "tail the audit log again",
-                            }))
-                            .await;
-                        return;
-                    }
-                    Err(RecvError::Closed) => return,
-                }
-            }
-        }))
+        let last_sent = recent.last().map(|record| record.sequence).unwrap_or(0);
+        let recent = futures::stream::iter(recent.into_iter().map(Ok));
+        let Some(written) = written else {
+            return Ok(Box::pin(recent));
+        };
+        let newer = follow_channel(written, "tail the audit log again", move |record| {
+            (record.sequence > last_sent).then(|| (*record).clone())
+        });
+        Ok(Box::pin(recent.chain(newer)))
     }
 }
 
@@ -319,4 +267,33 @@ where
     let (sender, receiver) = tokio::sync::mpsc::channel(64);
     tokio::spawn(task(sender));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))
+}
+
+/// Follows a broadcast channel from now on, keeping what `select` keeps. A follower that falls
+/// behind gets one `Lagged` error saying what to do (`advice`), and the stream ends.
+fn follow_channel<C, T>(
+    mut receiver: tokio::sync::broadcast::Receiver<C>,
+    advice: &'static str,
+    mut select: impl FnMut(C) -> Option<T> + Send + 'static,
+) -> ServiceStream<T>
+where
+    C: Clone + Send + 'static,
+    T: Send + 'static,
+{
+    stream_from_task(move |sender| async move {
+        loop {
+            let item = match receiver.recv().await {
+                Ok(change) => match select(change) {
+                    Some(item) => Ok(item),
+                    None => continue,
+                },
+                Err(RecvError::Lagged(n_missed)) => Err(ServiceError::Lagged { n_missed, advice }),
+                Err(RecvError::Closed) => return,
+            };
+            let lagged = item.is_err();
+            if sender.send(item).await.is_err() || lagged {
+                return;
+            }
+        }
+    })
 }

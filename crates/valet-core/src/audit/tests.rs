@@ -139,3 +139,22 @@ fn parse_hash(line: &str) -> String {
     let value: serde_json::Value = serde_json::from_str(line).unwrap();
     value["hash"].as_str().unwrap().to_string()
 }
+
+#[test]
+fn every_action_has_its_own_name_and_the_config_reference_lists_it() {
+    let names: std::collections::BTreeSet<&str> = AuditAction::ALL
+        .iter()
+        .map(|action| action.as_str())
+        .collect();
+    assert_eq!(names.len(), AuditAction::ALL.len(), "names are unique");
+    let reference = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/configuration.md"),
+    )
+    .unwrap();
+    for name in names {
+        assert!(
+            reference.contains(&format!("`{name}`")),
+            "docs/configuration.md names audit action {name}"
+        );
+    }
+}
