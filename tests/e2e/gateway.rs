@@ -72,6 +72,7 @@ pattern = "[a-z]+"
 [[scope.allow]]
 methods = ["GET", "HEAD"]
 path = "/v1/projects/{{project}}/**"
+query = {{ page = {{ pattern = "[0-9]{{1,4}}" }} }}
 [[scope.allow]]
 method = "POST"
 path = "/v1/projects/{{project}}/deploys"
@@ -93,6 +94,7 @@ max_ttl = "2s"
 [[scope.allow]]
 method = "GET"
 path = "/**"
+query = {{ limit = {{ pattern = "[0-9]{{1,3}}" }} }}
 
 [[scope]]
 name = "keyed-read"
@@ -103,6 +105,7 @@ max_ttl = "10m"
 [[scope.allow]]
 method = "GET"
 path = "/items"
+query = {{ limit = {{ pattern = "[0-9]{{1,3}}" }} }}
 
 [[scope]]
 name = "nowhere-read"
@@ -113,6 +116,7 @@ max_ttl = "10m"
 [[scope.allow]]
 method = "GET"
 path = "/**"
+query = {{ limit = {{ pattern = "[0-9]{{1,3}}" }} }}
 "#
     ))
     .replace("listen = \"127.0.0.1:0\"\n", "listen = \"127.0.0.1:0\"\ngateway_listen = \"127.0.0.1:0\"\n")
@@ -463,10 +467,24 @@ async fn query_credentials_are_injected_and_cannot_be_overridden() {
         .request_token(TokenRequest::new("keyed-read", "gw-keyed"))
         .await
         .unwrap();
-    let reply = call(
+    // The agent may not set the parameter the root credential goes in: it is no parameter of
+    // the rule, so the call is refused and the upstream never sees it.
+    let smuggled = call(
         &gateway,
         "GET",
         "/u/keyed/items?api_key=mine&limit=5",
+        issued.token_str(),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(smuggled.status, 403, "{}", smuggled.body);
+    assert!(smuggled.body.contains("api_key"), "{}", smuggled.body);
+    assert!(upstream.seen().is_empty());
+    let reply = call(
+        &gateway,
+        "GET",
+        "/u/keyed/items?limit=5",
         issued.token_str(),
         "",
         &[],

@@ -233,7 +233,8 @@ impl Call {
     }
 }
 
-/// One HTTP call with a bearer token, answered in full.
+/// One HTTP call with a bearer token, answered in full. A body is sent as JSON unless `extra`
+/// names another content type.
 pub async fn call(
     gateway: &str,
     method: &str,
@@ -252,6 +253,12 @@ pub async fn call(
         .header("authorization", format!("Bearer {token}"));
     for (name, value) in extra {
         request = request.header(*name, *value);
+    }
+    let typed = extra
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("content-type"));
+    if !body.is_empty() && !typed {
+        request = request.header("content-type", "application/json");
     }
     let response = client
         .request(

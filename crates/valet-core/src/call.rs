@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use crate::approval::CallFingerprint;
 use crate::config::Scope;
 use crate::grant::{CallRefused, InactiveReason};
-use crate::graphql::{self, AskedField, GraphqlDenial};
-use crate::rules::{AllowRule, PathError};
+use crate::graphql::{self, AskedField, CheckedGraphql, GraphqlDenial};
+use crate::rules::{AllowRule, PathError, QueryError, check_query};
 use crate::token::VerifyError;
 
 /// Why the gateway did not forward a call, or why a forwarded call failed. Every variant names
@@ -156,26 +156,43 @@ pub fn max_body(candidates: &[&AllowRule]) -> u64 {
         .unwrap_or(crate::rules::DEFAULT_MAX_BODY)
 }
 
-/// Picks the first candidate rule that allows the body; GraphQL rules parse it.
+/// The parts of a call a rule is chosen on, beyond method and path.
+#[derive(Debug, Clone, Copy)]
+pub struct CallParts<'a> {
+    pub method: &'a str,
+    /// The raw query string, if any.
+    pub query: Option<&'a str>,
+    /// The request's `Content-Type`, if any.
+    pub content_type: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+/// What the upstream receives for an allowed call: built from what was checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    /// The canonical query string (REST rules), never one for GraphQL.
+    pub query: Option<String>,
+    /// The body: the canonical GraphQL request, or the REST body as sent.
+    pub body: Vec<u8>,
+    /// For GraphQL: every field asked for, every call as it will execute, every operation.
+    pub graphql: Option<CheckedGraphql>,
+}
+
+/// Picks the first candidate rule that allows the call (query parameters, body; GraphQL rules
+/// parse it), and builds what the upstream receives.
 pub fn choose_rule<'a>(
     scope: &Scope,
     candidates: &[&'a AllowRule],
-    body: &[u8],
-) -> Result<(&'a AllowRule, Vec<AskedField>), CallRefusal> {
+    parts: CallParts<'_>,
+    params: &BTreeMap<String, String>,
+) -> Result<(&'a AllowRule, Forwarded), CallRefusal> {
     let mut first_denial = None;
     for rule in candidates {
-        if body.len() as u64 > rule.max_body {
-            first_denial.get_or_insert(CallRefusal::BodyTooLarge { max: rule.max_body });
-            continue;
-        }
-        match &rule.graphql {
-            None => return Ok((rule, Vec::new())),
-            Some(allow) => match graphql::check(body, allow) {
-                Ok(fields) => return Ok((rule, fields)),
-                Err(denial) => {
-                    first_denial.get_or_insert(CallRefusal::from_graphql(scope, denial));
-                }
-            },
+        match allows(scope, rule, parts, params) {
+            Ok(forwarded) => return Ok((rule, forwarded)),
+            Err(denial) => {
+                first_denial.get_or_insert(denial);
+            }
         }
     }
     Err(first_denial.unwrap_or_else(|| CallRefusal::Denied {
@@ -184,6 +201,71 @@ pub fn choose_rule<'a>(
         asked: "this call".into(),
         reason: "no rule allows it".into(),
     }))
+}
+
+fn allows(
+    scope: &Scope,
+    rule: &AllowRule,
+    parts: CallParts<'_>,
+    params: &BTreeMap<String, String>,
+) -> Result<Forwarded, CallRefusal> {
+    let denied = |asked: String, reason: String| CallRefusal::Denied {
+        scope: scope.name.clone(),
+        rules: rules_summary(scope),
+        asked,
+        reason: format!("{rule}: {reason}"),
+    };
+    if parts.body.len() as u64 > rule.max_body {
+        return Err(CallRefusal::BodyTooLarge { max: rule.max_body });
+    }
+    let Some(allow) = &rule.graphql else {
+        let query = check_query(parts.query, &rule.query, params)
+            .map_err(|error| denied(format!("{} ?{}", parts.method, parts.query.unwrap_or("")), error.to_string()))?;
+        return Ok(Forwarded {
+            query: query.canonical(),
+            body: parts.body.to_vec(),
+            graphql: None,
+        });
+    };
+    // A GraphQL request travels only as POST application/json, with no query string: the forms
+    // servers also execute (GET ?query=, form bodies, application/graphql, multipart) would let
+    // the upstream run a document the gateway did not check.
+    if parts.method != "POST" {
+        return Err(denied(
+            format!("GraphQL over {}", parts.method),
+            "GraphQL requests are accepted only as POST application/json (a GET carries its document in the URL)".into(),
+        ));
+    }
+    if parts.query.is_some_and(|query| !query.is_empty()) {
+        return Err(denied(
+            "a GraphQL request with a query string".into(),
+            format!("{} (servers execute ?query= before the body)", QueryError::NotTaken),
+        ));
+    }
+    if !parts.content_type.is_some_and(is_json) {
+        return Err(denied(
+            format!(
+                "a GraphQL request of content type {}",
+                parts.content_type.unwrap_or("(none)")
+            ),
+            "send Content-Type: application/json; form, multipart and application/graphql bodies are not accepted".into(),
+        ));
+    }
+    let checked = graphql::check_request(parts.body, allow, params)
+        .map_err(|denial| CallRefusal::from_graphql(scope, denial))?;
+    Ok(Forwarded {
+        query: None,
+        body: checked.body.clone(),
+        graphql: Some(checked),
+    })
+}
+
+/// `application/json`, with parameters such as `charset=utf-8`.
+fn is_json(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// Every rule of a scope in one line, for denials.

@@ -432,6 +432,7 @@ mod tests {
             max_body: 64,
             max_calls: Some(1),
             approval: None,
+            query: BTreeMap::new(),
         };
         let grant = active_grant(1_000);
         let once = grant.called(&rule, 1_001).unwrap();

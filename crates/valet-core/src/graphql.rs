@@ -1,18 +1,25 @@
-//! The GraphQL check: parse the exact bytes that will be forwarded, split batches, and require
-//! every top-level field of every operation — aliases resolved to field names, fragments and
-//! inline fragments expanded — to be allowed. `operationName` is never trusted: every operation
-//! in the document counts, whichever one the upstream would run.
+//! The GraphQL check: parse the request the gateway received, check every top-level field of every
+//! operation — aliases resolved to field names, fragments and inline fragments expanded, arguments
+//! resolved with their variables — and build the canonical request the upstream receives instead.
+//! `operationName` is never trusted: every operation in the document counts, whichever one the
+//! upstream would run. The work per request is bounded (tokens, nesting, expanded selections).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::rules::GraphqlAllow;
 use apollo_parser::{Parser, cst};
+use serde_json::{Map, Value};
+
+use crate::rules::{ArgumentPath, GraphqlAllow};
 
 /// Largest batch accepted in one request.
 pub const MAX_BATCH: usize = 32;
+/// Most selections one document may expand to (fragments counted every time they are spread).
+pub const MAX_EXPANDED_SELECTIONS: usize = 10_000;
 const MAX_FRAGMENT_DEPTH: usize = 32;
 const RECURSION_LIMIT: usize = 128;
 const TOKEN_LIMIT: usize = 20_000;
+/// The keys a GraphQL-over-HTTP request object may carry.
+const REQUEST_KEYS: [&str; 4] = ["query", "operationName", "variables", "extensions"];
 
 /// One field the request asks for, e.g. `mutation volumeDelete`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -25,6 +32,48 @@ impl std::fmt::Display for AskedField {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(formatter, "{} {}", self.operation, self.field)
     }
+}
+
+/// One top-level field as it will execute: alias, name, and every argument with variables
+/// substituted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldCall {
+    pub operation: &'static str,
+    pub alias: Option<String>,
+    pub field: String,
+    pub arguments: Map<String, Value>,
+}
+
+impl std::fmt::Display for FieldCall {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{} ", self.operation)?;
+        if let Some(alias) = &self.alias {
+            write!(formatter, "{alias}: ")?;
+        }
+        write!(formatter, "{}", self.field)?;
+        if !self.arguments.is_empty() {
+            let arguments: Vec<String> = self
+                .arguments
+                .iter()
+                .map(|(name, value)| format!("{name}: {value}"))
+                .collect();
+            write!(formatter, "({})", arguments.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// A request that passed the check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedGraphql {
+    /// The body the upstream receives: canonical JSON built from what was checked.
+    pub body: Vec<u8>,
+    /// Every field asked for, once each, for rules and audit records.
+    pub fields: Vec<AskedField>,
+    /// Every top-level field call, in document order, for people to read.
+    pub calls: Vec<FieldCall>,
+    /// The operations of the request (`query Name`, `mutation`), for audit records.
+    pub operations: Vec<String>,
 }
 
 /// Why a GraphQL request is refused.
@@ -50,10 +99,36 @@ pub enum GraphqlDenial {
     FragmentCycle(String),
     #[error("fragments nest deeper than {MAX_FRAGMENT_DEPTH}")]
     TooDeep,
+    #[error(
+        "the document expands to more than {MAX_EXPANDED_SELECTIONS} selections (fragments counted each time they are spread); split it"
+    )]
+    TooLarge,
     #[error("{field} is not allowed; allowed: {allowed}")]
     FieldNotAllowed { field: AskedField, allowed: String },
+    #[error(
+        "{call} is not allowed: argument {argument} must be {rule}, and here it is {given}"
+    )]
+    ArgumentNotAllowed {
+        call: String,
+        argument: String,
+        rule: String,
+        given: String,
+    },
     #[error("a batch of {0} operations is above the limit of {MAX_BATCH}")]
     BatchTooLarge(usize),
+    #[error(
+        "the request object has {key:?}; a GraphQL request carries only \"query\", \"operationName\" and \"variables\"{extensions}"
+    )]
+    UnexpectedKey {
+        key: String,
+        extensions: &'static str,
+    },
+    #[error(
+        "the JSON has key {key:?} more than once (or in two spellings): servers read repeated keys differently"
+    )]
+    RepeatedKey { key: String },
+    #[error("operationName {0:?} names no operation of the document")]
+    UnknownOperationName(String),
 }
 
 impl GraphqlDenial {
@@ -61,84 +136,169 @@ impl GraphqlDenial {
     pub fn asked(&self) -> Option<String> {
         match self {
             GraphqlDenial::FieldNotAllowed { field, .. } => Some(field.to_string()),
+            GraphqlDenial::ArgumentNotAllowed { call, .. } => Some(call.clone()),
             GraphqlDenial::Subscription => Some("subscription".to_string()),
             _ => None,
         }
     }
 }
 
-/// Checks a request body against the allowed fields; returns every field asked for.
-pub fn check(body: &[u8], allow: &GraphqlAllow) -> Result<Vec<AskedField>, GraphqlDenial> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|error| GraphqlDenial::NotARequest(error.to_string()))?;
-    let requests = match value {
-        serde_json::Value::Array(items) if items.is_empty() => {
+/// Checks a request body against `allow` for a grant with `params`, and builds the canonical
+/// request the upstream receives.
+pub fn check_request(
+    body: &[u8],
+    allow: &GraphqlAllow,
+    params: &BTreeMap<String, String>,
+) -> Result<CheckedGraphql, GraphqlDenial> {
+    let value = strict_json(body)?;
+    let (requests, batch) = match value {
+        Value::Array(items) if items.is_empty() => {
             return Err(GraphqlDenial::NotARequest("an empty batch".into()));
         }
-        serde_json::Value::Array(items) if items.len() > MAX_BATCH => {
+        Value::Array(items) if items.len() > MAX_BATCH => {
             return Err(GraphqlDenial::BatchTooLarge(items.len()));
         }
-        serde_json::Value::Array(items) => items,
-        object @ serde_json::Value::Object(_) => vec![object],
+        Value::Array(items) => (items, true),
+        object @ Value::Object(_) => (vec![object], false),
         _ => {
             return Err(GraphqlDenial::NotARequest(
                 "not a JSON object or array".into(),
             ));
         }
     };
-    let mut asked = BTreeSet::new();
+    let mut canonical = Vec::with_capacity(requests.len());
+    let mut calls = Vec::new();
+    let mut operations = Vec::new();
+    let mut budget = MAX_EXPANDED_SELECTIONS;
     for request in requests {
-        let serde_json::Value::Object(fields) = request else {
+        let Value::Object(fields) = request else {
             return Err(GraphqlDenial::NotARequest(
                 "a batch item is not an object".into(),
             ));
         };
-        let query = match fields.get("query") {
-            Some(serde_json::Value::String(query)) if !query.trim().is_empty() => query,
-            Some(serde_json::Value::String(_)) | None | Some(serde_json::Value::Null) => {
-                return Err(GraphqlDenial::NoDocument);
-            }
-            Some(_) => {
-                return Err(GraphqlDenial::NotARequest(
-                    "\"query\" is not a string".into(),
-                ));
-            }
-        };
-        asked.extend(fields_of_document(query)?);
+        let request = GraphqlRequest::from_object(fields)?;
+        let document = read_document(&request, &mut budget)?;
+        operations.extend(document.operations);
+        calls.extend(document.calls);
+        canonical.push(request.canonical());
     }
+    let asked: BTreeSet<AskedField> = calls
+        .iter()
+        .map(|call| AskedField {
+            operation: call.operation,
+            field: call.field.clone(),
+        })
+        .collect();
     for field in &asked {
-        let allowed = match field.operation {
-            "query" => field.field == "__typename" || allow.query.contains(&field.field),
-            "mutation" => field.field == "__typename" || allow.mutation.contains(&field.field),
-            _ => false,
-        };
-        if !allowed {
-            let list = if field.operation == "mutation" {
-                &allow.mutation
-            } else {
-                &allow.query
-            };
-            let allowed = if list.is_empty() {
-                format!("no {} fields", field.operation)
-            } else {
-                format!(
-                    "{} [{}]",
-                    field.operation,
-                    list.iter().cloned().collect::<Vec<_>>().join(", ")
-                )
-            };
-            return Err(GraphqlDenial::FieldNotAllowed {
-                field: field.clone(),
-                allowed,
-            });
-        }
+        check_field_allowed(field, allow)?;
     }
-    Ok(asked.into_iter().collect())
+    for call in &calls {
+        check_arguments(call, allow, params)?;
+    }
+    let body = if batch {
+        Value::Array(canonical)
+    } else {
+        canonical.into_iter().next().unwrap_or(Value::Null)
+    };
+    Ok(CheckedGraphql {
+        body: body.to_string().into_bytes(),
+        fields: asked.into_iter().collect(),
+        calls,
+        operations,
+    })
 }
 
-/// The top-level fields of every operation in one document.
-fn fields_of_document(query: &str) -> Result<BTreeSet<AskedField>, GraphqlDenial> {
-    let tree = Parser::new(query)
+/// Checks a request body against the allowed fields; returns every field asked for.
+pub fn check(body: &[u8], allow: &GraphqlAllow) -> Result<Vec<AskedField>, GraphqlDenial> {
+    check_request(body, allow, &BTreeMap::new()).map(|checked| checked.fields)
+}
+
+/// One GraphQL-over-HTTP request object, as checked.
+struct GraphqlRequest {
+    query: String,
+    operation_name: Option<String>,
+    variables: Map<String, Value>,
+    variables_given: bool,
+}
+
+impl GraphqlRequest {
+    fn from_object(fields: Map<String, Value>) -> Result<GraphqlRequest, GraphqlDenial> {
+        let mut request = GraphqlRequest {
+            query: String::new(),
+            operation_name: None,
+            variables: Map::new(),
+            variables_given: false,
+        };
+        for (key, value) in fields {
+            match (key.as_str(), value) {
+                ("query", Value::String(query)) if !query.trim().is_empty() => {
+                    request.query = query
+                }
+                ("query", Value::String(_) | Value::Null) => return Err(GraphqlDenial::NoDocument),
+                ("query", _) => {
+                    return Err(GraphqlDenial::NotARequest(
+                        "\"query\" is not a string".into(),
+                    ));
+                }
+                ("operationName", Value::String(name)) => request.operation_name = Some(name),
+                ("operationName", Value::Null) => {}
+                ("operationName", _) => {
+                    return Err(GraphqlDenial::NotARequest(
+                        "\"operationName\" is not a string".into(),
+                    ));
+                }
+                ("variables", Value::Object(variables)) => {
+                    request.variables = variables;
+                    request.variables_given = true;
+                }
+                ("variables", Value::Null) => {}
+                ("variables", _) => {
+                    return Err(GraphqlDenial::NotARequest(
+                        "\"variables\" is not an object".into(),
+                    ));
+                }
+                ("extensions", _) => {
+                    return Err(GraphqlDenial::UnexpectedKey {
+                        key,
+                        extensions: " (extensions such as persisted queries are not forwarded: the gateway forwards only what it checked)",
+                    });
+                }
+                _ => {
+                    return Err(GraphqlDenial::UnexpectedKey {
+                        key,
+                        extensions: "",
+                    });
+                }
+            }
+        }
+        if request.query.is_empty() {
+            return Err(GraphqlDenial::NoDocument);
+        }
+        Ok(request)
+    }
+
+    /// The request the upstream receives.
+    fn canonical(self) -> Value {
+        let mut object = Map::new();
+        object.insert("query".into(), Value::String(self.query));
+        if let Some(name) = self.operation_name {
+            object.insert("operationName".into(), Value::String(name));
+        }
+        if self.variables_given {
+            object.insert("variables".into(), Value::Object(self.variables));
+        }
+        Value::Object(object)
+    }
+}
+
+/// What one document asks.
+struct Document {
+    calls: Vec<FieldCall>,
+    operations: Vec<String>,
+}
+
+fn read_document(request: &GraphqlRequest, budget: &mut usize) -> Result<Document, GraphqlDenial> {
+    let tree = Parser::new(&request.query)
         .recursion_limit(RECURSION_LIMIT)
         .token_limit(TOKEN_LIMIT)
         .parse();
@@ -151,10 +311,10 @@ fn fields_of_document(query: &str) -> Result<BTreeSet<AskedField>, GraphqlDenial
     }
     let document = tree.document();
     let mut fragments: BTreeMap<String, cst::SelectionSet> = BTreeMap::new();
-    let mut operations = Vec::new();
+    let mut definitions = Vec::new();
     for definition in document.definitions() {
         match definition {
-            cst::Definition::OperationDefinition(operation) => operations.push(operation),
+            cst::Definition::OperationDefinition(operation) => definitions.push(operation),
             cst::Definition::FragmentDefinition(fragment) => {
                 let name = fragment
                     .fragment_name()
@@ -168,69 +328,111 @@ fn fields_of_document(query: &str) -> Result<BTreeSet<AskedField>, GraphqlDenial
             _ => return Err(GraphqlDenial::NotExecutable("type-system definitions")),
         }
     }
-    if operations.is_empty() {
+    if definitions.is_empty() {
         return Err(GraphqlDenial::NoDocument);
     }
-    let mut asked = BTreeSet::new();
-    for operation in operations {
+    let mut calls = Vec::new();
+    let mut operations = Vec::new();
+    let mut names = BTreeSet::new();
+    for operation in definitions {
         let kind = match operation.operation_type() {
             None => "query",
             Some(kind) if kind.query_token().is_some() => "query",
             Some(kind) if kind.mutation_token().is_some() => "mutation",
             Some(_) => return Err(GraphqlDenial::Subscription),
         };
+        let name = operation.name().map(|name| name.text().to_string());
+        operations.push(match &name {
+            Some(name) => format!("{kind} {name}"),
+            None => kind.to_string(),
+        });
+        names.extend(name);
+        let variables = operation_variables(&operation, &request.variables)?;
         let Some(selection_set) = operation.selection_set() else {
             continue;
         };
-        let mut names = BTreeSet::new();
-        collect_fields(&selection_set, &fragments, &mut Vec::new(), &mut names)?;
-        asked.extend(names.into_iter().map(|field| AskedField {
-            operation: kind,
-            field,
-        }));
+        let mut fields = Vec::new();
+        collect_fields(
+            &selection_set,
+            &fragments,
+            &mut Vec::new(),
+            budget,
+            &mut fields,
+        )?;
+        for field in fields {
+            calls.push(field_call(kind, &field, &variables)?);
+        }
     }
-    Ok(asked)
+    if let Some(name) = &request.operation_name
+        && !names.contains(name)
+    {
+        return Err(GraphqlDenial::UnknownOperationName(name.clone()));
+    }
+    Ok(Document { calls, operations })
 }
 
-/// Field names of a selection set, with fragment spreads and inline fragments expanded.
+/// The values of an operation's variables: given, or their defaults, or null.
+fn operation_variables(
+    operation: &cst::OperationDefinition,
+    given: &Map<String, Value>,
+) -> Result<Map<String, Value>, GraphqlDenial> {
+    let mut values = Map::new();
+    let Some(definitions) = operation.variable_definitions() else {
+        return Ok(values);
+    };
+    for definition in definitions.variable_definitions() {
+        let Some(name) = definition
+            .variable()
+            .and_then(|variable| variable.name())
+            .map(|name| name.text().to_string())
+        else {
+            continue;
+        };
+        let value = match given.get(&name) {
+            Some(value) => value.clone(),
+            None => match definition.default_value().and_then(|default| default.value()) {
+                Some(default) => literal(&default, &Map::new())?,
+                None => Value::Null,
+            },
+        };
+        values.insert(name, value);
+    }
+    Ok(values)
+}
+
+/// Top-level fields of a selection set, with fragment spreads and inline fragments expanded,
+/// counting every selection visited against `budget`.
 fn collect_fields(
     selection_set: &cst::SelectionSet,
     fragments: &BTreeMap<String, cst::SelectionSet>,
     expanding: &mut Vec<String>,
-    names: &mut BTreeSet<String>,
+    budget: &mut usize,
+    fields: &mut Vec<cst::Field>,
 ) -> Result<(), GraphqlDenial> {
     if expanding.len() > MAX_FRAGMENT_DEPTH {
         return Err(GraphqlDenial::TooDeep);
     }
     for selection in selection_set.selections() {
+        *budget = budget.checked_sub(1).ok_or(GraphqlDenial::TooLarge)?;
         match selection {
             cst::Selection::Field(field) => {
-                // The field's name counts, never its alias.
-                if let Some(name) = field.name() {
-                    names.insert(name.text().to_string());
+                // Nested selections are the upstream's to resolve, but they cost it work too.
+                if let Some(inner) = field.selection_set() {
+                    count_nested(&inner, fragments, expanding, budget)?;
                 }
+                fields.push(field);
             }
             cst::Selection::InlineFragment(inline) => {
                 if let Some(inner) = inline.selection_set() {
                     expanding.push("(inline)".to_string());
-                    collect_fields(&inner, fragments, expanding, names)?;
+                    collect_fields(&inner, fragments, expanding, budget, fields)?;
                     expanding.pop();
                 }
             }
             cst::Selection::FragmentSpread(spread) => {
-                let name = spread
-                    .fragment_name()
-                    .and_then(|name| name.name())
-                    .map(|name| name.text().to_string())
-                    .unwrap_or_default();
-                if expanding.contains(&name) {
-                    return Err(GraphqlDenial::FragmentCycle(name));
-                }
-                let inner = fragments
-                    .get(&name)
-                    .ok_or_else(|| GraphqlDenial::UnknownFragment(name.clone()))?;
-                expanding.push(name);
-                collect_fields(inner, fragments, expanding, names)?;
+                let name = fragment_name(&spread);
+                let inner = enter_fragment(&name, fragments, expanding)?;
+                collect_fields(inner, fragments, expanding, budget, fields)?;
                 expanding.pop();
             }
         }
@@ -238,148 +440,308 @@ fn collect_fields(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn railway() -> GraphqlAllow {
-        GraphqlAllow {
-            query: ["project", "projects"]
-                .into_iter()
-                .map(String::from)
-                .collect(),
-            mutation: ["customDomainCreate"]
-                .into_iter()
-                .map(String::from)
-                .collect(),
+/// Counts the selections below a top-level field (fragments expanded) against `budget`.
+fn count_nested(
+    selection_set: &cst::SelectionSet,
+    fragments: &BTreeMap<String, cst::SelectionSet>,
+    expanding: &mut Vec<String>,
+    budget: &mut usize,
+) -> Result<(), GraphqlDenial> {
+    if expanding.len() > MAX_FRAGMENT_DEPTH {
+        return Err(GraphqlDenial::TooDeep);
+    }
+    for selection in selection_set.selections() {
+        *budget = budget.checked_sub(1).ok_or(GraphqlDenial::TooLarge)?;
+        match selection {
+            cst::Selection::Field(field) => {
+                if let Some(inner) = field.selection_set() {
+                    count_nested(&inner, fragments, expanding, budget)?;
+                }
+            }
+            cst::Selection::InlineFragment(inline) => {
+                if let Some(inner) = inline.selection_set() {
+                    count_nested(&inner, fragments, expanding, budget)?;
+                }
+            }
+            cst::Selection::FragmentSpread(spread) => {
+                let name = fragment_name(&spread);
+                let inner = enter_fragment(&name, fragments, expanding)?;
+                count_nested(inner, fragments, expanding, budget)?;
+                expanding.pop();
+            }
         }
     }
+    Ok(())
+}
 
-    fn body(query: &str) -> Vec<u8> {
-        serde_json::json!({ "query": query })
-            .to_string()
-            .into_bytes()
+fn fragment_name(spread: &cst::FragmentSpread) -> String {
+    spread
+        .fragment_name()
+        .and_then(|name| name.name())
+        .map(|name| name.text().to_string())
+        .unwrap_or_default()
+}
+
+/// The fragment's selections, after checking it is defined and not already being expanded (the
+/// caller pops `expanding` when done).
+fn enter_fragment<'a>(
+    name: &str,
+    fragments: &'a BTreeMap<String, cst::SelectionSet>,
+    expanding: &mut Vec<String>,
+) -> Result<&'a cst::SelectionSet, GraphqlDenial> {
+    if expanding.iter().any(|entered| entered == name) {
+        return Err(GraphqlDenial::FragmentCycle(name.to_string()));
     }
+    let inner = fragments
+        .get(name)
+        .ok_or_else(|| GraphqlDenial::UnknownFragment(name.to_string()))?;
+    expanding.push(name.to_string());
+    Ok(inner)
+}
 
-    fn denied_field(result: Result<Vec<AskedField>, GraphqlDenial>) -> String {
-        match result {
-            Err(GraphqlDenial::FieldNotAllowed { field, .. }) => field.to_string(),
-            other => panic!("expected a field denial, got {other:?}"),
+fn field_call(
+    operation: &'static str,
+    field: &cst::Field,
+    variables: &Map<String, Value>,
+) -> Result<FieldCall, GraphqlDenial> {
+    let mut arguments = Map::new();
+    if let Some(list) = field.arguments() {
+        for argument in list.arguments() {
+            let (Some(name), Some(value)) = (argument.name(), argument.value()) else {
+                continue;
+            };
+            let name = name.text().to_string();
+            if arguments.contains_key(&name) {
+                return Err(GraphqlDenial::RepeatedKey { key: name });
+            }
+            arguments.insert(name, literal(&value, variables)?);
         }
     }
+    Ok(FieldCall {
+        operation,
+        alias: field
+            .alias()
+            .and_then(|alias| alias.name())
+            .map(|name| name.text().to_string()),
+        // The field's name counts, never its alias.
+        field: field
+            .name()
+            .map(|name| name.text().to_string())
+            .unwrap_or_default(),
+        arguments,
+    })
+}
 
-    #[test]
-    fn allowed_queries_and_mutations_pass_and_report_their_fields() {
-        let asked = check(&body("query { project(id: \"p\") { name } } mutation M { customDomainCreate(input: {}) { id } }"), &railway()).unwrap();
-        let rendered: Vec<String> = asked.iter().map(ToString::to_string).collect();
-        assert_eq!(rendered, ["mutation customDomainCreate", "query project"]);
-        assert!(
-            check(
-                &body("{ __typename projects { edges { node { id } } } }"),
-                &railway()
-            )
-            .is_ok()
-        );
+/// A GraphQL value as JSON, with variables substituted.
+fn literal(value: &cst::Value, variables: &Map<String, Value>) -> Result<Value, GraphqlDenial> {
+    Ok(match value {
+        cst::Value::Variable(variable) => {
+            let name = variable
+                .name()
+                .map(|name| name.text().to_string())
+                .unwrap_or_default();
+            variables.get(&name).cloned().unwrap_or(Value::Null)
+        }
+        cst::Value::StringValue(text) => Value::String(String::from(text)),
+        cst::Value::IntValue(number) => number_of(number.int_token().map(|token| token.text().to_string()))?,
+        cst::Value::FloatValue(number) => {
+            number_of(number.float_token().map(|token| token.text().to_string()))?
+        }
+        cst::Value::BooleanValue(boolean) => Value::Bool(boolean.true_token().is_some()),
+        cst::Value::NullValue(_) => Value::Null,
+        cst::Value::EnumValue(name) => Value::String(
+            name.name()
+                .map(|name| name.text().to_string())
+                .unwrap_or_default(),
+        ),
+        cst::Value::ListValue(list) => Value::Array(
+            list.values()
+                .map(|item| literal(&item, variables))
+                .collect::<Result<_, _>>()?,
+        ),
+        cst::Value::ObjectValue(object) => {
+            let mut fields = Map::new();
+            for field in object.object_fields() {
+                let (Some(name), Some(value)) = (field.name(), field.value()) else {
+                    continue;
+                };
+                let name = name.text().to_string();
+                if fields.contains_key(&name) {
+                    return Err(GraphqlDenial::RepeatedKey { key: name });
+                }
+                fields.insert(name, literal(&value, variables)?);
+            }
+            Value::Object(fields)
+        }
+    })
+}
+
+fn number_of(text: Option<String>) -> Result<Value, GraphqlDenial> {
+    text.and_then(|text| serde_json::from_str::<serde_json::Number>(&text).ok())
+        .map(Value::Number)
+        .ok_or_else(|| GraphqlDenial::Unparseable("a number is out of range".into()))
+}
+
+fn check_field_allowed(field: &AskedField, allow: &GraphqlAllow) -> Result<(), GraphqlDenial> {
+    let allowed = match field.operation {
+        "query" => field.field == "__typename" || allow.query.contains(&field.field),
+        "mutation" => field.field == "__typename" || allow.mutation.contains(&field.field),
+        _ => false,
+    };
+    if allowed {
+        return Ok(());
     }
+    let list = if field.operation == "mutation" {
+        &allow.mutation
+    } else {
+        &allow.query
+    };
+    let allowed = if list.is_empty() {
+        format!("no {} fields", field.operation)
+    } else {
+        format!(
+            "{} [{}]",
+            field.operation,
+            list.iter().cloned().collect::<Vec<_>>().join(", ")
+        )
+    };
+    Err(GraphqlDenial::FieldNotAllowed {
+        field: field.clone(),
+        allowed,
+    })
+}
 
-    #[test]
-    fn a_mutation_not_listed_is_denied_however_it_is_dressed_up() {
-        let allow = railway();
-        assert_eq!(
-            denied_field(check(
-                &body("mutation { volumeDelete(volumeId: \"v\") }"),
-                &allow
-            )),
-            "mutation volumeDelete"
-        );
-        // An alias that looks allowed.
-        assert_eq!(
-            denied_field(check(
-                &body("mutation { customDomainCreate: volumeDelete(volumeId: \"v\") }"),
-                &allow
-            )),
-            "mutation volumeDelete"
-        );
-        // A fragment and an inline fragment.
-        let fragment = "mutation { ...F } fragment F on Mutation { volumeDelete(volumeId: \"v\") }";
-        assert_eq!(
-            denied_field(check(&body(fragment), &allow)),
-            "mutation volumeDelete"
-        );
-        let inline = "mutation { ... on Mutation { ... { environmentDelete(id: \"e\") } } }";
-        assert_eq!(
-            denied_field(check(&body(inline), &allow)),
-            "mutation environmentDelete"
-        );
-        // operationName pointing at the harmless operation of two.
-        let two = serde_json::json!({"query": "query Safe { project(id: \"p\") { id } } mutation Evil { volumeDelete(volumeId: \"v\") }", "operationName": "Safe"});
-        assert_eq!(
-            denied_field(check(two.to_string().as_bytes(), &allow)),
-            "mutation volumeDelete"
-        );
-        // A batch whose second item is the destructive one.
-        let batch = serde_json::json!([{"query": "{ project(id: \"p\") { id } }"}, {"query": "mutation { volumeDelete(volumeId: \"v\") }"}]);
-        assert_eq!(
-            denied_field(check(batch.to_string().as_bytes(), &allow)),
-            "mutation volumeDelete"
-        );
+/// Every constraint on `call`'s field holds, on its resolved arguments.
+fn check_arguments(
+    call: &FieldCall,
+    allow: &GraphqlAllow,
+    params: &BTreeMap<String, String>,
+) -> Result<(), GraphqlDenial> {
+    for (path, rule) in allow
+        .arguments
+        .iter()
+        .filter(|(path, _)| path.field == call.field)
+    {
+        let refused = |given: String| GraphqlDenial::ArgumentNotAllowed {
+            call: call.to_string(),
+            argument: path.path.join("."),
+            rule: rule.to_string(),
+            given,
+        };
+        match argument_at(&call.arguments, path) {
+            None | Some(Value::Null) => return Err(refused("missing".into())),
+            Some(Value::String(text)) if rule.permits(text, params) => {}
+            Some(value @ (Value::Number(_) | Value::Bool(_)))
+                if rule.permits(&value.to_string(), params) => {}
+            Some(value) => return Err(refused(value.to_string())),
+        }
     }
+    Ok(())
+}
 
-    #[test]
-    fn what_cannot_be_checked_is_denied() {
-        let allow = railway();
-        assert!(matches!(
-            check(b"not json", &allow),
-            Err(GraphqlDenial::NotARequest(_))
-        ));
-        assert!(matches!(
-            check(&body("mutation { volumeDelete("), &allow),
-            Err(GraphqlDenial::Unparseable(_))
-        ));
-        let persisted = serde_json::json!({"extensions": {"persistedQuery": {"version": 1, "sha256Hash": "abc"}}});
-        assert_eq!(
-            check(persisted.to_string().as_bytes(), &allow),
-            Err(GraphqlDenial::NoDocument)
-        );
-        assert_eq!(
-            check(&body("subscription { project { id } }"), &allow),
-            Err(GraphqlDenial::Subscription)
-        );
-        assert!(matches!(
-            check(&body("{ ...Missing }"), &allow),
-            Err(GraphqlDenial::UnknownFragment(_))
-        ));
-        assert!(matches!(
-            check(
-                &body("{ ...A } fragment A on Query { ...B } fragment B on Query { ...A }"),
-                &allow
-            ),
-            Err(GraphqlDenial::FragmentCycle(_))
-        ));
-        assert_eq!(
-            check(&body("{ __schema { types { name } } }"), &allow).map_err(|error| error.asked()),
-            Err(Some("query __schema".into()))
-        );
-        assert!(matches!(
-            check(&body("type Query { x: Int }"), &allow),
-            Err(GraphqlDenial::NotExecutable(_))
-        ));
-        let huge: Vec<serde_json::Value> = (0..40)
-            .map(|_| serde_json::json!({"query": "{ project { id } }"}))
-            .collect();
-        assert_eq!(
-            check(
-                serde_json::Value::Array(huge).to_string().as_bytes(),
-                &allow
-            ),
-            Err(GraphqlDenial::BatchTooLarge(40))
-        );
+fn argument_at<'a>(arguments: &'a Map<String, Value>, path: &ArgumentPath) -> Option<&'a Value> {
+    let mut parts = path.path.iter();
+    let mut value = arguments.get(parts.next()?)?;
+    for part in parts {
+        value = value.as_object()?.get(part)?;
     }
+    Some(value)
+}
 
-    #[test]
-    fn introspection_passes_only_when_listed() {
-        let mut allow = railway();
-        allow.query.insert("__schema".into());
-        assert!(check(&body("{ __schema { types { name } } }"), &allow).is_ok());
+/// Parses JSON refusing a key repeated in one object (or repeated in another spelling of case, for
+/// the keys of a GraphQL request): JSON parsers keep the first or the last, so the gateway and
+/// the upstream could read different requests.
+fn strict_json(body: &[u8]) -> Result<Value, GraphqlDenial> {
+    let value: StrictValue = serde_json::from_slice(body).map_err(|error| {
+        let text = error.to_string();
+        match text.strip_prefix(REPEATED_KEY) {
+            Some(key) => GraphqlDenial::RepeatedKey {
+                key: key.split(" at line").next().unwrap_or(key).to_string(),
+            },
+            None => GraphqlDenial::NotARequest(text),
+        }
+    })?;
+    Ok(value.0)
+}
+
+const REPEATED_KEY: &str = "repeated key ";
+
+/// A JSON value read without ever keeping one of two equal keys.
+struct StrictValue(Value);
+
+impl<'de> serde::Deserialize<'de> for StrictValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(StrictValue)
     }
 }
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<Value, E> {
+        Ok(Value::Bool(value))
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<Value, E> {
+        Ok(Value::from(value))
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<Value, E> {
+        Ok(Value::from(value))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(value)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("a number JSON cannot carry"))
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<Value, E> {
+        Ok(Value::String(value.to_string()))
+    }
+
+    fn visit_string<E>(self, value: String) -> Result<Value, E> {
+        Ok(Value::String(value))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut sequence: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictValue(item)) = sequence.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut entries: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = entries.next_key::<String>()? {
+            let request_key = REQUEST_KEYS
+                .iter()
+                .any(|known| known.eq_ignore_ascii_case(&key));
+            let repeated = object.contains_key(&key)
+                || (request_key
+                    && object
+                        .keys()
+                        .any(|seen: &String| seen.eq_ignore_ascii_case(&key)));
+            if repeated {
+                return Err(serde::de::Error::custom(format!("{REPEATED_KEY}{key}")));
+            }
+            let StrictValue(value) = entries.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+#[cfg(test)]
+mod tests;

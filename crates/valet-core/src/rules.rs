@@ -21,6 +21,9 @@ pub struct AllowRule {
     pub max_calls: Option<u64>,
     /// When set, each call needs a person's approval of that exact call.
     pub approval: Option<crate::approval::ApprovalPolicy>,
+    /// The query parameters the rule allows, each with the values it may take. Any other
+    /// parameter is refused; none is allowed unless listed.
+    pub query: BTreeMap<String, ValueRule>,
 }
 
 /// Bodies larger than this are refused unless a rule says otherwise.
@@ -31,6 +34,103 @@ pub const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
 pub struct GraphqlAllow {
     pub query: BTreeSet<String>,
     pub mutation: BTreeSet<String>,
+    /// Constraints on arguments, by `field.argument[.key…]` (`customDomainCreate.input.projectId`),
+    /// checked on every call of the field with variables resolved.
+    pub arguments: BTreeMap<ArgumentPath, ValueRule>,
+}
+
+/// Where an argument constraint applies: a top-level field's name and the path into its
+/// arguments (`input.environmentId` is the `environmentId` key of the `input` argument).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ArgumentPath {
+    pub field: String,
+    pub path: Vec<String>,
+}
+
+impl ArgumentPath {
+    /// Parses `field.argument[.key…]`.
+    pub fn parse(text: &str) -> Option<ArgumentPath> {
+        let mut parts = text.split('.');
+        let field = parts.next()?.to_string();
+        let path: Vec<String> = parts.map(str::to_string).collect();
+        let name_like = |name: &str| {
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|character| character.is_ascii_alphanumeric() || character == '_')
+        };
+        (name_like(&field) && !path.is_empty() && path.iter().all(|part| name_like(part)))
+            .then_some(ArgumentPath { field, path })
+    }
+}
+
+impl fmt::Display for ArgumentPath {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}.{}", self.field, self.path.join("."))
+    }
+}
+
+/// What values a query parameter or an argument may take.
+#[derive(Debug, Clone)]
+pub enum ValueRule {
+    /// Exactly this value.
+    Exact(String),
+    /// One of these values.
+    OneOf(BTreeSet<String>),
+    /// A value the whole of which matches this pattern.
+    Pattern(regex::Regex),
+    /// Equal to the grant's parameter of this name (`"{project}"` in config).
+    Param(String),
+}
+
+impl PartialEq for ValueRule {
+    fn eq(&self, other: &ValueRule) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for ValueRule {}
+
+impl ValueRule {
+    /// Whether `value` is allowed for a grant with `params`.
+    pub fn permits(&self, value: &str, params: &BTreeMap<String, String>) -> bool {
+        match self {
+            ValueRule::Exact(expected) => value == expected,
+            ValueRule::OneOf(values) => values.contains(value),
+            ValueRule::Pattern(pattern) => pattern.is_match(value),
+            ValueRule::Param(name) => params.get(name).is_some_and(|bound| bound == value),
+        }
+    }
+
+    /// The grant parameter the rule binds, if it binds one.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            ValueRule::Param(name) => Some(name),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ValueRule {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ValueRule::Exact(value) => write!(formatter, "{value:?}"),
+            ValueRule::OneOf(values) => write!(
+                formatter,
+                "one of [{}]",
+                values.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            ValueRule::Pattern(pattern) => {
+                let source = pattern.as_str();
+                let source = source
+                    .strip_prefix("^(?:")
+                    .and_then(|inner| inner.strip_suffix(")$"))
+                    .unwrap_or(source);
+                write!(formatter, "matching {source}")
+            }
+            ValueRule::Param(name) => write!(formatter, "the grant's {{{name}}}"),
+        }
+    }
 }
 
 impl AllowRule {
@@ -176,37 +276,89 @@ impl fmt::Display for PathPattern {
     }
 }
 
-/// Why a request path is refused before any rule is consulted.
+/// Why a request path is refused before any rule is consulted. Each names the rule of path
+/// syntax it breaks and why: a path that common servers read in different ways is refused, never
+/// forwarded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
     #[error("the path has an empty segment ('//'), which upstreams read in different ways")]
     EmptySegment,
     #[error(
-        "the path has a '.' or '..' segment (also when percent-encoded), which would change which resource it names"
+        "the path has a segment of only dots ('.', '..', '...', also when percent-encoded), which would change which resource it names"
     )]
     DotSegment,
     #[error(
         "the path has an encoded '/' or '\\' (%2F, %5C), which upstreams read in different ways"
     )]
     EncodedSeparator,
-    #[error("the path has a backslash, a control character or an invalid percent-encoding")]
+    #[error(
+        "the path has a ';' (also %3B): servlet containers and others cut matrix parameters off a segment, so the upstream would read another path"
+    )]
+    MatrixParameter,
+    #[error(
+        "the path has an encoded '%' (%25): a server that decodes twice would read another path"
+    )]
+    DoubleEncoding,
+    #[error(
+        "the path has a character outside ASCII (also percent-encoded): servers normalise Unicode in different ways"
+    )]
+    NonAscii,
+    #[error(
+        "a path segment ends in a dot or a space: some servers strip it, so the upstream would read another path"
+    )]
+    TrailingDotOrSpace,
+    #[error(
+        "the path has a backslash, a control character, a character URLs do not allow unencoded, or an invalid percent-encoding"
+    )]
     BadCharacter,
 }
 
-/// Splits a raw request path (no query) into decoded segments, refusing every path whose meaning
-/// could differ between the gateway and the upstream. A path that passes is forwarded byte for
-/// byte as it came, so the rule check and the upstream see the same resource.
-pub fn normalized_segments(raw_path: &str) -> Result<Vec<String>, PathError> {
+/// A path that passed every check: its decoded segments (what rules match) and the canonical form
+/// the upstream receives (re-encoded from the segments, so the upstream reads exactly what was
+/// checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedPath {
+    pub segments: Vec<String>,
+    trailing_slash: bool,
+}
+
+impl CheckedPath {
+    /// The path as the upstream receives it.
+    pub fn canonical(&self) -> String {
+        let mut path = String::from("/");
+        path.push_str(
+            &self
+                .segments
+                .iter()
+                .map(|segment| encode_component(segment))
+                .collect::<Vec<_>>()
+                .join("/"),
+        );
+        if self.trailing_slash && !self.segments.is_empty() {
+            path.push('/');
+        }
+        path
+    }
+}
+
+/// Checks a raw request path (no query), refusing every path whose meaning could differ between
+/// the gateway and the upstream.
+pub fn check_path(raw_path: &str) -> Result<CheckedPath, PathError> {
     let rest = raw_path.strip_prefix('/').unwrap_or(raw_path);
     if rest.is_empty() {
-        return Ok(Vec::new());
+        return Ok(CheckedPath {
+            segments: Vec::new(),
+            trailing_slash: false,
+        });
     }
     let mut segments = Vec::new();
     let parts: Vec<&str> = rest.split('/').collect();
+    let mut trailing_slash = false;
     for (position, part) in parts.iter().enumerate() {
         if part.is_empty() {
             // A single trailing slash ("/v1/projects/") is common and unambiguous.
             if position + 1 == parts.len() && position > 0 {
+                trailing_slash = true;
                 continue;
             }
             return Err(PathError::EmptySegment);
@@ -214,19 +366,162 @@ pub fn normalized_segments(raw_path: &str) -> Result<Vec<String>, PathError> {
         if part.contains('\\') {
             return Err(PathError::BadCharacter);
         }
+        if part.contains(';') {
+            return Err(PathError::MatrixParameter);
+        }
+        if !part.bytes().all(is_path_byte) {
+            return Err(if part.bytes().any(|byte| byte >= 0x80) {
+                PathError::NonAscii
+            } else {
+                PathError::BadCharacter
+            });
+        }
         let decoded = percent_decode(part)?;
-        if decoded == "." || decoded == ".." {
+        if decoded.chars().all(|character| character == '.') {
             return Err(PathError::DotSegment);
         }
         if decoded.contains(['/', '\\']) {
             return Err(PathError::EncodedSeparator);
         }
-        if decoded.chars().any(char::is_control) {
+        if decoded.contains(';') {
+            return Err(PathError::MatrixParameter);
+        }
+        if decoded.contains('%') {
+            return Err(PathError::DoubleEncoding);
+        }
+        if !decoded.is_ascii() {
+            return Err(PathError::NonAscii);
+        }
+        if decoded.chars().any(|character| character.is_ascii_control()) {
             return Err(PathError::BadCharacter);
+        }
+        if decoded.ends_with(['.', ' ']) {
+            return Err(PathError::TrailingDotOrSpace);
         }
         segments.push(decoded);
     }
-    Ok(segments)
+    Ok(CheckedPath {
+        segments,
+        trailing_slash,
+    })
+}
+
+/// Splits a raw request path into decoded segments (see [`check_path`]).
+pub fn normalized_segments(raw_path: &str) -> Result<Vec<String>, PathError> {
+    check_path(raw_path).map(|path| path.segments)
+}
+
+/// Bytes a path segment may carry unencoded (RFC 3986 pchar without `;`), and `%` for escapes.
+fn is_path_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric()
+        || matches!(
+            byte,
+            b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+'
+                | b',' | b'=' | b':' | b'@' | b'%'
+        )
+}
+
+/// Percent-encodes every byte outside RFC 3986's unreserved set.
+pub fn encode_component(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Why a query string is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error(
+        "query parameter {name:?} is not allowed by this rule; it allows {allowed} (parameters that are not listed could change what the upstream does: _method, operation overrides)"
+    )]
+    NotAllowed { name: String, allowed: String },
+    #[error("query parameter {name:?} is given more than once; servers read repeats differently")]
+    Repeated { name: String },
+    #[error("query parameter {name:?} = {value:?} is not allowed; it must be {rule}")]
+    ValueNotAllowed {
+        name: String,
+        value: String,
+        rule: String,
+    },
+    #[error(
+        "the query string has a part without '=' or with an invalid percent-encoding; send name=value pairs"
+    )]
+    Malformed,
+    #[error("this route takes no query string: its requests are sent in the body")]
+    NotTaken,
+}
+
+/// A checked query string: decoded pairs in the order sent, and the canonical form the upstream
+/// receives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckedQuery {
+    pub pairs: Vec<(String, String)>,
+}
+
+impl CheckedQuery {
+    /// `name=value&…`, each part percent-encoded the same way; `None` when there are no pairs.
+    pub fn canonical(&self) -> Option<String> {
+        (!self.pairs.is_empty()).then(|| {
+            self.pairs
+                .iter()
+                .map(|(name, value)| format!("{}={}", encode_component(name), encode_component(value)))
+                .collect::<Vec<_>>()
+                .join("&")
+        })
+    }
+}
+
+/// Checks a raw query string against the parameters `allowed` names, for a grant with `params`.
+/// `+` is read as itself (never as a space) and re-encoded, so the upstream reads what was checked.
+pub fn check_query(
+    raw: Option<&str>,
+    allowed: &BTreeMap<String, ValueRule>,
+    params: &BTreeMap<String, String>,
+) -> Result<CheckedQuery, QueryError> {
+    let mut checked = CheckedQuery::default();
+    let Some(raw) = raw.filter(|raw| !raw.is_empty()) else {
+        return Ok(checked);
+    };
+    let allowed_text = || {
+        if allowed.is_empty() {
+            "no query parameters".to_string()
+        } else {
+            allowed
+                .iter()
+                .map(|(name, rule)| format!("{name} ({rule})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    for part in raw.split('&') {
+        let (name, value) = part.split_once('=').ok_or(QueryError::Malformed)?;
+        let name = percent_decode(name).map_err(|_| QueryError::Malformed)?;
+        let value = percent_decode(value).map_err(|_| QueryError::Malformed)?;
+        let Some(rule) = allowed.get(&name) else {
+            return Err(QueryError::NotAllowed {
+                name,
+                allowed: allowed_text(),
+            });
+        };
+        if checked.pairs.iter().any(|(seen, _)| *seen == name) {
+            return Err(QueryError::Repeated { name });
+        }
+        if value.chars().any(char::is_control) || !rule.permits(&value, params) {
+            return Err(QueryError::ValueNotAllowed {
+                name,
+                value,
+                rule: rule.to_string(),
+            });
+        }
+        checked.pairs.push((name, value));
+    }
+    Ok(checked)
 }
 
 fn percent_decode(text: &str) -> Result<String, PathError> {
@@ -249,7 +544,7 @@ fn percent_decode(text: &str) -> Result<String, PathError> {
             index += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| PathError::BadCharacter)
+    String::from_utf8(out).map_err(|_| PathError::NonAscii)
 }
 
 #[cfg(test)]
@@ -339,7 +634,87 @@ mod tests {
         assert_eq!(normalized_segments("/v1/%00"), Err(PathError::BadCharacter));
         assert_eq!(
             normalized_segments("/v1/caf%C3%A9/"),
-            Ok(vec!["v1".to_string(), "café".to_string()])
+            Err(PathError::NonAscii)
+        );
+        assert_eq!(normalized_segments("/v1/café"), Err(PathError::NonAscii));
+        assert_eq!(
+            normalized_segments("/v1/a;jsessionid=x"),
+            Err(PathError::MatrixParameter)
+        );
+        assert_eq!(
+            normalized_segments("/v1/a%3bx"),
+            Err(PathError::MatrixParameter)
+        );
+        assert_eq!(
+            normalized_segments("/v1/%252e%252e/x"),
+            Err(PathError::DoubleEncoding)
+        );
+        assert_eq!(normalized_segments("/v1/.../x"), Err(PathError::DotSegment));
+        assert_eq!(
+            normalized_segments("/v1/admin./x"),
+            Err(PathError::TrailingDotOrSpace)
+        );
+        assert_eq!(
+            normalized_segments("/v1/admin%20/x"),
+            Err(PathError::TrailingDotOrSpace)
+        );
+        assert_eq!(normalized_segments("/v1/a\"b"), Err(PathError::BadCharacter));
+        assert_eq!(
+            normalized_segments("/v1/projects/"),
+            Ok(vec!["v1".to_string(), "projects".to_string()])
+        );
+    }
+
+    #[test]
+    fn the_upstream_receives_the_path_re_encoded_from_what_was_checked() {
+        assert_eq!(check_path("/v1/%61bc/").unwrap().canonical(), "/v1/abc/");
+        assert_eq!(
+            check_path("/v1/a:b@c+d").unwrap().canonical(),
+            "/v1/a%3Ab%40c%2Bd"
+        );
+        assert_eq!(check_path("/").unwrap().canonical(), "/");
+    }
+
+    #[test]
+    fn query_parameters_are_allowed_only_by_name_with_their_values() {
+        let allowed = BTreeMap::from([
+            (
+                "page".to_string(),
+                ValueRule::Pattern(regex::Regex::new("^(?:[0-9]{1,4})$").unwrap()),
+            ),
+            ("project".to_string(), ValueRule::Param("project".into())),
+        ]);
+        let bound = params(&[("project", "shop")]);
+        let checked = check_query(Some("page=2&project=shop"), &allowed, &bound).unwrap();
+        assert_eq!(checked.canonical().as_deref(), Some("page=2&project=shop"));
+        assert!(matches!(
+            check_query(Some("_method=DELETE"), &allowed, &bound),
+            Err(QueryError::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            check_query(Some("page=1&page=2"), &allowed, &bound),
+            Err(QueryError::Repeated { .. })
+        ));
+        assert!(matches!(
+            check_query(Some("project=bank"), &allowed, &bound),
+            Err(QueryError::ValueNotAllowed { .. })
+        ));
+        assert!(matches!(
+            check_query(Some("page"), &allowed, &bound),
+            Err(QueryError::Malformed)
+        ));
+        assert!(matches!(
+            check_query(Some("page=1"), &BTreeMap::new(), &bound),
+            Err(QueryError::NotAllowed { .. })
+        ));
+        // '+' is itself, and is re-encoded so no server reads it as a space.
+        let plus = BTreeMap::from([("q".to_string(), ValueRule::Exact("a+b".into()))]);
+        assert_eq!(
+            check_query(Some("q=a+b"), &plus, &bound)
+                .unwrap()
+                .canonical()
+                .as_deref(),
+            Some("q=a%2Bb")
         );
     }
 }

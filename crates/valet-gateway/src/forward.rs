@@ -1,6 +1,9 @@
 //! Forwarding, the third stage: the request the upstream receives, built from the authorized
-//! call (its checked body, the agent's credentials stripped, the root credential injected on this
-//! leg only), sent with the upstream's timeout; the answer goes on to [`crate::stream`].
+//! call only — its canonical path and query, its checked body, an allowlist of the agent's headers
+//! (never one that overrides the method, rewrites the path, asks for a range or an encoding, or
+//! carries a credential), the root credential injected on this leg only — sent with the
+//! upstream's timeout. The answer goes on to [`crate::stream`] only when it can be masked: unencoded
+//! and whole.
 
 use std::time::Instant;
 
@@ -8,7 +11,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::Full;
 use valet_core::call::CallRefusal;
-use valet_core::config::{Injection, Upstream, is_credential_header};
+use valet_core::config::{FORWARDED_HEADERS, Injection, Upstream, never_forwarded};
 use valet_core::rules;
 use valet_service::{CallDecision, CallOutcome, ServiceError};
 
@@ -38,7 +41,14 @@ pub async fn forward(
     let started = Instant::now();
     let valet = &gateway.valet;
     let sent = send(gateway, parts, &decision).await;
-    let answer = match sent {
+    let answer = sent.and_then(|answer| match unmaskable(answer.headers(), answer.status()) {
+        None => Ok(answer),
+        Some(detail) => Err(CallRefusal::UpstreamFailed {
+            upstream: decision.upstream.name.clone(),
+            detail,
+        }),
+    });
+    let answer = match answer {
         Ok(answer) => answer,
         Err(refusal) => {
             let error = match valet
@@ -142,18 +152,8 @@ fn upstream_request(
         .parse()
         .map_err(|_| CallRefusal::BadPath(rules::PathError::BadCharacter))?;
 
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    let credential_like: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_credential_header(name.as_str()))
-        .cloned()
-        .collect();
-    for name in credential_like {
-        headers.remove(name);
-    }
-    headers.remove(header::HOST);
-    headers.remove(header::CONTENT_LENGTH);
+    let headers = forwarded_headers(&parts.headers, upstream, decision);
+    let mut headers = headers;
     for (name, value) in &upstream.headers {
         if let (Ok(name), Ok(value)) = (
             HeaderName::try_from(name.as_str()),
@@ -171,10 +171,60 @@ fn upstream_request(
         headers.insert(name, value);
     }
     let mut request = http::Request::new(Full::new(decision.body.clone()));
+    // The method that was checked: no header or parameter can change it on this leg.
     *request.method_mut() = parts.method;
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     Ok(request)
+}
+
+/// The headers the upstream receives: the allowlisted ones the agent sent, and what the gateway
+/// sets itself (encoding, origin, and for GraphQL the content type of the canonical body).
+fn forwarded_headers(sent: &HeaderMap, upstream: &Upstream, decision: &CallDecision) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in sent {
+        let allowed = FORWARDED_HEADERS.contains(&name.as_str())
+            || upstream.forward_headers.contains(name.as_str());
+        if allowed && never_forwarded(name.as_str()).is_none() {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if decision.graphql {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    // Only an unencoded answer can be masked.
+    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    let peer = decision.site.peer.ip().to_string();
+    if let Ok(value) = HeaderValue::from_str(&peer) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&format!("for=\"{peer}\";proto=http")) {
+        headers.insert(header::FORWARDED, value);
+    }
+    headers
+}
+
+/// Why an answer cannot be passed on masked: an encoding the masker cannot see through, or a
+/// piece of a whole that could hold a part of the secret.
+pub fn unmaskable(headers: &HeaderMap, status: http::StatusCode) -> Option<String> {
+    if let Some(encoding) = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|value| value.to_str().ok())
+        .filter(|encoding| !encoding.trim().eq_ignore_ascii_case("identity"))
+    {
+        return Some(format!(
+            "it answered with Content-Encoding {encoding} although the gateway asked for identity; an encoded answer cannot be checked for the root credential, so nothing of it is passed on"
+        ));
+    }
+    if status == http::StatusCode::PARTIAL_CONTENT {
+        return Some(
+            "it answered with a part of a resource (206) although the gateway asked for the whole; a part cannot be checked for the root credential, so nothing of it is passed on".into(),
+        );
+    }
+    None
 }
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -107,6 +107,14 @@ impl Gateway {
                     .headers
                     .get("valet-approval")
                     .and_then(|value| value.to_str().ok()),
+                content_type: parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|value| value.to_str().ok()),
+                content_encoding: parts
+                    .headers
+                    .get(http::header::CONTENT_ENCODING)
+                    .and_then(|value| value.to_str().ok()),
                 body: Box::new(route::IncomingBody::new(&parts.headers, body)),
             })
             .await;

@@ -91,6 +91,10 @@ pub fn route(
     }
 }
 
+/// How long an agent may take to send a request body: a slow sender holds a connection, not a
+/// worker, and not for long.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The agent's request body, read only when authorization asks for it.
 pub struct IncomingBody {
     declared_length: Option<u64>,
@@ -116,10 +120,14 @@ impl BodySource for IncomingBody {
     }
 
     async fn read(self: Box<Self>, max: u64) -> Result<Bytes, CallRefusal> {
-        match Limited::new(self.body, usize::try_from(max).unwrap_or(usize::MAX))
-            .collect()
-            .await
-        {
+        let reading = Limited::new(self.body, usize::try_from(max).unwrap_or(usize::MAX)).collect();
+        let Ok(read) = tokio::time::timeout(BODY_READ_TIMEOUT, reading).await else {
+            return Err(CallRefusal::BadBody(format!(
+                "the body did not arrive within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            )));
+        };
+        match read {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(error) if error.is::<http_body_util::LengthLimitError>() => {
                 Err(CallRefusal::BodyTooLarge { max })

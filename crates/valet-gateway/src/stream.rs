@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use valet_core::config::{Injection, Upstream};
+use valet_core::config::Upstream;
 use valet_service::{CallDecision, CallOutcome, Valet};
 
 use crate::forward::percent_encode;
@@ -74,14 +74,15 @@ impl std::fmt::Debug for Closing {
     }
 }
 
-/// The secret as the upstream leg carries it: raw, and for query injection also
-/// percent-encoded, so an echo of either form is caught.
-pub fn masker_for(upstream: &Upstream, secret: &valet_core::Secret) -> Masker {
+/// The secret as an upstream could echo it: raw, and percent-encoded (a redirect's URL, an error
+/// page quoting the query string), so an echo of either form is caught.
+pub fn masker_for(_upstream: &Upstream, secret: &valet_core::Secret) -> Masker {
     let mut needles = vec![secret.expose().to_vec()];
-    if let Injection::Query { .. } = &upstream.inject
-        && let Some(text) = secret.expose_str()
-    {
-        needles.push(percent_encode(text).into_bytes());
+    if let Some(text) = secret.expose_str() {
+        let encoded = percent_encode(text);
+        if encoded != text {
+            needles.push(encoded.into_bytes());
+        }
     }
     Masker::new(needles)
 }

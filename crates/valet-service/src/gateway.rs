@@ -41,6 +41,7 @@ impl Attribution for CallSite {
             .with("upstream", &self.upstream)
             .with("method", &self.method)
             .with("path", &self.path)
+            .with("query", self.query.clone().unwrap_or_default())
             .with("peer", self.peer.ip().to_string())
     }
 
@@ -83,17 +84,26 @@ pub struct CallRequest<'a> {
     pub authorization: Option<&'a str>,
     /// The `Valet-Approval` header as sent, if any.
     pub approval: Option<&'a str>,
+    /// The `Content-Type` header as sent, if any.
+    pub content_type: Option<&'a str>,
+    /// The `Content-Encoding` header as sent, if any.
+    pub content_encoding: Option<&'a str>,
     pub body: Box<dyn BodySource + 'a>,
 }
 
-/// A call the gateway may forward, with everything it needs to do so.
+/// A call the gateway may forward, with everything it needs to do so: the request the upstream
+/// receives is built from these checked parts only.
 pub struct CallDecision {
+    /// Where the call came from, with the path and query as the upstream receives them
+    /// (canonical, re-encoded from what was checked).
     pub site: CallSite,
+    /// A GraphQL call: the body is the canonical GraphQL request, sent as application/json.
+    pub graphql: bool,
     pub grant: Grant,
     pub upstream: Upstream,
     /// The rule that allowed the call, as people read it (`allow[0] POST /graphql`).
     pub rule: String,
-    /// The body that was checked: exactly what is forwarded.
+    /// The body the upstream receives: what was checked (for GraphQL, rebuilt from it).
     pub body: Bytes,
     /// The root credential to inject on the upstream leg.
     pub secret: Secret,
@@ -275,12 +285,21 @@ impl Valet {
         }
 
         // The path, refused if it could mean something else upstream; then the rules it matches.
-        let segments = rules::normalized_segments(&site.path).map_err(CallRefusal::BadPath)?;
+        let path = rules::check_path(&site.path).map_err(CallRefusal::BadPath)?;
         let candidates =
-            call::candidate_rules(scope, &site.method, &site.path, &segments, &grant.params)?;
+            call::candidate_rules(scope, &site.method, &site.path, &path.segments, &grant.params)?;
+        if let Some(encoding) = request
+            .content_encoding
+            .filter(|encoding| !encoding.trim().eq_ignore_ascii_case("identity"))
+        {
+            return Err(CallRefusal::BadBody(format!(
+                "the body is sent with Content-Encoding {encoding}; send it unencoded, so the gateway checks the bytes the upstream reads"
+            ))
+            .into());
+        }
 
         // The body, read whole up to the largest limit of the candidate rules: the check runs on
-        // exactly the bytes that are forwarded.
+        // the bytes the request carries, and the upstream receives what the check built from them.
         let max_body = call::max_body(&candidates);
         if let Some(length) = request.body.declared_length()
             && length > max_body
@@ -288,15 +307,64 @@ impl Valet {
             return Err(CallRefusal::BodyTooLarge { max: max_body }.into());
         }
         let body = request.body.read(max_body).await?;
-        let (rule, asked_fields) = call::choose_rule(scope, &candidates, &body)?;
+        let content_type = request.content_type.map(str::to_string);
+        let (rule_index, forwarded) = if candidates.iter().any(|rule| rule.graphql.is_some()) {
+            // Parsing and checking a document is CPU work with a budget; it runs on the
+            // blocking pool so no request can stall the async workers.
+            let config = config.clone();
+            let scope_name = scope.name.clone();
+            let indices: Vec<usize> = candidates.iter().map(|rule| rule.index).collect();
+            let method = site.method.clone();
+            let query = site.query.clone();
+            let params = grant.params.clone();
+            tokio::task::spawn_blocking(move || {
+                let scope = config
+                    .scopes
+                    .get(&scope_name)
+                    .ok_or(CallRefusal::UnknownGrant)?;
+                let candidates: Vec<&AllowRule> =
+                    indices.iter().map(|index| &scope.allow[*index]).collect();
+                let parts = call::CallParts {
+                    method: &method,
+                    query: query.as_deref(),
+                    content_type: content_type.as_deref(),
+                    body: &body,
+                };
+                call::choose_rule(scope, &candidates, parts, &params)
+                    .map(|(rule, forwarded)| (rule.index, forwarded))
+            })
+            .await
+            .map_err(|error| ServiceError::Internal(format!("the GraphQL check failed: {error}")))??
+        } else {
+            let parts = call::CallParts {
+                method: &site.method,
+                query: site.query.as_deref(),
+                content_type: content_type.as_deref(),
+                body: &body,
+            };
+            call::choose_rule(scope, &candidates, parts, &grant.params)
+                .map(|(rule, forwarded)| (rule.index, forwarded))?
+        };
+        let rule = &scope.allow[rule_index];
+        // From here on the call is what the upstream will receive.
+        let forwarded_site = CallSite {
+            path: path.canonical(),
+            query: forwarded.query.clone(),
+            ..site.clone()
+        };
+        let asked_fields = forwarded
+            .graphql
+            .as_ref()
+            .map(|checked| checked.fields.clone())
+            .unwrap_or_default();
 
         // A rule that needs approval forwards only the identical call a person approved, once.
         if let Some(approval) = &rule.approval {
             let call = call::fingerprint(
-                &site.method,
-                &site.path,
-                site.query.as_deref(),
-                &body,
+                &forwarded_site.method,
+                &forwarded_site.path,
+                forwarded_site.query.as_deref(),
+                &forwarded.body,
                 &asked_fields,
                 rule.graphql.is_some(),
             );
@@ -305,15 +373,21 @@ impl Valet {
                 .await?;
         }
 
-        // Count the call against the grant and the rule, then record the decision.
+        // Count the call against the grant and the rule, then record the decision: what the
+        // upstream receives, never the request as it came.
         let grant = self.count_call(grant, rule).await?;
-        let fields: Vec<String> = asked_fields.iter().map(ToString::to_string).collect();
         let mut decision = call_event(AuditAction::GatewayCall, Outcome::Allowed, Some(&grant))
             .with("rule", rule.to_string());
-        if !fields.is_empty() {
-            decision = decision.with_value("graphql", serde_json::Value::from(fields));
+        if let Some(checked) = &forwarded.graphql {
+            let fields: Vec<String> = checked.fields.iter().map(ToString::to_string).collect();
+            decision = decision
+                .with_value("graphql", serde_json::Value::from(fields))
+                .with_value(
+                    "operations",
+                    serde_json::Value::from(checked.operations.clone()),
+                );
         }
-        self.record(site, decision).await?;
+        self.record(&forwarded_site, decision).await?;
 
         let secret = self.credential(&upstream.credential).ok_or_else(|| {
             ServiceError::Internal(format!(
@@ -322,11 +396,12 @@ impl Valet {
             ))
         })?;
         Ok(CallDecision {
-            site: site.clone(),
+            site: forwarded_site,
+            graphql: forwarded.graphql.is_some(),
             grant,
             rule: rule.to_string(),
             upstream,
-            body,
+            body: Bytes::from(forwarded.body),
             secret,
         })
     }

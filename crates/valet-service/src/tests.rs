@@ -486,6 +486,8 @@ async fn call(
             site,
             authorization: authorization.as_deref(),
             approval,
+            content_type: Some("application/json"),
+            content_encoding: None,
             body: Box::new(body),
         })
         .await

@@ -5,9 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::raw::{RawAllow, RawUpstream};
+use super::raw::{RawAllow, RawUpstream, RawValueRule, RawValueTable};
 use super::{Credential, ParamRule, ProblemKind, Problems, invalid};
-use crate::rules::{AllowRule, DEFAULT_MAX_BODY, GraphqlAllow, PathPattern};
+use crate::rules::{
+    AllowRule, ArgumentPath, DEFAULT_MAX_BODY, GraphqlAllow, PathPattern, ValueRule,
+};
 
 /// An API the gateway forwards to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,9 +25,49 @@ pub struct Upstream {
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    /// Request headers forwarded from the agent beyond the fixed allowlist, lowercase.
+    pub forward_headers: BTreeSet<String>,
 }
 
-/// `scheme://authority/base-path`, parsed.
+/// Request headers the gateway forwards from the agent to any upstream: end-to-end headers that
+/// describe the body or the client, and conditional requests. Everything else is dropped.
+pub const FORWARDED_HEADERS: [&str; 11] = [
+    "accept",
+    "accept-language",
+    "content-type",
+    "content-language",
+    "user-agent",
+    "idempotency-key",
+    "x-idempotency-key",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+];
+
+/// Headers no upstream config may forward: they change the method, the path, the host, the
+/// encoding or the range the upstream acts on, or carry credentials or connection state.
+pub fn never_forwarded(name: &str) -> Option<&'static str> {
+    let name = name.to_ascii_lowercase();
+    let reason = match name.as_str() {
+        "x-http-method-override" | "x-http-method" | "x-method-override" => {
+            "it overrides the method the upstream executes"
+        }
+        "x-original-url" | "x-rewrite-url" | "x-original-uri" => {
+            "it rewrites the path the upstream executes"
+        }
+        "host" | "forwarded" | "x-forwarded-host" | "x-forwarded-for" | "x-forwarded-proto"
+        | "x-forwarded-prefix" | "x-real-ip" => "the gateway sets where a call comes from itself",
+        "accept-encoding" | "te" | "range" | "if-range" => {
+            "the gateway asks the upstream for the whole answer, unencoded, so it can mask it"
+        }
+        "content-length" | "transfer-encoding" | "connection" | "keep-alive" | "upgrade"
+        | "proxy-connection" | "trailer" => "it describes one connection, not the request",
+        name if is_credential_header(name) => "it carries a credential",
+        _ => return None,
+    };
+    Some(reason)
+}
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseUrl {
     pub https: bool,
@@ -158,6 +200,20 @@ pub(super) fn build_upstreams(
                 headers.push((header, value));
             }
         }
+        let mut forward_headers = BTreeSet::new();
+        for (position, header) in raw.forward_headers.into_iter().enumerate() {
+            let key = format!("{at}.forward_headers[{position}]");
+            if !is_header_name(&header) {
+                problems.push(key, invalid(&header, "header name", "letters, digits and '-'"));
+            } else if let Some(reason) = never_forwarded(&header) {
+                problems.push(
+                    key,
+                    invalid(&header, "forwarded header", &format!("any header but this one: {reason}")),
+                );
+            } else {
+                forward_headers.insert(header.to_ascii_lowercase());
+            }
+        }
         let connect_timeout = match raw.connect_timeout {
             Some(text) => problems.duration(Some(text), &format!("{at}.connect_timeout")),
             None => Some(DEFAULT_CONNECT_TIMEOUT),
@@ -186,6 +242,7 @@ pub(super) fn build_upstreams(
             ca_file: raw.ca_file.map(resolve),
             connect_timeout,
             timeout,
+            forward_headers,
         };
         if upstreams.insert(name.clone(), upstream).is_some() {
             problems.push(format!("{at}.name"), ProblemKind::Duplicate { name });
@@ -222,11 +279,51 @@ pub(super) fn build_allow_rules(
                 }
                 set
             };
+            let query = fields(graphql.query, "query");
+            let mutation = fields(graphql.mutation, "mutation");
+            let mut arguments = BTreeMap::new();
+            for (text, raw) in graphql.arguments {
+                let key = format!("{rule_at}.graphql.arguments.{text}");
+                let Some(path) = ArgumentPath::parse(&text) else {
+                    problems.push(
+                        key,
+                        invalid(&text, "argument path", "FIELD.ARGUMENT or FIELD.ARGUMENT.KEY…, such as customDomainCreate.input.environmentId"),
+                    );
+                    continue;
+                };
+                if !query.contains(&path.field) && !mutation.contains(&path.field) {
+                    problems.push(
+                        key.clone(),
+                        invalid(&text, "argument path", "a path starting with a field this rule allows"),
+                    );
+                }
+                if let Some(rule) = build_value_rule(raw, &key, params, problems) {
+                    arguments.insert(path, rule);
+                }
+            }
             GraphqlAllow {
-                query: fields(graphql.query, "query"),
-                mutation: fields(graphql.mutation, "mutation"),
+                query,
+                mutation,
+                arguments,
             }
         });
+        let mut query = BTreeMap::new();
+        for (name, raw) in raw.query {
+            let key = format!("{rule_at}.query.{name}");
+            if name.is_empty() || name.chars().any(|character| character.is_control()) {
+                problems.push(key, invalid(&name, "query parameter name", "a name without control characters"));
+                continue;
+            }
+            if let Some(rule) = build_value_rule(raw, &key, params, problems) {
+                query.insert(name, rule);
+            }
+        }
+        if graphql.is_some() && !query.is_empty() {
+            problems.push(
+                format!("{rule_at}.query"),
+                invalid("…", "query parameters on a GraphQL rule", "none: GraphQL requests travel in the body, and the gateway forwards them with no query string"),
+            );
+        }
         let listed: Vec<String> = match (raw.method, raw.methods) {
             (Some(_), Some(_)) => {
                 problems.push(
@@ -321,10 +418,58 @@ pub(super) fn build_allow_rules(
                 max_body: max_body.unwrap_or(DEFAULT_MAX_BODY),
                 max_calls,
                 approval,
+                query,
             });
         }
     }
     rules
+}
+
+/// A value rule from config: `"exact"`, `"{param}"` (a param of the scope), `{ one_of = [...] }` or
+/// `{ pattern = "..." }` (matching the whole value).
+fn build_value_rule(
+    raw: RawValueRule,
+    key: &str,
+    params: &BTreeMap<String, ParamRule>,
+    problems: &mut Problems,
+) -> Option<ValueRule> {
+    match raw {
+        RawValueRule::Text(text) => {
+            if let Some(name) = text.strip_prefix('{').and_then(|rest| rest.strip_suffix('}')) {
+                if params.contains_key(name) {
+                    return Some(ValueRule::Param(name.to_string()));
+                }
+                let declared = params.keys().cloned().collect::<Vec<_>>().join(", ");
+                problems.push(
+                    key.to_string(),
+                    invalid(&text, "binding", &format!("{{param}} naming one of this scope's params [{declared}]")),
+                );
+                return None;
+            }
+            Some(ValueRule::Exact(text))
+        }
+        RawValueRule::Table(RawValueTable {
+            one_of: Some(values),
+            pattern: None,
+        }) if !values.is_empty() => Some(ValueRule::OneOf(values.into_iter().collect())),
+        RawValueRule::Table(RawValueTable {
+            one_of: None,
+            pattern: Some(pattern),
+        }) => match regex::Regex::new(&format!("^(?:{pattern})$")) {
+            Ok(regex) => Some(ValueRule::Pattern(regex)),
+            Err(error) => {
+                problems.push(key.to_string(), invalid(&pattern, "pattern", &error.to_string()));
+                None
+            }
+        },
+        RawValueRule::Table(_) => {
+            problems.push(
+                key.to_string(),
+                invalid("…", "value rule", "\"exact value\", \"{param}\", { one_of = [\"a\", \"b\"] } or { pattern = \"[0-9]+\" }"),
+            );
+            None
+        }
+    }
 }
 
 fn key_what(key: &str) -> &'static str {

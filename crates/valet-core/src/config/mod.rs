@@ -8,7 +8,9 @@ mod raw;
 mod store;
 
 pub use aws::{AwsCredential, AwsRevoke, AwsStsScope, ConditionValues, is_access_key_id};
-pub use gateway::{BaseUrl, Injection, Upstream, is_credential_header};
+pub use gateway::{
+    BaseUrl, FORWARDED_HEADERS, Injection, Upstream, is_credential_header, never_forwarded,
+};
 pub use store::{EtcdConfig, StoreConfig};
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -146,6 +146,8 @@ pub struct RawUpstream {
     pub ca_file: Option<String>,
     pub connect_timeout: Option<String>,
     pub timeout: Option<String>,
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +165,24 @@ pub struct RawAllow {
     pub max_body: Option<i64>,
     pub max_calls: Option<i64>,
     pub approval: Option<RawRuleApproval>,
+    #[serde(default)]
+    pub query: BTreeMap<String, RawValueRule>,
+}
+
+/// The values a query parameter or an argument may take: `"exact"`, `"{param}"`,
+/// `{ one_of = [...] }` or `{ pattern = "..." }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawValueRule {
+    Text(String),
+    Table(RawValueTable),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawValueTable {
+    pub one_of: Option<Vec<String>>,
+    pub pattern: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,6 +191,8 @@ pub struct RawGraphql {
     pub query: Vec<String>,
     #[serde(default)]
     pub mutation: Vec<String>,
+    #[serde(default)]
+    pub arguments: BTreeMap<String, RawValueRule>,
 }
 
 #[derive(Debug, Default, Deserialize)]
