@@ -25,14 +25,25 @@ if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null
 fi
 
-echo "== Python tools for the AWS tests: moto (a local STS/IAM/S3 peer) and boto3, in var/venv"
+echo "== Python tools: moto (a local STS/IAM/S3 peer) and boto3 for the AWS tests, Strawberry (a real GraphQL upstream) for the gateway's, in var/venv"
 venv=var/venv
-if ! "$venv/bin/python" -c 'import moto, boto3' 2>/dev/null; then
-  if ! python3 -m venv "$venv" 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import moto, boto3, strawberry, uvicorn, starlette' 2>/dev/null; then
+  if ! "$venv/bin/python" -c '' 2>/dev/null && ! python3 -m venv "$venv" 2>/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
     python3 -m venv "$venv"
   fi
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5' 'boto3==1.44.5'
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5' 'boto3==1.44.5' \
+    'strawberry-graphql==0.341.2' 'uvicorn==0.54.0' 'starlette==0.50.0'
+fi
+
+echo "== Node upstreams for the gateway's differential tests (express-graphql, Express with method-override), in tests/upstreams"
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "node and npm are needed for the gateway's differential tests against real upstream servers"; exit 1
+fi
+# node_modules/.installed-lock is the lock file the last install used: a changed lock reinstalls.
+if ! cmp -s tests/upstreams/package-lock.json tests/upstreams/node_modules/.installed-lock 2>/dev/null; then
+  npm ci --prefix tests/upstreams --no-audit --no-fund --loglevel=error
+  cp tests/upstreams/package-lock.json tests/upstreams/node_modules/.installed-lock
 fi
 
 echo "== build the binaries the end-to-end tests run (valetd, valet)"

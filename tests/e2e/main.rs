@@ -5,6 +5,7 @@ mod approvals;
 mod aws;
 mod bad_input;
 mod cli;
+mod differential;
 mod distributed;
 mod gateway;
 mod lifecycle;

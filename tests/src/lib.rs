@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use valet_client::{Client, ClientConfig};
 
 pub mod etcd;
+pub mod frameworks;
 pub mod moto;
 pub mod upstream;
 use valet_core::Secret;

@@ -37,6 +37,12 @@ class DomainInput:
 
 
 @strawberry.type
+class Domain:
+    id: str
+    domain: str
+
+
+@strawberry.type
 class Project:
     id: str
     name: str
@@ -58,9 +64,9 @@ class Query:
 @strawberry.type
 class Mutation:
     @strawberry.mutation
-    def customDomainCreate(self, info: Info, input: DomainInput) -> str:
+    def customDomainCreate(self, info: Info, input: DomainInput) -> Domain:
         executed("customDomainCreate", info, input=vars(input))
-        return input.domain
+        return Domain(id="d1", domain=input.domain)
 
     @strawberry.mutation
     def volumeDelete(self, info: Info, volumeId: str) -> bool:

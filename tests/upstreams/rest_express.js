@@ -45,6 +45,13 @@ app.get("/echo", (request, response) => {
   }
   response.type("application/json").send(text);
 });
+// Compresses whatever the client asked for, as a misbehaving upstream might: the gateway must not
+// pass an encoded answer it cannot mask.
+app.get("/gzip-anyway", (request, response) => {
+  executed(request);
+  const body = require("zlib").gzipSync(JSON.stringify({ authorization: request.headers.authorization }));
+  response.set("Content-Encoding", "gzip").type("application/json").send(body);
+});
 // Redirects to a URL carrying the credential, as an upstream's error page might.
 app.get("/redirect", (request, response) => {
   executed(request);

@@ -219,8 +219,12 @@ fn allows(
         return Err(CallRefusal::BodyTooLarge { max: rule.max_body });
     }
     let Some(allow) = &rule.graphql else {
-        let query = check_query(parts.query, &rule.query, params)
-            .map_err(|error| denied(format!("{} ?{}", parts.method, parts.query.unwrap_or("")), error.to_string()))?;
+        let query = check_query(parts.query, &rule.query, params).map_err(|error| {
+            denied(
+                format!("{} ?{}", parts.method, parts.query.unwrap_or("")),
+                error.to_string(),
+            )
+        })?;
         return Ok(Forwarded {
             query: query.canonical(),
             body: parts.body.to_vec(),
@@ -239,7 +243,10 @@ fn allows(
     if parts.query.is_some_and(|query| !query.is_empty()) {
         return Err(denied(
             "a GraphQL request with a query string".into(),
-            format!("{} (servers execute ?query= before the body)", QueryError::NotTaken),
+            format!(
+                "{} (servers execute ?query= before the body)",
+                QueryError::NotTaken
+            ),
         ));
     }
     if !parts.content_type.is_some_and(is_json) {

@@ -105,9 +105,7 @@ pub enum GraphqlDenial {
     TooLarge,
     #[error("{field} is not allowed; allowed: {allowed}")]
     FieldNotAllowed { field: AskedField, allowed: String },
-    #[error(
-        "{call} is not allowed: argument {argument} must be {rule}, and here it is {given}"
-    )]
+    #[error("{call} is not allowed: argument {argument} must be {rule}, and here it is {given}")]
     ArgumentNotAllowed {
         call: String,
         argument: String,
@@ -390,7 +388,10 @@ fn operation_variables(
         };
         let value = match given.get(&name) {
             Some(value) => value.clone(),
-            None => match definition.default_value().and_then(|default| default.value()) {
+            None => match definition
+                .default_value()
+                .and_then(|default| default.value())
+            {
                 Some(default) => literal(&default, &Map::new())?,
                 None => Value::Null,
             },
@@ -543,7 +544,9 @@ fn literal(value: &cst::Value, variables: &Map<String, Value>) -> Result<Value, 
             variables.get(&name).cloned().unwrap_or(Value::Null)
         }
         cst::Value::StringValue(text) => Value::String(String::from(text)),
-        cst::Value::IntValue(number) => number_of(number.int_token().map(|token| token.text().to_string()))?,
+        cst::Value::IntValue(number) => {
+            number_of(number.int_token().map(|token| token.text().to_string()))?
+        }
         cst::Value::FloatValue(number) => {
             number_of(number.float_token().map(|token| token.text().to_string()))?
         }

@@ -392,7 +392,10 @@ pub fn check_path(raw_path: &str) -> Result<CheckedPath, PathError> {
         if !decoded.is_ascii() {
             return Err(PathError::NonAscii);
         }
-        if decoded.chars().any(|character| character.is_ascii_control()) {
+        if decoded
+            .chars()
+            .any(|character| character.is_ascii_control())
+        {
             return Err(PathError::BadCharacter);
         }
         if decoded.ends_with(['.', ' ']) {
@@ -416,8 +419,22 @@ fn is_path_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric()
         || matches!(
             byte,
-            b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+'
-                | b',' | b'=' | b':' | b'@' | b'%'
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b'='
+                | b':'
+                | b'@'
+                | b'%'
         )
 }
 
@@ -470,7 +487,9 @@ impl CheckedQuery {
         (!self.pairs.is_empty()).then(|| {
             self.pairs
                 .iter()
-                .map(|(name, value)| format!("{}={}", encode_component(name), encode_component(value)))
+                .map(|(name, value)| {
+                    format!("{}={}", encode_component(name), encode_component(value))
+                })
                 .collect::<Vec<_>>()
                 .join("&")
         })
@@ -658,7 +677,10 @@ mod tests {
             normalized_segments("/v1/admin%20/x"),
             Err(PathError::TrailingDotOrSpace)
         );
-        assert_eq!(normalized_segments("/v1/a\"b"), Err(PathError::BadCharacter));
+        assert_eq!(
+            normalized_segments("/v1/a\"b"),
+            Err(PathError::BadCharacter)
+        );
         assert_eq!(
             normalized_segments("/v1/projects/"),
             Ok(vec!["v1".to_string(), "projects".to_string()])

@@ -41,13 +41,15 @@ pub async fn forward(
     let started = Instant::now();
     let valet = &gateway.valet;
     let sent = send(gateway, parts, &decision).await;
-    let answer = sent.and_then(|answer| match unmaskable(answer.headers(), answer.status()) {
-        None => Ok(answer),
-        Some(detail) => Err(CallRefusal::UpstreamFailed {
-            upstream: decision.upstream.name.clone(),
-            detail,
-        }),
-    });
+    let answer = sent.and_then(
+        |answer| match unmaskable(answer.headers(), answer.status()) {
+            None => Ok(answer),
+            Some(detail) => Err(CallRefusal::UpstreamFailed {
+                upstream: decision.upstream.name.clone(),
+                detail,
+            }),
+        },
+    );
     let answer = match answer {
         Ok(answer) => answer,
         Err(refusal) => {
@@ -196,7 +198,10 @@ fn forwarded_headers(sent: &HeaderMap, upstream: &Upstream, decision: &CallDecis
         );
     }
     // Only an unencoded answer can be masked.
-    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     let peer = decision.site.peer.ip().to_string();
     if let Ok(value) = HeaderValue::from_str(&peer) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), value);

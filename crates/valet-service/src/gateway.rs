@@ -286,8 +286,13 @@ impl Valet {
 
         // The path, refused if it could mean something else upstream; then the rules it matches.
         let path = rules::check_path(&site.path).map_err(CallRefusal::BadPath)?;
-        let candidates =
-            call::candidate_rules(scope, &site.method, &site.path, &path.segments, &grant.params)?;
+        let candidates = call::candidate_rules(
+            scope,
+            &site.method,
+            &site.path,
+            &path.segments,
+            &grant.params,
+        )?;
         if let Some(encoding) = request
             .content_encoding
             .filter(|encoding| !encoding.trim().eq_ignore_ascii_case("identity"))
@@ -334,7 +339,9 @@ impl Valet {
                     .map(|(rule, forwarded)| (rule.index, forwarded))
             })
             .await
-            .map_err(|error| ServiceError::Internal(format!("the GraphQL check failed: {error}")))??
+            .map_err(|error| {
+                ServiceError::Internal(format!("the GraphQL check failed: {error}"))
+            })??
         } else {
             let parts = call::CallParts {
                 method: &site.method,

@@ -204,11 +204,18 @@ pub(super) fn build_upstreams(
         for (position, header) in raw.forward_headers.into_iter().enumerate() {
             let key = format!("{at}.forward_headers[{position}]");
             if !is_header_name(&header) {
-                problems.push(key, invalid(&header, "header name", "letters, digits and '-'"));
+                problems.push(
+                    key,
+                    invalid(&header, "header name", "letters, digits and '-'"),
+                );
             } else if let Some(reason) = never_forwarded(&header) {
                 problems.push(
                     key,
-                    invalid(&header, "forwarded header", &format!("any header but this one: {reason}")),
+                    invalid(
+                        &header,
+                        "forwarded header",
+                        &format!("any header but this one: {reason}"),
+                    ),
                 );
             } else {
                 forward_headers.insert(header.to_ascii_lowercase());
@@ -311,7 +318,14 @@ pub(super) fn build_allow_rules(
         for (name, raw) in raw.query {
             let key = format!("{rule_at}.query.{name}");
             if name.is_empty() || name.chars().any(|character| character.is_control()) {
-                problems.push(key, invalid(&name, "query parameter name", "a name without control characters"));
+                problems.push(
+                    key,
+                    invalid(
+                        &name,
+                        "query parameter name",
+                        "a name without control characters",
+                    ),
+                );
                 continue;
             }
             if let Some(rule) = build_value_rule(raw, &key, params, problems) {
@@ -435,14 +449,21 @@ fn build_value_rule(
 ) -> Option<ValueRule> {
     match raw {
         RawValueRule::Text(text) => {
-            if let Some(name) = text.strip_prefix('{').and_then(|rest| rest.strip_suffix('}')) {
+            if let Some(name) = text
+                .strip_prefix('{')
+                .and_then(|rest| rest.strip_suffix('}'))
+            {
                 if params.contains_key(name) {
                     return Some(ValueRule::Param(name.to_string()));
                 }
                 let declared = params.keys().cloned().collect::<Vec<_>>().join(", ");
                 problems.push(
                     key.to_string(),
-                    invalid(&text, "binding", &format!("{{param}} naming one of this scope's params [{declared}]")),
+                    invalid(
+                        &text,
+                        "binding",
+                        &format!("{{param}} naming one of this scope's params [{declared}]"),
+                    ),
                 );
                 return None;
             }
@@ -458,7 +479,10 @@ fn build_value_rule(
         }) => match regex::Regex::new(&format!("^(?:{pattern})$")) {
             Ok(regex) => Some(ValueRule::Pattern(regex)),
             Err(error) => {
-                problems.push(key.to_string(), invalid(&pattern, "pattern", &error.to_string()));
+                problems.push(
+                    key.to_string(),
+                    invalid(&pattern, "pattern", &error.to_string()),
+                );
                 None
             }
         },

@@ -123,7 +123,8 @@ fn what_cannot_be_checked_is_denied() {
         check(&body("mutation { volumeDelete("), &allow),
         Err(GraphqlDenial::Unparseable(_))
     ));
-    let persisted = serde_json::json!({"extensions": {"persistedQuery": {"version": 1, "sha256Hash": "abc"}}});
+    let persisted =
+        serde_json::json!({"extensions": {"persistedQuery": {"version": 1, "sha256Hash": "abc"}}});
     assert!(matches!(
         check(persisted.to_string().as_bytes(), &allow),
         Err(GraphqlDenial::UnexpectedKey { .. })
@@ -194,7 +195,10 @@ fn repeated_and_case_variant_keys_are_refused() {
         Err(GraphqlDenial::RepeatedKey { .. })
     ));
     assert!(matches!(
-        check(br#"{"query": "{ projects { id } }", "debug": true}"#, &allow),
+        check(
+            br#"{"query": "{ projects { id } }", "debug": true}"#,
+            &allow
+        ),
         Err(GraphqlDenial::UnexpectedKey { .. })
     ));
     assert!(matches!(
@@ -241,11 +245,11 @@ fn arguments_are_checked_with_variables_resolved_even_inside_input_objects() {
     );
     let error = check_request(&production, &allow, &params()).unwrap_err();
     assert!(
-        error.to_string().contains("input.environmentId")
-            && error.to_string().contains("env-prod"),
+        error.to_string().contains("input.environmentId") && error.to_string().contains("env-prod"),
         "{error}"
     );
-    let missing = mutation(serde_json::json!({"input": {"projectId": "p-shop", "domain": "a.test"}}));
+    let missing =
+        mutation(serde_json::json!({"input": {"projectId": "p-shop", "domain": "a.test"}}));
     assert!(
         check_request(&missing, &allow, &params())
             .unwrap_err()
@@ -288,8 +292,13 @@ fn fragments_that_fan_out_are_refused_within_the_budget() {
 }
 
 fn field_name() -> impl Strategy<Value = String> {
-    prop::sample::select(vec!["project", "projects", "customDomainCreate", "volumeDelete"])
-        .prop_map(String::from)
+    prop::sample::select(vec![
+        "project",
+        "projects",
+        "customDomainCreate",
+        "volumeDelete",
+    ])
+    .prop_map(String::from)
 }
 
 fn argument_value() -> impl Strategy<Value = String> {

@@ -1,0 +1,115 @@
+//! Real upstream frameworks for the gateway's security tests: express-graphql and Express with
+//! method-override on Node, Strawberry on Python. Each runs as its own process on a free loopback
+//! port and appends what it executed to a log; the tests assert from that log, never from how
+//! Valet parsed the request. The test command installs them (tests/upstreams, var/venv); a test
+//! that finds one missing fails and says how to install it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A framework process; stopped when dropped.
+pub struct Framework {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    log: PathBuf,
+    _directory: tempfile::TempDir,
+}
+
+fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the repository")
+        .to_path_buf()
+}
+
+impl Framework {
+    /// express-graphql 0.12 on graphql-js 15, at `/graphql`.
+    pub fn express_graphql() -> Framework {
+        Framework::node("graphql_express.js")
+    }
+
+    /// Express 4 with method-override (headers and `_method`) and compression.
+    pub fn express_rest() -> Framework {
+        Framework::node("rest_express.js")
+    }
+
+    /// Strawberry (ASGI) under uvicorn, at `/graphql`.
+    pub fn strawberry() -> Framework {
+        let python = repository().join("var/venv/bin/python");
+        assert!(
+            python.exists(),
+            "{} is missing: run ./scripts/test.sh, which creates the venv and installs strawberry-graphql and uvicorn",
+            python.display()
+        );
+        Framework::start(
+            Command::new(python).arg(repository().join("tests/upstreams/graphql_strawberry.py")),
+        )
+    }
+
+    fn node(script: &str) -> Framework {
+        let modules = repository().join("tests/upstreams/node_modules");
+        assert!(
+            modules.exists(),
+            "{} is missing: run ./scripts/test.sh, which installs the Node upstreams with npm ci",
+            modules.display()
+        );
+        let mut command = Command::new("node");
+        command.arg(repository().join("tests/upstreams").join(script));
+        Framework::start(&mut command)
+    }
+
+    fn start(command: &mut Command) -> Framework {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let log = directory.path().join("executed.jsonl");
+        std::fs::write(&log, b"").expect("create the execution log");
+        let mut child = command
+            .arg("0")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the upstream framework (node and python3 are needed)");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(port) = line.strip_prefix("listening on ") {
+                    let _ = sender.send(port.trim().to_string());
+                }
+            }
+        });
+        let port = match receiver.recv_timeout(Duration::from_secs(30)) {
+            Ok(port) => port,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the upstream framework did not say where it listens within 30 s");
+            }
+        };
+        Framework {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+            _directory: directory,
+        }
+    }
+
+    /// Everything the framework executed, one JSON object per handled request or resolved field.
+    pub fn executed(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("the framework logs JSON lines"))
+            .collect()
+    }
+}
+
+impl Drop for Framework {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
