@@ -1,4 +1,5 @@
-//! Micro-benchmark of the GraphQL check: parse, expand fragments, check every top-level field.
+//! Micro-benchmark of the GraphQL check: parse strictly, expand fragments, check every top-level
+//! field and its bound arguments, and build the canonical request the upstream receives.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use valet_core::rules::GraphqlAllow;
@@ -13,7 +14,16 @@ fn graphql(criterion: &mut Criterion) {
             .into_iter()
             .map(String::from)
             .collect(),
+        arguments: [(
+            valet_core::rules::ArgumentPath::parse("project.id").expect("a path"),
+            valet_core::rules::ValueRule::Param("project".into()),
+        )]
+        .into_iter()
+        .collect(),
     };
+    let params = [("project".to_string(), "p".to_string())]
+        .into_iter()
+        .collect();
     let body = serde_json::json!({
         "query": "query P($id: String!) { project(id: $id) { id name services { edges { node { id name } } } ...More } } fragment More on Project { environments { edges { node { id } } } }",
         "variables": {"id": "p"},
@@ -21,8 +31,12 @@ fn graphql(criterion: &mut Criterion) {
     .to_string();
     criterion.bench_function("GraphQL check (query with fragment)", |bench| {
         bench.iter(|| {
-            valet_core::graphql::check(std::hint::black_box(body.as_bytes()), &allow)
-                .expect("allowed")
+            valet_core::graphql::check_request(
+                std::hint::black_box(body.as_bytes()),
+                &allow,
+                &params,
+            )
+            .expect("allowed")
         })
     });
 }
