@@ -515,3 +515,56 @@ async fn documents_that_fan_out_never_stall_other_callers() {
         "only the probes ran"
     );
 }
+
+#[tokio::test]
+async fn the_railway_example_holds_its_grant_to_one_project_and_environment() {
+    let railway = Framework::express_graphql();
+    let repository = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let example = std::fs::read_to_string(repository.join("deploy/examples/railway.toml")).unwrap();
+    // The docs' example as it ships, pointed at a local GraphQL server standing in for Railway.
+    let config = example
+        .replace("https://backboard.railway.app", &railway.url)
+        .replace("127.0.0.1:7470", "127.0.0.1:0")
+        .replace("127.0.0.1:7471", "127.0.0.1:0")
+        .replace("env = \"RAILWAY_TOKEN\"", "file = \"railway.secret\"")
+        .replace("[audit]", "[seal]\nkey_file = \"seal.key\"\n\n[audit]");
+    let deployment = Deployment::new(&config);
+    let valetd = deployment.start(&[]);
+    let gateway = valetd.gateway.clone().unwrap();
+    let agent_key =
+        std::fs::read_to_string(repository.join("deploy/examples/demo-keys/agent.key")).unwrap();
+    let agent = valetd.client(agent_key.trim()).await;
+    let (project, staging, production) = (
+        "2f1c0e7a-0000-4000-8000-000000000001",
+        "9a7e0000-0000-4000-8000-000000000002",
+        "9a7e0000-0000-4000-8000-000000000003",
+    );
+    let issued = agent
+        .request_token(
+            TokenRequest::new("railway-staging-domains", "fix-dns-42")
+                .with_param("project_id", project)
+                .with_param("environment_id", staging),
+        )
+        .await
+        .unwrap();
+    let create = |environment: &str| {
+        serde_json::json!({
+            "query": "mutation($i: DomainInput!) { customDomainCreate(input: $i) { id } }",
+            "variables": {"i": {"domain": "shop.example.com", "projectId": project, "environmentId": environment}},
+        })
+        .to_string()
+    };
+    let path = "/u/railway/graphql/v2";
+    let token = issued.token_str();
+    let reply = call(&gateway, "POST", path, token, &create(staging), &[]).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = call(&gateway, "POST", path, token, &create(production), &[]).await;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert!(reply.body.contains("input.environmentId"), "{}", reply.body);
+    let delete = serde_json::json!({"query": "mutation { customDomainCreate: volumeDelete(volumeId: \"prod-db\") }"}).to_string();
+    let reply = call(&gateway, "POST", path, token, &delete, &[]).await;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    let executed = railway.executed();
+    assert_eq!(executed.len(), 1, "{executed:?}");
+    assert_eq!(executed[0]["args"]["input"]["environmentId"], staging);
+}

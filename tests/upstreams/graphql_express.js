@@ -18,7 +18,12 @@ const schema = buildSchema(`
   input DomainInput { projectId: String!, environmentId: String!, domain: String! }
   type Domain { id: String!, domain: String! }
   type Project { id: String!, name: String! }
-  type Query { projects: [Project!]!, project(id: String!): Project, echo: String }
+  type Query {
+    projects: [Project!]!
+    project(id: String!): Project
+    customDomains(projectId: String!, environmentId: String!): [Domain!]!
+    echo: String
+  }
   type Mutation {
     customDomainCreate(input: DomainInput!): Domain!
     volumeDelete(volumeId: String!): Boolean!
@@ -32,6 +37,10 @@ const root = {
   project: (args, request) => {
     executed("project", args, request);
     return { id: args.id, name: "shop" };
+  },
+  customDomains: (args, request) => {
+    executed("customDomains", args, request);
+    return [];
   },
   // Echoes the credential the upstream received: a response the gateway must mask.
   echo: (args, request) => {
@@ -49,7 +58,8 @@ const root = {
 };
 
 const app = express();
-app.use("/graphql", graphqlHTTP({ schema, rootValue: root, graphiql: false }));
+// At /graphql, and at /graphql/v2 as Railway's API is.
+app.use(["/graphql/v2", "/graphql"], graphqlHTTP({ schema, rootValue: root, graphiql: false }));
 const server = app.listen(Number(port), "127.0.0.1", () =>
   console.log(`listening on ${server.address().port}`),
 );

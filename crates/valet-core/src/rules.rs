@@ -739,4 +739,54 @@ mod tests {
             Some("q=a%2Bb")
         );
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+            /// Any path: refused or checked, never a panic; a checked path's canonical form reads
+            /// back as the same segments, so what the upstream receives is what was checked.
+            #[test]
+            fn a_checked_path_reads_back_as_itself(raw in "(/[a-zA-Z0-9._~%;:@!$&'()*+,=\\\\ -]{0,12}){0,6}/?") {
+                if let Ok(checked) = check_path(&raw) {
+                    let again = check_path(&checked.canonical()).expect("the canonical form passes");
+                    prop_assert_eq!(&again.segments, &checked.segments);
+                    prop_assert_eq!(again.canonical(), checked.canonical());
+                    for segment in &checked.segments {
+                        prop_assert!(!segment.chars().all(|character| character == '.'));
+                        prop_assert!(segment.is_ascii() && !segment.contains([';', '%', '/', '\\']));
+                    }
+                }
+            }
+
+            /// Any bytes: refused or checked, never a panic.
+            #[test]
+            fn any_path_is_refused_or_checked(raw in "\\PC{0,64}") {
+                let _ = check_path(&raw);
+            }
+
+            /// A checked query string's canonical form reads back as the same pairs.
+            #[test]
+            fn a_checked_query_reads_back_as_itself(pairs in prop::collection::vec(("[a-c]", "[ -~]{0,8}"), 0..4)) {
+                let allowed: BTreeMap<String, ValueRule> = ["a", "b", "c"]
+                    .into_iter()
+                    .map(|name| (name.to_string(), ValueRule::Pattern(regex::Regex::new("^(?:[ -~]*)$").unwrap())))
+                    .collect();
+                let raw = pairs
+                    .iter()
+                    .map(|(name, value)| format!("{name}={}", encode_component(value)))
+                    .collect::<Vec<_>>()
+                    .join("&");
+                if let Ok(checked) = check_query(Some(&raw), &allowed, &BTreeMap::new()) {
+                    let canonical = checked.canonical();
+                    let again = check_query(canonical.as_deref(), &allowed, &BTreeMap::new()).unwrap();
+                    prop_assert_eq!(again, checked);
+                }
+            }
+        }
+    }
 }

@@ -933,6 +933,25 @@ fn build_scope(
         ),
         _ => {}
     }
+    // The parameter the root credential goes in is the gateway's to set, never the agent's.
+    if let Some(Upstream {
+        inject: Injection::Query { name: injected, .. },
+        ..
+    }) = upstream
+    {
+        for rule in &allow {
+            if rule.query.contains_key(injected) {
+                problems.push(
+                    format!("{at}.allow[{}].query.{injected}", rule.index),
+                    invalid(
+                        injected,
+                        "query parameter",
+                        "any parameter but the one the upstream's root credential is injected in",
+                    ),
+                );
+            }
+        }
+    }
     Some(Scope {
         name: name?,
         credential: credential?,

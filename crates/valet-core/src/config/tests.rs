@@ -215,6 +215,7 @@ name = "rest"
 base_url = "https://api.example.com/v1"
 credential = "missing"
 headers = { Authorization = "x" }
+forward_headers = ["X-HTTP-Method-Override", "x-github-api-version", "bad header"]
 [upstream.inject]
 query = { api_key = "{secret}" }
 [[scope]]
@@ -229,9 +230,20 @@ pattern = "[a-z]+"
 [[scope.allow]]
 method = "BREW"
 path = "/v1/{tenant}/x"
+query = { page = "{tenant}", state = { pattern = "(" }, kind = { one_of = [] } }
 [[scope.allow]]
 path = "v1/**/x"
 max_body = 0
+[[scope.allow]]
+path = "/graphql"
+query = { page = "1" }
+[scope.allow.graphql]
+mutation = ["customDomainCreate"]
+arguments = { "volumeDelete.volumeId" = "x", "bad path" = "y" }
+[[scope.allow]]
+method = "GET"
+path = "/items"
+query = { api_key = "{project}" }
 [[scope]]
 name = "no-rules"
 upstream = "rest"
@@ -263,6 +275,15 @@ path = "/"
         "scope[0].allow[1]: set neither method nor methods",
         "scope[0].allow[1].path: \"v1/**/x\" is not a valid path pattern; expected must start with '/'",
         "scope[0].allow[1].max_body: \"0\" is not a valid byte count",
+        "upstream[1].forward_headers[0]: \"X-HTTP-Method-Override\" is not a valid forwarded header; expected any header but this one: it overrides the method the upstream executes",
+        "upstream[1].forward_headers[2]: \"bad header\" is not a valid header name",
+        "scope[0].allow[3].query.api_key: \"api_key\" is not a valid query parameter",
+        "scope[0].allow[0].query.page: \"{tenant}\" is not a valid binding",
+        "scope[0].allow[0].query.state: \"(\" is not a valid pattern",
+        "scope[0].allow[0].query.kind: \"…\" is not a valid value rule",
+        "scope[0].allow[2].query: \"…\" is not a valid query parameters on a GraphQL rule",
+        "scope[0].allow[2].graphql.arguments.volumeDelete.volumeId: \"volumeDelete.volumeId\" is not a valid argument path; expected a path starting with a field this rule allows",
+        "scope[0].allow[2].graphql.arguments.bad path: \"bad path\" is not a valid argument path",
         "scope[1].allow: \"[]\" is not a valid rule list",
         "scope[2].allow: \"[[scope.allow]]\" is not a valid rule list",
     ] {
