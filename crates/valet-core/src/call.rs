@@ -219,6 +219,12 @@ fn allows(
         return Err(CallRefusal::BodyTooLarge { max: rule.max_body });
     }
     let Some(allow) = &rule.graphql else {
+        // A JSON body is not interpreted, but it must read the same to every parser: an approver
+        // or a log shows it, and the upstream acts on it.
+        if parts.content_type.is_some_and(is_json) && !parts.body.is_empty() {
+            crate::json::parse_strict(parts.body)
+                .map_err(|error| CallRefusal::BadBody(error.to_string()))?;
+        }
         let query = check_query(parts.query, &rule.query, params).map_err(|error| {
             denied(
                 format!("{} ?{}", parts.method, parts.query.unwrap_or("")),

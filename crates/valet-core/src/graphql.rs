@@ -18,8 +18,6 @@ pub const MAX_EXPANDED_SELECTIONS: usize = 10_000;
 const MAX_FRAGMENT_DEPTH: usize = 32;
 const RECURSION_LIMIT: usize = 128;
 const TOKEN_LIMIT: usize = 20_000;
-/// The keys a GraphQL-over-HTTP request object may carry.
-const REQUEST_KEYS: [&str; 4] = ["query", "operationName", "variables", "extensions"];
 
 /// One field the request asks for, e.g. `mutation volumeDelete`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -122,7 +120,7 @@ pub enum GraphqlDenial {
         extensions: &'static str,
     },
     #[error(
-        "the JSON has key {key:?} more than once (or in two spellings): servers read repeated keys differently"
+        "the JSON has key {key:?} more than once (or in two spellings of case): servers read repeated keys differently"
     )]
     RepeatedKey { key: String },
     #[error("operationName {0:?} names no operation of the document")]
@@ -148,7 +146,10 @@ pub fn check_request(
     allow: &GraphqlAllow,
     params: &BTreeMap<String, String>,
 ) -> Result<CheckedGraphql, GraphqlDenial> {
-    let value = strict_json(body)?;
+    let value = crate::json::parse_strict(body).map_err(|error| match error {
+        crate::json::JsonError::RepeatedKey(key) => GraphqlDenial::RepeatedKey { key },
+        crate::json::JsonError::Invalid(detail) => GraphqlDenial::NotARequest(detail),
+    })?;
     let (requests, batch) = match value {
         Value::Array(items) if items.is_empty() => {
             return Err(GraphqlDenial::NotARequest("an empty batch".into()));
@@ -649,101 +650,6 @@ fn argument_at<'a>(arguments: &'a Map<String, Value>, path: &ArgumentPath) -> Op
         value = value.as_object()?.get(part)?;
     }
     Some(value)
-}
-
-/// Parses JSON refusing a key repeated in one object (or repeated in another spelling of case, for
-/// the keys of a GraphQL request): JSON parsers keep the first or the last, so the gateway and
-/// the upstream could read different requests.
-fn strict_json(body: &[u8]) -> Result<Value, GraphqlDenial> {
-    let value: StrictValue = serde_json::from_slice(body).map_err(|error| {
-        let text = error.to_string();
-        match text.strip_prefix(REPEATED_KEY) {
-            Some(key) => GraphqlDenial::RepeatedKey {
-                key: key.split(" at line").next().unwrap_or(key).to_string(),
-            },
-            None => GraphqlDenial::NotARequest(text),
-        }
-    })?;
-    Ok(value.0)
-}
-
-const REPEATED_KEY: &str = "repeated key ";
-
-/// A JSON value read without ever keeping one of two equal keys.
-struct StrictValue(Value);
-
-impl<'de> serde::Deserialize<'de> for StrictValue {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(StrictVisitor).map(StrictValue)
-    }
-}
-
-struct StrictVisitor;
-
-impl<'de> serde::de::Visitor<'de> for StrictVisitor {
-    type Value = Value;
-
-    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
-        formatter.write_str("a JSON value")
-    }
-
-    fn visit_bool<E>(self, value: bool) -> Result<Value, E> {
-        Ok(Value::Bool(value))
-    }
-
-    fn visit_i64<E>(self, value: i64) -> Result<Value, E> {
-        Ok(Value::from(value))
-    }
-
-    fn visit_u64<E>(self, value: u64) -> Result<Value, E> {
-        Ok(Value::from(value))
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Value, E> {
-        serde_json::Number::from_f64(value)
-            .map(Value::Number)
-            .ok_or_else(|| E::custom("a number JSON cannot carry"))
-    }
-
-    fn visit_str<E>(self, value: &str) -> Result<Value, E> {
-        Ok(Value::String(value.to_string()))
-    }
-
-    fn visit_string<E>(self, value: String) -> Result<Value, E> {
-        Ok(Value::String(value))
-    }
-
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut sequence: A) -> Result<Value, A::Error> {
-        let mut items = Vec::new();
-        while let Some(StrictValue(item)) = sequence.next_element()? {
-            items.push(item);
-        }
-        Ok(Value::Array(items))
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut entries: A) -> Result<Value, A::Error> {
-        let mut object = Map::new();
-        while let Some(key) = entries.next_key::<String>()? {
-            let request_key = REQUEST_KEYS
-                .iter()
-                .any(|known| known.eq_ignore_ascii_case(&key));
-            let repeated = object.contains_key(&key)
-                || (request_key
-                    && object
-                        .keys()
-                        .any(|seen: &String| seen.eq_ignore_ascii_case(&key)));
-            if repeated {
-                return Err(serde::de::Error::custom(format!("{REPEATED_KEY}{key}")));
-            }
-            let StrictValue(value) = entries.next_value()?;
-            object.insert(key, value);
-        }
-        Ok(Value::Object(object))
-    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod config;
 pub mod grant;
 pub mod graphql;
 pub mod ids;
+pub mod json;
 pub mod keyring;
 pub mod policy;
 pub mod random;
