@@ -11,21 +11,29 @@ use valet_tests::frameworks::Framework;
 use valet_tests::upstream::call;
 use valet_tests::{AGENT_KEY, Deployment, RAILWAY_ROOT_SECRET, standard_config};
 
-fn config(express_graphql: &str, strawberry: &str, express_rest: &str) -> String {
-    let mut extra = String::new();
-    for (name, url) in [
-        ("graphql-express", express_graphql),
-        ("graphql-strawberry", strawberry),
-    ] {
-        extra.push_str(&format!(
-            r#"
+/// An upstream on `url` holding the railway credential, injected as a bearer header.
+fn upstream(name: &str, url: &str) -> String {
+    format!(
+        r#"
 [[upstream]]
 name = "{name}"
 base_url = "{url}"
 credential = "railway"
 [upstream.inject]
 header = {{ Authorization = "Bearer {{secret}}" }}
+"#
+    )
+}
 
+fn config(express_graphql: &str, strawberry: &str, express_rest: &str) -> String {
+    let mut extra = String::new();
+    for (name, url) in [
+        ("graphql-express", express_graphql),
+        ("graphql-strawberry", strawberry),
+    ] {
+        extra.push_str(&upstream(name, url));
+        extra.push_str(&format!(
+            r#"
 [[scope]]
 name = "{name}-staging"
 credential = "railway"
@@ -49,15 +57,9 @@ mutation = ["customDomainCreate"]
 "#
         ));
     }
-    extra.push_str(&format!(
+    extra.push_str(&upstream("rest-express", express_rest));
+    extra.push_str(
         r#"
-[[upstream]]
-name = "rest-express"
-base_url = "{express_rest}"
-credential = "railway"
-[upstream.inject]
-header = {{ Authorization = "Bearer {{secret}}" }}
-
 [[scope]]
 name = "rest-express-pulls"
 credential = "railway"
@@ -77,8 +79,8 @@ path = "/gzip-anyway"
 [[scope.allow]]
 method = "GET"
 path = "/redirect"
-"#
-    ));
+"#,
+    );
     standard_config(&extra)
         .replace(
             "listen = \"127.0.0.1:0\"\n",
@@ -90,20 +92,46 @@ path = "/redirect"
     )
 }
 
+/// The three framework processes and a valetd whose gateway fronts them.
+struct Stack {
+    express: Framework,
+    strawberry: Framework,
+    rest: Framework,
+    deployment: Deployment,
+    valetd: valet_tests::Valetd,
+}
+
+impl Stack {
+    fn start() -> Stack {
+        let express = Framework::express_graphql();
+        let strawberry = Framework::strawberry();
+        let rest = Framework::express_rest();
+        let deployment = Deployment::new(&config(&express.url, &strawberry.url, &rest.url));
+        let valetd = deployment.start(&[]);
+        Stack {
+            express,
+            strawberry,
+            rest,
+            deployment,
+            valetd,
+        }
+    }
+
+    fn gateway(&self) -> String {
+        self.valetd.gateway.clone().expect("the gateway listens")
+    }
+}
+
 fn encoded(text: &str) -> String {
     encode_component(text)
 }
 
 #[tokio::test]
 async fn graphql_smuggling_is_refused_and_never_executes_on_real_servers() {
-    // Each GraphQL stack gets its own valetd route; the logs are the processes' own.
-    let express = Framework::express_graphql();
-    let strawberry = Framework::strawberry();
-    let rest = Framework::express_rest();
-    let deployment = Deployment::new(&config(&express.url, &strawberry.url, &rest.url));
-    let valetd = deployment.start(&[]);
-    let gateway = valetd.gateway.clone().unwrap();
-    let agent = valetd.client(AGENT_KEY).await;
+    let stack = Stack::start();
+    let (express, strawberry) = (&stack.express, &stack.strawberry);
+    let gateway = stack.gateway();
+    let agent = stack.valetd.client(AGENT_KEY).await;
 
     for (upstream, framework) in [
         ("graphql-express", &express),
@@ -275,7 +303,7 @@ async fn graphql_smuggling_is_refused_and_never_executes_on_real_servers() {
     }
 
     // Every refusal is in the audit log, with its reason.
-    let audit = std::fs::read_to_string(deployment.audit_path()).unwrap();
+    let audit = std::fs::read_to_string(stack.deployment.audit_path()).unwrap();
     let refused = audit
         .lines()
         .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
@@ -287,13 +315,10 @@ async fn graphql_smuggling_is_refused_and_never_executes_on_real_servers() {
 
 #[tokio::test]
 async fn method_overrides_never_reach_a_real_express_server() {
-    let rest = Framework::express_rest();
-    let express = Framework::express_graphql();
-    let strawberry = Framework::strawberry();
-    let deployment = Deployment::new(&config(&express.url, &strawberry.url, &rest.url));
-    let valetd = deployment.start(&[]);
-    let gateway = valetd.gateway.clone().unwrap();
-    let agent = valetd.client(AGENT_KEY).await;
+    let stack = Stack::start();
+    let rest = &stack.rest;
+    let gateway = stack.gateway();
+    let agent = stack.valetd.client(AGENT_KEY).await;
     let issued = agent
         .request_token(TokenRequest::new("rest-express-pulls", "diff-rest"))
         .await
@@ -365,13 +390,10 @@ async fn method_overrides_never_reach_a_real_express_server() {
 
 #[tokio::test]
 async fn the_root_secret_cannot_be_recovered_from_any_answer() {
-    let rest = Framework::express_rest();
-    let express = Framework::express_graphql();
-    let strawberry = Framework::strawberry();
-    let deployment = Deployment::new(&config(&express.url, &strawberry.url, &rest.url));
-    let valetd = deployment.start(&[]);
-    let gateway = valetd.gateway.clone().unwrap();
-    let agent = valetd.client(AGENT_KEY).await;
+    let stack = Stack::start();
+    let rest = &stack.rest;
+    let gateway = stack.gateway();
+    let agent = stack.valetd.client(AGENT_KEY).await;
     let issued = agent
         .request_token(TokenRequest::new("rest-express-pulls", "diff-leak"))
         .await
@@ -435,13 +457,10 @@ async fn the_root_secret_cannot_be_recovered_from_any_answer() {
 
 #[tokio::test]
 async fn documents_that_fan_out_never_stall_other_callers() {
-    let rest = Framework::express_rest();
-    let express = Framework::express_graphql();
-    let strawberry = Framework::strawberry();
-    let deployment = Deployment::new(&config(&express.url, &strawberry.url, &rest.url));
-    let valetd = deployment.start(&[]);
-    let gateway = valetd.gateway.clone().unwrap();
-    let agent = valetd.client(AGENT_KEY).await;
+    let stack = Stack::start();
+    let express = &stack.express;
+    let gateway = stack.gateway();
+    let agent = stack.valetd.client(AGENT_KEY).await;
     let issued = agent
         .request_token(
             TokenRequest::new("graphql-express-staging", "diff-fanout")

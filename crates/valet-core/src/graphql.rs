@@ -356,7 +356,7 @@ fn read_document(request: &GraphqlRequest, budget: &mut usize) -> Result<Documen
             &fragments,
             &mut Vec::new(),
             budget,
-            &mut fields,
+            Some(&mut fields),
         )?;
         for field in fields {
             calls.push(field_call(kind, &field, &variables)?);
@@ -402,14 +402,16 @@ fn operation_variables(
     Ok(values)
 }
 
-/// Top-level fields of a selection set, with fragment spreads and inline fragments expanded,
-/// counting every selection visited against `budget`.
+/// Walks a selection set with fragment spreads and inline fragments expanded, counting every
+/// selection visited against `budget`. With `fields`, the walk is at the top level of an
+/// operation and collects its fields; below them (`None`) it only counts, since nested selections
+/// are the upstream's to resolve but cost it work too.
 fn collect_fields(
     selection_set: &cst::SelectionSet,
     fragments: &BTreeMap<String, cst::SelectionSet>,
     expanding: &mut Vec<String>,
     budget: &mut usize,
-    fields: &mut Vec<cst::Field>,
+    mut fields: Option<&mut Vec<cst::Field>>,
 ) -> Result<(), GraphqlDenial> {
     if expanding.len() > MAX_FRAGMENT_DEPTH {
         return Err(GraphqlDenial::TooDeep);
@@ -418,57 +420,24 @@ fn collect_fields(
         *budget = budget.checked_sub(1).ok_or(GraphqlDenial::TooLarge)?;
         match selection {
             cst::Selection::Field(field) => {
-                // Nested selections are the upstream's to resolve, but they cost it work too.
                 if let Some(inner) = field.selection_set() {
-                    count_nested(&inner, fragments, expanding, budget)?;
+                    collect_fields(&inner, fragments, expanding, budget, None)?;
                 }
-                fields.push(field);
+                if let Some(fields) = fields.as_deref_mut() {
+                    fields.push(field);
+                }
             }
             cst::Selection::InlineFragment(inline) => {
                 if let Some(inner) = inline.selection_set() {
                     expanding.push("(inline)".to_string());
-                    collect_fields(&inner, fragments, expanding, budget, fields)?;
+                    collect_fields(&inner, fragments, expanding, budget, fields.as_deref_mut())?;
                     expanding.pop();
                 }
             }
             cst::Selection::FragmentSpread(spread) => {
                 let name = fragment_name(&spread);
                 let inner = enter_fragment(&name, fragments, expanding)?;
-                collect_fields(inner, fragments, expanding, budget, fields)?;
-                expanding.pop();
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Counts the selections below a top-level field (fragments expanded) against `budget`.
-fn count_nested(
-    selection_set: &cst::SelectionSet,
-    fragments: &BTreeMap<String, cst::SelectionSet>,
-    expanding: &mut Vec<String>,
-    budget: &mut usize,
-) -> Result<(), GraphqlDenial> {
-    if expanding.len() > MAX_FRAGMENT_DEPTH {
-        return Err(GraphqlDenial::TooDeep);
-    }
-    for selection in selection_set.selections() {
-        *budget = budget.checked_sub(1).ok_or(GraphqlDenial::TooLarge)?;
-        match selection {
-            cst::Selection::Field(field) => {
-                if let Some(inner) = field.selection_set() {
-                    count_nested(&inner, fragments, expanding, budget)?;
-                }
-            }
-            cst::Selection::InlineFragment(inline) => {
-                if let Some(inner) = inline.selection_set() {
-                    count_nested(&inner, fragments, expanding, budget)?;
-                }
-            }
-            cst::Selection::FragmentSpread(spread) => {
-                let name = fragment_name(&spread);
-                let inner = enter_fragment(&name, fragments, expanding)?;
-                count_nested(inner, fragments, expanding, budget)?;
+                collect_fields(inner, fragments, expanding, budget, fields.as_deref_mut())?;
                 expanding.pop();
             }
         }
