@@ -214,13 +214,22 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"principals": reply.n_principals, "scopes": reply.n_scopes, "credentials": reply.n_credentials})
+                    serde_json::json!({"principals": reply.n_principals, "scopes": reply.n_scopes, "credentials": reply.n_credentials, "grants_ended": reply.n_grants_ended, "grants_clamped": reply.n_grants_clamped, "restart_only": reply.restart_only})
                 );
             } else {
                 println!(
                     "config reloaded: {} principals, {} scopes, {} credentials",
                     reply.n_principals, reply.n_scopes, reply.n_credentials
                 );
+                if reply.n_grants_ended + reply.n_grants_clamped > 0 {
+                    println!(
+                        "live grants the new config no longer allows: {} ended, {} cut short (the audit log says which and why)",
+                        reply.n_grants_ended, reply.n_grants_clamped
+                    );
+                }
+                for key in &reply.restart_only {
+                    println!("{key} changed: it takes effect at the next restart");
+                }
             }
         }
         Command::Audit(AuditCommand::Head) => {

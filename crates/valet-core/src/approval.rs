@@ -92,6 +92,18 @@ pub struct CallFingerprint {
     /// The GraphQL variables as sent, for people to read.
     #[serde(default)]
     pub variables: Option<String>,
+    /// The upstream the call goes to.
+    #[serde(default)]
+    pub upstream: String,
+    /// GraphQL: every top-level field as it will execute (alias, name, every argument with its
+    /// variables substituted), one per entry.
+    #[serde(default)]
+    pub calls: Vec<String>,
+    /// REST: the body's size, and a preview for people (pretty JSON, or a bounded excerpt).
+    #[serde(default)]
+    pub body_bytes: u64,
+    #[serde(default)]
+    pub body_preview: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +170,15 @@ pub struct ApprovalRequest {
 /// Why a decision on an approval is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApprovalError {
+    #[error(
+        "approval {id} is for grant {grant_id}, which is {status}{reason}: nothing can be approved for it"
+    )]
+    GrantEnded {
+        id: String,
+        grant_id: String,
+        status: crate::grant::GrantStatus,
+        reason: String,
+    },
     #[error("approval {id} is {status}; only pending requests can be decided")]
     NotPending { id: String, status: ApprovalStatus },
     #[error(
@@ -391,6 +412,106 @@ impl ApprovalRequest {
         Ok(())
     }
 
+    /// What a person is asked to approve, every part of it, for people to read: the call that
+    /// will execute (method, upstream, path, query, body; for GraphQL every field as it will run)
+    /// or the token asked for, with environment, requester, task and purpose. The CLI, the
+    /// webhook and the console all show this text, and characters that could disguise it (control
+    /// and bidirectional-override characters) are escaped.
+    pub fn render(&self) -> String {
+        let mut lines = Vec::new();
+        match (&self.kind, &self.call) {
+            (ApprovalKind::Call, Some(call)) => {
+                lines.push(format!(
+                    "{} asks to call {} (environment {}) with grant {}:",
+                    self.requester, call.upstream, self.environment, self.grant_id
+                ));
+                lines.push(format!("  {} {}", call.method, call.target));
+                if !call.calls.is_empty() {
+                    for field in &call.calls {
+                        lines.push(format!("    {field}"));
+                    }
+                } else if let Some(preview) = &call.body_preview {
+                    lines.push(format!(
+                        "  body ({} bytes, sha256 {}):",
+                        call.body_bytes, call.body_sha256
+                    ));
+                    for line in preview.lines() {
+                        lines.push(format!("    {line}"));
+                    }
+                } else if call.body_bytes > 0 {
+                    lines.push(format!(
+                        "  body: {} bytes, sha256 {}",
+                        call.body_bytes, call.body_sha256
+                    ));
+                }
+            }
+            _ => {
+                lines.push(format!(
+                    "{} asks for a token for scope {} (environment {}), for up to {}:",
+                    self.requester,
+                    self.scope,
+                    self.environment,
+                    if self.ttl_seconds == 0 {
+                        "the scope's default lifetime".to_string()
+                    } else {
+                        format!("{} s", self.ttl_seconds)
+                    }
+                ));
+                for (name, value) in &self.params {
+                    lines.push(format!("  {name} = {value}"));
+                }
+            }
+        }
+        lines.push(format!("  task {}", self.task_id));
+        if !self.purpose.is_empty() {
+            lines.push(format!("  purpose: {}", self.purpose));
+        }
+        lines.iter().map(|line| escape_for_people(line)).collect::<Vec<_>>().join("\n")
+    }
+
+    /// The record once the grant it is for ended (revoked, or removed by a config reload): a
+    /// request still waiting, or approved but not yet used, can never release anything.
+    pub fn withdrawn(&self, reason: &str, now: UnixTime) -> Option<ApprovalRequest> {
+        matches!(
+            self.status_at(now),
+            ApprovalStatus::Pending | ApprovalStatus::Approved
+        )
+        .then(|| ApprovalRequest {
+            status: ApprovalStatus::Denied,
+            status_reason: Some(format!("withdrawn: {reason}")),
+            updated_at: now,
+            ..self.clone()
+        })
+    }
+
+    /// Refuses a decision when the grant the request is for is no longer live (pending for a
+    /// token request, active for a call).
+    pub fn check_grant_live(
+        &self,
+        grant: &crate::grant::Grant,
+        now: UnixTime,
+    ) -> Result<(), ApprovalError> {
+        use crate::grant::GrantStatus;
+        let status = grant.status_at(now);
+        let live = match self.kind {
+            ApprovalKind::Token => status == GrantStatus::Pending,
+            ApprovalKind::Call => status == GrantStatus::Active,
+        };
+        if live {
+            return Ok(());
+        }
+        Err(ApprovalError::GrantEnded {
+            id: self.id.clone(),
+            grant_id: grant.id.clone(),
+            status,
+            reason: grant
+                .status_reason
+                .as_deref()
+                .map(|reason| format!(" ({reason})"))
+                .unwrap_or_default(),
+        })
+    }
+
     /// One line for people: what is asked, by whom.
     pub fn summary(&self) -> String {
         match (&self.kind, &self.call) {
@@ -512,6 +633,51 @@ impl Confirm {
             Confirm::Param(name) => (name.clone(), params.get(name).cloned().unwrap_or_default()),
         }
     }
+}
+
+/// `text` with every character that could disguise what it says — control characters, and the
+/// bidirectional overrides and isolates that reorder what a terminal or browser shows — written as
+/// `\u{XXXX}`.
+pub fn escape_for_people(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for character in text.chars() {
+        let disguising = character.is_control()
+            || matches!(
+                character,
+                '\u{061C}'
+                    | '\u{200B}'..='\u{200F}'
+                    | '\u{2028}'..='\u{202E}'
+                    | '\u{2060}'..='\u{2069}'
+                    | '\u{FEFF}'
+            );
+        if disguising {
+            out.push_str(&format!("\\u{{{:04X}}}", u32::from(character)));
+        } else {
+            out.push(character);
+        }
+    }
+    out
+}
+
+/// A body as people read it in an approval: pretty JSON when it is JSON and small, otherwise the
+/// first bytes of its text; `None` for an empty body.
+pub fn body_preview(body: &[u8]) -> Option<String> {
+    const MAX_PRETTY: usize = 16 * 1024;
+    const MAX_EXCERPT: usize = 512;
+    if body.is_empty() {
+        return None;
+    }
+    if body.len() <= MAX_PRETTY
+        && let Ok(value) = serde_json::from_slice::<serde_json::Value>(body)
+    {
+        return serde_json::to_string_pretty(&value).ok();
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX_EXCERPT)]);
+    Some(if body.len() > MAX_EXCERPT {
+        format!("{text}… ({} more bytes)", body.len() - MAX_EXCERPT)
+    } else {
+        text.into_owned()
+    })
 }
 
 /// When a new request made at `now` under `policy` times out.

@@ -80,6 +80,10 @@ pub enum AuditAction {
     ApprovalsList,
     ApprovalGet,
     ApprovalWebhook,
+    /// A request withdrawn because the grant it was for ended.
+    ApprovalWithdraw,
+    /// A grant's lifetime cut by a config reload that lowered a cap.
+    GrantClamp,
     KeyRotate,
     ConfigReload,
     AuditHead,
@@ -91,7 +95,7 @@ pub enum AuditAction {
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 24] = [
+    pub const ALL: [AuditAction; 26] = [
         AuditAction::Authenticate,
         AuditAction::TokenIssue,
         AuditAction::TokenRenew,
@@ -110,6 +114,8 @@ impl AuditAction {
         AuditAction::ApprovalsList,
         AuditAction::ApprovalGet,
         AuditAction::ApprovalWebhook,
+        AuditAction::ApprovalWithdraw,
+        AuditAction::GrantClamp,
         AuditAction::KeyRotate,
         AuditAction::ConfigReload,
         AuditAction::AuditHead,
@@ -139,6 +145,8 @@ impl AuditAction {
             AuditAction::ApprovalsList => "approvals.list",
             AuditAction::ApprovalGet => "approval.get",
             AuditAction::ApprovalWebhook => "approval.webhook",
+            AuditAction::ApprovalWithdraw => "approval.withdraw",
+            AuditAction::GrantClamp => "grant.clamp",
             AuditAction::KeyRotate => "key.rotate",
             AuditAction::ConfigReload => "config.reload",
             AuditAction::AuditHead => "audit.head",

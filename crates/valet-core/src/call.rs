@@ -304,14 +304,17 @@ pub fn rules_summary(scope: &Scope) -> String {
 }
 
 /// The identity of a call for approval: method, target, body hash, and what people need to read.
+/// `graphql` is the checked GraphQL request, for a GraphQL call.
 pub fn fingerprint(
+    upstream: &str,
     method: &str,
     path: &str,
     query: Option<&str>,
     body: &[u8],
-    fields: &[AskedField],
-    is_graphql: bool,
+    graphql: Option<&CheckedGraphql>,
 ) -> CallFingerprint {
+    let fields: &[AskedField] = graphql.map(|checked| checked.fields.as_slice()).unwrap_or_default();
+    let is_graphql = graphql.is_some();
     let target = match query {
         Some(query) => format!("{path}?{query}"),
         None => path.to_string(),
@@ -343,5 +346,15 @@ pub fn fingerprint(
         body_sha256: hex::encode(digest.as_ref()),
         graphql: fields.iter().map(ToString::to_string).collect(),
         variables,
+        upstream: upstream.to_string(),
+        calls: graphql
+            .map(|checked| checked.calls.iter().map(ToString::to_string).collect())
+            .unwrap_or_default(),
+        body_bytes: body.len() as u64,
+        body_preview: if is_graphql {
+            None
+        } else {
+            crate::approval::body_preview(body)
+        },
     }
 }

@@ -180,13 +180,36 @@ impl Grant {
 
     /// The record after revocation by `by` for `reason`. Only an active grant can be revoked.
     pub fn revoked(&self, by: &str, reason: &str, now: UnixTime) -> Result<Grant, TransitionError> {
-        self.require_status(GrantStatus::Active, "revoked", now)?;
+        // A grant waiting for approval is revoked too: a later approval must find nothing to
+        // turn into a token.
+        if self.status_at(now) != GrantStatus::Pending {
+            self.require_status(GrantStatus::Active, "revoked", now)?;
+        }
         Ok(Grant {
             status: GrantStatus::Revoked,
             status_reason: Some(format!("revoked by {by}: {reason}")),
             updated_at: now,
             ..self.clone()
         })
+    }
+
+    /// The record with its lifetime cut to end no later than `latest` (a config reload lowered a
+    /// cap below it).
+    pub fn clamped(&self, latest: UnixTime, now: UnixTime) -> Grant {
+        Grant {
+            expires_at: self.expires_at.min(latest),
+            max_expires_at: self.max_expires_at.min(latest),
+            updated_at: now,
+            ..self.clone()
+        }
+    }
+
+    /// Whether the grant is still live: active, or waiting for approval.
+    pub fn is_live(&self, now: UnixTime) -> bool {
+        matches!(
+            self.status_at(now),
+            GrantStatus::Active | GrantStatus::Pending
+        )
     }
 
     /// The record after one more successful use.

@@ -507,5 +507,59 @@ pub fn settlement_lifetime(
     Ok((ttl.min(max_lifetime), max_lifetime))
 }
 
+/// What a config reload means for a live (active or pending) grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LiveGrantDecision {
+    Keep,
+    /// The config no longer allows the grant at all; the reason starts `config reload: `.
+    Revoke(String),
+    /// A cap was lowered below the grant's lifetime: it ends no later than this.
+    Clamp(UnixTime),
+}
+
+/// Re-decides a live grant under a reloaded config: revoked when its principal is gone or no
+/// longer lists the scope, when the scope is gone or now names another environment or audience,
+/// or when a parameter no longer passes its rule; clamped when the TTL caps were lowered below its
+/// lifetime (counted from its issue, as `authorize` counts it).
+pub fn redecide(config: &Config, grant: &Grant) -> LiveGrantDecision {
+    let revoke = |why: String| LiveGrantDecision::Revoke(format!("config reload: {why}"));
+    let Some(principal) = config.principals.get(&grant.principal) else {
+        return revoke(format!("principal {:?} no longer exists", grant.principal));
+    };
+    if !principal.scopes.contains(&grant.scope) {
+        return revoke(format!(
+            "principal {:?} may no longer request scope {:?}",
+            grant.principal, grant.scope
+        ));
+    }
+    let Some(scope) = config.scopes.get(&grant.scope) else {
+        return revoke(format!("scope {:?} no longer exists", grant.scope));
+    };
+    if scope.environment != grant.environment {
+        return revoke(format!(
+            "scope {:?} is now for environment {:?}, and the grant was for {:?}",
+            scope.name, scope.environment, grant.environment
+        ));
+    }
+    if scope.audience != grant.audience {
+        return revoke(format!(
+            "scope {:?} is now for audience {:?}, and the grant was for {:?}",
+            scope.name, scope.audience, grant.audience
+        ));
+    }
+    if let Err(error) = check_params(scope, &grant.params) {
+        return revoke(error.to_string());
+    }
+    if grant.status == GrantStatus::Pending {
+        // Its lifetime is the approval's timeout; the caps apply when it is approved.
+        return LiveGrantDecision::Keep;
+    }
+    let latest = add_duration(grant.issued_at, scope.max_ttl.min(config.server.max_ttl));
+    if grant.expires_at > latest || grant.max_expires_at > latest {
+        return LiveGrantDecision::Clamp(latest);
+    }
+    LiveGrantDecision::Keep
+}
+
 #[cfg(test)]
 mod tests;

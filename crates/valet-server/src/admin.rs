@@ -189,6 +189,13 @@ impl Admin for AdminService {
                 n_principals: reloaded.config.principals.len() as u64,
                 n_scopes: reloaded.config.scopes.len() as u64,
                 n_credentials: reloaded.n_credentials as u64,
+                n_grants_ended: reloaded.n_grants_ended,
+                n_grants_clamped: reloaded.n_grants_clamped,
+                restart_only: reloaded
+                    .restart_only
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
             }),
         )
     }

@@ -5,10 +5,12 @@ use std::sync::Arc;
 use valet_core::KeyId;
 use valet_core::audit::{AuditAction, AuditEvent, Outcome};
 use valet_core::config::{Config, Role};
-use valet_core::policy;
+use valet_core::grant::Grant;
+use valet_core::policy::{self, LiveGrantDecision};
 
+use crate::compare_and_swap::{Decision, Swapped, compare_and_swap};
 use crate::loader;
-use crate::{Caller, ServiceError, Valet, context};
+use crate::{Attribution, Caller, ServiceError, Valet, context};
 
 /// Who asked for a reload.
 #[derive(Debug, Clone, Copy)]
@@ -18,14 +20,40 @@ pub enum ReloadTrigger<'a> {
     Signal,
 }
 
-/// The config a reload put in force.
+/// The config a reload put in force, and what it did to live grants.
 #[derive(Debug, Clone)]
 pub struct ReloadOutcome {
     pub config: Arc<Config>,
     pub n_credentials: usize,
     /// Keys that changed but take effect only at the next restart.
     pub restart_only: Vec<&'static str>,
+    /// Live grants the new config no longer allows, now revoked.
+    pub n_grants_ended: u64,
+    /// Live grants whose lifetime a lowered cap cut short.
+    pub n_grants_clamped: u64,
 }
+
+/// valetd acting on its own account (after a reload), for the records it writes.
+struct OwnAccount<'a> {
+    request_id: &'a str,
+    trigger: &'a str,
+}
+
+impl Attribution for OwnAccount<'_> {
+    fn attribute(&self, event: AuditEvent) -> AuditEvent {
+        event
+            .with("principal", "valetd")
+            .with("trigger", self.trigger)
+            .with("request_id", self.request_id)
+    }
+
+    fn request_id(&self) -> &str {
+        self.request_id
+    }
+}
+
+/// Grants read per page while re-deciding them.
+const REDECIDE_PAGE: usize = 500;
 
 impl Valet {
     /// Re-reads the config file and applies it atomically; on any problem the running config
@@ -103,12 +131,87 @@ impl Valet {
         }
         self.vault.replace(loaded.credentials);
         self.config.store(Arc::new(loaded.config));
-        tracing::info!(by = who, "config reloaded");
+        let config = self.config();
+        let trigger = format!("config reload by {who}");
+        let request_id = caller.map(|caller| caller.request_id.as_str()).unwrap_or("");
+        let own = OwnAccount {
+            request_id,
+            trigger: &trigger,
+        };
+        let (n_grants_ended, n_grants_clamped) = self.redecide_live_grants(&config, &own).await?;
+        tracing::info!(
+            by = who,
+            n_grants_ended,
+            n_grants_clamped,
+            "config reloaded; live grants the new config no longer allows were ended"
+        );
         Ok(ReloadOutcome {
-            config: self.config(),
+            config,
             n_credentials: self.vault.len(),
             restart_only,
+            n_grants_ended,
+            n_grants_clamped,
         })
+    }
+
+    /// Re-decides every live grant under `config` (valet-core's `policy::redecide`): revokes the
+    /// ones it no longer allows, clamps the ones a lowered cap cuts short. Returns how many of
+    /// each.
+    async fn redecide_live_grants(
+        &self,
+        config: &Config,
+        own: &OwnAccount<'_>,
+    ) -> Result<(u64, u64), ServiceError> {
+        let (mut n_ended, mut n_clamped) = (0, 0);
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list_grants(
+                    &valet_store::GrantFilter::default(),
+                    self.clock.now(),
+                    after.as_deref(),
+                    REDECIDE_PAGE,
+                )
+                .await?;
+            for grant in page.grants {
+                if !grant.is_live(self.clock.now()) {
+                    continue;
+                }
+                match policy::redecide(config, &grant) {
+                    LiveGrantDecision::Keep => {}
+                    LiveGrantDecision::Revoke(reason) => {
+                        // A failure at AWS is recorded where it happens and does not stop the rest.
+                        let (_, _at_aws) = self
+                            .revoke(own, "valetd", grant, &reason, "config.reload")
+                            .await?;
+                        n_ended += 1;
+                    }
+                    LiveGrantDecision::Clamp(latest) => {
+                        let swapped = compare_and_swap(self.store.as_ref(), grant, |current: &Grant| {
+                            let now = self.clock.now();
+                            Ok(if current.is_live(now) && current.max_expires_at > latest {
+                                Decision::Write(current.clamped(latest, now), ())
+                            } else {
+                                Decision::Keep(())
+                            })
+                        })
+                        .await?;
+                        if let Swapped::Written { after, .. } = swapped {
+                            let event = AuditEvent::new(AuditAction::GrantClamp, Outcome::Allowed)
+                                .with_grant(&after)
+                                .with("reason", "config reload: a TTL cap was lowered below the grant's lifetime");
+                            self.record(own, event).await?;
+                            n_clamped += 1;
+                        }
+                    }
+                }
+            }
+            match page.next_after {
+                Some(next) => after = Some(next),
+                None => return Ok((n_ended, n_clamped)),
+            }
+        }
     }
 
     /// Rotates the signing key: a new key signs from now on, the old one keeps verifying tokens

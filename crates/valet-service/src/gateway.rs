@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use async_trait::async_trait;
 use bytes::Bytes;
 use valet_core::Secret;
-use valet_core::approval::{ApprovalError, ApprovalStatus, CallFingerprint};
+use valet_core::approval::{
+    ApprovalError, ApprovalKind, ApprovalRequest, ApprovalStatus, CallFingerprint,
+};
 use valet_core::audit::{AuditAction, AuditEvent, Outcome};
 use valet_core::call::{self, CallRefusal};
 use valet_core::config::Upstream;
@@ -359,30 +361,31 @@ impl Valet {
             query: forwarded.query.clone(),
             ..site.clone()
         };
-        let asked_fields = forwarded
-            .graphql
-            .as_ref()
-            .map(|checked| checked.fields.clone())
-            .unwrap_or_default();
 
         // A rule that needs approval forwards only the identical call a person approved, once.
-        if let Some(approval) = &rule.approval {
-            let call = call::fingerprint(
-                &forwarded_site.method,
-                &forwarded_site.path,
-                forwarded_site.query.as_deref(),
-                &forwarded.body,
-                &asked_fields,
-                rule.graphql.is_some(),
-            );
-            context.set("approval_id", request.approval.unwrap_or_default().trim());
-            self.take_call_approval(&holder, &grant, approval, call, request.approval)
-                .await?;
-        }
+        // Asking counts as a call of the rule; using the approval does not count again.
+        let grant = match &rule.approval {
+            Some(approval) => {
+                if let Some(checked) = &forwarded.graphql {
+                    refuse_repeated_gated_fields(scope, rule, checked)?;
+                }
+                let call = call::fingerprint(
+                    &upstream.name,
+                    &forwarded_site.method,
+                    &forwarded_site.path,
+                    forwarded_site.query.as_deref(),
+                    &forwarded.body,
+                    forwarded.graphql.as_ref(),
+                );
+                context.set("approval_id", request.approval.unwrap_or_default().trim());
+                self.take_call_approval(&holder, grant, rule, approval, call, request.approval)
+                    .await?
+            }
+            // Count the call against the grant and the rule.
+            None => self.count_call(grant, rule).await?,
+        };
 
-        // Count the call against the grant and the rule, then record the decision: what the
-        // upstream receives, never the request as it came.
-        let grant = self.count_call(grant, rule).await?;
+        // Record the decision: what the upstream receives, never the request as it came.
         let mut decision = call_event(AuditAction::GatewayCall, Outcome::Allowed, Some(&grant))
             .with("rule", rule.to_string());
         if let Some(checked) = &forwarded.graphql {
@@ -413,18 +416,63 @@ impl Valet {
         })
     }
 
-    /// Opens an approval request for `call`, or uses the approval the caller names for it.
+    /// Opens an approval request for `call` (or points at the identical one already waiting), or
+    /// uses the approval the caller names for it. Returns the grant as it stands after counting.
     async fn take_call_approval(
         &self,
         holder: &GrantHolder<'_>,
-        grant: &Grant,
+        grant: Grant,
+        rule: &AllowRule,
         approval: &valet_core::approval::ApprovalPolicy,
         call: CallFingerprint,
         named: Option<&str>,
-    ) -> Result<(), ServiceError> {
+    ) -> Result<Grant, ServiceError> {
         let Some(id) = named.map(str::trim) else {
+            let waiting: Vec<ApprovalRequest> = self
+                .store
+                .list_approvals(true)
+                .await?
+                .into_iter()
+                .filter(|pending| pending.kind == ApprovalKind::Call)
+                .collect();
+            // The identical call already waits: the retry points at the same request.
+            if let Some(same) = waiting.iter().find(|pending| {
+                pending.grant_id == grant.id
+                    && pending.call.as_ref().is_some_and(|asked| {
+                        asked.method == call.method
+                            && asked.target == call.target
+                            && asked.body_sha256 == call.body_sha256
+                    })
+            }) {
+                return Err(CallRefusal::ApprovalRequired {
+                    approval_id: same.id.clone(),
+                    call: Box::new(call),
+                }
+                .into());
+            }
+            let limits = self.config().approval_limits;
+            let for_grant = waiting.iter().filter(|pending| pending.grant_id == grant.id).count();
+            let for_principal = waiting
+                .iter()
+                .filter(|pending| pending.requester == grant.principal)
+                .count();
+            if for_grant >= limits.per_grant as usize {
+                return Err(CallRefusal::ApprovalRefused(format!(
+                    "grant {} already has {for_grant} calls waiting for approval (approvals.max_pending_per_grant is {}); wait for a decision",
+                    grant.id, limits.per_grant
+                ))
+                .into());
+            }
+            if for_principal >= limits.per_principal as usize {
+                return Err(CallRefusal::ApprovalRefused(format!(
+                    "principal {:?} already has {for_principal} calls waiting for approval (approvals.max_pending_per_principal is {}); wait for decisions",
+                    grant.principal, limits.per_principal
+                ))
+                .into());
+            }
+            let grant = self.count_call(grant, rule).await?;
             let pending = self
-                .request_call_approval(holder, grant, approval, call.clone())
+                .request_call_approval(holder, &grant, approval, call.clone())
                 .await?;
             return Err(CallRefusal::ApprovalRequired {
                 approval_id: pending.id,
@@ -432,8 +480,8 @@ impl Valet {
             }
             .into());
         };
-        match self.consume_call_approval(holder, id, grant, &call).await {
-            Ok(_) => Ok(()),
+        match self.consume_call_approval(holder, id, &grant, &call).await {
+            Ok(_) => Ok(grant),
             Err(ServiceError::Approval(ApprovalError::NotUsable {
                 status: ApprovalStatus::Pending,
                 ..
@@ -445,12 +493,14 @@ impl Valet {
             Err(ServiceError::Approval(error)) => {
                 Err(CallRefusal::ApprovalRefused(error.to_string()).into())
             }
-            Err(ServiceError::ApprovalNotFound { id }) => {
-                Err(CallRefusal::ApprovalRefused(format!("approval {id} does not exist")).into())
-            }
-            Err(ServiceError::Request(error)) => {
-                Err(CallRefusal::ApprovalRefused(format!("Valet-Approval: {error}")).into())
-            }
+            Err(ServiceError::ApprovalNotFound { id }) => Err(CallRefusal::ApprovalRefused(
+                format!("approval {id} does not exist"),
+            )
+            .into()),
+            Err(ServiceError::Request(error)) => Err(CallRefusal::ApprovalRefused(format!(
+                "Valet-Approval: {error}"
+            ))
+            .into()),
             Err(error) => Err(error),
         }
     }
@@ -473,6 +523,33 @@ impl Valet {
             Swapped::Kept { current, .. } => current,
         })
     }
+}
+
+/// A person approves one call at a time: a document asking an approval-gated field more than
+/// once (aliased copies beside an innocent-looking first call) is refused, naming the field.
+fn refuse_repeated_gated_fields(
+    scope: &valet_core::config::Scope,
+    rule: &AllowRule,
+    checked: &valet_core::graphql::CheckedGraphql,
+) -> Result<(), CallRefusal> {
+    for field in &checked.fields {
+        let n_calls = checked
+            .calls
+            .iter()
+            .filter(|call| call.operation == field.operation && call.field == field.field)
+            .count();
+        if n_calls > 1 {
+            return Err(CallRefusal::Denied {
+                scope: scope.name.clone(),
+                rules: call::rules_summary(scope),
+                asked: field.to_string(),
+                reason: format!(
+                    "{rule}: {field} appears {n_calls} times in one document; a person approves one call at a time, so send each as its own request"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The record a refused call leaves, completed by [`Valet::answer`].

@@ -9,8 +9,10 @@ use valet_core::policy;
 use valet_core::{GrantId, TaskId};
 use valet_store::GrantFilter;
 
+use valet_core::approval::ApprovalRequest;
+
 use crate::compare_and_swap::{Decision, Swapped, compare_and_swap};
-use crate::{Caller, ServiceError, Valet, context};
+use crate::{Attribution, Caller, ServiceError, Valet, context};
 
 /// Grants read per page while revoking a whole target.
 const REVOKE_PAGE: usize = 500;
@@ -32,8 +34,14 @@ impl Valet {
             let grant = self
                 .grant_for_action(caller, &grant_id, &mut context)
                 .await?;
-            self.revoke(caller, grant, reason_or_default(reason), "token.revoke")
-                .await
+            self.revoke(
+                caller,
+                &caller.principal.name,
+                grant,
+                reason_or_default(reason),
+                "token.revoke",
+            )
+            .await
         }
         .await;
         // A failure at AWS was recorded where it happened (aws.revoke, failed); the revocation
@@ -57,15 +65,22 @@ impl Valet {
             policy::check_text("reason", reason, policy::limits::MAX_REASON_BYTES, false)?;
             let mut revoked = Vec::new();
             for grant in self.store.task_grants(task_id.as_str()).await? {
+                // Pending grants too: a later approval must find nothing to activate.
                 if policy::may_act_on(&caller.principal, &grant).is_err()
-                    || grant.status_at(self.clock.now()) != GrantStatus::Active
+                    || !grant.is_live(self.clock.now())
                 {
                     continue;
                 }
                 revoked.push(
-                    self.revoke(caller, grant, reason_or_default(reason), "task.revoke")
-                        .await?
-                        .0,
+                    self.revoke(
+                        caller,
+                        &caller.principal.name,
+                        grant,
+                        reason_or_default(reason),
+                        "task.revoke",
+                    )
+                    .await?
+                    .0,
                 );
             }
             Ok(revoked)
@@ -92,8 +107,9 @@ impl Valet {
                 field: "target (one of principal, scope, environment)",
             })?;
             policy::check_reason(reason)?;
+            // Every live grant, pending ones too.
             let filter = GrantFilter {
-                status: Some(GrantStatus::Active),
+                status: None,
                 ..filter
             };
             let mut revoked = Vec::new();
@@ -104,7 +120,14 @@ impl Valet {
                     .list_grants(&filter, self.clock.now(), after.as_deref(), REVOKE_PAGE)
                     .await?;
                 for grant in page.grants {
-                    revoked.push(self.revoke(caller, grant, reason, "revoke_all").await?.0);
+                    if !grant.is_live(self.clock.now()) {
+                        continue;
+                    }
+                    revoked.push(
+                        self.revoke(caller, &caller.principal.name, grant, reason, "revoke_all")
+                            .await?
+                            .0,
+                    );
                 }
                 match page.next_after {
                     Some(next) => after = Some(next),
@@ -117,18 +140,21 @@ impl Valet {
         self.answer(caller, context, outcome).await
     }
 
-    /// Revokes `current` in Valet (the outer result), then at AWS for an aws-sts scope (the
-    /// inner one: a failure there is audited and reported, and never stops a batch revocation).
-    async fn revoke(
+    /// Revokes `current` in Valet (the outer result), withdraws the approval requests that could
+    /// still release anything for it, then revokes at AWS for an aws-sts scope (the inner
+    /// result: a failure there is audited and reported, and never stops a batch revocation).
+    /// `by` names who revoked, in the grant; `who` is whom the records are attributed to.
+    pub(crate) async fn revoke(
         &self,
-        caller: &Caller,
+        who: &impl Attribution,
+        by: &str,
         current: Grant,
         reason: &str,
         via: &str,
     ) -> Result<(Grant, Result<Option<String>, ServiceError>), ServiceError> {
         let swapped = compare_and_swap(self.store.as_ref(), current, |current: &Grant| {
             let now = self.clock.now();
-            Ok(match current.revoked(&caller.principal.name, reason, now) {
+            Ok(match current.revoked(by, reason, now) {
                 Ok(revoked) => Decision::Write(revoked, now),
                 Err(_) => Decision::Keep(now),
             })
@@ -143,24 +169,69 @@ impl Valet {
                     .with_grant(&revoked)
                     .with("via", via)
                     .with("reason", reason);
-                self.record(caller, event).await?;
-                let at_aws = self.revoke_at_aws(caller, &revoked, now).await?;
+                self.record(who, event).await?;
+                self.withdraw_approvals(who, &revoked, &format!("grant {} was revoked by {by}: {reason}", revoked.id))
+                    .await?;
+                let at_aws = self.revoke_at_aws(who, &revoked, now).await?;
                 Ok((revoked, at_aws))
             }
             Swapped::Kept {
                 current,
                 extra: now,
             } if current.status == GrantStatus::Revoked => {
-                let at_aws = self.revoke_at_aws(caller, &current, now).await?;
+                let at_aws = self.revoke_at_aws(who, &current, now).await?;
                 Ok((current, at_aws))
             }
             Swapped::Kept { current, .. } => Ok((current, Ok(None))),
         }
     }
 
+    /// Withdraws every request for `grant` that could still release something.
+    async fn withdraw_approvals(
+        &self,
+        who: &impl Attribution,
+        grant: &Grant,
+        reason: &str,
+    ) -> Result<(), ServiceError> {
+        // Only a scope with approvals (for its tokens or for calls) can have requests; a config
+        // reload may have removed them since, so a scope no longer configured is read too.
+        let config = self.config();
+        let may_have_requests = config.scopes.get(&grant.scope).is_none_or(|scope| {
+            scope.approval.is_some() || scope.allow.iter().any(|rule| rule.approval.is_some())
+        });
+        if !may_have_requests {
+            return Ok(());
+        }
+        for pending in self.store.list_approvals(false).await? {
+            if pending.grant_id != grant.id {
+                continue;
+            }
+            let swapped = compare_and_swap(
+                self.store.as_ref(),
+                pending,
+                |current: &ApprovalRequest| {
+                    Ok(match current.withdrawn(reason, self.clock.now()) {
+                        Some(withdrawn) => Decision::Write(withdrawn, ()),
+                        None => Decision::Keep(()),
+                    })
+                },
+            )
+            .await?;
+            if let Swapped::Written { after, .. } = swapped {
+                let event = AuditEvent::new(AuditAction::ApprovalWithdraw, Outcome::Allowed)
+                    .with_grant(grant)
+                    .with("approval_id", &after.id)
+                    .with("reason", reason)
+                    .with("summary", after.summary());
+                self.record(who, event).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn revoke_at_aws(
         &self,
-        caller: &Caller,
+        caller: &impl Attribution,
         revoked: &Grant,
         now: valet_core::UnixTime,
     ) -> Result<Result<Option<String>, ServiceError>, ServiceError> {

@@ -29,11 +29,12 @@ pub enum Issued {
     },
 }
 
-/// A renewed grant and its fresh token.
+/// A renewed grant and, for its own principal, its fresh token. An operator renewing another
+/// principal's grant extends it and receives no token: only the requester ever does.
 #[derive(Debug)]
 pub struct Renewed {
     pub grant: Grant,
-    pub token: Token,
+    pub token: Option<Token>,
     pub aws: Option<AwsGrant>,
 }
 
@@ -193,6 +194,15 @@ impl Valet {
         let current = self.grant_for_action(caller, &grant_id, context).await?;
         let ttl = policy::authorize_renewal(&config, &current, ttl)?;
         context.set_grant(&current);
+        let for_requester = policy::may_receive_token(&caller.principal, &current).is_ok();
+        if !for_requester && config.scopes.get(&current.scope).is_some_and(|scope| scope.aws.is_some()) {
+            // Renewing an aws-sts grant mints a new STS session, which only the requester may
+            // receive; an operator cannot extend credentials it would not hand over.
+            return Err(policy::AccessError::NotRequester {
+                grant_id: current.id.clone(),
+            }
+            .into());
+        }
         let config = &config;
         let swapped = compare_and_swap_awaiting(self.store.as_ref(), current, |current: Grant| {
             Box::pin(async move {
@@ -201,7 +211,10 @@ impl Valet {
                 let renewed = current.renewed(ttl, ring.current().kid(), now)?;
                 // STS sessions cannot be extended: a renewal is a new session for the new
                 // lifetime, minted before the renewal is stored.
-                let aws = self.mint_aws(config, &renewed, now).await?;
+                let aws = match for_requester {
+                    true => self.mint_aws(config, &renewed, now).await?,
+                    false => None,
+                };
                 Ok(Decision::Write(renewed, (ring, aws, now)))
             })
         })
@@ -215,11 +228,15 @@ impl Valet {
                 "a renewal decided to write nothing".into(),
             ));
         };
-        let token = token::issue(&renewed.claims(&config.server.issuer, now), ring.current());
+        let token = for_requester
+            .then(|| token::issue(&renewed.claims(&config.server.issuer, now), ring.current()));
         let event = AuditEvent::new(AuditAction::TokenRenew, Outcome::Allowed)
             .with_grant(&renewed)
             .with("key_id", ring.current().kid())
-            .with("token_fingerprint", token.fingerprint());
+            .with(
+                "token_fingerprint",
+                token.as_ref().map(Token::fingerprint).unwrap_or_default(),
+            );
         let event = match &aws {
             Some(aws) => aws.describe(event),
             None => event,

@@ -37,8 +37,26 @@ pub struct Config {
     pub upstreams: BTreeMap<String, Upstream>,
     /// Where new pending approvals are announced (a JSON POST each).
     pub approvals_webhook: Option<String>,
+    /// Bounds on call approvals waiting for a person.
+    pub approval_limits: ApprovalLimits,
     /// Which engine keeps the state.
     pub store: StoreConfig,
+}
+
+/// How many call approvals may wait for a person at once: per grant, and per principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApprovalLimits {
+    pub per_grant: u32,
+    pub per_principal: u32,
+}
+
+impl Default for ApprovalLimits {
+    fn default() -> ApprovalLimits {
+        ApprovalLimits {
+            per_grant: 5,
+            per_principal: 50,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -525,9 +543,35 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
                     None
                 }
             });
-    let approvals_webhook = raw
-        .approvals
-        .and_then(|approvals| approvals.webhook)
+    let raw_approvals = raw.approvals.unwrap_or_default();
+    let mut approval_limits = ApprovalLimits::default();
+    for (value, key, slot) in [
+        (
+            raw_approvals.max_pending_per_grant,
+            "approvals.max_pending_per_grant",
+            &mut approval_limits.per_grant,
+        ),
+        (
+            raw_approvals.max_pending_per_principal,
+            "approvals.max_pending_per_principal",
+            &mut approval_limits.per_principal,
+        ),
+    ] {
+        match value.map(u32::try_from) {
+            None => {}
+            Some(Ok(number)) if (1..=10_000).contains(&number) => *slot = number,
+            Some(_) => problems.push(
+                key.to_string(),
+                invalid(
+                    &value.unwrap_or_default().to_string(),
+                    "limit",
+                    "a whole number from 1 to 10000",
+                ),
+            ),
+        }
+    }
+    let approvals_webhook = raw_approvals
+        .webhook
         .and_then(|url| approval::build_webhook(url, problems));
     let mut scopes = BTreeMap::new();
     for (index, raw_scope) in raw.scope.into_iter().enumerate() {
@@ -640,6 +684,7 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
         scopes,
         upstreams,
         approvals_webhook,
+        approval_limits,
         store: store?,
     })
 }

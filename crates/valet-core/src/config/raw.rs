@@ -41,6 +41,8 @@ pub struct RawStore {
 #[derive(Debug, Default, Deserialize)]
 pub struct RawApprovals {
     pub webhook: Option<String>,
+    pub max_pending_per_grant: Option<i64>,
+    pub max_pending_per_principal: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
