@@ -354,7 +354,10 @@ async fn pending_requests_survive_a_restart_and_the_webhook_is_retried() {
     let operator = valetd.client(OPERATOR_KEY).await;
     let listed = operator
         .admin()
-        .list_approvals(v1::ListApprovalsRequest { pending_only: true })
+        .list_approvals(v1::ListApprovalsRequest {
+            pending_only: true,
+            ..v1::ListApprovalsRequest::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -574,7 +577,9 @@ async fn operators_see_and_decide_requests_from_the_cli() {
     let (code, stdout, _) = valet(&["approvals", "show", &id], OPERATOR_KEY);
     assert_eq!(code, 0);
     assert!(
-        stdout.contains("purpose:     hotfix") && stdout.contains("--confirm VALUE"),
+        stdout.contains("purpose: hotfix")
+            && stdout.contains("agent asks for a token for scope prod-deploy (environment production)")
+            && stdout.contains("--confirm VALUE"),
         "{stdout}"
     );
     let (code, _, stderr) = valet(&["approve", &id, "--confirm", "staging"], OPERATOR_KEY);
@@ -618,7 +623,10 @@ async fn operators_see_and_decide_requests_from_the_cli() {
     for _ in 0..100 {
         let listed = operator
             .admin()
-            .list_approvals(v1::ListApprovalsRequest { pending_only: true })
+            .list_approvals(v1::ListApprovalsRequest {
+                pending_only: true,
+                ..v1::ListApprovalsRequest::default()
+            })
             .await
             .unwrap()
             .into_inner()

@@ -256,13 +256,26 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
             }
         }
         Command::Approvals(ApprovalsCommand::List { all }) => {
-            let approvals = client
-                .admin()
-                .list_approvals(v1::ListApprovalsRequest { pending_only: !all })
-                .await
-                .map_err(ClientError::from)?
-                .into_inner()
-                .approvals;
+            // Follow every page: the server never answers with more than a page at once.
+            let mut approvals = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .admin()
+                    .list_approvals(v1::ListApprovalsRequest {
+                        pending_only: !all,
+                        page_size: 500,
+                        page_token: page_token.clone(),
+                    })
+                    .await
+                    .map_err(ClientError::from)?
+                    .into_inner();
+                approvals.extend(page.approvals);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             if json {
                 println!(
                     "{}",

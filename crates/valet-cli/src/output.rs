@@ -264,6 +264,7 @@ pub fn approval_json(approval: &v1::Approval) -> serde_json::Value {
         "id": approval.id,
         "kind": approval.kind,
         "summary": approval.summary,
+        "rendered": approval.rendered,
         "grant_id": approval.grant_id,
         "requester": approval.requester,
         "scope": approval.scope,
@@ -338,7 +339,11 @@ pub fn approval_table(approvals: &[v1::Approval], now: UnixTime, style: Style) -
 
 /// Everything an approver should read before deciding.
 pub fn approval_details(approval: &v1::Approval, now: UnixTime) -> String {
-    let mut out = format!("approval {}\n  {}\n", approval.id, approval.summary);
+    // What is asked, as valetd renders it for every approver (CLI, webhook, console alike).
+    let mut out = format!("approval {}\n", approval.id);
+    for line in approval.rendered.lines() {
+        out.push_str(&format!("  {line}\n"));
+    }
     out.push_str(&format!(
         "  status:      {}{}\n",
         approval_status_name(approval.status),
@@ -348,28 +353,7 @@ pub fn approval_details(approval: &v1::Approval, now: UnixTime) -> String {
             format!(" ({})", approval.status_reason)
         }
     ));
-    out.push_str(&format!(
-        "  requester:   {} (task {})\n",
-        approval.requester, approval.task_id
-    ));
-    if !approval.purpose.is_empty() {
-        out.push_str(&format!("  purpose:     {}\n", approval.purpose));
-    }
-    out.push_str(&format!(
-        "  scope:       {} (environment {})\n",
-        approval.scope, approval.environment
-    ));
-    for (name, value) in approval.params.iter().collect::<BTreeMap<_, _>>() {
-        out.push_str(&format!("  param:       {name} = {value}\n"));
-    }
     if let Some(call) = &approval.call {
-        out.push_str(&format!("  call:        {} {}\n", call.method, call.target));
-        for field in &call.graphql {
-            out.push_str(&format!("  graphql:     {field}\n"));
-        }
-        if !call.variables.is_empty() {
-            out.push_str(&format!("  variables:   {}\n", call.variables));
-        }
         out.push_str(&format!("  body sha256: {}\n", call.body_sha256));
     }
     if let Some(expires) = seconds(&approval.expires_at) {

@@ -466,7 +466,11 @@ impl ApprovalRequest {
         if !self.purpose.is_empty() {
             lines.push(format!("  purpose: {}", self.purpose));
         }
-        lines.iter().map(|line| escape_for_people(line)).collect::<Vec<_>>().join("\n")
+        lines
+            .iter()
+            .map(|line| escape_for_people(line))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The record once the grant it is for ended (revoked, or removed by a config reload): a

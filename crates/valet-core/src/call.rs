@@ -313,7 +313,9 @@ pub fn fingerprint(
     body: &[u8],
     graphql: Option<&CheckedGraphql>,
 ) -> CallFingerprint {
-    let fields: &[AskedField] = graphql.map(|checked| checked.fields.as_slice()).unwrap_or_default();
+    let fields: &[AskedField] = graphql
+        .map(|checked| checked.fields.as_slice())
+        .unwrap_or_default();
     let is_graphql = graphql.is_some();
     let target = match query {
         Some(query) => format!("{path}?{query}"),

@@ -222,7 +222,10 @@ impl Admin for AdminService {
     ) -> Result<Response<v1::ListApprovalsResponse>, Status> {
         let caller = caller_of(&request)?;
         let wire = request.into_inner();
-        let listing = self.valet.list_approvals(&caller, wire.pending_only).await;
+        let listing = self
+            .valet
+            .list_approvals(&caller, wire.pending_only, wire.page_size, &wire.page_token)
+            .await;
         let now = self.valet.now();
         reply(
             &self.valet,
@@ -233,6 +236,7 @@ impl Admin for AdminService {
                     .iter()
                     .map(|approval| approval_to_wire(approval, now))
                     .collect(),
+                next_page_token: listing.next_page_token.unwrap_or_default(),
             }),
         )
     }

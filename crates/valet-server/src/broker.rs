@@ -130,10 +130,7 @@ impl Broker for BrokerService {
             &caller,
             renewed.map(|renewed| v1::RenewTokenResponse {
                 grant: Some(grant_to_wire(&renewed.grant, now)),
-                token: renewed
-                    .token
-                    .map(Token::into_exposed)
-                    .unwrap_or_default(),
+                token: renewed.token.map(Token::into_exposed).unwrap_or_default(),
                 aws: renewed.aws.map(|aws| aws_to_wire(&aws)),
             }),
         )

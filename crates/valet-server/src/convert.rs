@@ -105,6 +105,7 @@ pub fn approval_to_wire(approval: &ApprovalRequest, now: UnixTime) -> v1::Approv
         status: status as i32,
         status_reason: approval.status_reason.clone().unwrap_or_default(),
         summary: approval.summary(),
+        rendered: approval.render(),
     }
 }
 

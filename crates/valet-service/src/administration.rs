@@ -133,7 +133,9 @@ impl Valet {
         self.config.store(Arc::new(loaded.config));
         let config = self.config();
         let trigger = format!("config reload by {who}");
-        let request_id = caller.map(|caller| caller.request_id.as_str()).unwrap_or("");
+        let request_id = caller
+            .map(|caller| caller.request_id.as_str())
+            .unwrap_or("");
         let own = OwnAccount {
             request_id,
             trigger: &trigger,
@@ -188,15 +190,16 @@ impl Valet {
                         n_ended += 1;
                     }
                     LiveGrantDecision::Clamp(latest) => {
-                        let swapped = compare_and_swap(self.store.as_ref(), grant, |current: &Grant| {
-                            let now = self.clock.now();
-                            Ok(if current.is_live(now) && current.max_expires_at > latest {
-                                Decision::Write(current.clamped(latest, now), ())
-                            } else {
-                                Decision::Keep(())
+                        let swapped =
+                            compare_and_swap(self.store.as_ref(), grant, |current: &Grant| {
+                                let now = self.clock.now();
+                                Ok(if current.is_live(now) && current.max_expires_at > latest {
+                                    Decision::Write(current.clamped(latest, now), ())
+                                } else {
+                                    Decision::Keep(())
+                                })
                             })
-                        })
-                        .await?;
+                            .await?;
                         if let Swapped::Written { after, .. } = swapped {
                             let event = AuditEvent::new(AuditAction::GrantClamp, Outcome::Allowed)
                                 .with_grant(&after)

@@ -383,6 +383,7 @@ pub fn approval_json(approval: &ApprovalRequest) -> serde_json::Value {
         "id": approval.id,
         "kind": match approval.kind { ApprovalKind::Token => "token", ApprovalKind::Call => "call" },
         "summary": approval.summary(),
+        "rendered": approval.render(),
         "grant_id": approval.grant_id,
         "requester": approval.requester,
         "scope": approval.scope,

@@ -451,7 +451,10 @@ impl Valet {
                 .into());
             }
             let limits = self.config().approval_limits;
-            let for_grant = waiting.iter().filter(|pending| pending.grant_id == grant.id).count();
+            let for_grant = waiting
+                .iter()
+                .filter(|pending| pending.grant_id == grant.id)
+                .count();
             let for_principal = waiting
                 .iter()
                 .filter(|pending| pending.requester == grant.principal)
@@ -493,14 +496,12 @@ impl Valet {
             Err(ServiceError::Approval(error)) => {
                 Err(CallRefusal::ApprovalRefused(error.to_string()).into())
             }
-            Err(ServiceError::ApprovalNotFound { id }) => Err(CallRefusal::ApprovalRefused(
-                format!("approval {id} does not exist"),
-            )
-            .into()),
-            Err(ServiceError::Request(error)) => Err(CallRefusal::ApprovalRefused(format!(
-                "Valet-Approval: {error}"
-            ))
-            .into()),
+            Err(ServiceError::ApprovalNotFound { id }) => {
+                Err(CallRefusal::ApprovalRefused(format!("approval {id} does not exist")).into())
+            }
+            Err(ServiceError::Request(error)) => {
+                Err(CallRefusal::ApprovalRefused(format!("Valet-Approval: {error}")).into())
+            }
             Err(error) => Err(error),
         }
     }

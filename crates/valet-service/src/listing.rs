@@ -33,10 +33,12 @@ pub struct GrantListing {
     pub next_page_token: Option<String>,
 }
 
-/// Approval requests the caller may see.
+/// One page of the approval requests the caller may see.
 #[derive(Debug, Clone)]
 pub struct ApprovalListing {
     pub approvals: Vec<ApprovalRequest>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_page_token: Option<String>,
 }
 
 /// What happened to a grant, for watchers.
@@ -134,18 +136,50 @@ impl Valet {
         ))
     }
 
-    /// Approval requests the caller may see (agents: their own; operators: all).
+    /// One page of the approval requests the caller may see (agents: their own; operators: all),
+    /// oldest first: no reply can grow past the message limit however many wait.
     pub async fn list_approvals(
         &self,
         caller: &Caller,
         pending_only: bool,
+        page_size: u32,
+        page_token: &str,
     ) -> Result<ApprovalListing, ServiceError> {
         let outcome = async {
+            let page_size = match page_size {
+                0 => DEFAULT_PAGE_SIZE,
+                size if size <= MAX_PAGE_SIZE => size,
+                size => {
+                    return Err(ServiceError::InvalidField {
+                        field: "page_size",
+                        problem: format!("{size} is above the maximum {MAX_PAGE_SIZE}"),
+                    });
+                }
+            } as usize;
             let mut approvals = self.store.list_approvals(pending_only).await?;
             approvals.retain(|approval| {
                 policy::may_see_approval(&caller.principal, &approval.requester).is_ok()
             });
-            Ok(ApprovalListing { approvals })
+            if !page_token.is_empty() {
+                let Some(position) = approvals
+                    .iter()
+                    .position(|approval| approval.id == page_token)
+                else {
+                    return Err(ServiceError::InvalidField {
+                        field: "page_token",
+                        problem: "not a page token valetd returned (or that request was swept)"
+                            .into(),
+                    });
+                };
+                approvals.drain(..=position);
+            }
+            let next_page_token =
+                (approvals.len() > page_size).then(|| approvals[page_size - 1].id.clone());
+            approvals.truncate(page_size);
+            Ok(ApprovalListing {
+                approvals,
+                next_page_token,
+            })
         }
         .await;
         self.answer(caller, context(AuditAction::ApprovalsList), outcome)

@@ -170,8 +170,12 @@ impl Valet {
                     .with("via", via)
                     .with("reason", reason);
                 self.record(who, event).await?;
-                self.withdraw_approvals(who, &revoked, &format!("grant {} was revoked by {by}: {reason}", revoked.id))
-                    .await?;
+                self.withdraw_approvals(
+                    who,
+                    &revoked,
+                    &format!("grant {} was revoked by {by}: {reason}", revoked.id),
+                )
+                .await?;
                 let at_aws = self.revoke_at_aws(who, &revoked, now).await?;
                 Ok((revoked, at_aws))
             }
@@ -206,17 +210,14 @@ impl Valet {
             if pending.grant_id != grant.id {
                 continue;
             }
-            let swapped = compare_and_swap(
-                self.store.as_ref(),
-                pending,
-                |current: &ApprovalRequest| {
+            let swapped =
+                compare_and_swap(self.store.as_ref(), pending, |current: &ApprovalRequest| {
                     Ok(match current.withdrawn(reason, self.clock.now()) {
                         Some(withdrawn) => Decision::Write(withdrawn, ()),
                         None => Decision::Keep(()),
                     })
-                },
-            )
-            .await?;
+                })
+                .await?;
             if let Swapped::Written { after, .. } = swapped {
                 let event = AuditEvent::new(AuditAction::ApprovalWithdraw, Outcome::Allowed)
                     .with_grant(grant)

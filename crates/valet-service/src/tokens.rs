@@ -195,7 +195,12 @@ impl Valet {
         let ttl = policy::authorize_renewal(&config, &current, ttl)?;
         context.set_grant(&current);
         let for_requester = policy::may_receive_token(&caller.principal, &current).is_ok();
-        if !for_requester && config.scopes.get(&current.scope).is_some_and(|scope| scope.aws.is_some()) {
+        if !for_requester
+            && config
+                .scopes
+                .get(&current.scope)
+                .is_some_and(|scope| scope.aws.is_some())
+        {
             // Renewing an aws-sts grant mints a new STS session, which only the requester may
             // receive; an operator cannot extend credentials it would not hand over.
             return Err(policy::AccessError::NotRequester {

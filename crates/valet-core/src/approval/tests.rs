@@ -20,6 +20,10 @@ fn call() -> CallFingerprint {
         body_sha256: "ab".repeat(32),
         graphql: vec!["mutation volumeDelete".into()],
         variables: Some("{\"id\":\"v1\"}".into()),
+        upstream: "railway".into(),
+        calls: vec!["mutation volumeDelete(volumeId: \"v1\")".into()],
+        body_bytes: 90,
+        body_preview: None,
     }
 }
 
@@ -185,4 +189,58 @@ fn an_approved_call_is_used_once_and_only_for_the_identical_call() {
             ..
         })
     ));
+}
+
+#[test]
+fn the_rendering_shows_every_call_and_escapes_what_could_disguise_it() {
+    let mut approval = request(1, &[], None);
+    approval.requester = "agent".into();
+    approval.environment = "production".into();
+    approval.task_id = "t-1".into();
+    approval.purpose = "clean up \u{202E}gnp.exe".into();
+    let mut graphql_call = call();
+    graphql_call.calls = vec![
+        "mutation volumeDelete(volumeId: \"scratch-tmp-42\")".into(),
+        "mutation b: volumeDelete(volumeId: \"prod-db\")".into(),
+    ];
+    approval.call = Some(graphql_call);
+    let rendered = approval.render();
+    assert_eq!(
+        rendered,
+        [
+            "agent asks to call railway (environment production) with grant g1:",
+            "  POST /graphql/v2",
+            "    mutation volumeDelete(volumeId: \"scratch-tmp-42\")",
+            "    mutation b: volumeDelete(volumeId: \"prod-db\")",
+            "  task t-1",
+            "  purpose: clean up \\u{202E}gnp.exe",
+        ]
+        .join("\n")
+    );
+    assert_eq!(
+        escape_for_people("a\u{0007}b\u{2066}c"),
+        "a\\u{0007}b\\u{2066}c"
+    );
+
+    let mut rest = request(1, &[], None);
+    let mut rest_call = call();
+    rest_call.calls = Vec::new();
+    rest_call.method = "DELETE".into();
+    rest_call.target = "/repos/acme/web?force=true".into();
+    rest_call.body_preview = body_preview(br#"{"confirm":true}"#);
+    rest.call = Some(rest_call);
+    let rendered = rest.render();
+    assert!(
+        rendered.contains("  DELETE /repos/acme/web?force=true"),
+        "{rendered}"
+    );
+    assert!(rendered.contains("\"confirm\": true"), "{rendered}");
+}
+
+#[test]
+fn a_request_for_an_ended_grant_is_withdrawn_and_cannot_be_decided() {
+    let approval = request(1, &[], None);
+    let withdrawn = approval.withdrawn("grant g1 was revoked", 1).unwrap();
+    assert_eq!(withdrawn.status, ApprovalStatus::Denied);
+    assert!(withdrawn.withdrawn("again", 2).is_none());
 }

@@ -342,3 +342,56 @@ mod visibility_and_settlement {
         assert!(settlement_lifetime(&config, "gone", 0).is_err());
     }
 }
+
+mod reload {
+    use std::time::Duration;
+
+    use crate::policy::{LiveGrantDecision, authorize, redecide};
+
+    fn live_grant() -> (crate::config::Config, crate::grant::Grant) {
+        let config = super::config();
+        let asker = config.principals.get("ci-agent").unwrap();
+        let request = super::request(&[("project", "web")]);
+        let grant = authorize(&config, asker, &request).unwrap().into_grant(
+            "g-1".into(),
+            "ci-agent",
+            &request,
+            "k",
+            1_000,
+        );
+        (config, grant)
+    }
+
+    #[test]
+    fn a_reload_ends_what_the_new_config_no_longer_allows() {
+        let (config, grant) = live_grant();
+        assert_eq!(redecide(&config, &grant), LiveGrantDecision::Keep);
+
+        let mut gone = config.clone();
+        gone.principals.remove("ci-agent");
+        assert!(
+            matches!(redecide(&gone, &grant), LiveGrantDecision::Revoke(reason) if reason.contains("no longer exists"))
+        );
+
+        let mut unlisted = config.clone();
+        unlisted
+            .principals
+            .get_mut("ci-agent")
+            .unwrap()
+            .scopes
+            .clear();
+        assert!(
+            matches!(redecide(&unlisted, &grant), LiveGrantDecision::Revoke(reason) if reason.starts_with("config reload: principal"))
+        );
+
+        let mut moved = config.clone();
+        moved.scopes.get_mut("railway-domains").unwrap().environment = "production".into();
+        assert!(
+            matches!(redecide(&moved, &grant), LiveGrantDecision::Revoke(reason) if reason.contains("environment"))
+        );
+
+        let mut shorter = config.clone();
+        shorter.scopes.get_mut("railway-domains").unwrap().max_ttl = Duration::from_secs(60);
+        assert_eq!(redecide(&shorter, &grant), LiveGrantDecision::Clamp(1_060));
+    }
+}
