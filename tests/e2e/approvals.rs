@@ -578,7 +578,8 @@ async fn operators_see_and_decide_requests_from_the_cli() {
     assert_eq!(code, 0);
     assert!(
         stdout.contains("purpose: hotfix")
-            && stdout.contains("agent asks for a token for scope prod-deploy (environment production)")
+            && stdout
+                .contains("agent asks for a token for scope prod-deploy (environment production)")
             && stdout.contains("--confirm VALUE"),
         "{stdout}"
     );
@@ -658,4 +659,350 @@ async fn operators_see_and_decide_requests_from_the_cli() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(output.stdout.is_empty(), "no token on a denial");
+}
+
+/// The holes an attacker found in approvals and revocation, each closed: what a person approves
+/// is exactly what runs, and every revocation ends everything it names.
+mod holes {
+    use std::time::Duration;
+
+    use valet_client::{TokenRequest, v1};
+    use valet_tests::upstream::Upstream;
+    use valet_tests::{AGENT_KEY, Deployment, OPERATOR_KEY};
+
+    use super::{approval_config, approve, gateway_call, prod};
+
+    fn bounded_config(upstream: &Upstream) -> String {
+        approval_config(upstream)
+            .replace("[approvals]\n", "[approvals]\nmax_pending_per_grant = 3\n")
+            .replace(
+                "approval = { confirm = \"environment\", timeout = \"1m\" }",
+                "max_calls = 5\napproval = { confirm = \"environment\", timeout = \"1m\" }",
+            )
+    }
+
+    #[tokio::test]
+    async fn an_approver_sees_every_call_as_it_will_run_and_repeated_gated_fields_are_split() {
+        let upstream = Upstream::start().await;
+        let deployment = Deployment::new(&approval_config(&upstream));
+        let valetd = deployment.start(&[]);
+        let gateway = valetd.gateway.clone().unwrap();
+        let agent = valetd.client(AGENT_KEY).await;
+        let operator = valetd.client(OPERATOR_KEY).await;
+        let issued = agent
+            .request_token(TokenRequest::new("railway-prod", "deception"))
+            .await
+            .unwrap();
+        let path = "/u/railway/graphql/v2";
+        // The first call takes a variable (shown: a scratch volume); aliased copies hard-code
+        // production volumes. Refused: one gated call per request.
+        let deceptive = serde_json::json!({
+            "query": "mutation Drop($id: String!) { volumeDelete(volumeId: $id) b: volumeDelete(volumeId: \"prod-db\") c: volumeDelete(volumeId: \"prod-backups\") }",
+            "variables": {"id": "scratch-tmp-42"},
+        })
+        .to_string();
+        let (status, reply) =
+            gateway_call(&gateway, issued.token_str(), &deceptive, &[], path).await;
+        assert_eq!(status, 403, "{reply}");
+        assert!(
+            reply["message"]
+                .as_str()
+                .unwrap()
+                .contains("mutation volumeDelete appears 3 times"),
+            "{reply}"
+        );
+        // One call: the approver sees it with its variable substituted.
+        let single = serde_json::json!({
+            "query": "mutation Drop($id: String!) { volumeDelete(volumeId: $id) }",
+            "variables": {"id": "scratch-tmp-42"},
+        })
+        .to_string();
+        let (status, asked) = gateway_call(&gateway, issued.token_str(), &single, &[], path).await;
+        assert_eq!(status, 428, "{asked}");
+        let id = asked["approval_id"].as_str().unwrap();
+        let approval = operator
+            .admin()
+            .get_approval(v1::GetApprovalRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            approval
+                .rendered
+                .contains("mutation volumeDelete(volumeId: \"scratch-tmp-42\")"),
+            "{}",
+            approval.rendered
+        );
+        assert!(
+            approval
+                .rendered
+                .contains("railway (environment production)")
+        );
+        assert!(
+            upstream
+                .seen()
+                .iter()
+                .filter(|seen| seen.target.starts_with("/graphql"))
+                .all(|seen| !String::from_utf8_lossy(&seen.body).contains("volumeDelete")),
+            "no volumeDelete reached the upstream"
+        );
+    }
+
+    #[tokio::test]
+    async fn revocation_ends_pending_grants_and_withdraws_their_requests() {
+        let upstream = Upstream::start().await;
+        let deployment = Deployment::new(&approval_config(&upstream));
+        let valetd = deployment.start(&[]);
+        let agent = valetd.client(AGENT_KEY).await;
+        let operator = valetd.client(OPERATOR_KEY).await;
+
+        // RevokeToken on a pending grant.
+        let pending = agent.request_token(prod("hole-revoke")).await.unwrap();
+        assert!(pending.is_pending());
+        let revoked = agent
+            .revoke(&pending.grant.id, "changed my mind")
+            .await
+            .unwrap();
+        assert_eq!(revoked.grant.status, v1::GrantStatus::Revoked as i32);
+        let approval_id = pending.approval.unwrap().id;
+        let refused = approve(&valetd, OPERATOR_KEY, &approval_id, "production")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert!(
+            refused.message().contains("nothing can be approved"),
+            "{}",
+            refused.message()
+        );
+
+        // RevokeTask and RevokeAll reach pending grants too.
+        let in_task = agent.request_token(prod("hole-task")).await.unwrap();
+        let reply = agent.revoke_task("hole-task", "done").await.unwrap();
+        assert_eq!(reply, vec![in_task.grant.id.clone()]);
+        let in_env = agent.request_token(prod("hole-all")).await.unwrap();
+        let reply = operator
+            .admin()
+            .revoke_all(v1::RevokeAllRequest {
+                target: Some(v1::revoke_all_request::Target::Environment(
+                    "production".into(),
+                )),
+                reason: "incident".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(reply.n_revoked >= 1);
+        let refused = approve(
+            &valetd,
+            OPERATOR_KEY,
+            &in_env.approval.unwrap().id,
+            "production",
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        let audit = std::fs::read_to_string(deployment.audit_path()).unwrap();
+        assert!(audit.contains("\"action\":\"approval.withdraw\""));
+    }
+
+    #[tokio::test]
+    async fn an_operator_renewing_an_agents_grant_receives_no_token() {
+        let deployment = Deployment::standard();
+        let valetd = deployment.start(&[]);
+        let agent = valetd.client(AGENT_KEY).await;
+        let operator = valetd.client(OPERATOR_KEY).await;
+        let issued = agent
+            .request_token(
+                TokenRequest::new("deploy-staging", "hole-renew")
+                    .with_param("project", "shop")
+                    .with_ttl(Duration::from_secs(60)),
+            )
+            .await
+            .unwrap();
+        let renewed = operator
+            .renew(&issued.grant.id, Some(Duration::from_secs(300)))
+            .await
+            .unwrap();
+        assert!(
+            renewed.token.is_empty(),
+            "only the requester receives a token"
+        );
+        assert!(
+            renewed.grant.expires_at.unwrap().seconds > issued.grant.expires_at.unwrap().seconds,
+            "the grant was extended"
+        );
+        let own = agent
+            .renew(&issued.grant.id, Some(Duration::from_secs(600)))
+            .await
+            .unwrap();
+        assert!(
+            !own.token.is_empty(),
+            "the requester still receives its token"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reload_ends_live_grants_the_new_config_no_longer_allows() {
+        let deployment = Deployment::standard();
+        let valetd = deployment.start(&[]);
+        let agent = valetd.client(AGENT_KEY).await;
+        let admin = valetd.client(valet_tests::ADMIN_KEY).await;
+        let issued = agent
+            .request_token(
+                TokenRequest::new("deploy-staging", "hole-reload").with_param("project", "shop"),
+            )
+            .await
+            .unwrap();
+        let limited = agent
+            .request_token(TokenRequest::new("limited", "hole-reload"))
+            .await
+            .unwrap();
+        // The agent may no longer request deploy-staging.
+        let config = std::fs::read_to_string(deployment.config_path()).unwrap();
+        std::fs::write(
+            deployment.config_path(),
+            config.replace(
+                "scopes = [\"deploy-staging\", \"limited\", \"short\"]",
+                "scopes = [\"limited\", \"short\"]",
+            ),
+        )
+        .unwrap();
+        let reply = admin
+            .admin()
+            .reload_config(v1::ReloadConfigRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.n_grants_ended, 1, "{reply:?}");
+        let introspected = agent.introspect(issued.token_str()).await.unwrap();
+        assert!(!introspected.active);
+        assert!(
+            introspected.reason.contains(
+                "config reload: principal \"agent\" may no longer request scope \"deploy-staging\""
+            ),
+            "{}",
+            introspected.reason
+        );
+        assert!(agent.renew(&issued.grant.id, None).await.is_err());
+        assert!(
+            agent.introspect(limited.token_str()).await.unwrap().active,
+            "the rest stays"
+        );
+    }
+
+    #[tokio::test]
+    async fn call_approvals_are_bounded_reused_counted_and_listed_in_pages() {
+        let upstream = Upstream::start().await;
+        let deployment = Deployment::new(&bounded_config(&upstream));
+        let valetd = deployment.start(&[]);
+        let gateway = valetd.gateway.clone().unwrap();
+        let agent = valetd.client(AGENT_KEY).await;
+        let operator = valetd.client(OPERATOR_KEY).await;
+        let issued = agent
+            .request_token(TokenRequest::new("railway-prod", "flood"))
+            .await
+            .unwrap();
+        let path = "/u/railway/graphql/v2";
+        let delete = |volume: &str| {
+            serde_json::json!({"query": format!("mutation {{ volumeDelete(volumeId: \"{volume}\") }}")}).to_string()
+        };
+        // Identical retries point at one request.
+        let mut ids = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            let (status, asked) =
+                gateway_call(&gateway, issued.token_str(), &delete("v-1"), &[], path).await;
+            assert_eq!(status, 428, "{asked}");
+            ids.insert(asked["approval_id"].as_str().unwrap().to_string());
+        }
+        assert_eq!(ids.len(), 1, "identical pending calls reuse one request");
+        // Distinct calls are capped per grant.
+        for volume in ["v-2", "v-3"] {
+            let (status, _) =
+                gateway_call(&gateway, issued.token_str(), &delete(volume), &[], path).await;
+            assert_eq!(status, 428);
+        }
+        let (status, refused) =
+            gateway_call(&gateway, issued.token_str(), &delete("v-4"), &[], path).await;
+        assert_eq!(status, 403, "{refused}");
+        assert!(
+            refused["message"]
+                .as_str()
+                .unwrap()
+                .contains("max_pending_per_grant"),
+            "{refused}"
+        );
+        // Listing pages: two per page, every request once.
+        let mut seen = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = operator
+                .admin()
+                .list_approvals(v1::ListApprovalsRequest {
+                    pending_only: true,
+                    page_size: 2,
+                    page_token: page_token.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(page.approvals.len() <= 2);
+            seen.extend(page.approvals.into_iter().map(|approval| approval.id));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        // Asking counted as a use of the grant.
+        let grant = operator
+            .admin()
+            .list_grants(v1::ListGrantsRequest {
+                filter: Some(v1::GrantFilter {
+                    task_id: "flood".into(),
+                    ..v1::GrantFilter::default()
+                }),
+                ..v1::ListGrantsRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .grants
+            .remove(0);
+        assert_eq!(grant.uses, 3);
+    }
+
+    #[tokio::test]
+    async fn text_that_could_disguise_a_request_is_escaped_for_the_approver() {
+        let upstream = Upstream::start().await;
+        let deployment = Deployment::new(&approval_config(&upstream));
+        let valetd = deployment.start(&[]);
+        let agent = valetd.client(AGENT_KEY).await;
+        let operator = valetd.client(OPERATOR_KEY).await;
+        let pending = agent
+            .request_token(prod("bidi").with_purpose("rotate logs \u{202E}gnp.exe\u{202C} now"))
+            .await
+            .unwrap();
+        let approval = operator
+            .admin()
+            .get_approval(v1::GetApprovalRequest {
+                id: pending.approval.unwrap().id,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            !approval.rendered.contains('\u{202E}'),
+            "{}",
+            approval.rendered
+        );
+        assert!(
+            approval.rendered.contains("\\u{202E}"),
+            "{}",
+            approval.rendered
+        );
+    }
 }

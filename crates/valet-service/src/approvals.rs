@@ -174,6 +174,11 @@ impl Valet {
             let id = ApprovalId::parse(id)?;
             context.set("approval_id", id.as_str());
             let current = self.fetch_approval(&id).await?;
+            // Nothing is approved for a grant that ended (revoked while it waited, say): its
+            // requests were withdrawn, and the refusal says why.
+            if let Some(grant) = self.store.get_grant(&current.grant_id).await? {
+                current.check_grant_live(&grant, self.clock.now())?;
+            }
             let swapped =
                 compare_and_swap(self.store.as_ref(), current, |current: &ApprovalRequest| {
                     Ok(Decision::Write(decide(current, self.clock.now())?, ()))
