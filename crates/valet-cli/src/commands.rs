@@ -606,6 +606,13 @@ fn print_issued(issued: &IssuedToken, json: bool, now: valet_core::UnixTime) {
                 aws.notice
             );
         }
+        None if issued.token.is_empty() => {
+            // An operator renewed another principal's grant: extended, and no token for them.
+            eprintln!("{}", output::grant_summary(&issued.grant, now));
+            eprintln!(
+                "the grant was extended; its token goes only to the principal that asked for it"
+            );
+        }
         None => {
             println!("{}", issued.token_str());
             eprintln!("{}", output::grant_summary(&issued.grant, now));

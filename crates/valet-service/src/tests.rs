@@ -64,6 +64,7 @@ max_body = 64
 [[scope.allow]]
 methods = ["DELETE"]
 path = "/v1/volumes/*"
+query = { force = { one_of = ["true", "false"] } }
 approval = true
 
 [[scope]]
@@ -789,5 +790,58 @@ async fn every_refused_operation_leaves_one_audit_record_with_its_reason() {
                 problem: "9 is not a grant status".into()
             }
         )
+    );
+}
+
+#[tokio::test]
+async fn an_approver_is_shown_the_rest_call_as_it_will_run() {
+    let fixture = fixture().await;
+    let (_, token) = fixture
+        .issue("agent", "deploy-staging", "t-rest-approval")
+        .await;
+    let mut site = site("railway", "DELETE", "/v1/volumes/vol-scratch-7");
+    site.query = Some("force=true".into());
+    let body = TestBody {
+        bytes: Bytes::from_static(
+            br#"{"reason":"scratch volume, done with it","keepBackups":false}"#,
+        ),
+        declared: None,
+        broken: false,
+    };
+    let kind = call(&fixture, &site, Some(token.expose()), None, body)
+        .await
+        .unwrap_err();
+    assert_eq!(kind, "approval_required");
+    let pending = fixture
+        .valet
+        .store
+        .list_approvals(true)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let rendered = pending.render();
+    let lines: Vec<&str> = rendered.lines().collect();
+    assert_eq!(
+        lines[..3],
+        [
+            format!(
+                "agent asks to call railway (environment staging) with grant {}:",
+                pending.grant_id
+            )
+            .as_str(),
+            "  DELETE /v1/volumes/vol-scratch-7?force=true",
+            "  body (61 bytes, sha256 6301d05a46f5ee75c2db09a3f9e6f8f3b14ae0d6332d05e0f045748ddb2ba892):",
+        ]
+    );
+    assert_eq!(
+        lines[3..],
+        [
+            "    {",
+            "      \"keepBackups\": false,",
+            "      \"reason\": \"scratch volume, done with it\"",
+            "    }",
+            "  task t-rest-approval",
+        ]
     );
 }
