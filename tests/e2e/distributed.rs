@@ -549,3 +549,45 @@ async fn grant_records_carry_a_lease_that_outlives_their_retention() {
         "lease ttl {ttl} s is not far past what is needed"
     );
 }
+
+#[tokio::test]
+async fn a_reload_on_one_replica_ends_the_grants_on_every_replica() {
+    let cluster = EtcdCluster::start(1);
+    let (deployments, valetds) = replicas(&cluster);
+    let agent_on_b = valetds[1].client(AGENT_KEY).await;
+    let issued = agent_on_b
+        .request_token(staging("task-reload"))
+        .await
+        .unwrap();
+    assert!(active(&valetds[2].client(AGENT_KEY).await, issued.token_str()).await);
+    // Replica A's config no longer lets the agent request deploy-staging; A reloads.
+    let config = std::fs::read_to_string(deployments[0].config_path()).unwrap();
+    std::fs::write(
+        deployments[0].config_path(),
+        config.replace(
+            "scopes = [\"deploy-staging\", \"limited\", \"short\"]",
+            "scopes = [\"limited\", \"short\"]",
+        ),
+    )
+    .unwrap();
+    let reply = valetds[0]
+        .client(ADMIN_KEY)
+        .await
+        .admin()
+        .reload_config(valet_client::v1::ReloadConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.n_grants_ended, 1);
+    // The grant ended in the shared store: B and C refuse it at once, before they reload.
+    for valetd in &valetds[1..] {
+        let reply = valetd
+            .client(AGENT_KEY)
+            .await
+            .introspect(issued.token_str())
+            .await
+            .unwrap();
+        assert!(!reply.active);
+        assert!(reply.reason.contains("config reload"), "{}", reply.reason);
+    }
+}
