@@ -39,7 +39,11 @@ async fn audit_verify_finds_edits_deletions_reordering_and_a_cut_tail() {
         OPERATOR_KEY,
     );
     assert_eq!(code, 0, "{stdout}");
-    assert!(stdout.contains("chain intact, 4 records"), "{stdout}");
+    assert!(
+        stdout
+            .contains("chain intact from the first record to the head valetd recorded, 4 records"),
+        "{stdout}"
+    );
 
     let original = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<&str> = original.lines().collect();

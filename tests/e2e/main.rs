@@ -2,6 +2,7 @@
 
 mod admin;
 mod approvals;
+mod audit_trust;
 mod aws;
 mod bad_input;
 mod cli;

@@ -223,15 +223,25 @@ pub enum ConfigCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Check an audit log's hash chain and report the first bad record.
+    /// Check an audit log and report the first bad record: its chain from the first record (or a
+    /// rotation checkpoint) to the head valetd recorded, every record's MAC (with the
+    /// key-encryption key), and its signed checkpoints (with the public keys).
     Verify {
         file: PathBuf,
-        /// The chain head valetd keeps (SEQUENCE:HASH), to detect a cut tail.
+        /// The chain head valetd keeps (SEQUENCE:HASH): the chain must end exactly there.
         #[arg(long, conflicts_with = "fetch_head")]
         head: Option<ChainHead>,
-        /// Ask valetd for the chain head (operators).
+        /// Ask valetd for the chain head and its public keys (operators).
         #[arg(long)]
         fetch_head: bool,
+        /// The public keys (a JWKS document, as served at /.well-known/jwks.json) that signed
+        /// the checkpoints, for an auditor without access to valetd.
+        #[arg(long)]
+        jwks: Option<PathBuf>,
+        /// The key-encryption key file: every record's MAC is checked (whoever holds this key
+        /// controls valetd; keep this for the operators who do).
+        #[arg(long)]
+        seal_key_file: Option<PathBuf>,
     },
     /// Print the chain head valetd keeps, as SEQUENCE:HASH (operators).
     Head,

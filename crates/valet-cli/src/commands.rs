@@ -44,13 +44,45 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<i32> {
             file,
             head,
             fetch_head,
+            jwks,
+            seal_key_file,
         }) => {
+            let mut public_keys = match &jwks {
+                Some(path) => jwks_file(path)?,
+                None => std::collections::BTreeMap::new(),
+            };
             let head = match (head, fetch_head) {
                 (Some(head), _) => Some(head),
-                (None, true) => Some(fetch_audit_head(&connect(connection).await?).await?),
+                (None, true) => {
+                    let client = connect(connection).await?;
+                    let served = client
+                        .broker()
+                        .get_jwks(v1::GetJwksRequest {})
+                        .await
+                        .map_err(ClientError::from)?
+                        .into_inner();
+                    for key in served.keys {
+                        if let Some(public) = public_key_of(&key.x) {
+                            public_keys.insert(key.kid, public);
+                        }
+                    }
+                    Some(fetch_audit_head(&client).await?)
+                }
                 (None, false) => None,
             };
-            audit_verify(&file, head.as_ref(), json)
+            let chain_key = match &seal_key_file {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    let seal_key = valet_core::keyring::SealKey::from_base64(&Secret::from(text))
+                        .with_context(|| {
+                        format!("{} is not a key-encryption key", path.display())
+                    })?;
+                    Some(audit::ChainKey::from_seal_key(&seal_key))
+                }
+                None => None,
+            };
+            audit_verify(&file, head.as_ref(), &public_keys, chain_key.as_ref(), json)
         }
         Command::Exec(arguments) => crate::exec::exec(&connect(connection).await?, arguments).await,
         command => online(command, &connect(connection).await?, json).await,
@@ -723,19 +755,66 @@ fn keygen(name: &str, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn audit_verify(file: &Path, head: Option<&ChainHead>, json: bool) -> anyhow::Result<i32> {
+fn audit_verify(
+    file: &Path,
+    head: Option<&ChainHead>,
+    public_keys: &std::collections::BTreeMap<String, [u8; 32]>,
+    chain_key: Option<&audit::ChainKey>,
+    json: bool,
+) -> anyhow::Result<i32> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    match audit::verify(text.lines(), head) {
+    let lookup = |kid: &str| public_keys.get(kid).copied();
+    let verification = audit::Verification {
+        key: chain_key,
+        public_keys: (!public_keys.is_empty())
+            .then_some(&lookup as &dyn Fn(&str) -> Option<[u8; 32]>),
+        expected_head: head,
+    };
+    match audit::verify_with(text.lines(), &verification) {
         Ok(summary) => {
+            // Say plainly what was proven, and what was not.
+            let authenticated = if summary.macs_checked {
+                "every record's MAC checks under the key-encryption key".to_string()
+            } else if let Some(through) = summary.attested_through {
+                format!(
+                    "signed checkpoints attest the chain through record {through}; the {} records after it are chained but not yet attested",
+                    summary.head.sequence.saturating_sub(through)
+                )
+            } else if public_keys.is_empty() {
+                "not authenticated: the structure only (give --fetch-head, --jwks or --seal-key-file to check who wrote it)".to_string()
+            } else {
+                "not authenticated: no checkpoint in it verifies with the keys given".to_string()
+            };
+            let start = if summary.first_sequence <= 1 {
+                "from the first record".to_string()
+            } else {
+                format!(
+                    "from record {}, opened by a rotation checkpoint",
+                    summary.first_sequence
+                )
+            };
+            let end = match head {
+                Some(_) => "to the head valetd recorded",
+                None => "to its last record (no recorded head given)",
+            };
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"valid": true, "records": summary.n_records, "head": summary.head.to_string()})
+                    serde_json::json!({
+                        "valid": true,
+                        "records": summary.n_records,
+                        "head": summary.head.to_string(),
+                        "first_sequence": summary.first_sequence,
+                        "macs_checked": summary.macs_checked,
+                        "attested_through": summary.attested_through,
+                        "unverified_checkpoints": summary.n_unverified_checkpoints,
+                        "matches_recorded_head": head.is_some(),
+                    })
                 );
             } else {
                 println!(
-                    "{}: chain intact, {} records, head {}",
+                    "{}: chain intact {start} {end}, {} records, head {}; {authenticated}",
                     file.display(),
                     summary.n_records,
                     summary.head
@@ -755,4 +834,33 @@ fn audit_verify(file: &Path, head: Option<&ChainHead>, json: bool) -> anyhow::Re
             Ok(EXIT_FAILURE)
         }
     }
+}
+
+/// Public keys from a JWKS document, by kid.
+fn jwks_file(path: &Path) -> anyhow::Result<std::collections::BTreeMap<String, [u8; 32]>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let document: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a JWKS document", path.display()))?;
+    Ok(document["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|key| {
+            Some((
+                key["kid"].as_str()?.to_string(),
+                public_key_of(key["x"].as_str()?)?,
+            ))
+        })
+        .collect())
+}
+
+/// An Ed25519 public key from a JWK's `x` (base64url).
+fn public_key_of(x: &str) -> Option<[u8; 32]> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(x)
+        .ok()?
+        .try_into()
+        .ok()
 }

@@ -66,8 +66,20 @@ fn audit_append(criterion: &mut Criterion) {
         .with("principal", "agent")
         .with("scope", "railway-staging-domains")
         .with("task_id", "fix-dns-42");
-    criterion.bench_function("audit chain append (format + hash)", |bench| {
-        bench.iter(|| audit::chain(&head, std::hint::black_box(&event), 1_700_000_000))
+    let seal_key = valet_core::keyring::SealKey::from_base64(
+        &valet_core::keyring::SealKey::generate_base64().expect("randomness"),
+    )
+    .expect("a fresh key");
+    let key = audit::ChainKey::from_seal_key(&seal_key);
+    criterion.bench_function("audit chain append (format + hash + MAC)", |bench| {
+        bench.iter(|| {
+            audit::chain(
+                &head,
+                std::hint::black_box(&event),
+                1_700_000_000,
+                Some(&key),
+            )
+        })
     });
 }
 

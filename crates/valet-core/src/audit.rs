@@ -1,8 +1,13 @@
 //! The audit chain: each record is one JSON line carrying the hash of the one before, so an edit,
 //! a deletion or a reordering breaks the chain, and a cut tail shows against a kept chain head.
 //!
-//! A record's hash is SHA-256 over its exact bytes without the trailing `"hash"` member, so
-//! verification needs no JSON canonicalisation: it recomputes over the bytes it reads.
+//! A record's hash is SHA-256 over its exact bytes without the trailing members, so verification
+//! needs no JSON canonicalisation: it recomputes over the bytes it reads. Anyone can recompute a
+//! hash, so two things make the chain impossible to re-chain for whoever can write the file but
+//! not unseal valetd's keys: every record carries a MAC of its hash under a key derived from the
+//! key-encryption key (`"mac"`), and checkpoint records, signed with the token signing key, attest
+//! the chain's head now and then and at the start of every rotated file — so an auditor without
+//! the secret verifies a copy against the public JWKS.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -84,6 +89,8 @@ pub enum AuditAction {
     ApprovalWithdraw,
     /// A grant's lifetime cut by a config reload that lowered a cap.
     GrantClamp,
+    /// A signed attestation of the chain's head (periodically, and at the start of a new file).
+    Checkpoint,
     KeyRotate,
     ConfigReload,
     AuditHead,
@@ -95,7 +102,7 @@ pub enum AuditAction {
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 26] = [
+    pub const ALL: [AuditAction; 27] = [
         AuditAction::Authenticate,
         AuditAction::TokenIssue,
         AuditAction::TokenRenew,
@@ -116,6 +123,7 @@ impl AuditAction {
         AuditAction::ApprovalWebhook,
         AuditAction::ApprovalWithdraw,
         AuditAction::GrantClamp,
+        AuditAction::Checkpoint,
         AuditAction::KeyRotate,
         AuditAction::ConfigReload,
         AuditAction::AuditHead,
@@ -147,6 +155,7 @@ impl AuditAction {
             AuditAction::ApprovalWebhook => "approval.webhook",
             AuditAction::ApprovalWithdraw => "approval.withdraw",
             AuditAction::GrantClamp => "grant.clamp",
+            AuditAction::Checkpoint => "audit.checkpoint",
             AuditAction::KeyRotate => "key.rotate",
             AuditAction::ConfigReload => "config.reload",
             AuditAction::AuditHead => "audit.head",
@@ -262,15 +271,45 @@ impl AuditEvent {
     }
 }
 
+/// The key that authenticates the chain: a MAC key derived from the key-encryption key.
+pub struct ChainKey(ring::hmac::Key);
+
+impl std::fmt::Debug for ChainKey {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("ChainKey(<redacted>)")
+    }
+}
+
+impl ChainKey {
+    pub fn from_seal_key(seal_key: &crate::keyring::SealKey) -> ChainKey {
+        ChainKey(seal_key.derive_mac_key("valet audit chain"))
+    }
+
+    /// The MAC of a record's hash, in hex.
+    fn mac(&self, hash: &str) -> String {
+        hex::encode(ring::hmac::sign(&self.0, hash.as_bytes()).as_ref())
+    }
+
+    fn verifies(&self, hash: &str, mac: &str) -> bool {
+        hex::decode(mac).is_ok_and(|tag| ring::hmac::verify(&self.0, hash.as_bytes(), &tag).is_ok())
+    }
+}
+
 /// Chains `event` after `head` at `now`: returns the line to append (no newline) and the new head.
-pub fn chain(head: &ChainHead, event: &AuditEvent, now: UnixTime) -> (String, ChainHead) {
+/// With `key`, the record carries the MAC that only a holder of the key-encryption key can make.
+pub fn chain(
+    head: &ChainHead,
+    event: &AuditEvent,
+    now: UnixTime,
+    key: Option<&ChainKey>,
+) -> (String, ChainHead) {
     let sequence = head.sequence + 1;
     let mut body = Map::new();
     body.insert("seq".into(), Value::from(sequence));
     body.insert("time".into(), Value::from(format_time(now)));
     body.insert("prev".into(), Value::from(head.hash.clone()));
     for (key, value) in &event.fields {
-        if !matches!(key.as_str(), "seq" | "time" | "prev" | "hash") {
+        if !matches!(key.as_str(), "seq" | "time" | "prev" | "hash" | "mac") {
             body.insert(key.clone(), value.clone());
         }
     }
@@ -278,8 +317,50 @@ pub fn chain(head: &ChainHead, event: &AuditEvent, now: UnixTime) -> (String, Ch
     let hash = sha256_hex(body_text.as_bytes());
     let mut line = body_text;
     line.pop();
-    line.push_str(&format!(",\"hash\":\"{hash}\"}}"));
+    line.push_str(&format!(",\"hash\":\"{hash}\""));
+    if let Some(key) = key {
+        line.push_str(&format!(",\"mac\":\"{}\"", key.mac(&hash)));
+    }
+    line.push('}');
     (line, ChainHead { sequence, hash })
+}
+
+/// What a checkpoint signs: the chain head it attests.
+fn checkpoint_message(attests: &ChainHead) -> String {
+    format!(
+        "valet audit checkpoint v1:{}:{}",
+        attests.sequence, attests.hash
+    )
+}
+
+/// A checkpoint record attesting `attests` (the head just before it), signed with `key`.
+pub fn checkpoint(attests: &ChainHead, key: &crate::keyring::SigningKey) -> AuditEvent {
+    use base64::Engine;
+    let signature = key.sign(checkpoint_message(attests).as_bytes());
+    AuditEvent::new(AuditAction::Checkpoint, Outcome::Allowed)
+        .with("principal", "valetd")
+        .with_value("attests_seq", Value::from(attests.sequence))
+        .with("attests_hash", &attests.hash)
+        .with("kid", key.kid())
+        .with(
+            "signature",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signature),
+        )
+}
+
+/// Public signing keys by `kid`: the JWKS, as a lookup.
+pub type PublicKeys<'a> = &'a dyn Fn(&str) -> Option<[u8; 32]>;
+
+/// What verification may use beyond the records themselves.
+#[derive(Default)]
+pub struct Verification<'a> {
+    /// The chain key: every record's MAC is checked (only valetd, or an operator holding the
+    /// key-encryption key, has it).
+    pub key: Option<&'a ChainKey>,
+    /// Public signing keys by `kid` (the JWKS): checkpoints are checked against them.
+    pub public_keys: Option<PublicKeys<'a>>,
+    /// The head valetd recorded: the chain must end exactly there.
+    pub expected_head: Option<&'a ChainHead>,
 }
 
 /// What a good chain looked like.
@@ -287,6 +368,14 @@ pub fn chain(head: &ChainHead, event: &AuditEvent, now: UnixTime) -> (String, Ch
 pub struct ChainSummary {
     pub n_records: u64,
     pub head: ChainHead,
+    /// The first record's sequence (1, or the first of a rotated file, which a checkpoint opens).
+    pub first_sequence: u64,
+    /// Whether every record's MAC was checked with the chain key.
+    pub macs_checked: bool,
+    /// The last record a valid signed checkpoint attests, if any was checked.
+    pub attested_through: Option<u64>,
+    /// Checkpoints signed by a key the verifier did not have (retired from the JWKS, say).
+    pub n_unverified_checkpoints: u64,
 }
 
 /// Where and how a chain is broken.
@@ -321,17 +410,63 @@ pub enum BreakKind {
         "the chain's head is {found} but valetd's kept head is {expected}: the log was rewritten"
     )]
     HeadMismatch { expected: String, found: String },
+    #[error(
+        "the chain runs past the head valetd kept (record {expected}) to record {found_sequence}: records were appended that valetd did not record"
+    )]
+    PastHead { expected: u64, found_sequence: u64 },
+    #[error(
+        "the record's MAC is missing or wrong: it was not written by the valetd holding this key-encryption key (forged, or re-chained)"
+    )]
+    MacMismatch,
+    #[error(
+        "the file starts at record {found} without a rotation checkpoint attesting the record before it: records were cut from its start"
+    )]
+    NoStart { found: u64 },
+    #[error(
+        "a checkpoint's signature does not verify, or it attests a head the chain does not have: the log was rewritten"
+    )]
+    CheckpointMismatch,
 }
 
 /// Verifies a chain line by line; with `expected_head`, also that nothing was cut from its end.
 /// Chains may start at any sequence (after rotation), given the first record's `prev` is trusted.
+/// Structure only: [`verify_with`] authenticates.
 pub fn verify<'a>(
     lines: impl IntoIterator<Item = &'a str>,
     expected_head: Option<&ChainHead>,
 ) -> Result<ChainSummary, ChainBreak> {
+    verify_lines(lines, expected_head, None, None, false)
+}
+
+/// Verifies a whole chain: its structure; with a key, every record's MAC; with public keys, every
+/// checkpoint's signature and what it attests; and that the chain starts at record 1 or at a
+/// rotation checkpoint, and — with an expected head — ends exactly there.
+pub fn verify_with<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+    verification: &Verification<'_>,
+) -> Result<ChainSummary, ChainBreak> {
+    verify_lines(
+        lines,
+        verification.expected_head,
+        verification.key,
+        verification.public_keys,
+        true,
+    )
+}
+
+fn verify_lines<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+    expected_head: Option<&ChainHead>,
+    key: Option<&ChainKey>,
+    public_keys: Option<PublicKeys<'_>>,
+    whole: bool,
+) -> Result<ChainSummary, ChainBreak> {
     let mut head: Option<ChainHead> = None;
     let mut n_records = 0u64;
     let mut line_number = 0u64;
+    let mut first_sequence = 0;
+    let mut attested_through = None;
+    let mut n_unverified_checkpoints = 0;
     for line in lines {
         line_number += 1;
         if line.trim().is_empty() {
@@ -342,17 +477,38 @@ pub fn verify<'a>(
             sequence,
             kind,
         };
-        let (sequence, prev, hash) = match parse_record(line) {
+        let (sequence, prev, hash, mac, body) = match parse_record(line) {
             ParsedLine::Record {
                 sequence,
                 prev,
                 hash,
-            } => (sequence, prev, hash),
+                mac,
+                body,
+            } => (sequence, prev, hash, mac, body),
             ParsedLine::Edited { sequence } => {
                 return Err(fail(Some(sequence), BreakKind::HashMismatch));
             }
             ParsedLine::NotARecord => return Err(fail(None, BreakKind::NotARecord)),
         };
+        if let Some(key) = key
+            && !mac.as_deref().is_some_and(|mac| key.verifies(&hash, mac))
+        {
+            return Err(fail(Some(sequence), BreakKind::MacMismatch));
+        }
+        let is_checkpoint = body.get("action").and_then(Value::as_str) == Some("audit.checkpoint");
+        let mut checkpoint_verified = false;
+        if is_checkpoint && let Some(public_keys) = public_keys {
+            match check_checkpoint(&body, &prev, sequence, public_keys) {
+                CheckpointCheck::Valid(attests) => {
+                    attested_through = Some(attests);
+                    checkpoint_verified = true;
+                }
+                CheckpointCheck::UnknownKey => n_unverified_checkpoints += 1,
+                CheckpointCheck::Invalid => {
+                    return Err(fail(Some(sequence), BreakKind::CheckpointMismatch));
+                }
+            }
+        }
         if let Some(previous) = &head {
             if sequence != previous.sequence + 1 {
                 return Err(fail(
@@ -366,8 +522,20 @@ pub fn verify<'a>(
             if prev != previous.hash {
                 return Err(fail(Some(sequence), BreakKind::PrevMismatch));
             }
-        } else if sequence == 1 && prev != GENESIS_HASH {
-            return Err(fail(Some(sequence), BreakKind::PrevMismatch));
+        } else {
+            first_sequence = sequence;
+            if sequence == 1 && prev != GENESIS_HASH {
+                return Err(fail(Some(sequence), BreakKind::PrevMismatch));
+            }
+            // A file that does not start the chain must open with a checkpoint attesting the
+            // record before it, authenticated by the key or by its signature.
+            let opens_rotation = is_checkpoint
+                && body.get("attests_seq").and_then(Value::as_u64) == Some(sequence - 1)
+                && body.get("attests_hash").and_then(Value::as_str) == Some(prev.as_str())
+                && (key.is_some() || checkpoint_verified);
+            if whole && sequence > 1 && !opens_rotation {
+                return Err(fail(Some(sequence), BreakKind::NoStart { found: sequence }));
+            }
         }
         head = Some(ChainHead { sequence, hash });
         n_records += 1;
@@ -384,6 +552,16 @@ pub fn verify<'a>(
                 },
             });
         }
+        if whole && head.sequence > expected.sequence {
+            return Err(ChainBreak {
+                line: line_number,
+                sequence: Some(head.sequence),
+                kind: BreakKind::PastHead {
+                    expected: expected.sequence,
+                    found_sequence: head.sequence,
+                },
+            });
+        }
         if head.sequence == expected.sequence && head.hash != expected.hash {
             return Err(ChainBreak {
                 line: line_number,
@@ -395,7 +573,61 @@ pub fn verify<'a>(
             });
         }
     }
-    Ok(ChainSummary { n_records, head })
+    Ok(ChainSummary {
+        n_records,
+        head,
+        first_sequence,
+        macs_checked: key.is_some(),
+        attested_through,
+        n_unverified_checkpoints,
+    })
+}
+
+enum CheckpointCheck {
+    /// The signature verifies and the attested head is the record before: attests through it.
+    Valid(u64),
+    UnknownKey,
+    Invalid,
+}
+
+/// A checkpoint at `sequence` whose record before has hash `prev` must attest exactly that head,
+/// signed by a key the verifier knows.
+fn check_checkpoint(
+    body: &Map<String, Value>,
+    prev: &str,
+    sequence: u64,
+    public_keys: &dyn Fn(&str) -> Option<[u8; 32]>,
+) -> CheckpointCheck {
+    use base64::Engine;
+    let (Some(attests_seq), Some(attests_hash), Some(kid), Some(signature)) = (
+        body.get("attests_seq").and_then(Value::as_u64),
+        body.get("attests_hash").and_then(Value::as_str),
+        body.get("kid").and_then(Value::as_str),
+        body.get("signature").and_then(Value::as_str),
+    ) else {
+        return CheckpointCheck::Invalid;
+    };
+    if attests_seq + 1 != sequence || attests_hash != prev {
+        return CheckpointCheck::Invalid;
+    }
+    let Some(public_key) = public_keys(kid) else {
+        return CheckpointCheck::UnknownKey;
+    };
+    let Ok(signature) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(signature) else {
+        return CheckpointCheck::Invalid;
+    };
+    let attests = ChainHead {
+        sequence: attests_seq,
+        hash: attests_hash.to_string(),
+    };
+    let verified = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
+        .verify(checkpoint_message(&attests).as_bytes(), &signature)
+        .is_ok();
+    if verified {
+        CheckpointCheck::Valid(attests_seq)
+    } else {
+        CheckpointCheck::Invalid
+    }
 }
 
 /// One line, read.
@@ -404,6 +636,8 @@ enum ParsedLine {
         sequence: u64,
         prev: String,
         hash: String,
+        mac: Option<String>,
+        body: Map<String, Value>,
     },
     Edited {
         sequence: u64,
@@ -411,18 +645,31 @@ enum ParsedLine {
     NotARecord,
 }
 
-/// Reads the sequence, prev and hash of one line, checking the hash over the line's own bytes.
+/// Reads one line: its body, and the hash (checked over the line's own bytes) and MAC that close
+/// it.
 fn parse_record(line: &str) -> ParsedLine {
-    const SUFFIX_LEN: usize = ",\"hash\":\"\"}".len() + 64;
+    const MAC_SUFFIX_LEN: usize = ",\"mac\":\"\"".len() + 64;
+    const HASH_SUFFIX_LEN: usize = ",\"hash\":\"\"".len() + 64;
     let line = line.trim_end_matches(['\r', '\n']);
-    if line.len() < SUFFIX_LEN || !line.is_char_boundary(line.len() - SUFFIX_LEN) {
+    let Some(open) = line.strip_suffix('}') else {
         return ParsedLine::NotARecord;
-    }
-    let (body_open, suffix) = line.split_at(line.len() - SUFFIX_LEN);
-    let Some(stated_hash) = suffix
-        .strip_prefix(",\"hash\":\"")
-        .and_then(|rest| rest.strip_suffix("\"}"))
-    else {
+    };
+    let split = |text: &'_ str, length: usize, prefix: &str| -> Option<(String, String)> {
+        if text.len() < length || !text.is_char_boundary(text.len() - length) {
+            return None;
+        }
+        let (rest, suffix) = text.split_at(text.len() - length);
+        let value = suffix.strip_prefix(prefix)?.strip_suffix('"')?;
+        value
+            .bytes()
+            .all(|byte| byte.is_ascii_hexdigit())
+            .then(|| (rest.to_string(), value.to_string()))
+    };
+    let (open, mac) = match split(open, MAC_SUFFIX_LEN, ",\"mac\":\"") {
+        Some((rest, mac)) => (rest, Some(mac)),
+        None => (open.to_string(), None),
+    };
+    let Some((body_open, stated_hash)) = split(&open, HASH_SUFFIX_LEN, ",\"hash\":\"") else {
         return ParsedLine::NotARecord;
     };
     let body = format!("{body_open}}}");
@@ -431,7 +678,10 @@ fn parse_record(line: &str) -> ParsedLine {
     };
     let (Some(sequence), Some(prev)) = (
         parsed.get("seq").and_then(Value::as_u64),
-        parsed.get("prev").and_then(Value::as_str),
+        parsed
+            .get("prev")
+            .and_then(Value::as_str)
+            .map(str::to_string),
     ) else {
         return ParsedLine::NotARecord;
     };
@@ -440,8 +690,10 @@ fn parse_record(line: &str) -> ParsedLine {
     }
     ParsedLine::Record {
         sequence,
-        prev: prev.to_string(),
-        hash: stated_hash.to_string(),
+        prev,
+        hash: stated_hash,
+        mac,
+        body: parsed,
     }
 }
 

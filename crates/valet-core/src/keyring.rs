@@ -36,8 +36,9 @@ pub enum KeyError {
     Randomness(#[from] random::RandomnessUnavailable),
 }
 
-/// The key-encryption key: seals signing keys at rest.
-pub struct SealKey(LessSafeKey);
+/// The key-encryption key: seals signing keys at rest, and is the root of the keys that
+/// authenticate what valetd reads back later (the audit chain, stored records).
+pub struct SealKey(LessSafeKey, Secret);
 
 impl std::fmt::Debug for SealKey {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,7 +65,19 @@ impl SealKey {
                 n_bytes: bytes.expose().len(),
             }
         })?;
-        Ok(SealKey(LessSafeKey::new(unbound)))
+        Ok(SealKey(LessSafeKey::new(unbound), bytes))
+    }
+
+    /// A MAC key for one `purpose`, derived from this key (HKDF-SHA256): only a holder of the
+    /// key-encryption key can compute it, and keys for different purposes are independent.
+    pub fn derive_mac_key(&self, purpose: &str) -> ring::hmac::Key {
+        let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"valet key derivation v1");
+        let info = [purpose.as_bytes()];
+        // Expanding to one HMAC-SHA256 key length cannot fail.
+        salt.extract(self.1.expose())
+            .expand(&info, ring::hmac::HMAC_SHA256)
+            .map(ring::hmac::Key::from)
+            .unwrap_or_else(|_| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.1.expose()))
     }
 
     /// A fresh random key, as the base64 text a key file holds.

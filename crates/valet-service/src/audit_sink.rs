@@ -1,5 +1,8 @@
 //! The audit log writer: appends chained records to the audit file, synced to disk before anyone
 //! is answered. Like the store, it commits in groups: one sync for every record waiting at once.
+//! Every record carries a MAC under the chain key (derived from the key-encryption key), a signed
+//! checkpoint attests the head every [`CHECKPOINT_EVERY`] records and opens every rotated file,
+//! and the file is locked by its writer: one valetd per audit log.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -8,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use valet_core::Clock;
-use valet_core::audit::{self, AuditEvent, ChainHead};
+use valet_core::audit::{self, AuditEvent, ChainHead, ChainKey};
 use valet_store::Store;
 
 use crate::redactor::Redactor;
@@ -32,7 +35,22 @@ pub enum AuditError {
     HeadMismatch { path: String, expected: String },
     #[error("the audit writer has stopped")]
     Stopped,
+    #[error(
+        "the audit log {path} runs past the chain head the store recorded (record {store_sequence}): {detail}; valetd does not adopt records it cannot prove it wrote — restore the log, or move it aside to start a new file that continues the chain"
+    )]
+    UnprovenRecords {
+        path: String,
+        store_sequence: u64,
+        detail: String,
+    },
+    #[error(
+        "the audit log {path} is in use by another valetd ({holder}); each valetd needs its own audit log"
+    )]
+    Locked { path: String, holder: String },
 }
+
+/// A signed checkpoint attests the chain's head after this many records.
+pub const CHECKPOINT_EVERY: u64 = 1000;
 
 type Reply = oneshot::Sender<Result<ChainHead, AuditError>>;
 
@@ -61,6 +79,8 @@ impl AuditSink {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         redactor: Arc<Redactor>,
+        chain_key: ChainKey,
+        keys: Arc<crate::keys::Keys>,
     ) -> Result<AuditSink, AuditError> {
         let display = path.display().to_string();
         let unwritable = |detail: String| AuditError::Unwritable {
@@ -81,6 +101,7 @@ impl AuditSink {
             .read(true)
             .open(path)
             .map_err(|error| unwritable(error.to_string()))?;
+        lock(&file, path)?;
         let file_head =
             last_record_head(&mut file).map_err(|error| unwritable(error.to_string()))?;
         let store_head = store
@@ -114,17 +135,38 @@ impl AuditSink {
                     expected: store_head.to_string(),
                 });
             }
+            (Some(file_head), Some(store_head)) if file_head.sequence > store_head.sequence => {
+                // Records past the recorded head: the last batch before a crash (its head not yet
+                // recorded) — or records appended by someone else. Only records that follow the
+                // recorded head and carry valetd's MAC are adopted.
+                prove_records_past(&mut file, &store_head, &chain_key).map_err(|detail| {
+                    AuditError::UnprovenRecords {
+                        path: display.clone(),
+                        store_sequence: store_head.sequence,
+                        detail,
+                    }
+                })?;
+                file_head
+            }
             (Some(file_head), _) => file_head,
             (None, _) => ChainHead::genesis(),
         };
+        let opens_rotated_file = continues_elsewhere && head.sequence > 0;
         let (sender, receiver) = mpsc::channel(4096);
         let writer = Writer {
             path: path.to_path_buf(),
             file: Some(file),
+            last_checkpoint: if opens_rotated_file {
+                None
+            } else {
+                Some(head.sequence)
+            },
             head,
             store,
             clock,
             redactor,
+            chain_key,
+            keys,
             written: broadcast::channel(1024).0,
         };
         let written = writer.written.clone();
@@ -185,9 +227,14 @@ struct Writer {
     path: PathBuf,
     file: Option<File>,
     head: ChainHead,
+    /// The head the last checkpoint attested; `None` when the file needs one first (a rotated
+    /// file opens with a checkpoint of the head it continues).
+    last_checkpoint: Option<u64>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     redactor: Arc<Redactor>,
+    chain_key: ChainKey,
+    keys: Arc<crate::keys::Keys>,
     written: broadcast::Sender<Arc<WrittenRecord>>,
 }
 
@@ -201,21 +248,38 @@ impl Writer {
             let mut heads = Vec::with_capacity(batch.len());
             let mut lines = Vec::with_capacity(batch.len());
             let mut head = self.head.clone();
-            for (event, _) in &batch {
-                let event = event.clone().redacted(|text| self.redactor.redact(text));
-                let (line, next) = audit::chain(&head, &event, now);
+            let mut checkpoint_at = self.last_checkpoint;
+            let mut push = |line: String, next: &ChainHead, text: &mut String| {
                 text.push_str(&line);
                 text.push('\n');
                 lines.push(WrittenRecord {
                     sequence: next.sequence,
                     line,
                 });
+            };
+            if checkpoint_at.is_none() {
+                let (line, next) = self.checkpoint_line(&head, now);
+                push(line, &next, &mut text);
+                checkpoint_at = Some(next.sequence);
+                head = next;
+            }
+            for (event, _) in &batch {
+                let event = event.clone().redacted(|text| self.redactor.redact(text));
+                let (line, next) = audit::chain(&head, &event, now, Some(&self.chain_key));
+                push(line, &next, &mut text);
                 heads.push(next.clone());
                 head = next;
+                if head.sequence - checkpoint_at.unwrap_or(0) >= CHECKPOINT_EVERY {
+                    let (line, next) = self.checkpoint_line(&head, now);
+                    push(line, &next, &mut text);
+                    checkpoint_at = Some(next.sequence);
+                    head = next;
+                }
             }
             let outcome = self.append(text).await;
             if outcome.is_ok() {
                 self.head = head;
+                self.last_checkpoint = checkpoint_at;
                 if let Err(error) = self.store.record_audit_head(&self.head).await {
                     tracing::error!(%error, "cannot record the audit chain head in the store");
                 }
@@ -228,6 +292,13 @@ impl Writer {
                 let _ = reply.send(outcome.clone().map(|_| head));
             }
         }
+    }
+
+    /// A checkpoint record attesting `head`, signed with the current signing key.
+    fn checkpoint_line(&self, head: &ChainHead, now: valet_core::UnixTime) -> (String, ChainHead) {
+        let ring = self.keys.ring();
+        let event = audit::checkpoint(head, ring.current());
+        audit::chain(head, &event, now, Some(&self.chain_key))
     }
 
     /// Writes and syncs `text`; on failure, cuts the file back to where it was so the chain on
@@ -266,6 +337,102 @@ impl Writer {
             path,
             detail: error.to_string(),
         })
+    }
+}
+
+/// Locks the audit file for this process (released when it exits): a second valetd on the same
+/// log refuses to start, naming the holder.
+fn lock(file: &File, path: &Path) -> Result<(), AuditError> {
+    let owner = path.with_extension("owner");
+    match file.try_lock() {
+        Ok(()) => {
+            let holder = format!(
+                "pid {} on {}",
+                std::process::id(),
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|name| name.trim().to_string())
+                    .unwrap_or_default()
+            );
+            // Best effort: the name only helps the message a second valetd prints.
+            let _ = std::fs::write(&owner, holder);
+            Ok(())
+        }
+        Err(std::fs::TryLockError::WouldBlock) => Err(AuditError::Locked {
+            path: path.display().to_string(),
+            holder: std::fs::read_to_string(&owner)
+                .map(|holder| holder.trim().to_string())
+                .unwrap_or_else(|_| "holder unknown".to_string()),
+        }),
+        Err(std::fs::TryLockError::Error(error)) => Err(AuditError::Unwritable {
+            path: path.display().to_string(),
+            detail: format!("cannot lock it: {error}"),
+        }),
+    }
+}
+
+/// Proves the records after `store_head` were written by this valetd: they follow it and carry
+/// its MAC. Says which record fails otherwise.
+fn prove_records_past(
+    file: &mut File,
+    store_head: &ChainHead,
+    chain_key: &ChainKey,
+) -> Result<(), String> {
+    let lines = lines_from_sequence(file, store_head.sequence)
+        .map_err(|error| format!("it cannot be read: {error}"))?;
+    let Some(first) = lines.first() else {
+        return Err(format!("record {} is not in it", store_head.sequence));
+    };
+    let anchor = audit::verify([first.as_str()], None)
+        .map_err(|error| format!("record {}: {error}", store_head.sequence))?;
+    if anchor.head != *store_head {
+        return Err(format!(
+            "record {} is not the one valetd recorded: the log diverges there",
+            store_head.sequence
+        ));
+    }
+    let verification = audit::Verification {
+        key: Some(chain_key),
+        ..audit::Verification::default()
+    };
+    audit::verify_with(lines[1..].iter().map(String::as_str), &verification)
+        .and_then(|_| audit::verify(lines.iter().map(String::as_str), None))
+        .map(|_| ())
+        .map_err(|error| format!("after record {}, {error}", store_head.sequence))
+}
+
+/// The lines of the file from the record with `sequence` to the end, reading only as much of its
+/// tail as needed.
+fn lines_from_sequence(file: &mut File, sequence: u64) -> std::io::Result<Vec<String>> {
+    let length = file.metadata()?.len();
+    let mut window = 64 * 1024u64;
+    loop {
+        let start = length.saturating_sub(window);
+        file.seek(SeekFrom::Start(start))?;
+        let mut tail = Vec::new();
+        Read::by_ref(file)
+            .take(length - start)
+            .read_to_end(&mut tail)?;
+        let text = String::from_utf8_lossy(&tail);
+        let mut lines: Vec<&str> = text.lines().collect();
+        if start > 0 && !lines.is_empty() {
+            lines.remove(0);
+        }
+        let position = lines.iter().position(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|value| value.get("seq").and_then(serde_json::Value::as_u64))
+                == Some(sequence)
+        });
+        if let Some(position) = position {
+            return Ok(lines[position..]
+                .iter()
+                .map(|line| line.to_string())
+                .collect());
+        }
+        if start == 0 {
+            return Ok(Vec::new());
+        }
+        window *= 4;
     }
 }
 

@@ -66,7 +66,7 @@ pub struct Valet {
     redactor: Arc<Redactor>,
     config_path: PathBuf,
     overrides: Overrides,
-    keys: keys::Keys,
+    keys: Arc<keys::Keys>,
     store: Arc<dyn Store>,
     audit: AuditSink,
     /// Announces new approval requests to the webhook.
@@ -97,19 +97,23 @@ impl Valet {
     pub async fn open(parts: Parts) -> Result<Arc<Valet>, ServiceError> {
         let vault = CredentialVault::new(parts.loaded.credentials);
         let redactor = Arc::new(Redactor::new(vault.clone()));
+        let chain_key = valet_core::audit::ChainKey::from_seal_key(&parts.seal_key);
+        let keys = Arc::new(
+            keys::Keys::open(parts.store.clone(), parts.seal_key, parts.clock.clone()).await?,
+        );
         let audit = AuditSink::open(
             &parts.loaded.config.audit.path,
             parts.store.clone(),
             parts.clock.clone(),
             redactor.clone(),
+            chain_key,
+            keys.clone(),
         )
         .await?;
         let audit = match parts.replica {
             Some(replica) => audit.for_replica(replica),
             None => audit,
         };
-        let keys =
-            keys::Keys::open(parts.store.clone(), parts.seal_key, parts.clock.clone()).await?;
         Ok(Arc::new_cyclic(|weak| Valet {
             config: ArcSwap::from_pointee(parts.loaded.config),
             vault,

@@ -8,7 +8,7 @@ fn chain_of(n_records: u64) -> (Vec<String>, ChainHead) {
     for index in 0..n_records {
         let event = AuditEvent::new(AuditAction::TokenIssue, Outcome::Allowed)
             .with("grant_id", format!("g{index}"));
-        let (line, next) = chain(&head, &event, 1_700_000_000 + index as i64);
+        let (line, next) = chain(&head, &event, 1_700_000_000 + index as i64, None);
         lines.push(line);
         head = next;
     }
@@ -45,7 +45,7 @@ fn an_edit_with_a_recomputed_hash_still_breaks_the_next_link() {
         sequence: 1,
         hash: parse_hash(&lines[0]),
     };
-    lines[1] = chain(&before, &forged_event, 1).0;
+    lines[1] = chain(&before, &forged_event, 1, None).0;
     let broken = verify_all(&lines, None).unwrap_err();
     assert_eq!((broken.line, broken.kind), (3, BreakKind::PrevMismatch));
 }
@@ -107,6 +107,7 @@ fn a_rewritten_log_does_not_match_the_kept_head() {
                 &AuditEvent::new(AuditAction::TokenIssue, Outcome::Denied)
                     .with("n", index.to_string()),
                 5,
+                None,
             );
             lines.push(line);
             h = next;
@@ -156,5 +157,169 @@ fn every_action_has_its_own_name_and_the_config_reference_lists_it() {
             reference.contains(&format!("`{name}`")),
             "docs/configuration.md names audit action {name}"
         );
+    }
+}
+
+mod keyed {
+    use super::*;
+    use crate::keyring::{SealKey, SigningKey};
+
+    fn seal_key() -> SealKey {
+        SealKey::from_base64(&SealKey::generate_base64().unwrap()).unwrap()
+    }
+
+    /// A keyed chain of `n` records, with a checkpoint after every `every` records.
+    fn keyed_chain(
+        key: &ChainKey,
+        signer: &SigningKey,
+        start: ChainHead,
+        n: u64,
+        every: u64,
+    ) -> (Vec<String>, ChainHead) {
+        let mut head = start;
+        let mut lines = Vec::new();
+        if head.sequence > 0 {
+            let (line, next) = chain(&head, &checkpoint(&head, signer), 9, Some(key));
+            lines.push(line);
+            head = next;
+        }
+        for index in 0..n {
+            let event = AuditEvent::new(AuditAction::TokenIssue, Outcome::Allowed)
+                .with("grant_id", format!("g{index}"));
+            let (line, next) = chain(&head, &event, 10, Some(key));
+            lines.push(line);
+            head = next;
+            if (index + 1) % every == 0 {
+                let (line, next) = chain(&head, &checkpoint(&head, signer), 11, Some(key));
+                lines.push(line);
+                head = next;
+            }
+        }
+        (lines, head)
+    }
+
+    fn public(signer: &SigningKey) -> impl Fn(&str) -> Option<[u8; 32]> + '_ {
+        move |kid: &str| (kid == signer.kid()).then(|| signer.public_key())
+    }
+
+    #[test]
+    fn a_re_chained_log_fails_the_mac_and_the_checkpoints() {
+        let (key, signer) = (
+            ChainKey::from_seal_key(&seal_key()),
+            SigningKey::generate().unwrap(),
+        );
+        let (lines, head) = keyed_chain(&key, &signer, ChainHead::genesis(), 10, 4);
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let public_keys = public(&signer);
+        let full = Verification {
+            key: Some(&key),
+            public_keys: Some(&public_keys),
+            expected_head: Some(&head),
+        };
+        let summary = verify_with(refs.iter().copied(), &full).unwrap();
+        assert!(summary.macs_checked);
+        assert_eq!(summary.attested_through, Some(head.sequence - 3));
+
+        // Delete record 2, re-chain everything after it with plain SHA-256 (what anyone can do),
+        // and pad back to the kept head's length.
+        let mut forged = ChainHead::genesis();
+        let mut rewritten = Vec::new();
+        for (index, line) in refs.iter().enumerate() {
+            if index == 1 {
+                continue;
+            }
+            let mut body: serde_json::Map<String, Value> = serde_json::from_str(line).unwrap();
+            for member in ["seq", "time", "prev", "hash", "mac"] {
+                body.remove(member);
+            }
+            let (line, next) = chain(&forged, &AuditEvent { fields: body }, 10, None);
+            rewritten.push(line);
+            forged = next;
+        }
+        let rewritten: Vec<&str> = rewritten.iter().map(String::as_str).collect();
+        let with_key = Verification {
+            key: Some(&key),
+            ..Verification::default()
+        };
+        assert_eq!(
+            verify_with(rewritten.iter().copied(), &with_key)
+                .unwrap_err()
+                .kind,
+            BreakKind::MacMismatch
+        );
+        // Without the key, the signed checkpoints catch it.
+        let offline = Verification {
+            public_keys: Some(&public_keys),
+            ..Verification::default()
+        };
+        assert_eq!(
+            verify_with(rewritten.iter().copied(), &offline)
+                .unwrap_err()
+                .kind,
+            BreakKind::CheckpointMismatch
+        );
+    }
+
+    #[test]
+    fn records_past_the_kept_head_and_a_cut_front_are_refused() {
+        let (key, signer) = (
+            ChainKey::from_seal_key(&seal_key()),
+            SigningKey::generate().unwrap(),
+        );
+        let (lines, head) = keyed_chain(&key, &signer, ChainHead::genesis(), 6, 100);
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let kept = ChainHead {
+            sequence: 4,
+            hash: verify(refs[..4].iter().copied(), None).unwrap().head.hash,
+        };
+        let verification = Verification {
+            key: Some(&key),
+            expected_head: Some(&kept),
+            ..Verification::default()
+        };
+        assert!(matches!(
+            verify_with(refs.iter().copied(), &verification)
+                .unwrap_err()
+                .kind,
+            BreakKind::PastHead { expected: 4, .. }
+        ));
+        let public_keys = public(&signer);
+        let offline = Verification {
+            public_keys: Some(&public_keys),
+            expected_head: Some(&head),
+            ..Verification::default()
+        };
+        assert_eq!(
+            verify_with(refs[2..].iter().copied(), &offline)
+                .unwrap_err()
+                .kind,
+            BreakKind::NoStart { found: 3 }
+        );
+    }
+
+    #[test]
+    fn a_rotated_file_opens_with_a_checkpoint_and_verifies_on_its_own() {
+        let (key, signer) = (
+            ChainKey::from_seal_key(&seal_key()),
+            SigningKey::generate().unwrap(),
+        );
+        let (first, head) = keyed_chain(&key, &signer, ChainHead::genesis(), 3, 100);
+        let (second, end) = keyed_chain(&key, &signer, head.clone(), 3, 100);
+        let public_keys = public(&signer);
+        let offline = Verification {
+            public_keys: Some(&public_keys),
+            expected_head: Some(&end),
+            ..Verification::default()
+        };
+        let summary = verify_with(second.iter().map(String::as_str), &offline).unwrap();
+        assert_eq!(summary.first_sequence, head.sequence + 1);
+        assert_eq!(summary.attested_through, Some(head.sequence));
+        let both: Vec<&str> = first.iter().chain(&second).map(String::as_str).collect();
+        let with_key = Verification {
+            key: Some(&key),
+            expected_head: Some(&end),
+            ..Verification::default()
+        };
+        assert!(verify_with(both, &with_key).is_ok());
     }
 }
