@@ -591,3 +591,97 @@ async fn a_reload_on_one_replica_ends_the_grants_on_every_replica() {
         assert!(reply.reason.contains("config reload"), "{}", reply.reason);
     }
 }
+
+#[tokio::test]
+async fn a_key_record_planted_in_etcd_is_refused_by_every_replica() {
+    let cluster = EtcdCluster::start(1);
+    let (_deployments, valetds) = replicas(&cluster);
+    let agents = [
+        valetds[0].client(AGENT_KEY).await,
+        valetds[1].client(AGENT_KEY).await,
+    ];
+    // Someone with write access to etcd plants a verifying key whose private half they hold,
+    // and signs a ten-day admin token with it.
+    let outside = valet_core::keyring::SigningKey::generate().unwrap();
+    let planted = serde_json::json!({
+        "kid": outside.kid(),
+        "public_key": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, outside.public_key()),
+        "sealed_private": null,
+        "created_at": 1,
+        "retired_at": 2,
+        "verify_until": 4_000_000_000i64,
+    });
+    let now = valet_core::Clock::now(&valet_core::SystemClock);
+    let forged = valet_core::token::sign(
+        &valet_core::token::Claims {
+            iss: "https://valet.test".into(),
+            sub: "admin".into(),
+            aud: "railway".into(),
+            iat: now,
+            nbf: now,
+            exp: now + 10 * 86_400,
+            jti: "01JDFORGEDGRANT00000000000".into(),
+            task: "t".into(),
+            scope: "deploy-staging".into(),
+            env: "staging".into(),
+            params: Default::default(),
+        },
+        &outside,
+    );
+    let put = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &cluster.endpoints().join(",")])
+        .args([
+            "put",
+            &format!("/valet/test/keys/{}", outside.kid()),
+            &planted.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    // Every replica stops trusting its key ring: nothing is signed or verified, and the forged
+    // token is never active.
+    for agent in &agents {
+        let refused = valet_tests::eventually(Duration::from_secs(10), || async {
+            agent.request_token(staging("task-planted")).await.is_err()
+        })
+        .await;
+        assert!(
+            refused,
+            "the replica refuses to sign with an untrusted key ring"
+        );
+        let error = agent
+            .request_token(staging("task-planted"))
+            .await
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("does not carry the MAC valetd writes"),
+            "{error}"
+        );
+        assert!(
+            !active(agent, &forged).await,
+            "the forged token is never active"
+        );
+    }
+    // Once the planted record is gone, the replicas trust their ring again.
+    let delete = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &cluster.endpoints().join(",")])
+        .args(["del", &format!("/valet/test/keys/{}", outside.kid())])
+        .output()
+        .unwrap();
+    assert!(delete.status.success());
+    for agent in &agents {
+        let resumed = valet_tests::eventually(Duration::from_secs(10), || async {
+            agent.request_token(staging("task-after")).await.is_ok()
+        })
+        .await;
+        assert!(resumed, "the replica signs again");
+    }
+}

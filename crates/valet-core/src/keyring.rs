@@ -32,6 +32,14 @@ pub enum KeyError {
     CorruptKey { kid: String, what: &'static str },
     #[error("no current signing key in the key ring")]
     NoCurrentKey,
+    #[error(
+        "key record {kid} in the store does not carry the MAC valetd writes (missing or wrong): someone with write access to the store wrote or altered it; valetd refuses to trust any key ring that holds it"
+    )]
+    UnauthenticatedRecord { kid: String },
+    #[error(
+        "the key ring cannot be used: {reason}; valetd refuses to sign or verify until it can read a trusted key ring again"
+    )]
+    Unavailable { reason: String },
     #[error(transparent)]
     Randomness(#[from] random::RandomnessUnavailable),
 }
@@ -202,6 +210,10 @@ pub struct StoredKey {
     pub retired_at: Option<UnixTime>,
     /// A retired key verifies until this time: by then every token it signed has expired.
     pub verify_until: Option<UnixTime>,
+    /// A MAC over every field above, under a key derived from the key-encryption key: a record
+    /// written by anyone else (a public key planted in etcd, say) is refused.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 impl StoredKey {
@@ -219,16 +231,63 @@ impl StoredKey {
             created_at: now,
             retired_at: None,
             verify_until: None,
-        })
+            mac: None,
+        }
+        .authenticated(seal_key))
     }
 
     /// The record after retirement at `now`, verifying for `max_token_lifetime` more.
-    pub fn retired(&self, now: UnixTime, max_token_lifetime: Duration) -> StoredKey {
+    pub fn retired(
+        &self,
+        now: UnixTime,
+        max_token_lifetime: Duration,
+        seal_key: &SealKey,
+    ) -> StoredKey {
         StoredKey {
             sealed_private: None,
             retired_at: Some(now),
             verify_until: Some(add_duration(now, max_token_lifetime)),
+            mac: None,
             ..self.clone()
+        }
+        .authenticated(seal_key)
+    }
+
+    /// What the MAC covers: every field, in a fixed order.
+    fn mac_input(&self) -> String {
+        format!(
+            "valet key record v1\n{}\n{}\n{}\n{}\n{:?}\n{:?}",
+            self.kid,
+            self.public_key,
+            self.sealed_private.as_deref().unwrap_or(""),
+            self.created_at,
+            self.retired_at,
+            self.verify_until
+        )
+    }
+
+    fn authenticated(mut self, seal_key: &SealKey) -> StoredKey {
+        let key = seal_key.derive_mac_key("valet key records");
+        self.mac = Some(hex::encode(
+            ring::hmac::sign(&key, self.mac_input().as_bytes()).as_ref(),
+        ));
+        self
+    }
+
+    /// Refuses a record this valetd did not write.
+    pub fn check(&self, seal_key: &SealKey) -> Result<(), KeyError> {
+        let key = seal_key.derive_mac_key("valet key records");
+        let authentic = self
+            .mac
+            .as_deref()
+            .and_then(|mac| hex::decode(mac).ok())
+            .is_some_and(|tag| ring::hmac::verify(&key, self.mac_input().as_bytes(), &tag).is_ok());
+        if authentic {
+            Ok(())
+        } else {
+            Err(KeyError::UnauthenticatedRecord {
+                kid: self.kid.clone(),
+            })
         }
     }
 
@@ -276,6 +335,11 @@ impl KeyRing {
         seal_key: &SealKey,
         now: UnixTime,
     ) -> Result<KeyRing, KeyError> {
+        // Every record must be valetd's own: a verifying key planted in the store would let
+        // whoever holds its private half sign tokens valetd accepts.
+        for record in records {
+            record.check(seal_key)?;
+        }
         let current_record = records
             .iter()
             .filter(|record| record.retired_at.is_none())
@@ -400,7 +464,7 @@ mod tests {
         let other = seal_key();
         assert!(matches!(
             KeyRing::open(std::slice::from_ref(&stored), &other, 100),
-            Err(KeyError::UnsealFailed { .. })
+            Err(KeyError::UnauthenticatedRecord { .. })
         ));
 
         let mut moved = stored.clone();
@@ -410,11 +474,37 @@ mod tests {
     }
 
     #[test]
+    fn a_planted_verifying_key_or_an_altered_record_is_refused() {
+        let seal = seal_key();
+        let current = StoredKey::seal(&SigningKey::generate().unwrap(), &seal, 100).unwrap();
+        // A public key written into the store by someone who holds its private half.
+        let outside = SigningKey::generate().unwrap();
+        let planted = StoredKey {
+            kid: outside.kid().to_string(),
+            public_key: URL_SAFE_NO_PAD.encode(outside.public_key()),
+            sealed_private: None,
+            created_at: 50,
+            retired_at: Some(60),
+            verify_until: Some(10_000_000),
+            mac: None,
+        };
+        assert!(matches!(
+            KeyRing::open(&[current.clone(), planted], &seal, 100),
+            Err(KeyError::UnauthenticatedRecord { kid }) if kid == outside.kid()
+        ));
+        // A retired key's window stretched by hand.
+        let mut stretched = current.retired(100, Duration::from_secs(60), &seal);
+        stretched.verify_until = Some(10_000_000);
+        let newer = StoredKey::seal(&SigningKey::generate().unwrap(), &seal, 100).unwrap();
+        assert!(KeyRing::open(&[stretched, newer], &seal, 100).is_err());
+    }
+
+    #[test]
     fn retired_keys_verify_until_their_tokens_expire() {
         let seal = seal_key();
         let old = StoredKey::seal(&SigningKey::generate().unwrap(), &seal, 100).unwrap();
         let new = StoredKey::seal(&SigningKey::generate().unwrap(), &seal, 200).unwrap();
-        let retired = old.retired(200, Duration::from_secs(3600));
+        let retired = old.retired(200, Duration::from_secs(3600), &seal);
         assert_eq!(retired.sealed_private, None);
         let records = [retired.clone(), new.clone()];
         let ring = KeyRing::open(&records, &seal, 300).unwrap();

@@ -81,6 +81,10 @@ fn status_unredacted(error: ServiceError, request_id: &str) -> Status {
                 "valetd cannot record this decision durably, so it refused it (fail closed); request id {request_id}: {error}"
             ));
         }
+        ServiceError::Key(valet_core::keyring::KeyError::Unavailable { .. }) => {
+            tracing::error!(request_id, error = %error, "refused: the key ring cannot be trusted");
+            return Status::unavailable(format!("{error}; request id {request_id}"));
+        }
         ServiceError::Key(_) | ServiceError::Internal(_) => {
             tracing::error!(request_id, error = %error, "internal error");
             return Status::internal(format!("internal error; request id {request_id}"));

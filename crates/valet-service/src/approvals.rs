@@ -33,7 +33,7 @@ impl Valet {
             grant_id.into_string(),
             &caller.principal.name,
             request,
-            self.keys.ring().current().kid(),
+            self.keys.ring()?.current().kid(),
             now,
         );
         grant.status = GrantStatus::Pending;
@@ -232,7 +232,7 @@ impl Valet {
                         Ok((ttl, max_lifetime)) => grant.activated(
                             ttl,
                             max_lifetime,
-                            self.keys.ring().current().kid(),
+                            self.keys.ring()?.current().kid(),
                             now,
                         )?,
                         Err(error) => grant.denied(

@@ -257,8 +257,9 @@ impl Writer {
                     line,
                 });
             };
-            if checkpoint_at.is_none() {
-                let (line, next) = self.checkpoint_line(&head, now);
+            if checkpoint_at.is_none()
+                && let Some((line, next)) = self.checkpoint_line(&head, now)
+            {
                 push(line, &next, &mut text);
                 checkpoint_at = Some(next.sequence);
                 head = next;
@@ -269,8 +270,9 @@ impl Writer {
                 push(line, &next, &mut text);
                 heads.push(next.clone());
                 head = next;
-                if head.sequence - checkpoint_at.unwrap_or(0) >= CHECKPOINT_EVERY {
-                    let (line, next) = self.checkpoint_line(&head, now);
+                if head.sequence - checkpoint_at.unwrap_or(0) >= CHECKPOINT_EVERY
+                    && let Some((line, next)) = self.checkpoint_line(&head, now)
+                {
                     push(line, &next, &mut text);
                     checkpoint_at = Some(next.sequence);
                     head = next;
@@ -294,11 +296,16 @@ impl Writer {
         }
     }
 
-    /// A checkpoint record attesting `head`, signed with the current signing key.
-    fn checkpoint_line(&self, head: &ChainHead, now: valet_core::UnixTime) -> (String, ChainHead) {
-        let ring = self.keys.ring();
+    /// A checkpoint record attesting `head`, signed with the current signing key; none while the
+    /// key ring cannot be trusted (the records themselves still carry their MACs).
+    fn checkpoint_line(
+        &self,
+        head: &ChainHead,
+        now: valet_core::UnixTime,
+    ) -> Option<(String, ChainHead)> {
+        let ring = self.keys.ring().ok()?;
         let event = audit::checkpoint(head, ring.current());
-        audit::chain(head, &event, now, Some(&self.chain_key))
+        Some(audit::chain(head, &event, now, Some(&self.chain_key)))
     }
 
     /// Writes and syncs `text`; on failure, cuts the file back to where it was so the chain on

@@ -254,7 +254,7 @@ impl Valet {
             now: self.clock.now(),
             leeway_seconds: 0,
         };
-        let claims = token::verify(token, self.keys.ring().as_ref(), expectations)
+        let claims = token::verify(token, self.keys.ring()?.as_ref(), expectations)
             .map_err(CallRefusal::BadToken)?;
         let grant = self
             .store

@@ -1,5 +1,7 @@
 //! The key ring's life in valetd: created on first start, opened on every start, rotated on
 //! request, refreshed when the store says it changed. Readers see it through one atomic pointer.
+//! Every record is checked against valetd's MAC when it is read; when the ring cannot be read
+//! back as valetd wrote it, valetd fails closed — it never goes on trusting what it remembers.
 
 use std::sync::Arc;
 
@@ -13,6 +15,8 @@ use crate::error::ServiceError;
 /// The live key ring and what it takes to change it.
 pub struct Keys {
     ring: ArcSwap<KeyRing>,
+    /// Why the ring cannot be trusted now (the last refresh failed); `None` when it can.
+    failure: ArcSwap<Option<String>>,
     seal_key: SealKey,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
@@ -38,21 +42,50 @@ impl Keys {
         let ring = KeyRing::open(&store.keys().await?, &seal_key, clock.now())?;
         Ok(Keys {
             ring: ArcSwap::from_pointee(ring),
+            failure: ArcSwap::from_pointee(None),
             seal_key,
             store,
             clock,
         })
     }
 
-    pub fn ring(&self) -> Arc<KeyRing> {
-        self.ring.load_full()
+    /// The ring to sign and verify with; refused while the store's records cannot be trusted.
+    pub fn ring(&self) -> Result<Arc<KeyRing>, ServiceError> {
+        match self.failure.load().as_ref() {
+            None => Ok(self.ring.load_full()),
+            Some(reason) => Err(KeyError::Unavailable {
+                reason: reason.clone(),
+            }
+            .into()),
+        }
     }
 
-    /// Re-reads the ring from the store (after a rotation elsewhere, or a sweep).
+    /// Re-reads the ring from the store (after a rotation elsewhere, or a sweep). A ring that
+    /// cannot be read, or holds a record valetd did not write, stops all signing and verifying
+    /// until a later refresh reads a trusted ring again.
     pub async fn refresh(&self) -> Result<(), ServiceError> {
-        let ring = KeyRing::open(&self.store.keys().await?, &self.seal_key, self.clock.now())?;
-        self.ring.store(Arc::new(ring));
-        Ok(())
+        let opened = match self.store.keys().await {
+            Ok(records) => KeyRing::open(&records, &self.seal_key, self.clock.now())
+                .map_err(ServiceError::from),
+            Err(error) => Err(error.into()),
+        };
+        match opened {
+            Ok(ring) => {
+                if self.failure.load().is_some() {
+                    tracing::warn!(
+                        "the key ring reads as valetd wrote it again; signing and verifying resume"
+                    );
+                }
+                self.ring.store(Arc::new(ring));
+                self.failure.store(Arc::new(None));
+                Ok(())
+            }
+            Err(error) => {
+                tracing::error!(%error, "THE KEY RING CANNOT BE TRUSTED: valetd refuses to sign or verify tokens until it can read it again");
+                self.failure.store(Arc::new(Some(error.to_string())));
+                Err(error)
+            }
+        }
     }
 
     /// Makes a new key current; the old one verifies for `max_token_lifetime` more.
@@ -69,7 +102,7 @@ impl Keys {
             .max_by_key(|record| record.created_at)
             .ok_or(KeyError::NoCurrentKey)?;
         let new = StoredKey::seal(&SigningKey::generate()?, &self.seal_key, now)?;
-        let retired = current.retired(now, max_token_lifetime);
+        let retired = current.retired(now, max_token_lifetime, &self.seal_key);
         self.store
             .replace_keys(Some(&current.kid), &[retired, new.clone()])
             .await?;

@@ -141,7 +141,7 @@ impl Valet {
 
     /// The signing keys' public halves, for JWKS documents.
     pub fn jwks(&self) -> Vec<valet_core::keyring::Jwk> {
-        self.keys.ring().jwks()
+        self.keys.ring().map(|ring| ring.jwks()).unwrap_or_default()
     }
 
     /// How many root credentials are loaded (never their values).

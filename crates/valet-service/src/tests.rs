@@ -542,7 +542,7 @@ async fn every_gateway_refusal_kind_leaves_one_audit_record_with_its_reason() {
     let unknown_grant = {
         let mut claims = grant.claims("https://valet.test", START);
         claims.jti = "01JDNOSUCHGRANT00000000000".into();
-        token::issue(&claims, fixture.valet.keys.ring().current())
+        token::issue(&claims, fixture.valet.keys.ring().unwrap().current())
     };
     let token = token.expose();
     let allowed = site("railway", "GET", "/v1/projects/shop/services");

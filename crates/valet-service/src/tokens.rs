@@ -86,7 +86,7 @@ impl Valet {
                 approval: Box::new(pending),
             });
         }
-        let ring = self.keys.ring();
+        let ring = self.keys.ring()?;
         let signing_key = ring.current();
         let now = self.clock.now();
         let id = GrantId::generate(self.clock.now_millis())?;
@@ -155,7 +155,7 @@ impl Valet {
     ) -> Result<(Token, Option<AwsGrant>), ServiceError> {
         policy::may_receive_token(&caller.principal, grant)?;
         let config = self.config();
-        let ring = self.keys.ring();
+        let ring = self.keys.ring()?;
         let now = self.clock.now();
         let token = token::issue(&grant.claims(&config.server.issuer, now), ring.current());
         let aws = self.mint_aws(&config, grant, now).await?;
@@ -211,7 +211,7 @@ impl Valet {
         let config = &config;
         let swapped = compare_and_swap_awaiting(self.store.as_ref(), current, |current: Grant| {
             Box::pin(async move {
-                let ring = self.keys.ring();
+                let ring = self.keys.ring()?;
                 let now = self.clock.now();
                 let renewed = current.renewed(ttl, ring.current().kid(), now)?;
                 // STS sessions cannot be extended: a renewal is a new session for the new
@@ -294,7 +294,7 @@ impl Valet {
             now,
             leeway_seconds: 0,
         };
-        let claims = match token::verify(token.expose(), self.keys.ring().as_ref(), expectations) {
+        let claims = match token::verify(token.expose(), self.keys.ring()?.as_ref(), expectations) {
             Ok(claims) => claims,
             Err(error) => return inactive(context, None, error.to_string()).await,
         };

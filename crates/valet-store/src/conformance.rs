@@ -247,7 +247,7 @@ pub async fn key_replacement_is_compare_and_swap(store: &dyn Store) {
         Err(StoreError::KeyRingConflict)
     ));
     let second = StoredKey::seal(&SigningKey::generate().unwrap(), &seal, 200).unwrap();
-    let retired = first.retired(200, Duration::from_secs(3600));
+    let retired = first.retired(200, Duration::from_secs(3600), &seal);
     store
         .replace_keys(Some(&first.kid), &[retired.clone(), second.clone()])
         .await
