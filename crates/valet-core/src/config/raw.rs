@@ -36,6 +36,7 @@ pub struct RawStore {
     pub ca_file: Option<String>,
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
+    pub allow_insecure: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

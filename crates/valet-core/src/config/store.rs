@@ -32,6 +32,20 @@ pub struct EtcdConfig {
     pub client_certificate: Option<(PathBuf, PathBuf)>,
 }
 
+/// Whether `host:port` names this machine (127.0.0.0/8, ::1, localhost).
+fn is_loopback(host_port: &str) -> bool {
+    let host = host_port
+        .rsplit_once(':')
+        .map(|(host, _)| host)
+        .unwrap_or(host_port)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback())
+}
+
 pub(super) fn build(raw: Option<RawStore>, problems: &mut Problems) -> Option<StoreConfig> {
     let Some(raw) = raw else {
         return Some(StoreConfig::Sled);
@@ -49,6 +63,7 @@ pub(super) fn build(raw: Option<RawStore>, problems: &mut Problems) -> Option<St
                     ("ca_file", raw.ca_file.is_some()),
                     ("cert_file", raw.cert_file.is_some()),
                     ("key_file", raw.key_file.is_some()),
+                    ("allow_insecure", raw.allow_insecure.is_some()),
                 ],
                 (
                     "store",
@@ -162,6 +177,35 @@ pub(super) fn build(raw: Option<RawStore>, problems: &mut Problems) -> Option<St
                         raw.username.as_deref().unwrap_or(""),
                         "etcd login",
                         "username together with password_env or password_file",
+                    ),
+                );
+            }
+            // Write access to etcd is control of the broker (whoever can write records can end
+            // grants, and a store that a stranger can reach without proving who they are is
+            // one a stranger controls). Off loopback, etcd needs TLS and a login or a client
+            // certificate, unless the operator says in config that it is acceptable.
+            let off_loopback: Vec<&String> = endpoints
+                .iter()
+                .filter(|endpoint| !is_loopback(endpoint.strip_prefix(scheme).unwrap_or(endpoint)))
+                .collect();
+            let authenticated = raw.username.is_some() || client_certificate.is_some();
+            if !off_loopback.is_empty()
+                && (!tls || !authenticated)
+                && raw.allow_insecure != Some(true)
+            {
+                let missing = match (tls, authenticated) {
+                    (false, false) => "TLS and authentication",
+                    (false, true) => "TLS",
+                    _ => "authentication (username and password, or a client certificate)",
+                };
+                problems.push(
+                    "store.endpoints",
+                    invalid(
+                        off_loopback[0],
+                        "etcd endpoint off loopback without TLS and authentication",
+                        &format!(
+                            "https:// with ca_file, and username or cert_file; write access to etcd is control of the broker. This one lacks {missing} (allow_insecure = true accepts it, knowingly)"
+                        ),
                     ),
                 );
             }

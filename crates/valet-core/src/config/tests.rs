@@ -362,3 +362,36 @@ replica = "bad name!"
         Some(Path::new("/etc/valet/ca.pem"))
     );
 }
+
+#[test]
+fn etcd_off_loopback_needs_tls_and_authentication_unless_allowed() {
+    let config = |store: &str| {
+        format!(
+            "[server]\ndata_dir = \"d\"\nissuer = \"i\"\nmax_ttl = \"1h\"\n[audit]\npath = \"a\"\n[store]\nengine = \"etcd\"\n{store}"
+        )
+    };
+    let refused = Config::parse(
+        &config("endpoints = [\"http://10.1.2.3:2379\"]\n"),
+        Path::new("/"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("lacks TLS and authentication"),
+        "{refused}"
+    );
+    assert!(
+        Config::parse(
+            &config("endpoints = [\"http://127.0.0.1:2379\"]\n"),
+            Path::new("/")
+        )
+        .is_ok()
+    );
+    assert!(
+        Config::parse(
+            &config("endpoints = [\"http://10.1.2.3:2379\"]\nallow_insecure = true\n"),
+            Path::new("/")
+        )
+        .is_ok()
+    );
+}
