@@ -336,9 +336,21 @@ impl KeyRing {
         now: UnixTime,
     ) -> Result<KeyRing, KeyError> {
         // Every record must be valetd's own: a verifying key planted in the store would let
-        // whoever holds its private half sign tokens valetd accepts.
-        for record in records {
-            record.check(seal_key)?;
+        // whoever holds its private half sign tokens valetd accepts. When no record at all
+        // checks, the likelier cause is the wrong key-encryption key: say that.
+        let failing: Vec<&StoredKey> = records
+            .iter()
+            .filter(|record| record.check(seal_key).is_err())
+            .collect();
+        if let Some(first) = failing.first() {
+            if failing.len() == records.len() {
+                return Err(KeyError::UnsealFailed {
+                    kid: first.kid.clone(),
+                });
+            }
+            return Err(KeyError::UnauthenticatedRecord {
+                kid: first.kid.clone(),
+            });
         }
         let current_record = records
             .iter()
@@ -464,7 +476,7 @@ mod tests {
         let other = seal_key();
         assert!(matches!(
             KeyRing::open(std::slice::from_ref(&stored), &other, 100),
-            Err(KeyError::UnauthenticatedRecord { .. })
+            Err(KeyError::UnsealFailed { .. })
         ));
 
         let mut moved = stored.clone();

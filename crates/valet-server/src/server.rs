@@ -305,11 +305,17 @@ async fn report_store_health(valet: Arc<Valet>, reporter: tonic_health::server::
 async fn follow_key_ring(valet: Arc<Valet>) {
     let mut changes = valet.store_changes();
     loop {
-        let reload = match changes.recv().await {
-            Ok(valet_store::StoreChange::KeyRingChanged | valet_store::StoreChange::Resync) => true,
-            Ok(_) => false,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        // While the ring cannot be trusted (the store was unreachable, or held a record valetd
+        // did not write), it is re-read every second until it can be: no change may arrive.
+        let untrusted = valet.key_ring_untrusted();
+        let reload = tokio::select! {
+            change = changes.recv() => match change {
+                Ok(valet_store::StoreChange::KeyRingChanged | valet_store::StoreChange::Resync) => true,
+                Ok(_) => false,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = tokio::time::sleep(Duration::from_secs(1)), if untrusted => true,
         };
         if reload && let Err(error) = valet.refresh_keys().await {
             tracing::error!(%error, "cannot reload the key ring after a change in the store");

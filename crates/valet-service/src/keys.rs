@@ -49,6 +49,11 @@ impl Keys {
         })
     }
 
+    /// Whether the last refresh failed: signing and verifying are refused until one succeeds.
+    pub fn untrusted(&self) -> bool {
+        self.failure.load().is_some()
+    }
+
     /// The ring to sign and verify with; refused while the store's records cannot be trusted.
     pub fn ring(&self) -> Result<Arc<KeyRing>, ServiceError> {
         match self.failure.load().as_ref() {

@@ -172,6 +172,12 @@ impl Valet {
         self.keys.refresh().await
     }
 
+    /// Whether the key ring could not be read back as valetd wrote it at the last attempt (then
+    /// nothing is signed or verified, and the process should retry [`Valet::refresh_keys`]).
+    pub fn key_ring_untrusted(&self) -> bool {
+        self.keys.untrusted()
+    }
+
     /// Deletes ended grants, revocations and keys past their retention; re-reads the key ring.
     pub async fn sweep(&self) -> Result<valet_store::SweepReport, ServiceError> {
         let retention = self.config().server.grant_retention;
