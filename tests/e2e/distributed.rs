@@ -685,3 +685,41 @@ async fn a_key_record_planted_in_etcd_is_refused_by_every_replica() {
         assert!(resumed, "the replica signs again");
     }
 }
+
+#[tokio::test]
+async fn a_grant_altered_in_etcd_is_refused_by_every_replica() {
+    let cluster = EtcdCluster::start(1);
+    let (_deployments, valetds) = replicas(&cluster);
+    let agent = valetds[0].client(AGENT_KEY).await;
+    let issued = agent.request_token(staging("task-altered")).await.unwrap();
+    let etcdctl = |arguments: &[&str]| {
+        let output = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &cluster.endpoints().join(",")])
+            .args(arguments)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let key = format!("/valet/test/grants/{}", issued.grant.id);
+    let value = etcdctl(&["get", &key, "--print-value-only"]);
+    let mut record: serde_json::Value = serde_json::from_str(value.trim()).unwrap();
+    // A day more, in production: what someone with etcd write access would like.
+    record["expires_at"] = serde_json::json!(record["expires_at"].as_i64().unwrap() + 86_400);
+    record["environment"] = serde_json::json!("production");
+    etcdctl(&["put", &key, &record.to_string()]);
+    for valetd in &valetds {
+        let error = valetd
+            .client(AGENT_KEY)
+            .await
+            .introspect(issued.token_str())
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("MAC does not check"), "{error}");
+    }
+}

@@ -9,6 +9,7 @@
 mod administration;
 mod approvals;
 mod audit_sink;
+mod authenticated_store;
 mod aws_client;
 mod aws_grants;
 mod caller;
@@ -98,12 +99,15 @@ impl Valet {
         let vault = CredentialVault::new(parts.loaded.credentials);
         let redactor = Arc::new(Redactor::new(vault.clone()));
         let chain_key = valet_core::audit::ChainKey::from_seal_key(&parts.seal_key);
-        let keys = Arc::new(
-            keys::Keys::open(parts.store.clone(), parts.seal_key, parts.clock.clone()).await?,
-        );
+        let store: Arc<dyn Store> = Arc::new(authenticated_store::AuthenticatedStore::new(
+            parts.store,
+            valet_core::grant::GrantKey::from_seal_key(&parts.seal_key),
+        ));
+        let keys =
+            Arc::new(keys::Keys::open(store.clone(), parts.seal_key, parts.clock.clone()).await?);
         let audit = AuditSink::open(
             &parts.loaded.config.audit.path,
-            parts.store.clone(),
+            store.clone(),
             parts.clock.clone(),
             redactor.clone(),
             chain_key,
@@ -121,7 +125,7 @@ impl Valet {
             config_path: parts.config_path,
             overrides: parts.overrides,
             keys,
-            store: parts.store,
+            store,
             audit,
             notifier: approvals::Notifier::start(weak.clone()),
             aws: aws_client::AwsClient::default(),

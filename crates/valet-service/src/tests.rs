@@ -147,6 +147,8 @@ struct Fixture {
     directory: tempfile::TempDir,
     valet: Arc<Valet>,
     clock: Arc<FakeClock>,
+    /// The engine under the service, as someone with write access to it would reach it.
+    raw: Arc<SledStore>,
 }
 
 async fn fixture() -> Fixture {
@@ -154,7 +156,8 @@ async fn fixture() -> Fixture {
     let mut config = Config::parse(CONFIG, directory.path()).expect("the test config is valid");
     config.audit.path = directory.path().join("audit.jsonl");
     let clock = Arc::new(FakeClock::at(START));
-    let store = Arc::new(SledStore::open(&directory.path().join("store")).unwrap());
+    let raw = Arc::new(SledStore::open(&directory.path().join("store")).unwrap());
+    let store = raw.clone();
     let seal_key = SealKey::from_base64(&SealKey::generate_base64().unwrap()).unwrap();
     let credentials = BTreeMap::from([
         (
@@ -185,6 +188,7 @@ async fn fixture() -> Fixture {
         directory,
         valet,
         clock,
+        raw,
     }
 }
 
@@ -249,7 +253,14 @@ async fn an_issued_grant_and_its_audit_record_are_durable_before_the_answer() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(stored, grant);
+    assert!(stored.mac.is_some(), "the stored record carries its MAC");
+    assert_eq!(
+        Grant {
+            mac: None,
+            ..stored
+        },
+        grant
+    );
     let records = fixture.records();
     let issued = records.last().unwrap();
     assert_eq!(issued["action"], "token.issue");
@@ -844,4 +855,34 @@ async fn an_approver_is_shown_the_rest_call_as_it_will_run() {
             "  task t-rest-approval",
         ]
     );
+}
+
+#[tokio::test]
+async fn a_grant_altered_or_planted_in_the_store_is_refused() {
+    use valet_store::Store;
+    let fixture = fixture().await;
+    let agent = fixture.caller("agent");
+    let (grant, token) = fixture.issue("agent", "deploy-staging", "t-forge").await;
+    // Someone with write access to the store stretches the grant to a day and widens it.
+    let stored = fixture.raw.get_grant(&grant.id).await.unwrap().unwrap();
+    let altered = Grant {
+        expires_at: stored.expires_at + 86_400,
+        environment: "production".into(),
+        ..stored.clone()
+    };
+    fixture.raw.update_grant(&stored, &altered).await.unwrap();
+    let error = fixture.valet.introspect(&agent, &token).await.unwrap_err();
+    assert!(error.to_string().contains("MAC does not check"), "{error}");
+    assert!(fixture.valet.renew(&agent, &grant.id, None).await.is_err());
+    // A grant planted without a MAC is not listed, and reading it is refused.
+    let mut planted = stored.clone();
+    planted.id = "01JDPLANTED000000000000000".into();
+    planted.mac = None;
+    fixture.raw.create_grant(&planted).await.unwrap();
+    let listing = fixture
+        .valet
+        .list_grants(&fixture.caller("operator"), GrantFilter::default(), 0, "")
+        .await
+        .unwrap();
+    assert!(listing.grants.iter().all(|grant| grant.id != planted.id));
 }

@@ -126,12 +126,23 @@ async fn follow(
                 _ = tokio::time::sleep_until(deadline) => return,
             };
             match change {
+                // Read the grant again, checked: a change in the stream is what the engine saw,
+                // and only a record valetd wrote may release a token.
                 Ok(StoreChange::GrantUpdated { after, .. }) if after.id == grant.id => {
-                    grant = *after;
+                    match valet.store.get_grant(&grant.id).await {
+                        Ok(Some(current)) => grant = current,
+                        Ok(None) => return,
+                        Err(error) => {
+                            let _ = sender.send(Err(error.into())).await;
+                            return;
+                        }
+                    }
                     break;
                 }
                 Ok(StoreChange::GrantRevoked(after)) if after.id == grant.id => {
-                    grant = after;
+                    if let Ok(Some(current)) = valet.store.get_grant(&grant.id).await {
+                        grant = current;
+                    }
                     break;
                 }
                 Ok(StoreChange::ApprovalChanged(changed)) if changed.grant_id == grant.id => {

@@ -1,0 +1,142 @@
+//! The store as the service sees it: every grant record carries a MAC under a key derived from
+//! the key-encryption key — set on every write, checked on every read — so a grant planted or
+//! altered by someone with write access to the store (etcd, the data dir) but not the key is
+//! refused rather than trusted. Everything else passes through to the engine.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+use valet_core::UnixTime;
+use valet_core::approval::ApprovalRequest;
+use valet_core::audit::ChainHead;
+use valet_core::grant::{Grant, GrantKey};
+use valet_core::keyring::StoredKey;
+use valet_store::{
+    GrantFilter, GrantPage, Revocation, Store, StoreChange, StoreCounts, StoreError, SweepReport,
+};
+
+pub(crate) struct AuthenticatedStore {
+    inner: Arc<dyn Store>,
+    key: GrantKey,
+}
+
+impl AuthenticatedStore {
+    pub(crate) fn new(inner: Arc<dyn Store>, key: GrantKey) -> AuthenticatedStore {
+        AuthenticatedStore { inner, key }
+    }
+
+    /// `grant` if it carries valetd's MAC; refused (and said loudly) otherwise.
+    fn checked(&self, grant: Grant) -> Result<Grant, StoreError> {
+        if self.key.verifies(&grant) {
+            return Ok(grant);
+        }
+        tracing::error!(
+            grant_id = grant.id,
+            "A GRANT RECORD IN THE STORE DOES NOT CARRY VALETD'S MAC: it was written or altered by someone without the key-encryption key; it is refused"
+        );
+        Err(StoreError::Corrupt {
+            what: "grant",
+            key: grant.id,
+            detail: "its MAC does not check: it was written or altered by someone without valetd's key-encryption key, and is refused".into(),
+        })
+    }
+}
+
+#[async_trait]
+impl Store for AuthenticatedStore {
+    async fn create_grant(&self, grant: &Grant) -> Result<(), StoreError> {
+        self.inner.create_grant(&self.key.sealed(grant)).await
+    }
+
+    async fn get_grant(&self, id: &str) -> Result<Option<Grant>, StoreError> {
+        match self.inner.get_grant(id).await? {
+            Some(grant) => self.checked(grant).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn update_grant(&self, expected: &Grant, new: &Grant) -> Result<(), StoreError> {
+        // The MAC is a function of the fields: the expected record, sealed, is byte for byte
+        // what the store holds when nothing changed it.
+        self.inner
+            .update_grant(&self.key.sealed(expected), &self.key.sealed(new))
+            .await
+    }
+
+    async fn list_grants(
+        &self,
+        filter: &GrantFilter,
+        now: UnixTime,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<GrantPage, StoreError> {
+        let mut page = self.inner.list_grants(filter, now, after, limit).await?;
+        // A forged record is left out of listings (and said loudly); reading it directly fails.
+        page.grants
+            .retain(|grant| self.checked(grant.clone()).is_ok());
+        Ok(page)
+    }
+
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        self.inner.revocations().await
+    }
+
+    async fn sweep(
+        &self,
+        now: UnixTime,
+        retention: std::time::Duration,
+    ) -> Result<SweepReport, StoreError> {
+        self.inner.sweep(now, retention).await
+    }
+
+    async fn keys(&self) -> Result<Vec<StoredKey>, StoreError> {
+        self.inner.keys().await
+    }
+
+    async fn replace_keys(
+        &self,
+        expected_current: Option<&str>,
+        records: &[StoredKey],
+    ) -> Result<(), StoreError> {
+        self.inner.replace_keys(expected_current, records).await
+    }
+
+    async fn audit_head(&self) -> Result<Option<ChainHead>, StoreError> {
+        self.inner.audit_head().await
+    }
+
+    async fn record_audit_head(&self, head: &ChainHead) -> Result<(), StoreError> {
+        self.inner.record_audit_head(head).await
+    }
+
+    async fn counts(&self) -> Result<StoreCounts, StoreError> {
+        self.inner.counts().await
+    }
+
+    async fn create_approval(&self, approval: &ApprovalRequest) -> Result<(), StoreError> {
+        self.inner.create_approval(approval).await
+    }
+
+    async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRequest>, StoreError> {
+        self.inner.get_approval(id).await
+    }
+
+    async fn update_approval(
+        &self,
+        expected: &ApprovalRequest,
+        new: &ApprovalRequest,
+    ) -> Result<(), StoreError> {
+        self.inner.update_approval(expected, new).await
+    }
+
+    async fn list_approvals(&self, pending_only: bool) -> Result<Vec<ApprovalRequest>, StoreError> {
+        self.inner.list_approvals(pending_only).await
+    }
+
+    /// Changes as the engine saw them: followers that act on a grant read it again through
+    /// [`Store::get_grant`], which checks it.
+    fn subscribe(&self) -> broadcast::Receiver<StoreChange> {
+        self.inner.subscribe()
+    }
+}
