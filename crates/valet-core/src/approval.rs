@@ -165,6 +165,11 @@ pub struct ApprovalRequest {
     pub status: ApprovalStatus,
     pub status_reason: Option<String>,
     pub updated_at: UnixTime,
+    /// A MAC over every other field under a key derived from the key-encryption key, set when
+    /// the record is written and checked when it is read: a request marked approved in the store
+    /// by someone without the key releases nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// Why a decision on an approval is refused.
@@ -620,7 +625,45 @@ impl ApprovalRequest {
             status: ApprovalStatus::Pending,
             status_reason: None,
             updated_at: now,
+            mac: None,
         }
+    }
+}
+
+/// The key approval records are authenticated with.
+pub struct ApprovalKey(ring::hmac::Key);
+
+impl ApprovalKey {
+    pub fn from_seal_key(seal_key: &crate::keyring::SealKey) -> ApprovalKey {
+        ApprovalKey(seal_key.derive_mac_key("valet approval records"))
+    }
+
+    /// `approval` with its MAC set, computed over every other field.
+    pub fn sealed(&self, approval: &ApprovalRequest) -> ApprovalRequest {
+        let mut sealed = ApprovalRequest {
+            mac: None,
+            ..approval.clone()
+        };
+        let input = serde_json::to_vec(&sealed).unwrap_or_default();
+        sealed.mac = Some(hex::encode(ring::hmac::sign(&self.0, &input).as_ref()));
+        sealed
+    }
+
+    /// Whether `approval` carries the MAC valetd writes.
+    pub fn verifies(&self, approval: &ApprovalRequest) -> bool {
+        let Some(tag) = approval
+            .mac
+            .as_deref()
+            .and_then(|mac| hex::decode(mac).ok())
+        else {
+            return false;
+        };
+        let unsealed = ApprovalRequest {
+            mac: None,
+            ..approval.clone()
+        };
+        let input = serde_json::to_vec(&unsealed).unwrap_or_default();
+        ring::hmac::verify(&self.0, &input, &tag).is_ok()
     }
 }
 

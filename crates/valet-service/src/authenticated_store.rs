@@ -1,14 +1,15 @@
-//! The store as the service sees it: every grant record carries a MAC under a key derived from
-//! the key-encryption key — set on every write, checked on every read — so a grant planted or
-//! altered by someone with write access to the store (etcd, the data dir) but not the key is
-//! refused rather than trusted. Everything else passes through to the engine.
+//! The store as the service sees it: every grant and approval record carries a MAC under a key
+//! derived from the key-encryption key — set on every write, checked on every read — so a record
+//! planted or altered by someone with write access to the store (etcd, the data dir) but not the
+//! key is refused rather than trusted. Signing-key records carry their own MAC (valet-core's key
+//! ring checks it); everything else passes through to the engine.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 use valet_core::UnixTime;
-use valet_core::approval::ApprovalRequest;
+use valet_core::approval::{ApprovalKey, ApprovalRequest};
 use valet_core::audit::ChainHead;
 use valet_core::grant::{Grant, GrantKey};
 use valet_core::keyring::StoredKey;
@@ -19,11 +20,36 @@ use valet_store::{
 pub(crate) struct AuthenticatedStore {
     inner: Arc<dyn Store>,
     key: GrantKey,
+    approval_key: ApprovalKey,
 }
 
 impl AuthenticatedStore {
-    pub(crate) fn new(inner: Arc<dyn Store>, key: GrantKey) -> AuthenticatedStore {
-        AuthenticatedStore { inner, key }
+    pub(crate) fn new(
+        inner: Arc<dyn Store>,
+        key: GrantKey,
+        approval_key: ApprovalKey,
+    ) -> AuthenticatedStore {
+        AuthenticatedStore {
+            inner,
+            key,
+            approval_key,
+        }
+    }
+
+    /// `approval` if it carries valetd's MAC; refused (and said loudly) otherwise.
+    fn checked_approval(&self, approval: ApprovalRequest) -> Result<ApprovalRequest, StoreError> {
+        if self.approval_key.verifies(&approval) {
+            return Ok(approval);
+        }
+        tracing::error!(
+            approval_id = approval.id,
+            "AN APPROVAL RECORD IN THE STORE DOES NOT CARRY VALETD'S MAC: it was written or altered by someone without the key-encryption key; it is refused"
+        );
+        Err(StoreError::Corrupt {
+            what: "approval",
+            key: approval.id,
+            detail: "its MAC does not check: it was written or altered by someone without valetd's key-encryption key, and is refused".into(),
+        })
     }
 
     /// `grant` if it carries valetd's MAC; refused (and said loudly) otherwise.
@@ -115,11 +141,16 @@ impl Store for AuthenticatedStore {
     }
 
     async fn create_approval(&self, approval: &ApprovalRequest) -> Result<(), StoreError> {
-        self.inner.create_approval(approval).await
+        self.inner
+            .create_approval(&self.approval_key.sealed(approval))
+            .await
     }
 
     async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRequest>, StoreError> {
-        self.inner.get_approval(id).await
+        match self.inner.get_approval(id).await? {
+            Some(approval) => self.checked_approval(approval).map(Some),
+            None => Ok(None),
+        }
     }
 
     async fn update_approval(
@@ -127,11 +158,18 @@ impl Store for AuthenticatedStore {
         expected: &ApprovalRequest,
         new: &ApprovalRequest,
     ) -> Result<(), StoreError> {
-        self.inner.update_approval(expected, new).await
+        self.inner
+            .update_approval(
+                &self.approval_key.sealed(expected),
+                &self.approval_key.sealed(new),
+            )
+            .await
     }
 
     async fn list_approvals(&self, pending_only: bool) -> Result<Vec<ApprovalRequest>, StoreError> {
-        self.inner.list_approvals(pending_only).await
+        let mut approvals = self.inner.list_approvals(pending_only).await?;
+        approvals.retain(|approval| self.checked_approval(approval.clone()).is_ok());
+        Ok(approvals)
     }
 
     /// Changes as the engine saw them: followers that act on a grant read it again through

@@ -102,6 +102,7 @@ impl Valet {
         let store: Arc<dyn Store> = Arc::new(authenticated_store::AuthenticatedStore::new(
             parts.store,
             valet_core::grant::GrantKey::from_seal_key(&parts.seal_key),
+            valet_core::approval::ApprovalKey::from_seal_key(&parts.seal_key),
         ));
         let keys =
             Arc::new(keys::Keys::open(store.clone(), parts.seal_key, parts.clock.clone()).await?);

@@ -886,3 +886,51 @@ async fn a_grant_altered_or_planted_in_the_store_is_refused() {
         .unwrap();
     assert!(listing.grants.iter().all(|grant| grant.id != planted.id));
 }
+
+#[tokio::test]
+async fn an_approval_marked_approved_in_the_store_releases_nothing() {
+    use valet_store::Store;
+    let fixture = fixture().await;
+    let (_, token) = fixture
+        .issue("agent", "deploy-staging", "t-forged-approval")
+        .await;
+    let delete = site("railway", "DELETE", "/v1/volumes/vol-prod");
+    let kind = call(&fixture, &delete, Some(token.expose()), None, empty())
+        .await
+        .unwrap_err();
+    assert_eq!(kind, "approval_required");
+    let pending = fixture
+        .raw
+        .list_approvals(true)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    // Someone with write access to the store approves it in the record.
+    let forged = valet_core::approval::ApprovalRequest {
+        status: valet_core::approval::ApprovalStatus::Approved,
+        ..pending.clone()
+    };
+    fixture
+        .raw
+        .update_approval(&pending, &forged)
+        .await
+        .unwrap();
+    let released = fixture
+        .valet
+        .authorize_call(CallRequest {
+            site: &delete,
+            authorization: Some(&format!("Bearer {}", token.expose())),
+            approval: Some(&pending.id),
+            content_type: None,
+            content_encoding: None,
+            body: Box::new(empty()),
+        })
+        .await;
+    let denial = released.expect_err("a forged approval releases nothing");
+    assert!(
+        denial.error.to_string().contains("MAC does not check"),
+        "{}",
+        denial.error
+    );
+}

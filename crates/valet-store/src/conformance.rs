@@ -303,6 +303,7 @@ pub async fn approvals_are_created_once_and_decided_by_compare_and_swap(store: &
         status: ApprovalStatus::Pending,
         status_reason: None,
         updated_at: 100,
+        mac: None,
     };
     store.create_approval(&pending).await.unwrap();
     assert!(matches!(

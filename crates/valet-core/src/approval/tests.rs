@@ -49,6 +49,7 @@ fn request(required: u32, approvers: &[&str], confirm: Option<(&str, &str)>) -> 
         status: ApprovalStatus::Pending,
         status_reason: None,
         updated_at: 1_000,
+        mac: None,
     }
 }
 
