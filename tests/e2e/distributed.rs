@@ -723,3 +723,23 @@ async fn a_grant_altered_in_etcd_is_refused_by_every_replica() {
         assert!(error.to_string().contains("MAC does not check"), "{error}");
     }
 }
+
+#[tokio::test]
+async fn a_second_live_replica_with_the_same_name_refuses_to_start() {
+    let cluster = EtcdCluster::start(1);
+    let store = format!(
+        "\n[store]\nengine = \"etcd\"\nendpoints = {}\nprefix = \"/valet/test\"\nreplica = \"same-name\"\n",
+        cluster.endpoints_toml()
+    );
+    let first = Deployment::new(&standard_config(&store));
+    let _running = first.start(&[]);
+    let second = Deployment::new(&standard_config(&store));
+    let (code, output) = second.start_expecting_failure(&[]);
+    assert_ne!(code, 0);
+    assert!(
+        output.contains("replica name \"same-name\" is held by another live valetd (pid"),
+        "{output}"
+    );
+    // The same deployment under another name starts.
+    let _other = second.start(&["--replica", "other-name"]);
+}

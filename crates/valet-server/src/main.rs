@@ -32,9 +32,22 @@ struct Arguments {
     /// Data directory, overriding server.data_dir.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// This replica's name in distributed mode, overriding store.replica (in Kubernetes, set
+    /// VALET_REPLICA to the pod's name). A second live valetd with the same name refuses to start.
+    #[arg(long, env = "VALET_REPLICA", value_parser = replica_name)]
+    replica: Option<String>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "human")]
     log_format: LogFormat,
+}
+
+/// A replica name as the config accepts it.
+fn replica_name(text: &str) -> Result<String, String> {
+    if valet_core::config::is_valid_name(text) {
+        Ok(text.to_string())
+    } else {
+        Err(format!("expected {}", valet_core::config::NAME_RULE))
+    }
 }
 
 fn main() {
@@ -47,6 +60,7 @@ fn main() {
             listen: arguments.listen,
             data_dir: arguments.data_dir,
             gateway_listen: arguments.gateway_listen,
+            replica: arguments.replica,
         },
     };
     let runtime = match tokio::runtime::Runtime::new() {

@@ -59,6 +59,8 @@ pub struct Overrides {
     pub listen: Option<std::net::SocketAddr>,
     pub data_dir: Option<std::path::PathBuf>,
     pub gateway_listen: Option<std::net::SocketAddr>,
+    /// This replica's name in distributed mode, overriding `[store] replica`.
+    pub replica: Option<String>,
 }
 
 /// Reads and validates the config file and every credential it names.
@@ -86,6 +88,11 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, L
     }
     if let Some(gateway_listen) = overrides.gateway_listen {
         config.server.gateway_listen = Some(gateway_listen);
+    }
+    if let (Some(replica), valet_core::config::StoreConfig::Etcd(etcd)) =
+        (&overrides.replica, &mut config.store)
+    {
+        etcd.replica = Some(replica.clone());
     }
     for credential in config.credentials.values_mut() {
         let Some(aws) = &mut credential.aws else {

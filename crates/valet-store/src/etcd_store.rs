@@ -78,13 +78,97 @@ pub struct EtcdStore {
     /// The newest revision the watch has delivered.
     seen: watch::Receiver<i64>,
     leases: Mutex<HashMap<i64, (i64, Instant)>>,
+    /// Keeps this replica's claim on its name alive.
+    claim: tokio::task::JoinHandle<()>,
     watcher: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for EtcdStore {
     fn drop(&mut self) {
         self.watcher.abort();
+        self.claim.abort();
     }
+}
+
+/// How long a replica's claim on its name outlives the replica: a restarted replica waits at most
+/// this long for its old claim to lapse.
+const CLAIM_TTL_SECONDS: i64 = 10;
+
+/// Claims this replica's name with a lease only a live replica keeps alive: a second live valetd
+/// with the same name (two replicas left with the default host name, say) refuses to start, so
+/// two writers never share one audit chain head. Waits out a claim a dead replica left behind.
+async fn claim_replica(
+    client: &Client,
+    prefix: &str,
+    replica: &str,
+) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+    let key = format!("{prefix}/replicas/{replica}/claim");
+    let holder = format!(
+        "pid {} on {}",
+        std::process::id(),
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_string())
+            .unwrap_or_default()
+    );
+    let deadline = Instant::now() + Duration::from_secs(CLAIM_TTL_SECONDS as u64 + 3);
+    let lease = loop {
+        let mut leases = client.lease_client();
+        let lease = bounded(leases.grant(CLAIM_TTL_SECONDS, None)).await?.id();
+        let claim = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                holder.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        if bounded(client.kv_client().txn(claim)).await?.succeeded() {
+            break lease;
+        }
+        let _ = leases.revoke(lease).await;
+        if Instant::now() >= deadline {
+            let current = bounded(client.kv_client().get(key.clone(), None)).await?;
+            let holder = current
+                .kvs()
+                .first()
+                .and_then(|kv| kv.value_str().ok())
+                .unwrap_or("holder unknown")
+                .to_string();
+            return Err(StoreError::ReplicaTaken {
+                replica: replica.to_string(),
+                holder,
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let client = client.clone();
+    let replica = replica.to_string();
+    Ok(tokio::spawn(async move {
+        let mut leases = client.lease_client();
+        loop {
+            match leases.keep_alive(lease).await {
+                Ok((mut keeper, mut answers)) => loop {
+                    if keeper.keep_alive().await.is_err() {
+                        break;
+                    }
+                    match answers.message().await {
+                        Ok(Some(answer)) if answer.ttl() > 0 => {}
+                        _ => {
+                            tracing::error!(
+                                replica,
+                                "this replica's claim on its name lapsed (etcd was unreachable too long); another valetd could take the name"
+                            );
+                            break;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                },
+                Err(error) => {
+                    tracing::warn!(replica, %error, "cannot keep this replica's claim on its name alive; retrying");
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }))
 }
 
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
@@ -204,6 +288,7 @@ impl EtcdStore {
         .header()
         .map(|header| header.revision())
         .unwrap_or(0);
+        let claim = claim_replica(&client, &prefix, &options.replica).await?;
         let (changes, _) = broadcast::channel(1024);
         let (seen_sender, seen) = watch::channel(start);
         let watcher = tokio::spawn(follow(
@@ -222,6 +307,7 @@ impl EtcdStore {
             seen,
             leases: Mutex::new(HashMap::new()),
             watcher,
+            claim,
         })
     }
 

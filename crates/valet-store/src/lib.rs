@@ -45,6 +45,10 @@ pub enum StoreError {
     ApprovalNotFound { id: String },
     #[error("the signing key ring changed while this rotation was deciding; retry the rotation")]
     KeyRingConflict,
+    #[error(
+        "replica name {replica:?} is held by another live valetd ({holder}); give each replica its own name ([store] replica, valetd --replica, or VALET_REPLICA: in Kubernetes, the pod's name)"
+    )]
+    ReplicaTaken { replica: String, holder: String },
 }
 
 /// Which grants to list. Empty fields match everything.
