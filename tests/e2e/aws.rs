@@ -436,3 +436,114 @@ async fn an_approved_aws_grant_gets_its_credentials_when_the_decision_lands() {
         "the session minted on approval is audited"
     );
 }
+
+/// Revocation lands on the role a grant's sessions were issued on, whatever the config says now,
+/// and for as long as those sessions can be valid.
+mod revocation_follows_the_grant {
+    use std::time::Duration;
+
+    use valet_client::TokenRequest;
+    use valet_tests::ADMIN_KEY;
+
+    use super::{reports, running};
+
+    fn denied(moto: &valet_tests::moto::Moto, grant_id: &str) -> bool {
+        moto.role_policy("valet-revoked-sessions")
+            .is_some_and(|policy| policy.contains(&format!("valet-{grant_id}")))
+    }
+
+    #[tokio::test]
+    async fn after_the_role_changes_in_config_the_deny_lands_on_the_role_of_the_sessions() {
+        let running = running("role-policy").await;
+        let issued = running.agent.request_token(reports("blue")).await.unwrap();
+        let config = std::fs::read_to_string(running.deployment.config_path()).unwrap();
+        std::fs::write(
+            running.deployment.config_path(),
+            config.replace(
+                &running.moto.role_arn,
+                "arn:aws:iam::123456789012:role/renamed",
+            ),
+        )
+        .unwrap();
+        running
+            .valetd
+            .client(ADMIN_KEY)
+            .await
+            .admin()
+            .reload_config(valet_client::v1::ReloadConfigRequest {})
+            .await
+            .unwrap();
+        let revoked = running
+            .agent
+            .revoke(&issued.grant.id, "done")
+            .await
+            .unwrap();
+        let notice = revoked.notice.unwrap();
+        assert!(notice.contains(&running.moto.role_arn), "{notice}");
+        assert!(denied(&running.moto, &issued.grant.id));
+    }
+
+    #[tokio::test]
+    async fn when_a_reload_removes_the_scope_its_sessions_are_denied() {
+        let running = running("role-policy").await;
+        let issued = running.agent.request_token(reports("blue")).await.unwrap();
+        let config = std::fs::read_to_string(running.deployment.config_path()).unwrap();
+        std::fs::write(
+            running.deployment.config_path(),
+            config.replace("scopes = [\"reports-read\"]", "scopes = []"),
+        )
+        .unwrap();
+        let reply = running
+            .valetd
+            .client(ADMIN_KEY)
+            .await
+            .admin()
+            .reload_config(valet_client::v1::ReloadConfigRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.n_grants_ended, 1);
+        assert!(denied(&running.moto, &issued.grant.id));
+    }
+
+    #[tokio::test]
+    async fn after_valets_own_expiry_a_revocation_still_denies_the_live_sessions() {
+        let running = running("role-policy").await;
+        let issued = running
+            .agent
+            .request_token(reports("blue").with_ttl(Duration::from_secs(2)))
+            .await
+            .unwrap();
+        // The grant ends in Valet after 2 s; its STS session lasts at least 900 s.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let revoked = running
+            .agent
+            .revoke(&issued.grant.id, "done")
+            .await
+            .unwrap();
+        assert!(
+            revoked
+                .notice
+                .unwrap()
+                .contains("Revoked in Valet and at AWS")
+        );
+        assert!(denied(&running.moto, &issued.grant.id));
+        // Ending the task does the same for whatever of it still lives at AWS.
+        let other = running
+            .agent
+            .request_token(
+                TokenRequest::new("reports-read", "task-aws-2")
+                    .with_param("team", "blue")
+                    .with_ttl(Duration::from_secs(2)),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        running
+            .agent
+            .revoke_task("task-aws-2", "done")
+            .await
+            .unwrap();
+        assert!(denied(&running.moto, &other.grant.id));
+    }
+}

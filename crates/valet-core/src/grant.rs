@@ -36,11 +36,28 @@ pub struct Grant {
     /// Gateway calls made per allow rule (by rule index), for rules with `max_calls`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rule_calls: BTreeMap<String, u64>,
+    /// For a grant of an aws-sts scope: what its STS sessions were issued on, so a revocation
+    /// lands where they are even after the config changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsIssue>,
     /// A MAC over every other field under a key derived from the key-encryption key, set when
     /// the record is written and checked when it is read: a grant altered or planted in the
     /// store by someone without the key is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+}
+
+/// What an aws-sts grant's STS sessions were issued on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AwsIssue {
+    /// The role its sessions assumed.
+    pub role_arn: String,
+    /// The root credential that assumed it (and writes its deny).
+    pub credential: String,
+    /// `role-policy` or `expiry`, as the scope said when the sessions were issued.
+    pub revoke: String,
+    /// The last moment any of its sessions is valid at AWS.
+    pub sessions_until: UnixTime,
 }
 
 /// The key grant records are authenticated with.
@@ -415,6 +432,7 @@ mod tests {
             key_id: "k1".into(),
             updated_at: now,
             rule_calls: BTreeMap::new(),
+            aws: None,
             mac: None,
         }
     }

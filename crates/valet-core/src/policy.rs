@@ -159,6 +159,7 @@ impl GrantTerms {
             key_id: key_id.to_string(),
             updated_at: now,
             rule_calls: BTreeMap::new(),
+            aws: None,
             mac: None,
         }
     }

@@ -171,23 +171,18 @@ impl AwsClient {
     pub async fn deny_sessions(
         &self,
         caller: &AwsCall<'_>,
-        scope: &AwsStsScope,
+        role_arn: &str,
         grant_id: &str,
         keep_until: UnixTime,
         now: UnixTime,
     ) -> Result<RevocationUpdate, AwsError> {
-        let role_name = scope
-            .role_arn
-            .rsplit('/')
-            .next()
-            .unwrap_or(&scope.role_arn)
-            .to_string();
+        let role_name = role_arn.rsplit('/').next().unwrap_or(role_arn).to_string();
         let lock = {
             let mut locks = self
                 .role_locks
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            locks.entry(scope.role_arn.clone()).or_default().clone()
+            locks.entry(role_arn.to_string()).or_default().clone()
         };
         let _held = lock.lock().await;
         let existing = match self

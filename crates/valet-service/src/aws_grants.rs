@@ -73,7 +73,32 @@ impl Valet {
         }))
     }
 
-    /// After `grant` was revoked: deny its sessions at AWS when the scope asks for it. Returns
+    /// What `grant`'s new STS credentials were issued on, for its record: the revocation of a
+    /// grant lands on the role its sessions assumed, whatever the config says later.
+    pub(crate) fn aws_issue(
+        &self,
+        config: &Config,
+        grant: &Grant,
+        minted: &AwsGrant,
+    ) -> Option<valet_core::grant::AwsIssue> {
+        let scope = config.scopes.get(&grant.scope)?;
+        let aws_scope = scope.aws.as_ref()?;
+        let sessions_until = grant
+            .aws
+            .as_ref()
+            .map(|issue| issue.sessions_until)
+            .unwrap_or(0)
+            .max(minted.credentials.expires_at);
+        Some(valet_core::grant::AwsIssue {
+            role_arn: aws_scope.role_arn.clone(),
+            credential: scope.credential.clone(),
+            revoke: aws_scope.revoke.as_str().to_string(),
+            sessions_until,
+        })
+    }
+
+    /// After `grant` was revoked (or ended while its sessions live on): deny its sessions at AWS
+    /// on the role they were issued on, when that is how the scope said to revoke them. Returns
     /// what the revocation means at AWS, for the caller; `None` for a grant of a Valet scope.
     pub(crate) async fn deny_aws(
         &self,
@@ -81,63 +106,107 @@ impl Valet {
         now: UnixTime,
     ) -> Result<Option<(String, AuditEvent)>, ServiceError> {
         let config = self.config();
-        let Some((scope, caller)) = self.aws_scope(&config, &grant.scope)? else {
-            return Ok(None);
+        // What the sessions were issued on; for a record from before grants kept it, the config.
+        let issue = match &grant.aws {
+            Some(issue) => issue.clone(),
+            None => {
+                let Some(scope) = config.scopes.get(&grant.scope) else {
+                    return Ok(None);
+                };
+                let Some(aws_scope) = &scope.aws else {
+                    return Ok(None);
+                };
+                valet_core::grant::AwsIssue {
+                    role_arn: aws_scope.role_arn.clone(),
+                    credential: scope.credential.clone(),
+                    revoke: aws_scope.revoke.as_str().to_string(),
+                    // The newest session was minted at the latest now, for at least the minimum
+                    // session length, and never past the grant's expiry when that is later.
+                    sessions_until: grant
+                        .expires_at
+                        .max(now + i64::try_from(MIN_SESSION_SECONDS).unwrap_or(900)),
+                }
+            }
         };
-        // The newest session of the grant was minted at the latest now, for at least the minimum
-        // session length, and never past the grant's expiry when that is later.
-        let keep_until = grant
-            .expires_at
-            .max(now + i64::try_from(MIN_SESSION_SECONDS).unwrap_or(900));
+        let keep_until = issue.sessions_until;
         let event = |event: AuditEvent| {
             event
                 .with_grant(grant)
-                .with("aws_role_arn", &scope.role_arn)
-                .with("aws_revoke", scope.revoke.as_str())
+                .with("aws_role_arn", &issue.role_arn)
+                .with("aws_revoke", &issue.revoke)
         };
-        match scope.revoke {
-            AwsRevoke::AtExpiry => Ok(Some((
+        if keep_until <= now {
+            return Ok(Some((
+                format!(
+                    "Revoked in Valet. Every STS session of the grant expired by {}; there is nothing left to deny at AWS.",
+                    format_time(keep_until)
+                ),
+                event(AuditEvent::new(AuditAction::AwsRevoke, Outcome::Allowed))
+                    .with("in_force_at_aws", "none: every session expired"),
+            )));
+        }
+        if issue.revoke != AwsRevoke::RolePolicy.as_str() {
+            return Ok(Some((
                 format!(
                     "Revoked in Valet. AWS keeps honouring the grant's STS credentials until they expire (by {}): the scope uses revoke = \"expiry\", and STS cannot end one session.",
                     format_time(keep_until)
                 ),
                 event(AuditEvent::new(AuditAction::AwsRevoke, Outcome::Allowed))
                     .with("in_force_at_aws", format_time(keep_until)),
-            ))),
-            AwsRevoke::RolePolicy => {
-                let update = self
-                    .aws
-                    .deny_sessions(&caller, scope, &grant.id, keep_until, now)
-                    .await
-                    .map_err(|error| ServiceError::AwsRevocation {
-                        grant_id: grant.id.clone(),
-                        until: format_time(keep_until),
-                        error: Box::new(error),
-                    })?;
-                let notice = match update.denied_all_issued_before {
-                    None => format!(
-                        "Revoked in Valet and at AWS: the role policy {REVOCATION_POLICY_NAME} on {} denies the grant's sessions (aws:SourceIdentity {}).",
-                        scope.role_arn,
-                        aws::source_identity(&grant.id)
-                    ),
-                    Some(before) => format!(
-                        "Revoked in Valet and at AWS. Too many revoked sessions to name one by one, so the role policy {REVOCATION_POLICY_NAME} on {} now denies every session of the role issued before {}; other grants of the role get working credentials again by renewing.",
-                        scope.role_arn,
-                        format_time(before)
-                    ),
-                };
-                let event = event(AuditEvent::new(AuditAction::AwsRevoke, Outcome::Allowed))
-                    .with("aws_policy_name", REVOCATION_POLICY_NAME)
-                    .with(
-                        "aws_denied_issued_before",
-                        update
-                            .denied_all_issued_before
-                            .map(format_time)
-                            .unwrap_or_default(),
-                    );
-                Ok(Some((notice, event)))
-            }
+            )));
         }
+        let credential = config
+            .credentials
+            .get(&issue.credential)
+            .and_then(|credential| credential.aws.as_ref());
+        let secret = self.vault.get(&issue.credential);
+        let (Some(credential), Some(secret)) = (credential, secret) else {
+            return Err(ServiceError::AwsRevocation {
+                grant_id: grant.id.clone(),
+                until: format_time(keep_until),
+                error: Box::new(AwsError::NotLoaded {
+                    scope: grant.scope.clone(),
+                    credential: issue.credential.clone(),
+                }),
+            });
+        };
+        let caller = AwsCall {
+            scope: &grant.scope,
+            credential,
+            secret,
+            outbound: self.outbound.as_ref(),
+        };
+        let update = self
+            .aws
+            .deny_sessions(&caller, &issue.role_arn, &grant.id, keep_until, now)
+            .await
+            .map_err(|error| ServiceError::AwsRevocation {
+                grant_id: grant.id.clone(),
+                until: format_time(keep_until),
+                error: Box::new(error),
+            })?;
+        let notice = match update.denied_all_issued_before {
+            None => format!(
+                "Revoked in Valet and at AWS: the role policy {REVOCATION_POLICY_NAME} on {} denies the grant's sessions (aws:SourceIdentity {}).",
+                issue.role_arn,
+                aws::source_identity(&grant.id)
+            ),
+            Some(before) => format!(
+                "Revoked in Valet and at AWS. Too many revoked sessions to name one by one, so the role policy {REVOCATION_POLICY_NAME} on {} now denies every session of the role issued before {}; other grants of the role get working credentials again by renewing.",
+                issue.role_arn,
+                format_time(before)
+            ),
+        };
+        let event = event(AuditEvent::new(AuditAction::AwsRevoke, Outcome::Allowed))
+            .with("aws_policy_name", REVOCATION_POLICY_NAME)
+            .with(
+                "aws_denied_issued_before",
+                update
+                    .denied_all_issued_before
+                    .map(format_time)
+                    .unwrap_or_default(),
+            );
+        Ok(Some((notice, event)))
     }
 
     fn aws_scope<'a>(

@@ -65,9 +65,15 @@ impl Valet {
             policy::check_text("reason", reason, policy::limits::MAX_REASON_BYTES, false)?;
             let mut revoked = Vec::new();
             for grant in self.store.task_grants(task_id.as_str()).await? {
-                // Pending grants too: a later approval must find nothing to activate.
+                // Pending grants too (a later approval must find nothing to activate), and ended
+                // ones whose STS sessions are still valid (their deny must land at AWS).
+                let now = self.clock.now();
+                let sessions_live = grant
+                    .aws
+                    .as_ref()
+                    .is_some_and(|issue| issue.sessions_until > now);
                 if policy::may_act_on(&caller.principal, &grant).is_err()
-                    || !grant.is_live(self.clock.now())
+                    || !(grant.is_live(now) || sessions_live)
                 {
                     continue;
                 }
@@ -179,10 +185,17 @@ impl Valet {
                 let at_aws = self.revoke_at_aws(who, &revoked, now).await?;
                 Ok((revoked, at_aws))
             }
+            // Revoked already, or ended in Valet while its STS sessions live on: (re)write the
+            // deny for as long as they can be valid.
             Swapped::Kept {
                 current,
                 extra: now,
-            } if current.status == GrantStatus::Revoked => {
+            } if current.status == GrantStatus::Revoked
+                || current
+                    .aws
+                    .as_ref()
+                    .is_some_and(|issue| issue.sessions_until > now) =>
+            {
                 let at_aws = self.revoke_at_aws(who, &current, now).await?;
                 Ok((current, at_aws))
             }

@@ -90,7 +90,7 @@ impl Valet {
         let signing_key = ring.current();
         let now = self.clock.now();
         let id = GrantId::generate(self.clock.now_millis())?;
-        let grant = terms.into_grant(
+        let mut grant = terms.into_grant(
             id.into_string(),
             &caller.principal.name,
             request,
@@ -102,6 +102,9 @@ impl Valet {
         // Native credentials are minted before anything is stored: a grant is recorded only
         // with what its requester actually receives.
         let aws = self.mint_aws(&config, &grant, now).await?.map(Box::new);
+        if let Some(minted) = &aws {
+            grant.aws = self.aws_issue(&config, &grant, minted);
+        }
         let issued = AuditEvent::new(AuditAction::TokenIssue, Outcome::Allowed)
             .with_grant(&grant)
             .with("purpose", &grant.purpose)
@@ -159,6 +162,20 @@ impl Valet {
         let now = self.clock.now();
         let token = token::issue(&grant.claims(&config.server.issuer, now), ring.current());
         let aws = self.mint_aws(&config, grant, now).await?;
+        if let Some(minted) = &aws {
+            // The grant keeps what its new session was issued on, for its revocation.
+            let stored = self.fetch_grant(&grant.id).await?;
+            compare_and_swap(self.store.as_ref(), stored, |current: &Grant| {
+                Ok(Decision::Write(
+                    Grant {
+                        aws: self.aws_issue(&config, current, minted),
+                        ..current.clone()
+                    },
+                    (),
+                ))
+            })
+            .await?;
+        }
         if let Some(aws) = &aws {
             let event = aws.describe(
                 AuditEvent::new(AuditAction::AwsSession, Outcome::Allowed).with_grant(grant),
@@ -213,13 +230,16 @@ impl Valet {
             Box::pin(async move {
                 let ring = self.keys.ring()?;
                 let now = self.clock.now();
-                let renewed = current.renewed(ttl, ring.current().kid(), now)?;
+                let mut renewed = current.renewed(ttl, ring.current().kid(), now)?;
                 // STS sessions cannot be extended: a renewal is a new session for the new
                 // lifetime, minted before the renewal is stored.
                 let aws = match for_requester {
                     true => self.mint_aws(config, &renewed, now).await?,
                     false => None,
                 };
+                if let Some(minted) = &aws {
+                    renewed.aws = self.aws_issue(config, &renewed, minted);
+                }
                 Ok(Decision::Write(renewed, (ring, aws, now)))
             })
         })
