@@ -11,6 +11,11 @@ use valet_tests::{Deployment, binary, standard_config};
 const REPORT_AGENT_KEY: &str = "vk_test_report_agent_51d0a7";
 
 fn deployment(moto: &Moto, secret: &str, revoke: &str) -> Deployment {
+    deployment_on(moto, secret, revoke, "")
+}
+
+/// [`deployment`], with `store` (a `[store]` section) appended.
+fn deployment_on(moto: &Moto, secret: &str, revoke: &str, store: &str) -> Deployment {
     let key_sha256 = hex(&valet_core::Secret::from(REPORT_AGENT_KEY.to_string()).sha256());
     let extra = format!(
         r#"
@@ -48,7 +53,7 @@ scopes = ["reports-read"]
         endpoint = moto.endpoint,
         role_arn = moto.role_arn,
     );
-    let deployment = Deployment::new(&standard_config(&extra));
+    let deployment = Deployment::new(&standard_config(&format!("{extra}{store}")));
     std::fs::write(deployment.path("aws.secret"), format!("{secret}\n")).unwrap();
     deployment
 }
@@ -545,5 +550,70 @@ mod revocation_follows_the_grant {
             .await
             .unwrap();
         assert!(denied(&running.moto, &other.grant.id));
+    }
+}
+
+#[tokio::test]
+async fn twenty_revocations_across_two_replicas_all_land_in_the_deny() {
+    let moto = Moto::start();
+    let cluster = valet_tests::etcd::EtcdCluster::start(1);
+    let deployments: Vec<Deployment> = (0..2)
+        .map(|index| {
+            deployment_on(
+                &moto,
+                &moto.secret_access_key,
+                "role-policy",
+                &format!(
+                    "\n[store]\nengine = \"etcd\"\nendpoints = {}\nprefix = \"/valet/aws\"\nreplica = \"aws-{index}\"\n",
+                    cluster.endpoints_toml()
+                ),
+            )
+        })
+        .collect();
+    let valetds: Vec<valet_tests::Valetd> = deployments
+        .iter()
+        .map(|deployment| deployment.start(&[]))
+        .collect();
+    let agents = [
+        std::sync::Arc::new(valetds[0].client(REPORT_AGENT_KEY).await),
+        std::sync::Arc::new(valetds[1].client(REPORT_AGENT_KEY).await),
+    ];
+    let mut grants = Vec::new();
+    for _ in 0..20 {
+        grants.push(
+            agents[0]
+                .request_token(reports("blue"))
+                .await
+                .unwrap()
+                .grant
+                .id,
+        );
+    }
+    // Half through each replica, all at once: each read-modify-write of the role's deny policy
+    // holds the role's lock in etcd, so none loses another's entry.
+    let revocations: Vec<_> = grants
+        .iter()
+        .enumerate()
+        .map(|(index, id)| {
+            let (agent, id) = (agents[index % 2].clone(), id.clone());
+            tokio::spawn(async move { agent.revoke(&id, "done").await })
+        })
+        .collect();
+    for revocation in revocations {
+        let revoked = revocation.await.unwrap().unwrap();
+        assert!(
+            revoked
+                .notice
+                .unwrap()
+                .contains("Revoked in Valet and at AWS"),
+            "every reply says the deny is in force"
+        );
+    }
+    let policy = moto.role_policy("valet-revoked-sessions").unwrap();
+    for id in &grants {
+        assert!(
+            policy.contains(&format!("valet-{id}")),
+            "grant {id} is in the deny"
+        );
     }
 }

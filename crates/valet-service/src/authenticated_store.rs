@@ -14,7 +14,8 @@ use valet_core::audit::ChainHead;
 use valet_core::grant::{Grant, GrantKey};
 use valet_core::keyring::StoredKey;
 use valet_store::{
-    GrantFilter, GrantPage, Revocation, Store, StoreChange, StoreCounts, StoreError, SweepReport,
+    GrantFilter, GrantPage, Revocation, Store, StoreChange, StoreCounts, StoreError, StoreLock,
+    SweepReport,
 };
 
 pub(crate) struct AuthenticatedStore {
@@ -176,5 +177,9 @@ impl Store for AuthenticatedStore {
     /// [`Store::get_grant`], which checks it.
     fn subscribe(&self) -> broadcast::Receiver<StoreChange> {
         self.inner.subscribe()
+    }
+
+    async fn lock(&self, name: &str) -> Result<StoreLock, StoreError> {
+        self.inner.lock(name).await
     }
 }

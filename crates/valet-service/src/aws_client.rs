@@ -3,8 +3,6 @@
 //! with the scope's root key (SigV4, valet-core) and sent through the service's [`Outbound`];
 //! answers are read as XML.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -100,11 +98,10 @@ pub struct AwsCall<'a> {
     pub outbound: &'a dyn Outbound,
 }
 
-/// The AWS client: one lock per role so revocation policy updates on a role never interleave.
+/// The AWS client. Updates of a role's deny policy are serialised by the caller, through the
+/// store's lock on the role (across every replica).
 #[derive(Default)]
-pub struct AwsClient {
-    role_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
+pub struct AwsClient;
 
 impl AwsClient {
     /// STS `AssumeRole` for grant `grant_id`, narrowed by `policy`, for `duration_seconds`.
@@ -177,14 +174,7 @@ impl AwsClient {
         now: UnixTime,
     ) -> Result<RevocationUpdate, AwsError> {
         let role_name = role_arn.rsplit('/').next().unwrap_or(role_arn).to_string();
-        let lock = {
-            let mut locks = self
-                .role_locks
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            locks.entry(role_arn.to_string()).or_default().clone()
-        };
-        let _held = lock.lock().await;
+
         let existing = match self
             .call(
                 caller,
@@ -231,6 +221,32 @@ impl AwsClient {
             now,
         )
         .await?;
+        // Confirmed only when AWS reads it back: the revocation reports success on the
+        // policy AWS holds, not on the one valetd sent.
+        let written = self
+            .call(
+                caller,
+                Service::Iam,
+                "GetRolePolicy",
+                &[
+                    ("RoleName", &role_name),
+                    ("PolicyName", aws::REVOCATION_POLICY_NAME),
+                ],
+                now,
+            )
+            .await?;
+        let unconfirmed = |detail: String| AwsError::Malformed {
+            scope: caller.scope.to_string(),
+            operation: "GetRolePolicy",
+            detail,
+        };
+        let document = policy_document(&written).map_err(&unconfirmed)?;
+        let identity = aws::source_identity(grant_id);
+        if !document.contains(&identity) && update.denied_all_issued_before.is_none() {
+            return Err(unconfirmed(format!(
+                "the deny written for {identity} does not read back from the role (another writer replaced it)"
+            )));
+        }
         Ok(update)
     }
 

@@ -176,6 +176,12 @@ impl Valet {
             secret,
             outbound: self.outbound.as_ref(),
         };
+        // The role's deny policy is read, changed and written back: every replica takes the
+        // role's lock in the store first, so no two revocations lose each other's entries.
+        let _role_lock = self
+            .store
+            .lock(&format!("aws-role/{}", issue.role_arn))
+            .await?;
         let update = self
             .aws
             .deny_sessions(&caller, &issue.role_arn, &grant.id, keep_until, now)

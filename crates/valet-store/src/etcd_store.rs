@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    LockOptions, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::{broadcast, watch};
 use valet_core::approval::{ApprovalRequest, ApprovalStatus};
@@ -956,6 +956,42 @@ impl Store for EtcdStore {
 
     fn subscribe(&self) -> broadcast::Receiver<StoreChange> {
         self.changes.subscribe()
+    }
+    async fn lock(&self, name: &str) -> Result<crate::StoreLock, StoreError> {
+        // The hold lives as long as a lease this replica keeps; should it die holding the lock,
+        // the lease lapses and the lock goes to the next in line.
+        const LOCK_LEASE_SECONDS: i64 = 15;
+        let mut leases = self.client.lease_client();
+        let lease = bounded(leases.grant(LOCK_LEASE_SECONDS, None)).await?.id();
+        let key = format!("{}/locks/{name}", self.prefix);
+        let deadline = Instant::now() + crate::LOCK_WAIT;
+        let held = loop {
+            // Each attempt is bounded by the client's request timeout; asking again with the
+            // same lease keeps our place in the queue.
+            let attempt = self
+                .client
+                .lock_client()
+                .lock(key.clone(), Some(LockOptions::new().with_lease(lease)))
+                .await;
+            match attempt {
+                Ok(response) => break response.key().to_vec(),
+                Err(_) if Instant::now() < deadline => continue,
+                Err(error) => {
+                    let _ = leases.revoke(lease).await;
+                    return Err(unavailable(format!(
+                        "lock {name} could not be taken within {} s: {error}",
+                        crate::LOCK_WAIT.as_secs()
+                    )));
+                }
+            }
+        };
+        let client = self.client.clone();
+        Ok(crate::StoreLock::remote(Box::new(move || {
+            tokio::spawn(async move {
+                let _ = client.lock_client().unlock(held).await;
+                let _ = client.lease_client().revoke(lease).await;
+            });
+        })))
     }
 }
 

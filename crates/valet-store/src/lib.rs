@@ -224,6 +224,46 @@ pub trait Store: Send + Sync + 'static {
 
     /// Changes made through this store from now on.
     fn subscribe(&self) -> broadcast::Receiver<StoreChange>;
+
+    /// Takes the lock `name` across every valetd sharing this store (waiting up to
+    /// [`LOCK_WAIT`]); held until the returned guard is released or dropped, or its holder dies.
+    async fn lock(&self, name: &str) -> Result<StoreLock, StoreError>;
+}
+
+/// How long [`Store::lock`] waits for another holder before giving up.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A held lock; released when dropped.
+pub struct StoreLock {
+    /// An in-process hold (the embedded engine: one node).
+    local: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// How to let go of a hold elsewhere (etcd), run when the guard is dropped.
+    remote: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl StoreLock {
+    pub(crate) fn local(guard: tokio::sync::OwnedMutexGuard<()>) -> StoreLock {
+        StoreLock {
+            local: Some(guard),
+            remote: None,
+        }
+    }
+
+    pub(crate) fn remote(release: Box<dyn FnOnce() + Send>) -> StoreLock {
+        StoreLock {
+            local: None,
+            remote: Some(release),
+        }
+    }
+}
+
+impl Drop for StoreLock {
+    fn drop(&mut self) {
+        self.local.take();
+        if let Some(release) = self.remote.take() {
+            release();
+        }
+    }
 }
 
 /// Approval requests in the order every engine lists them: oldest first.

@@ -30,6 +30,9 @@ const CURRENT_KEY_KEY: &[u8] = b"current_signing_key";
 pub struct SledStore {
     db: sled::Db,
     trees: Trees,
+    /// Named locks: one node holds the store, so a lock in the process is a lock everywhere.
+    locks:
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     committer: Committer,
     changes: broadcast::Sender<StoreChange>,
 }
@@ -76,6 +79,7 @@ impl SledStore {
                 meta: tree("meta")?,
                 approvals: tree("approvals")?,
             },
+            locks: std::sync::Mutex::new(std::collections::HashMap::new()),
             committer: Committer::start(db.clone()).map_err(|error| unavailable(&error))?,
             changes: broadcast::channel(1024).0,
             db,
@@ -386,6 +390,23 @@ impl Store for SledStore {
 
     fn subscribe(&self) -> broadcast::Receiver<StoreChange> {
         self.changes.subscribe()
+    }
+
+    async fn lock(&self, name: &str) -> Result<crate::StoreLock, StoreError> {
+        let lock = self
+            .locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        match tokio::time::timeout(crate::LOCK_WAIT, lock.lock_owned()).await {
+            Ok(guard) => Ok(crate::StoreLock::local(guard)),
+            Err(_) => Err(unavailable(format!(
+                "lock {name} was held longer than {} s",
+                crate::LOCK_WAIT.as_secs()
+            ))),
+        }
     }
 }
 
