@@ -43,7 +43,7 @@ def main(endpoint: str) -> None:
                 "Version": "2012-10-17",
                 "Statement": [
                     {"Effect": "Allow", "Action": ["sts:AssumeRole", "sts:SetSourceIdentity"], "Resource": ROLE_ARN},
-                    {"Effect": "Allow", "Action": ["iam:GetRolePolicy", "iam:PutRolePolicy"], "Resource": ROLE_ARN},
+                    {"Effect": "Allow", "Action": ["iam:GetRolePolicy", "iam:PutRolePolicy", "iam:ListRolePolicies"], "Resource": ROLE_ARN},
                 ],
             }
         ),

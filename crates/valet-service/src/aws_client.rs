@@ -198,11 +198,15 @@ impl AwsClient {
             Err(AwsError::Refused { code, .. }) if code == "NoSuchEntity" => None,
             Err(error) => return Err(error),
         };
+        let other_policies_chars = self
+            .other_inline_policies_chars(caller, &role_name, now)
+            .await?;
         let update = aws::add_revoked_session(
             existing.as_deref(),
             &aws::source_identity(grant_id),
             keep_until,
             now,
+            other_policies_chars,
         )
         .map_err(|detail| AwsError::Malformed {
             scope: caller.scope.to_string(),
@@ -248,6 +252,58 @@ impl AwsClient {
             )));
         }
         Ok(update)
+    }
+
+    /// How many characters the role's other inline policies use (whitespace aside, as IAM
+    /// counts them): IAM's 10,240-character limit is per role.
+    async fn other_inline_policies_chars(
+        &self,
+        caller: &AwsCall<'_>,
+        role_name: &str,
+        now: UnixTime,
+    ) -> Result<usize, AwsError> {
+        let listed = self
+            .call(
+                caller,
+                Service::Iam,
+                "ListRolePolicies",
+                &[("RoleName", role_name)],
+                now,
+            )
+            .await?;
+        let names: Vec<String> = roxmltree::Document::parse(&listed)
+            .map_err(|error| AwsError::Malformed {
+                scope: caller.scope.to_string(),
+                operation: "ListRolePolicies",
+                detail: format!("not XML: {error}"),
+            })?
+            .descendants()
+            .filter(|node| node.has_tag_name("member"))
+            .filter_map(|node| node.text().map(|text| text.trim().to_string()))
+            .filter(|name| name != aws::REVOCATION_POLICY_NAME)
+            .collect();
+        let mut total = 0;
+        for name in names {
+            let answer = self
+                .call(
+                    caller,
+                    Service::Iam,
+                    "GetRolePolicy",
+                    &[("RoleName", role_name), ("PolicyName", &name)],
+                    now,
+                )
+                .await?;
+            let document = policy_document(&answer).map_err(|detail| AwsError::Malformed {
+                scope: caller.scope.to_string(),
+                operation: "GetRolePolicy",
+                detail,
+            })?;
+            total += document
+                .chars()
+                .filter(|character| !character.is_whitespace())
+                .count();
+        }
+        Ok(total)
     }
 
     /// One signed Query API call; the answer's XML text on success.

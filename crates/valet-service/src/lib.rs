@@ -129,7 +129,7 @@ impl Valet {
             store,
             audit,
             notifier: approvals::Notifier::start(weak.clone()),
-            aws: aws_client::AwsClient::default(),
+            aws: aws_client::AwsClient,
             outbound: parts.outbound,
             clock: parts.clock,
         }))

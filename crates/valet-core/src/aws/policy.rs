@@ -14,6 +14,9 @@ use crate::config::{AwsStsScope, ConditionValues};
 pub const MAX_SESSION_POLICY_CHARS: usize = 2_048;
 /// IAM refuses inline role policies whose text adds up to more than this.
 pub const MAX_ROLE_POLICY_CHARS: usize = 10_240;
+/// How far AWS's clock may be from valetd's: denies last this much longer, and the fallback
+/// denies sessions issued up to this much after valetd's now.
+pub const CLOCK_SKEW_SECONDS: UnixTime = 60;
 /// The inline role policy Valet owns on roles whose scopes use `revoke = "role-policy"`.
 pub const REVOCATION_POLICY_NAME: &str = "valet-revoked-sessions";
 
@@ -199,7 +202,10 @@ pub fn add_revoked_session(
     identity: &str,
     keep_until: UnixTime,
     now: UnixTime,
+    other_policies_chars: usize,
 ) -> Result<RevocationUpdate, String> {
+    // IAM's limit counts every inline policy of the role together (whitespace aside).
+    let room = MAX_ROLE_POLICY_CHARS.saturating_sub(other_policies_chars);
     let mut foreign = Vec::new();
     let mut by_identity: BTreeMap<UnixTime, Vec<String>> = BTreeMap::new();
     let mut issued_before: Option<(UnixTime, UnixTime)> = None;
@@ -240,7 +246,8 @@ pub fn add_revoked_session(
             }
         }
     }
-    let bucket = ceil_to_bucket(keep_until);
+    // AWS's clock and ours may differ: a deny lasts a little past the last session.
+    let bucket = ceil_to_bucket(keep_until + CLOCK_SKEW_SECONDS);
     let identities = by_identity.entry(bucket).or_default();
     if !identities.iter().any(|known| known == identity) {
         identities.push(identity.to_string());
@@ -269,7 +276,7 @@ pub fn add_revoked_session(
         json!({ "Version": POLICY_VERSION, "Statement": statements }).to_string()
     };
     let document = render(&by_identity, issued_before);
-    if document.chars().count() <= MAX_ROLE_POLICY_CHARS {
+    if document.chars().count() <= room {
         return Ok(RevocationUpdate {
             document,
             denied_all_issued_before: None,
@@ -283,15 +290,18 @@ pub fn add_revoked_session(
         .chain(issued_before.map(|(_, until)| until))
         .max()
         .unwrap_or(bucket);
-    let document = render(&BTreeMap::new(), Some((now, until)));
-    if document.chars().count() > MAX_ROLE_POLICY_CHARS {
+    // Issued before a moment a little ahead of ours: a session AWS stamped a moment later than
+    // our clock reads is still covered.
+    let before = now + CLOCK_SKEW_SECONDS;
+    let document = render(&BTreeMap::new(), Some((before, until)));
+    if document.chars().count() > room {
         return Err(format!(
-            "the role policy {REVOCATION_POLICY_NAME} holds statements Valet did not write that leave no room within IAM's {MAX_ROLE_POLICY_CHARS} characters"
+            "the role's inline policies (the role policy {REVOCATION_POLICY_NAME}'s statements Valet did not write, and {other_policies_chars} characters of other inline policies) leave no room within IAM's {MAX_ROLE_POLICY_CHARS} characters per role"
         ));
     }
     Ok(RevocationUpdate {
         document,
-        denied_all_issued_before: Some(now),
+        denied_all_issued_before: Some(before),
     })
 }
 

@@ -219,7 +219,7 @@ header = { Authorization = "Bearer {secret}" }
 #[test]
 fn revoked_sessions_are_listed_until_their_hour_then_pruned() {
     let now = 1_700_000_000;
-    let first = add_revoked_session(None, "valet-A", now + 900, now).unwrap();
+    let first = add_revoked_session(None, "valet-A", now + 900, now, 0).unwrap();
     assert_eq!(first.denied_all_issued_before, None);
     let until = (now + 900) / 3600 * 3600 + 3600;
     assert_eq!(
@@ -229,13 +229,19 @@ fn revoked_sessions_are_listed_until_their_hour_then_pruned() {
         )
     );
     // A second session in the same hour joins the list; the same one again changes nothing.
-    let second = add_revoked_session(Some(&first.document), "valet-B", now + 1000, now).unwrap();
-    let again = add_revoked_session(Some(&second.document), "valet-B", now + 1000, now).unwrap();
+    let second = add_revoked_session(Some(&first.document), "valet-B", now + 1000, now, 0).unwrap();
+    let again = add_revoked_session(Some(&second.document), "valet-B", now + 1000, now, 0).unwrap();
     assert_eq!(second.document, again.document);
     assert!(second.document.contains(r#"["valet-A","valet-B"]"#));
     // Past its hour, an entry is dropped at the next write.
-    let later =
-        add_revoked_session(Some(&second.document), "valet-C", until + 7200, until + 1).unwrap();
+    let later = add_revoked_session(
+        Some(&second.document),
+        "valet-C",
+        until + 7200,
+        until + 1,
+        0,
+    )
+    .unwrap();
     assert!(!later.document.contains("valet-A"));
     assert!(later.document.contains("valet-C"));
 }
@@ -243,10 +249,10 @@ fn revoked_sessions_are_listed_until_their_hour_then_pruned() {
 #[test]
 fn statements_valet_did_not_write_are_kept() {
     let foreign = r#"{"Version":"2012-10-17","Statement":[{"Sid":"Ops","Effect":"Deny","Action":"s3:DeleteBucket","Resource":"*"}]}"#;
-    let update = add_revoked_session(Some(foreign), "valet-A", 1_000_000, 0).unwrap();
+    let update = add_revoked_session(Some(foreign), "valet-A", 1_000_000, 0, 0).unwrap();
     assert!(update.document.contains(r#""Sid":"Ops""#));
     assert!(update.document.contains("valet-A"));
-    assert!(add_revoked_session(Some("not json"), "valet-A", 1, 0).is_err());
+    assert!(add_revoked_session(Some("not json"), "valet-A", 1, 0, 0).is_err());
 }
 
 #[test]
@@ -260,6 +266,7 @@ fn too_many_sessions_to_name_deny_every_session_issued_before_now() {
             &source_identity(&format!("01JEXAMPLEGRANT{index:011}")),
             now + 3600,
             now,
+            0,
         )
         .unwrap();
         assert!(update.document.chars().count() <= MAX_ROLE_POLICY_CHARS);
@@ -270,11 +277,34 @@ fn too_many_sessions_to_name_deny_every_session_issued_before_now() {
         document = Some(update.document);
     }
     let update = fell_back.expect("the list outgrew IAM's limit");
-    assert_eq!(update.denied_all_issued_before, Some(now));
+    // A minute ahead of valetd's clock: AWS's may be ahead.
+    assert_eq!(update.denied_all_issued_before, Some(now + 60));
     assert!(
         update
             .document
-            .contains(r#""DateLessThan":{"aws:TokenIssueTime":"2023-11-14T22:13:20Z"}"#)
+            .contains(r#""DateLessThan":{"aws:TokenIssueTime":"2023-11-14T22:14:20Z"}"#)
     );
     assert!(!update.document.contains("aws:SourceIdentity"));
+}
+
+#[test]
+fn the_other_inline_policies_of_the_role_count_against_its_limit() {
+    let now = 1_700_000_000;
+    let mut document: Option<String> = None;
+    for index in 0..40 {
+        let identity = source_identity(&format!("01JEXAMPLEGRANT{index:011}"));
+        let update =
+            add_revoked_session(document.as_deref(), &identity, now + 3600, now, 0).unwrap();
+        assert_eq!(update.denied_all_issued_before, None);
+        document = Some(update.document);
+    }
+    let next = source_identity("01JEXAMPLEGRANT99999999999");
+    // Alone, the role has room for all 41 names.
+    let roomy = add_revoked_session(document.as_deref(), &next, now + 3600, now, 0).unwrap();
+    assert_eq!(roomy.denied_all_issued_before, None);
+    // Another inline policy of 9,800 characters leaves room only for the short fallback.
+    let crowded = add_revoked_session(document.as_deref(), &next, now + 3600, now, 9_800).unwrap();
+    assert!(crowded.denied_all_issued_before.is_some());
+    // One that fills the role leaves no room at all: a clear error, not a silent drop.
+    assert!(add_revoked_session(document.as_deref(), &next, now + 3600, now, 10_200).is_err());
 }
