@@ -440,6 +440,22 @@ async fn an_approved_aws_grant_gets_its_credentials_when_the_decision_lands() {
         audit.contains("\"aws.session\""),
         "the session minted on approval is audited"
     );
+    // Waiting again hands the same session back: no new one is minted per wait.
+    for _ in 0..3 {
+        let again = agent
+            .wait_for_grant(&pending.grant.id, std::time::Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(
+            again.aws.expect("credentials again").access_key_id,
+            session.access_key_id
+        );
+    }
+    assert_eq!(
+        moto.sessions().len(),
+        1,
+        "one session, however often it waits"
+    );
 }
 
 /// Revocation lands on the role a grant's sessions were issued on, whatever the config says now,

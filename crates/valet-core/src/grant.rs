@@ -58,6 +58,11 @@ pub struct AwsIssue {
     pub revoke: String,
     /// The last moment any of its sessions is valid at AWS.
     pub sessions_until: UnixTime,
+    /// The latest session's credentials, sealed under the key-encryption key (bound to the
+    /// grant's id): handed again to the requester who waits for the grant, instead of a new
+    /// session each time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_session: Option<String>,
 }
 
 /// The key grant records are authenticated with.

@@ -21,6 +21,60 @@ pub struct AwsGrant {
 }
 
 impl AwsGrant {
+    /// The session sealed for the grant's record (base64), bound to `grant_id`.
+    fn seal(&self, keys: &crate::keys::Keys, grant_id: &str) -> Result<String, ServiceError> {
+        use base64::Engine;
+        let credentials = &self.credentials;
+        let plain = serde_json::json!({
+            "access_key_id": credentials.access_key_id,
+            "secret_access_key": credentials.secret_access_key.expose_str().unwrap_or_default(),
+            "session_token": credentials.session_token.expose_str().unwrap_or_default(),
+            "expires_at": credentials.expires_at,
+            "assumed_role_arn": credentials.assumed_role_arn,
+            "region": credentials.region,
+            "notice": self.notice,
+            "session_policy": self.session_policy,
+        })
+        .to_string();
+        let sealed = keys.seal(plain.as_bytes(), &format!("aws-session:{grant_id}"))?;
+        let mut plain = plain.into_bytes();
+        zeroize::Zeroize::zeroize(&mut plain);
+        Ok(base64::engine::general_purpose::STANDARD.encode(sealed))
+    }
+
+    /// A session sealed by [`AwsGrant::seal`] for `grant_id`.
+    fn open(
+        sealed: &str,
+        keys: &crate::keys::Keys,
+        grant_id: &str,
+    ) -> Result<AwsGrant, ServiceError> {
+        use base64::Engine;
+        let unreadable = || {
+            ServiceError::Internal(format!(
+                "grant {grant_id}'s sealed STS session cannot be read"
+            ))
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(sealed)
+            .map_err(|_| unreadable())?;
+        let plain = keys.unseal(&bytes, &format!("aws-session:{grant_id}"))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(plain.expose()).map_err(|_| unreadable())?;
+        let text = |name: &str| value[name].as_str().unwrap_or_default().to_string();
+        Ok(AwsGrant {
+            credentials: StsCredentials {
+                access_key_id: text("access_key_id"),
+                secret_access_key: valet_core::Secret::from(text("secret_access_key")),
+                session_token: valet_core::Secret::from(text("session_token")),
+                expires_at: value["expires_at"].as_i64().ok_or_else(unreadable)?,
+                assumed_role_arn: text("assumed_role_arn"),
+                region: text("region"),
+            },
+            notice: text("notice"),
+            session_policy: text("session_policy"),
+        })
+    }
+
     /// Audit fields: which session, which policy, until when. Never the secret parts.
     pub fn describe(&self, event: AuditEvent) -> AuditEvent {
         event
@@ -80,21 +134,34 @@ impl Valet {
         config: &Config,
         grant: &Grant,
         minted: &AwsGrant,
-    ) -> Option<valet_core::grant::AwsIssue> {
-        let scope = config.scopes.get(&grant.scope)?;
-        let aws_scope = scope.aws.as_ref()?;
+    ) -> Result<Option<valet_core::grant::AwsIssue>, ServiceError> {
+        let Some(scope) = config.scopes.get(&grant.scope) else {
+            return Ok(None);
+        };
+        let Some(aws_scope) = scope.aws.as_ref() else {
+            return Ok(None);
+        };
         let sessions_until = grant
             .aws
             .as_ref()
             .map(|issue| issue.sessions_until)
             .unwrap_or(0)
             .max(minted.credentials.expires_at);
-        Some(valet_core::grant::AwsIssue {
+        Ok(Some(valet_core::grant::AwsIssue {
             role_arn: aws_scope.role_arn.clone(),
             credential: scope.credential.clone(),
             revoke: aws_scope.revoke.as_str().to_string(),
             sessions_until,
-        })
+            sealed_session: Some(minted.seal(&self.keys, &grant.id)?),
+        }))
+    }
+
+    /// The session already issued for `grant`, when it is still valid at `now`.
+    pub(crate) fn issued_session(&self, grant: &Grant, now: UnixTime) -> Option<AwsGrant> {
+        let sealed = grant.aws.as_ref()?.sealed_session.as_deref()?;
+        AwsGrant::open(sealed, &self.keys, &grant.id)
+            .ok()
+            .filter(|session| session.credentials.expires_at > now)
     }
 
     /// After `grant` was revoked (or ended while its sessions live on): deny its sessions at AWS
@@ -120,6 +187,7 @@ impl Valet {
                     role_arn: aws_scope.role_arn.clone(),
                     credential: scope.credential.clone(),
                     revoke: aws_scope.revoke.as_str().to_string(),
+                    sealed_session: None,
                     // The newest session was minted at the latest now, for at least the minimum
                     // session length, and never past the grant's expiry when that is later.
                     sessions_until: grant

@@ -49,6 +49,16 @@ impl Keys {
         })
     }
 
+    /// Seals `plaintext` under the key-encryption key, bound to `context`.
+    pub fn seal(&self, plaintext: &[u8], context: &str) -> Result<Vec<u8>, ServiceError> {
+        Ok(self.seal_key.seal(plaintext, context)?)
+    }
+
+    /// Opens what [`Keys::seal`] sealed for the same `context`.
+    pub fn unseal(&self, sealed: &[u8], context: &str) -> Result<valet_core::Secret, ServiceError> {
+        Ok(self.seal_key.open(sealed, context)?)
+    }
+
     /// Whether the last refresh failed: signing and verifying are refused until one succeeds.
     pub fn untrusted(&self) -> bool {
         self.failure.load().is_some()

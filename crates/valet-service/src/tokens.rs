@@ -103,7 +103,7 @@ impl Valet {
         // with what its requester actually receives.
         let aws = self.mint_aws(&config, &grant, now).await?.map(Box::new);
         if let Some(minted) = &aws {
-            grant.aws = self.aws_issue(&config, &grant, minted);
+            grant.aws = self.aws_issue(&config, &grant, minted)?;
         }
         let issued = AuditEvent::new(AuditAction::TokenIssue, Outcome::Allowed)
             .with_grant(&grant)
@@ -161,14 +161,25 @@ impl Valet {
         let ring = self.keys.ring()?;
         let now = self.clock.now();
         let token = token::issue(&grant.claims(&config.server.issuer, now), ring.current());
+        // The session already issued, while it is valid: waiting again does not mint another.
+        if let Some(issued) = self.issued_session(grant, now) {
+            let event = issued.describe(
+                AuditEvent::new(AuditAction::AwsSession, Outcome::Allowed)
+                    .with_grant(grant)
+                    .with("session", "already issued"),
+            );
+            self.record(caller, event).await?;
+            return Ok((token, Some(issued)));
+        }
         let aws = self.mint_aws(&config, grant, now).await?;
         if let Some(minted) = &aws {
-            // The grant keeps what its new session was issued on, for its revocation.
+            // The grant keeps what its new session was issued on, for its revocation, and the
+            // session itself, sealed, for the next wait.
             let stored = self.fetch_grant(&grant.id).await?;
             compare_and_swap(self.store.as_ref(), stored, |current: &Grant| {
                 Ok(Decision::Write(
                     Grant {
-                        aws: self.aws_issue(&config, current, minted),
+                        aws: self.aws_issue(&config, current, minted)?,
                         ..current.clone()
                     },
                     (),
@@ -238,7 +249,7 @@ impl Valet {
                     false => None,
                 };
                 if let Some(minted) = &aws {
-                    renewed.aws = self.aws_issue(config, &renewed, minted);
+                    renewed.aws = self.aws_issue(config, &renewed, minted)?;
                 }
                 Ok(Decision::Write(renewed, (ring, aws, now)))
             })
