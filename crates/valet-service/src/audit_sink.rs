@@ -148,7 +148,13 @@ impl AuditSink {
                 })?;
                 file_head
             }
-            (Some(file_head), _) => file_head,
+            (Some(file_head), None) => {
+                // No head recorded at all: a new or wiped store. The file is taken as it is; its
+                // MACs and checkpoints are still checked by `valet audit verify`.
+                tracing::warn!(path = %path.display(), head = %file_head, "the store records no audit chain head; continuing the audit log from its own last record, which valetd has not proved it wrote (run valet audit verify)");
+                file_head
+            }
+            (Some(file_head), Some(_)) => file_head,
             (None, _) => ChainHead::genesis(),
         };
         let opens_rotated_file = continues_elsewhere && head.sequence > 0;
