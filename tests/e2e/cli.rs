@@ -662,6 +662,48 @@ mod exec {
     }
 
     #[tokio::test]
+    async fn the_command_never_gets_the_principals_key_and_cannot_ask_for_anything() {
+        let deployment = Deployment::standard();
+        let valetd = deployment.start(&[]);
+        // Each attempt the wrapped command makes must fail the way it says (2: no principal key;
+        // 3: refused by valetd); the exit code says which attempt did not.
+        let script = r#"
+            test -z "${VALET_KEY+set}" || exit 10
+            "$VALET_BIN" token request --scope limited --task escaped 2>/dev/null; test $? -eq 2 || exit 11
+            "$VALET_BIN" token renew "$VALET_GRANT" 2>/dev/null; test $? -eq 2 || exit 12
+            "$VALET_BIN" token revoke "$VALET_GRANT" 2>/dev/null; test $? -eq 2 || exit 13
+            "$VALET_BIN" task revoke exec-escape 2>/dev/null; test $? -eq 2 || exit 14
+            "$VALET_BIN" revoke-all --principal demo-agent --reason x --yes 2>/dev/null; test $? -eq 2 || exit 15
+            # The grant's own token is no principal credential either.
+            VALET_KEY="$VALET_TOKEN" "$VALET_BIN" token request --scope limited --task escaped 2>/dev/null; test $? -eq 3 || exit 16
+            VALET_KEY="$VALET_TOKEN" "$VALET_BIN" token renew "$VALET_GRANT" 2>/dev/null; test $? -eq 3 || exit 17
+            VALET_KEY="$VALET_TOKEN" "$VALET_BIN" task revoke exec-escape 2>/dev/null; test $? -eq 3 || exit 18
+            exit 0
+        "#;
+        let output = exec_command(
+            &valetd.address,
+            "exec-escape",
+            STAGING,
+            &["sh", "-c", script],
+        )
+        .env("VALET_BIN", binary("valet"))
+        .output()
+        .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "the wrapped command got further than it may: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // Nothing was issued to the escaped task, and the exec's own grant ended when it did.
+        assert!(task_statuses(&valetd, "escaped").await.is_empty());
+        assert_eq!(
+            task_statuses(&valetd, "exec-escape").await,
+            vec![v1::GrantStatus::Revoked as i32]
+        );
+    }
+
+    #[tokio::test]
     async fn an_interrupted_valet_exec_forwards_the_signal_and_still_revokes() {
         let deployment = Deployment::standard();
         let valetd = deployment.start(&[]);

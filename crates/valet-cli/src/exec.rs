@@ -6,7 +6,9 @@
 //! written to the file named by `VALET_TOKEN_FILE` (mode 0600, in a 0700 directory, replaced
 //! atomically); long-running commands should read the token from there. For an aws-sts scope the
 //! STS credentials are in `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` and
-//! `AWS_REGION`, so the AWS CLI and SDKs work unchanged.
+//! `AWS_REGION`, so the AWS CLI and SDKs work unchanged. The principal's own credential
+//! (`VALET_KEY`, and every other variable in `valet_client::PRINCIPAL_CREDENTIAL_ENV`) is removed
+//! from the command's environment.
 
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -116,6 +118,11 @@ async fn run_with_token(
 ) -> anyhow::Result<i32> {
     let token_file = TokenFile::create(issued)?;
     let mut command = tokio::process::Command::new(&arguments.command[0]);
+    // The command acts for the grant, not for the principal: it never sees the principal's
+    // credential, so it cannot request, renew or revoke anything itself.
+    for name in valet_client::PRINCIPAL_CREDENTIAL_ENV {
+        command.env_remove(name);
+    }
     command
         .args(&arguments.command[1..])
         .env(&arguments.env_name, issued.token_str())

@@ -25,6 +25,10 @@ pub use verifier::OfflineVerifier;
 pub const SERVER_ENV: &str = "VALET_SERVER";
 /// The environment variable holding the principal key.
 pub const KEY_ENV: &str = "VALET_KEY";
+/// Every environment variable from which the CLI or this client reads a principal's credential.
+/// A process run on a grant's behalf (`valet exec`) gets none of them: it holds the grant's token,
+/// never the credential that could ask for more.
+pub const PRINCIPAL_CREDENTIAL_ENV: &[&str] = &[KEY_ENV];
 /// Where valetd listens when nothing else is said.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7470";
 
