@@ -141,3 +141,34 @@ async fn json_logs_carry_a_request_id_and_sigterm_stops_cleanly() {
     );
     assert_eq!(valetd.stop().await, Some(0));
 }
+
+#[tokio::test]
+async fn plaintext_off_loopback_is_refused_unless_the_config_says_so() {
+    // Refused before anything is bound, so this test listens on nothing but loopback.
+    let config = standard_config("").replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:0\"");
+    let deployment = Deployment::new(&config);
+    let (code, output) = deployment.start_expecting_failure(&[]);
+    assert_eq!(code, 64, "{output}");
+    for expected in [
+        "valetd will not serve gRPC in plaintext on 0.0.0.0:0, which is not a loopback address",
+        "Listen on 127.0.0.1",
+        "`[server] insecure_plaintext = true`",
+    ] {
+        assert!(
+            output.contains(expected),
+            "missing {expected:?} in:\n{output}"
+        );
+    }
+
+    let deployment = Deployment::standard();
+    let (code, output) = deployment.start_expecting_failure(&["--gateway-listen", "0.0.0.0:0"]);
+    assert_eq!(code, 64, "{output}");
+    assert!(
+        output.contains("valetd will not serve gateway in plaintext on 0.0.0.0:0"),
+        "{output}"
+    );
+    assert!(
+        !deployment.path("data/store").exists(),
+        "nothing is opened before the listeners are checked"
+    );
+}

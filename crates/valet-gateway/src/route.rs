@@ -31,10 +31,19 @@ pub fn route(
     let path = request.uri().path().to_string();
     match path.as_str() {
         "/healthz" => {
-            return Routed::Served(response::json(
-                http::StatusCode::OK,
-                &serde_json::json!({"status": "ok"}),
-            ));
+            let exposed: Vec<String> = valet
+                .config()
+                .server
+                .listeners_off_loopback()
+                .iter()
+                .map(|(listener, address)| format!("{listener} on {address}"))
+                .collect();
+            let body = if exposed.is_empty() {
+                serde_json::json!({"status": "ok"})
+            } else {
+                serde_json::json!({"status": "ok", "plaintext_off_loopback": exposed})
+            };
+            return Routed::Served(response::json(http::StatusCode::OK, &body));
         }
         "/.well-known/jwks.json" => {
             let keys: Vec<serde_json::Value> = valet

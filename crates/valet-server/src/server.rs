@@ -115,10 +115,36 @@ pub fn replica_name(config: &Config) -> String {
     }
 }
 
+/// Refuses plaintext listeners off loopback unless the config or `--dev` allows them; when
+/// allowed, says so loudly (and `/healthz` says so for as long as it lasts).
+fn check_plaintext(config: &Config, dev: bool) -> Result<(), ServerError> {
+    let exposed = config.server.listeners_off_loopback();
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    if !(config.server.insecure_plaintext || dev) {
+        let (listener, address) = exposed[0];
+        return Err(ServerError::PlaintextOffLoopback {
+            listener: listener.to_string(),
+            address: address.to_string(),
+        });
+    }
+    for (listener, address) in exposed {
+        let allowed_by = if config.server.insecure_plaintext {
+            "[server] insecure_plaintext = true"
+        } else {
+            "--dev"
+        };
+        tracing::warn!(listener, %address, allowed_by, "INSECURE: the {listener} listener serves plaintext on {address}, which is not a loopback address; keys and tokens cross that network in clear");
+    }
+    Ok(())
+}
+
 /// Runs valetd until SIGTERM or SIGINT.
 pub async fn run(options: Options) -> Result<(), ServerError> {
     let loaded = valet_service::load_config(&options.config_path, &options.overrides)?;
     let config = loaded.config.clone();
+    check_plaintext(&config, options.dev)?;
     let data_dir = &config.server.data_dir;
     std::fs::create_dir_all(data_dir).map_err(|error| ServerError::DataDir {
         path: data_dir.display().to_string(),

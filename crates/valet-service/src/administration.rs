@@ -115,6 +115,19 @@ impl Valet {
         if loaded.config.server.data_dir != running.server.data_dir {
             restart_only.push("server.data_dir");
         }
+        if loaded.config.server.gateway_listen != running.server.gateway_listen {
+            restart_only.push("server.gateway_listen");
+        }
+        if loaded.config.server.insecure_plaintext != running.server.insecure_plaintext {
+            restart_only.push("server.insecure_plaintext");
+        }
+        // What only a restart changes keeps its running value, so the config in force says what
+        // the process does (listeners, /healthz, the data dir).
+        let mut loaded = loaded;
+        loaded.config.server.listen = running.server.listen;
+        loaded.config.server.data_dir = running.server.data_dir.clone();
+        loaded.config.server.gateway_listen = running.server.gateway_listen;
+        loaded.config.server.insecure_plaintext = running.server.insecure_plaintext;
         if !restart_only.is_empty() {
             tracing::warn!(
                 keys = restart_only.join(", "),

@@ -71,6 +71,21 @@ pub struct ServerConfig {
     pub grant_retention: Duration,
     /// Where the HTTP gateway listens; no gateway when `None`.
     pub gateway_listen: Option<SocketAddr>,
+    /// The listeners may serve plaintext on addresses other than loopback (the operator has
+    /// said that something else protects the network: a TLS-terminating proxy, a mesh).
+    pub insecure_plaintext: bool,
+}
+
+impl ServerConfig {
+    /// The listeners (`"gRPC"`, `"gateway"`) whose address is not a loopback address. Every
+    /// listener serves plaintext, so each of these carries bearer keys and tokens in clear
+    /// across a network.
+    pub fn listeners_off_loopback(&self) -> Vec<(&'static str, SocketAddr)> {
+        std::iter::once(("gRPC", self.listen))
+            .chain(self.gateway_listen.map(|address| ("gateway", address)))
+            .filter(|(_, address)| !address.ip().is_loopback())
+            .collect()
+    }
 }
 
 /// Where a secret is read from. Secrets are never inline in the config.
@@ -676,6 +691,7 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             max_ttl: server_max_ttl?,
             grant_retention: grant_retention?,
             gateway_listen,
+            insecure_plaintext: raw_server.insecure_plaintext.unwrap_or(false),
         },
         seal,
         audit: AuditConfig { path: audit_path? },

@@ -71,6 +71,7 @@ pub struct RawServer {
     pub max_ttl: Option<String>,
     pub grant_retention: Option<String>,
     pub gateway_listen: Option<String>,
+    pub insecure_plaintext: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

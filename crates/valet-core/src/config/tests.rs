@@ -395,3 +395,23 @@ fn etcd_off_loopback_needs_tls_and_authentication_unless_allowed() {
         .is_ok()
     );
 }
+
+#[test]
+fn listeners_off_loopback_are_named_and_insecure_plaintext_is_read() {
+    let (_, example) = EXAMPLES[0];
+    let config = Config::parse(example, Path::new("/")).unwrap();
+    assert!(config.server.listeners_off_loopback().is_empty());
+    assert!(!config.server.insecure_plaintext);
+
+    let exposed = example.replace(
+        "listen = \"127.0.0.1:7470\"",
+        "listen = \"0.0.0.0:7470\"\ngateway_listen = \"[::1]:7471\"\ninsecure_plaintext = true",
+    );
+    let config = Config::parse(&exposed, Path::new("/")).unwrap();
+    assert!(config.server.insecure_plaintext);
+    assert_eq!(
+        config.server.listeners_off_loopback(),
+        vec![("gRPC", "0.0.0.0:7470".parse().unwrap())],
+        "[::1] is loopback; 0.0.0.0 is every interface"
+    );
+}
