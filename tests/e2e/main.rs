@@ -1,5 +1,6 @@
 //! End-to-end tests: real valetd processes on loopback, driven through valet-client and the CLI.
 
+mod abuse;
 mod admin;
 mod approvals;
 mod audit_trust;

@@ -293,6 +293,11 @@ impl Valetd {
         }
     }
 
+    /// valetd's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Everything valetd printed so far (stdout and stderr).
     pub fn output(&self) -> String {
         self.output

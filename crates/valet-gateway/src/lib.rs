@@ -7,6 +7,7 @@
 //! audit record, valet-service again). The gateway keeps no grant bookkeeping of its own.
 
 mod forward;
+pub mod listener;
 mod mask;
 mod response;
 mod route;
@@ -16,9 +17,16 @@ mod upstream;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use valet_service::Valet;
+
+/// How long a client has to send a request's head (method, path, headers).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// HTTP/2 connections are pinged this often, so a live one never looks idle...
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// ...and one whose peer does not answer a ping within this is closed.
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The gateway: serves one listener until `shutdown` completes.
 pub struct Gateway {
@@ -39,27 +47,31 @@ impl Gateway {
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
+        limits: listener::Limits,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
+        let listener = listener::LimitedListener::new(listener, limits, "gateway");
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(accepted) => accepted,
-                        Err(error) => {
-                            tracing::warn!(%error, "gateway accept failed");
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
+                (stream, peer) = listener.accept() => {
                     let gateway = self.clone();
                     let service = hyper::service::service_fn(move |request| {
                         let gateway = gateway.clone();
                         async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, peer).await) }
                     });
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    // A client must send its request head within HEADER_READ_TIMEOUT.
+                    builder
+                        .http1()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT);
+                    builder
+                        .http2()
+                        .timer(TokioTimer::new())
+                        .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
+                        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
                     let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                     let connection = graceful.watch(connection);
                     tokio::spawn(async move {

@@ -4,6 +4,7 @@
 
 mod admin;
 mod broker;
+mod connections;
 mod convert;
 mod error;
 mod layers;

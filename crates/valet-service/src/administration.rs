@@ -121,6 +121,12 @@ impl Valet {
         if loaded.config.server.insecure_plaintext != running.server.insecure_plaintext {
             restart_only.push("server.insecure_plaintext");
         }
+        if loaded.config.server.max_connections != running.server.max_connections {
+            restart_only.push("server.max_connections");
+        }
+        if loaded.config.server.idle_timeout != running.server.idle_timeout {
+            restart_only.push("server.idle_timeout");
+        }
         // What only a restart changes keeps its running value, so the config in force says what
         // the process does (listeners, /healthz, the data dir).
         let mut loaded = loaded;
@@ -128,6 +134,8 @@ impl Valet {
         loaded.config.server.data_dir = running.server.data_dir.clone();
         loaded.config.server.gateway_listen = running.server.gateway_listen;
         loaded.config.server.insecure_plaintext = running.server.insecure_plaintext;
+        loaded.config.server.max_connections = running.server.max_connections;
+        loaded.config.server.idle_timeout = running.server.idle_timeout;
         if !restart_only.is_empty() {
             tracing::warn!(
                 keys = restart_only.join(", "),

@@ -74,7 +74,16 @@ pub struct ServerConfig {
     /// The listeners may serve plaintext on addresses other than loopback (the operator has
     /// said that something else protects the network: a TLS-terminating proxy, a mesh).
     pub insecure_plaintext: bool,
+    /// The most connections each listener keeps open at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// A connection that neither reads nor writes for this long is closed.
+    pub idle_timeout: Duration,
 }
+
+/// Connections per listener when the config does not say.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// How long a connection may sit idle when the config does not say.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl ServerConfig {
     /// The listeners (`"gRPC"`, `"gateway"`) whose address is not a loopback address. Every
@@ -558,6 +567,37 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
                     None
                 }
             });
+    let max_connections = match raw_server.max_connections {
+        None => DEFAULT_MAX_CONNECTIONS,
+        Some(number) if (1..=1_000_000).contains(&number) => number as usize,
+        Some(number) => {
+            problems.push(
+                "server.max_connections",
+                invalid(
+                    &number.to_string(),
+                    "connection limit",
+                    "a whole number from 1 to 1000000 (each connection holds a file descriptor)",
+                ),
+            );
+            DEFAULT_MAX_CONNECTIONS
+        }
+    };
+    let idle_timeout = match raw_server.idle_timeout {
+        None => Some(DEFAULT_IDLE_TIMEOUT),
+        Some(text) => problems
+            .duration(Some(text.clone()), "server.idle_timeout")
+            .and_then(|timeout| {
+                if timeout >= Duration::from_secs(1) && timeout <= Duration::from_secs(3600) {
+                    Some(timeout)
+                } else {
+                    problems.push(
+                        "server.idle_timeout",
+                        invalid(&text, "idle timeout", "from 1s to 1h"),
+                    );
+                    None
+                }
+            }),
+    };
     let raw_approvals = raw.approvals.unwrap_or_default();
     let mut approval_limits = ApprovalLimits::default();
     for (value, key, slot) in [
@@ -692,6 +732,8 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             grant_retention: grant_retention?,
             gateway_listen,
             insecure_plaintext: raw_server.insecure_plaintext.unwrap_or(false),
+            max_connections,
+            idle_timeout: idle_timeout?,
         },
         seal,
         audit: AuditConfig { path: audit_path? },

@@ -72,6 +72,8 @@ pub struct RawServer {
     pub grant_retention: Option<String>,
     pub gateway_listen: Option<String>,
     pub insecure_plaintext: Option<bool>,
+    pub max_connections: Option<i64>,
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

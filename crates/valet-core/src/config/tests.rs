@@ -415,3 +415,27 @@ fn listeners_off_loopback_are_named_and_insecure_plaintext_is_read() {
         "[::1] is loopback; 0.0.0.0 is every interface"
     );
 }
+
+#[test]
+fn connection_limits_have_defaults_and_out_of_range_values_are_named() {
+    let (_, example) = EXAMPLES[0];
+    let config = Config::parse(example, Path::new("/")).unwrap();
+    assert_eq!(config.server.max_connections, DEFAULT_MAX_CONNECTIONS);
+    assert_eq!(config.server.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+
+    let broken = example.replace(
+        "listen = \"127.0.0.1:7470\"",
+        "listen = \"127.0.0.1:7470\"\nmax_connections = 0\nidle_timeout = \"2h\"",
+    );
+    let errors = Config::parse(&broken, Path::new("/"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errors.contains("server.max_connections: \"0\"") && errors.contains("from 1 to 1000000"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("server.idle_timeout") && errors.contains("from 1s to 1h"),
+        "{errors}"
+    );
+}

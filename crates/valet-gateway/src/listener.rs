@@ -1,0 +1,207 @@
+//! Accepting connections for valetd's listeners (gRPC and gateway) under abuse limits: at most
+//! `max_connections` open at once, a connection that neither reads nor writes for `idle_timeout`
+//! is closed, and accept errors (such as running out of file descriptors) back off instead of
+//! spinning, with a bounded log.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+/// The first pause after a failed accept; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(5);
+/// The longest pause between accept attempts while accepting fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// At most one warning per this long about failing accepts (with the count since the last).
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The limits a listener keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+}
+
+/// A listener that hands out connections within its [`Limits`].
+pub struct LimitedListener {
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+    limits: Limits,
+    name: &'static str,
+    /// When the last accept warning was logged, and the failures since.
+    warned: std::sync::Mutex<(Option<Instant>, u64)>,
+}
+
+impl LimitedListener {
+    pub fn new(listener: TcpListener, limits: Limits, name: &'static str) -> LimitedListener {
+        LimitedListener {
+            listener,
+            permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            limits,
+            name,
+            warned: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// The next connection. While `max_connections` are open this waits for one to close (new
+    /// connections queue in the kernel's backlog); while accepting fails it backs off.
+    pub async fn accept(&self) -> (LimitedStream, SocketAddr) {
+        // The semaphore is never closed, so this waits for a free place and never fails.
+        let permit = self.permits.clone().acquire_owned().await.ok();
+        if self.permits.available_permits() == 0 {
+            tracing::debug!(
+                listener = self.name,
+                max_connections = self.limits.max_connections,
+                "connection limit reached; new connections wait"
+            );
+        }
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return (
+                        LimitedStream::new(stream, permit, self.limits.idle_timeout),
+                        peer,
+                    );
+                }
+                Err(error) => {
+                    self.warn(&error);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+}
+
+impl LimitedListener {
+    /// Logs a failed accept, at most once per [`WARNING_INTERVAL`], with the count since.
+    fn warn(&self, error: &io::Error) {
+        let mut warned = self
+            .warned
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (last, failures) = &mut *warned;
+        *failures += 1;
+        let now = Instant::now();
+        if last.is_none_or(|at| now.duration_since(at) >= WARNING_INTERVAL) {
+            tracing::warn!(listener = self.name, %error, failures = *failures, "accepting a connection failed; backing off (at most one such warning every 10 s)");
+            *last = Some(now);
+            *failures = 0;
+        }
+    }
+}
+
+/// An accepted connection: holds its place under the connection limit until dropped, and fails
+/// with `TimedOut` once it has neither read nor written for the idle timeout.
+pub struct LimitedStream {
+    stream: TcpStream,
+    _permit: Option<OwnedSemaphorePermit>,
+    idle_timeout: Duration,
+    idle: Pin<Box<Sleep>>,
+}
+
+impl LimitedStream {
+    fn new(
+        stream: TcpStream,
+        permit: Option<OwnedSemaphorePermit>,
+        idle_timeout: Duration,
+    ) -> Self {
+        LimitedStream {
+            stream,
+            _permit: permit,
+            idle_timeout,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+        }
+    }
+
+    /// The TCP connection underneath (for its addresses).
+    pub fn tcp(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    fn active(&mut self) {
+        let deadline = Instant::now() + self.idle_timeout;
+        self.idle.as_mut().reset(deadline);
+    }
+
+    /// After a pending read or write: has the connection been idle too long?
+    fn check_idle(&mut self, context: &mut Context<'_>) -> Poll<io::Error> {
+        match self.idle.as_mut().poll(context) {
+            Poll::Ready(()) => Poll::Ready(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection was idle for longer than the listener's idle timeout",
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for LimitedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.stream).poll_read(context, buffer) {
+            Poll::Ready(result) => {
+                this.active();
+                Poll::Ready(result)
+            }
+            Poll::Pending => this.check_idle(context).map(Err),
+        }
+    }
+}
+
+impl AsyncWrite for LimitedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.stream).poll_write(context, data) {
+            Poll::Ready(result) => {
+                this.active();
+                Poll::Ready(result)
+            }
+            Poll::Pending => this.check_idle(context).map(Err),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(context)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(context)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffers: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.stream).poll_write_vectored(context, buffers) {
+            Poll::Ready(result) => {
+                this.active();
+                Poll::Ready(result)
+            }
+            Poll::Pending => this.check_idle(context).map(Err),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
