@@ -106,6 +106,9 @@ pub struct LimitedStream {
     stream: TcpStream,
     _permit: Option<OwnedSemaphorePermit>,
     idle_timeout: Duration,
+    /// When bytes last moved; the timer below is re-armed from it only when it fires, so
+    /// activity costs a clock read, not a timer update.
+    last_active: Instant,
     idle: Pin<Box<Sleep>>,
 }
 
@@ -119,6 +122,7 @@ impl LimitedStream {
             stream,
             _permit: permit,
             idle_timeout,
+            last_active: Instant::now(),
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
         }
     }
@@ -129,18 +133,25 @@ impl LimitedStream {
     }
 
     fn active(&mut self) {
-        let deadline = Instant::now() + self.idle_timeout;
-        self.idle.as_mut().reset(deadline);
+        self.last_active = Instant::now();
     }
 
     /// After a pending read or write: has the connection been idle too long?
     fn check_idle(&mut self, context: &mut Context<'_>) -> Poll<io::Error> {
-        match self.idle.as_mut().poll(context) {
-            Poll::Ready(()) => Poll::Ready(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the connection was idle for longer than the listener's idle timeout",
-            )),
-            Poll::Pending => Poll::Pending,
+        loop {
+            match self.idle.as_mut().poll(context) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) => {
+                    let deadline = self.last_active + self.idle_timeout;
+                    if deadline <= Instant::now() {
+                        return Poll::Ready(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the connection was idle for longer than the listener's idle timeout",
+                        ));
+                    }
+                    self.idle.as_mut().reset(deadline);
+                }
+            }
         }
     }
 }
