@@ -5,6 +5,7 @@
 //! request built for the upstream: agent credentials stripped, the root credential injected),
 //! [`stream`] (the answer streamed back with the root credential masked) and record (the closing
 //! audit record, valet-service again). The gateway keeps no grant bookkeeping of its own.
+//! [`listener`] accepts connections under the abuse limits, for the gRPC listener too.
 
 mod forward;
 pub mod listener;
