@@ -80,9 +80,7 @@ impl LimitedListener {
             }
         }
     }
-}
 
-impl LimitedListener {
     /// Logs a failed accept, at most once per [`WARNING_INTERVAL`], with the count since.
     fn warn(&self, error: &io::Error) {
         let mut warned = self

@@ -128,12 +128,12 @@ fn check_plaintext(config: &Config, dev: bool) -> Result<(), ServerError> {
             address: address.to_string(),
         });
     }
+    let allowed_by = if config.server.insecure_plaintext {
+        "[server] insecure_plaintext = true"
+    } else {
+        "--dev"
+    };
     for (listener, address) in exposed {
-        let allowed_by = if config.server.insecure_plaintext {
-            "[server] insecure_plaintext = true"
-        } else {
-            "--dev"
-        };
         tracing::warn!(listener, %address, allowed_by, "INSECURE: the {listener} listener serves plaintext on {address}, which is not a loopback address; keys and tokens cross that network in clear");
     }
     Ok(())

@@ -108,34 +108,10 @@ impl Valet {
             }
         };
         let running = self.config();
-        let mut restart_only = Vec::new();
-        if loaded.config.server.listen != running.server.listen {
-            restart_only.push("server.listen");
-        }
-        if loaded.config.server.data_dir != running.server.data_dir {
-            restart_only.push("server.data_dir");
-        }
-        if loaded.config.server.gateway_listen != running.server.gateway_listen {
-            restart_only.push("server.gateway_listen");
-        }
-        if loaded.config.server.insecure_plaintext != running.server.insecure_plaintext {
-            restart_only.push("server.insecure_plaintext");
-        }
-        if loaded.config.server.max_connections != running.server.max_connections {
-            restart_only.push("server.max_connections");
-        }
-        if loaded.config.server.idle_timeout != running.server.idle_timeout {
-            restart_only.push("server.idle_timeout");
-        }
         // What only a restart changes keeps its running value, so the config in force says what
         // the process does (listeners, /healthz, the data dir).
         let mut loaded = loaded;
-        loaded.config.server.listen = running.server.listen;
-        loaded.config.server.data_dir = running.server.data_dir.clone();
-        loaded.config.server.gateway_listen = running.server.gateway_listen;
-        loaded.config.server.insecure_plaintext = running.server.insecure_plaintext;
-        loaded.config.server.max_connections = running.server.max_connections;
-        loaded.config.server.idle_timeout = running.server.idle_timeout;
+        let restart_only = loaded.config.server.keep_start_only_keys(&running.server);
         if !restart_only.is_empty() {
             tracing::warn!(
                 keys = restart_only.join(", "),

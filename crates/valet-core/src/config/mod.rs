@@ -86,6 +86,60 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl ServerConfig {
+    /// Gives this (reloaded) config the running values of the keys that take effect only at
+    /// start; returns the keys whose values differed.
+    pub fn keep_start_only_keys(&mut self, running: &ServerConfig) -> Vec<&'static str> {
+        fn keep<T: PartialEq + Clone>(
+            reloaded: &mut T,
+            running: &T,
+            key: &'static str,
+            differed: &mut Vec<&'static str>,
+        ) {
+            if reloaded != running {
+                differed.push(key);
+                *reloaded = running.clone();
+            }
+        }
+        let mut differed = Vec::new();
+        keep(
+            &mut self.listen,
+            &running.listen,
+            "server.listen",
+            &mut differed,
+        );
+        keep(
+            &mut self.data_dir,
+            &running.data_dir,
+            "server.data_dir",
+            &mut differed,
+        );
+        keep(
+            &mut self.gateway_listen,
+            &running.gateway_listen,
+            "server.gateway_listen",
+            &mut differed,
+        );
+        keep(
+            &mut self.insecure_plaintext,
+            &running.insecure_plaintext,
+            "server.insecure_plaintext",
+            &mut differed,
+        );
+        keep(
+            &mut self.max_connections,
+            &running.max_connections,
+            "server.max_connections",
+            &mut differed,
+        );
+        keep(
+            &mut self.idle_timeout,
+            &running.idle_timeout,
+            "server.idle_timeout",
+            &mut differed,
+        );
+        differed
+    }
+
     /// The listeners (`"gRPC"`, `"gateway"`) whose address is not a loopback address. Every
     /// listener serves plaintext, so each of these carries bearer keys and tokens in clear
     /// across a network.
