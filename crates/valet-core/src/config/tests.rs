@@ -439,3 +439,24 @@ fn connection_limits_have_defaults_and_out_of_range_values_are_named() {
         "{errors}"
     );
 }
+
+#[test]
+fn a_reload_keeps_the_running_values_of_start_only_keys_and_names_them() {
+    let (_, example) = EXAMPLES[0];
+    let running = Config::parse(example, Path::new("/")).unwrap();
+    let changed = example.replace(
+        "listen = \"127.0.0.1:7470\"",
+        "listen = \"127.0.0.1:7480\"\nidle_timeout = \"5m\"",
+    );
+    let mut reloaded = Config::parse(&changed, Path::new("/")).unwrap();
+    let restart_only = reloaded.server.keep_start_only_keys(&running.server);
+    assert_eq!(restart_only, vec!["server.listen", "server.idle_timeout"]);
+    assert_eq!(reloaded.server.listen, running.server.listen);
+    assert_eq!(reloaded.server.idle_timeout, running.server.idle_timeout);
+    assert!(
+        reloaded
+            .server
+            .keep_start_only_keys(&running.server)
+            .is_empty()
+    );
+}
