@@ -16,3 +16,4 @@ mod refusals;
 mod restart;
 mod secrets;
 mod startup;
+mod tls;

@@ -32,11 +32,7 @@ fn rpcs_in_proto() -> BTreeSet<String> {
 }
 
 fn audit_records(deployment: &Deployment) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(deployment.audit_path())
-        .unwrap_or_default()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect()
+    deployment.audit_records()
 }
 
 /// Asserts the records written since `before` are exactly one refusal with its reason.

@@ -13,6 +13,7 @@ use valet_client::{Client, ClientConfig};
 pub mod etcd;
 pub mod frameworks;
 pub mod moto;
+pub mod pki;
 pub mod upstream;
 use valet_core::Secret;
 
@@ -174,6 +175,15 @@ impl Deployment {
 
     pub fn audit_path(&self) -> PathBuf {
         self.path("audit/audit.jsonl")
+    }
+
+    /// Every record of the current audit file, parsed.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.audit_path())
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("an audit record is JSON"))
+            .collect()
     }
 
     /// Starts valetd on this deployment with extra arguments.

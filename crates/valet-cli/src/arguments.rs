@@ -13,7 +13,8 @@ use valet_core::audit::ChainHead;
     name = "valet",
     version,
     after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 denied, 4 unreachable.\n\
-                  Environment: VALET_SERVER (default http://127.0.0.1:7470), VALET_KEY (the principal key)."
+                  Environment: VALET_SERVER (default http://127.0.0.1:7470), VALET_KEY (the principal key),\n\
+                  VALET_CA_FILE, VALET_CLIENT_CERT and VALET_CLIENT_KEY (TLS)."
 )]
 pub struct Arguments {
     #[command(flatten)]
@@ -30,6 +31,27 @@ pub struct Connection {
     /// Read the principal key from this file instead of VALET_KEY.
     #[arg(long, global = true)]
     pub key_file: Option<PathBuf>,
+    /// The CA bundle (PEM) that verifies valetd's certificate for an https:// server; the
+    /// system's roots when unset.
+    #[arg(long, global = true, env = "VALET_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for mTLS: authenticates a principal configured with
+    /// [[principal.certificate]], or satisfies `client_auth = "required"`.
+    #[arg(
+        long,
+        global = true,
+        env = "VALET_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long,
+        global = true,
+        env = "VALET_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
     /// Print data as JSON.
     #[arg(long, global = true)]
     pub json: bool,

@@ -402,20 +402,36 @@ pub fn token_request(arguments: TokenRequestArguments) -> TokenRequest {
     request
 }
 
-/// Connects with the key from `--key-file` or `VALET_KEY`.
+/// Connects with the key from `--key-file` or `VALET_KEY`, over TLS for an https:// server (with
+/// the client certificate when one is given; it may stand in for the key).
 pub async fn connect(connection: &Connection) -> anyhow::Result<Client> {
     let key = match &connection.key_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the key file {}", path.display()))?;
-            Secret::from(text.trim().to_string())
+            Some(Secret::from(text.trim().to_string()))
         }
         None => match std::env::var(valet_client::KEY_ENV) {
-            Ok(key) if !key.trim().is_empty() => Secret::from(key.trim().to_string()),
-            _ => return Err(ClientError::NoKey.into()),
+            Ok(key) if !key.trim().is_empty() => Some(Secret::from(key.trim().to_string())),
+            _ => None,
         },
     };
-    Ok(Client::connect(ClientConfig::new(connection.server.clone(), key)).await?)
+    let client_certificate = connection
+        .client_cert
+        .clone()
+        .zip(connection.client_key.clone());
+    if key.is_none() && client_certificate.is_none() {
+        return Err(ClientError::NoKey.into());
+    }
+    let config = ClientConfig {
+        key,
+        ..ClientConfig::new(connection.server.clone(), Secret::from(String::new()))
+    }
+    .with_tls(valet_client::TlsOptions {
+        ca_file: connection.ca_file.clone(),
+        client_certificate,
+    });
+    Ok(Client::connect(config).await?)
 }
 
 fn grant_filter(arguments: &GrantFilterArguments) -> v1::GrantFilter {

@@ -223,7 +223,10 @@ impl Renewal {
                 if matches!(
                     error.code(),
                     Some(tonic::Code::Unavailable | tonic::Code::Aborted)
-                ) || matches!(error, ClientError::Unreachable { .. }) =>
+                ) || matches!(
+                    error,
+                    ClientError::Unreachable { .. } | ClientError::Transport { .. }
+                ) =>
             {
                 eprintln!("valet: renewing grant {grant_id} failed ({error}); retrying in 5s");
                 self.at = Some(Instant::now() + Duration::from_secs(5));

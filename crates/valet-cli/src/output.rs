@@ -398,10 +398,12 @@ pub fn exit_code_of(error: &anyhow::Error) -> i32 {
         return EXIT_USAGE;
     }
     match error.downcast_ref::<ClientError>() {
-        Some(ClientError::Unreachable { .. } | ClientError::BadServerUrl { .. }) => {
-            EXIT_UNREACHABLE
-        }
-        Some(ClientError::NoKey) => EXIT_USAGE,
+        Some(
+            ClientError::Unreachable { .. }
+            | ClientError::BadServerUrl { .. }
+            | ClientError::Transport { .. },
+        ) => EXIT_UNREACHABLE,
+        Some(ClientError::NoKey | ClientError::TlsFile { .. }) => EXIT_USAGE,
         Some(
             ClientError::Verify(_)
             | ClientError::NotApproved { .. }
@@ -430,9 +432,9 @@ pub fn render_error(error: &anyhow::Error) -> String {
     text.push('\n');
     let hint = match error.downcast_ref::<ClientError>() {
         Some(ClientError::Unreachable { .. }) => Some("is valetd running at that address?"),
-        Some(ClientError::NoKey) => {
-            Some("export VALET_KEY=<your principal key>, or pass --key-file PATH.")
-        }
+        Some(ClientError::NoKey) => Some(
+            "export VALET_KEY=<your principal key>, or pass --key-file PATH (or --client-cert and --client-key for a principal known by its certificate).",
+        ),
         Some(client_error) => match client_error.code() {
             Some(tonic::Code::Unauthenticated) => Some(
                 "check VALET_KEY: valetd knows principals by the SHA-256 of their key (`valet keygen`).",

@@ -1,17 +1,20 @@
-//! The Rust client for agent runtimes and tools: connect with a principal key, request, renew,
-//! revoke and introspect tokens, verify tokens offline against the broker's JWKS, and hold a
-//! task guard that revokes everything a task was given when the task ends.
+//! The Rust client for agent runtimes and tools: connect (over TLS for `https://`, with a
+//! principal key or a client certificate), request, renew, revoke and introspect tokens, verify
+//! tokens offline against the broker's JWKS, and hold a task guard that revokes everything a task
+//! was given when the task ends.
 
 mod guard;
+mod tls;
 mod verifier;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use valet_core::Secret;
 pub use valet_core::token::Claims;
 pub use valet_proto::v1;
@@ -25,10 +28,16 @@ pub use verifier::OfflineVerifier;
 pub const SERVER_ENV: &str = "VALET_SERVER";
 /// The environment variable holding the principal key.
 pub const KEY_ENV: &str = "VALET_KEY";
+/// The environment variable naming the CA bundle that verifies valetd's certificate (system
+/// roots when unset).
+pub const CA_FILE_ENV: &str = "VALET_CA_FILE";
+/// The environment variables naming the client certificate and its key (PEM) for mTLS.
+pub const CLIENT_CERT_ENV: &str = "VALET_CLIENT_CERT";
+pub const CLIENT_KEY_ENV: &str = "VALET_CLIENT_KEY";
 /// Every environment variable from which the CLI or this client reads a principal's credential.
 /// A process run on a grant's behalf (`valet exec`) gets none of them: it holds the grant's token,
 /// never the credential that could ask for more.
-pub const PRINCIPAL_CREDENTIAL_ENV: &[&str] = &[KEY_ENV];
+pub const PRINCIPAL_CREDENTIAL_ENV: &[&str] = &[KEY_ENV, CLIENT_CERT_ENV, CLIENT_KEY_ENV];
 /// Where valetd listens when nothing else is said.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7470";
 
@@ -36,13 +45,21 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7470";
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "no principal key: set {KEY_ENV} (or pass a key file) to the key `valet keygen` made for this principal"
+        "no principal credential: set {KEY_ENV} (or --key-file) to the key `valet keygen` made for this principal, or give a client certificate ({CLIENT_CERT_ENV} and {CLIENT_KEY_ENV}) for a principal known by its certificate"
     )]
     NoKey,
     #[error("the principal key contains characters that cannot be sent in a header")]
     KeyNotSendable,
-    #[error("{server:?} is not a valid server URL (expected http://HOST:PORT): {detail}")]
+    #[error(
+        "{server:?} is not a valid server URL (expected https://HOST:PORT, or http://HOST:PORT for a plaintext loopback listener): {detail}"
+    )]
     BadServerUrl { server: String, detail: String },
+    #[error("cannot use {what} {path}: {detail}")]
+    TlsFile {
+        what: &'static str,
+        path: String,
+        detail: String,
+    },
     #[error(
         "cannot reach valetd at {server}: {detail} (set {SERVER_ENV} or --server to the broker's address)"
     )]
@@ -50,6 +67,9 @@ pub enum ClientError {
     /// valetd answered with an error; the message says what was wrong and what is allowed.
     #[error("{}", .0.message())]
     Status(tonic::Status),
+    /// The connection failed during a call (a TLS refusal arrives here under TLS 1.3).
+    #[error("the connection to valetd failed: {detail}")]
+    Transport { detail: String },
     #[error("the token was refused: {0}")]
     Verify(#[from] valet_core::token::VerifyError),
     #[error("the broker answered without a {what}")]
@@ -65,7 +85,13 @@ pub enum ClientError {
 
 impl From<tonic::Status> for ClientError {
     fn from(status: tonic::Status) -> Self {
-        ClientError::Status(status)
+        // A status made by the client's own transport, not sent by valetd: say what failed.
+        match std::error::Error::source(&status) {
+            Some(cause) => ClientError::Transport {
+                detail: tls::explain(&format!("{}: {}", status.message(), source_chain(cause))),
+            },
+            _ => ClientError::Status(status),
+        }
     }
 }
 
@@ -74,27 +100,72 @@ impl ClientError {
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             ClientError::Status(status) => Some(status.code()),
+            ClientError::Transport { .. } => Some(tonic::Code::Unavailable),
             _ => None,
         }
     }
 }
 
 /// How to reach valetd and as whom.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct ClientConfig {
     pub server: String,
-    pub key: Secret,
+    /// What is sent as the bearer credential; `None` when the client certificate alone says who
+    /// the caller is.
+    pub key: Option<Secret>,
+    pub tls: TlsOptions,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
 }
 
-impl std::fmt::Debug for ClientConfig {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("ClientConfig")
-            .field("server", &self.server)
-            .field("key", &self.key)
-            .finish()
+/// TLS settings for an `https://` server URL.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// PEM CA bundle that verifies valetd's certificate; the system's roots when `None`.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) and key, for a principal known by its certificate or a
+    /// listener that requires one.
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsOptions {
+    /// Reads `VALET_CA_FILE`, `VALET_CLIENT_CERT` and `VALET_CLIENT_KEY`.
+    pub fn from_env() -> Result<TlsOptions, ClientError> {
+        let var = |name: &str| {
+            std::env::var_os(name)
+                .filter(|value| !value.is_empty())
+                .map(PathBuf::from)
+        };
+        let client_certificate = match (var(CLIENT_CERT_ENV), var(CLIENT_KEY_ENV)) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(cert), None) => {
+                return Err(ClientError::TlsFile {
+                    what: "client certificate",
+                    path: cert.display().to_string(),
+                    detail: format!(
+                        "{CLIENT_KEY_ENV} is not set; a client certificate needs its key"
+                    ),
+                });
+            }
+            (None, Some(key)) => {
+                return Err(ClientError::TlsFile {
+                    what: "client key",
+                    path: key.display().to_string(),
+                    detail: format!(
+                        "{CLIENT_CERT_ENV} is not set; a client key needs its certificate"
+                    ),
+                });
+            }
+        };
+        Ok(TlsOptions {
+            ca_file: var(CA_FILE_ENV),
+            client_certificate,
+        })
+    }
+
+    fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.client_certificate.is_some()
     }
 }
 
@@ -102,38 +173,55 @@ impl ClientConfig {
     pub fn new(server: impl Into<String>, key: Secret) -> ClientConfig {
         ClientConfig {
             server: server.into(),
-            key,
+            key: Some(key),
+            tls: TlsOptions::default(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
         }
     }
 
-    /// Reads `VALET_SERVER` (default `http://127.0.0.1:7470`) and `VALET_KEY`.
+    pub fn with_tls(mut self, tls: TlsOptions) -> ClientConfig {
+        self.tls = tls;
+        self
+    }
+
+    /// Reads `VALET_SERVER` (default `http://127.0.0.1:7470`), `VALET_KEY`, and the TLS
+    /// variables (`VALET_CA_FILE`, `VALET_CLIENT_CERT`, `VALET_CLIENT_KEY`). A key is needed
+    /// unless a client certificate is given.
     pub fn from_env() -> Result<ClientConfig, ClientError> {
         let server = std::env::var(SERVER_ENV).unwrap_or_else(|_| DEFAULT_SERVER.to_string());
-        let key = std::env::var(KEY_ENV).map_err(|_| ClientError::NoKey)?;
-        if key.trim().is_empty() {
+        let tls = TlsOptions::from_env()?;
+        let key = std::env::var(KEY_ENV)
+            .ok()
+            .map(|key| key.trim().to_string())
+            .filter(|key| !key.is_empty())
+            .map(Secret::from);
+        if key.is_none() && tls.client_certificate.is_none() {
             return Err(ClientError::NoKey);
         }
-        Ok(ClientConfig::new(
-            server,
-            Secret::from(key.trim().to_string()),
-        ))
+        Ok(ClientConfig {
+            key,
+            tls,
+            ..ClientConfig::new(server, Secret::from(String::new()))
+        })
     }
 }
 
-/// Adds the principal key to every call.
+/// Adds the principal's bearer credential to every call (none when the client certificate
+/// alone authenticates).
 #[derive(Clone)]
-pub struct PrincipalKey(MetadataValue<Ascii>);
+pub struct PrincipalKey(Option<MetadataValue<Ascii>>);
 
 impl Interceptor for PrincipalKey {
     fn call(
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
+        if let Some(header) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
         Ok(request)
     }
 }
@@ -261,11 +349,7 @@ impl TokenRequest {
 impl Client {
     /// Connects to valetd; fails fast with the address tried when it cannot be reached.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let endpoint = Endpoint::from_shared(config.server.clone())
-            .map_err(|error| ClientError::BadServerUrl {
-                server: config.server.clone(),
-                detail: error.to_string(),
-            })?
+        let endpoint = tls::endpoint(&config)?
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
             .tcp_nodelay(true);
@@ -274,13 +358,19 @@ impl Client {
             .await
             .map_err(|error| ClientError::Unreachable {
                 server: config.server.clone(),
-                detail: source_chain(&error),
+                detail: tls::explain(&source_chain(&error)),
             })?;
-        let key = config.key.expose_str().ok_or(ClientError::KeyNotSendable)?;
-        let mut header: MetadataValue<Ascii> = format!("Bearer {key}")
-            .parse()
-            .map_err(|_| ClientError::KeyNotSendable)?;
-        header.set_sensitive(true);
+        let header = match &config.key {
+            None => None,
+            Some(key) => {
+                let key = key.expose_str().ok_or(ClientError::KeyNotSendable)?;
+                let mut header: MetadataValue<Ascii> = format!("Bearer {key}")
+                    .parse()
+                    .map_err(|_| ClientError::KeyNotSendable)?;
+                header.set_sensitive(true);
+                Some(header)
+            }
+        };
         let interceptor = PrincipalKey(header);
         let broker = BrokerClient::with_interceptor(channel.clone(), interceptor.clone());
         let admin = AdminClient::with_interceptor(channel, interceptor);

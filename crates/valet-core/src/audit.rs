@@ -99,10 +99,12 @@ pub enum AuditAction {
     GatewayCall,
     /// The closing record of a forwarded call: status, bytes, latency.
     GatewayResponse,
+    /// The listeners' TLS certificate, key or client CA re-read (or refused) after a change.
+    TlsReload,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 27] = [
+    pub const ALL: [AuditAction; 28] = [
         AuditAction::Authenticate,
         AuditAction::TokenIssue,
         AuditAction::TokenRenew,
@@ -130,6 +132,7 @@ impl AuditAction {
         AuditAction::AuditTail,
         AuditAction::GatewayCall,
         AuditAction::GatewayResponse,
+        AuditAction::TlsReload,
     ];
 
     /// The action's name in the log.
@@ -162,6 +165,7 @@ impl AuditAction {
             AuditAction::AuditTail => "audit.tail",
             AuditAction::GatewayCall => "gateway.call",
             AuditAction::GatewayResponse => "gateway.response",
+            AuditAction::TlsReload => "tls.reload",
         }
     }
 }

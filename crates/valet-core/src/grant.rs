@@ -40,6 +40,9 @@ pub struct Grant {
     /// lands where they are even after the config changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsIssue>,
+    /// How the requester proved who it was when it asked for the grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authenticated_by: Option<crate::identity::AuthenticatedBy>,
     /// A MAC over every other field under a key derived from the key-encryption key, set when
     /// the record is written and checked when it is read: a grant altered or planted in the
     /// store by someone without the key is refused.
@@ -437,6 +440,7 @@ mod tests {
             key_id: "k1".into(),
             updated_at: now,
             rule_calls: BTreeMap::new(),
+            authenticated_by: None,
             aws: None,
             mac: None,
         }

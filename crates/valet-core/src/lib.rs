@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod grant;
 pub mod graphql;
+pub mod identity;
 pub mod ids;
 pub mod json;
 pub mod keyring;

@@ -160,6 +160,7 @@ impl GrantTerms {
             updated_at: now,
             rule_calls: BTreeMap::new(),
             aws: None,
+            authenticated_by: None,
             mac: None,
         }
     }

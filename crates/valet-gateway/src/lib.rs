@@ -13,6 +13,7 @@ mod mask;
 mod response;
 mod route;
 mod stream;
+pub mod tls;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -49,14 +50,22 @@ impl Gateway {
         self: Arc<Self>,
         listener: TcpListener,
         limits: listener::Limits,
+        tls: Option<Arc<tls::TlsMaterial>>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        let listener = listener::LimitedListener::new(listener, limits, "gateway");
+        let mut acceptor = listener::Acceptor::start(
+            listener,
+            limits,
+            "gateway",
+            tls.map(|material| (material, tls::Listener::Gateway)),
+        );
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                (stream, peer) = listener.accept() => {
+                accepted = acceptor.accept() => {
+                    let Some((stream, peer)) = accepted else { break };
+                    let peer = peer.address;
                     let gateway = self.clone();
                     let service = hyper::service::service_fn(move |request| {
                         let gateway = gateway.clone();

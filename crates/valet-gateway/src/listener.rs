@@ -1,7 +1,7 @@
 //! Accepting connections for valetd's listeners (gRPC and gateway) under abuse limits: at most
 //! `max_connections` open at once, a connection that neither reads nor writes for `idle_timeout`
-//! is closed, and accept errors (such as running out of file descriptors) back off instead of
-//! spinning, with a bounded log.
+//! is closed, accept errors (such as running out of file descriptors) back off instead of
+//! spinning, with a bounded log, and TLS handshakes run concurrently, each within a deadline.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,6 +14,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+use valet_core::identity::PresentedCertificate;
+
+use crate::tls::TlsMaterial;
 
 /// The first pause after a failed accept; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(5);
@@ -212,5 +215,177 @@ impl AsyncWrite for LimitedStream {
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+}
+
+/// How long a client has to complete its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = crate::HEADER_READ_TIMEOUT;
+/// Connections handed over but not yet taken by the server.
+const HANDED_OVER: usize = 64;
+
+/// After a refused handshake: closes the sending side (the alert saying why is already written)
+/// and reads what the client still sends for a moment, so the kernel does not answer it with a
+/// reset that would discard the alert before the client reads it.
+async fn linger(mut stream: LimitedStream) {
+    use tokio::io::AsyncWriteExt;
+    let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::io::copy(&mut stream, &mut tokio::io::sink()),
+    )
+    .await;
+}
+
+/// An accepted connection, after its TLS handshake when the listener serves TLS.
+pub enum Connection {
+    Plain(LimitedStream),
+    Tls(Box<tokio_rustls::server::TlsStream<LimitedStream>>),
+}
+
+/// Who is at the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub address: SocketAddr,
+    pub local_address: Option<SocketAddr>,
+    /// The client certificate verified against the client CA, when one was presented.
+    pub certificate: Option<Arc<PresentedCertificate>>,
+}
+
+/// Accepts connections within [`Limits`] and completes their TLS handshakes concurrently (a
+/// slow or silent client holds up only itself), handing over those that are ready.
+pub struct Acceptor {
+    ready: tokio::sync::mpsc::Receiver<(Connection, Peer)>,
+}
+
+impl Acceptor {
+    /// Starts accepting on `listener`; `tls` makes every connection a TLS one.
+    pub fn start(
+        listener: TcpListener,
+        limits: Limits,
+        name: &'static str,
+        tls: Option<(Arc<TlsMaterial>, crate::tls::Listener)>,
+    ) -> Acceptor {
+        let (sender, ready) = tokio::sync::mpsc::channel(HANDED_OVER);
+        let listener = LimitedListener::new(listener, limits, name);
+        tokio::spawn(async move {
+            loop {
+                let (stream, address) = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = sender.closed() => return,
+                };
+                let local_address = stream.tcp().local_addr().ok();
+                let Some((material, which)) = &tls else {
+                    let peer = Peer {
+                        address,
+                        local_address,
+                        certificate: None,
+                    };
+                    if sender
+                        .send((Connection::Plain(stream), peer))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(material.server_config(*which));
+                let sender = sender.clone();
+                tokio::spawn(async move {
+                    let handshake = acceptor.accept(stream).into_fallible();
+                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err((error, stream))) => {
+                            tracing::debug!(listener = name, %address, %error, "TLS handshake failed");
+                            linger(stream).await;
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(listener = name, %address, "TLS handshake not completed in time");
+                            return;
+                        }
+                    };
+                    let certificate = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(crate::tls::presented_certificate)
+                        .map(Arc::new);
+                    let peer = Peer {
+                        address,
+                        local_address,
+                        certificate,
+                    };
+                    let _ = sender.send((Connection::Tls(Box::new(stream)), peer)).await;
+                });
+            }
+        });
+        Acceptor { ready }
+    }
+
+    /// The next ready connection; `None` only if the accepting task ended.
+    pub async fn accept(&mut self) -> Option<(Connection, Peer)> {
+        self.ready.recv().await
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Connection::Plain(stream) => Pin::new(stream).poll_read(context, buffer),
+            Connection::Tls(stream) => Pin::new(stream.as_mut()).poll_read(context, buffer),
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Connection::Plain(stream) => Pin::new(stream).poll_write(context, data),
+            Connection::Tls(stream) => Pin::new(stream.as_mut()).poll_write(context, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Connection::Plain(stream) => Pin::new(stream).poll_flush(context),
+            Connection::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(context),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Connection::Plain(stream) => Pin::new(stream).poll_shutdown(context),
+            Connection::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(context),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffers: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Connection::Plain(stream) => Pin::new(stream).poll_write_vectored(context, buffers),
+            Connection::Tls(stream) => {
+                Pin::new(stream.as_mut()).poll_write_vectored(context, buffers)
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Connection::Plain(stream) => stream.is_write_vectored(),
+            Connection::Tls(stream) => stream.is_write_vectored(),
+        }
     }
 }

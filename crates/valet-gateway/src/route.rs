@@ -34,7 +34,7 @@ pub fn route(
             let exposed: Vec<String> = valet
                 .config()
                 .server
-                .listeners_off_loopback()
+                .plaintext_listeners_off_loopback()
                 .iter()
                 .map(|(listener, address)| format!("{listener} on {address}"))
                 .collect();

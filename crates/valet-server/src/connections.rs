@@ -1,5 +1,6 @@
-//! The gRPC listener's connections: the gateway's limited listener (connection cap, idle timeout,
-//! accept backoff) made into the stream of connections tonic serves.
+//! The gRPC listener's connections: the shared acceptor (connection cap, idle timeout, accept
+//! backoff, concurrent TLS handshakes) made into the stream of connections tonic serves, each
+//! carrying who is at the other end.
 
 use std::io;
 use std::pin::Pin;
@@ -8,20 +9,18 @@ use std::task::{Context, Poll};
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tonic::transport::server::{Connected, TcpConnectInfo};
-use valet_gateway::listener::{LimitedListener, LimitedStream, Limits};
+use tonic::transport::server::Connected;
+use valet_gateway::listener::{Acceptor, Connection, Limits, Peer};
+use valet_gateway::tls::{Listener, TlsMaterial};
 
-/// One accepted gRPC connection.
-pub struct GrpcConnection(LimitedStream);
+/// One accepted gRPC connection, and who is at the other end (in every request's extensions).
+pub struct GrpcConnection(Connection, Peer);
 
 impl Connected for GrpcConnection {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = Peer;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        TcpConnectInfo {
-            local_addr: self.0.tcp().local_addr().ok(),
-            remote_addr: self.0.tcp().peer_addr().ok(),
-        }
+    fn connect_info(&self) -> Peer {
+        self.1.clone()
     }
 }
 
@@ -65,14 +64,21 @@ impl AsyncWrite for GrpcConnection {
     }
 }
 
-/// The connections of `listener`, within `limits`, for tonic's `serve_with_incoming`.
+/// The connections of `listener`, within `limits` and over TLS when `tls` is set, for tonic's
+/// `serve_with_incoming`.
 pub fn incoming(
     listener: TcpListener,
     limits: Limits,
+    tls: Option<std::sync::Arc<TlsMaterial>>,
 ) -> impl Stream<Item = io::Result<GrpcConnection>> {
-    let listener = LimitedListener::new(listener, limits, "gRPC");
-    futures::stream::unfold(listener, |listener| async move {
-        let (stream, _) = listener.accept().await;
-        Some((Ok(GrpcConnection(stream)), listener))
+    let acceptor = Acceptor::start(
+        listener,
+        limits,
+        "gRPC",
+        tls.map(|material| (material, Listener::Grpc)),
+    );
+    futures::stream::unfold(acceptor, |mut acceptor| async move {
+        let (connection, peer) = acceptor.accept().await?;
+        Some((Ok(GrpcConnection(connection, peer)), acceptor))
     })
 }

@@ -21,9 +21,11 @@ pub enum ServerError {
     #[error("cannot listen on {address}: {detail}")]
     Listen { address: String, detail: String },
     #[error(
-        "valetd will not serve {listener} in plaintext on {address}, which is not a loopback address: principal keys and tokens would cross the network in clear. Listen on 127.0.0.1 (or ::1), or, when a TLS-terminating proxy or a service mesh protects that network, set `[server] insecure_plaintext = true` (--dev allows it too)"
+        "valetd will not serve {listener} in plaintext on {address}, which is not a loopback address: principal keys and tokens would cross the network in clear. Listen on 127.0.0.1 (or ::1), set `[server] tls_cert_file` and `tls_key_file` to serve TLS, or, when a TLS-terminating proxy or a service mesh protects that network, set `[server] insecure_plaintext = true` (--dev allows it too)"
     )]
     PlaintextOffLoopback { listener: String, address: String },
+    #[error("TLS cannot be set up: {0}")]
+    Tls(#[from] valet_gateway::tls::TlsError),
     #[error("the gRPC server failed: {0}")]
     Transport(String),
 }
@@ -33,7 +35,7 @@ impl ServerError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ServerError::Load(error) if error.is_usage_error() => 64,
-            ServerError::PlaintextOffLoopback { .. } => 64,
+            ServerError::PlaintextOffLoopback { .. } | ServerError::Tls(_) => 64,
             _ => 1,
         }
     }

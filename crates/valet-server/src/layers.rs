@@ -102,9 +102,9 @@ fn new_request_id() -> String {
         .unwrap_or_else(|_| "unavailable".to_string())
 }
 
-/// Authenticates the principal from `authorization: Bearer <key>` through the service (which
-/// records a refusal); the health and reflection services stay open so load balancers and
-/// `grpcurl` can use them.
+/// Authenticates the principal from `authorization: Bearer <key>` or the connection's client
+/// certificate through the service (which records a refusal); the health and reflection services
+/// stay open so load balancers and `grpcurl` can use them.
 #[derive(Clone)]
 pub struct AuthenticateLayer {
     valet: Arc<Valet>,
@@ -164,10 +164,15 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .map(|value| value.as_bytes().to_vec());
-            match valet
-                .authenticate(bearer.as_deref(), &path, &request_id)
-                .await
-            {
+            let peer = request
+                .extensions()
+                .get::<valet_gateway::listener::Peer>()
+                .cloned();
+            let presented = valet_service::Presented {
+                bearer: bearer.as_deref(),
+                certificate: peer.as_ref().and_then(|peer| peer.certificate.as_deref()),
+            };
+            match valet.authenticate(presented, &path, &request_id).await {
                 Ok(caller) => {
                     tracing::Span::current().record("principal", caller.principal.name.as_str());
                     request.extensions_mut().insert(caller);

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use valet_core::config::{Config, EtcdConfig, StoreConfig};
 use valet_core::{Clock, SystemClock};
+use valet_gateway::tls::TlsMaterial;
 use valet_proto::v1::admin_server::AdminServer;
 use valet_proto::v1::broker_server::BrokerServer;
 use valet_service::{LoadError, Overrides, Parts, ReloadTrigger, Valet};
@@ -22,6 +23,8 @@ use crate::layers;
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// How long in-flight requests get to finish after SIGTERM or SIGINT.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often the TLS files are checked for changes.
+const TLS_FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How often expired grants, revocations and retired keys are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -117,7 +120,7 @@ pub fn replica_name(config: &Config) -> String {
 /// Refuses plaintext listeners off loopback unless the config or `--dev` allows them; when
 /// allowed, says so loudly (and `/healthz` says so for as long as it lasts).
 fn check_plaintext(config: &Config, dev: bool) -> Result<(), ServerError> {
-    let exposed = config.server.listeners_off_loopback();
+    let exposed = config.server.plaintext_listeners_off_loopback();
     if exposed.is_empty() {
         return Ok(());
     }
@@ -208,6 +211,21 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     })
     .max_decoding_message_size(MAX_REQUEST_BYTES);
 
+    let tls = match &config.server.tls {
+        None => None,
+        Some(files) => {
+            let (material, loaded) = TlsMaterial::load(files)?;
+            tracing::info!(
+                certificate_sha256 = loaded.certificate_fingerprint,
+                not_after = loaded.not_after,
+                n_client_cas = loaded.n_client_cas,
+                client_auth = files.client_auth.as_str(),
+                "TLS on both listeners"
+            );
+            tokio::spawn(follow_tls_files(valet.clone(), material.clone()));
+            Some(material)
+        }
+    };
     let limits = valet_gateway::listener::Limits {
         max_connections: config.server.max_connections,
         idle_timeout: config.server.idle_timeout,
@@ -229,9 +247,11 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
             })?;
         let gateway = valet_gateway::Gateway::new(valet.clone());
         let mut gateway_stopping = stopping.clone();
-        tokio::spawn(gateway.serve(gateway_listener, limits, async move {
-            let _ = gateway_stopping.wait_for(|stopping| *stopping).await;
-        }));
+        tokio::spawn(
+            gateway.serve(gateway_listener, limits, tls.clone(), async move {
+                let _ = gateway_stopping.wait_for(|stopping| *stopping).await;
+            }),
+        );
         tracing::info!(address = %bound, n_upstreams = config.upstreams.len(), "gateway listening on {bound}");
     }
     tokio::spawn(sweep_forever(valet.clone()));
@@ -246,7 +266,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     };
     // Nagle's algorithm is off on every accepted connection (a 40 ms stall per small unary
     // request otherwise, found by valet-bench); the limited listener sets it.
-    let incoming = crate::connections::incoming(listener, limits);
+    let incoming = crate::connections::incoming(listener, limits, tls);
     let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(valet_gateway::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(valet_gateway::KEEPALIVE_TIMEOUT))
@@ -285,6 +305,42 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = terminate => tracing::info!("SIGTERM: finishing in-flight requests, then stopping"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing in-flight requests, then stopping"),
+    }
+}
+
+/// Re-reads the TLS files when they change (checked every couple of seconds) and after every
+/// config reload (SIGHUP or `valet config reload`). New material applies to new connections; the
+/// old stays in force when the new files are unusable. Both outcomes are audited.
+async fn follow_tls_files(valet: Arc<Valet>, material: Arc<TlsMaterial>) {
+    loop {
+        let trigger = tokio::select! {
+            _ = valet.config_reloaded() => "config reload",
+            _ = tokio::time::sleep(TLS_FILE_CHECK_INTERVAL) => "file change",
+        };
+        let outcome = match material.reload() {
+            Ok(None) => continue,
+            Ok(Some(loaded)) => {
+                tracing::info!(
+                    trigger,
+                    certificate_sha256 = loaded.certificate_fingerprint,
+                    not_after = loaded.not_after,
+                    n_client_cas = loaded.n_client_cas,
+                    "TLS files re-read; new connections use them"
+                );
+                Ok(vec![
+                    ("certificate_sha256", loaded.certificate_fingerprint),
+                    ("not_after", loaded.not_after),
+                    ("n_client_cas", loaded.n_client_cas.to_string()),
+                ])
+            }
+            Err(error) => {
+                tracing::error!(trigger, %error, "the new TLS files are unusable; the ones in force stay");
+                Err(error.to_string())
+            }
+        };
+        if let Err(error) = valet.record_tls_reload(trigger, outcome).await {
+            tracing::error!(%error, "cannot audit a TLS reload");
+        }
     }
 }
 

@@ -137,6 +137,7 @@ impl Valet {
             request_id,
             trigger: &trigger,
         };
+        self.reloaded.notify_waiters();
         let (n_grants_ended, n_grants_clamped) = self.redecide_live_grants(&config, &own).await?;
         tracing::info!(
             by = who,
@@ -232,5 +233,34 @@ impl Valet {
         .await;
         self.answer(caller, context(AuditAction::KeyRotate), outcome)
             .await
+    }
+}
+
+impl Valet {
+    /// Resolves after the next applied config reload.
+    pub async fn config_reloaded(&self) {
+        self.reloaded.notified().await;
+    }
+
+    /// Records that the listeners re-read their TLS files after `trigger`: what is in force now
+    /// (`Ok`, described by its fields) or why the new files were refused and the old ones kept.
+    pub async fn record_tls_reload(
+        &self,
+        trigger: &str,
+        outcome: Result<Vec<(&'static str, String)>, String>,
+    ) -> Result<(), ServiceError> {
+        let event = match outcome {
+            Ok(fields) => fields.into_iter().fold(
+                AuditEvent::new(AuditAction::TlsReload, Outcome::Allowed),
+                |event, (field, value)| event.with(field, value),
+            ),
+            Err(reason) => AuditEvent::new(AuditAction::TlsReload, Outcome::Failed)
+                .with("reason", reason)
+                .with("kept", "the TLS material in force before"),
+        };
+        self.audit
+            .record(event.with("principal", "valetd").with("trigger", trigger))
+            .await?;
+        Ok(())
     }
 }

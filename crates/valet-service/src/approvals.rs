@@ -36,6 +36,7 @@ impl Valet {
             self.keys.ring()?.current().kid(),
             now,
         );
+        grant.authenticated_by = Some(caller.authentication.clone());
         grant.status = GrantStatus::Pending;
         grant.expires_at = expires_at;
         grant.max_expires_at = expires_at;

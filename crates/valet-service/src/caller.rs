@@ -1,10 +1,13 @@
-//! Who is calling: the authenticated principal, how it proved who it is, and the request id that
-//! ties its log lines and audit records together. Authentication itself is a service operation,
-//! so a failed one is refused and recorded like any other refusal.
+//! Who is calling: the authenticated principal, how it proved who it is (a key or a client
+//! certificate), and the request id that ties its log lines and audit records together.
+//! Authentication itself is a service operation, so a failed one is refused and recorded like
+//! any other refusal.
 
 use valet_core::audit::{AuditAction, AuditEvent, Outcome};
 use valet_core::config::{Config, Principal};
-use valet_core::secret::constant_time_eq;
+use valet_core::identity::{
+    AuthenticatedBy, PresentedCertificate, principal_for_certificate, principal_for_key,
+};
 
 use crate::{ServiceError, Valet};
 
@@ -12,23 +15,18 @@ use crate::{ServiceError, Valet};
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub principal: Principal,
-    pub authentication: Authentication,
+    /// How it proved who it is.
+    pub authentication: AuthenticatedBy,
     pub request_id: String,
 }
 
-/// How a caller proved who it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Authentication {
-    /// A static principal key, matched by its SHA-256.
-    PrincipalKey,
-}
-
-impl Authentication {
-    pub fn method(&self) -> &'static str {
-        match self {
-            Authentication::PrincipalKey => "principal_key",
-        }
-    }
+/// What a caller presented to prove who it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Presented<'a> {
+    /// The `authorization` header, when one was sent.
+    pub bearer: Option<&'a [u8]>,
+    /// The client certificate the TLS layer verified against the client CA.
+    pub certificate: Option<&'a PresentedCertificate>,
 }
 
 /// Who an audit record is attributed to: an authenticated caller, or a gateway call site.
@@ -40,9 +38,11 @@ pub trait Attribution: Sync {
 
 impl Attribution for Caller {
     fn attribute(&self, event: AuditEvent) -> AuditEvent {
-        event
-            .with("principal", &self.principal.name)
-            .with("request_id", &self.request_id)
+        self.authentication.describe(
+            event
+                .with("principal", &self.principal.name)
+                .with("request_id", &self.request_id),
+        )
     }
 
     fn request_id(&self) -> &str {
@@ -51,38 +51,70 @@ impl Attribution for Caller {
 }
 
 impl Valet {
-    /// Authenticates a caller from the `authorization` header it sent (`None`: none at all) for
-    /// `operation`. A refusal is recorded, then returned.
+    /// Authenticates a caller from what it presented for `operation`. A refusal is recorded,
+    /// then returned.
     pub async fn authenticate(
         &self,
-        bearer: Option<&[u8]>,
+        presented: Presented<'_>,
         operation: &str,
         request_id: &str,
     ) -> Result<Caller, ServiceError> {
-        match principal_for(&self.config(), bearer) {
-            Ok(principal) => Ok(Caller {
+        match identify(&self.config(), presented) {
+            Ok((principal, authentication)) => Ok(Caller {
                 principal,
-                authentication: Authentication::PrincipalKey,
+                authentication,
                 request_id: request_id.to_string(),
             }),
             Err(reason) => {
-                let error = ServiceError::Unauthenticated {
-                    reason: reason.to_string(),
-                };
-                let event = AuditEvent::new(AuditAction::Authenticate, Outcome::Denied)
-                    .with("reason", reason)
+                let mut event = AuditEvent::new(AuditAction::Authenticate, Outcome::Denied)
+                    .with("reason", &reason)
                     .with("method", operation)
                     .with("request_id", request_id);
+                if let Some(certificate) = presented.certificate {
+                    event = event
+                        .with("certificate", certificate.display_name())
+                        .with("certificate_fingerprint", &certificate.fingerprint);
+                }
                 self.audit.record(event).await?;
-                Err(error)
+                Err(ServiceError::Unauthenticated { reason })
             }
         }
     }
 }
 
-/// Finds the principal whose key hash matches the bearer key, comparing in constant time.
-fn principal_for(config: &Config, bearer: Option<&[u8]>) -> Result<Principal, &'static str> {
-    let value = bearer.ok_or("no principal key: send `authorization: Bearer <principal key>` (the valet CLI and client read VALET_KEY)")?;
+/// Who presented this: the principal of the bearer key, else of the client certificate. When
+/// both name a principal they must name the same one.
+fn identify(
+    config: &Config,
+    presented: Presented<'_>,
+) -> Result<(Principal, AuthenticatedBy), String> {
+    let by_certificate = presented.certificate.map(|certificate| {
+        principal_for_certificate(config, certificate)
+            .map(|principal| (principal, AuthenticatedBy::client_certificate(certificate)))
+    });
+    let Some(bearer) = presented.bearer else {
+        return match by_certificate {
+            Some(found) => found,
+            None => Err("no credential: send `authorization: Bearer <principal key>` (the valet CLI and client read VALET_KEY) or connect with a client certificate a principal is configured for".to_string()),
+        };
+    };
+    let key = bearer_text(bearer)?;
+    let principal = principal_for_key(config, key).ok_or(
+        "the principal key is not known to valetd (revoked, mistyped, or for another deployment)",
+    )?;
+    if let Some(Ok((other, _))) = &by_certificate
+        && other.name != principal.name
+    {
+        return Err(format!(
+            "the client certificate names principal {:?} but the key names {:?}; present one principal's credentials",
+            other.name, principal.name
+        ));
+    }
+    Ok((principal, AuthenticatedBy::principal_key()))
+}
+
+/// The credential in `authorization: Bearer <credential>`.
+fn bearer_text(value: &[u8]) -> Result<&str, String> {
     let value = std::str::from_utf8(value).map_err(|_| "the authorization header is not text")?;
     let key = value
         .strip_prefix("Bearer ")
@@ -90,17 +122,7 @@ fn principal_for(config: &Config, bearer: Option<&[u8]>) -> Result<Principal, &'
         .ok_or("the authorization header must be `Bearer <principal key>`")?
         .trim();
     if key.is_empty() {
-        return Err("the principal key is empty");
+        return Err("the principal key is empty".to_string());
     }
-    let digest = valet_core::Secret::from(key.to_string()).sha256();
-    let mut found = None;
-    // Compare against every principal, so the time taken does not reveal which one matched.
-    for principal in config.principals.values() {
-        if constant_time_eq(&principal.key_sha256, &digest) {
-            found = Some(principal);
-        }
-    }
-    found.cloned().ok_or(
-        "the principal key is not known to valetd (revoked, mistyped, or for another deployment)",
-    )
+    Ok(key)
 }

@@ -44,7 +44,7 @@ pub use approvals::approval_json;
 pub use audit_sink::{AuditError, AuditSink, WrittenRecord};
 pub use aws_client::{AwsError, StsCredentials};
 pub use aws_grants::AwsGrant;
-pub use caller::{Attribution, Authentication, Caller};
+pub use caller::{Attribution, Caller, Presented};
 pub use error::ServiceError;
 pub use gateway::{
     BodySource, CallDecision, CallDenial, CallOutcome, CallRequest, CallSite, Upstreams,
@@ -77,6 +77,8 @@ pub struct Valet {
     /// Outbound HTTP (webhooks, AWS), provided by the process that runs the service.
     outbound: Arc<dyn Outbound>,
     clock: Arc<dyn Clock>,
+    /// Woken after every applied config reload (the listeners re-read their TLS files then).
+    reloaded: tokio::sync::Notify,
 }
 
 /// What it takes to start the service.
@@ -132,6 +134,7 @@ impl Valet {
             aws: aws_client::AwsClient,
             outbound: parts.outbound,
             clock: parts.clock,
+            reloaded: tokio::sync::Notify::new(),
         }))
     }
 

@@ -18,8 +18,8 @@ use valet_core::{FakeClock, Secret};
 use valet_store::{GrantFilter, SledStore};
 
 use crate::{
-    Authentication, BodySource, CallOutcome, CallRequest, CallSite, Caller, Issued, LoadedConfig,
-    Outbound, OutboundAnswer, Overrides, Parts, ServiceError, Valet,
+    BodySource, CallOutcome, CallRequest, CallSite, Caller, Issued, LoadedConfig, Outbound,
+    OutboundAnswer, Overrides, Parts, ServiceError, Valet,
 };
 
 const START: i64 = 1_800_000_000;
@@ -196,7 +196,7 @@ impl Fixture {
     fn caller(&self, name: &str) -> Caller {
         Caller {
             principal: self.valet.config().principals[name].clone(),
-            authentication: Authentication::PrincipalKey,
+            authentication: valet_core::identity::AuthenticatedBy::principal_key(),
             request_id: format!("test-{name}"),
         }
     }
@@ -761,7 +761,14 @@ async fn every_refused_operation_leaves_one_audit_record_with_its_reason() {
     }
     refused!(
         "authenticate",
-        valet.authenticate(Some(b"Bearer wrong"), "/x", "r")
+        valet.authenticate(
+            crate::Presented {
+                bearer: Some(b"Bearer wrong"),
+                certificate: None
+            },
+            "/x",
+            "r"
+        )
     );
     refused!("issue", valet.issue(&agent, request("no-such-scope", "t")));
     refused!("renew", valet.renew(&other, &grant.id, None));

@@ -97,6 +97,7 @@ impl Valet {
             signing_key.kid(),
             now,
         );
+        grant.authenticated_by = Some(caller.authentication.clone());
         context.set_grant(&grant);
         let token = token::issue(&grant.claims(&config.server.issuer, now), signing_key);
         // Native credentials are minted before anything is stored: a grant is recorded only

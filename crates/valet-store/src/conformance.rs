@@ -30,6 +30,7 @@ pub fn grant(id: &str, task_id: &str, now: i64) -> Grant {
         key_id: "k".into(),
         updated_at: now,
         rule_calls: BTreeMap::new(),
+        authenticated_by: None,
         aws: None,
         mac: None,
     }

@@ -8,7 +8,8 @@ fn principal(name: &str, roles: &[Role]) -> Principal {
     Principal {
         name: name.into(),
         roles: roles.iter().copied().collect(),
-        key_sha256: [0; 32],
+        key_sha256: Some([0; 32]),
+        certificates: Vec::new(),
         scopes: BTreeSet::new(),
     }
 }

@@ -4,6 +4,7 @@
 mod approval;
 mod aws;
 mod gateway;
+mod identity;
 mod raw;
 mod store;
 
@@ -11,6 +12,7 @@ pub use aws::{AwsCredential, AwsRevoke, AwsStsScope, ConditionValues, is_access_
 pub use gateway::{
     BaseUrl, FORWARDED_HEADERS, Injection, Upstream, is_credential_header, never_forwarded,
 };
+pub use identity::{CertificateMatch, ClientAuth, ServerTls, is_spiffe_id};
 pub use store::{EtcdConfig, StoreConfig};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -78,6 +80,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// A connection that neither reads nor writes for this long is closed.
     pub idle_timeout: Duration,
+    /// TLS on both listeners; plaintext when `None`.
+    pub tls: Option<ServerTls>,
 }
 
 /// Connections per listener when the config does not say.
@@ -137,13 +141,18 @@ impl ServerConfig {
             "server.idle_timeout",
             &mut differed,
         );
+        // Which files hold the TLS material is fixed at start; what they hold is re-read.
+        keep(&mut self.tls, &running.tls, "server.tls_*", &mut differed);
         differed
     }
 
-    /// The listeners (`"gRPC"`, `"gateway"`) whose address is not a loopback address. Every
-    /// listener serves plaintext, so each of these carries bearer keys and tokens in clear
-    /// across a network.
-    pub fn listeners_off_loopback(&self) -> Vec<(&'static str, SocketAddr)> {
+    /// The listeners (`"gRPC"`, `"gateway"`) that serve plaintext on an address that is not a
+    /// loopback address: each of these carries bearer keys and tokens in clear across a network.
+    /// None when TLS is configured (it covers both listeners).
+    pub fn plaintext_listeners_off_loopback(&self) -> Vec<(&'static str, SocketAddr)> {
+        if self.tls.is_some() {
+            return Vec::new();
+        }
         std::iter::once(("gRPC", self.listen))
             .chain(self.gateway_listen.map(|address| ("gateway", address)))
             .filter(|(_, address)| !address.ip().is_loopback())
@@ -209,8 +218,11 @@ impl fmt::Display for Role {
 pub struct Principal {
     pub name: String,
     pub roles: BTreeSet<Role>,
-    /// SHA-256 of the principal's bearer key; the key itself is never configured.
-    pub key_sha256: [u8; 32],
+    /// SHA-256 of the principal's bearer key; the key itself is never configured. `None` for a
+    /// principal that authenticates only by certificate or identity token.
+    pub key_sha256: Option<[u8; 32]>,
+    /// Client-certificate identities that authenticate this principal.
+    pub certificates: Vec<CertificateMatch>,
     pub scopes: BTreeSet<String>,
 }
 
@@ -333,6 +345,10 @@ pub enum ProblemKind {
     },
     #[error("the same key hash as principal {other:?}; every principal needs its own key")]
     SharedKey { other: String },
+    #[error(
+        "{identity} already authenticates principal {other:?}; an identity names one principal"
+    )]
+    SharedIdentity { identity: String, other: String },
 }
 
 impl fmt::Display for ConfigProblem {
@@ -493,6 +509,10 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
     };
 
     let raw_server = problems.required(raw.server, "server").unwrap_or_default();
+    let server_tls = identity::build_server_tls(&raw_server, &resolve, problems);
+    let client_ca = server_tls
+        .as_ref()
+        .is_some_and(|tls| tls.client_ca_file.is_some());
     let listen_text = raw_server
         .listen
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
@@ -705,6 +725,9 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
     for (index, raw_principal) in raw.principal.into_iter().enumerate() {
         let at = format!("principal[{index}]");
         let name = problems.name(raw_principal.name, &format!("{at}.name"));
+        // A credential that was written but is invalid is reported where it is written.
+        let had_credential =
+            raw_principal.key_sha256.is_some() || !raw_principal.certificate.is_empty();
         let mut roles = BTreeSet::new();
         if raw_principal.roles.is_empty() {
             problems.push(
@@ -727,18 +750,46 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
                 ),
             }
         }
-        let key_sha256 = problems
-            .required(raw_principal.key_sha256, &format!("{at}.key_sha256"))
-            .and_then(|text| {
-                let decoded = hex::decode(text.trim()).ok().and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
-                if decoded.is_none() {
+        let key_sha256 = raw_principal.key_sha256.and_then(|text| {
+            let decoded = hex::decode(text.trim()).ok().and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
+            if decoded.is_none() {
+                problems.push(
+                    format!("{at}.key_sha256"),
+                    invalid(&text, "key hash", "64 hex digits: the SHA-256 of the principal's key (`valet keygen` prints it)"),
+                );
+            }
+            decoded
+        });
+        let mut certificates = Vec::new();
+        for (match_index, raw_match) in raw_principal.certificate.into_iter().enumerate() {
+            let match_at = format!("{at}.certificate[{match_index}]");
+            if !client_ca {
+                problems.push(
+                    &match_at,
+                    invalid(
+                        "certificate",
+                        "principal certificate without a client CA",
+                        "server.client_ca_file set: certificates are verified against it",
+                    ),
+                );
+            }
+            if let Some(matcher) = identity::build_certificate_match(raw_match, &match_at, problems)
+            {
+                if let Some(other) = principals
+                    .values()
+                    .find(|other| other.certificates.contains(&matcher))
+                {
                     problems.push(
-                        format!("{at}.key_sha256"),
-                        invalid(&text, "key hash", "64 hex digits: the SHA-256 of the principal's key (`valet keygen` prints it)"),
+                        match_at,
+                        ProblemKind::SharedIdentity {
+                            identity: matcher.to_string(),
+                            other: other.name.clone(),
+                        },
                     );
                 }
-                decoded
-            });
+                certificates.push(matcher);
+            }
+        }
         let mut allowed_scopes = BTreeSet::new();
         for (scope_index, scope_name) in raw_principal.scopes.into_iter().enumerate() {
             if !scopes.contains_key(&scope_name) {
@@ -752,12 +803,23 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             }
             allowed_scopes.insert(scope_name);
         }
-        let (Some(name), Some(key_sha256)) = (name, key_sha256) else {
+        let Some(name) = name else {
             continue;
         };
-        if let Some(other) = principals
-            .values()
-            .find(|other| other.key_sha256 == key_sha256)
+        if key_sha256.is_none() && certificates.is_empty() && !had_credential {
+            problems.push(
+                at.clone(),
+                invalid(
+                    &name,
+                    "principal without a credential",
+                    "key_sha256 (from `valet keygen`) or at least one [[principal.certificate]]",
+                ),
+            );
+        }
+        if let Some(key_sha256) = key_sha256
+            && let Some(other) = principals
+                .values()
+                .find(|other| other.key_sha256 == Some(key_sha256))
         {
             problems.push(
                 format!("{at}.key_sha256"),
@@ -770,6 +832,7 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             name: name.clone(),
             roles,
             key_sha256,
+            certificates,
             scopes: allowed_scopes,
         };
         if principals.insert(name.clone(), principal).is_some() {
@@ -788,6 +851,7 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             insecure_plaintext: raw_server.insecure_plaintext.unwrap_or(false),
             max_connections,
             idle_timeout: idle_timeout?,
+            tls: server_tls,
         },
         seal,
         audit: AuditConfig { path: audit_path? },

@@ -74,6 +74,10 @@ pub struct RawServer {
     pub insecure_plaintext: Option<bool>,
     pub max_connections: Option<i64>,
     pub idle_timeout: Option<String>,
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
+    pub client_ca_file: Option<String>,
+    pub client_auth: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,6 +99,16 @@ pub struct RawPrincipal {
     pub key_sha256: Option<String>,
     #[serde(default)]
     pub scopes: Vec<String>,
+    #[serde(default)]
+    pub certificate: Vec<RawCertificateMatch>,
+}
+
+/// `[[principal.certificate]]`: one client-certificate identity that authenticates a principal.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawCertificateMatch {
+    pub spiffe_id: Option<String>,
+    pub dns_name: Option<String>,
+    pub common_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

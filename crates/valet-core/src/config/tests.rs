@@ -400,7 +400,7 @@ fn etcd_off_loopback_needs_tls_and_authentication_unless_allowed() {
 fn listeners_off_loopback_are_named_and_insecure_plaintext_is_read() {
     let (_, example) = EXAMPLES[0];
     let config = Config::parse(example, Path::new("/")).unwrap();
-    assert!(config.server.listeners_off_loopback().is_empty());
+    assert!(config.server.plaintext_listeners_off_loopback().is_empty());
     assert!(!config.server.insecure_plaintext);
 
     let exposed = example.replace(
@@ -410,7 +410,7 @@ fn listeners_off_loopback_are_named_and_insecure_plaintext_is_read() {
     let config = Config::parse(&exposed, Path::new("/")).unwrap();
     assert!(config.server.insecure_plaintext);
     assert_eq!(
-        config.server.listeners_off_loopback(),
+        config.server.plaintext_listeners_off_loopback(),
         vec![("gRPC", "0.0.0.0:7470".parse().unwrap())],
         "[::1] is loopback; 0.0.0.0 is every interface"
     );
@@ -458,5 +458,99 @@ fn a_reload_keeps_the_running_values_of_start_only_keys_and_names_them() {
             .server
             .keep_start_only_keys(&running.server)
             .is_empty()
+    );
+}
+
+#[test]
+fn tls_covers_both_listeners_and_its_keys_are_checked_together() {
+    let (_, example) = EXAMPLES[0];
+    let with_tls = example.replace(
+        "listen = \"127.0.0.1:7470\"",
+        "listen = \"0.0.0.0:7470\"\ntls_cert_file = \"tls/server.crt\"\ntls_key_file = \"tls/server.key\"\nclient_ca_file = \"tls/ca.crt\"\nclient_auth = \"required\"",
+    );
+    let config = Config::parse(&with_tls, Path::new("/etc/valet")).unwrap();
+    let tls = config.server.tls.as_ref().expect("TLS configured");
+    assert_eq!(tls.cert_file, Path::new("/etc/valet/tls/server.crt"));
+    assert_eq!(tls.client_auth, ClientAuth::Required);
+    assert!(
+        config.server.plaintext_listeners_off_loopback().is_empty(),
+        "TLS listeners off loopback are not plaintext"
+    );
+
+    let broken = example.replace(
+        "listen = \"127.0.0.1:7470\"",
+        "listen = \"127.0.0.1:7470\"\ntls_cert_file = \"server.crt\"\nclient_auth = \"sometimes\"",
+    );
+    let errors = Config::parse(&broken, Path::new("/"))
+        .unwrap_err()
+        .to_string();
+    assert!(errors.contains("server.tls_key_file: missing"), "{errors}");
+    assert!(
+        errors.contains("server.client_auth: \"sometimes\"")
+            && errors.contains("\"optional\" or \"required\""),
+        "{errors}"
+    );
+    let no_tls = example.replace(
+        "listen = \"127.0.0.1:7470\"",
+        "listen = \"127.0.0.1:7470\"\nclient_ca_file = \"ca.crt\"",
+    );
+    let errors = Config::parse(&no_tls, Path::new("/"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errors.contains("server.client_ca_file") && errors.contains("client certificates need TLS"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn principals_known_by_certificate_need_a_client_ca_and_one_name_each() {
+    let (_, example) = EXAMPLES[0];
+    let tls = "listen = \"127.0.0.1:7470\"\ntls_cert_file = \"s.crt\"\ntls_key_file = \"s.key\"\nclient_ca_file = \"ca.crt\"";
+    let principals = "\n[[principal]]\nname = \"builder\"\nroles = [\"agent\"]\n[[principal.certificate]]\nspiffe_id = \"spiffe://example.org/ns/ci/sa/builder\"\n[[principal.certificate]]\ncommon_name = \"builder\"\n";
+    let config = Config::parse(
+        &format!(
+            "{}{principals}",
+            example.replace("listen = \"127.0.0.1:7470\"", tls)
+        ),
+        Path::new("/"),
+    )
+    .unwrap();
+    let builder = &config.principals["builder"];
+    assert_eq!(builder.key_sha256, None);
+    assert_eq!(
+        builder.certificates,
+        vec![
+            CertificateMatch::SpiffeId("spiffe://example.org/ns/ci/sa/builder".into()),
+            CertificateMatch::CommonName("builder".into()),
+        ]
+    );
+
+    // Without a client CA, a bad SPIFFE ID, two names in one entry, a name shared by two
+    // principals, and a principal with no credential at all.
+    let broken = format!(
+        "{example}\n[[principal]]\nname = \"a\"\nroles = [\"agent\"]\n[[principal.certificate]]\nspiffe_id = \"https://example.org/a\"\n[[principal]]\nname = \"b\"\nroles = [\"agent\"]\n[[principal.certificate]]\ndns_name = \"b.example\"\ncommon_name = \"b\"\n[[principal]]\nname = \"c\"\nroles = [\"agent\"]\n"
+    );
+    let errors = Config::parse(&broken, Path::new("/"))
+        .unwrap_err()
+        .to_string();
+    for expected in [
+        "server.client_ca_file set",
+        "spiffe://TRUST-DOMAIN/PATH",
+        "exactly one of spiffe_id, dns_name, common_name",
+        "principal without a credential",
+    ] {
+        assert!(errors.contains(expected), "{expected} in {errors}");
+    }
+    let shared = format!(
+        "{}\n[[principal]]\nname = \"a\"\nroles = [\"agent\"]\n[[principal.certificate]]\ncommon_name = \"x\"\n[[principal]]\nname = \"b\"\nroles = [\"agent\"]\n[[principal.certificate]]\ncommon_name = \"x\"\n",
+        example.replace("listen = \"127.0.0.1:7470\"", tls)
+    );
+    let errors = Config::parse(&shared, Path::new("/"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errors.contains("common name x already authenticates principal \"a\""),
+        "{errors}"
     );
 }

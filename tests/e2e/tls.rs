@@ -1,0 +1,407 @@
+//! TLS on both listeners and client certificates as principals: https clients verify valetd's
+//! certificate (unknown CA, expired and wrong-name certificates refused with a reason), the
+//! gateway serves TLS too, a principal known by its SPIFFE ID needs no key, client certificates
+//! from another CA or expired ones are refused, and rotated files take effect without a restart.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use valet_client::{Client, ClientConfig, ClientError, TlsOptions, TokenRequest};
+use valet_core::Secret;
+use valet_tests::pki::{Ca, ClientName, Validity};
+use valet_tests::{AGENT_KEY, Deployment, Valetd, eventually, standard_config};
+
+const BUILDER_SPIFFE_ID: &str = "spiffe://example.org/ns/ci/sa/builder";
+
+/// A deployment serving TLS with a server certificate from `ca` for the loopback names, and a
+/// client CA plus a principal known by its SPIFFE ID when `client_auth` is set.
+fn tls_deployment(ca: &Ca, client_auth: Option<&str>) -> Deployment {
+    let client_settings = match client_auth {
+        None => String::new(),
+        Some(mode) => format!("client_ca_file = \"client-ca.crt\"\nclient_auth = \"{mode}\"\n"),
+    };
+    let principal = if client_auth.is_some() {
+        format!(
+            "\n[[principal]]\nname = \"builder\"\nroles = [\"agent\"]\nscopes = [\"limited\"]\n[[principal.certificate]]\nspiffe_id = \"{BUILDER_SPIFFE_ID}\"\n"
+        )
+    } else {
+        String::new()
+    };
+    let config = standard_config(&principal).replace(
+        "grant_retention = \"1h\"\n",
+        &format!(
+            "grant_retention = \"1h\"\ngateway_listen = \"127.0.0.1:0\"\ntls_cert_file = \"server.crt\"\ntls_key_file = \"server.key\"\n{client_settings}"
+        ),
+    );
+    let deployment = Deployment::new(&config);
+    ca.server_certificate(
+        &["127.0.0.1", "localhost"],
+        Validity::Current,
+        deployment.directory.path(),
+        "server",
+    );
+    ca.write_certificate(&deployment.path("ca.crt"));
+    deployment
+}
+
+fn https(address: &str) -> String {
+    address.replacen("http://", "https://", 1)
+}
+
+async fn connect(
+    server: &str,
+    key: Option<&str>,
+    ca_file: Option<PathBuf>,
+    client_certificate: Option<(PathBuf, PathBuf)>,
+) -> Result<Client, ClientError> {
+    let config = ClientConfig {
+        key: key.map(|key| Secret::from(key.to_string())),
+        ..ClientConfig::new(server, Secret::from(String::new()))
+    }
+    .with_tls(TlsOptions {
+        ca_file,
+        client_certificate,
+    });
+    Client::connect(config).await
+}
+
+/// The error text of connecting and making one call (a TLS 1.3 client-certificate refusal
+/// arrives with the first call, not the handshake).
+async fn refusal(
+    server: &str,
+    key: Option<&str>,
+    ca_file: Option<PathBuf>,
+    client_certificate: Option<(PathBuf, PathBuf)>,
+) -> String {
+    match connect(server, key, ca_file, client_certificate).await {
+        Err(error) => error.to_string(),
+        Ok(client) => match client
+            .request_token(TokenRequest::new("limited", "tls-refusal"))
+            .await
+        {
+            Err(error) => error.to_string(),
+            Ok(_) => panic!("the call was expected to be refused but succeeded"),
+        },
+    }
+}
+
+fn curl(arguments: &[&str]) -> (bool, String) {
+    let output = std::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "10"])
+        .args(arguments)
+        .output()
+        .expect("run curl");
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+fn path_text(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 temp path")
+}
+
+#[tokio::test]
+async fn both_listeners_serve_tls_and_clients_verify_valetds_certificate() {
+    let ca = Ca::new("valet test CA");
+    let deployment = tls_deployment(&ca, None);
+    let valetd = deployment.start(&[]);
+    let server = https(&valetd.address);
+    let ca_file = deployment.path("ca.crt");
+
+    // A client that trusts the CA gets its token over TLS.
+    let client = connect(&server, Some(AGENT_KEY), Some(ca_file.clone()), None)
+        .await
+        .expect("connect over TLS");
+    let issued = client
+        .request_token(TokenRequest::new("limited", "tls-task"))
+        .await
+        .expect("a token over TLS");
+    assert!(!issued.token_str().is_empty());
+
+    // The system's roots do not know the throwaway CA.
+    let unknown = refusal(&server, Some(AGENT_KEY), None, None).await;
+    assert!(
+        unknown.contains("not signed by a CA this client trusts"),
+        "{unknown}"
+    );
+    // http:// to a TLS listener never works by accident.
+    let plaintext = refusal(&valetd.address, Some(AGENT_KEY), None, None).await;
+    assert!(plaintext.contains("use https://"), "{plaintext}");
+    // A scheme the client cannot honour, or none, is named.
+    let no_scheme = refusal(
+        valetd.address.trim_start_matches("http://"),
+        Some(AGENT_KEY),
+        None,
+        None,
+    )
+    .await;
+    assert!(no_scheme.contains("there is no scheme"), "{no_scheme}");
+    let http_with_ca = refusal(
+        &valetd.address,
+        Some(AGENT_KEY),
+        Some(ca_file.clone()),
+        None,
+    )
+    .await;
+    assert!(http_with_ca.contains("use https://"), "{http_with_ca}");
+
+    // The gateway listener serves TLS with the same certificate.
+    let gateway = https(valetd.gateway.as_deref().expect("a gateway"));
+    let (ok, body) = curl(&[
+        "--cacert",
+        path_text(&ca_file),
+        &format!("{gateway}/healthz"),
+    ]);
+    assert!(ok && body.contains("\"ok\""), "{body}");
+    let (ok, body) = curl(&[&format!("{gateway}/healthz")]);
+    assert!(
+        !ok,
+        "curl without the CA must refuse the certificate: {body}"
+    );
+    let (ok, body) = curl(&[&format!(
+        "{}/healthz",
+        gateway.replacen("https://", "http://", 1)
+    )]);
+    assert!(!ok, "plaintext to the TLS gateway must fail: {body}");
+}
+
+#[tokio::test]
+async fn expired_and_wrong_name_server_certificates_are_refused_with_the_reason() {
+    let ca = Ca::new("valet test CA");
+    let deployment = tls_deployment(&ca, None);
+    let ca_file = deployment.path("ca.crt");
+    // A certificate for another name.
+    ca.server_certificate(
+        &["valet.internal.example"],
+        Validity::Current,
+        deployment.directory.path(),
+        "server",
+    );
+    let valetd = deployment.start(&[]);
+    let server = https(&valetd.address);
+    let wrong_name = refusal(&server, Some(AGENT_KEY), Some(ca_file.clone()), None).await;
+    assert!(
+        wrong_name.contains("does not name the host"),
+        "{wrong_name}"
+    );
+    drop(valetd);
+
+    ca.server_certificate(
+        &["127.0.0.1", "localhost"],
+        Validity::Expired,
+        deployment.directory.path(),
+        "server",
+    );
+    let valetd = deployment.start(&[]);
+    let expired = refusal(
+        &https(&valetd.address),
+        Some(AGENT_KEY),
+        Some(ca_file),
+        None,
+    )
+    .await;
+    assert!(expired.contains("has expired"), "{expired}");
+}
+
+#[tokio::test]
+async fn a_principal_known_by_its_spiffe_id_needs_no_key_and_foreign_certificates_are_refused() {
+    let ca = Ca::new("valet test CA");
+    let client_ca = Ca::new("workload CA");
+    let deployment = tls_deployment(&ca, Some("optional"));
+    client_ca.write_certificate(&deployment.path("client-ca.crt"));
+    let directory = deployment.directory.path();
+    let builder = client_ca.client_certificate(
+        ClientName::SpiffeId(BUILDER_SPIFFE_ID),
+        Validity::Current,
+        directory,
+        "builder",
+    );
+    let valetd = deployment.start(&[]);
+    let server = https(&valetd.address);
+    let ca_file = Some(deployment.path("ca.crt"));
+
+    // The certificate alone authenticates the principal; the audit record says how.
+    let client = connect(&server, None, ca_file.clone(), Some(builder.clone()))
+        .await
+        .expect("connect with a client certificate");
+    let issued = client
+        .request_token(TokenRequest::new("limited", "spiffe-task"))
+        .await
+        .expect("a token for the certificate's principal");
+    assert_eq!(issued.grant.principal, "builder");
+    let records = deployment.audit_records();
+    let issue = records
+        .iter()
+        .find(|record| {
+            record["action"] == "token.issue" && record["grant_id"] == issued.grant.id.as_str()
+        })
+        .expect("an issue record");
+    assert_eq!(issue["auth_method"], "client_certificate");
+    assert_eq!(issue["auth_subject"], BUILDER_SPIFFE_ID);
+    assert_eq!(issue["auth_fingerprint"].as_str().map(str::len), Some(64));
+    // It asks only for what its principal may.
+    let other_scope = client
+        .request_token(TokenRequest::new("deploy-staging", "spiffe-task"))
+        .await
+        .expect_err("builder may not request deploy-staging");
+    assert_eq!(other_scope.code(), Some(tonic::Code::PermissionDenied));
+
+    // With client_auth = "optional", a key still works without a certificate.
+    let agent = connect(&server, Some(AGENT_KEY), ca_file.clone(), None)
+        .await
+        .expect("connect with a key");
+    agent
+        .request_token(TokenRequest::new("limited", "key-task"))
+        .await
+        .expect("a key-authenticated token");
+    // A key and a certificate naming different principals are refused.
+    let mixed = refusal(
+        &server,
+        Some(AGENT_KEY),
+        ca_file.clone(),
+        Some(builder.clone()),
+    )
+    .await;
+    assert!(
+        mixed.contains("names principal \"builder\" but the key names"),
+        "{mixed}"
+    );
+
+    // A certificate from a CA valetd does not trust, or an expired one, ends the connection.
+    let stranger_ca = Ca::new("stranger CA");
+    let foreign = stranger_ca.client_certificate(
+        ClientName::SpiffeId(BUILDER_SPIFFE_ID),
+        Validity::Current,
+        directory,
+        "foreign",
+    );
+    let foreign_refusal = refusal(&server, None, ca_file.clone(), Some(foreign)).await;
+    assert!(
+        foreign_refusal.contains("refused the client certificate"),
+        "{foreign_refusal}"
+    );
+    let expired = client_ca.client_certificate(
+        ClientName::SpiffeId(BUILDER_SPIFFE_ID),
+        Validity::Expired,
+        directory,
+        "expired",
+    );
+    let expired_refusal = refusal(&server, None, ca_file.clone(), Some(expired)).await;
+    assert!(
+        expired_refusal.contains("refused the client certificate"),
+        "{expired_refusal}"
+    );
+    // A valid certificate whose name no principal lists authenticates nobody.
+    let unlisted = client_ca.client_certificate(
+        ClientName::DnsName("someone.ci.example"),
+        Validity::Current,
+        directory,
+        "unlisted",
+    );
+    let unlisted_refusal = refusal(&server, None, ca_file, Some(unlisted)).await;
+    assert!(
+        unlisted_refusal.contains("names no principal"),
+        "{unlisted_refusal}"
+    );
+}
+
+#[tokio::test]
+async fn a_required_client_certificate_is_asked_for_by_name() {
+    let ca = Ca::new("valet test CA");
+    let client_ca = Ca::new("workload CA");
+    let deployment = tls_deployment(&ca, Some("required"));
+    client_ca.write_certificate(&deployment.path("client-ca.crt"));
+    let valetd = deployment.start(&[]);
+    let missing = refusal(
+        &https(&valetd.address),
+        Some(AGENT_KEY),
+        Some(deployment.path("ca.crt")),
+        None,
+    )
+    .await;
+    assert!(
+        missing.contains("requires a client certificate"),
+        "{missing}"
+    );
+}
+
+#[tokio::test]
+async fn rotated_tls_files_take_effect_without_a_restart_and_broken_ones_are_refused() {
+    let ca = Ca::new("valet test CA");
+    let deployment = tls_deployment(&ca, None);
+    let valetd: Valetd = deployment.start(&[]);
+    let server = https(&valetd.address);
+    let old_ca = deployment.path("ca.crt");
+
+    // Broken files (a key that does not fit the certificate) are refused and audited; the
+    // material in force stays.
+    let spare = tempfile::tempdir().expect("a temp dir");
+    let (_, other_key) =
+        ca.server_certificate(&["127.0.0.1"], Validity::Current, spare.path(), "spare");
+    std::fs::copy(&other_key, deployment.path("server.key")).expect("replace the key");
+    let refused = eventually(Duration::from_secs(15), || async {
+        deployment
+            .audit_records()
+            .iter()
+            .any(|record| record["action"] == "tls.reload" && record["outcome"] == "failed")
+    })
+    .await;
+    assert!(
+        refused,
+        "a refused TLS reload is audited; valetd printed:\n{}",
+        valetd.output()
+    );
+    connect(&server, Some(AGENT_KEY), Some(old_ca.clone()), None)
+        .await
+        .expect("the old certificate still serves")
+        .request_token(TokenRequest::new("limited", "after-refusal"))
+        .await
+        .expect("a token after the refused reload");
+
+    // A certificate from a new CA is picked up by the file check.
+    let new_ca = Ca::new("rotated CA");
+    new_ca.server_certificate(
+        &["127.0.0.1", "localhost"],
+        Validity::Current,
+        deployment.directory.path(),
+        "server",
+    );
+    let new_ca_file = deployment.path("new-ca.crt");
+    new_ca.write_certificate(&new_ca_file);
+    let rotated = eventually(Duration::from_secs(15), || async {
+        match connect(&server, Some(AGENT_KEY), Some(new_ca_file.clone()), None).await {
+            Ok(client) => client
+                .request_token(TokenRequest::new("limited", "after-rotation"))
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(
+        rotated,
+        "the rotated certificate serves; valetd printed:\n{}",
+        valetd.output()
+    );
+    let reloaded = deployment
+        .audit_records()
+        .into_iter()
+        .find(|record| record["action"] == "tls.reload" && record["outcome"] == "allowed");
+    let reloaded = reloaded.expect("an audited TLS reload");
+    assert_eq!(reloaded["trigger"], "file change");
+    assert_eq!(
+        reloaded["certificate_sha256"].as_str().map(str::len),
+        Some(64)
+    );
+    // The old CA no longer verifies the new certificate.
+    let stale = refusal(&server, Some(AGENT_KEY), Some(old_ca), None).await;
+    assert!(
+        stale.contains("not signed by a CA this client trusts"),
+        "{stale}"
+    );
+}
