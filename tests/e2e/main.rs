@@ -10,6 +10,7 @@ mod cli;
 mod differential;
 mod distributed;
 mod gateway;
+mod identity;
 mod lifecycle;
 mod protocol;
 mod refusals;

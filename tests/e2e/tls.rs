@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use valet_client::{Client, ClientConfig, ClientError, TlsOptions, TokenRequest};
+use valet_client::{Client, ClientConfig, ClientError, Credential, TlsOptions, TokenRequest};
 use valet_core::Secret;
 use valet_tests::pki::{Ca, ClientName, Validity};
 use valet_tests::{AGENT_KEY, Deployment, Valetd, eventually, standard_config};
@@ -54,11 +54,11 @@ async fn connect(
     ca_file: Option<PathBuf>,
     client_certificate: Option<(PathBuf, PathBuf)>,
 ) -> Result<Client, ClientError> {
-    let config = ClientConfig {
-        key: key.map(|key| Secret::from(key.to_string())),
-        ..ClientConfig::new(server, Secret::from(String::new()))
-    }
-    .with_tls(TlsOptions {
+    let credential = match key {
+        Some(key) => Credential::Key(Secret::from(key.to_string())),
+        None => Credential::ClientCertificate,
+    };
+    let config = ClientConfig::with_credential(server, credential).with_tls(TlsOptions {
         ca_file,
         client_certificate,
     });

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::CommandFactory;
 use tokio_stream::StreamExt;
-use valet_client::{Client, ClientConfig, ClientError, IssuedToken, TokenRequest, v1};
+use valet_client::{Client, ClientConfig, ClientError, Credential, IssuedToken, TokenRequest, v1};
 use valet_core::audit::{self, ChainHead};
 use valet_core::clock::format_time;
 use valet_core::config::Config;
@@ -402,35 +402,32 @@ pub fn token_request(arguments: TokenRequestArguments) -> TokenRequest {
     request
 }
 
-/// Connects with the key from `--key-file` or `VALET_KEY`, over TLS for an https:// server (with
-/// the client certificate when one is given; it may stand in for the key).
+/// Connects as the principal whose credential is given: `--key-file`, else the environment's
+/// (`VALET_KEY`, `VALET_IDENTITY_TOKEN_FILE`, the GitHub Actions runner), else the client
+/// certificate alone; over TLS for an https:// server.
 pub async fn connect(connection: &Connection) -> anyhow::Result<Client> {
-    let key = match &connection.key_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the key file {}", path.display()))?;
-            Some(Secret::from(text.trim().to_string()))
-        }
-        None => match std::env::var(valet_client::KEY_ENV) {
-            Ok(key) if !key.trim().is_empty() => Some(Secret::from(key.trim().to_string())),
-            _ => None,
-        },
-    };
     let client_certificate = connection
         .client_cert
         .clone()
         .zip(connection.client_key.clone());
-    if key.is_none() && client_certificate.is_none() {
-        return Err(ClientError::NoKey.into());
-    }
-    let config = ClientConfig {
-        key,
-        ..ClientConfig::new(connection.server.clone(), Secret::from(String::new()))
-    }
-    .with_tls(valet_client::TlsOptions {
-        ca_file: connection.ca_file.clone(),
-        client_certificate,
-    });
+    let credential = match &connection.key_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the key file {}", path.display()))?;
+            Credential::Key(Secret::from(text.trim().to_string()))
+        }
+        None => match Credential::from_env() {
+            Some(credential) => credential,
+            None if client_certificate.is_some() => Credential::ClientCertificate,
+            None => return Err(ClientError::NoKey.into()),
+        },
+    };
+    let config = ClientConfig::with_credential(connection.server.clone(), credential).with_tls(
+        valet_client::TlsOptions {
+            ca_file: connection.ca_file.clone(),
+            client_certificate,
+        },
+    );
     Ok(Client::connect(config).await?)
 }
 

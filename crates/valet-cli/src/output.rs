@@ -403,7 +403,9 @@ pub fn exit_code_of(error: &anyhow::Error) -> i32 {
             | ClientError::BadServerUrl { .. }
             | ClientError::Transport { .. },
         ) => EXIT_UNREACHABLE,
-        Some(ClientError::NoKey | ClientError::TlsFile { .. }) => EXIT_USAGE,
+        Some(
+            ClientError::NoKey | ClientError::TlsFile { .. } | ClientError::IdentityToken { .. },
+        ) => EXIT_USAGE,
         Some(
             ClientError::Verify(_)
             | ClientError::NotApproved { .. }

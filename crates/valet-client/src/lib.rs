@@ -4,6 +4,7 @@
 //! was given when the task ends.
 
 mod guard;
+mod identity;
 mod tls;
 mod verifier;
 
@@ -11,8 +12,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use valet_core::Secret;
@@ -22,6 +21,10 @@ use valet_proto::v1::admin_client::AdminClient;
 use valet_proto::v1::broker_client::BrokerClient;
 
 pub use guard::TaskGuard;
+pub use identity::{
+    Credential, GITHUB_REQUEST_TOKEN_ENV, GITHUB_REQUEST_URL_ENV, IDENTITY_AUDIENCE_ENV,
+    IDENTITY_TOKEN_FILE_ENV, PrincipalKey,
+};
 pub use verifier::OfflineVerifier;
 
 /// The environment variable naming the server URL.
@@ -37,7 +40,14 @@ pub const CLIENT_KEY_ENV: &str = "VALET_CLIENT_KEY";
 /// Every environment variable from which the CLI or this client reads a principal's credential.
 /// A process run on a grant's behalf (`valet exec`) gets none of them: it holds the grant's token,
 /// never the credential that could ask for more.
-pub const PRINCIPAL_CREDENTIAL_ENV: &[&str] = &[KEY_ENV, CLIENT_CERT_ENV, CLIENT_KEY_ENV];
+pub const PRINCIPAL_CREDENTIAL_ENV: &[&str] = &[
+    KEY_ENV,
+    CLIENT_CERT_ENV,
+    CLIENT_KEY_ENV,
+    IDENTITY_TOKEN_FILE_ENV,
+    GITHUB_REQUEST_URL_ENV,
+    GITHUB_REQUEST_TOKEN_ENV,
+];
 /// Where valetd listens when nothing else is said.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7470";
 
@@ -45,11 +55,13 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7470";
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "no principal credential: set {KEY_ENV} (or --key-file) to the key `valet keygen` made for this principal, or give a client certificate ({CLIENT_CERT_ENV} and {CLIENT_KEY_ENV}) for a principal known by its certificate"
+        "no principal credential: set {KEY_ENV} (or --key-file) to the key `valet keygen` made for this principal, {IDENTITY_TOKEN_FILE_ENV} to a file holding a workload identity token, or give a client certificate ({CLIENT_CERT_ENV} and {CLIENT_KEY_ENV}) for a principal known by its certificate"
     )]
     NoKey,
     #[error("the principal key contains characters that cannot be sent in a header")]
     KeyNotSendable,
+    #[error("{detail}")]
+    IdentityToken { detail: String },
     #[error(
         "{server:?} is not a valid server URL (expected https://HOST:PORT, or http://HOST:PORT for a plaintext loopback listener): {detail}"
     )]
@@ -110,9 +122,8 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     pub server: String,
-    /// What is sent as the bearer credential; `None` when the client certificate alone says who
-    /// the caller is.
-    pub key: Option<Secret>,
+    /// How the principal proves who it is.
+    pub credential: Credential,
     pub tls: TlsOptions,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
@@ -173,7 +184,7 @@ impl ClientConfig {
     pub fn new(server: impl Into<String>, key: Secret) -> ClientConfig {
         ClientConfig {
             server: server.into(),
-            key: Some(key),
+            credential: Credential::Key(key),
             tls: TlsOptions::default(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
@@ -185,44 +196,27 @@ impl ClientConfig {
         self
     }
 
-    /// Reads `VALET_SERVER` (default `http://127.0.0.1:7470`), `VALET_KEY`, and the TLS
-    /// variables (`VALET_CA_FILE`, `VALET_CLIENT_CERT`, `VALET_CLIENT_KEY`). A key is needed
-    /// unless a client certificate is given.
+    /// A config for `server` with `credential`.
+    pub fn with_credential(server: impl Into<String>, credential: Credential) -> ClientConfig {
+        ClientConfig {
+            credential,
+            ..ClientConfig::new(server, Secret::from(String::new()))
+        }
+    }
+
+    /// Reads `VALET_SERVER` (default `http://127.0.0.1:7470`), the credential (`VALET_KEY`,
+    /// `VALET_IDENTITY_TOKEN_FILE`, or the GitHub Actions runner's OIDC endpoint; see
+    /// [`Credential::from_env`]) and the TLS variables (`VALET_CA_FILE`, `VALET_CLIENT_CERT`,
+    /// `VALET_CLIENT_KEY`). A client certificate may stand in for the credential.
     pub fn from_env() -> Result<ClientConfig, ClientError> {
         let server = std::env::var(SERVER_ENV).unwrap_or_else(|_| DEFAULT_SERVER.to_string());
         let tls = TlsOptions::from_env()?;
-        let key = std::env::var(KEY_ENV)
-            .ok()
-            .map(|key| key.trim().to_string())
-            .filter(|key| !key.is_empty())
-            .map(Secret::from);
-        if key.is_none() && tls.client_certificate.is_none() {
-            return Err(ClientError::NoKey);
-        }
-        Ok(ClientConfig {
-            key,
-            tls,
-            ..ClientConfig::new(server, Secret::from(String::new()))
-        })
-    }
-}
-
-/// Adds the principal's bearer credential to every call (none when the client certificate
-/// alone authenticates).
-#[derive(Clone)]
-pub struct PrincipalKey(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for PrincipalKey {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(header) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", header.clone());
-        }
-        Ok(request)
+        let credential = match Credential::from_env() {
+            Some(credential) => credential,
+            None if tls.client_certificate.is_some() => Credential::ClientCertificate,
+            None => return Err(ClientError::NoKey),
+        };
+        Ok(ClientConfig::with_credential(server, credential).with_tls(tls))
     }
 }
 
@@ -360,18 +354,7 @@ impl Client {
                 server: config.server.clone(),
                 detail: tls::explain(&source_chain(&error)),
             })?;
-        let header = match &config.key {
-            None => None,
-            Some(key) => {
-                let key = key.expose_str().ok_or(ClientError::KeyNotSendable)?;
-                let mut header: MetadataValue<Ascii> = format!("Bearer {key}")
-                    .parse()
-                    .map_err(|_| ClientError::KeyNotSendable)?;
-                header.set_sensitive(true);
-                Some(header)
-            }
-        };
-        let interceptor = PrincipalKey(header);
+        let interceptor = PrincipalKey::new(&config.credential).await?;
         let broker = BrokerClient::with_interceptor(channel.clone(), interceptor.clone());
         let admin = AdminClient::with_interceptor(channel, interceptor);
         Ok(Client {

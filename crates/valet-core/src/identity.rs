@@ -1,6 +1,9 @@
-//! Who a caller is, from what it presented: a static principal key, or a client certificate
-//! verified by the TLS layer. The rules that turn a credential into a principal live here; the
-//! listeners only hand over what they saw.
+//! Who a caller is, from what it presented: a static principal key, a client certificate
+//! verified by the TLS layer, or a workload identity token verified against its issuer's keys.
+//! The rules that turn a credential into a principal live here; the listeners and the service
+//! only hand over what they saw and fetched.
+
+pub mod jwt;
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +30,7 @@ pub struct AuthenticatedBy {
 impl AuthenticatedBy {
     pub const PRINCIPAL_KEY: &str = "principal_key";
     pub const CLIENT_CERTIFICATE: &str = "client_certificate";
+    pub const IDENTITY_TOKEN: &str = "identity_token";
 
     pub fn principal_key() -> AuthenticatedBy {
         AuthenticatedBy {
@@ -43,6 +47,19 @@ impl AuthenticatedBy {
             issuer: Some("server.client_ca_file".to_string()),
             subject: Some(certificate.display_name()),
             fingerprint: Some(certificate.fingerprint.clone()),
+        }
+    }
+
+    /// An identity token from `issuer` (the `[[issuer]]` name) for `subject`; `token` is
+    /// fingerprinted, never kept.
+    pub fn identity_token(issuer: &str, subject: &str, token: &str) -> AuthenticatedBy {
+        AuthenticatedBy {
+            method: Self::IDENTITY_TOKEN.to_string(),
+            issuer: Some(issuer.to_string()),
+            subject: Some(subject.to_string()),
+            fingerprint: Some(hex::encode(
+                ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref(),
+            )),
         }
     }
 
@@ -105,6 +122,44 @@ pub fn principal_for_key(config: &Config, key: &str) -> Option<Principal> {
         }
     }
     found.cloned()
+}
+
+/// Finds the principal one of whose `[[principal.identity]]` entries matches a verified identity
+/// token from issuer `issuer` (its `[[issuer]]` name); a token matching two principals is
+/// refused as ambiguous.
+pub fn principal_for_identity(
+    config: &Config,
+    issuer: &str,
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Principal, String> {
+    let subject = claims
+        .get("sub")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default();
+    let matching: Vec<&Principal> = config
+        .principals
+        .values()
+        .filter(|principal| {
+            principal
+                .identities
+                .iter()
+                .any(|matcher| matcher.matches(issuer, claims))
+        })
+        .collect();
+    match matching.as_slice() {
+        [principal] => Ok((*principal).clone()),
+        [] => Err(format!(
+            "the identity token from issuer {issuer} (sub {subject:?}) is valid but matches no principal's [[principal.identity]]"
+        )),
+        several => Err(format!(
+            "the identity token from issuer {issuer} (sub {subject:?}) matches more than one principal ({}); narrow their [[principal.identity]] claims",
+            several
+                .iter()
+                .map(|principal| principal.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
 }
 
 /// Finds the principal one of whose `[[principal.certificate]]` entries the certificate carries.

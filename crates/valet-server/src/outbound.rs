@@ -1,5 +1,5 @@
-//! The outbound HTTP client valetd gives the service (webhooks, AWS): http or https with the
-//! public web roots, HTTP/1.1, no Nagle delay, a bounded connect time, one connection pool.
+//! The outbound HTTP client valetd gives the service (webhooks, AWS, JWKS): http or https with the
+//! public web roots (or a pinned CA), HTTP/1.1, no Nagle delay, a bounded connect time, one connection pool.
 
 use std::time::Duration;
 
@@ -22,14 +22,18 @@ pub struct HyperOutbound {
 
 impl HyperOutbound {
     pub fn new() -> Result<HyperOutbound, String> {
+        HyperOutbound::with_roots(rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        })
+    }
+
+    fn with_roots(roots: rustls::RootCertStore) -> Result<HyperOutbound, String> {
         let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .map_err(|error| error.to_string())?
-        .with_root_certificates(rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        })
+        .with_root_certificates(roots)
         .with_no_client_auth();
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -75,6 +79,35 @@ impl Outbound for HyperOutbound {
         tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
+    }
+
+    async fn send_trusting(
+        &self,
+        ca_pem: &[u8],
+        request: http::Request<Bytes>,
+        timeout: Duration,
+        max_answer_bytes: usize,
+    ) -> Result<OutboundAnswer, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        if request.uri().scheme_str() != Some("https") {
+            return Err("only https:// is fetched with a pinned CA".to_string());
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in CertificateDer::pem_slice_iter(ca_pem) {
+            let certificate =
+                certificate.map_err(|error| format!("the CA file is not PEM: {error}"))?;
+            roots
+                .add(certificate)
+                .map_err(|error| format!("the CA file holds an unusable certificate: {error}"))?;
+        }
+        if roots.is_empty() {
+            return Err("the CA file holds no certificate".to_string());
+        }
+        // Rare (JWKS refreshes are bounded): a client of its own, dropped after the answer.
+        HyperOutbound::with_roots(roots)?
+            .send(request, timeout, max_answer_bytes)
+            .await
     }
 }
 

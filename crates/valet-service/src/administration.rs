@@ -137,6 +137,7 @@ impl Valet {
             request_id,
             trigger: &trigger,
         };
+        self.identity_keys.forget_files();
         self.reloaded.notify_waiters();
         let (n_grants_ended, n_grants_clamped) = self.redecide_live_grants(&config, &own).await?;
         tracing::info!(

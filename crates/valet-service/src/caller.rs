@@ -6,8 +6,11 @@
 use valet_core::audit::{AuditAction, AuditEvent, Outcome};
 use valet_core::config::{Config, Principal};
 use valet_core::identity::{
-    AuthenticatedBy, PresentedCertificate, principal_for_certificate, principal_for_key,
+    AuthenticatedBy, PresentedCertificate, jwt, principal_for_certificate, principal_for_identity,
+    principal_for_key,
 };
+
+use crate::identity_keys::VerifiedIdentity;
 
 use crate::{ServiceError, Valet};
 
@@ -59,7 +62,22 @@ impl Valet {
         operation: &str,
         request_id: &str,
     ) -> Result<Caller, ServiceError> {
-        match identify(&self.config(), presented) {
+        let config = self.config();
+        // An identity token is verified first (its issuer's keys may need fetching).
+        let token = presented
+            .bearer
+            .and_then(|bearer| bearer_text(bearer).ok())
+            .filter(|credential| jwt::looks_like_jwt(credential));
+        let verified = match token {
+            None => None,
+            Some(token) => Some(
+                self.identity_keys
+                    .verify(&config, self.outbound.as_ref(), token, self.clock.now())
+                    .await
+                    .map(|identity| (identity, token)),
+            ),
+        };
+        match identify(&config, presented, verified) {
             Ok((principal, authentication)) => Ok(Caller {
                 principal,
                 authentication,
@@ -87,6 +105,7 @@ impl Valet {
 fn identify(
     config: &Config,
     presented: Presented<'_>,
+    verified: Option<Result<(VerifiedIdentity, &str), String>>,
 ) -> Result<(Principal, AuthenticatedBy), String> {
     let by_certificate = presented.certificate.map(|certificate| {
         principal_for_certificate(config, certificate)
@@ -95,13 +114,26 @@ fn identify(
     let Some(bearer) = presented.bearer else {
         return match by_certificate {
             Some(found) => found,
-            None => Err("no credential: send `authorization: Bearer <principal key>` (the valet CLI and client read VALET_KEY) or connect with a client certificate a principal is configured for".to_string()),
+            None => Err("no credential: send `authorization: Bearer <principal key or identity token>` (the valet CLI and client read VALET_KEY or VALET_IDENTITY_TOKEN_FILE) or connect with a client certificate a principal is configured for".to_string()),
         };
     };
-    let key = bearer_text(bearer)?;
-    let principal = principal_for_key(config, key).ok_or(
-        "the principal key is not known to valetd (revoked, mistyped, or for another deployment)",
-    )?;
+    let (principal, authentication) = match verified {
+        Some(verified) => {
+            let (identity, token) = verified?;
+            let principal = principal_for_identity(config, &identity.issuer, &identity.claims)?;
+            (
+                principal,
+                AuthenticatedBy::identity_token(&identity.issuer, &identity.subject, token),
+            )
+        }
+        None => {
+            let key = bearer_text(bearer)?;
+            let principal = principal_for_key(config, key).ok_or(
+                "the principal key is not known to valetd (revoked, mistyped, or for another deployment)",
+            )?;
+            (principal, AuthenticatedBy::principal_key())
+        }
+    };
     if let Some(Ok((other, _))) = &by_certificate
         && other.name != principal.name
     {
@@ -110,7 +142,7 @@ fn identify(
             other.name, principal.name
         ));
     }
-    Ok((principal, AuthenticatedBy::principal_key()))
+    Ok((principal, authentication))
 }
 
 /// The credential in `authorization: Bearer <credential>`.
@@ -119,7 +151,7 @@ fn bearer_text(value: &[u8]) -> Result<&str, String> {
     let key = value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
-        .ok_or("the authorization header must be `Bearer <principal key>`")?
+        .ok_or("the authorization header must be `Bearer <principal key or identity token>`")?
         .trim();
     if key.is_empty() {
         return Err("the principal key is empty".to_string());

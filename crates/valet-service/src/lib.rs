@@ -16,6 +16,7 @@ mod caller;
 mod compare_and_swap;
 mod error;
 mod gateway;
+mod identity_keys;
 mod keys;
 mod listing;
 mod loader;
@@ -77,6 +78,8 @@ pub struct Valet {
     /// Outbound HTTP (webhooks, AWS), provided by the process that runs the service.
     outbound: Arc<dyn Outbound>,
     clock: Arc<dyn Clock>,
+    /// The identity issuers' keys.
+    identity_keys: identity_keys::IdentityKeys,
     /// Woken after every applied config reload (the listeners re-read their TLS files then).
     reloaded: tokio::sync::Notify,
 }
@@ -135,6 +138,7 @@ impl Valet {
             outbound: parts.outbound,
             clock: parts.clock,
             reloaded: tokio::sync::Notify::new(),
+            identity_keys: identity_keys::IdentityKeys::default(),
         }))
     }
 

@@ -141,6 +141,16 @@ impl Outbound for NoNetwork {
     ) -> Result<OutboundAnswer, String> {
         Err("in-process tests reach no network".into())
     }
+
+    async fn send_trusting(
+        &self,
+        _ca_pem: &[u8],
+        request: http::Request<Bytes>,
+        timeout: Duration,
+        max_answer_bytes: usize,
+    ) -> Result<OutboundAnswer, String> {
+        self.send(request, timeout, max_answer_bytes).await
+    }
 }
 
 struct Fixture {

@@ -10,6 +10,7 @@ fn principal(name: &str, roles: &[Role]) -> Principal {
         roles: roles.iter().copied().collect(),
         key_sha256: Some([0; 32]),
         certificates: Vec::new(),
+        identities: Vec::new(),
         scopes: BTreeSet::new(),
     }
 }

@@ -12,7 +12,9 @@ pub use aws::{AwsCredential, AwsRevoke, AwsStsScope, ConditionValues, is_access_
 pub use gateway::{
     BaseUrl, FORWARDED_HEADERS, Injection, Upstream, is_credential_header, never_forwarded,
 };
-pub use identity::{CertificateMatch, ClientAuth, ServerTls, is_spiffe_id};
+pub use identity::{
+    CertificateMatch, ClientAuth, Glob, IdentityMatch, Issuer, KeySet, ServerTls, is_spiffe_id,
+};
 pub use store::{EtcdConfig, StoreConfig};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -43,6 +45,8 @@ pub struct Config {
     pub approval_limits: ApprovalLimits,
     /// Which engine keeps the state.
     pub store: StoreConfig,
+    /// Platforms whose identity tokens authenticate principals, by name.
+    pub issuers: BTreeMap<String, Issuer>,
 }
 
 /// How many call approvals may wait for a person at once: per grant, and per principal.
@@ -223,6 +227,8 @@ pub struct Principal {
     pub key_sha256: Option<[u8; 32]>,
     /// Client-certificate identities that authenticate this principal.
     pub certificates: Vec<CertificateMatch>,
+    /// Identity tokens (JWTs from an `[[issuer]]`) that authenticate this principal.
+    pub identities: Vec<IdentityMatch>,
     pub scopes: BTreeSet<String>,
 }
 
@@ -721,13 +727,58 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
     }
     let defined_scopes = scopes.keys().cloned().collect::<Vec<_>>().join(", ");
 
+    let mut issuers = BTreeMap::new();
+    let mut issuer_names = BTreeSet::new();
+    for (index, raw_issuer) in raw.issuer.into_iter().enumerate() {
+        let at = format!("issuer[{index}]");
+        if let Some(issuer) = identity::build_issuer(raw_issuer, &at, &resolve, problems) {
+            if !issuer_names.insert(issuer.issuer.clone()) {
+                problems.push(
+                    format!("{at}.issuer"),
+                    ProblemKind::Duplicate {
+                        name: issuer.issuer.clone(),
+                    },
+                );
+            }
+            if let Some(previous) = issuers.insert(issuer.name.clone(), issuer) {
+                problems.push(
+                    format!("{at}.name"),
+                    ProblemKind::Duplicate {
+                        name: previous.name,
+                    },
+                );
+            }
+        }
+    }
     let mut principals: BTreeMap<String, Principal> = BTreeMap::new();
     for (index, raw_principal) in raw.principal.into_iter().enumerate() {
         let at = format!("principal[{index}]");
         let name = problems.name(raw_principal.name, &format!("{at}.name"));
         // A credential that was written but is invalid is reported where it is written.
-        let had_credential =
-            raw_principal.key_sha256.is_some() || !raw_principal.certificate.is_empty();
+        let had_credential = raw_principal.key_sha256.is_some()
+            || !raw_principal.certificate.is_empty()
+            || !raw_principal.identity.is_empty();
+        let mut identities = Vec::new();
+        for (match_index, raw_match) in raw_principal.identity.into_iter().enumerate() {
+            let match_at = format!("{at}.identity[{match_index}]");
+            if let Some(matcher) =
+                identity::build_identity_match(raw_match, &match_at, &issuers, problems)
+            {
+                if let Some(other) = principals
+                    .values()
+                    .find(|other| other.identities.contains(&matcher))
+                {
+                    problems.push(
+                        match_at,
+                        ProblemKind::SharedIdentity {
+                            identity: matcher.to_string(),
+                            other: other.name.clone(),
+                        },
+                    );
+                }
+                identities.push(matcher);
+            }
+        }
         let mut roles = BTreeSet::new();
         if raw_principal.roles.is_empty() {
             problems.push(
@@ -806,13 +857,17 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
         let Some(name) = name else {
             continue;
         };
-        if key_sha256.is_none() && certificates.is_empty() && !had_credential {
+        if key_sha256.is_none()
+            && certificates.is_empty()
+            && identities.is_empty()
+            && !had_credential
+        {
             problems.push(
                 at.clone(),
                 invalid(
                     &name,
                     "principal without a credential",
-                    "key_sha256 (from `valet keygen`) or at least one [[principal.certificate]]",
+                    "key_sha256 (from `valet keygen`), a [[principal.certificate]] or a [[principal.identity]]",
                 ),
             );
         }
@@ -833,6 +888,7 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             roles,
             key_sha256,
             certificates,
+            identities,
             scopes: allowed_scopes,
         };
         if principals.insert(name.clone(), principal).is_some() {
@@ -862,6 +918,7 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
         approvals_webhook,
         approval_limits,
         store: store?,
+        issuers,
     })
 }
 

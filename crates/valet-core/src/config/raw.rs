@@ -22,6 +22,33 @@ pub struct RawConfig {
     pub upstream: Vec<RawUpstream>,
     pub approvals: Option<RawApprovals>,
     pub store: Option<RawStore>,
+    #[serde(default)]
+    pub issuer: Vec<RawIssuer>,
+}
+
+/// `[[issuer]]`: a platform whose identity tokens valetd accepts.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawIssuer {
+    pub name: Option<String>,
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub jwks_url: Option<String>,
+    pub jwks_file: Option<String>,
+    pub ca_file: Option<String>,
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    pub clock_skew: Option<String>,
+    pub max_token_age: Option<String>,
+}
+
+/// `[[principal.identity]]`: the identity tokens that authenticate a principal.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawIdentityMatch {
+    pub issuer: Option<String>,
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub claims: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,6 +128,8 @@ pub struct RawPrincipal {
     pub scopes: Vec<String>,
     #[serde(default)]
     pub certificate: Vec<RawCertificateMatch>,
+    #[serde(default)]
+    pub identity: Vec<RawIdentityMatch>,
 }
 
 /// `[[principal.certificate]]`: one client-certificate identity that authenticates a principal.
