@@ -108,3 +108,184 @@ async fn idle_and_half_sent_connections_and_a_file_descriptor_limit_leave_valetd
 fn tail(text: &str) -> &str {
     &text[text.len().saturating_sub(4000)..]
 }
+
+/// Sends `count` gateway requests without a token; returns each status and Retry-After.
+async fn anonymous_gateway_calls(gateway: &str, count: usize) -> Vec<(u16, Option<String>)> {
+    let address = gateway.trim_start_matches("http://").to_string();
+    let mut answers = Vec::new();
+    for _ in 0..count {
+        let stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::get("/u/railway/graphql")
+            .header("host", "valet")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        answers.push((
+            response.status().as_u16(),
+            response
+                .headers()
+                .get("retry-after")
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_string),
+        ));
+    }
+    answers
+}
+
+#[tokio::test]
+async fn floods_of_failed_authentication_are_throttled_and_summarised_not_written_one_by_one() {
+    // The upstream is never reached: no call carries a token.
+    let upstream = "\n[[upstream]]\nname = \"railway\"\nbase_url = \"http://127.0.0.1:9\"\ncredential = \"railway\"\n[upstream.inject]\nheader = { Authorization = \"Bearer {secret}\" }\n";
+    let config = standard_config(upstream).replace(
+        "grant_retention = \"1h\"",
+        "grant_retention = \"1h\"\nfailed_authentication_limit = \"20/min\"\ngateway_listen = \"127.0.0.1:0\"",
+    );
+    let deployment = Deployment::new(&config);
+    let valetd = deployment.start(&[]);
+    let before = deployment.audit_records().len();
+
+    // 300 calls with a key valetd does not know, from one source.
+    let stranger = Client::connect(ClientConfig::new(
+        valetd.address.clone(),
+        Secret::from("vk_not_a_key".to_string()),
+    ))
+    .await
+    .unwrap();
+    let mut codes = Vec::new();
+    for index in 0..300 {
+        let error = stranger
+            .request_token(TokenRequest::new("limited", format!("flood-{index}")))
+            .await
+            .expect_err("an unknown key is refused");
+        codes.push(error.code());
+    }
+    let unauthenticated = codes
+        .iter()
+        .filter(|code| **code == Some(tonic::Code::Unauthenticated))
+        .count();
+    assert_eq!(
+        unauthenticated, 20,
+        "the budget of 20 failures, then throttled"
+    );
+    assert!(
+        codes[20..]
+            .iter()
+            .all(|code| *code == Some(tonic::Code::ResourceExhausted)),
+        "{codes:?}"
+    );
+    let throttled = stranger
+        .request_token(TokenRequest::new("limited", "one-more"))
+        .await
+        .expect_err("still throttled");
+    assert!(throttled.to_string().contains("retry in"), "{throttled}");
+
+    // A valid key from the same source still gets in.
+    let agent = valetd.client(AGENT_KEY).await;
+    agent
+        .request_token(TokenRequest::new("limited", "neighbour"))
+        .await
+        .expect("a valid key is not locked out by its neighbour's failures");
+
+    // Anonymous gateway calls from the throttled source: 429 with Retry-After.
+    let gateway = valetd.gateway.clone().expect("a gateway");
+    let answers = anonymous_gateway_calls(&gateway, 100).await;
+    assert!(
+        answers
+            .iter()
+            .all(|(status, retry_after)| *status == 429 && retry_after.is_some()),
+        "{answers:?}"
+    );
+
+    // 401 refusals in all: a handful of records, not one per request.
+    let during = deployment.audit_records().len() - before;
+    assert!(
+        during <= 6,
+        "{during} audit records for 400 refused requests (expected the first of each kind)"
+    );
+    valetd.stop().await;
+    let records = deployment.audit_records();
+    let summaries: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|record| record["aggregated"] == "true")
+        .collect();
+    let counted: u64 = summaries
+        .iter()
+        .map(|record| {
+            record["n_more"]
+                .as_str()
+                .and_then(|text| text.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    let first_records = records[before..]
+        .iter()
+        .filter(|record| {
+            record["outcome"] == "denied"
+                && record["aggregated"].is_null()
+                && record["principal"].is_null()
+        })
+        .count() as u64;
+    assert_eq!(
+        counted + first_records,
+        401,
+        "every refusal is accounted for: {summaries:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_principal_over_its_rate_is_refused_with_a_retry_hint() {
+    let config = standard_config("").replace(
+        "name = \"agent\"\nroles = [\"agent\"]",
+        "name = \"agent\"\nroles = [\"agent\"]\nrate = \"5/min\"",
+    );
+    let deployment = Deployment::new(&config);
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    for index in 0..5 {
+        agent
+            .request_token(TokenRequest::new("limited", format!("rate-{index}")))
+            .await
+            .expect("within the rate");
+    }
+    let refused = agent
+        .request_token(TokenRequest::new("limited", "rate-over"))
+        .await
+        .expect_err("over the rate");
+    assert_eq!(
+        refused.code(),
+        Some(tonic::Code::ResourceExhausted),
+        "{refused}"
+    );
+    let message = refused.to_string();
+    assert!(
+        message.contains("over its rate of 5/min") && message.contains("retry in "),
+        "{message}"
+    );
+    // One request's worth of 5/min refills in 12 s, less the time the five took.
+    match &refused {
+        valet_client::ClientError::Status(status) => {
+            let retry_after: u64 = status
+                .metadata()
+                .get("retry-after")
+                .and_then(|value| value.to_str().ok())
+                .and_then(|text| text.parse().ok())
+                .expect("a retry-after hint");
+            assert!((1..=12).contains(&retry_after), "{retry_after}");
+        }
+        other => panic!("expected a status, got {other:?}"),
+    }
+    // Other principals are not affected.
+    valetd
+        .client(valet_tests::OTHER_AGENT_KEY)
+        .await
+        .request_token(
+            TokenRequest::new("deploy-staging", "unaffected").with_param("project", "web"),
+        )
+        .await
+        .expect("another principal's rate is its own");
+}

@@ -80,13 +80,24 @@ async fn every_rpc_refusal_leaves_one_audit_record_with_its_reason() {
     let valetd = deployment.start(&[]);
     let rpcs = rpcs_in_proto();
 
-    // Authentication comes first for every RPC.
-    for rpc in &rpcs {
+    // Authentication comes first for every RPC. The first refusal of its kind from a source is
+    // recorded at once; the rest in that window go into one summary (checked at the end).
+    for (index, rpc) in rpcs.iter().enumerate() {
         let before = audit_records(&deployment).len();
         let status = call_with_wrong_key(&valetd.address, rpc).await;
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{rpc}");
-        let record = one_refusal_record(&deployment, before, rpc);
-        assert_eq!(record["action"], "principal.authenticate", "{rpc}");
+        if index == 0 {
+            let record = one_refusal_record(&deployment, before, rpc);
+            assert_eq!(record["action"], "principal.authenticate", "{rpc}");
+            assert_eq!(record["reason_kind"], "unknown_key", "{rpc}");
+            assert_eq!(record["source"], "127.0.0.1", "{rpc}");
+        } else {
+            assert_eq!(
+                audit_records(&deployment).len(),
+                before,
+                "{rpc}: a repeated refusal is counted, not written"
+            );
+        }
     }
 
     // Then each RPC's own refusals, by an authenticated principal.
@@ -205,4 +216,14 @@ async fn every_rpc_refusal_leaves_one_audit_record_with_its_reason() {
         covered, rpcs,
         "every RPC of the proto files has its refusal case here"
     );
+
+    // Stopping records the open window's summary: nothing is lost.
+    valetd.stop().await;
+    let summary = audit_records(&deployment)
+        .into_iter()
+        .find(|record| record["aggregated"] == "true" && record["reason_kind"] == "unknown_key")
+        .expect("a summary of the repeated authentication refusals");
+    assert_eq!(summary["action"], "principal.authenticate");
+    assert_eq!(summary["source"], "127.0.0.1");
+    assert_eq!(summary["n_more"], (rpcs.len() - 1).to_string());
 }

@@ -268,7 +268,7 @@ async fn a_principal_known_by_its_spiffe_id_needs_no_key_and_foreign_certificate
     )
     .await;
     assert!(
-        mixed.contains("names principal \"builder\" but the key names"),
+        mixed.contains("names principal \"builder\" but the bearer credential names"),
         "{mixed}"
     );
 

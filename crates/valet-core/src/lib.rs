@@ -16,6 +16,7 @@ pub mod json;
 pub mod keyring;
 pub mod policy;
 pub mod random;
+pub mod rate;
 pub mod rules;
 pub mod secret;
 pub mod token;

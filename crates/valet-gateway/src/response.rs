@@ -32,6 +32,8 @@ pub fn status_of(error: &ServiceError) -> StatusCode {
         },
         ServiceError::Inactive(_) => StatusCode::UNAUTHORIZED,
         ServiceError::GrantNotFound { .. } => StatusCode::UNAUTHORIZED,
+        ServiceError::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+        ServiceError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         ServiceError::Request(_) | ServiceError::Access(_) | ServiceError::Approval(_) => {
             StatusCode::FORBIDDEN
         }
@@ -45,6 +47,8 @@ fn kind_of(error: &ServiceError) -> &'static str {
     match error {
         ServiceError::Call(refusal) => refusal.kind(),
         ServiceError::Inactive(_) => "inactive",
+        ServiceError::Unauthenticated { .. } => "unauthenticated",
+        ServiceError::RateLimited { .. } => "rate_limited",
         error if error.is_conflict() => "conflict",
         ServiceError::Store(_) | ServiceError::Audit(_) => "unavailable",
         _ => "refused",
@@ -120,6 +124,13 @@ pub fn error_response(
             http::header::WWW_AUTHENTICATE,
             http::HeaderValue::from_static("Bearer realm=\"valet\""),
         );
+    }
+    if let ServiceError::RateLimited { retry_after, .. } = error
+        && let Ok(value) = http::HeaderValue::from_str(&retry_after.as_secs().max(1).to_string())
+    {
+        response
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, value);
     }
     response
 }

@@ -49,13 +49,21 @@ pub fn status_of(valet: &Valet, error: ServiceError, request_id: &str) -> Status
     if clean == status.message() {
         status
     } else {
-        Status::new(status.code(), clean)
+        Status::with_metadata(status.code(), clean, status.metadata().clone())
     }
 }
 
 fn status_unredacted(error: ServiceError, request_id: &str) -> Status {
     let code = match &error {
         ServiceError::Unauthenticated { .. } => Code::Unauthenticated,
+        ServiceError::RateLimited { retry_after, .. } => {
+            // The standard hint, in whole seconds, for clients that back off on their own.
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            if let Ok(value) = retry_after.as_secs().max(1).to_string().parse() {
+                metadata.insert("retry-after", value);
+            }
+            return Status::with_metadata(Code::ResourceExhausted, error.to_string(), metadata);
+        }
         ServiceError::Request(error) if error.is_invalid_argument() => Code::InvalidArgument,
         ServiceError::Request(_) | ServiceError::Access(_) => Code::PermissionDenied,
         ServiceError::Transition(_) | ServiceError::Inactive(_) => Code::FailedPrecondition,

@@ -171,6 +171,7 @@ where
             let presented = valet_service::Presented {
                 bearer: bearer.as_deref(),
                 certificate: peer.as_ref().and_then(|peer| peer.certificate.as_deref()),
+                source: peer.as_ref().map(|peer| peer.address.ip()),
             };
             match valet.authenticate(presented, &path, &request_id).await {
                 Ok(caller) => {

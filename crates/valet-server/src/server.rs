@@ -257,6 +257,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     tokio::spawn(sweep_forever(valet.clone()));
     tokio::spawn(follow_key_ring(valet.clone()));
     tokio::spawn(expire_approvals_forever(valet.clone()));
+    tokio::spawn(record_refusal_summaries_forever(valet.clone()));
     tokio::spawn(reload_on_sighup(valet.clone()));
 
     tracing::info!(%address, n_scopes = config.scopes.len(), n_principals = config.principals.len(), "valetd listening on {address}");
@@ -286,8 +287,23 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         served = serve => served.map_err(|error| ServerError::Transport(error.to_string()))?,
         _ = grace_over => tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the shutdown grace period; stopping anyway"),
     }
+    // Refusals counted since their window opened are recorded before valetd goes.
+    if let Err(error) = valet.record_refusal_summaries(true).await {
+        tracing::error!(%error, "cannot record the last refusal summaries");
+    }
     tracing::info!("valetd stopped");
     Ok(())
+}
+
+/// Records the summaries of authentication refusal windows as they close.
+async fn record_refusal_summaries_forever(valet: Arc<Valet>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        ticks.tick().await;
+        if let Err(error) = valet.record_refusal_summaries(false).await {
+            tracing::error!(%error, "cannot record refusal summaries; will retry");
+        }
+    }
 }
 
 async fn shutdown_signal() {

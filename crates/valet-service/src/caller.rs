@@ -30,6 +30,8 @@ pub struct Presented<'a> {
     pub bearer: Option<&'a [u8]>,
     /// The client certificate the TLS layer verified against the client CA.
     pub certificate: Option<&'a PresentedCertificate>,
+    /// The address the request came from, for per-source limits and the audit log.
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// Who an audit record is attributed to: an authenticated caller, or a gateway call site.
@@ -54,8 +56,10 @@ impl Attribution for Caller {
 }
 
 impl Valet {
-    /// Authenticates a caller from what it presented for `operation`. A refusal is recorded,
-    /// then returned.
+    /// Authenticates a caller from what it presented for `operation`. A refusal is recorded
+    /// (the first of its kind from its source in a window at once, the rest in the window's
+    /// summary), then returned. A source that spent its failed-authentication budget has its
+    /// failures, and a principal over its rate its requests, refused with how long to wait.
     pub async fn authenticate(
         &self,
         presented: Presented<'_>,
@@ -63,6 +67,14 @@ impl Valet {
         request_id: &str,
     ) -> Result<Caller, ServiceError> {
         let config = self.config();
+        let now_ms = self.clock.now_millis();
+        let limit = config.server.failed_authentication_limit;
+        // A source over its failed-authentication budget still gets in with a valid key or
+        // certificate (cheap to check; its neighbours behind one address are not locked out),
+        // but its identity tokens are not verified and its failures are refused as throttled.
+        let throttled = presented
+            .source
+            .and_then(|source| self.limits.source_admitted(source, limit, now_ms).err());
         // An identity token is verified first (its issuer's keys may need fetching).
         let token = presented
             .bearer
@@ -70,6 +82,9 @@ impl Valet {
             .filter(|credential| jwt::looks_like_jwt(credential));
         let verified = match token {
             None => None,
+            Some(_) if throttled.is_some() => Some(Err(
+                "identity tokens from this source are not verified while it is over its failed-authentication budget".to_string(),
+            )),
             Some(token) => Some(
                 self.identity_keys
                     .verify(&config, self.outbound.as_ref(), token, self.clock.now())
@@ -77,69 +92,194 @@ impl Valet {
                     .map(|identity| (identity, token)),
             ),
         };
-        match identify(&config, presented, verified) {
-            Ok((principal, authentication)) => Ok(Caller {
-                principal,
-                authentication,
-                request_id: request_id.to_string(),
-            }),
-            Err(reason) => {
-                let mut event = AuditEvent::new(AuditAction::Authenticate, Outcome::Denied)
+        let (principal, authentication) = match identify(&config, presented, verified) {
+            Ok(found) => found,
+            Err(refusal) => {
+                if let (Some(source), Some(retry_after)) = (presented.source, throttled) {
+                    let reason = format!(
+                        "too many failed authentications from {source} (at most {limit}, server.failed_authentication_limit); retry in {} s",
+                        retry_after.as_secs().max(1)
+                    );
+                    let refusal = Refusal::new("source_rate_limited", reason.clone());
+                    self.refuse_authentication(presented, operation, request_id, refusal)
+                        .await?;
+                    return Err(ServiceError::RateLimited {
+                        reason,
+                        retry_after,
+                    });
+                }
+                if let Some(source) = presented.source {
+                    self.limits.failed(source, limit, now_ms);
+                }
+                let reason = refusal.reason.clone();
+                self.refuse_authentication(presented, operation, request_id, refusal)
+                    .await?;
+                return Err(ServiceError::Unauthenticated { reason });
+            }
+        };
+        if let Some(rate) = principal.rate
+            && let Err(retry_after) = self
+                .limits
+                .principal_admitted(&principal.name, rate, now_ms)
+        {
+            let reason = format!(
+                "principal {:?} is over its rate of {rate} (principal.rate); retry in {} s",
+                principal.name,
+                retry_after.as_secs().max(1)
+            );
+            let subject = format!("principal {}", principal.name);
+            if self.limits.note_refusal(
+                subject,
+                AuditAction::Authenticate,
+                "principal_rate_limited",
+                &reason,
+                operation,
+                now_ms,
+            ) {
+                let event = AuditEvent::new(AuditAction::Authenticate, Outcome::Denied)
                     .with("reason", &reason)
+                    .with("reason_kind", "principal_rate_limited")
+                    .with("principal", &principal.name)
                     .with("method", operation)
                     .with("request_id", request_id);
-                if let Some(certificate) = presented.certificate {
-                    event = event
-                        .with("certificate", certificate.display_name())
-                        .with("certificate_fingerprint", &certificate.fingerprint);
-                }
                 self.audit.record(event).await?;
-                Err(ServiceError::Unauthenticated { reason })
             }
+            return Err(ServiceError::RateLimited {
+                reason,
+                retry_after,
+            });
+        }
+        Ok(Caller {
+            principal,
+            authentication,
+            request_id: request_id.to_string(),
+        })
+    }
+
+    /// Records an authentication refusal: at once when it opens its window (per source and
+    /// kind), else counted into the window's summary.
+    async fn refuse_authentication(
+        &self,
+        presented: Presented<'_>,
+        operation: &str,
+        request_id: &str,
+        refusal: Refusal,
+    ) -> Result<(), ServiceError> {
+        let source = presented
+            .source
+            .map(|source| source.to_string())
+            .unwrap_or_else(|| "(unknown)".to_string());
+        if !self.limits.note_refusal(
+            source.clone(),
+            AuditAction::Authenticate,
+            refusal.kind,
+            &refusal.reason,
+            operation,
+            self.clock.now_millis(),
+        ) {
+            return Ok(());
+        }
+        let mut event = AuditEvent::new(AuditAction::Authenticate, Outcome::Denied)
+            .with("reason", &refusal.reason)
+            .with("reason_kind", refusal.kind)
+            .with("source", source)
+            .with("method", operation)
+            .with("request_id", request_id);
+        if let Some(certificate) = presented.certificate {
+            event = event
+                .with("certificate", certificate.display_name())
+                .with("certificate_fingerprint", &certificate.fingerprint);
+        }
+        self.audit.record(event).await?;
+        Ok(())
+    }
+
+    /// Records the summaries of the refusal windows that closed (all of them when `all`, at
+    /// shutdown): how many more refusals of each kind each source met after the recorded one.
+    pub async fn record_refusal_summaries(&self, all: bool) -> Result<usize, ServiceError> {
+        let summaries = self.limits.close_windows(self.clock.now_millis(), all);
+        let n_summaries = summaries.len();
+        for summary in summaries {
+            let event = AuditEvent::new(summary.action, Outcome::Denied)
+                .with("aggregated", "true")
+                .with("source", &summary.subject)
+                .with("reason_kind", summary.kind)
+                .with("reason", &summary.reason)
+                .with("n_more", summary.n_more.to_string())
+                .with("methods", summary.methods.join(","))
+                .with("window_seconds", summary.window_seconds.to_string());
+            self.audit.record(event).await?;
+        }
+        Ok(n_summaries)
+    }
+}
+
+/// Why a caller was not authenticated: a kind to aggregate by, and the reason in words.
+#[derive(Debug)]
+struct Refusal {
+    kind: &'static str,
+    reason: String,
+}
+
+impl Refusal {
+    fn new(kind: &'static str, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            kind,
+            reason: reason.into(),
         }
     }
 }
 
-/// Who presented this: the principal of the bearer key, else of the client certificate. When
-/// both name a principal they must name the same one.
+/// Who presented this: the principal of the bearer key or identity token, else of the client
+/// certificate. When both name a principal they must name the same one.
 fn identify(
     config: &Config,
     presented: Presented<'_>,
     verified: Option<Result<(VerifiedIdentity, &str), String>>,
-) -> Result<(Principal, AuthenticatedBy), String> {
+) -> Result<(Principal, AuthenticatedBy), Refusal> {
     let by_certificate = presented.certificate.map(|certificate| {
         principal_for_certificate(config, certificate)
             .map(|principal| (principal, AuthenticatedBy::client_certificate(certificate)))
     });
     let Some(bearer) = presented.bearer else {
         return match by_certificate {
-            Some(found) => found,
-            None => Err("no credential: send `authorization: Bearer <principal key or identity token>` (the valet CLI and client read VALET_KEY or VALET_IDENTITY_TOKEN_FILE) or connect with a client certificate a principal is configured for".to_string()),
+            Some(found) => found.map_err(|reason| Refusal::new("client_certificate", reason)),
+            None => Err(Refusal::new(
+                "no_credential",
+                "no credential: send `authorization: Bearer <principal key or identity token>` (the valet CLI and client read VALET_KEY or VALET_IDENTITY_TOKEN_FILE) or connect with a client certificate a principal is configured for",
+            )),
         };
     };
     let (principal, authentication) = match verified {
         Some(verified) => {
-            let (identity, token) = verified?;
-            let principal = principal_for_identity(config, &identity.issuer, &identity.claims)?;
+            let (identity, token) =
+                verified.map_err(|reason| Refusal::new("identity_token", reason))?;
+            let principal = principal_for_identity(config, &identity.issuer, &identity.claims)
+                .map_err(|reason| Refusal::new("identity_token", reason))?;
             (
                 principal,
                 AuthenticatedBy::identity_token(&identity.issuer, &identity.subject, token),
             )
         }
         None => {
-            let key = bearer_text(bearer)?;
-            let principal = principal_for_key(config, key).ok_or(
+            let key =
+                bearer_text(bearer).map_err(|reason| Refusal::new("malformed_header", reason))?;
+            let principal = principal_for_key(config, key).ok_or(Refusal::new(
+                "unknown_key",
                 "the principal key is not known to valetd (revoked, mistyped, or for another deployment)",
-            )?;
+            ))?;
             (principal, AuthenticatedBy::principal_key())
         }
     };
     if let Some(Ok((other, _))) = &by_certificate
         && other.name != principal.name
     {
-        return Err(format!(
-            "the client certificate names principal {:?} but the key names {:?}; present one principal's credentials",
-            other.name, principal.name
+        return Err(Refusal::new(
+            "credential_mismatch",
+            format!(
+                "the client certificate names principal {:?} but the bearer credential names {:?}; present one principal's credentials",
+                other.name, principal.name
+            ),
         ));
     }
     Ok((principal, authentication))

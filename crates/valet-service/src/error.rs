@@ -18,6 +18,12 @@ use crate::loader::LoadError;
 pub enum ServiceError {
     #[error("{reason}")]
     Unauthenticated { reason: String },
+    /// A source over its failed-authentication budget, or a principal over its rate.
+    #[error("{reason}")]
+    RateLimited {
+        reason: String,
+        retry_after: std::time::Duration,
+    },
     #[error(transparent)]
     Request(#[from] RequestError),
     #[error(transparent)]

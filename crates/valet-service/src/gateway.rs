@@ -158,17 +158,66 @@ impl Valet {
         request: CallRequest<'_>,
     ) -> Result<CallDecision, CallDenial> {
         let site = request.site;
+        let source = site.peer.ip();
+        let limit = self.config().server.failed_authentication_limit;
+        let now_ms = self.clock.now_millis();
         let mut context = call_context(None);
-        let outcome = self.authorize_decided(request, &mut context).await;
+        let mut outcome = self.authorize_decided(request, &mut context).await;
         let grant_id = context.get("grant_id").map(str::to_string);
+        // Calls without a valid token are anonymous: counted against their source (beyond its
+        // budget they are refused as throttled), and recorded the first time per source and
+        // kind in a window, the rest in its summary.
+        let mut anonymous = None;
+        if let Err(ServiceError::Call(
+            refusal @ (CallRefusal::NoToken | CallRefusal::BadToken(_)),
+        )) = &outcome
+        {
+            anonymous = Some(refusal.kind());
+            match self.limits.source_admitted(source, limit, now_ms) {
+                Ok(()) => self.limits.failed(source, limit, now_ms),
+                Err(retry_after) => {
+                    anonymous = Some("source_rate_limited");
+                    outcome = Err(ServiceError::RateLimited {
+                        reason: format!(
+                            "too many calls without a valid token from {source} (at most {limit}, server.failed_authentication_limit); retry in {} s",
+                            retry_after.as_secs().max(1)
+                        ),
+                        retry_after,
+                    });
+                }
+            }
+        }
+        if let (Some(kind), Err(error)) = (anonymous, &outcome)
+            && !self.limits.note_refusal(
+                source.to_string(),
+                AuditAction::GatewayCall,
+                kind,
+                &error.to_string(),
+                &format!("{} /u/{}{}", site.method, site.upstream, site.path),
+                now_ms,
+            )
+        {
+            return outcome.map_err(|error| CallDenial { error, grant_id });
+        }
         self.answer(site, context, outcome)
             .await
             .map_err(|error| CallDenial { error, grant_id })
     }
 
     /// Records a call refused before it reached an upstream's rules (an unknown route), so
-    /// every refusal of the gateway is in the audit log; returns the refusal.
+    /// every refusal of the gateway is in the audit log (the first of its kind from a source in
+    /// a window at once, the rest in the window's summary); returns the refusal.
     pub async fn refuse_call(&self, site: &CallSite, refusal: CallRefusal) -> ServiceError {
+        if !self.limits.note_refusal(
+            site.peer.ip().to_string(),
+            AuditAction::GatewayCall,
+            refusal.kind(),
+            &refusal.to_string(),
+            &format!("{} {}", site.method, site.path),
+            self.clock.now_millis(),
+        ) {
+            return refusal.into();
+        }
         match self
             .answer::<()>(site, call_context(None), Err(refusal.into()))
             .await

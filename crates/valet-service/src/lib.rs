@@ -10,6 +10,7 @@ mod administration;
 mod approvals;
 mod audit_sink;
 mod authenticated_store;
+mod authentication_limits;
 mod aws_client;
 mod aws_grants;
 mod caller;
@@ -80,6 +81,8 @@ pub struct Valet {
     clock: Arc<dyn Clock>,
     /// The identity issuers' keys.
     identity_keys: identity_keys::IdentityKeys,
+    /// Failed-authentication budgets, principal rates, and refusal aggregation.
+    limits: authentication_limits::AuthenticationLimits,
     /// Woken after every applied config reload (the listeners re-read their TLS files then).
     reloaded: tokio::sync::Notify,
 }
@@ -139,6 +142,7 @@ impl Valet {
             clock: parts.clock,
             reloaded: tokio::sync::Notify::new(),
             identity_keys: identity_keys::IdentityKeys::default(),
+            limits: authentication_limits::AuthenticationLimits::default(),
         }))
     }
 

@@ -774,7 +774,8 @@ async fn every_refused_operation_leaves_one_audit_record_with_its_reason() {
         valet.authenticate(
             crate::Presented {
                 bearer: Some(b"Bearer wrong"),
-                certificate: None
+                certificate: None,
+                source: None,
             },
             "/x",
             "r"

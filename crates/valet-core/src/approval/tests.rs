@@ -11,6 +11,7 @@ fn principal(name: &str, roles: &[Role]) -> Principal {
         key_sha256: Some([0; 32]),
         certificates: Vec::new(),
         identities: Vec::new(),
+        rate: None,
         scopes: BTreeSet::new(),
     }
 }

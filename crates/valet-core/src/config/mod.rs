@@ -86,7 +86,16 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// TLS on both listeners; plaintext when `None`.
     pub tls: Option<ServerTls>,
+    /// Failed authentications allowed per source address; beyond, the source is refused
+    /// before its credentials are looked at, until its budget refills.
+    pub failed_authentication_limit: crate::rate::Rate,
 }
+
+/// Failed authentications per source when the config does not say.
+pub const DEFAULT_FAILED_AUTHENTICATION_LIMIT: crate::rate::Rate = crate::rate::Rate {
+    count: 60,
+    per: Duration::from_secs(60),
+};
 
 /// Connections per listener when the config does not say.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
@@ -229,6 +238,8 @@ pub struct Principal {
     pub certificates: Vec<CertificateMatch>,
     /// Identity tokens (JWTs from an `[[issuer]]`) that authenticate this principal.
     pub identities: Vec<IdentityMatch>,
+    /// The most requests it may make; `None`: unlimited.
+    pub rate: Option<crate::rate::Rate>,
     pub scopes: BTreeSet<String>,
 }
 
@@ -678,6 +689,16 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
                 }
             }),
     };
+    let failed_authentication_limit = match raw_server.failed_authentication_limit {
+        None => DEFAULT_FAILED_AUTHENTICATION_LIMIT,
+        Some(text) => crate::rate::Rate::parse(&text).unwrap_or_else(|| {
+            problems.push(
+                "server.failed_authentication_limit",
+                invalid(&text, "rate", crate::rate::RATE_RULE),
+            );
+            DEFAULT_FAILED_AUTHENTICATION_LIMIT
+        }),
+    };
     let raw_approvals = raw.approvals.unwrap_or_default();
     let mut approval_limits = ApprovalLimits::default();
     for (value, key, slot) in [
@@ -758,6 +779,16 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
         let had_credential = raw_principal.key_sha256.is_some()
             || !raw_principal.certificate.is_empty()
             || !raw_principal.identity.is_empty();
+        let rate = raw_principal.rate.as_ref().and_then(|text| {
+            let rate = crate::rate::Rate::parse(text);
+            if rate.is_none() {
+                problems.push(
+                    format!("{at}.rate"),
+                    invalid(text, "rate", crate::rate::RATE_RULE),
+                );
+            }
+            rate
+        });
         let mut identities = Vec::new();
         for (match_index, raw_match) in raw_principal.identity.into_iter().enumerate() {
             let match_at = format!("{at}.identity[{match_index}]");
@@ -889,6 +920,7 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             key_sha256,
             certificates,
             identities,
+            rate,
             scopes: allowed_scopes,
         };
         if principals.insert(name.clone(), principal).is_some() {
@@ -908,6 +940,7 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             max_connections,
             idle_timeout: idle_timeout?,
             tls: server_tls,
+            failed_authentication_limit,
         },
         seal,
         audit: AuditConfig { path: audit_path? },

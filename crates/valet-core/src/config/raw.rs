@@ -105,6 +105,7 @@ pub struct RawServer {
     pub tls_key_file: Option<String>,
     pub client_ca_file: Option<String>,
     pub client_auth: Option<String>,
+    pub failed_authentication_limit: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +131,7 @@ pub struct RawPrincipal {
     pub certificate: Vec<RawCertificateMatch>,
     #[serde(default)]
     pub identity: Vec<RawIdentityMatch>,
+    pub rate: Option<String>,
 }
 
 /// `[[principal.certificate]]`: one client-certificate identity that authenticates a principal.
