@@ -435,7 +435,7 @@ pub fn render_error(error: &anyhow::Error) -> String {
     let hint = match error.downcast_ref::<ClientError>() {
         Some(ClientError::Unreachable { .. }) => Some("is valetd running at that address?"),
         Some(ClientError::NoKey) => Some(
-            "export VALET_KEY=<your principal key>, or pass --key-file PATH (or --client-cert and --client-key for a principal known by its certificate).",
+            "a key comes from `valet keygen`; a workload identity token or client certificate from your platform (docs/identity.md).",
         ),
         Some(client_error) => match client_error.code() {
             Some(tonic::Code::Unauthenticated) => Some(

@@ -55,7 +55,7 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7470";
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "no principal credential: set {KEY_ENV} (or --key-file) to the key `valet keygen` made for this principal, {IDENTITY_TOKEN_FILE_ENV} to a file holding a workload identity token, or give a client certificate ({CLIENT_CERT_ENV} and {CLIENT_KEY_ENV}) for a principal known by its certificate"
+        "no principal credential: set {KEY_ENV} (or --key-file), {IDENTITY_TOKEN_FILE_ENV}, or a client certificate ({CLIENT_CERT_ENV} and {CLIENT_KEY_ENV})"
     )]
     NoKey,
     #[error("the principal key contains characters that cannot be sent in a header")]

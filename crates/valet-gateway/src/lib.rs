@@ -105,6 +105,16 @@ impl Gateway {
         request: http::Request<hyper::body::Incoming>,
         peer: SocketAddr,
     ) -> http::Response<response::Body> {
+        // Readiness follows the store: without it the broker fails closed, so a load balancer
+        // or Kubernetes should send nothing here (liveness is /healthz).
+        if request.uri().path() == "/readyz" {
+            let (status, state) = if self.valet.store_reachable().await {
+                (http::StatusCode::OK, "ready")
+            } else {
+                (http::StatusCode::SERVICE_UNAVAILABLE, "store unreachable")
+            };
+            return response::json(status, &serde_json::json!({ "status": state }));
+        }
         let (site, request) = match route::route(&self.valet, request, peer) {
             route::Routed::Served(response) => return response,
             route::Routed::NotFound(site) => {

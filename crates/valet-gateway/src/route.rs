@@ -66,7 +66,10 @@ pub fn route(
                 http::StatusCode::OK,
                 &serde_json::json!({
                     "issuer": valet.config().server.issuer,
-                    "jwks_uri": format!("http://{host}/.well-known/jwks.json"),
+                    "jwks_uri": format!(
+                        "{}://{host}/.well-known/jwks.json",
+                        if valet.config().server.tls.is_some() { "https" } else { "http" }
+                    ),
                     "id_token_signing_alg_values_supported": [token::ALGORITHM],
                     "token_endpoint_auth_signing_alg_values_supported": [token::ALGORITHM],
                 }),

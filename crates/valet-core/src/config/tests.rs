@@ -554,3 +554,26 @@ fn principals_known_by_certificate_need_a_client_ca_and_one_name_each() {
         "{errors}"
     );
 }
+
+#[test]
+fn the_kubernetes_manifest_holds_a_valid_config_with_tls_and_an_issuer() {
+    let manifest = include_str!("../../../../deploy/kubernetes/valet.yaml");
+    let start = manifest
+        .find("valet.toml: |\n")
+        .expect("the ConfigMap holds valet.toml")
+        + "valet.toml: |\n".len();
+    let end = start + manifest[start..].find("\n---").expect("the ConfigMap ends");
+    let text: String = manifest[start..end]
+        .lines()
+        .map(|line| line.strip_prefix("    ").unwrap_or(line))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config =
+        Config::parse(&text, Path::new("/etc/valet")).unwrap_or_else(|errors| panic!("{errors}"));
+    assert!(config.server.tls.is_some());
+    assert!(config.server.plaintext_listeners_off_loopback().is_empty());
+    assert_eq!(
+        config.principals["ci-builder"].identities[0].issuer,
+        "kubernetes"
+    );
+}
