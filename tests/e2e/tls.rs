@@ -405,3 +405,101 @@ async fn rotated_tls_files_take_effect_without_a_restart_and_broken_ones_are_ref
         "{stale}"
     );
 }
+
+/// Runs the Python grpcio client (tests/clients/python_client.py) from the test venv.
+fn python_client(arguments: &[&str]) -> serde_json::Value {
+    let repository = valet_tests::frameworks::repository();
+    let python = repository.join("var/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run ./scripts/test.sh, which installs grpcio and grpcio-tools into the venv",
+        python.display()
+    );
+    let output = std::process::Command::new(python)
+        .arg(repository.join("tests/clients/python_client.py"))
+        .arg("--repository")
+        .arg(&repository)
+        .args(arguments)
+        .output()
+        .expect("run the Python client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the Python client failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("one JSON line: {stdout}"))
+}
+
+#[tokio::test]
+async fn a_python_grpcio_client_interoperates_over_tls_and_mtls() {
+    let ca = Ca::new("valet test CA");
+    let client_ca = Ca::new("workload CA");
+    let deployment = tls_deployment(&ca, Some("optional"));
+    client_ca.write_certificate(&deployment.path("client-ca.crt"));
+    let directory = deployment.directory.path();
+    let (builder_cert, builder_key) = client_ca.client_certificate(
+        ClientName::SpiffeId(BUILDER_SPIFFE_ID),
+        Validity::Current,
+        directory,
+        "builder",
+    );
+    let valetd = deployment.start(&[]);
+    let target = valetd.address.trim_start_matches("http://").to_string();
+    let ca_file = deployment.path("ca.crt");
+    let ca_text = path_text(&ca_file).to_string();
+
+    // TLS, authenticated with a key.
+    let with_key = python_client(&[
+        "--target",
+        &target,
+        "--ca-file",
+        &ca_text,
+        "--key",
+        AGENT_KEY,
+        "--scope",
+        "limited",
+        "--task",
+        "python-tls",
+    ]);
+    assert_eq!(with_key["principal"], "agent", "{with_key}");
+    assert_eq!(with_key["token_parts"], 3, "{with_key}");
+
+    // mTLS: the certificate alone names the principal.
+    let with_certificate = python_client(&[
+        "--target",
+        &target,
+        "--ca-file",
+        &ca_text,
+        "--cert-file",
+        path_text(&builder_cert),
+        "--key-file",
+        path_text(&builder_key),
+        "--scope",
+        "limited",
+        "--task",
+        "python-mtls",
+    ]);
+    assert_eq!(
+        with_certificate["principal"], "builder",
+        "{with_certificate}"
+    );
+
+    // A CA that did not issue valetd's certificate: the handshake fails, nothing is sent.
+    let stranger = Ca::new("stranger CA");
+    let stranger_file = deployment.path("stranger.crt");
+    stranger.write_certificate(&stranger_file);
+    let refused = python_client(&[
+        "--target",
+        &target,
+        "--ca-file",
+        path_text(&stranger_file),
+        "--key",
+        AGENT_KEY,
+        "--scope",
+        "limited",
+        "--task",
+        "python-wrong-ca",
+    ]);
+    assert_eq!(refused["error"], "UNAVAILABLE", "{refused}");
+}

@@ -18,7 +18,8 @@ pub struct Framework {
     _directory: tempfile::TempDir,
 }
 
-fn repository() -> PathBuf {
+/// The repository's root directory.
+pub fn repository() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ is inside the repository")

@@ -706,10 +706,15 @@ fn config_check(file: &Path, json: bool) -> anyhow::Result<i32> {
         .unwrap_or_else(|| PathBuf::from("."));
     match Config::parse(&text, &base_dir) {
         Ok(config) => {
+            let warnings = config.warnings();
             if json {
+                let warnings: Vec<_> = warnings
+                    .iter()
+                    .map(|warning| serde_json::json!({"key_path": warning.key_path, "warning": warning.message}))
+                    .collect();
                 println!(
                     "{}",
-                    serde_json::json!({"valid": true, "principals": config.principals.len(), "scopes": config.scopes.len(), "credentials": config.credentials.len()})
+                    serde_json::json!({"valid": true, "principals": config.principals.len(), "scopes": config.scopes.len(), "credentials": config.credentials.len(), "warnings": warnings})
                 );
             } else {
                 println!(
@@ -719,6 +724,9 @@ fn config_check(file: &Path, json: bool) -> anyhow::Result<i32> {
                     config.scopes.len(),
                     config.credentials.len()
                 );
+                for warning in &warnings {
+                    println!("warning: {}: {}", warning.key_path, warning.message);
+                }
             }
             Ok(0)
         }

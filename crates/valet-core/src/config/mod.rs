@@ -395,7 +395,55 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// Something valid but worth changing, with where it is and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    pub key_path: String,
+    pub message: String,
+}
+
 impl Config {
+    /// What `valet config check` warns about in a valid config.
+    pub fn warnings(&self) -> Vec<ConfigWarning> {
+        let mut warnings = Vec::new();
+        let client_ca = self
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.client_ca_file.is_some());
+        if !self.issuers.is_empty() || client_ca {
+            let offered = match (self.issuers.is_empty(), client_ca) {
+                (false, true) => "workload identity tokens ([[issuer]]) and client certificates",
+                (false, false) => "workload identity tokens ([[issuer]])",
+                _ => "client certificates (server.client_ca_file)",
+            };
+            for principal in self.principals.values() {
+                if principal.key_sha256.is_some()
+                    && principal.has_role(Role::Agent)
+                    && principal.identities.is_empty()
+                    && principal.certificates.is_empty()
+                {
+                    warnings.push(ConfigWarning {
+                        key_path: format!("principal {:?}.key_sha256", principal.name),
+                        message: format!(
+                            "agent {:?} authenticates with a static key, a long-lived secret in the agent's reach, while this deployment accepts {offered}: give it a [[principal.identity]] or [[principal.certificate]] and remove key_sha256 (docs/identity.md)",
+                            principal.name
+                        ),
+                    });
+                }
+            }
+        }
+        for (listener, address) in self.server.plaintext_listeners_off_loopback() {
+            warnings.push(ConfigWarning {
+                key_path: "server.insecure_plaintext".to_string(),
+                message: format!(
+                    "the {listener} listener serves plaintext on {address}: keys and tokens cross that network in clear unless a proxy or mesh protects it; set server.tls_cert_file and tls_key_file"
+                ),
+            });
+        }
+        warnings
+    }
+
     /// Parses and validates config text. Relative paths are resolved against `base_dir`, the
     /// directory of the config file, so a config means the same wherever valetd is started.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigErrors> {
