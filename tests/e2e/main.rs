@@ -8,6 +8,7 @@ mod aws;
 mod bad_input;
 mod cli;
 mod differential;
+mod disk_full;
 mod distributed;
 mod gateway;
 mod identity;

@@ -1,9 +1,13 @@
 //! The embedded engine: sled trees for grants, a task index, revocations, keys and metadata.
 //! Multi-tree changes are sled transactions; durability comes from the group committer. Work
 //! that scans a tree (listings, sweeps) runs on the blocking pool, never on an async worker.
+//! After a write fails (a full disk, say) sled refuses everything until it is reopened, so the
+//! store fails closed and reopens the database from disk, at most once a second, until that
+//! works: once space is freed it serves again without a restart.
 
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
 use sled::Transactional;
@@ -26,13 +30,28 @@ const ENGINE: &str = "sled";
 const AUDIT_HEAD_KEY: &[u8] = b"audit_head";
 const CURRENT_KEY_KEY: &[u8] = b"current_signing_key";
 
+/// How often a broken database is reopened at most.
+const REOPEN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The embedded store, in one directory.
 pub struct SledStore {
-    db: sled::Db,
-    trees: Trees,
+    directory: PathBuf,
+    /// The open database; `None` after a write failed, until it is reopened.
+    engine: std::sync::RwLock<Option<Arc<Engine>>>,
+    /// The database that failed, until every operation that held it has let it go (sled locks
+    /// its files, so a new one opens only after the old one closed), and when reopening was
+    /// last tried.
+    reopening: std::sync::Mutex<(Weak<Engine>, Option<std::time::Instant>)>,
     /// Named locks: one node holds the store, so a lock in the process is a lock everywhere.
     locks:
         std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    changes: broadcast::Sender<StoreChange>,
+}
+
+/// One open database: its trees and its committer.
+struct Engine {
+    db: sled::Db,
+    trees: Trees,
     committer: Committer,
     changes: broadcast::Sender<StoreChange>,
 }
@@ -61,6 +80,101 @@ async fn blocking<T: Send + 'static>(
 impl SledStore {
     /// Opens (or creates) the store in `directory`.
     pub fn open(directory: &Path) -> Result<SledStore, StoreError> {
+        let changes = broadcast::channel(1024).0;
+        let engine = Engine::open(directory, changes.clone())?;
+        Ok(SledStore {
+            directory: directory.to_path_buf(),
+            engine: std::sync::RwLock::new(Some(Arc::new(engine))),
+            reopening: std::sync::Mutex::new((Weak::new(), None)),
+            locks: std::sync::Mutex::new(std::collections::HashMap::new()),
+            changes,
+        })
+    }
+
+    /// The open database, reopening it first if a write failed.
+    fn engine(&self) -> Result<Arc<Engine>, StoreError> {
+        if let Some(engine) = self
+            .engine
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+        {
+            return Ok(engine.clone());
+        }
+        let mut reopening = self
+            .reopening
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slot = self
+            .engine
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(engine) = slot.as_ref() {
+            return Ok(engine.clone());
+        }
+        if reopening.0.strong_count() > 0 {
+            return Err(unavailable(
+                "a write failed and the database is closing to be reopened; try again shortly (fail closed)",
+            ));
+        }
+        if reopening
+            .1
+            .is_some_and(|last| last.elapsed() < REOPEN_INTERVAL)
+        {
+            return Err(unavailable(
+                "a write failed and reopening the database failed; retrying every second (fail closed; is the disk full?)",
+            ));
+        }
+        reopening.1 = Some(std::time::Instant::now());
+        let engine = Arc::new(Engine::open(&self.directory, self.changes.clone())?);
+        tracing::warn!(directory = %self.directory.display(), "the store's database was reopened after a write failure; serving again");
+        *slot = Some(engine.clone());
+        // What was written before the failure was re-read from disk: let followers re-read too.
+        let _ = self.changes.send(StoreChange::Resync);
+        Ok(engine)
+    }
+
+    /// Runs `work` on the open database. An error that means sled can no longer write closes
+    /// the database, so the next operation reopens it from disk.
+    async fn run<T>(
+        &self,
+        work: impl AsyncFnOnce(&Engine) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let engine = self.engine()?;
+        let outcome = work(&engine).await;
+        if let Err(StoreError::Unavailable { detail, .. }) = &outcome
+            && is_write_failure(detail)
+        {
+            let mut slot = self
+                .engine
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if slot
+                .as_ref()
+                .is_some_and(|current| Arc::ptr_eq(current, &engine))
+            {
+                tracing::error!(%detail, "a store write failed; closing the database to reopen it from disk");
+                *slot = None;
+                self.reopening
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .0 = Arc::downgrade(&engine);
+            }
+        }
+        outcome
+    }
+}
+
+/// Whether an error means sled failed to write (and stays failed until reopened).
+fn is_write_failure(detail: &str) -> bool {
+    detail.contains("IO error") || detail.contains("Io(") || detail.contains("flush failed")
+}
+
+impl Engine {
+    fn open(
+        directory: &Path,
+        changes: broadcast::Sender<StoreChange>,
+    ) -> Result<Engine, StoreError> {
         let unavailable = |error: &dyn std::fmt::Display| StoreError::Unavailable {
             engine: ENGINE,
             detail: format!("cannot open {}: {error}", directory.display()),
@@ -70,7 +184,7 @@ impl SledStore {
             .open()
             .map_err(|error| unavailable(&error))?;
         let tree = |name: &str| db.open_tree(name).map_err(|error| unavailable(&error));
-        let store = SledStore {
+        Ok(Engine {
             trees: Trees {
                 grants: tree("grants")?,
                 task_index: tree("task_index")?,
@@ -79,12 +193,10 @@ impl SledStore {
                 meta: tree("meta")?,
                 approvals: tree("approvals")?,
             },
-            locks: std::sync::Mutex::new(std::collections::HashMap::new()),
             committer: Committer::start(db.clone()).map_err(|error| unavailable(&error))?,
-            changes: broadcast::channel(1024).0,
+            changes,
             db,
-        };
-        Ok(store)
+        })
     }
 
     async fn durable(&self) -> Result<(), StoreError> {
@@ -93,7 +205,7 @@ impl SledStore {
             .await
             .map_err(|detail| StoreError::Unavailable {
                 engine: ENGINE,
-                detail,
+                detail: format!("flush failed: {detail}"),
             })
     }
 
@@ -103,7 +215,7 @@ impl SledStore {
     }
 }
 
-impl Drop for SledStore {
+impl Drop for Engine {
     fn drop(&mut self) {
         if let Err(error) = self.db.flush() {
             tracing::error!(%error, "final store flush failed");
@@ -133,8 +245,8 @@ fn transaction_error(error: TransactionError<StoreError>) -> StoreError {
     }
 }
 
-#[async_trait]
-impl Store for SledStore {
+/// The operations, on one open database; [`SledStore`] runs each through [`SledStore::run`].
+impl Engine {
     async fn create_grant(&self, grant: &Grant) -> Result<(), StoreError> {
         let record = encode(grant);
         (&self.trees.grants, &self.trees.task_index)
@@ -386,6 +498,96 @@ impl Store for SledStore {
             Ok(approvals)
         })
         .await
+    }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    async fn create_grant(&self, grant: &Grant) -> Result<(), StoreError> {
+        self.run(async |engine| engine.create_grant(grant).await)
+            .await
+    }
+
+    async fn get_grant(&self, id: &str) -> Result<Option<Grant>, StoreError> {
+        self.run(async |engine| engine.get_grant(id).await).await
+    }
+
+    async fn update_grant(&self, expected: &Grant, new: &Grant) -> Result<(), StoreError> {
+        self.run(async |engine| engine.update_grant(expected, new).await)
+            .await
+    }
+
+    async fn list_grants(
+        &self,
+        filter: &GrantFilter,
+        now: UnixTime,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<GrantPage, StoreError> {
+        self.run(async |engine| engine.list_grants(filter, now, after, limit).await)
+            .await
+    }
+
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        self.run(async |engine| engine.revocations().await).await
+    }
+
+    async fn sweep(
+        &self,
+        now: UnixTime,
+        retention: std::time::Duration,
+    ) -> Result<SweepReport, StoreError> {
+        self.run(async |engine| engine.sweep(now, retention).await)
+            .await
+    }
+
+    async fn keys(&self) -> Result<Vec<StoredKey>, StoreError> {
+        self.run(async |engine| engine.keys().await).await
+    }
+
+    async fn replace_keys(
+        &self,
+        expected_current: Option<&str>,
+        records: &[StoredKey],
+    ) -> Result<(), StoreError> {
+        self.run(async |engine| engine.replace_keys(expected_current, records).await)
+            .await
+    }
+
+    async fn audit_head(&self) -> Result<Option<ChainHead>, StoreError> {
+        self.run(async |engine| engine.audit_head().await).await
+    }
+
+    async fn record_audit_head(&self, head: &ChainHead) -> Result<(), StoreError> {
+        self.run(async |engine| engine.record_audit_head(head).await)
+            .await
+    }
+
+    async fn counts(&self) -> Result<StoreCounts, StoreError> {
+        self.run(async |engine| engine.counts().await).await
+    }
+
+    async fn create_approval(&self, approval: &ApprovalRequest) -> Result<(), StoreError> {
+        self.run(async |engine| engine.create_approval(approval).await)
+            .await
+    }
+
+    async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRequest>, StoreError> {
+        self.run(async |engine| engine.get_approval(id).await).await
+    }
+
+    async fn update_approval(
+        &self,
+        expected: &ApprovalRequest,
+        new: &ApprovalRequest,
+    ) -> Result<(), StoreError> {
+        self.run(async |engine| engine.update_approval(expected, new).await)
+            .await
+    }
+
+    async fn list_approvals(&self, pending_only: bool) -> Result<Vec<ApprovalRequest>, StoreError> {
+        self.run(async |engine| engine.list_approvals(pending_only).await)
+            .await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<StoreChange> {
