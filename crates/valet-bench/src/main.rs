@@ -55,6 +55,8 @@ enum Helper {
 pub enum Scenario {
     All,
     Issue,
+    /// Issuing over TLS, with a key and with a workload identity token, against plaintext.
+    IssueIdentity,
     Introspect,
     VerifyOffline,
     Gateway,

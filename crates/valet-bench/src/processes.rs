@@ -144,8 +144,96 @@ pub struct Deployment {
     pub directory: tempfile::TempDir,
 }
 
+/// What the identity deployment adds: TLS on both listeners, and a workload identity issuer whose
+/// tokens authenticate the principal `workload`.
+pub struct Identity {
+    /// The CA that signed valetd's certificate, for clients.
+    pub ca_file: PathBuf,
+    /// A file holding an ES256 identity token for `workload`.
+    pub token_file: PathBuf,
+}
+
 impl Deployment {
     pub fn new(upstream: &str) -> anyhow::Result<Deployment> {
+        Deployment::write(upstream, "", "")
+    }
+
+    /// A deployment serving TLS with a throwaway CA, and trusting a workload identity issuer
+    /// whose keys are in a file.
+    pub fn with_identity(upstream: &str) -> anyhow::Result<(Deployment, Identity)> {
+        use base64::Engine;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use ring::signature::KeyPair;
+        let server = "tls_cert_file = \"server.crt\"\ntls_key_file = \"server.key\"\n";
+        let principal = r#"
+[[issuer]]
+name = "bench-issuer"
+issuer = "https://issuer.bench"
+audiences = ["valet"]
+jwks_file = "jwks.json"
+algorithms = ["ES256"]
+
+[[principal]]
+name = "workload"
+roles = ["agent"]
+scopes = ["bench"]
+[[principal.identity]]
+issuer = "bench-issuer"
+subject = "spiffe://bench/workload"
+"#;
+        let deployment = Deployment::write(upstream, server, principal)?;
+        let path = |name: &str| deployment.directory.path().join(name);
+        // The CA and valetd's certificate.
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "valet-bench CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate()?)?;
+        let server_key = rcgen::KeyPair::generate()?;
+        let server_certificate = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])?
+            .signed_by(&server_key, &ca)?;
+        std::fs::write(path("ca.crt"), ca.pem())?;
+        std::fs::write(path("server.crt"), server_certificate.pem())?;
+        std::fs::write(path("server.key"), server_key.serialize_pem())?;
+        // The issuer's key, its JWKS, and one token.
+        let random = ring::rand::SystemRandom::new();
+        let algorithm = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(algorithm, &random)
+            .map_err(|_| anyhow::anyhow!("cannot make an issuer key"))?;
+        let pair = ring::signature::EcdsaKeyPair::from_pkcs8(algorithm, pkcs8.as_ref(), &random)
+            .map_err(|_| anyhow::anyhow!("cannot read the issuer key"))?;
+        let point = pair.public_key().as_ref();
+        std::fs::write(
+            path("jwks.json"),
+            serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "bench", "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..])}]}).to_string(),
+        )?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let signed = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(serde_json::json!({"alg": "ES256", "kid": "bench"}).to_string()),
+            URL_SAFE_NO_PAD.encode(
+                serde_json::json!({"iss": "https://issuer.bench", "aud": ["valet"], "sub": "spiffe://bench/workload", "iat": now, "exp": now + 3000})
+                    .to_string()
+            )
+        );
+        let signature = pair
+            .sign(&random, signed.as_bytes())
+            .map_err(|_| anyhow::anyhow!("cannot sign the identity token"))?;
+        std::fs::write(
+            path("identity.jwt"),
+            format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref())),
+        )?;
+        let identity = Identity {
+            ca_file: path("ca.crt"),
+            token_file: path("identity.jwt"),
+        };
+        Ok((deployment, identity))
+    }
+
+    fn write(upstream: &str, server: &str, principals: &str) -> anyhow::Result<Deployment> {
         let directory = tempfile::tempdir()?;
         let config = format!(
             r#"
@@ -156,7 +244,7 @@ data_dir = "data"
 issuer = "https://valet.bench"
 max_ttl = "1h"
 grant_retention = "1s"
-
+{server}
 [seal]
 key_file = "seal.key"
 
@@ -213,6 +301,7 @@ scopes = ["bench", "churn", "gateway"]
 name = "operator"
 roles = ["operator"]
 key_sha256 = "{operator}"
+{principals}
 "#,
             agent = sha256_hex(AGENT_KEY),
             operator = sha256_hex(OPERATOR_KEY),

@@ -63,6 +63,9 @@ pub async fn run(scenario: Scenario, options: &Options) -> anyhow::Result<bool> 
     if all || scenario == Scenario::Gateway {
         reports.extend(gateway(&setup, options).await?);
     }
+    if all || scenario == Scenario::IssueIdentity {
+        reports.extend(issue_identity(&setup, options).await?);
+    }
     if all || scenario == Scenario::Revoke {
         reports.push(revoke(&setup, options).await?);
     }
@@ -190,6 +193,68 @@ async fn issue(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> 
         ));
     }
     Ok(reports)
+}
+
+/// Issuing over TLS, with a key and with a workload identity token, against issuing in
+/// plaintext with a key, in one run (each on its own valetd with the same config otherwise).
+async fn issue_identity(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> {
+    let concurrency = options.concurrency.unwrap_or(64);
+    let issue_with = |client: Client, label: &'static str| {
+        let counter = Arc::new(AtomicU64::new(0));
+        load::run(concurrency, options.duration, cap(options), move |worker| {
+            let client = client.clone();
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            async move {
+                client
+                    .request_token(TokenRequest::new("bench", format!("{label}-{worker}-{n}")))
+                    .await
+                    .map(|_| ())
+                    .map_err(|error| error.to_string())
+            }
+        })
+    };
+    let plaintext = issue_with(agent(setup).await?, "plaintext").await;
+    let (deployment, identity) = Deployment::with_identity(&setup.upstream.address)?;
+    let (valetd, _) = deployment.start()?;
+    let server = format!("https://{}", valetd.address);
+    let tls = valet_client::TlsOptions {
+        ca_file: Some(identity.ca_file.clone()),
+        client_certificate: None,
+    };
+    let with_key = Client::connect(
+        ClientConfig::new(server.clone(), Secret::from(AGENT_KEY.to_string()))
+            .with_tls(tls.clone()),
+    )
+    .await?;
+    let tls_key = issue_with(with_key, "tls-key").await;
+    let with_token = Client::connect(
+        ClientConfig::with_credential(
+            server,
+            valet_client::Credential::IdentityTokenFile(identity.token_file.clone()),
+        )
+        .with_tls(tls),
+    )
+    .await?;
+    let tls_token = issue_with(with_token, "tls-jwt").await;
+    valetd.stop();
+    Ok(vec![
+        report(
+            "issue, TLS + key",
+            concurrency,
+            tls_key,
+            "plaintext + key",
+            Some(plaintext.clone()),
+            options,
+        ),
+        report(
+            "issue, TLS + identity token (ES256)",
+            concurrency,
+            tls_token,
+            "plaintext + key",
+            Some(plaintext),
+            options,
+        ),
+    ])
 }
 
 async fn introspect(setup: &Setup, options: &Options) -> anyhow::Result<Report> {
