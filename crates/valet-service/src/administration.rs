@@ -138,6 +138,7 @@ impl Valet {
             trigger: &trigger,
         };
         self.identity_keys.forget_files();
+        self.identity_keys.forget_verified();
         self.reloaded.notify_waiters();
         let (n_grants_ended, n_grants_clamped) = self.redecide_live_grants(&config, &own).await?;
         tracing::info!(

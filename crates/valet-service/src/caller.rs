@@ -235,7 +235,7 @@ impl Refusal {
 fn identify(
     config: &Config,
     presented: Presented<'_>,
-    verified: Option<Result<(VerifiedIdentity, &str), String>>,
+    verified: Option<Result<(std::sync::Arc<VerifiedIdentity>, &str), String>>,
 ) -> Result<(Principal, AuthenticatedBy), Refusal> {
     let by_certificate = presented.certificate.map(|certificate| {
         principal_for_certificate(config, certificate)

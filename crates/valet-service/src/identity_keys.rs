@@ -36,9 +36,22 @@ struct Cached {
     fetched_at: Instant,
 }
 
-/// The key cache of every issuer, by `[[issuer]]` name.
+/// A verified token, remembered until the moment it stops being acceptable.
+struct Remembered {
+    identity: Arc<VerifiedIdentity>,
+    /// The earliest of `exp` and `iat` + the maximum age, skew included.
+    acceptable_until: valet_core::UnixTime,
+}
+
+/// Verified tokens remembered at most (a workload presents the same token for minutes; an
+/// ECDSA or RSA verification per request would cost more than the rest of the request).
+const MAX_REMEMBERED: usize = 10_000;
+
+/// The key cache of every issuer, by `[[issuer]]` name, and the tokens already verified.
 #[derive(Default)]
 pub struct IdentityKeys {
+    /// By SHA-256 of the token; emptied on every config reload (pins may have changed).
+    remembered: std::sync::Mutex<HashMap<[u8; 32], Remembered>>,
     cached: std::sync::Mutex<HashMap<String, Cached>>,
     /// When each issuer's JWKS was last fetched (or tried): a failed fetch is not retried for
     /// every token.
@@ -51,14 +64,61 @@ pub struct IdentityKeys {
 
 impl IdentityKeys {
     /// Verifies `token` against the issuer its `iss` names; returns what it says, or why it is
-    /// refused.
+    /// refused. A token verified before is taken from memory while its times still allow it.
     pub async fn verify(
         &self,
         config: &Config,
         outbound: &dyn Outbound,
         token: &str,
         now: valet_core::UnixTime,
-    ) -> Result<VerifiedIdentity, String> {
+    ) -> Result<Arc<VerifiedIdentity>, String> {
+        let digest = valet_core::Secret::from(token.to_string()).sha256();
+        if let Some(remembered) = self
+            .remembered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&digest)
+            && now <= remembered.acceptable_until
+        {
+            return Ok(remembered.identity.clone());
+        }
+        let (identity, acceptable_until) = self.verify_now(config, outbound, token, now).await?;
+        let identity = Arc::new(identity);
+        let mut remembered = self
+            .remembered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if remembered.len() >= MAX_REMEMBERED {
+            remembered.retain(|_, entry| now <= entry.acceptable_until);
+            if remembered.len() >= MAX_REMEMBERED {
+                remembered.clear();
+            }
+        }
+        remembered.insert(
+            digest,
+            Remembered {
+                identity: identity.clone(),
+                acceptable_until,
+            },
+        );
+        Ok(identity)
+    }
+
+    /// Forgets every verified token (the issuers' pins may have changed).
+    pub fn forget_verified(&self) {
+        self.remembered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clear();
+    }
+
+    async fn verify_now(
+        &self,
+        config: &Config,
+        outbound: &dyn Outbound,
+        token: &str,
+        now: valet_core::UnixTime,
+    ) -> Result<(VerifiedIdentity, valet_core::UnixTime), String> {
         let decoded = jwt::decode(token)?;
         let named = decoded.issuer().unwrap_or_default();
         let issuer = config
@@ -104,11 +164,24 @@ impl IdentityKeys {
             .and_then(serde_json::Value::as_str)
             .unwrap_or_default()
             .to_string();
-        Ok(VerifiedIdentity {
-            issuer: issuer.name.clone(),
-            subject,
-            claims: decoded.claims,
-        })
+        let time = |name: &str| {
+            decoded
+                .claims
+                .get(name)
+                .and_then(serde_json::Value::as_i64)
+                .unwrap_or_default()
+        };
+        let skew = issuer.clock_skew.as_secs() as i64;
+        let acceptable_until =
+            (time("exp") + skew).min(time("iat") + issuer.max_token_age.as_secs() as i64 + skew);
+        Ok((
+            VerifiedIdentity {
+                issuer: issuer.name.clone(),
+                subject,
+                claims: decoded.claims,
+            },
+            acceptable_until,
+        ))
     }
 
     /// Whether an unknown kid may trigger a fetch now; if so, spends the budget.
@@ -247,5 +320,110 @@ async fn fetch(source: &KeySet, outbound: &dyn Outbound) -> Result<Bytes, String
             }
             Ok(answer.body)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+
+    use super::*;
+    use crate::outbound::OutboundAnswer;
+
+    struct NoNetwork;
+
+    #[async_trait]
+    impl Outbound for NoNetwork {
+        async fn send(
+            &self,
+            _request: http::Request<Bytes>,
+            _timeout: Duration,
+            _max_answer_bytes: usize,
+        ) -> Result<OutboundAnswer, String> {
+            Err("no network here".into())
+        }
+
+        async fn send_trusting(
+            &self,
+            _ca_pem: &[u8],
+            _request: http::Request<Bytes>,
+            _timeout: Duration,
+            _max_answer_bytes: usize,
+        ) -> Result<OutboundAnswer, String> {
+            Err("no network here".into())
+        }
+    }
+
+    const NOW: i64 = 1_800_000_000;
+
+    #[tokio::test]
+    async fn a_remembered_token_is_refused_once_its_time_is_up() {
+        let directory = tempfile::tempdir().unwrap();
+        let random = ring::rand::SystemRandom::new();
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &random).unwrap();
+        let pair =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &random)
+                .unwrap();
+        let point = pair.public_key().as_ref();
+        std::fs::write(
+            directory.path().join("jwks.json"),
+            serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k", "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..])}]}).to_string(),
+        )
+        .unwrap();
+        let config = Config::parse(
+            r#"
+[server]
+data_dir = "data"
+issuer = "https://valet.test"
+max_ttl = "1h"
+[audit]
+path = "audit.jsonl"
+[[issuer]]
+name = "test"
+issuer = "https://issuer.test"
+audiences = ["valet"]
+jwks_file = "jwks.json"
+algorithms = ["ES256"]
+clock_skew = "10s"
+"#,
+            directory.path(),
+        )
+        .unwrap();
+        let signed = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256","kid":"k"}"#),
+            URL_SAFE_NO_PAD.encode(
+                serde_json::json!({"iss": "https://issuer.test", "aud": "valet", "sub": "w", "iat": NOW, "exp": NOW + 60}).to_string()
+            )
+        );
+        let signature = pair.sign(&random, signed.as_bytes()).unwrap();
+        let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()));
+
+        let keys = IdentityKeys::default();
+        let first = keys.verify(&config, &NoNetwork, &token, NOW).await.unwrap();
+        let again = keys
+            .verify(&config, &NoNetwork, &token, NOW + 70)
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "remembered within exp + skew");
+        let late = keys
+            .verify(&config, &NoNetwork, &token, NOW + 71)
+            .await
+            .unwrap_err();
+        assert!(late.contains("expired"), "{late}");
+        // A forged token is never remembered as the real one.
+        let mut forged = token.clone().into_bytes();
+        let at = forged.len() - 10;
+        forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert!(
+            keys.verify(&config, &NoNetwork, &forged, NOW)
+                .await
+                .is_err()
+        );
     }
 }
