@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use valet_client::TokenRequest;
-use valet_tests::{AGENT_KEY, Deployment, OPERATOR_KEY, binary};
+use valet_tests::{AGENT_KEY, Deployment, OPERATOR_KEY, binary, standard_config};
 
 fn valet(arguments: &[&str], server: &str, key: &str) -> (i32, String, String) {
     let output = Command::new(binary("valet"))
@@ -91,8 +91,9 @@ async fn audit_verify_finds_edits_deletions_reordering_and_a_cut_tail() {
 async fn config_check_and_keygen_work_offline() {
     let deployment = Deployment::standard();
     let config = deployment.config_path();
+    // The standard config reads the GitHub credential from a variable this process lacks.
     let (code, stdout, _) = valet(
-        &["config", "check", config.to_str().unwrap()],
+        &["config", "check", "--offline", config.to_str().unwrap()],
         "http://127.0.0.1:1",
         "unused",
     );
@@ -101,11 +102,16 @@ async fn config_check_and_keygen_work_offline() {
         stdout.contains("is valid: 4 principals, 4 scopes, 2 credentials"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("offline: the key-encryption key"),
+        "{stdout}"
+    );
 
+    // The example runs with `valetd --dev` (no [seal]); its demo credentials are files.
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/valet.toml");
     assert_eq!(
         valet(
-            &["config", "check", example],
+            &["config", "check", "--dev", example],
             "http://127.0.0.1:1",
             "unused"
         )
@@ -756,5 +762,124 @@ mod exec {
             "{}",
             String::from_utf8_lossy(&output.stderr)
         );
+    }
+}
+
+/// Runs `valet config check` on a deployment's config with the test's environment.
+fn config_check(deployment: &Deployment, extra: &[&str]) -> (i32, String) {
+    let config = deployment.config_path();
+    let output = Command::new(binary("valet"))
+        .args(["config", "check"])
+        .args(extra)
+        .arg(&config)
+        .env("VALET_TEST_GITHUB_TOKEN", valet_tests::GITHUB_ROOT_SECRET)
+        .output()
+        .expect("run valet");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn config_check_and_valetd_refuse_the_same_missing_inputs_all_at_once() {
+    // Each kind of missing input, alone: config check exits 1 naming it; valetd exits 64
+    // naming the same key path.
+    let cases: Vec<(&str, Box<dyn Fn(&Deployment) -> String>)> = vec![
+        (
+            "seal: the key-encryption key (file",
+            Box::new(|deployment: &Deployment| {
+                std::fs::remove_file(deployment.path("seal.key")).unwrap();
+                standard_config("")
+            }),
+        ),
+        (
+            "is unusable: the key-encryption key is not",
+            Box::new(|deployment: &Deployment| {
+                std::fs::write(deployment.path("seal.key"), "not base64").unwrap();
+                standard_config("")
+            }),
+        ),
+        (
+            "seal: no key-encryption key",
+            Box::new(|_: &Deployment| {
+                standard_config("").replace("[seal]\nkey_file = \"seal.key\"\n", "")
+            }),
+        ),
+        (
+            "credential \"railway\": file",
+            Box::new(|deployment: &Deployment| {
+                std::fs::remove_file(deployment.path("railway.secret")).unwrap();
+                standard_config("")
+            }),
+        ),
+        (
+            "credential \"github\": environment variable VALET_TEST_GITHUB_TOKEN_UNSET",
+            Box::new(|_: &Deployment| {
+                standard_config("").replace(
+                    "env = \"VALET_TEST_GITHUB_TOKEN\"",
+                    "env = \"VALET_TEST_GITHUB_TOKEN_UNSET\"",
+                )
+            }),
+        ),
+        (
+            "server.tls_cert_file: file",
+            Box::new(|_: &Deployment| {
+                standard_config("").replace("grant_retention = \"1h\"", "grant_retention = \"1h\"\ntls_cert_file = \"missing.crt\"\ntls_key_file = \"missing.key\"")
+            }),
+        ),
+        (
+            "issuer \"k8s\".jwks_file: file",
+            Box::new(|deployment: &Deployment| {
+                std::fs::write(deployment.path("jwks.json"), "{\"keys\": []}").unwrap();
+                standard_config(
+                    "\n[[issuer]]\nname = \"k8s\"\nissuer = \"https://k8s.example\"\naudiences = [\"valet\"]\njwks_file = \"jwks.json\"\nalgorithms = [\"RS256\"]\n",
+                )
+            }),
+        ),
+    ];
+    for (expected, arrange) in &cases {
+        let deployment = Deployment::standard();
+        let config = arrange(&deployment);
+        std::fs::write(deployment.config_path(), config).unwrap();
+        let (code, stdout) = config_check(&deployment, &[]);
+        assert_eq!(code, 1, "config check for {expected}: {stdout}");
+        assert!(
+            stdout.contains(expected),
+            "config check names {expected:?}: {stdout}"
+        );
+        let (code, output) = deployment.start_expecting_failure(&[]);
+        assert_eq!(code, 64, "valetd for {expected}: {output}");
+        assert!(
+            output.contains(expected),
+            "valetd names {expected:?}: {output}"
+        );
+        // Offline, only the file is checked, and the output says so.
+        let (code, stdout) = config_check(&deployment, &["--offline"]);
+        assert_eq!(code, 0, "offline for {expected}: {stdout}");
+        assert!(stdout.contains("offline:"), "{stdout}");
+    }
+
+    // All of them at once: both report every one, in one go.
+    let deployment = Deployment::standard();
+    std::fs::remove_file(deployment.path("seal.key")).unwrap();
+    std::fs::remove_file(deployment.path("railway.secret")).unwrap();
+    let config = standard_config("")
+        .replace("env = \"VALET_TEST_GITHUB_TOKEN\"", "env = \"VALET_TEST_GITHUB_TOKEN_UNSET\"")
+        .replace("grant_retention = \"1h\"", "grant_retention = \"1h\"\ntls_cert_file = \"missing.crt\"\ntls_key_file = \"missing.key\"");
+    std::fs::write(deployment.config_path(), config).unwrap();
+    let (_, stdout) = config_check(&deployment, &[]);
+    let (_, output) = deployment.start_expecting_failure(&[]);
+    for text in [&stdout, &output] {
+        assert!(text.contains("the config has 5 problems"), "{text}");
+        for expected in [
+            "seal:",
+            "credential \"railway\"",
+            "credential \"github\"",
+            "server.tls_cert_file",
+            "server.tls_key_file",
+        ] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
     }
 }

@@ -84,8 +84,8 @@ async fn an_unusable_data_dir_or_credential_is_a_clear_startup_error() {
 
     std::fs::remove_file(deployment.path("railway.secret")).unwrap();
     let (_, output) = deployment.start_expecting_failure(&[]);
-    assert!(output.contains("credential \"railway\" (file "), "{output}");
-    assert!(output.contains("cannot be read"), "{output}");
+    assert!(output.contains("credential \"railway\": file "), "{output}");
+    assert!(output.contains("is unusable: No such file"), "{output}");
 }
 
 #[tokio::test]

@@ -237,8 +237,20 @@ pub enum KeysCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Validate a config file offline; prints every problem with its key path. Exit 0 only if valid.
-    Check { file: PathBuf },
+    /// Validate a config file as valetd would at start: the file, then everything it points at
+    /// (the key-encryption key, credentials, TLS, JWKS and etcd files and variables). Prints every
+    /// problem with its key path, then warnings. Exit 0 only if valetd would start.
+    Check {
+        /// The config file.
+        file: PathBuf,
+        /// Check only the file: read none of the files and variables it points at (for a machine
+        /// other than valetd's).
+        #[arg(long)]
+        offline: bool,
+        /// Check as `valetd --dev` would: a missing [seal] is allowed.
+        #[arg(long)]
+        dev: bool,
+    },
     /// Make valetd re-read its config file.
     Reload,
 }

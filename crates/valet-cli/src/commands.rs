@@ -25,7 +25,9 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<i32> {
     let connection = &arguments.connection;
     let json = connection.json;
     match arguments.command {
-        Command::Config(ConfigCommand::Check { file }) => config_check(&file, json),
+        Command::Config(ConfigCommand::Check { file, offline, dev }) => {
+            config_check(&file, offline, dev, json)
+        }
         Command::Keygen { name } => keygen(&name, json),
         Command::Completions { shell } => {
             clap_complete::generate(
@@ -696,7 +698,20 @@ fn claims_json(claims: &valet_client::Claims) -> serde_json::Value {
     })
 }
 
-fn config_check(file: &Path, json: bool) -> anyhow::Result<i32> {
+/// The machine's files and environment variables, as the config's checks read them.
+struct SystemEnvironment;
+
+impl valet_core::config::Environment for SystemEnvironment {
+    fn read(&self, path: &Path) -> Result<Vec<u8>, String> {
+        std::fs::read(path).map_err(|error| error.to_string())
+    }
+
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+fn config_check(file: &Path, offline: bool, dev: bool, json: bool) -> anyhow::Result<i32> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let base_dir = file
@@ -704,7 +719,20 @@ fn config_check(file: &Path, json: bool) -> anyhow::Result<i32> {
         .ok()
         .and_then(|path| path.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
-    match Config::parse(&text, &base_dir) {
+    // The same two steps as valetd's start: the file, then (unless offline) what it points at.
+    let checked = Config::parse(&text, &base_dir).and_then(|config| {
+        if offline {
+            return Ok(config);
+        }
+        let problems = config.check_environment(&SystemEnvironment, dev);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(valet_core::config::ConfigErrors(problems))
+        }
+    });
+    let offline_note = "offline: the key-encryption key, credentials and the TLS, JWKS and etcd files and variables were not read; run without --offline where valetd runs to check them";
+    match checked {
         Ok(config) => {
             let warnings = config.warnings();
             if json {
@@ -714,7 +742,7 @@ fn config_check(file: &Path, json: bool) -> anyhow::Result<i32> {
                     .collect();
                 println!(
                     "{}",
-                    serde_json::json!({"valid": true, "principals": config.principals.len(), "scopes": config.scopes.len(), "credentials": config.credentials.len(), "warnings": warnings})
+                    serde_json::json!({"valid": true, "offline": offline, "principals": config.principals.len(), "scopes": config.scopes.len(), "credentials": config.credentials.len(), "warnings": warnings})
                 );
             } else {
                 println!(
@@ -724,6 +752,9 @@ fn config_check(file: &Path, json: bool) -> anyhow::Result<i32> {
                     config.scopes.len(),
                     config.credentials.len()
                 );
+                if offline {
+                    println!("{offline_note}");
+                }
                 for warning in &warnings {
                     println!("warning: {}: {}", warning.key_path, warning.message);
                 }

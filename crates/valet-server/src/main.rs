@@ -57,6 +57,7 @@ fn main() {
         config_path: arguments.config,
         dev: arguments.dev,
         overrides: valet_server::Overrides {
+            dev: arguments.dev,
             listen: arguments.listen,
             data_dir: arguments.data_dir,
             gateway_listen: arguments.gateway_listen,

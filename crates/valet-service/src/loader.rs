@@ -61,6 +61,21 @@ pub struct Overrides {
     pub gateway_listen: Option<std::net::SocketAddr>,
     /// This replica's name in distributed mode, overriding `[store] replica`.
     pub replica: Option<String>,
+    /// Development mode: a missing `[seal]` is allowed (the key is generated into the data dir).
+    pub dev: bool,
+}
+
+/// The machine's files and environment variables, as the config's checks read them.
+pub struct SystemEnvironment;
+
+impl valet_core::config::Environment for SystemEnvironment {
+    fn read(&self, path: &Path) -> Result<Vec<u8>, String> {
+        std::fs::read(path).map_err(|error| error.to_string())
+    }
+
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
 }
 
 /// Reads and validates the config file and every credential it names.
@@ -77,7 +92,7 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, L
         .unwrap_or_else(|| Path::new(".").to_path_buf());
     let mut config =
         Config::parse(&text, &base_dir).map_err(|errors| LoadError::ConfigInvalid {
-            path: display,
+            path: display.clone(),
             errors,
         })?;
     if let Some(listen) = overrides.listen {
@@ -93,6 +108,14 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, L
         (&overrides.replica, &mut config.store)
     {
         etcd.replica = Some(replica.clone());
+    }
+    // Everything the file points at, checked at once, by the rule `valet config check` uses.
+    let problems = config.check_environment(&SystemEnvironment, overrides.dev);
+    if !problems.is_empty() {
+        return Err(LoadError::ConfigInvalid {
+            path: display,
+            errors: valet_core::config::ConfigErrors(problems),
+        });
     }
     for credential in config.credentials.values_mut() {
         let Some(aws) = &mut credential.aws else {
@@ -134,25 +157,7 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, L
 
 /// Reads a secret from a file (trailing newline removed) or an environment variable.
 pub fn read_secret(source: &KeySource) -> Result<Secret, String> {
-    let secret = match source {
-        KeySource::File(path) => {
-            let mut bytes = std::fs::read(path).map_err(|error| error.to_string())?;
-            while bytes
-                .last()
-                .is_some_and(|byte| *byte == b'\n' || *byte == b'\r')
-            {
-                bytes.pop();
-            }
-            Secret::new(bytes)
-        }
-        KeySource::Env(name) => Secret::from(
-            std::env::var(name).map_err(|_| "the variable is not set or not UTF-8".to_string())?,
-        ),
-    };
-    if secret.is_empty() {
-        return Err("it is empty".to_string());
-    }
-    Ok(secret)
+    valet_core::config::read_secret(&SystemEnvironment, source)
 }
 
 /// The key-encryption key: from the config, or in development mode from (or into) the data dir.

@@ -3,12 +3,14 @@
 
 mod approval;
 mod aws;
+mod environment;
 mod gateway;
 mod identity;
 mod raw;
 mod store;
 
 pub use aws::{AwsCredential, AwsRevoke, AwsStsScope, ConditionValues, is_access_key_id};
+pub use environment::{Environment, read_secret};
 pub use gateway::{
     BaseUrl, FORWARDED_HEADERS, Injection, Upstream, is_credential_header, never_forwarded,
 };
@@ -366,6 +368,12 @@ pub enum ProblemKind {
         "{identity} already authenticates principal {other:?}; an identity names one principal"
     )]
     SharedIdentity { identity: String, other: String },
+    #[error("{what} is unusable: {detail}")]
+    Unusable { what: String, detail: String },
+    #[error(
+        "no key-encryption key: set [seal] key_file or key_env in the config (make a key with `openssl rand -base64 32`), or run `valetd --dev` for development only"
+    )]
+    NoSealKey,
 }
 
 impl fmt::Display for ConfigProblem {
