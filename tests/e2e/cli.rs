@@ -765,6 +765,9 @@ mod exec {
     }
 }
 
+/// Prepares a deployment's files and returns the config to write.
+type Arrange = Box<dyn Fn(&Deployment) -> String>;
+
 /// Runs `valet config check` on a deployment's config with the test's environment.
 fn config_check(deployment: &Deployment, extra: &[&str]) -> (i32, String) {
     let config = deployment.config_path();
@@ -785,7 +788,7 @@ fn config_check(deployment: &Deployment, extra: &[&str]) -> (i32, String) {
 async fn config_check_and_valetd_refuse_the_same_missing_inputs_all_at_once() {
     // Each kind of missing input, alone: config check exits 1 naming it; valetd exits 64
     // naming the same key path.
-    let cases: Vec<(&str, Box<dyn Fn(&Deployment) -> String>)> = vec![
+    let cases: Vec<(&str, Arrange)> = vec![
         (
             "seal: the key-encryption key (file",
             Box::new(|deployment: &Deployment| {
