@@ -886,3 +886,45 @@ async fn config_check_and_valetd_refuse_the_same_missing_inputs_all_at_once() {
         }
     }
 }
+
+/// Runs valet with its stdout closed by the reader before it writes (as `| head` does once it
+/// has read enough); returns the exit code and stderr.
+fn with_closed_stdout(arguments: &[&str], server: &str) -> (i32, String) {
+    let mut child = Command::new(binary("valet"))
+        .args(arguments)
+        .env("VALET_SERVER", server)
+        .env("VALET_KEY", OPERATOR_KEY)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run valet");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("wait for valet");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_closed_stdout_ends_every_command_quietly_with_141() {
+    let deployment = Deployment::standard();
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    let issued = agent
+        .request_token(TokenRequest::new("limited", "pipe"))
+        .await
+        .unwrap();
+    let token = issued.token_str().to_string();
+    for arguments in [
+        vec!["completions", "bash"],
+        vec!["man"],
+        vec!["grants", "list"],
+        vec!["token", "introspect", token.as_str()],
+        vec!["--json", "grants", "list"],
+    ] {
+        let (code, stderr) = with_closed_stdout(&arguments, &valetd.address);
+        assert_eq!(code, 141, "valet {arguments:?}: {stderr}");
+        assert!(stderr.is_empty(), "valet {arguments:?} printed: {stderr}");
+    }
+}

@@ -30,12 +30,10 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<i32> {
         }
         Command::Keygen { name } => keygen(&name, json),
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Arguments::command(),
-                "valet",
-                &mut std::io::stdout(),
-            );
+            // Made in memory, then written: a closed stdout is then an error, not a panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Arguments::command(), "valet", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
             Ok(0)
         }
         Command::Man => {

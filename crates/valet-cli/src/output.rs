@@ -392,6 +392,38 @@ pub fn approval_details(approval: &v1::Approval, now: UnixTime) -> String {
     out
 }
 
+/// The status a shell gives a command killed by SIGPIPE (128 + 13): what `valet … | head` ends
+/// with once `head` has read enough.
+pub const EXIT_CLOSED_STDOUT: i32 = 141;
+
+/// Whether an error is stdout having been closed by its reader.
+pub fn is_closed_stdout(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Rust ignores SIGPIPE, so a write to a closed pipe fails, and `println!` panics on that
+/// failure. This makes that one case end the process quietly with [`EXIT_CLOSED_STDOUT`]; every
+/// other panic reports as before.
+pub fn end_quietly_on_a_closed_stdout() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains("Broken pipe") || message.contains("BrokenPipe") {
+            std::process::exit(EXIT_CLOSED_STDOUT);
+        }
+        report(info);
+    }));
+}
+
 /// The exit code for an error: usage, denied and unreachable have their own.
 pub fn exit_code_of(error: &anyhow::Error) -> i32 {
     if error.downcast_ref::<UsageError>().is_some() {
