@@ -928,3 +928,28 @@ async fn a_closed_stdout_ends_every_command_quietly_with_141() {
         assert!(stderr.is_empty(), "valet {arguments:?} printed: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn whoami_names_the_principal_its_roles_scopes_and_server() {
+    let deployment = Deployment::standard();
+    let valetd = deployment.start(&[]);
+    let (code, stdout, stderr) = valet(&["whoami"], &valetd.address, AGENT_KEY);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    for expected in [
+        "principal  agent",
+        "roles      agent",
+        "scopes     deploy-staging, limited, short",
+        "via        principal_key",
+        &format!("server     {}", valetd.address),
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in {stdout}");
+    }
+    let (code, stdout, _) = valet(&["--json", "whoami"], &valetd.address, OPERATOR_KEY);
+    assert_eq!(code, 0);
+    let me: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(me["principal"], "operator");
+    assert_eq!(me["roles"], serde_json::json!(["operator"]));
+    // An unknown key is refused as any call is.
+    let (code, _, stderr) = valet(&["whoami"], &valetd.address, "vk_nobody");
+    assert_eq!(code, 3, "{stderr}");
+}

@@ -203,10 +203,11 @@ async fn every_rpc_refusal_leaves_one_audit_record_with_its_reason() {
             reason: "no".into(),
         })
     );
-    // These refuse nothing beyond authentication: the JWKS is public, and every principal may
-    // list and watch the approval requests it may see (its own; operators: all).
+    // These refuse nothing beyond authentication: the JWKS is public, every principal may ask
+    // who it is, and list and watch the approval requests it may see (its own; operators: all).
     for rpc in [
         "Broker/GetJwks",
+        "Broker/WhoAmI",
         "Admin/ListApprovals",
         "Admin/WatchApprovals",
     ] {

@@ -12,9 +12,12 @@ use valet_core::audit::ChainHead;
 #[command(
     name = "valet",
     version,
-    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 denied, 4 unreachable.\n\
-                  Environment: VALET_SERVER (default http://127.0.0.1:7470), VALET_KEY (the principal key),\n\
-                  VALET_CA_FILE, VALET_CLIENT_CERT and VALET_CLIENT_KEY (TLS)."
+    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 denied, 4 unreachable, 141 stdout closed.\n\
+                  Environment: VALET_SERVER (default http://127.0.0.1:7470); the credential, first found of\n\
+                  VALET_KEY, VALET_IDENTITY_TOKEN_FILE, the GitHub Actions runner's token\n\
+                  (ACTIONS_ID_TOKEN_REQUEST_URL), a client certificate (VALET_CLIENT_CERT, VALET_CLIENT_KEY);\n\
+                  VALET_CA_FILE for TLS; NO_COLOR.\n\
+                  Examples:\n  valet whoami\n  valet token request --scope deploy-staging --task t1 --param project=web\n  valet exec --scope deploy-staging --task t1 --param project=web -- ./deploy.sh\n  valet grants list --status active"
 )]
 pub struct Arguments {
     #[command(flatten)]
@@ -24,16 +27,18 @@ pub struct Arguments {
 }
 
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Connection options (every command)")]
 pub struct Connection {
-    /// The valetd address.
-    #[arg(long, global = true, env = "VALET_SERVER", default_value = valet_client::DEFAULT_SERVER)]
+    /// The valetd address: https://HOST:PORT (TLS), or http://HOST:PORT for a plaintext loopback
+    /// listener.
+    #[arg(long, global = true, env = "VALET_SERVER", hide_env_values = true, default_value = valet_client::DEFAULT_SERVER)]
     pub server: String,
     /// Read the principal key from this file instead of VALET_KEY.
     #[arg(long, global = true)]
     pub key_file: Option<PathBuf>,
     /// The CA bundle (PEM) that verifies valetd's certificate for an https:// server; the
     /// system's roots when unset.
-    #[arg(long, global = true, env = "VALET_CA_FILE")]
+    #[arg(long, global = true, env = "VALET_CA_FILE", hide_env_values = true)]
     pub ca_file: Option<PathBuf>,
     /// A client certificate (PEM) for mTLS: authenticates a principal configured with
     /// [[principal.certificate]], or satisfies `client_auth = "required"`.
@@ -41,6 +46,7 @@ pub struct Connection {
         long,
         global = true,
         env = "VALET_CLIENT_CERT",
+        hide_env_values = true,
         requires = "client_key"
     )]
     pub client_cert: Option<PathBuf>,
@@ -49,6 +55,7 @@ pub struct Connection {
         long,
         global = true,
         env = "VALET_CLIENT_KEY",
+        hide_env_values = true,
         requires = "client_cert"
     )]
     pub client_key: Option<PathBuf>,
@@ -76,7 +83,10 @@ pub enum Command {
     /// Check a config file offline, or make valetd reload its config (admins).
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Make a new principal key and print its [[principal]] stanza.
+    /// Make a new principal key: the key alone on stdout, its [[principal]] stanza on stderr.
+    #[command(
+        after_help = "Example:\n  valet keygen --name ci-agent > ci-agent.key    # the stanza to add to valetd's config goes to the terminal"
+    )]
     Keygen {
         /// The principal's name.
         #[arg(long)]
@@ -89,35 +99,60 @@ pub enum Command {
     #[command(subcommand)]
     Approvals(ApprovalsCommand),
     /// Approve a pending request (operators, admins, or its listed approvers; never its requester).
+    #[command(
+        after_help = "Examples:\n  valet approvals show ap_01m85j…     # read exactly what will run, first\n  valet approve ap_01m85j… --confirm staging --reason \"ticket OPS-42\""
+    )]
     Approve {
+        /// The approval request's id (from `valet approvals list`, or the agent's error).
         id: String,
         /// The value the request asks to be typed (its environment, or a parameter's value).
         #[arg(long)]
         confirm: Option<String>,
-        #[arg(long, default_value = "")]
+        /// Why it is approved; recorded in the audit log.
+        #[arg(long, default_value = "", hide_default_value = true)]
         reason: String,
     },
     /// Deny a pending request, with a reason.
     Deny {
+        /// The approval request's id.
         id: String,
+        /// Why it is denied; the requester is told.
         #[arg(long)]
         reason: String,
     },
     /// Run a command with a task-scoped token in its environment; revoke the task when it exits.
+    #[command(after_help = EXEC_AFTER_HELP)]
     Exec(ExecArguments),
+    /// Which principal the current credential is, its roles and scopes, how it authenticated, and
+    /// which server said so.
+    Whoami,
     /// Print shell completions.
-    Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff).
-    Man,
+    #[command(after_help = "Example:\n  valet completions bash > /etc/bash_completion.d/valet")]
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one page per command into a directory.
+    #[command(
+        after_help = "Examples:\n  valet man | man -l -\n  valet man --out-dir /usr/local/share/man/man1"
+    )]
+    Man {
+        /// Write valet.1 and one page per subcommand (valet-token-request.1, …) here.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct TokenRequestArguments {
+    /// The scope to request (what the token may do; the config defines scopes).
     #[arg(long)]
     pub scope: String,
+    /// The task the token is for: revoking the task revokes every grant it holds.
     #[arg(long)]
     pub task: String,
-    #[arg(long, default_value = "")]
+    /// Why, in words; recorded on the grant and in the audit log, and shown to approvers.
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub purpose: String,
     /// Lifetime such as 5m (default: the scope's default).
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -125,7 +160,7 @@ pub struct TokenRequestArguments {
     /// A scope parameter, NAME=VALUE; repeat for more.
     #[arg(long = "param", value_parser = parse_param)]
     pub params: Vec<(String, String)>,
-    /// For scopes that need approval: how long to wait for it (default 15m).
+    /// For scopes that need approval: how long to wait for it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "15m")]
     pub wait: Duration,
     /// For scopes that need approval: do not wait; print the approval id and exit 3.
@@ -137,11 +172,15 @@ pub struct TokenRequestArguments {
 pub enum ApprovalsCommand {
     /// Pending requests (all requests with --all), oldest first.
     List {
+        /// Also decided, expired and withdrawn requests.
         #[arg(long)]
         all: bool,
     },
     /// One request in full: what exactly is asked, by whom, and who has decided.
-    Show { id: String },
+    Show {
+        /// The approval request's id.
+        id: String,
+    },
     /// Requests as they arrive and change (Ctrl-C to stop).
     Watch,
 }
@@ -149,23 +188,35 @@ pub enum ApprovalsCommand {
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Request a token: prints only the token on stdout, the grant on stderr.
+    #[command(
+        after_help = "Examples:\n  TOKEN=$(valet token request --scope railway-staging-domains --task fix-dns-42 \\\n          --param project=shop --purpose \"add custom domain\" --ttl 5m)\n  valet token request --scope github-read --task ci-7 --param repository=acme/web --json\n  eval \"$(valet token request --scope reports-read --task q3 --param team=blue)\"   # aws-sts"
+    )]
     Request(TokenRequestArguments),
     /// Renew a grant: a later expiry within its max lifetime, and a fresh token on stdout.
     Renew {
+        /// The grant's id.
         grant: String,
+        /// The new lifetime from now, such as 10m (default: the scope's default).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
     },
     /// Revoke one grant.
     Revoke {
+        /// The grant's id.
         grant: String,
-        #[arg(long, default_value = "")]
+        /// Why; recorded on the grant and in the audit log.
+        #[arg(long, default_value = "", hide_default_value = true)]
         reason: String,
     },
     /// Ask valetd whether a token is active (TOKEN, or - or nothing for stdin). Exit 3 if not.
-    Introspect { token: Option<String> },
-    /// Verify a token offline against valetd's public keys (TOKEN, or - or nothing for stdin).
+    Introspect {
+        /// The token; `-` or nothing reads it from stdin.
+        token: Option<String>,
+    },
+    /// Verify a token's signature and times offline against valetd's public keys (TOKEN, or - or
+    /// nothing for stdin). Offline, it cannot see a revocation: `introspect` can.
     Verify {
+        /// The token; `-` or nothing reads it from stdin.
         token: Option<String>,
         /// The audience the token must be for.
         #[arg(long)]
@@ -177,20 +228,26 @@ pub enum TokenCommand {
 pub enum TaskCommand {
     /// Revoke every grant of a task.
     Revoke {
+        /// The task id the grants were requested for.
         task: String,
-        #[arg(long, default_value = "")]
+        /// Why; recorded on every grant and in the audit log.
+        #[arg(long, default_value = "", hide_default_value = true)]
         reason: String,
     },
 }
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct GrantFilterArguments {
+    /// Only this principal's grants (agents see only their own anyway).
     #[arg(long)]
     pub principal: Option<String>,
+    /// Only this task's grants.
     #[arg(long)]
     pub task: Option<String>,
+    /// Only grants of this scope.
     #[arg(long)]
     pub scope: Option<String>,
+    /// Only grants in this environment.
     #[arg(long)]
     pub environment: Option<String>,
     /// active, revoked, expired or pending.
@@ -201,6 +258,9 @@ pub struct GrantFilterArguments {
 #[derive(Debug, Subcommand)]
 pub enum GrantsCommand {
     /// List grants, oldest first.
+    #[command(
+        after_help = "Examples:\n  valet grants list --status active --environment production\n  valet grants list --task deploy-43 --json"
+    )]
     List(GrantFilterArguments),
     /// Stream grant changes as they happen (Ctrl-C to stop).
     Watch(GrantFilterArguments),
@@ -209,10 +269,13 @@ pub enum GrantsCommand {
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false, id = "target")]
 pub struct RevokeAllTarget {
+    /// Every active grant of this principal.
     #[arg(long)]
     pub principal: Option<String>,
+    /// Every active grant of this scope.
     #[arg(long)]
     pub scope: Option<String>,
+    /// Every active grant in this environment.
     #[arg(long)]
     pub environment: Option<String>,
 }
@@ -261,6 +324,7 @@ pub enum AuditCommand {
     /// rotation checkpoint) to the head valetd recorded, every record's MAC (with the
     /// key-encryption key), and its signed checkpoints (with the public keys).
     Verify {
+        /// The audit log file (JSON lines).
         file: PathBuf,
         /// The chain head valetd keeps (SEQUENCE:HASH): the chain must end exactly there.
         #[arg(long, conflicts_with = "fetch_head")]
@@ -292,11 +356,14 @@ pub enum AuditCommand {
 
 #[derive(Debug, Args)]
 pub struct ExecArguments {
+    /// The scope to request for the command.
     #[arg(long)]
     pub scope: String,
+    /// The task the command is: its grants are revoked when it exits.
     #[arg(long)]
     pub task: String,
-    #[arg(long, default_value = "")]
+    /// Why, in words; recorded on the grant and shown to approvers.
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub purpose: String,
     /// Lifetime such as 5m (default: the scope's default). Renewed while the command runs.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -312,9 +379,84 @@ pub struct ExecArguments {
     pub command: Vec<String>,
 }
 
+/// What `valet exec --help` says after the options.
+const EXEC_AFTER_HELP: &str = "The command's environment:
+  VALET_TOKEN (or --env-name)  the grant's token, renewed while the command runs
+  VALET_GRANT                  the grant's id
+  VALET_TOKEN_FILE             a 0600 file that always holds the current token
+  AWS_* variables              for an aws-sts scope, the grant's STS credentials
+The principal's own credentials (VALET_KEY, VALET_IDENTITY_TOKEN_FILE, VALET_CLIENT_CERT,
+VALET_CLIENT_KEY, the GitHub runner's ACTIONS_ID_TOKEN_REQUEST_*) are removed: the command can
+request, renew or revoke nothing.
+
+Exit status: the command's own; 126 if it cannot be run, 127 if it is not found, 128+N if a
+signal N ended it; valet's own codes (1 failure, 2 usage, 3 denied, 4 unreachable) when no token
+was issued.
+
+Examples:
+  valet exec --scope railway-staging-domains --task deploy-43 --param project=shop -- ./deploy.sh
+  valet exec --scope github-read --task ci-7 --param repository=acme/web --env-name GH_TOKEN -- gh pr list";
+
 fn parse_param(text: &str) -> Result<(String, String), String> {
     let (name, value) = text
         .split_once('=')
         .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
     Ok((name.to_string(), value.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Arguments;
+
+    /// Every command, depth first, with its full name (`valet token request`).
+    fn every_command() -> Vec<(String, clap::Command)> {
+        fn walk(command: &clap::Command, name: String, into: &mut Vec<(String, clap::Command)>) {
+            into.push((name.clone(), command.clone()));
+            for sub in command.get_subcommands().filter(|sub| !sub.is_hide_set()) {
+                walk(sub, format!("{name} {}", sub.get_name()), into);
+            }
+        }
+        let mut command = Arguments::command().disable_help_subcommand(true);
+        command.build();
+        let mut commands = Vec::new();
+        walk(&command, "valet".to_string(), &mut commands);
+        commands
+    }
+
+    #[test]
+    fn every_command_and_argument_says_what_it_is() {
+        let mut missing = Vec::new();
+        for (name, command) in every_command() {
+            if command.get_about().is_none() {
+                missing.push(format!("{name} has no description"));
+            }
+            for argument in command.get_arguments() {
+                let id = argument.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if !argument
+                    .get_help()
+                    .is_some_and(|help| !help.to_string().is_empty())
+                {
+                    missing.push(format!("{name}: argument {id} has no help text"));
+                }
+            }
+            let help = command.clone().render_help().to_string();
+            if help.contains("[default: \"\"]") || help.contains("[default: ]") {
+                missing.push(format!("{name} shows an empty default"));
+            }
+        }
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
+    }
+
+    #[test]
+    fn the_help_of_every_command() {
+        for (name, command) in every_command() {
+            let help = command.clone().render_help().to_string();
+            insta::assert_snapshot!(format!("help_{}", name.replace(' ', "_")), help);
+        }
+    }
 }

@@ -36,10 +36,7 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<i32> {
             std::io::Write::write_all(&mut std::io::stdout(), &script)?;
             Ok(0)
         }
-        Command::Man => {
-            clap_mangen::Man::new(Arguments::command()).render(&mut std::io::stdout())?;
-            Ok(0)
-        }
+        Command::Man { out_dir } => crate::manual::man_pages(out_dir.as_deref()),
         Command::Audit(AuditCommand::Verify {
             file,
             head,
@@ -384,12 +381,52 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
                 .into_inner();
             print_decision(&approval, json);
         }
+        Command::Whoami => {
+            let me = client
+                .broker()
+                .who_am_i(v1::WhoAmIRequest {})
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "server": client.server(),
+                        "principal": me.principal,
+                        "roles": me.roles,
+                        "scopes": me.scopes,
+                        "auth_method": me.auth_method,
+                        "auth_subject": me.auth_subject,
+                        "auth_issuer": me.auth_issuer,
+                    })
+                );
+            } else {
+                println!("principal  {}", me.principal);
+                println!("roles      {}", me.roles.join(", "));
+                println!(
+                    "scopes     {}",
+                    if me.scopes.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        me.scopes.join(", ")
+                    }
+                );
+                let how = match (me.auth_subject.as_str(), me.auth_issuer.as_str()) {
+                    ("", _) => me.auth_method.clone(),
+                    (subject, "") => format!("{} {subject}", me.auth_method),
+                    (subject, issuer) => format!("{} {subject} (issuer {issuer})", me.auth_method),
+                };
+                println!("via        {how}");
+                println!("server     {}", client.server());
+            }
+        }
         Command::Config(ConfigCommand::Check { .. })
         | Command::Keygen { .. }
         | Command::Audit(AuditCommand::Verify { .. })
         | Command::Exec(_)
         | Command::Completions { .. }
-        | Command::Man => unreachable!("handled before connecting"),
+        | Command::Man { .. } => unreachable!("handled before connecting"),
     }
     Ok(0)
 }
@@ -793,13 +830,12 @@ fn keygen(name: &str, json: bool) -> anyhow::Result<i32> {
             serde_json::json!({"name": name, "key": key_text, "key_sha256": hash})
         );
     } else {
-        eprintln!(
-            "The key below is shown once: give it to the principal as VALET_KEY. valetd keeps only its hash."
-        );
+        // The key alone on stdout (`valet keygen --name x > x.key`); the rest for the person.
         println!("{key_text}");
-        eprintln!("\nAdd this to valetd's config (choose its roles and scopes):\n");
-        println!(
-            "[[principal]]\nname = \"{name}\"\nroles = [\"agent\"]\nkey_sha256 = \"{hash}\"\nscopes = []"
+        eprintln!(
+            "The key above is shown once: give it to the principal as VALET_KEY. valetd keeps only its hash.\n\
+             Add this to valetd's config (choose its roles and scopes):\n\n\
+             [[principal]]\nname = \"{name}\"\nroles = [\"agent\"]\nkey_sha256 = \"{hash}\"\nscopes = []"
         );
     }
     Ok(0)

@@ -131,9 +131,17 @@ async fn run_with_token(
     if let Some(aws) = &issued.aws {
         command.envs(aws.environment());
     }
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("cannot run {:?}", arguments.command[0]))?;
+    // As a shell does: 127 when the command is not found, 126 when it cannot be run.
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(error) => {
+            eprintln!("valet: cannot run {:?}: {error}", arguments.command[0]);
+            return Ok(match error.kind() {
+                std::io::ErrorKind::NotFound => 127,
+                _ => 126,
+            });
+        }
+    };
     let pid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())

@@ -5,6 +5,7 @@
 mod arguments;
 mod commands;
 mod exec;
+mod manual;
 mod output;
 
 use clap::Parser;

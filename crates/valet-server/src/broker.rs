@@ -196,6 +196,26 @@ impl Broker for BrokerService {
         )
     }
 
+    async fn who_am_i(
+        &self,
+        request: Request<v1::WhoAmIRequest>,
+    ) -> Result<Response<v1::WhoAmIResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let principal = &caller.principal;
+        Ok(Response::new(v1::WhoAmIResponse {
+            principal: principal.name.clone(),
+            roles: principal
+                .roles
+                .iter()
+                .map(|role| role.as_str().to_string())
+                .collect(),
+            scopes: principal.scopes.iter().cloned().collect(),
+            auth_method: caller.authentication.method.clone(),
+            auth_subject: caller.authentication.subject.clone().unwrap_or_default(),
+            auth_issuer: caller.authentication.issuer.clone().unwrap_or_default(),
+        }))
+    }
+
     async fn get_jwks(
         &self,
         _request: Request<v1::GetJwksRequest>,
