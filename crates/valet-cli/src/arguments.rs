@@ -437,9 +437,9 @@ mod tests {
                 if id == "help" || id == "version" {
                     continue;
                 }
-                if !argument
+                if argument
                     .get_help()
-                    .is_some_and(|help| !help.to_string().is_empty())
+                    .is_none_or(|help| help.to_string().is_empty())
                 {
                     missing.push(format!("{name}: argument {id} has no help text"));
                 }
