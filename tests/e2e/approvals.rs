@@ -430,6 +430,11 @@ async fn a_destructive_call_goes_through_once_and_only_as_approved() {
     let (status, asked) = gateway_call(&gateway, token, &delete, &[], path).await;
     assert_eq!(status, 428, "{asked}");
     let approval_id = asked["approval_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        asked["approve_command"],
+        format!("valet approve {approval_id} --confirm production"),
+        "the agent can hand on the exact command: {asked}"
+    );
     assert_eq!(asked["call"]["method"], "POST");
     assert_eq!(asked["call"]["target"], "/graphql/v2");
     assert_eq!(
@@ -1005,4 +1010,112 @@ mod holes {
             approval.rendered
         );
     }
+}
+
+/// Runs the CLI as `key` against `server`; returns the exit code, stdout and stderr.
+fn cli(server: &str, key: &str, arguments: &[&str]) -> (i32, String, String) {
+    let output = std::process::Command::new(valet_tests::binary("valet"))
+        .args(arguments)
+        .env("VALET_SERVER", server)
+        .env("VALET_KEY", key)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn waiting_for_an_approval_is_a_flow_an_agent_can_hand_on_and_resume() {
+    let upstream = Upstream::start().await;
+    let deployment = Deployment::new(&approval_config(&upstream));
+    let valetd = deployment.start(&[]);
+    let server = valetd.address.clone();
+
+    // --no-wait --json: the pending grant and approval as JSON, the exact command on stderr.
+    let (code, stdout, stderr) = cli(
+        &server,
+        AGENT_KEY,
+        &[
+            "--json",
+            "token",
+            "request",
+            "--scope",
+            "prod-deploy",
+            "--task",
+            "flow-1",
+            "--param",
+            "project=shop",
+            "--no-wait",
+        ],
+    );
+    assert_eq!(code, 3, "{stderr}");
+    let pending: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(pending["status"], "pending");
+    let approval_id = pending["approval"]["id"].as_str().unwrap().to_string();
+    let grant_id = pending["grant"]["id"].as_str().unwrap().to_string();
+    let command = format!("valet approve {approval_id} --confirm production");
+    assert!(
+        stderr.contains(&command),
+        "the hint names {command:?}: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("valet token wait {grant_id}")),
+        "{stderr}"
+    );
+
+    // A bounded wait that ends undecided says how to resume.
+    let (code, _, stderr) = cli(
+        &server,
+        AGENT_KEY,
+        &["token", "wait", &grant_id, "--wait", "1s"],
+    );
+    assert_eq!(code, 3, "{stderr}");
+    assert!(
+        stderr.contains(&format!("valet token wait {grant_id}")),
+        "{stderr}"
+    );
+
+    // The approver runs exactly the command handed on; the waiter resumes and gets the token.
+    let waiter = {
+        let server = server.clone();
+        let grant_id = grant_id.clone();
+        tokio::task::spawn_blocking(move || cli(&server, AGENT_KEY, &["token", "wait", &grant_id]))
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let words: Vec<&str> = command.split(' ').skip(1).collect();
+    let (code, _, stderr) = cli(&server, OPERATOR_KEY, &words);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stdout, stderr) = waiter.await.unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stdout.trim().split('.').count(),
+        3,
+        "a token on stdout: {stdout}"
+    );
+
+    // The default wait follows the request's timeout (2 s here), and exec waits the same way:
+    // undecided, the command is not run.
+    let marker = deployment.path("ran");
+    let started = std::time::Instant::now();
+    let (code, _, stderr) = cli(
+        &server,
+        AGENT_KEY,
+        &[
+            "exec",
+            "--scope",
+            "quick-approval",
+            "--task",
+            "flow-2",
+            "--",
+            "touch",
+            marker.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 3, "{stderr}");
+    assert!(!marker.exists(), "the command ran without approval");
+    assert!(stderr.contains("until the request expires"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }

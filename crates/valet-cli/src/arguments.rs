@@ -160,9 +160,10 @@ pub struct TokenRequestArguments {
     /// A scope parameter, NAME=VALUE; repeat for more.
     #[arg(long = "param", value_parser = parse_param)]
     pub params: Vec<(String, String)>,
-    /// For scopes that need approval: how long to wait for it.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "15m")]
-    pub wait: Duration,
+    /// For scopes that need approval: how long to wait for a decision (default: until the
+    /// request expires, as the scope's approval timeout says).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub wait: Option<Duration>,
     /// For scopes that need approval: do not wait; print the approval id and exit 3.
     #[arg(long, conflicts_with = "wait")]
     pub no_wait: bool,
@@ -207,6 +208,15 @@ pub enum TokenCommand {
         /// Why; recorded on the grant and in the audit log.
         #[arg(long, default_value = "", hide_default_value = true)]
         reason: String,
+    },
+    /// Wait again for a grant that waits for approval (after `--no-wait`, or a wait that ended);
+    /// prints its token once it is approved. Exit 3 if denied, expired or still pending.
+    Wait {
+        /// The pending grant's id (`valet token request` printed it).
+        grant: String,
+        /// How long to wait at most (default: until the request is decided or expires).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
     },
     /// Ask valetd whether a token is active (TOKEN, or - or nothing for stdin). Exit 3 if not.
     Introspect {
@@ -374,6 +384,10 @@ pub struct ExecArguments {
     /// The environment variable that carries the token.
     #[arg(long, default_value = "VALET_TOKEN")]
     pub env_name: String,
+    /// For scopes that need approval: how long to wait for a decision; undecided by then, the
+    /// command is not run and the request is withdrawn (default: until the request expires).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub wait: Option<Duration>,
     /// The command and its arguments.
     #[arg(required = true, last = true)]
     pub command: Vec<String>,

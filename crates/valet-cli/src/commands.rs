@@ -90,33 +90,27 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
     let now = SystemClock.now();
     match command {
         Command::Token(TokenCommand::Request(arguments)) => {
-            let (wait, no_wait) = (arguments.wait, arguments.no_wait);
-            let mut issued = client.request_token(token_request(arguments)).await?;
-            if let Some(approval) = issued.approval.clone().filter(|_| issued.is_pending()) {
-                eprintln!(
-                    "{} needs approval: request {}",
-                    approval.summary, approval.id
-                );
-                eprintln!(
-                    "an approver runs: valet approvals show {} && valet approve {}",
-                    approval.id, approval.id
-                );
-                if no_wait {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"approval": output::approval_json(&approval), "grant": output::grant_json(&issued.grant)})
-                        );
-                    }
+            let wait = crate::waiting::WaitFor {
+                limit: arguments.wait,
+                no_wait: arguments.no_wait,
+            };
+            let issued = client.request_token(token_request(arguments)).await?;
+            match crate::waiting::until_decided(client, issued, wait, json).await? {
+                Ok(issued) => print_issued(&issued, json, now),
+                Err(code) => return Ok(code),
+            }
+        }
+        Command::Token(TokenCommand::Wait { grant, wait }) => {
+            eprintln!("waiting for a decision on grant {grant}…");
+            let limit = wait.unwrap_or(std::time::Duration::from_secs(24 * 3600));
+            match crate::waiting::wait_in_turns(client, &grant, limit).await {
+                Ok(issued) => print_issued(&issued, json, now),
+                Err(ClientError::StillPending { .. }) => {
+                    eprintln!("still waiting for a decision; run `valet token wait {grant}` again");
                     return Ok(EXIT_DENIED);
                 }
-                eprintln!(
-                    "waiting up to {} for a decision…",
-                    humantime::format_duration(wait)
-                );
-                issued = client.wait_for_grant(&issued.grant.id, wait).await?;
+                Err(error) => return Err(error.into()),
             }
-            print_issued(&issued, json, now);
         }
         Command::Token(TokenCommand::Renew { grant, ttl }) => {
             print_issued(&client.renew(&grant, ttl).await?, json, now)

@@ -40,7 +40,11 @@ pub async fn exec(client: &Client, arguments: ExecArguments) -> anyhow::Result<i
     let mut signals = Signals::install()?;
     let outcome = tokio::select! {
         issued = obtain_token(client, &arguments) => match issued {
-            Ok(issued) => run_with_token(client, &arguments, &issued, signals).await,
+            Ok(Ok(issued)) => run_with_token(client, &arguments, &issued, signals).await,
+            Ok(Err(code)) => {
+                eprintln!("valet: the command was not run; its request is withdrawn with the task");
+                Ok(code)
+            }
             Err(error) => Err(error),
         },
         Some(signal) = signals.receiver.recv() => Ok(128 + signal as i32),
@@ -61,22 +65,22 @@ pub async fn exec(client: &Client, arguments: ExecArguments) -> anyhow::Result<i
     }
 }
 
-async fn obtain_token(client: &Client, arguments: &ExecArguments) -> anyhow::Result<IssuedToken> {
+/// The token, once issued (after approval when the scope asks for one); `Err(code)` when the
+/// request was still undecided when the wait ended.
+async fn obtain_token(
+    client: &Client,
+    arguments: &ExecArguments,
+) -> anyhow::Result<Result<IssuedToken, i32>> {
     let mut request =
         TokenRequest::new(&arguments.scope, &arguments.task).with_purpose(&arguments.purpose);
     request.ttl = arguments.ttl;
     request.params = arguments.params.iter().cloned().collect();
-    let mut issued = client.request_token(request).await?;
-    if let Some(approval) = issued.approval.clone().filter(|_| issued.is_pending()) {
-        eprintln!(
-            "valet: {} needs approval: request {}; waiting up to 15m",
-            approval.summary, approval.id
-        );
-        issued = client
-            .wait_for_grant(&issued.grant.id, Duration::from_secs(15 * 60))
-            .await?;
-    }
-    Ok(issued)
+    let issued = client.request_token(request).await?;
+    let wait = crate::waiting::WaitFor {
+        limit: arguments.wait,
+        no_wait: false,
+    };
+    crate::waiting::until_decided(client, issued, wait, false).await
 }
 
 /// The signals valet forwards, caught from the start and delivered in order.

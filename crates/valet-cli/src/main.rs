@@ -7,6 +7,7 @@ mod commands;
 mod exec;
 mod manual;
 mod output;
+mod waiting;
 
 use clap::Parser;
 

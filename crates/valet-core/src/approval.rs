@@ -521,6 +521,21 @@ impl ApprovalRequest {
         })
     }
 
+    /// The command an approver runs to approve this request, with the value it asks to be typed
+    /// (`valet approve ap_… --confirm staging`), so the requester can hand it on as it is.
+    pub fn approve_command(&self) -> String {
+        match &self.confirm {
+            None => format!("valet approve {}", self.id),
+            Some((_, expected)) => {
+                format!(
+                    "valet approve {} --confirm {}",
+                    self.id,
+                    shell_word(expected)
+                )
+            }
+        }
+    }
+
     /// One line for people: what is asked, by whom.
     pub fn summary(&self) -> String {
         match (&self.kind, &self.call) {
@@ -679,6 +694,19 @@ impl Confirm {
             Confirm::Environment => ("environment".to_string(), environment.to_string()),
             Confirm::Param(name) => (name.clone(), params.get(name).cloned().unwrap_or_default()),
         }
+    }
+}
+
+/// `text` as one shell word: as it is when it holds only safe characters, else single-quoted.
+fn shell_word(text: &str) -> String {
+    if !text.is_empty()
+        && text
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"-_./:@=+".contains(&byte))
+    {
+        text.to_string()
+    } else {
+        format!("'{}'", escape_for_people(text).replace('\'', "'\\''"))
     }
 }
 

@@ -47,14 +47,16 @@ pub enum CallRefusal {
     #[error("upstream {upstream} did not answer within {seconds} s")]
     UpstreamTimeout { upstream: String, seconds: u64 },
     #[error(
-        "the gateway serves /u/<upstream>/<path>, /.well-known/jwks.json, /.well-known/openid-configuration and /healthz"
+        "the gateway serves /u/<upstream>/<path>, /.well-known/jwks.json, /.well-known/openid-configuration, /healthz and /readyz"
     )]
     NotFound,
     #[error(
-        "this call needs a person's approval: retry the identical request with header Valet-Approval: {approval_id} once it is approved"
+        "this call needs a person's approval: an approver runs `{approve_command}`; then retry the identical request with header Valet-Approval: {approval_id}"
     )]
     ApprovalRequired {
         approval_id: String,
+        /// What the approver runs (`valet approve ap_… --confirm staging`).
+        approve_command: String,
         call: Box<CallFingerprint>,
     },
     #[error("{0}")]

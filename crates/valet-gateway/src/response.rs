@@ -107,8 +107,14 @@ pub fn error_response(
         body["asked"] = serde_json::Value::from(redact(asked));
         body["reason"] = serde_json::Value::from(redact(reason));
     }
-    if let ServiceError::Call(CallRefusal::ApprovalRequired { approval_id, call }) = error {
+    if let ServiceError::Call(CallRefusal::ApprovalRequired {
+        approval_id,
+        approve_command,
+        call,
+    }) = error
+    {
         body["approval_id"] = serde_json::Value::from(approval_id.as_str());
+        body["approve_command"] = serde_json::Value::from(approve_command.as_str());
         body["call"] = serde_json::json!({
             "method": call.method,
             "target": call.target,

@@ -93,6 +93,7 @@ pub fn approval_to_wire(approval: &ApprovalRequest, now: UnixTime) -> v1::Approv
             .as_ref()
             .map(|(what, _)| what.clone())
             .unwrap_or_default(),
+        approve_command: approval.approve_command(),
         approvals: approval
             .approvals
             .iter()

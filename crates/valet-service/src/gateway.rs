@@ -495,6 +495,7 @@ impl Valet {
             }) {
                 return Err(CallRefusal::ApprovalRequired {
                     approval_id: same.id.clone(),
+                    approve_command: same.approve_command(),
                     call: Box::new(call),
                 }
                 .into());
@@ -527,6 +528,7 @@ impl Valet {
                 .request_call_approval(holder, &grant, approval, call.clone())
                 .await?;
             return Err(CallRefusal::ApprovalRequired {
+                approve_command: pending.approve_command(),
                 approval_id: pending.id,
                 call: Box::new(call),
             }
@@ -537,11 +539,18 @@ impl Valet {
             Err(ServiceError::Approval(ApprovalError::NotUsable {
                 status: ApprovalStatus::Pending,
                 ..
-            })) => Err(CallRefusal::ApprovalRequired {
-                approval_id: id.to_string(),
-                call: Box::new(call),
+            })) => {
+                let approve_command = match valet_core::ApprovalId::parse(id) {
+                    Ok(parsed) => self.fetch_approval(&parsed).await?.approve_command(),
+                    Err(_) => format!("valet approve {id}"),
+                };
+                Err(CallRefusal::ApprovalRequired {
+                    approval_id: id.to_string(),
+                    approve_command,
+                    call: Box::new(call),
+                }
+                .into())
             }
-            .into()),
             Err(ServiceError::Approval(error)) => {
                 Err(CallRefusal::ApprovalRefused(error.to_string()).into())
             }
