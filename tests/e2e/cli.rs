@@ -953,3 +953,151 @@ async fn whoami_names_the_principal_its_roles_scopes_and_server() {
     let (code, _, stderr) = valet(&["whoami"], &valetd.address, "vk_nobody");
     assert_eq!(code, 3, "{stderr}");
 }
+
+/// A child's output lines as they come, on a channel.
+fn lines_of(stream: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stream)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    receiver
+}
+
+/// Waits up to `limit` for a line containing `text`; returns every line read meanwhile.
+fn wait_for_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    text: &str,
+    limit: std::time::Duration,
+    seen: &mut Vec<String>,
+) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                let found = line.contains(text);
+                seen.push(line);
+                if found {
+                    return true;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_grants_watch_survives_a_restart_without_losing_or_repeating_changes() {
+    let deployment = Deployment::standard();
+    let first = deployment.start(&[]);
+    let address = first.address.clone();
+    let listen = address.trim_start_matches("http://").to_string();
+    let mut watch = Command::new(binary("valet"))
+        .args(["--json", "grants", "watch"])
+        .env("VALET_SERVER", &address)
+        .env("VALET_KEY", OPERATOR_KEY)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run valet grants watch");
+    let stdout = lines_of(watch.stdout.take().unwrap());
+    let stderr = lines_of(watch.stderr.take().unwrap());
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    assert!(
+        wait_for_line(
+            &stderr,
+            "watching grant changes",
+            std::time::Duration::from_secs(10),
+            &mut err
+        ),
+        "{err:?}"
+    );
+
+    let before = first
+        .client(AGENT_KEY)
+        .await
+        .request_token(TokenRequest::new("limited", "watch-before"))
+        .await
+        .unwrap();
+    assert!(
+        wait_for_line(
+            &stdout,
+            &before.grant.id,
+            std::time::Duration::from_secs(10),
+            &mut out
+        ),
+        "{out:?}"
+    );
+
+    // valetd ends the watch at once when it stops, instead of waiting out its grace period.
+    let stopped = first.stop_with_output().await;
+    assert!(
+        !stopped.contains("still open after the shutdown grace period"),
+        "valetd waited for the watch: {stopped}"
+    );
+    assert!(
+        wait_for_line(
+            &stderr,
+            "reconnecting",
+            std::time::Duration::from_secs(10),
+            &mut err
+        ),
+        "{err:?}"
+    );
+
+    // Back on the same address; a grant issued right away is seen once, by the stream or the
+    // catch-up, whichever comes first.
+    let second = deployment.start(&["--listen", &listen]);
+    let agent = second.client(AGENT_KEY).await;
+    let during = agent
+        .request_token(TokenRequest::new("limited", "watch-during"))
+        .await
+        .unwrap();
+    assert!(
+        wait_for_line(
+            &stderr,
+            "watching grant changes again",
+            std::time::Duration::from_secs(30),
+            &mut err
+        ),
+        "{err:?}"
+    );
+    let after = agent
+        .request_token(TokenRequest::new("limited", "watch-after"))
+        .await
+        .unwrap();
+    assert!(
+        wait_for_line(
+            &stdout,
+            &after.grant.id,
+            std::time::Duration::from_secs(10),
+            &mut out
+        ),
+        "{out:?}"
+    );
+    // Let anything late arrive, then count.
+    while let Ok(line) = stdout.recv_timeout(std::time::Duration::from_millis(500)) {
+        out.push(line);
+    }
+    for grant in [&before.grant.id, &during.grant.id, &after.grant.id] {
+        let n_lines = out
+            .iter()
+            .filter(|line| line.contains(grant.as_str()))
+            .count();
+        assert_eq!(
+            n_lines, 1,
+            "grant {grant} printed {n_lines} times: {out:#?}"
+        );
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    drop(second);
+}

@@ -341,6 +341,18 @@ impl Valetd {
 
     /// Stops valetd with SIGTERM and returns its exit code. Async, so the test's own client
     /// connections keep being driven while valetd closes them.
+    /// Stops valetd (SIGTERM) and returns everything it printed, to the end.
+    pub async fn stop_with_output(self) -> String {
+        let output = self.output.clone();
+        self.stop().await;
+        // The reader threads finish once the pipes close.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        output
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     pub async fn stop(mut self) -> Option<i32> {
         self.signal("TERM");
         let mut child = self.child.take()?;

@@ -205,7 +205,11 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
             }
         }
         Command::Grants(GrantsCommand::Watch(filter)) => {
-            watch(client, grant_filter(&filter), json).await?
+            let grants = crate::watching::Grants {
+                filter: grant_filter(&filter),
+                json,
+            };
+            crate::watching::follow(client, &grants).await?
         }
         Command::RevokeAll(arguments) => return revoke_all(client, arguments, json).await,
         Command::Keys(KeysCommand::Rotate) => {
@@ -279,26 +283,7 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
             }
         }
         Command::Approvals(ApprovalsCommand::List { all }) => {
-            // Follow every page: the server never answers with more than a page at once.
-            let mut approvals = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .admin()
-                    .list_approvals(v1::ListApprovalsRequest {
-                        pending_only: !all,
-                        page_size: 500,
-                        page_token: page_token.clone(),
-                    })
-                    .await
-                    .map_err(ClientError::from)?
-                    .into_inner();
-                approvals.extend(page.approvals);
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                page_token = page.next_page_token;
-            }
+            let approvals = list_approvals(client, !all).await?;
             if json {
                 println!(
                     "{}",
@@ -325,29 +310,7 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
             }
         }
         Command::Approvals(ApprovalsCommand::Watch) => {
-            let mut approvals = client
-                .admin()
-                .watch_approvals(v1::WatchApprovalsRequest {})
-                .await
-                .map_err(ClientError::from)?
-                .into_inner();
-            if !json {
-                eprintln!("watching approval requests (Ctrl-C to stop)");
-            }
-            while let Some(approval) = approvals.next().await {
-                let approval = approval.map_err(ClientError::from)?;
-                if json {
-                    println!("{}", output::approval_json(&approval));
-                } else {
-                    println!(
-                        "{} {:<9} {} — {}",
-                        format_time(SystemClock.now()),
-                        output::approval_status_name(approval.status),
-                        approval.id,
-                        approval.summary
-                    );
-                }
-            }
+            crate::watching::follow(client, &crate::watching::Approvals { json }).await?
         }
         Command::Approve {
             id,
@@ -479,7 +442,7 @@ fn grant_filter(arguments: &GrantFilterArguments) -> v1::GrantFilter {
     }
 }
 
-async fn list_all(client: &Client, filter: v1::GrantFilter) -> anyhow::Result<Vec<v1::Grant>> {
+pub async fn list_all(client: &Client, filter: v1::GrantFilter) -> anyhow::Result<Vec<v1::Grant>> {
     let mut grants = Vec::new();
     let mut page_token = String::new();
     loop {
@@ -501,44 +464,70 @@ async fn list_all(client: &Client, filter: v1::GrantFilter) -> anyhow::Result<Ve
     }
 }
 
-async fn watch(client: &Client, filter: v1::GrantFilter, json: bool) -> anyhow::Result<()> {
-    let mut events = client
-        .admin()
-        .watch_grants(v1::WatchGrantsRequest {
-            filter: Some(filter),
-        })
-        .await
-        .map_err(ClientError::from)?
-        .into_inner();
-    if !json {
-        eprintln!("watching grant changes (Ctrl-C to stop)");
-    }
-    while let Some(event) = events.next().await {
-        let event = event.map_err(ClientError::from)?;
-        let kind = match v1::GrantEventKind::try_from(event.kind)
-            .unwrap_or(v1::GrantEventKind::Unspecified)
-        {
+/// Prints one grant change; `caught_up` when found in a listing after a reconnect.
+pub fn print_grant_event(event: &v1::GrantEvent, json: bool, caught_up: bool) {
+    let Some(grant) = &event.grant else { return };
+    let kind =
+        match v1::GrantEventKind::try_from(event.kind).unwrap_or(v1::GrantEventKind::Unspecified) {
             v1::GrantEventKind::Issued => "issued",
             v1::GrantEventKind::Renewed => "renewed",
             v1::GrantEventKind::Revoked => "revoked",
             v1::GrantEventKind::Used => "used",
             v1::GrantEventKind::Unspecified => "changed",
         };
-        let Some(grant) = event.grant else { continue };
-        if json {
-            println!(
-                "{}",
-                serde_json::json!({"event": kind, "grant": output::grant_json(&grant)})
-            );
-        } else {
-            println!(
-                "{} {kind:<8} {}",
-                format_time(SystemClock.now()),
-                output::grant_summary(&grant, SystemClock.now())
-            );
-        }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"event": kind, "caught_up": caught_up, "grant": output::grant_json(grant)})
+        );
+    } else {
+        println!(
+            "{} {kind:<8} {}",
+            format_time(SystemClock.now()),
+            output::grant_summary(grant, SystemClock.now())
+        );
     }
-    Ok(())
+}
+
+/// Prints one approval request as it arrives or changes.
+pub fn print_approval_event(approval: &v1::Approval, json: bool) {
+    if json {
+        println!("{}", output::approval_json(approval));
+    } else {
+        println!(
+            "{} {:<9} {} — {}",
+            format_time(SystemClock.now()),
+            output::approval_status_name(approval.status),
+            approval.id,
+            approval.summary
+        );
+    }
+}
+
+/// Every approval request (pending ones only with `pending_only`), following every page.
+pub async fn list_approvals(
+    client: &Client,
+    pending_only: bool,
+) -> anyhow::Result<Vec<v1::Approval>> {
+    let mut approvals = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .admin()
+            .list_approvals(v1::ListApprovalsRequest {
+                pending_only,
+                page_size: 500,
+                page_token: page_token.clone(),
+            })
+            .await
+            .map_err(ClientError::from)?
+            .into_inner();
+        approvals.extend(page.approvals);
+        if page.next_page_token.is_empty() {
+            return Ok(approvals);
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 async fn revoke_all(

@@ -8,6 +8,7 @@ mod exec;
 mod manual;
 mod output;
 mod waiting;
+mod watching;
 
 use clap::Parser;
 

@@ -47,12 +47,37 @@ fn wire_stream<T: Send + 'static, W: Send + 'static>(
     stream: ServiceStream<T>,
     encode: impl Fn(T, &Valet) -> W + Send + 'static,
 ) -> WireStream<W> {
-    let valet = valet.clone();
+    let encoder = valet.clone();
     let request_id = request_id.to_string();
-    Box::pin(stream.map(move |item| {
-        item.map(|item| encode(item, &valet))
-            .map_err(|error| status_of(&valet, error, &request_id))
-    }))
+    until_shutdown(
+        valet,
+        stream.map(move |item| {
+            item.map(|item| encode(item, &encoder))
+                .map_err(|error| status_of(&encoder, error, &request_id))
+        }),
+    )
+}
+
+/// Ends `stream` when valetd begins to stop, with a last `UNAVAILABLE` that says so, so a
+/// watcher reconnects (to another replica, or once this one is back) instead of holding up the
+/// shutdown until its grace period runs out.
+pub fn until_shutdown<W: Send + 'static>(
+    valet: &Arc<Valet>,
+    stream: impl Stream<Item = Result<W, Status>> + Send + 'static,
+) -> WireStream<W> {
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (watcher, flag) = (valet.clone(), stopped.clone());
+    let stop = async move {
+        watcher.shutting_down().await;
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    let farewell = futures::stream::once(async move {
+        stopped
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then(|| Err(Status::unavailable("valetd is stopping; reconnect")))
+    })
+    .filter_map(std::future::ready);
+    Box::pin(stream.take_until(stop).chain(farewell))
 }
 
 #[tonic::async_trait]

@@ -98,20 +98,23 @@ impl Broker for BrokerService {
         let valet = self.valet.clone();
         let stream = reply(&self.valet, &caller, updates)?.into_inner();
         let request_id = caller.request_id.clone();
-        Ok(Response::new(Box::pin(stream.map(move |update| {
-            let now = valet.now();
-            update
-                .map(|update| v1::WaitForGrantResponse {
-                    grant: Some(grant_to_wire(&update.grant, now)),
-                    token: update.token.map(Token::into_exposed).unwrap_or_default(),
-                    aws: update.aws.map(|aws| aws_to_wire(&aws)),
-                    approval: update
-                        .approval
-                        .as_ref()
-                        .map(|approval| approval_to_wire(approval, now)),
-                })
-                .map_err(|error| status_of(&valet, error, &request_id))
-        }))))
+        Ok(Response::new(crate::admin::until_shutdown(
+            &self.valet,
+            stream.map(move |update| {
+                let now = valet.now();
+                update
+                    .map(|update| v1::WaitForGrantResponse {
+                        grant: Some(grant_to_wire(&update.grant, now)),
+                        token: update.token.map(Token::into_exposed).unwrap_or_default(),
+                        aws: update.aws.map(|aws| aws_to_wire(&aws)),
+                        approval: update
+                            .approval
+                            .as_ref()
+                            .map(|approval| approval_to_wire(approval, now)),
+                    })
+                    .map_err(|error| status_of(&valet, error, &request_id))
+            }),
+        )))
     }
 
     async fn renew_token(

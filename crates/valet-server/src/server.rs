@@ -261,8 +261,12 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     tokio::spawn(reload_on_sighup(valet.clone()));
 
     tracing::info!(%address, n_scopes = config.scopes.len(), n_principals = config.principals.len(), "valetd listening on {address}");
+    let stopping_valet = valet.clone();
     let signal = async move {
         shutdown_signal().await;
+        // Watches, tails and waits end now (telling their clients to reconnect), so the
+        // graceful shutdown waits only for requests that finish on their own.
+        stopping_valet.begin_shutdown();
         let _ = stopping_sender.send(true);
     };
     // Nagle's algorithm is off on every accepted connection (a 40 ms stall per small unary

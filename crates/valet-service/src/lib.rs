@@ -83,6 +83,8 @@ pub struct Valet {
     identity_keys: identity_keys::IdentityKeys,
     /// Failed-authentication budgets, principal rates, and refusal aggregation.
     limits: authentication_limits::AuthenticationLimits,
+    /// Set once valetd begins to stop: long-lived streams end instead of holding it up.
+    stopping: tokio::sync::watch::Sender<bool>,
     /// Woken after every applied config reload (the listeners re-read their TLS files then).
     reloaded: tokio::sync::Notify,
 }
@@ -143,6 +145,7 @@ impl Valet {
             reloaded: tokio::sync::Notify::new(),
             identity_keys: identity_keys::IdentityKeys::default(),
             limits: authentication_limits::AuthenticationLimits::default(),
+            stopping: tokio::sync::watch::Sender::new(false),
         }))
     }
 
@@ -173,6 +176,17 @@ impl Valet {
     }
 
     /// Whether the store answers: the broker's readiness.
+    /// valetd is stopping: every follow stream (watches, tails, waits) ends now.
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once valetd has begun to stop.
+    pub async fn shutting_down(&self) {
+        let mut stopping = self.stopping.subscribe();
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+    }
+
     pub async fn store_reachable(&self) -> bool {
         self.store.audit_head().await.is_ok()
     }
