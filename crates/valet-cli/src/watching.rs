@@ -13,6 +13,9 @@ use valet_client::{Client, ClientError, v1};
 const FIRST_PAUSE: Duration = Duration::from_millis(500);
 const LONGEST_PAUSE: Duration = Duration::from_secs(10);
 
+/// A stream of changes as the server sends them.
+pub type Changes<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send>>;
+
 /// What a watch follows: how to open its stream, list the current state, and say what changed.
 pub trait Followed {
     type Item: Send;
@@ -20,12 +23,7 @@ pub trait Followed {
     fn open(
         &self,
         client: &Client,
-    ) -> impl Future<
-        Output = Result<
-            std::pin::Pin<Box<dyn Stream<Item = Result<Self::Item, tonic::Status>> + Send>>,
-            ClientError,
-        >,
-    >;
+    ) -> impl Future<Output = Result<Changes<Self::Item>, ClientError>>;
     /// Everything there is now, to catch up from.
     fn list(&self, client: &Client) -> impl Future<Output = anyhow::Result<Vec<Self::Item>>>;
     /// The item's id, and what about it counts as a change.
@@ -108,13 +106,7 @@ pub struct Grants {
 impl Followed for Grants {
     type Item = v1::GrantEvent;
 
-    async fn open(
-        &self,
-        client: &Client,
-    ) -> Result<
-        std::pin::Pin<Box<dyn Stream<Item = Result<v1::GrantEvent, tonic::Status>> + Send>>,
-        ClientError,
-    > {
+    async fn open(&self, client: &Client) -> Result<Changes<v1::GrantEvent>, ClientError> {
         let stream = client
             .admin()
             .watch_grants(v1::WatchGrantsRequest {
@@ -168,13 +160,7 @@ pub struct Approvals {
 impl Followed for Approvals {
     type Item = v1::Approval;
 
-    async fn open(
-        &self,
-        client: &Client,
-    ) -> Result<
-        std::pin::Pin<Box<dyn Stream<Item = Result<v1::Approval, tonic::Status>> + Send>>,
-        ClientError,
-    > {
+    async fn open(&self, client: &Client) -> Result<Changes<v1::Approval>, ClientError> {
         let stream = client
             .admin()
             .watch_approvals(v1::WatchApprovalsRequest {})
