@@ -1101,3 +1101,28 @@ async fn a_grants_watch_survives_a_restart_without_losing_or_repeating_changes()
     let _ = watch.wait();
     drop(second);
 }
+
+#[tokio::test]
+async fn a_config_reload_valetd_cannot_apply_exits_1_with_its_problems() {
+    let deployment = Deployment::standard();
+    let valetd = deployment.start(&[]);
+    let config = std::fs::read_to_string(deployment.config_path()).unwrap();
+    std::fs::write(
+        deployment.config_path(),
+        config.replace("max_ttl = \"1h\"", "max_ttl = \"forever\""),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = valet(
+        &["config", "reload"],
+        &valetd.address,
+        valet_tests::ADMIN_KEY,
+    );
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("server.max_ttl: \"forever\" is not a valid duration"),
+        "{stderr}"
+    );
+    // Refusals stay refusals: an agent may not reload.
+    let (code, _, stderr) = valet(&["config", "reload"], &valetd.address, AGENT_KEY);
+    assert_eq!(code, 3, "{stderr}");
+}

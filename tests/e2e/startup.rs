@@ -64,7 +64,8 @@ async fn a_wrong_key_encryption_key_cannot_open_the_signing_keys() {
     let (code, output) = deployment.start_expecting_failure(&[]);
     assert_eq!(code, 1);
     assert!(
-        output.contains("cannot be opened with this key-encryption key"),
+        output.contains("the key-encryption key from file ")
+            && output.contains("seal.key ([seal]) does not open signing key"),
         "{output}"
     );
 }

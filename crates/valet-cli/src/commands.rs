@@ -232,12 +232,18 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
             }
         }
         Command::Config(ConfigCommand::Reload) => {
-            let reply = client
+            let reply = match client
                 .admin()
                 .reload_config(v1::ReloadConfigRequest {})
                 .await
-                .map_err(ClientError::from)?
-                .into_inner();
+            {
+                Ok(reply) => reply.into_inner(),
+                // A config valetd cannot apply is a failure to fix, not a refusal: exit 1.
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                    return Err(output::Failed(status.message().to_string()).into());
+                }
+                Err(status) => return Err(ClientError::from(status).into()),
+            };
             if json {
                 println!(
                     "{}",

@@ -424,10 +424,26 @@ pub fn end_quietly_on_a_closed_stdout() {
     }));
 }
 
+/// A command that failed at something other than a refusal (a config reload valetd could not
+/// apply, say): exit 1.
+#[derive(Debug)]
+pub struct Failed(pub String);
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Failed {}
+
 /// The exit code for an error: usage, denied and unreachable have their own.
 pub fn exit_code_of(error: &anyhow::Error) -> i32 {
     if error.downcast_ref::<UsageError>().is_some() {
         return EXIT_USAGE;
+    }
+    if error.downcast_ref::<Failed>().is_some() {
+        return EXIT_FAILURE;
     }
     match error.downcast_ref::<ClientError>() {
         Some(
@@ -469,18 +485,37 @@ pub fn render_error(error: &anyhow::Error) -> String {
         Some(ClientError::NoKey) => Some(
             "a key comes from `valet keygen`; a workload identity token or client certificate from your platform (docs/identity.md).",
         ),
-        Some(client_error) => match client_error.code() {
-            Some(tonic::Code::Unauthenticated) => Some(
-                "check VALET_KEY: valetd knows principals by the SHA-256 of their key (`valet keygen`).",
-            ),
-            Some(tonic::Code::PermissionDenied) => Some(
-                "the scopes and roles a principal has are set in valetd's config; ask its admin.",
-            ),
-            Some(tonic::Code::Unavailable) => {
-                Some("valetd refused to act without a durable record; its log has the request id.")
+        Some(ClientError::BadServerUrl { .. }) => {
+            Some("write the server as https://HOST:PORT (or http://127.0.0.1:PORT on loopback).")
+        }
+        Some(client_error) => {
+            let message = client_error.to_string();
+            match client_error.code() {
+                Some(tonic::Code::Unauthenticated) if message.contains("principal key") => Some(
+                    "check VALET_KEY or --key-file: valetd knows a principal by the SHA-256 of its key (`valet keygen` prints both).",
+                ),
+                Some(tonic::Code::Unauthenticated) => Some(
+                    "check the credential (VALET_KEY, VALET_IDENTITY_TOKEN_FILE or the client certificate) against the principal's entry in valetd's config (docs/identity.md).",
+                ),
+                Some(tonic::Code::PermissionDenied)
+                    if message.contains("may not request scope") =>
+                {
+                    Some(
+                        "the scopes a principal may request are its [[principal]] scopes in valetd's config; `valet whoami` lists them.",
+                    )
+                }
+                Some(tonic::Code::PermissionDenied) if message.contains("role") => Some(
+                    "roles are set in the principal's [[principal]] roles in valetd's config; `valet whoami` shows yours.",
+                ),
+                Some(tonic::Code::ResourceExhausted) => {
+                    Some("wait as long as the message says, then retry.")
+                }
+                Some(tonic::Code::Unavailable) if message.contains("fail closed") => Some(
+                    "valetd refused to act without a durable record; its log has the request id.",
+                ),
+                _ => None,
             }
-            _ => None,
-        },
+        }
         None => None,
     };
     if let Some(hint) = hint {

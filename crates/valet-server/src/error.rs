@@ -24,6 +24,10 @@ pub enum ServerError {
         "valetd will not serve {listener} in plaintext on {address}, which is not a loopback address: principal keys and tokens would cross the network in clear. Listen on 127.0.0.1 (or ::1), set `[server] tls_cert_file` and `tls_key_file` to serve TLS, or, when a TLS-terminating proxy or a service mesh protects that network, set `[server] insecure_plaintext = true` (--dev allows it too)"
     )]
     PlaintextOffLoopback { listener: String, address: String },
+    #[error(
+        "the key-encryption key from {tried} does not open signing key {kid} in the store: the store was sealed under another key (a different seal key file, or a store from another deployment), or its record was altered. Point [seal] at the key this store was made with; a store cannot be re-sealed with a new key"
+    )]
+    WrongSealKey { kid: String, tried: String },
     #[error("TLS cannot be set up: {0}")]
     Tls(#[from] valet_gateway::tls::TlsError),
     #[error("the gRPC server failed: {0}")]

@@ -169,7 +169,23 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
             StoreConfig::Sled => None,
         },
     })
-    .await?;
+    .await
+    .map_err(|error| match error {
+        // Name the key that was tried, so the operator knows which file or variable to fix.
+        valet_service::ServiceError::Key(valet_core::keyring::KeyError::UnsealFailed { kid }) => {
+            ServerError::WrongSealKey {
+                kid,
+                tried: match &config.seal {
+                    Some(source) => format!("{source} ([seal])"),
+                    None => format!(
+                        "file {} (the --dev key)",
+                        config.server.data_dir.join("dev-seal.key").display()
+                    ),
+                },
+            }
+        }
+        other => ServerError::Service(other),
+    })?;
 
     let listener = TcpListener::bind(config.server.listen)
         .await

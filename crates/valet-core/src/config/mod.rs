@@ -328,7 +328,7 @@ pub struct ConfigProblem {
 /// The kinds of mistake a config can hold.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProblemKind {
-    #[error("the file is not valid TOML or a value has the wrong type: {0}")]
+    #[error("the file is not valid TOML or a value has the wrong type:{0}")]
     Syntax(String),
     #[error("unknown key; see docs/configuration.md for the keys this section takes")]
     UnknownKey,
@@ -458,7 +458,15 @@ impl Config {
         let (raw, unknown_keys) = raw::parse(text).map_err(|error| {
             ConfigErrors(vec![ConfigProblem {
                 key_path: "(file)".to_string(),
-                kind: ProblemKind::Syntax(error.to_string().trim().replace('\n', " ")),
+                kind: ProblemKind::Syntax(
+                    // The parser's own lines (where, the line itself, a caret), indented under it.
+                    error
+                        .to_string()
+                        .trim()
+                        .lines()
+                        .map(|line| format!("\n    {line}"))
+                        .collect(),
+                ),
             }])
         })?;
         let mut problems = Problems::default();

@@ -165,6 +165,14 @@ fn syntax_errors_say_where() {
         "{}",
         errors
     );
+    // The line, its text and a caret, each on a line of its own.
+    let text = errors.to_string();
+    assert!(text.contains("line 1, column 8"), "{text}");
+    assert!(text.contains("\n    1 | [server\n"), "{text}");
+    assert!(
+        text.lines().any(|line| line.trim_end().ends_with('^')),
+        "{text}"
+    );
     let errors = Config::parse("[server]\nmax_ttl = 5\n", Path::new("/")).unwrap_err();
     assert!(errors.to_string().contains("max_ttl"), "{errors}");
 }
