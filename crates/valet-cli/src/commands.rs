@@ -160,17 +160,22 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
             {
                 Ok(claims) if json => println!(
                     "{}",
-                    serde_json::json!({"valid": true, "claims": claims_json(&claims)})
+                    serde_json::json!({"valid": true, "revocation_checked": false, "claims": claims_json(&claims)})
                 ),
-                Ok(claims) => println!(
-                    "valid: grant {} for {} (scope {}, environment {}, task {}), expires {}",
-                    claims.jti,
-                    claims.sub,
-                    claims.scope,
-                    claims.env,
-                    claims.task,
-                    format_time(claims.exp)
-                ),
+                Ok(claims) => {
+                    println!(
+                        "valid signature and times: grant {} for {} (scope {}, environment {}, task {}), expires {}",
+                        claims.jti,
+                        claims.sub,
+                        claims.scope,
+                        claims.env,
+                        claims.task,
+                        format_time(claims.exp)
+                    );
+                    eprintln!(
+                        "an offline check cannot see a revocation: `valet token introspect` asks valetd whether the grant is still active"
+                    );
+                }
                 Err(ClientError::Verify(error)) => {
                     if json {
                         println!(

@@ -28,20 +28,33 @@ impl std::error::Error for UsageError {}
 /// Where output goes: a person at a terminal, or a program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Style {
-    Terminal,
+    /// Aligned columns and relative times, for a person; coloured unless `NO_COLOR` is set.
+    Terminal {
+        colour: bool,
+    },
     Plain,
 }
 
 impl Style {
+    /// The layout follows where stdout goes (a terminal, or a pipe); `NO_COLOR` turns colour off
+    /// and changes nothing else.
     pub fn of_stdout() -> Style {
-        if std::io::IsTerminal::is_terminal(&std::io::stdout())
-            && std::env::var_os("NO_COLOR").is_none()
-        {
-            Style::Terminal
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            Style::Terminal {
+                colour: std::env::var_os("NO_COLOR").is_none(),
+            }
         } else {
             Style::Plain
         }
     }
+}
+
+/// Whether a grant can still be used: only active and pending grants have an expiry ahead.
+fn is_live(grant: &v1::Grant) -> bool {
+    matches!(
+        v1::GrantStatus::try_from(grant.status),
+        Ok(v1::GrantStatus::Active | v1::GrantStatus::Pending)
+    )
 }
 
 pub fn status_name(status: i32) -> &'static str {
@@ -113,10 +126,19 @@ pub fn grant_json(grant: &v1::Grant) -> serde_json::Value {
 /// One line about a grant, for stderr after a request and for `grants watch`.
 pub fn grant_summary(grant: &v1::Grant, now: UnixTime) -> String {
     let expires = seconds(&grant.expires_at)
-        .map(|at| format!("{} ({})", format_time(at), relative(at, now)))
+        .map(|at| {
+            if is_live(grant) {
+                format!("expires {} ({})", format_time(at), relative(at, now))
+            } else if at > now {
+                // Ended before its time: no "expires in" as if it were live.
+                format!("ended early; it was to expire {}", format_time(at))
+            } else {
+                format!("ended {}", format_time(at))
+            }
+        })
         .unwrap_or_default();
     format!(
-        "grant {} for {} task {} (scope {}, environment {}), {}, expires {}",
+        "grant {} for {} task {} (scope {}, environment {}), {}, {}",
         grant.id,
         grant.principal,
         grant.task_id,
@@ -159,10 +181,13 @@ pub fn grant_table(grants: &[v1::Grant], now: UnixTime, style: Style) -> String 
             let issued = seconds(&grant.issued_at).unwrap_or(0);
             let expires = seconds(&grant.expires_at).unwrap_or(0);
             let (issued, expires) = match style {
-                Style::Terminal => (
+                Style::Terminal { .. } => (
                     relative(issued, now),
-                    if expires > now {
+                    if expires > now && is_live(grant) {
                         span((expires - now) as u64)
+                    } else if expires > now {
+                        // Revoked or denied before its time: it ends with its status, not later.
+                        "—".to_string()
                     } else {
                         format!("ended {}", relative(expires, now))
                     },
@@ -198,7 +223,7 @@ pub fn grant_table(grants: &[v1::Grant], now: UnixTime, style: Style) -> String 
                 out.push('\n');
             }
         }
-        Style::Terminal => {
+        Style::Terminal { colour } => {
             let mut widths = COLUMNS.map(str::len);
             for row in &rows {
                 for (width, cell) in widths.iter_mut().zip(row) {
@@ -209,7 +234,7 @@ pub fn grant_table(grants: &[v1::Grant], now: UnixTime, style: Style) -> String 
                 let mut text = String::new();
                 for (index, (cell, width)) in cells.iter().zip(widths).enumerate() {
                     let visible = cell.chars().count();
-                    let cell = if index == 8 {
+                    let cell = if index == 8 && colour {
                         colour_status(cell)
                     } else {
                         cell.clone()
@@ -331,7 +356,7 @@ pub fn approval_table(approvals: &[v1::Approval], now: UnixTime, style: Style) -
             ));
         }
     }
-    if approvals.is_empty() && style == Style::Terminal {
+    if approvals.is_empty() && matches!(style, Style::Terminal { .. }) {
         out.push_str("(no approval requests)\n");
     }
     out

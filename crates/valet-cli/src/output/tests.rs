@@ -78,7 +78,7 @@ fn grants() -> Vec<v1::Grant> {
 
 #[test]
 fn the_terminal_table_is_aligned_with_relative_times() {
-    let table = grant_table(&grants(), NOW, Style::Terminal);
+    let table = grant_table(&grants(), NOW, Style::Terminal { colour: true });
     // Colour codes are part of the output; show them readably in the snapshot.
     insta::assert_snapshot!(table.replace('\x1b', "^["));
 }
@@ -90,7 +90,7 @@ fn the_piped_table_is_tab_separated_with_absolute_times() {
 
 #[test]
 fn an_empty_terminal_table_says_so() {
-    insta::assert_snapshot!(grant_table(&[], NOW, Style::Terminal));
+    insta::assert_snapshot!(grant_table(&[], NOW, Style::Terminal { colour: true }));
 }
 
 #[test]
@@ -123,4 +123,17 @@ fn errors_are_one_sentence_with_a_hint_and_their_exit_code() {
         .map(|error| format!("[exit {}] {}", exit_code_of(error), render_error(error)))
         .collect();
     insta::assert_snapshot!(rendered.join("\n"));
+}
+
+#[test]
+fn no_color_turns_colour_off_and_changes_nothing_else() {
+    let coloured = grant_table(&grants(), NOW, Style::Terminal { colour: true });
+    let plain = grant_table(&grants(), NOW, Style::Terminal { colour: false });
+    assert!(!plain.contains('\x1b'));
+    let without_escapes = coloured
+        .replace("\x1b[32m", "")
+        .replace("\x1b[31m", "")
+        .replace("\x1b[33m", "")
+        .replace("\x1b[0m", "");
+    assert_eq!(without_escapes, plain);
 }
