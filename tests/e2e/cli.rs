@@ -887,19 +887,20 @@ async fn config_check_and_valetd_refuse_the_same_missing_inputs_all_at_once() {
     }
 }
 
-/// Runs valet with its stdout closed by the reader before it writes (as `| head` does once it
-/// has read enough); returns the exit code and stderr.
+/// Runs valet with a stdout whose reader is gone before valet starts (as after `| head` has
+/// read enough); returns the exit code and stderr. The pipe's read end is closed before the
+/// spawn, so no other process can be holding it when valet writes.
 fn with_closed_stdout(arguments: &[&str], server: &str) -> (i32, String) {
-    let mut child = Command::new(binary("valet"))
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let output = Command::new(binary("valet"))
         .args(arguments)
         .env("VALET_SERVER", server)
         .env("VALET_KEY", OPERATOR_KEY)
-        .stdout(std::process::Stdio::piped())
+        .stdout(writer)
         .stderr(std::process::Stdio::piped())
-        .spawn()
+        .output()
         .expect("run valet");
-    drop(child.stdout.take());
-    let output = child.wait_with_output().expect("wait for valet");
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stderr).into_owned(),
