@@ -1127,3 +1127,56 @@ async fn a_config_reload_valetd_cannot_apply_exits_1_with_its_problems() {
     let (code, _, stderr) = valet(&["config", "reload"], &valetd.address, AGENT_KEY);
     assert_eq!(code, 3, "{stderr}");
 }
+
+#[tokio::test]
+async fn config_check_lints_warn_fail_with_strict_and_keep_a_stated_exception() {
+    let deployment = Deployment::standard();
+    let broad = standard_config("").replace(
+        "[scope.params.project]\npattern = \"[a-z][a-z0-9-]{0,31}\"",
+        "[scope.params.project]\npattern = \".*\"",
+    );
+    std::fs::write(deployment.config_path(), &broad).unwrap();
+    let (code, stdout) = config_check(&deployment, &[]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.contains("warning: scope[0].params.project [param-matches-anything]")
+            && stdout.contains("  fix: "),
+        "{stdout}"
+    );
+    let (code, stdout) = config_check(&deployment, &["--strict"]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.contains("error: scope[0].params.project"),
+        "{stdout}"
+    );
+    let (_, stdout) = config_check(&deployment, &["--strict", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["valid"], false);
+    assert!(
+        report["lints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|lint| lint["code"] == "param-matches-anything" && lint["silenced"].is_null())
+    );
+
+    // A stated exception silences it where it is, and the reason is kept.
+    let excused = broad.replace(
+        "pattern = \".*\"",
+        "pattern = \".*\"\nallow_broad = \"test fixture: any project name is acceptable here\"",
+    );
+    std::fs::write(deployment.config_path(), excused).unwrap();
+    let (_, stdout) = config_check(&deployment, &["--strict", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let lint = report["lints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|lint| lint["code"] == "param-matches-anything")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        lint["silenced"],
+        "test fixture: any project name is acceptable here"
+    );
+}

@@ -312,7 +312,8 @@ pub enum KeysCommand {
 pub enum ConfigCommand {
     /// Validate a config file as valetd would at start: the file, then everything it points at
     /// (the key-encryption key, credentials, TLS, JWKS and etcd files and variables). Prints every
-    /// problem with its key path, then warnings. Exit 0 only if valetd would start.
+    /// problem with its key path, then what widens access (lints: warnings, or errors with
+    /// --strict). Exit 0 only if valetd would start (and, with --strict, nothing is flagged).
     Check {
         /// The config file.
         file: PathBuf,
@@ -323,6 +324,10 @@ pub enum ConfigCommand {
         /// Check as `valetd --dev` would: a missing [seal] is allowed.
         #[arg(long)]
         dev: bool,
+        /// Treat every finding of the lints (what widens access, what can never work) as an
+        /// error, unless silenced in the config with allow_broad = "reason".
+        #[arg(long)]
+        strict: bool,
     },
     /// Make valetd re-read its config file.
     Reload,

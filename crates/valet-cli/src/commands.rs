@@ -25,9 +25,12 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<i32> {
     let connection = &arguments.connection;
     let json = connection.json;
     match arguments.command {
-        Command::Config(ConfigCommand::Check { file, offline, dev }) => {
-            config_check(&file, offline, dev, json)
-        }
+        Command::Config(ConfigCommand::Check {
+            file,
+            offline,
+            dev,
+            strict,
+        }) => config_check(&file, (offline, dev, strict), json),
         Command::Keygen { name } => keygen(&name, json),
         Command::Completions { shell } => {
             // Made in memory, then written: a closed stdout is then an error, not a panic.
@@ -740,7 +743,11 @@ impl valet_core::config::Environment for SystemEnvironment {
     }
 }
 
-fn config_check(file: &Path, offline: bool, dev: bool, json: bool) -> anyhow::Result<i32> {
+fn config_check(
+    file: &Path,
+    (offline, dev, strict): (bool, bool, bool),
+    json: bool,
+) -> anyhow::Result<i32> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let base_dir = file
@@ -763,15 +770,18 @@ fn config_check(file: &Path, offline: bool, dev: bool, json: bool) -> anyhow::Re
     let offline_note = "offline: the key-encryption key, credentials and the TLS, JWKS and etcd files and variables were not read; run without --offline where valetd runs to check them";
     match checked {
         Ok(config) => {
-            let warnings = config.warnings();
+            let lints = config.lints();
+            let (silenced, active): (Vec<_>, Vec<_>) =
+                lints.iter().partition(|lint| lint.silenced.is_some());
+            let failed = strict && !active.is_empty();
             if json {
-                let warnings: Vec<_> = warnings
+                let lints: Vec<_> = lints
                     .iter()
-                    .map(|warning| serde_json::json!({"key_path": warning.key_path, "warning": warning.message}))
+                    .map(|lint| serde_json::json!({"key_path": lint.key_path, "code": lint.code, "risk": lint.risk, "fix": lint.fix, "silenced": lint.silenced}))
                     .collect();
                 println!(
                     "{}",
-                    serde_json::json!({"valid": true, "offline": offline, "principals": config.principals.len(), "scopes": config.scopes.len(), "credentials": config.credentials.len(), "warnings": warnings})
+                    serde_json::json!({"valid": !failed, "strict": strict, "offline": offline, "principals": config.principals.len(), "scopes": config.scopes.len(), "credentials": config.credentials.len(), "lints": lints})
                 );
             } else {
                 println!(
@@ -784,11 +794,27 @@ fn config_check(file: &Path, offline: bool, dev: bool, json: bool) -> anyhow::Re
                 if offline {
                     println!("{offline_note}");
                 }
-                for warning in &warnings {
-                    println!("warning: {}: {}", warning.key_path, warning.message);
+                let level = if strict { "error" } else { "warning" };
+                for lint in &active {
+                    println!(
+                        "{level}: {} [{}]: {}\n  fix: {}",
+                        lint.key_path, lint.code, lint.risk, lint.fix
+                    );
+                }
+                if !silenced.is_empty() {
+                    println!(
+                        "{} finding(s) silenced by allow_broad, each with its reason (--json lists them)",
+                        silenced.len()
+                    );
+                }
+                if failed {
+                    println!(
+                        "--strict: {} finding(s) to fix or to silence with allow_broad = \"reason\"",
+                        active.len()
+                    );
                 }
             }
-            Ok(0)
+            Ok(if failed { EXIT_FAILURE } else { 0 })
         }
         Err(errors) => {
             if json {

@@ -194,6 +194,11 @@ pub enum PatternError {
 }
 
 impl PathPattern {
+    /// The pattern as written in the config.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     pub fn parse(source: &str) -> Result<PathPattern, PatternError> {
         let rest = source.strip_prefix('/').ok_or(PatternError::NotAbsolute)?;
         let mut segments = Vec::new();

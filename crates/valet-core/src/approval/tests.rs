@@ -12,6 +12,8 @@ fn principal(name: &str, roles: &[Role]) -> Principal {
         certificates: Vec::new(),
         identities: Vec::new(),
         rate: None,
+        position: 0,
+        allow_broad: None,
         scopes: BTreeSet::new(),
     }
 }

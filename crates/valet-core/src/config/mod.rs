@@ -6,6 +6,7 @@ mod aws;
 mod environment;
 mod gateway;
 mod identity;
+mod lints;
 mod raw;
 mod store;
 
@@ -17,6 +18,7 @@ pub use gateway::{
 pub use identity::{
     CertificateMatch, ClientAuth, Glob, IdentityMatch, Issuer, KeySet, ServerTls, is_spiffe_id,
 };
+pub use lints::Lint;
 pub use store::{EtcdConfig, StoreConfig};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -242,6 +244,10 @@ pub struct Principal {
     pub identities: Vec<IdentityMatch>,
     /// The most requests it may make; `None`: unlimited.
     pub rate: Option<crate::rate::Rate>,
+    /// Its place in the file (`principal[N]`), for key paths.
+    pub position: usize,
+    /// Why its lints are silenced (`allow_broad = "…"`), when they are.
+    pub allow_broad: Option<String>,
     pub scopes: BTreeSet<String>,
 }
 
@@ -263,6 +269,11 @@ pub struct Credential {
 
 #[derive(Debug, Clone)]
 pub struct Scope {
+    /// Its place in the file (`scope[N]`), for key paths.
+    pub position: usize,
+    /// Lints silenced with a stated reason (`allow_broad = "…"`), by key path relative to the
+    /// scope: `""` for the scope, `params.NAME`, `allow[N]`.
+    pub allow_broad: BTreeMap<String, String>,
     pub name: String,
     pub credential: String,
     pub environment: String,
@@ -403,55 +414,7 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// Something valid but worth changing, with where it is and what to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigWarning {
-    pub key_path: String,
-    pub message: String,
-}
-
 impl Config {
-    /// What `valet config check` warns about in a valid config.
-    pub fn warnings(&self) -> Vec<ConfigWarning> {
-        let mut warnings = Vec::new();
-        let client_ca = self
-            .server
-            .tls
-            .as_ref()
-            .is_some_and(|tls| tls.client_ca_file.is_some());
-        if !self.issuers.is_empty() || client_ca {
-            let offered = match (self.issuers.is_empty(), client_ca) {
-                (false, true) => "workload identity tokens ([[issuer]]) and client certificates",
-                (false, false) => "workload identity tokens ([[issuer]])",
-                _ => "client certificates (server.client_ca_file)",
-            };
-            for principal in self.principals.values() {
-                if principal.key_sha256.is_some()
-                    && principal.has_role(Role::Agent)
-                    && principal.identities.is_empty()
-                    && principal.certificates.is_empty()
-                {
-                    warnings.push(ConfigWarning {
-                        key_path: format!("principal {:?}.key_sha256", principal.name),
-                        message: format!(
-                            "agent {:?} authenticates with a static key, a long-lived secret in the agent's reach, while this deployment accepts {offered}: give it a [[principal.identity]] or [[principal.certificate]] and remove key_sha256 (docs/identity.md)",
-                            principal.name
-                        ),
-                    });
-                }
-            }
-        }
-        for (listener, address) in self.server.plaintext_listeners_off_loopback() {
-            warnings.push(ConfigWarning {
-                key_path: "server.insecure_plaintext".to_string(),
-                message: format!(
-                    "the {listener} listener serves plaintext on {address}: keys and tokens cross that network in clear unless a proxy or mesh protects it; set server.tls_cert_file and tls_key_file"
-                ),
-            });
-        }
-        warnings
-    }
-
     /// Parses and validates config text. Relative paths are resolved against `base_dir`, the
     /// directory of the config file, so a config means the same wherever valetd is started.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigErrors> {
@@ -985,6 +948,8 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             certificates,
             identities,
             rate,
+            position: index,
+            allow_broad: reasoned_exception(raw_principal.allow_broad, &at, problems),
             scopes: allowed_scopes,
         };
         if principals.insert(name.clone(), principal).is_some() {
@@ -1206,6 +1171,23 @@ fn build_scope(
         }
     };
     let mut params = BTreeMap::new();
+    let mut allow_broad = BTreeMap::new();
+    if let Some(reason) = reasoned_exception(raw_scope.allow_broad.take(), at, problems) {
+        allow_broad.insert(String::new(), reason);
+    }
+    for (param_name, raw_param) in &mut raw_scope.params {
+        let param_at = format!("{at}.params.{param_name}");
+        if let Some(reason) = reasoned_exception(raw_param.allow_broad.take(), &param_at, problems)
+        {
+            allow_broad.insert(format!("params.{param_name}"), reason);
+        }
+    }
+    for (rule_index, raw_rule) in raw_scope.allow.iter_mut().enumerate() {
+        let rule_at = format!("{at}.allow[{rule_index}]");
+        if let Some(reason) = reasoned_exception(raw_rule.allow_broad.take(), &rule_at, problems) {
+            allow_broad.insert(format!("allow[{rule_index}]"), reason);
+        }
+    }
     for (param_name, raw_param) in std::mem::take(&mut raw_scope.params) {
         let param_at = format!("{at}.params.{param_name}");
         if !is_valid_param_name(&param_name) {
@@ -1328,6 +1310,12 @@ fn build_scope(
         }
     }
     Some(Scope {
+        position: at
+            .trim_start_matches("scope[")
+            .trim_end_matches(']')
+            .parse()
+            .unwrap_or_default(),
+        allow_broad,
         name: name?,
         credential: credential?,
         environment: environment?,
@@ -1342,6 +1330,23 @@ fn build_scope(
         aws: scope_aws,
         params,
     })
+}
+
+/// An `allow_broad = "reason"`: the reason must say something (at least 10 characters).
+fn reasoned_exception(reason: Option<String>, at: &str, problems: &mut Problems) -> Option<String> {
+    let reason = reason?;
+    if reason.trim().chars().count() < 10 {
+        problems.push(
+            format!("{at}.allow_broad"),
+            invalid(
+                &reason,
+                "reason",
+                "a sentence of at least 10 characters saying why this breadth is acceptable (it is shown wherever the lint would be)",
+            ),
+        );
+        return None;
+    }
+    Some(reason.trim().to_string())
 }
 
 fn first_line(text: &str) -> &str {

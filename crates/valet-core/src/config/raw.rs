@@ -132,6 +132,7 @@ pub struct RawPrincipal {
     #[serde(default)]
     pub identity: Vec<RawIdentityMatch>,
     pub rate: Option<String>,
+    pub allow_broad: Option<String>,
 }
 
 /// `[[principal.certificate]]`: one client-certificate identity that authenticates a principal.
@@ -176,6 +177,7 @@ pub struct RawScope {
     pub resources: Option<Vec<String>>,
     pub conditions: Option<BTreeMap<String, BTreeMap<String, RawConditionValues>>>,
     pub revoke: Option<String>,
+    pub allow_broad: Option<String>,
 }
 
 /// An IAM condition's value: one string or a list.
@@ -218,6 +220,7 @@ pub struct RawAllow {
     pub approval: Option<RawRuleApproval>,
     #[serde(default)]
     pub query: BTreeMap<String, RawValueRule>,
+    pub allow_broad: Option<String>,
 }
 
 /// The values a query parameter or an argument may take: `"exact"`, `"{param}"`,
@@ -251,6 +254,7 @@ pub struct RawParam {
     pub pattern: Option<String>,
     pub values: Option<Vec<String>>,
     pub required: Option<bool>,
+    pub allow_broad: Option<String>,
 }
 
 /// Parses TOML text into the raw model, collecting the path of every key the model does not know.

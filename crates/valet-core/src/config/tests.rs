@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::*;
 
-const EXAMPLES: &[(&str, &str)] = &[
+pub(super) const EXAMPLES: &[(&str, &str)] = &[
     (
         "deploy/examples/valet.toml",
         include_str!("../../../../deploy/examples/valet.toml"),
@@ -584,23 +584,4 @@ fn the_kubernetes_manifest_holds_a_valid_config_with_tls_and_an_issuer() {
         config.principals["ci-builder"].identities[0].issuer,
         "kubernetes"
     );
-}
-
-#[test]
-fn an_agent_on_a_static_key_is_warned_about_when_identities_are_offered() {
-    let (_, example) = EXAMPLES[0];
-    let config = Config::parse(example, Path::new("/")).unwrap();
-    assert!(config.warnings().is_empty(), "{:?}", config.warnings());
-    let with_issuer = format!(
-        "{example}\n[[issuer]]\nname = \"kubernetes\"\nissuer = \"https://kubernetes.default.svc\"\naudiences = [\"valet\"]\njwks_file = \"jwks.json\"\nalgorithms = [\"RS256\"]\n"
-    );
-    let config = Config::parse(&with_issuer, Path::new("/")).unwrap();
-    let warnings = config.warnings();
-    let agents = config
-        .principals
-        .values()
-        .filter(|principal| principal.has_role(Role::Agent))
-        .count();
-    assert_eq!(warnings.len(), agents, "{warnings:?}");
-    assert!(warnings[0].message.contains("static key"), "{warnings:?}");
 }
