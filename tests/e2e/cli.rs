@@ -1180,3 +1180,56 @@ async fn config_check_lints_warn_fail_with_strict_and_keep_a_stated_exception() 
         "test fixture: any project name is acceptable here"
     );
 }
+
+#[tokio::test]
+async fn config_explain_prints_what_docs_policy_md_shows() {
+    let repository = valet_tests::frameworks::repository();
+    let doc = std::fs::read_to_string(repository.join("docs/policy.md")).unwrap();
+    let example = repository.join("deploy/examples/railway.toml");
+    let output = Command::new(binary("valet"))
+        .args(["config", "explain"])
+        .arg(&example)
+        .args(["--principal", "maintenance-agent"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        doc.contains(printed.trim_end()),
+        "docs/policy.md shows the output of `valet config explain` as it is:\n{printed}"
+    );
+
+    let body = deployment_body();
+    let output = Command::new(binary("valet"))
+        .args(["config", "explain"])
+        .arg(&example)
+        .args([
+            "--principal",
+            "maintenance-agent",
+            "--scope",
+            "railway-production-maintenance",
+            "--param",
+            "project_id=2f9c6a1e-4b7d-4c1a-9e3f-5a6b7c8d9e0f",
+            "--call",
+            "POST /graphql/v2",
+            "--body",
+        ])
+        .arg(body.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.starts_with("needs approval: allow[1]"), "{printed}");
+    assert!(doc.contains(printed.trim_end()), "{printed}");
+}
+
+/// The body docs/policy.md calls delete-volume.json.
+fn deployment_body() -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        file.path(),
+        r#"{"query":"mutation { volumeDelete(volumeId: \"vol-1\") }"}"#,
+    )
+    .unwrap();
+    file
+}

@@ -331,6 +331,35 @@ pub enum ConfigCommand {
     },
     /// Make valetd re-read its config file.
     Reload,
+    /// What a principal may request and what its grants allow, read from a config file; with
+    /// --call, whether the gateway would forward one concrete call (decided by the gateway's own
+    /// rules code). Offline.
+    #[command(
+        after_help = "Examples:\n  valet config explain deploy/examples/railway.toml --principal maintenance-agent\n  valet config explain deploy/examples/railway.toml --principal maintenance-agent \\\n      --scope railway-production-maintenance --param project_id=2f9c6a1e-4b7d-4c1a-9e3f-5a6b7c8d9e0f \\\n      --call 'POST /graphql/v2' --body delete-volume.json"
+    )]
+    Explain {
+        /// The config file.
+        file: PathBuf,
+        /// The principal to explain.
+        #[arg(long)]
+        principal: String,
+        /// Only this scope (needed with --call).
+        #[arg(long)]
+        scope: Option<String>,
+        /// A grant parameter, NAME=VALUE; repeat for more (renders AWS session policies and
+        /// binds rules).
+        #[arg(long = "param", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+        /// A concrete call, "METHOD /path?query", decided as the gateway would.
+        #[arg(long, requires = "scope")]
+        call: Option<String>,
+        /// The call's body, from this file.
+        #[arg(long, requires = "call")]
+        body: Option<PathBuf>,
+        /// The call's Content-Type (application/json when a body is given).
+        #[arg(long, requires = "call")]
+        content_type: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -31,6 +31,22 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<i32> {
             dev,
             strict,
         }) => config_check(&file, (offline, dev, strict), json),
+        Command::Config(ConfigCommand::Explain {
+            file,
+            principal,
+            scope,
+            params,
+            call,
+            body,
+            content_type,
+        }) => config_explain(
+            &file,
+            (&principal, scope.as_deref()),
+            &params.into_iter().collect(),
+            call.as_deref()
+                .map(|call| (call, body.as_deref(), content_type.as_deref())),
+            json,
+        ),
         Command::Keygen { name } => keygen(&name, json),
         Command::Completions { shell } => {
             // Made in memory, then written: a closed stdout is then an error, not a panic.
@@ -392,7 +408,7 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
                 println!("server     {}", client.server());
             }
         }
-        Command::Config(ConfigCommand::Check { .. })
+        Command::Config(ConfigCommand::Check { .. } | ConfigCommand::Explain { .. })
         | Command::Keygen { .. }
         | Command::Audit(AuditCommand::Verify { .. })
         | Command::Exec(_)
@@ -830,6 +846,79 @@ fn config_check(
             Ok(EXIT_FAILURE)
         }
     }
+}
+
+/// A call to decide: "METHOD /path?query", and its body file and content type.
+type CallToExplain<'a> = (&'a str, Option<&'a Path>, Option<&'a str>);
+
+/// `valet config explain`: offline, from the file alone.
+fn config_explain(
+    file: &Path,
+    (principal, scope): (&str, Option<&str>),
+    params: &std::collections::BTreeMap<String, String>,
+    call: Option<CallToExplain<'_>>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let base_dir = file
+        .canonicalize()
+        .ok()
+        .and_then(|path| path.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let config = Config::parse(&text, &base_dir)
+        .map_err(|errors| UsageError(format!("{}: {errors}", file.display())))?;
+    let explanation =
+        valet_core::explain::explain(&config, principal, scope, params).map_err(UsageError)?;
+    let Some((call, body_file, content_type)) = call else {
+        if json {
+            println!("{}", serde_json::to_string(&explanation)?);
+        } else {
+            print!("{}", valet_core::explain::words(&explanation));
+        }
+        return Ok(0);
+    };
+    let (method, target) = call.trim().split_once(' ').ok_or_else(|| {
+        UsageError(format!(
+            "--call {call:?} is not \"METHOD /path\", such as \"POST /graphql/v2\""
+        ))
+    })?;
+    let body = match body_file {
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("cannot read the body file {}", path.display()))?,
+        None => Vec::new(),
+    };
+    let content_type = content_type.or((!body.is_empty()).then_some("application/json"));
+    let scope_name = scope.unwrap_or_default();
+    let scope = config
+        .scopes
+        .get(scope_name)
+        .ok_or_else(|| UsageError(format!("scope {scope_name:?} is not in this config")))?;
+    let verdict = valet_core::explain::explain_call(
+        scope,
+        params,
+        method,
+        target.trim(),
+        content_type,
+        &body,
+    );
+    if json {
+        println!("{}", serde_json::to_string(&verdict)?);
+    } else {
+        match &verdict {
+            valet_core::explain::CallVerdict::Allow { rule } => {
+                println!("allow: {rule} forwards {method} {}", target.trim())
+            }
+            valet_core::explain::CallVerdict::NeedsApproval { rule, approval } => {
+                println!("needs approval: {rule} forwards it only once approved ({approval})")
+            }
+            valet_core::explain::CallVerdict::Deny { reason } => println!("deny: {reason}"),
+        }
+    }
+    Ok(match verdict {
+        valet_core::explain::CallVerdict::Allow { .. } => 0,
+        _ => EXIT_DENIED,
+    })
 }
 
 fn keygen(name: &str, json: bool) -> anyhow::Result<i32> {

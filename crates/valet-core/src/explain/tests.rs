@@ -1,0 +1,84 @@
+//! Explaining the Railway example: what the maintenance agent may do, and three calls decided as
+//! the gateway decides them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::*;
+
+const RAILWAY: &str = include_str!("../../../../deploy/examples/railway.toml");
+const PROJECT: &str = "2f9c6a1e-4b7d-4c1a-9e3f-5a6b7c8d9e0f";
+
+fn config() -> Config {
+    Config::parse(RAILWAY, Path::new("/repo/deploy/examples")).unwrap()
+}
+
+#[test]
+fn a_principal_is_explained_scope_by_scope() {
+    let config = config();
+    let params = BTreeMap::from([("project_id".to_string(), PROJECT.to_string())]);
+    let explanation = explain(&config, "maintenance-agent", None, &params).unwrap();
+    assert_eq!(explanation.scopes.len(), 1);
+    let text = words(&explanation);
+    for expected in [
+        "scope railway-production-maintenance — environment production",
+        "GraphQL query [project, volumes], mutation [volumeBackupCreate]",
+        "project.id = the grant's {project_id}",
+        "mutation [volumeDelete]; each call needs 1 approval(s) from any operator or admin",
+        "typing the environment to confirm",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in:\n{text}");
+    }
+    let refused = explain(
+        &config,
+        "domains-agent",
+        Some("railway-production-maintenance"),
+        &params,
+    )
+    .unwrap_err();
+    assert!(refused.contains("may not request scope"), "{refused}");
+}
+
+#[test]
+fn calls_are_decided_as_the_gateway_decides_them() {
+    let config = config();
+    let scope = &config.scopes["railway-production-maintenance"];
+    let params = BTreeMap::from([("project_id".to_string(), PROJECT.to_string())]);
+    let json = Some("application/json");
+    let read = format!(r#"{{"query":"{{ project(id: \"{PROJECT}\") {{ name }} }}"}}"#);
+    assert!(matches!(
+        explain_call(scope, &params, "POST", "/graphql/v2", json, read.as_bytes()),
+        CallVerdict::Allow { .. }
+    ));
+    let other_project =
+        r#"{"query":"{ project(id: \"00000000-0000-0000-0000-000000000000\") { name } }"}"#;
+    assert!(matches!(
+        explain_call(
+            scope,
+            &params,
+            "POST",
+            "/graphql/v2",
+            json,
+            other_project.as_bytes()
+        ),
+        CallVerdict::Deny { .. }
+    ));
+    let delete = r#"{"query":"mutation { volumeDelete(volumeId: \"vol-1\") }"}"#;
+    match explain_call(
+        scope,
+        &params,
+        "POST",
+        "/graphql/v2",
+        json,
+        delete.as_bytes(),
+    ) {
+        CallVerdict::NeedsApproval { approval, .. } => {
+            assert!(approval.contains("typing the environment"), "{approval}")
+        }
+        other => panic!("volumeDelete needs approval, got {other:?}"),
+    }
+    match explain_call(scope, &params, "DELETE", "/graphql/v2", None, b"") {
+        CallVerdict::Deny { reason } => assert!(reason.contains("no rule"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
