@@ -1233,3 +1233,48 @@ fn deployment_body() -> tempfile::NamedTempFile {
     .unwrap();
     file
 }
+
+#[tokio::test]
+async fn config_test_runs_policy_cases_and_fails_on_a_broken_promise() {
+    let repository = valet_tests::frameworks::repository();
+    let doc = std::fs::read_to_string(repository.join("docs/policy.md")).unwrap();
+    for example in ["valet", "github", "aws", "railway"] {
+        // From the repository, with a relative path: as docs/policy.md shows it.
+        let output = Command::new(binary("valet"))
+            .current_dir(&repository)
+            .args(["config", "test"])
+            .arg(format!("deploy/examples/{example}.test.toml"))
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{example}: {printed}");
+        if example == "railway" {
+            assert!(
+                doc.contains(printed.trim_end()),
+                "docs/policy.md shows:\n{printed}"
+            );
+        }
+    }
+    // A promise the config does not keep fails the run, saying what happened.
+    let cases = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        cases.path(),
+        "[[case]]\nname = \"production needs a person\"\nenvironment = \"production\"\nexpect = \"needs_approval\"\n",
+    )
+    .unwrap();
+    let output = Command::new(binary("valet"))
+        .args(["config", "test"])
+        .arg(cases.path())
+        .arg("--config")
+        .arg(repository.join("deploy/examples/railway.toml"))
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{printed}");
+    assert!(
+        printed.contains(
+            "FAIL production needs a person — tokens for production are issued without approval"
+        ),
+        "{printed}"
+    );
+}

@@ -331,6 +331,18 @@ pub enum ConfigCommand {
     },
     /// Make valetd re-read its config file.
     Reload,
+    /// Run policy test cases (a TOML file of [[case]]s) against a config: token requests, gateway
+    /// calls, and who may reach an environment. Exit 1 if any case fails. Offline.
+    #[command(
+        after_help = "Example:\n  valet config test deploy/examples/railway.test.toml\nThe case format is in docs/policy.md."
+    )]
+    Test {
+        /// The case file.
+        file: PathBuf,
+        /// The config to test (default: the case file's `config`, relative to it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// What a principal may request and what its grants allow, read from a config file; with
     /// --call, whether the gateway would forward one concrete call (decided by the gateway's own
     /// rules code). Offline.

@@ -47,6 +47,9 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<i32> {
                 .map(|call| (call, body.as_deref(), content_type.as_deref())),
             json,
         ),
+        Command::Config(ConfigCommand::Test { file, config }) => {
+            config_test(&file, config.as_deref(), json)
+        }
         Command::Keygen { name } => keygen(&name, json),
         Command::Completions { shell } => {
             // Made in memory, then written: a closed stdout is then an error, not a panic.
@@ -408,7 +411,11 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
                 println!("server     {}", client.server());
             }
         }
-        Command::Config(ConfigCommand::Check { .. } | ConfigCommand::Explain { .. })
+        Command::Config(
+            ConfigCommand::Check { .. }
+            | ConfigCommand::Explain { .. }
+            | ConfigCommand::Test { .. },
+        )
         | Command::Keygen { .. }
         | Command::Audit(AuditCommand::Verify { .. })
         | Command::Exec(_)
@@ -846,6 +853,70 @@ fn config_check(
             Ok(EXIT_FAILURE)
         }
     }
+}
+
+/// Reads and validates a config file the way `config check` does (the file only).
+fn parse_config_file(file: &Path) -> anyhow::Result<Config> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let base_dir = file
+        .canonicalize()
+        .ok()
+        .and_then(|path| path.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok(Config::parse(&text, &base_dir)
+        .map_err(|errors| UsageError(format!("{}: {errors}", file.display())))?)
+}
+
+/// `valet config test`: every case, then a count; exit 1 on any failure.
+fn config_test(file: &Path, config: Option<&Path>, json: bool) -> anyhow::Result<i32> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let cases = valet_core::explain::cases::parse(&text)
+        .map_err(|error| UsageError(format!("{}: {error}", file.display())))?;
+    let config_path = match (config, &cases.config) {
+        (Some(path), _) => path.to_path_buf(),
+        (None, Some(relative)) => file
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(relative),
+        (None, None) => {
+            return Err(UsageError(format!(
+                "{} names no config: add config = \"FILE\" to it, or pass --config",
+                file.display()
+            ))
+            .into());
+        }
+    };
+    let config = parse_config_file(&config_path)?;
+    let outcomes = valet_core::explain::cases::run(&config, &cases);
+    let n_failed = outcomes.iter().filter(|outcome| !outcome.passed).count();
+    if json {
+        let outcomes: Vec<_> = outcomes
+            .iter()
+            .map(|outcome| serde_json::json!({"name": outcome.name, "passed": outcome.passed, "detail": outcome.detail}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"config": config_path.display().to_string(), "passed": n_failed == 0, "cases": outcomes})
+        );
+    } else {
+        for outcome in &outcomes {
+            println!(
+                "{} {} — {}",
+                if outcome.passed { "ok  " } else { "FAIL" },
+                outcome.name,
+                outcome.detail
+            );
+        }
+        println!(
+            "{} case(s) against {}: {} passed, {n_failed} failed",
+            outcomes.len(),
+            config_path.display(),
+            outcomes.len() - n_failed
+        );
+    }
+    Ok(if n_failed == 0 { 0 } else { EXIT_FAILURE })
 }
 
 /// A call to decide: "METHOD /path?query", and its body file and content type.

@@ -5,6 +5,8 @@
 //! functions the gateway itself runs (`rules::check_path`, `call::candidate_rules`,
 //! `call::choose_rule`).
 
+pub mod cases;
+
 use std::collections::BTreeMap;
 
 use serde::Serialize;

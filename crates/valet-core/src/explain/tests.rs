@@ -82,3 +82,91 @@ fn calls_are_decided_as_the_gateway_decides_them() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn every_example_config_passes_its_policy_tests() {
+    for (name, config_text, cases_text) in [
+        (
+            "valet",
+            include_str!("../../../../deploy/examples/valet.toml"),
+            include_str!("../../../../deploy/examples/valet.test.toml"),
+        ),
+        (
+            "github",
+            include_str!("../../../../deploy/examples/github.toml"),
+            include_str!("../../../../deploy/examples/github.test.toml"),
+        ),
+        (
+            "aws",
+            include_str!("../../../../deploy/examples/aws.toml"),
+            include_str!("../../../../deploy/examples/aws.test.toml"),
+        ),
+        (
+            "railway",
+            RAILWAY,
+            include_str!("../../../../deploy/examples/railway.test.toml"),
+        ),
+    ] {
+        let config = Config::parse(config_text, Path::new("/repo/deploy/examples")).unwrap();
+        let outcomes = cases::run(&config, &cases::parse(cases_text).unwrap());
+        assert!(!outcomes.is_empty(), "{name}");
+        let failed: Vec<_> = outcomes.iter().filter(|outcome| !outcome.passed).collect();
+        assert!(failed.is_empty(), "{name}: {failed:#?}");
+    }
+}
+
+#[test]
+fn the_railway_examples_policy_tests_pass() {
+    let file = cases::parse(include_str!(
+        "../../../../deploy/examples/railway.test.toml"
+    ))
+    .unwrap();
+    assert_eq!(file.config.as_deref(), Some("railway.toml"));
+    let outcomes = cases::run(&config(), &file);
+    assert_eq!(outcomes.len(), 7);
+    let failed: Vec<_> = outcomes.iter().filter(|outcome| !outcome.passed).collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+#[test]
+fn a_case_that_does_not_hold_fails_with_what_happened() {
+    let file = cases::parse(
+        r#"
+[[case]]
+name = "production is approval-gated"
+environment = "production"
+expect = "needs_approval"
+
+[[case]]
+name = "wrongly expected to be granted"
+principal = "domains-agent"
+scope = "railway-production-maintenance"
+expect = "granted"
+
+[[case]]
+name = "neither scope nor environment"
+principal = "domains-agent"
+"#,
+    )
+    .unwrap();
+    let outcomes = cases::run(&config(), &file);
+    assert!(
+        outcomes.iter().all(|outcome| !outcome.passed),
+        "{outcomes:#?}"
+    );
+    assert!(
+        outcomes[0].detail.contains(
+            "issued without approval to [maintenance-agent via railway-production-maintenance]"
+        ),
+        "{}",
+        outcomes[0].detail
+    );
+    assert!(
+        outcomes[1]
+            .detail
+            .starts_with("expected granted, got refused"),
+        "{}",
+        outcomes[1].detail
+    );
+    assert!(cases::parse("[[case]]\nname = \"x\"\ncolour = \"blue\"\n").is_err());
+}
