@@ -170,3 +170,33 @@ principal = "domains-agent"
     );
     assert!(cases::parse("[[case]]\nname = \"x\"\ncolour = \"blue\"\n").is_err());
 }
+
+#[test]
+fn an_aws_scope_is_explained_with_the_session_policy_a_grant_would_carry() {
+    let config = Config::parse(
+        include_str!("../../../../deploy/examples/aws.toml"),
+        Path::new("/repo/deploy/examples"),
+    )
+    .unwrap();
+    let params = BTreeMap::from([("team".to_string(), "blue".to_string())]);
+    let explanation = explain(&config, "report-agent", Some("reports-read"), &params).unwrap();
+    let aws = explanation.scopes[0].aws.as_ref().expect("an aws scope");
+    let policy = aws
+        .session_policy
+        .as_ref()
+        .expect("rendered with every param given");
+    assert_eq!(
+        policy["Statement"][0]["Resource"],
+        serde_json::json!(["arn:aws:s3:::reports-blue", "arn:aws:s3:::reports-blue/*"])
+    );
+    let without = explain(&config, "report-agent", None, &BTreeMap::new()).unwrap();
+    assert!(
+        without.scopes[0]
+            .aws
+            .as_ref()
+            .unwrap()
+            .session_policy
+            .is_none()
+    );
+    assert!(words(&without).contains("give every param (--param) to render it"));
+}
