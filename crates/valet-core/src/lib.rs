@@ -15,6 +15,7 @@ pub mod identity;
 pub mod ids;
 pub mod json;
 pub mod keyring;
+pub mod mcp;
 pub mod policy;
 pub mod random;
 pub mod rate;

@@ -1,0 +1,412 @@
+//! MCP rules on MCP objects, not bytes: which tools, resources and prompts a grant may use, with
+//! per-tool argument constraints; the check of every JSON-RPC message an agent POSTs (a batch is
+//! checked message by message, and refused whole if one is refused); the filtering of the
+//! server's `*/list` replies so a forbidden tool is never offered; and the canonical text the
+//! gateway forwards, built from what it parsed. No I/O: the gateway wires this to HTTP.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use crate::config::Glob;
+use crate::rules::ValueRule;
+
+/// What a grant of an MCP scope may use.
+#[derive(Debug, Clone, Default)]
+pub struct McpAllow {
+    pub tools: Vec<ToolRule>,
+    /// Resource URI patterns: `*` any run of characters, `{param}` the grant's parameter.
+    pub resources: Vec<String>,
+    pub prompts: Vec<Glob>,
+}
+
+/// One allowed tool (or glob of tools) and what its arguments may be.
+#[derive(Debug, Clone)]
+pub struct ToolRule {
+    pub name: Glob,
+    /// Constraints on arguments, by name; an argument not listed is allowed unless forbidden.
+    pub arguments: BTreeMap<String, ArgumentRule>,
+    pub required: BTreeSet<String>,
+    pub forbidden: BTreeSet<String>,
+}
+
+/// What one argument may be.
+#[derive(Debug, Clone)]
+pub enum ArgumentRule {
+    /// A string (or a number or boolean written out) the value rule permits.
+    Value(ValueRule),
+    /// A number within bounds (inclusive).
+    Number { min: Option<f64>, max: Option<f64> },
+}
+
+impl fmt::Display for ArgumentRule {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArgumentRule::Value(rule) => write!(formatter, "{rule}"),
+            ArgumentRule::Number { min, max } => match (min, max) {
+                (Some(min), Some(max)) => write!(formatter, "a number from {min} to {max}"),
+                (Some(min), None) => write!(formatter, "a number of at least {min}"),
+                (None, Some(max)) => write!(formatter, "a number of at most {max}"),
+                (None, None) => write!(formatter, "a number"),
+            },
+        }
+    }
+}
+
+/// Methods a client may send that make the server do nothing on the agent's behalf.
+const HARMLESS_METHODS: [&str; 10] = [
+    "initialize",
+    "ping",
+    "tools/list",
+    "resources/list",
+    "resources/templates/list",
+    "prompts/list",
+    "notifications/initialized",
+    "notifications/cancelled",
+    "notifications/progress",
+    "notifications/roots/list_changed",
+];
+
+/// Why a message is refused; names the message and what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum McpDenial {
+    #[error("the body is not one JSON-RPC message or a batch of them: {0}")]
+    NotJsonRpc(String),
+    #[error("method {method:?} is not allowed through the gateway; allowed: tools/call, resources/read and prompts/get as the scope says, and {}", HARMLESS_METHODS.join(", "))]
+    Method { method: String },
+    #[error("tool {tool:?} is not allowed; allowed tools: [{allowed}]")]
+    Tool { tool: String, allowed: String },
+    #[error("tool {tool:?}: {reason}")]
+    Argument { tool: String, reason: String },
+    #[error("resource {uri:?} is not allowed; allowed: [{allowed}]")]
+    Resource { uri: String, allowed: String },
+    #[error("prompt {prompt:?} is not allowed; allowed: [{allowed}]")]
+    Prompt { prompt: String, allowed: String },
+    #[error("message {index} of the batch: {denial}")]
+    InBatch {
+        index: usize,
+        denial: Box<McpDenial>,
+    },
+}
+
+/// One checked message, for the audit log and the approval: what will execute.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedMessage {
+    pub method: String,
+    /// The tool, resource URI or prompt it acts on, when it acts on one.
+    pub target: Option<String>,
+    /// The index of the tool rule that allowed a `tools/call`.
+    pub tool_rule: Option<usize>,
+    /// The message as it will be forwarded (re-serialised from what was parsed).
+    pub message: Value,
+}
+
+/// Checks a POSTed body: one JSON-RPC message or a batch. Returns each message as it will be
+/// forwarded, and the canonical body built from them.
+pub fn check_post(
+    body: &[u8],
+    allow: &McpAllow,
+    params: &BTreeMap<String, String>,
+) -> Result<(Vec<CheckedMessage>, Vec<u8>), McpDenial> {
+    let value = crate::json::parse_strict(body)
+        .map_err(|error| McpDenial::NotJsonRpc(error.to_string()))?;
+    let (messages, batch) = match value {
+        Value::Array(items) if !items.is_empty() => (items, true),
+        Value::Array(_) => return Err(McpDenial::NotJsonRpc("an empty batch".into())),
+        object @ Value::Object(_) => (vec![object], false),
+        _ => {
+            return Err(McpDenial::NotJsonRpc(
+                "neither an object nor an array".into(),
+            ));
+        }
+    };
+    let mut checked = Vec::new();
+    for (index, message) in messages.into_iter().enumerate() {
+        match check_message(message, allow, params) {
+            Ok(message) => checked.push(message),
+            Err(denial) if batch => {
+                return Err(McpDenial::InBatch {
+                    index,
+                    denial: Box::new(denial),
+                });
+            }
+            Err(denial) => return Err(denial),
+        }
+    }
+    let forwarded = if batch {
+        Value::Array(
+            checked
+                .iter()
+                .map(|message| message.message.clone())
+                .collect(),
+        )
+    } else {
+        checked[0].message.clone()
+    };
+    Ok((checked, forwarded.to_string().into_bytes()))
+}
+
+fn check_message(
+    message: Value,
+    allow: &McpAllow,
+    params: &BTreeMap<String, String>,
+) -> Result<CheckedMessage, McpDenial> {
+    let Value::Object(object) = message else {
+        return Err(McpDenial::NotJsonRpc(
+            "a batch item is not an object".into(),
+        ));
+    };
+    if object.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err(McpDenial::NotJsonRpc("\"jsonrpc\" is not \"2.0\"".into()));
+    }
+    // Only the members JSON-RPC defines are forwarded: nothing the check did not read.
+    let mut forwarded = Map::new();
+    forwarded.insert("jsonrpc".into(), Value::from("2.0"));
+    if let Some(id) = object.get("id") {
+        if !(id.is_string() || id.is_i64() || id.is_u64()) {
+            return Err(McpDenial::NotJsonRpc(
+                "an id must be a string or an integer".into(),
+            ));
+        }
+        forwarded.insert("id".into(), id.clone());
+    }
+    let Some(method) = object.get("method").and_then(Value::as_str) else {
+        // A response to a request the server made (sampling, elicitation, roots): the gateway
+        // relays none of those requests, so there is nothing to answer.
+        return Err(McpDenial::Method {
+            method: "(a response to the server)".into(),
+        });
+    };
+    forwarded.insert("method".into(), Value::from(method));
+    let params_value = object.get("params").cloned().unwrap_or(Value::Null);
+    if !params_value.is_null() && !params_value.is_object() {
+        return Err(McpDenial::NotJsonRpc("params must be an object".into()));
+    }
+    if !params_value.is_null() {
+        forwarded.insert("params".into(), params_value.clone());
+    }
+    let (target, tool_rule) = match method {
+        "tools/call" => {
+            let (name, rule) = check_tool_call(&params_value, allow, params)?;
+            (Some(name), Some(rule))
+        }
+        "resources/read" => {
+            let uri = params_value
+                .get("uri")
+                .and_then(Value::as_str)
+                .ok_or_else(|| McpDenial::NotJsonRpc("resources/read needs params.uri".into()))?;
+            if !allow
+                .resources
+                .iter()
+                .any(|pattern| uri_matches(pattern, uri, params))
+            {
+                return Err(McpDenial::Resource {
+                    uri: uri.to_string(),
+                    allowed: allow.resources.join(", "),
+                });
+            }
+            (Some(uri.to_string()), None)
+        }
+        "prompts/get" => {
+            let name = params_value
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| McpDenial::NotJsonRpc("prompts/get needs params.name".into()))?;
+            if !allow.prompts.iter().any(|glob| glob.matches(name)) {
+                return Err(McpDenial::Prompt {
+                    prompt: name.to_string(),
+                    allowed: allow
+                        .prompts
+                        .iter()
+                        .map(|glob| glob.as_str().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+            (Some(name.to_string()), None)
+        }
+        harmless if HARMLESS_METHODS.contains(&harmless) => (None, None),
+        other => {
+            return Err(McpDenial::Method {
+                method: other.to_string(),
+            });
+        }
+    };
+    Ok(CheckedMessage {
+        method: method.to_string(),
+        target,
+        tool_rule,
+        message: Value::Object(forwarded),
+    })
+}
+
+fn allowed_tools(allow: &McpAllow) -> String {
+    allow
+        .tools
+        .iter()
+        .map(|rule| rule.name.as_str().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn check_tool_call(
+    call: &Value,
+    allow: &McpAllow,
+    params: &BTreeMap<String, String>,
+) -> Result<(String, usize), McpDenial> {
+    let name = call
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| McpDenial::NotJsonRpc("tools/call needs params.name".into()))?;
+    let arguments = match call.get("arguments") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(arguments)) => arguments.clone(),
+        Some(_) => {
+            return Err(McpDenial::Argument {
+                tool: name.to_string(),
+                reason: "arguments must be an object".into(),
+            });
+        }
+    };
+    let mut first_refusal = None;
+    for (index, rule) in allow.tools.iter().enumerate() {
+        if !rule.name.matches(name) {
+            continue;
+        }
+        match check_arguments(rule, &arguments, params) {
+            Ok(()) => return Ok((name.to_string(), index)),
+            Err(reason) => {
+                first_refusal.get_or_insert(reason);
+            }
+        }
+    }
+    Err(match first_refusal {
+        Some(reason) => McpDenial::Argument {
+            tool: name.to_string(),
+            reason,
+        },
+        None => McpDenial::Tool {
+            tool: name.to_string(),
+            allowed: allowed_tools(allow),
+        },
+    })
+}
+
+fn check_arguments(
+    rule: &ToolRule,
+    arguments: &Map<String, Value>,
+    params: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    for required in &rule.required {
+        if !arguments.contains_key(required) {
+            return Err(format!("argument {required:?} is required"));
+        }
+    }
+    for (name, value) in arguments {
+        if rule.forbidden.contains(name) {
+            return Err(format!("argument {name:?} may not be given"));
+        }
+        let Some(constraint) = rule.arguments.get(name) else {
+            continue;
+        };
+        let permitted = match constraint {
+            ArgumentRule::Value(value_rule) => {
+                let text = match value {
+                    Value::String(text) => Some(text.clone()),
+                    Value::Number(number) => Some(number.to_string()),
+                    Value::Bool(flag) => Some(flag.to_string()),
+                    _ => None,
+                };
+                text.is_some_and(|text| value_rule.permits(&text, params))
+            }
+            ArgumentRule::Number { min, max } => value.as_f64().is_some_and(|number| {
+                min.is_none_or(|min| number >= min) && max.is_none_or(|max| number <= max)
+            }),
+        };
+        if !permitted {
+            return Err(format!(
+                "argument {name:?} must be {constraint}, and here it is {value}"
+            ));
+        }
+    }
+    // A constrained argument that is absent is not checked: list it in `required` to insist.
+    Ok(())
+}
+
+/// Whether `uri` matches `pattern` (`*` any run, `{param}` the grant's value).
+fn uri_matches(pattern: &str, uri: &str, params: &BTreeMap<String, String>) -> bool {
+    let mut rendered = String::new();
+    let mut rest = pattern;
+    while let Some(open) = rest.find('{') {
+        rendered.push_str(&rest[..open]);
+        let Some(close) = rest[open..].find('}') else {
+            return false;
+        };
+        let name = &rest[open + 1..open + close];
+        match params.get(name) {
+            // A bound value may not itself widen the pattern.
+            Some(value) if !value.contains('*') => rendered.push_str(value),
+            _ => return false,
+        }
+        rest = &rest[open + close + 1..];
+    }
+    rendered.push_str(rest);
+    Glob::new(rendered).matches(uri)
+}
+
+/// Keeps in a `tools/list`, `resources/list` or `prompts/list` result only what the grant may
+/// use, so a forbidden tool is never offered to the model.
+pub fn filter_list(
+    method: &str,
+    result: &mut Value,
+    allow: &McpAllow,
+    params: &BTreeMap<String, String>,
+) {
+    let (key, keep): (&str, Box<dyn Fn(&Value) -> bool + '_>) = match method {
+        "tools/list" => (
+            "tools",
+            Box::new(|item: &Value| {
+                item.get("name")
+                    .and_then(Value::as_str)
+                    .is_some_and(|name| allow.tools.iter().any(|rule| rule.name.matches(name)))
+            }),
+        ),
+        "resources/list" => (
+            "resources",
+            Box::new(|item: &Value| {
+                item.get("uri").and_then(Value::as_str).is_some_and(|uri| {
+                    allow
+                        .resources
+                        .iter()
+                        .any(|pattern| uri_matches(pattern, uri, params))
+                })
+            }),
+        ),
+        "prompts/list" => (
+            "prompts",
+            Box::new(|item: &Value| {
+                item.get("name")
+                    .and_then(Value::as_str)
+                    .is_some_and(|name| allow.prompts.iter().any(|glob| glob.matches(name)))
+            }),
+        ),
+        // Templates are patterns the gateway cannot compare to its own: none is offered.
+        "resources/templates/list" => {
+            if let Some(list) = result
+                .get_mut("resourceTemplates")
+                .and_then(Value::as_array_mut)
+            {
+                list.clear();
+            }
+            return;
+        }
+        _ => return,
+    };
+    if let Some(list) = result.get_mut(key).and_then(Value::as_array_mut) {
+        list.retain(|item| keep(item));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,203 @@
+//! The MCP check against messages shaped as MCP clients send them: allowed calls, forbidden
+//! tools, arguments outside their binding, batch smuggling, and list filtering.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::json;
+
+use super::*;
+
+fn allow() -> McpAllow {
+    McpAllow {
+        tools: vec![
+            ToolRule {
+                name: Glob::new("list_*"),
+                arguments: BTreeMap::new(),
+                required: BTreeSet::new(),
+                forbidden: BTreeSet::new(),
+            },
+            ToolRule {
+                name: Glob::new("create_custom_domain"),
+                arguments: BTreeMap::from([
+                    (
+                        "projectId".to_string(),
+                        ArgumentRule::Value(ValueRule::Param("project".into())),
+                    ),
+                    (
+                        "environment".to_string(),
+                        ArgumentRule::Value(ValueRule::Exact("staging".into())),
+                    ),
+                    (
+                        "port".to_string(),
+                        ArgumentRule::Number {
+                            min: Some(1.0),
+                            max: Some(65535.0),
+                        },
+                    ),
+                ]),
+                required: BTreeSet::from(["projectId".to_string(), "environment".to_string()]),
+                forbidden: BTreeSet::from(["force".to_string()]),
+            },
+        ],
+        resources: vec!["railway://projects/{project}/*".into()],
+        prompts: vec![Glob::new("summarise")],
+    }
+}
+
+fn params() -> BTreeMap<String, String> {
+    BTreeMap::from([("project".to_string(), "p-1".to_string())])
+}
+
+fn call(name: &str, arguments: serde_json::Value) -> Vec<u8> {
+    json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": name, "arguments": arguments}})
+        .to_string()
+        .into_bytes()
+}
+
+#[test]
+fn allowed_calls_pass_and_are_forwarded_as_parsed() {
+    let (checked, forwarded) = check_post(
+        &call(
+            "create_custom_domain",
+            json!({"projectId": "p-1", "environment": "staging", "port": 443, "domain": "shop.example"}),
+        ),
+        &allow(),
+        &params(),
+    )
+    .unwrap();
+    assert_eq!(checked[0].target.as_deref(), Some("create_custom_domain"));
+    assert_eq!(checked[0].tool_rule, Some(1));
+    let forwarded: serde_json::Value = serde_json::from_slice(&forwarded).unwrap();
+    assert_eq!(forwarded["params"]["arguments"]["domain"], "shop.example");
+    // Members JSON-RPC does not define are dropped, not forwarded.
+    let extra = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "smuggled": {"method": "tools/call"}});
+    let (_, forwarded) = check_post(extra.to_string().as_bytes(), &allow(), &params()).unwrap();
+    assert!(!String::from_utf8(forwarded).unwrap().contains("smuggled"));
+    for harmless in [
+        "initialize",
+        "ping",
+        "tools/list",
+        "notifications/initialized",
+    ] {
+        let message = json!({"jsonrpc": "2.0", "id": 1, "method": harmless});
+        assert!(
+            check_post(message.to_string().as_bytes(), &allow(), &params()).is_ok(),
+            "{harmless}"
+        );
+    }
+}
+
+#[test]
+fn forbidden_tools_arguments_and_methods_are_refused_with_the_reason() {
+    let refusal = |body: Vec<u8>| {
+        check_post(&body, &allow(), &params())
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(
+        refusal(call("delete_volume", json!({"volumeId": "v"}))).contains(
+            "tool \"delete_volume\" is not allowed; allowed tools: [list_*, create_custom_domain]"
+        )
+    );
+    assert!(
+        refusal(call(
+            "create_custom_domain",
+            json!({"projectId": "p-2", "environment": "staging"})
+        ))
+        .contains("argument \"projectId\" must be the grant's {project}")
+    );
+    assert!(
+        refusal(call(
+            "create_custom_domain",
+            json!({"projectId": "p-1", "environment": "production"})
+        ))
+        .contains("must be \"staging\"")
+    );
+    assert!(
+        refusal(call("create_custom_domain", json!({"projectId": "p-1"})))
+            .contains("\"environment\" is required")
+    );
+    assert!(
+        refusal(call(
+            "create_custom_domain",
+            json!({"projectId": "p-1", "environment": "staging", "force": true})
+        ))
+        .contains("may not be given")
+    );
+    assert!(
+        refusal(call(
+            "create_custom_domain",
+            json!({"projectId": "p-1", "environment": "staging", "port": 70000})
+        ))
+        .contains("a number from 1 to 65535")
+    );
+    let sampling =
+        json!({"jsonrpc": "2.0", "id": 2, "method": "sampling/createMessage", "params": {}});
+    assert!(
+        refusal(sampling.to_string().into_bytes())
+            .contains("method \"sampling/createMessage\" is not allowed")
+    );
+    let read = json!({"jsonrpc": "2.0", "id": 3, "method": "resources/read", "params": {"uri": "railway://projects/p-2/volumes"}});
+    assert!(
+        refusal(read.to_string().into_bytes())
+            .contains("resource \"railway://projects/p-2/volumes\" is not allowed")
+    );
+    let prompt = json!({"jsonrpc": "2.0", "id": 4, "method": "prompts/get", "params": {"name": "exfiltrate"}});
+    assert!(refusal(prompt.to_string().into_bytes()).contains("prompt \"exfiltrate\""));
+    for broken in [
+        &b"not json"[..],
+        b"[]",
+        b"42",
+        br#"{"jsonrpc":"1.0","method":"ping"}"#,
+        br#"{"jsonrpc":"2.0","id":1,"id":2,"method":"ping"}"#,
+    ] {
+        assert!(
+            check_post(broken, &allow(), &params()).is_err(),
+            "{}",
+            String::from_utf8_lossy(broken)
+        );
+    }
+}
+
+#[test]
+fn a_batch_is_refused_whole_when_one_message_is_refused() {
+    let batch = json!([
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "list_projects"}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "delete_volume", "arguments": {"volumeId": "prod-db"}}}
+    ]);
+    let refusal = check_post(batch.to_string().as_bytes(), &allow(), &params()).unwrap_err();
+    assert!(
+        matches!(refusal, McpDenial::InBatch { index: 1, .. }),
+        "{refusal}"
+    );
+    let fine = json!([
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "list_projects"}}
+    ]);
+    let (checked, _) = check_post(fine.to_string().as_bytes(), &allow(), &params()).unwrap();
+    assert_eq!(checked.len(), 2);
+}
+
+#[test]
+fn lists_offer_only_what_the_grant_may_use() {
+    let mut tools = json!({"tools": [{"name": "list_projects"}, {"name": "delete_volume"}, {"name": "create_custom_domain"}]});
+    filter_list("tools/list", &mut tools, &allow(), &params());
+    assert_eq!(
+        tools,
+        json!({"tools": [{"name": "list_projects"}, {"name": "create_custom_domain"}]})
+    );
+    let mut resources = json!({"resources": [{"uri": "railway://projects/p-1/volumes"}, {"uri": "railway://projects/p-2/volumes"}]});
+    filter_list("resources/list", &mut resources, &allow(), &params());
+    assert_eq!(
+        resources,
+        json!({"resources": [{"uri": "railway://projects/p-1/volumes"}]})
+    );
+    let mut templates = json!({"resourceTemplates": [{"uriTemplate": "railway://projects/{id}"}]});
+    filter_list(
+        "resources/templates/list",
+        &mut templates,
+        &allow(),
+        &params(),
+    );
+    assert_eq!(templates, json!({"resourceTemplates": []}));
+}
