@@ -363,34 +363,10 @@ pub fn filter_list(
     allow: &McpAllow,
     params: &BTreeMap<String, String>,
 ) {
-    let (key, keep): (&str, Box<dyn Fn(&Value) -> bool + '_>) = match method {
-        "tools/list" => (
-            "tools",
-            Box::new(|item: &Value| {
-                item.get("name")
-                    .and_then(Value::as_str)
-                    .is_some_and(|name| allow.tools.iter().any(|rule| rule.name.matches(name)))
-            }),
-        ),
-        "resources/list" => (
-            "resources",
-            Box::new(|item: &Value| {
-                item.get("uri").and_then(Value::as_str).is_some_and(|uri| {
-                    allow
-                        .resources
-                        .iter()
-                        .any(|pattern| uri_matches(pattern, uri, params))
-                })
-            }),
-        ),
-        "prompts/list" => (
-            "prompts",
-            Box::new(|item: &Value| {
-                item.get("name")
-                    .and_then(Value::as_str)
-                    .is_some_and(|name| allow.prompts.iter().any(|glob| glob.matches(name)))
-            }),
-        ),
+    let key = match method {
+        "tools/list" => "tools",
+        "resources/list" => "resources",
+        "prompts/list" => "prompts",
         // Templates are patterns the gateway cannot compare to its own: none is offered.
         "resources/templates/list" => {
             if let Some(list) = result
@@ -404,7 +380,24 @@ pub fn filter_list(
         _ => return,
     };
     if let Some(list) = result.get_mut(key).and_then(Value::as_array_mut) {
-        list.retain(|item| keep(item));
+        list.retain(|item| offered(key, item, allow, params));
+    }
+}
+
+/// Whether one listed tool, resource or prompt may be offered to a grant.
+fn offered(kind: &str, item: &Value, allow: &McpAllow, params: &BTreeMap<String, String>) -> bool {
+    let text = |field: &str| item.get(field).and_then(Value::as_str);
+    match kind {
+        "tools" => {
+            text("name").is_some_and(|name| allow.tools.iter().any(|rule| rule.name.matches(name)))
+        }
+        "resources" => text("uri").is_some_and(|uri| {
+            allow
+                .resources
+                .iter()
+                .any(|pattern| uri_matches(pattern, uri, params))
+        }),
+        _ => text("name").is_some_and(|name| allow.prompts.iter().any(|glob| glob.matches(name))),
     }
 }
 
