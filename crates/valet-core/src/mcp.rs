@@ -1,8 +1,10 @@
 //! MCP rules on MCP objects, not bytes: which tools, resources and prompts a grant may use, with
 //! per-tool argument constraints; the check of every JSON-RPC message an agent POSTs (a batch is
 //! checked message by message, and refused whole if one is refused); the filtering of the
-//! server's `*/list` replies so a forbidden tool is never offered; and the canonical text the
-//! gateway forwards, built from what it parsed. No I/O: the gateway wires this to HTTP.
+//! server's `*/list` replies (a JSON body or an SSE stream, chunk by chunk) so a forbidden tool is
+//! never offered, with the server's requests to act (sampling, elicitation, roots) dropped; and
+//! the canonical text the gateway forwards, built from what it parsed. No I/O: the gateway wires
+//! this to HTTP.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -398,6 +400,153 @@ fn offered(kind: &str, item: &Value, allow: &McpAllow, params: &BTreeMap<String,
                 .any(|pattern| uri_matches(pattern, uri, params))
         }),
         _ => text("name").is_some_and(|name| allow.prompts.iter().any(|glob| glob.matches(name))),
+    }
+}
+
+/// Requests a server may send a client, asking it to act (run a model, ask the user, list its
+/// roots). The gateway relays none of them: an agent's client never receives one through it.
+const SERVER_REQUESTS: [&str; 3] = ["sampling/createMessage", "elicitation/create", "roots/list"];
+
+/// Filters what an MCP server sends back to one POST — a JSON body or an SSE stream, in chunks as
+/// they arrive: list results narrowed to what the grant may use, server requests dropped.
+pub struct ReplyFilter {
+    /// The method of each request in the POST, by its id (as JSON text).
+    methods: BTreeMap<String, String>,
+    allow: McpAllow,
+    params: BTreeMap<String, String>,
+    /// An SSE event not yet complete.
+    pending: Vec<u8>,
+}
+
+impl ReplyFilter {
+    pub fn new(
+        checked: &[CheckedMessage],
+        allow: &McpAllow,
+        params: &BTreeMap<String, String>,
+    ) -> ReplyFilter {
+        let methods = checked
+            .iter()
+            .filter_map(|message| {
+                message
+                    .message
+                    .get("id")
+                    .map(|id| (id.to_string(), message.method.clone()))
+            })
+            .collect();
+        ReplyFilter {
+            methods,
+            allow: allow.clone(),
+            params: params.clone(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// One message from the server: `None` when it must not reach the client.
+    fn message(&self, mut message: Value) -> Option<Value> {
+        if let Some(method) = message.get("method").and_then(Value::as_str)
+            && SERVER_REQUESTS.contains(&method)
+        {
+            return None;
+        }
+        let method = message
+            .get("id")
+            .and_then(|id| self.methods.get(&id.to_string()))
+            .cloned();
+        if let (Some(method), Some(result)) = (method, message.get_mut("result")) {
+            filter_list(&method, result, &self.allow, &self.params);
+        }
+        Some(message)
+    }
+
+    /// A whole JSON reply (one message or a batch). What is not JSON passes unchanged: the
+    /// client gets the server's own error.
+    pub fn json_body(&self, body: &[u8]) -> Vec<u8> {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Array(messages)) => Value::Array(
+                messages
+                    .into_iter()
+                    .filter_map(|message| self.message(message))
+                    .collect(),
+            )
+            .to_string()
+            .into_bytes(),
+            Ok(message) => match self.message(message) {
+                Some(message) => message.to_string().into_bytes(),
+                None => Vec::new(),
+            },
+            Err(_) => body.to_vec(),
+        }
+    }
+
+    /// The next chunk of an SSE reply; returns the complete events it finished, filtered.
+    pub fn sse_chunk(&mut self, chunk: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while let Some(end) = event_end(&self.pending) {
+            let event: Vec<u8> = self.pending.drain(..end).collect();
+            out.extend(self.sse_event(&event));
+        }
+        out
+    }
+
+    /// What is left when the stream ends (an event without its closing blank line).
+    pub fn finish(&mut self) -> Vec<u8> {
+        let event = std::mem::take(&mut self.pending);
+        if event.iter().all(u8::is_ascii_whitespace) {
+            return Vec::new();
+        }
+        self.sse_event(&event)
+    }
+
+    /// One event: its `data` lines joined are one JSON-RPC message, filtered; other fields
+    /// (`event`, `id`, `retry`, comments) are kept.
+    fn sse_event(&self, event: &[u8]) -> Vec<u8> {
+        let text = String::from_utf8_lossy(event);
+        let mut fields = Vec::new();
+        let mut data = Vec::new();
+        for line in text.lines() {
+            match line.strip_prefix("data:") {
+                Some(value) => data.push(value.strip_prefix(' ').unwrap_or(value).to_string()),
+                None if !line.is_empty() => fields.push(line.to_string()),
+                None => {}
+            }
+        }
+        if data.is_empty() {
+            return event.to_vec();
+        }
+        let payload = data.join("\n");
+        let filtered = match serde_json::from_str::<Value>(&payload) {
+            Ok(message) => match self.message(message) {
+                Some(message) => message.to_string(),
+                None => return Vec::new(),
+            },
+            Err(_) => payload,
+        };
+        let mut out = String::new();
+        for field in fields {
+            out.push_str(&field);
+            out.push('\n');
+        }
+        out.push_str("data: ");
+        out.push_str(&filtered);
+        out.push_str("\n\n");
+        out.into_bytes()
+    }
+}
+
+/// Where the first complete SSE event ends (after its blank line), if one is complete.
+fn event_end(buffer: &[u8]) -> Option<usize> {
+    let lf = buffer
+        .windows(2)
+        .position(|pair| pair == b"\n\n")
+        .map(|at| at + 2);
+    let crlf = buffer
+        .windows(4)
+        .position(|quad| quad == b"\r\n\r\n")
+        .map(|at| at + 4);
+    match (lf, crlf) {
+        (Some(lf), Some(crlf)) => Some(lf.min(crlf)),
+        (one, other) => one.or(other),
     }
 }
 

@@ -201,3 +201,47 @@ fn lists_offer_only_what_the_grant_may_use() {
     );
     assert_eq!(templates, json!({"resourceTemplates": []}));
 }
+
+#[test]
+fn replies_are_filtered_whole_or_event_by_event_however_they_are_chunked() {
+    let post = json!([
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        {"jsonrpc": "2.0", "id": "b", "method": "tools/call", "params": {"name": "list_projects"}}
+    ]);
+    let (checked, _) = check_post(post.to_string().as_bytes(), &allow(), &params()).unwrap();
+    let filter = ReplyFilter::new(&checked, &allow(), &params());
+    let listed = json!({"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "delete_volume"}, {"name": "list_projects"}]}});
+    let filtered: serde_json::Value =
+        serde_json::from_slice(&filter.json_body(listed.to_string().as_bytes())).unwrap();
+    assert_eq!(
+        filtered["result"]["tools"],
+        json!([{"name": "list_projects"}])
+    );
+
+    // An SSE reply, split at awkward places: a progress notification passes, a sampling request
+    // is dropped, the list is filtered, other fields are kept.
+    let stream = format!(
+        "event: message\nid: e1\ndata: {}\n\nevent: message\ndata: {}\n\nid: e3\ndata: {}\n\n",
+        json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}),
+        json!({"jsonrpc": "2.0", "id": 99, "method": "sampling/createMessage", "params": {}}),
+        listed
+    );
+    for split in [1, 7, 40, stream.len() - 1] {
+        let mut filter = ReplyFilter::new(&checked, &allow(), &params());
+        let (first, second) = stream.as_bytes().split_at(split);
+        let mut out = filter.sse_chunk(first);
+        out.extend(filter.sse_chunk(second));
+        out.extend(filter.finish());
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("notifications/progress") && text.contains("id: e1"),
+            "{text}"
+        );
+        assert!(!text.contains("sampling/createMessage"), "{text}");
+        assert!(
+            text.contains("list_projects") && !text.contains("delete_volume"),
+            "{text}"
+        );
+        assert!(text.contains("id: e3"), "{text}");
+    }
+}
