@@ -1278,3 +1278,54 @@ async fn config_test_runs_policy_cases_and_fails_on_a_broken_promise() {
         "{printed}"
     );
 }
+
+#[tokio::test]
+async fn token_verify_with_a_jwks_file_needs_no_server_and_no_credential() {
+    let deployment = Deployment::standard();
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    let issued = agent
+        .request_token(TokenRequest::new("limited", "jwks-file"))
+        .await
+        .unwrap();
+    let jwks = agent
+        .broker()
+        .get_jwks(valet_client::v1::GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let document = serde_json::json!({"keys": jwks.keys.iter().map(|key| serde_json::json!({
+        "kty": key.kty, "crv": key.crv, "x": key.x, "kid": key.kid, "alg": key.alg, "use": key.r#use,
+    })).collect::<Vec<_>>()});
+    let path = deployment.path("jwks.json");
+    std::fs::write(&path, document.to_string()).unwrap();
+    drop(agent);
+    drop(valetd);
+
+    let verify = |issuer: &str| {
+        Command::new(binary("valet"))
+            .env_clear()
+            .env("VALET_SERVER", "http://127.0.0.1:1")
+            .args([
+                "token",
+                "verify",
+                issued.token_str(),
+                "--audience",
+                "github",
+                "--jwks",
+            ])
+            .arg(&path)
+            .args(["--issuer", issuer])
+            .output()
+            .unwrap()
+    };
+    let output = verify("https://valet.test");
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("valid signature and times"));
+    let output = verify("https://someone-else.test");
+    assert_eq!(output.status.code(), Some(3), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("invalid:"),
+        "{output:?}"
+    );
+}

@@ -231,6 +231,13 @@ pub enum TokenCommand {
         /// The audience the token must be for.
         #[arg(long)]
         audience: Option<String>,
+        /// Verify against this JWKS file (as served at /.well-known/jwks.json) instead of asking
+        /// valetd: no server and no credential needed.
+        #[arg(long, requires = "issuer")]
+        jwks: Option<PathBuf>,
+        /// The issuer the token must carry (valetd's server.issuer); with --jwks.
+        #[arg(long, requires = "jwks")]
+        issuer: Option<String>,
     },
 }
 

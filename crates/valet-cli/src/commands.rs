@@ -50,6 +50,20 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<i32> {
         Command::Config(ConfigCommand::Test { file, config }) => {
             config_test(&file, config.as_deref(), json)
         }
+        Command::Token(TokenCommand::Verify {
+            token,
+            audience,
+            jwks: Some(jwks),
+            issuer,
+        }) => {
+            let issuer = issuer.ok_or_else(|| {
+                UsageError(
+                    "--jwks needs --issuer: the issuer valetd's tokens carry (its server.issuer)"
+                        .into(),
+                )
+            })?;
+            verify_with_jwks(token, audience.as_deref(), (&jwks, &issuer), json)
+        }
         Command::Keygen { name } => keygen(&name, json),
         Command::Completions { shell } => {
             // Made in memory, then written: a closed stdout is then an error, not a panic.
@@ -174,43 +188,19 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
             }
             return Ok(if reply.active { 0 } else { EXIT_DENIED });
         }
-        Command::Token(TokenCommand::Verify { token, audience }) => {
+        Command::Token(TokenCommand::Verify {
+            token, audience, ..
+        }) => {
             let token = token_argument(token)?;
-            match client
+            let verified = match client
                 .verify_offline(token.expose_str().unwrap_or_default(), audience.as_deref())
                 .await
             {
-                Ok(claims) if json => println!(
-                    "{}",
-                    serde_json::json!({"valid": true, "revocation_checked": false, "claims": claims_json(&claims)})
-                ),
-                Ok(claims) => {
-                    println!(
-                        "valid signature and times: grant {} for {} (scope {}, environment {}, task {}), expires {}",
-                        claims.jti,
-                        claims.sub,
-                        claims.scope,
-                        claims.env,
-                        claims.task,
-                        format_time(claims.exp)
-                    );
-                    eprintln!(
-                        "an offline check cannot see a revocation: `valet token introspect` asks valetd whether the grant is still active"
-                    );
-                }
-                Err(ClientError::Verify(error)) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"valid": false, "reason": error.to_string()})
-                        );
-                    } else {
-                        println!("invalid: {error}");
-                    }
-                    return Ok(EXIT_DENIED);
-                }
+                Ok(claims) => Ok(claims),
+                Err(ClientError::Verify(error)) => Err(error),
                 Err(error) => return Err(error.into()),
-            }
+            };
+            return Ok(print_verification(verified, json));
         }
         Command::Task(TaskCommand::Revoke { task, reason }) => {
             let revoked = client.revoke_task(&task, &reason).await?;
@@ -654,6 +644,74 @@ async fn fetch_audit_head(client: &Client) -> anyhow::Result<ChainHead> {
         sequence: reply.sequence,
         hash: reply.hash,
     })
+}
+
+/// Prints an offline verification; returns the exit code (3 when invalid).
+fn print_verification(
+    verified: Result<valet_client::Claims, valet_core::token::VerifyError>,
+    json: bool,
+) -> i32 {
+    match verified {
+        Ok(claims) if json => println!(
+            "{}",
+            serde_json::json!({"valid": true, "revocation_checked": false, "claims": claims_json(&claims)})
+        ),
+        Ok(claims) => {
+            println!(
+                "valid signature and times: grant {} for {} (scope {}, environment {}, task {}), expires {}",
+                claims.jti,
+                claims.sub,
+                claims.scope,
+                claims.env,
+                claims.task,
+                format_time(claims.exp)
+            );
+            eprintln!(
+                "an offline check cannot see a revocation: `valet token introspect` asks valetd whether the grant is still active"
+            );
+        }
+        Err(error) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"valid": false, "reason": error.to_string()})
+                );
+            } else {
+                println!("invalid: {error}");
+            }
+            return EXIT_DENIED;
+        }
+    }
+    0
+}
+
+/// `valet token verify --jwks FILE --issuer ISSUER`: no server, no credential.
+fn verify_with_jwks(
+    token: Option<String>,
+    audience: Option<&str>,
+    (jwks, issuer): (&Path, &str),
+    json: bool,
+) -> anyhow::Result<i32> {
+    let token = token_argument(token)?;
+    let keys = jwks_file(jwks)?;
+    if keys.is_empty() {
+        return Err(UsageError(format!(
+            "{} holds no Ed25519 key (a JWKS as valetd serves at /.well-known/jwks.json)",
+            jwks.display()
+        ))
+        .into());
+    }
+    let verified = valet_core::token::verify(
+        token.expose_str().unwrap_or_default(),
+        &keys,
+        valet_core::token::Expectations {
+            issuer,
+            audience,
+            now: SystemClock.now(),
+            leeway_seconds: 30,
+        },
+    );
+    Ok(print_verification(verified, json))
 }
 
 fn token_argument(token: Option<String>) -> anyhow::Result<Secret> {
