@@ -829,13 +829,7 @@ fn config_check(
     (offline, dev, strict): (bool, bool, bool),
     json: bool,
 ) -> anyhow::Result<i32> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let base_dir = file
-        .canonicalize()
-        .ok()
-        .and_then(|path| path.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| PathBuf::from("."));
+    let (text, base_dir) = read_config_file(file)?;
     // The same two steps as valetd's start: the file, then (unless offline) what it points at.
     let checked = Config::parse(&text, &base_dir).and_then(|config| {
         if offline {
@@ -913,8 +907,8 @@ fn config_check(
     }
 }
 
-/// Reads and validates a config file the way `config check` does (the file only).
-fn parse_config_file(file: &Path) -> anyhow::Result<Config> {
+/// A config file's text, and the directory its relative paths are resolved against.
+fn read_config_file(file: &Path) -> anyhow::Result<(String, PathBuf)> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let base_dir = file
@@ -922,6 +916,12 @@ fn parse_config_file(file: &Path) -> anyhow::Result<Config> {
         .ok()
         .and_then(|path| path.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
+    Ok((text, base_dir))
+}
+
+/// Reads and validates a config file the way `config check` does (the file only).
+fn parse_config_file(file: &Path) -> anyhow::Result<Config> {
+    let (text, base_dir) = read_config_file(file)?;
     Ok(Config::parse(&text, &base_dir)
         .map_err(|errors| UsageError(format!("{}: {errors}", file.display())))?)
 }

@@ -50,16 +50,14 @@ impl AuthenticatedBy {
         }
     }
 
-    /// An identity token from `issuer` (the `[[issuer]]` name) for `subject`; `token` is
-    /// fingerprinted, never kept.
-    pub fn identity_token(issuer: &str, subject: &str, token: &str) -> AuthenticatedBy {
+    /// An identity token from `issuer` (the `[[issuer]]` name) for `subject`, named by its
+    /// SHA-256 `fingerprint` (hex); the token itself is never kept.
+    pub fn identity_token(issuer: &str, subject: &str, fingerprint: &str) -> AuthenticatedBy {
         AuthenticatedBy {
             method: Self::IDENTITY_TOKEN.to_string(),
             issuer: Some(issuer.to_string()),
             subject: Some(subject.to_string()),
-            fingerprint: Some(hex::encode(
-                ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref(),
-            )),
+            fingerprint: Some(fingerprint.to_string()),
         }
     }
 

@@ -3,7 +3,7 @@
 //! material stays in force when the new files are unusable), and the names a verified client
 //! certificate carries.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -73,7 +73,7 @@ pub enum Listener {
 impl TlsMaterial {
     /// Loads the files; fails with what is wrong with them.
     pub fn load(files: &ServerTls) -> Result<(Arc<TlsMaterial>, Loaded), TlsError> {
-        let (material, loaded) = build(files)?;
+        let (material, loaded) = build(files, &read_files(files)?)?;
         Ok((
             Arc::new(TlsMaterial {
                 files: files.clone(),
@@ -91,8 +91,9 @@ impl TlsMaterial {
             .refused
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let digest = match digest_files(&self.files) {
-            Ok(digest) => digest,
+        // Read once: the digest and the material come from the same bytes.
+        let contents = match read_files(&self.files) {
+            Ok(contents) => contents,
             // An unreadable file is reported once until it can be read again.
             Err(error) if refused.is_none() => {
                 *refused = Some([0; 32]);
@@ -100,6 +101,7 @@ impl TlsMaterial {
             }
             Err(_) => return Ok(None),
         };
+        let digest = contents.digest;
         if digest == self.current.load().digest {
             *refused = None;
             return Ok(None);
@@ -107,7 +109,7 @@ impl TlsMaterial {
         if Some(digest) == *refused {
             return Ok(None);
         }
-        match build(&self.files) {
+        match build(&self.files, &contents) {
             Ok((material, loaded)) => {
                 self.current.store(Arc::new(material));
                 *refused = None;
@@ -138,32 +140,45 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-fn paths(files: &ServerTls) -> Vec<(&'static str, &PathBuf)> {
-    let mut paths = vec![
-        ("server.tls_cert_file", &files.cert_file),
-        ("server.tls_key_file", &files.key_file),
-    ];
-    if let Some(ca) = &files.client_ca_file {
-        paths.push(("server.client_ca_file", ca));
-    }
-    paths
+/// The bytes of every file, read once, and their digest (each file's length and bytes in turn).
+struct Contents {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+    digest: [u8; 32],
 }
 
-fn digest_files(files: &ServerTls) -> Result<[u8; 32], TlsError> {
+fn read_files(files: &ServerTls) -> Result<Contents, TlsError> {
+    let cert = read("server.tls_cert_file", &files.cert_file)?;
+    let key = read("server.tls_key_file", &files.key_file)?;
+    let client_ca = match &files.client_ca_file {
+        Some(path) => Some(read("server.client_ca_file", path)?),
+        None => None,
+    };
     let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    for (what, path) in paths(files) {
-        let bytes = read(what, path)?;
+    for bytes in [Some(&cert), Some(&key), client_ca.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         context.update(&(bytes.len() as u64).to_be_bytes());
-        context.update(&bytes);
+        context.update(bytes);
     }
     let mut digest = [0; 32];
     digest.copy_from_slice(context.finish().as_ref());
-    Ok(digest)
+    Ok(Contents {
+        cert,
+        key,
+        client_ca,
+        digest,
+    })
 }
 
-fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = read(what, path)?;
-    let certificates = CertificateDer::pem_slice_iter(&bytes)
+fn certificates(
+    what: &'static str,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certificates = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| TlsError::Invalid {
             what,
@@ -180,12 +195,11 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
     Ok(certificates)
 }
 
-fn build(files: &ServerTls) -> Result<(Material, Loaded), TlsError> {
-    let digest = digest_files(files)?;
-    let chain = certificates("server.tls_cert_file", &files.cert_file)?;
+fn build(files: &ServerTls, contents: &Contents) -> Result<(Material, Loaded), TlsError> {
+    let digest = contents.digest;
+    let chain = certificates("server.tls_cert_file", &files.cert_file, &contents.cert)?;
     let key_path = files.key_file.display().to_string();
-    let key_bytes = read("server.tls_key_file", &files.key_file)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|error| match error {
+    let key = PrivateKeyDer::from_pem_slice(&contents.key).map_err(|error| match error {
         rustls::pki_types::pem::Error::NoItemsFound => TlsError::Empty {
             what: "server.tls_key_file",
             path: key_path.clone(),
@@ -199,10 +213,9 @@ fn build(files: &ServerTls) -> Result<(Material, Loaded), TlsError> {
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let leaf = chain[0].clone();
-    let (verifier, n_client_cas) = match &files.client_ca_file {
-        None => (None, 0),
-        Some(path) => {
-            let cas = certificates("server.client_ca_file", path)?;
+    let (verifier, n_client_cas) = match (&files.client_ca_file, &contents.client_ca) {
+        (Some(path), Some(bytes)) => {
+            let cas = certificates("server.client_ca_file", path, bytes)?;
             let mut roots = rustls::RootCertStore::empty();
             for ca in &cas {
                 roots.add(ca.clone()).map_err(|error| TlsError::Invalid {
@@ -224,6 +237,7 @@ fn build(files: &ServerTls) -> Result<(Material, Loaded), TlsError> {
             })?;
             (Some(verifier), cas.len())
         }
+        _ => (None, 0),
     };
     let server_config = |protocols: &[&[u8]]| -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())

@@ -89,7 +89,7 @@ impl Valet {
                 self.identity_keys
                     .verify(&config, self.outbound.as_ref(), token, self.clock.now())
                     .await
-                    .map(|identity| (identity, token)),
+                    ,
             ),
         };
         let (principal, authentication) = match identify(&config, presented, verified) {
@@ -235,7 +235,7 @@ impl Refusal {
 fn identify(
     config: &Config,
     presented: Presented<'_>,
-    verified: Option<Result<(std::sync::Arc<VerifiedIdentity>, &str), String>>,
+    verified: Option<Result<std::sync::Arc<VerifiedIdentity>, String>>,
 ) -> Result<(Principal, AuthenticatedBy), Refusal> {
     let by_certificate = presented.certificate.map(|certificate| {
         principal_for_certificate(config, certificate)
@@ -252,13 +252,16 @@ fn identify(
     };
     let (principal, authentication) = match verified {
         Some(verified) => {
-            let (identity, token) =
-                verified.map_err(|reason| Refusal::new("identity_token", reason))?;
+            let identity = verified.map_err(|reason| Refusal::new("identity_token", reason))?;
             let principal = principal_for_identity(config, &identity.issuer, &identity.claims)
                 .map_err(|reason| Refusal::new("identity_token", reason))?;
             (
                 principal,
-                AuthenticatedBy::identity_token(&identity.issuer, &identity.subject, token),
+                AuthenticatedBy::identity_token(
+                    &identity.issuer,
+                    &identity.subject,
+                    &identity.fingerprint,
+                ),
             )
         }
         None => {

@@ -28,6 +28,8 @@ pub struct VerifiedIdentity {
     pub issuer: String,
     pub subject: String,
     pub claims: serde_json::Map<String, serde_json::Value>,
+    /// SHA-256 of the token, hex: how grants and audit records name it.
+    pub fingerprint: String,
 }
 
 struct Cached {
@@ -82,7 +84,9 @@ impl IdentityKeys {
         {
             return Ok(remembered.identity.clone());
         }
-        let (identity, acceptable_until) = self.verify_now(config, outbound, token, now).await?;
+        let (identity, acceptable_until) = self
+            .verify_now(config, outbound, token, hex::encode(digest), now)
+            .await?;
         let identity = Arc::new(identity);
         let mut remembered = self
             .remembered
@@ -117,6 +121,7 @@ impl IdentityKeys {
         config: &Config,
         outbound: &dyn Outbound,
         token: &str,
+        fingerprint: String,
         now: valet_core::UnixTime,
     ) -> Result<(VerifiedIdentity, valet_core::UnixTime), String> {
         let decoded = jwt::decode(token)?;
@@ -179,6 +184,7 @@ impl IdentityKeys {
                 issuer: issuer.name.clone(),
                 subject,
                 claims: decoded.claims,
+                fingerprint,
             },
             acceptable_until,
         ))
@@ -325,37 +331,12 @@ async fn fetch(source: &KeySet, outbound: &dyn Outbound) -> Result<Bytes, String
 
 #[cfg(test)]
 mod tests {
-    use async_trait::async_trait;
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 
     use super::*;
-    use crate::outbound::OutboundAnswer;
-
-    struct NoNetwork;
-
-    #[async_trait]
-    impl Outbound for NoNetwork {
-        async fn send(
-            &self,
-            _request: http::Request<Bytes>,
-            _timeout: Duration,
-            _max_answer_bytes: usize,
-        ) -> Result<OutboundAnswer, String> {
-            Err("no network here".into())
-        }
-
-        async fn send_trusting(
-            &self,
-            _ca_pem: &[u8],
-            _request: http::Request<Bytes>,
-            _timeout: Duration,
-            _max_answer_bytes: usize,
-        ) -> Result<OutboundAnswer, String> {
-            Err("no network here".into())
-        }
-    }
+    use crate::tests::NoNetwork;
 
     const NOW: i64 = 1_800_000_000;
 

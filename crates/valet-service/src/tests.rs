@@ -129,7 +129,7 @@ key_sha256 = "8c2b1d0f2a4e54f7bb4b9d2b1a0a3c1f6f1a0d7a4b8d1f0e2c3a4b5c6d7e8f90"
 "#;
 
 /// Tests reach no network: every outbound request fails, as an unreachable host would.
-struct NoNetwork;
+pub(crate) struct NoNetwork;
 
 #[async_trait]
 impl Outbound for NoNetwork {
