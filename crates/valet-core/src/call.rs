@@ -27,6 +27,8 @@ pub enum CallRefusal {
     UnknownUpstream { name: String, known: String },
     #[error("scope {scope:?} is not for upstream {upstream:?}")]
     WrongUpstream { scope: String, upstream: String },
+    #[error("upstream {upstream:?} is served at {route}")]
+    WrongRoute { upstream: String, route: String },
     #[error("the path is refused: {0}")]
     BadPath(PathError),
     #[error("{reason}")]
@@ -47,7 +49,7 @@ pub enum CallRefusal {
     #[error("upstream {upstream} did not answer within {seconds} s")]
     UpstreamTimeout { upstream: String, seconds: u64 },
     #[error(
-        "the gateway serves /u/<upstream>/<path>, /.well-known/jwks.json, /.well-known/openid-configuration, /healthz and /readyz"
+        "the gateway serves /u/<upstream>/<path>, /mcp/<upstream>, /.well-known/jwks.json, /.well-known/openid-configuration, /healthz and /readyz"
     )]
     NotFound,
     #[error(
@@ -65,13 +67,14 @@ pub enum CallRefusal {
 
 impl CallRefusal {
     /// Every kind, as agents see it in the `error` field; tests enumerate this list.
-    pub const KINDS: [&'static str; 16] = [
+    pub const KINDS: [&'static str; 17] = [
         "no_token",
         "bad_token",
         "unknown_grant",
         "inactive",
         "unknown_upstream",
         "wrong_upstream",
+        "wrong_route",
         "bad_path",
         "denied",
         "limit_reached",
@@ -92,6 +95,7 @@ impl CallRefusal {
             CallRefusal::Inactive(_) => "inactive",
             CallRefusal::UnknownUpstream { .. } => "unknown_upstream",
             CallRefusal::WrongUpstream { .. } => "wrong_upstream",
+            CallRefusal::WrongRoute { .. } => "wrong_route",
             CallRefusal::BadPath(_) => "bad_path",
             CallRefusal::Denied { .. } => "denied",
             CallRefusal::LimitReached(_) => "limit_reached",

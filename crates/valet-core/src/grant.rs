@@ -324,22 +324,17 @@ impl Grant {
 
     /// The record after one gateway call through `rule`, counting it against the grant's
     /// `max_uses` and the rule's `max_calls`.
-    pub fn called(
-        &self,
-        rule: &crate::rules::AllowRule,
-        now: UnixTime,
-    ) -> Result<Grant, CallRefused> {
+    pub fn called(&self, rule: &RuleCounter, now: UnixTime) -> Result<Grant, CallRefused> {
         if let Some(reason) = self.inactive_reason(now) {
             return Err(CallRefused::Inactive(reason));
         }
-        let key = rule.index.to_string();
-        let calls = self.rule_calls.get(&key).copied().unwrap_or(0);
+        let calls = self.rule_calls.get(&rule.key).copied().unwrap_or(0);
         if let Some(max_calls) = rule.max_calls
             && calls >= max_calls
         {
             return Err(CallRefused::RuleExhausted {
                 grant_id: self.id.clone(),
-                rule: rule.to_string(),
+                rule: rule.label.clone(),
                 max_calls,
             });
         }
@@ -349,7 +344,7 @@ impl Grant {
             ..self.clone()
         };
         if rule.max_calls.is_some() {
-            next.rule_calls.insert(key, calls + 1);
+            next.rule_calls.insert(rule.key.clone(), calls + 1);
         }
         Ok(next)
     }
@@ -528,10 +523,10 @@ mod tests {
             query: BTreeMap::new(),
         };
         let grant = active_grant(1_000);
-        let once = grant.called(&rule, 1_001).unwrap();
+        let once = grant.called(&rule.counter(), 1_001).unwrap();
         assert_eq!((once.uses, once.rule_calls.get("1").copied()), (1, Some(1)));
         assert!(matches!(
-            once.called(&rule, 1_002),
+            once.called(&rule.counter(), 1_002),
             Err(CallRefused::RuleExhausted { max_calls: 1, .. })
         ));
         let unlimited_rule = crate::rules::AllowRule {
@@ -539,9 +534,9 @@ mod tests {
             index: 0,
             ..rule
         };
-        let twice = once.called(&unlimited_rule, 1_002).unwrap();
+        let twice = once.called(&unlimited_rule.counter(), 1_002).unwrap();
         assert!(matches!(
-            twice.called(&unlimited_rule, 1_003),
+            twice.called(&unlimited_rule.counter(), 1_003),
             Err(CallRefused::Inactive(InactiveReason::UsesExhausted { .. }))
         ));
     }
@@ -560,4 +555,13 @@ mod tests {
         );
         assert!(revoked.sweepable(1_400, retention));
     }
+}
+
+/// A rule whose calls a grant counts: its key in `rule_calls`, its name for refusals, its limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleCounter {
+    /// `"2"` for `allow[2]` (as grants have always recorded it), `"tool[1]"` for an MCP tool.
+    pub key: String,
+    pub label: String,
+    pub max_calls: Option<u64>,
 }

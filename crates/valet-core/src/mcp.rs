@@ -21,16 +21,135 @@ pub struct McpAllow {
     /// Resource URI patterns: `*` any run of characters, `{param}` the grant's parameter.
     pub resources: Vec<String>,
     pub prompts: Vec<Glob>,
+    /// Requests the server may send the agent's client (and the answers the client may send).
+    pub client_requests: BTreeSet<ClientRequest>,
+}
+
+impl McpAllow {
+    /// Every rule, for refusals: `tools [list_*, create_custom_domain]; resources […]; prompts […]`.
+    pub fn summary(&self) -> String {
+        let tools: Vec<String> = self
+            .tools
+            .iter()
+            .map(|rule| rule.name.as_str().to_string())
+            .collect();
+        let prompts: Vec<&str> = self.prompts.iter().map(Glob::as_str).collect();
+        format!(
+            "tools [{}]; resources [{}]; prompts [{}]",
+            tools.join(", "),
+            self.resources.join(", "),
+            prompts.join(", ")
+        )
+    }
 }
 
 /// One allowed tool (or glob of tools) and what its arguments may be.
 #[derive(Debug, Clone)]
 pub struct ToolRule {
+    /// Position in `[[scope.mcp.tool]]`, for refusals and records (`tool[1]`).
+    pub index: usize,
     pub name: Glob,
     /// Constraints on arguments, by name; an argument not listed is allowed unless forbidden.
     pub arguments: BTreeMap<String, ArgumentRule>,
     pub required: BTreeSet<String>,
     pub forbidden: BTreeSet<String>,
+    /// When set, each call needs a person's approval of that exact call.
+    pub approval: Option<crate::approval::ApprovalPolicy>,
+    /// Calls one grant may make through this rule.
+    pub max_calls: Option<u64>,
+    /// A stated reason this rule's breadth is acceptable (silences its lint).
+    pub allow_broad: Option<String>,
+}
+
+impl fmt::Display for ToolRule {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "tool[{}] {}", self.index, self.name.as_str())
+    }
+}
+
+impl ToolRule {
+    /// The grant's counter for this rule (`rule_calls` key) and its limit.
+    pub fn counter(&self) -> crate::grant::RuleCounter {
+        crate::grant::RuleCounter {
+            key: format!("tool[{}]", self.index),
+            label: self.to_string(),
+            max_calls: self.max_calls,
+        }
+    }
+}
+
+/// A request an MCP server may send its client, asking it to act.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ClientRequest {
+    /// `sampling/createMessage`: run the client's model.
+    Sampling,
+    /// `elicitation/create`: ask the user.
+    Elicitation,
+    /// `roots/list`: list the client's roots.
+    Roots,
+}
+
+impl ClientRequest {
+    pub fn parse(name: &str) -> Option<ClientRequest> {
+        match name {
+            "sampling" => Some(ClientRequest::Sampling),
+            "elicitation" => Some(ClientRequest::Elicitation),
+            "roots" => Some(ClientRequest::Roots),
+            _ => None,
+        }
+    }
+
+    /// The capability a client declares for it.
+    pub fn capability(self) -> &'static str {
+        match self {
+            ClientRequest::Sampling => "sampling",
+            ClientRequest::Elicitation => "elicitation",
+            ClientRequest::Roots => "roots",
+        }
+    }
+
+    fn of_method(method: &str) -> Option<ClientRequest> {
+        match method {
+            "sampling/createMessage" => Some(ClientRequest::Sampling),
+            "elicitation/create" => Some(ClientRequest::Elicitation),
+            "roots/list" => Some(ClientRequest::Roots),
+            _ => None,
+        }
+    }
+}
+
+const ALL_CLIENT_REQUESTS: [ClientRequest; 3] = [
+    ClientRequest::Sampling,
+    ClientRequest::Elicitation,
+    ClientRequest::Roots,
+];
+
+/// Whether a resource pattern is well formed: every `{param}` names a scope parameter.
+pub fn check_resource_pattern<T>(
+    pattern: &str,
+    params: &BTreeMap<String, T>,
+) -> Result<(), String> {
+    if pattern.is_empty() || pattern.chars().any(char::is_control) {
+        return Err(
+            "a URI pattern without control characters, such as deploy://projects/{project}/*"
+                .into(),
+        );
+    }
+    let mut rest = pattern;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            return Err("every { closed by }".into());
+        };
+        let name = &rest[open + 1..open + close];
+        if !params.contains_key(name) {
+            let declared: Vec<&String> = params.keys().collect();
+            return Err(format!(
+                "placeholders naming this scope's params {declared:?}; {{{name}}} is not one"
+            ));
+        }
+        rest = &rest[open + close + 1..];
+    }
+    Ok(())
 }
 
 /// What one argument may be.
@@ -57,17 +176,29 @@ impl fmt::Display for ArgumentRule {
 }
 
 /// Methods a client may send that make the server do nothing on the agent's behalf.
-const HARMLESS_METHODS: [&str; 10] = [
+pub const HARMLESS_METHODS: [&str; 13] = [
     "initialize",
+    "server/discover",
     "ping",
     "tools/list",
     "resources/list",
     "resources/templates/list",
     "prompts/list",
+    "completion/complete",
+    "logging/setLevel",
     "notifications/initialized",
     "notifications/cancelled",
     "notifications/progress",
     "notifications/roots/list_changed",
+];
+
+/// The `_meta` members forwarded with a request: progress, and the 2026-07-28 envelope.
+const FORWARDED_META: [&str; 5] = [
+    "progressToken",
+    "io.modelcontextprotocol/protocolVersion",
+    "io.modelcontextprotocol/clientInfo",
+    "io.modelcontextprotocol/clientCapabilities",
+    "io.modelcontextprotocol/logLevel",
 ];
 
 /// Why a message is refused; names the message and what is allowed.
@@ -90,6 +221,90 @@ pub enum McpDenial {
         index: usize,
         denial: Box<McpDenial>,
     },
+}
+
+impl McpDenial {
+    /// What was asked, for refusals and records (`tools/call delete_volume`).
+    pub fn asked(&self) -> String {
+        match self {
+            McpDenial::NotJsonRpc(_) => "a body that is not JSON-RPC".into(),
+            McpDenial::Method { method } => method.clone(),
+            McpDenial::Tool { tool, .. } | McpDenial::Argument { tool, .. } => {
+                format!("tools/call {tool}")
+            }
+            McpDenial::Resource { uri, .. } => format!("resources/read {uri}"),
+            McpDenial::Prompt { prompt, .. } => format!("prompts/get {prompt}"),
+            McpDenial::InBatch { index, denial } => {
+                format!("{} (batch message {index})", denial.asked())
+            }
+        }
+    }
+}
+
+/// What a person approves for one tool call: the tool and its arguments exactly as they will
+/// execute. Its digest covers the canonical `{"arguments": …, "name": …}`, so a retry of the
+/// same call (with another JSON-RPC id) is the same call, and any other argument is not.
+pub fn call_fingerprint(
+    upstream: &str,
+    message: &CheckedMessage,
+) -> crate::approval::CallFingerprint {
+    let params = message.message.get("params");
+    let canonical = serde_json::json!({
+        "name": params.and_then(|params| params.get("name")).cloned().unwrap_or(Value::Null),
+        "arguments": params.and_then(|params| params.get("arguments")).cloned().unwrap_or_else(|| Value::Object(Map::new())),
+    });
+    let body = canonical.to_string().into_bytes();
+    let digest = ring::digest::digest(&ring::digest::SHA256, &body);
+    crate::approval::CallFingerprint {
+        method: message.method.clone(),
+        target: message.target.clone().unwrap_or_default(),
+        body_sha256: hex::encode(digest.as_ref()),
+        graphql: Vec::new(),
+        variables: None,
+        upstream: upstream.to_string(),
+        calls: Vec::new(),
+        body_bytes: body.len() as u64,
+        body_preview: crate::approval::body_preview(&body),
+    }
+}
+
+/// The audit entry of one forwarded message: method, target, the rule that allowed it, and for
+/// a tool call the digest of its arguments and, in clear, the arguments its rule binds.
+pub fn audit_entry(message: &CheckedMessage, allow: &McpAllow) -> Value {
+    let mut entry = Map::new();
+    entry.insert("method".into(), Value::from(message.method.clone()));
+    if let Some(id) = message.message.get("id") {
+        entry.insert("id".into(), id.clone());
+    }
+    if let Some(target) = &message.target {
+        entry.insert("target".into(), Value::from(target.clone()));
+    }
+    if let Some(rule) = message.tool_rule.and_then(|index| allow.tools.get(index)) {
+        entry.insert("rule".into(), Value::from(rule.to_string()));
+        let arguments = message
+            .message
+            .get("params")
+            .and_then(|params| params.get("arguments"))
+            .cloned()
+            .unwrap_or_else(|| Value::Object(Map::new()));
+        let digest = ring::digest::digest(&ring::digest::SHA256, arguments.to_string().as_bytes());
+        entry.insert(
+            "arguments_sha256".into(),
+            Value::from(hex::encode(digest.as_ref())),
+        );
+        let bound: Map<String, Value> = arguments
+            .as_object()
+            .map(|arguments| {
+                arguments
+                    .iter()
+                    .filter(|(name, _)| rule.arguments.contains_key(*name))
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        entry.insert("bound_arguments".into(), Value::Object(bound));
+    }
+    Value::Object(entry)
 }
 
 /// One checked message, for the audit log and the approval: what will execute.
@@ -174,10 +389,27 @@ fn check_message(
         forwarded.insert("id".into(), id.clone());
     }
     let Some(method) = object.get("method").and_then(Value::as_str) else {
-        // A response to a request the server made (sampling, elicitation, roots): the gateway
-        // relays none of those requests, so there is nothing to answer.
-        return Err(McpDenial::Method {
-            method: "(a response to the server)".into(),
+        // A response to a request the server made (sampling, elicitation, roots): relayed only
+        // when the scope lets the server ask the client anything.
+        if allow.client_requests.is_empty() || !object.contains_key("id") {
+            return Err(McpDenial::Method {
+                method: "(a response to a request of the server; the scope allows the server no requests to the client: [scope.mcp] client_requests)".into(),
+            });
+        }
+        match (object.get("result"), object.get("error")) {
+            (Some(result), None) => forwarded.insert("result".into(), result.clone()),
+            (None, Some(error)) => forwarded.insert("error".into(), error.clone()),
+            _ => {
+                return Err(McpDenial::NotJsonRpc(
+                    "a response has exactly one of result and error".into(),
+                ));
+            }
+        };
+        return Ok(CheckedMessage {
+            method: "(response)".into(),
+            target: None,
+            tool_rule: None,
+            message: Value::Object(forwarded),
         });
     };
     forwarded.insert("method".into(), Value::from(method));
@@ -185,8 +417,27 @@ fn check_message(
     if !params_value.is_null() && !params_value.is_object() {
         return Err(McpDenial::NotJsonRpc("params must be an object".into()));
     }
-    if !params_value.is_null() {
-        forwarded.insert("params".into(), params_value.clone());
+    // Forwarded params: for a method that acts, only the members the check read; for the
+    // others, what was sent less the `_meta` members and client capabilities not allowed.
+    let acting: &[&str] = match method {
+        "tools/call" | "prompts/get" => &["name", "arguments"],
+        "resources/read" => &["uri"],
+        _ => &[],
+    };
+    if let Value::Object(sent) = &params_value {
+        let mut kept = Map::new();
+        for (key, value) in sent {
+            if key == "_meta" {
+                if let Some(meta) = forwarded_meta(value, allow) {
+                    kept.insert(key.clone(), meta);
+                }
+            } else if key == "capabilities" && method == "initialize" {
+                kept.insert(key.clone(), filtered_capabilities(value, allow));
+            } else if acting.is_empty() || acting.contains(&key.as_str()) {
+                kept.insert(key.clone(), value.clone());
+            }
+        }
+        forwarded.insert("params".into(), Value::Object(kept));
     }
     let (target, tool_rule) = match method {
         "tools/call" => {
@@ -243,6 +494,39 @@ fn check_message(
     })
 }
 
+/// The `_meta` members forwarded: progress and the protocol envelope, with the client's
+/// capabilities narrowed to what the scope allows.
+fn forwarded_meta(meta: &Value, allow: &McpAllow) -> Option<Value> {
+    let Value::Object(meta) = meta else {
+        return None;
+    };
+    let kept: Map<String, Value> = meta
+        .iter()
+        .filter(|(key, _)| FORWARDED_META.contains(&key.as_str()))
+        .map(|(key, value)| {
+            if key == "io.modelcontextprotocol/clientCapabilities" {
+                (key.clone(), filtered_capabilities(value, allow))
+            } else {
+                (key.clone(), value.clone())
+            }
+        })
+        .collect();
+    (!kept.is_empty()).then_some(Value::Object(kept))
+}
+
+/// A client's capabilities without the ones that invite requests the scope does not allow.
+fn filtered_capabilities(capabilities: &Value, allow: &McpAllow) -> Value {
+    let mut capabilities = capabilities.clone();
+    if let Value::Object(object) = &mut capabilities {
+        for request in ALL_CLIENT_REQUESTS {
+            if !allow.client_requests.contains(&request) {
+                object.remove(request.capability());
+            }
+        }
+    }
+    capabilities
+}
+
 fn allowed_tools(allow: &McpAllow) -> String {
     allow
         .tools
@@ -279,7 +563,7 @@ fn check_tool_call(
         match check_arguments(rule, &arguments, params) {
             Ok(()) => return Ok((name.to_string(), index)),
             Err(reason) => {
-                first_refusal.get_or_insert(reason);
+                first_refusal.get_or_insert(format!("{rule}: {reason}"));
             }
         }
     }
@@ -403,10 +687,6 @@ fn offered(kind: &str, item: &Value, allow: &McpAllow, params: &BTreeMap<String,
     }
 }
 
-/// Requests a server may send a client, asking it to act (run a model, ask the user, list its
-/// roots). The gateway relays none of them: an agent's client never receives one through it.
-const SERVER_REQUESTS: [&str; 3] = ["sampling/createMessage", "elicitation/create", "roots/list"];
-
 /// Filters what an MCP server sends back to one POST — a JSON body or an SSE stream, in chunks as
 /// they arrive: list results narrowed to what the grant may use, server requests dropped.
 pub struct ReplyFilter {
@@ -443,8 +723,10 @@ impl ReplyFilter {
 
     /// One message from the server: `None` when it must not reach the client.
     fn message(&self, mut message: Value) -> Option<Value> {
+        // A request of the server asking the client to act reaches it only if the scope allows.
         if let Some(method) = message.get("method").and_then(Value::as_str)
-            && SERVER_REQUESTS.contains(&method)
+            && let Some(request) = ClientRequest::of_method(method)
+            && !self.allow.client_requests.contains(&request)
         {
             return None;
         }

@@ -145,6 +145,17 @@ impl AllowRule {
     }
 }
 
+impl AllowRule {
+    /// The grant's counter for this rule (`rule_calls` key) and its limit.
+    pub fn counter(&self) -> crate::grant::RuleCounter {
+        crate::grant::RuleCounter {
+            key: self.index.to_string(),
+            label: self.to_string(),
+            max_calls: self.max_calls,
+        }
+    }
+}
+
 impl fmt::Display for AllowRule {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         let methods: Vec<&str> = self.methods.iter().map(String::as_str).collect();

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::Full;
 use valet_core::call::CallRefusal;
-use valet_core::config::{FORWARDED_HEADERS, Injection, Upstream, never_forwarded};
+use valet_core::config::{FORWARDED_HEADERS, Injection, Target, Upstream, never_forwarded};
 use valet_core::rules;
 use valet_service::{CallDecision, CallOutcome, ServiceError};
 
@@ -77,7 +77,7 @@ pub async fn forward(
     http::Response::from_parts(parts, stream::masked(upstream_body, masker, closing))
 }
 
-async fn send(
+pub(crate) async fn send(
     gateway: &Gateway,
     parts: http::request::Parts,
     decision: &CallDecision,
@@ -110,22 +110,47 @@ fn upstream_request(
     parts: http::request::Parts,
     decision: &CallDecision,
 ) -> Result<http::Request<Full<Bytes>>, CallRefusal> {
+    let mut headers = forwarded_headers(&parts.headers, upstream, decision);
+    let uri = upstream_leg(
+        upstream,
+        &decision.site.path,
+        decision.site.query.as_deref(),
+        &decision.secret,
+        &mut headers,
+    )?;
+    let mut request = http::Request::new(Full::new(decision.body.clone()));
+    // The method that was checked: no header or parameter can change it on this leg.
+    *request.method_mut() = parts.method;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// The upstream leg of a call: the URL (base URL, `path`, `query`) and the headers the upstream
+/// config adds, with the root credential injected where it says — on this leg only.
+pub fn upstream_leg(
+    upstream: &Upstream,
+    path: &str,
+    query: Option<&str>,
+    secret: &valet_core::Secret,
+    headers: &mut HeaderMap,
+) -> Result<http::Uri, CallRefusal> {
     let unusable = |what: &str| CallRefusal::UpstreamFailed {
         upstream: upstream.name.clone(),
         detail: format!("credential {:?} {what}", upstream.credential),
     };
-    let secret_text = decision
-        .secret
-        .expose_str()
-        .ok_or_else(|| unusable("is not text"))?;
-    let mut query: Vec<&str> = decision
-        .site
-        .query
-        .as_deref()
+    let Target::Url { base_url, inject } = &upstream.target else {
+        return Err(CallRefusal::UpstreamFailed {
+            upstream: upstream.name.clone(),
+            detail: "it is a server valetd runs, not a URL".into(),
+        });
+    };
+    let secret_text = secret.expose_str().ok_or_else(|| unusable("is not text"))?;
+    let mut query: Vec<&str> = query
         .map(|query| query.split('&').filter(|pair| !pair.is_empty()).collect())
         .unwrap_or_default();
     let injected_query;
-    if let Injection::Query { name, template } = &upstream.inject {
+    if let Injection::Query { name, template } = inject {
         // The agent may not set the parameter the root credential goes in.
         query.retain(|pair| pair.split('=').next() != Some(name.as_str()));
         injected_query = format!(
@@ -137,14 +162,10 @@ fn upstream_request(
     }
     let mut uri = format!(
         "{}://{}{}{}",
-        if upstream.base_url.https {
-            "https"
-        } else {
-            "http"
-        },
-        upstream.base_url.authority,
-        upstream.base_url.path,
-        decision.site.path
+        if base_url.https { "https" } else { "http" },
+        base_url.authority,
+        base_url.path,
+        path
     );
     if !query.is_empty() {
         uri.push('?');
@@ -153,9 +174,6 @@ fn upstream_request(
     let uri: http::Uri = uri
         .parse()
         .map_err(|_| CallRefusal::BadPath(rules::PathError::BadCharacter))?;
-
-    let headers = forwarded_headers(&parts.headers, upstream, decision);
-    let mut headers = headers;
     for (name, value) in &upstream.headers {
         if let (Ok(name), Ok(value)) = (
             HeaderName::try_from(name.as_str()),
@@ -164,7 +182,7 @@ fn upstream_request(
             headers.insert(name, value);
         }
     }
-    if let Injection::Header { name, template } = &upstream.inject {
+    if let Injection::Header { name, template } = inject {
         let name = HeaderName::try_from(name.as_str())
             .map_err(|_| unusable("has an injection header name HTTP does not allow"))?;
         let mut value = HeaderValue::try_from(template.replace("{secret}", secret_text))
@@ -172,12 +190,7 @@ fn upstream_request(
         value.set_sensitive(true);
         headers.insert(name, value);
     }
-    let mut request = http::Request::new(Full::new(decision.body.clone()));
-    // The method that was checked: no header or parameter can change it on this leg.
-    *request.method_mut() = parts.method;
-    *request.uri_mut() = uri;
-    *request.headers_mut() = headers;
-    Ok(request)
+    Ok(uri)
 }
 
 /// The headers the upstream receives: the allowlisted ones the agent sent, and what the gateway

@@ -10,8 +10,10 @@
 mod forward;
 pub mod listener;
 mod mask;
+mod mcp;
 mod response;
 mod route;
+mod stdio;
 mod stream;
 pub mod tls;
 mod upstream;
@@ -34,6 +36,8 @@ pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 pub struct Gateway {
     valet: Arc<Valet>,
     upstreams: upstream::Clients,
+    /// The MCP servers valetd runs.
+    processes: stdio::Processes,
 }
 
 impl Gateway {
@@ -41,6 +45,7 @@ impl Gateway {
         Arc::new(Gateway {
             valet,
             upstreams: upstream::Clients::default(),
+            processes: stdio::Processes::default(),
         })
     }
 
@@ -60,6 +65,29 @@ impl Gateway {
             tls.map(|material| (material, tls::Listener::Gateway)),
         );
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        // Idle and dead stdio MCP servers are stopped, and those of upstreams gone from the
+        // config.
+        let reaper = {
+            let gateway = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    let idle_timeouts = gateway
+                        .valet
+                        .config()
+                        .upstreams
+                        .values()
+                        .filter_map(|upstream| match &upstream.target {
+                            valet_core::config::Target::Process(server) => {
+                                Some((upstream.name.clone(), server.idle_timeout))
+                            }
+                            valet_core::config::Target::Url { .. } => None,
+                        })
+                        .collect();
+                    gateway.processes.reap(&idle_timeouts).await;
+                }
+            })
+        };
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -97,11 +125,13 @@ impl Gateway {
             _ = graceful.shutdown() => {}
             _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => tracing::warn!("gateway connections still open after 5 s; stopping anyway"),
         }
+        reaper.abort();
+        self.processes.stop_all().await;
     }
 
     /// One call, stage by stage.
     async fn handle(
-        &self,
+        self: &Arc<Self>,
         request: http::Request<hyper::body::Incoming>,
         peer: SocketAddr,
     ) -> http::Response<response::Body> {
@@ -125,6 +155,7 @@ impl Gateway {
                 return response::error_response(&self.valet, &error, None);
             }
             route::Routed::Upstream(site, request) => (site, request),
+            route::Routed::Mcp(site, request) => return mcp::handle(self, *request, site).await,
         };
         let (parts, body) = (*request).into_parts();
         let decision = self

@@ -21,6 +21,7 @@ pub fn status_of(error: &ServiceError) -> StatusCode {
             | CallRefusal::Inactive(_) => StatusCode::UNAUTHORIZED,
             CallRefusal::UnknownUpstream { .. } | CallRefusal::NotFound => StatusCode::NOT_FOUND,
             CallRefusal::WrongUpstream { .. }
+            | CallRefusal::WrongRoute { .. }
             | CallRefusal::Denied { .. }
             | CallRefusal::LimitReached(_)
             | CallRefusal::ApprovalRefused(_) => StatusCode::FORBIDDEN,
@@ -81,6 +82,17 @@ pub fn error_response(
     error: &ServiceError,
     grant_id: Option<&str>,
 ) -> http::Response<Body> {
+    let body = error_body(valet, error, grant_id);
+    with_error_headers(json(status_of(error), &body), error)
+}
+
+/// The JSON an agent gets for a refusal: `error` (its kind), `message`, and the details of a
+/// denial or an approval asked for. Nothing in it is unredacted.
+pub fn error_body(
+    valet: &Valet,
+    error: &ServiceError,
+    grant_id: Option<&str>,
+) -> serde_json::Value {
     let redact = |text: &str| valet.redact(text);
     let message = match error {
         ServiceError::Store(_) | ServiceError::Audit(_) | ServiceError::Internal(_) => format!(
@@ -123,9 +135,15 @@ pub fn error_response(
             "variables": call.variables.as_deref().map(redact),
         });
     }
-    let status = status_of(error);
-    let mut response = json(status, &body);
-    if status == StatusCode::UNAUTHORIZED {
+    body
+}
+
+/// `WWW-Authenticate` on a 401, `Retry-After` on a 429.
+pub fn with_error_headers(
+    mut response: http::Response<Body>,
+    error: &ServiceError,
+) -> http::Response<Body> {
+    if response.status() == StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(
             http::header::WWW_AUTHENTICATE,
             http::HeaderValue::from_static("Bearer realm=\"valet\""),

@@ -1,5 +1,6 @@
 //! Routing, the first stage: the documents the gateway serves itself (health, JWKS, OpenID
-//! discovery), and for `/u/<upstream>/<path>` the call site every later stage and record names.
+//! discovery), and for `/u/<upstream>/<path>` and `/mcp/<upstream>` the call site every later
+//! stage and record names.
 
 use std::net::SocketAddr;
 
@@ -21,6 +22,8 @@ pub enum Routed {
     NotFound(CallSite),
     /// A call to an upstream.
     Upstream(CallSite, Box<http::Request<hyper::body::Incoming>>),
+    /// JSON-RPC for an MCP upstream (`/mcp/<upstream>`).
+    Mcp(CallSite, Box<http::Request<hyper::body::Incoming>>),
 }
 
 pub fn route(
@@ -88,6 +91,13 @@ pub fn route(
         path: format!("/{upstream_path}"),
         query: request.uri().query().map(str::to_string),
     };
+    if let Some(upstream) = path.strip_prefix("/mcp/") {
+        let upstream = upstream.strip_suffix('/').unwrap_or(upstream);
+        if !upstream.is_empty() && !upstream.contains('/') {
+            let site = site(upstream, "");
+            return Routed::Mcp(site, Box::new(request));
+        }
+    }
     match path
         .strip_prefix("/u/")
         .map(|rest| rest.split_once('/').unwrap_or((rest, "")))

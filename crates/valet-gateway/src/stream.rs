@@ -89,7 +89,11 @@ pub fn masker_for(_upstream: &Upstream, secret: &valet_core::Secret) -> Masker {
 
 /// The upstream's body, streamed frame by frame as it arrives, with the root credential masked,
 /// counted for the closing record.
-pub fn masked(body: hyper::body::Incoming, masker: Masker, closing: Closing) -> Body {
+pub fn masked<B>(body: B, masker: Masker, closing: Closing) -> Body
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let stream = futures::stream::unfold(
         (Some(body), masker, closing),
         |(body, mut masker, mut closing)| async move {
@@ -109,10 +113,7 @@ pub fn masked(body: hyper::body::Incoming, masker: Masker, closing: Closing) -> 
                         Err(frame) => return Some((Ok(frame), (Some(body), masker, closing))),
                     },
                     Some(Err(error)) => {
-                        return Some((
-                            Err(Box::new(error) as BoxError),
-                            (Some(body), masker, closing),
-                        ));
+                        return Some((Err(error.into()), (Some(body), masker, closing)));
                     }
                     None => {
                         closing.finish(true);

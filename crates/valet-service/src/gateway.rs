@@ -14,7 +14,7 @@ use valet_core::approval::{
 use valet_core::audit::{AuditAction, AuditEvent, Outcome};
 use valet_core::call::{self, CallRefusal};
 use valet_core::config::Upstream;
-use valet_core::grant::Grant;
+use valet_core::grant::{Grant, RuleCounter};
 use valet_core::rules::{self, AllowRule};
 use valet_core::token::{self, Expectations};
 
@@ -54,8 +54,8 @@ impl Attribution for CallSite {
 
 /// The holder of the grant a call presents, as its records name it.
 pub(crate) struct GrantHolder<'a> {
-    site: &'a CallSite,
-    principal: String,
+    pub(crate) site: &'a CallSite,
+    pub(crate) principal: String,
 }
 
 impl Attribution for GrantHolder<'_> {
@@ -271,12 +271,16 @@ impl Valet {
         }
     }
 
-    async fn authorize_decided(
+    /// The checks every call starts with: the upstream named, the token (audience pinned to
+    /// that upstream), its grant (active), and the grant's scope (for that upstream). Sets the
+    /// audit context to the grant once it is known.
+    pub(crate) async fn grant_for_call(
         &self,
-        request: CallRequest<'_>,
+        site: &CallSite,
+        authorization: Option<&str>,
+        kind: valet_core::config::UpstreamKind,
         context: &mut AuditEvent,
-    ) -> Result<CallDecision, ServiceError> {
-        let site = request.site;
+    ) -> Result<(std::sync::Arc<valet_core::config::Config>, Upstream, Grant), ServiceError> {
         let config = self.config();
         let upstream = config
             .upstreams
@@ -291,10 +295,21 @@ impl Valet {
                     .collect::<Vec<_>>()
                     .join(", "),
             })?;
+        if upstream.kind != kind {
+            return Err(CallRefusal::WrongRoute {
+                upstream: upstream.name.clone(),
+                route: match upstream.kind {
+                    valet_core::config::UpstreamKind::Http => {
+                        format!("/u/{}/<path>", upstream.name)
+                    }
+                    valet_core::config::UpstreamKind::Mcp => format!("/mcp/{}", upstream.name),
+                },
+            }
+            .into());
+        }
 
         // The token, verified with the audience pinned to this upstream.
-        let token = request
-            .authorization
+        let token = authorization
             .and_then(bearer_token)
             .ok_or(CallRefusal::NoToken)?;
         let expectations = Expectations {
@@ -314,10 +329,6 @@ impl Valet {
         if let Some(reason) = grant.inactive_reason(self.clock.now()) {
             return Err(CallRefusal::Inactive(reason).into());
         }
-        let holder = GrantHolder {
-            site,
-            principal: grant.principal.clone(),
-        };
         let scope = config
             .scopes
             .get(&grant.scope)
@@ -334,6 +345,30 @@ impl Valet {
             }
             .into());
         }
+        Ok((config, upstream, grant))
+    }
+
+    async fn authorize_decided(
+        &self,
+        request: CallRequest<'_>,
+        context: &mut AuditEvent,
+    ) -> Result<CallDecision, ServiceError> {
+        let site = request.site;
+        let (config, upstream, grant) = self
+            .grant_for_call(
+                site,
+                request.authorization,
+                valet_core::config::UpstreamKind::Http,
+                context,
+            )
+            .await?;
+        let holder = GrantHolder {
+            site,
+            principal: grant.principal.clone(),
+        };
+        let Some(scope) = config.scopes.get(&grant.scope) else {
+            return Err(CallRefusal::UnknownGrant.into());
+        };
 
         // The path, refused if it could mean something else upstream; then the rules it matches.
         let path = rules::check_path(&site.path).map_err(CallRefusal::BadPath)?;
@@ -427,11 +462,18 @@ impl Valet {
                     forwarded.graphql.as_ref(),
                 );
                 context.set("approval_id", request.approval.unwrap_or_default().trim());
-                self.take_call_approval(&holder, grant, rule, approval, call, request.approval)
-                    .await?
+                self.take_call_approval(
+                    &holder,
+                    grant,
+                    &rule.counter(),
+                    approval,
+                    call,
+                    request.approval,
+                )
+                .await?
             }
             // Count the call against the grant and the rule.
-            None => self.count_call(grant, rule).await?,
+            None => self.count_call(grant, &rule.counter()).await?,
         };
 
         // Record the decision: what the upstream receives, never the request as it came.
@@ -467,11 +509,11 @@ impl Valet {
 
     /// Opens an approval request for `call` (or points at the identical one already waiting), or
     /// uses the approval the caller names for it. Returns the grant as it stands after counting.
-    async fn take_call_approval(
+    pub(crate) async fn take_call_approval(
         &self,
         holder: &GrantHolder<'_>,
         grant: Grant,
-        rule: &AllowRule,
+        rule: &RuleCounter,
         approval: &valet_core::approval::ApprovalPolicy,
         call: CallFingerprint,
         named: Option<&str>,
@@ -566,7 +608,11 @@ impl Valet {
 
     /// Records one call on the grant when a limit applies (compare-and-swap, so concurrent calls
     /// never both take the last use).
-    async fn count_call(&self, grant: Grant, rule: &AllowRule) -> Result<Grant, ServiceError> {
+    pub(crate) async fn count_call(
+        &self,
+        grant: Grant,
+        rule: &RuleCounter,
+    ) -> Result<Grant, ServiceError> {
         if grant.max_uses.is_none() && rule.max_calls.is_none() {
             return Ok(grant);
         }
@@ -612,11 +658,15 @@ fn refuse_repeated_gated_fields(
 }
 
 /// The record a refused call leaves, completed by [`Valet::answer`].
-fn call_context(grant: Option<&Grant>) -> AuditEvent {
+pub(crate) fn call_context(grant: Option<&Grant>) -> AuditEvent {
     call_event(AuditAction::GatewayCall, Outcome::Denied, grant)
 }
 
-fn call_event(action: AuditAction, outcome: Outcome, grant: Option<&Grant>) -> AuditEvent {
+pub(crate) fn call_event(
+    action: AuditAction,
+    outcome: Outcome,
+    grant: Option<&Grant>,
+) -> AuditEvent {
     let event = AuditEvent::new(action, outcome);
     match grant {
         Some(grant) => event.with_grant(grant).with("principal", &grant.principal),

@@ -15,10 +15,13 @@ use crate::rules::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     pub name: String,
-    pub base_url: BaseUrl,
-    /// The root credential injected on the upstream leg.
+    /// What the upstream speaks: HTTP (REST, GraphQL) at `/u/<name>/…`, or MCP at `/mcp/<name>`.
+    pub kind: UpstreamKind,
+    /// Where calls go: a URL with the root credential injected on the leg, or (MCP only) a
+    /// server valetd runs with the root credential in its environment.
+    pub target: Target,
+    /// The root credential injected on the upstream leg or into the server's environment.
     pub credential: String,
-    pub inject: Injection,
     /// Extra headers added to every forwarded call.
     pub headers: Vec<(String, String)>,
     /// A PEM file of CA certificates for an upstream behind a private CA.
@@ -28,6 +31,42 @@ pub struct Upstream {
     /// Request headers forwarded from the agent beyond the fixed allowlist, lowercase.
     pub forward_headers: BTreeSet<String>,
 }
+
+/// What an upstream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamKind {
+    Http,
+    Mcp,
+}
+
+/// Where an upstream's calls go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Url {
+        base_url: BaseUrl,
+        inject: Injection,
+    },
+    /// An MCP server valetd starts and speaks to over stdio.
+    Process(StdioServer),
+}
+
+/// An MCP server run by valetd: the root credential lives only in its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StdioServer {
+    pub command: String,
+    pub args: Vec<String>,
+    /// Environment variables, each a template where `{secret}` is the credential; nothing of
+    /// valetd's own environment is passed but `PATH`, `HOME` and `LANG`.
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<PathBuf>,
+    /// Processes kept at once (one per grant in use).
+    pub max_processes: usize,
+    /// A process unused this long is stopped.
+    pub idle_timeout: Duration,
+}
+
+pub const DEFAULT_MAX_PROCESSES: usize = 4;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Request headers the gateway forwards from the agent to any upstream: end-to-end headers that
 /// describe the body or the client, and conditional requests. Everything else is dropped.
@@ -119,20 +158,36 @@ pub(super) fn build_upstreams(
     problems: &mut Problems,
 ) -> BTreeMap<String, Upstream> {
     let mut upstreams = BTreeMap::new();
-    for (index, raw) in raw_upstreams.into_iter().enumerate() {
+    for (index, mut raw) in raw_upstreams.into_iter().enumerate() {
         let at = format!("upstream[{index}]");
-        let name = problems.name(raw.name, &format!("{at}.name"));
-        let base_url = problems.required(raw.base_url, &format!("{at}.base_url")).and_then(|text| {
+        let name = problems.name(raw.name.take(), &format!("{at}.name"));
+        let kind = super::mcp::upstream_kind(&mut raw, &at, problems);
+        let stdio = raw.command.is_some();
+        let process = if stdio {
+            super::mcp::build_stdio_server(&mut raw, &at, resolve, problems).map(Target::Process)
+        } else {
+            None
+        };
+        let base_url = if stdio {
+            None
+        } else {
+            problems.required(raw.base_url.take(), &format!("{at}.base_url"))
+        };
+        let base_url = base_url.and_then(|text| {
             let parsed = parse_base_url(&text);
             if parsed.is_none() {
                 problems.push(
                     format!("{at}.base_url"),
-                    invalid(&text, "base URL", "http:// or https:// with a host, an optional port and path, and no query"),
+                    invalid(
+                        &text,
+                        "base URL",
+                        "http:// or https:// with a host, an optional port and path, and no query",
+                    ),
                 );
             }
             parsed
         });
-        let credential = problems.required(raw.credential, &format!("{at}.credential"));
+        let credential = problems.required(raw.credential.take(), &format!("{at}.credential"));
         if let Some(credential) = credential
             .as_ref()
             .and_then(|name| credentials.get(name))
@@ -158,7 +213,12 @@ pub(super) fn build_upstreams(
                 },
             );
         }
-        let inject = problems.required(raw.inject, &format!("{at}.inject")).and_then(|inject| {
+        let inject = if stdio {
+            None
+        } else {
+            problems.required(raw.inject.take(), &format!("{at}.inject"))
+        };
+        let inject = inject.and_then(|inject| {
             let entries: Vec<(bool, String, String)> = inject
                 .header
                 .unwrap_or_default()
@@ -184,7 +244,7 @@ pub(super) fn build_upstreams(
             Some(if is_header { Injection::Header { name, template } } else { Injection::Query { name, template } })
         });
         let mut headers = Vec::new();
-        for (header, value) in raw.headers {
+        for (header, value) in std::mem::take(&mut raw.headers) {
             if !is_header_name(&header) || value.chars().any(char::is_control) {
                 problems.push(format!("{at}.headers.{header}"), invalid(&header, "header", "a header name of letters, digits and '-' with a value without control characters"));
             } else if is_credential_header(&header) {
@@ -201,7 +261,10 @@ pub(super) fn build_upstreams(
             }
         }
         let mut forward_headers = BTreeSet::new();
-        for (position, header) in raw.forward_headers.into_iter().enumerate() {
+        for (position, header) in std::mem::take(&mut raw.forward_headers)
+            .into_iter()
+            .enumerate()
+        {
             let key = format!("{at}.forward_headers[{position}]");
             if !is_header_name(&header) {
                 problems.push(
@@ -229,22 +292,27 @@ pub(super) fn build_upstreams(
             Some(text) => problems.duration(Some(text), &format!("{at}.timeout")),
             None => Some(DEFAULT_UPSTREAM_TIMEOUT),
         };
+        let target = match (process, base_url, inject) {
+            (Some(process), _, _) => Some(process),
+            (None, Some(base_url), Some(inject)) => Some(Target::Url { base_url, inject }),
+            _ => None,
+        };
         let (
             Some(name),
-            Some(base_url),
+            Some(kind),
+            Some(target),
             Some(credential),
-            Some(inject),
             Some(connect_timeout),
             Some(timeout),
-        ) = (name, base_url, credential, inject, connect_timeout, timeout)
+        ) = (name, kind, target, credential, connect_timeout, timeout)
         else {
             continue;
         };
         let upstream = Upstream {
             name: name.clone(),
-            base_url,
+            kind,
+            target,
             credential,
-            inject,
             headers,
             ca_file: raw.ca_file.map(resolve),
             connect_timeout,
@@ -441,7 +509,7 @@ pub(super) fn build_allow_rules(
 
 /// A value rule from config: `"exact"`, `"{param}"` (a param of the scope), `{ one_of = [...] }` or
 /// `{ pattern = "..." }` (matching the whole value).
-fn build_value_rule(
+pub(super) fn build_value_rule(
     raw: RawValueRule,
     key: &str,
     params: &BTreeMap<String, ParamRule>,

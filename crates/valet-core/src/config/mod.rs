@@ -7,13 +7,15 @@ mod environment;
 mod gateway;
 mod identity;
 mod lints;
+mod mcp;
 mod raw;
 mod store;
 
 pub use aws::{AwsCredential, AwsRevoke, AwsStsScope, ConditionValues, is_access_key_id};
 pub use environment::{Environment, read_secret};
 pub use gateway::{
-    BaseUrl, FORWARDED_HEADERS, Injection, Upstream, is_credential_header, never_forwarded,
+    BaseUrl, FORWARDED_HEADERS, Injection, StdioServer, Target, Upstream, UpstreamKind,
+    is_credential_header, never_forwarded,
 };
 pub use identity::{
     CertificateMatch, ClientAuth, Glob, IdentityMatch, Issuer, KeySet, ServerTls, is_spiffe_id,
@@ -287,6 +289,8 @@ pub struct Scope {
     pub upstream: Option<String>,
     /// Which calls; empty when the scope has no upstream.
     pub allow: Vec<crate::rules::AllowRule>,
+    /// For a scope whose upstream is an MCP server: the tools, resources and prompts it allows.
+    pub mcp: Option<crate::mcp::McpAllow>,
     /// When set, tokens for this scope are issued only after people approve.
     pub approval: Option<crate::approval::ApprovalPolicy>,
     /// Set for `provider = "aws-sts"`: grants carry STS credentials for this role and policy.
@@ -1271,7 +1275,57 @@ fn build_scope(
     let n_raw_rules = raw_scope.allow.len();
     let allow =
         gateway::build_allow_rules(std::mem::take(&mut raw_scope.allow), at, &params, problems);
+    let is_mcp = upstream.is_some_and(|upstream| upstream.kind == UpstreamKind::Mcp);
+    let scope_mcp = match (raw_scope.mcp.take(), is_mcp) {
+        (Some(raw), true) => Some(mcp::build_mcp_scope(raw, at, &params, problems)),
+        (None, true) => {
+            problems.push(
+                format!("{at}.mcp"),
+                invalid(
+                    "(missing)",
+                    "[scope.mcp]",
+                    "a [scope.mcp] table with at least one [[scope.mcp.tool]], resources or prompts: an MCP scope allows nothing by default",
+                ),
+            );
+            None
+        }
+        (Some(_), false) => {
+            problems.push(
+                format!("{at}.mcp"),
+                invalid(
+                    "[scope.mcp]",
+                    "table",
+                    "[scope.mcp] only in a scope whose upstream is of kind = \"mcp\"",
+                ),
+            );
+            None
+        }
+        (None, false) => None,
+    };
+    if let Some(allowed) = &scope_mcp
+        && allowed.tools.is_empty()
+        && allowed.resources.is_empty()
+        && allowed.prompts.is_empty()
+    {
+        problems.push(
+            format!("{at}.mcp"),
+            invalid(
+                "{}",
+                "[scope.mcp]",
+                "at least one [[scope.mcp.tool]], resources or prompts entry: an MCP scope allows nothing by default",
+            ),
+        );
+    }
     match upstream {
+        Some(_) if is_mcp && n_raw_rules > 0 => problems.push(
+            format!("{at}.allow"),
+            invalid(
+                "[[scope.allow]]",
+                "rule list",
+                "none in a scope for an MCP upstream: its tools go in [[scope.mcp.tool]]",
+            ),
+        ),
+        Some(_) if is_mcp => {}
         None if n_raw_rules > 0 => problems.push(
             format!("{at}.allow"),
             invalid(
@@ -1292,7 +1346,11 @@ fn build_scope(
     }
     // The parameter the root credential goes in is the gateway's to set, never the agent's.
     if let Some(Upstream {
-        inject: Injection::Query { name: injected, .. },
+        target:
+            Target::Url {
+                inject: Injection::Query { name: injected, .. },
+                ..
+            },
         ..
     }) = upstream
     {
@@ -1326,6 +1384,7 @@ fn build_scope(
         renewable: raw_scope.renewable.unwrap_or(true),
         upstream: upstream.map(|upstream| upstream.name.clone()),
         allow,
+        mcp: scope_mcp,
         approval: scope_approval,
         aws: scope_aws,
         params,

@@ -178,6 +178,54 @@ pub struct RawScope {
     pub conditions: Option<BTreeMap<String, BTreeMap<String, RawConditionValues>>>,
     pub revoke: Option<String>,
     pub allow_broad: Option<String>,
+    /// `[scope.mcp]`: what a scope for an MCP upstream may use.
+    pub mcp: Option<RawMcpScope>,
+}
+
+/// `[scope.mcp]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawMcpScope {
+    #[serde(default)]
+    pub tool: Vec<RawTool>,
+    #[serde(default)]
+    pub resources: Vec<String>,
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// Requests the server may send the agent's client: "sampling", "elicitation", "roots".
+    #[serde(default)]
+    pub client_requests: Vec<String>,
+}
+
+/// `[[scope.mcp.tool]]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawTool {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub arguments: BTreeMap<String, RawArgumentRule>,
+    #[serde(default)]
+    pub required: Vec<String>,
+    #[serde(default)]
+    pub forbidden: Vec<String>,
+    pub approval: Option<RawRuleApproval>,
+    pub max_calls: Option<i64>,
+    pub allow_broad: Option<String>,
+}
+
+/// What one tool argument may be: a value rule, or a table that may also bound a number.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawArgumentRule {
+    Text(String),
+    Table(RawArgumentTable),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawArgumentTable {
+    pub one_of: Option<Vec<String>>,
+    pub pattern: Option<String>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
 }
 
 /// An IAM condition's value: one string or a list.
@@ -191,7 +239,18 @@ pub enum RawConditionValues {
 #[derive(Debug, Default, Deserialize)]
 pub struct RawUpstream {
     pub name: Option<String>,
+    /// "http" (the default) or "mcp".
+    pub kind: Option<String>,
     pub base_url: Option<String>,
+    /// An MCP server valetd runs and talks to over stdio.
+    pub command: Option<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub working_dir: Option<String>,
+    pub max_processes: Option<i64>,
+    pub idle_timeout: Option<String>,
     pub credential: Option<String>,
     pub inject: Option<RawInject>,
     #[serde(default)]

@@ -11,12 +11,17 @@ fn allow() -> McpAllow {
     McpAllow {
         tools: vec![
             ToolRule {
+                index: 0,
                 name: Glob::new("list_*"),
                 arguments: BTreeMap::new(),
                 required: BTreeSet::new(),
                 forbidden: BTreeSet::new(),
+                approval: None,
+                max_calls: None,
+                allow_broad: None,
             },
             ToolRule {
+                index: 1,
                 name: Glob::new("create_custom_domain"),
                 arguments: BTreeMap::from([
                     (
@@ -37,10 +42,14 @@ fn allow() -> McpAllow {
                 ]),
                 required: BTreeSet::from(["projectId".to_string(), "environment".to_string()]),
                 forbidden: BTreeSet::from(["force".to_string()]),
+                approval: None,
+                max_calls: None,
+                allow_broad: None,
             },
         ],
         resources: vec!["railway://projects/{project}/*".into()],
         prompts: vec![Glob::new("summarise")],
+        client_requests: BTreeSet::new(),
     }
 }
 

@@ -1,0 +1,682 @@
+//! MCP at `/mcp/<upstream>` (Streamable HTTP): a POST of JSON-RPC is read, authorized message by
+//! message (valet-service), held open while a person decides on an approval-gated tool call,
+//! then forwarded as the JSON-RPC the check built — to a remote server with the root credential
+//! injected on the leg, or to a stdio server valetd runs — and the reply comes back with list
+//! results narrowed to the grant, server requests the scope does not allow dropped, and the root
+//! credential masked. Refusals are JSON-RPC errors an MCP client shows the model.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::SinkExt;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::Frame;
+use serde_json::{Map, Value, json};
+use valet_core::call::CallRefusal;
+use valet_core::config::Target;
+use valet_core::mcp::ReplyFilter;
+use valet_service::{
+    BodySource, CallOutcome, CallSite, HeldApproval, McpDecision, McpRequest, ServiceError, Valet,
+};
+
+use crate::Gateway;
+use crate::forward::{self, strip_hop_by_hop, unmaskable};
+use crate::response::{self, Body, BoxError};
+use crate::route::IncomingBody;
+use crate::stdio::{HANDSHAKE_VERSIONS, MODERN_VERSIONS, STDIO_PROTOCOL_VERSION};
+use crate::stream::{self, Closing};
+
+/// Largest JSON-RPC POST an agent may send.
+const MAX_REQUEST_BODY: u64 = 1024 * 1024;
+/// Largest JSON reply read whole from a remote server (SSE replies stream).
+const MAX_REPLY_BODY: usize = 16 * 1024 * 1024;
+/// How often a held call's approval is looked at, and how often the agent hears it still waits.
+const APPROVAL_POLL: Duration = Duration::from_millis(250);
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// JSON-RPC error codes of the gateway's own answers.
+const CODE_UNAUTHORIZED: i64 = -32001;
+const CODE_REFUSED: i64 = -32003;
+const CODE_INVALID_REQUEST: i64 = -32600;
+const CODE_INTERNAL: i64 = -32603;
+
+/// What the agent's request said about the protocol, read once from its headers.
+#[derive(Clone, Default)]
+struct AgentHeaders {
+    authorization: Option<String>,
+    protocol_version: Option<String>,
+    session_id: Option<String>,
+    accepts_sse: bool,
+}
+
+impl AgentHeaders {
+    fn read(headers: &HeaderMap) -> AgentHeaders {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_string)
+        };
+        AgentHeaders {
+            authorization: text("authorization"),
+            // Only a revision this gateway knows is passed on.
+            protocol_version: text("mcp-protocol-version").filter(|version| {
+                HANDSHAKE_VERSIONS.contains(&version.as_str())
+                    || MODERN_VERSIONS.contains(&version.as_str())
+            }),
+            // A session id is opaque to the gateway: visible ASCII, bounded.
+            session_id: text("mcp-session-id").filter(|id| {
+                !id.is_empty() && id.len() <= 256 && id.bytes().all(|byte| byte.is_ascii_graphic())
+            }),
+            accepts_sse: headers
+                .get_all(header::ACCEPT)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .any(|value| value.contains("text/event-stream")),
+        }
+    }
+
+    fn modern(&self) -> bool {
+        self.protocol_version
+            .as_deref()
+            .is_some_and(|version| MODERN_VERSIONS.contains(&version))
+    }
+}
+
+/// One request to `/mcp/<upstream>`.
+pub async fn handle(
+    gateway: &Arc<Gateway>,
+    request: http::Request<hyper::body::Incoming>,
+    site: CallSite,
+) -> http::Response<Body> {
+    let valet = &gateway.valet;
+    if request.method() != http::Method::POST {
+        // No server-initiated stream (GET) and no session end (DELETE) pass the gateway: what a
+        // server says arrives on the reply to a POST, where it is checked.
+        let mut answer = jsonrpc_error(
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            Value::Null,
+            CODE_INVALID_REQUEST,
+            &format!(
+                "{} is not served at /mcp/{}: the gateway takes POST (JSON-RPC); server messages arrive on the reply to a POST",
+                request.method(),
+                site.upstream
+            ),
+            None,
+        );
+        answer
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return answer;
+    }
+    let (parts, body) = request.into_parts();
+    let agent = AgentHeaders::read(&parts.headers);
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    if !content_type
+        .split(';')
+        .next()
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+    {
+        let error = valet
+            .refuse_call(
+                &site,
+                CallRefusal::BadBody(format!(
+                    "Content-Type {content_type:?}: send JSON-RPC as application/json"
+                )),
+            )
+            .await;
+        return refusal(valet, &error, None, Value::Null);
+    }
+    if let Some(encoding) = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|value| value.to_str().ok())
+        .filter(|encoding| !encoding.trim().eq_ignore_ascii_case("identity"))
+    {
+        let error = valet
+            .refuse_call(
+                &site,
+                CallRefusal::BadBody(format!(
+                    "the body is sent with Content-Encoding {encoding}; send it unencoded"
+                )),
+            )
+            .await;
+        return refusal(valet, &error, None, Value::Null);
+    }
+    let body = match Box::new(IncomingBody::new(&parts.headers, body))
+        .read(MAX_REQUEST_BODY)
+        .await
+    {
+        Ok(body) => body,
+        Err(refused) => {
+            let error = valet.refuse_call(&site, refused).await;
+            return refusal(valet, &error, None, Value::Null);
+        }
+    };
+    let request_id = single_id(&body);
+    let authorized = valet
+        .authorize_mcp(McpRequest {
+            site: &site,
+            authorization: agent.authorization.as_deref(),
+            approval: None,
+            body: &body,
+        })
+        .await;
+    match authorized {
+        Ok(decision) => dispatch(gateway, decision, &agent).await,
+        Err(denial) => match &denial.error {
+            ServiceError::Call(CallRefusal::ApprovalRequired {
+                approval_id,
+                approve_command,
+                call,
+            }) => {
+                let waiting = format!(
+                    "waiting for a person to approve {} {} on {} (approval {approval_id}: {approve_command})",
+                    call.method, call.target, call.upstream
+                );
+                hold(
+                    gateway,
+                    Held {
+                        site,
+                        agent,
+                        body,
+                        approval_id: approval_id.clone(),
+                        waiting,
+                        request_id,
+                    },
+                )
+                .await
+            }
+            error => refusal(valet, error, denial.grant_id.as_deref(), request_id),
+        },
+    }
+}
+
+/// A tool call waiting for a person's approval.
+struct Held {
+    site: CallSite,
+    agent: AgentHeaders,
+    body: Bytes,
+    approval_id: String,
+    /// What the agent is told while it waits.
+    waiting: String,
+    request_id: Value,
+}
+
+/// Holds the call open while a person decides (the approval's own timeout is the limit; it
+/// counts as a denial), then forwards it once with that approval. An agent that takes SSE hears
+/// progress notifications (or, without a progress token, comments) while it waits.
+async fn hold(gateway: &Arc<Gateway>, held: Held) -> http::Response<Body> {
+    let progress_token = serde_json::from_slice::<Value>(&held.body)
+        .ok()
+        .and_then(|message| message.pointer("/params/_meta/progressToken").cloned());
+    if !held.agent.accepts_sse {
+        return decide(gateway, &held).await;
+    }
+    let (mut sender, receiver) =
+        futures::channel::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+    let gateway = gateway.clone();
+    tokio::spawn(async move {
+        let mut progress = 0u64;
+        let mut last_note = None::<Instant>;
+        let decided = decide(&gateway, &held);
+        tokio::pin!(decided);
+        let answer = loop {
+            if last_note.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
+                last_note = Some(Instant::now());
+                let note = match &progress_token {
+                    Some(token) => {
+                        progress += 1;
+                        sse_event(&json!({
+                            "jsonrpc": "2.0",
+                            "method": "notifications/progress",
+                            "params": {"progressToken": token, "progress": progress, "message": held.waiting},
+                        }))
+                    }
+                    None => Bytes::from(format!(": {}\n\n", held.waiting.replace('\n', " "))),
+                };
+                if sender.send(Ok(Frame::data(note))).await.is_err() {
+                    // The agent went away; the approval stays as it is, unused.
+                    return;
+                }
+            }
+            tokio::select! {
+                answer = &mut decided => break answer,
+                _ = tokio::time::sleep(PROGRESS_EVERY) => {}
+            }
+        };
+        let (parts, body) = answer.into_parts();
+        let is_sse = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.starts_with("text/event-stream"));
+        let Ok(collected) = body.collect().await else {
+            return;
+        };
+        let bytes = collected.to_bytes();
+        let event = if is_sse {
+            bytes
+        } else if bytes.is_empty() {
+            return;
+        } else {
+            match serde_json::from_slice::<Value>(&bytes) {
+                Ok(message) => sse_event(&message),
+                Err(_) => return,
+            }
+        };
+        let _ = sender.send(Ok(Frame::data(event))).await;
+    });
+    let mut response = http::Response::new(BodyExt::boxed(StreamBody::new(receiver)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// Waits for the held call's approval; approved, authorizes the same body again with it (used
+/// once) and forwards; otherwise the refusal.
+async fn decide(gateway: &Gateway, held: &Held) -> http::Response<Body> {
+    let valet = &gateway.valet;
+    loop {
+        match valet.held_approval(&held.approval_id).await {
+            Ok(HeldApproval::Pending) => tokio::time::sleep(APPROVAL_POLL).await,
+            Ok(HeldApproval::Approved) => break,
+            Ok(HeldApproval::Ended(reason)) => {
+                let error = ServiceError::Call(CallRefusal::ApprovalRefused(reason));
+                return refusal(valet, &error, None, held.request_id.clone());
+            }
+            Err(error) => return refusal(valet, &error, None, held.request_id.clone()),
+        }
+    }
+    let authorized = valet
+        .authorize_mcp(McpRequest {
+            site: &held.site,
+            authorization: held.agent.authorization.as_deref(),
+            approval: Some(&held.approval_id),
+            body: &held.body,
+        })
+        .await;
+    match authorized {
+        Ok(decision) => dispatch(gateway, decision, &held.agent).await,
+        Err(denial) => refusal(
+            valet,
+            &denial.error,
+            denial.grant_id.as_deref(),
+            held.request_id.clone(),
+        ),
+    }
+}
+
+/// Forwards an authorized POST to its server and answers with the filtered, masked reply.
+async fn dispatch(
+    gateway: &Gateway,
+    decision: McpDecision,
+    agent: &AgentHeaders,
+) -> http::Response<Body> {
+    let started = Instant::now();
+    let valet = gateway.valet.clone();
+    let McpDecision {
+        call,
+        checked,
+        allow,
+    } = decision;
+    let filter = ReplyFilter::new(&checked, &allow, &call.grant.params);
+    let masker = stream::masker_for(&call.upstream, &call.secret);
+    let answered = match &call.upstream.target {
+        Target::Url { .. } => remote(gateway, &call, &checked, agent, filter).await,
+        Target::Process(_) => stdio(gateway, &call, &checked, agent, filter).await,
+    };
+    match answered {
+        Ok((status, headers, body)) => {
+            let mut response = http::Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = status;
+            for (name, value) in &headers {
+                let value = masker
+                    .mask_once(value.as_bytes())
+                    .and_then(|masked| HeaderValue::from_bytes(&masked).ok())
+                    .unwrap_or_else(|| value.clone());
+                response.headers_mut().insert(name.clone(), value);
+            }
+            let (parts, _) = response.into_parts();
+            let closing = Closing::new(valet, call, status.as_u16(), started);
+            http::Response::from_parts(parts, stream::masked(body, masker, closing))
+        }
+        Err(refused) => {
+            let error = match valet
+                .record_call_outcome(&call, CallOutcome::Failed(refused))
+                .await
+            {
+                Err(error) => error,
+                Ok(()) => ServiceError::Internal("a failed call was recorded as success".into()),
+            };
+            refusal(&valet, &error, Some(&call.grant.id), single_id(&call.body))
+        }
+    }
+}
+
+type Answered = (http::StatusCode, HeaderMap, Body);
+
+/// A remote server over Streamable HTTP: the checked body POSTed with the root credential on
+/// the leg, and the headers the protocol needs built by the gateway from what it checked.
+async fn remote(
+    gateway: &Gateway,
+    call: &valet_service::CallDecision,
+    checked: &[valet_core::mcp::CheckedMessage],
+    agent: &AgentHeaders,
+    filter: ReplyFilter,
+) -> Result<Answered, CallRefusal> {
+    let upstream = &call.upstream;
+    let failed = |detail: String| CallRefusal::UpstreamFailed {
+        upstream: upstream.name.clone(),
+        detail,
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::ACCEPT,
+        HeaderValue::from_static("application/json, text/event-stream"),
+    );
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    let mut set = |name: &'static str, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    };
+    if let Some(version) = &agent.protocol_version {
+        set("mcp-protocol-version", version);
+    }
+    if let Some(session) = &agent.session_id {
+        set("mcp-session-id", session);
+    }
+    // 2026-07-28 routes on headers that must equal the body: built from the checked message.
+    if agent.modern()
+        && let [message] = checked
+    {
+        set("mcp-method", &message.method);
+        if let Some(target) = message
+            .target
+            .as_deref()
+            .filter(|target| target.bytes().all(|byte| (0x20..0x7f).contains(&byte)))
+        {
+            set("mcp-name", target);
+        }
+    }
+    set("x-forwarded-for", &call.site.peer.ip().to_string());
+    let uri = forward::upstream_leg(upstream, "", None, &call.secret, &mut headers)?;
+    let mut request = http::Request::new(Full::new(call.body.clone()));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    let client = gateway
+        .upstreams
+        .client_for(upstream)
+        .await
+        .map_err(failed)?;
+    let answer = match tokio::time::timeout(upstream.timeout, client.request(request)).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(error)) => return Err(failed(error.to_string())),
+        Err(_) => {
+            return Err(CallRefusal::UpstreamTimeout {
+                upstream: upstream.name.clone(),
+                seconds: upstream.timeout.as_secs(),
+            });
+        }
+    };
+    if let Some(detail) = unmaskable(answer.headers(), answer.status()) {
+        return Err(failed(detail));
+    }
+    let (mut parts, body) = answer.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    // Only what an MCP client reads comes back.
+    let mut kept = HeaderMap::new();
+    for name in [
+        header::CONTENT_TYPE,
+        header::CACHE_CONTROL,
+        HeaderName::from_static("mcp-session-id"),
+        HeaderName::from_static("mcp-protocol-version"),
+    ] {
+        if let Some(value) = parts.headers.get(&name) {
+            kept.insert(name, value.clone());
+        }
+    }
+    let content_type = kept
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let body: Body = if content_type.starts_with("text/event-stream") {
+        // Event by event, as they arrive: a long tool call streams its progress.
+        let events =
+            futures::stream::unfold((Some(body), filter), |(body, mut filter)| async move {
+                let mut body = body?;
+                loop {
+                    match body.frame().await {
+                        Some(Ok(frame)) => {
+                            let Ok(data) = frame.into_data() else {
+                                continue;
+                            };
+                            let ready = filter.sse_chunk(&data);
+                            if !ready.is_empty() {
+                                return Some((
+                                    Ok::<_, BoxError>(Frame::data(Bytes::from(ready))),
+                                    (Some(body), filter),
+                                ));
+                            }
+                        }
+                        Some(Err(error)) => {
+                            return Some((Err(Box::new(error) as BoxError), (None, filter)));
+                        }
+                        None => {
+                            let rest = filter.finish();
+                            if rest.is_empty() {
+                                return None;
+                            }
+                            return Some((Ok(Frame::data(Bytes::from(rest))), (None, filter)));
+                        }
+                    }
+                }
+            });
+        BodyExt::boxed(StreamBody::new(events))
+    } else if content_type.starts_with("application/json") {
+        let whole = Limited::new(body, MAX_REPLY_BODY)
+            .collect()
+            .await
+            .map_err(|error| failed(format!("its reply could not be read: {error}")))?
+            .to_bytes();
+        response::full(Bytes::from(filter.json_body(&whole)))
+    } else {
+        // An answer without JSON-RPC (202 to a notification, an error page) carries no list
+        // to narrow; it is still masked.
+        BodyExt::boxed(body.map_err(|error| Box::new(error) as BoxError))
+    };
+    Ok((parts.status, kept, body))
+}
+
+/// A stdio server valetd runs for this grant: `initialize` and `server/discover` are answered
+/// from the server's own initialization; each request goes to the process with an id of
+/// valetd's; notifications from the agent end here.
+async fn stdio(
+    gateway: &Gateway,
+    call: &valet_service::CallDecision,
+    checked: &[valet_core::mcp::CheckedMessage],
+    agent: &AgentHeaders,
+    filter: ReplyFilter,
+) -> Result<Answered, CallRefusal> {
+    let upstream = &call.upstream;
+    let valet = gateway.valet.clone();
+    let redact: Arc<dyn Fn(&str) -> String + Send + Sync> =
+        Arc::new(move |line: &str| valet.redact(line));
+    let process = gateway
+        .processes
+        .process_for(upstream, &call.grant.id, &call.secret, redact)
+        .await
+        .map_err(|error| CallRefusal::UpstreamFailed {
+            upstream: upstream.name.clone(),
+            detail: error.to_string(),
+        })?;
+    let initialized = process.initialized();
+    let answers = checked.iter().map(|message| {
+        let process = process.clone();
+        async move {
+            let id = message.message.get("id")?.clone();
+            let result = match message.method.as_str() {
+                "initialize" => {
+                    let asked = message
+                        .message
+                        .pointer("/params/protocolVersion")
+                        .and_then(Value::as_str)
+                        .filter(|version| HANDSHAKE_VERSIONS.contains(version))
+                        .unwrap_or(STDIO_PROTOCOL_VERSION);
+                    let mut result = Map::new();
+                    result.insert("protocolVersion".into(), Value::from(asked));
+                    for key in ["capabilities", "serverInfo", "instructions"] {
+                        if let Some(value) = initialized.get(key) {
+                            result.insert(key.into(), value.clone());
+                        }
+                    }
+                    Ok(Value::Object(result))
+                }
+                "server/discover" => Ok(json!({
+                    "resultType": "complete",
+                    "supportedVersions": MODERN_VERSIONS,
+                    "capabilities": initialized.get("capabilities").cloned().unwrap_or_else(|| json!({})),
+                    "instructions": initialized.get("instructions").cloned(),
+                    "cacheScope": "private",
+                    "ttlMs": 0,
+                    "_meta": {"io.modelcontextprotocol/serverInfo": initialized.get("serverInfo").cloned()},
+                })),
+                method => {
+                    let mut params = message.message.get("params").cloned();
+                    // The process speaks the handshake revision: the per-request envelope of
+                    // 2026-07-28 is the gateway's to read, not the server's.
+                    if let Some(Value::Object(meta)) =
+                        params.as_mut().and_then(|params| params.get_mut("_meta"))
+                    {
+                        meta.retain(|key, _| !key.starts_with("io.modelcontextprotocol/"));
+                    }
+                    match process.request(method, params, upstream.timeout).await {
+                        Ok(response) => match (response.get("result"), response.get("error")) {
+                            (Some(result), _) => Ok(result.clone()),
+                            (None, Some(error)) => Err(error.clone()),
+                            (None, None) => Err(json!({"code": CODE_INTERNAL, "message": "the server answered without a result or an error"})),
+                        },
+                        Err(error) => Err(json!({
+                            "code": CODE_INTERNAL,
+                            "message": format!("upstream {}: {error}", upstream.name),
+                        })),
+                    }
+                }
+            };
+            Some(match result {
+                Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
+                Err(error) => json!({"jsonrpc": "2.0", "id": id, "error": error}),
+            })
+        }
+    });
+    let answers: Vec<Value> = futures::future::join_all(answers)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut headers = HeaderMap::new();
+    if answers.is_empty() {
+        return Ok((
+            http::StatusCode::ACCEPTED,
+            headers,
+            response::full(Bytes::new()),
+        ));
+    }
+    let batch = serde_json::from_slice::<Value>(&call.body).is_ok_and(|body| body.is_array());
+    let reply = if batch {
+        Value::Array(answers)
+    } else {
+        answers.into_iter().next().unwrap_or(Value::Null)
+    };
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(version) = &agent.protocol_version {
+        if let Ok(value) = HeaderValue::from_str(version) {
+            headers.insert(HeaderName::from_static("mcp-protocol-version"), value);
+        }
+    }
+    let body = filter.json_body(reply.to_string().as_bytes());
+    Ok((
+        http::StatusCode::OK,
+        headers,
+        response::full(Bytes::from(body)),
+    ))
+}
+
+/// A refusal as a JSON-RPC error: the HTTP status the gateway gives it, and in `data` the same
+/// details a REST call's refusal carries.
+fn refusal(
+    valet: &Valet,
+    error: &ServiceError,
+    grant_id: Option<&str>,
+    request_id: Value,
+) -> http::Response<Body> {
+    let data = response::error_body(valet, error, grant_id);
+    let message = data
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("refused")
+        .to_string();
+    let status = response::status_of(error);
+    let code = match status {
+        http::StatusCode::UNAUTHORIZED => CODE_UNAUTHORIZED,
+        http::StatusCode::FORBIDDEN | http::StatusCode::TOO_MANY_REQUESTS => CODE_REFUSED,
+        http::StatusCode::BAD_REQUEST | http::StatusCode::PAYLOAD_TOO_LARGE => CODE_INVALID_REQUEST,
+        _ => CODE_INTERNAL,
+    };
+    let message = format!("Valet refused this: {message}");
+    response::with_error_headers(
+        jsonrpc_error(status, request_id, code, &message, Some(data)),
+        error,
+    )
+}
+
+fn jsonrpc_error(
+    status: http::StatusCode,
+    id: Value,
+    code: i64,
+    message: &str,
+    data: Option<Value>,
+) -> http::Response<Body> {
+    let mut error = json!({"code": code, "message": message});
+    if let Some(data) = data {
+        error["data"] = data;
+    }
+    response::json(status, &json!({"jsonrpc": "2.0", "id": id, "error": error}))
+}
+
+/// The id of a POST holding one request, for the refusal's reply (null otherwise).
+fn single_id(body: &[u8]) -> Value {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|message| message.get("id").cloned())
+        .filter(|id| id.is_string() || id.is_i64() || id.is_u64())
+        .unwrap_or(Value::Null)
+}
+
+fn sse_event(message: &Value) -> Bytes {
+    Bytes::from(format!("event: message\ndata: {message}\n\n"))
+}

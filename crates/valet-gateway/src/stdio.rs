@@ -1,0 +1,484 @@
+//! MCP servers valetd runs: one process per grant in use, per upstream config, started on
+//! demand with the root credential in its environment only, initialized by valetd, spoken to
+//! over stdio with request ids of valetd's own (so concurrent callers never see each other's
+//! replies), kept warm up to the upstream's `max_processes` and `idle_timeout`, and restarted
+//! after a crash with backoff. A changed upstream config never reuses a process of the old one.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::{Mutex, oneshot};
+use valet_core::Secret;
+use valet_core::config::{StdioServer, Target, Upstream};
+
+/// The protocol revision valetd initializes stdio servers with.
+pub const STDIO_PROTOCOL_VERSION: &str = "2025-11-25";
+/// Revisions reached through the initialize handshake, oldest first.
+pub const HANDSHAKE_VERSIONS: [&str; 4] = ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
+/// The revision without a handshake, where every request carries its own envelope.
+pub const MODERN_VERSIONS: [&str; 1] = ["2026-07-28"];
+/// How long a server has to answer valetd's `initialize`.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest line a server may write on stdout.
+const MAX_LINE: usize = 16 * 1024 * 1024;
+/// Backoff after the first crash, doubled per further crash up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A process that ran this long before exiting resets the crash count.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+/// Why a message could not be answered by a stdio server.
+#[derive(Debug, thiserror::Error)]
+pub enum StdioError {
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("the server did not answer within {0} s")]
+    Timeout(u64),
+}
+
+/// Every stdio upstream's processes.
+#[derive(Default)]
+pub struct Processes {
+    pools: Mutex<HashMap<String, Pool>>,
+}
+
+/// One upstream config's processes, by grant.
+struct Pool {
+    /// The config and credential the processes were started with: any change starts a new pool.
+    identity: (StdioServer, [u8; 32]),
+    processes: HashMap<String, Arc<Process>>,
+    crashes: u32,
+    not_before: Option<Instant>,
+}
+
+/// One running server.
+pub struct Process {
+    stdin: Mutex<ChildStdin>,
+    child: std::sync::Mutex<Option<Child>>,
+    pending: std::sync::Mutex<HashMap<u64, oneshot::Sender<Value>>>,
+    next_id: AtomicU64,
+    alive: Arc<AtomicBool>,
+    in_flight: AtomicUsize,
+    last_used: std::sync::Mutex<Instant>,
+    started: Instant,
+    /// The server's answer to valetd's `initialize`.
+    initialized: std::sync::OnceLock<Value>,
+}
+
+impl Processes {
+    /// The process serving `grant_id` on `upstream`, started (and initialized) if there is none.
+    pub async fn process_for(
+        &self,
+        upstream: &Upstream,
+        grant_id: &str,
+        secret: &Secret,
+        log: Arc<dyn Fn(&str) -> String + Send + Sync>,
+    ) -> Result<Arc<Process>, StdioError> {
+        let Target::Process(server) = &upstream.target else {
+            return Err(StdioError::Unavailable(
+                "the upstream is not a server valetd runs".into(),
+            ));
+        };
+        let digest = ring::digest::digest(&ring::digest::SHA256, secret.expose());
+        let mut secret_digest = [0u8; 32];
+        secret_digest.copy_from_slice(digest.as_ref());
+        let identity = (server.clone(), secret_digest);
+        let mut pools = self.pools.lock().await;
+        let pool = pools.entry(upstream.name.clone()).or_insert_with(|| Pool {
+            identity: identity.clone(),
+            processes: HashMap::new(),
+            crashes: 0,
+            not_before: None,
+        });
+        if pool.identity != identity {
+            // A changed config or credential: the old processes end, none is reused.
+            tracing::info!(
+                upstream = upstream.name,
+                "stdio MCP server config changed; stopping its processes"
+            );
+            *pool = Pool {
+                identity,
+                processes: HashMap::new(),
+                crashes: 0,
+                not_before: None,
+            };
+        }
+        let now = Instant::now();
+        pool.reap(server.idle_timeout, now);
+        if let Some(process) = pool.processes.get(grant_id) {
+            process.touch();
+            return Ok(process.clone());
+        }
+        if let Some(not_before) = pool.not_before
+            && now < not_before
+        {
+            return Err(StdioError::Unavailable(format!(
+                "its server exited {} times in a row; the next start is in {} ms",
+                pool.crashes,
+                (not_before - now).as_millis()
+            )));
+        }
+        if pool.processes.len() >= server.max_processes {
+            let idle = pool
+                .processes
+                .iter()
+                .filter(|(_, process)| process.in_flight.load(Ordering::Acquire) == 0)
+                .min_by_key(|(_, process)| process.last_used())
+                .map(|(grant, _)| grant.clone());
+            match idle {
+                Some(grant) => {
+                    pool.processes.remove(&grant);
+                }
+                None => {
+                    return Err(StdioError::Unavailable(format!(
+                        "all {} of its server processes (max_processes) are busy with other grants; retry shortly",
+                        server.max_processes
+                    )));
+                }
+            }
+        }
+        match Process::start(&upstream.name, server, secret, log).await {
+            Ok(process) => {
+                pool.processes.insert(grant_id.to_string(), process.clone());
+                Ok(process)
+            }
+            Err(error) => {
+                pool.crashed(now);
+                Err(error)
+            }
+        }
+    }
+
+    /// Stops processes unused for their upstream's idle timeout.
+    pub async fn reap(&self, idle_timeouts: &HashMap<String, Duration>) {
+        let mut pools = self.pools.lock().await;
+        let now = Instant::now();
+        pools.retain(|name, pool| match idle_timeouts.get(name) {
+            Some(idle_timeout) => {
+                pool.reap(*idle_timeout, now);
+                true
+            }
+            // The upstream is gone from the config: so are its processes.
+            None => false,
+        });
+    }
+
+    /// Stops every process (valetd is shutting down).
+    pub async fn stop_all(&self) {
+        self.pools.lock().await.clear();
+    }
+}
+
+impl Pool {
+    /// Drops dead processes (counting crashes) and idle ones.
+    fn reap(&mut self, idle_timeout: Duration, now: Instant) {
+        let mut crashed = false;
+        self.processes.retain(|_, process| {
+            if !process.alive.load(Ordering::Acquire) {
+                if process.started.elapsed() < STABLE_AFTER {
+                    crashed = true;
+                }
+                return false;
+            }
+            process.in_flight.load(Ordering::Acquire) > 0
+                || now.duration_since(process.last_used()) < idle_timeout
+        });
+        if crashed {
+            self.crashed(now);
+        } else if self
+            .not_before
+            .is_some_and(|not_before| now >= not_before + STABLE_AFTER)
+        {
+            self.crashes = 0;
+            self.not_before = None;
+        }
+    }
+
+    fn crashed(&mut self, now: Instant) {
+        self.crashes = self.crashes.saturating_add(1);
+        let backoff = FIRST_BACKOFF
+            .saturating_mul(1u32 << self.crashes.saturating_sub(1).min(16))
+            .min(MAX_BACKOFF);
+        self.not_before = Some(now + backoff);
+    }
+}
+
+impl Process {
+    async fn start(
+        name: &str,
+        server: &StdioServer,
+        secret: &Secret,
+        log: Arc<dyn Fn(&str) -> String + Send + Sync>,
+    ) -> Result<Arc<Process>, StdioError> {
+        let secret_text = secret.expose_str().ok_or_else(|| {
+            StdioError::Unavailable(
+                "its credential is not text, so it cannot go in an environment variable".into(),
+            )
+        })?;
+        let mut command = Command::new(&server.command);
+        command
+            .args(&server.args)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for inherited in ["PATH", "HOME", "LANG"] {
+            if let Some(value) = std::env::var_os(inherited) {
+                command.env(inherited, value);
+            }
+        }
+        for (variable, template) in &server.env {
+            command.env(variable, template.replace("{secret}", secret_text));
+        }
+        if let Some(directory) = &server.working_dir {
+            command.current_dir(directory);
+        }
+        let mut child = command.spawn().map_err(|error| {
+            StdioError::Unavailable(format!(
+                "its server {:?} could not be started: {error}",
+                server.command
+            ))
+        })?;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(StdioError::Unavailable(
+                "its server's pipes could not be opened".into(),
+            ));
+        };
+        let alive = Arc::new(AtomicBool::new(true));
+        let process = Process {
+            stdin: Mutex::new(stdin),
+            child: std::sync::Mutex::new(Some(child)),
+            pending: std::sync::Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            alive: alive.clone(),
+            in_flight: AtomicUsize::new(0),
+            last_used: std::sync::Mutex::new(Instant::now()),
+            started: Instant::now(),
+            initialized: std::sync::OnceLock::new(),
+        };
+        let process = Arc::new(process);
+        // stderr goes to valetd's log (debug), through the redactor.
+        let upstream = name.to_string();
+        let stderr_log = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::debug!(upstream, line = %stderr_log(&line), "stdio MCP server stderr");
+            }
+        });
+        let reader = Arc::downgrade(&process);
+        let upstream = name.to_string();
+        tokio::spawn(async move {
+            let mut stdout = BufReader::new(stdout);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match read_line(&mut stdout, &mut line).await {
+                    Ok(true) => {}
+                    Ok(false) | Err(_) => break,
+                }
+                let Some(process) = reader.upgrade() else {
+                    break;
+                };
+                process.received(&line, &upstream).await;
+            }
+            alive.store(false, Ordering::Release);
+            if let Some(process) = reader.upgrade() {
+                // Every caller still waiting learns the server is gone.
+                process
+                    .pending
+                    .lock()
+                    .map(|mut pending| pending.clear())
+                    .ok();
+            }
+            tracing::warn!(upstream, "stdio MCP server exited");
+        });
+        let initialize = json!({
+            "protocolVersion": STDIO_PROTOCOL_VERSION,
+            "capabilities": {},
+            "clientInfo": {"name": "valetd", "version": env!("CARGO_PKG_VERSION")},
+        });
+        let initialized = process
+            .request("initialize", Some(initialize), START_TIMEOUT)
+            .await
+            .map_err(|error| {
+                StdioError::Unavailable(format!("its server did not initialize: {error}"))
+            })?;
+        let Some(result) = initialized.get("result").cloned() else {
+            return Err(StdioError::Unavailable(format!(
+                "its server refused initialize: {}",
+                log(&initialized
+                    .get("error")
+                    .map(ToString::to_string)
+                    .unwrap_or_default())
+            )));
+        };
+        process
+            .write(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await?;
+        let _ = process.initialized.set(result);
+        Ok(process)
+    }
+
+    /// The server's answer to valetd's `initialize` (capabilities, serverInfo, instructions).
+    pub fn initialized(&self) -> &Value {
+        static NONE: Value = Value::Null;
+        self.initialized.get().unwrap_or(&NONE)
+    }
+
+    fn touch(&self) {
+        if let Ok(mut last_used) = self.last_used.lock() {
+            *last_used = Instant::now();
+        }
+    }
+
+    fn last_used(&self) -> Instant {
+        self.last_used
+            .lock()
+            .map(|last| *last)
+            .unwrap_or_else(|_| Instant::now())
+    }
+
+    async fn write(&self, message: &Value) -> Result<(), StdioError> {
+        let mut line = message.to_string().into_bytes();
+        line.push(b'\n');
+        let mut stdin = self.stdin.lock().await;
+        stdin
+            .write_all(&line)
+            .await
+            .and(stdin.flush().await)
+            .map_err(|error| {
+                StdioError::Unavailable(format!("its server's stdin is closed: {error}"))
+            })
+    }
+
+    /// Sends one request with an id of valetd's own and waits for its answer (the whole
+    /// JSON-RPC response, id still valetd's).
+    pub async fn request(
+        &self,
+        method: &str,
+        params: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, StdioError> {
+        if !self.alive.load(Ordering::Acquire) {
+            return Err(StdioError::Unavailable("its server exited".into()));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.insert(id, reply);
+        }
+        let mut message = Map::new();
+        message.insert("jsonrpc".into(), Value::from("2.0"));
+        message.insert("id".into(), Value::from(id));
+        message.insert("method".into(), Value::from(method));
+        if let Some(params) = params {
+            message.insert("params".into(), params);
+        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let outcome = async {
+            self.write(&Value::Object(message)).await?;
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(_)) => Err(StdioError::Unavailable(
+                    "its server exited before answering".into(),
+                )),
+                Err(_) => Err(StdioError::Timeout(timeout.as_secs())),
+            }
+        }
+        .await;
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.touch();
+        if outcome.is_err()
+            && let Ok(mut pending) = self.pending.lock()
+        {
+            pending.remove(&id);
+        }
+        outcome
+    }
+
+    /// One line from the server: a response goes to its caller; a request of the server is
+    /// answered here (valetd declared no client capabilities, so none is relayed); a
+    /// notification is dropped.
+    async fn received(&self, line: &[u8], upstream: &str) {
+        let Ok(message) = serde_json::from_slice::<Value>(line) else {
+            tracing::debug!(upstream, "stdio MCP server wrote a line that is not JSON");
+            return;
+        };
+        let id = message.get("id").cloned();
+        match (message.get("method").and_then(Value::as_str), id) {
+            (None, Some(id)) => {
+                let caller = id.as_u64().and_then(|id| {
+                    self.pending
+                        .lock()
+                        .ok()
+                        .and_then(|mut pending| pending.remove(&id))
+                });
+                if let Some(caller) = caller {
+                    let _ = caller.send(message);
+                }
+            }
+            (Some(method), Some(id)) => {
+                let answer = if method == "ping" {
+                    json!({"jsonrpc": "2.0", "id": id, "result": {}})
+                } else {
+                    json!({"jsonrpc": "2.0", "id": id, "error": {
+                        "code": -32601,
+                        "message": format!("valetd relays no {method} requests from servers it runs"),
+                    }})
+                };
+                if self.write(&answer).await.is_err() {
+                    tracing::debug!(upstream, "cannot answer a stdio MCP server's request");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(mut child) = self.child.lock()
+            && let Some(mut child) = child.take()
+        {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// Reads one `\n`-terminated line of at most [`MAX_LINE`] bytes; false at the end of the stream.
+async fn read_line(
+    reader: &mut BufReader<tokio::process::ChildStdout>,
+    line: &mut Vec<u8>,
+) -> std::io::Result<bool> {
+    loop {
+        let buffer = reader.fill_buf().await?;
+        if buffer.is_empty() {
+            return Ok(!line.is_empty());
+        }
+        match buffer.iter().position(|byte| *byte == b'\n') {
+            Some(end) => {
+                line.extend_from_slice(&buffer[..end]);
+                reader.consume(end + 1);
+                return Ok(true);
+            }
+            None => {
+                let n = buffer.len();
+                line.extend_from_slice(buffer);
+                reader.consume(n);
+                if line.len() > MAX_LINE {
+                    return Err(std::io::Error::other("a line longer than 16 MiB"));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! MCP calls through the gateway: authorize one POST of JSON-RPC (the token, its grant and
+//! scope; every message checked against the scope's tools, resources and prompts; each tool call
+//! counted against its rule, or held for a person's approval of that exact call) and record it.
+//! The gateway forwards the body built here and nothing else.
+
+use bytes::Bytes;
+use serde_json::Value;
+use valet_core::approval::ApprovalStatus;
+use valet_core::audit::{AuditAction, Outcome};
+use valet_core::call::CallRefusal;
+use valet_core::config::UpstreamKind;
+use valet_core::mcp::{self, CheckedMessage, McpAllow};
+
+use crate::gateway::{CallDenial, GrantHolder, call_context, call_event};
+use crate::{CallDecision, CallSite, ServiceError, Valet};
+
+/// One POST to `/mcp/<upstream>`.
+pub struct McpRequest<'a> {
+    pub site: &'a CallSite,
+    /// The `Authorization` header as sent, if any.
+    pub authorization: Option<&'a str>,
+    /// The approval this request goes on with, once a person approved its tool call.
+    pub approval: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+/// An MCP POST the gateway may forward: the call (grant, upstream, canonical body, root
+/// credential) and what the reply filter needs.
+pub struct McpDecision {
+    pub call: CallDecision,
+    /// Each message as it will be forwarded.
+    pub checked: Vec<CheckedMessage>,
+    /// What the grant may use: list replies are narrowed to it.
+    pub allow: McpAllow,
+}
+
+/// Where a held call's approval stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeldApproval {
+    Pending,
+    Approved,
+    /// Denied, expired, or gone: the call is refused with this reason.
+    Ended(String),
+}
+
+impl Valet {
+    /// Authorizes one POST of JSON-RPC to an MCP upstream. A refusal is recorded and returned
+    /// (`approval_required` when a tool call waits for a person); an allowed POST is recorded
+    /// (each message: method, tool or resource, rule, the arguments' digest and the bound
+    /// arguments in clear) before it is returned.
+    pub async fn authorize_mcp(&self, request: McpRequest<'_>) -> Result<McpDecision, CallDenial> {
+        let site = request.site;
+        let mut context = call_context(None);
+        let outcome = self.authorize_mcp_decided(request, &mut context).await;
+        let grant_id = context.get("grant_id").map(str::to_string);
+        self.answer(site, context, outcome)
+            .await
+            .map_err(|error| CallDenial { error, grant_id })
+    }
+
+    /// Where the approval a held MCP call waits for stands.
+    pub async fn held_approval(&self, id: &str) -> Result<HeldApproval, ServiceError> {
+        let parsed = valet_core::ApprovalId::parse(id).map_err(ServiceError::Request)?;
+        let approval = match self.fetch_approval(&parsed).await {
+            Ok(approval) => approval,
+            Err(ServiceError::ApprovalNotFound { .. }) => {
+                return Ok(HeldApproval::Ended(format!(
+                    "approval {id} no longer exists"
+                )));
+            }
+            Err(error) => return Err(error),
+        };
+        Ok(match approval.status_at(self.clock.now()) {
+            ApprovalStatus::Pending => HeldApproval::Pending,
+            ApprovalStatus::Approved => HeldApproval::Approved,
+            status => HeldApproval::Ended(format!(
+                "approval {id} is {status}{}",
+                approval
+                    .status_reason
+                    .as_deref()
+                    .filter(|reason| !reason.is_empty())
+                    .map(|reason| format!(": {reason}"))
+                    .unwrap_or_default()
+            )),
+        })
+    }
+
+    async fn authorize_mcp_decided(
+        &self,
+        request: McpRequest<'_>,
+        context: &mut valet_core::audit::AuditEvent,
+    ) -> Result<McpDecision, ServiceError> {
+        let site = request.site;
+        let (config, upstream, grant) = self
+            .grant_for_call(site, request.authorization, UpstreamKind::Mcp, context)
+            .await?;
+        let Some(scope) = config.scopes.get(&grant.scope) else {
+            return Err(CallRefusal::UnknownGrant.into());
+        };
+        let allow = scope.mcp.clone().unwrap_or_default();
+        let (checked, body) =
+            mcp::check_post(request.body, &allow, &grant.params).map_err(|denial| {
+                CallRefusal::Denied {
+                    scope: scope.name.clone(),
+                    rules: allow.summary(),
+                    asked: denial.asked(),
+                    reason: denial.to_string(),
+                }
+            })?;
+        let holder = GrantHolder {
+            site,
+            principal: grant.principal.clone(),
+        };
+        // Each tool call counts against its rule; one that needs approval goes only alone, and
+        // only as the exact call a person approved.
+        let mut grant = grant;
+        let mut rules = Vec::new();
+        let n_messages = checked.len();
+        for message in &checked {
+            let Some(rule) = message.tool_rule.map(|index| &allow.tools[index]) else {
+                continue;
+            };
+            rules.push(rule.to_string());
+            grant = match &rule.approval {
+                Some(approval) => {
+                    if n_messages > 1 {
+                        return Err(CallRefusal::Denied {
+                            scope: scope.name.clone(),
+                            rules: allow.summary(),
+                            asked: format!("tools/call {}", message.target.clone().unwrap_or_default()),
+                            reason: format!(
+                                "{rule} needs a person's approval of each call, and a batch of {n_messages} messages holds it; send the call on its own"
+                            ),
+                        }
+                        .into());
+                    }
+                    let call = mcp::call_fingerprint(&upstream.name, message);
+                    context.set("approval_id", request.approval.unwrap_or_default().trim());
+                    self.take_call_approval(
+                        &holder,
+                        grant,
+                        &rule.counter(),
+                        approval,
+                        call,
+                        request.approval,
+                    )
+                    .await?
+                }
+                None => self.count_call(grant, &rule.counter()).await?,
+            };
+        }
+        let records: Vec<Value> = checked
+            .iter()
+            .map(|message| mcp::audit_entry(message, &allow))
+            .collect();
+        let event = call_event(AuditAction::GatewayCall, Outcome::Allowed, Some(&grant))
+            .with("rule", rules.join(", "))
+            .with_value("mcp", Value::from(records));
+        self.record(site, event).await?;
+        let secret = self.credential(&upstream.credential).ok_or_else(|| {
+            ServiceError::Internal(format!(
+                "credential {:?} is not loaded",
+                upstream.credential
+            ))
+        })?;
+        Ok(McpDecision {
+            call: CallDecision {
+                site: site.clone(),
+                graphql: false,
+                grant,
+                upstream,
+                rule: rules.join(", "),
+                body: Bytes::from(body),
+                secret,
+            },
+            checked,
+            allow,
+        })
+    }
+}
