@@ -25,16 +25,16 @@ if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null
 fi
 
-echo "== Python tools: moto (a local STS/IAM/S3 peer) and boto3 for the AWS tests, Strawberry (a real GraphQL upstream) for the gateway's, grpcio for a non-Rust client over TLS, in var/venv"
+echo "== Python tools: moto (a local STS/IAM/S3 peer) and boto3 for the AWS tests, Strawberry (a real GraphQL upstream) for the gateway's, grpcio for a non-Rust client over TLS, the MCP SDK (server and agent) for the MCP tests, in var/venv"
 venv=var/venv
-if ! "$venv/bin/python" -c 'import moto, boto3, strawberry, uvicorn, starlette, grpc, grpc_tools, kubernetes_validate' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import moto, boto3, strawberry, uvicorn, starlette, grpc, grpc_tools, kubernetes_validate, mcp' 2>/dev/null; then
   if ! "$venv/bin/python" -c '' 2>/dev/null && ! python3 -m venv "$venv" 2>/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
     python3 -m venv "$venv"
   fi
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5' 'boto3==1.44.5' \
     'strawberry-graphql==0.341.2' 'uvicorn==0.54.0' 'starlette==0.50.0' \
-    'grpcio==1.85.1' 'grpcio-tools==1.85.1' 'kubernetes-validate==1.37.0'
+    'grpcio==1.85.1' 'grpcio-tools==1.85.1' 'kubernetes-validate==1.37.0' 'mcp==2.3.0'
 fi
 
 echo "== Node upstreams for the gateway's differential tests (express-graphql, Express with method-override), in tests/upstreams"

@@ -13,6 +13,7 @@ mod distributed;
 mod gateway;
 mod identity;
 mod lifecycle;
+mod mcp;
 mod protocol;
 mod refusals;
 mod restart;

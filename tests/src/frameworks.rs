@@ -1,5 +1,5 @@
 //! Real upstream frameworks for the gateway's security tests: express-graphql and Express with
-//! method-override on Node, Strawberry on Python. Each runs as its own process on a free loopback
+//! method-override on Node, Strawberry and an MCP server (the MCP Python SDK) on Python. Each runs as its own process on a free loopback
 //! port and appends what it executed to a log; the tests assert from that log, never from how
 //! Valet parsed the request. The test command installs them (tests/upstreams, var/venv); a test
 //! that finds one missing fails and says how to install it.
@@ -26,6 +26,18 @@ pub fn repository() -> PathBuf {
         .to_path_buf()
 }
 
+/// The test venv's Python (strawberry-graphql, uvicorn, the MCP SDK); a missing venv fails the
+/// test with how to create it.
+pub fn venv_python() -> PathBuf {
+    let python = repository().join("var/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run ./scripts/test.sh, which creates the venv and installs strawberry-graphql, uvicorn and mcp",
+        python.display()
+    );
+    python
+}
+
 impl Framework {
     /// express-graphql 0.12 on graphql-js 15, at `/graphql`.
     pub fn express_graphql() -> Framework {
@@ -39,14 +51,20 @@ impl Framework {
 
     /// Strawberry (ASGI) under uvicorn, at `/graphql`.
     pub fn strawberry() -> Framework {
-        let python = repository().join("var/venv/bin/python");
-        assert!(
-            python.exists(),
-            "{} is missing: run ./scripts/test.sh, which creates the venv and installs strawberry-graphql and uvicorn",
-            python.display()
-        );
+        let python = venv_python();
         Framework::start(
             Command::new(python).arg(repository().join("tests/upstreams/graphql_strawberry.py")),
+        )
+    }
+
+    /// A deployment platform's MCP server (the MCP Python SDK) over Streamable HTTP at `/mcp`,
+    /// holding `token` as its account token and requiring it as the bearer of every request.
+    pub fn mcp_deploy(token: &str) -> Framework {
+        let python = venv_python();
+        Framework::start(
+            Command::new(python)
+                .arg(repository().join("tests/upstreams/mcp_deploy.py"))
+                .env("DEPLOY_TOKEN", token),
         )
     }
 
@@ -100,11 +118,7 @@ impl Framework {
 
     /// Everything the framework executed, one JSON object per handled request or resolved field.
     pub fn executed(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|line| serde_json::from_str(line).expect("the framework logs JSON lines"))
-            .collect()
+        executed_log(&self.log)
     }
 }
 
@@ -113,4 +127,13 @@ impl Drop for Framework {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The JSON lines of an execution log (a framework's, or a stdio MCP server's valetd runs).
+pub fn executed_log(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("the framework logs JSON lines"))
+        .collect()
 }

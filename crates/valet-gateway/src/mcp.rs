@@ -532,6 +532,7 @@ async fn stdio(
             detail: error.to_string(),
         })?;
     let initialized = process.initialized();
+    let modern = agent.modern();
     let answers = checked.iter().map(|message| {
         let process = process.clone();
         async move {
@@ -585,7 +586,12 @@ async fn stdio(
                 }
             };
             Some(match result {
-                Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
+                Ok(mut result) => {
+                    if modern {
+                        modernise(&message.method, &mut result);
+                    }
+                    json!({"jsonrpc": "2.0", "id": id, "result": result})
+                }
                 Err(error) => json!({"jsonrpc": "2.0", "id": id, "error": error}),
             })
         }
@@ -624,6 +630,33 @@ async fn stdio(
         headers,
         response::full(Bytes::from(body)),
     ))
+}
+
+/// Methods whose 2026-07-28 results say how long they may be cached.
+const CACHEABLE_METHODS: [&str; 6] = [
+    "prompts/list",
+    "resources/list",
+    "resources/read",
+    "resources/templates/list",
+    "server/discover",
+    "tools/list",
+];
+
+/// A result of the handshake revision (the stdio server's) in the shape a 2026-07-28 client
+/// reads: `resultType`, and for cacheable methods a private cache scope with no lifetime.
+fn modernise(method: &str, result: &mut Value) {
+    let Value::Object(result) = result else {
+        return;
+    };
+    result
+        .entry("resultType")
+        .or_insert_with(|| Value::from("complete"));
+    if CACHEABLE_METHODS.contains(&method) {
+        result
+            .entry("cacheScope")
+            .or_insert_with(|| Value::from("private"));
+        result.entry("ttlMs").or_insert_with(|| Value::from(0));
+    }
 }
 
 /// A refusal as a JSON-RPC error: the HTTP status the gateway gives it, and in `data` the same

@@ -1,0 +1,698 @@
+//! MCP through the gateway with the real MCP Python SDK on both sides: a deployment platform's
+//! MCP server (remote over Streamable HTTP, and stdio run by valetd with the account token in its
+//! environment only) and the SDK's client as the agent, in the handshake (2025-11-25) and
+//! stateless (2026-07-28) revisions, plus raw 2025-06-18 JSON-RPC. Every assertion about what
+//! ran comes from the server's own execution log.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use valet_client::{TokenRequest, v1};
+use valet_tests::frameworks::{Framework, executed_log, repository, venv_python};
+use valet_tests::upstream::call;
+use valet_tests::{AGENT_KEY, Deployment, OPERATOR_KEY, RAILWAY_ROOT_SECRET, standard_config};
+
+/// The tools, resources and prompts both MCP scopes allow.
+fn mcp_scope(name: &str, upstream: &str, extra_tools: &str) -> String {
+    format!(
+        r#"
+[[scope]]
+name = "{name}"
+credential = "railway"
+environment = "staging"
+default_ttl = "5m"
+max_ttl = "10m"
+upstream = "{upstream}"
+[scope.params.project]
+pattern = "p-[a-z]+"
+[scope.mcp]
+resources = ["deploy://projects/{{project}}/*"]
+prompts = ["summarise"]
+[[scope.mcp.tool]]
+name = "list_*"
+[[scope.mcp.tool]]
+name = "create_custom_domain"
+arguments = {{ projectId = "{{project}}", environment = "staging", port = {{ min = 1, max = 65535 }} }}
+required = ["projectId", "environment"]
+[[scope.mcp.tool]]
+name = "delete_volume"
+approval = true
+[[scope.mcp.tool]]
+name = "account_settings"
+{extra_tools}
+"#
+    )
+}
+
+fn config(remote_url: &str, stdio_log: &Path) -> String {
+    let extra = format!(
+        r#"
+[[upstream]]
+name = "deploy-remote"
+kind = "mcp"
+base_url = "{remote_url}/mcp"
+credential = "railway"
+[upstream.inject]
+header = {{ Authorization = "Bearer {{secret}}" }}
+
+[[upstream]]
+name = "deploy-stdio"
+kind = "mcp"
+command = "{python}"
+args = ["{script}", "--stdio", "{log}"]
+credential = "railway"
+env = {{ DEPLOY_TOKEN = "{{secret}}" }}
+max_processes = 2
+{remote}{stdio}"#,
+        python = venv_python().display(),
+        script = repository().join("tests/upstreams/mcp_deploy.py").display(),
+        log = stdio_log.display(),
+        remote = mcp_scope("deploy-mcp-remote", "deploy-remote", ""),
+        stdio = mcp_scope(
+            "deploy-mcp-stdio",
+            "deploy-stdio",
+            "[[scope.mcp.tool]]\nname = \"crash\"\n"
+        ),
+    );
+    standard_config(&extra)
+        .replace(
+            "listen = \"127.0.0.1:0\"\n",
+            "listen = \"127.0.0.1:0\"\ngateway_listen = \"127.0.0.1:0\"\n",
+        )
+        .replace(
+            "scopes = [\"deploy-staging\", \"limited\", \"short\"]",
+            "scopes = [\"deploy-staging\", \"limited\", \"short\", \"deploy-mcp-remote\", \"deploy-mcp-stdio\"]",
+        )
+}
+
+struct Stack {
+    remote: Framework,
+    stdio_log: PathBuf,
+    _directory: tempfile::TempDir,
+    deployment: Deployment,
+    valetd: valet_tests::Valetd,
+}
+
+impl Stack {
+    fn start() -> Stack {
+        let remote = Framework::mcp_deploy(RAILWAY_ROOT_SECRET);
+        let directory = tempfile::tempdir().unwrap();
+        let stdio_log = directory.path().join("stdio-executed.jsonl");
+        let deployment = Deployment::new(&config(&remote.url, &stdio_log));
+        let valetd = deployment.start(&[]);
+        Stack {
+            remote,
+            stdio_log,
+            _directory: directory,
+            deployment,
+            valetd,
+        }
+    }
+
+    fn gateway(&self) -> String {
+        self.valetd.gateway.clone().expect("the gateway listens")
+    }
+
+    /// What the server behind `upstream` executed.
+    fn executed(&self, upstream: &str) -> Vec<Value> {
+        if upstream == "deploy-remote" {
+            self.remote.executed()
+        } else {
+            executed_log(&self.stdio_log)
+        }
+    }
+
+    async fn token(&self, upstream: &str, task: &str) -> String {
+        let scope = if upstream == "deploy-remote" {
+            "deploy-mcp-remote"
+        } else {
+            "deploy-mcp-stdio"
+        };
+        let agent = self.valetd.client(AGENT_KEY).await;
+        agent
+            .request_token(TokenRequest::new(scope, task).with_param("project", "p-shop"))
+            .await
+            .unwrap()
+            .token_str()
+            .to_string()
+    }
+}
+
+/// Runs the SDK's client against `/mcp/<upstream>` and returns one JSON object per step.
+async fn agent(gateway: &str, upstream: &str, token: &str, mode: &str, steps: Value) -> Vec<Value> {
+    run_agent(gateway, upstream, token, mode, steps)
+        .await
+        .unwrap_or_else(|failure| panic!("the MCP agent failed: {failure}"))
+}
+
+/// The agent's steps, or how it failed (a client that could not connect at all).
+async fn run_agent(
+    gateway: &str,
+    upstream: &str,
+    token: &str,
+    mode: &str,
+    steps: Value,
+) -> Result<Vec<Value>, String> {
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(venv_python())
+            .arg(repository().join("tests/clients/mcp_agent.py"))
+            .arg(format!("{gateway}/mcp/{upstream}"))
+            .arg(token)
+            .arg(mode)
+            .arg(steps.to_string())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the MCP agent finishes within 120 s")
+    .expect("run the MCP agent");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(format!(
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("the agent prints JSON lines"))
+        .collect())
+}
+
+fn tool_calls(executed: &[Value]) -> Vec<(String, Value)> {
+    executed
+        .iter()
+        .filter(|entry| entry["kind"] != "refused")
+        .map(|entry| {
+            (
+                entry["name"].as_str().unwrap().to_string(),
+                entry["arguments"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn sha256_hex(text: &str) -> String {
+    use std::fmt::Write;
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .fold(String::new(), |mut out, byte| {
+            let _ = write!(out, "{byte:02x}");
+            out
+        })
+}
+
+#[tokio::test]
+async fn an_mcp_sdk_agent_uses_allowed_tools_and_is_refused_the_rest_on_remote_and_stdio_servers() {
+    let stack = Stack::start();
+    let gateway = stack.gateway();
+    for upstream in ["deploy-remote", "deploy-stdio"] {
+        for mode in ["legacy", "2026-07-28"] {
+            let before = stack.executed(upstream).len();
+            let token = stack
+                .token(upstream, &format!("mcp-{upstream}-{mode}"))
+                .await;
+            let steps = json!([
+                ["list_tools"],
+                ["call_tool", "list_volumes", {"projectId": "p-shop"}],
+                ["call_tool", "create_custom_domain", {"projectId": "p-shop", "environment": "staging", "domain": "a.example"}],
+                ["call_tool", "create_custom_domain", {"projectId": "p-blog", "environment": "staging", "domain": "b.example"}],
+                ["call_tool", "create_custom_domain", {"projectId": "p-shop", "environment": "production", "domain": "c.example"}],
+                ["call_tool", "create_custom_domain", {"projectId": "p-shop", "environment": "staging", "domain": "d.example", "port": 70000}],
+                ["call_tool", "delete_project", {"projectId": "p-shop"}],
+                ["call_tool", "account_settings", {}],
+                ["list_resources"],
+                ["read_resource", "deploy://projects/p-shop/status"],
+                ["read_resource", "deploy://projects/p-blog/status"],
+                ["get_prompt", "summarise", {"projectId": "p-shop"}],
+            ]);
+            let results = agent(&gateway, upstream, &token, mode, steps).await;
+            let context = format!("{upstream} {mode}: {results:#?}");
+            assert_eq!(results.len(), 12, "{context}");
+
+            // A forbidden tool is never offered.
+            assert_eq!(results[0]["ok"], true, "{context}");
+            let tools: Vec<&str> = results[0]["result"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|tool| tool.as_str().unwrap())
+                .collect();
+            assert!(
+                tools.contains(&"list_volumes") && tools.contains(&"create_custom_domain"),
+                "{context}"
+            );
+            assert!(!tools.contains(&"delete_project"), "{context}");
+            assert!(
+                results[1]["ok"] == true && results[1]["result"].to_string().contains("p-shop-db"),
+                "{context}"
+            );
+            assert_eq!(results[2]["ok"], true, "{context}");
+            // Refusals speak MCP: the client sees an error naming the tool, the rule and why.
+            for (index, needle) in [
+                (3, "projectId"),
+                (4, "environment"),
+                (5, "port"),
+                (6, "delete_project"),
+            ] {
+                assert_eq!(results[index]["ok"], false, "{context}");
+                let error = results[index]["error"].as_str().unwrap();
+                assert!(
+                    error.contains("Valet refused this") && error.contains(needle),
+                    "step {index}: {error}"
+                );
+            }
+            assert!(
+                results[5]["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("tool[1] create_custom_domain"),
+                "{context}"
+            );
+            // The root credential the server echoes never reaches the agent.
+            assert_eq!(results[7]["ok"], true, "{context}");
+            let everything = serde_json::to_string(&results).unwrap();
+            assert!(!everything.contains(RAILWAY_ROOT_SECRET), "{context}");
+            assert!(
+                results[7]["result"].to_string().contains("account token: "),
+                "{context}"
+            );
+            assert!(
+                results[9]["ok"] == true
+                    && results[9]["result"].to_string().contains("p-shop: healthy"),
+                "{context}"
+            );
+            assert_eq!(results[10]["ok"], false, "{context}");
+            assert_eq!(results[11]["ok"], true, "{context}");
+
+            // The server's own log: exactly the allowed calls ran, with the root credential its
+            // token (for stdio: from the environment valetd gave it).
+            let executed = stack.executed(upstream)[before..].to_vec();
+            assert_eq!(
+                tool_calls(&executed),
+                vec![
+                    ("list_volumes".to_string(), json!({"projectId": "p-shop"})),
+                    (
+                        "create_custom_domain".to_string(),
+                        json!({"projectId": "p-shop", "environment": "staging", "domain": "a.example", "port": 443})
+                    ),
+                    ("account_settings".to_string(), json!({})),
+                    ("project_status".to_string(), json!({"projectId": "p-shop"})),
+                    ("summarise".to_string(), json!({"projectId": "p-shop"})),
+                ],
+                "{context}"
+            );
+            for entry in &executed {
+                assert_eq!(entry["token_sha256"], sha256_hex(RAILWAY_ROOT_SECRET));
+            }
+        }
+    }
+
+    // The audit log names each call's tool, rule, arguments digest and bound arguments.
+    let records = stack.deployment.audit_records();
+    let allowed = records
+        .iter()
+        .find(|record| {
+            record["action"] == "gateway.call"
+                && record["outcome"] == "allowed"
+                && record["mcp"].to_string().contains("create_custom_domain")
+        })
+        .expect("an allowed MCP call is audited");
+    let entry = &allowed["mcp"][0];
+    assert_eq!(entry["rule"], "tool[1] create_custom_domain");
+    assert_eq!(
+        entry["bound_arguments"],
+        json!({"projectId": "p-shop", "environment": "staging"})
+    );
+    assert_eq!(entry["arguments_sha256"].as_str().unwrap().len(), 64);
+    assert!(
+        records
+            .iter()
+            .any(|record| record["action"] == "gateway.call"
+                && record["outcome"] == "denied"
+                && record["asked"] == "tools/call delete_project")
+    );
+    let audit = std::fs::read_to_string(stack.deployment.audit_path()).unwrap();
+    assert!(!audit.contains(RAILWAY_ROOT_SECRET));
+    stack.valetd.stop().await;
+}
+
+/// JSON-RPC as a hand-written client sends it (the 2025-06-18 revision, batches, responses).
+async fn post(
+    gateway: &str,
+    upstream: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> valet_tests::upstream::Call {
+    let mut all = vec![
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+    ];
+    all.extend_from_slice(headers);
+    call(
+        gateway,
+        "POST",
+        &format!("/mcp/{upstream}"),
+        token,
+        &body.to_string(),
+        &all,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn batches_and_smuggled_messages_are_refused_whole_and_never_execute() {
+    let stack = Stack::start();
+    let gateway = stack.gateway();
+    for upstream in ["deploy-remote", "deploy-stdio"] {
+        let token = stack.token(upstream, &format!("smuggle-{upstream}")).await;
+        // A 2025-06-18 session, as a client without the SDK opens it.
+        let initialize = post(&gateway, upstream, &token, &[], &json!({
+            "jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {"sampling": {}}, "clientInfo": {"name": "raw", "version": "1"}},
+        })).await;
+        assert_eq!(initialize.status, 200, "{upstream}: {}", initialize.body);
+        let session = initialize
+            .headers
+            .get("mcp-session-id")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let mut headers = vec![("mcp-protocol-version", "2025-06-18")];
+        if !session.is_empty() {
+            headers.push(("mcp-session-id", session.as_str()));
+        }
+        let _ = post(
+            &gateway,
+            upstream,
+            &token,
+            &headers,
+            &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        )
+        .await;
+        let before = stack.executed(upstream).len();
+
+        let allowed = post(
+            &gateway,
+            upstream,
+            &token,
+            &headers,
+            &json!({
+                "jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                "params": {"name": "list_volumes", "arguments": {"projectId": "p-shop"}},
+            }),
+        )
+        .await;
+        assert_eq!(allowed.status, 200, "{upstream}: {}", allowed.body);
+        assert!(
+            allowed.body.contains("p-shop-db"),
+            "{upstream}: {}",
+            allowed.body
+        );
+
+        let smuggled = [
+            // A forbidden call behind an innocent one in a batch.
+            json!([
+                {"jsonrpc": "2.0", "id": 3, "method": "tools/list"},
+                {"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "delete_project", "arguments": {"projectId": "p-shop"}}},
+            ]),
+            // The approval-gated tool in a batch: a person approves one call at a time.
+            json!([
+                {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "list_projects"}},
+                {"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {"name": "delete_volume", "arguments": {"volumeId": "v-prod"}}},
+            ]),
+            // A response to a request the server never made through the gateway.
+            json!({"jsonrpc": "2.0", "id": 7, "result": {"action": "accept"}}),
+            // A method that is not JSON-RPC 2.0, and one the gateway does not know.
+            json!({"jsonrpc": "1.0", "id": 8, "method": "tools/call", "params": {"name": "delete_project"}}),
+            json!({"jsonrpc": "2.0", "id": 9, "method": "tasks/run", "params": {"name": "delete_project"}}),
+        ];
+        // A bound argument given twice (the last one wins in most parsers): refused as JSON.
+        for body in smuggled {
+            let refused = post(&gateway, upstream, &token, &headers, &body).await;
+            assert_eq!(refused.status, 403, "{upstream} {body}: {}", refused.body);
+            let reply: Value = serde_json::from_str(&refused.body).unwrap();
+            assert!(
+                reply["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("Valet refused this"),
+                "{}",
+                refused.body
+            );
+        }
+        let duplicate = r#"{"jsonrpc":"2.0","id":10,"method":"tools/call","params":{"name":"create_custom_domain","arguments":{"projectId":"p-shop","environment":"staging","domain":"x.example","projectId":"p-blog"}}}"#;
+        let mut all = vec![
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+        ];
+        all.extend_from_slice(&headers);
+        let refused = call(
+            &gateway,
+            "POST",
+            &format!("/mcp/{upstream}"),
+            &token,
+            duplicate,
+            &all,
+        )
+        .await;
+        assert_eq!(refused.status, 403, "{upstream}: {}", refused.body);
+
+        // Extra members are not forwarded: the server sees only what was checked.
+        let extra = post(&gateway, upstream, &token, &headers, &json!({
+            "jsonrpc": "2.0", "id": 11, "method": "tools/call",
+            "params": {"name": "list_volumes", "arguments": {"projectId": "p-shop"}, "name2": "delete_project"},
+            "method2": "tools/call",
+        })).await;
+        assert_eq!(extra.status, 200, "{upstream}: {}", extra.body);
+
+        // Not POST: no server-initiated stream through the gateway.
+        let get = call(
+            &gateway,
+            "GET",
+            &format!("/mcp/{upstream}"),
+            &token,
+            "",
+            &[],
+        )
+        .await;
+        assert_eq!(get.status, 405);
+        // No token, or a token for another upstream.
+        let anonymous = call(
+            &gateway,
+            "POST",
+            &format!("/mcp/{upstream}"),
+            "",
+            "{}",
+            &[("content-type", "application/json")],
+        )
+        .await;
+        assert_eq!(anonymous.status, 401);
+
+        let executed = stack.executed(upstream)[before..].to_vec();
+        assert_eq!(
+            tool_calls(&executed),
+            vec![
+                ("list_volumes".to_string(), json!({"projectId": "p-shop"})),
+                ("list_volumes".to_string(), json!({"projectId": "p-shop"})),
+            ],
+            "{upstream}"
+        );
+    }
+    // A REST route to an MCP upstream is refused with where it is served.
+    let token = stack.token("deploy-remote", "wrong-route").await;
+    let wrong = call(&gateway, "POST", "/u/deploy-remote/mcp", &token, "{}", &[]).await;
+    assert!(wrong.body.contains("/mcp/deploy-remote"), "{}", wrong.body);
+    stack.valetd.stop().await;
+}
+
+async fn pending_approval(valetd: &valet_tests::Valetd) -> v1::Approval {
+    let operator = valetd.client(OPERATOR_KEY).await;
+    for _ in 0..200 {
+        let listed = operator
+            .admin()
+            .list_approvals(v1::ListApprovalsRequest {
+                pending_only: true,
+                ..v1::ListApprovalsRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .approvals;
+        if let Some(approval) = listed.into_iter().next() {
+            return approval;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no approval was asked for within 20 s");
+}
+
+#[tokio::test]
+async fn an_approval_gated_tool_call_is_held_shown_exactly_approved_and_runs_once() {
+    let stack = Stack::start();
+    let gateway = stack.gateway();
+    for upstream in ["deploy-remote", "deploy-stdio"] {
+        let token = stack.token(upstream, &format!("approval-{upstream}")).await;
+        let before = stack.executed(upstream).len();
+        let waiting = {
+            let (gateway, token) = (gateway.clone(), token.clone());
+            let upstream = upstream.to_string();
+            tokio::spawn(async move {
+                agent(
+                    &gateway,
+                    &upstream,
+                    &token,
+                    "legacy",
+                    json!([
+                        ["call_tool", "delete_volume", {"volumeId": "v-staging-cache"}],
+                    ]),
+                )
+                .await
+            })
+        };
+        let approval = pending_approval(&stack.valetd).await;
+        // The approver sees the tool, its full arguments, the upstream and the environment.
+        assert!(
+            approval.rendered.contains("tools/call delete_volume"),
+            "{}",
+            approval.rendered
+        );
+        assert!(
+            approval.rendered.contains("v-staging-cache"),
+            "{}",
+            approval.rendered
+        );
+        assert!(
+            approval.rendered.contains(upstream) && approval.rendered.contains("staging"),
+            "{}",
+            approval.rendered
+        );
+        // Nothing ran while it waits.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(stack.executed(upstream).len(), before);
+        stack
+            .valetd
+            .client(OPERATOR_KEY)
+            .await
+            .admin()
+            .approve(v1::ApproveRequest {
+                id: approval.id.clone(),
+                confirm: String::new(),
+                reason: "staging cache, fine".into(),
+            })
+            .await
+            .unwrap();
+        let results = waiting.await.unwrap();
+        assert_eq!(results[0]["ok"], true, "{results:?}");
+        assert!(
+            results[0]["result"]
+                .to_string()
+                .contains("deleted v-staging-cache")
+        );
+        // While it waited, the agent heard why, as MCP progress.
+        let progress = results[0]["result"]["progress"].to_string();
+        assert!(
+            progress.contains("waiting for a person to approve tools/call delete_volume")
+                && progress.contains(&approval.id),
+            "{results:?}"
+        );
+        assert_eq!(
+            tool_calls(&stack.executed(upstream)[before..]),
+            vec![(
+                "delete_volume".to_string(),
+                json!({"volumeId": "v-staging-cache"})
+            )]
+        );
+
+        // Denied: the held call ends with the refusal and nothing runs.
+        let waiting = {
+            let (gateway, token) = (gateway.clone(), token.clone());
+            let upstream = upstream.to_string();
+            tokio::spawn(async move {
+                agent(
+                    &gateway,
+                    &upstream,
+                    &token,
+                    "legacy",
+                    json!([
+                        ["call_tool", "delete_volume", {"volumeId": "v-prod-db"}],
+                    ]),
+                )
+                .await
+            })
+        };
+        let approval = pending_approval(&stack.valetd).await;
+        stack
+            .valetd
+            .client(OPERATOR_KEY)
+            .await
+            .admin()
+            .deny(v1::DenyRequest {
+                id: approval.id.clone(),
+                reason: "that is production data".into(),
+            })
+            .await
+            .unwrap();
+        let results = waiting.await.unwrap();
+        assert_eq!(results[0]["ok"], false, "{results:?}");
+        assert!(
+            results[0]["error"].as_str().unwrap().contains("denied"),
+            "{results:?}"
+        );
+        assert_eq!(stack.executed(upstream).len(), before + 1);
+    }
+    stack.valetd.stop().await;
+}
+
+#[tokio::test]
+async fn a_crashed_stdio_server_is_restarted_and_never_shared_across_grants() {
+    let stack = Stack::start();
+    let gateway = stack.gateway();
+    let first = stack.token("deploy-stdio", "crash-one").await;
+    let second = stack.token("deploy-stdio", "crash-two").await;
+    let steps = json!([["call_tool", "list_projects", {}]]);
+    agent(&gateway, "deploy-stdio", &first, "legacy", steps.clone()).await;
+    agent(&gateway, "deploy-stdio", &second, "legacy", steps.clone()).await;
+    let pids: Vec<u64> = executed_log(&stack.stdio_log)
+        .iter()
+        .map(|entry| entry["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2);
+    assert_ne!(pids[0], pids[1], "each grant has its own server process");
+
+    let crashed = agent(
+        &gateway,
+        "deploy-stdio",
+        &first,
+        "legacy",
+        json!([["call_tool", "crash", {}]]),
+    )
+    .await;
+    assert_eq!(crashed[0]["ok"], false, "{crashed:?}");
+    // Restarted (after its backoff) on the next call.
+    let mut restarted = None;
+    for _ in 0..40 {
+        // While the server backs off, the agent cannot even connect: that is an answer too.
+        if let Ok(results) =
+            run_agent(&gateway, "deploy-stdio", &first, "legacy", steps.clone()).await
+            && results[0]["ok"] == true
+        {
+            restarted = Some(results);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(restarted.is_some(), "the crashed server was not restarted");
+    let last = executed_log(&stack.stdio_log).last().unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        !pids.contains(&last),
+        "a new process serves the grant after the crash"
+    );
+    stack.valetd.stop().await;
+}
