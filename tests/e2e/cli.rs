@@ -1238,7 +1238,7 @@ fn deployment_body() -> tempfile::NamedTempFile {
 async fn config_test_runs_policy_cases_and_fails_on_a_broken_promise() {
     let repository = valet_tests::frameworks::repository();
     let doc = std::fs::read_to_string(repository.join("docs/policy.md")).unwrap();
-    for example in ["valet", "github", "aws", "railway"] {
+    for example in ["valet", "github", "aws", "railway", "mcp"] {
         // From the repository, with a relative path: as docs/policy.md shows it.
         let output = Command::new(binary("valet"))
             .current_dir(&repository)

@@ -342,6 +342,10 @@ pub fn explain_call(
     content_type: Option<&str>,
     body: &[u8],
 ) -> CallVerdict {
+    // An MCP scope decides on the JSON-RPC in the body, as the gateway does at /mcp/<upstream>.
+    if let Some(allow) = &scope.mcp {
+        return explain_mcp(allow, params, body);
+    }
     let method = method.to_ascii_uppercase();
     let (path, query) = match target.split_once('?') {
         Some((path, query)) => (path, Some(query)),
@@ -380,6 +384,50 @@ pub fn explain_call(
             None => CallVerdict::Allow {
                 rule: rule.to_string(),
             },
+        },
+    }
+}
+
+/// Decides one POST of JSON-RPC to an MCP upstream: every message checked, a tool call needing
+/// approval named with what its approval asks.
+fn explain_mcp(
+    allow: &crate::mcp::McpAllow,
+    params: &BTreeMap<String, String>,
+    body: &[u8],
+) -> CallVerdict {
+    let checked = match crate::mcp::check_post(body, allow, params) {
+        Ok((checked, _)) => checked,
+        Err(denial) => {
+            return CallVerdict::Deny {
+                reason: denial.to_string(),
+            };
+        }
+    };
+    let rules: Vec<&crate::mcp::ToolRule> = checked
+        .iter()
+        .filter_map(|message| message.tool_rule.map(|index| &allow.tools[index]))
+        .collect();
+    let names = |rules: &[&crate::mcp::ToolRule]| {
+        if rules.is_empty() {
+            "no tool call (nothing the server acts on)".to_string()
+        } else {
+            rules
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    match rules
+        .iter()
+        .find_map(|rule| rule.approval.as_ref().map(|approval| (rule, approval)))
+    {
+        Some((rule, approval)) => CallVerdict::NeedsApproval {
+            rule: rule.to_string(),
+            approval: approval_words(approval),
+        },
+        None => CallVerdict::Allow {
+            rule: names(&rules),
         },
     }
 }

@@ -105,6 +105,14 @@ credential = "github"
 [upstream.inject]
 header = { Authorization = "Bearer {secret}" }
 
+[[upstream]]
+name = "deploy-tools"
+kind = "mcp"
+base_url = "http://127.0.0.1:9/mcp"
+credential = "railway"
+[upstream.inject]
+header = { Authorization = "Bearer {secret}" }
+
 [[principal]]
 name = "agent"
 roles = ["agent"]
@@ -618,6 +626,13 @@ async fn every_gateway_refusal_kind_leaves_one_audit_record_with_its_reason() {
             "wrong_upstream",
             site("github", "GET", "/repos/a"),
             Some(github_token.expose()),
+            None,
+            empty(),
+        ),
+        (
+            "wrong_route",
+            site("deploy-tools", "GET", "/v1/x"),
+            Some(token),
             None,
             empty(),
         ),

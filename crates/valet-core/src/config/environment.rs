@@ -27,7 +27,7 @@ impl Config {
     /// key that is missing, unreadable or not 32 base64 bytes (unless `dev`), root credentials
     /// that cannot be read or are empty, an AWS access key id variable that is unset or wrong,
     /// TLS, client-CA, issuer and etcd files that cannot be read or hold no PEM block of their
-    /// kind, and JWKS files without a usable key. Every problem, each under its key path.
+    /// kind, JWKS files without a usable key, and MCP server programs that cannot be found. Every problem, each under its key path.
     pub fn check_environment(
         &self,
         environment: &dyn Environment,
@@ -116,6 +116,17 @@ impl Config {
                 }
             }
         }
+        for upstream in self.upstreams.values() {
+            if let super::Target::Process(server) = &upstream.target
+                && let Err(detail) = find_program(environment, &server.command)
+            {
+                found.unusable(
+                    format!("upstream {:?}.command", upstream.name),
+                    format!("program {:?}", server.command),
+                    detail,
+                );
+            }
+        }
         if let StoreConfig::Etcd(etcd) = &self.store {
             if let Some(ca) = &etcd.ca_file {
                 found.pem("store.ca_file", ca, Pem::Certificate);
@@ -132,6 +143,27 @@ impl Config {
         }
         found.problems
     }
+}
+
+/// Whether the program an MCP upstream runs can be found: a path must be readable; a bare name
+/// must be readable in one of the `PATH` directories.
+fn find_program(environment: &dyn Environment, command: &str) -> Result<(), String> {
+    if command.contains('/') {
+        return environment.read(Path::new(command)).map(|_| ());
+    }
+    let path = environment.var("PATH").unwrap_or_default();
+    if path
+        .split(':')
+        .filter(|directory| !directory.is_empty())
+        .any(|directory| {
+            environment
+                .read(&Path::new(directory).join(command))
+                .is_ok()
+        })
+    {
+        return Ok(());
+    }
+    Err(format!("it is not in any directory of PATH ({path})"))
 }
 
 /// The problems found so far, and how to read what is checked.

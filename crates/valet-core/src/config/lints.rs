@@ -127,6 +127,48 @@ fn lint_scope(config: &Config, scope: &Scope, found: &mut Vec<Lint>) {
             "set the scope's max_ttl to what its tasks need, below server.max_ttl".to_string(),
         );
     }
+    if let Some(allow) = &scope.mcp {
+        for rule in &allow.tools {
+            let relative = format!("mcp.tool[{}]", rule.index);
+            if rule.name.as_str().chars().all(|character| character == '*') {
+                push(
+                    &relative,
+                    "mcp-every-tool",
+                    format!(
+                        "scope {:?} allows every tool of MCP upstream {:?}, including any the server adds later (deletes among them)",
+                        scope.name,
+                        scope.upstream.as_deref().unwrap_or_default()
+                    ),
+                    "list the tools the task needs by name or a narrow glob (list_*), with argument rules for those that change things".to_string(),
+                );
+            } else if rule.approval.is_none()
+                && rule.arguments.is_empty()
+                && ["delete", "destroy", "drop", "remove"]
+                    .iter()
+                    .any(|word| rule.name.as_str().to_ascii_lowercase().contains(word))
+            {
+                push(
+                    &relative,
+                    "mcp-destructive-tool-unbound",
+                    format!(
+                        "tool {:?} sounds destructive and runs with any arguments and no approval",
+                        rule.name.as_str()
+                    ),
+                    "bind its arguments to the grant's params, or set approval = true".to_string(),
+                );
+            }
+        }
+        for (index, resource) in allow.resources.iter().enumerate() {
+            if resource.chars().all(|character| character == '*') {
+                push(
+                    &format!("mcp.resources[{index}]"),
+                    "mcp-every-resource",
+                    format!("scope {:?} lets a grant read every resource of its MCP server", scope.name),
+                    "write the URIs the task reads, with {param} for the grant's part (deploy://projects/{project}/*)".to_string(),
+                );
+            }
+        }
+    }
     if let Some(aws) = &scope.aws {
         let actions: Vec<String> = aws
             .actions

@@ -167,6 +167,12 @@ pub(super) fn build_stdio_server(
     else {
         return None;
     };
+    // A path (not a bare program name found on PATH) is relative to the config's directory.
+    let command = if command.contains('/') {
+        resolve(command).display().to_string()
+    } else {
+        command
+    };
     Some(StdioServer {
         command,
         args: std::mem::take(&mut raw.args),

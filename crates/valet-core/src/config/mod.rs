@@ -1302,6 +1302,11 @@ fn build_scope(
         }
         (None, false) => None,
     };
+    for tool in scope_mcp.iter().flat_map(|allowed| &allowed.tools) {
+        if let Some(reason) = &tool.allow_broad {
+            allow_broad.insert(format!("mcp.tool[{}]", tool.index), reason.clone());
+        }
+    }
     if let Some(allowed) = &scope_mcp
         && allowed.tools.is_empty()
         && allowed.resources.is_empty()

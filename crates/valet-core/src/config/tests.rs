@@ -21,6 +21,10 @@ pub(super) const EXAMPLES: &[(&str, &str)] = &[
         "deploy/examples/aws.toml",
         include_str!("../../../../deploy/examples/aws.toml"),
     ),
+    (
+        "deploy/examples/mcp.toml",
+        include_str!("../../../../deploy/examples/mcp.toml"),
+    ),
 ];
 
 #[test]
@@ -584,4 +588,188 @@ fn the_kubernetes_manifest_holds_a_valid_config_with_tls_and_an_issuer() {
         config.principals["ci-builder"].identities[0].issuer,
         "kubernetes"
     );
+}
+
+#[test]
+fn mcp_upstreams_and_scopes_parse_and_their_mistakes_are_reported_with_key_paths() {
+    let valid = r#"
+[server]
+data_dir = "d"
+issuer = "i"
+max_ttl = "1h"
+[audit]
+path = "a"
+[[credential]]
+name = "deploy"
+env = "DEPLOY_TOKEN"
+[[upstream]]
+name = "deploy-remote"
+kind = "mcp"
+base_url = "https://mcp.deploy.example/mcp"
+credential = "deploy"
+[upstream.inject]
+header = { Authorization = "Bearer {secret}" }
+[[upstream]]
+name = "deploy-stdio"
+kind = "mcp"
+command = "deploy-mcp"
+args = ["--stdio"]
+env = { DEPLOY_TOKEN = "{secret}", LOG_LEVEL = "info" }
+working_dir = "servers"
+idle_timeout = "2m"
+credential = "deploy"
+[[scope]]
+name = "agent"
+upstream = "deploy-stdio"
+environment = "staging"
+default_ttl = "5m"
+max_ttl = "10m"
+[scope.params.project]
+pattern = "p-[a-z]+"
+[scope.mcp]
+resources = ["deploy://projects/{project}/*"]
+prompts = ["summarise_*"]
+client_requests = ["elicitation"]
+[[scope.mcp.tool]]
+name = "list_*"
+[[scope.mcp.tool]]
+name = "create_custom_domain"
+arguments = { projectId = "{project}", environment = "staging", port = { min = 1, max = 65535 }, kind = { one_of = ["a", "b"] } }
+required = ["projectId"]
+forbidden = ["force"]
+max_calls = 3
+[[scope.mcp.tool]]
+name = "delete_volume"
+approval = { approvers = ["role:operator"], confirm = "environment" }
+"#;
+    let config = Config::parse(valid, Path::new("/etc/valet")).unwrap();
+    let stdio = &config.upstreams["deploy-stdio"];
+    assert_eq!(stdio.kind, UpstreamKind::Mcp);
+    let Target::Process(server) = &stdio.target else {
+        panic!("a stdio server");
+    };
+    assert_eq!(
+        server.working_dir.as_deref(),
+        Some(Path::new("/etc/valet/servers"))
+    );
+    assert_eq!(server.max_processes, gateway::DEFAULT_MAX_PROCESSES);
+    assert_eq!(server.idle_timeout, Duration::from_secs(120));
+    let allow = config.scopes["agent"].mcp.as_ref().unwrap();
+    assert_eq!(allow.tools.len(), 3);
+    assert_eq!(allow.tools[1].max_calls, Some(3));
+    assert!(allow.tools[2].approval.is_some());
+    assert_eq!(allow.tools[1].to_string(), "tool[1] create_custom_domain");
+    assert!(
+        allow
+            .client_requests
+            .contains(&crate::mcp::ClientRequest::Elicitation)
+    );
+
+    let mistakes = r#"
+[server]
+data_dir = "d"
+issuer = "i"
+max_ttl = "1h"
+[audit]
+path = "a"
+[[credential]]
+name = "deploy"
+env = "DEPLOY_TOKEN"
+[[upstream]]
+name = "wrong-kind"
+kind = "grpc"
+base_url = "https://x.example"
+credential = "deploy"
+[upstream.inject]
+header = { Authorization = "Bearer {secret}" }
+[[upstream]]
+name = "http-command"
+command = "server"
+env = { T = "{secret}" }
+credential = "deploy"
+[[upstream]]
+name = "both"
+kind = "mcp"
+command = "server"
+base_url = "https://x.example"
+credential = "deploy"
+env = { T = "{secret}" }
+[[upstream]]
+name = "no-secret"
+kind = "mcp"
+command = "server"
+env = { T = "plain", "1BAD" = "{secret}" }
+max_processes = 0
+credential = "deploy"
+[[upstream]]
+name = "remote"
+kind = "mcp"
+base_url = "https://x.example/mcp"
+credential = "deploy"
+args = ["--x"]
+[upstream.inject]
+header = { Authorization = "Bearer {secret}" }
+[[scope]]
+name = "mcp-without-table"
+upstream = "remote"
+environment = "e"
+default_ttl = "1m"
+max_ttl = "1m"
+[[scope]]
+name = "mcp-with-rules"
+upstream = "remote"
+environment = "e"
+default_ttl = "1m"
+max_ttl = "1m"
+[scope.params.project]
+pattern = "p-[a-z]+"
+[[scope.allow]]
+method = "POST"
+path = "/"
+[scope.mcp]
+resources = ["deploy://{tenant}/*"]
+client_requests = ["telepathy"]
+[[scope.mcp.tool]]
+name = "bad name!"
+[[scope.mcp.tool]]
+name = "create"
+arguments = { projectId = "{tenant}", port = { min = 10, max = 1 }, both = { one_of = ["a"], min = 1 } }
+required = ["force"]
+forbidden = ["force"]
+max_calls = 0
+[[scope]]
+name = "empty-mcp"
+upstream = "remote"
+environment = "e"
+default_ttl = "1m"
+max_ttl = "1m"
+[scope.mcp]
+"#;
+    let errors = Config::parse(mistakes, Path::new("/")).unwrap_err();
+    let rendered: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+    for wanted in [
+        "upstream[0].kind: \"grpc\" is not a valid upstream kind",
+        "upstream[1].command: \"…\" is not a valid command; expected only on an upstream of kind = \"mcp\"",
+        "upstream[2]: set both base_url and command",
+        "upstream[3].env.1BAD: \"1BAD\" is not a valid environment variable",
+        "upstream[3].max_processes: \"0\" is not a valid process count",
+        "upstream[4].args: \"…\" is not a valid args; expected only with command",
+        "scope[0].mcp: \"(missing)\" is not a valid [scope.mcp]",
+        "scope[1].allow: \"[[scope.allow]]\" is not a valid rule list; expected none in a scope for an MCP upstream",
+        "scope[1].mcp.resources[0]: \"deploy://{tenant}/*\" is not a valid resource pattern",
+        "scope[1].mcp.client_requests[0]: \"telepathy\" is not a valid client request",
+        "scope[1].mcp.tool[0].name: \"bad name!\" is not a valid tool name",
+        "scope[1].mcp.tool[1].arguments.projectId: \"{tenant}\" is not a valid binding",
+        "scope[1].mcp.tool[1].arguments.port: \"min = 10, max = 1\" is not a valid bounds",
+        "scope[1].mcp.tool[1].arguments.both: \"…\" is not a valid argument rule",
+        "scope[1].mcp.tool[1].forbidden: \"force\" is not a valid forbidden argument",
+        "scope[1].mcp.tool[1].max_calls: \"0\" is not a valid call count",
+        "scope[2].mcp: \"{}\" is not a valid [scope.mcp]",
+    ] {
+        assert!(
+            rendered.iter().any(|line| line.starts_with(wanted)),
+            "missing {wanted:?} in:\n{}",
+            rendered.join("\n")
+        );
+    }
 }

@@ -106,6 +106,11 @@ fn every_example_config_passes_its_policy_tests() {
             RAILWAY,
             include_str!("../../../../deploy/examples/railway.test.toml"),
         ),
+        (
+            "mcp",
+            include_str!("../../../../deploy/examples/mcp.toml"),
+            include_str!("../../../../deploy/examples/mcp.test.toml"),
+        ),
     ] {
         let config = Config::parse(config_text, Path::new("/repo/deploy/examples")).unwrap();
         let outcomes = cases::run(&config, &cases::parse(cases_text).unwrap());

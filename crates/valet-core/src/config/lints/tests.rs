@@ -193,3 +193,67 @@ fn the_example_configs_pass_strict_or_say_why() {
         assert!(active.is_empty(), "{name}: {active:#?}");
     }
 }
+
+#[test]
+fn an_mcp_scope_allowing_every_tool_or_an_unbound_delete_is_flagged() {
+    let lints = lints_of(
+        r#"
+[[upstream]]
+name = "tools"
+kind = "mcp"
+command = "deploy-mcp"
+env = { TOKEN = "{secret}" }
+credential = "railway"
+[[scope]]
+name = "mcp-wide"
+upstream = "tools"
+environment = "staging"
+default_ttl = "5m"
+max_ttl = "10m"
+[scope.mcp]
+resources = ["*"]
+[[scope.mcp.tool]]
+name = "*"
+[[scope.mcp.tool]]
+name = "delete_volume"
+[[scope.mcp.tool]]
+name = "delete_domain"
+approval = true
+[[scope.mcp.tool]]
+name = "remove_cache"
+allow_broad = "caches rebuild themselves in a minute"
+"#,
+    );
+    assert!(
+        has(&lints, "scope[0].mcp.tool[0]", "mcp-every-tool"),
+        "{lints:?}"
+    );
+    assert!(
+        has(
+            &lints,
+            "scope[0].mcp.tool[1]",
+            "mcp-destructive-tool-unbound"
+        ),
+        "{lints:?}"
+    );
+    assert!(
+        !has(
+            &lints,
+            "scope[0].mcp.tool[2]",
+            "mcp-destructive-tool-unbound"
+        ),
+        "{lints:?}"
+    );
+    assert!(
+        has(&lints, "scope[0].mcp.resources[0]", "mcp-every-resource"),
+        "{lints:?}"
+    );
+    let silenced = lints
+        .iter()
+        .find(|(path, _, _)| path == "scope[0].mcp.tool[3]")
+        .expect("the remove_cache lint is listed, silenced");
+    assert_eq!(
+        silenced.2.as_deref(),
+        Some("caches rebuild themselves in a minute")
+    );
+}
