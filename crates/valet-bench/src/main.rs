@@ -60,6 +60,8 @@ pub enum Scenario {
     Introspect,
     VerifyOffline,
     Gateway,
+    /// MCP tool calls through the gateway against the same MCP server called directly.
+    Mcp,
     Revoke,
     Churn,
 }

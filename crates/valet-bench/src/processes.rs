@@ -14,6 +14,8 @@ use valet_core::Secret;
 
 pub const AGENT_KEY: &str = "vk_bench_agent_7c0e2b1d";
 pub const OPERATOR_KEY: &str = "vk_bench_operator_51aa90fe";
+/// The key of the principal allowed the `mcp` scope.
+pub const MCP_AGENT_KEY: &str = "vk_bench_mcp_agent_5d1c";
 pub const UPSTREAM_SECRET: &str = "bench-root-credential-0d9c6e2a";
 
 fn sha256_hex(text: &str) -> String {
@@ -156,6 +158,40 @@ pub struct Identity {
 impl Deployment {
     pub fn new(upstream: &str) -> anyhow::Result<Deployment> {
         Deployment::write(upstream, "", "")
+    }
+
+    /// The standard deployment, plus an MCP upstream `deploy` at `mcp_url` (a remote server over
+    /// Streamable HTTP) and a scope `mcp` allowing its `list_*` tools.
+    pub fn with_mcp(upstream: &str, mcp_url: &str) -> anyhow::Result<Deployment> {
+        let extra = format!(
+            r#"
+[[upstream]]
+name = "deploy"
+kind = "mcp"
+base_url = "{mcp_url}"
+credential = "upstream"
+[upstream.inject]
+header = {{ Authorization = "Bearer {{secret}}" }}
+
+[[scope]]
+name = "mcp"
+upstream = "deploy"
+environment = "bench"
+default_ttl = "30m"
+max_ttl = "1h"
+[scope.mcp]
+[[scope.mcp.tool]]
+name = "list_*"
+
+[[principal]]
+name = "mcp-agent"
+roles = ["agent"]
+key_sha256 = "{agent}"
+scopes = ["mcp"]
+"#,
+            agent = sha256_hex(MCP_AGENT_KEY),
+        );
+        Deployment::write(upstream, "", &extra)
     }
 
     /// A deployment serving TLS with a throwaway CA, and trusting a workload identity issuer
@@ -359,6 +395,28 @@ pub fn start_helper(role: &str) -> anyhow::Result<Process> {
     let mut command = Command::new(std::env::current_exe()?);
     command.arg(role).arg("127.0.0.1:0");
     spawn_listening(command, "listening ", None)
+}
+
+/// The MCP deployment-platform server of the tests (the MCP Python SDK, from the test venv) over
+/// Streamable HTTP, holding the upstream secret as its token; returns it and its endpoint URL.
+pub fn start_mcp_server(log: &Path) -> anyhow::Result<(Process, String)> {
+    let repository = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = repository.join("var/venv/bin/python");
+    if !python.exists() {
+        bail!(
+            "{} is missing: run ./scripts/test.sh once, which creates the venv with the MCP SDK",
+            python.display()
+        );
+    }
+    let mut command = Command::new(python);
+    command
+        .arg(repository.join("tests/upstreams/mcp_deploy.py"))
+        .arg("0")
+        .arg(log)
+        .env("DEPLOY_TOKEN", UPSTREAM_SECRET);
+    let process = spawn_listening(command, "listening on ", None)?;
+    let url = format!("http://127.0.0.1:{}/mcp", process.address);
+    Ok((process, url))
 }
 
 /// nginx as a plain reverse proxy injecting the same credential header in front of `upstream`.

@@ -63,6 +63,9 @@ pub async fn run(scenario: Scenario, options: &Options) -> anyhow::Result<bool> 
     if all || scenario == Scenario::Gateway {
         reports.extend(gateway(&setup, options).await?);
     }
+    if all || scenario == Scenario::Mcp {
+        reports.extend(mcp(&setup, options).await?);
+    }
     if all || scenario == Scenario::IssueIdentity {
         reports.extend(issue_identity(&setup, options).await?);
     }
@@ -365,6 +368,18 @@ async fn http_load(
     concurrency: usize,
     options: &Options,
 ) -> Measurement {
+    http_load_with(url, token, body, &[], concurrency, options).await
+}
+
+/// [`http_load`] with extra request headers.
+async fn http_load_with(
+    url: String,
+    token: Option<String>,
+    body: Option<&'static str>,
+    headers: &'static [(&'static str, &'static str)],
+    concurrency: usize,
+    options: &Options,
+) -> Measurement {
     let client = http_client();
     let url = Arc::new(url);
     let token = Arc::new(token);
@@ -380,6 +395,9 @@ async fn http_load(
             };
             if let Some(token) = token.as_ref() {
                 request = request.header("authorization", format!("Bearer {token}"));
+            }
+            for (name, value) in headers {
+                request = request.header(*name, *value);
             }
             let request = request
                 .body(Full::new(Bytes::from_static(body.unwrap_or("").as_bytes())))
@@ -493,6 +511,79 @@ async fn gateway(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>
             report.print(options.json);
             reports.push(report);
         }
+    }
+    Ok(reports)
+}
+
+/// MCP tool calls (2026-07-28, stateless, one `tools/call` per POST) through the gateway to a
+/// remote MCP server, against the same server called directly with its own token, same run.
+async fn mcp(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> {
+    let directory = tempfile::tempdir()?;
+    let (_server, url) = processes::start_mcp_server(&directory.path().join("executed.jsonl"))?;
+    let deployment = Deployment::with_mcp(&setup.upstream.address, &url)?;
+    let (valetd, _) = deployment.start()?;
+    let client = Client::connect(ClientConfig::new(
+        format!("http://{}", valetd.address),
+        Secret::from(processes::MCP_AGENT_KEY.to_string()),
+    ))
+    .await?;
+    let token = client
+        .request_token(TokenRequest::new("mcp", "mcp-bench"))
+        .await?
+        .token_str()
+        .to_string();
+    let gateway = valetd
+        .gateway
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("valetd started without a gateway"))?;
+    const CALL: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"list_projects","arguments":{},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    const HEADERS: &[(&str, &str)] = &[
+        ("accept", "application/json, text/event-stream"),
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "list_projects"),
+    ];
+    let levels = match options.concurrency {
+        Some(concurrency) => vec![concurrency],
+        None => vec![1, 16],
+    };
+    let mut reports = Vec::new();
+    for concurrency in levels {
+        let direct = http_load_with(
+            url.clone(),
+            Some(processes::UPSTREAM_SECRET.to_string()),
+            Some(CALL),
+            HEADERS,
+            concurrency,
+            options,
+        )
+        .await;
+        let measured = http_load_with(
+            format!("http://{gateway}/mcp/deploy"),
+            Some(token.clone()),
+            Some(CALL),
+            HEADERS,
+            concurrency,
+            options,
+        )
+        .await;
+        let mut notes = serde_json::Map::new();
+        notes.insert(
+            "added_p50_us".into(),
+            Value::from(
+                ((measured.percentile_ms(0.5) - direct.percentile_ms(0.5)) * 1000.0).round(),
+            ),
+        );
+        let report = Report {
+            scenario: "mcp tools/call".to_string(),
+            concurrency,
+            measured,
+            baseline_name: "MCP server directly".to_string(),
+            baseline: Some(direct),
+            notes,
+        };
+        report.print(options.json);
+        reports.push(report);
     }
     Ok(reports)
 }
