@@ -649,7 +649,7 @@ async fn an_approval_gated_tool_call_is_held_shown_exactly_approved_and_runs_onc
 }
 
 #[tokio::test]
-async fn a_crashed_stdio_server_is_restarted_and_never_shared_across_grants() {
+async fn a_stdio_server_is_per_grant_restarted_after_a_crash_and_ends_with_its_grant() {
     let stack = Stack::start();
     let gateway = stack.gateway();
     let first = stack.token("deploy-stdio", "crash-one").await;
@@ -694,5 +694,25 @@ async fn a_crashed_stdio_server_is_restarted_and_never_shared_across_grants() {
         !pids.contains(&last),
         "a new process serves the grant after the crash"
     );
+
+    // A process holds the root credential, so it ends with its grant.
+    let agent_client = stack.valetd.client(AGENT_KEY).await;
+    agent_client.revoke_task("crash-two", "done").await.unwrap();
+    let running = |pid: u64| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| stat.rsplit(')').next().map(|rest| rest.trim().to_string()))
+            .is_some_and(|rest| !rest.starts_with('Z'))
+    };
+    let mut ended = false;
+    for _ in 0..60 {
+        if !running(pids[1]) {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(ended, "the revoked grant's server process still runs");
+    assert!(running(last), "the other grant's server keeps running");
     stack.valetd.stop().await;
 }

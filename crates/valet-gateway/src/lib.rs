@@ -65,8 +65,8 @@ impl Gateway {
             tls.map(|material| (material, tls::Listener::Gateway)),
         );
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        // Idle and dead stdio MCP servers are stopped, and those of upstreams gone from the
-        // config.
+        // Idle and dead stdio MCP servers are stopped, and those of ended grants and of
+        // upstreams gone from the config.
         let reaper = {
             let gateway = self.clone();
             tokio::spawn(async move {
@@ -85,6 +85,12 @@ impl Gateway {
                         })
                         .collect();
                     gateway.processes.reap(&idle_timeouts).await;
+                    // A process holds the root credential: it ends with its grant.
+                    for (upstream, grant) in gateway.processes.grants().await {
+                        if !gateway.valet.grant_is_active(&grant).await {
+                            gateway.processes.stop(&upstream, &grant).await;
+                        }
+                    }
                 }
             })
         };

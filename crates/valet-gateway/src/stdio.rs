@@ -42,10 +42,11 @@ pub enum StdioError {
     Timeout(u64),
 }
 
-/// Every stdio upstream's processes.
+/// Every stdio upstream's processes. Each upstream has its own lock, so a slow start of one
+/// server holds up only calls to that upstream.
 #[derive(Default)]
 pub struct Processes {
-    pools: Mutex<HashMap<String, Pool>>,
+    pools: std::sync::Mutex<HashMap<String, Arc<Mutex<Pool>>>>,
 }
 
 /// One upstream config's processes, by grant.
@@ -89,13 +90,24 @@ impl Processes {
         let mut secret_digest = [0u8; 32];
         secret_digest.copy_from_slice(digest.as_ref());
         let identity = (server.clone(), secret_digest);
-        let mut pools = self.pools.lock().await;
-        let pool = pools.entry(upstream.name.clone()).or_insert_with(|| Pool {
-            identity: identity.clone(),
-            processes: HashMap::new(),
-            crashes: 0,
-            not_before: None,
-        });
+        let pool = {
+            let mut pools = self
+                .pools
+                .lock()
+                .map_err(|_| StdioError::Unavailable("its process table is poisoned".into()))?;
+            pools
+                .entry(upstream.name.clone())
+                .or_insert_with(|| {
+                    Arc::new(Mutex::new(Pool {
+                        identity: identity.clone(),
+                        processes: HashMap::new(),
+                        crashes: 0,
+                        not_before: None,
+                    }))
+                })
+                .clone()
+        };
+        let mut pool = pool.lock().await;
         if pool.identity != identity {
             // A changed config or credential: the old processes end, none is reused.
             tracing::info!(
@@ -157,21 +169,63 @@ impl Processes {
 
     /// Stops processes unused for their upstream's idle timeout.
     pub async fn reap(&self, idle_timeouts: &HashMap<String, Duration>) {
-        let mut pools = self.pools.lock().await;
-        let now = Instant::now();
-        pools.retain(|name, pool| match idle_timeouts.get(name) {
-            Some(idle_timeout) => {
-                pool.reap(*idle_timeout, now);
-                true
+        let pools: Vec<(String, Arc<Mutex<Pool>>)> = match self.pools.lock() {
+            Ok(mut pools) => {
+                // The upstream is gone from the config: so are its processes.
+                pools.retain(|name, _| idle_timeouts.contains_key(name));
+                pools
+                    .iter()
+                    .map(|(name, pool)| (name.clone(), pool.clone()))
+                    .collect()
             }
-            // The upstream is gone from the config: so are its processes.
-            None => false,
-        });
+            Err(_) => return,
+        };
+        let now = Instant::now();
+        for (name, pool) in pools {
+            if let Some(idle_timeout) = idle_timeouts.get(&name) {
+                pool.lock().await.reap(*idle_timeout, now);
+            }
+        }
+    }
+
+    /// The grants that have a process, by upstream.
+    pub async fn grants(&self) -> Vec<(String, String)> {
+        let pools: Vec<(String, Arc<Mutex<Pool>>)> = match self.pools.lock() {
+            Ok(pools) => pools
+                .iter()
+                .map(|(name, pool)| (name.clone(), pool.clone()))
+                .collect(),
+            Err(_) => return Vec::new(),
+        };
+        let mut grants = Vec::new();
+        for (name, pool) in pools {
+            for grant in pool.lock().await.processes.keys() {
+                grants.push((name.clone(), grant.clone()));
+            }
+        }
+        grants
+    }
+
+    /// Stops the process of `grant` on `upstream` (its grant ended).
+    pub async fn stop(&self, upstream: &str, grant: &str) {
+        let pool = match self.pools.lock() {
+            Ok(pools) => pools.get(upstream).cloned(),
+            Err(_) => None,
+        };
+        if let Some(pool) = pool {
+            pool.lock().await.processes.remove(grant);
+        }
     }
 
     /// Stops every process (valetd is shutting down).
     pub async fn stop_all(&self) {
-        self.pools.lock().await.clear();
+        let pools: Vec<Arc<Mutex<Pool>>> = match self.pools.lock() {
+            Ok(mut pools) => pools.drain().map(|(_, pool)| pool).collect(),
+            Err(_) => return,
+        };
+        for pool in pools {
+            pool.lock().await.processes.clear();
+        }
     }
 }
 

@@ -58,6 +58,16 @@ impl Valet {
             .map_err(|error| CallDenial { error, grant_id })
     }
 
+    /// Whether the grant `id` is still active (not revoked, expired or used up). A store that
+    /// cannot be read answers "active": the caller only stops helpers early with this.
+    pub async fn grant_is_active(&self, id: &str) -> bool {
+        match self.store.get_grant(id).await {
+            Ok(Some(grant)) => grant.inactive_reason(self.clock.now()).is_none(),
+            Ok(None) => false,
+            Err(_) => true,
+        }
+    }
+
     /// Where the approval a held MCP call waits for stands.
     pub async fn held_approval(&self, id: &str) -> Result<HeldApproval, ServiceError> {
         let parsed = valet_core::ApprovalId::parse(id).map_err(ServiceError::Request)?;
