@@ -619,10 +619,10 @@ async fn stdio(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let Some(version) = &agent.protocol_version {
-        if let Ok(value) = HeaderValue::from_str(version) {
-            headers.insert(HeaderName::from_static("mcp-protocol-version"), value);
-        }
+    if let Some(version) = &agent.protocol_version
+        && let Ok(value) = HeaderValue::from_str(version)
+    {
+        headers.insert(HeaderName::from_static("mcp-protocol-version"), value);
     }
     let body = filter.json_body(reply.to_string().as_bytes());
     Ok((
