@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark in one run, in under 10 minutes on 2 cores: criterion micro-benchmarks, then
-# valet-bench against a release valetd with same-run baselines (tonic echo, raw Ed25519, nginx).
+# valet-bench against a release valetd with same-run baselines (tonic echo, raw Ed25519, nginx,
+# the MCP server called directly).
 # Writes docs/benchmarks.md. Installs nginx (the gateway baseline) when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,11 @@ cd "$(dirname "$0")/.."
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
   echo "== installing nginx (the gateway baseline)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+fi
+
+if ! var/venv/bin/python -c 'import mcp' 2>/dev/null; then
+  echo "== the MCP server of the mcp scenario (the MCP Python SDK) needs var/venv: run ./scripts/test.sh once"
+  exit 1
 fi
 
 echo "== release build"

@@ -608,7 +608,9 @@ async fn an_approval_gated_tool_call_is_held_shown_exactly_approved_and_runs_onc
             )]
         );
 
-        // Denied: the held call ends with the refusal and nothing runs.
+        // The approval was used once: the identical call again waits for a new decision, and
+        // denied, it ends with the refusal and nothing runs.
+        let first_approval = approval.id.clone();
         let waiting = {
             let (gateway, token) = (gateway.clone(), token.clone());
             let upstream = upstream.to_string();
@@ -619,13 +621,14 @@ async fn an_approval_gated_tool_call_is_held_shown_exactly_approved_and_runs_onc
                     &token,
                     "legacy",
                     json!([
-                        ["call_tool", "delete_volume", {"volumeId": "v-prod-db"}],
+                        ["call_tool", "delete_volume", {"volumeId": "v-staging-cache"}],
                     ]),
                 )
                 .await
             })
         };
         let approval = pending_approval(&stack.valetd).await;
+        assert_ne!(approval.id, first_approval, "an approval releases one call");
         stack
             .valetd
             .client(OPERATOR_KEY)

@@ -254,3 +254,107 @@ fn replies_are_filtered_whole_or_event_by_event_however_they_are_chunked() {
         assert!(text.contains("id: e3"), "{text}");
     }
 }
+
+#[test]
+fn only_what_was_checked_is_forwarded_and_client_capabilities_are_narrowed() {
+    let body = json!({
+        "jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {
+            "name": "list_projects",
+            "arguments": {},
+            "task": {"ttl": 1},
+            "_meta": {
+                "progressToken": "p1",
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {"sampling": {}, "elicitation": {}, "experimental": {}},
+                "vendor/override": {"name": "delete_volume"},
+            },
+        },
+    });
+    let (_, forwarded) = check_post(body.to_string().as_bytes(), &allow(), &params()).unwrap();
+    let forwarded: serde_json::Value = serde_json::from_slice(&forwarded).unwrap();
+    let params_forwarded = &forwarded["params"];
+    assert_eq!(params_forwarded["name"], "list_projects");
+    assert!(params_forwarded.get("task").is_none(), "{forwarded}");
+    let meta = &params_forwarded["_meta"];
+    assert_eq!(meta["progressToken"], "p1");
+    assert!(meta.get("vendor/override").is_none(), "{forwarded}");
+    assert_eq!(
+        meta["io.modelcontextprotocol/clientCapabilities"],
+        json!({"experimental": {}})
+    );
+    let initialize = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {"roots": {}, "sampling": {}}, "clientInfo": {"name": "c", "version": "1"}},
+    });
+    let mut allowing_roots = allow();
+    allowing_roots.client_requests.insert(ClientRequest::Roots);
+    let (_, forwarded) = check_post(
+        initialize.to_string().as_bytes(),
+        &allowing_roots,
+        &params(),
+    )
+    .unwrap();
+    let forwarded: serde_json::Value = serde_json::from_slice(&forwarded).unwrap();
+    assert_eq!(forwarded["params"]["capabilities"], json!({"roots": {}}));
+}
+
+#[test]
+fn server_requests_and_client_answers_pass_only_where_the_scope_allows() {
+    let answer = json!({"jsonrpc": "2.0", "id": "s1", "result": {"roots": []}});
+    assert!(check_post(answer.to_string().as_bytes(), &allow(), &params()).is_err());
+    let mut allowing = allow();
+    allowing.client_requests.insert(ClientRequest::Elicitation);
+    let (checked, forwarded) =
+        check_post(answer.to_string().as_bytes(), &allowing, &params()).unwrap();
+    assert_eq!(checked[0].method, "(response)");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&forwarded).unwrap(),
+        answer
+    );
+
+    let call_checked = check_post(&call("list_projects", json!({})), &allow(), &params())
+        .unwrap()
+        .0;
+    let stream = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"elicitation/create\",\"params\":{}}\n\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"sampling/createMessage\",\"params\":{}}\n\n";
+    let mut refusing = ReplyFilter::new(&call_checked, &allow(), &params());
+    assert!(refusing.sse_chunk(stream.as_bytes()).is_empty());
+    let mut permitting = ReplyFilter::new(&call_checked, &allowing, &params());
+    let passed = String::from_utf8(permitting.sse_chunk(stream.as_bytes())).unwrap();
+    assert!(passed.contains("elicitation/create"), "{passed}");
+    assert!(!passed.contains("sampling/createMessage"), "{passed}");
+}
+
+#[test]
+fn an_approval_fingerprint_covers_the_tool_and_exact_arguments_not_the_id() {
+    let checked = |id: u64, volume: &str| {
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "delete_volume", "arguments": {"volumeId": volume}}});
+        let mut allowing = allow();
+        allowing.tools.push(ToolRule {
+            index: 2,
+            name: Glob::new("delete_volume"),
+            arguments: BTreeMap::new(),
+            required: BTreeSet::new(),
+            forbidden: BTreeSet::new(),
+            approval: None,
+            max_calls: None,
+            allow_broad: None,
+        });
+        check_post(body.to_string().as_bytes(), &allowing, &params())
+            .unwrap()
+            .0
+            .remove(0)
+    };
+    let first = call_fingerprint("deploy", &checked(1, "v-1"));
+    let retried = call_fingerprint("deploy", &checked(2, "v-1"));
+    let other = call_fingerprint("deploy", &checked(1, "v-2"));
+    assert_eq!(first, retried);
+    assert_ne!(first.body_sha256, other.body_sha256);
+    assert_eq!(first.target, "delete_volume");
+    assert!(
+        first
+            .body_preview
+            .unwrap()
+            .contains("\"volumeId\": \"v-1\"")
+    );
+}
