@@ -20,6 +20,12 @@ if cargo tree -p valet-client -e normal --prefix none | grep -qE '^valet-(server
   echo "valet-client must not depend on valet-server, valet-service, valet-gateway or valet-store"; exit 1
 fi
 
+echo "== nginx, the gateway benchmark's baseline (the benchmark smoke runs it)"
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null 2>&1 \
+    || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+fi
+
 echo "== etcd for the distributed-mode tests (Debian's etcd-server and etcd-client)"
 if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null

@@ -4,6 +4,7 @@ mod abuse;
 mod admin;
 mod approvals;
 mod audit_trust;
+mod bench;
 mod aws;
 mod bad_input;
 mod cli;

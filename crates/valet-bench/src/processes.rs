@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -62,8 +63,30 @@ impl Process {
     }
 }
 
+/// Every process the tool starts leads its own process group, so stopping it stops what it
+/// started too (nginx's workers, a Python server's threads and children): the group is asked to
+/// stop (SIGTERM), given two seconds, then killed; the leader is reaped either way. Nothing
+/// outlives a run, and nothing keeps an inherited stderr open after it.
 impl Drop for Process {
     fn drop(&mut self) {
+        use nix::sys::signal::{Signal, killpg};
+        use nix::unistd::Pid;
+        let Ok(pid) = i32::try_from(self.child.id()) else {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return;
+        };
+        let group = Pid::from_raw(pid);
+        let _ = killpg(group, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Whatever of the group is left (a worker that outlived its master) goes now.
+        let _ = killpg(group, Signal::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -94,6 +117,7 @@ fn spawn_listening(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .stdin(Stdio::null())
+        .process_group(0)
         .spawn()
         .context("start a process")?;
     let (sender, receiver) = std::sync::mpsc::channel::<(bool, String)>();
@@ -469,6 +493,7 @@ http {{
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
+        .process_group(0)
         .spawn()?;
     let address = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -435,14 +435,7 @@ async fn gateway(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>
         .clone()
         .ok_or_else(|| anyhow::anyhow!("valetd started without a gateway"))?;
     let nginx_directory = tempfile::tempdir()?;
-    let nginx = if options.smoke {
-        None
-    } else {
-        Some(processes::start_nginx(
-            &setup.upstream.address,
-            nginx_directory.path(),
-        )?)
-    };
+    let nginx = processes::start_nginx(&setup.upstream.address, nginx_directory.path())?;
     const GRAPHQL: &str = r#"{"query":"{ project(id: \"p\") { id } }"}"#;
     let mut reports = Vec::new();
     let levels = match options.concurrency {
@@ -462,19 +455,14 @@ async fn gateway(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>
                 options,
             )
             .await;
-            let through_nginx = match &nginx {
-                Some(nginx) => Some(
-                    http_load(
-                        format!("http://{}/u/fast/{path}", nginx.address),
-                        None,
-                        body,
-                        concurrency,
-                        options,
-                    )
-                    .await,
-                ),
-                None => None,
-            };
+            let through_nginx = http_load(
+                format!("http://{}/u/fast/{path}", nginx.address),
+                None,
+                body,
+                concurrency,
+                options,
+            )
+            .await;
             let measured = http_load(
                 format!("http://{gateway}/u/fast/{path}"),
                 Some(token.clone()),
@@ -485,10 +473,7 @@ async fn gateway(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>
             .await;
             let added_p50_us = (measured.percentile_ms(0.5) - direct.percentile_ms(0.5)) * 1000.0;
             let added_p99_us = (measured.percentile_ms(0.99) - direct.percentile_ms(0.99)) * 1000.0;
-            let (baseline_name, baseline) = match through_nginx {
-                Some(nginx) => ("nginx", Some(nginx)),
-                None => ("direct (smoke: no nginx)", Some(direct.clone())),
-            };
+            let (baseline_name, baseline) = ("nginx", Some(through_nginx));
             let mut notes = serde_json::Map::new();
             notes.insert(
                 "direct_throughput".into(),
