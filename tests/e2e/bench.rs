@@ -44,12 +44,18 @@ fn a_benchmark_run_leaves_no_process_behind() {
         if let Some(status) = run.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "valet-bench gateway --smoke ran over 180 s");
+        assert!(
+            Instant::now() < deadline,
+            "valet-bench gateway --smoke ran over 180 s"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     let printed = std::fs::read_to_string(directory.join("bench.log")).unwrap();
     assert!(status.success(), "valet-bench failed:\n{printed}");
-    assert!(printed.contains("vs nginx"), "the run measured nginx:\n{printed}");
+    assert!(
+        printed.contains("vs nginx"),
+        "the run measured nginx:\n{printed}"
+    );
     // Give the kernel a moment to finish tearing down what was killed.
     let mut left = processes_in(&directory);
     for _ in 0..20 {

@@ -2,8 +2,8 @@
 //! (both this binary in helper mode), and nginx as the reverse-proxy baseline.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,21 @@ pub struct Process {
 impl Process {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// CPU time (user and system) the process has used so far, from /proc; `None` when it cannot
+    /// be read.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
+        // Fields after the command (which may hold spaces) end with ')': state is the first,
+        // utime the 12th and stime the 13th.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // /proc counts in USER_HZ, which Linux fixes at 100 for user space on every architecture
+        // this runs on.
+        const USER_HZ: u64 = 100;
+        Some(Duration::from_micros(ticks * 1_000_000 / USER_HZ))
     }
 
     /// Resident memory in KiB, from /proc.

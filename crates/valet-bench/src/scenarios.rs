@@ -116,10 +116,58 @@ fn cap(options: &Options) -> Option<u64> {
     options.smoke.then_some(300)
 }
 
+/// valetd's CPU time across one measurement, per successful operation.
+struct CpuMeter<'a> {
+    valetd: &'a Process,
+    start: Option<Duration>,
+}
+
+impl CpuMeter<'_> {
+    fn start(valetd: &Process) -> CpuMeter<'_> {
+        CpuMeter {
+            valetd,
+            start: valetd.cpu_time(),
+        }
+    }
+
+    /// `valetd_cpu_us_per_op`, for the report's notes (10 ms clock-tick resolution over the whole
+    /// measurement; nothing when /proc cannot be read).
+    fn notes(&self, measured: &Measurement) -> serde_json::Map<String, Value> {
+        let mut notes = serde_json::Map::new();
+        if let (Some(start), Some(end)) = (self.start, self.valetd.cpu_time())
+            && measured.n_ok > 0
+        {
+            let per_op =
+                end.saturating_sub(start).as_secs_f64() * 1_000_000.0 / measured.n_ok as f64;
+            notes.insert("valetd_cpu_us_per_op".into(), Value::from(per_op.round()));
+        }
+        notes
+    }
+}
+
 fn report(
     scenario: &str,
     concurrency: usize,
     measured: Measurement,
+    baseline_name: &str,
+    baseline: Option<Measurement>,
+    options: &Options,
+) -> Report {
+    report_with(
+        scenario,
+        concurrency,
+        (measured, Default::default()),
+        baseline_name,
+        baseline,
+        options,
+    )
+}
+
+/// [`report`] with notes (valetd's CPU per operation, and the like).
+fn report_with(
+    scenario: &str,
+    concurrency: usize,
+    (measured, notes): (Measurement, serde_json::Map<String, Value>),
     baseline_name: &str,
     baseline: Option<Measurement>,
     options: &Options,
@@ -130,7 +178,7 @@ fn report(
         measured,
         baseline_name: baseline_name.to_string(),
         baseline,
-        notes: Default::default(),
+        notes,
     };
     report.print(options.json);
     report
@@ -174,6 +222,7 @@ async fn issue(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> 
         let baseline = echo_baseline(setup, concurrency, options).await?;
         let client = agent(setup).await?;
         let counter = Arc::new(AtomicU64::new(0));
+        let cpu = CpuMeter::start(&setup.valetd);
         let measured = load::run(concurrency, options.duration, cap(options), move |worker| {
             let client = client.clone();
             let n = counter.fetch_add(1, Ordering::Relaxed);
@@ -186,10 +235,11 @@ async fn issue(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> 
             }
         })
         .await;
-        reports.push(report(
+        let notes = cpu.notes(&measured);
+        reports.push(report_with(
             "issue",
             concurrency,
-            measured,
+            (measured, notes),
             "tonic echo",
             Some(baseline),
             options,
@@ -216,7 +266,9 @@ async fn issue_identity(setup: &Setup, options: &Options) -> anyhow::Result<Vec<
             }
         })
     };
+    let cpu = CpuMeter::start(&setup.valetd);
     let plaintext = issue_with(agent(setup).await?, "plaintext").await;
+    let plaintext_notes = cpu.notes(&plaintext);
     let (deployment, identity) = Deployment::with_identity(&setup.upstream.address)?;
     let (valetd, _) = deployment.start()?;
     let server = format!("https://{}", valetd.address);
@@ -229,7 +281,9 @@ async fn issue_identity(setup: &Setup, options: &Options) -> anyhow::Result<Vec<
             .with_tls(tls.clone()),
     )
     .await?;
+    let cpu = CpuMeter::start(&valetd);
     let tls_key = issue_with(with_key, "tls-key").await;
+    let tls_key_notes = cpu.notes(&tls_key);
     let with_token = Client::connect(
         ClientConfig::with_credential(
             server,
@@ -238,21 +292,29 @@ async fn issue_identity(setup: &Setup, options: &Options) -> anyhow::Result<Vec<
         .with_tls(tls),
     )
     .await?;
+    let cpu = CpuMeter::start(&valetd);
     let tls_token = issue_with(with_token, "tls-jwt").await;
+    let tls_token_notes = cpu.notes(&tls_token);
     valetd.stop();
+    let notes = |mut own: serde_json::Map<String, Value>| {
+        if let Some(plaintext) = plaintext_notes.get("valetd_cpu_us_per_op") {
+            own.insert("plaintext_valetd_cpu_us_per_op".into(), plaintext.clone());
+        }
+        own
+    };
     Ok(vec![
-        report(
+        report_with(
             "issue, TLS + key",
             concurrency,
-            tls_key,
+            (tls_key, notes(tls_key_notes)),
             "plaintext + key",
             Some(plaintext.clone()),
             options,
         ),
-        report(
+        report_with(
             "issue, TLS + identity token (ES256)",
             concurrency,
-            tls_token,
+            (tls_token, notes(tls_token_notes)),
             "plaintext + key",
             Some(plaintext),
             options,
@@ -271,6 +333,7 @@ async fn introspect(setup: &Setup, options: &Options) -> anyhow::Result<Report> 
             .token_str()
             .to_string(),
     );
+    let cpu = CpuMeter::start(&setup.valetd);
     let measured = load::run(concurrency, options.duration, cap(options), move |_| {
         let (client, token) = (client.clone(), token.clone());
         async move {
@@ -282,10 +345,11 @@ async fn introspect(setup: &Setup, options: &Options) -> anyhow::Result<Report> 
         }
     })
     .await;
-    Ok(report(
+    let notes = cpu.notes(&measured);
+    Ok(report_with(
         "introspect",
         concurrency,
-        measured,
+        (measured, notes),
         "tonic echo",
         Some(baseline),
         options,
@@ -463,6 +527,7 @@ async fn gateway(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>
                 options,
             )
             .await;
+            let cpu = CpuMeter::start(&setup.valetd);
             let measured = http_load(
                 format!("http://{gateway}/u/fast/{path}"),
                 Some(token.clone()),
@@ -471,10 +536,11 @@ async fn gateway(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>
                 options,
             )
             .await;
+            let cpu_notes = cpu.notes(&measured);
             let added_p50_us = (measured.percentile_ms(0.5) - direct.percentile_ms(0.5)) * 1000.0;
             let added_p99_us = (measured.percentile_ms(0.99) - direct.percentile_ms(0.99)) * 1000.0;
             let (baseline_name, baseline) = ("nginx", Some(through_nginx));
-            let mut notes = serde_json::Map::new();
+            let mut notes = cpu_notes;
             notes.insert(
                 "direct_throughput".into(),
                 Value::from((direct.throughput() * 10.0).round() / 10.0),
@@ -543,6 +609,7 @@ async fn mcp(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> {
             options,
         )
         .await;
+        let cpu = CpuMeter::start(&valetd);
         let measured = http_load_with(
             format!("http://{gateway}/mcp/deploy"),
             Some(token.clone()),
@@ -552,7 +619,7 @@ async fn mcp(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> {
             options,
         )
         .await;
-        let mut notes = serde_json::Map::new();
+        let mut notes = cpu.notes(&measured);
         notes.insert(
             "added_p50_us".into(),
             Value::from(
