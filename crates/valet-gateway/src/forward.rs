@@ -2,7 +2,8 @@
 //! call only — its canonical path and query, its checked body, an allowlist of the agent's headers
 //! (never one that overrides the method, rewrites the path, asks for a range or an encoding, or
 //! carries a credential), the root credential injected on this leg only — sent with the
-//! upstream's timeout. The answer goes on to [`crate::stream`] only when it can be masked: unencoded
+//! upstream's timeout, while the call's audit record is synced; the answer goes on to
+//! [`crate::stream`] only once that record is durable, and only when it can be masked: unencoded
 //! and whole.
 
 use std::time::Instant;
@@ -36,11 +37,16 @@ const HOP_BY_HOP: [&str; 8] = [
 pub async fn forward(
     gateway: &Gateway,
     parts: http::request::Parts,
-    decision: CallDecision,
+    mut decision: CallDecision,
 ) -> http::Response<Body> {
     let started = Instant::now();
     let valet = &gateway.valet;
     let sent = send(gateway, parts, &decision).await;
+    // The call's record was written before the call left; nothing of the answer reaches the
+    // agent before that record is on disk.
+    if let Err(error) = valet.call_record_durable(&mut decision).await {
+        return response::error_response(valet, &error, Some(&decision.grant.id));
+    }
     let answer = sent.and_then(
         |answer| match unmaskable(answer.headers(), answer.status()) {
             None => Ok(answer),

@@ -327,7 +327,7 @@ async fn dispatch(
     let started = Instant::now();
     let valet = gateway.valet.clone();
     let McpDecision {
-        call,
+        mut call,
         checked,
         allow,
     } = decision;
@@ -337,6 +337,10 @@ async fn dispatch(
         Target::Url { .. } => remote(gateway, &call, &checked, agent, filter).await,
         Target::Process(_) => stdio(gateway, &call, &checked, agent, filter).await,
     };
+    // Nothing of the answer before the call's audit record is on disk.
+    if let Err(error) = valet.call_record_durable(&mut call).await {
+        return refusal(&valet, &error, Some(&call.grant.id), single_id(&call.body));
+    }
     match answered {
         Ok((status, headers, body)) => {
             let mut response = http::Response::new(Full::new(Bytes::new()));

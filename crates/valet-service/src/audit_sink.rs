@@ -52,7 +52,28 @@ pub enum AuditError {
 /// A signed checkpoint attests the chain's head after this many records.
 pub const CHECKPOINT_EVERY: u64 = 1000;
 
-type Reply = oneshot::Sender<Result<ChainHead, AuditError>>;
+/// How a caller hears about its record.
+enum Reply {
+    /// Once the record is on disk.
+    Durable(oneshot::Sender<Result<ChainHead, AuditError>>),
+    /// Once the record is written (handed to the kernel), and again once it is on disk.
+    Written {
+        written: oneshot::Sender<Result<ChainHead, AuditError>>,
+        durable: oneshot::Sender<Result<(), AuditError>>,
+    },
+}
+
+/// A record that was written and is being made durable: wait on it before anything that
+/// depends on its durability is released.
+#[derive(Debug)]
+pub struct DurableRecord(oneshot::Receiver<Result<(), AuditError>>);
+
+impl DurableRecord {
+    /// Returns once the record is on disk; an error when its sync failed.
+    pub async fn wait(self) -> Result<(), AuditError> {
+        self.0.await.map_err(|_| AuditError::Stopped)?
+    }
+}
 
 /// A handle for appending records. Cheap to clone.
 #[derive(Clone)]
@@ -201,10 +222,31 @@ impl AuditSink {
         };
         let (reply, answer) = oneshot::channel();
         self.sender
-            .send((event, reply))
+            .send((event, Reply::Durable(reply)))
             .await
             .map_err(|_| AuditError::Stopped)?;
         answer.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// Appends `event`; returns once it is written (in the kernel's hands: a crash of valetd no
+    /// longer loses it), with a [`DurableRecord`] that completes once it is on disk. For work
+    /// that may start before the sync but must not be released before it.
+    pub async fn record_written(
+        &self,
+        event: AuditEvent,
+    ) -> Result<(ChainHead, DurableRecord), AuditError> {
+        let event = match &self.replica {
+            Some(replica) => event.with("replica", replica),
+            None => event,
+        };
+        let (written, written_answer) = oneshot::channel();
+        let (durable, durable_answer) = oneshot::channel();
+        self.sender
+            .send((event, Reply::Written { written, durable }))
+            .await
+            .map_err(|_| AuditError::Stopped)?;
+        let head = written_answer.await.map_err(|_| AuditError::Stopped)??;
+        Ok((head, DurableRecord(durable_answer)))
     }
 
     /// Records written from now on.
@@ -284,21 +326,74 @@ impl Writer {
                     head = next;
                 }
             }
-            let outcome = self.append(text).await;
+            let two_phase = batch
+                .iter()
+                .any(|(_, reply)| matches!(reply, Reply::Written { .. }));
+            let outcome = if two_phase {
+                // Those who asked hear "written" as soon as the bytes are in the kernel's hands,
+                // and start their work while the sync runs.
+                let written = self.append(text, false).await;
+                let mut durable_replies = Vec::with_capacity(batch.len());
+                for ((_, reply), head) in batch.drain(..).zip(heads.iter()) {
+                    match reply {
+                        Reply::Written { written: sender, durable } => {
+                            let _ = sender.send(written.clone().map(|_| head.clone()));
+                            durable_replies.push((None, Some(durable)));
+                        }
+                        Reply::Durable(sender) => durable_replies.push((Some(sender), None)),
+                    }
+                }
+                let outcome = match written {
+                    Ok(length_before) => self.sync(length_before).await,
+                    Err(error) => Err(error),
+                };
+                if outcome.is_ok() {
+                    self.committed(head, checkpoint_at, lines).await;
+                }
+                for ((durable_only, durable), head) in durable_replies.into_iter().zip(heads) {
+                    if let Some(sender) = durable_only {
+                        let _ = sender.send(outcome.clone().map(|_| head));
+                    }
+                    if let Some(sender) = durable {
+                        let _ = sender.send(outcome.clone());
+                    }
+                }
+                continue;
+            } else {
+                self.append(text, true).await.map(|_| ())
+            };
             if outcome.is_ok() {
-                self.head = head;
-                self.last_checkpoint = checkpoint_at;
-                if let Err(error) = self.store.record_audit_head(&self.head).await {
-                    tracing::error!(%error, "cannot record the audit chain head in the store");
-                }
-                for record in lines {
-                    // Nobody following is not an error.
-                    let _ = self.written.send(Arc::new(record));
-                }
+                self.committed(head, checkpoint_at, lines).await;
             }
             for ((_, reply), head) in batch.drain(..).zip(heads) {
-                let _ = reply.send(outcome.clone().map(|_| head));
+                match reply {
+                    Reply::Durable(sender) => {
+                        let _ = sender.send(outcome.clone().map(|_| head));
+                    }
+                    Reply::Written { written, durable } => {
+                        let _ = written.send(outcome.clone().map(|_| head));
+                        let _ = durable.send(outcome.clone());
+                    }
+                }
             }
+        }
+    }
+
+    /// A batch is on disk: the head moves, the store records it, followers hear the records.
+    async fn committed(
+        &mut self,
+        head: ChainHead,
+        checkpoint_at: Option<u64>,
+        lines: Vec<WrittenRecord>,
+    ) {
+        self.head = head;
+        self.last_checkpoint = checkpoint_at;
+        if let Err(error) = self.store.record_audit_head(&self.head).await {
+            tracing::error!(%error, "cannot record the audit chain head in the store");
+        }
+        for record in lines {
+            // Nobody following is not an error.
+            let _ = self.written.send(Arc::new(record));
         }
     }
 
@@ -314,9 +409,37 @@ impl Writer {
         Some(audit::chain(head, &event, now, Some(&self.chain_key)))
     }
 
-    /// Writes and syncs `text`; on failure, cuts the file back to where it was so the chain on
-    /// disk never holds a record whose caller was told it failed.
-    async fn append(&mut self, text: String) -> Result<(), AuditError> {
+    /// Writes `text` (and syncs it when `sync`); on failure, cuts the file back so the chain on
+    /// disk never holds a record whose caller was told it failed. Returns the file's length
+    /// before the write, for a later [`Writer::sync`] to cut back to.
+    async fn append(&mut self, text: String, sync: bool) -> Result<Option<u64>, AuditError> {
+        self.on_file(move |file| {
+            let before = file.metadata().map(|metadata| metadata.len()).ok();
+            let outcome = file.write_all(text.as_bytes()).and_then(|_| {
+                if sync {
+                    file.sync_data()
+                } else {
+                    Ok(())
+                }
+            });
+            (before, outcome)
+        })
+        .await
+    }
+
+    /// Syncs what [`Writer::append`] wrote; on failure, cuts the file back to `before`.
+    async fn sync(&mut self, before: Option<u64>) -> Result<(), AuditError> {
+        self.on_file(move |file| (before, file.sync_data()))
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs `work` on the file on the blocking pool; when it fails, the file is cut back to the
+    /// length `work` reports it had before.
+    async fn on_file(
+        &mut self,
+        work: impl FnOnce(&mut File) -> (Option<u64>, std::io::Result<()>) + Send + 'static,
+    ) -> Result<Option<u64>, AuditError> {
         let path = self.path.display().to_string();
         let Some(mut file) = self.file.take() else {
             return Err(AuditError::Unwritable {
@@ -324,11 +447,8 @@ impl Writer {
                 detail: "the file was lost after an earlier failure".into(),
             });
         };
-        let (file, outcome) = tokio::task::spawn_blocking(move || {
-            let before = file.metadata().map(|metadata| metadata.len()).ok();
-            let outcome = file
-                .write_all(text.as_bytes())
-                .and_then(|_| file.sync_data());
+        let (file, before, outcome) = tokio::task::spawn_blocking(move || {
+            let (before, outcome) = work(&mut file);
             if outcome.is_err()
                 && let Some(length) = before
                 && file
@@ -338,7 +458,7 @@ impl Writer {
             {
                 let _ = file.set_len(length);
             }
-            (file, outcome)
+            (file, before, outcome)
         })
         .await
         .map_err(|error| AuditError::Unwritable {
@@ -346,10 +466,12 @@ impl Writer {
             detail: error.to_string(),
         })?;
         self.file = Some(file);
-        outcome.map_err(|error| AuditError::Unwritable {
-            path,
-            detail: error.to_string(),
-        })
+        outcome
+            .map(|_| before)
+            .map_err(|error| AuditError::Unwritable {
+                path,
+                detail: error.to_string(),
+            })
     }
 }
 

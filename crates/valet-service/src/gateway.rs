@@ -109,6 +109,9 @@ pub struct CallDecision {
     pub body: Bytes,
     /// The root credential to inject on the upstream leg.
     pub secret: Secret,
+    /// The call's audit record, written before the decision was returned and being made
+    /// durable: the gateway forwards meanwhile, and releases no answer before it completes.
+    pub durable: Option<crate::DurableRecord>,
 }
 
 impl std::fmt::Debug for CallDecision {
@@ -225,6 +228,34 @@ impl Valet {
             Err(error) => error,
             Ok(()) => ServiceError::Internal("a refusal answered success".into()),
         }
+    }
+
+    /// Waits until the call's own audit record is on disk. When its sync failed, the call had
+    /// already reached the upstream: that is recorded (best effort: the log is what failed) and
+    /// the error returned, and the agent gets no answer but the refusal.
+    pub async fn call_record_durable(&self, decision: &mut CallDecision) -> Result<(), ServiceError> {
+        let Some(durable) = decision.durable.take() else {
+            return Ok(());
+        };
+        let Err(error) = durable.wait().await else {
+            return Ok(());
+        };
+        tracing::error!(request_id = decision.site.request_id, %error, "the audit record of a forwarded gateway call could not be made durable; its answer is withheld");
+        let event = call_event(
+            AuditAction::GatewayCall,
+            Outcome::Failed,
+            Some(&decision.grant),
+        )
+        .with("rule", &decision.rule)
+        .with("refusal", "audit_sync_failed")
+        .with(
+            "reason",
+            format!("the call reached the upstream, but its audit record could not be made durable ({error}); the answer was withheld"),
+        );
+        if let Err(second) = self.record(&decision.site, event).await {
+            tracing::error!(request_id = decision.site.request_id, error = %second, "cannot record the failed sync either");
+        }
+        Err(error.into())
     }
 
     /// Records how a forwarded call ended. A failed call is recorded as `gateway.call`, outcome
@@ -488,7 +519,9 @@ impl Valet {
                     serde_json::Value::from(checked.operations.clone()),
                 );
         }
-        self.record(&forwarded_site, decision).await?;
+        // Written before it is forwarded (no record, no call, even if valetd dies now); durable
+        // before any answer is released, which the gateway waits for.
+        let durable = self.record_written(&forwarded_site, decision).await?;
 
         let secret = self.credential(&upstream.credential).ok_or_else(|| {
             ServiceError::Internal(format!(
@@ -504,6 +537,7 @@ impl Valet {
             upstream,
             body: Bytes::from(forwarded.body),
             secret,
+            durable: Some(durable),
         })
     }
 

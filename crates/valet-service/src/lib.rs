@@ -44,7 +44,7 @@ use valet_store::Store;
 
 pub use administration::{ReloadOutcome, ReloadTrigger};
 pub use approvals::approval_json;
-pub use audit_sink::{AuditError, AuditSink, WrittenRecord};
+pub use audit_sink::{AuditError, AuditSink, DurableRecord, WrittenRecord};
 pub use aws_client::{AwsError, StsCredentials};
 pub use aws_grants::AwsGrant;
 pub use caller::{Attribution, Caller, Presented};
@@ -237,6 +237,17 @@ impl Valet {
     ) -> Result<(), ServiceError> {
         self.audit.record(who.attribute(event)).await?;
         Ok(())
+    }
+
+    /// Writes `event` as `who`'s; returns once it is written (a crash of valetd no longer loses
+    /// it), with the handle that completes once it is on disk.
+    pub(crate) async fn record_written(
+        &self,
+        who: &impl Attribution,
+        event: AuditEvent,
+    ) -> Result<DurableRecord, ServiceError> {
+        let (_, durable) = self.audit.record_written(who.attribute(event)).await?;
+        Ok(durable)
     }
 
     /// The one path every answer of an operation takes. A refusal is recorded first (`context`,

@@ -166,7 +166,8 @@ impl Valet {
         let event = call_event(AuditAction::GatewayCall, Outcome::Allowed, Some(&grant))
             .with("rule", rules.join(", "))
             .with_value("mcp", Value::from(records));
-        self.record(site, event).await?;
+        // Written before it is forwarded; durable before any answer is released.
+        let durable = self.record_written(site, event).await?;
         let secret = self.credential(&upstream.credential).ok_or_else(|| {
             ServiceError::Internal(format!(
                 "credential {:?} is not loaded",
@@ -182,6 +183,7 @@ impl Valet {
                 rule: rules.join(", "),
                 body: Bytes::from(body),
                 secret,
+                durable: Some(durable),
             },
             checked,
             allow,
