@@ -764,3 +764,92 @@ async fn the_gateway_speaks_http2_as_well() {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("/api/v1/projects/shop/services"));
 }
+
+/// No record, no call — and no answer without a durable record — across a kill -9 under load:
+/// every call the upstream executed, and every answer an agent received, has its `gateway.call`
+/// record in the audit log afterwards. (The record is written before the call is forwarded and
+/// synced while it runs; the answer waits for the sync.)
+#[tokio::test]
+async fn every_forwarded_call_and_every_answer_has_its_record_after_kill_9_under_load() {
+    let upstream = Upstream::start().await;
+    let deployment = Deployment::new(&gateway_config(&upstream));
+    let valetd = deployment.start(&[]);
+    let gateway = valetd.gateway.clone().expect("the gateway listens");
+    let agent = valetd.client(AGENT_KEY).await;
+    let token = agent
+        .request_token(TokenRequest::new("rest-projects", "kill-9").with_param("project", "shop"))
+        .await
+        .unwrap()
+        .token_str()
+        .to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for worker in 0..8 {
+        let (gateway, token, stop) = (gateway.clone(), token.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let client: Client<HttpConnector, Full<Bytes>> =
+                Client::builder(TokioExecutor::new()).build_http();
+            let mut answered = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                let path = format!("/v1/projects/shop/items/w{worker}-{n}");
+                let request = http::Request::get(format!("{gateway}/u/rest{path}"))
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                // After the kill, calls fail to connect: that is expected, not an answer.
+                let Ok(response) = client.request(request).await else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                let status = response.status();
+                if response.into_body().collect().await.is_ok() && status.is_success() {
+                    answered.push(path);
+                }
+            }
+            answered
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    valetd.signal("KILL");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut answered = Vec::new();
+    for worker in workers {
+        answered.extend(worker.await.unwrap());
+    }
+    assert!(!answered.is_empty(), "no call was answered before the kill");
+
+    let log = std::fs::read_to_string(deployment.audit_path()).unwrap();
+    let recorded: std::collections::BTreeSet<String> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|record| record["action"] == "gateway.call" && record["outcome"] == "allowed")
+        .filter_map(|record| record["path"].as_str().map(str::to_string))
+        .collect();
+    for path in &answered {
+        assert!(
+            recorded.contains(path),
+            "{path} was answered but has no durable record"
+        );
+    }
+    let executed: Vec<String> = upstream
+        .seen()
+        .into_iter()
+        .map(|seen| seen.target.trim_start_matches("/api").to_string())
+        .filter(|target| target.starts_with("/v1/projects/shop/items/"))
+        .collect();
+    assert!(executed.len() >= answered.len());
+    for target in &executed {
+        assert!(
+            recorded.contains(target),
+            "the upstream executed {target}, which has no record"
+        );
+    }
+    println!(
+        "{} answered, {} executed upstream, every one recorded",
+        answered.len(),
+        executed.len()
+    );
+}

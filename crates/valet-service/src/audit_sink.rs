@@ -336,7 +336,10 @@ impl Writer {
                 let mut durable_replies = Vec::with_capacity(batch.len());
                 for ((_, reply), head) in batch.drain(..).zip(heads.iter()) {
                     match reply {
-                        Reply::Written { written: sender, durable } => {
+                        Reply::Written {
+                            written: sender,
+                            durable,
+                        } => {
                             let _ = sender.send(written.clone().map(|_| head.clone()));
                             durable_replies.push((None, Some(durable)));
                         }
@@ -415,13 +418,9 @@ impl Writer {
     async fn append(&mut self, text: String, sync: bool) -> Result<Option<u64>, AuditError> {
         self.on_file(move |file| {
             let before = file.metadata().map(|metadata| metadata.len()).ok();
-            let outcome = file.write_all(text.as_bytes()).and_then(|_| {
-                if sync {
-                    file.sync_data()
-                } else {
-                    Ok(())
-                }
-            });
+            let outcome = file
+                .write_all(text.as_bytes())
+                .and_then(|_| if sync { file.sync_data() } else { Ok(()) });
             (before, outcome)
         })
         .await

@@ -233,7 +233,10 @@ impl Valet {
     /// Waits until the call's own audit record is on disk. When its sync failed, the call had
     /// already reached the upstream: that is recorded (best effort: the log is what failed) and
     /// the error returned, and the agent gets no answer but the refusal.
-    pub async fn call_record_durable(&self, decision: &mut CallDecision) -> Result<(), ServiceError> {
+    pub async fn call_record_durable(
+        &self,
+        decision: &mut CallDecision,
+    ) -> Result<(), ServiceError> {
         let Some(durable) = decision.durable.take() else {
             return Ok(());
         };
