@@ -40,6 +40,10 @@ struct Arguments {
     /// Criterion output to include in the written document.
     #[arg(long)]
     micro: Option<std::path::PathBuf>,
+    /// The store valetd runs on: `sled` (embedded) or `etcd` (three local members, started and
+    /// stopped by the run; Debian's etcd-server).
+    #[arg(long, value_enum, default_value = "sled")]
+    store: scenarios::StoreKind,
 }
 
 /// Helper processes the tool starts as baselines (not for people to run).
@@ -103,6 +107,7 @@ fn main() {
                     json: arguments.json,
                     write_doc: arguments.write_doc.clone(),
                     micro: arguments.micro.clone(),
+                    store: arguments.store,
                 };
                 scenarios::run(arguments.scenario, &options).await
             }

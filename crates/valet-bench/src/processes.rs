@@ -199,6 +199,11 @@ impl Deployment {
         Deployment::write(upstream, "", "")
     }
 
+    /// The standard deployment with a `[store]` section (etcd).
+    pub fn with_store(upstream: &str, store: &str) -> anyhow::Result<Deployment> {
+        Deployment::write(upstream, "", store)
+    }
+
     /// The standard deployment, plus an MCP upstream `deploy` at `mcp_url` (a remote server over
     /// Streamable HTTP) and a scope `mcp` allowing its `list_*` tools.
     pub fn with_mcp(upstream: &str, mcp_url: &str) -> anyhow::Result<Deployment> {

@@ -28,6 +28,14 @@ pub struct Options {
     pub json: bool,
     pub write_doc: Option<std::path::PathBuf>,
     pub micro: Option<std::path::PathBuf>,
+    pub store: StoreKind,
+}
+
+/// Where valetd keeps its state for the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    Sled,
+    Etcd,
 }
 
 struct Setup {
@@ -41,7 +49,18 @@ struct Setup {
 pub async fn run(scenario: Scenario, options: &Options) -> anyhow::Result<bool> {
     let upstream = processes::start_helper("serve-upstream")?;
     let echo = processes::start_helper("serve-echo")?;
-    let deployment = Deployment::new(&upstream.address)?;
+    // Kept until the run ends: its members stop when it is dropped.
+    let etcd = (options.store == StoreKind::Etcd).then(|| valet_tests::etcd::EtcdCluster::start(3));
+    let deployment = match &etcd {
+        Some(cluster) => Deployment::with_store(
+            &upstream.address,
+            &format!(
+                "[store]\nengine = \"etcd\"\nendpoints = {}\nprefix = \"/valet/bench\"\n",
+                cluster.endpoints_toml()
+            ),
+        )?,
+        None => Deployment::new(&upstream.address)?,
+    };
     let (valetd, _) = deployment.start()?;
     let setup = Setup {
         deployment,
