@@ -510,6 +510,17 @@ async fn batches_and_smuggled_messages_are_refused_whole_and_never_execute() {
     stack.valetd.stop().await;
 }
 
+/// The SDK agent running `steps` in the background (it waits while a person decides).
+fn spawn_agent(
+    gateway: &str,
+    upstream: &str,
+    token: &str,
+    steps: Value,
+) -> tokio::task::JoinHandle<Vec<Value>> {
+    let (gateway, upstream, token) = (gateway.to_string(), upstream.to_string(), token.to_string());
+    tokio::spawn(async move { agent(&gateway, &upstream, &token, "legacy", steps).await })
+}
+
 async fn pending_approval(valetd: &valet_tests::Valetd) -> v1::Approval {
     let operator = valetd.client(OPERATOR_KEY).await;
     for _ in 0..200 {
@@ -538,22 +549,12 @@ async fn an_approval_gated_tool_call_is_held_shown_exactly_approved_and_runs_onc
     for upstream in ["deploy-remote", "deploy-stdio"] {
         let token = stack.token(upstream, &format!("approval-{upstream}")).await;
         let before = stack.executed(upstream).len();
-        let waiting = {
-            let (gateway, token) = (gateway.clone(), token.clone());
-            let upstream = upstream.to_string();
-            tokio::spawn(async move {
-                agent(
-                    &gateway,
-                    &upstream,
-                    &token,
-                    "legacy",
-                    json!([
-                        ["call_tool", "delete_volume", {"volumeId": "v-staging-cache"}],
-                    ]),
-                )
-                .await
-            })
-        };
+        let waiting = spawn_agent(
+            &gateway,
+            upstream,
+            &token,
+            json!([["call_tool", "delete_volume", {"volumeId": "v-staging-cache"}]]),
+        );
         let approval = pending_approval(&stack.valetd).await;
         // The approver sees the tool, its full arguments, the upstream and the environment.
         assert!(
@@ -611,22 +612,12 @@ async fn an_approval_gated_tool_call_is_held_shown_exactly_approved_and_runs_onc
         // The approval was used once: the identical call again waits for a new decision, and
         // denied, it ends with the refusal and nothing runs.
         let first_approval = approval.id.clone();
-        let waiting = {
-            let (gateway, token) = (gateway.clone(), token.clone());
-            let upstream = upstream.to_string();
-            tokio::spawn(async move {
-                agent(
-                    &gateway,
-                    &upstream,
-                    &token,
-                    "legacy",
-                    json!([
-                        ["call_tool", "delete_volume", {"volumeId": "v-staging-cache"}],
-                    ]),
-                )
-                .await
-            })
-        };
+        let waiting = spawn_agent(
+            &gateway,
+            upstream,
+            &token,
+            json!([["call_tool", "delete_volume", {"volumeId": "v-staging-cache"}]]),
+        );
         let approval = pending_approval(&stack.valetd).await;
         assert_ne!(approval.id, first_approval, "an approval releases one call");
         stack

@@ -213,6 +213,48 @@ fn report_with(
     report
 }
 
+/// Tokens issued as fast as `concurrency` streams can, each for a task of its own.
+async fn issue_load(
+    client: Client,
+    label: &'static str,
+    concurrency: usize,
+    options: &Options,
+) -> Measurement {
+    let counter = Arc::new(AtomicU64::new(0));
+    load::run(concurrency, options.duration, cap(options), move |worker| {
+        let client = client.clone();
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        async move {
+            client
+                .request_token(TokenRequest::new("bench", format!("{label}-{worker}-{n}")))
+                .await
+                .map(|_| ())
+                .map_err(|error| error.to_string())
+        }
+    })
+    .await
+}
+
+/// One token introspected as fast as `concurrency` streams can; inactive is an error.
+async fn introspect_load(
+    client: Client,
+    token: Arc<String>,
+    concurrency: usize,
+    options: &Options,
+) -> Measurement {
+    load::run(concurrency, options.duration, cap(options), move |_| {
+        let (client, token) = (client.clone(), token.clone());
+        async move {
+            match client.introspect(&token).await {
+                Ok(reply) if reply.active => Ok(()),
+                Ok(reply) => Err(format!("inactive: {}", reply.reason)),
+                Err(error) => Err(error.to_string()),
+            }
+        }
+    })
+    .await
+}
+
 async fn echo_baseline(
     setup: &Setup,
     concurrency: usize,
@@ -250,20 +292,8 @@ async fn issue(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> 
     for concurrency in levels {
         let baseline = echo_baseline(setup, concurrency, options).await?;
         let client = agent(setup).await?;
-        let counter = Arc::new(AtomicU64::new(0));
         let cpu = CpuMeter::start(&setup.valetd);
-        let measured = load::run(concurrency, options.duration, cap(options), move |worker| {
-            let client = client.clone();
-            let n = counter.fetch_add(1, Ordering::Relaxed);
-            async move {
-                client
-                    .request_token(TokenRequest::new("bench", format!("issue-{worker}-{n}")))
-                    .await
-                    .map(|_| ())
-                    .map_err(|error| error.to_string())
-            }
-        })
-        .await;
+        let measured = issue_load(client, "issue", concurrency, options).await;
         let notes = cpu.notes(&measured);
         reports.push(report_with(
             "issue",
@@ -281,20 +311,8 @@ async fn issue(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> 
 /// plaintext with a key, in one run (each on its own valetd with the same config otherwise).
 async fn issue_identity(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> {
     let concurrency = options.concurrency.unwrap_or(64);
-    let issue_with = |client: Client, label: &'static str| {
-        let counter = Arc::new(AtomicU64::new(0));
-        load::run(concurrency, options.duration, cap(options), move |worker| {
-            let client = client.clone();
-            let n = counter.fetch_add(1, Ordering::Relaxed);
-            async move {
-                client
-                    .request_token(TokenRequest::new("bench", format!("{label}-{worker}-{n}")))
-                    .await
-                    .map(|_| ())
-                    .map_err(|error| error.to_string())
-            }
-        })
-    };
+    let issue_with =
+        |client: Client, label: &'static str| issue_load(client, label, concurrency, options);
     let cpu = CpuMeter::start(&setup.valetd);
     let plaintext = issue_with(agent(setup).await?, "plaintext").await;
     let plaintext_notes = cpu.notes(&plaintext);
@@ -363,17 +381,7 @@ async fn introspect(setup: &Setup, options: &Options) -> anyhow::Result<Report> 
             .to_string(),
     );
     let cpu = CpuMeter::start(&setup.valetd);
-    let measured = load::run(concurrency, options.duration, cap(options), move |_| {
-        let (client, token) = (client.clone(), token.clone());
-        async move {
-            match client.introspect(&token).await {
-                Ok(reply) if reply.active => Ok(()),
-                Ok(reply) => Err(format!("inactive: {}", reply.reason)),
-                Err(error) => Err(error.to_string()),
-            }
-        }
-    })
-    .await;
+    let measured = introspect_load(client, token, concurrency, options).await;
     let notes = cpu.notes(&measured);
     Ok(report_with(
         "introspect",
@@ -790,23 +798,8 @@ async fn peer(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> {
     anyhow::ensure!(audited > 0, "OpenBao's file audit device wrote nothing");
 
     let client = agent(setup).await?;
-    let counter = Arc::new(AtomicU64::new(0));
     let cpu = CpuMeter::start(&setup.valetd);
-    let issued = {
-        let client = client.clone();
-        load::run(concurrency, options.duration, cap(options), move |worker| {
-            let client = client.clone();
-            let n = counter.fetch_add(1, Ordering::Relaxed);
-            async move {
-                client
-                    .request_token(TokenRequest::new("bench", format!("peer-{worker}-{n}")))
-                    .await
-                    .map(|_| ())
-                    .map_err(|error| error.to_string())
-            }
-        })
-        .await
-    };
+    let issued = issue_load(client.clone(), "peer", concurrency, options).await;
     let issue_notes = cpu.notes(&issued);
     let token = Arc::new(
         client
@@ -816,17 +809,7 @@ async fn peer(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> {
             .to_string(),
     );
     let cpu = CpuMeter::start(&setup.valetd);
-    let introspected = load::run(concurrency, options.duration, cap(options), move |_| {
-        let (client, token) = (client.clone(), token.clone());
-        async move {
-            match client.introspect(&token).await {
-                Ok(reply) if reply.active => Ok(()),
-                Ok(reply) => Err(format!("inactive: {}", reply.reason)),
-                Err(error) => Err(error.to_string()),
-            }
-        }
-    })
-    .await;
+    let introspected = introspect_load(client, token, concurrency, options).await;
     let introspect_notes = cpu.notes(&introspected);
     Ok(vec![
         report_with(

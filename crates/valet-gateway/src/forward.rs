@@ -14,7 +14,7 @@ use http_body_util::Full;
 use valet_core::call::CallRefusal;
 use valet_core::config::{FORWARDED_HEADERS, Injection, Target, Upstream, never_forwarded};
 use valet_core::rules;
-use valet_service::{CallDecision, CallOutcome, ServiceError};
+use valet_service::CallDecision;
 
 use crate::Gateway;
 use crate::response::{self, Body};
@@ -59,13 +59,7 @@ pub async fn forward(
     let answer = match answer {
         Ok(answer) => answer,
         Err(refusal) => {
-            let error = match valet
-                .record_call_outcome(&decision, CallOutcome::Failed(refusal))
-                .await
-            {
-                Err(error) => error,
-                Ok(()) => ServiceError::Internal("a failed call was recorded as success".into()),
-            };
+            let error = valet.call_failed(&decision, refusal).await;
             return response::error_response(valet, &error, Some(&decision.grant.id));
         }
     };
@@ -83,13 +77,22 @@ pub async fn forward(
     http::Response::from_parts(parts, stream::masked(upstream_body, masker, closing))
 }
 
-pub(crate) async fn send(
+async fn send(
     gateway: &Gateway,
     parts: http::request::Parts,
     decision: &CallDecision,
 ) -> Result<http::Response<hyper::body::Incoming>, CallRefusal> {
-    let upstream = &decision.upstream;
-    let request = upstream_request(upstream, parts, decision)?;
+    let request = upstream_request(&decision.upstream, parts, decision)?;
+    send_request(gateway, &decision.upstream, request).await
+}
+
+/// Sends a request built for `upstream` on its connection pool, within its timeout (to the
+/// answer's head; the body then streams).
+pub async fn send_request(
+    gateway: &Gateway,
+    upstream: &Upstream,
+    request: http::Request<Full<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, CallRefusal> {
     let client = gateway
         .upstreams
         .client_for(upstream)

@@ -18,7 +18,7 @@ use valet_core::call::CallRefusal;
 use valet_core::config::Target;
 use valet_core::mcp::ReplyFilter;
 use valet_service::{
-    BodySource, CallOutcome, CallSite, HeldApproval, McpDecision, McpRequest, ServiceError, Valet,
+    BodySource, CallSite, HeldApproval, McpDecision, McpRequest, ServiceError, Valet,
 };
 
 use crate::Gateway;
@@ -123,15 +123,12 @@ pub async fn handle(
         .next()
         .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
     {
-        let error = valet
-            .refuse_call(
-                &site,
-                CallRefusal::BadBody(format!(
-                    "Content-Type {content_type:?}: send JSON-RPC as application/json"
-                )),
-            )
-            .await;
-        return refusal(valet, &error, None, Value::Null);
+        return refuse_body(
+            valet,
+            &site,
+            format!("Content-Type {content_type:?}: send JSON-RPC as application/json"),
+        )
+        .await;
     }
     if let Some(encoding) = parts
         .headers
@@ -139,15 +136,12 @@ pub async fn handle(
         .and_then(|value| value.to_str().ok())
         .filter(|encoding| !encoding.trim().eq_ignore_ascii_case("identity"))
     {
-        let error = valet
-            .refuse_call(
-                &site,
-                CallRefusal::BadBody(format!(
-                    "the body is sent with Content-Encoding {encoding}; send it unencoded"
-                )),
-            )
-            .await;
-        return refusal(valet, &error, None, Value::Null);
+        return refuse_body(
+            valet,
+            &site,
+            format!("the body is sent with Content-Encoding {encoding}; send it unencoded"),
+        )
+        .await;
     }
     let body = match Box::new(IncomingBody::new(&parts.headers, body))
         .read(MAX_REQUEST_BODY)
@@ -196,6 +190,12 @@ pub async fn handle(
             error => refusal(valet, error, denial.grant_id.as_deref(), request_id),
         },
     }
+}
+
+/// A POST refused for its body before anything is authorized: recorded, answered as JSON-RPC.
+async fn refuse_body(valet: &Valet, site: &CallSite, detail: String) -> http::Response<Body> {
+    let error = valet.refuse_call(site, CallRefusal::BadBody(detail)).await;
+    refusal(valet, &error, None, Value::Null)
 }
 
 /// A tool call waiting for a person's approval.
@@ -357,13 +357,7 @@ async fn dispatch(
             http::Response::from_parts(parts, stream::masked(body, masker, closing))
         }
         Err(refused) => {
-            let error = match valet
-                .record_call_outcome(&call, CallOutcome::Failed(refused))
-                .await
-            {
-                Err(error) => error,
-                Ok(()) => ServiceError::Internal("a failed call was recorded as success".into()),
-            };
+            let error = valet.call_failed(&call, refused).await;
             refusal(&valet, &error, Some(&call.grant.id), single_id(&call.body))
         }
     }
@@ -428,21 +422,7 @@ async fn remote(
     *request.method_mut() = http::Method::POST;
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
-    let client = gateway
-        .upstreams
-        .client_for(upstream)
-        .await
-        .map_err(failed)?;
-    let answer = match tokio::time::timeout(upstream.timeout, client.request(request)).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(error)) => return Err(failed(error.to_string())),
-        Err(_) => {
-            return Err(CallRefusal::UpstreamTimeout {
-                upstream: upstream.name.clone(),
-                seconds: upstream.timeout.as_secs(),
-            });
-        }
-    };
+    let answer = forward::send_request(gateway, upstream, request).await?;
     if let Some(detail) = unmaskable(answer.headers(), answer.status()) {
         return Err(failed(detail));
     }

@@ -261,6 +261,18 @@ impl Valet {
         Err(error.into())
     }
 
+    /// Records that a forwarded call failed upstream (unreachable, too slow, an answer that cannot
+    /// be masked) and returns the error the agent gets.
+    pub async fn call_failed(&self, decision: &CallDecision, refusal: CallRefusal) -> ServiceError {
+        match self
+            .record_call_outcome(decision, CallOutcome::Failed(refusal))
+            .await
+        {
+            Err(error) => error,
+            Ok(()) => ServiceError::Internal("a failed call was recorded as success".into()),
+        }
+    }
+
     /// Records how a forwarded call ended. A failed call is recorded as `gateway.call`, outcome
     /// `failed` (and returned, for the agent); an answered one as `gateway.response`.
     pub async fn record_call_outcome(
@@ -482,7 +494,7 @@ impl Valet {
 
         // A rule that needs approval forwards only the identical call a person approved, once.
         // Asking counts as a call of the rule; using the approval does not count again.
-        let grant = match &rule.approval {
+        let gated = match &rule.approval {
             Some(approval) => {
                 if let Some(checked) = &forwarded.graphql {
                     refuse_repeated_gated_fields(scope, rule, checked)?;
@@ -495,20 +507,20 @@ impl Valet {
                     &forwarded.body,
                     forwarded.graphql.as_ref(),
                 );
-                context.set("approval_id", request.approval.unwrap_or_default().trim());
-                self.take_call_approval(
-                    &holder,
-                    grant,
-                    &rule.counter(),
-                    approval,
-                    call,
-                    request.approval,
-                )
-                .await?
+                Some((approval, call))
             }
-            // Count the call against the grant and the rule.
-            None => self.count_call(grant, &rule.counter()).await?,
+            None => None,
         };
+        let grant = self
+            .admit_call(
+                &holder,
+                grant,
+                &rule.counter(),
+                gated,
+                request.approval,
+                context,
+            )
+            .await?;
 
         // Record the decision: what the upstream receives, never the request as it came.
         let mut decision = call_event(AuditAction::GatewayCall, Outcome::Allowed, Some(&grant))
@@ -526,12 +538,7 @@ impl Valet {
         // before any answer is released, which the gateway waits for.
         let durable = self.record_written(&forwarded_site, decision).await?;
 
-        let secret = self.credential(&upstream.credential).ok_or_else(|| {
-            ServiceError::Internal(format!(
-                "credential {:?} is not loaded",
-                upstream.credential
-            ))
-        })?;
+        let secret = self.root_credential(&upstream)?;
         Ok(CallDecision {
             site: forwarded_site,
             graphql: forwarded.graphql.is_some(),
@@ -544,9 +551,40 @@ impl Valet {
         })
     }
 
+    /// Counts a call against its rule, or — for a rule that needs approval — takes the approval
+    /// named for this exact call (or asks for one: asking counts as the call, using it does not).
+    pub(crate) async fn admit_call(
+        &self,
+        holder: &GrantHolder<'_>,
+        grant: Grant,
+        counter: &RuleCounter,
+        gated: Option<(&valet_core::approval::ApprovalPolicy, CallFingerprint)>,
+        named: Option<&str>,
+        context: &mut AuditEvent,
+    ) -> Result<Grant, ServiceError> {
+        match gated {
+            Some((approval, call)) => {
+                context.set("approval_id", named.unwrap_or_default().trim());
+                self.take_call_approval(holder, grant, counter, approval, call, named)
+                    .await
+            }
+            None => self.count_call(grant, counter).await,
+        }
+    }
+
+    /// The root credential an upstream's calls carry.
+    pub(crate) fn root_credential(&self, upstream: &Upstream) -> Result<Secret, ServiceError> {
+        self.credential(&upstream.credential).ok_or_else(|| {
+            ServiceError::Internal(format!(
+                "credential {:?} is not loaded",
+                upstream.credential
+            ))
+        })
+    }
+
     /// Opens an approval request for `call` (or points at the identical one already waiting), or
     /// uses the approval the caller names for it. Returns the grant as it stands after counting.
-    pub(crate) async fn take_call_approval(
+    async fn take_call_approval(
         &self,
         holder: &GrantHolder<'_>,
         grant: Grant,
@@ -645,11 +683,7 @@ impl Valet {
 
     /// Records one call on the grant when a limit applies (compare-and-swap, so concurrent calls
     /// never both take the last use).
-    pub(crate) async fn count_call(
-        &self,
-        grant: Grant,
-        rule: &RuleCounter,
-    ) -> Result<Grant, ServiceError> {
+    async fn count_call(&self, grant: Grant, rule: &RuleCounter) -> Result<Grant, ServiceError> {
         if grant.max_uses.is_none() && rule.max_calls.is_none() {
             return Ok(grant);
         }

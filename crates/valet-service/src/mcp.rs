@@ -131,7 +131,7 @@ impl Valet {
                 continue;
             };
             rules.push(rule.to_string());
-            grant = match &rule.approval {
+            let gated = match &rule.approval {
                 Some(approval) => {
                     if n_messages > 1 {
                         return Err(CallRefusal::Denied {
@@ -144,20 +144,20 @@ impl Valet {
                         }
                         .into());
                     }
-                    let call = mcp::call_fingerprint(&upstream.name, message);
-                    context.set("approval_id", request.approval.unwrap_or_default().trim());
-                    self.take_call_approval(
-                        &holder,
-                        grant,
-                        &rule.counter(),
-                        approval,
-                        call,
-                        request.approval,
-                    )
-                    .await?
+                    Some((approval, mcp::call_fingerprint(&upstream.name, message)))
                 }
-                None => self.count_call(grant, &rule.counter()).await?,
+                None => None,
             };
+            grant = self
+                .admit_call(
+                    &holder,
+                    grant,
+                    &rule.counter(),
+                    gated,
+                    request.approval,
+                    context,
+                )
+                .await?;
         }
         let records: Vec<Value> = checked
             .iter()
@@ -168,12 +168,7 @@ impl Valet {
             .with_value("mcp", Value::from(records));
         // Written before it is forwarded; durable before any answer is released.
         let durable = self.record_written(site, event).await?;
-        let secret = self.credential(&upstream.credential).ok_or_else(|| {
-            ServiceError::Internal(format!(
-                "credential {:?} is not loaded",
-                upstream.credential
-            ))
-        })?;
+        let secret = self.root_credential(&upstream)?;
         Ok(McpDecision {
             call: CallDecision {
                 site: site.clone(),
