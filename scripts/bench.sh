@@ -27,7 +27,7 @@ cargo build --release --locked --bins
 micro=$(mktemp)
 trap 'rm -f "$micro"' EXIT
 echo "== criterion micro-benchmarks"
-for bench in "valet-core hot_paths" "valet-gateway graphql"; do
+for bench in "valet-core hot_paths" "valet-core graphql"; do
   set -- $bench
   cargo bench --locked -p "$1" --bench "$2" -- --quick 2>/dev/null \
     | grep -vE '^\s*$|Benchmarking|Warming|Collecting|Analyzing|Running|Finished|Compiling' | tee -a "$micro"
