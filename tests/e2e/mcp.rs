@@ -382,6 +382,24 @@ async fn batches_and_smuggled_messages_are_refused_whole_and_never_execute() {
             .and_then(|value| value.to_str().ok())
             .unwrap_or_default()
             .to_string();
+        if upstream == "deploy-remote" {
+            // The session is this grant's: another grant's token cannot use it.
+            assert!(!session.is_empty(), "the remote server opened a session");
+            let other = stack.token(upstream, "smuggle-other-grant").await;
+            let hijack = post(
+                &gateway,
+                upstream,
+                &other,
+                &[
+                    ("mcp-protocol-version", "2025-06-18"),
+                    ("mcp-session-id", session.as_str()),
+                ],
+                &json!({"jsonrpc": "2.0", "id": 20, "method": "tools/list"}),
+            )
+            .await;
+            assert_eq!(hijack.status, 403, "{}", hijack.body);
+            assert!(hijack.body.contains("did not open"), "{}", hijack.body);
+        }
         let mut headers = vec![("mcp-protocol-version", "2025-06-18")];
         if !session.is_empty() {
             headers.push(("mcp-session-id", session.as_str()));

@@ -307,6 +307,41 @@ pub fn audit_entry(message: &CheckedMessage, allow: &McpAllow) -> Value {
     Value::Object(entry)
 }
 
+/// Binds an MCP session to the grant that opened it: the agent gets the server's session id with
+/// a MAC over the grant and that id (under a key derived from the key-encryption key, so every
+/// replica computes the same), and a session id presented with another grant's token is refused
+/// instead of reaching the server's session state.
+pub struct SessionKey(ring::hmac::Key);
+
+impl SessionKey {
+    pub fn from_seal_key(seal_key: &crate::keyring::SealKey) -> SessionKey {
+        SessionKey(seal_key.derive_mac_key("valet mcp sessions"))
+    }
+
+    fn message(grant_id: &str, server_session: &str) -> Vec<u8> {
+        let mut message = Vec::with_capacity(grant_id.len() + server_session.len() + 1);
+        message.extend_from_slice(grant_id.as_bytes());
+        message.push(0);
+        message.extend_from_slice(server_session.as_bytes());
+        message
+    }
+
+    /// The session id the agent sees for the server's `server_session`.
+    pub fn bind(&self, grant_id: &str, server_session: &str) -> String {
+        let tag = ring::hmac::sign(&self.0, &Self::message(grant_id, server_session));
+        format!("{server_session}.{}", hex::encode(tag.as_ref()))
+    }
+
+    /// The server's session id behind `presented`, when this grant opened it.
+    pub fn unbind(&self, grant_id: &str, presented: &str) -> Option<String> {
+        let (server_session, tag) = presented.rsplit_once('.')?;
+        let tag = hex::decode(tag).ok()?;
+        ring::hmac::verify(&self.0, &Self::message(grant_id, server_session), &tag)
+            .ok()
+            .map(|()| server_session.to_string())
+    }
+}
+
 /// One checked message, for the audit log and the approval: what will execute.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckedMessage {

@@ -159,6 +159,7 @@ pub async fn handle(
             site: &site,
             authorization: agent.authorization.as_deref(),
             approval: None,
+            session: agent.session_id.as_deref(),
             body: &body,
         })
         .await;
@@ -304,6 +305,7 @@ async fn decide(gateway: &Gateway, held: &Held) -> http::Response<Body> {
             site: &held.site,
             authorization: held.agent.authorization.as_deref(),
             approval: Some(&held.approval_id),
+            session: held.agent.session_id.as_deref(),
             body: &held.body,
         })
         .await;
@@ -330,11 +332,21 @@ async fn dispatch(
         mut call,
         checked,
         allow,
+        server_session,
     } = decision;
     let filter = ReplyFilter::new(&checked, &allow, &call.grant.params);
     let masker = stream::masker_for(&call.upstream, &call.secret);
     let answered = match &call.upstream.target {
-        Target::Url { .. } => remote(gateway, &call, &checked, agent, filter).await,
+        Target::Url { .. } => {
+            remote(
+                gateway,
+                &call,
+                &checked,
+                (agent, server_session.as_deref()),
+                filter,
+            )
+            .await
+        }
         Target::Process(_) => stdio(gateway, &call, &checked, agent, filter).await,
     };
     // Nothing of the answer before the call's audit record is on disk.
@@ -371,7 +383,7 @@ async fn remote(
     gateway: &Gateway,
     call: &valet_service::CallDecision,
     checked: &[valet_core::mcp::CheckedMessage],
-    agent: &AgentHeaders,
+    (agent, server_session): (&AgentHeaders, Option<&str>),
     filter: ReplyFilter,
 ) -> Result<Answered, CallRefusal> {
     let upstream = &call.upstream;
@@ -400,7 +412,7 @@ async fn remote(
     if let Some(version) = &agent.protocol_version {
         set("mcp-protocol-version", version);
     }
-    if let Some(session) = &agent.session_id {
+    if let Some(session) = server_session {
         set("mcp-session-id", session);
     }
     // 2026-07-28 routes on headers that must equal the body: built from the checked message.
@@ -438,6 +450,21 @@ async fn remote(
     ] {
         if let Some(value) = parts.headers.get(&name) {
             kept.insert(name, value.clone());
+        }
+    }
+    // The agent gets the server's session bound to its grant.
+    if let Some(session) = kept
+        .get("mcp-session-id")
+        .and_then(|value| value.to_str().ok())
+        .map(|session| gateway.valet.bind_mcp_session(&call.grant.id, session))
+    {
+        match HeaderValue::from_str(&session) {
+            Ok(value) => {
+                kept.insert(HeaderName::from_static("mcp-session-id"), value);
+            }
+            Err(_) => {
+                kept.remove("mcp-session-id");
+            }
         }
     }
     let content_type = kept

@@ -89,6 +89,8 @@ pub struct Valet {
     stopping: tokio::sync::watch::Sender<bool>,
     /// Woken after every applied config reload (the listeners re-read their TLS files then).
     reloaded: tokio::sync::Notify,
+    /// Binds MCP sessions to the grants that opened them.
+    mcp_sessions: valet_core::mcp::SessionKey,
 }
 
 /// What it takes to start the service.
@@ -111,6 +113,7 @@ impl Valet {
         let vault = CredentialVault::new(parts.loaded.credentials);
         let redactor = Arc::new(Redactor::new(vault.clone()));
         let chain_key = valet_core::audit::ChainKey::from_seal_key(&parts.seal_key);
+        let mcp_sessions = valet_core::mcp::SessionKey::from_seal_key(&parts.seal_key);
         let store: Arc<dyn Store> = Arc::new(authenticated_store::AuthenticatedStore::new(
             parts.store,
             valet_core::grant::GrantKey::from_seal_key(&parts.seal_key),
@@ -145,6 +148,7 @@ impl Valet {
             outbound: parts.outbound,
             clock: parts.clock,
             reloaded: tokio::sync::Notify::new(),
+            mcp_sessions,
             identity_keys: identity_keys::IdentityKeys::default(),
             limits: authentication_limits::AuthenticationLimits::default(),
             stopping: tokio::sync::watch::Sender::new(false),

@@ -21,6 +21,8 @@ pub struct McpRequest<'a> {
     pub authorization: Option<&'a str>,
     /// The approval this request goes on with, once a person approved its tool call.
     pub approval: Option<&'a str>,
+    /// The `Mcp-Session-Id` the agent sent (as the gateway gave it out), if any.
+    pub session: Option<&'a str>,
     pub body: &'a [u8],
 }
 
@@ -32,6 +34,8 @@ pub struct McpDecision {
     pub checked: Vec<CheckedMessage>,
     /// What the grant may use: list replies are narrowed to it.
     pub allow: McpAllow,
+    /// The server's own session id behind the one the agent sent (checked to be this grant's).
+    pub server_session: Option<String>,
 }
 
 /// Where a held call's approval stands.
@@ -56,6 +60,11 @@ impl Valet {
         self.answer(site, context, outcome)
             .await
             .map_err(|error| CallDenial { error, grant_id })
+    }
+
+    /// The session id an agent is given for the server's `server_session` on `grant_id`.
+    pub fn bind_mcp_session(&self, grant_id: &str, server_session: &str) -> String {
+        self.mcp_sessions.bind(grant_id, server_session)
     }
 
     /// Whether the grant `id` is still active (not revoked, expired or used up). A store that
@@ -108,6 +117,21 @@ impl Valet {
             return Err(CallRefusal::UnknownGrant.into());
         };
         let allow = scope.mcp.clone().unwrap_or_default();
+        // A session belongs to the grant that opened it: another grant's token cannot reach the
+        // server's session state with it.
+        let server_session = match request.session {
+            None => None,
+            Some(presented) => Some(
+                self.mcp_sessions
+                    .unbind(&grant.id, presented)
+                    .ok_or_else(|| CallRefusal::Denied {
+                        scope: scope.name.clone(),
+                        rules: allow.summary(),
+                        asked: "an MCP session".into(),
+                        reason: "Mcp-Session-Id names a session this grant did not open (or not one the gateway gave out); open your own with initialize".into(),
+                    })?,
+            ),
+        };
         let (checked, body) =
             mcp::check_post(request.body, &allow, &grant.params).map_err(|denial| {
                 CallRefusal::Denied {
@@ -182,6 +206,7 @@ impl Valet {
             },
             checked,
             allow,
+            server_session,
         })
     }
 }

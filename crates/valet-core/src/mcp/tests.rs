@@ -358,3 +358,20 @@ fn an_approval_fingerprint_covers_the_tool_and_exact_arguments_not_the_id() {
             .contains("\"volumeId\": \"v-1\"")
     );
 }
+
+#[test]
+fn a_session_id_works_only_with_the_grant_that_opened_it() {
+    let seal = crate::keyring::SealKey::from_base64(&crate::Secret::from(
+        "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=".to_string(),
+    ))
+    .unwrap();
+    let key = SessionKey::from_seal_key(&seal);
+    let bound = key.bind("grant-a", "srv.session-1");
+    assert_eq!(
+        key.unbind("grant-a", &bound).as_deref(),
+        Some("srv.session-1")
+    );
+    assert_eq!(key.unbind("grant-b", &bound), None);
+    assert_eq!(key.unbind("grant-a", "srv.session-1"), None);
+    assert_eq!(key.unbind("grant-a", "no-tag"), None);
+}
