@@ -253,19 +253,15 @@ pub fn call_fingerprint(
         "name": params.and_then(|params| params.get("name")).cloned().unwrap_or(Value::Null),
         "arguments": params.and_then(|params| params.get("arguments")).cloned().unwrap_or_else(|| Value::Object(Map::new())),
     });
-    let body = canonical.to_string().into_bytes();
-    let digest = ring::digest::digest(&ring::digest::SHA256, &body);
-    crate::approval::CallFingerprint {
-        method: message.method.clone(),
-        target: message.target.clone().unwrap_or_default(),
-        body_sha256: hex::encode(digest.as_ref()),
-        graphql: Vec::new(),
-        variables: None,
-        upstream: upstream.to_string(),
-        calls: Vec::new(),
-        body_bytes: body.len() as u64,
-        body_preview: crate::approval::body_preview(&body),
-    }
+    // The same fingerprint as a REST call's: the tool is the target, the canonical call the body.
+    crate::call::fingerprint(
+        upstream,
+        &message.method,
+        message.target.as_deref().unwrap_or_default(),
+        None,
+        canonical.to_string().as_bytes(),
+        None,
+    )
 }
 
 /// The audit entry of one forwarded message: method, target, the rule that allowed it, and for

@@ -219,19 +219,24 @@ fn forwarded_headers(sent: &HeaderMap, upstream: &Upstream, decision: &CallDecis
             HeaderValue::from_static("application/json"),
         );
     }
-    // Only an unencoded answer can be masked.
+    gateway_headers(&mut headers, decision.site.peer);
+    headers
+}
+
+/// What the gateway itself says on every upstream leg: that only an unencoded answer will do
+/// (only that can be masked), and where the call came from.
+pub fn gateway_headers(headers: &mut HeaderMap, peer: std::net::SocketAddr) {
     headers.insert(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
-    let peer = decision.site.peer.ip().to_string();
+    let peer = peer.ip().to_string();
     if let Ok(value) = HeaderValue::from_str(&peer) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), value);
     }
     if let Ok(value) = HeaderValue::from_str(&format!("for=\"{peer}\";proto=http")) {
         headers.insert(header::FORWARDED, value);
     }
-    headers
 }
 
 /// Why an answer cannot be passed on masked: an encoding the masker cannot see through, or a

@@ -400,10 +400,7 @@ async fn remote(
         header::ACCEPT,
         HeaderValue::from_static("application/json, text/event-stream"),
     );
-    headers.insert(
-        header::ACCEPT_ENCODING,
-        HeaderValue::from_static("identity"),
-    );
+    forward::gateway_headers(&mut headers, call.site.peer);
     let mut set = |name: &'static str, value: &str| {
         if let Ok(value) = HeaderValue::from_str(value) {
             headers.insert(HeaderName::from_static(name), value);
@@ -428,7 +425,6 @@ async fn remote(
             set("mcp-name", target);
         }
     }
-    set("x-forwarded-for", &call.site.peer.ip().to_string());
     let uri = forward::upstream_leg(upstream, "", None, &call.secret, &mut headers)?;
     let mut request = http::Request::new(Full::new(call.body.clone()));
     *request.method_mut() = http::Method::POST;
@@ -620,8 +616,8 @@ async fn stdio(
             response::full(Bytes::new()),
         ));
     }
-    let batch = serde_json::from_slice::<Value>(&call.body).is_ok_and(|body| body.is_array());
-    let reply = if batch {
+    // The canonical body is an array exactly when the agent sent a batch.
+    let reply = if call.body.starts_with(b"[") {
         Value::Array(answers)
     } else {
         answers.into_iter().next().unwrap_or(Value::Null)

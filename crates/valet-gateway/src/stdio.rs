@@ -86,10 +86,7 @@ impl Processes {
                 "the upstream is not a server valetd runs".into(),
             ));
         };
-        let digest = ring::digest::digest(&ring::digest::SHA256, secret.expose());
-        let mut secret_digest = [0u8; 32];
-        secret_digest.copy_from_slice(digest.as_ref());
-        let identity = (server.clone(), secret_digest);
+        let identity = (server.clone(), secret.sha256());
         let pool = {
             let mut pools = self
                 .pools
@@ -97,14 +94,7 @@ impl Processes {
                 .map_err(|_| StdioError::Unavailable("its process table is poisoned".into()))?;
             pools
                 .entry(upstream.name.clone())
-                .or_insert_with(|| {
-                    Arc::new(Mutex::new(Pool {
-                        identity: identity.clone(),
-                        processes: HashMap::new(),
-                        crashes: 0,
-                        not_before: None,
-                    }))
-                })
+                .or_insert_with(|| Arc::new(Mutex::new(Pool::new(identity.clone()))))
                 .clone()
         };
         let mut pool = pool.lock().await;
@@ -114,12 +104,7 @@ impl Processes {
                 upstream = upstream.name,
                 "stdio MCP server config changed; stopping its processes"
             );
-            *pool = Pool {
-                identity,
-                processes: HashMap::new(),
-                crashes: 0,
-                not_before: None,
-            };
+            *pool = Pool::new(identity);
         }
         let now = Instant::now();
         pool.reap(server.idle_timeout, now);
@@ -169,19 +154,12 @@ impl Processes {
 
     /// Stops processes unused for their upstream's idle timeout.
     pub async fn reap(&self, idle_timeouts: &HashMap<String, Duration>) {
-        let pools: Vec<(String, Arc<Mutex<Pool>>)> = match self.pools.lock() {
-            Ok(mut pools) => {
-                // The upstream is gone from the config: so are its processes.
-                pools.retain(|name, _| idle_timeouts.contains_key(name));
-                pools
-                    .iter()
-                    .map(|(name, pool)| (name.clone(), pool.clone()))
-                    .collect()
-            }
-            Err(_) => return,
-        };
+        if let Ok(mut pools) = self.pools.lock() {
+            // The upstream is gone from the config: so are its processes.
+            pools.retain(|name, _| idle_timeouts.contains_key(name));
+        }
         let now = Instant::now();
-        for (name, pool) in pools {
+        for (name, pool) in self.snapshot() {
             if let Some(idle_timeout) = idle_timeouts.get(&name) {
                 pool.lock().await.reap(*idle_timeout, now);
             }
@@ -190,15 +168,8 @@ impl Processes {
 
     /// The grants that have a process, by upstream.
     pub async fn grants(&self) -> Vec<(String, String)> {
-        let pools: Vec<(String, Arc<Mutex<Pool>>)> = match self.pools.lock() {
-            Ok(pools) => pools
-                .iter()
-                .map(|(name, pool)| (name.clone(), pool.clone()))
-                .collect(),
-            Err(_) => return Vec::new(),
-        };
         let mut grants = Vec::new();
-        for (name, pool) in pools {
+        for (name, pool) in self.snapshot() {
             for grant in pool.lock().await.processes.keys() {
                 grants.push((name.clone(), grant.clone()));
             }
@@ -217,6 +188,19 @@ impl Processes {
         }
     }
 
+    /// The pools as they are now, to work on one at a time without holding the table.
+    fn snapshot(&self) -> Vec<(String, Arc<Mutex<Pool>>)> {
+        self.pools
+            .lock()
+            .map(|pools| {
+                pools
+                    .iter()
+                    .map(|(name, pool)| (name.clone(), pool.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Stops every process (valetd is shutting down).
     pub async fn stop_all(&self) {
         let pools: Vec<Arc<Mutex<Pool>>> = match self.pools.lock() {
@@ -230,6 +214,15 @@ impl Processes {
 }
 
 impl Pool {
+    fn new(identity: (StdioServer, [u8; 32])) -> Pool {
+        Pool {
+            identity,
+            processes: HashMap::new(),
+            crashes: 0,
+            not_before: None,
+        }
+    }
+
     /// Drops dead processes (counting crashes) and idle ones.
     fn reap(&mut self, idle_timeout: Duration, now: Instant) {
         let mut crashed = false;

@@ -187,8 +187,9 @@ impl Valet {
             .iter()
             .map(|message| mcp::audit_entry(message, &allow))
             .collect();
+        let rule = rules.join(", ");
         let event = call_event(AuditAction::GatewayCall, Outcome::Allowed, Some(&grant))
-            .with("rule", rules.join(", "))
+            .with("rule", &rule)
             .with_value("mcp", Value::from(records));
         // Written before it is forwarded; durable before any answer is released.
         let durable = self.record_written(site, event).await?;
@@ -199,7 +200,7 @@ impl Valet {
                 graphql: false,
                 grant,
                 upstream,
-                rule: rules.join(", "),
+                rule,
                 body: Bytes::from(body),
                 secret,
                 durable: Some(durable),
