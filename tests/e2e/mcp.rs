@@ -488,6 +488,34 @@ async fn batches_and_smuggled_messages_are_refused_whole_and_never_execute() {
         })).await;
         assert_eq!(extra.status, 200, "{upstream}: {}", extra.body);
 
+        // A protocol revision the gateway does not serve, or a body that is not JSON, is refused
+        // saying what is served.
+        let unknown = post(
+            &gateway,
+            upstream,
+            &token,
+            &[("mcp-protocol-version", "1999-01-01")],
+            &json!({"jsonrpc": "2.0", "id": 12, "method": "tools/list"}),
+        )
+        .await;
+        assert_eq!(unknown.status, 400, "{}", unknown.body);
+        assert!(
+            unknown.body.contains("MCP-Protocol-Version") && unknown.body.contains("2025-06-18"),
+            "{}",
+            unknown.body
+        );
+        let form = call(
+            &gateway,
+            "POST",
+            &format!("/mcp/{upstream}"),
+            &token,
+            "a=b",
+            &[("content-type", "application/x-www-form-urlencoded")],
+        )
+        .await;
+        assert_eq!(form.status, 400, "{}", form.body);
+        assert!(form.body.contains("bad_header"), "{}", form.body);
+
         // Not POST: no server-initiated stream through the gateway.
         let get = call(
             &gateway,

@@ -44,6 +44,8 @@ pub enum CallRefusal {
     BodyTooLarge { max: u64 },
     #[error("the request body could not be read: {0}")]
     BadBody(String),
+    #[error("header {header}: {reason}")]
+    BadHeader { header: String, reason: String },
     #[error("upstream {upstream} could not be reached: {detail}")]
     UpstreamFailed { upstream: String, detail: String },
     #[error("upstream {upstream} did not answer within {seconds} s")]
@@ -67,7 +69,7 @@ pub enum CallRefusal {
 
 impl CallRefusal {
     /// Every kind, as agents see it in the `error` field; tests enumerate this list.
-    pub const KINDS: [&'static str; 17] = [
+    pub const KINDS: [&'static str; 18] = [
         "no_token",
         "bad_token",
         "unknown_grant",
@@ -80,6 +82,7 @@ impl CallRefusal {
         "limit_reached",
         "body_too_large",
         "bad_body",
+        "bad_header",
         "upstream_failed",
         "upstream_timeout",
         "not_found",
@@ -101,6 +104,7 @@ impl CallRefusal {
             CallRefusal::LimitReached(_) => "limit_reached",
             CallRefusal::BodyTooLarge { .. } => "body_too_large",
             CallRefusal::BadBody(_) => "bad_body",
+            CallRefusal::BadHeader { .. } => "bad_header",
             CallRefusal::UpstreamFailed { .. } => "upstream_failed",
             CallRefusal::UpstreamTimeout { .. } => "upstream_timeout",
             CallRefusal::NotFound => "not_found",

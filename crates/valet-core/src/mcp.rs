@@ -725,8 +725,10 @@ pub struct ReplyFilter {
     methods: BTreeMap<String, String>,
     allow: McpAllow,
     params: BTreeMap<String, String>,
-    /// An SSE event not yet complete.
+    /// An SSE event not yet complete, its line ends already made `\n`.
     pending: Vec<u8>,
+    /// The last byte seen was a `\r`: a `\n` right after it ends the same line.
+    after_cr: bool,
 }
 
 impl ReplyFilter {
@@ -749,6 +751,7 @@ impl ReplyFilter {
             allow: allow.clone(),
             params: params.clone(),
             pending: Vec::new(),
+            after_cr: false,
         }
     }
 
@@ -791,11 +794,31 @@ impl ReplyFilter {
         }
     }
 
-    /// The next chunk of an SSE reply; returns the complete events it finished, filtered.
+    /// The next chunk of an SSE reply; returns the complete events it finished, filtered. Line
+    /// ends are read as the SSE standard (and so every client) reads them: `\r\n`, `\n` and a
+    /// lone `\r` alike, even when a `\r\n` is split between chunks — a server cannot hide a
+    /// message behind line ends the filter reads differently from the agent's client.
     pub fn sse_chunk(&mut self, chunk: &[u8]) -> Vec<u8> {
-        self.pending.extend_from_slice(chunk);
+        for &byte in chunk {
+            match byte {
+                b'\n' if self.after_cr => self.after_cr = false,
+                b'\r' => {
+                    self.pending.push(b'\n');
+                    self.after_cr = true;
+                }
+                byte => {
+                    self.pending.push(byte);
+                    self.after_cr = false;
+                }
+            }
+        }
         let mut out = Vec::new();
-        while let Some(end) = event_end(&self.pending) {
+        while let Some(end) = self
+            .pending
+            .windows(2)
+            .position(|pair| pair == b"\n\n")
+            .map(|at| at + 2)
+        {
             let event: Vec<u8> = self.pending.drain(..end).collect();
             out.extend(self.sse_event(&event));
         }
@@ -811,55 +834,45 @@ impl ReplyFilter {
         self.sse_event(&event)
     }
 
-    /// One event: its `data` lines joined are one JSON-RPC message, filtered; other fields
-    /// (`event`, `id`, `retry`, comments) are kept.
+    /// One event (line ends already `\n`): its `data` fields joined are one JSON-RPC message,
+    /// filtered; other fields (`event`, `id`, `retry`, comments) are kept. Fields are split as
+    /// the SSE standard splits them (a line without a colon is a field with an empty value), so
+    /// the data read here is the data the client reads. Data that is not JSON is passed line by
+    /// line as it came.
     fn sse_event(&self, event: &[u8]) -> Vec<u8> {
         let text = String::from_utf8_lossy(event);
         let mut fields = Vec::new();
         let mut data = Vec::new();
-        for line in text.lines() {
-            match line.strip_prefix("data:") {
-                Some(value) => data.push(value.strip_prefix(' ').unwrap_or(value).to_string()),
-                None if !line.is_empty() => fields.push(line.to_string()),
-                None => {}
+        for line in text.split('\n').filter(|line| !line.is_empty()) {
+            let (name, value) = line.split_once(':').unwrap_or((line, ""));
+            if name == "data" {
+                data.push(value.strip_prefix(' ').unwrap_or(value).to_string());
+            } else {
+                fields.push(line.to_string());
             }
         }
         if data.is_empty() {
             return event.to_vec();
         }
-        let payload = data.join("\n");
-        let filtered = match serde_json::from_str::<Value>(&payload) {
+        let data = match serde_json::from_str::<Value>(&data.join("\n")) {
             Ok(message) => match self.message(message) {
-                Some(message) => message.to_string(),
+                Some(message) => vec![message.to_string()],
                 None => return Vec::new(),
             },
-            Err(_) => payload,
+            Err(_) => data,
         };
         let mut out = String::new();
         for field in fields {
             out.push_str(&field);
             out.push('\n');
         }
-        out.push_str("data: ");
-        out.push_str(&filtered);
-        out.push_str("\n\n");
+        for line in data {
+            out.push_str("data: ");
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out.push('\n');
         out.into_bytes()
-    }
-}
-
-/// Where the first complete SSE event ends (after its blank line), if one is complete.
-fn event_end(buffer: &[u8]) -> Option<usize> {
-    let lf = buffer
-        .windows(2)
-        .position(|pair| pair == b"\n\n")
-        .map(|at| at + 2);
-    let crlf = buffer
-        .windows(4)
-        .position(|quad| quad == b"\r\n\r\n")
-        .map(|at| at + 4);
-    match (lf, crlf) {
-        (Some(lf), Some(crlf)) => Some(lf.min(crlf)),
-        (one, other) => one.or(other),
     }
 }
 

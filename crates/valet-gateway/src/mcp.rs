@@ -17,9 +17,7 @@ use serde_json::{Map, Value, json};
 use valet_core::call::CallRefusal;
 use valet_core::config::Target;
 use valet_core::mcp::ReplyFilter;
-use valet_service::{
-    BodySource, CallSite, HeldApproval, McpDecision, McpRequest, ServiceError, Valet,
-};
+use valet_service::{BodySource, CallSite, McpDecision, McpRequest, ServiceError, Valet};
 
 use crate::Gateway;
 use crate::forward::{self, strip_hop_by_hop, unmaskable};
@@ -47,35 +45,61 @@ const CODE_INTERNAL: i64 = -32603;
 struct AgentHeaders {
     authorization: Option<String>,
     protocol_version: Option<String>,
+    /// As the agent sent it: the service checks it is one the gateway gave this grant.
     session_id: Option<String>,
     accepts_sse: bool,
 }
 
 impl AgentHeaders {
-    fn read(headers: &HeaderMap) -> AgentHeaders {
+    /// The headers, or the refusal of one the gateway will not pass on: a Content-Type other
+    /// than JSON, or a protocol revision it does not serve (the server would read the body under
+    /// rules the check does not know).
+    fn read(headers: &HeaderMap) -> Result<AgentHeaders, CallRefusal> {
         let text = |name: &str| {
             headers
                 .get(name)
                 .and_then(|value| value.to_str().ok())
                 .map(str::to_string)
         };
-        AgentHeaders {
+        let content_type = text("content-type").unwrap_or_default();
+        if !content_type
+            .split(';')
+            .next()
+            .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+        {
+            return Err(CallRefusal::BadHeader {
+                header: "Content-Type".into(),
+                reason: format!("{content_type:?}: send JSON-RPC as application/json"),
+            });
+        }
+        let protocol_version = text("mcp-protocol-version");
+        if let Some(version) = &protocol_version
+            && !HANDSHAKE_VERSIONS.contains(&version.as_str())
+            && !MODERN_VERSIONS.contains(&version.as_str())
+        {
+            return Err(CallRefusal::BadHeader {
+                header: "MCP-Protocol-Version".into(),
+                reason: format!(
+                    "{version:?} is not a revision the gateway serves; served: {}",
+                    HANDSHAKE_VERSIONS
+                        .iter()
+                        .chain(MODERN_VERSIONS.iter())
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        Ok(AgentHeaders {
             authorization: text("authorization"),
-            // Only a revision this gateway knows is passed on.
-            protocol_version: text("mcp-protocol-version").filter(|version| {
-                HANDSHAKE_VERSIONS.contains(&version.as_str())
-                    || MODERN_VERSIONS.contains(&version.as_str())
-            }),
-            // A session id is opaque to the gateway: visible ASCII, bounded.
-            session_id: text("mcp-session-id").filter(|id| {
-                !id.is_empty() && id.len() <= 256 && id.bytes().all(|byte| byte.is_ascii_graphic())
-            }),
+            protocol_version,
+            session_id: text("mcp-session-id"),
             accepts_sse: headers
                 .get_all(header::ACCEPT)
                 .iter()
                 .filter_map(|value| value.to_str().ok())
                 .any(|value| value.contains("text/event-stream")),
-        }
+        })
     }
 
     fn modern(&self) -> bool {
@@ -112,46 +136,27 @@ pub async fn handle(
         return answer;
     }
     let (parts, body) = request.into_parts();
-    let agent = AgentHeaders::read(&parts.headers);
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default();
-    if !content_type
-        .split(';')
-        .next()
-        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
-    {
-        return refuse_body(
-            valet,
-            &site,
-            format!("Content-Type {content_type:?}: send JSON-RPC as application/json"),
-        )
-        .await;
-    }
+    let agent = match AgentHeaders::read(&parts.headers) {
+        Ok(agent) => agent,
+        Err(refused) => return refuse_unread(valet, &site, refused).await,
+    };
     if let Some(encoding) = parts
         .headers
         .get(header::CONTENT_ENCODING)
         .and_then(|value| value.to_str().ok())
         .filter(|encoding| !encoding.trim().eq_ignore_ascii_case("identity"))
     {
-        return refuse_body(
-            valet,
-            &site,
-            format!("the body is sent with Content-Encoding {encoding}; send it unencoded"),
-        )
-        .await;
+        let refused = CallRefusal::BadBody(format!(
+            "the body is sent with Content-Encoding {encoding}; send it unencoded"
+        ));
+        return refuse_unread(valet, &site, refused).await;
     }
     let body = match Box::new(IncomingBody::new(&parts.headers, body))
         .read(MAX_REQUEST_BODY)
         .await
     {
         Ok(body) => body,
-        Err(refused) => {
-            let error = valet.refuse_call(&site, refused).await;
-            return refusal(valet, &error, None, Value::Null);
-        }
+        Err(refused) => return refuse_unread(valet, &site, refused).await,
     };
     let request_id = single_id(&body);
     let authorized = valet
@@ -193,9 +198,14 @@ pub async fn handle(
     }
 }
 
-/// A POST refused for its body before anything is authorized: recorded, answered as JSON-RPC.
-async fn refuse_body(valet: &Valet, site: &CallSite, detail: String) -> http::Response<Body> {
-    let error = valet.refuse_call(site, CallRefusal::BadBody(detail)).await;
+/// A POST refused before its body is read or anything authorized: recorded, answered as
+/// JSON-RPC.
+async fn refuse_unread(
+    valet: &Valet,
+    site: &CallSite,
+    refused: CallRefusal,
+) -> http::Response<Body> {
+    let error = valet.refuse_call(site, refused).await;
     refusal(valet, &error, None, Value::Null)
 }
 
@@ -285,18 +295,15 @@ async fn hold(gateway: &Arc<Gateway>, held: Held) -> http::Response<Body> {
     response
 }
 
-/// Waits for the held call's approval; approved, authorizes the same body again with it (used
-/// once) and forwards; otherwise the refusal.
+/// Waits while people decide on the held call's approval, then authorizes the same body again
+/// with it: approved, it is used once and the call forwarded; denied, expired or gone, the
+/// service refuses the call and records why.
 async fn decide(gateway: &Gateway, held: &Held) -> http::Response<Body> {
     let valet = &gateway.valet;
     loop {
-        match valet.held_approval(&held.approval_id).await {
-            Ok(HeldApproval::Pending) => tokio::time::sleep(APPROVAL_POLL).await,
-            Ok(HeldApproval::Approved) => break,
-            Ok(HeldApproval::Ended(reason)) => {
-                let error = ServiceError::Call(CallRefusal::ApprovalRefused(reason));
-                return refusal(valet, &error, None, held.request_id.clone());
-            }
+        match valet.approval_pending(&held.approval_id).await {
+            Ok(true) => tokio::time::sleep(APPROVAL_POLL).await,
+            Ok(false) => break,
             Err(error) => return refusal(valet, &error, None, held.request_id.clone()),
         }
     }
@@ -441,27 +448,21 @@ async fn remote(
     for name in [
         header::CONTENT_TYPE,
         header::CACHE_CONTROL,
-        HeaderName::from_static("mcp-session-id"),
         HeaderName::from_static("mcp-protocol-version"),
     ] {
         if let Some(value) = parts.headers.get(&name) {
             kept.insert(name, value.clone());
         }
     }
-    // The agent gets the server's session bound to its grant.
-    if let Some(session) = kept
+    // The agent gets the server's session only bound to its grant, never as the server gave it.
+    if let Some(value) = parts
+        .headers
         .get("mcp-session-id")
         .and_then(|value| value.to_str().ok())
         .map(|session| gateway.valet.bind_mcp_session(&call.grant.id, session))
+        .and_then(|session| HeaderValue::from_str(&session).ok())
     {
-        match HeaderValue::from_str(&session) {
-            Ok(value) => {
-                kept.insert(HeaderName::from_static("mcp-session-id"), value);
-            }
-            Err(_) => {
-                kept.remove("mcp-session-id");
-            }
-        }
+        kept.insert(HeaderName::from_static("mcp-session-id"), value);
     }
     let content_type = kept
         .get(header::CONTENT_TYPE)
@@ -543,6 +544,8 @@ async fn stdio(
     let answers = checked.iter().map(|message| {
         let process = process.clone();
         async move {
+            // Notifications and answers to the server end here: only requests are answered.
+            message.message.get("method")?;
             let id = message.message.get("id")?.clone();
             let result = match message.method.as_str() {
                 "initialize" => {

@@ -25,7 +25,9 @@ pub fn status_of(error: &ServiceError) -> StatusCode {
             | CallRefusal::Denied { .. }
             | CallRefusal::LimitReached(_)
             | CallRefusal::ApprovalRefused(_) => StatusCode::FORBIDDEN,
-            CallRefusal::BadPath(_) | CallRefusal::BadBody(_) => StatusCode::BAD_REQUEST,
+            CallRefusal::BadPath(_) | CallRefusal::BadBody(_) | CallRefusal::BadHeader { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             CallRefusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             CallRefusal::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             CallRefusal::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,

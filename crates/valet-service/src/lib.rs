@@ -55,7 +55,7 @@ pub use gateway::{
 pub use listing::ServiceStream;
 pub use listing::{ApprovalListing, AuditTail, GrantEvent, GrantEventKind, GrantListing};
 pub use loader::{LoadError, LoadedConfig, Overrides, load_config, load_seal_key, read_secret};
-pub use mcp::{HeldApproval, McpDecision, McpRequest};
+pub use mcp::{McpDecision, McpRequest};
 pub use outbound::{Outbound, OutboundAnswer};
 pub use redactor::Redactor;
 pub use tokens::{Introspection, Issued, Renewed};

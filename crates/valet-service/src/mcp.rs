@@ -38,15 +38,6 @@ pub struct McpDecision {
     pub server_session: Option<String>,
 }
 
-/// Where a held call's approval stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HeldApproval {
-    Pending,
-    Approved,
-    /// Denied, expired, or gone: the call is refused with this reason.
-    Ended(String),
-}
-
 impl Valet {
     /// Authorizes one POST of JSON-RPC to an MCP upstream. A refusal is recorded and returned
     /// (`approval_required` when a tool call waits for a person); an allowed POST is recorded
@@ -77,31 +68,16 @@ impl Valet {
         }
     }
 
-    /// Where the approval a held MCP call waits for stands.
-    pub async fn held_approval(&self, id: &str) -> Result<HeldApproval, ServiceError> {
+    /// Whether the approval a held MCP call waits for is still waiting for people. Once it is
+    /// not (approved, denied, expired, gone), the held call is authorized again with it, which
+    /// uses it once or refuses — and records either.
+    pub async fn approval_pending(&self, id: &str) -> Result<bool, ServiceError> {
         let parsed = valet_core::ApprovalId::parse(id).map_err(ServiceError::Request)?;
-        let approval = match self.fetch_approval(&parsed).await {
-            Ok(approval) => approval,
-            Err(ServiceError::ApprovalNotFound { .. }) => {
-                return Ok(HeldApproval::Ended(format!(
-                    "approval {id} no longer exists"
-                )));
-            }
-            Err(error) => return Err(error),
-        };
-        Ok(match approval.status_at(self.clock.now()) {
-            ApprovalStatus::Pending => HeldApproval::Pending,
-            ApprovalStatus::Approved => HeldApproval::Approved,
-            status => HeldApproval::Ended(format!(
-                "approval {id} is {status}{}",
-                approval
-                    .status_reason
-                    .as_deref()
-                    .filter(|reason| !reason.is_empty())
-                    .map(|reason| format!(": {reason}"))
-                    .unwrap_or_default()
-            )),
-        })
+        match self.fetch_approval(&parsed).await {
+            Ok(approval) => Ok(approval.status_at(self.clock.now()) == ApprovalStatus::Pending),
+            Err(ServiceError::ApprovalNotFound { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
     }
 
     async fn authorize_mcp_decided(

@@ -733,6 +733,25 @@ async fn every_gateway_refusal_kind_leaves_one_audit_record_with_its_reason() {
     });
     one_record_with_reason(before, &fixture, "not_found");
 
+    // A header the gateway refuses before anything else (an MCP protocol revision it does not
+    // serve).
+    let before = fixture.records().len();
+    let error = fixture
+        .valet
+        .refuse_call(
+            &site("deploy-tools", "POST", "/"),
+            CallRefusal::BadHeader {
+                header: "MCP-Protocol-Version".into(),
+                reason: "\"1999-01-01\" is not a revision the gateway serves".into(),
+            },
+        )
+        .await;
+    covered.insert(match &error {
+        ServiceError::Call(refusal) => refusal.kind(),
+        other => panic!("{other}"),
+    });
+    one_record_with_reason(before, &fixture, "bad_header");
+
     // Failures after forwarding, recorded as failed.
     let decision = call(&fixture, &allowed, Some(token), None, empty())
         .await

@@ -1302,6 +1302,24 @@ fn build_scope(
         }
         (None, false) => None,
     };
+    if let (
+        Some(allowed),
+        Some(Upstream {
+            target: Target::Process(_),
+            ..
+        }),
+    ) = (&scope_mcp, upstream)
+        && !allowed.client_requests.is_empty()
+    {
+        problems.push(
+            format!("{at}.mcp.client_requests"),
+            invalid(
+                "[…]",
+                "client request list",
+                "none for an MCP server valetd runs: valetd declares no client capabilities to it, so it never asks; client_requests apply to remote servers",
+            ),
+        );
+    }
     for tool in scope_mcp.iter().flat_map(|allowed| &allowed.tools) {
         if let Some(reason) = &tool.allow_broad {
             allow_broad.insert(format!("mcp.tool[{}]", tool.index), reason.clone());

@@ -620,7 +620,7 @@ idle_timeout = "2m"
 credential = "deploy"
 [[scope]]
 name = "agent"
-upstream = "deploy-stdio"
+upstream = "deploy-remote"
 environment = "staging"
 default_ttl = "5m"
 max_ttl = "10m"
@@ -702,6 +702,12 @@ env = { T = "plain", "1BAD" = "{secret}" }
 max_processes = 0
 credential = "deploy"
 [[upstream]]
+name = "no-secret-ok"
+kind = "mcp"
+command = "server"
+env = { T = "{secret}" }
+credential = "deploy"
+[[upstream]]
 name = "remote"
 kind = "mcp"
 base_url = "https://x.example/mcp"
@@ -738,6 +744,16 @@ required = ["force"]
 forbidden = ["force"]
 max_calls = 0
 [[scope]]
+name = "stdio-asks-client"
+upstream = "no-secret-ok"
+environment = "e"
+default_ttl = "1m"
+max_ttl = "1m"
+[scope.mcp]
+client_requests = ["sampling"]
+[[scope.mcp.tool]]
+name = "list_*"
+[[scope]]
 name = "empty-mcp"
 upstream = "remote"
 environment = "e"
@@ -753,7 +769,7 @@ max_ttl = "1m"
         "upstream[2]: set both base_url and command",
         "upstream[3].env.1BAD: \"1BAD\" is not a valid environment variable",
         "upstream[3].max_processes: \"0\" is not a valid process count",
-        "upstream[4].args: \"…\" is not a valid args; expected only with command",
+        "upstream[5].args: \"…\" is not a valid args; expected only with command",
         "scope[0].mcp: \"(missing)\" is not a valid [scope.mcp]",
         "scope[1].allow: \"[[scope.allow]]\" is not a valid rule list; expected none in a scope for an MCP upstream",
         "scope[1].mcp.resources[0]: \"deploy://{tenant}/*\" is not a valid resource pattern",
@@ -764,7 +780,8 @@ max_ttl = "1m"
         "scope[1].mcp.tool[1].arguments.both: \"…\" is not a valid argument rule",
         "scope[1].mcp.tool[1].forbidden: \"force\" is not a valid forbidden argument",
         "scope[1].mcp.tool[1].max_calls: \"0\" is not a valid call count",
-        "scope[2].mcp: \"{}\" is not a valid [scope.mcp]",
+        "scope[2].mcp.client_requests: \"[…]\" is not a valid client request list; expected none for an MCP server valetd runs",
+        "scope[3].mcp: \"{}\" is not a valid [scope.mcp]",
     ] {
         assert!(
             rendered.iter().any(|line| line.starts_with(wanted)),

@@ -375,3 +375,28 @@ fn a_session_id_works_only_with_the_grant_that_opened_it() {
     assert_eq!(key.unbind("grant-a", "srv.session-1"), None);
     assert_eq!(key.unbind("grant-a", "no-tag"), None);
 }
+
+#[test]
+fn sse_line_ends_are_read_as_the_client_reads_them() {
+    let checked = check_post(&call("list_projects", json!({})), &allow(), &params())
+        .unwrap()
+        .0;
+    // A lone CR ends a line and a blank line ends an event for every SSE client: a server
+    // request behind CR line ends, or a CRLF split between chunks, is still seen and dropped.
+    let hidden = "data: {\"jsonrpc\":\"2.0\",\"id\":\"s\",\"method\":\"sampling/createMessage\",\"params\":{}}\r\r";
+    let mut filter = ReplyFilter::new(&checked, &allow(), &params());
+    assert!(filter.sse_chunk(hidden.as_bytes()).is_empty());
+    let mut filter = ReplyFilter::new(&checked, &allow(), &params());
+    let first =
+        filter.sse_chunk(b"event: message\r\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{}}\r");
+    assert!(first.is_empty());
+    let passed = String::from_utf8(filter.sse_chunk(b"\n\r\n")).unwrap();
+    assert_eq!(
+        passed,
+        "event: message\ndata: {\"id\":7,\"jsonrpc\":\"2.0\",\"result\":{}}\n\n"
+    );
+    // Data that is not JSON keeps its lines, so the client reads what the filter read.
+    let mut filter = ReplyFilter::new(&checked, &allow(), &params());
+    let passed = String::from_utf8(filter.sse_chunk(b"data: not\ndata: json\n\n")).unwrap();
+    assert_eq!(passed, "data: not\ndata: json\n\n");
+}
