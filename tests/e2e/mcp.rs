@@ -11,7 +11,9 @@ use serde_json::{Value, json};
 use valet_client::{TokenRequest, v1};
 use valet_tests::frameworks::{Framework, executed_log, repository, venv_python};
 use valet_tests::upstream::call;
-use valet_tests::{AGENT_KEY, Deployment, OPERATOR_KEY, RAILWAY_ROOT_SECRET, standard_config};
+use valet_tests::{
+    AGENT_KEY, Deployment, OPERATOR_KEY, RAILWAY_ROOT_SECRET, sha256_hex, standard_config,
+};
 
 /// The tools, resources and prompts both MCP scopes allow.
 fn mcp_scope(name: &str, upstream: &str, extra_tools: &str) -> String {
@@ -192,17 +194,6 @@ fn tool_calls(executed: &[Value]) -> Vec<(String, Value)> {
             )
         })
         .collect()
-}
-
-fn sha256_hex(text: &str) -> String {
-    use std::fmt::Write;
-    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
-        .as_ref()
-        .iter()
-        .fold(String::new(), |mut out, byte| {
-            let _ = write!(out, "{byte:02x}");
-            out
-        })
 }
 
 #[tokio::test]

@@ -46,7 +46,8 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-fn sha256_hex(text: &str) -> String {
+/// The SHA-256 of `text` in hex, as configs name principal keys (and servers log tokens).
+pub fn sha256_hex(text: &str) -> String {
     let digest = Secret::from(text.to_string()).sha256();
     digest.iter().map(|byte| format!("{byte:02x}")).collect()
 }

@@ -11,17 +11,13 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use valet_core::Secret;
+use valet_tests::sha256_hex;
 
 pub const AGENT_KEY: &str = "vk_bench_agent_7c0e2b1d";
 pub const OPERATOR_KEY: &str = "vk_bench_operator_51aa90fe";
 /// The key of the principal allowed the `mcp` scope.
 pub const MCP_AGENT_KEY: &str = "vk_bench_mcp_agent_5d1c";
 pub const UPSTREAM_SECRET: &str = "bench-root-credential-0d9c6e2a";
-
-fn sha256_hex(text: &str) -> String {
-    hex::encode(Secret::from(text.to_string()).sha256())
-}
 
 /// A child process, killed when dropped.
 pub struct Process {

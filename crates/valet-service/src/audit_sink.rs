@@ -214,12 +214,17 @@ impl AuditSink {
         }
     }
 
-    /// Appends `event`; returns once it is on disk, with the new chain head.
-    pub async fn record(&self, event: AuditEvent) -> Result<ChainHead, AuditError> {
-        let event = match &self.replica {
+    /// `event` as this replica writes it (naming the replica when several share the state).
+    fn stamped(&self, event: AuditEvent) -> AuditEvent {
+        match &self.replica {
             Some(replica) => event.with("replica", replica),
             None => event,
-        };
+        }
+    }
+
+    /// Appends `event`; returns once it is on disk, with the new chain head.
+    pub async fn record(&self, event: AuditEvent) -> Result<ChainHead, AuditError> {
+        let event = self.stamped(event);
         let (reply, answer) = oneshot::channel();
         self.sender
             .send((event, Reply::Durable(reply)))
@@ -235,10 +240,7 @@ impl AuditSink {
         &self,
         event: AuditEvent,
     ) -> Result<(ChainHead, DurableRecord), AuditError> {
-        let event = match &self.replica {
-            Some(replica) => event.with("replica", replica),
-            None => event,
-        };
+        let event = self.stamped(event);
         let (written, written_answer) = oneshot::channel();
         let (durable, durable_answer) = oneshot::channel();
         self.sender
