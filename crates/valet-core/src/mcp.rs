@@ -732,10 +732,11 @@ pub struct ReplyFilter {
 }
 
 impl ReplyFilter {
+    /// A filter for the replies to `checked`, owning what the grant may use.
     pub fn new(
         checked: &[CheckedMessage],
-        allow: &McpAllow,
-        params: &BTreeMap<String, String>,
+        allow: McpAllow,
+        params: BTreeMap<String, String>,
     ) -> ReplyFilter {
         let methods = checked
             .iter()
@@ -748,8 +749,8 @@ impl ReplyFilter {
             .collect();
         ReplyFilter {
             methods,
-            allow: allow.clone(),
-            params: params.clone(),
+            allow,
+            params,
             pending: Vec::new(),
             after_cr: false,
         }

@@ -341,7 +341,7 @@ async fn dispatch(
         allow,
         server_session,
     } = decision;
-    let filter = ReplyFilter::new(&checked, &allow, &call.grant.params);
+    let filter = ReplyFilter::new(&checked, allow, call.grant.params.clone());
     let masker = stream::masker_for(&call.upstream, &call.secret);
     let answered = match &call.upstream.target {
         Target::Url { .. } => {

@@ -218,7 +218,7 @@ fn replies_are_filtered_whole_or_event_by_event_however_they_are_chunked() {
         {"jsonrpc": "2.0", "id": "b", "method": "tools/call", "params": {"name": "list_projects"}}
     ]);
     let (checked, _) = check_post(post.to_string().as_bytes(), &allow(), &params()).unwrap();
-    let filter = ReplyFilter::new(&checked, &allow(), &params());
+    let filter = ReplyFilter::new(&checked, allow(), params());
     let listed = json!({"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "delete_volume"}, {"name": "list_projects"}]}});
     let filtered: serde_json::Value =
         serde_json::from_slice(&filter.json_body(listed.to_string().as_bytes())).unwrap();
@@ -236,7 +236,7 @@ fn replies_are_filtered_whole_or_event_by_event_however_they_are_chunked() {
         listed
     );
     for split in [1, 7, 40, stream.len() - 1] {
-        let mut filter = ReplyFilter::new(&checked, &allow(), &params());
+        let mut filter = ReplyFilter::new(&checked, allow(), params());
         let (first, second) = stream.as_bytes().split_at(split);
         let mut out = filter.sse_chunk(first);
         out.extend(filter.sse_chunk(second));
@@ -317,9 +317,9 @@ fn server_requests_and_client_answers_pass_only_where_the_scope_allows() {
         .unwrap()
         .0;
     let stream = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"elicitation/create\",\"params\":{}}\n\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"sampling/createMessage\",\"params\":{}}\n\n";
-    let mut refusing = ReplyFilter::new(&call_checked, &allow(), &params());
+    let mut refusing = ReplyFilter::new(&call_checked, allow(), params());
     assert!(refusing.sse_chunk(stream.as_bytes()).is_empty());
-    let mut permitting = ReplyFilter::new(&call_checked, &allowing, &params());
+    let mut permitting = ReplyFilter::new(&call_checked, allowing, params());
     let passed = String::from_utf8(permitting.sse_chunk(stream.as_bytes())).unwrap();
     assert!(passed.contains("elicitation/create"), "{passed}");
     assert!(!passed.contains("sampling/createMessage"), "{passed}");
@@ -384,9 +384,9 @@ fn sse_line_ends_are_read_as_the_client_reads_them() {
     // A lone CR ends a line and a blank line ends an event for every SSE client: a server
     // request behind CR line ends, or a CRLF split between chunks, is still seen and dropped.
     let hidden = "data: {\"jsonrpc\":\"2.0\",\"id\":\"s\",\"method\":\"sampling/createMessage\",\"params\":{}}\r\r";
-    let mut filter = ReplyFilter::new(&checked, &allow(), &params());
+    let mut filter = ReplyFilter::new(&checked, allow(), params());
     assert!(filter.sse_chunk(hidden.as_bytes()).is_empty());
-    let mut filter = ReplyFilter::new(&checked, &allow(), &params());
+    let mut filter = ReplyFilter::new(&checked, allow(), params());
     let first =
         filter.sse_chunk(b"event: message\r\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{}}\r");
     assert!(first.is_empty());
@@ -396,7 +396,7 @@ fn sse_line_ends_are_read_as_the_client_reads_them() {
         "event: message\ndata: {\"id\":7,\"jsonrpc\":\"2.0\",\"result\":{}}\n\n"
     );
     // Data that is not JSON keeps its lines, so the client reads what the filter read.
-    let mut filter = ReplyFilter::new(&checked, &allow(), &params());
+    let mut filter = ReplyFilter::new(&checked, allow(), params());
     let passed = String::from_utf8(filter.sse_chunk(b"data: not\ndata: json\n\n")).unwrap();
     assert_eq!(passed, "data: not\ndata: json\n\n");
 }
