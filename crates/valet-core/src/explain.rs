@@ -344,6 +344,13 @@ pub fn explain_call(
 ) -> CallVerdict {
     // An MCP scope decides on the JSON-RPC in the body, as the gateway does at /mcp/<upstream>.
     if let Some(allow) = &scope.mcp {
+        if !method.eq_ignore_ascii_case("POST") {
+            return CallVerdict::Deny {
+                reason: format!(
+                    "{method} is not served for an MCP upstream: the gateway takes POST (JSON-RPC) at /mcp/<upstream>"
+                ),
+            };
+        }
         return explain_mcp(allow, params, body);
     }
     let method = method.to_ascii_uppercase();
