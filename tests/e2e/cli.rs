@@ -832,6 +832,23 @@ async fn config_check_and_valetd_refuse_the_same_missing_inputs_all_at_once() {
             }),
         ),
         (
+            "upstream \"tools\".command: program \"no-such-mcp-server-4e1\"",
+            Box::new(|_: &Deployment| {
+                standard_config(
+                    "\n[[upstream]]\nname = \"tools\"\nkind = \"mcp\"\ncommand = \"no-such-mcp-server-4e1\"\nenv = { TOKEN = \"{secret}\" }\ncredential = \"railway\"\n",
+                )
+            }),
+        ),
+        (
+            "it is not executable",
+            Box::new(|deployment: &Deployment| {
+                std::fs::write(deployment.path("server.sh"), "#!/bin/sh\n").unwrap();
+                standard_config(
+                    "\n[[upstream]]\nname = \"tools\"\nkind = \"mcp\"\ncommand = \"./server.sh\"\nenv = { TOKEN = \"{secret}\" }\ncredential = \"railway\"\n",
+                )
+            }),
+        ),
+        (
             "issuer \"k8s\".jwks_file: file",
             Box::new(|deployment: &Deployment| {
                 std::fs::write(deployment.path("jwks.json"), "{\"keys\": []}").unwrap();

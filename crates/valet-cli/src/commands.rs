@@ -822,6 +822,18 @@ impl valet_core::config::Environment for SystemEnvironment {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
     }
+
+    fn executable(&self, path: &Path) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let metadata = std::fs::metadata(path).map_err(|error| error.to_string())?;
+        if !metadata.is_file() {
+            return Err("it is not a file".into());
+        }
+        if metadata.permissions().mode() & 0o111 == 0 {
+            return Err("it is not executable (no x permission)".into());
+        }
+        Ok(())
+    }
 }
 
 fn config_check(

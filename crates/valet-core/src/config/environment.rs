@@ -13,6 +13,8 @@ pub trait Environment {
     fn read(&self, path: &Path) -> Result<Vec<u8>, String>;
     /// The variable's value; `None` when unset or not UTF-8.
     fn var(&self, name: &str) -> Option<String>;
+    /// Whether `path` is a file its owner, group or others may execute (reading none of it).
+    fn executable(&self, path: &Path) -> Result<(), String>;
 }
 
 /// What kind of PEM block a file must hold.
@@ -145,11 +147,11 @@ impl Config {
     }
 }
 
-/// Whether the program an MCP upstream runs can be found: a path must be readable; a bare name
-/// must be readable in one of the `PATH` directories.
+/// Whether the program an MCP upstream runs can be found: a path must be an executable file; a
+/// bare name must be one in a directory of `PATH`.
 fn find_program(environment: &dyn Environment, command: &str) -> Result<(), String> {
     if command.contains('/') {
-        return environment.read(Path::new(command)).map(|_| ());
+        return environment.executable(Path::new(command));
     }
     let path = environment.var("PATH").unwrap_or_default();
     if path
@@ -157,13 +159,15 @@ fn find_program(environment: &dyn Environment, command: &str) -> Result<(), Stri
         .filter(|directory| !directory.is_empty())
         .any(|directory| {
             environment
-                .read(&Path::new(directory).join(command))
+                .executable(&Path::new(directory).join(command))
                 .is_ok()
         })
     {
         return Ok(());
     }
-    Err(format!("it is not in any directory of PATH ({path})"))
+    Err(format!(
+        "it is not an executable file in any directory of PATH ({path})"
+    ))
 }
 
 /// The problems found so far, and how to read what is checked.
