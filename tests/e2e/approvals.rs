@@ -351,17 +351,7 @@ async fn pending_requests_survive_a_restart_and_the_webhook_is_retried() {
     valetd.stop().await;
 
     let valetd = deployment.start(&[]);
-    let operator = valetd.client(OPERATOR_KEY).await;
-    let listed = operator
-        .admin()
-        .list_approvals(v1::ListApprovalsRequest {
-            pending_only: true,
-            ..v1::ListApprovalsRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .approvals;
+    let listed = valetd.pending_approvals().await;
     assert_eq!(
         listed
             .iter()
@@ -624,20 +614,11 @@ async fn operators_see_and_decide_requests_from_the_cli() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let operator = valetd.client(OPERATOR_KEY).await;
     let mut second = None;
     for _ in 0..100 {
-        let listed = operator
-            .admin()
-            .list_approvals(v1::ListApprovalsRequest {
-                pending_only: true,
-                ..v1::ListApprovalsRequest::default()
-            })
+        if let Some(approval) = valetd
+            .pending_approvals()
             .await
-            .unwrap()
-            .into_inner()
-            .approvals;
-        if let Some(approval) = listed
             .into_iter()
             .find(|approval| approval.task_id == "cli-2")
         {

@@ -559,19 +559,8 @@ fn spawn_agent(
 }
 
 async fn pending_approval(valetd: &valet_tests::Valetd) -> v1::Approval {
-    let operator = valetd.client(OPERATOR_KEY).await;
     for _ in 0..200 {
-        let listed = operator
-            .admin()
-            .list_approvals(v1::ListApprovalsRequest {
-                pending_only: true,
-                ..v1::ListApprovalsRequest::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .approvals;
-        if let Some(approval) = listed.into_iter().next() {
+        if let Some(approval) = valetd.pending_approvals().await.into_iter().next() {
             return approval;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

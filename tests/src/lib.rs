@@ -328,6 +328,21 @@ impl Valetd {
         .expect("connect to valetd")
     }
 
+    /// The approval requests waiting for people now, as an operator lists them.
+    pub async fn pending_approvals(&self) -> Vec<valet_client::v1::Approval> {
+        self.client(OPERATOR_KEY)
+            .await
+            .admin()
+            .list_approvals(valet_client::v1::ListApprovalsRequest {
+                pending_only: true,
+                ..Default::default()
+            })
+            .await
+            .expect("list the pending approvals")
+            .into_inner()
+            .approvals
+    }
+
     /// Sends a signal to valetd (`kill -SIGNAL`).
     pub fn signal(&self, signal: &str) {
         if let Some(child) = &self.child {
