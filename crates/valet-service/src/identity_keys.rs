@@ -231,7 +231,10 @@ impl IdentityKeys {
             return Ok(keys.clone());
         }
         // Without keys, a failed fetch is retried only after the refresh interval: an issuer that
-        // is down is not asked again for every token presented.
+        // is down is not asked again for every token presented. A recent attempt counts as failed
+        // only once nobody is fetching and the cache is still empty — a fetch that succeeded
+        // fills the cache before it lets go of the lock, so a caller that looked at the cache
+        // just before that is not refused.
         if before.is_none()
             && let Some(last) = self
                 .attempts
@@ -240,6 +243,7 @@ impl IdentityKeys {
                 .get(&issuer.name)
             && last.elapsed() < MIN_REFRESH_INTERVAL
             && self.fetching.try_lock().is_ok()
+            && cached(self).is_none()
         {
             return Err(format!(
                 "issuer {}'s keys could not be fetched from {} a moment ago; valetd tries again after {} s",
@@ -340,7 +344,7 @@ mod tests {
 
     const NOW: i64 = 1_800_000_000;
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_remembered_token_is_refused_once_its_time_is_up() {
         let directory = tempfile::tempdir().unwrap();
         let random = ring::rand::SystemRandom::new();
@@ -406,5 +410,31 @@ clock_skew = "10s"
                 .await
                 .is_err()
         );
+
+        // Many first tokens at once on a cold cache: one fetch, and none of them is told the
+        // keys "could not be fetched a moment ago" because another caller's fetch was finishing.
+        let keys = Arc::new(IdentityKeys::default());
+        let config = Arc::new(config);
+        let mut tasks = Vec::new();
+        for n in 0..64 {
+            let signed = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256","kid":"k"}"#),
+                URL_SAFE_NO_PAD.encode(
+                    serde_json::json!({"iss": "https://issuer.test", "aud": "valet", "sub": format!("w{n}"), "iat": NOW, "exp": NOW + 60}).to_string()
+                )
+            );
+            let signature = pair.sign(&random, signed.as_bytes()).unwrap();
+            let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()));
+            let (keys, config) = (keys.clone(), config.clone());
+            tasks.push(tokio::spawn(async move {
+                keys.verify(&config, &NoNetwork, &token, NOW)
+                    .await
+                    .map(|_| ())
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
     }
 }
