@@ -3,10 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use valet_client::{Client, TokenRequest};
+use valet_client::TokenRequest;
 use valet_store::{EtcdOptions, EtcdStore};
 use valet_tests::etcd::EtcdCluster;
-use valet_tests::{ADMIN_KEY, AGENT_KEY, Deployment, OPERATOR_KEY, Valetd, standard_config};
+use valet_tests::{
+    ADMIN_KEY, AGENT_KEY, Deployment, OPERATOR_KEY, Valetd, is_active, issue_until, standard_config,
+};
 
 /// A one-member etcd cluster (a real process) and an engine on it, for one conformance check.
 async fn etcd_engine() -> (EtcdCluster, Box<dyn valet_store::Store>) {
@@ -53,13 +55,6 @@ fn staging(task: &str) -> TokenRequest {
         .with_param("project", "shop")
 }
 
-async fn active(client: &Client, token: &str) -> bool {
-    client
-        .introspect(token)
-        .await
-        .is_ok_and(|reply| reply.active)
-}
-
 #[tokio::test]
 async fn replicas_share_grants_revocations_and_signing_keys() {
     let cluster = EtcdCluster::start(3);
@@ -72,15 +67,15 @@ async fn replicas_share_grants_revocations_and_signing_keys() {
 
     // Issued on A: active on B and C.
     let issued = agents[0].request_token(staging("task-d1")).await.unwrap();
-    assert!(active(&agents[1], issued.token_str()).await);
-    assert!(active(&agents[2], issued.token_str()).await);
+    assert!(is_active(&agents[1], issued.token_str()).await);
+    assert!(is_active(&agents[2], issued.token_str()).await);
 
     // Revoked on B: refused on A and C from then on. The ordering is asserted; the time it took
     // is reported, not asserted.
     let revoked_at = Instant::now();
     agents[1].revoke(&issued.grant.id, "done").await.unwrap();
-    assert!(!active(&agents[0], issued.token_str()).await);
-    assert!(!active(&agents[2], issued.token_str()).await);
+    assert!(!is_active(&agents[0], issued.token_str()).await);
+    assert!(!is_active(&agents[2], issued.token_str()).await);
     println!(
         "revocation on replica B refused on A and C within {:?} of the revoke call",
         revoked_at.elapsed()
@@ -116,7 +111,7 @@ async fn replicas_share_grants_revocations_and_signing_keys() {
     }
     // A token signed on C with the new key verifies on A.
     let fresh = agents[2].request_token(staging("task-d2")).await.unwrap();
-    assert!(active(&agents[0], fresh.token_str()).await);
+    assert!(is_active(&agents[0], fresh.token_str()).await);
 
     // Every replica keeps its own audit log, each record naming the replica, each log verifiable
     // against the chain head that replica keeps in etcd.
@@ -161,7 +156,7 @@ async fn losing_etcd_quorum_fails_closed_and_nothing_is_lost_when_it_returns() {
     // One member down: the cluster still has quorum, and valetd carries on.
     cluster.kill(2);
     let during = agent.request_token(staging("task-q2")).await.unwrap();
-    assert!(active(&agent, during.token_str()).await);
+    assert!(is_active(&agent, during.token_str()).await);
 
     // Quorum lost: issuing and introspection fail closed with UNAVAILABLE, not a guess.
     cluster.kill(1);
@@ -268,42 +263,13 @@ async fn losing_etcd_quorum_fails_closed_and_nothing_is_lost_when_it_returns() {
     let fresh = agent.request_token(staging("task-q5")).await.unwrap();
     assert!(fresh.grant.key_id == rotated.new_key_id);
     let started = Instant::now();
-    while !active(&other, fresh.token_str()).await {
+    while !is_active(&other, fresh.token_str()).await {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "replica B never learnt the key rotated on A after the outage"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Issues tokens through `client` until `stop` is set or a request fails; returns what it got,
-/// each with the moment it arrived and the failures with theirs.
-async fn issue_until(
-    client: Client,
-    task: String,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    started: Instant,
-) -> (
-    Vec<(Duration, valet_client::IssuedToken)>,
-    Vec<(Duration, tonic::Code, String)>,
-) {
-    let mut issued = Vec::new();
-    let mut failed = Vec::new();
-    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-        match client.request_token(staging(&task)).await {
-            Ok(token) => issued.push((started.elapsed(), token)),
-            Err(error) => {
-                failed.push((
-                    started.elapsed(),
-                    error.code().unwrap_or(tonic::Code::Unknown),
-                    error.to_string(),
-                ));
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    (issued, failed)
 }
 
 #[tokio::test]
@@ -318,7 +284,7 @@ async fn killing_an_etcd_member_under_load_does_not_stop_the_service() {
             let client = valetd.client(AGENT_KEY).await;
             workers.push(tokio::spawn(issue_until(
                 client,
-                format!("load-{index}-{worker}"),
+                staging(&format!("load-{index}-{worker}")),
                 stop.clone(),
                 started,
             )));
@@ -362,7 +328,7 @@ async fn killing_an_etcd_member_under_load_does_not_stop_the_service() {
     // Every token a client received is known and active on every replica.
     let checker = valetds[2].client(AGENT_KEY).await;
     for (_, token) in &issued {
-        assert!(active(&checker, token.token_str()).await);
+        assert!(is_active(&checker, token.token_str()).await);
     }
 }
 
@@ -378,7 +344,7 @@ async fn every_token_a_client_received_survives_a_replica_killed_mid_issue() {
         let client = victim.client(AGENT_KEY).await;
         workers.push(tokio::spawn(issue_until(
             client,
-            format!("victim-{worker}"),
+            staging(&format!("victim-{worker}")),
             stop.clone(),
             started,
         )));
@@ -399,7 +365,7 @@ async fn every_token_a_client_received_survives_a_replica_killed_mid_issue() {
     let survivor = valetds[0].client(AGENT_KEY).await;
     for (_, token) in &issued {
         assert!(
-            active(&survivor, token.token_str()).await,
+            is_active(&survivor, token.token_str()).await,
             "grant {} was handed out, so it must be in the store",
             token.grant.id
         );
@@ -425,7 +391,7 @@ async fn valetd_logs_in_to_etcd_and_a_wrong_password_stops_it_at_start() {
     let valetd = deployment.start(&[]);
     let agent = valetd.client(AGENT_KEY).await;
     let issued = agent.request_token(staging("task-auth")).await.unwrap();
-    assert!(active(&agent, issued.token_str()).await);
+    assert!(is_active(&agent, issued.token_str()).await);
     assert!(!valetd.output().contains("etcd-password-for-valet"));
 
     let wrong = Deployment::new(&config("etcd.password"));
@@ -464,7 +430,7 @@ async fn valetd_speaks_tls_to_etcd_with_a_client_certificate() {
     let valetd = deployment.start(&[]);
     let agent = valetd.client(AGENT_KEY).await;
     let issued = agent.request_token(staging("task-tls")).await.unwrap();
-    assert!(active(&agent, issued.token_str()).await);
+    assert!(is_active(&agent, issued.token_str()).await);
 
     // Without the client certificate the cluster refuses valetd, and valetd says so at start.
     let refused = Deployment::new(&config(false));
@@ -575,7 +541,7 @@ async fn a_reload_on_one_replica_ends_the_grants_on_every_replica() {
         .request_token(staging("task-reload"))
         .await
         .unwrap();
-    assert!(active(&valetds[2].client(AGENT_KEY).await, issued.token_str()).await);
+    assert!(is_active(&valetds[2].client(AGENT_KEY).await, issued.token_str()).await);
     // Replica A's config no longer lets the agent request deploy-staging; A reloads.
     let config = std::fs::read_to_string(deployments[0].config_path()).unwrap();
     std::fs::write(
@@ -681,7 +647,7 @@ async fn a_key_record_planted_in_etcd_is_refused_by_every_replica() {
             "{error}"
         );
         assert!(
-            !active(agent, &forged).await,
+            !is_active(agent, &forged).await,
             "the forged token is never active"
         );
     }

@@ -413,3 +413,40 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Issues `request` through `client` until `stop` is set; returns what it got, each with the
+/// moment it arrived, and the failures with theirs (pausing 50 ms after each failure).
+pub async fn issue_until(
+    client: Client,
+    request: valet_client::TokenRequest,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    started: Instant,
+) -> (
+    Vec<(Duration, valet_client::IssuedToken)>,
+    Vec<(Duration, tonic::Code, String)>,
+) {
+    let mut issued = Vec::new();
+    let mut failed = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        match client.request_token(request.clone()).await {
+            Ok(token) => issued.push((started.elapsed(), token)),
+            Err(error) => {
+                failed.push((
+                    started.elapsed(),
+                    error.code().unwrap_or(tonic::Code::Unknown),
+                    error.to_string(),
+                ));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    (issued, failed)
+}
+
+/// Whether `token` introspects as active through `client`.
+pub async fn is_active(client: &Client, token: &str) -> bool {
+    client
+        .introspect(token)
+        .await
+        .is_ok_and(|reply| reply.active)
+}

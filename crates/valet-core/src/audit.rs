@@ -89,6 +89,8 @@ pub enum AuditAction {
     ApprovalWithdraw,
     /// A grant's lifetime cut by a config reload that lowered a cap.
     GrantClamp,
+    /// A grant the store lost in a crash, created again from its issue record.
+    GrantRestore,
     /// A signed attestation of the chain's head (periodically, and at the start of a new file).
     Checkpoint,
     KeyRotate,
@@ -104,7 +106,7 @@ pub enum AuditAction {
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 28] = [
+    pub const ALL: [AuditAction; 29] = [
         AuditAction::Authenticate,
         AuditAction::TokenIssue,
         AuditAction::TokenRenew,
@@ -125,6 +127,7 @@ impl AuditAction {
         AuditAction::ApprovalWebhook,
         AuditAction::ApprovalWithdraw,
         AuditAction::GrantClamp,
+        AuditAction::GrantRestore,
         AuditAction::Checkpoint,
         AuditAction::KeyRotate,
         AuditAction::ConfigReload,
@@ -158,6 +161,7 @@ impl AuditAction {
             AuditAction::ApprovalWebhook => "approval.webhook",
             AuditAction::ApprovalWithdraw => "approval.withdraw",
             AuditAction::GrantClamp => "grant.clamp",
+            AuditAction::GrantRestore => "grant.restore",
             AuditAction::Checkpoint => "audit.checkpoint",
             AuditAction::KeyRotate => "key.rotate",
             AuditAction::ConfigReload => "config.reload",
@@ -257,12 +261,20 @@ impl AuditEvent {
 
     /// The event with `redact` applied to every text value (it returns `None` to keep a value).
     pub fn redacted(mut self, redact: impl Fn(&str) -> Option<String>) -> AuditEvent {
-        for value in self.fields.values_mut() {
-            if let Value::String(text) = value
-                && let Some(clean) = redact(text)
-            {
-                *text = clean;
+        fn clean(value: &mut Value, redact: &dyn Fn(&str) -> Option<String>) {
+            match value {
+                Value::String(text) => {
+                    if let Some(clean) = redact(text) {
+                        *text = clean;
+                    }
+                }
+                Value::Array(items) => items.iter_mut().for_each(|item| clean(item, redact)),
+                Value::Object(fields) => fields.values_mut().for_each(|item| clean(item, redact)),
+                Value::Null | Value::Bool(_) | Value::Number(_) => {}
             }
+        }
+        for value in self.fields.values_mut() {
+            clean(value, &redact);
         }
         self
     }
@@ -440,6 +452,15 @@ pub fn verify<'a>(
     expected_head: Option<&ChainHead>,
 ) -> Result<ChainSummary, ChainBreak> {
     verify_lines(lines, expected_head, None, None, false)
+}
+
+/// Verifies a piece of a chain that follows a record the caller trusts (the lines start with it):
+/// its structure and every record's MAC under `key`, without asking that it start the chain.
+pub fn verify_continuation<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+    key: &ChainKey,
+) -> Result<ChainSummary, ChainBreak> {
+    verify_lines(lines, None, Some(key), None, false)
 }
 
 /// Verifies a whole chain: its structure; with a key, every record's MAC; with public keys, every

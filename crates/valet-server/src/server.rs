@@ -271,6 +271,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         tracing::info!(address = %bound, n_upstreams = config.upstreams.len(), "gateway listening on {bound}");
     }
     tokio::spawn(sweep_forever(valet.clone()));
+    tokio::spawn(checkpoint_grants_forever(valet.clone()));
     tokio::spawn(follow_key_ring(valet.clone()));
     tokio::spawn(expire_approvals_forever(valet.clone()));
     tokio::spawn(record_refusal_summaries_forever(valet.clone()));
@@ -311,8 +312,35 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     if let Err(error) = valet.record_refusal_summaries(true).await {
         tracing::error!(%error, "cannot record the last refusal summaries");
     }
+    // Last: the store catches up with the audit log's head, so the next start has nothing to
+    // re-read (and the log may be moved aside for rotation).
+    if let Err(error) = valet.checkpoint_grants_at_stop().await {
+        tracing::error!(%error, "cannot record the last grants checkpoint; the next start restores from the audit log");
+    }
     tracing::info!("valetd stopped");
     Ok(())
+}
+
+/// Brings the embedded store up to the audit log every [`valet_service::CHECKPOINT_INTERVAL`]:
+/// grants issued since are made durable in the store (one flush for all of them).
+async fn checkpoint_grants_forever(valet: Arc<Valet>) {
+    let mut ticks = tokio::time::interval(valet_service::CHECKPOINT_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match valet.checkpoint_grants().await {
+            Ok(0) => {}
+            Ok(n_restored) => {
+                tracing::warn!(
+                    n_restored,
+                    "grants the store had lost were created again from their issue records"
+                )
+            }
+            Err(error) => {
+                tracing::error!(%error, "grants checkpoint failed; the grants stay restorable from the audit log; will retry")
+            }
+        }
+    }
 }
 
 /// Records the summaries of authentication refusal windows as they close.

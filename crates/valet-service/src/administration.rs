@@ -34,9 +34,9 @@ pub struct ReloadOutcome {
 }
 
 /// valetd acting on its own account (after a reload), for the records it writes.
-struct OwnAccount<'a> {
-    request_id: &'a str,
-    trigger: &'a str,
+pub(crate) struct OwnAccount<'a> {
+    pub(crate) request_id: &'a str,
+    pub(crate) trigger: &'a str,
 }
 
 impl Attribution for OwnAccount<'_> {

@@ -9,7 +9,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use valet_core::Clock;
 use valet_core::audit::{self, AuditEvent, ChainHead, ChainKey};
 use valet_store::Store;
@@ -47,6 +47,10 @@ pub enum AuditError {
         "the audit log {path} is in use by another valetd ({holder}); each valetd needs its own audit log"
     )]
     Locked { path: String, holder: String },
+    #[error(
+        "valetd did not stop cleanly last time, and the audit log {path} it was writing is not there (moved aside for rotation?): its records after record {sequence} are needed to restore the grants issued since the store's last checkpoint; put the file back, start valetd once and stop it, then rotate"
+    )]
+    NeededForRestore { path: String, sequence: u64 },
 }
 
 /// A signed checkpoint attests the chain's head after this many records.
@@ -80,9 +84,13 @@ impl DurableRecord {
 pub struct AuditSink {
     sender: mpsc::Sender<(AuditEvent, Reply)>,
     written: broadcast::Sender<Arc<WrittenRecord>>,
+    /// The sequence of the last record on disk.
+    durable: watch::Receiver<u64>,
     path: PathBuf,
     /// Set when several replicas share the state: every record says which one wrote it.
     replica: Option<String>,
+    /// Whether this valetd started a new file (none was there) continuing the chain.
+    started_new_file: bool,
 }
 
 /// A record as it was written, for followers of the log.
@@ -180,7 +188,9 @@ impl AuditSink {
         };
         let opens_rotated_file = continues_elsewhere && head.sequence > 0;
         let (sender, receiver) = mpsc::channel(4096);
+        let (durable_sender, durable) = watch::channel(head.sequence);
         let writer = Writer {
+            durable: durable_sender,
             path: path.to_path_buf(),
             file: Some(file),
             last_checkpoint: if opens_rotated_file {
@@ -199,9 +209,11 @@ impl AuditSink {
         let written = writer.written.clone();
         tokio::spawn(writer.run(receiver));
         Ok(AuditSink {
+            started_new_file: continues_elsewhere,
             replica: None,
             sender,
             written,
+            durable,
             path: path.to_path_buf(),
         })
     }
@@ -251,6 +263,46 @@ impl AuditSink {
         Ok((head, DurableRecord(durable_answer)))
     }
 
+    /// Whether this valetd found no log at its path and started a new file continuing the chain.
+    pub fn started_new_file(&self) -> bool {
+        self.started_new_file
+    }
+
+    /// The path of the log.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The sequence of the last record known to be on disk: every record up to it is durable.
+    pub fn durable_sequence(&self) -> u64 {
+        *self.durable.borrow()
+    }
+
+    /// The records after `sequence` up to [`AuditSink::durable_sequence`], read back from the
+    /// file and checked: they must continue the chain from record `sequence` and carry valetd's
+    /// MAC. An error says why they cannot be trusted or read (the file was rotated past
+    /// `sequence`, say).
+    pub async fn durable_records_after(
+        &self,
+        sequence: u64,
+        chain_key: Arc<ChainKey>,
+    ) -> Result<Vec<serde_json::Value>, AuditError> {
+        let path = self.path.clone();
+        let until = self.durable_sequence();
+        let display = path.display().to_string();
+        let unreadable = |detail: String| AuditError::Unwritable {
+            path: display.clone(),
+            detail,
+        };
+        if until <= sequence {
+            return Ok(Vec::new());
+        }
+        tokio::task::spawn_blocking(move || records_between(&path, sequence, until, &chain_key))
+            .await
+            .map_err(|error| unreadable(error.to_string()))?
+            .map_err(unreadable)
+    }
+
     /// Records written from now on.
     pub fn follow(&self) -> broadcast::Receiver<Arc<WrittenRecord>> {
         self.written.subscribe()
@@ -286,6 +338,7 @@ struct Writer {
     chain_key: ChainKey,
     keys: Arc<crate::keys::Keys>,
     written: broadcast::Sender<Arc<WrittenRecord>>,
+    durable: watch::Sender<u64>,
 }
 
 impl Writer {
@@ -393,6 +446,7 @@ impl Writer {
     ) {
         self.head = head;
         self.last_checkpoint = checkpoint_at;
+        self.durable.send_replace(self.head.sequence);
         if let Err(error) = self.store.record_audit_head(&self.head).await {
             tracing::error!(%error, "cannot record the audit chain head in the store");
         }
@@ -526,14 +580,63 @@ fn prove_records_past(
             store_head.sequence
         ));
     }
-    let verification = audit::Verification {
-        key: Some(chain_key),
-        ..audit::Verification::default()
-    };
-    audit::verify_with(lines[1..].iter().map(String::as_str), &verification)
-        .and_then(|_| audit::verify(lines.iter().map(String::as_str), None))
+    // The anchor is the record the store names; what follows must chain from it under the key.
+    audit::verify(lines.iter().map(String::as_str), None)
+        .and_then(|_| audit::verify_continuation(lines[1..].iter().map(String::as_str), chain_key))
         .map(|_| ())
         .map_err(|error| format!("after record {}, {error}", store_head.sequence))
+}
+
+/// The records after `after` up to and including `until`, parsed, after checking that they follow
+/// record `after` (or start the chain, when `after` is 0) and carry valetd's MAC.
+fn records_between(
+    path: &Path,
+    after: u64,
+    until: u64,
+    chain_key: &ChainKey,
+) -> Result<Vec<serde_json::Value>, String> {
+    let mut file = File::open(path).map_err(|error| format!("cannot open it: {error}"))?;
+    let mut lines = if after == 0 {
+        let mut text = String::new();
+        file.read_to_string(&mut text)
+            .map_err(|error| format!("cannot read it: {error}"))?;
+        text.lines().map(str::to_string).collect()
+    } else {
+        lines_from_sequence(&mut file, after).map_err(|error| format!("cannot read it: {error}"))?
+    };
+    if lines.is_empty() {
+        return Err(format!(
+            "record {after} is not in it (was it rotated?); the records after it are needed to restore the grants issued since the store's last checkpoint"
+        ));
+    }
+    // The writer may be appending past `until`: keep only the complete, durable records.
+    let sequence_of = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|value| value.get("seq").and_then(serde_json::Value::as_u64))
+    };
+    let Some(last) = lines
+        .iter()
+        .position(|line| sequence_of(line) == Some(until))
+    else {
+        return Err(format!("record {until} is not in it"));
+    };
+    lines.truncate(last + 1);
+    let checked = if after == 0 {
+        let verification = audit::Verification {
+            key: Some(chain_key),
+            ..audit::Verification::default()
+        };
+        audit::verify_with(lines.iter().map(String::as_str), &verification)
+    } else {
+        audit::verify_continuation(lines.iter().map(String::as_str), chain_key)
+    };
+    checked.map_err(|error| format!("after record {after}, {error}"))?;
+    let skip = usize::from(after > 0);
+    lines[skip..]
+        .iter()
+        .map(|line| serde_json::from_str(line).map_err(|error| error.to_string()))
+        .collect()
 }
 
 /// The lines of the file from the record with `sequence` to the end, reading only as much of its

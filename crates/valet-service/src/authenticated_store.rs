@@ -76,6 +76,32 @@ impl Store for AuthenticatedStore {
         self.inner.create_grant(&self.key.sealed(grant)).await
     }
 
+    async fn create_grant_deferred(&self, grant: &Grant) -> Result<(), StoreError> {
+        self.inner
+            .create_grant_deferred(&self.key.sealed(grant))
+            .await
+    }
+
+    fn defers_grants(&self) -> bool {
+        self.inner.defers_grants()
+    }
+
+    // Not MAC'd, and need not be: a checkpoint moved back only makes start re-read (and re-check
+    // the MACs of) more audit records; moved forward, grants issued after it are not restored
+    // after a crash, and their tokens are refused — fail closed, never a token that should not be.
+    async fn grants_checkpoint(&self) -> Result<Option<valet_store::GrantsCheckpoint>, StoreError> {
+        self.inner.grants_checkpoint().await
+    }
+
+    async fn checkpoint_grants(
+        &self,
+        checkpoint: valet_store::GrantsCheckpoint,
+        grants: &[Grant],
+    ) -> Result<Vec<String>, StoreError> {
+        let sealed: Vec<Grant> = grants.iter().map(|grant| self.key.sealed(grant)).collect();
+        self.inner.checkpoint_grants(checkpoint, &sealed).await
+    }
+
     async fn get_grant(&self, id: &str) -> Result<Option<Grant>, StoreError> {
         match self.inner.get_grant(id).await? {
             Some(grant) => self.checked(grant).map(Some),

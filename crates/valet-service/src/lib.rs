@@ -15,6 +15,7 @@ mod aws_client;
 mod aws_grants;
 mod caller;
 mod compare_and_swap;
+mod deferred_grants;
 mod error;
 mod gateway;
 mod identity_keys;
@@ -48,6 +49,7 @@ pub use audit_sink::{AuditError, AuditSink, DurableRecord, WrittenRecord};
 pub use aws_client::{AwsError, StsCredentials};
 pub use aws_grants::AwsGrant;
 pub use caller::{Attribution, Caller, Presented};
+pub use deferred_grants::CHECKPOINT_INTERVAL;
 pub use error::ServiceError;
 pub use gateway::{
     BodySource, CallDecision, CallDenial, CallOutcome, CallRequest, CallSite, Upstreams,
@@ -91,6 +93,8 @@ pub struct Valet {
     reloaded: tokio::sync::Notify,
     /// Binds MCP sessions to the grants that opened them.
     mcp_sessions: valet_core::mcp::SessionKey,
+    /// Grants whose issue record is, until the next checkpoint, their only durable copy.
+    deferred: deferred_grants::DeferredGrants,
 }
 
 /// What it takes to start the service.
@@ -114,6 +118,9 @@ impl Valet {
         let redactor = Arc::new(Redactor::new(vault.clone()));
         let chain_key = valet_core::audit::ChainKey::from_seal_key(&parts.seal_key);
         let mcp_sessions = valet_core::mcp::SessionKey::from_seal_key(&parts.seal_key);
+        let deferred = deferred_grants::DeferredGrants::new(
+            valet_core::audit::ChainKey::from_seal_key(&parts.seal_key),
+        );
         let store: Arc<dyn Store> = Arc::new(authenticated_store::AuthenticatedStore::new(
             parts.store,
             valet_core::grant::GrantKey::from_seal_key(&parts.seal_key),
@@ -134,7 +141,7 @@ impl Valet {
             Some(replica) => audit.for_replica(replica),
             None => audit,
         };
-        Ok(Arc::new_cyclic(|weak| Valet {
+        let valet = Arc::new_cyclic(|weak| Valet {
             config: ArcSwap::from_pointee(parts.loaded.config),
             vault,
             redactor,
@@ -152,7 +159,10 @@ impl Valet {
             identity_keys: identity_keys::IdentityKeys::default(),
             limits: authentication_limits::AuthenticationLimits::default(),
             stopping: tokio::sync::watch::Sender::new(false),
-        }))
+            deferred,
+        });
+        valet.restore_deferred_grants().await?;
+        Ok(valet)
     }
 
     /// The config in force.

@@ -167,16 +167,28 @@ struct Fixture {
     clock: Arc<FakeClock>,
     /// The engine under the service, as someone with write access to it would reach it.
     raw: Arc<SledStore>,
+    seal_key: Secret,
 }
 
 async fn fixture() -> Fixture {
-    let directory = tempfile::tempdir().unwrap();
+    open_fixture(
+        tempfile::tempdir().unwrap(),
+        SealKey::generate_base64().unwrap(),
+        Arc::new(FakeClock::at(START)),
+    )
+    .await
+    .unwrap()
+}
+
+async fn open_fixture(
+    directory: tempfile::TempDir,
+    seal_key: Secret,
+    clock: Arc<FakeClock>,
+) -> Result<Fixture, ServiceError> {
     let mut config = Config::parse(CONFIG, directory.path()).expect("the test config is valid");
     config.audit.path = directory.path().join("audit.jsonl");
-    let clock = Arc::new(FakeClock::at(START));
     let raw = Arc::new(SledStore::open(&directory.path().join("store")).unwrap());
     let store = raw.clone();
-    let seal_key = SealKey::from_base64(&SealKey::generate_base64().unwrap()).unwrap();
     let credentials = BTreeMap::from([
         (
             "railway".to_string(),
@@ -194,23 +206,50 @@ async fn fixture() -> Fixture {
         },
         config_path: directory.path().join("unused.toml"),
         overrides: Overrides::default(),
-        seal_key,
+        seal_key: SealKey::from_base64(&seal_key).unwrap(),
         store,
         clock: clock.clone(),
         outbound: Arc::new(NoNetwork),
         replica: None,
     })
-    .await
-    .unwrap();
-    Fixture {
+    .await?;
+    Ok(Fixture {
         directory,
         valet,
         clock,
         raw,
-    }
+        seal_key,
+    })
 }
 
 impl Fixture {
+    /// Stops this service as a crash would (no checkpoint), runs `between` on the directory it
+    /// leaves (the store closed), and opens the service again on it.
+    async fn crash_and_restart(
+        self,
+        between: impl FnOnce(&std::path::Path),
+    ) -> Result<Fixture, ServiceError> {
+        let Fixture {
+            directory,
+            valet,
+            clock,
+            raw,
+            seal_key,
+        } = self;
+        drop(valet);
+        // The audit writer lets go of the store once its last handle is gone.
+        for _ in 0..5000 {
+            if Arc::strong_count(&raw) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(Arc::strong_count(&raw), 1, "the store is still held");
+        drop(raw);
+        between(directory.path());
+        open_fixture(directory, seal_key, clock).await
+    }
+
     fn caller(&self, name: &str) -> Caller {
         Caller {
             principal: self.valet.config().principals[name].clone(),
@@ -288,6 +327,172 @@ async fn an_issued_grant_and_its_audit_record_are_durable_before_the_answer() {
     assert!(
         !format!("{token:?}").contains(token.expose()),
         "a token never prints"
+    );
+}
+
+/// Removes grants from the closed embedded store, as a crash before its flush would have left it.
+fn lose_grants(directory: &std::path::Path, grants: &[&Grant]) {
+    let db = sled::open(directory.join("store")).unwrap();
+    let stored = db.open_tree("grants").unwrap();
+    let task_index = db.open_tree("task_index").unwrap();
+    for grant in grants {
+        assert!(stored.remove(grant.id.as_bytes()).unwrap().is_some());
+        let mut key = grant.task_id.as_bytes().to_vec();
+        key.push(0);
+        key.extend_from_slice(grant.id.as_bytes());
+        task_index.remove(key).unwrap();
+    }
+    db.flush().unwrap();
+}
+
+#[tokio::test]
+async fn grants_the_store_lost_in_a_crash_are_restored_from_their_issue_records() {
+    let fixture = fixture().await;
+    let (first, first_token) = fixture.issue("agent", "deploy-staging", "t-lost-1").await;
+    let (second, second_token) = fixture.issue("agent", "github-read", "t-lost-2").await;
+    let (kept, _) = fixture.issue("agent", "deploy-staging", "t-kept").await;
+    let issued = fixture
+        .records()
+        .into_iter()
+        .find(|record| record["grant_id"] == first.id.as_str())
+        .unwrap();
+    assert_eq!(issued["grant"]["id"], first.id.as_str(), "{issued}");
+    assert!(issued["grant"].get("mac").is_none(), "{issued}");
+
+    let fixture = fixture
+        .crash_and_restart(|directory| lose_grants(directory, &[&first, &second]))
+        .await
+        .unwrap();
+    for (grant, token) in [(&first, &first_token), (&second, &second_token)] {
+        let introspection = fixture
+            .valet
+            .introspect(&fixture.caller("agent"), token)
+            .await
+            .unwrap();
+        assert!(introspection.active, "{introspection:?}");
+        let stored = fixture.valet.store.get_grant(&grant.id).await.unwrap();
+        assert_eq!(
+            stored.map(|stored| Grant {
+                mac: None,
+                ..stored
+            }),
+            Some(grant.clone()),
+            "restored as issued, with its MAC (read through the checking store)"
+        );
+    }
+    let restored: Vec<String> = fixture
+        .records()
+        .into_iter()
+        .filter(|record| record["action"] == "grant.restore")
+        .map(|record| record["grant_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(restored, [first.id.clone(), second.id.clone()]);
+    assert!(
+        !restored.contains(&kept.id),
+        "a grant the store kept is left as it is"
+    );
+    let first_restore = fixture
+        .records()
+        .into_iter()
+        .find(|record| record["action"] == "grant.restore")
+        .unwrap();
+    assert_eq!(
+        fixture
+            .valet
+            .store
+            .grants_checkpoint()
+            .await
+            .unwrap()
+            .map(|checkpoint| checkpoint.sequence),
+        Some(first_restore["seq"].as_u64().unwrap() - 1),
+        "start ends with a checkpoint at the head it found"
+    );
+
+    // A grant past its expiry when valetd starts again is of no use: not restored.
+    let (expired, _) = fixture.issue("agent", "deploy-staging", "t-expired").await;
+    fixture.advance(301);
+    let fixture = fixture
+        .crash_and_restart(|directory| lose_grants(directory, &[&expired]))
+        .await
+        .unwrap();
+    assert!(
+        fixture
+            .valet
+            .store
+            .get_grant(&expired.id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        fixture
+            .records()
+            .iter()
+            .filter(|record| record["action"] == "grant.restore")
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn an_issue_record_altered_after_a_crash_restores_nothing_and_valetd_says_why() {
+    let fixture = fixture().await;
+    let (grant, _) = fixture.issue("agent", "deploy-staging", "t-forged").await;
+    let audit_path = fixture.audit_path();
+    let outcome = fixture
+        .crash_and_restart(|directory| {
+            lose_grants(directory, &[&grant]);
+            // Someone widens the recorded grant's environment, keeping the line well formed.
+            let text = std::fs::read_to_string(&audit_path).unwrap();
+            let altered = text.replace(
+                "\"environment\":\"staging\",\"expires_at\"",
+                "\"environment\":\"production\",\"expires_at\"",
+            );
+            assert_ne!(text, altered);
+            std::fs::write(&audit_path, altered).unwrap();
+        })
+        .await;
+    let Err(error) = outcome else {
+        panic!("valetd started on an altered audit log");
+    };
+    let message = error.to_string();
+    assert!(message.contains("audit"), "{message}");
+}
+
+#[tokio::test]
+async fn a_checkpoint_makes_issued_grants_durable_in_the_store_and_records_the_head() {
+    let fixture = fixture().await;
+    let (grant, _) = fixture
+        .issue("agent", "deploy-staging", "t-checkpoint")
+        .await;
+    assert_eq!(fixture.valet.checkpoint_grants().await.unwrap(), 0);
+    let head = fixture.valet.audit.durable_sequence();
+    assert_eq!(
+        fixture.valet.store.grants_checkpoint().await.unwrap(),
+        Some(valet_store::GrantsCheckpoint {
+            sequence: head,
+            at_stop: false
+        })
+    );
+    // Nothing new: no write.
+    assert_eq!(fixture.valet.checkpoint_grants().await.unwrap(), 0);
+    // After the checkpoint the grant no longer depends on its record: a crash that loses
+    // nothing after it restores nothing.
+    let fixture = fixture.crash_and_restart(|_| {}).await.unwrap();
+    assert!(
+        fixture
+            .valet
+            .store
+            .get_grant(&grant.id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        fixture
+            .records()
+            .iter()
+            .all(|record| record["action"] != "grant.restore")
     );
 }
 

@@ -115,28 +115,9 @@ impl Valet {
             Some(aws) => aws.describe(issued),
             None => issued,
         };
-        // Both records must be durable before the token is handed out; they commit concurrently
-        // (each in its own group commit), so the caller waits for the slower, not the sum.
-        let (stored, audited) =
-            tokio::join!(self.store.create_grant(&grant), self.record(caller, issued));
-        match (stored, audited) {
-            (Ok(()), Ok(())) => Ok(Issued::Token { grant, token, aws }),
-            (Err(error), audited) => {
-                if audited.is_ok() {
-                    // The audit log says issued; say also that it was not, and why.
-                    let failed = AuditEvent::new(AuditAction::TokenIssue, Outcome::Failed)
-                        .with("grant_id", &grant.id)
-                        .with(
-                            "reason",
-                            format!(
-                                "the grant could not be stored, so no token was handed out: {error}"
-                            ),
-                        );
-                    let _ = self.record(caller, failed).await;
-                }
-                Err(error.into())
-            }
-            (Ok(()), Err(error)) => {
+        match self.commit_issue(caller, &grant, issued).await {
+            Ok(()) => Ok(Issued::Token { grant, token, aws }),
+            Err(error @ ServiceError::Audit(_)) => {
                 // The token is never handed out; make sure the grant cannot be used either.
                 if let Ok(revoked) = grant.revoked(
                     "valetd",
@@ -147,6 +128,7 @@ impl Valet {
                 }
                 Err(error)
             }
+            Err(error) => Err(error),
         }
     }
 

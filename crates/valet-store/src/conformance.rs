@@ -7,7 +7,7 @@ use valet_core::audit::ChainHead;
 use valet_core::grant::{Grant, GrantStatus};
 use valet_core::keyring::{SealKey, SigningKey, StoredKey};
 
-use crate::{GrantFilter, Store, StoreChange, StoreError};
+use crate::{GrantFilter, GrantsCheckpoint, Store, StoreChange, StoreError};
 
 /// An active grant for tests, issued at `now` for five minutes.
 pub fn grant(id: &str, task_id: &str, now: i64) -> Grant {
@@ -49,6 +49,7 @@ macro_rules! conformance_tests {
             sweeping_removes_only_what_is_done,
             key_replacement_is_compare_and_swap,
             audit_head_round_trips,
+            deferred_grants_read_back_and_a_checkpoint_creates_what_is_missing,
             approvals_are_created_once_and_decided_by_compare_and_swap
         );
     };
@@ -280,6 +281,46 @@ pub async fn audit_head_round_trips(store: &dyn Store) {
     };
     store.record_audit_head(&head).await.unwrap();
     assert_eq!(store.audit_head().await.unwrap(), Some(head));
+}
+
+/// A deferred grant reads back at once and is created only once; a checkpoint creates again only
+/// the grants the store does not hold, and (on an engine that defers) is read back.
+pub async fn deferred_grants_read_back_and_a_checkpoint_creates_what_is_missing(store: &dyn Store) {
+    let now = 1_800_000_000;
+    let deferred = grant("01deferred", "t-deferred", now);
+    store.create_grant_deferred(&deferred).await.unwrap();
+    assert_eq!(
+        store.get_grant(&deferred.id).await.unwrap(),
+        Some(deferred.clone())
+    );
+    assert!(matches!(
+        store.create_grant_deferred(&deferred).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    let missing = grant("01missing", "t-missing", now);
+    let mut changed = deferred.clone();
+    changed.uses = 2;
+    let checkpoint = GrantsCheckpoint {
+        sequence: 41,
+        at_stop: false,
+    };
+    let created = store
+        .checkpoint_grants(checkpoint, &[changed, missing.clone()])
+        .await
+        .unwrap();
+    if store.defers_grants() {
+        assert_eq!(created, vec![missing.id.clone()]);
+        assert_eq!(store.get_grant(&missing.id).await.unwrap(), Some(missing));
+        assert_eq!(
+            store.get_grant(&deferred.id).await.unwrap(),
+            Some(deferred),
+            "a grant the store holds is left as it is"
+        );
+        assert_eq!(store.grants_checkpoint().await.unwrap(), Some(checkpoint));
+    } else {
+        assert!(created.is_empty());
+        assert_eq!(store.grants_checkpoint().await.unwrap(), None);
+    }
 }
 
 pub async fn approvals_are_created_once_and_decided_by_compare_and_swap(store: &dyn Store) {

@@ -114,6 +114,16 @@ pub struct Revocation {
     pub expires_at: UnixTime,
 }
 
+/// How far the store has caught up with the audit log, for engines that defer grants (see
+/// [`Store::create_grant_deferred`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GrantsCheckpoint {
+    /// Every grant whose issue record is at or before this audit sequence is durable in the store.
+    pub sequence: u64,
+    /// Recorded by a valetd as it stopped: nothing was issued after it.
+    pub at_stop: bool,
+}
+
 /// A change every valetd replica may follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreChange {
@@ -151,6 +161,41 @@ pub struct StoreCounts {
 pub trait Store: Send + Sync + 'static {
     /// Stores a new grant; fails with `AlreadyExists` if the id is taken.
     async fn create_grant(&self, grant: &Grant) -> Result<(), StoreError>;
+
+    /// Stores a new grant like [`Store::create_grant`], but returns before it is durable when
+    /// the engine can: it becomes durable with the next durable write, at the latest with
+    /// [`Store::checkpoint_grants`]. Only for a caller that has made the grant durable
+    /// elsewhere by the time it relies on it (valetd: the grant's audit record, from which start
+    /// restores every grant issued after the last checkpoint). Engines whose writes are all
+    /// durable anyway (etcd) create it as `create_grant` does.
+    async fn create_grant_deferred(&self, grant: &Grant) -> Result<(), StoreError> {
+        self.create_grant(grant).await
+    }
+
+    /// Whether [`Store::create_grant_deferred`] may return before the grant is durable.
+    fn defers_grants(&self) -> bool {
+        false
+    }
+
+    /// The audit record up to which every deferred grant is durably in the store, as the last
+    /// [`Store::checkpoint_grants`] left it; `None` when none was ever recorded.
+    async fn grants_checkpoint(&self) -> Result<Option<GrantsCheckpoint>, StoreError> {
+        Ok(None)
+    }
+
+    /// Makes `grants` durable, together with every write so far, and records `checkpoint`. A grant the store no longer holds (the engine lost writes that were not
+    /// yet durable: a crash, or a reopen after a failed write) is created again from the record
+    /// given; one the store holds is left as it is (it may have changed since). Returns the ids
+    /// of the grants created again. The caller promises that every grant whose audit record is
+    /// at or before `checkpoint.sequence` was written before this call or is in `grants`.
+    async fn checkpoint_grants(
+        &self,
+        checkpoint: GrantsCheckpoint,
+        grants: &[Grant],
+    ) -> Result<Vec<String>, StoreError> {
+        let _ = (checkpoint, grants);
+        Ok(Vec::new())
+    }
 
     async fn get_grant(&self, id: &str) -> Result<Option<Grant>, StoreError>;
 

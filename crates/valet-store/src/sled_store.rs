@@ -23,12 +23,14 @@ use crate::committer::Committer;
 use crate::records::{decode, encode};
 use crate::sweep::{GrantRemoval, Sweep};
 use crate::{
-    GrantFilter, GrantPage, Revocation, Store, StoreChange, StoreCounts, StoreError, SweepReport,
+    GrantFilter, GrantPage, GrantsCheckpoint, Revocation, Store, StoreChange, StoreCounts,
+    StoreError, SweepReport,
 };
 
 const ENGINE: &str = "sled";
 const AUDIT_HEAD_KEY: &[u8] = b"audit_head";
 const CURRENT_KEY_KEY: &[u8] = b"current_signing_key";
+const GRANTS_CHECKPOINT_KEY: &[u8] = b"grants_checkpoint";
 
 /// How often a broken database is reopened at most.
 const REOPEN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -247,7 +249,8 @@ fn transaction_error(error: TransactionError<StoreError>) -> StoreError {
 
 /// The operations, on one open database; [`SledStore`] runs each through [`SledStore::run`].
 impl Engine {
-    async fn create_grant(&self, grant: &Grant) -> Result<(), StoreError> {
+    /// Writes a new grant; waits for it to be durable only when `durable`.
+    async fn create_grant(&self, grant: &Grant, durable: bool) -> Result<(), StoreError> {
         let record = encode(grant);
         (&self.trees.grants, &self.trees.task_index)
             .transaction(|(grants, task_index)| {
@@ -263,7 +266,9 @@ impl Engine {
                 Ok(())
             })
             .map_err(transaction_error)?;
-        self.durable().await?;
+        if durable {
+            self.durable().await?;
+        }
         self.publish(StoreChange::GrantCreated(grant.clone()));
         Ok(())
     }
@@ -411,6 +416,46 @@ impl Engine {
         Ok(())
     }
 
+    async fn grants_checkpoint(&self) -> Result<Option<GrantsCheckpoint>, StoreError> {
+        match self
+            .trees
+            .meta
+            .get(GRANTS_CHECKPOINT_KEY)
+            .map_err(unavailable)?
+        {
+            Some(bytes) => Ok(Some(decode(
+                "grants checkpoint",
+                GRANTS_CHECKPOINT_KEY,
+                &bytes,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn checkpoint_grants(
+        &self,
+        checkpoint: GrantsCheckpoint,
+        grants: &[Grant],
+    ) -> Result<Vec<String>, StoreError> {
+        // On this one engine: check, re-create what it lost, write the checkpoint, and flush, so a
+        // reopen in between cannot leave a checkpoint over a grant the disk does not hold.
+        let mut created = Vec::new();
+        for grant in grants {
+            match self.create_grant(grant, false).await {
+                Ok(()) => created.push(grant.id.clone()),
+                Err(StoreError::AlreadyExists { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        // Written before the flush, so it is durable with (never without) every grant before it.
+        self.trees
+            .meta
+            .insert(GRANTS_CHECKPOINT_KEY, encode(&checkpoint))
+            .map_err(unavailable)?;
+        self.durable().await?;
+        Ok(created)
+    }
+
     async fn counts(&self) -> Result<StoreCounts, StoreError> {
         Ok(StoreCounts {
             n_grants: self.trees.grants.len() as u64,
@@ -504,7 +549,30 @@ impl Engine {
 #[async_trait]
 impl Store for SledStore {
     async fn create_grant(&self, grant: &Grant) -> Result<(), StoreError> {
-        self.run(async |engine| engine.create_grant(grant).await)
+        self.run(async |engine| engine.create_grant(grant, true).await)
+            .await
+    }
+
+    async fn create_grant_deferred(&self, grant: &Grant) -> Result<(), StoreError> {
+        self.run(async |engine| engine.create_grant(grant, false).await)
+            .await
+    }
+
+    fn defers_grants(&self) -> bool {
+        true
+    }
+
+    async fn grants_checkpoint(&self) -> Result<Option<GrantsCheckpoint>, StoreError> {
+        self.run(async |engine| engine.grants_checkpoint().await)
+            .await
+    }
+
+    async fn checkpoint_grants(
+        &self,
+        checkpoint: GrantsCheckpoint,
+        grants: &[Grant],
+    ) -> Result<Vec<String>, StoreError> {
+        self.run(async |engine| engine.checkpoint_grants(checkpoint, grants).await)
             .await
     }
 
