@@ -64,8 +64,19 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
 
+echo "== Python client: a wheel built from clients/python (stubs generated from proto/ by its build), installed into a fresh venv, its pytest suite against real valetd processes"
+client_venv=var/python-client-venv
+rm -rf "$client_venv" && python3 -m venv "$client_venv"
+"$venv/bin/pip" wheel --quiet --disable-pip-version-check --no-deps -w "$client_venv/dist" ./clients/python
+"$client_venv/bin/pip" install --quiet --disable-pip-version-check \
+  "$(ls "$client_venv"/dist/valet_client-*.whl)[aws,httpx,requests]" 'pytest==9.2.0' 'pytest-timeout==2.4.0'
+(cd "$client_venv" && VALET_BINARIES="$PWD/../../target/debug" bin/pytest -q --timeout 180 -p no:cacheprovider ../../clients/python/tests) 2>&1 | tee -a "$log"
+
 echo "== benchmark smoke: every scenario of valet-bench, a few hundred requests each, no errors"
 ./target/debug/valet-bench all --smoke
 
 # One closing line for the whole suite (cargo prints one per test binary).
-awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"
+# pytest's summary ("15 passed in 9.8s", "1 failed, 14 passed in …") counts in too.
+awk '/^test result:/ { passed += $4; failed += $6 }
+     /^[0-9]+ (passed|failed).* in [0-9.]+s/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) passed += $i; if ($(i+1) ~ /^failed/) failed += $i } }
+     END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"

@@ -8,6 +8,7 @@ mod aws;
 mod bad_input;
 mod bench;
 mod cli;
+mod client_scenarios;
 mod differential;
 mod disk_full;
 mod distributed;

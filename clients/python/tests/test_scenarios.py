@@ -1,0 +1,507 @@
+"""The shared client scenarios (clients/scenarios.md) against real valetd processes, with the
+package as installed from its wheel."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import http.server
+import json
+import pathlib
+import socket
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+
+import valet
+from valet.aio import AsyncClient
+from valet.gateway import ValetAuth, ValetHttpxAuth
+from valet.v1 import admin_pb2
+
+from conftest import (
+    ADMIN_KEY,
+    AGENT_KEY,
+    GITHUB_ROOT_SECRET,
+    OPERATOR_KEY,
+    RAILWAY_ROOT_SECRET,
+    REPOSITORY,
+    TOOLS_VENV,
+    client_for,
+    standard_config,
+    tools_python,
+)
+
+
+def staging(client, task, **keywords):
+    return client.request_token("deploy-staging", task, params={"project": "shop"}, **keywords)
+
+
+def approve(operator, approval_id, confirm="", reason="checked in the test"):
+    """An operator's decision, through the generated stubs (the client is for agents)."""
+    return operator._admin.Approve(
+        admin_pb2.ApproveRequest(id=approval_id, confirm=confirm, reason=reason),
+        metadata=operator.settings.metadata(),
+        timeout=10,
+    )
+
+
+def test_token_lifecycle(valetd):
+    with client_for(valetd, AGENT_KEY) as agent:
+        issued = staging(agent, "py-lifecycle", purpose="lifecycle")
+        assert not issued.pending and issued.token
+        assert issued.grant.scope == "deploy-staging" and issued.grant.environment == "staging"
+        assert issued.grant.params == {"project": "shop"}
+        assert issued.token.reveal() not in repr(issued) and issued.token.reveal() not in str(issued.token)
+        assert agent.introspect(issued.token).active
+        claims = agent.verifier().verify(issued.token, audience="railway")
+        assert claims["jti"] == issued.grant.id
+        revoked = agent.revoke(issued.grant.id, "done")
+        assert revoked.grant.status == "revoked"
+        answer = agent.introspect(issued.token)
+        assert not answer.active and "revoked" in answer.reason, answer
+
+
+def test_renewal_within_the_maximum(valetd):
+    with client_for(valetd, AGENT_KEY) as agent:
+        issued = agent.request_token("short", "py-renew")
+        renewed = agent.renew(issued.grant.id, ttl=6)
+        assert renewed.token and renewed.token != issued.token
+        assert issued.grant.expires_at < renewed.grant.expires_at <= renewed.grant.max_expires_at
+        with pytest.raises(valet.ValetError) as refused:
+            agent.renew(issued.grant.id, ttl=3600)
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+        # A task renews in the background once a third of the lifetime is left.
+        with agent.task("py-renew-task", check_every=0.2) as task:
+            held = task.request_token("short")
+            time.sleep(2.6)
+            current = task.current(held.grant.id)
+            assert current.grant.expires_at > held.grant.expires_at, "renewed in the background"
+            assert agent.introspect(current.token).active
+
+
+def test_task_scope_revokes_on_exit_however_it_exits(valetd):
+    with client_for(valetd, AGENT_KEY) as agent:
+        with pytest.raises(RuntimeError):
+            with agent.task("py-task-failed", renew=False) as task:
+                first = task.request_token("deploy-staging", params={"project": "shop"})
+                second = task.request_token("short")
+                assert agent.introspect(first.token).active
+                raise RuntimeError("the agent's tool call failed")
+        assert sorted(task.revoked) == sorted([first.grant.id, second.grant.id])
+        for issued in (first, second):
+            answer = agent.introspect(issued.token)
+            assert not answer.active
+            assert "task failed: RuntimeError" in answer.grant.status_reason, answer
+
+    async def scoped():
+        async with AsyncClient(valet.Settings(server=valetd.server, credential=valet.PrincipalKey(AGENT_KEY))) as agent:
+            async with agent.task("py-task-async") as task:
+                issued = await task.request_token("deploy-staging", params={"project": "shop"})
+                assert (await agent.introspect(issued.token)).active
+            answer = await agent.introspect(issued.token)
+            assert not answer.active and "task ended" in answer.grant.status_reason
+            # Cancelled from outside (a timeout around the block): still revoked.
+            with pytest.raises(asyncio.TimeoutError):
+                async with asyncio.timeout(0.5):
+                    async with agent.task("py-task-cancelled") as task:
+                        cancelled = await task.request_token("short")
+                        await asyncio.sleep(5)
+            assert not (await agent.introspect(cancelled.token)).active
+
+    asyncio.run(scoped())
+
+
+def test_approval_wait(valetd):
+    with client_for(valetd, AGENT_KEY) as agent, client_for(valetd, OPERATOR_KEY) as operator:
+        issued = agent.request_token("prod-db", "py-approval", purpose="migrate")
+        assert issued.pending and issued.token is None
+        assert "prod-db" in issued.approval.rendered and issued.approval.confirm == "environment"
+        told = []
+
+        def on_waiting(approval):
+            told.append(approval)
+            threading.Timer(0.3, approve, (operator, approval.id, "production")).start()
+
+        with pytest.raises(valet.ApprovalTimeout):
+            agent.wait_for_grant(issued.grant.id, timeout=1)
+        granted = agent.wait_for_grant(issued.grant.id, timeout=30, on_waiting=on_waiting)
+        assert len(told) == 1 and told[0].id == issued.approval.id
+        assert granted.token and agent.introspect(granted.token).active
+        assert granted.grant.status == "active"
+
+        # Denied: the wait says so.
+        denied = agent.request_token("prod-db", "py-denied")
+        operator._admin.Deny(
+            admin_pb2.DenyRequest(id=denied.approval.id, reason="not during the freeze"),
+            metadata=operator.settings.metadata(),
+            timeout=10,
+        )
+        with pytest.raises(valet.ApprovalDenied) as refused:
+            agent.wait_for_grant(denied.grant.id, timeout=30)
+        assert "not during the freeze" in str(refused.value)
+
+
+class Upstream:
+    """A plain HTTP upstream on loopback that records every request it executes."""
+
+    def __init__(self) -> None:
+        self.seen = []
+        upstream = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                upstream.seen.append((self.command, self.path, self.headers.get("Authorization"), body))
+                payload = json.dumps({"ok": True, "method": self.command, "path": self.path}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_DELETE = do_POST = _answer
+
+            def log_message(self, *_arguments):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_gateway_call_waits_for_its_approval_and_goes_through_once(deploy):
+    requests = pytest.importorskip("requests", reason="installed with the package's [requests] extra")
+    httpx = pytest.importorskip("httpx", reason="installed with the package's [httpx] extra")
+    upstream = Upstream()
+    config = standard_config(
+        f"""
+[[upstream]]
+name = "railway"
+base_url = "{upstream.url}"
+credential = "railway"
+[upstream.inject]
+header = {{ Authorization = "Bearer {{secret}}" }}
+
+[[scope]]
+name = "volumes"
+upstream = "railway"
+environment = "staging"
+default_ttl = "5m"
+max_ttl = "10m"
+[[scope.allow]]
+methods = ["GET"]
+path = "/v1/volumes/*"
+[[scope.allow]]
+methods = ["DELETE"]
+path = "/v1/volumes/*"
+query = {{ force = {{ one_of = ["true", "false"] }} }}
+approval = true
+""",
+        server_extra='gateway_listen = "127.0.0.1:0"',
+    ).replace('scopes = ["deploy-staging", "short", "prod-db"]', 'scopes = ["deploy-staging", "short", "prod-db", "volumes"]')
+    valetd = deploy(config).start()
+    try:
+        with client_for(valetd, AGENT_KEY) as agent, client_for(valetd, OPERATOR_KEY) as operator:
+            issued = agent.request_token("volumes", "py-gateway")
+            base = f"http://{valetd.gateway}/u/railway"
+            shown = []
+
+            def on_waiting(approval):
+                shown.append(approval)
+                threading.Timer(0.3, approve, (operator, approval.id)).start()
+
+            with requests.Session() as session:
+                session.auth = ValetAuth(issued.token, client=agent, on_waiting=on_waiting)
+                assert session.get(f"{base}/v1/volumes/vol-1").status_code == 200
+                answer = session.delete(f"{base}/v1/volumes/vol-scratch?force=true")
+                assert answer.status_code == 200, answer.text
+                assert answer.history and answer.history[0].status_code == 428
+            assert len(shown) == 1 and "DELETE /v1/volumes/vol-scratch?force=true" in shown[0].rendered
+
+            with httpx.Client() as http_client:
+                auth = ValetHttpxAuth(issued.token, client=agent, on_waiting=on_waiting)
+                answer = http_client.delete(f"{base}/v1/volumes/vol-other", auth=auth)
+                assert answer.status_code == 200, answer.text
+            # Without a client to wait with, the 428 comes back as it is.
+            with httpx.Client() as http_client:
+                answer = http_client.delete(f"{base}/v1/volumes/vol-third", auth=ValetHttpxAuth(issued.token))
+                assert answer.status_code == 428 and answer.json()["approval_id"].startswith("ap_")
+
+        deletes = [seen for seen in upstream.seen if seen[0] == "DELETE"]
+        assert [path for _, path, _, _ in deletes] == ["/v1/volumes/vol-scratch?force=true", "/v1/volumes/vol-other"]
+        assert all(authorization == f"Bearer {RAILWAY_ROOT_SECRET}" for _, _, authorization, _ in upstream.seen)
+    finally:
+        upstream.close()
+
+
+def _p256_key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def test_identity_token_login(deploy, tmp_path, monkeypatch):
+    import jwt
+    from jwt.algorithms import ECAlgorithm
+
+    key = _p256_key()
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    jwk.update({"kid": "py-1", "use": "sig", "alg": "ES256"})
+    issuer = "https://ci.example.com"
+    config = standard_config(
+        f"""
+[[principal]]
+name = "file-agent"
+roles = ["agent"]
+scopes = ["deploy-staging"]
+[[principal.identity]]
+issuer = "ci"
+subject = "job:build"
+
+[[issuer]]
+name = "ci"
+issuer = "{issuer}"
+audiences = ["valet"]
+jwks_file = "ci-jwks.json"
+algorithms = ["ES256"]
+"""
+    )
+    deployment = deploy(config)
+    deployment.path("ci-jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    valetd = deployment.start()
+    now = int(time.time())
+    token = jwt.encode(
+        {"iss": issuer, "aud": "valet", "sub": "job:build", "iat": now, "nbf": now, "exp": now + 600},
+        key,
+        algorithm="ES256",
+        headers={"kid": "py-1"},
+    )
+    token_file = tmp_path / "identity.jwt"
+    token_file.write_text(token + "\n")
+    monkeypatch.setenv("VALET_SERVER", valetd.server)
+    monkeypatch.setenv("VALET_IDENTITY_TOKEN_FILE", str(token_file))
+    monkeypatch.delenv("VALET_KEY", raising=False)
+    with valet.Client.from_env() as agent:
+        me = agent.who_am_i()
+        assert me["principal"] == "file-agent" and me["auth_method"] == "identity_token", me
+        issued = staging(agent, "py-identity")
+        assert issued.grant.principal == "file-agent"
+    # A token for someone else is refused, with the reason.
+    stranger = jwt.encode(
+        {"iss": issuer, "aud": "valet", "sub": "job:other", "iat": now, "exp": now + 600},
+        key,
+        algorithm="ES256",
+        headers={"kid": "py-1"},
+    )
+    token_file.write_text(stranger)
+    with pytest.raises(valet.ValetError) as refused:
+        with valet.Client(valet.Settings(server=valetd.server, credential=valet.IdentityTokenFile(str(token_file)))) as other:
+            other.who_am_i()
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED, refused.value
+    assert token not in str(refused.value) and stranger not in str(refused.value)
+
+
+def _certificates(directory: pathlib.Path):
+    """A throwaway CA and a server certificate for 127.0.0.1 and localhost."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = _p256_key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "valet test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = _p256_key()
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "valetd")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (directory / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (directory / "server.crt").write_bytes(server.public_bytes(pem))
+    (directory / "server.key").write_bytes(
+        server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+def test_tls(deploy, tmp_path):
+    deployment = deploy(standard_config(server_extra='tls_cert_file = "server.crt"\ntls_key_file = "server.key"'))
+    _certificates(deployment.directory)
+    valetd = deployment.start(scheme="https")
+    ca_file = str(deployment.path("ca.crt"))
+    with client_for(valetd, AGENT_KEY, ca_file=ca_file) as agent:
+        issued = staging(agent, "py-tls")
+        assert agent.introspect(issued.token).active
+    # Without the CA, valetd's certificate is not trusted: refused before any credential is sent.
+    with pytest.raises(valet.ValetError) as refused:
+        with client_for(valetd, AGENT_KEY, ca_file=None) as untrusting:
+            untrusting.who_am_i()
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE, refused.value
+    # Plaintext to a TLS listener is refused too.
+    plaintext = valet.Settings(server=valetd.server.replace("https://", "http://"), credential=valet.PrincipalKey(AGENT_KEY))
+    with pytest.raises(valet.ValetError):
+        with valet.Client(plaintext, timeout=5) as agent:
+            agent.who_am_i()
+
+
+def test_offline_verification_after_rotation(valetd):
+    with client_for(valetd, AGENT_KEY) as agent, client_for(valetd, ADMIN_KEY) as admin:
+        verifier = agent.verifier()
+        old = staging(agent, "py-rotation-old")
+        assert verifier.verify(old.token, "railway")["jti"] == old.grant.id
+        rotated = admin._admin.RotateSigningKey(
+            admin_pb2.RotateSigningKeyRequest(), metadata=admin.settings.metadata(), timeout=10
+        )
+        new = staging(agent, "py-rotation-new")
+        header = json.loads(base64.urlsafe_b64decode(new.token.reveal().split(".")[0] + "=="))
+        assert header["kid"] == rotated.new_key_id and header["alg"] == "EdDSA"
+        assert verifier.verify(new.token, "railway")["jti"] == new.grant.id, "the new key was fetched"
+        assert verifier.verify(old.token, "railway")["jti"] == old.grant.id, "the old key still verifies"
+        with pytest.raises(valet.VerificationError, match="audience"):
+            verifier.verify(new.token, "github")
+        head, body, signature = new.token.reveal().split(".")
+        claims = json.loads(base64.urlsafe_b64decode(body + "=="))
+        claims["environment"] = "production"
+        forged_body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+        with pytest.raises(valet.VerificationError):
+            verifier.verify(f"{head}.{forged_body}.{signature}", "railway")
+        unsigned = base64.urlsafe_b64encode(json.dumps({"alg": "none", "kid": header["kid"]}).encode()).rstrip(b"=").decode()
+        with pytest.raises(valet.VerificationError, match="algorithm"):
+            verifier.verify(f"{unsigned}.{body}.", "railway")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_aws_credentials(deploy):
+    pytest.importorskip("boto3", reason="installed with the package's [aws] extra")
+    moto_server = TOOLS_VENV / "bin" / "moto_server"
+    if not moto_server.exists():
+        raise AssertionError(f"{moto_server} is missing: run ./scripts/test.sh, which installs moto")
+    port = _free_port()
+    moto = subprocess.Popen(
+        [str(moto_server), "-H", "127.0.0.1", "-p", str(port)],
+        env={"PATH": "/usr/bin:/bin", "INITIAL_NO_AUTH_ACTION_COUNT": "7"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto_server did not listen within 30 s"
+                time.sleep(0.05)
+        setup = json.loads(
+            subprocess.run(
+                [str(tools_python()), str(REPOSITORY / "tests" / "aws" / "moto_setup.py"), endpoint],
+                check=True,
+                capture_output=True,
+            ).stdout
+        )
+        config = standard_config(
+            f"""
+[[credential]]
+name = "aws-root"
+kind = "aws"
+access_key_id = "{setup['access_key_id']}"
+file = "aws.secret"
+region = "us-east-1"
+endpoint = "{endpoint}"
+
+[[scope]]
+name = "reports-read"
+credential = "aws-root"
+provider = "aws-sts"
+environment = "staging"
+default_ttl = "5m"
+max_ttl = "1h"
+role_arn = "{setup['role_arn']}"
+actions = ["s3:ListBucket", "s3:GetObject"]
+resources = ["arn:aws:s3:::reports-{{team}}", "arn:aws:s3:::reports-{{team}}/*"]
+[scope.params.team]
+pattern = "[a-z]{{1,16}}"
+"""
+        ).replace('scopes = ["deploy-staging", "short", "prod-db"]', 'scopes = ["deploy-staging", "short", "prod-db", "reports-read"]')
+        deployment = deploy(config)
+        deployment.path("aws.secret").write_text(setup["secret_access_key"] + "\n")
+        valetd = deployment.start()
+        team = setup["bucket"].removeprefix("reports-")
+        with client_for(valetd, AGENT_KEY) as agent:
+            issued = agent.request_token("reports-read", "py-aws", params={"team": team})
+        aws = issued.aws
+        assert aws is not None and aws.access_key_id and aws.region == "us-east-1"
+        assert aws.secret_access_key.reveal() not in repr(issued) and aws.session_token.reveal() not in repr(aws)
+        environment = aws.environment()
+        assert set(environment) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION"}
+        assert environment["AWS_SESSION_TOKEN"] == aws.session_token.reveal()
+        s3 = aws.boto3_session().client("s3", endpoint_url=endpoint)
+        listed = s3.list_objects_v2(Bucket=setup["bucket"])
+        assert listed["ResponseMetadata"]["HTTPStatusCode"] == 200
+        assert GITHUB_ROOT_SECRET not in repr(issued)
+    finally:
+        moto.terminate()
+        moto.wait(10)
+
+
+def test_refusal_says_why(valetd, deploy):
+    with client_for(valetd, AGENT_KEY) as agent:
+        with pytest.raises(valet.ValetError) as refused:
+            agent.request_token("no-such-scope", "py-refused")
+    error = refused.value
+    assert error.code == grpc.StatusCode.PERMISSION_DENIED, error
+    assert "no-such-scope" in error.reason, error
+    assert error.request_id, "valetd's request id comes back with the refusal"
+    records = [json.loads(line) for line in pathlib.Path(valetd.process.args[2]).parent.joinpath("audit/audit.jsonl").read_text().splitlines()]
+    assert any(record.get("request_id") == error.request_id and record["outcome"] == "denied" for record in records)
+    with pytest.raises(valet.ValetError) as unknown:
+        with client_for(valetd, "vk_not_a_key_anyone_has") as stranger:
+            stranger.who_am_i()
+    assert unknown.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "vk_not_a_key_anyone_has" not in str(unknown.value)
+
+
+def test_every_shared_scenario_has_a_test_here(request):
+    table = (REPOSITORY / "clients" / "scenarios.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| scenario") and "---" not in line]
+    names = {item.name.split("[")[0] for item in request.session.items}
+    missing = [row.split("|")[3].strip() for row in rows if row.split("|")[3].strip() not in names]
+    assert rows and not missing, f"scenarios with no Python test: {missing}"
