@@ -66,8 +66,8 @@ cargo test --workspace --locked 2>&1 | tee "$log"
 
 echo "== Python client: a wheel built from clients/python (stubs generated from proto/ by its build), installed into a fresh venv, its pytest suite against real valetd processes"
 client_venv=var/python-client-venv
-rm -rf "$client_venv" && python3 -m venv "$client_venv"
-"$venv/bin/pip" wheel --quiet --disable-pip-version-check --no-deps -w "$client_venv/dist" ./clients/python
+rm -rf "$client_venv" clients/python/build && python3 -m venv "$client_venv"
+"$client_venv/bin/pip" wheel --quiet --disable-pip-version-check --no-deps -w "$client_venv/dist" ./clients/python
 "$client_venv/bin/pip" install --quiet --disable-pip-version-check \
   "$(ls "$client_venv"/dist/valet_client-*.whl)[aws,httpx,requests]" 'pytest==9.2.0' 'pytest-timeout==2.4.0'
 (cd "$client_venv" && VALET_BINARIES="$PWD/../../target/debug" bin/pytest -q --timeout 180 -p no:cacheprovider ../../clients/python/tests) 2>&1 | tee -a "$log"

@@ -133,6 +133,16 @@ def test_approval_wait(valetd):
         assert granted.token and agent.introspect(granted.token).active
         assert granted.grant.status == "active"
 
+        # The asyncio client waits the same way.
+        async def waited_async():
+            settings = valet.Settings(server=valetd.server, credential=valet.PrincipalKey(AGENT_KEY))
+            async with AsyncClient(settings) as async_agent:
+                pending = await async_agent.request_token("prod-db", "py-approval-async")
+                threading.Timer(0.3, approve, (operator, pending.approval.id, "production")).start()
+                return await async_agent.wait_for_grant(pending.grant.id, timeout=30)
+
+        assert agent.introspect(asyncio.run(waited_async()).token).active
+
         # Denied: the wait says so.
         denied = agent.request_token("prod-db", "py-denied")
         operator._admin.Deny(
@@ -230,13 +240,28 @@ approval = true
                 auth = ValetHttpxAuth(issued.token, client=agent, on_waiting=on_waiting)
                 answer = http_client.delete(f"{base}/v1/volumes/vol-other", auth=auth)
                 assert answer.status_code == 200, answer.text
+            # asyncio: the async client waits, httpx.AsyncClient retries.
+            async def through_async():
+                settings = valet.Settings(server=valetd.server, credential=valet.PrincipalKey(AGENT_KEY))
+                async with AsyncClient(settings) as async_agent:
+                    auth = ValetHttpxAuth(issued.token, client=async_agent, on_waiting=on_waiting)
+                    async with httpx.AsyncClient() as http_client:
+                        return await http_client.delete(f"{base}/v1/volumes/vol-async", auth=auth)
+
+            answer = asyncio.run(through_async())
+            assert answer.status_code == 200, answer.text
+            assert len(shown) == 3
             # Without a client to wait with, the 428 comes back as it is.
             with httpx.Client() as http_client:
                 answer = http_client.delete(f"{base}/v1/volumes/vol-third", auth=ValetHttpxAuth(issued.token))
                 assert answer.status_code == 428 and answer.json()["approval_id"].startswith("ap_")
 
         deletes = [seen for seen in upstream.seen if seen[0] == "DELETE"]
-        assert [path for _, path, _, _ in deletes] == ["/v1/volumes/vol-scratch?force=true", "/v1/volumes/vol-other"]
+        assert [path for _, path, _, _ in deletes] == [
+            "/v1/volumes/vol-scratch?force=true",
+            "/v1/volumes/vol-other",
+            "/v1/volumes/vol-async",
+        ], "each approved call executed once; the unapproved one never"
         assert all(authorization == f"Bearer {RAILWAY_ROOT_SECRET}" for _, _, authorization, _ in upstream.seen)
     finally:
         upstream.close()
@@ -294,6 +319,35 @@ algorithms = ["ES256"]
         assert me["principal"] == "file-agent" and me["auth_method"] == "identity_token", me
         issued = staging(agent, "py-identity")
         assert issued.grant.principal == "file-agent"
+    # In a GitHub Actions job: the runner's OIDC endpoint gives the token (asked for audience valet).
+    asked = []
+
+    class Runner(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append((self.path, self.headers.get("Authorization")))
+            payload = json.dumps({"value": token}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *_arguments):
+            pass
+
+    runner = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Runner)
+    threading.Thread(target=runner.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.delenv("VALET_IDENTITY_TOKEN_FILE")
+        monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_URL", f"http://127.0.0.1:{runner.server_address[1]}/token?api-version=2.0")
+        monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "runner-request-token")
+        with valet.Client.from_env() as agent:
+            assert agent.who_am_i()["principal"] == "file-agent"
+            assert "runner-request-token" not in repr(agent)
+        assert asked == [("/token?api-version=2.0&audience=valet", "Bearer runner-request-token")]
+    finally:
+        runner.shutdown()
+
     # A token for someone else is refused, with the reason.
     stranger = jwt.encode(
         {"iss": issuer, "aud": "valet", "sub": "job:other", "iat": now, "exp": now + 600},
