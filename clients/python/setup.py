@@ -25,6 +25,10 @@ def proto_root() -> pathlib.Path:
 
 class BuildWithStubs(build_py):
     def run(self) -> None:
+        # A build directory left from an earlier build may hold modules since removed: start clean.
+        import shutil
+
+        shutil.rmtree(pathlib.Path(self.build_lib) / "valet", ignore_errors=True)
         super().run()
         import grpc_tools
         from grpc_tools import protoc

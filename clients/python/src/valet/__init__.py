@@ -15,7 +15,7 @@ from valet.client import Client, Task
 from valet.errors import ApprovalDenied, ApprovalTimeout, ConfigurationError, ValetError
 from valet.secret import Secret
 from valet.settings import GithubActions, IdentityTokenFile, PrincipalKey, Settings
-from valet.types import Approval, AwsCredentials, Grant, Introspection, IssuedToken, Revoked
+from valet.records import Approval, AwsCredentials, Grant, Introspection, IssuedToken, Revoked
 from valet.verify import OfflineVerifier, VerificationError
 
 __all__ = [

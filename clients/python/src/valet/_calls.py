@@ -15,7 +15,7 @@ except ImportError as error:  # pragma: no cover - a broken install
 
 from valet.errors import ApprovalDenied, ApprovalTimeout
 from valet.secret import Secret
-from valet.types import Approval, IssuedToken
+from valet.records import Approval, IssuedToken
 
 __all__ = ["admin_pb2", "admin_pb2_grpc", "broker_pb2", "broker_pb2_grpc"]
 

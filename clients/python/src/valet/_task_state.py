@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from valet._calls import Ttl
-from valet.types import IssuedToken
+from valet.records import IssuedToken
 
 #: A grant is renewed once less than this share of its lifetime is left.
 RENEW_WHEN_LEFT = 1 / 3

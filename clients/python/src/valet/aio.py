@@ -18,7 +18,7 @@ from valet.client import OnWaiting
 from valet.errors import ValetError, from_rpc_error
 from valet.secret import Secret
 from valet.settings import Settings
-from valet.types import Approval, Grant, Introspection, IssuedToken, Revoked
+from valet.records import Approval, Grant, Introspection, IssuedToken, Revoked
 from valet.verify import OfflineVerifier
 
 log = logging.getLogger("valet")

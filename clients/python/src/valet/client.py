@@ -17,7 +17,7 @@ from valet._task_state import TaskState, end_reason
 from valet.errors import ValetError, from_rpc_error
 from valet.secret import Secret
 from valet.settings import Settings
-from valet.types import Approval, Grant, Introspection, IssuedToken, Revoked
+from valet.records import Approval, Grant, Introspection, IssuedToken, Revoked
 from valet.verify import OfflineVerifier
 
 log = logging.getLogger("valet")

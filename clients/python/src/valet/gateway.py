@@ -8,7 +8,7 @@ import json
 from typing import Any, Callable, Optional, Union
 
 from valet.secret import Secret
-from valet.types import Approval
+from valet.records import Approval
 
 APPROVAL_HEADER = "Valet-Approval"
 PRECONDITION_REQUIRED = 428
@@ -42,11 +42,8 @@ class _Approvals:
         self.on_waiting = on_waiting
 
 
-class ValetAuth:
-    """For `requests`: `session.auth = ValetAuth(issued.token, client=client)`. `token` may be a
-    callable returning the current token (a renewing task: `lambda: task.current(id).token`).
-    With `client`, a 428 is waited on (`client.wait_for_approval`) and the call retried once with
-    its approval; without, the 428 is returned as it is."""
+class _TokenAndApprovals:
+    """What both auth objects hold: where the token comes from, and how to wait for approvals."""
 
     def __init__(
         self,
@@ -60,7 +57,14 @@ class ValetAuth:
         self._approvals = _Approvals(client, approval_timeout, on_waiting) if client is not None else None
 
     def __repr__(self) -> str:
-        return "ValetAuth(<token>)"
+        return f"{type(self).__name__}(<token>)"
+
+
+class ValetAuth(_TokenAndApprovals):
+    """For `requests`: `session.auth = ValetAuth(issued.token, client=client)`. `token` may be a
+    callable returning the current token (a renewing task: `lambda: task.current(id).token`).
+    With `client`, a 428 is waited on (`client.wait_for_approval`) and the call retried once with
+    its approval; without, the 428 is returned as it is."""
 
     def __call__(self, request):
         request.headers["Authorization"] = f"Bearer {_token(self._token)}"
@@ -92,23 +96,9 @@ except ImportError:  # pragma: no cover - httpx is optional
 
 if httpx is not None:
 
-    class ValetHttpxAuth(httpx.Auth):
+    class ValetHttpxAuth(_TokenAndApprovals, httpx.Auth):
         """For `httpx` (sync `Client` with a `valet.Client`, or `AsyncClient` with a
         `valet.aio.AsyncClient`): the token on every request; a 428 waited on and retried once."""
-
-        def __init__(
-            self,
-            token: TokenSource,
-            *,
-            client: Any = None,
-            approval_timeout: float = 300.0,
-            on_waiting: Optional[Callable[[Approval], None]] = None,
-        ) -> None:
-            self._token = token
-            self._approvals = _Approvals(client, approval_timeout, on_waiting) if client is not None else None
-
-        def __repr__(self) -> str:
-            return "ValetHttpxAuth(<token>)"
 
         def _first(self, request):
             request.headers["Authorization"] = f"Bearer {_token(self._token)}"
