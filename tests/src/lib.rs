@@ -55,93 +55,12 @@ pub fn sha256_hex(text: &str) -> String {
 /// The standard test config, with `extra` appended (more scopes, say). Paths are relative to the
 /// config's directory.
 pub fn standard_config(extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-data_dir = "data"
-issuer = "https://valet.test"
-max_ttl = "1h"
-grant_retention = "1h"
-
-[seal]
-key_file = "seal.key"
-
-[audit]
-path = "audit/audit.jsonl"
-
-[[credential]]
-name = "railway"
-file = "railway.secret"
-
-[[credential]]
-name = "github"
-env = "VALET_TEST_GITHUB_TOKEN"
-
-[[scope]]
-name = "deploy-staging"
-credential = "railway"
-environment = "staging"
-audience = "railway"
-default_ttl = "5m"
-max_ttl = "10m"
-[scope.params.project]
-pattern = "[a-z][a-z0-9-]{{0,31}}"
-
-[[scope]]
-name = "limited"
-credential = "github"
-environment = "ci"
-audience = "github"
-default_ttl = "5m"
-max_ttl = "10m"
-max_uses = 2
-
-[[scope]]
-name = "short"
-credential = "github"
-environment = "ci"
-audience = "github"
-default_ttl = "2s"
-max_ttl = "6s"
-
-[[scope]]
-name = "prod-db"
-credential = "railway"
-environment = "production"
-audience = "railway"
-default_ttl = "5m"
-max_ttl = "10m"
-renewable = false
-
-[[principal]]
-name = "agent"
-roles = ["agent"]
-key_sha256 = "{agent}"
-scopes = ["deploy-staging", "limited", "short"]
-
-[[principal]]
-name = "other-agent"
-roles = ["agent"]
-key_sha256 = "{other}"
-scopes = ["deploy-staging", "prod-db"]
-
-[[principal]]
-name = "operator"
-roles = ["operator"]
-key_sha256 = "{operator}"
-
-[[principal]]
-name = "admin"
-roles = ["admin"]
-key_sha256 = "{admin}"
-{extra}
-"#,
-        agent = sha256_hex(AGENT_KEY),
-        other = sha256_hex(OTHER_AGENT_KEY),
-        operator = sha256_hex(OPERATOR_KEY),
-        admin = sha256_hex(ADMIN_KEY),
-    )
+    let template = include_str!("../standard.toml")
+        .replace("@AGENT_KEY_SHA256@", &sha256_hex(AGENT_KEY))
+        .replace("@OTHER_AGENT_KEY_SHA256@", &sha256_hex(OTHER_AGENT_KEY))
+        .replace("@OPERATOR_KEY_SHA256@", &sha256_hex(OPERATOR_KEY))
+        .replace("@ADMIN_KEY_SHA256@", &sha256_hex(ADMIN_KEY));
+    format!("{template}{extra}\n")
 }
 
 /// A directory holding a config and everything it points at.

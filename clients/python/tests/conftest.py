@@ -5,6 +5,7 @@ binaries come from the Rust build (`VALET_BINARIES`, default `target/debug` of t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -21,6 +22,7 @@ BINARIES = pathlib.Path(os.environ.get("VALET_BINARIES", REPOSITORY / "target" /
 TOOLS_VENV = REPOSITORY / "var" / "venv"
 
 AGENT_KEY = "vk_test_agent_3b1f0c6e5d4a"
+OTHER_AGENT_KEY = "vk_test_other_agent_91ab77"
 OPERATOR_KEY = "vk_test_operator_c0ffee42"
 ADMIN_KEY = "vk_test_admin_5eed1e55"
 SEAL_KEY = "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80="
@@ -32,50 +34,11 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def standard_config(extra: str = "", server_extra: str = "") -> str:
-    return f"""
-[server]
-listen = "127.0.0.1:0"
-data_dir = "data"
-issuer = "https://valet.test"
-max_ttl = "1h"
-grant_retention = "1h"
-{server_extra}
-
-[seal]
-key_file = "seal.key"
-
-[audit]
-path = "audit/audit.jsonl"
-
-[[credential]]
-name = "railway"
-file = "railway.secret"
-
-[[credential]]
-name = "github"
-env = "VALET_TEST_GITHUB_TOKEN"
-
+#: What the Python suite adds to the shared standard config: a scope that needs an operator's
+#: approval, held by the agent.
+PYTHON_SCOPES = """
 [[scope]]
-name = "deploy-staging"
-credential = "railway"
-environment = "staging"
-audience = "railway"
-default_ttl = "5m"
-max_ttl = "10m"
-[scope.params.project]
-pattern = "[a-z][a-z0-9-]{{0,31}}"
-
-[[scope]]
-name = "short"
-credential = "github"
-environment = "ci"
-audience = "github"
-default_ttl = "3s"
-max_ttl = "9s"
-
-[[scope]]
-name = "prod-db"
+name = "prod-approval"
 credential = "railway"
 environment = "production"
 audience = "railway"
@@ -85,24 +48,28 @@ max_ttl = "10m"
 approvers = ["role:operator"]
 timeout = "2m"
 confirm = "environment"
-
-[[principal]]
-name = "agent"
-roles = ["agent"]
-key_sha256 = "{sha256_hex(AGENT_KEY)}"
-scopes = ["deploy-staging", "short", "prod-db"]
-
-[[principal]]
-name = "operator"
-roles = ["operator"]
-key_sha256 = "{sha256_hex(OPERATOR_KEY)}"
-
-[[principal]]
-name = "admin"
-roles = ["admin"]
-key_sha256 = "{sha256_hex(ADMIN_KEY)}"
-{extra}
 """
+
+
+def standard_config(extra: str = "", server_extra: str = "", agent_scopes=()) -> str:
+    """The end-to-end suites' shared config (tests/standard.toml), as the Rust harness fills it,
+    with the Python suite's scope, `server_extra` in [server], more scopes for the agent, and
+    `extra` appended."""
+    template = (REPOSITORY / "tests" / "standard.toml").read_text()
+    for placeholder, key in (
+        ("AGENT_KEY", AGENT_KEY),
+        ("OTHER_AGENT_KEY", OTHER_AGENT_KEY),
+        ("OPERATOR_KEY", OPERATOR_KEY),
+        ("ADMIN_KEY", ADMIN_KEY),
+    ):
+        template = template.replace(f"@{placeholder}_SHA256@", sha256_hex(key))
+    scopes = ["deploy-staging", "limited", "short", "prod-approval", *agent_scopes]
+    agent = 'scopes = ["deploy-staging", "limited", "short"]'
+    assert agent in template, "the shared config's agent scopes changed: update the Python harness"
+    template = template.replace(agent, f"scopes = {json.dumps(scopes)}", 1)
+    if server_extra:
+        template = template.replace('grant_retention = "1h"\n', f'grant_retention = "1h"\n{server_extra}\n', 1)
+    return f"{template}{PYTHON_SCOPES}{extra}\n"
 
 
 class Valetd:

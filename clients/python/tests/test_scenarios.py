@@ -117,9 +117,9 @@ def test_task_scope_revokes_on_exit_however_it_exits(valetd):
 
 def test_approval_wait(valetd):
     with client_for(valetd, AGENT_KEY) as agent, client_for(valetd, OPERATOR_KEY) as operator:
-        issued = agent.request_token("prod-db", "py-approval", purpose="migrate")
+        issued = agent.request_token("prod-approval", "py-approval", purpose="migrate")
         assert issued.pending and issued.token is None
-        assert "prod-db" in issued.approval.rendered and issued.approval.confirm == "environment"
+        assert "prod-approval" in issued.approval.rendered and issued.approval.confirm == "environment"
         told = []
 
         def on_waiting(approval):
@@ -137,14 +137,14 @@ def test_approval_wait(valetd):
         async def waited_async():
             settings = valet.Settings(server=valetd.server, credential=valet.PrincipalKey(AGENT_KEY))
             async with AsyncClient(settings) as async_agent:
-                pending = await async_agent.request_token("prod-db", "py-approval-async")
+                pending = await async_agent.request_token("prod-approval", "py-approval-async")
                 threading.Timer(0.3, approve, (operator, pending.approval.id, "production")).start()
                 return await async_agent.wait_for_grant(pending.grant.id, timeout=30)
 
         assert agent.introspect(asyncio.run(waited_async()).token).active
 
         # Denied: the wait says so.
-        denied = agent.request_token("prod-db", "py-denied")
+        denied = agent.request_token("prod-approval", "py-denied")
         operator._admin.Deny(
             admin_pb2.DenyRequest(id=denied.approval.id, reason="not during the freeze"),
             metadata=operator.settings.metadata(),
@@ -216,7 +216,8 @@ query = {{ force = {{ one_of = ["true", "false"] }} }}
 approval = true
 """,
         server_extra='gateway_listen = "127.0.0.1:0"',
-    ).replace('scopes = ["deploy-staging", "short", "prod-db"]', 'scopes = ["deploy-staging", "short", "prod-db", "volumes"]')
+        agent_scopes=["volumes"],
+    )
     valetd = deploy(config).start()
     try:
         with client_for(valetd, AGENT_KEY) as agent, client_for(valetd, OPERATOR_KEY) as operator:
@@ -513,8 +514,9 @@ actions = ["s3:ListBucket", "s3:GetObject"]
 resources = ["arn:aws:s3:::reports-{{team}}", "arn:aws:s3:::reports-{{team}}/*"]
 [scope.params.team]
 pattern = "[a-z]{{1,16}}"
-"""
-        ).replace('scopes = ["deploy-staging", "short", "prod-db"]', 'scopes = ["deploy-staging", "short", "prod-db", "reports-read"]')
+""",
+            agent_scopes=["reports-read"],
+        )
         deployment = deploy(config)
         deployment.path("aws.secret").write_text(setup["secret_access_key"] + "\n")
         valetd = deployment.start()
