@@ -16,6 +16,7 @@ mod gateway;
 mod identity;
 mod lifecycle;
 mod mcp;
+mod metrics;
 mod protocol;
 mod refusals;
 mod restart;

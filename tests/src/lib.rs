@@ -155,6 +155,8 @@ pub struct Valetd {
     pub address: String,
     /// The gateway's address, when the config has one.
     pub gateway: Option<String>,
+    /// The metrics listener's address (`IP:PORT`), when the config has one.
+    pub metrics: Option<String>,
     output: Arc<Mutex<String>>,
 }
 
@@ -184,6 +186,14 @@ impl Valetd {
                             .to_string();
                         let _ = address_sender.send(format!("gateway {address}"));
                     }
+                    if is_stderr && let Some(address) = line.split("metrics listening on ").nth(1) {
+                        let address = address
+                            .split(|character: char| character.is_whitespace() || character == '"')
+                            .next()
+                            .unwrap_or_default()
+                            .to_string();
+                        let _ = address_sender.send(format!("metrics {address}"));
+                    }
                     if is_stderr && let Some(address) = line.split("valetd listening on ").nth(1) {
                         let address = address
                             .split(|character: char| character.is_whitespace() || character == '"')
@@ -204,13 +214,18 @@ impl Valetd {
             child: Some(child),
             address: String::new(),
             gateway: None,
+            metrics: None,
             output,
         };
-        // The gateway (when configured) announces itself before the gRPC listener.
+        // The gateway and the metrics listener (when configured) announce themselves before the
+        // gRPC listener.
         loop {
             match address_receiver.recv_timeout(Duration::from_secs(30)) {
                 Ok(address) if address.starts_with("gateway ") => {
                     valetd.gateway = Some(format!("http://{}", &address["gateway ".len()..]))
+                }
+                Ok(address) if address.starts_with("metrics ") => {
+                    valetd.metrics = Some(address["metrics ".len()..].to_string())
                 }
                 Ok(address) => {
                     valetd.address = format!("http://{address}");

@@ -280,10 +280,17 @@ impl AuditEvent {
     }
 
     pub fn action(&self) -> &str {
-        self.fields
-            .get("action")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
+        self.text("action").unwrap_or_default()
+    }
+
+    /// A text field, if the event has it.
+    pub fn text(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).and_then(Value::as_str)
+    }
+
+    /// Any field, if the event has it.
+    pub fn value(&self, key: &str) -> Option<&Value> {
+        self.fields.get(key)
     }
 }
 

@@ -88,11 +88,62 @@ where
                 if let Ok(value) = http::HeaderValue::from_str(&request_id) {
                     response.headers_mut().insert("x-request-id", value);
                 }
+                metrics::histogram!(
+                    "valet_rpc_seconds",
+                    "method" => method_label(&method),
+                    "code" => code_label(&status),
+                )
+                .record(started.elapsed().as_secs_f64());
                 tracing::debug!(grpc_status = %status, latency_us = started.elapsed().as_micros() as u64, "rpc finished");
                 Ok(response)
             }
             .instrument(span),
         )
+    }
+}
+
+/// The methods valetd serves. A client chooses the path it calls, so any other path is labelled
+/// `other`: a metric label never takes a value from outside this list.
+const METHODS: [&str; 24] = [
+    "/valet.v1.Broker/RequestToken",
+    "/valet.v1.Broker/WaitForGrant",
+    "/valet.v1.Broker/RenewToken",
+    "/valet.v1.Broker/RevokeToken",
+    "/valet.v1.Broker/RevokeTask",
+    "/valet.v1.Broker/Introspect",
+    "/valet.v1.Broker/GetJwks",
+    "/valet.v1.Broker/WhoAmI",
+    "/valet.v1.Admin/ListGrants",
+    "/valet.v1.Admin/WatchGrants",
+    "/valet.v1.Admin/RevokeAll",
+    "/valet.v1.Admin/RotateSigningKey",
+    "/valet.v1.Admin/ReloadConfig",
+    "/valet.v1.Admin/GetAuditHead",
+    "/valet.v1.Admin/AuditTail",
+    "/valet.v1.Admin/ListApprovals",
+    "/valet.v1.Admin/GetApproval",
+    "/valet.v1.Admin/Approve",
+    "/valet.v1.Admin/Deny",
+    "/valet.v1.Admin/WatchApprovals",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+fn method_label(path: &str) -> &'static str {
+    METHODS
+        .iter()
+        .find(|method| **method == path)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// A gRPC status code as a label: its number (0–16), or `other`.
+fn code_label(status: &str) -> String {
+    match status.parse::<u8>() {
+        Ok(code) if code <= 16 => code.to_string(),
+        _ => "other".to_string(),
     }
 }
 
@@ -185,5 +236,42 @@ where
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_method_labels_are_exactly_the_rpcs_in_the_proto_files() {
+        let mut in_proto = Vec::new();
+        for (service, text) in [
+            (
+                "valet.v1.Broker",
+                include_str!("../../../proto/valet/v1/broker.proto"),
+            ),
+            (
+                "valet.v1.Admin",
+                include_str!("../../../proto/valet/v1/admin.proto"),
+            ),
+        ] {
+            for line in text.lines() {
+                if let Some(rest) = line.trim().strip_prefix("rpc ")
+                    && let Some((name, _)) = rest.split_once('(')
+                {
+                    in_proto.push(format!("/{service}/{}", name.trim()));
+                }
+            }
+        }
+        let ours: Vec<&str> = METHODS
+            .iter()
+            .copied()
+            .filter(|method| method.starts_with("/valet.v1."))
+            .collect();
+        assert_eq!(ours, in_proto);
+        assert_eq!(method_label("/valet.v1.Broker/DropEverything"), "other");
+        assert_eq!(code_label("7"), "7");
+        assert_eq!(code_label("70"), "other");
     }
 }

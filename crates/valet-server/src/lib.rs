@@ -8,6 +8,7 @@ mod connections;
 mod convert;
 mod error;
 mod layers;
+mod metrics;
 mod outbound;
 mod server;
 

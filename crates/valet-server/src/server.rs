@@ -270,6 +270,35 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         );
         tracing::info!(address = %bound, n_upstreams = config.upstreams.len(), "gateway listening on {bound}");
     }
+    if let Some(metrics_address) = config.server.metrics_listen {
+        let handle = crate::metrics::install().map_err(|detail| ServerError::Listen {
+            address: metrics_address.to_string(),
+            detail: format!("cannot set up the metrics recorder: {detail}"),
+        })?;
+        let metrics_listener =
+            TcpListener::bind(metrics_address)
+                .await
+                .map_err(|error| ServerError::Listen {
+                    address: metrics_address.to_string(),
+                    detail: error.to_string(),
+                })?;
+        let bound = metrics_listener
+            .local_addr()
+            .map_err(|error| ServerError::Listen {
+                address: metrics_address.to_string(),
+                detail: error.to_string(),
+            })?;
+        tokio::spawn(crate::metrics::serve(
+            metrics_listener,
+            handle,
+            valet.clone(),
+        ));
+        tokio::spawn({
+            let valet = valet.clone();
+            async move { valet.follow_grants_for_metrics().await }
+        });
+        tracing::info!(address = %bound, "metrics listening on {bound}");
+    }
     tokio::spawn(sweep_forever(valet.clone()));
     tokio::spawn(checkpoint_grants_forever(valet.clone()));
     tokio::spawn(follow_key_ring(valet.clone()));

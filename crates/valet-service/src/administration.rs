@@ -127,6 +127,7 @@ impl Valet {
             }
         }
         self.vault.replace(loaded.credentials);
+        self.metrics.config_changed(&loaded.config);
         self.config.store(Arc::new(loaded.config));
         let config = self.config();
         let trigger = format!("config reload by {who}");

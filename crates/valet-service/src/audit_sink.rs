@@ -103,13 +103,14 @@ pub struct WrittenRecord {
 impl AuditSink {
     /// Opens the audit file, checks its tail against the head the store kept, and starts the
     /// writer task.
-    pub async fn open(
+    pub(crate) async fn open(
         path: &Path,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         redactor: Arc<Redactor>,
         chain_key: ChainKey,
         keys: Arc<crate::keys::Keys>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<AuditSink, AuditError> {
         let display = path.display().to_string();
         let unwritable = |detail: String| AuditError::Unwritable {
@@ -190,6 +191,7 @@ impl AuditSink {
         let (sender, receiver) = mpsc::channel(4096);
         let (durable_sender, durable) = watch::channel(head.sequence);
         let writer = Writer {
+            metrics,
             durable: durable_sender,
             path: path.to_path_buf(),
             file: Some(file),
@@ -339,6 +341,7 @@ struct Writer {
     keys: Arc<crate::keys::Keys>,
     written: broadcast::Sender<Arc<WrittenRecord>>,
     durable: watch::Sender<u64>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Writer {
@@ -352,6 +355,8 @@ impl Writer {
             let mut lines = Vec::with_capacity(batch.len());
             let mut head = self.head.clone();
             let mut checkpoint_at = self.last_checkpoint;
+            let mut observed = Vec::with_capacity(batch.len());
+            let started = std::time::Instant::now();
             let mut push = |line: String, next: &ChainHead, text: &mut String| {
                 text.push_str(&line);
                 text.push('\n');
@@ -370,6 +375,7 @@ impl Writer {
             for (event, _) in &batch {
                 let event = event.clone().redacted(|text| self.redactor.redact(text));
                 let (line, next) = audit::chain(&head, &event, now, Some(&self.chain_key));
+                observed.push(event);
                 push(line, &next, &mut text);
                 heads.push(next.clone());
                 head = next;
@@ -405,6 +411,7 @@ impl Writer {
                     Ok(length_before) => self.sync(length_before).await,
                     Err(error) => Err(error),
                 };
+                self.measured(&outcome, started, &observed);
                 if outcome.is_ok() {
                     self.committed(head, checkpoint_at, lines).await;
                 }
@@ -420,6 +427,7 @@ impl Writer {
             } else {
                 self.append(text, true).await.map(|_| ())
             };
+            self.measured(&outcome, started, &observed);
             if outcome.is_ok() {
                 self.committed(head, checkpoint_at, lines).await;
             }
@@ -434,6 +442,24 @@ impl Writer {
                     }
                 }
             }
+        }
+    }
+
+    /// Metrics of one commit group: its size and how long writing and syncing took; once on
+    /// disk, what its records say.
+    fn measured(
+        &self,
+        outcome: &Result<(), AuditError>,
+        started: std::time::Instant,
+        observed: &[AuditEvent],
+    ) {
+        metrics::histogram!("valet_audit_commit_records").record(observed.len() as f64);
+        metrics::histogram!("valet_audit_commit_seconds").record(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(()) => observed
+                .iter()
+                .for_each(|event| self.metrics.observe(event)),
+            Err(_) => metrics::counter!("valet_audit_write_errors_total").increment(1),
         }
     }
 

@@ -89,6 +89,54 @@ impl ServiceError {
     }
 
     /// Whether a record changed under the operation faster than it could retry.
+    /// One word for what kind of refusal or failure this is: the `refusal` field of its audit
+    /// record and the `reason` label of its metrics. Always one of [`ServiceError::KINDS`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServiceError::Unauthenticated { .. } => "unauthenticated",
+            ServiceError::RateLimited { .. } => "rate_limited",
+            ServiceError::Request(_) => "invalid_request",
+            ServiceError::Access(_) => "not_allowed",
+            ServiceError::Transition(_) => "invalid_transition",
+            ServiceError::Inactive(_) => "inactive",
+            ServiceError::GrantNotFound { .. } => "unknown_grant",
+            ServiceError::ApprovalNotFound { .. } => "unknown_approval",
+            ServiceError::InvalidField { .. } => "invalid_field",
+            ServiceError::Reload(_) => "reload_refused",
+            ServiceError::Approval(_) => "approval_refused",
+            ServiceError::Call(refusal) => refusal.kind(),
+            ServiceError::Aws(_) => "aws_failed",
+            ServiceError::AwsRevocation { .. } => "aws_revocation_failed",
+            ServiceError::Store(_) => "store_unavailable",
+            ServiceError::Audit(_) => "audit_unavailable",
+            ServiceError::Key(_) => "key_unavailable",
+            ServiceError::Lagged { .. } => "lagged",
+            ServiceError::Internal(_) => "internal",
+        }
+    }
+
+    /// Every [`ServiceError::kind`] that is not a gateway refusal's ([`CallRefusal::KINDS`]).
+    pub const KINDS: [&'static str; 18] = [
+        "unauthenticated",
+        "rate_limited",
+        "invalid_request",
+        "not_allowed",
+        "invalid_transition",
+        "inactive",
+        "unknown_grant",
+        "unknown_approval",
+        "invalid_field",
+        "reload_refused",
+        "approval_refused",
+        "aws_failed",
+        "aws_revocation_failed",
+        "store_unavailable",
+        "audit_unavailable",
+        "key_unavailable",
+        "lagged",
+        "internal",
+    ];
+
     pub fn is_conflict(&self) -> bool {
         matches!(
             self,

@@ -747,10 +747,10 @@ pub(crate) fn call_event(
 
 /// The refusal's details for the record, beyond its reason.
 pub(crate) fn describe_refusal(event: AuditEvent, error: &ServiceError) -> AuditEvent {
+    let event = event.with("refusal", error.kind());
     let ServiceError::Call(refusal) = error else {
         return event;
     };
-    let event = event.with("refusal", refusal.kind());
     match refusal {
         CallRefusal::Denied { asked, rules, .. } => event.with("asked", asked).with("rules", rules),
         CallRefusal::ApprovalRequired { approval_id, .. } => event.with("approval_id", approval_id),

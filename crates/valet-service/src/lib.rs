@@ -23,6 +23,7 @@ mod keys;
 mod listing;
 mod loader;
 mod mcp;
+mod metrics;
 mod outbound;
 mod redactor;
 mod revocation;
@@ -95,6 +96,8 @@ pub struct Valet {
     mcp_sessions: valet_core::mcp::SessionKey,
     /// Grants whose issue record is, until the next checkpoint, their only durable copy.
     deferred: deferred_grants::DeferredGrants,
+    /// What is counted for Prometheus.
+    metrics: Arc<metrics::Metrics>,
 }
 
 /// What it takes to start the service.
@@ -128,6 +131,7 @@ impl Valet {
         ));
         let keys =
             Arc::new(keys::Keys::open(store.clone(), parts.seal_key, parts.clock.clone()).await?);
+        let metrics = Arc::new(metrics::Metrics::new(&parts.loaded.config));
         let audit = AuditSink::open(
             &parts.loaded.config.audit.path,
             store.clone(),
@@ -135,6 +139,7 @@ impl Valet {
             redactor.clone(),
             chain_key,
             keys.clone(),
+            metrics.clone(),
         )
         .await?;
         let audit = match parts.replica {
@@ -160,6 +165,7 @@ impl Valet {
             limits: authentication_limits::AuthenticationLimits::default(),
             stopping: tokio::sync::watch::Sender::new(false),
             deferred,
+            metrics,
         });
         valet.restore_deferred_grants().await?;
         Ok(valet)
@@ -279,6 +285,7 @@ impl Valet {
             Err(error) => error,
         };
         let Some(audited) = error.audit_outcome() else {
+            ::metrics::counter!("valet_failed_closed_total", "reason" => error.kind()).increment(1);
             tracing::error!(request_id = caller.request_id(), error = %self.redact(&error.to_string()), "operation failed closed");
             return Err(error);
         };

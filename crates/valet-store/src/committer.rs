@@ -26,8 +26,14 @@ impl Committer {
                 while let Ok(first) = incoming.recv() {
                     let mut batch = vec![first];
                     batch.extend(incoming.try_iter());
+                    let started = std::time::Instant::now();
                     let outcome = db.flush().map(|_| ()).map_err(|error| error.to_string());
+                    metrics::histogram!("valet_store_commit_writers").record(batch.len() as f64);
+                    metrics::histogram!("valet_store_flush_seconds")
+                        .record(started.elapsed().as_secs_f64());
                     if let Err(error) = &outcome {
+                        metrics::counter!("valet_store_errors_total", "engine" => "sled")
+                            .increment(1);
                         tracing::error!(%error, n_waiting = batch.len(), "store flush failed; failing the waiting writes");
                     }
                     for waiter in batch {

@@ -83,6 +83,9 @@ pub struct ServerConfig {
     pub grant_retention: Duration,
     /// Where the HTTP gateway listens; no gateway when `None`.
     pub gateway_listen: Option<SocketAddr>,
+    /// Where Prometheus metrics are served (`GET /metrics`, no authentication, no secrets); off
+    /// when `None`.
+    pub metrics_listen: Option<SocketAddr>,
     /// The listeners may serve plaintext on addresses other than loopback (the operator has
     /// said that something else protects the network: a TLS-terminating proxy, a mesh).
     pub insecure_plaintext: bool,
@@ -140,6 +143,12 @@ impl ServerConfig {
             &mut self.gateway_listen,
             &running.gateway_listen,
             "server.gateway_listen",
+            &mut differed,
+        );
+        keep(
+            &mut self.metrics_listen,
+            &running.metrics_listen,
+            "server.metrics_listen",
             &mut differed,
         );
         keep(
@@ -689,6 +698,23 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
                     None
                 }
             });
+    let metrics_listen =
+        raw_server
+            .metrics_listen
+            .and_then(|text| match text.parse::<SocketAddr>() {
+                Ok(address) => Some(address),
+                Err(_) => {
+                    problems.push(
+                        "server.metrics_listen",
+                        invalid(
+                            &text,
+                            "socket address",
+                            "IP:PORT, such as \"127.0.0.1:7472\"",
+                        ),
+                    );
+                    None
+                }
+            });
     let max_connections = match raw_server.max_connections {
         None => DEFAULT_MAX_CONNECTIONS,
         Some(number) if (1..=1_000_000).contains(&number) => number as usize,
@@ -969,6 +995,7 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             max_ttl: server_max_ttl?,
             grant_retention: grant_retention?,
             gateway_listen,
+            metrics_listen,
             insecure_plaintext: raw_server.insecure_plaintext.unwrap_or(false),
             max_connections,
             idle_timeout: idle_timeout?,

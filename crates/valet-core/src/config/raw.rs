@@ -98,6 +98,7 @@ pub struct RawServer {
     pub max_ttl: Option<String>,
     pub grant_retention: Option<String>,
     pub gateway_listen: Option<String>,
+    pub metrics_listen: Option<String>,
     pub insecure_plaintext: Option<bool>,
     pub max_connections: Option<i64>,
     pub idle_timeout: Option<String>,
