@@ -288,6 +288,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
                 address: metrics_address.to_string(),
                 detail: error.to_string(),
             })?;
+        valet.enable_metrics();
         tokio::spawn(crate::metrics::serve(
             metrics_listener,
             handle,

@@ -99,6 +99,9 @@ fn status_label(value: Option<&str>) -> String {
 /// The service's metrics. Recording goes to the process's `metrics` recorder (valetd installs
 /// the Prometheus one; without a recorder every call is a no-op).
 pub(crate) struct Metrics {
+    /// Off until valetd serves metrics: then audit records are counted (labels cost
+    /// allocations on every record, not worth paying for nobody).
+    enabled: std::sync::atomic::AtomicBool,
     names: ArcSwap<KnownNames>,
     /// Live grants: id → (environment, expiry), from the store's change stream.
     live: Mutex<HashMap<String, (String, UnixTime)>>,
@@ -107,6 +110,7 @@ pub(crate) struct Metrics {
 impl Metrics {
     pub(crate) fn new(config: &Config) -> Metrics {
         Metrics {
+            enabled: std::sync::atomic::AtomicBool::new(false),
             names: ArcSwap::from_pointee(KnownNames::of(config)),
             live: Mutex::new(HashMap::new()),
         }
@@ -120,6 +124,9 @@ impl Metrics {
 
     /// Counts one committed audit record.
     pub(crate) fn observe(&self, event: &AuditEvent) {
+        if !self.enabled.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let names = self.names.load();
         let action = event.action().to_string();
         let outcome = event.text("outcome").unwrap_or_default().to_string();
@@ -262,6 +269,13 @@ impl Metrics {
 }
 
 impl crate::Valet {
+    /// Metrics are served from now on: audit records are counted.
+    pub fn enable_metrics(&self) {
+        self.metrics
+            .enabled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Keeps the live-grant gauge's view of the store: every active grant at start, then the
     /// store's change stream (every replica's changes, with etcd); a gap in the stream (a lag,
     /// a resync) reads everything again. Runs until the process ends.
