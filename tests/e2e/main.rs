@@ -23,3 +23,4 @@ mod restart;
 mod secrets;
 mod startup;
 mod tls;
+mod traces;

@@ -23,7 +23,8 @@ use std::sync::Arc;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use valet_service::Valet;
+use tracing::Instrument;
+use valet_service::{CallSite, Valet};
 
 /// How long a client has to send a request's head (method, path, headers).
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -161,9 +162,22 @@ impl Gateway {
                 return response::error_response(&self.valet, &error, None);
             }
             route::Routed::Upstream(site, request) => (site, request),
-            route::Routed::Mcp(site, request) => return mcp::handle(self, *request, site).await,
+            route::Routed::Mcp(site, request) => {
+                let span = call_span(&site, "mcp");
+                return mcp::handle(self, *request, site).instrument(span).await;
+            }
         };
-        let (parts, body) = (*request).into_parts();
+        let span = call_span(&site, "gateway");
+        self.forward_call(site, *request).instrument(span).await
+    }
+
+    /// A call routed to an upstream: authorize it, then forward what was checked.
+    async fn forward_call(
+        self: &Arc<Self>,
+        site: CallSite,
+        request: http::Request<hyper::body::Incoming>,
+    ) -> http::Response<response::Body> {
+        let (parts, body) = request.into_parts();
         let decision = self
             .valet
             .authorize_call(valet_service::CallRequest {
@@ -200,4 +214,16 @@ impl Gateway {
         };
         forward::forward(self, parts, decision).await
     }
+}
+
+/// The span of one gateway call, named by kind, with the request id its log lines and audit
+/// records carry (exported as a trace when tracing is configured).
+fn call_span(site: &CallSite, kind: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "gateway",
+        kind,
+        request_id = %site.request_id,
+        upstream = %site.upstream,
+        method = %site.method,
+    )
 }

@@ -11,7 +11,9 @@ mod layers;
 mod metrics;
 mod outbound;
 mod server;
+mod telemetry;
 
 pub use error::ServerError;
-pub use server::{LogFormat, Options, init_logging, run};
+pub use server::{LogFormat, Options, run};
+pub use telemetry::init_logging;
 pub use valet_service::Overrides;

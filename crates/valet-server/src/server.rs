@@ -44,25 +44,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// Sets up logging to stderr. `RUST_LOG` refines the level (default `info`).
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
-    }
-}
-
 /// Opens the configured engine: sled in the data dir, or the etcd cluster.
 async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
     match &config.store {
@@ -147,6 +128,13 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     let loaded = valet_service::load_config(&options.config_path, &options.overrides)?;
     let config = loaded.config.clone();
     check_plaintext(&config, options.dev)?;
+    if let Some(endpoint) = &config.server.otlp_endpoint {
+        crate::telemetry::export_traces(endpoint).map_err(|detail| ServerError::Listen {
+            address: endpoint.clone(),
+            detail: format!("cannot set up the OTLP trace exporter: {detail}"),
+        })?;
+        tracing::info!(%endpoint, "exporting traces to {endpoint}/v1/traces");
+    }
     let data_dir = &config.server.data_dir;
     std::fs::create_dir_all(data_dir).map_err(|error| ServerError::DataDir {
         path: data_dir.display().to_string(),
@@ -348,6 +336,9 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         tracing::error!(%error, "cannot record the last grants checkpoint; the next start restores from the audit log");
     }
     tracing::info!("valetd stopped");
+    tokio::task::spawn_blocking(crate::telemetry::flush_traces)
+        .await
+        .ok();
     Ok(())
 }
 

@@ -86,6 +86,9 @@ pub struct ServerConfig {
     /// Where Prometheus metrics are served (`GET /metrics`, no authentication, no secrets); off
     /// when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// An OTLP/HTTP collector (`http://HOST:PORT`): spans of RPCs and gateway calls are exported
+    /// to `{otlp_endpoint}/v1/traces`; none when `None`.
+    pub otlp_endpoint: Option<String>,
     /// The listeners may serve plaintext on addresses other than loopback (the operator has
     /// said that something else protects the network: a TLS-terminating proxy, a mesh).
     pub insecure_plaintext: bool,
@@ -149,6 +152,12 @@ impl ServerConfig {
             &mut self.metrics_listen,
             &running.metrics_listen,
             "server.metrics_listen",
+            &mut differed,
+        );
+        keep(
+            &mut self.otlp_endpoint,
+            &running.otlp_endpoint,
+            "server.otlp_endpoint",
             &mut differed,
         );
         keep(
@@ -715,6 +724,29 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
                     None
                 }
             });
+    let otlp_endpoint = raw_server.otlp_endpoint.and_then(|text| {
+        let trimmed = text.trim_end_matches('/');
+        let well_formed = ["http://", "https://"].iter().any(|scheme| {
+            trimmed.strip_prefix(scheme).is_some_and(|rest| {
+                !rest.is_empty()
+                    && !rest.contains(['?', '#', ' ', '@'])
+                    && rest.split('/').next().is_some_and(|host| !host.is_empty())
+            })
+        });
+        if well_formed {
+            Some(trimmed.to_string())
+        } else {
+            problems.push(
+                "server.otlp_endpoint",
+                invalid(
+                    &text,
+                    "OTLP/HTTP endpoint",
+                    "http://HOST:PORT or https://HOST:PORT (spans go to its /v1/traces), such as \"http://127.0.0.1:4318\"",
+                ),
+            );
+            None
+        }
+    });
     let max_connections = match raw_server.max_connections {
         None => DEFAULT_MAX_CONNECTIONS,
         Some(number) if (1..=1_000_000).contains(&number) => number as usize,
@@ -996,6 +1028,7 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             grant_retention: grant_retention?,
             gateway_listen,
             metrics_listen,
+            otlp_endpoint,
             insecure_plaintext: raw_server.insecure_plaintext.unwrap_or(false),
             max_connections,
             idle_timeout: idle_timeout?,

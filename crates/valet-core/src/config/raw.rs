@@ -99,6 +99,7 @@ pub struct RawServer {
     pub grant_retention: Option<String>,
     pub gateway_listen: Option<String>,
     pub metrics_listen: Option<String>,
+    pub otlp_endpoint: Option<String>,
     pub insecure_plaintext: Option<bool>,
     pub max_connections: Option<i64>,
     pub idle_timeout: Option<String>,

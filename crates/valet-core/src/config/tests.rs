@@ -211,6 +211,8 @@ data_dir = "d"
 issuer = "i"
 max_ttl = "1h"
 gateway_listen = "nowhere"
+metrics_listen = "somewhere"
+otlp_endpoint = "collector:4318"
 [audit]
 path = "a"
 [[credential]]
@@ -277,6 +279,8 @@ path = "/"
     let rendered: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
     for wanted in [
         "server.gateway_listen: \"nowhere\" is not a valid socket address",
+        "server.metrics_listen: \"somewhere\" is not a valid socket address",
+        "server.otlp_endpoint: \"collector:4318\" is not a valid OTLP/HTTP endpoint",
         "upstream[0].base_url: \"ftp://backboard.railway.app\" is not a valid base URL",
         "upstream[0].inject: \"Bearer token\" is not a valid template; expected text containing {secret}",
         "upstream[1].credential: names credential \"missing\", which is not defined",
