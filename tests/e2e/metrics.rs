@@ -6,49 +6,24 @@ use valet_client::TokenRequest;
 use valet_tests::upstream::{Upstream, call, raw_request};
 use valet_tests::{
     AGENT_KEY, Deployment, GITHUB_ROOT_SECRET, OPERATOR_KEY, RAILWAY_ROOT_SECRET, SEAL_KEY,
-    standard_config,
 };
 
+/// The gateway tests' deployment, with metrics served and a scope that needs approval.
 fn config(upstream: &Upstream) -> String {
-    standard_config(&format!(
-        r#"
-[[upstream]]
-name = "rest"
-base_url = "{url}/api"
-credential = "github"
-[upstream.inject]
-header = {{ Authorization = "token {{secret}}" }}
-
-[[scope]]
-name = "rest-projects"
-upstream = "rest"
-environment = "staging"
-default_ttl = "5m"
-max_ttl = "10m"
-[[scope.allow]]
-methods = ["GET"]
-path = "/v1/projects/**"
-
-[[scope]]
-name = "prod-approval"
-credential = "railway"
-environment = "production"
-audience = "railway"
-default_ttl = "5m"
-max_ttl = "10m"
-[scope.approval]
-timeout = "5m"
-"#,
-        url = upstream.url()
-    ))
-    .replace(
-        "listen = \"127.0.0.1:0\"\n",
-        "listen = \"127.0.0.1:0\"\ngateway_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n",
-    )
-    .replace(
-        "scopes = [\"deploy-staging\", \"limited\", \"short\"]",
-        "scopes = [\"deploy-staging\", \"limited\", \"short\", \"rest-projects\", \"prod-approval\"]",
-    )
+    let with_approval = format!(
+        "{}\n[[scope]]\nname = \"prod-approval\"\ncredential = \"railway\"\nenvironment = \"production\"\naudience = \"railway\"\ndefault_ttl = \"5m\"\nmax_ttl = \"10m\"\n[scope.approval]\ntimeout = \"5m\"\n",
+        crate::gateway::gateway_config(upstream)
+    );
+    with_approval
+        .replace(
+            "gateway_listen = \"127.0.0.1:0\"\n",
+            "gateway_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n",
+        )
+        .replacen(
+            "\"nowhere-read\"]",
+            "\"nowhere-read\", \"prod-approval\"]",
+            1,
+        )
 }
 
 /// The value of the sample `name` whose labels include every one of `labels`.
@@ -102,13 +77,15 @@ async fn counters_move_with_the_scenario_and_no_label_holds_a_secret() {
         .await;
     assert!(refused.is_err());
     let rest = agent
-        .request_token(TokenRequest::new("rest-projects", "task-metrics-rest"))
+        .request_token(
+            TokenRequest::new("rest-projects", "task-metrics-rest").with_param("project", "shop"),
+        )
         .await
         .unwrap();
     let allowed = call(
         &gateway,
         "GET",
-        "/u/rest/v1/projects/shop",
+        "/u/rest/v1/projects/shop/info",
         rest.token_str(),
         "",
         &[],
@@ -118,7 +95,7 @@ async fn counters_move_with_the_scenario_and_no_label_holds_a_secret() {
     let denied = call(
         &gateway,
         "DELETE",
-        "/u/rest/v1/projects/shop",
+        "/u/rest/v1/projects/shop/info",
         rest.token_str(),
         "",
         &[],

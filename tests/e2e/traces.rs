@@ -109,50 +109,27 @@ fn has(attributes: &[(String, String)], key: &str, value: &str) -> bool {
 async fn rpcs_and_gateway_calls_are_exported_as_spans_carrying_their_request_id() {
     let collector = Collector::start().await;
     let upstream = Upstream::start().await;
-    let config = standard_config(&format!(
-        r#"
-[[upstream]]
-name = "rest"
-base_url = "{url}/api"
-credential = "github"
-[upstream.inject]
-header = {{ Authorization = "token {{secret}}" }}
-
-[[scope]]
-name = "rest-projects"
-upstream = "rest"
-environment = "staging"
-default_ttl = "5m"
-max_ttl = "10m"
-[[scope.allow]]
-methods = ["GET"]
-path = "/v1/projects/**"
-"#,
-        url = upstream.url()
-    ))
-    .replace(
-        "listen = \"127.0.0.1:0\"\n",
+    let config = crate::gateway::gateway_config(&upstream).replace(
+        "gateway_listen = \"127.0.0.1:0\"\n",
         &format!(
-            "listen = \"127.0.0.1:0\"\ngateway_listen = \"127.0.0.1:0\"\notlp_endpoint = \"http://{}\"\n",
+            "gateway_listen = \"127.0.0.1:0\"\notlp_endpoint = \"http://{}\"\n",
             collector.address
         ),
-    )
-    .replace(
-        "scopes = [\"deploy-staging\", \"limited\", \"short\"]",
-        "scopes = [\"deploy-staging\", \"limited\", \"short\", \"rest-projects\"]",
     );
     let deployment = Deployment::new(&config);
     let valetd = deployment.start_with_env(&[("OTEL_BSP_SCHEDULE_DELAY", "100")]);
     let gateway = valetd.gateway.clone().expect("the gateway listens");
     let agent = valetd.client(AGENT_KEY).await;
     let issued = agent
-        .request_token(TokenRequest::new("rest-projects", "task-traced"))
+        .request_token(
+            TokenRequest::new("rest-projects", "task-traced").with_param("project", "shop"),
+        )
         .await
         .unwrap();
     let answer = call(
         &gateway,
         "GET",
-        "/u/rest/v1/projects/shop",
+        "/u/rest/v1/projects/shop/info",
         issued.token_str(),
         "",
         &[],
