@@ -11,9 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use valet_client::TokenRequest;
 use valet_tests::upstream::{Upstream, call};
-use valet_tests::{
-    AGENT_KEY, Deployment, GITHUB_ROOT_SECRET, RAILWAY_ROOT_SECRET, standard_config,
-};
+use valet_tests::{AGENT_KEY, Deployment, GITHUB_ROOT_SECRET, RAILWAY_ROOT_SECRET};
 
 /// An OTLP/HTTP receiver on loopback: keeps every body POSTed to /v1/traces.
 struct Collector {
