@@ -28,6 +28,10 @@ pub(crate) const GRANT_FIELD: &str = "grant";
 /// Grants issued since the last checkpoint, with the sequence of their issue record.
 pub(crate) struct DeferredGrants {
     pending: std::sync::Mutex<Vec<(u64, Grant)>>,
+    /// Issues between writing their grant and adding it to `pending`, each with the durable
+    /// audit sequence when it started: its record will come after that, so a checkpoint never
+    /// goes past it (else a grant lost by a reopen in between could be passed over).
+    in_flight: std::sync::Mutex<(u64, std::collections::BTreeMap<u64, u64>)>,
     /// One checkpoint at a time, and the sequence the last one recorded (`None`: none yet).
     checkpoint: tokio::sync::Mutex<Option<u64>>,
     chain_key: Arc<ChainKey>,
@@ -37,15 +41,59 @@ impl DeferredGrants {
     pub(crate) fn new(chain_key: ChainKey) -> DeferredGrants {
         DeferredGrants {
             pending: std::sync::Mutex::new(Vec::new()),
+            in_flight: std::sync::Mutex::new((0, std::collections::BTreeMap::new())),
             checkpoint: tokio::sync::Mutex::new(None),
             chain_key: Arc::new(chain_key),
         }
+    }
+
+    /// Registers an issue starting now, while `durable` is the last durable record; the issue
+    /// leaves the register when the returned guard drops (done, failed or cancelled).
+    fn start_issue(&self, durable: u64) -> InFlight<'_> {
+        let mut in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        in_flight.0 += 1;
+        let ticket = in_flight.0;
+        in_flight.1.insert(ticket, durable);
+        InFlight {
+            grants: self,
+            ticket,
+        }
+    }
+
+    /// How far a checkpoint may go: `durable`, but not past the start of an issue still on its
+    /// way to `pending`.
+    fn checkpoint_bound(&self, durable: u64) -> u64 {
+        let in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        in_flight.1.values().copied().fold(durable, u64::min)
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Grant)>> {
         self.pending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// One issue on its way from the store to the pending list; leaves the register when dropped.
+struct InFlight<'a> {
+    grants: &'a DeferredGrants,
+    ticket: u64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.grants
+            .in_flight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .1
+            .remove(&self.ticket);
     }
 }
 
@@ -109,6 +157,7 @@ impl Valet {
         }
         // The grant is written first: a checkpoint that sees this record durable then finds the
         // grant in the store it flushes.
+        let _in_flight = self.deferred.start_issue(self.audit.durable_sequence());
         self.store.create_grant_deferred(grant).await?;
         let head = self.audit.record(who.attribute(issued)).await?;
         self.deferred.pending().push((head.sequence, grant.clone()));
@@ -133,7 +182,9 @@ impl Valet {
             return Ok(0);
         }
         let mut last = self.deferred.checkpoint.lock().await;
-        let through = self.audit.durable_sequence();
+        let through = self
+            .deferred
+            .checkpoint_bound(self.audit.durable_sequence());
         let due: Vec<(u64, Grant)> = {
             let mut pending = self.deferred.pending();
             let (due, later) = pending
@@ -236,6 +287,24 @@ impl Valet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_checkpoint_never_passes_the_start_of_an_issue_in_flight() {
+        let grants = DeferredGrants::new(ChainKey::from_seal_key(
+            &valet_core::keyring::SealKey::from_base64(
+                &valet_core::keyring::SealKey::generate_base64().unwrap(),
+            )
+            .unwrap(),
+        ));
+        assert_eq!(grants.checkpoint_bound(40), 40);
+        let first = grants.start_issue(10);
+        let second = grants.start_issue(25);
+        assert_eq!(grants.checkpoint_bound(40), 10);
+        drop(first);
+        assert_eq!(grants.checkpoint_bound(40), 25);
+        drop(second);
+        assert_eq!(grants.checkpoint_bound(40), 40);
+    }
 
     #[test]
     fn only_allowed_issue_records_that_carry_their_grant_restore_it() {
