@@ -364,61 +364,123 @@ algorithms = ["ES256"]
     assert token not in str(refused.value) and stranger not in str(refused.value)
 
 
-def _certificates(directory: pathlib.Path):
-    """A throwaway CA and a server certificate for 127.0.0.1 and localhost."""
-    import ipaddress
-
+def _ca(name: str):
+    """A throwaway CA: (certificate, key, name)."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = _p256_key()
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "valet test CA")])
-    ca = (
+    key = _p256_key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    certificate = (
         x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .sign(ca_key, hashes.SHA256())
+        .sign(key, hashes.SHA256())
     )
-    server_key = _p256_key()
-    server = (
+    return certificate, key, subject
+
+
+def _issue_certificate(directory: pathlib.Path, stem: str, ca, names, usage) -> None:
+    """A certificate signed by `ca` for `names` (x509 general names), written as STEM.crt/.key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    ca_certificate, ca_key, ca_name = ca
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = _p256_key()
+    certificate = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "valetd")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
         .issuer_name(ca_name)
-        .public_key(server_key.public_key())
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     pem = serialization.Encoding.PEM
-    (directory / "ca.crt").write_bytes(ca.public_bytes(pem))
-    (directory / "server.crt").write_bytes(server.public_bytes(pem))
-    (directory / "server.key").write_bytes(
-        server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (directory / f"{stem}.crt").write_bytes(certificate.public_bytes(pem))
+    (directory / f"{stem}.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
 
 
+def _certificates(directory: pathlib.Path) -> None:
+    """A server CA with valetd's certificate (127.0.0.1, localhost), and a workload CA with a
+    client certificate for a SPIFFE ID."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    server_ca = _ca("valet test CA")
+    (directory / "ca.crt").write_bytes(server_ca[0].public_bytes(serialization.Encoding.PEM))
+    _issue_certificate(
+        directory,
+        "server",
+        server_ca,
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        ExtendedKeyUsageOID.SERVER_AUTH,
+    )
+    workload_ca = _ca("workload CA")
+    (directory / "client-ca.crt").write_bytes(workload_ca[0].public_bytes(serialization.Encoding.PEM))
+    _issue_certificate(
+        directory,
+        "builder",
+        workload_ca,
+        [x509.UniformResourceIdentifier(SPIFFE_ID)],
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    )
+
+
+SPIFFE_ID = "spiffe://example.org/ci/builder"
+
+
 def test_tls(deploy, tmp_path):
-    deployment = deploy(standard_config(server_extra='tls_cert_file = "server.crt"\ntls_key_file = "server.key"'))
+    deployment = deploy(
+        standard_config(
+            f"""
+[[principal]]
+name = "builder"
+roles = ["agent"]
+scopes = ["limited"]
+[[principal.certificate]]
+spiffe_id = "{SPIFFE_ID}"
+""",
+            server_extra='tls_cert_file = "server.crt"\ntls_key_file = "server.key"\n'
+            'client_ca_file = "client-ca.crt"\nclient_auth = "optional"',
+        )
+    )
     _certificates(deployment.directory)
     valetd = deployment.start(scheme="https")
     ca_file = str(deployment.path("ca.crt"))
     with client_for(valetd, AGENT_KEY, ca_file=ca_file) as agent:
         issued = staging(agent, "py-tls")
         assert agent.introspect(issued.token).active
+    # Mutual TLS: the client certificate alone says who the caller is.
+    mutual = valet.Settings(
+        server=valetd.server,
+        ca_file=ca_file,
+        client_cert=str(deployment.path("builder.crt")),
+        client_key=str(deployment.path("builder.key")),
+    )
+    with valet.Client(mutual) as builder:
+        me = builder.who_am_i()
+        assert me["principal"] == "builder" and me["auth_method"] == "client_certificate", me
+        assert me["auth_subject"] == SPIFFE_ID, me
+        assert builder.request_token("limited", "py-mtls").grant.principal == "builder"
     # Without the CA, valetd's certificate is not trusted: refused before any credential is sent.
     with pytest.raises(valet.ValetError) as refused:
         with client_for(valetd, AGENT_KEY, ca_file=None) as untrusting:
