@@ -28,6 +28,8 @@ pub enum ServerError {
         "the key-encryption key from {tried} does not open signing key {kid} in the store: the store was sealed under another key (a different seal key file, or a store from another deployment), or its record was altered. Point [seal] at the key this store was made with; a store cannot be re-sealed with a new key"
     )]
     WrongSealKey { kid: String, tried: String },
+    #[error("{what} cannot be set up: {detail}")]
+    Telemetry { what: String, detail: String },
     #[error("TLS cannot be set up: {0}")]
     Tls(#[from] valet_gateway::tls::TlsError),
     #[error("the gRPC server failed: {0}")]

@@ -129,9 +129,9 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     let config = loaded.config.clone();
     check_plaintext(&config, options.dev)?;
     if let Some(endpoint) = &config.server.otlp_endpoint {
-        crate::telemetry::export_traces(endpoint).map_err(|detail| ServerError::Listen {
-            address: endpoint.clone(),
-            detail: format!("cannot set up the OTLP trace exporter: {detail}"),
+        crate::telemetry::export_traces(endpoint).map_err(|detail| ServerError::Telemetry {
+            what: format!("the OTLP trace exporter for [server] otlp_endpoint {endpoint:?}"),
+            detail,
         })?;
         tracing::info!(%endpoint, "exporting traces to {endpoint}/v1/traces");
     }
@@ -259,9 +259,9 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         tracing::info!(address = %bound, n_upstreams = config.upstreams.len(), "gateway listening on {bound}");
     }
     if let Some(metrics_address) = config.server.metrics_listen {
-        let handle = crate::metrics::install().map_err(|detail| ServerError::Listen {
-            address: metrics_address.to_string(),
-            detail: format!("cannot set up the metrics recorder: {detail}"),
+        let handle = crate::metrics::install().map_err(|detail| ServerError::Telemetry {
+            what: "the Prometheus metrics recorder".to_string(),
+            detail,
         })?;
         let metrics_listener =
             TcpListener::bind(metrics_address)
@@ -347,19 +347,29 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
 async fn checkpoint_grants_forever(valet: Arc<Valet>) {
     let mut ticks = tokio::time::interval(valet_service::CHECKPOINT_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Ten attempts a second while the store is down: said once when it starts failing, and once
+    // when it works again, not on every tick.
+    let mut failing = false;
     loop {
         ticks.tick().await;
         match valet.checkpoint_grants().await {
-            Ok(0) => {}
             Ok(n_restored) => {
-                tracing::warn!(
-                    n_restored,
-                    "grants the store had lost were created again from their issue records"
-                )
+                if failing {
+                    failing = false;
+                    tracing::info!("grants checkpoints work again");
+                }
+                if n_restored > 0 {
+                    tracing::warn!(
+                        n_restored,
+                        "grants the store had lost were created again from their issue records"
+                    )
+                }
             }
-            Err(error) => {
-                tracing::error!(%error, "grants checkpoint failed; the grants stay restorable from the audit log; will retry")
+            Err(error) if !failing => {
+                failing = true;
+                tracing::error!(%error, "grants checkpoint failed; the grants stay restorable from the audit log; retrying every 100 ms")
             }
+            Err(_) => {}
         }
     }
 }

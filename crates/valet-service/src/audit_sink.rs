@@ -613,6 +613,13 @@ fn prove_records_past(
         .map_err(|error| format!("after record {}, {error}", store_head.sequence))
 }
 
+/// The `seq` of one line of the log, if it has one.
+fn sequence_of(line: &str) -> Option<u64> {
+    serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|value| value.get("seq").and_then(serde_json::Value::as_u64))
+}
+
 /// The records after `after` up to and including `until`, parsed, after checking that they follow
 /// record `after` (or start the chain, when `after` is 0) and carry valetd's MAC.
 fn records_between(
@@ -636,16 +643,13 @@ fn records_between(
         ));
     }
     // The writer may be appending past `until`: keep only the complete, durable records.
-    let sequence_of = |line: &str| {
-        serde_json::from_str::<serde_json::Value>(line)
-            .ok()
-            .and_then(|value| value.get("seq").and_then(serde_json::Value::as_u64))
-    };
     let Some(last) = lines
         .iter()
         .position(|line| sequence_of(line) == Some(until))
     else {
-        return Err(format!("record {until} is not in it"));
+        return Err(format!(
+            "record {until}, the last one valetd synced, is not in it: the file was replaced or cut while valetd read it"
+        ));
     };
     lines.truncate(last + 1);
     let checked = if after == 0 {
@@ -682,12 +686,9 @@ fn lines_from_sequence(file: &mut File, sequence: u64) -> std::io::Result<Vec<St
         if start > 0 && !lines.is_empty() {
             lines.remove(0);
         }
-        let position = lines.iter().position(|line| {
-            serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|value| value.get("seq").and_then(serde_json::Value::as_u64))
-                == Some(sequence)
-        });
+        let position = lines
+            .iter()
+            .position(|line| sequence_of(line) == Some(sequence));
         if let Some(position) = position {
             return Ok(lines[position..]
                 .iter()
@@ -757,10 +758,7 @@ fn last_lines(path: &Path, n: usize) -> std::io::Result<Vec<WrittenRecord>> {
             return Ok(lines[keep..]
                 .iter()
                 .map(|line| WrittenRecord {
-                    sequence: serde_json::from_str::<serde_json::Value>(line)
-                        .ok()
-                        .and_then(|value| value.get("seq").and_then(serde_json::Value::as_u64))
-                        .unwrap_or(0),
+                    sequence: sequence_of(line).unwrap_or(0),
                     line: line.to_string(),
                 })
                 .collect());

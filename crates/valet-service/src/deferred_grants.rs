@@ -99,10 +99,13 @@ impl Drop for InFlight<'_> {
 
 /// `event` carrying `grant` as the store holds it, so the record alone can restore it.
 pub(crate) fn with_grant_record(event: AuditEvent, grant: &Grant) -> AuditEvent {
-    let mut record = grant.clone();
-    record.mac = None;
-    match serde_json::to_value(&record) {
-        Ok(value) => event.with_value(GRANT_FIELD, value),
+    match serde_json::to_value(grant) {
+        Ok(mut value) => {
+            if let serde_json::Value::Object(fields) = &mut value {
+                fields.remove("mac");
+            }
+            event.with_value(GRANT_FIELD, value)
+        }
         Err(_) => event,
     }
 }

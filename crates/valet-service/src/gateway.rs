@@ -250,7 +250,7 @@ impl Valet {
             Some(&decision.grant),
         )
         .with("rule", &decision.rule)
-        .with("refusal", "audit_sync_failed")
+        .with("refusal", AUDIT_SYNC_FAILED)
         .with(
             "reason",
             format!("the call reached the upstream, but its audit record could not be made durable ({error}); the answer was withheld"),
@@ -744,6 +744,10 @@ pub(crate) fn call_event(
         None => event,
     }
 }
+
+/// The refusal kind of a forwarded call whose record could not be made durable (its answer is
+/// withheld).
+pub(crate) const AUDIT_SYNC_FAILED: &str = "audit_sync_failed";
 
 /// The refusal's details for the record, beyond its reason.
 pub(crate) fn describe_refusal(event: AuditEvent, error: &ServiceError) -> AuditEvent {

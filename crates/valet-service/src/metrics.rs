@@ -58,7 +58,7 @@ fn refusal_kind(value: Option<&str>) -> &'static str {
     ServiceError::KINDS
         .iter()
         .chain(CallRefusal::KINDS.iter())
-        .chain(["audit_sync_failed"].iter())
+        .chain([crate::gateway::AUDIT_SYNC_FAILED].iter())
         .find(|kind| **kind == value)
         .copied()
         .unwrap_or(OTHER)
