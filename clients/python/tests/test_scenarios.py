@@ -241,6 +241,15 @@ approval = true
                 auth = ValetHttpxAuth(issued.token, client=agent, on_waiting=on_waiting)
                 answer = http_client.delete(f"{base}/v1/volumes/vol-other", auth=auth)
                 assert answer.status_code == 200, answer.text
+                # A streamed body is read before the first send, so the retry sends the same bytes.
+                answer = http_client.request(
+                    "DELETE",
+                    f"{base}/v1/volumes/vol-streamed",
+                    content=iter([b'{"reason": ', b'"scratch"}']),
+                    headers={"Content-Type": "application/json"},
+                    auth=auth,
+                )
+                assert answer.status_code == 200, answer.text
             # asyncio: the async client waits, httpx.AsyncClient retries.
             async def through_async():
                 settings = valet.Settings(server=valetd.server, credential=valet.PrincipalKey(AGENT_KEY))
@@ -251,7 +260,7 @@ approval = true
 
             answer = asyncio.run(through_async())
             assert answer.status_code == 200, answer.text
-            assert len(shown) == 3
+            assert len(shown) == 4
             # Without a client to wait with, the 428 comes back as it is.
             with httpx.Client() as http_client:
                 answer = http_client.delete(f"{base}/v1/volumes/vol-third", auth=ValetHttpxAuth(issued.token))
@@ -261,6 +270,7 @@ approval = true
         assert [path for _, path, _, _ in deletes] == [
             "/v1/volumes/vol-scratch?force=true",
             "/v1/volumes/vol-other",
+            "/v1/volumes/vol-streamed",
             "/v1/volumes/vol-async",
         ], "each approved call executed once; the unapproved one never"
         assert all(authorization == f"Bearer {RAILWAY_ROOT_SECRET}" for _, _, authorization, _ in upstream.seen)

@@ -64,7 +64,9 @@ class ValetAuth(_TokenAndApprovals):
     """For `requests`: `session.auth = ValetAuth(issued.token, client=client)`. `token` may be a
     callable returning the current token (a renewing task: `lambda: task.current(id).token`).
     With `client`, a 428 is waited on (`client.wait_for_approval`) and the call retried once with
-    its approval; without, the 428 is returned as it is."""
+    its approval; without, the 428 is returned as it is. The retry resends the prepared body, so
+    give it bytes, not a generator (a generator is spent by the first send, and the approval
+    covers the exact body)."""
 
     def __call__(self, request):
         request.headers["Authorization"] = f"Bearer {_token(self._token)}"
@@ -110,6 +112,8 @@ if httpx is not None:
             return request
 
         def sync_auth_flow(self, request):
+            # Read a streamed body now: a retry after approval must send the very same bytes.
+            request.read()
             response = yield self._first(request)
             response.read()
             approval_id = approval_id_of(response.status_code, response.content)
@@ -121,6 +125,7 @@ if httpx is not None:
                 yield self._retry(request, approval_id)
 
         async def async_auth_flow(self, request):
+            await request.aread()
             response = yield self._first(request)
             await response.aread()
             approval_id = approval_id_of(response.status_code, response.content)
