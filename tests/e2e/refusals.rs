@@ -203,6 +203,12 @@ async fn every_rpc_refusal_leaves_one_audit_record_with_its_reason() {
             reason: "no".into(),
         })
     );
+    refused!(
+        "Admin/CreateConsoleLogin",
+        agent
+            .admin()
+            .create_console_login(v1::CreateConsoleLoginRequest {})
+    );
     // These refuse nothing beyond authentication: the JWKS is public, every principal may ask
     // who it is, and list and watch the approval requests it may see (its own; operators: all).
     for rpc in [

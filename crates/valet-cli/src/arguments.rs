@@ -126,6 +126,17 @@ pub enum Command {
     /// Which principal the current credential is, its roles and scopes, how it authenticated, and
     /// which server said so.
     Whoami,
+    /// Open the web console in a browser, logged in as this principal (operators): valetd makes a
+    /// single-use login link good for a minute.
+    #[command(
+        after_help = "Examples:\n  valet console                  # opens the browser (xdg-open, or $BROWSER)\n  valet console --print-url      # prints the link instead; open it within a minute, once"
+    )]
+    Console {
+        /// Print the login link instead of opening a browser. The link is a credential for one
+        /// login: paste it only into your own browser.
+        #[arg(long)]
+        print_url: bool,
+    },
     /// Print shell completions.
     #[command(after_help = "Example:\n  valet completions bash > /etc/bash_completion.d/valet")]
     Completions {

@@ -401,6 +401,26 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
                 println!("server     {}", client.server());
             }
         }
+        Command::Console { print_url } => {
+            let login = client
+                .admin()
+                .create_console_login(v1::CreateConsoleLoginRequest {})
+                .await
+                .map_err(ClientError::from)?
+                .into_inner();
+            let expires = crate::output::time_of(&login.expires_at);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "url": login.url, "expires_at": expires })
+                );
+            } else if print_url {
+                println!("{}", login.url);
+                eprintln!("single-use login link, valid until {expires}");
+            } else {
+                open_in_browser(&login.url, &expires);
+            }
+        }
         Command::Config(
             ConfigCommand::Check { .. }
             | ConfigCommand::Explain { .. }
@@ -413,6 +433,30 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
         | Command::Man { .. } => unreachable!("handled before connecting"),
     }
     Ok(0)
+}
+
+/// Opens `url` with `$BROWSER` or `xdg-open`; prints it when neither can (a server, an SSH
+/// session), so the operator can open it where a browser runs.
+fn open_in_browser(url: &str, expires: &str) {
+    let browser = std::env::var("BROWSER")
+        .ok()
+        .filter(|browser| !browser.trim().is_empty());
+    let opener = browser.as_deref().unwrap_or("xdg-open");
+    let opened = std::process::Command::new(opener)
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if opened {
+        eprintln!("opened the console with {opener}; the login link works once, until {expires}");
+    } else {
+        eprintln!(
+            "could not open a browser with {opener}; open this single-use link yourself before {expires}:"
+        );
+        println!("{url}");
+    }
 }
 
 pub fn token_request(arguments: TokenRequestArguments) -> TokenRequest {

@@ -72,6 +72,11 @@ fn seconds(at: &Option<prost_types::Timestamp>) -> Option<UnixTime> {
     at.as_ref().map(|at| at.seconds)
 }
 
+/// A wire time as RFC 3339 text; `unknown` when absent.
+pub fn time_of(at: &Option<prost_types::Timestamp>) -> String {
+    seconds(at).map_or_else(|| "unknown".to_string(), format_time)
+}
+
 /// A span of time in the largest two units: "42s", "4m 12s", "3h 5m", "2d 1h".
 pub fn span(seconds: u64) -> String {
     let (days, hours, minutes, rest) = (

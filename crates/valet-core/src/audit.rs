@@ -103,10 +103,18 @@ pub enum AuditAction {
     GatewayResponse,
     /// The listeners' TLS certificate, key or client CA re-read (or refused) after a change.
     TlsReload,
+    /// A single-use console login link made for an operator (`valet console`).
+    ConsoleLoginLink,
+    /// A console session opened from a login link (or the link refused).
+    ConsoleLogin,
+    /// A console session ended by its operator.
+    ConsoleLogout,
+    /// A console request refused before any operation: no session, a stale CSRF token.
+    ConsoleRefuse,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 29] = [
+    pub const ALL: [AuditAction; 33] = [
         AuditAction::Authenticate,
         AuditAction::TokenIssue,
         AuditAction::TokenRenew,
@@ -136,6 +144,10 @@ impl AuditAction {
         AuditAction::GatewayCall,
         AuditAction::GatewayResponse,
         AuditAction::TlsReload,
+        AuditAction::ConsoleLoginLink,
+        AuditAction::ConsoleLogin,
+        AuditAction::ConsoleLogout,
+        AuditAction::ConsoleRefuse,
     ];
 
     /// The action's name in the log.
@@ -170,6 +182,10 @@ impl AuditAction {
             AuditAction::GatewayCall => "gateway.call",
             AuditAction::GatewayResponse => "gateway.response",
             AuditAction::TlsReload => "tls.reload",
+            AuditAction::ConsoleLoginLink => "console.login_link",
+            AuditAction::ConsoleLogin => "console.login",
+            AuditAction::ConsoleLogout => "console.logout",
+            AuditAction::ConsoleRefuse => "console.refuse",
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod aws;
 pub mod call;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod explain;
 pub mod grant;
 pub mod graphql;

@@ -335,6 +335,25 @@ impl Admin for AdminService {
         )))
     }
 
+    async fn create_console_login(
+        &self,
+        request: Request<v1::CreateConsoleLoginRequest>,
+    ) -> Result<Response<v1::CreateConsoleLoginResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let login = self.valet.create_console_login(&caller).await;
+        reply(
+            &self.valet,
+            &caller,
+            login.map(|login| v1::CreateConsoleLoginResponse {
+                url: login.url,
+                expires_at: Some(prost_types::Timestamp {
+                    seconds: login.expires_at,
+                    nanos: 0,
+                }),
+            }),
+        )
+    }
+
     type AuditTailStream = WireStream<v1::AuditRecord>;
 
     async fn audit_tail(

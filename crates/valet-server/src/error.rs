@@ -61,7 +61,8 @@ pub fn status_of(valet: &Valet, error: ServiceError, request_id: &str) -> Status
 
 fn status_unredacted(error: ServiceError, request_id: &str) -> Status {
     let code = match &error {
-        ServiceError::Unauthenticated { .. } => Code::Unauthenticated,
+        ServiceError::Unauthenticated { .. } | ServiceError::Console(_) => Code::Unauthenticated,
+        ServiceError::ConsoleOff => Code::FailedPrecondition,
         ServiceError::RateLimited { retry_after, .. } => {
             // The standard hint, in whole seconds, for clients that back off on their own.
             let mut metadata = tonic::metadata::MetadataMap::new();

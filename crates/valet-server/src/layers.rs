@@ -104,7 +104,7 @@ where
 
 /// The methods valetd serves. A client chooses the path it calls, so any other path is labelled
 /// `other`: a metric label never takes a value from outside this list.
-const METHODS: [&str; 24] = [
+const METHODS: [&str; 25] = [
     "/valet.v1.Broker/RequestToken",
     "/valet.v1.Broker/WaitForGrant",
     "/valet.v1.Broker/RenewToken",
@@ -125,6 +125,7 @@ const METHODS: [&str; 24] = [
     "/valet.v1.Admin/Approve",
     "/valet.v1.Admin/Deny",
     "/valet.v1.Admin/WatchApprovals",
+    "/valet.v1.Admin/CreateConsoleLogin",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",

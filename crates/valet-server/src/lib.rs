@@ -1,10 +1,11 @@
 //! valetd as a library: the gRPC adapters around valet-service, the layers every RPC passes
-//! through, the outbound HTTP client, and the wiring that starts it all. Everything the `valetd`
+//! through, the web console, the outbound HTTP client, and the wiring that starts it all. Everything the `valetd`
 //! binary does is reachable from tests.
 
 mod admin;
 mod broker;
 mod connections;
+mod console;
 mod convert;
 mod error;
 mod layers;

@@ -288,6 +288,29 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         });
         tracing::info!(address = %bound, "metrics listening on {bound}");
     }
+    if let Some(console_address) = config.server.console_listen {
+        let console_listener =
+            TcpListener::bind(console_address)
+                .await
+                .map_err(|error| ServerError::Listen {
+                    address: console_address.to_string(),
+                    detail: error.to_string(),
+                })?;
+        let bound = console_listener
+            .local_addr()
+            .map_err(|error| ServerError::Listen {
+                address: console_address.to_string(),
+                detail: error.to_string(),
+            })?;
+        tokio::spawn(crate::console::serve(
+            console_listener,
+            limits,
+            tls.clone(),
+            valet.clone(),
+        ));
+        let url = config.server.console_base_url().unwrap_or_default();
+        tracing::info!(address = %bound, %url, "console listening on {bound}");
+    }
     tokio::spawn(sweep_forever(valet.clone()));
     tokio::spawn(checkpoint_grants_forever(valet.clone()));
     tokio::spawn(follow_key_ring(valet.clone()));

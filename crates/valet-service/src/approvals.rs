@@ -325,11 +325,15 @@ const WEBHOOK_ATTEMPTS: u32 = 5;
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn deliver(valet: Arc<Valet>, url: String, pending: ApprovalRequest) {
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "event": "approval.pending",
         "approval": approval_json(&pending),
-    })
-    .to_string();
+    });
+    // Where an approver decides it in the web console, when the console is on.
+    if let Some(base) = valet.config().server.console_base_url() {
+        body["console_url"] = serde_json::Value::String(format!("{base}/approvals/{}", pending.id));
+    }
+    let body = body.to_string();
     let mut delay = Duration::from_millis(500);
     for attempt in 1..=WEBHOOK_ATTEMPTS {
         let outcome = post_json(valet.outbound.as_ref(), &url, &body).await;

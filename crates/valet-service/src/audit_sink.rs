@@ -614,7 +614,7 @@ fn prove_records_past(
 }
 
 /// The `seq` of one line of the log, if it has one.
-fn sequence_of(line: &str) -> Option<u64> {
+pub(crate) fn sequence_of(line: &str) -> Option<u64> {
     serde_json::from_str::<serde_json::Value>(line)
         .ok()
         .and_then(|value| value.get("seq").and_then(serde_json::Value::as_u64))

@@ -167,6 +167,16 @@ impl Store for AuthenticatedStore {
         self.inner.counts().await
     }
 
+    // A marker carries no MAC: planting one can only refuse a console link or end a session
+    // (fail closed); removing one needs the link itself, which is MAC'd and expires in a minute.
+    async fn claim_once(&self, name: &str, until: UnixTime) -> Result<bool, StoreError> {
+        self.inner.claim_once(name, until).await
+    }
+
+    async fn claimed(&self, name: &str) -> Result<bool, StoreError> {
+        self.inner.claimed(name).await
+    }
+
     async fn create_approval(&self, approval: &ApprovalRequest) -> Result<(), StoreError> {
         self.inner
             .create_approval(&self.approval_key.sealed(approval))

@@ -69,6 +69,13 @@ pub enum ServiceError {
     /// Work that had to leave the async workers did not come back (a panic or shutdown).
     #[error("internal error: {0}")]
     Internal(String),
+    /// A console login link or session refused.
+    #[error(transparent)]
+    Console(#[from] valet_core::console::ConsoleError),
+    #[error(
+        "the web console is off on this valetd: set [server] console_listen (and console_url when browsers reach it through another address)"
+    )]
+    ConsoleOff,
 }
 
 impl ServiceError {
@@ -112,11 +119,13 @@ impl ServiceError {
             ServiceError::Key(_) => "key_unavailable",
             ServiceError::Lagged { .. } => "lagged",
             ServiceError::Internal(_) => "internal",
+            ServiceError::Console(_) => "console_session",
+            ServiceError::ConsoleOff => "console_off",
         }
     }
 
     /// Every [`ServiceError::kind`] that is not a gateway refusal's ([`CallRefusal::KINDS`]).
-    pub const KINDS: [&'static str; 18] = [
+    pub const KINDS: [&'static str; 20] = [
         "unauthenticated",
         "rate_limited",
         "invalid_request",
@@ -135,6 +144,8 @@ impl ServiceError {
         "key_unavailable",
         "lagged",
         "internal",
+        "console_session",
+        "console_off",
     ];
 
     pub fn is_conflict(&self) -> bool {

@@ -15,6 +15,7 @@ mod aws_client;
 mod aws_grants;
 mod caller;
 mod compare_and_swap;
+mod console;
 mod deferred_grants;
 mod error;
 mod gateway;
@@ -50,6 +51,9 @@ pub use audit_sink::{AuditError, AuditSink, DurableRecord, WrittenRecord};
 pub use aws_client::{AwsError, StsCredentials};
 pub use aws_grants::AwsGrant;
 pub use caller::{Attribution, Caller, Presented};
+pub use console::{
+    CONSOLE_SESSION, ChainCheck, ConsoleCaller, ConsoleLogin, OpenedSession, TRAIL_WINDOW,
+};
 pub use deferred_grants::CHECKPOINT_INTERVAL;
 pub use error::ServiceError;
 pub use gateway::{
@@ -98,6 +102,8 @@ pub struct Valet {
     deferred: deferred_grants::DeferredGrants,
     /// What is counted for Prometheus.
     metrics: Arc<metrics::Metrics>,
+    /// The web console's key and last chain verification.
+    console: console::ConsoleState,
 }
 
 /// What it takes to start the service.
@@ -121,6 +127,7 @@ impl Valet {
         let redactor = Arc::new(Redactor::new(vault.clone()));
         let chain_key = valet_core::audit::ChainKey::from_seal_key(&parts.seal_key);
         let mcp_sessions = valet_core::mcp::SessionKey::from_seal_key(&parts.seal_key);
+        let console = console::ConsoleState::new(&parts.seal_key);
         let deferred = deferred_grants::DeferredGrants::new(
             valet_core::audit::ChainKey::from_seal_key(&parts.seal_key),
         );
@@ -166,6 +173,7 @@ impl Valet {
             stopping: tokio::sync::watch::Sender::new(false),
             deferred,
             metrics,
+            console,
         });
         valet.restore_deferred_grants().await?;
         Ok(valet)

@@ -50,7 +50,8 @@ macro_rules! conformance_tests {
             key_replacement_is_compare_and_swap,
             audit_head_round_trips,
             deferred_grants_read_back_and_a_checkpoint_creates_what_is_missing,
-            approvals_are_created_once_and_decided_by_compare_and_swap
+            approvals_are_created_once_and_decided_by_compare_and_swap,
+            a_marker_is_claimed_once_among_racing_claimants_and_swept_after_its_moment
         );
     };
     (@checks $open:path; $($check:ident),*) => {$(
@@ -237,6 +238,33 @@ pub async fn sweeping_removes_only_what_is_done(store: &dyn Store) {
     assert_eq!(store.task_grants("task-s").await.unwrap().len(), 1);
     let after = store.counts().await.unwrap();
     assert_eq!(after.n_grants, before.n_grants - report.n_grants);
+}
+
+pub async fn a_marker_is_claimed_once_among_racing_claimants_and_swept_after_its_moment(
+    store: &dyn Store,
+) {
+    assert!(!store.claimed("console-link/a").await.unwrap());
+    let claim = || store.claim_once("console-link/a", 20_000);
+    let claims = tokio::join!(claim(), claim(), claim(), claim(), claim(), claim());
+    let claims = [claims.0, claims.1, claims.2, claims.3, claims.4, claims.5];
+    let n_won = claims
+        .into_iter()
+        .map(Result::unwrap)
+        .filter(|won| *won)
+        .count();
+    assert_eq!(
+        n_won, 1,
+        "exactly one of six racing claims takes the marker"
+    );
+    assert!(store.claimed("console-link/a").await.unwrap());
+    assert!(!store.claim_once("console-link/a", 30_000).await.unwrap());
+    assert!(store.claim_once("console-link/b", 40_000).await.unwrap());
+    // Swept once its moment has passed, not before.
+    store.sweep(19_999, Duration::from_secs(60)).await.unwrap();
+    assert!(store.claimed("console-link/a").await.unwrap());
+    store.sweep(20_000, Duration::from_secs(60)).await.unwrap();
+    assert!(!store.claimed("console-link/a").await.unwrap());
+    assert!(store.claimed("console-link/b").await.unwrap());
 }
 
 pub async fn key_replacement_is_compare_and_swap(store: &dyn Store) {

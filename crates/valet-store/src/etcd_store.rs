@@ -816,6 +816,19 @@ impl Store for EtcdStore {
                 self.txn(txn).await?;
             }
         }
+        for (key, bytes) in self.scan(&format!("{}/once/", self.prefix)).await? {
+            let until = bytes
+                .get(..8)
+                .and_then(|head| <[u8; 8]>::try_from(head).ok())
+                .map(UnixTime::from_be_bytes)
+                .unwrap_or(0);
+            if sweep.marker_may_go(until) {
+                let txn = Txn::new()
+                    .when([Compare::value(key.clone(), CompareOp::Equal, bytes)])
+                    .and_then([TxnOp::delete(key, None)]);
+                self.txn(txn).await?;
+            }
+        }
         for record in self.keys().await? {
             if sweep.key_may_go(&record) {
                 self.delete(self.key("keys", &record.kid).into_bytes())
@@ -916,6 +929,27 @@ impl Store for EtcdStore {
         }
         self.caught_up(response.revision()).await;
         Ok(())
+    }
+
+    async fn claim_once(&self, name: &str, until: UnixTime) -> Result<bool, StoreError> {
+        let key = self.key("once", name);
+        // The moment, then a nonce: a retried transaction whose first attempt landed finds its
+        // own record and still counts as this call's claim.
+        let nonce = valet_core::random::bytes::<16>().map_err(|error| StoreError::Unavailable {
+            engine: ENGINE,
+            detail: error.to_string(),
+        })?;
+        let record = [until.to_be_bytes().as_slice(), nonce.as_slice()].concat();
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), record.clone(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let response = self.txn(txn).await?;
+        Ok(response.succeeded() || response.landed_earlier(&record))
+    }
+
+    async fn claimed(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.get_value(self.key("once", name)).await?.is_some())
     }
 
     async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRequest>, StoreError> {

@@ -267,6 +267,14 @@ pub trait Store: Send + Sync + 'static {
     /// Approval requests, oldest first; only undecided ones when `pending_only`.
     async fn list_approvals(&self, pending_only: bool) -> Result<Vec<ApprovalRequest>, StoreError>;
 
+    /// Marks `name` (such as `console-link/ID`) as taken until `until`, across every valetd
+    /// sharing this store; true when this call took it, false when it was already taken. Durable
+    /// on return. Markers are swept after `until`, so `until` must outlast what they guard.
+    async fn claim_once(&self, name: &str, until: UnixTime) -> Result<bool, StoreError>;
+
+    /// Whether `name` is taken (see [`Store::claim_once`]).
+    async fn claimed(&self, name: &str) -> Result<bool, StoreError>;
+
     /// Changes made through this store from now on.
     fn subscribe(&self) -> broadcast::Receiver<StoreChange>;
 

@@ -31,6 +31,12 @@ const ENGINE: &str = "sled";
 const AUDIT_HEAD_KEY: &[u8] = b"audit_head";
 const CURRENT_KEY_KEY: &[u8] = b"current_signing_key";
 const GRANTS_CHECKPOINT_KEY: &[u8] = b"grants_checkpoint";
+/// One-time markers live in the meta tree under this prefix.
+const MARKER_PREFIX: &[u8] = b"once/";
+
+fn marker_key(name: &str) -> Vec<u8> {
+    [MARKER_PREFIX, name.as_bytes()].concat()
+}
 
 /// How often a broken database is reopened at most.
 const REOPEN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -464,6 +470,30 @@ impl Engine {
         })
     }
 
+    async fn claim_once(&self, name: &str, until: UnixTime) -> Result<bool, StoreError> {
+        let taken = self
+            .trees
+            .meta
+            .compare_and_swap(
+                marker_key(name),
+                None as Option<&[u8]>,
+                Some(until.to_be_bytes().to_vec()),
+            )
+            .map_err(unavailable)?
+            .is_ok();
+        if taken {
+            self.durable().await?;
+        }
+        Ok(taken)
+    }
+
+    async fn claimed(&self, name: &str) -> Result<bool, StoreError> {
+        self.trees
+            .meta
+            .contains_key(marker_key(name))
+            .map_err(unavailable)
+    }
+
     async fn create_approval(&self, approval: &ApprovalRequest) -> Result<(), StoreError> {
         let inserted = self
             .trees
@@ -640,6 +670,15 @@ impl Store for SledStore {
             .await
     }
 
+    async fn claim_once(&self, name: &str, until: UnixTime) -> Result<bool, StoreError> {
+        self.run(async |engine| engine.claim_once(name, until).await)
+            .await
+    }
+
+    async fn claimed(&self, name: &str) -> Result<bool, StoreError> {
+        self.run(async |engine| engine.claimed(name).await).await
+    }
+
     async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRequest>, StoreError> {
         self.run(async |engine| engine.get_approval(id).await).await
     }
@@ -769,6 +808,18 @@ impl Trees {
             if sweep.approval_may_go(&approval) {
                 let _ = self
                     .approvals
+                    .compare_and_swap(&key, Some(bytes), None as Option<&[u8]>)
+                    .map_err(unavailable)?;
+            }
+        }
+        for entry in self.meta.scan_prefix(MARKER_PREFIX) {
+            let (key, bytes) = entry.map_err(unavailable)?;
+            let until = <[u8; 8]>::try_from(bytes.as_ref())
+                .map(UnixTime::from_be_bytes)
+                .unwrap_or(0);
+            if sweep.marker_may_go(until) {
+                let _ = self
+                    .meta
                     .compare_and_swap(&key, Some(bytes), None as Option<&[u8]>)
                     .map_err(unavailable)?;
             }

@@ -68,6 +68,11 @@ impl Sweep {
     }
 
     /// A public key goes once no token it signed can still verify.
+    /// A one-time marker may go once its moment has passed: what it guarded has expired.
+    pub(crate) fn marker_may_go(&self, until: UnixTime) -> bool {
+        self.now >= until
+    }
+
     pub(crate) fn key_may_go(&self, key: &StoredKey) -> bool {
         !key.verifies_at(self.now)
     }

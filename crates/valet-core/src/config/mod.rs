@@ -86,6 +86,14 @@ pub struct ServerConfig {
     /// Where Prometheus metrics are served (`GET /metrics`, no authentication, no secrets); off
     /// when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the web console is served (TLS with the other listeners when `[server] tls_*` is
+    /// set); off when `None`.
+    pub console_listen: Option<SocketAddr>,
+    /// The console's address as operators' browsers reach it (`https://valet.example.com`), for
+    /// login links and the approval webhook's links; derived from `console_listen` when `None`.
+    pub console_url: Option<String>,
+    /// How long a console session lasts from its login.
+    pub console_session_ttl: Duration,
     /// An OTLP/HTTP collector (`http://HOST:PORT`): spans of RPCs and gateway calls are exported
     /// to `{otlp_endpoint}/v1/traces`; none when `None`.
     pub otlp_endpoint: Option<String>,
@@ -108,6 +116,9 @@ pub const DEFAULT_FAILED_AUTHENTICATION_LIMIT: crate::rate::Rate = crate::rate::
     count: 60,
     per: Duration::from_secs(60),
 };
+
+/// How long a console session lasts when the config does not say.
+pub const DEFAULT_CONSOLE_SESSION_TTL: Duration = Duration::from_secs(15 * 60);
 
 /// Connections per listener when the config does not say.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
@@ -155,6 +166,12 @@ impl ServerConfig {
             &mut differed,
         );
         keep(
+            &mut self.console_listen,
+            &running.console_listen,
+            "server.console_listen",
+            &mut differed,
+        );
+        keep(
             &mut self.otlp_endpoint,
             &running.otlp_endpoint,
             "server.otlp_endpoint",
@@ -183,7 +200,20 @@ impl ServerConfig {
         differed
     }
 
-    /// The listeners (`"gRPC"`, `"gateway"`) that serve plaintext on an address that is not a
+    /// The console's base URL as browsers reach it (no trailing `/`): `console_url`, or the
+    /// listener's address with the scheme TLS gives it. `None` when the console is off.
+    pub fn console_base_url(&self) -> Option<String> {
+        let address = self.console_listen?;
+        Some(match &self.console_url {
+            Some(url) => url.clone(),
+            None => {
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                format!("{scheme}://{address}")
+            }
+        })
+    }
+
+    /// The listeners (`"gRPC"`, `"gateway"`, `"console"`) that serve plaintext on an address that is not a
     /// loopback address: each of these carries bearer keys and tokens in clear across a network.
     /// None when TLS is configured (it covers both listeners).
     pub fn plaintext_listeners_off_loopback(&self) -> Vec<(&'static str, SocketAddr)> {
@@ -192,6 +222,7 @@ impl ServerConfig {
         }
         std::iter::once(("gRPC", self.listen))
             .chain(self.gateway_listen.map(|address| ("gateway", address)))
+            .chain(self.console_listen.map(|address| ("console", address)))
             .filter(|(_, address)| !address.ip().is_loopback())
             .collect()
     }
@@ -724,6 +755,71 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
                     None
                 }
             });
+    let console_listen =
+        raw_server
+            .console_listen
+            .and_then(|text| match text.parse::<SocketAddr>() {
+                Ok(address) => Some(address),
+                Err(_) => {
+                    problems.push(
+                        "server.console_listen",
+                        invalid(
+                            &text,
+                            "socket address",
+                            "IP:PORT, such as \"127.0.0.1:7473\"",
+                        ),
+                    );
+                    None
+                }
+            });
+    let console_url = raw_server.console_url.and_then(|text| {
+        let trimmed = text.trim_end_matches('/');
+        let well_formed = ["http://", "https://"].iter().any(|scheme| {
+            trimmed.strip_prefix(scheme).is_some_and(|rest| {
+                !rest.is_empty()
+                    && !rest.contains(['?', '#', ' ', '@', '"', '<', '>'])
+                    && rest.split('/').next().is_some_and(|host| !host.is_empty())
+            })
+        });
+        if !well_formed {
+            problems.push(
+                "server.console_url",
+                invalid(
+                    &text,
+                    "console URL",
+                    "http(s)://HOST[:PORT][/PATH] as operators' browsers reach the console, such as \"https://valet.example.com:7473\"",
+                ),
+            );
+            return None;
+        }
+        if console_listen.is_none() {
+            problems.push(
+                "server.console_url",
+                invalid(
+                    &text,
+                    "console URL",
+                    "set only with server.console_listen (the console is off without it)",
+                ),
+            );
+        }
+        Some(trimmed.to_string())
+    });
+    let console_session_ttl = match raw_server.console_session_ttl {
+        None => Some(DEFAULT_CONSOLE_SESSION_TTL),
+        Some(text) => problems
+            .duration(Some(text.clone()), "server.console_session_ttl")
+            .and_then(|ttl| {
+                if ttl >= Duration::from_secs(1) && ttl <= Duration::from_secs(12 * 3600) {
+                    Some(ttl)
+                } else {
+                    problems.push(
+                        "server.console_session_ttl",
+                        invalid(&text, "session lifetime", "from 1s to 12h"),
+                    );
+                    None
+                }
+            }),
+    };
     let otlp_endpoint = raw_server.otlp_endpoint.and_then(|text| {
         let trimmed = text.trim_end_matches('/');
         let well_formed = ["http://", "https://"].iter().any(|scheme| {
@@ -1028,6 +1124,9 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             grant_retention: grant_retention?,
             gateway_listen,
             metrics_listen,
+            console_listen,
+            console_url,
+            console_session_ttl: console_session_ttl?,
             otlp_endpoint,
             insecure_plaintext: raw_server.insecure_plaintext.unwrap_or(false),
             max_connections,

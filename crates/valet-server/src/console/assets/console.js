@@ -1,0 +1,81 @@
+// The Valet console's one script: keeps the approvals inbox and the grants table live over
+// server-sent events. Each event makes it fetch the server-rendered fragment again and merge it
+// by id, so nothing an operator is typing is replaced, and every reconnect catches up.
+"use strict";
+
+function live(element, source, fragmentUrl, containerSelector, itemSelector, key) {
+  let refreshing = false;
+  let again = false;
+
+  async function refresh() {
+    if (refreshing) { again = true; return; }
+    refreshing = true;
+    try {
+      const answer = await fetch(fragmentUrl, { credentials: "same-origin", cache: "no-store" });
+      if (answer.status === 401) { document.body.dataset.live = "logged-out"; return; }
+      if (!answer.ok) { return; }
+      const fresh = new DOMParser().parseFromString(await answer.text(), "text/html");
+      merge(fresh.querySelector(containerSelector), document.querySelector(containerSelector));
+    } finally {
+      refreshing = false;
+      if (again) { again = false; refresh(); }
+    }
+  }
+
+  function merge(fresh, current) {
+    if (!fresh || !current) { return; }
+    const freshItems = new Map([...fresh.querySelectorAll(itemSelector)].map((item) => [item.getAttribute(key), item]));
+    const body = current.querySelector("tbody") || current;
+    for (const item of [...current.querySelectorAll(itemSelector)]) {
+      const replacement = freshItems.get(item.getAttribute(key));
+      if (!replacement) { item.remove(); continue; }
+      // A row or card being typed into keeps its inputs; its status still updates.
+      if (item.contains(document.activeElement) && document.activeElement !== document.body) {
+        const status = item.querySelector(".status");
+        const freshStatus = replacement.querySelector(".status");
+        if (status && freshStatus) { status.textContent = freshStatus.textContent; }
+        item.dataset.status = replacement.dataset.status || "";
+      } else {
+        item.replaceWith(document.importNode(replacement, true));
+      }
+      freshItems.delete(item.getAttribute(key));
+    }
+    const freshBody = fresh.querySelector("tbody") || fresh;
+    for (const [, item] of freshItems) {
+      const imported = document.importNode(item, true);
+      if (body.tagName === "TBODY") { body.prepend(imported); } else { body.append(imported); }
+    }
+    const empty = current.querySelector(".empty");
+    if (empty && current.querySelectorAll(itemSelector).length > 0) { empty.remove(); }
+    void freshBody;
+  }
+
+  const events = new EventSource(source);
+  events.addEventListener("open", () => {
+    document.body.dataset.live = "connected";
+    refresh();
+  });
+  events.addEventListener("error", () => { document.body.dataset.live = "reconnecting"; });
+  for (const name of ["approval", "grant"]) {
+    events.addEventListener(name, () => refresh());
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const approvals = document.querySelector("[data-live=approvals]");
+  if (approvals) {
+    live(approvals, "/events/approvals", "/approvals?fragment=pending", "#pending", "[data-approval-id]", "data-approval-id");
+  }
+  const grants = document.querySelector("[data-live=grants]");
+  if (grants) {
+    const query = grants.dataset.query || "";
+    live(grants, "/events/grants?" + query, "/grants?fragment=table&" + query, "#grants", "tr[data-grant-id]", "data-grant-id");
+  }
+  // A typed confirmation must match before the approve button is enabled (valetd checks it too).
+  for (const input of document.querySelectorAll("input[data-expected]")) {
+    const button = input.form.querySelector("button[type=submit]");
+    const check = () => { button.disabled = input.value !== input.dataset.expected; };
+    input.addEventListener("input", check);
+    check();
+  }
+});

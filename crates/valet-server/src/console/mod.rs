@@ -1,0 +1,589 @@
+//! The web console on `[server] console_listen`: approvals inbox, live grants, audit status.
+//! Server-rendered pages with one small script (live updates over server-sent events fed by the
+//! store's change stream), assets embedded in the binary. A session comes only from a single-use
+//! login link (`valet console`); every action is an existing service operation called as the
+//! session's principal, and checks the session's CSRF token first.
+
+mod form;
+mod page;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming};
+use tokio::net::TcpListener;
+use valet_core::approval::ApprovalStatus;
+use valet_gateway::listener::{Acceptor, Limits};
+use valet_gateway::tls::{Listener, TlsMaterial};
+use valet_service::{ConsoleCaller, ServiceError, Valet};
+use valet_store::GrantFilter;
+
+use form::Fields;
+use page::{GrantFilterFields, Session};
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// What every console response carries: nothing but the console's own script and styles run,
+/// nothing frames it, nothing leaks in a Referer, nothing is cached.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+const SCRIPT: &str = include_str!("assets/console.js");
+const STYLES: &str = include_str!("assets/console.css");
+/// How often an idle event stream carries a comment, so proxies keep it open.
+const HEARTBEAT: Duration = Duration::from_secs(15);
+/// Decided requests shown under the inbox.
+const N_DECIDED: usize = 50;
+/// Grants in the table.
+const N_GRANTS: u32 = 500;
+/// Audit records on the audit page.
+const N_TAIL: u32 = 50;
+
+struct Console {
+    valet: Arc<Valet>,
+    /// Served over TLS: the cookie is `Secure` and `__Host-` prefixed.
+    secure: bool,
+}
+
+impl Console {
+    fn cookie_name(&self) -> &'static str {
+        if self.secure {
+            "__Host-valet_console"
+        } else {
+            "valet_console"
+        }
+    }
+}
+
+/// Serves the console on `listener` until valetd stops.
+pub async fn serve(
+    listener: TcpListener,
+    limits: Limits,
+    tls: Option<Arc<TlsMaterial>>,
+    valet: Arc<Valet>,
+) {
+    let console = Arc::new(Console {
+        valet: valet.clone(),
+        secure: tls.is_some(),
+    });
+    let mut acceptor = Acceptor::start(
+        listener,
+        limits,
+        "console",
+        tls.map(|material| (material, Listener::Gateway)),
+    );
+    let stopping = valet.clone();
+    let accept = async {
+        while let Some((connection, peer)) = acceptor.accept().await {
+            let console = console.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let console = console.clone();
+                    async move { Ok::<_, Infallible>(handle(&console, request, peer.address).await) }
+                });
+                let served = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(hyper_util::rt::TokioIo::new(connection), service)
+                    .await;
+                if let Err(error) = served {
+                    tracing::debug!(%error, "console connection ended with an error");
+                }
+            });
+        }
+    };
+    tokio::select! {
+        _ = accept => {}
+        _ = stopping.shutting_down() => {}
+    }
+}
+
+/// Answers one request, with the headers every answer carries.
+async fn handle(console: &Console, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let request_id = valet_core::random::bytes::<8>()
+        .map(hex::encode)
+        .unwrap_or_else(|_| "unavailable".to_string());
+    let mut response = route(console, request, peer, &request_id).await;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("content-security-policy", CONTENT_SECURITY_POLICY),
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "no-referrer"),
+        ("cache-control", "no-store"),
+        ("cross-origin-opener-policy", "same-origin"),
+    ] {
+        headers.insert(name, http::HeaderValue::from_static(value));
+    }
+    if let Ok(value) = http::HeaderValue::from_str(&request_id) {
+        headers.insert("x-request-id", value);
+    }
+    response
+}
+
+async fn route(
+    console: &Console,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    request_id: &str,
+) -> Response<Body> {
+    let valet = &console.valet;
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let query = Fields::parse(request.uri().query().unwrap_or(""));
+    match (&method, path.as_str()) {
+        (&Method::GET, "/assets/console.js") => {
+            return text(StatusCode::OK, "text/javascript; charset=utf-8", SCRIPT);
+        }
+        (&Method::GET, "/assets/console.css") => {
+            return text(StatusCode::OK, "text/css; charset=utf-8", STYLES);
+        }
+        (&Method::GET, "/login") => return html(StatusCode::OK, page::login(query.get("link"))),
+        (&Method::POST, "/login") => {
+            let fields = match read_form(request).await {
+                Ok(fields) => fields,
+                Err(response) => return response,
+            };
+            return match valet
+                .open_console_session(fields.get("link"), Some(peer.ip()), request_id)
+                .await
+            {
+                Ok(opened) => {
+                    let mut response =
+                        html(StatusCode::OK, page::logged_in(&opened.pass.principal));
+                    let max_age = (opened.pass.expires_at - valet.now()).max(0);
+                    let cookie = format!(
+                        "{}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
+                        console.cookie_name(),
+                        opened.cookie,
+                        if console.secure { "; Secure" } else { "" }
+                    );
+                    if let Ok(value) = http::HeaderValue::from_str(&cookie) {
+                        response.headers_mut().insert(header::SET_COOKIE, value);
+                    }
+                    response
+                }
+                Err(error) => refusal(valet, error, None),
+            };
+        }
+        (&Method::GET, "/") => return redirect("/approvals"),
+        _ => {}
+    }
+    // Everything else needs a session.
+    let cookie = form::cookie(request.headers(), console.cookie_name()).unwrap_or("");
+    let session = if cookie.is_empty() {
+        Err(ServiceError::Unauthenticated {
+            reason: "no console session: log in with a link from `valet console`".into(),
+        })
+    } else {
+        valet.console_caller(cookie, request_id).await
+    };
+    let session = match session {
+        Ok(session) => session,
+        Err(error) if method == Method::POST => {
+            let error = valet
+                .refuse_console_request(request_id, Some(peer.ip()), &path, error)
+                .await;
+            return refusal(valet, error, None);
+        }
+        Err(error) => return refusal(valet, error, None),
+    };
+    let csrf = valet.console_csrf(&session.session);
+    let view = Session {
+        principal: &session.session.principal,
+        csrf: &csrf,
+        expires_at: session.session.expires_at,
+    };
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if method == Method::GET {
+        return match read(console, &session, &view, &segments, &query).await {
+            Ok(response) => response,
+            Err(error) => refusal(valet, error, Some(&view)),
+        };
+    }
+    if method != Method::POST {
+        return html(
+            StatusCode::METHOD_NOT_ALLOWED,
+            page::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("{method} {path}: the console serves GET pages and POST forms only"),
+                Some(&view),
+            ),
+        );
+    }
+    let fields = match read_form(request).await {
+        Ok(fields) => fields,
+        Err(response) => return response,
+    };
+    if let Err(error) = valet
+        .check_console_csrf(&session, fields.get("csrf"), &path)
+        .await
+    {
+        return refusal(valet, error, Some(&view));
+    }
+    match act(valet, console.cookie_name(), &session, &segments, &fields).await {
+        Ok(response) => response,
+        Err(error) => refusal(valet, error, Some(&view)),
+    }
+}
+
+/// The pages and event streams.
+async fn read(
+    console: &Console,
+    session: &ConsoleCaller,
+    view: &Session<'_>,
+    segments: &[&str],
+    query: &Fields,
+) -> Result<Response<Body>, ServiceError> {
+    let valet = &console.valet;
+    let caller = &session.caller;
+    let now = valet.now();
+    match segments {
+        ["approvals"] => {
+            let pending = valet
+                .list_approvals(caller, true, 1000, "")
+                .await?
+                .approvals;
+            if query.get("fragment") == "pending" {
+                return Ok(html(
+                    StatusCode::OK,
+                    page::pending_list(view, &pending, now),
+                ));
+            }
+            let mut decided: Vec<_> = valet
+                .list_approvals(caller, false, 1000, "")
+                .await?
+                .approvals
+                .into_iter()
+                .filter(|approval| approval.status != ApprovalStatus::Pending)
+                .collect();
+            decided.sort_by_key(|approval| std::cmp::Reverse(approval.updated_at));
+            decided.truncate(N_DECIDED);
+            Ok(html(
+                StatusCode::OK,
+                page::approvals(view, &pending, &decided, now, None),
+            ))
+        }
+        ["approvals", id] => {
+            let approval = valet.get_approval(caller, id).await?;
+            Ok(html(StatusCode::OK, page::approval(view, &approval, now)))
+        }
+        ["grants"] => {
+            let filter = GrantFilterFields {
+                environment: query.get("environment").trim().to_string(),
+                principal: query.get("principal").trim().to_string(),
+                scope: query.get("scope").trim().to_string(),
+                task: query.get("task").trim().to_string(),
+            };
+            let grants = valet
+                .list_grants(caller, store_filter(&filter), N_GRANTS, "")
+                .await?
+                .grants;
+            if query.get("fragment") == "table" {
+                return Ok(html(StatusCode::OK, page::grants_table(view, &grants, now)));
+            }
+            let notice = query
+                .get("revoked")
+                .parse::<u64>()
+                .ok()
+                .map(|n| format!("{n} grant(s) revoked"));
+            Ok(html(
+                StatusCode::OK,
+                page::grants(view, &grants, &filter, now, notice.as_deref()),
+            ))
+        }
+        ["grants", id] => {
+            let grant = valet.console_grant(caller, id).await?;
+            let trail = valet.grant_trail(caller, id).await?;
+            Ok(html(StatusCode::OK, page::grant(view, &grant, &trail, now)))
+        }
+        ["audit"] => {
+            let head = valet.audit_head(caller).await?;
+            let tail: Vec<_> = valet
+                .audit_tail(caller, N_TAIL, false)
+                .await?
+                .filter_map(|record| std::future::ready(record.ok()))
+                .collect()
+                .await;
+            let check = valet.last_audit_verification();
+            Ok(html(
+                StatusCode::OK,
+                page::audit(view, &head, check.as_ref(), &tail),
+            ))
+        }
+        ["events", "approvals"] => {
+            let approvals = valet.watch_approvals(caller).await?;
+            let events = approvals.map(|approval| match approval {
+                Ok(approval) => event(
+                    "approval",
+                    &serde_json::json!({ "id": approval.id, "status": approval.status.to_string() }),
+                ),
+                Err(error) => event("error", &serde_json::json!({ "error": error.to_string() })),
+            });
+            Ok(event_stream(valet, session.session.expires_at, events))
+        }
+        ["events", "grants"] => {
+            let filter = GrantFilterFields {
+                environment: query.get("environment").trim().to_string(),
+                principal: query.get("principal").trim().to_string(),
+                scope: query.get("scope").trim().to_string(),
+                task: query.get("task").trim().to_string(),
+            };
+            let grants = valet.watch_grants(caller, store_filter(&filter)).await?;
+            let events = grants.map(|change| match change {
+                Ok(change) => event(
+                    "grant",
+                    &serde_json::json!({ "id": change.grant.id, "kind": format!("{:?}", change.kind).to_lowercase() }),
+                ),
+                Err(error) => event("error", &serde_json::json!({ "error": error.to_string() })),
+            });
+            Ok(event_stream(valet, session.session.expires_at, events))
+        }
+        _ => Ok(html(
+            StatusCode::NOT_FOUND,
+            page::error(
+                StatusCode::NOT_FOUND,
+                "no such page; the console has /approvals, /grants and /audit",
+                Some(view),
+            ),
+        )),
+    }
+}
+
+/// The actions: each is one existing service operation, as the session's principal.
+async fn act(
+    valet: &Valet,
+    cookie_name: &str,
+    session: &ConsoleCaller,
+    segments: &[&str],
+    fields: &Fields,
+) -> Result<Response<Body>, ServiceError> {
+    let caller = &session.caller;
+    let reason = fields.get("reason").trim();
+    match segments {
+        ["approvals", id, "approve"] => {
+            let confirmation = fields.non_empty("confirm");
+            let decided = valet
+                .approve(caller, id, confirmation.as_deref(), reason)
+                .await?;
+            Ok(redirect(&format!("/approvals/{}", decided.id)))
+        }
+        ["approvals", id, "deny"] => {
+            let decided = valet.deny_approval(caller, id, reason).await?;
+            Ok(redirect(&format!("/approvals/{}", decided.id)))
+        }
+        ["grants", id, "revoke"] => {
+            let (grant, _) = valet.revoke_grant(caller, id, reason).await?;
+            Ok(redirect(&format!("/grants/{}", grant.id)))
+        }
+        ["tasks", "revoke"] => {
+            let task = fields.get("task");
+            let revoked = valet.revoke_task(caller, task, reason).await?;
+            Ok(redirect(&format!(
+                "/grants?task={}&revoked={}",
+                form::encode(task),
+                revoked.len()
+            )))
+        }
+        ["revoke-all"] => {
+            if fields.get("confirm").trim() != "revoke all" {
+                return Err(ServiceError::InvalidField {
+                    field: "confirm",
+                    problem: "type `revoke all` to confirm revoking every live grant of the target"
+                        .into(),
+                });
+            }
+            let name = fields.non_empty("name");
+            let filter = match (fields.get("target"), name) {
+                (_, None) => None,
+                ("environment", Some(name)) => Some(GrantFilter {
+                    environment: Some(name),
+                    ..GrantFilter::default()
+                }),
+                ("principal", Some(name)) => Some(GrantFilter {
+                    principal: Some(name),
+                    ..GrantFilter::default()
+                }),
+                ("scope", Some(name)) => Some(GrantFilter {
+                    scope: Some(name),
+                    ..GrantFilter::default()
+                }),
+                (other, Some(_)) => {
+                    return Err(ServiceError::InvalidField {
+                        field: "target",
+                        problem: format!(
+                            "{other:?} is not a target; one of environment, principal, scope"
+                        ),
+                    });
+                }
+            };
+            let revoked = valet.revoke_all(caller, filter, reason).await?;
+            Ok(redirect(&format!("/grants?revoked={}", revoked.len())))
+        }
+        ["audit", "verify"] => {
+            valet.verify_audit_chain(caller).await?;
+            Ok(redirect("/audit"))
+        }
+        ["logout"] => {
+            valet.end_console_session(session).await?;
+            let mut response = html(
+                StatusCode::OK,
+                page::layout(
+                    "Logged out",
+                    page::Section::None,
+                    None,
+                    "<h1>Logged out</h1><p>This session is ended on every replica. Run <code>valet console</code> to log in again.</p>",
+                ),
+            );
+            if let Ok(value) = http::HeaderValue::from_str(&format!(
+                "{cookie_name}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"
+            )) {
+                response.headers_mut().insert(header::SET_COOKIE, value);
+            }
+            Ok(response)
+        }
+        _ => Err(ServiceError::InvalidField {
+            field: "path",
+            problem: "no such action; the console's forms post to /approvals/ID/approve, /approvals/ID/deny, /grants/ID/revoke, /tasks/revoke, /revoke-all, /audit/verify and /logout".into(),
+        }),
+    }
+}
+
+fn store_filter(filter: &GrantFilterFields) -> GrantFilter {
+    let text = |value: &str| (!value.is_empty()).then(|| value.to_string());
+    GrantFilter {
+        environment: text(&filter.environment),
+        principal: text(&filter.principal),
+        scope: text(&filter.scope),
+        task_id: text(&filter.task),
+        status: None,
+    }
+}
+
+/// Reads a form body (at most [`form::MAX_FORM_BYTES`]); anything else is a clear refusal.
+async fn read_form(request: Request<Incoming>) -> Result<Fields, Response<Body>> {
+    let form_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/x-www-form-urlencoded"));
+    let refuse =
+        |status: StatusCode, message: &str| html(status, page::error(status, message, None));
+    if !form_type {
+        return Err(refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the console's actions take application/x-www-form-urlencoded forms only",
+        ));
+    }
+    let body = Limited::new(request.into_body(), form::MAX_FORM_BYTES)
+        .collect()
+        .await
+        .map_err(|_| {
+            refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the form is larger than 16 KiB or was cut off; the console's forms are a few short fields",
+            )
+        })?
+        .to_bytes();
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| refuse(StatusCode::BAD_REQUEST, "the form is not UTF-8 text"))?;
+    Ok(Fields::parse(text))
+}
+
+/// One server-sent event.
+fn event(name: &str, data: &serde_json::Value) -> Bytes {
+    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+}
+
+/// A `text/event-stream` of `events`, with heartbeats, ended when the session expires or valetd
+/// stops (the browser reconnects, and is then asked to log in again if its session is over).
+fn event_stream(
+    valet: &Arc<Valet>,
+    session_expires_at: valet_core::UnixTime,
+    events: impl futures::Stream<Item = Bytes> + Send + 'static,
+) -> Response<Body> {
+    let remaining = (session_expires_at - valet.now()).max(0) as u64;
+    let stopping = valet.clone();
+    let heartbeats = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(HEARTBEAT))
+        .map(|_| Bytes::from_static(b": heartbeat\n\n"));
+    let end = async move {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(remaining)) => {}
+            _ = stopping.shutting_down() => {}
+        }
+    };
+    let stream = futures::stream::select(events, heartbeats)
+        .take_until(end)
+        .map(|bytes| Ok::<_, Infallible>(Frame::data(bytes)));
+    let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    response
+}
+
+fn full(text: impl Into<Bytes>) -> Body {
+    BodyExt::boxed_unsync(Full::new(text.into()))
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+fn html(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
+}
+
+fn redirect(location: &str) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = StatusCode::SEE_OTHER;
+    if let Ok(value) = http::HeaderValue::from_str(location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// A refused or failed operation as a page: the service's own words (credentials redacted)
+/// under the status that fits.
+fn refusal(valet: &Valet, error: ServiceError, session: Option<&Session>) -> Response<Body> {
+    let status = match &error {
+        ServiceError::Unauthenticated { .. } | ServiceError::Console(_) => StatusCode::UNAUTHORIZED,
+        ServiceError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        ServiceError::Access(_) => StatusCode::FORBIDDEN,
+        ServiceError::Request(error) if !error.is_invalid_argument() => StatusCode::FORBIDDEN,
+        ServiceError::Approval(valet_core::approval::ApprovalError::SelfApproval { .. })
+        | ServiceError::Approval(valet_core::approval::ApprovalError::AgentCannotApprove {
+            ..
+        })
+        | ServiceError::Approval(valet_core::approval::ApprovalError::NotAnApprover { .. }) => {
+            StatusCode::FORBIDDEN
+        }
+        ServiceError::GrantNotFound { .. }
+        | ServiceError::ApprovalNotFound { .. }
+        | ServiceError::ConsoleOff => StatusCode::NOT_FOUND,
+        ServiceError::Request(_) | ServiceError::InvalidField { .. } => StatusCode::BAD_REQUEST,
+        ServiceError::Approval(_) | ServiceError::Transition(_) | ServiceError::Inactive(_) => {
+            StatusCode::CONFLICT
+        }
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let message = valet.redact(&error.to_string());
+    html(status, page::error(status, &message, session))
+}

@@ -1,0 +1,398 @@
+//! The web console's part of the service: login links for operators (`valet console`), the
+//! sessions they open, CSRF checks, and the read-only views the console shows beyond the
+//! existing operations (one grant, its audit trail, the chain's verification). Every action the
+//! console takes is an existing operation called with the session's [`Caller`].
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine as _;
+use valet_core::UnixTime;
+use valet_core::audit::{self, AuditAction, AuditEvent, ChainKey, Outcome};
+use valet_core::config::Role;
+use valet_core::console::{ConsoleKey, ConsolePass, LOGIN_LINK_SECONDS, PassKind};
+use valet_core::grant::Grant;
+use valet_core::identity::AuthenticatedBy;
+use valet_core::policy;
+
+use crate::{Attribution, Caller, ServiceError, Valet, WrittenRecord, context};
+
+/// How many of the latest audit records a grant's trail is looked for in.
+pub const TRAIL_WINDOW: usize = 20_000;
+/// How a console session is named in audit records' `auth_method`.
+pub const CONSOLE_SESSION: &str = "console_session";
+
+/// What the console keeps beyond the store: its key, and the last verification of the chain.
+pub(crate) struct ConsoleState {
+    key: ConsoleKey,
+    chain_key: Arc<ChainKey>,
+    last_check: Mutex<Option<ChainCheck>>,
+}
+
+impl ConsoleState {
+    pub(crate) fn new(seal_key: &valet_core::keyring::SealKey) -> ConsoleState {
+        ConsoleState {
+            key: ConsoleKey::from_seal_key(seal_key),
+            chain_key: Arc::new(ChainKey::from_seal_key(seal_key)),
+            last_check: Mutex::new(None),
+        }
+    }
+}
+
+/// A login link's pass and where it leads.
+pub struct ConsoleLogin {
+    /// `{console_url}/login?link=PASS`: a capability for one login within a minute.
+    pub url: String,
+    pub expires_at: UnixTime,
+}
+
+/// A session a login link opened.
+pub struct OpenedSession {
+    /// The session cookie's value.
+    pub cookie: String,
+    pub pass: ConsolePass,
+}
+
+/// An authenticated console request: the caller every operation is called with, and its session.
+pub struct ConsoleCaller {
+    pub caller: Caller,
+    pub session: ConsolePass,
+}
+
+/// One verification of the audit chain against the head valetd recorded.
+#[derive(Debug, Clone)]
+pub struct ChainCheck {
+    pub at: UnixTime,
+    /// The head valetd recorded in the store, which the chain must end at.
+    pub head: audit::ChainHead,
+    /// The summary, or where and why the chain is broken.
+    pub outcome: Result<audit::ChainSummary, String>,
+}
+
+/// Who a refused console request is attributed to before any session is known.
+struct Visitor<'a> {
+    request_id: &'a str,
+    source: Option<std::net::IpAddr>,
+}
+
+impl Attribution for Visitor<'_> {
+    fn attribute(&self, event: AuditEvent) -> AuditEvent {
+        let event = event.with("request_id", self.request_id);
+        match self.source {
+            Some(source) => event.with("source", source.to_string()),
+            None => event,
+        }
+    }
+
+    fn request_id(&self) -> &str {
+        self.request_id
+    }
+}
+
+impl Valet {
+    /// A single-use login link to the console for the caller, an operator: good for one login
+    /// within [`LOGIN_LINK_SECONDS`].
+    pub async fn create_console_login(
+        &self,
+        caller: &Caller,
+    ) -> Result<ConsoleLogin, ServiceError> {
+        let outcome = async {
+            policy::require_role(&caller.principal, Role::Operator, "opening the web console")?;
+            let base = self
+                .config()
+                .server
+                .console_base_url()
+                .ok_or(ServiceError::ConsoleOff)?;
+            let pass = ConsolePass::new(
+                &caller.principal,
+                &caller.authentication.method,
+                self.clock.now(),
+                LOGIN_LINK_SECONDS,
+            )
+            .map_err(|error| ServiceError::Internal(error.to_string()))?;
+            let text = self.console.key.seal(PassKind::LoginLink, &pass);
+            Ok((pass, format!("{base}/login?link={text}")))
+        }
+        .await;
+        let (pass, url) = self
+            .answer(caller, context(AuditAction::ConsoleLoginLink), outcome)
+            .await?;
+        let event = AuditEvent::new(AuditAction::ConsoleLoginLink, Outcome::Allowed)
+            .with("link_id", &pass.id)
+            .with(
+                "expires_at",
+                valet_core::clock::format_time(pass.expires_at),
+            );
+        self.record(caller, event).await?;
+        Ok(ConsoleLogin {
+            url,
+            expires_at: pass.expires_at,
+        })
+    }
+
+    /// Opens a session from a login link, once: a link already used, expired, altered, or for a
+    /// principal whose roles changed is refused (and the refusal recorded).
+    pub async fn open_console_session(
+        &self,
+        link: &str,
+        source: Option<std::net::IpAddr>,
+        request_id: &str,
+    ) -> Result<OpenedSession, ServiceError> {
+        let visitor = Visitor { request_id, source };
+        let mut context = context(AuditAction::ConsoleLogin);
+        let outcome = async {
+            let now = self.clock.now();
+            let link = self.console.key.open(PassKind::LoginLink, link, now)?;
+            context.set("principal", &link.principal);
+            context.set("link_id", &link.id);
+            let principal = self.console_principal(&link)?;
+            if !self
+                .store
+                .claim_once(&format!("console-link/{}", link.id), link.expires_at)
+                .await?
+            {
+                return Err(ServiceError::Unauthenticated {
+                    reason: "this login link was used already: each opens one session; get a new one with `valet console`".into(),
+                });
+            }
+            let ttl = self.config().server.console_session_ttl.as_secs() as i64;
+            let session = ConsolePass::new(&principal, &link.authenticated_by, now, ttl)
+                .map_err(|error| ServiceError::Internal(error.to_string()))?;
+            Ok((link, session))
+        }
+        .await;
+        let (link, session) = self.answer(&visitor, context, outcome).await?;
+        let event = AuditEvent::new(AuditAction::ConsoleLogin, Outcome::Allowed)
+            .with("principal", &session.principal)
+            .with("link_id", &link.id)
+            .with("session_id", &session.id)
+            .with(
+                "expires_at",
+                valet_core::clock::format_time(session.expires_at),
+            );
+        self.record(&visitor, event).await?;
+        Ok(OpenedSession {
+            cookie: self.console.key.seal(PassKind::Session, &session),
+            pass: session,
+        })
+    }
+
+    /// The caller a session cookie stands for: refused when it is not valetd's, expired, ended,
+    /// or its principal's roles changed. Not recorded (pages are read often); actions are.
+    pub async fn console_caller(
+        &self,
+        cookie: &str,
+        request_id: &str,
+    ) -> Result<ConsoleCaller, ServiceError> {
+        let session = self
+            .console
+            .key
+            .open(PassKind::Session, cookie, self.clock.now())?;
+        let principal = self.console_principal(&session)?;
+        if self
+            .store
+            .claimed(&format!("console-session-ended/{}", session.id))
+            .await?
+        {
+            return Err(ServiceError::Unauthenticated {
+                reason:
+                    "this console session was ended (logged out); log in again with `valet console`"
+                        .into(),
+            });
+        }
+        Ok(ConsoleCaller {
+            caller: Caller {
+                principal,
+                authentication: AuthenticatedBy {
+                    method: CONSOLE_SESSION.to_string(),
+                    issuer: Some(session.authenticated_by.clone()),
+                    subject: None,
+                    fingerprint: Some(session.id.clone()),
+                },
+                request_id: request_id.to_string(),
+            },
+            session,
+        })
+    }
+
+    /// The CSRF token every form of `session` carries.
+    pub fn console_csrf(&self, session: &ConsolePass) -> String {
+        self.console.key.csrf_token(&session.id)
+    }
+
+    /// Refuses (and records) an action whose CSRF token is not its session's.
+    pub async fn check_console_csrf(
+        &self,
+        console: &ConsoleCaller,
+        presented: &str,
+        action: &str,
+    ) -> Result<(), ServiceError> {
+        if self
+            .console
+            .key
+            .csrf_matches(&console.session.id, presented)
+        {
+            return Ok(());
+        }
+        let context = context(AuditAction::ConsoleRefuse).with("console_action", action);
+        let error = ServiceError::Unauthenticated {
+            reason: "the form's CSRF token is not this session's (a stale page, or a request made by another site); reload the page and try again".into(),
+        };
+        self.answer(&console.caller, context, Err(error)).await
+    }
+
+    /// Records a console action refused before any session was known (no cookie, a bad one).
+    pub async fn refuse_console_request(
+        &self,
+        request_id: &str,
+        source: Option<std::net::IpAddr>,
+        action: &str,
+        error: ServiceError,
+    ) -> ServiceError {
+        let visitor = Visitor { request_id, source };
+        let context = context(AuditAction::ConsoleRefuse).with("console_action", action);
+        match self.answer(&visitor, context, Err::<(), _>(error)).await {
+            Err(error) => error,
+            Ok(()) => ServiceError::Internal("a refusal was answered as a success".into()),
+        }
+    }
+
+    /// Ends `console`'s session on every replica (its cookie is refused from now on).
+    pub async fn end_console_session(&self, console: &ConsoleCaller) -> Result<(), ServiceError> {
+        self.store
+            .claim_once(
+                &format!("console-session-ended/{}", console.session.id),
+                console.session.expires_at,
+            )
+            .await?;
+        let event = AuditEvent::new(AuditAction::ConsoleLogout, Outcome::Allowed)
+            .with("session_id", &console.session.id);
+        self.record(&console.caller, event).await
+    }
+
+    /// One grant, for an operator.
+    pub async fn console_grant(&self, caller: &Caller, id: &str) -> Result<Grant, ServiceError> {
+        let outcome = async {
+            policy::require_role(&caller.principal, Role::Operator, "reading a grant")?;
+            let id = valet_core::GrantId::parse(id)?;
+            self.store
+                .get_grant(id.as_str())
+                .await?
+                .ok_or_else(|| ServiceError::GrantNotFound {
+                    id: id.as_str().to_string(),
+                })
+        }
+        .await;
+        self.answer(caller, context(AuditAction::GrantsList), outcome)
+            .await
+    }
+
+    /// The audit records of grant `id` among the latest [`TRAIL_WINDOW`], oldest first.
+    /// Operators only.
+    pub async fn grant_trail(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<Vec<WrittenRecord>, ServiceError> {
+        let outcome =
+            policy::require_role(&caller.principal, Role::Operator, "reading the audit log")
+                .map_err(ServiceError::from)
+                .and_then(|()| Ok(valet_core::GrantId::parse(id)?));
+        let id = self
+            .answer(caller, context(AuditAction::AuditTail), outcome)
+            .await?;
+        let records = self.audit.last_records(TRAIL_WINDOW).await?;
+        Ok(records
+            .into_iter()
+            .filter(|record| {
+                serde_json::from_str::<serde_json::Value>(&record.line)
+                    .ok()
+                    .and_then(|value| {
+                        value
+                            .get("grant_id")
+                            .and_then(|grant| grant.as_str().map(|grant| grant == id.as_str()))
+                    })
+                    .unwrap_or(false)
+            })
+            .collect())
+    }
+
+    /// Verifies this replica's audit file up to the head valetd recorded in the store: every
+    /// record's MAC under the chain key, every checkpoint's signature, the chain's links, and
+    /// that it ends exactly at that head. Operators only; the result is kept for the console.
+    pub async fn verify_audit_chain(&self, caller: &Caller) -> Result<ChainCheck, ServiceError> {
+        let head = self.audit_head(caller).await?;
+        let public_keys: BTreeMap<String, [u8; 32]> = self
+            .jwks()
+            .into_iter()
+            .filter_map(|jwk| {
+                let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(&jwk.x)
+                    .ok()?;
+                Some((jwk.kid, <[u8; 32]>::try_from(bytes).ok()?))
+            })
+            .collect();
+        let path = self.audit.path().to_path_buf();
+        let chain_key = self.console.chain_key.clone();
+        let expected = head.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+            // Records past the recorded head are being written as this runs: the chain is
+            // checked to the head, which moves on with every group commit.
+            let lines: Vec<&str> = text
+                .lines()
+                .take_while(|line| {
+                    crate::audit_sink::sequence_of(line)
+                        .is_some_and(|sequence| sequence <= expected.sequence)
+                })
+                .collect();
+            let lookup = |kid: &str| public_keys.get(kid).copied();
+            let verification = audit::Verification {
+                key: Some(chain_key.as_ref()),
+                public_keys: Some(&lookup),
+                expected_head: (expected.sequence > 0).then_some(&expected),
+            };
+            audit::verify_with(lines, &verification).map_err(|error| error.to_string())
+        })
+        .await
+        .map_err(|error| ServiceError::Internal(error.to_string()))?;
+        let check = ChainCheck {
+            at: self.clock.now(),
+            head,
+            outcome,
+        };
+        if let Ok(mut last) = self.console.last_check.lock() {
+            *last = Some(check.clone());
+        }
+        Ok(check)
+    }
+
+    /// The last verification [`Valet::verify_audit_chain`] made, if any.
+    pub fn last_audit_verification(&self) -> Option<ChainCheck> {
+        self.console
+            .last_check
+            .lock()
+            .ok()
+            .and_then(|last| last.clone())
+    }
+
+    /// The principal a pass was made for, as the config has it now; refused if it is gone or its
+    /// roles changed.
+    fn console_principal(
+        &self,
+        pass: &ConsolePass,
+    ) -> Result<valet_core::config::Principal, ServiceError> {
+        let config = self.config();
+        let principal = config.principals.get(&pass.principal).ok_or_else(|| {
+            ServiceError::Unauthenticated {
+                reason: format!(
+                    "principal {:?} is no longer in the config; its console sessions ended",
+                    pass.principal
+                ),
+            }
+        })?;
+        pass.still_fits(principal).map_err(ServiceError::Console)?;
+        Ok(principal.clone())
+    }
+}
