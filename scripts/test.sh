@@ -43,6 +43,11 @@ if ! "$venv/bin/python" -c 'import moto, boto3, strawberry, uvicorn, starlette, 
     'grpcio==1.85.1' 'grpcio-tools==1.85.1' 'kubernetes-validate==1.37.0' 'mcp==2.3.0'
 fi
 
+echo "== Chromium for the web console's browser tests (Debian's chromium; Playwright drives it, it cannot download browsers here)"
+if ! command -v chromium >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 echo "== Node upstreams for the gateway's differential tests (express-graphql, Express with method-override), in tests/upstreams"
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   echo "node and npm are needed for the gateway's differential tests against real upstream servers"; exit 1
@@ -69,8 +74,11 @@ client_venv=var/python-client-venv
 rm -rf "$client_venv" clients/python/build && python3 -m venv "$client_venv"
 "$client_venv/bin/pip" wheel --quiet --disable-pip-version-check --no-deps -w "$client_venv/dist" ./clients/python
 "$client_venv/bin/pip" install --quiet --disable-pip-version-check \
-  "$(ls "$client_venv"/dist/valet_client-*.whl)[aws,httpx,requests]" 'pytest==9.2.0' 'pytest-timeout==2.4.0'
+  "$(ls "$client_venv"/dist/valet_client-*.whl)[aws,httpx,requests]" 'pytest==9.2.0' 'pytest-timeout==2.4.0' 'playwright==1.65.2'
 (cd "$client_venv" && VALET_BINARIES="$PWD/../../target/debug" bin/pytest -q --timeout 180 -p no:cacheprovider ../../clients/python/tests) 2>&1 | tee -a "$log"
+
+echo "== Web console in a real browser: Playwright (from PyPI, in the client venv) driving Debian's Chromium against real valetd processes; writes the screenshots in docs/console/"
+(cd "$client_venv" && VALET_BINARIES="$PWD/../../target/debug" bin/pytest -q --timeout 180 -p no:cacheprovider ../../tests/console) 2>&1 | tee -a "$log"
 
 echo "== benchmark smoke: every scenario of valet-bench, a few hundred requests each, no errors"
 ./target/debug/valet-bench all --smoke

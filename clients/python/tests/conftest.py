@@ -80,6 +80,7 @@ class Valetd:
         self.lines: List[str] = []
         self.address: Optional[str] = None
         self.gateway: Optional[str] = None
+        self.console: Optional[str] = None
         self._ready = threading.Event()
         self._scheme = scheme
         threading.Thread(target=self._read, daemon=True).start()
@@ -90,6 +91,8 @@ class Valetd:
             self.lines.append(line)
             if match := re.search(r"gateway listening on (\S+)", line):
                 self.gateway = match.group(1)
+            if match := re.search(r"console listening on \S+ .*url=(\S+)", line):
+                self.console = match.group(1)
             if match := re.search(r"valetd listening on (\S+)", line):
                 self.address = match.group(1)
                 self._ready.set()

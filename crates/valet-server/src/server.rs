@@ -308,7 +308,8 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
             tls.clone(),
             valet.clone(),
         ));
-        let url = config.server.console_base_url().unwrap_or_default();
+        let url = config.server.console_base_url(bound);
+        valet.serve_console_at(url.clone());
         tracing::info!(address = %bound, %url, "console listening on {bound}");
     }
     tokio::spawn(sweep_forever(valet.clone()));

@@ -330,7 +330,7 @@ async fn deliver(valet: Arc<Valet>, url: String, pending: ApprovalRequest) {
         "approval": approval_json(&pending),
     });
     // Where an approver decides it in the web console, when the console is on.
-    if let Some(base) = valet.config().server.console_base_url() {
+    if let Some(base) = valet.console_url() {
         body["console_url"] = serde_json::Value::String(format!("{base}/approvals/{}", pending.id));
     }
     let body = body.to_string();

@@ -27,6 +27,8 @@ pub(crate) struct ConsoleState {
     key: ConsoleKey,
     chain_key: Arc<ChainKey>,
     last_check: Mutex<Option<ChainCheck>>,
+    /// The console's base URL, once its listener is bound; the console is off without it.
+    url: std::sync::OnceLock<String>,
 }
 
 impl ConsoleState {
@@ -35,6 +37,7 @@ impl ConsoleState {
             key: ConsoleKey::from_seal_key(seal_key),
             chain_key: Arc::new(ChainKey::from_seal_key(seal_key)),
             last_check: Mutex::new(None),
+            url: std::sync::OnceLock::new(),
         }
     }
 }
@@ -90,6 +93,17 @@ impl Attribution for Visitor<'_> {
 }
 
 impl Valet {
+    /// Says the console is served, at `base` (`https://host:port`, no trailing `/`): login links
+    /// and the approval webhook's links lead there. Set once, when its listener is bound.
+    pub fn serve_console_at(&self, base: String) {
+        let _ = self.console.url.set(base);
+    }
+
+    /// The console's base URL, when it is served.
+    pub fn console_url(&self) -> Option<&str> {
+        self.console.url.get().map(String::as_str)
+    }
+
     /// A single-use login link to the console for the caller, an operator: good for one login
     /// within [`LOGIN_LINK_SECONDS`].
     pub async fn create_console_login(
@@ -98,11 +112,7 @@ impl Valet {
     ) -> Result<ConsoleLogin, ServiceError> {
         let outcome = async {
             policy::require_role(&caller.principal, Role::Operator, "opening the web console")?;
-            let base = self
-                .config()
-                .server
-                .console_base_url()
-                .ok_or(ServiceError::ConsoleOff)?;
+            let base = self.console_url().ok_or(ServiceError::ConsoleOff)?;
             let pass = ConsolePass::new(
                 &caller.principal,
                 &caller.authentication.method,

@@ -1191,3 +1191,139 @@ async fn an_approval_marked_approved_in_the_store_releases_nothing() {
         denial.error
     );
 }
+
+#[tokio::test]
+async fn a_console_login_link_opens_one_session_which_ends_at_its_lifetime_or_logout() {
+    let fixture = fixture().await;
+    let operator = fixture.caller("operator");
+    // Off until the listener is bound.
+    assert!(matches!(
+        fixture.valet.create_console_login(&operator).await,
+        Err(ServiceError::ConsoleOff)
+    ));
+    fixture
+        .valet
+        .serve_console_at("https://valet.test:7473".into());
+    let refused = fixture
+        .valet
+        .create_console_login(&fixture.caller("agent"))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        refused.to_string().contains("opening the web console"),
+        "{refused}"
+    );
+
+    let login = fixture.valet.create_console_login(&operator).await.unwrap();
+    let link = login
+        .url
+        .strip_prefix("https://valet.test:7473/login?link=")
+        .expect("the link leads to the console");
+    let opened = fixture
+        .valet
+        .open_console_session(link, None, "r1")
+        .await
+        .unwrap();
+    assert_eq!(opened.pass.principal, "operator");
+    let used = fixture
+        .valet
+        .open_console_session(link, None, "r2")
+        .await
+        .err()
+        .unwrap();
+    assert!(used.to_string().contains("used already"), "{used}");
+
+    let session = fixture
+        .valet
+        .console_caller(&opened.cookie, "r3")
+        .await
+        .unwrap();
+    assert_eq!(session.caller.principal.name, "operator");
+    assert_eq!(session.caller.authentication.method, crate::CONSOLE_SESSION);
+    let csrf = fixture.valet.console_csrf(&session.session);
+    fixture
+        .valet
+        .check_console_csrf(&session, &csrf, "/revoke-all")
+        .await
+        .unwrap();
+    assert!(
+        fixture
+            .valet
+            .check_console_csrf(&session, "stale", "/revoke-all")
+            .await
+            .is_err()
+    );
+
+    // The default lifetime is 15 minutes; no sleeping, the clock moves.
+    fixture.advance(15 * 60 - 1);
+    assert!(
+        fixture
+            .valet
+            .console_caller(&opened.cookie, "r4")
+            .await
+            .is_ok()
+    );
+    fixture.advance(1);
+    let expired = fixture
+        .valet
+        .console_caller(&opened.cookie, "r5")
+        .await
+        .err()
+        .unwrap();
+    assert!(expired.to_string().contains("expired"), "{expired}");
+
+    // A link expires after a minute unused.
+    let late = fixture.valet.create_console_login(&operator).await.unwrap();
+    fixture.advance(60);
+    let late_link = late.url.split_once("link=").unwrap().1;
+    assert!(
+        fixture
+            .valet
+            .open_console_session(late_link, None, "r6")
+            .await
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("expired")
+    );
+
+    // Logging out ends the session for every holder of its cookie.
+    let fresh = fixture.valet.create_console_login(&operator).await.unwrap();
+    let fresh = fixture
+        .valet
+        .open_console_session(fresh.url.split_once("link=").unwrap().1, None, "r7")
+        .await
+        .unwrap();
+    let session = fixture
+        .valet
+        .console_caller(&fresh.cookie, "r8")
+        .await
+        .unwrap();
+    fixture.valet.end_console_session(&session).await.unwrap();
+    let ended = fixture
+        .valet
+        .console_caller(&fresh.cookie, "r9")
+        .await
+        .err()
+        .unwrap();
+    assert!(ended.to_string().contains("logged out"), "{ended}");
+
+    let records = fixture.records();
+    let actions: Vec<(&str, &str)> = records
+        .iter()
+        .filter(|record| record["action"].as_str().unwrap().starts_with("console."))
+        .map(|record| {
+            (
+                record["action"].as_str().unwrap(),
+                record["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(actions.contains(&("console.login", "denied")));
+    assert!(actions.contains(&("console.refuse", "denied")));
+    assert!(actions.contains(&("console.logout", "allowed")));
+    // No pass is ever written to the audit log.
+    let text = std::fs::read_to_string(fixture.audit_path()).unwrap();
+    assert!(!text.contains(&opened.cookie) && !text.contains(link) && !text.contains(&csrf));
+}

@@ -201,16 +201,15 @@ impl ServerConfig {
     }
 
     /// The console's base URL as browsers reach it (no trailing `/`): `console_url`, or the
-    /// listener's address with the scheme TLS gives it. `None` when the console is off.
-    pub fn console_base_url(&self) -> Option<String> {
-        let address = self.console_listen?;
-        Some(match &self.console_url {
+    /// address the console listener `bound` to, with the scheme TLS gives it.
+    pub fn console_base_url(&self, bound: SocketAddr) -> String {
+        match &self.console_url {
             Some(url) => url.clone(),
             None => {
                 let scheme = if self.tls.is_some() { "https" } else { "http" };
-                format!("{scheme}://{address}")
+                format!("{scheme}://{bound}")
             }
-        })
+        }
     }
 
     /// The listeners (`"gRPC"`, `"gateway"`, `"console"`) that serve plaintext on an address that is not a

@@ -213,6 +213,8 @@ max_ttl = "1h"
 gateway_listen = "nowhere"
 metrics_listen = "somewhere"
 otlp_endpoint = "collector:4318"
+console_url = "valet.example.com"
+console_session_ttl = "2d"
 [audit]
 path = "a"
 [[credential]]
@@ -281,6 +283,8 @@ path = "/"
         "server.gateway_listen: \"nowhere\" is not a valid socket address",
         "server.metrics_listen: \"somewhere\" is not a valid socket address",
         "server.otlp_endpoint: \"collector:4318\" is not a valid OTLP/HTTP endpoint",
+        "server.console_url: \"valet.example.com\" is not a valid console URL",
+        "server.console_session_ttl: \"2d\" is not a valid session lifetime; expected from 1s to 12h",
         "upstream[0].base_url: \"ftp://backboard.railway.app\" is not a valid base URL",
         "upstream[0].inject: \"Bearer token\" is not a valid template; expected text containing {secret}",
         "upstream[1].credential: names credential \"missing\", which is not defined",

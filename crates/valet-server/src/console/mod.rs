@@ -578,7 +578,14 @@ fn refusal(valet: &Valet, error: ServiceError, session: Option<&Session>) -> Res
         ServiceError::GrantNotFound { .. }
         | ServiceError::ApprovalNotFound { .. }
         | ServiceError::ConsoleOff => StatusCode::NOT_FOUND,
-        ServiceError::Request(_) | ServiceError::InvalidField { .. } => StatusCode::BAD_REQUEST,
+        ServiceError::Request(_)
+        | ServiceError::InvalidField { .. }
+        | ServiceError::Approval(valet_core::approval::ApprovalError::WrongConfirmation {
+            ..
+        })
+        | ServiceError::Approval(valet_core::approval::ApprovalError::ReasonRequired { .. }) => {
+            StatusCode::BAD_REQUEST
+        }
         ServiceError::Approval(_) | ServiceError::Transition(_) | ServiceError::Inactive(_) => {
             StatusCode::CONFLICT
         }

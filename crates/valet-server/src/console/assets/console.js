@@ -48,6 +48,7 @@ function live(element, source, fragmentUrl, containerSelector, itemSelector, key
     const empty = current.querySelector(".empty");
     if (empty && current.querySelectorAll(itemSelector).length > 0) { empty.remove(); }
     void freshBody;
+    guardConfirmations(current);
   }
 
   const events = new EventSource(source);
@@ -71,11 +72,18 @@ document.addEventListener("DOMContentLoaded", () => {
     const query = grants.dataset.query || "";
     live(grants, "/events/grants?" + query, "/grants?fragment=table&" + query, "#grants", "tr[data-grant-id]", "data-grant-id");
   }
-  // A typed confirmation must match before the approve button is enabled (valetd checks it too).
-  for (const input of document.querySelectorAll("input[data-expected]")) {
-    const button = input.form.querySelector("button[type=submit]");
-    const check = () => { button.disabled = input.value !== input.dataset.expected; };
-    input.addEventListener("input", check);
-    check();
-  }
+  guardConfirmations(document);
+  document.addEventListener("input", (event) => {
+    if (event.target.matches("input[data-expected]")) { checkConfirmation(event.target); }
+  });
 });
+
+// A typed confirmation must match before the approve button is enabled (valetd checks it too).
+function checkConfirmation(input) {
+  const button = input.form && input.form.querySelector("button[type=submit]");
+  if (button) { button.disabled = input.value !== input.dataset.expected; }
+}
+
+function guardConfirmations(root) {
+  for (const input of root.querySelectorAll("input[data-expected]")) { checkConfirmation(input); }
+}

@@ -1,0 +1,254 @@
+"""The web console end to end in a real browser (Playwright driving Chromium) against real valetd
+processes: login through `valet console --print-url`, a pending approval appearing without a
+reload, approval with the typed confirmation releasing the agent's waiting call, the live grants
+table following issue and revocation, revocation from the console, and every refusal: no session,
+a used login link, a stale CSRF token, an expired session, a session ended by logging out.
+The screenshots in docs/console/ are written by these tests."""
+
+from __future__ import annotations
+
+import threading
+
+from conftest import (
+    AGENT_KEY,
+    SCREENSHOTS,
+    audit_records,
+    client_for,
+    console_config,
+    login_url,
+)
+
+LIVE = "body[data-live=connected]"
+
+
+def log_in(context, valetd):
+    """A page of `context` logged in as the operator through a fresh login link."""
+    page = context.new_page()
+    landing = page.goto(login_url(valetd))
+    assert landing.status == 200
+    page.click("#login")
+    page.wait_for_url("**/approvals")
+    page.wait_for_selector(LIVE)
+    return page
+
+
+def screenshot(page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def test_a_pending_request_appears_live_and_the_typed_confirmation_releases_the_agents_call(deploy, context):
+    deployment = deploy(console_config())
+    valetd = deployment.start()
+    page = log_in(context, valetd)
+    page.evaluate("window.notReloaded = true")
+    with client_for(valetd, AGENT_KEY) as agent:
+        issued = agent.request_token("prod-approval", "console-approval", purpose="migrate the orders table")
+        assert issued.pending
+        approval_id = issued.approval.id
+        card = page.locator(f"article[data-approval-id='{approval_id}']")
+        card.wait_for(timeout=15_000)
+        assert page.evaluate("window.notReloaded === true"), "the request arrived without a reload"
+        # The approver sees the canonical rendering, the same text the CLI and webhook show.
+        assert card.locator("pre.rendered").inner_text().strip() == issued.approval.rendered.strip()
+        assert "migrate the orders table" in card.inner_text()
+        screenshot(page, "approvals")
+
+        granted = {}
+        waiter = threading.Thread(
+            target=lambda: granted.update(issued=agent.wait_for_grant(issued.grant.id, timeout=60)), daemon=True
+        )
+        waiter.start()
+
+        approve = card.locator("form.approve button")
+        confirm = card.locator("form.approve input[name=confirm]")
+        assert approve.is_disabled()
+        confirm.fill("staging")
+        assert approve.is_disabled()
+        # valetd checks the confirmation itself: a form posted past the page's check is refused.
+        csrf = card.locator("form.approve input[name=csrf]").get_attribute("value")
+        wrong = page.request.post(
+            f"{valetd.console}/approvals/{approval_id}/approve",
+            form={"csrf": csrf, "confirm": "staging", "reason": "bypassing the page"},
+        )
+        assert wrong.status == 400, wrong.text()
+        assert "typed to confirm" in wrong.text()
+        assert not granted, "a wrong confirmation releases nothing"
+
+        confirm.fill("production")
+        card.locator("form.approve input[name=reason]").fill("ticket OPS-42")
+        approve.click()
+        page.wait_for_url(f"**/approvals/{approval_id}")
+        assert page.locator("p.status").inner_text().startswith("approved")
+        waiter.join(60)
+        assert granted["issued"].token, "the agent's waiting call went through"
+        assert agent.introspect(granted["issued"].token).active
+
+    records = audit_records(deployment)
+    approved = [
+        record for record in records
+        if record["action"] == "approval.approve" and record.get("approval_id") == approval_id
+    ]
+    assert [record["outcome"] for record in approved] == ["denied", "allowed"]
+    assert all(record["principal"] == "operator" for record in approved)
+    assert all(record["auth_method"] == "console_session" for record in approved)
+    assert approved[1]["reason"] == "ticket OPS-42"
+    # No session cookie, CSRF token or login link is ever written to the audit log.
+    text = deployment.path("audit/audit.jsonl").read_text()
+    assert csrf not in text
+    for cookie in page.context.cookies():
+        assert cookie["value"] not in text
+
+
+def test_the_grants_table_follows_issue_and_revocation_and_the_console_revokes(deploy, context):
+    deployment = deploy(console_config())
+    valetd = deployment.start()
+    page = log_in(context, valetd)
+    page.goto(f"{valetd.console}/grants")
+    page.wait_for_selector(LIVE)
+    page.evaluate("window.notReloaded = true")
+    with client_for(valetd, AGENT_KEY) as agent:
+        first = agent.request_token("deploy-staging", "console-grants", params={"project": "shop"})
+        row = page.locator(f"tr[data-grant-id='{first.grant.id}']")
+        row.wait_for(timeout=15_000)
+        assert row.get_attribute("data-status") == "active"
+        # Revoked elsewhere (the agent, here): the row changes in place.
+        agent.revoke(first.grant.id, reason="task done")
+        page.wait_for_selector(f"tr[data-grant-id='{first.grant.id}'][data-status=revoked]", timeout=15_000)
+        assert page.evaluate("window.notReloaded === true")
+
+        second = agent.request_token("deploy-staging", "console-grants-2", params={"project": "shop"})
+        third = agent.request_token("deploy-staging", "console-grants-2", params={"project": "cart"})
+        second_row = page.locator(f"tr[data-grant-id='{second.grant.id}']")
+        second_row.wait_for(timeout=15_000)
+        page.locator(f"tr[data-grant-id='{third.grant.id}']").wait_for(timeout=15_000)
+        screenshot(page, "grants")
+
+        # Revoked from the console: the grant's page says so, and the token is dead.
+        second_row.locator("input[name=reason]").fill("seen in the console")
+        second_row.locator("form.revoke button").click()
+        page.wait_for_url(f"**/grants/{second.grant.id}")
+        assert page.locator("dd.status").inner_text().startswith("revoked")
+        assert not agent.introspect(second.token).active
+        trail = page.locator("ol.trail").inner_text()
+        assert "token.issue" in trail and "token.revoke" in trail and "console_session" in trail
+        screenshot(page, "grant")
+
+        # The task's other grant, through the task form.
+        page.locator("form.revoke-task input[name=reason]").fill("whole task")
+        page.locator("form.revoke-task button").click()
+        page.wait_for_url("**/grants?task=console-grants-2&revoked=1")
+        assert not agent.introspect(third.token).active
+
+    # The chain, verified from the console.
+    page.goto(f"{valetd.console}/audit")
+    page.click("text=Verify the chain now")
+    page.wait_for_selector("p.check.ok")
+    assert "every MAC checked" in page.locator("p.check").inner_text()
+    screenshot(page, "audit")
+
+
+def test_the_console_refuses_without_a_session_a_used_link_a_stale_csrf_token_and_after_logout(deploy, browser):
+    deployment = deploy(console_config())
+    valetd = deployment.start()
+
+    # No session: pages and actions are refused, and actions are recorded.
+    anonymous = browser.new_context()
+    page = anonymous.new_page()
+    answer = page.goto(f"{valetd.console}/grants")
+    assert answer.status == 401
+    assert "no console session" in page.locator(".error").inner_text()
+    posted = anonymous.request.post(
+        f"{valetd.console}/revoke-all",
+        form={"target": "environment", "name": "staging", "reason": "x", "confirm": "revoke all", "csrf": "x"},
+    )
+    assert posted.status == 401
+    events = anonymous.request.get(f"{valetd.console}/events/grants")
+    assert events.status == 401
+
+    # A login link opens one session, once.
+    url = login_url(valetd)
+    page.goto(url)
+    page.click("#login")
+    page.wait_for_url("**/approvals")
+    again = browser.new_context().new_page()
+    again.goto(url)
+    again.click("#login")
+    assert "used already" in again.locator(".error").inner_text()
+
+    # A stale CSRF token: a page from session A submitted after session B replaced it.
+    context = browser.new_context()
+    first = log_in(context, valetd)
+    first.goto(f"{valetd.console}/grants")
+    log_in(context, valetd)  # session B, same browser
+    first.fill("form.panic input[name=name]", "staging")
+    first.fill("form.panic input[name=reason]", "stale page")
+    first.fill("form.panic input[name=confirm]", "revoke all")
+    with first.expect_navigation():
+        first.click("form.panic button")
+    assert "CSRF token is not this session's" in first.locator(".error").inner_text()
+    forged = context.request.post(
+        f"{valetd.console}/revoke-all",
+        form={"target": "environment", "name": "staging", "reason": "x", "confirm": "revoke all", "csrf": "forged"},
+    )
+    assert forged.status == 401
+
+    # Logging out ends the session everywhere: its cookie, replayed, is refused.
+    current = context.new_page()
+    current.goto(f"{valetd.console}/approvals")
+    saved = context.cookies()
+    current.click("text=Log out")
+    current.wait_for_selector("text=Logged out")
+    replay = browser.new_context()
+    replay.add_cookies(saved)
+    ended = replay.new_page()
+    assert ended.goto(f"{valetd.console}/approvals").status == 401
+    assert "ended (logged out)" in ended.locator(".error").inner_text()
+
+    records = audit_records(deployment)
+    refused = [record for record in records if record["action"] == "console.refuse"]
+    assert any("principal" not in record and record["console_action"] == "/revoke-all" for record in refused)
+    assert any(record.get("principal") == "operator" and "CSRF" in record["reason"] for record in refused)
+    assert any(
+        record["action"] == "console.login" and record["outcome"] == "denied" and "used already" in record["reason"]
+        for record in records
+    )
+    assert any(record["action"] == "console.logout" for record in records)
+    # The stale page revoked nothing.
+    assert not any(record.get("via") == "revoke_all" and record["outcome"] == "allowed" for record in records)
+
+
+def test_an_expired_session_is_refused(deploy, browser):
+    deployment = deploy(console_config(session_ttl="2s"))
+    valetd = deployment.start()
+    context = browser.new_context()
+    page = log_in(context, valetd)
+    cookie = next(cookie for cookie in context.cookies() if cookie["name"] == "valet_console")
+    page.wait_for_timeout(2_500)
+    # The browser drops the cookie at its Max-Age ...
+    answer = page.goto(f"{valetd.console}/grants")
+    assert answer.status == 401
+    assert "valet console" in page.inner_text("main")
+    # ... and valetd refuses it when it is replayed after its expiry, whatever the browser does.
+    replayed = browser.new_context().request.get(
+        f"{valetd.console}/grants", headers={"Cookie": f"valet_console={cookie['value']}"}
+    )
+    assert replayed.status == 401
+    assert "console session expired at" in replayed.text()
+
+
+def test_an_agent_cannot_open_the_console(deploy):
+    import subprocess
+
+    from conftest import BINARIES
+
+    valetd = deploy(console_config()).start()
+    answer = subprocess.run(
+        [str(BINARIES / "valet"), "console", "--print-url"],
+        env={"VALET_SERVER": valetd.server, "VALET_KEY": AGENT_KEY},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert answer.returncode != 0
+    assert "opening the web console" in answer.stderr and "operator" in answer.stderr
