@@ -308,7 +308,14 @@ async fn denial_timeout_self_approval_and_n_of_m() {
 #[tokio::test]
 async fn pending_requests_survive_a_restart_and_the_webhook_is_retried() {
     let upstream = Upstream::start().await;
-    let deployment = Deployment::new(&approval_config(&upstream));
+    // With the console on, the payload links to the request's page in it.
+    let config = approval_config(&upstream).replacen(
+        "grant_retention = \"1h\"\n",
+        "grant_retention = \"1h\"\nconsole_listen = \"127.0.0.1:0\"\n",
+        1,
+    );
+    assert!(config.contains("console_listen"));
+    let deployment = Deployment::new(&config);
     let valetd = deployment.start(&[]);
     let agent = valetd.client(AGENT_KEY).await;
     let pending = agent.request_token(prod("restart-1")).await.unwrap();
@@ -336,6 +343,12 @@ async fn pending_requests_survive_a_restart_and_the_webhook_is_retried() {
     .unwrap();
     assert_eq!(hook["event"], "approval.pending");
     assert_eq!(hook["approval"]["id"], id.as_str());
+    let link = hook["console_url"].as_str().expect("a link to the console");
+    assert!(
+        link.starts_with("http://127.0.0.1:") && link.ends_with(&format!("/approvals/{id}")),
+        "{link}"
+    );
+    assert!(!link.contains(":0/"), "the bound port, not the configured 0: {link}");
     assert!(
         hook["approval"]["summary"]
             .as_str()
