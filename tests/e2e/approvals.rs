@@ -348,7 +348,10 @@ async fn pending_requests_survive_a_restart_and_the_webhook_is_retried() {
         link.starts_with("http://127.0.0.1:") && link.ends_with(&format!("/approvals/{id}")),
         "{link}"
     );
-    assert!(!link.contains(":0/"), "the bound port, not the configured 0: {link}");
+    assert!(
+        !link.contains(":0/"),
+        "the bound port, not the configured 0: {link}"
+    );
     assert!(
         hook["approval"]["summary"]
             .as_str()
