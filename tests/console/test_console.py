@@ -13,6 +13,7 @@ from conftest import (
     AGENT_KEY,
     SCREENSHOTS,
     audit_records,
+    certificates,
     client_for,
     console_config,
     login_url,
@@ -192,6 +193,18 @@ def test_the_console_refuses_without_a_session_a_used_link_a_stale_csrf_token_an
         form={"target": "environment", "name": "staging", "reason": "x", "confirm": "revoke all", "csrf": "forged"},
     )
     assert forged.status == 401
+    # A form another site makes the browser post is refused on what the browser says of it,
+    # even with the session's own token.
+    current_csrf = context.new_page()
+    current_csrf.goto(f"{valetd.console}/grants")
+    token = current_csrf.locator("form.panic input[name=csrf]").get_attribute("value")
+    cross_site = context.request.post(
+        f"{valetd.console}/revoke-all",
+        form={"target": "environment", "name": "staging", "reason": "x", "confirm": "revoke all", "csrf": token},
+        headers={"Sec-Fetch-Site": "cross-site"},
+    )
+    assert cross_site.status == 401
+    assert "posted from another site" in cross_site.text()
 
     # Logging out ends the session everywhere: its cookie, replayed, is refused.
     current = context.new_page()
@@ -252,3 +265,25 @@ def test_an_agent_cannot_open_the_console(deploy):
     )
     assert answer.returncode != 0
     assert "opening the web console" in answer.stderr and "operator" in answer.stderr
+
+
+def test_over_tls_the_console_speaks_http2_and_its_cookie_is_secure_and_host_only(deploy, browser):
+    deployment = deploy(console_config(tls=True))
+    certificates(deployment.directory)
+    valetd = deployment.start(scheme="https")
+    assert valetd.console.startswith("https://127.0.0.1:")
+    url = login_url(valetd, ca_file=str(deployment.path("ca.crt")))
+    assert url.startswith(valetd.console + "/login?link=")
+    # The test's CA is not in Chromium's store; the certificate itself is checked by the CLI above.
+    context = browser.new_context(ignore_https_errors=True)
+    page = context.new_page()
+    page.goto(url)
+    page.click("#login")
+    page.wait_for_url("**/approvals")
+    page.wait_for_selector(LIVE)
+    protocol = page.evaluate("performance.getEntriesByType('navigation')[0].nextHopProtocol")
+    assert protocol == "h2", protocol
+    (cookie,) = context.cookies()
+    assert cookie["name"] == "__Host-valet_console"
+    assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert cookie["path"] == "/" and "domain" in cookie

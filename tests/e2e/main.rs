@@ -9,6 +9,7 @@ mod bad_input;
 mod bench;
 mod cli;
 mod client_scenarios;
+mod console;
 mod differential;
 mod disk_full;
 mod distributed;

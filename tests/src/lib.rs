@@ -157,6 +157,8 @@ pub struct Valetd {
     pub gateway: Option<String>,
     /// The metrics listener's address (`IP:PORT`), when the config has one.
     pub metrics: Option<String>,
+    /// The console listener's address (`IP:PORT`), when the config has one.
+    pub console: Option<String>,
     output: Arc<Mutex<String>>,
 }
 
@@ -178,29 +180,22 @@ impl Valetd {
             let address_sender = address_sender.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if is_stderr && let Some(address) = line.split("gateway listening on ").nth(1) {
-                        let address = address
-                            .split(|character: char| character.is_whitespace() || character == '"')
-                            .next()
-                            .unwrap_or_default()
-                            .to_string();
-                        let _ = address_sender.send(format!("gateway {address}"));
-                    }
-                    if is_stderr && let Some(address) = line.split("metrics listening on ").nth(1) {
-                        let address = address
-                            .split(|character: char| character.is_whitespace() || character == '"')
-                            .next()
-                            .unwrap_or_default()
-                            .to_string();
-                        let _ = address_sender.send(format!("metrics {address}"));
-                    }
-                    if is_stderr && let Some(address) = line.split("valetd listening on ").nth(1) {
-                        let address = address
-                            .split(|character: char| character.is_whitespace() || character == '"')
-                            .next()
-                            .unwrap_or_default()
-                            .to_string();
-                        let _ = address_sender.send(address);
+                    // Each listener announces its address: `<what> listening on IP:PORT …`.
+                    for (announcement, tag) in [
+                        ("gateway listening on ", "gateway "),
+                        ("metrics listening on ", "metrics "),
+                        ("console listening on ", "console "),
+                        ("valetd listening on ", ""),
+                    ] {
+                        if is_stderr && let Some(address) = line.split(announcement).nth(1) {
+                            let address = address
+                                .split(|character: char| {
+                                    character.is_whitespace() || character == '"'
+                                })
+                                .next()
+                                .unwrap_or_default();
+                            let _ = address_sender.send(format!("{tag}{address}"));
+                        }
                     }
                     let mut text = output
                         .lock()
@@ -215,9 +210,10 @@ impl Valetd {
             address: String::new(),
             gateway: None,
             metrics: None,
+            console: None,
             output,
         };
-        // The gateway and the metrics listener (when configured) announce themselves before the
+        // The gateway, metrics and console listeners (when configured) announce themselves before the
         // gRPC listener.
         loop {
             match address_receiver.recv_timeout(Duration::from_secs(30)) {
@@ -226,6 +222,9 @@ impl Valetd {
                 }
                 Ok(address) if address.starts_with("metrics ") => {
                     valetd.metrics = Some(address["metrics ".len()..].to_string())
+                }
+                Ok(address) if address.starts_with("console ") => {
+                    valetd.console = Some(address["console ".len()..].to_string())
                 }
                 Ok(address) => {
                     valetd.address = format!("http://{address}");

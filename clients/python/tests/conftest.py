@@ -4,6 +4,7 @@ binaries come from the Rust build (`VALET_BINARIES`, default `target/debug` of t
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -196,6 +197,97 @@ def tools_python() -> pathlib.Path:
     if not python.exists():
         raise AssertionError(f"{python} is missing: run ./scripts/test.sh, which installs the test tools")
     return python
+
+
+#: The workload identity the mutual TLS tests' client certificate carries.
+SPIFFE_ID = "spiffe://example.org/ci/builder"
+
+
+def p256_key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_ca(name: str):
+    """A throwaway CA: (certificate, key, name)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = p256_key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return certificate, key, subject
+
+
+def issue_certificate(directory: pathlib.Path, stem: str, ca, names, usage) -> None:
+    """A certificate signed by `ca` for `names` (x509 general names), written as STEM.crt/.key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    ca_certificate, ca_key, ca_name = ca
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = p256_key()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (directory / f"{stem}.crt").write_bytes(certificate.public_bytes(pem))
+    (directory / f"{stem}.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+def certificates(directory: pathlib.Path) -> None:
+    """A server CA with valetd's certificate (127.0.0.1, localhost), and a workload CA with a
+    client certificate for a SPIFFE ID."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    server_ca = make_ca("valet test CA")
+    (directory / "ca.crt").write_bytes(server_ca[0].public_bytes(serialization.Encoding.PEM))
+    issue_certificate(
+        directory,
+        "server",
+        server_ca,
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        ExtendedKeyUsageOID.SERVER_AUTH,
+    )
+    workload_ca = make_ca("workload CA")
+    (directory / "client-ca.crt").write_bytes(workload_ca[0].public_bytes(serialization.Encoding.PEM))
+    issue_certificate(
+        directory,
+        "builder",
+        workload_ca,
+        [x509.UniformResourceIdentifier(SPIFFE_ID)],
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    )
 
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))

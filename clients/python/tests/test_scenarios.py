@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import http.server
 import json
 import pathlib
@@ -30,7 +29,10 @@ from conftest import (
     RAILWAY_ROOT_SECRET,
     REPOSITORY,
     TOOLS_VENV,
+    SPIFFE_ID,
+    certificates,
     client_for,
+    p256_key,
     standard_config,
     tools_python,
 )
@@ -278,17 +280,11 @@ approval = true
         upstream.close()
 
 
-def _p256_key():
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return ec.generate_private_key(ec.SECP256R1())
-
-
 def test_identity_token_login(deploy, tmp_path, monkeypatch):
     import jwt
     from jwt.algorithms import ECAlgorithm
 
-    key = _p256_key()
+    key = p256_key()
     jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
     jwk.update({"kid": "py-1", "use": "sig", "alg": "ES256"})
     issuer = "https://ci.example.com"
@@ -374,88 +370,6 @@ algorithms = ["ES256"]
     assert token not in str(refused.value) and stranger not in str(refused.value)
 
 
-def _ca(name: str):
-    """A throwaway CA: (certificate, key, name)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    key = _p256_key()
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return certificate, key, subject
-
-
-def _issue_certificate(directory: pathlib.Path, stem: str, ca, names, usage) -> None:
-    """A certificate signed by `ca` for `names` (x509 general names), written as STEM.crt/.key."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import NameOID
-
-    ca_certificate, ca_key, ca_name = ca
-    now = datetime.datetime.now(datetime.timezone.utc)
-    key = _p256_key()
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    (directory / f"{stem}.crt").write_bytes(certificate.public_bytes(pem))
-    (directory / f"{stem}.key").write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-
-
-def _certificates(directory: pathlib.Path) -> None:
-    """A server CA with valetd's certificate (127.0.0.1, localhost), and a workload CA with a
-    client certificate for a SPIFFE ID."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.x509.oid import ExtendedKeyUsageOID
-
-    server_ca = _ca("valet test CA")
-    (directory / "ca.crt").write_bytes(server_ca[0].public_bytes(serialization.Encoding.PEM))
-    _issue_certificate(
-        directory,
-        "server",
-        server_ca,
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-        ExtendedKeyUsageOID.SERVER_AUTH,
-    )
-    workload_ca = _ca("workload CA")
-    (directory / "client-ca.crt").write_bytes(workload_ca[0].public_bytes(serialization.Encoding.PEM))
-    _issue_certificate(
-        directory,
-        "builder",
-        workload_ca,
-        [x509.UniformResourceIdentifier(SPIFFE_ID)],
-        ExtendedKeyUsageOID.CLIENT_AUTH,
-    )
-
-
-SPIFFE_ID = "spiffe://example.org/ci/builder"
 
 
 def test_tls(deploy, tmp_path):
@@ -473,7 +387,7 @@ spiffe_id = "{SPIFFE_ID}"
             'client_ca_file = "client-ca.crt"\nclient_auth = "optional"',
         )
     )
-    _certificates(deployment.directory)
+    certificates(deployment.directory)
     valetd = deployment.start(scheme="https")
     ca_file = str(deployment.path("ca.crt"))
     with client_for(valetd, AGENT_KEY, ca_file=ca_file) as agent:

@@ -85,9 +85,20 @@ pub async fn serve(
                     let console = console.clone();
                     async move { Ok::<_, Infallible>(handle(&console, request, peer.address).await) }
                 });
-                let served = hyper::server::conn::http1::Builder::new()
+                // HTTP/1.1, or HTTP/2 when a browser negotiates it over TLS.
+                let mut builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                builder
+                    .http1()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
+                    .header_read_timeout(Duration::from_secs(10));
+                builder
+                    .http2()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .keep_alive_interval(Some(valet_gateway::KEEPALIVE_INTERVAL))
+                    .keep_alive_timeout(valet_gateway::KEEPALIVE_TIMEOUT);
+                let served = builder
                     .serve_connection(hyper_util::rt::TokioIo::new(connection), service)
                     .await;
                 if let Err(error) = served {
@@ -135,6 +146,26 @@ async fn route(
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let query = Fields::parse(request.uri().query().unwrap_or(""));
+    // Browsers say where a request comes from: a form posted from another site (login CSRF
+    // included) is refused before anything else, on top of SameSite cookies and CSRF tokens.
+    let from_elsewhere = request
+        .headers()
+        .get("sec-fetch-site")
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|site| site != "same-origin" && site != "none");
+    if method == Method::POST && from_elsewhere {
+        let error = valet
+            .refuse_console_request(
+                request_id,
+                Some(peer.ip()),
+                &path,
+                ServiceError::Unauthenticated {
+                    reason: "the form was posted from another site (Sec-Fetch-Site); the console takes actions from its own pages only".into(),
+                },
+            )
+            .await;
+        return refusal(valet, error, None);
+    }
     match (&method, path.as_str()) {
         (&Method::GET, "/assets/console.js") => {
             return text(StatusCode::OK, "text/javascript; charset=utf-8", SCRIPT);

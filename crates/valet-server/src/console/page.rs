@@ -238,7 +238,15 @@ fn decided_table(decided: &[ApprovalRequest]) -> String {
                 summary = escape(&approval.summary()),
                 status = approval.status,
                 who = escape(&who),
-                why = escape(approval.status_reason.as_deref().unwrap_or("")),
+                why = escape(&approval.status_reason.clone().unwrap_or_else(|| {
+                    approval
+                        .approvals
+                        .iter()
+                        .filter(|decision| !decision.reason.is_empty())
+                        .map(|decision| format!("{}: {}", decision.by, decision.reason))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })),
                 at = format_time(approval.updated_at),
             )
         })
