@@ -175,16 +175,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         other => ServerError::Service(other),
     })?;
 
-    let listener = TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|error| ServerError::Listen {
-            address: config.server.listen.to_string(),
-            detail: error.to_string(),
-        })?;
-    let address = listener.local_addr().map_err(|error| ServerError::Listen {
-        address: config.server.listen.to_string(),
-        detail: error.to_string(),
-    })?;
+    let (listener, address) = bind(config.server.listen).await?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -236,19 +227,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     };
     let (stopping_sender, mut stopping) = tokio::sync::watch::channel(false);
     if let Some(gateway_address) = config.server.gateway_listen {
-        let gateway_listener =
-            TcpListener::bind(gateway_address)
-                .await
-                .map_err(|error| ServerError::Listen {
-                    address: gateway_address.to_string(),
-                    detail: error.to_string(),
-                })?;
-        let bound = gateway_listener
-            .local_addr()
-            .map_err(|error| ServerError::Listen {
-                address: gateway_address.to_string(),
-                detail: error.to_string(),
-            })?;
+        let (gateway_listener, bound) = bind(gateway_address).await?;
         let gateway = valet_gateway::Gateway::new(valet.clone());
         let mut gateway_stopping = stopping.clone();
         tokio::spawn(
@@ -263,19 +242,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
             what: "the Prometheus metrics recorder".to_string(),
             detail,
         })?;
-        let metrics_listener =
-            TcpListener::bind(metrics_address)
-                .await
-                .map_err(|error| ServerError::Listen {
-                    address: metrics_address.to_string(),
-                    detail: error.to_string(),
-                })?;
-        let bound = metrics_listener
-            .local_addr()
-            .map_err(|error| ServerError::Listen {
-                address: metrics_address.to_string(),
-                detail: error.to_string(),
-            })?;
+        let (metrics_listener, bound) = bind(metrics_address).await?;
         valet.enable_metrics();
         tokio::spawn(crate::metrics::serve(
             metrics_listener,
@@ -289,19 +256,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         tracing::info!(address = %bound, "metrics listening on {bound}");
     }
     if let Some(console_address) = config.server.console_listen {
-        let console_listener =
-            TcpListener::bind(console_address)
-                .await
-                .map_err(|error| ServerError::Listen {
-                    address: console_address.to_string(),
-                    detail: error.to_string(),
-                })?;
-        let bound = console_listener
-            .local_addr()
-            .map_err(|error| ServerError::Listen {
-                address: console_address.to_string(),
-                detail: error.to_string(),
-            })?;
+        let (console_listener, bound) = bind(console_address).await?;
         tokio::spawn(crate::console::serve(
             console_listener,
             limits,
@@ -364,6 +319,19 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         .await
         .ok();
     Ok(())
+}
+
+/// A listener on `address`, and the address it bound (the port, when `address` asked for 0).
+async fn bind(
+    address: std::net::SocketAddr,
+) -> Result<(TcpListener, std::net::SocketAddr), ServerError> {
+    let failed = |error: std::io::Error| ServerError::Listen {
+        address: address.to_string(),
+        detail: error.to_string(),
+    };
+    let listener = TcpListener::bind(address).await.map_err(failed)?;
+    let bound = listener.local_addr().map_err(failed)?;
+    Ok((listener, bound))
 }
 
 /// Brings the embedded store up to the audit log every [`valet_service::CHECKPOINT_INTERVAL`]:

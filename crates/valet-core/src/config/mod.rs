@@ -569,6 +569,27 @@ pub(super) fn refuse_keys<const N: usize>(
     }
 }
 
+/// `text` as a listener's socket address, or a problem at `key` with `example`.
+fn socket_address(
+    text: &str,
+    key: &str,
+    example: &str,
+    problems: &mut Problems,
+) -> Option<SocketAddr> {
+    let parsed = text.parse::<SocketAddr>().ok();
+    if parsed.is_none() {
+        problems.push(
+            key.to_string(),
+            invalid(
+                text,
+                "socket address",
+                &format!("IP:PORT, such as \"{example}\""),
+            ),
+        );
+    }
+    parsed
+}
+
 fn invalid(value: &str, what: &'static str, expected: &str) -> ProblemKind {
     ProblemKind::Invalid {
         value: value.to_string(),
@@ -612,20 +633,7 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
     let listen_text = raw_server
         .listen
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-    let listen = match listen_text.parse::<SocketAddr>() {
-        Ok(address) => Some(address),
-        Err(_) => {
-            problems.push(
-                "server.listen",
-                invalid(
-                    &listen_text,
-                    "socket address",
-                    "IP:PORT, such as \"127.0.0.1:7470\"",
-                ),
-            );
-            None
-        }
-    };
+    let listen = socket_address(&listen_text, "server.listen", "127.0.0.1:7470", problems);
     let data_dir = problems
         .required(raw_server.data_dir, "server.data_dir")
         .map(resolve);
@@ -720,57 +728,15 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
         &resolve,
         problems,
     );
-    let gateway_listen =
-        raw_server
-            .gateway_listen
-            .and_then(|text| match text.parse::<SocketAddr>() {
-                Ok(address) => Some(address),
-                Err(_) => {
-                    problems.push(
-                        "server.gateway_listen",
-                        invalid(
-                            &text,
-                            "socket address",
-                            "IP:PORT, such as \"127.0.0.1:7471\"",
-                        ),
-                    );
-                    None
-                }
-            });
-    let metrics_listen =
-        raw_server
-            .metrics_listen
-            .and_then(|text| match text.parse::<SocketAddr>() {
-                Ok(address) => Some(address),
-                Err(_) => {
-                    problems.push(
-                        "server.metrics_listen",
-                        invalid(
-                            &text,
-                            "socket address",
-                            "IP:PORT, such as \"127.0.0.1:7472\"",
-                        ),
-                    );
-                    None
-                }
-            });
-    let console_listen =
-        raw_server
-            .console_listen
-            .and_then(|text| match text.parse::<SocketAddr>() {
-                Ok(address) => Some(address),
-                Err(_) => {
-                    problems.push(
-                        "server.console_listen",
-                        invalid(
-                            &text,
-                            "socket address",
-                            "IP:PORT, such as \"127.0.0.1:7473\"",
-                        ),
-                    );
-                    None
-                }
-            });
+    let gateway_listen = raw_server.gateway_listen.and_then(|text| {
+        socket_address(&text, "server.gateway_listen", "127.0.0.1:7471", problems)
+    });
+    let metrics_listen = raw_server.metrics_listen.and_then(|text| {
+        socket_address(&text, "server.metrics_listen", "127.0.0.1:7472", problems)
+    });
+    let console_listen = raw_server.console_listen.and_then(|text| {
+        socket_address(&text, "server.console_listen", "127.0.0.1:7473", problems)
+    });
     let console_url = raw_server.console_url.and_then(|text| {
         let trimmed = text.trim_end_matches('/');
         let well_formed = ["http://", "https://"].iter().any(|scheme| {

@@ -344,16 +344,12 @@ pub fn grants_table(session: &Session, grants: &[Grant], now: UnixTime) -> Strin
 
 fn grant_row(session: &Session, grant: &Grant, now: UnixTime) -> String {
     let status = grant.status_at(now);
-    let revoke = if grant.is_live(now) {
-        form(
-            &format!("/grants/{}/revoke", grant.id),
-            session.csrf,
-            "revoke",
-            "<input name=\"reason\" placeholder=\"reason\" autocomplete=\"off\" aria-label=\"reason\"><button type=\"submit\">Revoke</button>",
-        )
-    } else {
-        String::new()
-    };
+    let revoke = revoke_form(
+        session,
+        grant,
+        now,
+        "<input name=\"reason\" placeholder=\"reason\" autocomplete=\"off\" aria-label=\"reason\"><button type=\"submit\">Revoke</button>",
+    );
     format!(
         "<tr data-grant-id=\"{id}\" data-status=\"{status}\"><td><a href=\"/grants/{id}\">{id}</a></td><td>{principal}</td><td>{scope}</td><td>{environment}</td><td>{task}</td><td class=\"status\">{status}</td><td>{uses}</td><td>{expires}</td><td>{revoke}</td></tr>",
         id = escape(&grant.id),
@@ -369,6 +365,20 @@ fn grant_row(session: &Session, grant: &Grant, now: UnixTime) -> String {
     )
 }
 
+/// The form that revokes `grant` (with `fields`), when it is still live.
+fn revoke_form(session: &Session, grant: &Grant, now: UnixTime, fields: &str) -> String {
+    if grant.is_live(now) {
+        form(
+            &format!("/grants/{}/revoke", grant.id),
+            session.csrf,
+            "revoke",
+            fields,
+        )
+    } else {
+        String::new()
+    }
+}
+
 /// One grant, its audit trail, and the revoke forms for it and its task.
 pub fn grant(session: &Session, grant: &Grant, trail: &[WrittenRecord], now: UnixTime) -> String {
     let params: String = grant
@@ -380,16 +390,12 @@ pub fn grant(session: &Session, grant: &Grant, trail: &[WrittenRecord], now: Uni
         .iter()
         .map(|record| format!("<li><code>{}</code></li>", escape(&record.line)))
         .collect();
-    let revoke = if grant.is_live(now) {
-        form(
-            &format!("/grants/{}/revoke", grant.id),
-            session.csrf,
-            "revoke",
-            "<label>Reason <input name=\"reason\" autocomplete=\"off\"></label><button type=\"submit\">Revoke this grant</button>",
-        )
-    } else {
-        String::new()
-    };
+    let revoke = revoke_form(
+        session,
+        grant,
+        now,
+        "<label>Reason <input name=\"reason\" autocomplete=\"off\"></label><button type=\"submit\">Revoke this grant</button>",
+    );
     let revoke_task = form(
         "/tasks/revoke",
         session.csrf,
