@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+import valet
+
 from conftest import (
     AGENT_KEY,
     SCREENSHOTS,
@@ -84,6 +87,23 @@ def test_a_pending_request_appears_live_and_the_typed_confirmation_releases_the_
         waiter.join(60)
         assert granted["issued"].token, "the agent's waiting call went through"
         assert agent.introspect(granted["issued"].token).active
+
+        # Denied from the console, with a reason: the agent's wait ends with it.
+        page.goto(f"{valetd.console}/approvals")
+        page.wait_for_selector(LIVE)
+        second = agent.request_token("prod-approval", "console-denial", purpose="drop the orders table")
+        card = page.locator(f"article[data-approval-id='{second.approval.id}']")
+        card.wait_for(timeout=15_000)
+        card.locator("form.deny input[name=reason]").fill("not during the freeze")
+        card.locator("form.deny button").click()
+        page.wait_for_url(f"**/approvals/{second.approval.id}")
+        assert "denied by operator: not during the freeze" in page.locator("p.status").inner_text()
+        with pytest.raises(valet.ApprovalDenied) as denied:
+            agent.wait_for_grant(second.grant.id, timeout=30)
+        assert "not during the freeze" in str(denied.value)
+        page.goto(f"{valetd.console}/approvals")
+        decided = page.locator(f"table.decided tr[data-approval-id='{second.approval.id}']").inner_text()
+        assert "denied" in decided and "not during the freeze" in decided
 
     records = audit_records(deployment)
     approved = [

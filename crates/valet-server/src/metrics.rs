@@ -38,8 +38,14 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|error| error.to_string())
 }
 
-/// Serves `GET /metrics` on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, valet: Arc<Valet>) {
+/// Serves `GET /metrics` on `listener` until the process ends, within the listeners' connection
+/// cap and idle timeout.
+pub async fn serve(
+    listener: TcpListener,
+    limits: valet_gateway::listener::Limits,
+    handle: PrometheusHandle,
+    valet: Arc<Valet>,
+) {
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(Duration::from_secs(5));
@@ -48,15 +54,8 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, valet: Arc<V
             upkeep.run_upkeep();
         }
     });
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "metrics listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let mut acceptor = valet_gateway::listener::Acceptor::start(listener, limits, "metrics", None);
+    while let Some((stream, _)) = acceptor.accept().await {
         let handle = handle.clone();
         let valet = valet.clone();
         tokio::spawn(async move {

@@ -246,6 +246,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         valet.enable_metrics();
         tokio::spawn(crate::metrics::serve(
             metrics_listener,
+            limits,
             handle,
             valet.clone(),
         ));

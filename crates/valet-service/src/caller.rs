@@ -96,10 +96,7 @@ impl Valet {
             Ok(found) => found,
             Err(refusal) => {
                 if let (Some(source), Some(retry_after)) = (presented.source, throttled) {
-                    let reason = format!(
-                        "too many failed authentications from {source} (at most {limit}, server.failed_authentication_limit); retry in {} s",
-                        retry_after.as_secs().max(1)
-                    );
+                    let reason = throttled_reason(source, limit, retry_after);
                     let refusal = Refusal::new("source_rate_limited", reason.clone());
                     self.refuse_authentication(presented, operation, request_id, refusal)
                         .await?;
@@ -117,43 +114,81 @@ impl Valet {
                 return Err(ServiceError::Unauthenticated { reason });
             }
         };
-        if let Some(rate) = principal.rate
-            && let Err(retry_after) = self
-                .limits
-                .principal_admitted(&principal.name, rate, now_ms)
-        {
-            let reason = format!(
-                "principal {:?} is over its rate of {rate} (principal.rate); retry in {} s",
-                principal.name,
-                retry_after.as_secs().max(1)
-            );
-            let subject = format!("principal {}", principal.name);
-            if self.limits.note_refusal(
-                subject,
-                AuditAction::Authenticate,
-                "principal_rate_limited",
-                &reason,
-                operation,
-                now_ms,
-            ) {
-                let event = AuditEvent::new(AuditAction::Authenticate, Outcome::Denied)
-                    .with("reason", &reason)
-                    .with("reason_kind", "principal_rate_limited")
-                    .with("principal", &principal.name)
-                    .with("method", operation)
-                    .with("request_id", request_id);
-                self.audit.record(event).await?;
-            }
-            return Err(ServiceError::RateLimited {
-                reason,
-                retry_after,
-            });
-        }
+        self.admit_principal(&principal, operation, request_id, now_ms)
+            .await?;
         Ok(Caller {
             principal,
             authentication,
             request_id: request_id.to_string(),
         })
+    }
+
+    /// Takes one request from the principal's rate (`principal.rate`); over it, the refusal is
+    /// recorded (once per window, the rest in its summary) and returned.
+    pub(crate) async fn admit_principal(
+        &self,
+        principal: &valet_core::config::Principal,
+        operation: &str,
+        request_id: &str,
+        now_ms: u64,
+    ) -> Result<(), ServiceError> {
+        let Some(rate) = principal.rate else {
+            return Ok(());
+        };
+        let Err(retry_after) = self
+            .limits
+            .principal_admitted(&principal.name, rate, now_ms)
+        else {
+            return Ok(());
+        };
+        let reason = format!(
+            "principal {:?} is over its rate of {rate} (principal.rate); retry in {} s",
+            principal.name,
+            retry_after.as_secs().max(1)
+        );
+        let subject = format!("principal {}", principal.name);
+        if self.limits.note_refusal(
+            subject,
+            AuditAction::Authenticate,
+            "principal_rate_limited",
+            &reason,
+            operation,
+            now_ms,
+        ) {
+            let event = AuditEvent::new(AuditAction::Authenticate, Outcome::Denied)
+                .with("reason", &reason)
+                .with("reason_kind", "principal_rate_limited")
+                .with("principal", &principal.name)
+                .with("method", operation)
+                .with("request_id", request_id);
+            self.audit.record(event).await?;
+        }
+        Err(ServiceError::RateLimited {
+            reason,
+            retry_after,
+        })
+    }
+
+    /// Counts a failed authentication from `source` against its budget; refused as throttled
+    /// (with how long to wait) when the source is already over it.
+    pub(crate) fn count_failed_authentication(
+        &self,
+        source: Option<std::net::IpAddr>,
+        failure: ServiceError,
+    ) -> ServiceError {
+        let Some(source) = source else {
+            return failure;
+        };
+        let limit = self.config().server.failed_authentication_limit;
+        let now_ms = self.clock.now_millis();
+        if let Err(retry_after) = self.limits.source_admitted(source, limit, now_ms) {
+            return ServiceError::RateLimited {
+                reason: throttled_reason(source, limit, retry_after),
+                retry_after,
+            };
+        }
+        self.limits.failed(source, limit, now_ms);
+        failure
     }
 
     /// Records an authentication refusal: at once when it opens its window (per source and
@@ -300,4 +335,16 @@ fn bearer_text(value: &[u8]) -> Result<&str, String> {
         return Err("the principal key is empty".to_string());
     }
     Ok(key)
+}
+
+/// Why a source over its failed-authentication budget is refused, and for how long.
+fn throttled_reason(
+    source: std::net::IpAddr,
+    limit: valet_core::rate::Rate,
+    retry_after: std::time::Duration,
+) -> String {
+    format!(
+        "too many failed authentications from {source} (at most {limit}, server.failed_authentication_limit); retry in {} s",
+        retry_after.as_secs().max(1)
+    )
 }

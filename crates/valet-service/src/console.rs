@@ -189,16 +189,22 @@ impl Valet {
 
     /// The caller a session cookie stands for: refused when it is not valetd's, expired, ended,
     /// or its principal's roles changed. Not recorded (pages are read often); actions are.
+    /// An invalid cookie counts against its source's failed-authentication budget, and a valid
+    /// one against its principal's rate, as a key does over gRPC.
     pub async fn console_caller(
         &self,
         cookie: &str,
+        source: Option<std::net::IpAddr>,
         request_id: &str,
     ) -> Result<ConsoleCaller, ServiceError> {
         let session = self
             .console
             .key
-            .open(PassKind::Session, cookie, self.clock.now())?;
+            .open(PassKind::Session, cookie, self.clock.now())
+            .map_err(|error| self.count_failed_authentication(source, error.into()))?;
         let principal = self.console_principal(&session)?;
+        self.admit_principal(&principal, "console", request_id, self.clock.now_millis())
+            .await?;
         if self
             .store
             .claimed(&format!("console-session-ended/{}", session.id))

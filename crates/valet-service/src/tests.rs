@@ -1236,7 +1236,7 @@ async fn a_console_login_link_opens_one_session_which_ends_at_its_lifetime_or_lo
 
     let session = fixture
         .valet
-        .console_caller(&opened.cookie, "r3")
+        .console_caller(&opened.cookie, None, "r3")
         .await
         .unwrap();
     assert_eq!(session.caller.principal.name, "operator");
@@ -1255,19 +1255,52 @@ async fn a_console_login_link_opens_one_session_which_ends_at_its_lifetime_or_lo
             .is_err()
     );
 
+    // Forged cookies spend their source's failed-authentication budget (60 a minute by
+    // default); past it the source is throttled, while a valid session from it still gets in.
+    let source = Some("127.0.0.9".parse().unwrap());
+    for attempt in 0..60 {
+        let refused = fixture
+            .valet
+            .console_caller("forged.cookie", source, "r-forged")
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(refused, ServiceError::Console(_)),
+            "attempt {attempt}: {refused}"
+        );
+    }
+    let throttled = fixture
+        .valet
+        .console_caller("forged.cookie", source, "r-forged")
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(throttled, ServiceError::RateLimited { .. }),
+        "{throttled}"
+    );
+    assert!(
+        fixture
+            .valet
+            .console_caller(&opened.cookie, source, "r-valid")
+            .await
+            .is_ok()
+    );
+
     // The default lifetime is 15 minutes; no sleeping, the clock moves.
     fixture.advance(15 * 60 - 1);
     assert!(
         fixture
             .valet
-            .console_caller(&opened.cookie, "r4")
+            .console_caller(&opened.cookie, None, "r4")
             .await
             .is_ok()
     );
     fixture.advance(1);
     let expired = fixture
         .valet
-        .console_caller(&opened.cookie, "r5")
+        .console_caller(&opened.cookie, None, "r5")
         .await
         .err()
         .unwrap();
@@ -1297,13 +1330,13 @@ async fn a_console_login_link_opens_one_session_which_ends_at_its_lifetime_or_lo
         .unwrap();
     let session = fixture
         .valet
-        .console_caller(&fresh.cookie, "r8")
+        .console_caller(&fresh.cookie, None, "r8")
         .await
         .unwrap();
     fixture.valet.end_console_session(&session).await.unwrap();
     let ended = fixture
         .valet
-        .console_caller(&fresh.cookie, "r9")
+        .console_caller(&fresh.cookie, None, "r9")
         .await
         .err()
         .unwrap();

@@ -118,7 +118,16 @@ async fn handle(console: &Console, request: Request<Incoming>, peer: SocketAddr)
     let request_id = valet_core::random::bytes::<8>()
         .map(hex::encode)
         .unwrap_or_else(|_| "unavailable".to_string());
-    let mut response = route(console, request, peer, &request_id).await;
+    // A span per request, exported with the RPC and gateway spans when traces are configured;
+    // the path only (a login link's pass is in the query, never in a span).
+    let span = tracing::info_span!(
+        "console",
+        %request_id,
+        method = %request.method(),
+        path = %request.uri().path()
+    );
+    let mut response =
+        tracing::Instrument::instrument(route(console, request, peer, &request_id), span).await;
     let headers = response.headers_mut();
     for (name, value) in [
         ("content-security-policy", CONTENT_SECURITY_POLICY),
@@ -211,7 +220,9 @@ async fn route(
             reason: "no console session: log in with a link from `valet console`".into(),
         })
     } else {
-        valet.console_caller(cookie, request_id).await
+        valet
+            .console_caller(cookie, Some(peer.ip()), request_id)
+            .await
     };
     let session = match session {
         Ok(session) => session,
