@@ -158,7 +158,8 @@ def test_the_grants_table_follows_issue_and_revocation_and_the_console_revokes(d
         # The task's other grant, through the task form.
         page.locator("form.revoke-task input[name=reason]").fill("whole task")
         page.locator("form.revoke-task button").click()
-        page.wait_for_url("**/grants?task=console-grants-2&revoked=1")
+        page.wait_for_url("**/grants?task=console-grants-2&status=any&revoked=1")
+        page.wait_for_selector(f"tr[data-grant-id='{third.grant.id}'][data-status=revoked]")
         assert not agent.introspect(third.token).active
 
     # The chain, verified from the console.

@@ -19,6 +19,7 @@ use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::UnsyncBoxB
 use hyper::body::{Frame, Incoming};
 use tokio::net::TcpListener;
 use valet_core::approval::ApprovalStatus;
+use valet_core::grant::GrantStatus;
 use valet_gateway::listener::{Acceptor, Limits};
 use valet_gateway::tls::{Listener, TlsMaterial};
 use valet_service::{ConsoleCaller, ServiceError, Valet};
@@ -315,18 +316,16 @@ async fn read(
             Ok(html(StatusCode::OK, page::approval(view, &approval, now)))
         }
         ["grants"] => {
-            let filter = GrantFilterFields {
-                environment: query.get("environment").trim().to_string(),
-                principal: query.get("principal").trim().to_string(),
-                scope: query.get("scope").trim().to_string(),
-                task: query.get("task").trim().to_string(),
-            };
-            let grants = valet
-                .list_grants(caller, store_filter(&filter), N_GRANTS, "")
-                .await?
-                .grants;
+            let filter = grant_filter(query);
+            let listing = valet
+                .list_grants(caller, store_filter(&filter, true)?, N_GRANTS, "")
+                .await?;
+            let more = listing.next_page_token.is_some();
             if query.get("fragment") == "table" {
-                return Ok(html(StatusCode::OK, page::grants_table(view, &grants, now)));
+                return Ok(html(
+                    StatusCode::OK,
+                    page::grants_table(view, &listing.grants, more, now),
+                ));
             }
             let notice = query
                 .get("revoked")
@@ -335,8 +334,20 @@ async fn read(
                 .map(|n| format!("{n} grant(s) revoked"));
             Ok(html(
                 StatusCode::OK,
-                page::grants(view, &grants, &filter, now, notice.as_deref()),
+                page::grants(view, &listing.grants, more, &filter, now, notice.as_deref()),
             ))
+        }
+        ["grants", id] if query.get("fragment") == "row" => {
+            // A row the table shows is always replaced; a new one is added only when it
+            // matches the table's filters.
+            let grant = valet.console_grant(caller, id).await?;
+            let shown = query.get("known") == "1"
+                || store_filter(&grant_filter(query), true)?.matches(&grant, now);
+            Ok(if shown {
+                html(StatusCode::OK, page::grant_row(view, &grant, now))
+            } else {
+                html(StatusCode::NO_CONTENT, String::new())
+            })
         }
         ["grants", id] => {
             let grant = valet.console_grant(caller, id).await?;
@@ -369,13 +380,10 @@ async fn read(
             Ok(event_stream(valet, session.session.expires_at, events))
         }
         ["events", "grants"] => {
-            let filter = GrantFilterFields {
-                environment: query.get("environment").trim().to_string(),
-                principal: query.get("principal").trim().to_string(),
-                scope: query.get("scope").trim().to_string(),
-                task: query.get("task").trim().to_string(),
-            };
-            let grants = valet.watch_grants(caller, store_filter(&filter)).await?;
+            // Every change to a grant of the other filters: a row the table shows changes
+            // status in place (revoked, expired) even when it then no longer matches its status.
+            let filter = store_filter(&grant_filter(query), false)?;
+            let grants = valet.watch_grants(caller, filter).await?;
             let events = grants.map(|change| match change {
                 Ok(change) => event(
                     "grant",
@@ -426,7 +434,7 @@ async fn act(
             let task = fields.get("task");
             let revoked = valet.revoke_task(caller, task, reason).await?;
             Ok(redirect(&format!(
-                "/grants?task={}&revoked={}",
+                "/grants?task={}&status=any&revoked={}",
                 form::encode(task),
                 revoked.len()
             )))
@@ -495,15 +503,49 @@ async fn act(
     }
 }
 
-fn store_filter(filter: &GrantFilterFields) -> GrantFilter {
+/// The table's filters from a query; the status defaults to `active`.
+fn grant_filter(query: &Fields) -> GrantFilterFields {
+    let text = |name: &str| query.get(name).trim().to_string();
+    GrantFilterFields {
+        environment: text("environment"),
+        principal: text("principal"),
+        scope: text("scope"),
+        task: text("task"),
+        status: query.non_empty("status").unwrap_or_else(|| "active".into()),
+    }
+}
+
+/// The store filter for `filter`, with its status when `with_status`.
+fn store_filter(
+    filter: &GrantFilterFields,
+    with_status: bool,
+) -> Result<GrantFilter, ServiceError> {
     let text = |value: &str| (!value.is_empty()).then(|| value.to_string());
-    GrantFilter {
+    let status = match filter.status.as_str() {
+        _ if !with_status => None,
+        "any" => None,
+        "active" => Some(GrantStatus::Active),
+        "pending" => Some(GrantStatus::Pending),
+        "revoked" => Some(GrantStatus::Revoked),
+        "expired" => Some(GrantStatus::Expired),
+        "denied" => Some(GrantStatus::Denied),
+        other => {
+            return Err(ServiceError::InvalidField {
+                field: "status",
+                problem: format!(
+                    "{other:?} is not a grant status; one of {}",
+                    page::STATUS_CHOICES.join(", ")
+                ),
+            });
+        }
+    };
+    Ok(GrantFilter {
         environment: text(&filter.environment),
         principal: text(&filter.principal),
         scope: text(&filter.scope),
         task_id: text(&filter.task),
-        status: None,
-    }
+        status,
+    })
 }
 
 /// Reads a form body (at most [`form::MAX_FORM_BYTES`]); anything else is a clear refusal.

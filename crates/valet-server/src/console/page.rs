@@ -266,6 +266,9 @@ pub fn approval(session: &Session, approval: &ApprovalRequest, now: UnixTime) ->
     layout("Approval", Section::Approvals, Some(session), &body)
 }
 
+/// The statuses the grants table filters on: `any`, or one grant status.
+pub const STATUS_CHOICES: [&str; 6] = ["active", "pending", "revoked", "expired", "denied", "any"];
+
 /// The grant filters the table and its live updates use.
 #[derive(Default, Clone)]
 pub struct GrantFilterFields {
@@ -273,16 +276,19 @@ pub struct GrantFilterFields {
     pub principal: String,
     pub scope: String,
     pub task: String,
+    /// One of [`STATUS_CHOICES`].
+    pub status: String,
 }
 
 impl GrantFilterFields {
     pub fn query(&self) -> String {
         format!(
-            "environment={}&principal={}&scope={}&task={}",
+            "environment={}&principal={}&scope={}&task={}&status={}",
             encode(&self.environment),
             encode(&self.principal),
             encode(&self.scope),
-            encode(&self.task)
+            encode(&self.task),
+            encode(&self.status)
         )
     }
 }
@@ -291,6 +297,7 @@ impl GrantFilterFields {
 pub fn grants(
     session: &Session,
     grants: &[Grant],
+    more: bool,
     filter: &GrantFilterFields,
     now: UnixTime,
     notice: Option<&str>,
@@ -304,8 +311,19 @@ pub fn grants(
             escape(value)
         )
     };
+    let statuses: String = STATUS_CHOICES
+        .iter()
+        .map(|choice| {
+            let selected = if *choice == filter.status {
+                " selected"
+            } else {
+                ""
+            };
+            format!("<option value=\"{choice}\"{selected}>{choice}</option>")
+        })
+        .collect();
     let filters = format!(
-        "<form method=\"get\" action=\"/grants\" class=\"filters\">{}{}{}{}<button type=\"submit\">Filter</button></form>",
+        "<form method=\"get\" action=\"/grants\" class=\"filters\">{}{}{}{}<label>status <select name=\"status\">{statuses}</select></label><button type=\"submit\">Filter</button></form>",
         input("environment", &filter.environment),
         input("principal", &filter.principal),
         input("scope", &filter.scope),
@@ -325,24 +343,33 @@ pub fn grants(
     let body = format!(
         "{notice}<h1>Grants</h1>{filters}<p class=\"live\" data-live=\"grants\" data-query=\"{}\">Rows change as grants are issued, used, renewed and revoked.</p>{}{panic}",
         escape(&filter.query()),
-        grants_table(session, grants, now),
+        grants_table(session, grants, more, now),
     );
     layout("Grants", Section::Grants, Some(session), &body)
 }
 
-/// The grants table, as the live view replaces it.
-pub fn grants_table(session: &Session, grants: &[Grant], now: UnixTime) -> String {
+/// The grants table, as the live view replaces it; says so when more grants match than it shows.
+pub fn grants_table(session: &Session, grants: &[Grant], more: bool, now: UnixTime) -> String {
     let rows: String = grants
         .iter()
         .rev()
         .map(|grant| grant_row(session, grant, now))
         .collect();
+    let more = if more {
+        format!(
+            "<p class=\"more\">More grants match than the {} shown (the oldest of them); narrow the filters to see the rest. New grants are added as they are issued.</p>",
+            grants.len()
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "<table id=\"grants\"><thead><tr><th>Grant</th><th>Principal</th><th>Scope</th><th>Environment</th><th>Task</th><th>Status</th><th>Uses</th><th>Expires</th><th></th></tr></thead><tbody>{rows}</tbody></table>"
+        "<div id=\"grants\">{more}<table><thead><tr><th>Grant</th><th>Principal</th><th>Scope</th><th>Environment</th><th>Task</th><th>Status</th><th>Uses</th><th>Expires</th><th></th></tr></thead><tbody>{rows}</tbody></table></div>"
     )
 }
 
-fn grant_row(session: &Session, grant: &Grant, now: UnixTime) -> String {
+/// One row of the grants table, as the live view adds or replaces it.
+pub fn grant_row(session: &Session, grant: &Grant, now: UnixTime) -> String {
     let status = grant.status_at(now);
     let revoke = revoke_form(
         session,

@@ -3,7 +3,7 @@
 // by id, so nothing an operator is typing is replaced, and every reconnect catches up.
 "use strict";
 
-function live(element, source, fragmentUrl, containerSelector, itemSelector, key) {
+function live(element, source, fragmentUrl, containerSelector, itemSelector, key, rowUrl) {
   let refreshing = false;
   let again = false;
 
@@ -22,13 +22,15 @@ function live(element, source, fragmentUrl, containerSelector, itemSelector, key
     }
   }
 
-  function merge(fresh, current) {
+  // Whole: `fresh` is everything, so items it lacks are removed. Otherwise it holds one item to
+  // add or replace, and nothing else is touched.
+  function merge(fresh, current, partial) {
     if (!fresh || !current) { return; }
     const freshItems = new Map([...fresh.querySelectorAll(itemSelector)].map((item) => [item.getAttribute(key), item]));
     const body = current.querySelector("tbody") || current;
     for (const item of [...current.querySelectorAll(itemSelector)]) {
       const replacement = freshItems.get(item.getAttribute(key));
-      if (!replacement) { item.remove(); continue; }
+      if (!replacement) { if (!partial) { item.remove(); } continue; }
       // A row or card being typed into keeps its inputs; its status still updates.
       if (item.contains(document.activeElement) && document.activeElement !== document.body) {
         const status = item.querySelector(".status");
@@ -51,6 +53,22 @@ function live(element, source, fragmentUrl, containerSelector, itemSelector, key
     guardConfirmations(current);
   }
 
+  // One item changed: fetch its row alone, replace it, or add it first when it is new and the
+  // server says it matches the filters (204 otherwise).
+  async function refreshItem(id) {
+    const current = document.querySelector(`${containerSelector} [${key}="${CSS.escape(id)}"]`);
+    const answer = await fetch(rowUrl(id, current !== null), { credentials: "same-origin", cache: "no-store" });
+    if (answer.status === 401) { document.body.dataset.live = "logged-out"; return; }
+    if (answer.status !== 200) { return; }
+    const template = document.createElement("template");
+    template.innerHTML = "<table><tbody>" + (await answer.text()) + "</tbody></table>";
+    const fresh = template.content.querySelector(itemSelector);
+    if (!fresh) { return; }
+    const wrapper = document.createElement("div");
+    wrapper.append(fresh);
+    merge(wrapper, document.querySelector(containerSelector), current === null ? "add" : "replace");
+  }
+
   const events = new EventSource(source);
   events.addEventListener("open", () => {
     document.body.dataset.live = "connected";
@@ -58,7 +76,12 @@ function live(element, source, fragmentUrl, containerSelector, itemSelector, key
   });
   events.addEventListener("error", () => { document.body.dataset.live = "reconnecting"; });
   for (const name of ["approval", "grant"]) {
-    events.addEventListener(name, () => refresh());
+    events.addEventListener(name, (event) => {
+      if (!rowUrl) { refresh(); return; }
+      let id = null;
+      try { id = JSON.parse(event.data).id; } catch (error) { id = null; }
+      if (id) { refreshItem(id); } else { refresh(); }
+    });
   }
 }
 
@@ -70,7 +93,8 @@ document.addEventListener("DOMContentLoaded", () => {
   const grants = document.querySelector("[data-live=grants]");
   if (grants) {
     const query = grants.dataset.query || "";
-    live(grants, "/events/grants?" + query, "/grants?fragment=table&" + query, "#grants", "tr[data-grant-id]", "data-grant-id");
+    const rowUrl = (id, known) => "/grants/" + encodeURIComponent(id) + "?fragment=row&known=" + (known ? "1" : "0") + "&" + query;
+    live(grants, "/events/grants?" + query, "/grants?fragment=table&" + query, "#grants", "tr[data-grant-id]", "data-grant-id", rowUrl);
   }
   guardConfirmations(document);
   document.addEventListener("input", (event) => {
