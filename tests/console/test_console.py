@@ -162,6 +162,14 @@ def test_the_grants_table_follows_issue_and_revocation_and_the_console_revokes(d
         page.wait_for_selector(f"tr[data-grant-id='{third.grant.id}'][data-status=revoked]")
         assert not agent.introspect(third.token).active
 
+    # The status filter: revoked grants only; an unknown status is refused with the choices.
+    page.goto(f"{valetd.console}/grants?status=revoked")
+    statuses = page.locator("#grants tr[data-grant-id]").evaluate_all("rows => rows.map(row => row.dataset.status)")
+    assert statuses == ["revoked"] * 3, statuses
+    wrong = page.goto(f"{valetd.console}/grants?status=gone")
+    assert wrong.status == 400
+    assert "one of active, pending, revoked, expired, denied, any" in page.locator(".error").inner_text()
+
     # The chain, verified from the console.
     page.goto(f"{valetd.console}/audit")
     page.click("text=Verify the chain now")

@@ -69,6 +69,22 @@ function live(element, source, fragmentUrl, containerSelector, itemSelector, key
     merge(wrapper, document.querySelector(containerSelector), current === null ? "add" : "replace");
   }
 
+  // Events are coalesced for a fifth of a second (a grant used by many calls changes often);
+  // a burst of many grants refreshes the whole fragment once instead.
+  const changed = new Set();
+  let flushing = null;
+  function changedItem(id) {
+    changed.add(id);
+    if (flushing) { return; }
+    flushing = setTimeout(() => {
+      flushing = null;
+      const ids = [...changed];
+      changed.clear();
+      if (ids.length > 50) { refresh(); return; }
+      for (const item of ids) { refreshItem(item); }
+    }, 200);
+  }
+
   const events = new EventSource(source);
   events.addEventListener("open", () => {
     document.body.dataset.live = "connected";
@@ -80,7 +96,7 @@ function live(element, source, fragmentUrl, containerSelector, itemSelector, key
       if (!rowUrl) { refresh(); return; }
       let id = null;
       try { id = JSON.parse(event.data).id; } catch (error) { id = null; }
-      if (id) { refreshItem(id); } else { refresh(); }
+      if (id) { changedItem(id); } else { refresh(); }
     });
   }
 }
