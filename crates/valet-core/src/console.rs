@@ -188,8 +188,6 @@ impl ConsoleKey {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
-
     use super::*;
 
     fn key_of(byte: u8) -> ConsoleKey {
@@ -198,17 +196,7 @@ mod tests {
     }
 
     fn operator() -> Principal {
-        Principal {
-            name: "alice".into(),
-            roles: BTreeSet::from([Role::Operator]),
-            key_sha256: None,
-            certificates: Vec::new(),
-            identities: Vec::new(),
-            rate: None,
-            position: 0,
-            allow_broad: None,
-            scopes: BTreeSet::new(),
-        }
+        crate::config::principal_for_tests("alice", &[Role::Operator])
     }
 
     fn pass(now: UnixTime) -> ConsolePass {
@@ -290,10 +278,7 @@ mod tests {
     fn a_session_ends_when_its_principal_gains_or_loses_a_role() {
         let pass = pass(1_000);
         assert_eq!(pass.still_fits(&operator()), Ok(()));
-        let promoted = Principal {
-            roles: BTreeSet::from([Role::Operator, Role::Admin]),
-            ..operator()
-        };
+        let promoted = crate::config::principal_for_tests("alice", &[Role::Operator, Role::Admin]);
         let error = pass.still_fits(&promoted).unwrap_err();
         assert!(error.to_string().contains("[operator]"), "{error}");
         assert!(error.to_string().contains("[operator, admin]"), "{error}");

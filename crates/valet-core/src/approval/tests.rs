@@ -1,21 +1,11 @@
 //! Who may decide an approval, and how an approved call is used exactly once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use super::*;
 
 fn principal(name: &str, roles: &[Role]) -> Principal {
-    Principal {
-        name: name.into(),
-        roles: roles.iter().copied().collect(),
-        key_sha256: Some([0; 32]),
-        certificates: Vec::new(),
-        identities: Vec::new(),
-        rate: None,
-        position: 0,
-        allow_broad: None,
-        scopes: BTreeSet::new(),
-    }
+    crate::config::principal_for_tests(name, roles)
 }
 
 fn call() -> CallFingerprint {

@@ -301,6 +301,22 @@ pub struct Principal {
     pub scopes: BTreeSet<String>,
 }
 
+/// A principal with a placeholder key hash and `roles`, for tests across valet-core.
+#[cfg(test)]
+pub(crate) fn principal_for_tests(name: &str, roles: &[Role]) -> Principal {
+    Principal {
+        name: name.into(),
+        roles: roles.iter().copied().collect(),
+        key_sha256: Some([0; 32]),
+        certificates: Vec::new(),
+        identities: Vec::new(),
+        rate: None,
+        position: 0,
+        allow_broad: None,
+        scopes: BTreeSet::new(),
+    }
+}
+
 impl Principal {
     /// Whether the principal acts with `role`'s rights; admins hold operator rights too.
     pub fn has_role(&self, role: Role) -> bool {

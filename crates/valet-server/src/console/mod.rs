@@ -308,7 +308,7 @@ async fn read(
             decided.truncate(N_DECIDED);
             Ok(html(
                 StatusCode::OK,
-                page::approvals(view, &pending, &decided, now, None),
+                page::approvals(view, &pending, &decided, now),
             ))
         }
         ["approvals", id] => {

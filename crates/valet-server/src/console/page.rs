@@ -103,13 +103,9 @@ pub fn approvals(
     pending: &[ApprovalRequest],
     decided: &[ApprovalRequest],
     now: UnixTime,
-    notice: Option<&str>,
 ) -> String {
-    let notice = notice
-        .map(|text| format!("<p class=\"notice\" role=\"status\">{}</p>", escape(text)))
-        .unwrap_or_default();
     let body = format!(
-        "{notice}<h1>Approvals</h1><p class=\"live\" data-live=\"approvals\">Pending requests appear here as they arrive.</p>{}<h2>Decided</h2>{}",
+        "<h1>Approvals</h1><p class=\"live\" data-live=\"approvals\">Pending requests appear here as they arrive.</p>{}<h2>Decided</h2>{}",
         pending_list(session, pending, now),
         decided_table(decided),
     );
