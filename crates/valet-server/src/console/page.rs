@@ -409,10 +409,7 @@ pub fn grant(session: &Session, grant: &Grant, trail: &[WrittenRecord], now: Uni
         .iter()
         .map(|(name, value)| format!("<li>{} = {}</li>", escape(name), escape(value)))
         .collect();
-    let trail_rows: String = trail
-        .iter()
-        .map(|record| format!("<li><code>{}</code></li>", escape(&record.line)))
-        .collect();
+    let trail_rows: String = trail.iter().map(record_item).collect();
     let revoke = revoke_form(
         session,
         grant,
@@ -434,7 +431,7 @@ pub fn grant(session: &Session, grant: &Grant, trail: &[WrittenRecord], now: Uni
 <dt>Environment</dt><dd>{environment}</dd><dt>Task</dt><dd>{task}</dd><dt>Purpose</dt><dd>{purpose}</dd>\
 <dt>Status</dt><dd class=\"status\">{status}{why}</dd><dt>Issued</dt><dd>{issued}</dd><dt>Expires</dt><dd>{expires}</dd>\
 <dt>Uses</dt><dd>{uses}</dd><dt>Parameters</dt><dd><ul>{params}</ul></dd></dl>{revoke}{revoke_task}\
-<h2>Audit trail</h2><p>Records naming this grant among the latest {window}.</p><ol class=\"trail\">{trail_rows}</ol>",
+<h2>Audit trail</h2><p>Records naming this grant among the latest {window}.</p><ul class=\"trail\">{trail_rows}</ul>",
         id = escape(&grant.id),
         principal = escape(&grant.principal),
         scope = escape(&grant.scope),
@@ -483,13 +480,9 @@ pub fn audit(
             ),
         },
     };
-    let records: String = tail
-        .iter()
-        .rev()
-        .map(|record| format!("<li><code>{}</code></li>", escape(&record.line)))
-        .collect();
+    let records: String = tail.iter().rev().map(record_item).collect();
     let body = format!(
-        "<h1>Audit</h1><dl><dt>Head valetd recorded</dt><dd>#{} <code>{}</code></dd></dl>{check}{}<h2>Latest records</h2><ol class=\"trail\" reversed>{records}</ol>",
+        "<h1>Audit</h1><dl><dt>Head valetd recorded</dt><dd>#{} <code>{}</code></dd></dl>{check}{}<h2>Latest records</h2><ul class=\"trail\">{records}</ul>",
         head.sequence,
         escape(&head.hash),
         form(
@@ -500,6 +493,37 @@ pub fn audit(
         ),
     );
     layout("Audit", Section::Audit, Some(session), &body)
+}
+
+/// One audit record: its time, action, outcome, who and why on one line, the record itself (as
+/// written, root credentials already redacted by the writer) under it.
+fn record_item(record: &WrittenRecord) -> String {
+    let value: serde_json::Value = serde_json::from_str(&record.line).unwrap_or_default();
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(|field| field.as_str())
+            .unwrap_or("")
+    };
+    let who = match (field("principal"), field("auth_method")) {
+        ("", _) => String::new(),
+        (principal, "") => format!(" · {principal}"),
+        (principal, method) => format!(" · {principal} ({method})"),
+    };
+    let why = match field("reason") {
+        "" => String::new(),
+        reason => format!(" · {reason}"),
+    };
+    format!(
+        "<li><span class=\"record\">#{} {} <strong>{}</strong> {}{}{}</span><details><summary>record</summary><code>{}</code></details></li>",
+        record.sequence,
+        escape(field("time")),
+        escape(field("action")),
+        escape(field("outcome")),
+        escape(&who),
+        escape(&why),
+        escape(&record.line)
+    )
 }
 
 /// The login link's landing page: a button, so a link unfurled by a chat tool is not spent.
