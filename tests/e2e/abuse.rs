@@ -289,3 +289,45 @@ async fn a_principal_over_its_rate_is_refused_with_a_retry_hint() {
         .await
         .expect("another principal's rate is its own");
 }
+
+#[tokio::test]
+async fn a_grpc_client_trickling_its_http2_preface_is_cut_off_at_the_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // The idle timeout (2 minutes) never fires: a byte arrives every 0.8 s. The preface would
+    // take over 18 s at that pace; valetd stops waiting for it after 10 s.
+    let deployment = Deployment::new(&standard_config(""));
+    let valetd = deployment.start(&[]);
+    let address = valetd.address.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let started = std::time::Instant::now();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut closed = false;
+    for byte in preface.iter().cycle().take(4 * preface.len()) {
+        if stream.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut answer = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(800), stream.read(&mut answer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(closed, "valetd kept a trickling connection open");
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(16),
+        "cut off only after {waited:?}, when the whole preface would have arrived"
+    );
+
+    // A client that sends its preface at once is served as before.
+    let agent = valetd.client(AGENT_KEY).await;
+    agent
+        .request_token(TokenRequest::new("limited", "after-trickle"))
+        .await
+        .unwrap();
+}
