@@ -19,6 +19,14 @@ pub fn bytes<const N: usize>() -> Result<[u8; N], RandomnessUnavailable> {
     Ok(buffer)
 }
 
+/// A new request id: 64 random bits, hex; `unavailable` if the generator fails (a request id
+/// only ties records together, so its absence must not stop the request).
+pub fn request_id() -> String {
+    bytes::<8>()
+        .map(hex::encode)
+        .unwrap_or_else(|_| "unavailable".to_string())
+}
+
 /// The system's random number generator failed.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the system random number generator failed")]

@@ -106,18 +106,7 @@ impl Gateway {
                         let gateway = gateway.clone();
                         async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, peer).await) }
                     });
-                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    // A client must send its request head within HEADER_READ_TIMEOUT.
-                    builder
-                        .http1()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_READ_TIMEOUT);
-                    builder
-                        .http2()
-                        .timer(TokioTimer::new())
-                        .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
-                        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
-                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let connection = connection_builder().serve_connection(TokioIo::new(stream), service).into_owned();
                     let connection = graceful.watch(connection);
                     tokio::spawn(async move {
                         if let Err(error) = connection.await {
@@ -214,6 +203,24 @@ impl Gateway {
         };
         forward::forward(self, parts, decision).await
     }
+}
+
+/// How valetd's HTTP listeners (the gateway, the console) serve a connection: HTTP/1.1 or
+/// HTTP/2; an HTTP/1.1 client must send its request head within [`HEADER_READ_TIMEOUT`], and an
+/// HTTP/2 connection is pinged every [`KEEPALIVE_INTERVAL`] and closed when a ping goes unanswered
+/// for [`KEEPALIVE_TIMEOUT`].
+pub fn connection_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    builder
 }
 
 /// The span of one gateway call, named by kind, with the request id its log lines and audit

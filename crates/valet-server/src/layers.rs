@@ -67,7 +67,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<RequestBody>) -> Self::Future {
-        let request_id = new_request_id();
+        let request_id = valet_core::random::request_id();
         let method = request.uri().path().to_string();
         request
             .extensions_mut()
@@ -146,12 +146,6 @@ fn code_label(status: &str) -> String {
         Ok(code) if code <= 16 => code.to_string(),
         _ => "other".to_string(),
     }
-}
-
-fn new_request_id() -> String {
-    valet_core::random::bytes::<8>()
-        .map(hex::encode)
-        .unwrap_or_else(|_| "unavailable".to_string())
 }
 
 /// Authenticates the principal from `authorization: Bearer <key>` or the connection's client

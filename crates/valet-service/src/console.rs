@@ -320,6 +320,8 @@ impl Valet {
         let records = self.audit.last_records(TRAIL_WINDOW).await?;
         Ok(records
             .into_iter()
+            // Only lines that mention the id are parsed, then checked field by field.
+            .filter(|record| record.line.contains(id.as_str()))
             .filter(|record| {
                 serde_json::from_str::<serde_json::Value>(&record.line)
                     .ok()

@@ -87,19 +87,7 @@ pub async fn serve(
                     async move { Ok::<_, Infallible>(handle(&console, request, peer.address).await) }
                 });
                 // HTTP/1.1, or HTTP/2 when a browser negotiates it over TLS.
-                let mut builder = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                );
-                builder
-                    .http1()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10));
-                builder
-                    .http2()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .keep_alive_interval(Some(valet_gateway::KEEPALIVE_INTERVAL))
-                    .keep_alive_timeout(valet_gateway::KEEPALIVE_TIMEOUT);
-                let served = builder
+                let served = valet_gateway::connection_builder()
                     .serve_connection(hyper_util::rt::TokioIo::new(connection), service)
                     .await;
                 if let Err(error) = served {
@@ -116,9 +104,7 @@ pub async fn serve(
 
 /// Answers one request, with the headers every answer carries.
 async fn handle(console: &Console, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-    let request_id = valet_core::random::bytes::<8>()
-        .map(hex::encode)
-        .unwrap_or_else(|_| "unavailable".to_string());
+    let request_id = valet_core::random::request_id();
     // A span per request, exported with the RPC and gateway spans when traces are configured;
     // the path only (a login link's pass is in the query, never in a span).
     let span = tracing::info_span!(

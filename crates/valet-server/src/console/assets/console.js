@@ -1,9 +1,10 @@
 // The Valet console's one script: keeps the approvals inbox and the grants table live over
-// server-sent events. Each event makes it fetch the server-rendered fragment again and merge it
-// by id, so nothing an operator is typing is replaced, and every reconnect catches up.
+// server-sent events. An approval event makes it fetch the inbox fragment again, a grant event
+// that grant's row; either is merged by id, so nothing an operator is typing is replaced, and
+// every (re)connect fetches the whole fragment to catch up.
 "use strict";
 
-function live(element, source, fragmentUrl, containerSelector, itemSelector, key, rowUrl) {
+function live(source, fragmentUrl, containerSelector, itemSelector, key, rowUrl) {
   let refreshing = false;
   let again = false;
 
@@ -42,14 +43,12 @@ function live(element, source, fragmentUrl, containerSelector, itemSelector, key
       }
       freshItems.delete(item.getAttribute(key));
     }
-    const freshBody = fresh.querySelector("tbody") || fresh;
     for (const [, item] of freshItems) {
       const imported = document.importNode(item, true);
       if (body.tagName === "TBODY") { body.prepend(imported); } else { body.append(imported); }
     }
     const empty = current.querySelector(".empty");
     if (empty && current.querySelectorAll(itemSelector).length > 0) { empty.remove(); }
-    void freshBody;
     guardConfirmations(current);
   }
 
@@ -66,7 +65,7 @@ function live(element, source, fragmentUrl, containerSelector, itemSelector, key
     if (!fresh) { return; }
     const wrapper = document.createElement("div");
     wrapper.append(fresh);
-    merge(wrapper, document.querySelector(containerSelector), current === null ? "add" : "replace");
+    merge(wrapper, document.querySelector(containerSelector), true);
   }
 
   // Events are coalesced for a fifth of a second (a grant used by many calls changes often);
@@ -104,13 +103,13 @@ function live(element, source, fragmentUrl, containerSelector, itemSelector, key
 document.addEventListener("DOMContentLoaded", () => {
   const approvals = document.querySelector("[data-live=approvals]");
   if (approvals) {
-    live(approvals, "/events/approvals", "/approvals?fragment=pending", "#pending", "[data-approval-id]", "data-approval-id");
+    live("/events/approvals", "/approvals?fragment=pending", "#pending", "[data-approval-id]", "data-approval-id");
   }
   const grants = document.querySelector("[data-live=grants]");
   if (grants) {
     const query = grants.dataset.query || "";
     const rowUrl = (id, known) => "/grants/" + encodeURIComponent(id) + "?fragment=row&known=" + (known ? "1" : "0") + "&" + query;
-    live(grants, "/events/grants?" + query, "/grants?fragment=table&" + query, "#grants", "tr[data-grant-id]", "data-grant-id", rowUrl);
+    live("/events/grants?" + query, "/grants?fragment=table&" + query, "#grants", "tr[data-grant-id]", "data-grant-id", rowUrl);
   }
   guardConfirmations(document);
   document.addEventListener("input", (event) => {
