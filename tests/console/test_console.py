@@ -316,3 +316,7 @@ def test_over_tls_the_console_speaks_http2_and_its_cookie_is_secure_and_host_onl
     assert cookie["name"] == "__Host-valet_console"
     assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert cookie["path"] == "/" and "domain" in cookie
+    # Logging out removes the __Host- cookie from the browser too (its removal must say Secure).
+    page.click("text=Log out")
+    page.wait_for_selector("text=Logged out")
+    assert context.cookies() == []

@@ -58,6 +58,18 @@ impl Console {
             "valet_console"
         }
     }
+
+    /// The `Set-Cookie` value that sets the session cookie to `value` for `max_age` seconds (0:
+    /// removes it). Over TLS it must say `Secure`, or a browser refuses a `__Host-` cookie,
+    /// removal included.
+    fn set_cookie(&self, value: &str, max_age: i64) -> Option<http::HeaderValue> {
+        http::HeaderValue::from_str(&format!(
+            "{}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
+            self.cookie_name(),
+            if self.secure { "; Secure" } else { "" }
+        ))
+        .ok()
+    }
 }
 
 /// Serves the console on `listener` until valetd stops.
@@ -183,13 +195,7 @@ async fn route(
                     let mut response =
                         html(StatusCode::OK, page::logged_in(&opened.pass.principal));
                     let max_age = (opened.pass.expires_at - valet.now()).max(0);
-                    let cookie = format!(
-                        "{}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
-                        console.cookie_name(),
-                        opened.cookie,
-                        if console.secure { "; Secure" } else { "" }
-                    );
-                    if let Ok(value) = http::HeaderValue::from_str(&cookie) {
+                    if let Some(value) = console.set_cookie(&opened.cookie, max_age) {
                         response.headers_mut().insert(header::SET_COOKIE, value);
                     }
                     response
@@ -254,7 +260,7 @@ async fn route(
     {
         return refusal(valet, error, Some(&view));
     }
-    match act(valet, console.cookie_name(), &session, &segments, &fields).await {
+    match act(console, &session, &segments, &fields).await {
         Ok(response) => response,
         Err(error) => refusal(valet, error, Some(&view)),
     }
@@ -392,12 +398,12 @@ async fn read(
 
 /// The actions: each is one existing service operation, as the session's principal.
 async fn act(
-    valet: &Valet,
-    cookie_name: &str,
+    console: &Console,
     session: &ConsoleCaller,
     segments: &[&str],
     fields: &Fields,
 ) -> Result<Response<Body>, ServiceError> {
+    let valet = &console.valet;
     let caller = &session.caller;
     let reason = fields.get("reason").trim();
     match segments {
@@ -475,9 +481,7 @@ async fn act(
                     "<h1>Logged out</h1><p>This session is ended on every replica. Run <code>valet console</code> to log in again.</p>",
                 ),
             );
-            if let Ok(value) = http::HeaderValue::from_str(&format!(
-                "{cookie_name}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"
-            )) {
+            if let Some(value) = console.set_cookie("", 0) {
                 response.headers_mut().insert(header::SET_COOKIE, value);
             }
             Ok(response)
