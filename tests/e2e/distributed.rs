@@ -22,6 +22,8 @@ async fn etcd_engine() -> (EtcdCluster, Box<dyn valet_store::Store>) {
         retention: Duration::from_secs(3600),
         ca_file: None,
         client_certificate: None,
+        // Short, so the conformance check holds a lock past its lease in a few seconds.
+        lock_lease: Duration::from_secs(2),
     })
     .await
     .unwrap();
@@ -484,6 +486,7 @@ async fn grant_records_carry_a_lease_that_outlives_their_retention() {
         retention: Duration::from_secs(600),
         ca_file: None,
         client_certificate: None,
+        lock_lease: EtcdOptions::DEFAULT_LOCK_LEASE,
     })
     .await
     .unwrap();

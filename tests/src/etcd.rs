@@ -1,7 +1,6 @@
 //! Real etcd clusters for the distributed-mode tests: one to three `etcd` processes on loopback,
 //! each with its own data dir and ports, that tests can kill and bring back.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,13 +14,6 @@ fn etcd_binary() -> PathBuf {
         path.display()
     );
     path
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
 
 /// Certificates for a cluster that speaks TLS to its clients and asks them for a certificate.
@@ -154,8 +146,8 @@ impl EtcdCluster {
         let members: Vec<Member> = (0..size)
             .map(|index| Member {
                 name: format!("m{index}"),
-                client_port: free_port(),
-                peer_port: free_port(),
+                client_port: crate::ports::reserve(),
+                peer_port: crate::ports::reserve(),
                 child: None,
             })
             .collect();

@@ -15,6 +15,7 @@ pub mod frameworks;
 pub mod moto;
 pub mod oidc;
 pub mod pki;
+pub mod ports;
 pub mod upstream;
 use valet_core::Secret;
 

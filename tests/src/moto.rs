@@ -2,7 +2,6 @@
 //! authentication on, set up (user, access key, role, trust policy, bucket) by
 //! `tests/aws/moto_setup.py`, and read back through moto's own state dump.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -45,10 +44,7 @@ impl Moto {
             "{} is missing: the AWS tests need moto; run ./scripts/test.sh, which installs it into var/venv",
             server.display()
         );
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free loopback port")
-            .port();
+        let port = crate::ports::reserve();
         let child = Command::new(server)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .env("INITIAL_NO_AUTH_ACTION_COUNT", SETUP_CALLS.to_string())

@@ -476,12 +476,7 @@ pub fn openbao_binary() -> Option<PathBuf> {
 /// (`audit.log` there, declared in its config as OpenBao 2 requires), TLS off on loopback, sealed
 /// and uninitialized (the scenario initializes and unseals it).
 pub fn start_openbao(binary: &Path, directory: &Path) -> anyhow::Result<Process> {
-    let free_port = || -> anyhow::Result<u16> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port())
-    };
-    let (port, cluster_port) = (free_port()?, free_port()?);
+    let (port, cluster_port) = (valet_tests::ports::reserve(), valet_tests::ports::reserve());
     std::fs::create_dir_all(directory.join("raft"))?;
     let config = format!(
         r#"
@@ -541,9 +536,7 @@ pub fn start_nginx(upstream: &str, directory: &Path) -> anyhow::Result<Process> 
     let Some(nginx) = nginx else {
         bail!("nginx is not installed: `apt-get install -y nginx` (scripts/bench.sh does it)");
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = valet_tests::ports::reserve();
     let config = format!(
         r#"
 daemon off;

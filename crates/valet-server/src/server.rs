@@ -70,6 +70,7 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
                 retention: config.server.grant_retention,
                 ca_file: etcd.ca_file.clone(),
                 client_certificate: etcd.client_certificate.clone(),
+                lock_lease: EtcdOptions::DEFAULT_LOCK_LEASE,
             })
             .await?;
             tracing::info!(

@@ -51,7 +51,8 @@ macro_rules! conformance_tests {
             audit_head_round_trips,
             deferred_grants_read_back_and_a_checkpoint_creates_what_is_missing,
             approvals_are_created_once_and_decided_by_compare_and_swap,
-            a_marker_is_claimed_once_among_racing_claimants_and_swept_after_its_moment
+            a_marker_is_claimed_once_among_racing_claimants_and_swept_after_its_moment,
+            a_lock_excludes_every_other_holder_for_as_long_as_it_is_held
         );
     };
     (@checks $open:path; $($check:ident),*) => {$(
@@ -265,6 +266,35 @@ pub async fn a_marker_is_claimed_once_among_racing_claimants_and_swept_after_its
     store.sweep(20_000, Duration::from_secs(60)).await.unwrap();
     assert!(!store.claimed("console-link/a").await.unwrap());
     assert!(store.claimed("console-link/b").await.unwrap());
+}
+
+/// How long [`a_lock_excludes_every_other_holder_for_as_long_as_it_is_held`] holds its lock:
+/// longer than the lock lease the etcd conformance engine is given (2 s), so a lease that lapsed
+/// under a live holder would let the second holder in early.
+pub const LOCK_HOLD: Duration = Duration::from_secs(5);
+
+pub async fn a_lock_excludes_every_other_holder_for_as_long_as_it_is_held(store: &dyn Store) {
+    let first = store.lock("role/a").await.expect("the free lock is taken");
+    let second = async {
+        let guard = store.lock("role/a").await;
+        (std::time::Instant::now(), guard)
+    };
+    let hold = async {
+        // Meanwhile another name is free.
+        let other = store.lock("role/b").await;
+        assert!(other.is_ok(), "a lock of another name is not held");
+        drop(other);
+        tokio::time::sleep(LOCK_HOLD).await;
+        let released = std::time::Instant::now();
+        drop(first);
+        released
+    };
+    let ((taken, guard), released) = tokio::join!(second, hold);
+    assert!(guard.is_ok(), "the lock is taken once it is let go");
+    assert!(
+        taken >= released,
+        "a second holder got the lock while the first still held it"
+    );
 }
 
 pub async fn key_replacement_is_compare_and_swap(store: &dyn Store) {

@@ -66,6 +66,14 @@ pub struct EtcdOptions {
     /// cluster asks for one.
     pub ca_file: Option<std::path::PathBuf>,
     pub client_certificate: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// How long a lock outlives a holder that died without letting go (a live holder keeps it
+    /// for as long as it holds it). [`EtcdOptions::DEFAULT_LOCK_LEASE`] unless a test needs less.
+    pub lock_lease: Duration,
+}
+
+impl EtcdOptions {
+    /// The default of [`EtcdOptions::lock_lease`].
+    pub const DEFAULT_LOCK_LEASE: Duration = Duration::from_secs(15);
 }
 
 /// The etcd engine.
@@ -78,6 +86,7 @@ pub struct EtcdStore {
     /// The newest revision the watch has delivered.
     seen: watch::Receiver<i64>,
     leases: Mutex<HashMap<i64, (i64, Instant)>>,
+    lock_lease: Duration,
     /// Keeps this replica's claim on its name alive.
     claim: tokio::task::JoinHandle<()>,
     watcher: tokio::task::JoinHandle<()>,
@@ -140,9 +149,30 @@ async fn claim_replica(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    let client = client.clone();
     let replica = replica.to_string();
-    Ok(tokio::spawn(async move {
+    Ok(keep_lease_alive(
+        client.clone(),
+        lease,
+        Duration::from_secs(3),
+        move || {
+            tracing::error!(
+                replica,
+                "this replica's claim on its name lapsed (etcd was unreachable too long); another valetd could take the name"
+            )
+        },
+    ))
+}
+
+/// Keeps `lease` alive, renewing it every `interval`, until the returned task is aborted: while
+/// this process lives and reaches etcd, what the lease holds (a replica's name, a place in a
+/// lock's line, a held lock) does not lapse. `lapsed` runs each time etcd reports the lease gone.
+fn keep_lease_alive(
+    client: Client,
+    lease: i64,
+    interval: Duration,
+    lapsed: impl Fn() + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let mut leases = client.lease_client();
         loop {
             match leases.keep_alive(lease).await {
@@ -152,23 +182,21 @@ async fn claim_replica(
                     }
                     match answers.message().await {
                         Ok(Some(answer)) if answer.ttl() > 0 => {}
-                        _ => {
-                            tracing::error!(
-                                replica,
-                                "this replica's claim on its name lapsed (etcd was unreachable too long); another valetd could take the name"
-                            );
+                        Ok(Some(_)) => {
+                            lapsed();
                             break;
                         }
+                        _ => break,
                     }
-                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    tokio::time::sleep(interval).await;
                 },
                 Err(error) => {
-                    tracing::warn!(replica, %error, "cannot keep this replica's claim on its name alive; retrying");
+                    tracing::warn!(lease, %error, "cannot keep an etcd lease alive; retrying");
                 }
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-    }))
+    })
 }
 
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
@@ -306,6 +334,7 @@ impl EtcdStore {
             changes,
             seen,
             leases: Mutex::new(HashMap::new()),
+            lock_lease: options.lock_lease,
             watcher,
             claim,
         })
@@ -992,11 +1021,20 @@ impl Store for EtcdStore {
         self.changes.subscribe()
     }
     async fn lock(&self, name: &str) -> Result<crate::StoreLock, StoreError> {
-        // The hold lives as long as a lease this replica keeps; should it die holding the lock,
-        // the lease lapses and the lock goes to the next in line.
-        const LOCK_LEASE_SECONDS: i64 = 15;
+        // The hold lives as long as a lease this replica keeps alive — from joining the line until
+        // it lets go — so the lock passes on only when released or when its holder dies (its lease
+        // then lapses within `lock_lease`). A lease that were not kept alive would lapse under a
+        // holder that waited or worked longer than it, and let a second holder in.
         let mut leases = self.client.lease_client();
-        let lease = bounded(leases.grant(LOCK_LEASE_SECONDS, None)).await?.id();
+        let ttl = i64::try_from(self.lock_lease.as_secs().max(2)).unwrap_or(i64::MAX);
+        let lease = bounded(leases.grant(ttl, None)).await?.id();
+        let lock_name = name.to_string();
+        let keeper = keep_lease_alive(self.client.clone(), lease, self.lock_lease / 3, move || {
+            tracing::error!(
+                lock = lock_name,
+                "the lease of a lock this replica holds or waits for lapsed (etcd was unreachable too long)"
+            )
+        });
         let key = format!("{}/locks/{name}", self.prefix);
         let deadline = Instant::now() + crate::LOCK_WAIT;
         let held = loop {
@@ -1009,8 +1047,9 @@ impl Store for EtcdStore {
                 .await;
             match attempt {
                 Ok(response) => break response.key().to_vec(),
-                Err(_) if Instant::now() < deadline => continue,
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(RETRY_PAUSE).await,
                 Err(error) => {
+                    keeper.abort();
                     let _ = leases.revoke(lease).await;
                     return Err(unavailable(format!(
                         "lock {name} could not be taken within {} s: {error}",
@@ -1021,6 +1060,7 @@ impl Store for EtcdStore {
         };
         let client = self.client.clone();
         Ok(crate::StoreLock::remote(Box::new(move || {
+            keeper.abort();
             tokio::spawn(async move {
                 let _ = client.lock_client().unlock(held).await;
                 let _ = client.lease_client().revoke(lease).await;
