@@ -480,6 +480,20 @@ async fn query_credentials_are_injected_and_cannot_be_overridden() {
     .await;
     assert_eq!(smuggled.status, 403, "{}", smuggled.body);
     assert!(smuggled.body.contains("api_key"), "{}", smuggled.body);
+    // What was asked names the whole call, path included, for the agent and in the record.
+    assert_eq!(
+        smuggled.json()["asked"],
+        "GET /items?api_key=mine&limit=5",
+        "{}",
+        smuggled.body
+    );
+    let recorded = deployment
+        .audit_records()
+        .into_iter()
+        .rev()
+        .find(|record| record["refusal"] == "denied")
+        .expect("the refusal is recorded");
+    assert_eq!(recorded["asked"], "GET /items?api_key=mine&limit=5");
     assert!(upstream.seen().is_empty());
     let reply = call(
         &gateway,

@@ -170,6 +170,8 @@ pub fn max_body(candidates: &[&AllowRule]) -> u64 {
 #[derive(Debug, Clone, Copy)]
 pub struct CallParts<'a> {
     pub method: &'a str,
+    /// The path as the agent sent it (after the upstream's name), for what a refusal names.
+    pub path: &'a str,
     /// The raw query string, if any.
     pub query: Option<&'a str>,
     /// The request's `Content-Type`, if any.
@@ -237,7 +239,12 @@ fn allows(
         }
         let query = check_query(parts.query, &rule.query, params).map_err(|error| {
             denied(
-                format!("{} ?{}", parts.method, parts.query.unwrap_or("")),
+                format!(
+                    "{} {}?{}",
+                    parts.method,
+                    parts.path,
+                    parts.query.unwrap_or("")
+                ),
                 error.to_string(),
             )
         })?;

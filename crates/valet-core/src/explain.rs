@@ -377,6 +377,7 @@ pub fn explain_call(
     }
     let parts = crate::call::CallParts {
         method: &method,
+        path,
         query,
         content_type,
         body,

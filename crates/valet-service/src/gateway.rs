@@ -452,6 +452,7 @@ impl Valet {
             let scope_name = scope.name.clone();
             let indices: Vec<usize> = candidates.iter().map(|rule| rule.index).collect();
             let method = site.method.clone();
+            let path = site.path.clone();
             let query = site.query.clone();
             let params = grant.params.clone();
             tokio::task::spawn_blocking(move || {
@@ -463,6 +464,7 @@ impl Valet {
                     indices.iter().map(|index| &scope.allow[*index]).collect();
                 let parts = call::CallParts {
                     method: &method,
+                    path: &path,
                     query: query.as_deref(),
                     content_type: content_type.as_deref(),
                     body: &body,
@@ -477,6 +479,7 @@ impl Valet {
         } else {
             let parts = call::CallParts {
                 method: &site.method,
+                path: &site.path,
                 query: site.query.as_deref(),
                 content_type: content_type.as_deref(),
                 body: &body,
