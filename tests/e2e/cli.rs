@@ -118,6 +118,18 @@ async fn config_check_and_keygen_work_offline() {
         .0,
         0
     );
+    // Without --dev the missing [seal] is a problem, and the hint names the command to check a
+    // development config with.
+    let (code, stdout, _) = valet(
+        &["config", "check", example],
+        "http://127.0.0.1:1",
+        "unused",
+    );
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.contains("no key-encryption key") && stdout.contains("`valet config check --dev`"),
+        "{stdout}"
+    );
 
     std::fs::write(&config, "[server]\nlisten = \"nowhere\"\n").unwrap();
     let (code, stdout, _) = valet(
@@ -146,6 +158,19 @@ async fn config_check_and_keygen_work_offline() {
         .map(|byte| format!("{byte:02x}"))
         .collect();
     assert_eq!(made["key_sha256"].as_str(), Some(hash.as_str()));
+
+    // Redirected, the key is not "above": the note says where it went.
+    let (code, stdout, stderr) = valet(
+        &["keygen", "--name", "new-agent"],
+        "http://127.0.0.1:1",
+        "unused",
+    );
+    assert_eq!(code, 0);
+    assert!(stdout.trim().starts_with("vk_"), "{stdout}");
+    assert!(
+        stderr.contains("The key went to standard output, once") && !stderr.contains("above"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

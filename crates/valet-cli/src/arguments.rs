@@ -80,7 +80,7 @@ pub enum Command {
     /// Signing keys (admins).
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Check a config file offline, or make valetd reload its config (admins).
+    /// Check, test and explain a config file offline, or make valetd reload its config (admins).
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Make a new principal key: the key alone on stdout, its [[principal]] stanza on stderr.

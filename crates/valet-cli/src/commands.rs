@@ -1126,8 +1126,13 @@ fn keygen(name: &str, json: bool) -> anyhow::Result<i32> {
     } else {
         // The key alone on stdout (`valet keygen --name x > x.key`); the rest for the person.
         println!("{key_text}");
+        let where_the_key_is = if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            "The key above is shown once"
+        } else {
+            "The key went to standard output, once"
+        };
         eprintln!(
-            "The key above is shown once: give it to the principal as VALET_KEY. valetd keeps only its hash.\n\
+            "{where_the_key_is}: give it to the principal as VALET_KEY. valetd keeps only its hash.\n\
              Add this to valetd's config (choose its roles and scopes):\n\n\
              [[principal]]\nname = \"{name}\"\nroles = [\"agent\"]\nkey_sha256 = \"{hash}\"\nscopes = []"
         );

@@ -450,7 +450,7 @@ pub enum ProblemKind {
     #[error("{what} is unusable: {detail}")]
     Unusable { what: String, detail: String },
     #[error(
-        "no key-encryption key: set [seal] key_file or key_env in the config (make a key with `openssl rand -base64 32`), or run `valetd --dev` for development only"
+        "no key-encryption key: set [seal] key_file or key_env in the config (make a key with `openssl rand -base64 32`); for development only, `valetd --dev` generates one (check such a config with `valet config check --dev`)"
     )]
     NoSealKey,
 }
