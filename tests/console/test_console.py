@@ -3,7 +3,8 @@ processes: login through `valet console --print-url`, a pending approval appeari
 reload, approval with the typed confirmation releasing the agent's waiting call, the live grants
 table following issue and revocation, revocation from the console, and every refusal: no session,
 a used login link, a stale CSRF token, an expired session, a session ended by logging out.
-The screenshots in docs/console/ are written by these tests."""
+The tests take screenshots of each page into target/console-screenshots/; `./scripts/screenshots.sh`
+runs them with VALET_SCREENSHOTS=docs/console to regenerate the ones the docs show."""
 
 from __future__ import annotations
 

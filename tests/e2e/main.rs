@@ -24,4 +24,5 @@ mod restart;
 mod secrets;
 mod startup;
 mod tls;
+mod tour;
 mod traces;

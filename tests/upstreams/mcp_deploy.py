@@ -130,6 +130,9 @@ def serve_http(port):
     # Accepted sockets inherit it: no 40 ms Nagle / delayed-ACK stall on keep-alive connections.
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     listener.bind(("127.0.0.1", port))
+    # Listening before saying so: a client that connects as soon as it reads the line is queued,
+    # never refused (uvicorn listens again on the same socket, which only sets the backlog).
+    listener.listen(128)
     print(f"listening on {listener.getsockname()[1]}", flush=True)
     config = uvicorn.Config(guarded, log_level="warning", lifespan="on")
     uvicorn.Server(config).run(sockets=[listener])

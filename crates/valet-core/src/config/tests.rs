@@ -423,10 +423,15 @@ fn listeners_off_loopback_are_named_and_insecure_plaintext_is_read() {
     assert!(config.server.plaintext_listeners_off_loopback().is_empty());
     assert!(!config.server.insecure_plaintext);
 
-    let exposed = example.replace(
-        "listen = \"127.0.0.1:7470\"",
-        "listen = \"0.0.0.0:7470\"\ngateway_listen = \"[::1]:7471\"\ninsecure_plaintext = true",
-    );
+    let exposed = example
+        .replace(
+            "listen = \"127.0.0.1:7470\"",
+            "listen = \"0.0.0.0:7470\"\ninsecure_plaintext = true",
+        )
+        .replace(
+            "gateway_listen = \"127.0.0.1:7471\"",
+            "gateway_listen = \"[::1]:7471\"",
+        );
     let config = Config::parse(&exposed, Path::new("/")).unwrap();
     assert!(config.server.insecure_plaintext);
     assert_eq!(
