@@ -33,7 +33,7 @@ summary() {
        END { printf "%d %d", passed, failed }' "$log")
   local passed=${counts% *} failed=${counts#* }
   failed_tests=$(grep -E '^test .* \.\.\. FAILED$|^(FAILED|ERROR) [^ ]+' "$log" \
-    | sed -E 's/^test (.*) \.\.\. FAILED$/\1/; s/^(FAILED|ERROR) ([^ ]+).*/\2/' | sort -u)
+    | sed -E 's/^test (.*) \.\.\. FAILED$/\1/; s/^(FAILED|ERROR) ([^ ]+).*/\2/; s|^(\.\./)+||' | sort -u)
   # A part that failed without a failing test of its own (a build, a check, a crash) counts as one.
   local part unnamed=()
   for part in "${failed_parts[@]+"${failed_parts[@]}"}"; do
