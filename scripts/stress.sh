@@ -4,7 +4,8 @@
 # restart, MCP servers, disk full) run ROUNDS times (default 20) while a CPU hog keeps both cores
 # busy, as CI's shared machine may. Any failure is printed with its output; the last line counts
 # them. Run ./scripts/test.sh once first (it installs etcd, moto, the MCP SDK and the Node
-# upstreams).
+# upstreams). The binaries are copied before the first round, so building meanwhile changes
+# nothing under test.
 #
 #   ./scripts/stress.sh                 # 20 rounds of the default set
 #   ROUNDS=3 ./scripts/stress.sh mcp::  # 3 rounds of the tests whose names contain mcp::
@@ -18,7 +19,19 @@ if [ ${#filters[@]} -eq 0 ]; then
 fi
 
 cargo build --workspace --bins --locked || exit 1
-cargo test -p valet-tests --test e2e --locked --no-run || exit 1
+e2e=$(cargo test -p valet-tests --test e2e --locked --no-run --message-format=json |
+  python3 -c 'import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("reason") == "compiler-artifact" and message["target"]["name"] == "e2e" and message.get("executable"):
+        print(message["executable"])') || exit 1
+# The binaries under test, copied once: the rounds run these, whatever is built meanwhile. The
+# harness finds valetd and valet next to the test executable's directory, as under target/debug.
+snapshot=$(mktemp -d)
+mkdir -p "$snapshot/debug/deps"
+cp target/debug/valetd target/debug/valet target/debug/valet-bench "$snapshot/debug/"
+cp "$e2e" "$snapshot/debug/deps/"
+e2e="$snapshot/debug/deps/$(basename "$e2e")"
 
 # One busy loop per core, stopped however this script ends.
 hogs=()
@@ -26,7 +39,7 @@ for _ in $(seq "$(nproc)"); do
   (while :; do :; done) &
   hogs+=($!)
 done
-trap 'kill "${hogs[@]}" 2>/dev/null' EXIT
+trap 'kill "${hogs[@]}" 2>/dev/null; rm -rf "$snapshot"' EXIT
 
 directory=$(mktemp -d)
 failures=0
@@ -34,7 +47,7 @@ passed=0
 for round in $(seq "$rounds"); do
   output="$directory/round-$round.log"
   started=$(date +%s)
-  if cargo test -p valet-tests --test e2e --locked -- "${filters[@]}" >"$output" 2>&1; then
+  if "$e2e" "${filters[@]}" >"$output" 2>&1; then
     status=passed
   else
     status=FAILED
