@@ -447,7 +447,14 @@ async fn a_destructive_call_goes_through_once_and_only_as_approved() {
         asked["call"]["graphql"],
         serde_json::json!(["mutation volumeDelete"])
     );
-    assert_eq!(asked["call"]["variables"], "{\"id\":\"vol-prod-db\"}");
+    assert_eq!(asked["call"]["content_type"], "application/json");
+    assert!(
+        asked["call"]["rendering"]
+            .as_str()
+            .unwrap()
+            .contains("variables:\n  {\n    \"id\": \"vol-prod-db\"\n  }"),
+        "the whole call, variables included: {asked}"
+    );
     assert_eq!(asked["call"]["body_sha256"].as_str().unwrap().len(), 64);
     assert_eq!(
         graphql_calls().len(),
@@ -487,9 +494,11 @@ async fn a_destructive_call_goes_through_once_and_only_as_approved() {
             .contains("a different body"),
         "{reply}"
     );
+    // A different document (here an alias) is a different call; spacing alone is not (the
+    // document is printed canonically before it is compared).
     let reformatted = delete.replace(
         "volumeDelete(volumeId: $id)",
-        "volumeDelete(volumeId:  $id)",
+        "renamed: volumeDelete(volumeId: $id)",
     );
     assert_eq!(
         gateway_call(
@@ -527,7 +536,13 @@ async fn a_destructive_call_goes_through_once_and_only_as_approved() {
     assert_eq!(status, 200, "{reply}");
     let seen = graphql_calls();
     assert_eq!(seen.len(), 2);
-    assert_eq!(seen[1].body, Bytes::from(delete.clone()));
+    // What runs is the canonical call the approver read: the document as printed, names sorted.
+    assert_eq!(
+        seen[1].body,
+        Bytes::from(
+            r#"{"query":"mutation Drop($id: String!) {\n  volumeDelete(volumeId: $id)\n}","variables":{"id":"vol-prod-db"}}"#
+        )
+    );
     assert_eq!(
         seen[1].header("authorization"),
         Some(format!("Bearer {RAILWAY_ROOT_SECRET}").as_str())
@@ -978,20 +993,46 @@ mod holes {
     }
 
     #[tokio::test]
-    async fn text_that_could_disguise_a_request_is_escaped_for_the_approver() {
+    async fn text_that_could_disguise_a_request_is_refused_or_escaped_for_the_approver() {
         let upstream = Upstream::start().await;
         let deployment = Deployment::new(&approval_config(&upstream));
         let valetd = deployment.start(&[]);
         let agent = valetd.client(AGENT_KEY).await;
         let operator = valetd.client(OPERATOR_KEY).await;
-        let pending = agent
+        // Where the agent writes free text, such characters are refused as they enter.
+        let refused = agent
             .request_token(prod("bidi").with_purpose("rotate logs \u{202E}gnp.exe\u{202C} now"))
             .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Some(tonic::Code::InvalidArgument),
+            "{refused}"
+        );
+        // In a call's arguments they are the agent's data: shown escaped, never as they act.
+        let issued = agent
+            .request_token(TokenRequest::new("railway-prod", "bidi-call"))
+            .await
             .unwrap();
+        let gateway = valetd.gateway.clone().unwrap();
+        let delete = serde_json::json!({
+            "query": "mutation Drop($id: String!) { volumeDelete(volumeId: $id) }",
+            "variables": {"id": "vol-\u{202E}bd-dorp"},
+        })
+        .to_string();
+        let (status, asked) = gateway_call(
+            &gateway,
+            issued.token_str(),
+            &delete,
+            &[],
+            "/u/railway/graphql/v2",
+        )
+        .await;
+        assert_eq!(status, 428, "{asked}");
         let approval = operator
             .admin()
             .get_approval(v1::GetApprovalRequest {
-                id: pending.approval.unwrap().id,
+                id: asked["approval_id"].as_str().unwrap().to_string(),
             })
             .await
             .unwrap()

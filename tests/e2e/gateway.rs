@@ -207,8 +207,19 @@ async fn graphql_calls_pass_only_with_allowed_fields_and_denied_ones_never_reach
             "{reply}"
         );
     }
-    for body in [
+    // A body that is not JSON is refused as it is read (400); a document that does not pass
+    // the GraphQL rule is denied (403).
+    let unreadable = call(
+        &gateway,
+        "POST",
+        "/u/railway/graphql/v2",
+        token,
         "{not json",
+        &[],
+    )
+    .await;
+    assert_eq!(unreadable.status, 400, "{}", unreadable.body);
+    for body in [
         &graphql("mutation { volumeDelete("),
         &graphql("subscription { project { id } }"),
     ] {

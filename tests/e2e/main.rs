@@ -7,6 +7,7 @@ mod audit_trust;
 mod aws;
 mod bad_input;
 mod bench;
+mod canonical;
 mod cli;
 mod client_scenarios;
 mod console;

@@ -1,8 +1,11 @@
-//! Real upstream frameworks for the gateway's security tests: express-graphql and Express with
-//! method-override on Node, Strawberry and an MCP server (the MCP Python SDK) on Python. Each runs as its own process on a free loopback
-//! port and appends what it executed to a log; the tests assert from that log, never from how
-//! Valet parsed the request. The test command installs them (tests/upstreams, var/venv); a test
-//! that finds one missing fails and says how to install it.
+//! Real upstream frameworks for the gateway's security tests, in four language families, each
+//! decoding requests its own way: express-graphql and Express (body-parser, qs, method-override)
+//! on Node; Strawberry, FastAPI with pydantic and an MCP server (the MCP Python SDK) on Python; a
+//! Go server on the standard library's net/http and encoding/json; a PHP script under PHP's
+//! built-in server (json_decode, $_POST). Each runs as its own process on a loopback port and
+//! appends what it executed to a log; the tests assert from that log, never from how Valet parsed
+//! the request. The test command installs them (tests/upstreams, var/venv, Debian's golang-go
+//! and php-cli); a test that finds one missing fails and says how to install it.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -68,6 +71,59 @@ impl Framework {
         )
     }
 
+    /// FastAPI with pydantic models under uvicorn: `/volumes/delete`, `/deployments/scale`.
+    pub fn fastapi() -> Framework {
+        let python = venv_python();
+        Framework::start(
+            Command::new(python).arg(repository().join("tests/upstreams/rest_fastapi.py")),
+        )
+    }
+
+    /// A Go server on net/http and encoding/json: `/volumes/delete` (JSON or form),
+    /// `/deployments/scale`, and JSON-RPC at `/mcp` with tool arguments decoded into structs.
+    /// Built once per test process into target/, with Debian's golang-go.
+    pub fn go() -> Framework {
+        Framework::start(&mut Command::new(go_upstream()))
+    }
+
+    /// A PHP script under PHP's built-in server: `/volumes/delete` (json_decode or $_POST),
+    /// `/deployments/scale`. The built-in server cannot say which port it took, so it gets one
+    /// from [`crate::ports`] and is ready once it accepts a connection.
+    pub fn php() -> Framework {
+        assert!(
+            Path::new("/usr/bin/php").exists(),
+            "/usr/bin/php is missing: run ./scripts/test.sh, which installs Debian's php-cli"
+        );
+        let directory = tempfile::tempdir().expect("temp dir");
+        let log = directory.path().join("executed.jsonl");
+        std::fs::write(&log, b"").expect("create the execution log");
+        let port = crate::ports::reserve();
+        let child = Command::new("/usr/bin/php")
+            .arg("-S")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(repository().join("tests/upstreams/php_upstream.php"))
+            .env("UPSTREAM_LOG", &log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start php -S");
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "php -S did not listen on port {port} within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Framework {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+            _directory: directory,
+        }
+    }
+
     fn node(script: &str) -> Framework {
         let modules = repository().join("tests/upstreams/node_modules");
         assert!(
@@ -127,6 +183,41 @@ impl Drop for Framework {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The Go upstream's binary, built the first time a test asks for it (the build takes a second;
+/// Go caches it).
+fn go_upstream() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            assert!(
+                Path::new("/usr/bin/go").exists(),
+                "/usr/bin/go is missing: run ./scripts/test.sh, which installs Debian's golang-go"
+            );
+            // Built under a name of this process, then renamed into place: a test process never
+            // runs a binary another is still writing.
+            let directory = repository().join("target/upstreams");
+            let output = directory.join("go_upstream");
+            let building = directory.join(format!("go_upstream.{}", std::process::id()));
+            let built = Command::new("/usr/bin/go")
+                .arg("build")
+                .arg("-o")
+                .arg(&building)
+                .arg(repository().join("tests/upstreams/go_upstream.go"))
+                .env("GOFLAGS", "-mod=mod")
+                .env("GO111MODULE", "off")
+                .output()
+                .expect("run go build");
+            assert!(
+                built.status.success(),
+                "go build of tests/upstreams/go_upstream.go failed:\n{}",
+                String::from_utf8_lossy(&built.stderr)
+            );
+            std::fs::rename(&building, &output).expect("move the Go upstream into place");
+            output
+        })
+        .clone()
 }
 
 /// The JSON lines of an execution log (a framework's, or a stdio MCP server's valetd runs).

@@ -14,7 +14,9 @@ app.use(methodOverride("X-HTTP-Method-Override"));
 app.use(methodOverride("X-HTTP-Method"));
 app.use(methodOverride("X-Method-Override"));
 app.use(methodOverride("_method"));
-app.use(express.json());
+// JSON in every */json type and forms with qs (extended), as many APIs accept both.
+app.use(express.json({ type: ["application/json", "application/*+json"] }));
+app.use(express.urlencoded({ extended: true }));
 
 const executed = (request) =>
   fs.appendFileSync(
@@ -31,6 +33,20 @@ const executed = (request) =>
 app.all("/repos/:owner/:repo/pulls", (request, response) => {
   executed(request);
   response.json({ method: request.method, path: request.path });
+});
+// Deletes the volume the body names, read as Express's parsers read it (JSON or form).
+app.post("/volumes/delete", (request, response) => {
+  const volumeId = request.body && request.body.volumeId;
+  fs.appendFileSync(
+    log,
+    JSON.stringify({ server: "express", route: "delete_volume", volumeId, content_type: request.headers["content-type"] }) + "\n",
+  );
+  response.json({ deleted: volumeId });
+});
+app.post("/deployments/scale", (request, response) => {
+  const { namespace, deployment } = request.body || {};
+  fs.appendFileSync(log, JSON.stringify({ server: "express", route: "scale_deployment", namespace, deployment }) + "\n");
+  response.json(request.body);
 });
 // Echoes every request header, the credential included: a response the gateway must mask, in
 // whatever encoding the client asked for.

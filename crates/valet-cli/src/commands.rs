@@ -180,7 +180,7 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
             } else {
                 println!("active: {}", reply.active);
                 if !reply.reason.is_empty() {
-                    println!("reason: {}", reply.reason);
+                    println!("reason: {}", output::escape_for_people(&reply.reason));
                 }
                 if let Some(grant) = &reply.grant {
                     println!("{}", output::grant_summary(grant, now));
@@ -841,7 +841,7 @@ fn print_decision(approval: &v1::Approval, json: bool) {
                 approval.required
             )
         } else {
-            approval.status_reason.clone()
+            output::escape_for_people(&approval.status_reason)
         };
         println!("{} is {status}: {detail}", approval.id);
     }

@@ -304,7 +304,8 @@ pub fn approval_json(approval: &v1::Approval) -> serde_json::Value {
         "params": approval.params.iter().collect::<BTreeMap<_, _>>(),
         "call": approval.call.as_ref().map(|call| serde_json::json!({
             "method": call.method, "target": call.target, "body_sha256": call.body_sha256,
-            "graphql": call.graphql, "variables": (!call.variables.is_empty()).then_some(&call.variables),
+            "graphql": call.graphql, "content_type": call.content_type, "rendering": call.rendering,
+            "calls": call.calls,
         })),
         "created_at": time(&approval.created_at),
         "expires_at": time(&approval.expires_at),
@@ -367,6 +368,9 @@ pub fn approval_table(approvals: &[v1::Approval], now: UnixTime, style: Style) -
     out
 }
 
+/// Agent- and operator-written text as every place an operator reads it shows it.
+pub use valet_core::approval::escape_for_people;
+
 /// Everything an approver should read before deciding.
 pub fn approval_details(approval: &v1::Approval, now: UnixTime) -> String {
     // What is asked, as valetd renders it for every approver (CLI, webhook, console alike).
@@ -380,7 +384,7 @@ pub fn approval_details(approval: &v1::Approval, now: UnixTime) -> String {
         if approval.status_reason.is_empty() {
             String::new()
         } else {
-            format!(" ({})", approval.status_reason)
+            format!(" ({})", escape_for_people(&approval.status_reason))
         }
     ));
     if let Some(call) = &approval.call {
@@ -409,7 +413,7 @@ pub fn approval_details(approval: &v1::Approval, now: UnixTime) -> String {
             if decision.reason.is_empty() {
                 String::new()
             } else {
-                format!(" ({})", decision.reason)
+                format!(" ({})", escape_for_people(&decision.reason))
             }
         ));
     }

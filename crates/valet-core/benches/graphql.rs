@@ -31,12 +31,8 @@ fn graphql(criterion: &mut Criterion) {
     .to_string();
     criterion.bench_function("GraphQL check (query with fragment)", |bench| {
         bench.iter(|| {
-            valet_core::graphql::check_request(
-                std::hint::black_box(body.as_bytes()),
-                &allow,
-                &params,
-            )
-            .expect("allowed")
+            valet_core::graphql::check_body(std::hint::black_box(body.as_bytes()), &allow, &params)
+                .expect("allowed")
         })
     });
 }

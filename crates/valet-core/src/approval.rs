@@ -79,19 +79,22 @@ pub enum ApprovalKind {
     Call,
 }
 
-/// The identity of one gateway call: any difference makes it a different call.
+/// The identity of one gateway call — its canonical call: method, target, content type and body
+/// as the upstream receives them — and the whole of it as a person reads it. Any difference
+/// makes it a different call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CallFingerprint {
     pub method: String,
-    /// Path and query exactly as sent.
+    /// Path and query as forwarded (canonical).
     pub target: String,
+    /// The Content-Type the upstream receives (the gateway's own), empty without a body.
+    #[serde(default)]
+    pub content_type: String,
+    /// SHA-256 of the body the upstream receives.
     pub body_sha256: String,
-    /// GraphQL fields asked for (`mutation volumeDelete`), for people to read.
+    /// GraphQL fields asked for (`mutation volumeDelete`), for one-line summaries.
     #[serde(default)]
     pub graphql: Vec<String>,
-    /// The GraphQL variables as sent, for people to read.
-    #[serde(default)]
-    pub variables: Option<String>,
     /// The upstream the call goes to.
     #[serde(default)]
     pub upstream: String,
@@ -99,11 +102,23 @@ pub struct CallFingerprint {
     /// variables substituted), one per entry.
     #[serde(default)]
     pub calls: Vec<String>,
-    /// REST: the body's size, and a preview for people (pretty JSON, or a bounded excerpt).
+    /// The size of the body the upstream receives.
     #[serde(default)]
     pub body_bytes: u64,
+    /// The body as a person reads it, whole (pretty JSON, form pairs, text; for GraphQL the
+    /// printed document and its variables), already escaped for people; empty without a body.
     #[serde(default)]
-    pub body_preview: Option<String>,
+    pub rendering: String,
+}
+
+impl CallFingerprint {
+    /// Whether `other` is the same call: method, target, content type and body.
+    pub fn same_call(&self, other: &CallFingerprint) -> bool {
+        self.method == other.method
+            && self.target == other.target
+            && self.content_type == other.content_type
+            && self.body_sha256 == other.body_sha256
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -361,6 +376,11 @@ impl ApprovalRequest {
                 "target {} instead of {}",
                 call.target, approved.target
             )),
+            Some(approved) if approved.content_type != call.content_type => Some(format!(
+                "Content-Type {} instead of {}",
+                or_none(&call.content_type),
+                or_none(&approved.content_type)
+            )),
             Some(approved) if approved.body_sha256 != call.body_sha256 => {
                 Some("a different body (document or variables)".to_string())
             }
@@ -431,23 +451,23 @@ impl ApprovalRequest {
                     self.requester, call.upstream, self.environment, self.grant_id
                 ));
                 lines.push(format!("  {} {}", call.method, call.target));
+                if !call.content_type.is_empty() {
+                    lines.push(format!("  content-type: {}", call.content_type));
+                }
                 if !call.calls.is_empty() {
+                    lines.push("  executes:".to_string());
                     for field in &call.calls {
                         lines.push(format!("    {field}"));
                     }
-                } else if let Some(preview) = &call.body_preview {
+                }
+                if call.body_bytes > 0 {
                     lines.push(format!(
                         "  body ({} bytes, sha256 {}):",
                         call.body_bytes, call.body_sha256
                     ));
-                    for line in preview.lines() {
+                    for line in call.rendering.lines() {
                         lines.push(format!("    {line}"));
                     }
-                } else if call.body_bytes > 0 {
-                    lines.push(format!(
-                        "  body: {} bytes, sha256 {}",
-                        call.body_bytes, call.body_sha256
-                    ));
                 }
             }
             _ => {
@@ -710,22 +730,41 @@ fn shell_word(text: &str) -> String {
     }
 }
 
-/// `text` with every character that could disguise what it says — control characters, and the
-/// bidirectional overrides and isolates that reorder what a terminal or browser shows — written as
-/// `\u{XXXX}`.
+/// Whether `character` could disguise what a text says: a control character, a bidirectional
+/// override, embedding, isolate or mark, or a character with no width of its own (Unicode's
+/// default-ignorable code points: zero-width spaces and joiners, soft hyphens, variation
+/// selectors, tags, fillers).
+pub fn is_disguising(character: char) -> bool {
+    character.is_control()
+        || matches!(
+            character,
+            '\u{00AD}'
+                | '\u{034F}'
+                | '\u{061C}'
+                | '\u{115F}'..='\u{1160}'
+                | '\u{17B4}'..='\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FEFF}'
+                | '\u{FFA0}'
+                | '\u{FFF0}'..='\u{FFFB}'
+                | '\u{1BCA0}'..='\u{1BCA3}'
+                | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0000}'..='\u{E0FFF}'
+        )
+}
+
+/// `text` with every character that could disguise what it says ([`is_disguising`]) written as
+/// `\u{XXXX}`: what every place an operator reads agent-supplied text shows (the CLI, the
+/// console, the webhook).
 pub fn escape_for_people(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for character in text.chars() {
-        let disguising = character.is_control()
-            || matches!(
-                character,
-                '\u{061C}'
-                    | '\u{200B}'..='\u{200F}'
-                    | '\u{2028}'..='\u{202E}'
-                    | '\u{2060}'..='\u{2069}'
-                    | '\u{FEFF}'
-            );
-        if disguising {
+        if is_disguising(character) {
             out.push_str(&format!("\\u{{{:04X}}}", u32::from(character)));
         } else {
             out.push(character);
@@ -734,25 +773,8 @@ pub fn escape_for_people(text: &str) -> String {
     out
 }
 
-/// A body as people read it in an approval: pretty JSON when it is JSON and small, otherwise the
-/// first bytes of its text; `None` for an empty body.
-pub fn body_preview(body: &[u8]) -> Option<String> {
-    const MAX_PRETTY: usize = 16 * 1024;
-    const MAX_EXCERPT: usize = 512;
-    if body.is_empty() {
-        return None;
-    }
-    if body.len() <= MAX_PRETTY
-        && let Ok(value) = serde_json::from_slice::<serde_json::Value>(body)
-    {
-        return serde_json::to_string_pretty(&value).ok();
-    }
-    let text = String::from_utf8_lossy(&body[..body.len().min(MAX_EXCERPT)]);
-    Some(if body.len() > MAX_EXCERPT {
-        format!("{text}… ({} more bytes)", body.len() - MAX_EXCERPT)
-    } else {
-        text.into_owned()
-    })
+fn or_none(text: &str) -> &str {
+    if text.is_empty() { "(none)" } else { text }
 }
 
 /// When a new request made at `now` under `policy` times out.

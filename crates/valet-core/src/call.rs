@@ -5,9 +5,10 @@
 use std::collections::BTreeMap;
 
 use crate::approval::CallFingerprint;
+use crate::canonical::{Body, CanonicalCall};
 use crate::config::Scope;
 use crate::grant::{CallRefused, InactiveReason};
-use crate::graphql::{self, AskedField, CheckedGraphql, GraphqlDenial};
+use crate::graphql::{self, CheckedGraphql, GraphqlDenial};
 use crate::rules::{AllowRule, PathError, QueryError, check_query};
 use crate::token::VerifyError;
 
@@ -31,6 +32,8 @@ pub enum CallRefusal {
     WrongRoute { upstream: String, route: String },
     #[error("the path is refused: {0}")]
     BadPath(PathError),
+    #[error("the query string is refused: {0}")]
+    BadQuery(QueryError),
     #[error("{reason}")]
     Denied {
         scope: String,
@@ -69,7 +72,7 @@ pub enum CallRefusal {
 
 impl CallRefusal {
     /// Every kind, as agents see it in the `error` field; tests enumerate this list.
-    pub const KINDS: [&'static str; 18] = [
+    pub const KINDS: [&'static str; 19] = [
         "no_token",
         "bad_token",
         "unknown_grant",
@@ -78,6 +81,7 @@ impl CallRefusal {
         "wrong_upstream",
         "wrong_route",
         "bad_path",
+        "bad_query",
         "denied",
         "limit_reached",
         "body_too_large",
@@ -100,6 +104,7 @@ impl CallRefusal {
             CallRefusal::WrongUpstream { .. } => "wrong_upstream",
             CallRefusal::WrongRoute { .. } => "wrong_route",
             CallRefusal::BadPath(_) => "bad_path",
+            CallRefusal::BadQuery(_) => "bad_query",
             CallRefusal::Denied { .. } => "denied",
             CallRefusal::LimitReached(_) => "limit_reached",
             CallRefusal::BodyTooLarge { .. } => "body_too_large",
@@ -166,41 +171,33 @@ pub fn max_body(candidates: &[&AllowRule]) -> u64 {
         .unwrap_or(crate::rules::DEFAULT_MAX_BODY)
 }
 
-/// The parts of a call a rule is chosen on, beyond method and path.
-#[derive(Debug, Clone, Copy)]
-pub struct CallParts<'a> {
-    pub method: &'a str,
-    /// The path as the agent sent it (after the upstream's name), for what a refusal names.
-    pub path: &'a str,
-    /// The raw query string, if any.
-    pub query: Option<&'a str>,
-    /// The request's `Content-Type`, if any.
-    pub content_type: Option<&'a str>,
-    pub body: &'a [u8],
-}
-
-/// What the upstream receives for an allowed call: built from what was checked.
+/// What the upstream receives for an allowed call: built from the canonical call and the rule
+/// that allowed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forwarded {
     /// The canonical query string (REST rules), never one for GraphQL.
     pub query: Option<String>,
-    /// The body: the canonical GraphQL request, or the REST body as sent.
+    /// The Content-Type the upstream receives: the gateway's own, from the canonical body.
+    pub content_type: Option<String>,
+    /// The body: the canonical GraphQL request, or the canonical body.
     pub body: Vec<u8>,
+    /// The body as a person reads it, whole; `None` for bytes no person can read.
+    pub rendering: Option<String>,
     /// For GraphQL: every field asked for, every call as it will execute, every operation.
     pub graphql: Option<CheckedGraphql>,
 }
 
-/// Picks the first candidate rule that allows the call (query parameters, body; GraphQL rules
-/// parse it), and builds what the upstream receives.
+/// Picks the first candidate rule that allows the canonical call (query parameters, body;
+/// GraphQL rules check its document), and builds what the upstream receives.
 pub fn choose_rule<'a>(
     scope: &Scope,
     candidates: &[&'a AllowRule],
-    parts: CallParts<'_>,
+    call: &CanonicalCall,
     params: &BTreeMap<String, String>,
 ) -> Result<(&'a AllowRule, Forwarded), CallRefusal> {
     let mut first_denial = None;
     for rule in candidates {
-        match allows(scope, rule, parts, params) {
+        match allows(scope, rule, call, params) {
             Ok(forwarded) => return Ok((rule, forwarded)),
             Err(denial) => {
                 first_denial.get_or_insert(denial);
@@ -210,7 +207,7 @@ pub fn choose_rule<'a>(
     Err(first_denial.unwrap_or_else(|| CallRefusal::Denied {
         scope: scope.name.clone(),
         rules: rules_summary(scope),
-        asked: "this call".into(),
+        asked: call.asked(),
         reason: "no rule allows it".into(),
     }))
 }
@@ -218,7 +215,7 @@ pub fn choose_rule<'a>(
 fn allows(
     scope: &Scope,
     rule: &AllowRule,
-    parts: CallParts<'_>,
+    call: &CanonicalCall,
     params: &BTreeMap<String, String>,
 ) -> Result<Forwarded, CallRefusal> {
     let denied = |asked: String, reason: String| CallRefusal::Denied {
@@ -227,43 +224,30 @@ fn allows(
         asked,
         reason: format!("{rule}: {reason}"),
     };
-    if parts.body.len() as u64 > rule.max_body {
+    if call.sent_length > rule.max_body {
         return Err(CallRefusal::BodyTooLarge { max: rule.max_body });
     }
     let Some(allow) = &rule.graphql else {
-        // A JSON body is not interpreted, but it must read the same to every parser: an approver
-        // or a log shows it, and the upstream acts on it.
-        if parts.content_type.is_some_and(is_json) && !parts.body.is_empty() {
-            crate::json::parse_strict(parts.body)
-                .map_err(|error| CallRefusal::BadBody(error.to_string()))?;
-        }
-        let query = check_query(parts.query, &rule.query, params).map_err(|error| {
-            denied(
-                format!(
-                    "{} {}?{}",
-                    parts.method,
-                    parts.path,
-                    parts.query.unwrap_or("")
-                ),
-                error.to_string(),
-            )
-        })?;
+        let query = check_query(&call.query, &rule.query, params)
+            .map_err(|error| denied(call.asked(), error.to_string()))?;
         return Ok(Forwarded {
             query: query.canonical(),
-            body: parts.body.to_vec(),
+            content_type: call.body.content_type(),
+            body: call.body.bytes(),
+            rendering: call.body.render(),
             graphql: None,
         });
     };
     // A GraphQL request travels only as POST application/json, with no query string: the forms
     // servers also execute (GET ?query=, form bodies, application/graphql, multipart) would let
     // the upstream run a document the gateway did not check.
-    if parts.method != "POST" {
+    if call.method != "POST" {
         return Err(denied(
-            format!("GraphQL over {}", parts.method),
+            format!("GraphQL over {}", call.method),
             "GraphQL requests are accepted only as POST application/json (a GET carries its document in the URL)".into(),
         ));
     }
-    if parts.query.is_some_and(|query| !query.is_empty()) {
+    if !call.query.is_empty() {
         return Err(denied(
             "a GraphQL request with a query string".into(),
             format!(
@@ -272,30 +256,27 @@ fn allows(
             ),
         ));
     }
-    if !parts.content_type.is_some_and(is_json) {
-        return Err(denied(
-            format!(
-                "a GraphQL request of content type {}",
-                parts.content_type.unwrap_or("(none)")
-            ),
-            "send Content-Type: application/json; form, multipart and application/graphql bodies are not accepted".into(),
-        ));
-    }
-    let checked = graphql::check_request(parts.body, allow, params)
+    let value = match &call.body {
+        Body::Json { media_type, value } if media_type == "application/json" => value,
+        other => {
+            return Err(denied(
+                format!(
+                    "a GraphQL request of content type {}",
+                    other.content_type().as_deref().unwrap_or("(none)")
+                ),
+                "send Content-Type: application/json; form, multipart and application/graphql bodies are not accepted".into(),
+            ));
+        }
+    };
+    let checked = graphql::check_request(value, allow, params)
         .map_err(|denial| CallRefusal::from_graphql(scope, denial))?;
     Ok(Forwarded {
         query: None,
+        content_type: Some("application/json".into()),
         body: checked.body.clone(),
+        rendering: Some(checked.rendering.clone()),
         graphql: Some(checked),
     })
-}
-
-/// `application/json`, with parameters such as `charset=utf-8`.
-fn is_json(content_type: &str) -> bool {
-    content_type
-        .split(';')
-        .next()
-        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// Every rule of a scope in one line, for denials.
@@ -320,60 +301,46 @@ pub fn rules_summary(scope: &Scope) -> String {
     format!("scope {}: {}", scope.name, rules.join("; "))
 }
 
-/// The identity of a call for approval: method, target, body hash, and what people need to read.
-/// `graphql` is the checked GraphQL request, for a GraphQL call.
-pub fn fingerprint(
-    upstream: &str,
-    method: &str,
-    path: &str,
-    query: Option<&str>,
-    body: &[u8],
-    graphql: Option<&CheckedGraphql>,
-) -> CallFingerprint {
-    let fields: &[AskedField] = graphql
-        .map(|checked| checked.fields.as_slice())
-        .unwrap_or_default();
-    let is_graphql = graphql.is_some();
-    let target = match query {
-        Some(query) => format!("{path}?{query}"),
-        None => path.to_string(),
+/// The identity of a call for approval — its canonical call as the upstream receives it — and
+/// the whole of it as a person reads it.
+pub fn fingerprint(upstream: &str, call: &CanonicalCall, forwarded: &Forwarded) -> CallFingerprint {
+    let target = match &forwarded.query {
+        Some(query) => format!("{}?{query}", call.path.canonical()),
+        None => call.path.canonical(),
     };
-    let digest = ring::digest::digest(&ring::digest::SHA256, body);
-    let variables = if is_graphql {
-        serde_json::from_slice::<serde_json::Value>(body)
-            .ok()
-            .and_then(|value| match value {
-                serde_json::Value::Object(object) => object
-                    .get("variables")
-                    .filter(|variables| !variables.is_null())
-                    .map(ToString::to_string),
-                serde_json::Value::Array(items) => {
-                    let all: Vec<serde_json::Value> = items
-                        .iter()
-                        .filter_map(|item| item.get("variables").cloned())
-                        .collect();
-                    (!all.is_empty()).then(|| serde_json::Value::Array(all).to_string())
-                }
-                _ => None,
-            })
-    } else {
-        None
-    };
+    let digest = ring::digest::digest(&ring::digest::SHA256, &forwarded.body);
+    let graphql = forwarded.graphql.as_ref();
     CallFingerprint {
-        method: method.to_string(),
+        method: call.method.clone(),
         target,
+        content_type: forwarded.content_type.clone().unwrap_or_default(),
         body_sha256: hex::encode(digest.as_ref()),
-        graphql: fields.iter().map(ToString::to_string).collect(),
-        variables,
+        graphql: graphql
+            .map(|checked| checked.fields.iter().map(ToString::to_string).collect())
+            .unwrap_or_default(),
         upstream: upstream.to_string(),
         calls: graphql
             .map(|checked| checked.calls.iter().map(ToString::to_string).collect())
             .unwrap_or_default(),
-        body_bytes: body.len() as u64,
-        body_preview: if is_graphql {
-            None
-        } else {
-            crate::approval::body_preview(body)
-        },
+        body_bytes: forwarded.body.len() as u64,
+        rendering: forwarded.rendering.clone().unwrap_or_default(),
     }
+}
+
+/// Whether a person can be asked to approve `call`: only a call shown whole, within
+/// [`crate::canonical::MAX_RENDERING`]. Returns why not.
+pub fn unapprovable(call: &CallFingerprint) -> Option<String> {
+    if call.body_bytes > 0 && call.rendering.is_empty() {
+        return Some(format!(
+            "its body ({} bytes of {}) is not text a person can read, and a person approves only what they read whole",
+            call.body_bytes, call.content_type
+        ));
+    }
+    let shown = call.rendering.len() + call.calls.iter().map(String::len).sum::<usize>();
+    (shown > crate::canonical::MAX_RENDERING).then(|| {
+        format!(
+            "it renders to {shown} bytes, and a person approves only what they read whole (at most {} bytes); split it into smaller calls",
+            crate::canonical::MAX_RENDERING
+        )
+    })
 }

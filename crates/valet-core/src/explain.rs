@@ -375,14 +375,19 @@ pub fn explain_call(
             crate::call::max_body(&candidates)
         ));
     }
-    let parts = crate::call::CallParts {
-        method: &method,
+    let content_types: Vec<&str> = content_type.into_iter().collect();
+    let call = match crate::canonical::CanonicalCall::read(
+        &method,
         path,
+        checked,
         query,
-        content_type,
+        &content_types,
         body,
+    ) {
+        Ok(call) => call,
+        Err(refusal) => return deny(refusal.to_string()),
     };
-    match crate::call::choose_rule(scope, &candidates, parts, params) {
+    match crate::call::choose_rule(scope, &candidates, &call, params) {
         Err(refusal) => deny(refusal.to_string()),
         Ok((rule, _)) => match &rule.approval {
             Some(approval) => CallVerdict::NeedsApproval {
@@ -403,7 +408,15 @@ fn explain_mcp(
     params: &BTreeMap<String, String>,
     body: &[u8],
 ) -> CallVerdict {
-    let checked = match crate::mcp::check_post(body, allow, params) {
+    let value = match crate::json::parse_strict(body) {
+        Ok(value) => value,
+        Err(error) => {
+            return CallVerdict::Deny {
+                reason: error.to_string(),
+            };
+        }
+    };
+    let checked = match crate::mcp::check_post(&value, allow, params) {
         Ok((checked, _)) => checked,
         Err(denial) => {
             return CallVerdict::Deny {

@@ -160,6 +160,16 @@ pub enum CallRefused {
         rule: String,
         max_calls: u64,
     },
+    #[error(
+        "this request makes {asked} calls of {rule} (each field it executes counts, aliases included), and grant {grant_id} has {left} of its {max} left"
+    )]
+    TooManyAtOnce {
+        grant_id: String,
+        rule: String,
+        asked: u64,
+        left: u64,
+        max: u64,
+    },
 }
 
 /// A transition the grant's current status does not allow.
@@ -324,27 +334,56 @@ impl Grant {
 
     /// The record after one gateway call through `rule`, counting it against the grant's
     /// `max_uses` and the rule's `max_calls`.
-    pub fn called(&self, rule: &RuleCounter, now: UnixTime) -> Result<Grant, CallRefused> {
+    /// The record after `executed` calls through `rule` (one request may execute several: each
+    /// top-level field of a GraphQL document), counted against the rule's `max_calls` and the
+    /// grant's `max_uses`; refused whole when they do not all fit.
+    pub fn called(
+        &self,
+        rule: &RuleCounter,
+        executed: u64,
+        now: UnixTime,
+    ) -> Result<Grant, CallRefused> {
         if let Some(reason) = self.inactive_reason(now) {
             return Err(CallRefused::Inactive(reason));
         }
+        let executed = executed.max(1);
         let calls = self.rule_calls.get(&rule.key).copied().unwrap_or(0);
-        if let Some(max_calls) = rule.max_calls
-            && calls >= max_calls
+        if let Some(max_calls) = rule.max_calls {
+            if calls >= max_calls {
+                return Err(CallRefused::RuleExhausted {
+                    grant_id: self.id.clone(),
+                    rule: rule.label.clone(),
+                    max_calls,
+                });
+            }
+            if calls.saturating_add(executed) > max_calls {
+                return Err(CallRefused::TooManyAtOnce {
+                    grant_id: self.id.clone(),
+                    rule: rule.label.clone(),
+                    asked: executed,
+                    left: max_calls - calls,
+                    max: max_calls,
+                });
+            }
+        }
+        if let Some(max_uses) = self.max_uses
+            && self.uses.saturating_add(executed) > max_uses
         {
-            return Err(CallRefused::RuleExhausted {
+            return Err(CallRefused::TooManyAtOnce {
                 grant_id: self.id.clone(),
-                rule: rule.label.clone(),
-                max_calls,
+                rule: "the grant (max_uses)".into(),
+                asked: executed,
+                left: max_uses.saturating_sub(self.uses),
+                max: max_uses,
             });
         }
         let mut next = Grant {
-            uses: self.uses.saturating_add(1),
+            uses: self.uses.saturating_add(executed),
             updated_at: now,
             ..self.clone()
         };
         if rule.max_calls.is_some() {
-            next.rule_calls.insert(rule.key.clone(), calls + 1);
+            next.rule_calls.insert(rule.key.clone(), calls + executed);
         }
         Ok(next)
     }
@@ -523,10 +562,10 @@ mod tests {
             query: BTreeMap::new(),
         };
         let grant = active_grant(1_000);
-        let once = grant.called(&rule.counter(), 1_001).unwrap();
+        let once = grant.called(&rule.counter(), 1, 1_001).unwrap();
         assert_eq!((once.uses, once.rule_calls.get("1").copied()), (1, Some(1)));
         assert!(matches!(
-            once.called(&rule.counter(), 1_002),
+            once.called(&rule.counter(), 1, 1_002),
             Err(CallRefused::RuleExhausted { max_calls: 1, .. })
         ));
         let unlimited_rule = crate::rules::AllowRule {
@@ -534,11 +573,49 @@ mod tests {
             index: 0,
             ..rule
         };
-        let twice = once.called(&unlimited_rule.counter(), 1_002).unwrap();
+        let twice = once.called(&unlimited_rule.counter(), 1, 1_002).unwrap();
         assert!(matches!(
-            twice.called(&unlimited_rule.counter(), 1_003),
+            twice.called(&unlimited_rule.counter(), 1, 1_003),
             Err(CallRefused::Inactive(InactiveReason::UsesExhausted { .. }))
         ));
+    }
+
+    #[test]
+    fn a_request_executing_several_calls_counts_each_and_is_refused_whole_past_the_limit() {
+        let rule = crate::rules::AllowRule {
+            index: 0,
+            methods: ["POST".to_string()].into_iter().collect(),
+            path: crate::rules::PathPattern::parse("/graphql").unwrap(),
+            graphql: None,
+            max_body: 64,
+            max_calls: Some(3),
+            approval: None,
+            query: BTreeMap::new(),
+        };
+        let mut grant = active_grant(1_000);
+        grant.max_uses = None;
+        // Twenty-five aliased mutations in one request do not fit in three calls.
+        assert!(matches!(
+            grant.called(&rule.counter(), 25, 1_001),
+            Err(CallRefused::TooManyAtOnce {
+                asked: 25,
+                left: 3,
+                max: 3,
+                ..
+            })
+        ));
+        let two = grant.called(&rule.counter(), 2, 1_001).unwrap();
+        assert_eq!(two.rule_calls.get("0").copied(), Some(2));
+        assert!(matches!(
+            two.called(&rule.counter(), 2, 1_002),
+            Err(CallRefused::TooManyAtOnce {
+                asked: 2,
+                left: 1,
+                ..
+            })
+        ));
+        let three = two.called(&rule.counter(), 1, 1_002).unwrap();
+        assert_eq!(three.uses, 3);
     }
 
     #[test]

@@ -1,8 +1,11 @@
-//! The GraphQL check: parse the request the gateway received, check every top-level field of every
-//! operation — aliases resolved to field names, fragments and inline fragments expanded, arguments
-//! resolved with their variables — and build the canonical request the upstream receives instead.
-//! `operationName` is never trusted: every operation in the document counts, whichever one the
-//! upstream would run. The work per request is bounded (tokens, nesting, expanded selections).
+//! The GraphQL check: read the request the canonical call parsed, check every top-level field of
+//! every operation — aliases resolved to field names, fragments and inline fragments expanded,
+//! arguments resolved with their variables — and build the canonical request the upstream
+//! receives instead, its document printed by [`print`]. `operationName` is never trusted: every
+//! operation in the document counts, whichever one the upstream would run. The work per request is
+//! bounded (tokens, nesting, expanded selections).
+
+pub mod print;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -64,7 +67,8 @@ impl std::fmt::Display for FieldCall {
 /// A request that passed the check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckedGraphql {
-    /// The body the upstream receives: canonical JSON built from what was checked.
+    /// The body the upstream receives: canonical JSON built from what was checked, each document
+    /// printed canonically.
     pub body: Vec<u8>,
     /// Every field asked for, once each, for rules and audit records.
     pub fields: Vec<AskedField>,
@@ -72,6 +76,21 @@ pub struct CheckedGraphql {
     pub calls: Vec<FieldCall>,
     /// The operations of the request (`query Name`, `mutation`), for audit records.
     pub operations: Vec<String>,
+    /// The request as a person reads it, whole: each printed document, its operation name and
+    /// its variables.
+    pub rendering: String,
+}
+
+impl CheckedGraphql {
+    /// How many top-level fields will execute (aliases counted; `__typename` is not work): what
+    /// counts against a rule's `max_calls`.
+    pub fn executed_fields(&self) -> u64 {
+        self.calls
+            .iter()
+            .filter(|call| call.field != "__typename")
+            .count()
+            .max(1) as u64
+    }
 }
 
 /// Why a GraphQL request is refused.
@@ -139,17 +158,13 @@ impl GraphqlDenial {
     }
 }
 
-/// Checks a request body against `allow` for a grant with `params`, and builds the canonical
-/// request the upstream receives.
+/// Checks a GraphQL request (the JSON value the canonical call read) against `allow` for a grant
+/// with `params`, and builds the canonical request the upstream receives.
 pub fn check_request(
-    body: &[u8],
+    value: &Value,
     allow: &GraphqlAllow,
     params: &BTreeMap<String, String>,
 ) -> Result<CheckedGraphql, GraphqlDenial> {
-    let value = crate::json::parse_strict(body).map_err(|error| match error {
-        crate::json::JsonError::RepeatedKey(key) => GraphqlDenial::RepeatedKey { key },
-        crate::json::JsonError::Invalid(detail) => GraphqlDenial::NotARequest(detail),
-    })?;
     let (requests, batch) = match value {
         Value::Array(items) if items.is_empty() => {
             return Err(GraphqlDenial::NotARequest("an empty batch".into()));
@@ -157,7 +172,7 @@ pub fn check_request(
         Value::Array(items) if items.len() > MAX_BATCH => {
             return Err(GraphqlDenial::BatchTooLarge(items.len()));
         }
-        Value::Array(items) => (items, true),
+        Value::Array(items) => (items.iter().collect::<Vec<_>>(), true),
         object @ Value::Object(_) => (vec![object], false),
         _ => {
             return Err(GraphqlDenial::NotARequest(
@@ -166,19 +181,27 @@ pub fn check_request(
         }
     };
     let mut canonical = Vec::with_capacity(requests.len());
+    let mut renderings = Vec::with_capacity(requests.len());
     let mut calls = Vec::new();
     let mut operations = Vec::new();
     let mut budget = MAX_EXPANDED_SELECTIONS;
-    for request in requests {
+    for (index, request) in requests.into_iter().enumerate() {
         let Value::Object(fields) = request else {
             return Err(GraphqlDenial::NotARequest(
                 "a batch item is not an object".into(),
             ));
         };
-        let request = GraphqlRequest::from_object(fields)?;
+        let mut request = GraphqlRequest::from_object(fields.clone())?;
         let document = read_document(&request, &mut budget)?;
         operations.extend(document.operations);
         calls.extend(document.calls);
+        request.query = document.printed;
+        let rendering = request.render();
+        renderings.push(if batch {
+            format!("request {} of the batch:\n{rendering}", index + 1)
+        } else {
+            rendering
+        });
         canonical.push(request.canonical());
     }
     let asked: BTreeSet<AskedField> = calls
@@ -200,16 +223,31 @@ pub fn check_request(
         canonical.into_iter().next().unwrap_or(Value::Null)
     };
     Ok(CheckedGraphql {
-        body: body.to_string().into_bytes(),
+        body: crate::json::canonical(&body),
         fields: asked.into_iter().collect(),
         calls,
         operations,
+        rendering: renderings.join("\n"),
     })
+}
+
+/// Reads `body` the way the canonical call reads a JSON body, then checks it: for tests, the
+/// policy explainer and benchmarks, which start from bytes.
+pub fn check_body(
+    body: &[u8],
+    allow: &GraphqlAllow,
+    params: &BTreeMap<String, String>,
+) -> Result<CheckedGraphql, GraphqlDenial> {
+    let value = crate::json::parse_strict(body).map_err(|error| match error {
+        crate::json::JsonError::RepeatedKey(key) => GraphqlDenial::RepeatedKey { key },
+        other => GraphqlDenial::NotARequest(other.to_string()),
+    })?;
+    check_request(&value, allow, params)
 }
 
 /// Checks a request body against the allowed fields; returns every field asked for.
 pub fn check(body: &[u8], allow: &GraphqlAllow) -> Result<Vec<AskedField>, GraphqlDenial> {
-    check_request(body, allow, &BTreeMap::new()).map(|checked| checked.fields)
+    check_body(body, allow, &BTreeMap::new()).map(|checked| checked.fields)
 }
 
 /// One GraphQL-over-HTTP request object, as checked.
@@ -276,6 +314,25 @@ impl GraphqlRequest {
         Ok(request)
     }
 
+    /// The request as a person reads it: the printed document, then its operation name and
+    /// variables when given.
+    fn render(&self) -> String {
+        let mut lines = vec!["document:".to_string()];
+        lines.extend(self.query.lines().map(|line| format!("  {line}")));
+        if let Some(name) = &self.operation_name {
+            lines.push(format!(
+                "operationName: {}",
+                crate::json::render(&Value::from(name.as_str()))
+            ));
+        }
+        if self.variables_given {
+            lines.push("variables:".to_string());
+            let variables = crate::json::render(&Value::Object(self.variables.clone()));
+            lines.extend(variables.lines().map(|line| format!("  {line}")));
+        }
+        lines.join("\n")
+    }
+
     /// The request the upstream receives.
     fn canonical(self) -> Value {
         let mut object = Map::new();
@@ -290,10 +347,11 @@ impl GraphqlRequest {
     }
 }
 
-/// What one document asks.
+/// What one document asks, and the document printed canonically.
 struct Document {
     calls: Vec<FieldCall>,
     operations: Vec<String>,
+    printed: String,
 }
 
 fn read_document(request: &GraphqlRequest, budget: &mut usize) -> Result<Document, GraphqlDenial> {
@@ -367,7 +425,11 @@ fn read_document(request: &GraphqlRequest, budget: &mut usize) -> Result<Documen
     {
         return Err(GraphqlDenial::UnknownOperationName(name.clone()));
     }
-    Ok(Document { calls, operations })
+    Ok(Document {
+        calls,
+        operations,
+        printed: print::document(&document),
+    })
 }
 
 /// The values of an operation's variables: given, or their defaults, or null.
@@ -601,7 +663,15 @@ fn check_arguments(
             rule: rule.to_string(),
             given,
         };
-        match argument_at(&call.arguments, path) {
+        let found = argument_at(&call.arguments, path).map_err(|reason| {
+            GraphqlDenial::ArgumentNotAllowed {
+                call: call.to_string(),
+                argument: path.path.join("."),
+                rule: rule.to_string(),
+                given: reason,
+            }
+        })?;
+        match found {
             None | Some(Value::Null) => return Err(refused("missing".into())),
             Some(Value::String(text)) if rule.permits(text, params) => {}
             Some(value @ (Value::Number(_) | Value::Bool(_)))
@@ -612,13 +682,29 @@ fn check_arguments(
     Ok(())
 }
 
-fn argument_at<'a>(arguments: &'a Map<String, Value>, path: &ArgumentPath) -> Option<&'a Value> {
-    let mut parts = path.path.iter();
-    let mut value = arguments.get(parts.next()?)?;
-    for part in parts {
-        value = value.as_object()?.get(part)?;
+/// The value at `path` in a call's arguments. Every object on the way is checked for names a
+/// decoder could read as the one the path names (case-folded, outside ASCII): such a name is a
+/// refusal, not another argument.
+fn argument_at<'a>(
+    arguments: &'a Map<String, Value>,
+    path: &ArgumentPath,
+) -> Result<Option<&'a Value>, String> {
+    let mut object = arguments;
+    let mut parts = path.path.iter().peekable();
+    while let Some(part) = parts.next() {
+        crate::json::refuse_lookalike_names(object, std::iter::once(part.as_str()))?;
+        let Some(value) = object.get(part) else {
+            return Ok(None);
+        };
+        if parts.peek().is_none() {
+            return Ok(Some(value));
+        }
+        match value.as_object() {
+            Some(inner) => object = inner,
+            None => return Ok(None),
+        }
     }
-    Some(value)
+    Ok(None)
 }
 
 #[cfg(test)]

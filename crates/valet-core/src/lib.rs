@@ -6,6 +6,7 @@ pub mod approval;
 pub mod audit;
 pub mod aws;
 pub mod call;
+pub mod canonical;
 pub mod clock;
 pub mod config;
 pub mod console;

@@ -15,14 +15,29 @@ use crate::config::Glob;
 use crate::rules::ValueRule;
 
 /// What a grant of an MCP scope may use.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct McpAllow {
     pub tools: Vec<ToolRule>,
     /// Resource URI patterns: `*` any run of characters, `{param}` the grant's parameter.
     pub resources: Vec<String>,
-    pub prompts: Vec<Glob>,
+    /// Prompt rules: a name (or glob) and, like a tool's, rules for its arguments.
+    pub prompts: Vec<ToolRule>,
     /// Requests the server may send the agent's client (and the answers the client may send).
     pub client_requests: BTreeSet<ClientRequest>,
+    /// Most messages one POST may batch.
+    pub max_batch: usize,
+}
+
+impl Default for McpAllow {
+    fn default() -> McpAllow {
+        McpAllow {
+            tools: Vec::new(),
+            resources: Vec::new(),
+            prompts: Vec::new(),
+            client_requests: BTreeSet::new(),
+            max_batch: DEFAULT_MAX_BATCH,
+        }
+    }
 }
 
 impl McpAllow {
@@ -33,7 +48,7 @@ impl McpAllow {
             .iter()
             .map(|rule| rule.name.as_str().to_string())
             .collect();
-        let prompts: Vec<&str> = self.prompts.iter().map(Glob::as_str).collect();
+        let prompts: Vec<&str> = self.prompts.iter().map(|rule| rule.name.as_str()).collect();
         format!(
             "tools [{}]; resources [{}]; prompts [{}]",
             tools.join(", "),
@@ -43,10 +58,12 @@ impl McpAllow {
     }
 }
 
-/// One allowed tool (or glob of tools) and what its arguments may be.
+/// One allowed tool or prompt (or glob of them) and what its arguments may be.
 #[derive(Debug, Clone)]
 pub struct ToolRule {
-    /// Position in `[[scope.mcp.tool]]`, for refusals and records (`tool[1]`).
+    /// `"tool"` (`[[scope.mcp.tool]]`) or `"prompt"` (`prompts`, `[[scope.mcp.prompt]]`).
+    pub kind: &'static str,
+    /// Position in its list, for refusals and records (`tool[1]`, `prompt[0]`).
     pub index: usize,
     pub name: Glob,
     /// Constraints on arguments, by name; an argument not listed is allowed unless forbidden.
@@ -63,7 +80,13 @@ pub struct ToolRule {
 
 impl fmt::Display for ToolRule {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(formatter, "tool[{}] {}", self.index, self.name.as_str())
+        write!(
+            formatter,
+            "{}[{}] {}",
+            self.kind,
+            self.index,
+            self.name.as_str()
+        )
     }
 }
 
@@ -216,6 +239,16 @@ pub enum McpDenial {
     Resource { uri: String, allowed: String },
     #[error("prompt {prompt:?} is not allowed; allowed: [{allowed}]")]
     Prompt { prompt: String, allowed: String },
+    #[error("prompt {prompt:?}: {reason}")]
+    PromptArgument { prompt: String, reason: String },
+    #[error(
+        "a batch of {messages} messages is above the scope's limit of {max} ([scope.mcp] max_batch); send fewer at a time"
+    )]
+    BatchTooLarge { messages: usize, max: usize },
+    #[error(
+        "the id {0:?} is used by more than one message of the batch; replies are matched to requests by id, so each needs its own"
+    )]
+    RepeatedId(String),
     #[error("message {index} of the batch: {denial}")]
     InBatch {
         index: usize,
@@ -228,12 +261,16 @@ impl McpDenial {
     pub fn asked(&self) -> String {
         match self {
             McpDenial::NotJsonRpc(_) => "a body that is not JSON-RPC".into(),
+            McpDenial::BatchTooLarge { messages, .. } => format!("a batch of {messages} messages"),
+            McpDenial::RepeatedId(id) => format!("a batch with id {id:?} twice"),
             McpDenial::Method { method } => method.clone(),
             McpDenial::Tool { tool, .. } | McpDenial::Argument { tool, .. } => {
                 format!("tools/call {tool}")
             }
             McpDenial::Resource { uri, .. } => format!("resources/read {uri}"),
-            McpDenial::Prompt { prompt, .. } => format!("prompts/get {prompt}"),
+            McpDenial::Prompt { prompt, .. } | McpDenial::PromptArgument { prompt, .. } => {
+                format!("prompts/get {prompt}")
+            }
             McpDenial::InBatch { index, denial } => {
                 format!("{} (batch message {index})", denial.asked())
             }
@@ -242,26 +279,47 @@ impl McpDenial {
 }
 
 /// What a person approves for one tool call: the tool and its arguments exactly as they will
-/// execute. Its digest covers the canonical `{"arguments": …, "name": …}`, so a retry of the
-/// same call (with another JSON-RPC id) is the same call, and any other argument is not.
+/// execute, shown whole. Its digest covers the canonical `{"arguments": …, "name": …}`, so a
+/// retry of the same call (with another JSON-RPC id) is the same call, and any other argument is
+/// not.
 pub fn call_fingerprint(
     upstream: &str,
     message: &CheckedMessage,
 ) -> crate::approval::CallFingerprint {
     let params = message.message.get("params");
-    let canonical = serde_json::json!({
-        "name": params.and_then(|params| params.get("name")).cloned().unwrap_or(Value::Null),
-        "arguments": params.and_then(|params| params.get("arguments")).cloned().unwrap_or_else(|| Value::Object(Map::new())),
-    });
-    // The same fingerprint as a REST call's: the tool is the target, the canonical call the body.
-    crate::call::fingerprint(
-        upstream,
-        &message.method,
-        message.target.as_deref().unwrap_or_default(),
-        None,
-        canonical.to_string().as_bytes(),
-        None,
-    )
+    let name = params
+        .and_then(|params| params.get("name"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let arguments = params
+        .and_then(|params| params.get("arguments"))
+        .cloned()
+        .unwrap_or_else(|| Value::Object(Map::new()));
+    let canonical = crate::json::canonical(&serde_json::json!({
+        "name": name,
+        "arguments": arguments,
+    }));
+    let digest = ring::digest::digest(&ring::digest::SHA256, &canonical);
+    let mut rendering = format!(
+        "{} {}\narguments:",
+        message.method,
+        crate::json::render(&name)
+    );
+    for line in crate::json::render(&arguments).lines() {
+        rendering.push_str("\n  ");
+        rendering.push_str(line);
+    }
+    crate::approval::CallFingerprint {
+        method: message.method.clone(),
+        target: message.target.clone().unwrap_or_default(),
+        content_type: "application/json".into(),
+        body_sha256: hex::encode(digest.as_ref()),
+        graphql: Vec::new(),
+        upstream: upstream.to_string(),
+        calls: Vec::new(),
+        body_bytes: canonical.len() as u64,
+        rendering,
+    }
 }
 
 /// The audit entry of one forwarded message: method, target, the rule that allowed it, and for
@@ -350,18 +408,29 @@ pub struct CheckedMessage {
     pub message: Value,
 }
 
-/// Checks a POSTed body: one JSON-RPC message or a batch. Returns each message as it will be
-/// forwarded, and the canonical body built from them.
+/// Most messages one POST may batch unless the upstream's config says otherwise.
+pub const DEFAULT_MAX_BATCH: usize = 16;
+
+/// Checks a POSTed body (the JSON the canonical call read): one JSON-RPC message, or a batch of at
+/// most the scope's `max_batch` with no id twice. Returns each message as it will be forwarded, and the
+/// canonical body built from them.
 pub fn check_post(
-    body: &[u8],
+    value: &Value,
     allow: &McpAllow,
     params: &BTreeMap<String, String>,
 ) -> Result<(Vec<CheckedMessage>, Vec<u8>), McpDenial> {
-    let value = crate::json::parse_strict(body)
-        .map_err(|error| McpDenial::NotJsonRpc(error.to_string()))?;
+    let max_batch = allow.max_batch;
     let (messages, batch) = match value {
-        Value::Array(items) if !items.is_empty() => (items, true),
-        Value::Array(_) => return Err(McpDenial::NotJsonRpc("an empty batch".into())),
+        Value::Array(items) if items.is_empty() => {
+            return Err(McpDenial::NotJsonRpc("an empty batch".into()));
+        }
+        Value::Array(items) if items.len() > max_batch => {
+            return Err(McpDenial::BatchTooLarge {
+                messages: items.len(),
+                max: max_batch,
+            });
+        }
+        Value::Array(items) => (items.iter().collect::<Vec<_>>(), true),
         object @ Value::Object(_) => (vec![object], false),
         _ => {
             return Err(McpDenial::NotJsonRpc(
@@ -370,8 +439,18 @@ pub fn check_post(
         }
     };
     let mut checked = Vec::new();
+    // Ids are compared as text: a server may read "1" and 1 as one id, and replies are matched
+    // to requests by id (a repeated id would let one reply pass as another's).
+    let mut ids = std::collections::HashSet::new();
     for (index, message) in messages.into_iter().enumerate() {
-        match check_message(message, allow, params) {
+        let result =
+            check_message(message.clone(), allow, params).and_then(|message| {
+                match message.message.get("id").map(id_text) {
+                    Some(id) if !ids.insert(id.clone()) => Err(McpDenial::RepeatedId(id)),
+                    _ => Ok(message),
+                }
+            });
+        match result {
             Ok(message) => checked.push(message),
             Err(denial) if batch => {
                 return Err(McpDenial::InBatch {
@@ -392,7 +471,15 @@ pub fn check_post(
     } else {
         checked[0].message.clone()
     };
-    Ok((checked, forwarded.to_string().into_bytes()))
+    Ok((checked, crate::json::canonical(&forwarded)))
+}
+
+/// An id as text, quotes off: `"1"` and `1` are one id.
+fn id_text(id: &Value) -> String {
+    match id {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
 }
 
 fn check_message(
@@ -472,7 +559,7 @@ fn check_message(
     }
     let (target, tool_rule) = match method {
         "tools/call" => {
-            let (name, rule) = check_tool_call(&params_value, allow, params)?;
+            let (name, rule) = check_named_call("tool", &params_value, &allow.tools, params)?;
             (Some(name), Some(rule))
         }
         "resources/read" => {
@@ -493,22 +580,8 @@ fn check_message(
             (Some(uri.to_string()), None)
         }
         "prompts/get" => {
-            let name = params_value
-                .get("name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| McpDenial::NotJsonRpc("prompts/get needs params.name".into()))?;
-            if !allow.prompts.iter().any(|glob| glob.matches(name)) {
-                return Err(McpDenial::Prompt {
-                    prompt: name.to_string(),
-                    allowed: allow
-                        .prompts
-                        .iter()
-                        .map(|glob| glob.as_str().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                });
-            }
-            (Some(name.to_string()), None)
+            let (name, _) = check_named_call("prompt", &params_value, &allow.prompts, params)?;
+            (Some(name), None)
         }
         harmless if HARMLESS_METHODS.contains(&harmless) => (None, None),
         other => {
@@ -558,36 +631,48 @@ fn filtered_capabilities(capabilities: &Value, allow: &McpAllow) -> Value {
     capabilities
 }
 
-fn allowed_tools(allow: &McpAllow) -> String {
-    allow
-        .tools
+fn allowed_names(rules: &[ToolRule]) -> String {
+    rules
         .iter()
         .map(|rule| rule.name.as_str().to_string())
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-fn check_tool_call(
+/// A `tools/call` or `prompts/get`: its name must match one of `rules`, and its arguments that
+/// rule's argument rules. Returns the name and the index of the rule that allowed it.
+fn check_named_call(
+    kind: &'static str,
     call: &Value,
-    allow: &McpAllow,
+    rules: &[ToolRule],
     params: &BTreeMap<String, String>,
 ) -> Result<(String, usize), McpDenial> {
+    let method = if kind == "tool" {
+        "tools/call"
+    } else {
+        "prompts/get"
+    };
     let name = call
         .get("name")
         .and_then(Value::as_str)
-        .ok_or_else(|| McpDenial::NotJsonRpc("tools/call needs params.name".into()))?;
+        .ok_or_else(|| McpDenial::NotJsonRpc(format!("{method} needs params.name")))?;
+    let refused = |reason: String| match kind {
+        "tool" => McpDenial::Argument {
+            tool: name.to_string(),
+            reason,
+        },
+        _ => McpDenial::PromptArgument {
+            prompt: name.to_string(),
+            reason,
+        },
+    };
     let arguments = match call.get("arguments") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(arguments)) => arguments.clone(),
-        Some(_) => {
-            return Err(McpDenial::Argument {
-                tool: name.to_string(),
-                reason: "arguments must be an object".into(),
-            });
-        }
+        Some(_) => return Err(refused("arguments must be an object".into())),
     };
     let mut first_refusal = None;
-    for (index, rule) in allow.tools.iter().enumerate() {
+    for (index, rule) in rules.iter().enumerate() {
         if !rule.name.matches(name) {
             continue;
         }
@@ -599,13 +684,14 @@ fn check_tool_call(
         }
     }
     Err(match first_refusal {
-        Some(reason) => McpDenial::Argument {
+        Some(reason) => refused(reason),
+        None if kind == "tool" => McpDenial::Tool {
             tool: name.to_string(),
-            reason,
+            allowed: allowed_names(rules),
         },
-        None => McpDenial::Tool {
-            tool: name.to_string(),
-            allowed: allowed_tools(allow),
+        None => McpDenial::Prompt {
+            prompt: name.to_string(),
+            allowed: allowed_names(rules),
         },
     })
 }
@@ -615,6 +701,15 @@ fn check_arguments(
     arguments: &Map<String, Value>,
     params: &BTreeMap<String, String>,
 ) -> Result<(), String> {
+    // A name a server could read as one the rule names is refused, not taken as another argument.
+    crate::json::refuse_lookalike_names(
+        arguments,
+        rule.arguments
+            .keys()
+            .chain(&rule.required)
+            .chain(&rule.forbidden)
+            .map(String::as_str),
+    )?;
     for required in &rule.required {
         if !arguments.contains_key(required) {
             return Err(format!("argument {required:?} is required"));
@@ -714,7 +809,8 @@ fn offered(kind: &str, item: &Value, allow: &McpAllow, params: &BTreeMap<String,
                 .iter()
                 .any(|pattern| uri_matches(pattern, uri, params))
         }),
-        _ => text("name").is_some_and(|name| allow.prompts.iter().any(|glob| glob.matches(name))),
+        _ => text("name")
+            .is_some_and(|name| allow.prompts.iter().any(|rule| rule.name.matches(name))),
     }
 }
 

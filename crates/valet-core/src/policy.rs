@@ -365,14 +365,16 @@ pub fn check_text(
             field: static_field(field),
         });
     }
+    // What an operator will read must read as it is: no control character, and none of the
+    // characters that reorder or hide text (bidirectional overrides, zero-width characters).
     if value
         .chars()
-        .any(|character| character.is_control() && character != '\t')
+        .any(|character| character != '\t' && crate::approval::is_disguising(character))
     {
         return Err(RequestError::FieldInvalid {
             field: static_field(field),
-            value: value.escape_debug().to_string(),
-            allowed: "text without control characters",
+            value: crate::approval::escape_for_people(value),
+            allowed: "text without control characters, bidirectional overrides or zero-width characters",
         });
     }
     Ok(())

@@ -500,29 +500,18 @@ pub struct CheckedQuery {
 impl CheckedQuery {
     /// `name=value&…`, each part percent-encoded the same way; `None` when there are no pairs.
     pub fn canonical(&self) -> Option<String> {
-        (!self.pairs.is_empty()).then(|| {
-            self.pairs
-                .iter()
-                .map(|(name, value)| {
-                    format!("{}={}", encode_component(name), encode_component(value))
-                })
-                .collect::<Vec<_>>()
-                .join("&")
-        })
+        crate::canonical::query_string(&self.pairs)
     }
 }
 
-/// Checks a raw query string against the parameters `allowed` names, for a grant with `params`.
-/// `+` is read as itself (never as a space) and re-encoded, so the upstream reads what was checked.
+/// Checks the pairs of a query string, as the canonical call read them, against the parameters
+/// `allowed` names, for a grant with `params`: a name not listed (in any other spelling too) or a
+/// value outside its rule is refused.
 pub fn check_query(
-    raw: Option<&str>,
+    pairs: &[(String, String)],
     allowed: &BTreeMap<String, ValueRule>,
     params: &BTreeMap<String, String>,
 ) -> Result<CheckedQuery, QueryError> {
-    let mut checked = CheckedQuery::default();
-    let Some(raw) = raw.filter(|raw| !raw.is_empty()) else {
-        return Ok(checked);
-    };
     let allowed_text = || {
         if allowed.is_empty() {
             "no query parameters".to_string()
@@ -534,32 +523,28 @@ pub fn check_query(
                 .join(", ")
         }
     };
-    for part in raw.split('&') {
-        let (name, value) = part.split_once('=').ok_or(QueryError::Malformed)?;
-        let name = percent_decode(name).map_err(|_| QueryError::Malformed)?;
-        let value = percent_decode(value).map_err(|_| QueryError::Malformed)?;
-        let Some(rule) = allowed.get(&name) else {
+    for (name, value) in pairs {
+        let Some(rule) = allowed.get(name) else {
             return Err(QueryError::NotAllowed {
-                name,
+                name: name.clone(),
                 allowed: allowed_text(),
             });
         };
-        if checked.pairs.iter().any(|(seen, _)| *seen == name) {
-            return Err(QueryError::Repeated { name });
-        }
-        if value.chars().any(char::is_control) || !rule.permits(&value, params) {
+        if value.chars().any(char::is_control) || !rule.permits(value, params) {
             return Err(QueryError::ValueNotAllowed {
-                name,
-                value,
+                name: name.clone(),
+                value: value.clone(),
                 rule: rule.to_string(),
             });
         }
-        checked.pairs.push((name, value));
     }
-    Ok(checked)
+    Ok(CheckedQuery {
+        pairs: pairs.to_vec(),
+    })
 }
 
-fn percent_decode(text: &str) -> Result<String, PathError> {
+/// Decodes `%XX` escapes; the result must be UTF-8.
+pub(crate) fn percent_decode(text: &str) -> Result<String, PathError> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut index = 0;
@@ -713,6 +698,16 @@ mod tests {
         assert_eq!(check_path("/").unwrap().canonical(), "/");
     }
 
+    /// A raw query read as the canonical call reads it, then checked against `allowed`.
+    fn query(
+        raw: &str,
+        allowed: &BTreeMap<String, ValueRule>,
+        bound: &BTreeMap<String, String>,
+    ) -> Result<CheckedQuery, QueryError> {
+        crate::canonical::read_query(Some(raw))
+            .and_then(|pairs| check_query(&pairs, allowed, bound))
+    }
+
     #[test]
     fn query_parameters_are_allowed_only_by_name_with_their_values() {
         let allowed = BTreeMap::from([
@@ -723,32 +718,32 @@ mod tests {
             ("project".to_string(), ValueRule::Param("project".into())),
         ]);
         let bound = params(&[("project", "shop")]);
-        let checked = check_query(Some("page=2&project=shop"), &allowed, &bound).unwrap();
+        let checked = query("page=2&project=shop", &allowed, &bound).unwrap();
         assert_eq!(checked.canonical().as_deref(), Some("page=2&project=shop"));
         assert!(matches!(
-            check_query(Some("_method=DELETE"), &allowed, &bound),
+            query("_method=DELETE", &allowed, &bound),
             Err(QueryError::NotAllowed { .. })
         ));
         assert!(matches!(
-            check_query(Some("page=1&page=2"), &allowed, &bound),
+            query("page=1&page=2", &allowed, &bound),
             Err(QueryError::Repeated { .. })
         ));
         assert!(matches!(
-            check_query(Some("project=bank"), &allowed, &bound),
+            query("project=bank", &allowed, &bound),
             Err(QueryError::ValueNotAllowed { .. })
         ));
         assert!(matches!(
-            check_query(Some("page"), &allowed, &bound),
+            query("page", &allowed, &bound),
             Err(QueryError::Malformed)
         ));
         assert!(matches!(
-            check_query(Some("page=1"), &BTreeMap::new(), &bound),
+            query("page=1", &BTreeMap::new(), &bound),
             Err(QueryError::NotAllowed { .. })
         ));
         // '+' is itself, and is re-encoded so no server reads it as a space.
         let plus = BTreeMap::from([("q".to_string(), ValueRule::Exact("a+b".into()))]);
         assert_eq!(
-            check_query(Some("q=a+b"), &plus, &bound)
+            query("q=a+b", &plus, &bound)
                 .unwrap()
                 .canonical()
                 .as_deref(),
@@ -797,9 +792,9 @@ mod tests {
                     .map(|(name, value)| format!("{name}={}", encode_component(value)))
                     .collect::<Vec<_>>()
                     .join("&");
-                if let Ok(checked) = check_query(Some(&raw), &allowed, &BTreeMap::new()) {
-                    let canonical = checked.canonical();
-                    let again = check_query(canonical.as_deref(), &allowed, &BTreeMap::new()).unwrap();
+                if let Ok(checked) = super::query(&raw, &allowed, &BTreeMap::new()) {
+                    let canonical = checked.canonical().unwrap_or_default();
+                    let again = super::query(&canonical, &allowed, &BTreeMap::new()).unwrap();
                     prop_assert_eq!(again, checked);
                 }
             }

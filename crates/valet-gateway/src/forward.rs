@@ -203,21 +203,23 @@ pub fn upstream_leg(
 }
 
 /// The headers the upstream receives: the allowlisted ones the agent sent, and what the gateway
-/// sets itself (encoding, origin, and for GraphQL the content type of the canonical body).
+/// sets itself (encoding, origin, and the content type of the canonical body).
 fn forwarded_headers(sent: &HeaderMap, upstream: &Upstream, decision: &CallDecision) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, value) in sent {
         let allowed = FORWARDED_HEADERS.contains(&name.as_str())
             || upstream.forward_headers.contains(name.as_str());
+        // The body's type is the canonical call's, set below: never the agent's header.
         if allowed && never_forwarded(name.as_str()).is_none() {
             headers.append(name.clone(), value.clone());
         }
     }
-    if decision.graphql {
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+    if let Some(value) = decision
+        .content_type
+        .as_deref()
+        .and_then(|content_type| HeaderValue::from_str(content_type).ok())
+    {
+        headers.insert(header::CONTENT_TYPE, value);
     }
     gateway_headers(&mut headers, decision.site.peer);
     headers

@@ -179,14 +179,8 @@ impl Gateway {
                     .headers
                     .get("valet-approval")
                     .and_then(|value| value.to_str().ok()),
-                content_type: parts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|value| value.to_str().ok()),
-                content_encoding: parts
-                    .headers
-                    .get(http::header::CONTENT_ENCODING)
-                    .and_then(|value| value.to_str().ok()),
+                content_types: header_values(&parts.headers, http::header::CONTENT_TYPE),
+                content_encodings: header_values(&parts.headers, http::header::CONTENT_ENCODING),
                 body: Box::new(route::IncomingBody::new(&parts.headers, body)),
             })
             .await;
@@ -203,6 +197,19 @@ impl Gateway {
         };
         forward::forward(self, parts, decision).await
     }
+}
+
+/// Every value of a header, as sent; a value that is not text stands as itself in a form no
+/// check accepts, so it is refused rather than overlooked.
+pub(crate) fn header_values(
+    headers: &http::HeaderMap,
+    name: http::header::HeaderName,
+) -> Vec<&str> {
+    headers
+        .get_all(name)
+        .iter()
+        .map(|value| value.to_str().unwrap_or("(not text)"))
+        .collect()
 }
 
 /// How valetd's HTTP listeners (the gateway, the console) serve a connection: HTTP/1.1 or

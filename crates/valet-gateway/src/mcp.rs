@@ -51,9 +51,9 @@ struct AgentHeaders {
 }
 
 impl AgentHeaders {
-    /// The headers, or the refusal of one the gateway will not pass on: a Content-Type other
-    /// than JSON, or a protocol revision it does not serve (the server would read the body under
-    /// rules the check does not know).
+    /// The headers, or the refusal of a protocol revision the gateway does not serve (the server
+    /// would read the body under rules the check does not know). The body's type and encoding
+    /// are the service's to read, with the body.
     fn read(headers: &HeaderMap) -> Result<AgentHeaders, CallRefusal> {
         let text = |name: &str| {
             headers
@@ -61,17 +61,6 @@ impl AgentHeaders {
                 .and_then(|value| value.to_str().ok())
                 .map(str::to_string)
         };
-        let content_type = text("content-type").unwrap_or_default();
-        if !content_type
-            .split(';')
-            .next()
-            .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
-        {
-            return Err(CallRefusal::BadHeader {
-                header: "Content-Type".into(),
-                reason: format!("{content_type:?}: send JSON-RPC as application/json"),
-            });
-        }
         let protocol_version = text("mcp-protocol-version");
         if let Some(version) = &protocol_version
             && !HANDSHAKE_VERSIONS.contains(&version.as_str())
@@ -140,17 +129,6 @@ pub async fn handle(
         Ok(agent) => agent,
         Err(refused) => return refuse_unread(valet, &site, refused).await,
     };
-    if let Some(encoding) = parts
-        .headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|value| value.to_str().ok())
-        .filter(|encoding| !encoding.trim().eq_ignore_ascii_case("identity"))
-    {
-        let refused = CallRefusal::BadBody(format!(
-            "the body is sent with Content-Encoding {encoding}; send it unencoded"
-        ));
-        return refuse_unread(valet, &site, refused).await;
-    }
     let body = match Box::new(IncomingBody::new(&parts.headers, body))
         .read(MAX_REQUEST_BODY)
         .await
@@ -159,12 +137,16 @@ pub async fn handle(
         Err(refused) => return refuse_unread(valet, &site, refused).await,
     };
     let request_id = single_id(&body);
+    let content_types = crate::header_values(&parts.headers, header::CONTENT_TYPE);
+    let content_encodings = crate::header_values(&parts.headers, header::CONTENT_ENCODING);
     let authorized = valet
         .authorize_mcp(McpRequest {
             site: &site,
             authorization: agent.authorization.as_deref(),
             approval: None,
             session: agent.session_id.as_deref(),
+            content_types: content_types.clone(),
+            content_encodings: content_encodings.clone(),
             body: &body,
         })
         .await;
@@ -185,6 +167,10 @@ pub async fn handle(
                     Held {
                         site,
                         agent,
+                        content_types: content_types
+                            .iter()
+                            .map(|value| value.to_string())
+                            .collect(),
                         body,
                         approval_id: approval_id.clone(),
                         waiting,
@@ -213,6 +199,8 @@ async fn refuse_unread(
 struct Held {
     site: CallSite,
     agent: AgentHeaders,
+    /// The body's Content-Type headers as sent (the first authorization read them).
+    content_types: Vec<String>,
     body: Bytes,
     approval_id: String,
     /// What the agent is told while it waits.
@@ -313,6 +301,8 @@ async fn decide(gateway: &Gateway, held: &Held) -> http::Response<Body> {
             authorization: held.agent.authorization.as_deref(),
             approval: Some(&held.approval_id),
             session: held.agent.session_id.as_deref(),
+            content_types: held.content_types.iter().map(String::as_str).collect(),
+            content_encodings: Vec::new(),
             body: &held.body,
         })
         .await;

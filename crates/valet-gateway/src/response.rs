@@ -25,9 +25,10 @@ pub fn status_of(error: &ServiceError) -> StatusCode {
             | CallRefusal::Denied { .. }
             | CallRefusal::LimitReached(_)
             | CallRefusal::ApprovalRefused(_) => StatusCode::FORBIDDEN,
-            CallRefusal::BadPath(_) | CallRefusal::BadBody(_) | CallRefusal::BadHeader { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            CallRefusal::BadPath(_)
+            | CallRefusal::BadQuery(_)
+            | CallRefusal::BadBody(_)
+            | CallRefusal::BadHeader { .. } => StatusCode::BAD_REQUEST,
             CallRefusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             CallRefusal::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             CallRefusal::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -134,7 +135,8 @@ pub fn error_body(
             "target": call.target,
             "body_sha256": call.body_sha256,
             "graphql": call.graphql,
-            "variables": call.variables.as_deref().map(redact),
+            "content_type": call.content_type,
+            "rendering": redact(&call.rendering),
         });
     }
     body

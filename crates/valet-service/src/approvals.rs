@@ -387,20 +387,27 @@ async fn post_json(outbound: &dyn crate::Outbound, url: &str, body: &str) -> Res
     }
 }
 
-/// The approval as the webhook receives it: what is asked, by whom, and until when.
+/// The approval as the webhook receives it: what is asked, by whom, and until when. Text an agent
+/// wrote is escaped as every place an operator reads it shows it (a chat tool renders it).
 pub fn approval_json(approval: &ApprovalRequest) -> serde_json::Value {
+    let for_people = valet_core::approval::escape_for_people;
+    let params: std::collections::BTreeMap<&String, String> = approval
+        .params
+        .iter()
+        .map(|(name, value)| (name, for_people(value)))
+        .collect();
     serde_json::json!({
         "id": approval.id,
         "kind": match approval.kind { ApprovalKind::Token => "token", ApprovalKind::Call => "call" },
-        "summary": approval.summary(),
+        "summary": for_people(&approval.summary()),
         "rendered": approval.render(),
         "grant_id": approval.grant_id,
         "requester": approval.requester,
         "scope": approval.scope,
         "environment": approval.environment,
         "task_id": approval.task_id,
-        "purpose": approval.purpose,
-        "params": approval.params,
+        "purpose": for_people(&approval.purpose),
+        "params": params,
         "call": approval.call,
         "created_at": valet_core::clock::format_time(approval.created_at),
         "expires_at": valet_core::clock::format_time(approval.expires_at),

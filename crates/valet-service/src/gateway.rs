@@ -13,6 +13,7 @@ use valet_core::approval::{
 };
 use valet_core::audit::{AuditAction, AuditEvent, Outcome};
 use valet_core::call::{self, CallRefusal};
+use valet_core::canonical::CanonicalCall;
 use valet_core::config::Upstream;
 use valet_core::grant::{Grant, RuleCounter};
 use valet_core::rules::{self, AllowRule};
@@ -86,10 +87,10 @@ pub struct CallRequest<'a> {
     pub authorization: Option<&'a str>,
     /// The `Valet-Approval` header as sent, if any.
     pub approval: Option<&'a str>,
-    /// The `Content-Type` header as sent, if any.
-    pub content_type: Option<&'a str>,
-    /// The `Content-Encoding` header as sent, if any.
-    pub content_encoding: Option<&'a str>,
+    /// Every `Content-Type` header as sent (one is expected, or none without a body).
+    pub content_types: Vec<&'a str>,
+    /// Every `Content-Encoding` header as sent.
+    pub content_encodings: Vec<&'a str>,
     pub body: Box<dyn BodySource + 'a>,
 }
 
@@ -99,8 +100,8 @@ pub struct CallDecision {
     /// Where the call came from, with the path and query as the upstream receives them
     /// (canonical, re-encoded from what was checked).
     pub site: CallSite,
-    /// A GraphQL call: the body is the canonical GraphQL request, sent as application/json.
-    pub graphql: bool,
+    /// The Content-Type the upstream receives: the gateway's own, for the canonical body.
+    pub content_type: Option<String>,
     pub grant: Grant,
     pub upstream: Upstream,
     /// The rule that allowed the call, as people read it (`allow[0] POST /graphql`).
@@ -425,18 +426,12 @@ impl Valet {
             &path.segments,
             &grant.params,
         )?;
-        if let Some(encoding) = request
-            .content_encoding
-            .filter(|encoding| !encoding.trim().eq_ignore_ascii_case("identity"))
-        {
-            return Err(CallRefusal::BadBody(format!(
-                "the body is sent with Content-Encoding {encoding}; send it unencoded, so the gateway checks the bytes the upstream reads"
-            ))
-            .into());
-        }
+        refuse_content_encoding(&request.content_encodings)?;
 
-        // The body, read whole up to the largest limit of the candidate rules: the check runs on
-        // the bytes the request carries, and the upstream receives what the check built from them.
+        // The body, read whole up to the largest limit of the candidate rules; then the canonical
+        // call, read once from it: what the rules check, what an approver reads and what the
+        // upstream receives. Reading and checking is CPU work with a budget: a large body or a
+        // GraphQL document goes to the blocking pool, so no request can stall the async workers.
         let max_body = call::max_body(&candidates);
         if let Some(length) = request.body.declared_length()
             && length > max_body
@@ -444,53 +439,53 @@ impl Valet {
             return Err(CallRefusal::BodyTooLarge { max: max_body }.into());
         }
         let body = request.body.read(max_body).await?;
-        let content_type = request.content_type.map(str::to_string);
-        let (rule_index, forwarded) = if candidates.iter().any(|rule| rule.graphql.is_some()) {
-            // Parsing and checking a document is CPU work with a budget; it runs on the
-            // blocking pool so no request can stall the async workers.
+        let heavy = body_is_heavy(&body) || candidates.iter().any(|rule| rule.graphql.is_some());
+        let indices: Vec<usize> = candidates.iter().map(|rule| rule.index).collect();
+        let content_types: Vec<String> = request
+            .content_types
+            .iter()
+            .map(|value| value.to_string())
+            .collect();
+        let read_and_choose = {
             let config = config.clone();
             let scope_name = scope.name.clone();
-            let indices: Vec<usize> = candidates.iter().map(|rule| rule.index).collect();
             let method = site.method.clone();
-            let path = site.path.clone();
+            let sent_path = site.path.clone();
             let query = site.query.clone();
             let params = grant.params.clone();
-            tokio::task::spawn_blocking(move || {
+            move || -> Result<(usize, CanonicalCall, call::Forwarded), CallRefusal> {
                 let scope = config
                     .scopes
                     .get(&scope_name)
                     .ok_or(CallRefusal::UnknownGrant)?;
+                let content_types: Vec<&str> = content_types.iter().map(String::as_str).collect();
+                let canonical = CanonicalCall::read(
+                    &method,
+                    &sent_path,
+                    path,
+                    query.as_deref(),
+                    &content_types,
+                    &body,
+                )?;
                 let candidates: Vec<&AllowRule> =
                     indices.iter().map(|index| &scope.allow[*index]).collect();
-                let parts = call::CallParts {
-                    method: &method,
-                    path: &path,
-                    query: query.as_deref(),
-                    content_type: content_type.as_deref(),
-                    body: &body,
-                };
-                call::choose_rule(scope, &candidates, parts, &params)
-                    .map(|(rule, forwarded)| (rule.index, forwarded))
-            })
-            .await
-            .map_err(|error| {
-                ServiceError::Internal(format!("the GraphQL check failed: {error}"))
-            })??
+                let (rule, forwarded) = call::choose_rule(scope, &candidates, &canonical, &params)?;
+                Ok((rule.index, canonical, forwarded))
+            }
+        };
+        let (rule_index, canonical, forwarded) = if heavy {
+            tokio::task::spawn_blocking(read_and_choose)
+                .await
+                .map_err(|error| {
+                    ServiceError::Internal(format!("reading the call failed: {error}"))
+                })??
         } else {
-            let parts = call::CallParts {
-                method: &site.method,
-                path: &site.path,
-                query: site.query.as_deref(),
-                content_type: content_type.as_deref(),
-                body: &body,
-            };
-            call::choose_rule(scope, &candidates, parts, &grant.params)
-                .map(|(rule, forwarded)| (rule.index, forwarded))?
+            read_and_choose()?
         };
         let rule = &scope.allow[rule_index];
         // From here on the call is what the upstream will receive.
         let forwarded_site = CallSite {
-            path: path.canonical(),
+            path: canonical.path.canonical(),
             query: forwarded.query.clone(),
             ..site.clone()
         };
@@ -502,23 +497,24 @@ impl Valet {
                 if let Some(checked) = &forwarded.graphql {
                     refuse_repeated_gated_fields(scope, rule, checked)?;
                 }
-                let call = call::fingerprint(
-                    &upstream.name,
-                    &forwarded_site.method,
-                    &forwarded_site.path,
-                    forwarded_site.query.as_deref(),
-                    &forwarded.body,
-                    forwarded.graphql.as_ref(),
-                );
-                Some((approval, call))
+                Some((
+                    approval,
+                    call::fingerprint(&upstream.name, &canonical, &forwarded),
+                ))
             }
             None => None,
         };
+        // What executes counts: every top-level field of a GraphQL document, aliases included.
+        let executed = forwarded
+            .graphql
+            .as_ref()
+            .map_or(1, |checked| checked.executed_fields());
         let grant = self
             .admit_call(
                 &holder,
                 grant,
                 &rule.counter(),
+                executed,
                 gated,
                 request.approval,
                 context,
@@ -544,7 +540,7 @@ impl Valet {
         let secret = self.root_credential(&upstream)?;
         Ok(CallDecision {
             site: forwarded_site,
-            graphql: forwarded.graphql.is_some(),
+            content_type: forwarded.content_type.clone(),
             grant,
             rule: rule.to_string(),
             upstream,
@@ -556,11 +552,15 @@ impl Valet {
 
     /// Counts a call against its rule, or — for a rule that needs approval — takes the approval
     /// named for this exact call (or asks for one: asking counts as the call, using it does not).
+    /// `executed` is how many calls the request makes of the rule: 1, or for a GraphQL document
+    /// each top-level field it executes.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn admit_call(
         &self,
         holder: &GrantHolder<'_>,
         grant: Grant,
         counter: &RuleCounter,
+        executed: u64,
         gated: Option<(&valet_core::approval::ApprovalPolicy, CallFingerprint)>,
         named: Option<&str>,
         context: &mut AuditEvent,
@@ -568,10 +568,10 @@ impl Valet {
         match gated {
             Some((approval, call)) => {
                 context.set("approval_id", named.unwrap_or_default().trim());
-                self.take_call_approval(holder, grant, counter, approval, call, named)
+                self.take_call_approval(holder, grant, counter, executed, approval, call, named)
                     .await
             }
-            None => self.count_call(grant, counter).await,
+            None => self.count_call(grant, counter, executed).await,
         }
     }
 
@@ -587,11 +587,13 @@ impl Valet {
 
     /// Opens an approval request for `call` (or points at the identical one already waiting), or
     /// uses the approval the caller names for it. Returns the grant as it stands after counting.
+    #[allow(clippy::too_many_arguments)]
     async fn take_call_approval(
         &self,
         holder: &GrantHolder<'_>,
         grant: Grant,
         rule: &RuleCounter,
+        executed: u64,
         approval: &valet_core::approval::ApprovalPolicy,
         call: CallFingerprint,
         named: Option<&str>,
@@ -607,11 +609,10 @@ impl Valet {
             // The identical call already waits: the retry points at the same request.
             if let Some(same) = waiting.iter().find(|pending| {
                 pending.grant_id == grant.id
-                    && pending.call.as_ref().is_some_and(|asked| {
-                        asked.method == call.method
-                            && asked.target == call.target
-                            && asked.body_sha256 == call.body_sha256
-                    })
+                    && pending
+                        .call
+                        .as_ref()
+                        .is_some_and(|asked| asked.same_call(&call))
             }) {
                 return Err(CallRefusal::ApprovalRequired {
                     approval_id: same.id.clone(),
@@ -643,7 +644,14 @@ impl Valet {
                 ))
                 .into());
             }
-            let grant = self.count_call(grant, rule).await?;
+            // A person approves only what they read whole.
+            if let Some(reason) = call::unapprovable(&call) {
+                return Err(CallRefusal::ApprovalRefused(format!(
+                    "this call cannot be put to a person: {reason}"
+                ))
+                .into());
+            }
+            let grant = self.count_call(grant, rule, executed).await?;
             let pending = self
                 .request_call_approval(holder, &grant, approval, call.clone())
                 .await?;
@@ -684,15 +692,20 @@ impl Valet {
         }
     }
 
-    /// Records one call on the grant when a limit applies (compare-and-swap, so concurrent calls
+    /// Records `executed` calls on the grant when a limit applies (compare-and-swap, so concurrent calls
     /// never both take the last use).
-    async fn count_call(&self, grant: Grant, rule: &RuleCounter) -> Result<Grant, ServiceError> {
+    async fn count_call(
+        &self,
+        grant: Grant,
+        rule: &RuleCounter,
+        executed: u64,
+    ) -> Result<Grant, ServiceError> {
         if grant.max_uses.is_none() && rule.max_calls.is_none() {
             return Ok(grant);
         }
         let swapped = compare_and_swap(self.store.as_ref(), grant, |grant: &Grant| {
             let next = grant
-                .called(rule, self.clock.now())
+                .called(rule, executed, self.clock.now())
                 .map_err(CallRefusal::LimitReached)?;
             Ok(Decision::Write(next, ()))
         })
@@ -702,6 +715,36 @@ impl Valet {
             Swapped::Kept { current, .. } => current,
         })
     }
+}
+
+/// Bodies from this size on are read on the blocking pool.
+const HEAVY_BODY: usize = 16 * 1024;
+
+fn body_is_heavy(body: &[u8]) -> bool {
+    body.len() >= HEAVY_BODY
+}
+
+/// A body must arrive as the bytes the upstream will read: no Content-Encoding but `identity`,
+/// given once.
+pub(crate) fn refuse_content_encoding(encodings: &[&str]) -> Result<(), CallRefusal> {
+    if let Some(encoding) = encodings
+        .iter()
+        .find(|encoding| !encoding.trim().eq_ignore_ascii_case("identity"))
+    {
+        return Err(CallRefusal::BadBody(format!(
+            "the body is sent with Content-Encoding {encoding}; send it unencoded, so the gateway reads the bytes the upstream reads"
+        )));
+    }
+    if encodings.len() > 1 {
+        return Err(CallRefusal::BadHeader {
+            header: "Content-Encoding".into(),
+            reason: format!(
+                "sent {} times; send it once (identity) or not at all",
+                encodings.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// A person approves one call at a time: a document asking an approval-gated field more than

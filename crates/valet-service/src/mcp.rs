@@ -8,8 +8,9 @@ use serde_json::Value;
 use valet_core::approval::ApprovalStatus;
 use valet_core::audit::{AuditAction, Outcome};
 use valet_core::call::CallRefusal;
+use valet_core::canonical::{Body, BodyError};
 use valet_core::config::UpstreamKind;
-use valet_core::mcp::{self, CheckedMessage, McpAllow};
+use valet_core::mcp::{self, CheckedMessage, McpAllow, McpDenial};
 
 use crate::gateway::{CallDenial, GrantHolder, call_context, call_event};
 use crate::{CallDecision, CallSite, ServiceError, Valet};
@@ -23,6 +24,10 @@ pub struct McpRequest<'a> {
     pub approval: Option<&'a str>,
     /// The `Mcp-Session-Id` the agent sent (as the gateway gave it out), if any.
     pub session: Option<&'a str>,
+    /// Every `Content-Type` header as sent: JSON-RPC travels as `application/json`, once.
+    pub content_types: Vec<&'a str>,
+    /// Every `Content-Encoding` header as sent.
+    pub content_encodings: Vec<&'a str>,
     pub body: &'a [u8],
 }
 
@@ -108,15 +113,45 @@ impl Valet {
                     })?,
             ),
         };
-        let (checked, body) =
-            mcp::check_post(request.body, &allow, &grant.params).map_err(|denial| {
-                CallRefusal::Denied {
+        // The POST read once, as the canonical call reads a body: JSON-RPC is application/json.
+        crate::gateway::refuse_content_encoding(&request.content_encodings)?;
+        let value = match Body::read(&request.content_types, request.body) {
+            Ok(Body::Json { media_type, value }) if media_type == "application/json" => value,
+            Ok(other) => {
+                return Err(CallRefusal::BadHeader {
+                    header: "Content-Type".into(),
+                    reason: format!(
+                        "{}: send JSON-RPC as application/json",
+                        other.content_type().unwrap_or_else(|| "(none)".into())
+                    ),
+                }
+                .into());
+            }
+            Err(BodyError::Json(error)) => {
+                return Err(CallRefusal::Denied {
                     scope: scope.name.clone(),
                     rules: allow.summary(),
-                    asked: denial.asked(),
-                    reason: denial.to_string(),
+                    asked: "a body that is not JSON-RPC".into(),
+                    reason: McpDenial::NotJsonRpc(error.to_string()).to_string(),
                 }
-            })?;
+                .into());
+            }
+            Err(error) => {
+                return Err(CallRefusal::BadHeader {
+                    header: "Content-Type".into(),
+                    reason: error.to_string(),
+                }
+                .into());
+            }
+        };
+        let (checked, body) = mcp::check_post(&value, &allow, &grant.params).map_err(|denial| {
+            CallRefusal::Denied {
+                scope: scope.name.clone(),
+                rules: allow.summary(),
+                asked: denial.asked(),
+                reason: denial.to_string(),
+            }
+        })?;
         let holder = GrantHolder {
             site,
             principal: grant.principal.clone(),
@@ -153,6 +188,7 @@ impl Valet {
                     &holder,
                     grant,
                     &rule.counter(),
+                    1,
                     gated,
                     request.approval,
                     context,
@@ -173,7 +209,7 @@ impl Valet {
         Ok(McpDecision {
             call: CallDecision {
                 site: site.clone(),
-                graphql: false,
+                content_type: Some("application/json".into()),
                 grant,
                 upstream,
                 rule,

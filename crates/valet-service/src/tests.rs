@@ -721,8 +721,8 @@ async fn call(
             site,
             authorization: authorization.as_deref(),
             approval,
-            content_type: Some("application/json"),
-            content_encoding: None,
+            content_types: vec!["application/json"],
+            content_encodings: Vec::new(),
             body: Box::new(body),
         })
         .await
@@ -844,6 +844,17 @@ async fn every_gateway_refusal_kind_leaves_one_audit_record_with_its_reason() {
         (
             "bad_path",
             site("railway", "GET", "/v1/projects/shop/../x"),
+            Some(token),
+            None,
+            empty(),
+        ),
+        (
+            "bad_query",
+            {
+                let mut repeated = site("railway", "GET", "/v1/projects/shop/x");
+                repeated.query = Some("page=1&Page=2".into());
+                repeated
+            },
             Some(token),
             None,
             empty(),
@@ -1099,11 +1110,21 @@ async fn an_approver_is_shown_the_rest_call_as_it_will_run() {
             )
             .as_str(),
             "  DELETE /v1/volumes/vol-scratch-7?force=true",
-            "  body (61 bytes, sha256 6301d05a46f5ee75c2db09a3f9e6f8f3b14ae0d6332d05e0f045748ddb2ba892):",
+            "  content-type: application/json",
         ]
     );
+    // The body as the upstream receives it: canonical JSON, names sorted.
+    let forwarded = br#"{"keepBackups":false,"reason":"scratch volume, done with it"}"#;
+    let digest = ring::digest::digest(&ring::digest::SHA256, forwarded);
     assert_eq!(
-        lines[3..],
+        lines[3],
+        format!(
+            "  body (61 bytes, sha256 {}):",
+            hex::encode(digest.as_ref())
+        )
+    );
+    assert_eq!(
+        lines[4..],
         [
             "    {",
             "      \"keepBackups\": false,",
@@ -1179,8 +1200,8 @@ async fn an_approval_marked_approved_in_the_store_releases_nothing() {
             site: &delete,
             authorization: Some(&format!("Bearer {}", token.expose())),
             approval: Some(&pending.id),
-            content_type: None,
-            content_encoding: None,
+            content_types: Vec::new(),
+            content_encodings: Vec::new(),
             body: Box::new(empty()),
         })
         .await;

@@ -77,7 +77,9 @@ class ApprovalCall:
     target: str
     body_sha256: str
     graphql: tuple
-    variables: str
+    content_type: str
+    rendering: str
+    calls: tuple
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,9 @@ class Approval:
                 target=wire.call.target,
                 body_sha256=wire.call.body_sha256,
                 graphql=tuple(wire.call.graphql),
-                variables=wire.call.variables,
+                content_type=wire.call.content_type,
+                rendering=wire.call.rendering,
+                calls=tuple(wire.call.calls),
             )
         return cls(
             id=wire.id,

@@ -12,13 +12,13 @@ fn call() -> CallFingerprint {
     CallFingerprint {
         method: "POST".into(),
         target: "/graphql/v2".into(),
+        content_type: "application/json".into(),
         body_sha256: "ab".repeat(32),
         graphql: vec!["mutation volumeDelete".into()],
-        variables: Some("{\"id\":\"v1\"}".into()),
         upstream: "railway".into(),
         calls: vec!["mutation volumeDelete(volumeId: \"v1\")".into()],
         body_bytes: 90,
-        body_preview: None,
+        rendering: "document:\n  mutation {\n    volumeDelete(volumeId: \"v1\")\n  }".into(),
     }
 }
 
@@ -206,8 +206,15 @@ fn the_rendering_shows_every_call_and_escapes_what_could_disguise_it() {
         [
             "agent asks to call railway (environment production) with grant g1:",
             "  POST /graphql/v2",
+            "  content-type: application/json",
+            "  executes:",
             "    mutation volumeDelete(volumeId: \"scratch-tmp-42\")",
             "    mutation b: volumeDelete(volumeId: \"prod-db\")",
+            &format!("  body (90 bytes, sha256 {}):", "ab".repeat(32)),
+            "    document:",
+            "      mutation {",
+            "        volumeDelete(volumeId: \"v1\")",
+            "      }",
             "  task t-1",
             "  purpose: clean up \\u{202E}gnp.exe",
         ]
@@ -223,7 +230,7 @@ fn the_rendering_shows_every_call_and_escapes_what_could_disguise_it() {
     rest_call.calls = Vec::new();
     rest_call.method = "DELETE".into();
     rest_call.target = "/repos/acme/web?force=true".into();
-    rest_call.body_preview = body_preview(br#"{"confirm":true}"#);
+    rest_call.rendering = crate::json::render(&serde_json::json!({"confirm": true}));
     rest.call = Some(rest_call);
     let rendered = rest.render();
     assert!(

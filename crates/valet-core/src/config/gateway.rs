@@ -70,10 +70,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Request headers the gateway forwards from the agent to any upstream: end-to-end headers that
 /// describe the body or the client, and conditional requests. Everything else is dropped.
-pub const FORWARDED_HEADERS: [&str; 11] = [
+pub const FORWARDED_HEADERS: [&str; 10] = [
     "accept",
     "accept-language",
-    "content-type",
     "content-language",
     "user-agent",
     "idempotency-key",
@@ -99,6 +98,9 @@ pub fn never_forwarded(name: &str) -> Option<&'static str> {
         | "x-forwarded-prefix" | "x-real-ip" => "the gateway sets where a call comes from itself",
         "accept-encoding" | "te" | "range" | "if-range" => {
             "the gateway asks the upstream for the whole answer, unencoded, so it can mask it"
+        }
+        "content-type" | "content-encoding" => {
+            "the gateway sets the body's type itself, from the call it read and checked"
         }
         "content-length" | "transfer-encoding" | "connection" | "keep-alive" | "upgrade"
         | "proxy-connection" | "trailer" => "it describes one connection, not the request",

@@ -14,6 +14,8 @@ use crate::mcp::{ArgumentRule, ClientRequest, McpAllow, ToolRule};
 
 /// Most processes one stdio upstream may keep.
 const MAX_PROCESSES_LIMIT: i64 = 256;
+/// The largest `[scope.mcp] max_batch`.
+const MAX_BATCH_LIMIT: i64 = 100;
 
 /// `kind`, and the keys that belong to one kind only.
 pub(super) fn upstream_kind(
@@ -193,83 +195,9 @@ pub(super) fn build_mcp_scope(
     let mut tools = Vec::new();
     for (index, raw_tool) in raw.tool.into_iter().enumerate() {
         let tool_at = format!("{at}.mcp.tool[{index}]");
-        let Some(name) = problems.required(raw_tool.name, &format!("{tool_at}.name")) else {
-            continue;
-        };
-        if !is_tool_glob(&name) {
-            problems.push(
-                format!("{tool_at}.name"),
-                invalid(
-                    &name,
-                    "tool name",
-                    "a tool name or glob of letters, digits, '_', '-', '.', '/' and '*', such as list_* or create_custom_domain",
-                ),
-            );
-            continue;
+        if let Some(rule) = build_call_rule("tool", index, raw_tool, &tool_at, params, problems) {
+            tools.push(rule);
         }
-        let mut arguments = BTreeMap::new();
-        for (argument, rule) in raw_tool.arguments {
-            let key = format!("{tool_at}.arguments.{argument}");
-            if let Some(rule) = build_argument_rule(rule, &key, params, problems) {
-                arguments.insert(argument, rule);
-            }
-        }
-        let required: BTreeSet<String> = raw_tool.required.into_iter().collect();
-        let forbidden: BTreeSet<String> = raw_tool.forbidden.into_iter().collect();
-        for both in required.intersection(&forbidden) {
-            problems.push(
-                format!("{tool_at}.forbidden"),
-                invalid(
-                    both,
-                    "forbidden argument",
-                    "an argument that is not also required",
-                ),
-            );
-        }
-        for constrained in arguments.keys().filter(|name| forbidden.contains(*name)) {
-            problems.push(
-                format!("{tool_at}.arguments.{constrained}"),
-                invalid(
-                    constrained,
-                    "argument rule",
-                    "a rule for an argument that is not forbidden",
-                ),
-            );
-        }
-        let approval = raw_tool.approval.and_then(|raw| {
-            super::approval::build_rule_policy(
-                raw,
-                &format!("{tool_at}.approval"),
-                params,
-                problems,
-            )
-        });
-        let max_calls = match raw_tool.max_calls {
-            None => None,
-            Some(count) if count >= 1 => u64::try_from(count).ok(),
-            Some(count) => {
-                problems.push(
-                    format!("{tool_at}.max_calls"),
-                    invalid(
-                        &count.to_string(),
-                        "call count",
-                        "a whole number of at least 1",
-                    ),
-                );
-                None
-            }
-        };
-        let allow_broad = super::reasoned_exception(raw_tool.allow_broad, &tool_at, problems);
-        tools.push(ToolRule {
-            index,
-            name: super::Glob::new(name),
-            arguments,
-            required,
-            forbidden,
-            approval,
-            max_calls,
-            allow_broad,
-        });
     }
     let mut resources = Vec::new();
     for (index, pattern) in raw.resources.into_iter().enumerate() {
@@ -279,21 +207,67 @@ pub(super) fn build_mcp_scope(
             Err(reason) => problems.push(key, invalid(&pattern, "resource pattern", &reason)),
         }
     }
+    // Prompts by name (`prompts = ["summarise"]`), then those with argument rules
+    // (`[[scope.mcp.prompt]]`), numbered in that order.
     let mut prompts = Vec::new();
+    let n_named = raw.prompts.len();
     for (index, name) in raw.prompts.into_iter().enumerate() {
-        if is_tool_glob(&name) {
-            prompts.push(super::Glob::new(name));
-        } else {
-            problems.push(
-                format!("{at}.mcp.prompts[{index}]"),
-                invalid(
-                    &name,
-                    "prompt name",
-                    "a prompt name or glob of letters, digits, '_', '-', '.', '/' and '*'",
-                ),
-            );
+        let raw_prompt = super::raw::RawTool {
+            name: Some(name),
+            ..Default::default()
+        };
+        let prompt_at = format!("{at}.mcp.prompts[{index}]");
+        if let Some(rule) =
+            build_call_rule("prompt", index, raw_prompt, &prompt_at, params, problems)
+        {
+            prompts.push(rule);
         }
     }
+    for (index, raw_prompt) in raw.prompt.into_iter().enumerate() {
+        let prompt_at = format!("{at}.mcp.prompt[{index}]");
+        for (set, key) in [
+            (raw_prompt.approval.is_some(), "approval"),
+            (raw_prompt.max_calls.is_some(), "max_calls"),
+        ] {
+            if set {
+                problems.push(
+                    format!("{prompt_at}.{key}"),
+                    invalid(
+                        "…",
+                        key,
+                        "only on a [[scope.mcp.tool]]: getting a prompt makes the server act on nothing",
+                    ),
+                );
+            }
+        }
+        if let Some(rule) = build_call_rule(
+            "prompt",
+            n_named + index,
+            raw_prompt,
+            &prompt_at,
+            params,
+            problems,
+        ) {
+            prompts.push(rule);
+        }
+    }
+    let max_batch = match raw.max_batch {
+        None => crate::mcp::DEFAULT_MAX_BATCH,
+        Some(count) if (1..=MAX_BATCH_LIMIT).contains(&count) => count as usize,
+        Some(count) => {
+            problems.push(
+                format!("{at}.mcp.max_batch"),
+                invalid(
+                    &count.to_string(),
+                    "batch size",
+                    &format!(
+                        "a whole number from 1 to {MAX_BATCH_LIMIT} (messages one POST may batch)"
+                    ),
+                ),
+            );
+            crate::mcp::DEFAULT_MAX_BATCH
+        }
+    };
     let mut client_requests = BTreeSet::new();
     for (index, name) in raw.client_requests.into_iter().enumerate() {
         match ClientRequest::parse(&name) {
@@ -315,7 +289,91 @@ pub(super) fn build_mcp_scope(
         resources,
         prompts,
         client_requests,
+        max_batch,
     }
+}
+
+/// One `[[scope.mcp.tool]]` (or a prompt rule): its name or glob, its argument rules, approval
+/// and count.
+fn build_call_rule(
+    kind: &'static str,
+    index: usize,
+    raw_tool: super::raw::RawTool,
+    tool_at: &str,
+    params: &BTreeMap<String, ParamRule>,
+    problems: &mut Problems,
+) -> Option<ToolRule> {
+    let name = problems.required(raw_tool.name, &format!("{tool_at}.name"))?;
+    if !is_tool_glob(&name) {
+        problems.push(
+            format!("{tool_at}.name"),
+            invalid(
+                &name,
+                if kind == "tool" { "tool name" } else { "prompt name" },
+                "a name or glob of letters, digits, '_', '-', '.', '/' and '*', such as list_* or create_custom_domain",
+            ),
+        );
+        return None;
+    }
+    let mut arguments = BTreeMap::new();
+    for (argument, rule) in raw_tool.arguments {
+        let key = format!("{tool_at}.arguments.{argument}");
+        if let Some(rule) = build_argument_rule(rule, &key, params, problems) {
+            arguments.insert(argument, rule);
+        }
+    }
+    let required: BTreeSet<String> = raw_tool.required.into_iter().collect();
+    let forbidden: BTreeSet<String> = raw_tool.forbidden.into_iter().collect();
+    for both in required.intersection(&forbidden) {
+        problems.push(
+            format!("{tool_at}.forbidden"),
+            invalid(
+                both,
+                "forbidden argument",
+                "an argument that is not also required",
+            ),
+        );
+    }
+    for constrained in arguments.keys().filter(|name| forbidden.contains(*name)) {
+        problems.push(
+            format!("{tool_at}.arguments.{constrained}"),
+            invalid(
+                constrained,
+                "argument rule",
+                "a rule for an argument that is not forbidden",
+            ),
+        );
+    }
+    let approval = raw_tool.approval.and_then(|raw| {
+        super::approval::build_rule_policy(raw, &format!("{tool_at}.approval"), params, problems)
+    });
+    let max_calls = match raw_tool.max_calls {
+        None => None,
+        Some(count) if count >= 1 => u64::try_from(count).ok(),
+        Some(count) => {
+            problems.push(
+                format!("{tool_at}.max_calls"),
+                invalid(
+                    &count.to_string(),
+                    "call count",
+                    "a whole number of at least 1",
+                ),
+            );
+            None
+        }
+    };
+    let allow_broad = super::reasoned_exception(raw_tool.allow_broad, tool_at, problems);
+    Some(ToolRule {
+        kind,
+        index,
+        name: super::Glob::new(name),
+        arguments,
+        required,
+        forbidden,
+        approval,
+        max_calls,
+        allow_broad,
+    })
 }
 
 /// `"exact"`, `"{param}"`, `{ one_of = […] }`, `{ pattern = "…" }`, or `{ min = …, max = … }`.

@@ -196,9 +196,14 @@ pub struct RawMcpScope {
     pub resources: Vec<String>,
     #[serde(default)]
     pub prompts: Vec<String>,
+    /// `[[scope.mcp.prompt]]`: prompts with rules for their arguments.
+    #[serde(default)]
+    pub prompt: Vec<RawTool>,
     /// Requests the server may send the agent's client: "sampling", "elicitation", "roots".
     #[serde(default)]
     pub client_requests: Vec<String>,
+    /// Most messages one POST may batch (default 16).
+    pub max_batch: Option<i64>,
 }
 
 /// `[[scope.mcp.tool]]`.

@@ -213,10 +213,14 @@ fn repeated_and_case_variant_keys_are_refused() {
 #[test]
 fn the_upstream_receives_only_the_request_that_was_checked() {
     let sent = br#"{"variables": {"id": "p-shop"}, "query": "query P($id: String!) { project(id: $id) { id } }", "operationName": "P"}"#;
-    let checked = check_request(sent, &bound(), &params()).unwrap();
+    let checked = check_body(sent, &bound(), &params()).unwrap();
     assert_eq!(
         String::from_utf8(checked.body.clone()).unwrap(),
-        r#"{"operationName":"P","query":"query P($id: String!) { project(id: $id) { id } }","variables":{"id":"p-shop"}}"#
+        r#"{"operationName":"P","query":"query P($id: String!) {\n  project(id: $id) {\n    id\n  }\n}","variables":{"id":"p-shop"}}"#
+    );
+    assert_eq!(
+        checked.rendering,
+        "document:\n  query P($id: String!) {\n    project(id: $id) {\n      id\n    }\n  }\noperationName: \"P\"\nvariables:\n  {\n    \"id\": \"p-shop\"\n  }"
     );
     assert_eq!(checked.operations, ["query P"]);
     assert_eq!(
@@ -239,11 +243,11 @@ fn arguments_are_checked_with_variables_resolved_even_inside_input_objects() {
     let staging = mutation(
         serde_json::json!({"input": {"environmentId": "env-staging", "projectId": "p-shop", "domain": "a.test"}}),
     );
-    assert!(check_request(&staging, &allow, &params()).is_ok());
+    assert!(check_body(&staging, &allow, &params()).is_ok());
     let production = mutation(
         serde_json::json!({"input": {"environmentId": "env-prod", "projectId": "p-shop", "domain": "a.test"}}),
     );
-    let error = check_request(&production, &allow, &params()).unwrap_err();
+    let error = check_body(&production, &allow, &params()).unwrap_err();
     assert!(
         error.to_string().contains("input.environmentId") && error.to_string().contains("env-prod"),
         "{error}"
@@ -251,7 +255,7 @@ fn arguments_are_checked_with_variables_resolved_even_inside_input_objects() {
     let missing =
         mutation(serde_json::json!({"input": {"projectId": "p-shop", "domain": "a.test"}}));
     assert!(
-        check_request(&missing, &allow, &params())
+        check_body(&missing, &allow, &params())
             .unwrap_err()
             .to_string()
             .contains("missing")
@@ -261,14 +265,14 @@ fn arguments_are_checked_with_variables_resolved_even_inside_input_objects() {
         "mutation { a: customDomainCreate(input: {environmentId: \"env-staging\", projectId: \"p\", domain: \"x\"}) { id } b: customDomainCreate(input: {environmentId: \"env-prod\", projectId: \"p\", domain: \"y\"}) { id } }",
     );
     assert!(
-        check_request(&aliased, &allow, &params())
+        check_body(&aliased, &allow, &params())
             .unwrap_err()
             .to_string()
             .contains("b: customDomainCreate")
     );
     // A default value counts when the variable is not given.
     let defaulted = serde_json::json!({"query": "query Q($id: String = \"p-other\") { project(id: $id) { id } }"});
-    assert!(check_request(defaulted.to_string().as_bytes(), &allow, &params()).is_err());
+    assert!(check_body(defaulted.to_string().as_bytes(), &allow, &params()).is_err());
 }
 
 #[test]
@@ -341,8 +345,8 @@ proptest! {
         if let Some(name) = &operation_name {
             request["operationName"] = serde_json::Value::from(name.clone());
         }
-        let first = check_request(request.to_string().as_bytes(), &allow, &BTreeMap::new()).unwrap();
-        let second = check_request(&first.body, &allow, &BTreeMap::new()).unwrap();
+        let first = check_body(request.to_string().as_bytes(), &allow, &BTreeMap::new()).unwrap();
+        let second = check_body(&first.body, &allow, &BTreeMap::new()).unwrap();
         prop_assert_eq!(&first.calls, &second.calls);
         prop_assert_eq!(&first.body, &second.body);
         prop_assert_eq!(first.calls.len(), fields.len());
@@ -351,12 +355,69 @@ proptest! {
     /// Any bytes at all: a clear refusal or a check, never a panic.
     #[test]
     fn any_body_is_refused_or_checked_without_panicking(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-        let _ = check_request(&bytes, &railway(), &BTreeMap::new());
+        let _ = check_body(&bytes, &railway(), &BTreeMap::new());
     }
 
     /// Any GraphQL-looking text in a request: refused or checked, never a panic.
     #[test]
     fn any_document_is_refused_or_checked_without_panicking(query in "[ -~]{0,200}") {
-        let _ = check_request(&body(&query), &railway(), &BTreeMap::new());
+        let _ = check_body(&body(&query), &railway(), &BTreeMap::new());
+    }
+}
+
+#[test]
+fn documents_are_printed_canonically_for_the_upstream_and_the_approver() {
+    let allow = railway();
+    let printed = |query: &str| {
+        let checked = check_body(
+            serde_json::json!({ "query": query }).to_string().as_bytes(),
+            &allow,
+            &params(),
+        )
+        .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&checked.body).unwrap();
+        body["query"].as_str().unwrap().to_string()
+    };
+    // Comments, commas and whitespace go; block strings become strings of the same value; every
+    // character that could disguise a string is escaped.
+    let sent = "# delete nothing\nmutation   Do ,{ customDomainCreate(input: {domain: \"\"\"a\n  b\"\"\", note: \"x\\u202Ey\u{202E}\"}) @include(if: true) { id , domain } }";
+    assert_eq!(
+        printed(sent),
+        "mutation Do {\n  customDomainCreate(input: {domain: \"a\\nb\", note: \"x\\u202Ey\\u202E\"}) @include(if: true) {\n    id\n    domain\n  }\n}"
+    );
+    let fragments = "query Q($a: [ID!]! = [\"x\"]) { ...F ... on Query @skip(if: false) { projects { id } } } fragment F on Query { p: project(id: $a) { name } }";
+    assert_eq!(
+        printed(fragments),
+        "query Q($a: [ID!]! = [\"x\"]) {\n  ...F\n  ... on Query @skip(if: false) {\n    projects {\n      id\n    }\n  }\n}\n\nfragment F on Query {\n  p: project(id: $a) {\n    name\n  }\n}"
+    );
+}
+
+proptest! {
+    /// Printing is canonical: a printed document prints as itself, and asks exactly what the
+    /// document it was printed from asks.
+    #[test]
+    fn a_printed_document_prints_as_itself_and_asks_the_same(
+        fields in prop::collection::vec(("[a-c]{1,3}", "[a-z \\\\\"\u{202E}\u{200B}\n]{0,6}", any::<bool>()), 1..4),
+        comment in "[a-z ]{0,8}",
+    ) {
+        let mut query = format!("# {comment}\nquery {{");
+        for (alias, text, block) in &fields {
+            let argument = if *block {
+                format!("\"\"\"{}\"\"\"", text.replace(['\\', '"'], ""))
+            } else {
+                serde_json::to_string(text).unwrap()
+            };
+            query.push_str(&format!(" {alias}: project(id: {argument}) {{ id }},"));
+        }
+        query.push('}');
+        let allow = railway();
+        let body = serde_json::json!({ "query": query }).to_string();
+        let Ok(first) = check_body(body.as_bytes(), &allow, &params()) else {
+            return Ok(());
+        };
+        let again = check_body(&first.body, &allow, &params()).unwrap();
+        prop_assert_eq!(&again.body, &first.body);
+        prop_assert_eq!(&again.calls, &first.calls);
+        prop_assert_eq!(&again.rendering, &first.rendering);
     }
 }

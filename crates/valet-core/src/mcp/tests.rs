@@ -7,10 +7,22 @@ use serde_json::json;
 
 use super::*;
 
+/// A POST body read as the canonical call reads it, then checked.
+fn post(
+    body: &[u8],
+    allow: &McpAllow,
+    params: &BTreeMap<String, String>,
+) -> Result<(Vec<CheckedMessage>, Vec<u8>), McpDenial> {
+    let value = crate::json::parse_strict(body)
+        .map_err(|error| McpDenial::NotJsonRpc(error.to_string()))?;
+    check_post(&value, allow, params)
+}
+
 fn allow() -> McpAllow {
     McpAllow {
         tools: vec![
             ToolRule {
+                kind: "tool",
                 index: 0,
                 name: Glob::new("list_*"),
                 arguments: BTreeMap::new(),
@@ -21,6 +33,7 @@ fn allow() -> McpAllow {
                 allow_broad: None,
             },
             ToolRule {
+                kind: "tool",
                 index: 1,
                 name: Glob::new("create_custom_domain"),
                 arguments: BTreeMap::from([
@@ -48,8 +61,19 @@ fn allow() -> McpAllow {
             },
         ],
         resources: vec!["railway://projects/{project}/*".into()],
-        prompts: vec![Glob::new("summarise")],
+        prompts: vec![ToolRule {
+            kind: "prompt",
+            index: 0,
+            name: Glob::new("summarise"),
+            arguments: BTreeMap::new(),
+            required: BTreeSet::new(),
+            forbidden: BTreeSet::new(),
+            approval: None,
+            max_calls: None,
+            allow_broad: None,
+        }],
         client_requests: BTreeSet::new(),
+        max_batch: DEFAULT_MAX_BATCH,
     }
 }
 
@@ -65,7 +89,7 @@ fn call(name: &str, arguments: serde_json::Value) -> Vec<u8> {
 
 #[test]
 fn allowed_calls_pass_and_are_forwarded_as_parsed() {
-    let (checked, forwarded) = check_post(
+    let (checked, forwarded) = post(
         &call(
             "create_custom_domain",
             json!({"projectId": "p-1", "environment": "staging", "port": 443, "domain": "shop.example"}),
@@ -80,7 +104,7 @@ fn allowed_calls_pass_and_are_forwarded_as_parsed() {
     assert_eq!(forwarded["params"]["arguments"]["domain"], "shop.example");
     // Members JSON-RPC does not define are dropped, not forwarded.
     let extra = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "smuggled": {"method": "tools/call"}});
-    let (_, forwarded) = check_post(extra.to_string().as_bytes(), &allow(), &params()).unwrap();
+    let (_, forwarded) = post(extra.to_string().as_bytes(), &allow(), &params()).unwrap();
     assert!(!String::from_utf8(forwarded).unwrap().contains("smuggled"));
     for harmless in [
         "initialize",
@@ -90,7 +114,7 @@ fn allowed_calls_pass_and_are_forwarded_as_parsed() {
     ] {
         let message = json!({"jsonrpc": "2.0", "id": 1, "method": harmless});
         assert!(
-            check_post(message.to_string().as_bytes(), &allow(), &params()).is_ok(),
+            post(message.to_string().as_bytes(), &allow(), &params()).is_ok(),
             "{harmless}"
         );
     }
@@ -98,11 +122,7 @@ fn allowed_calls_pass_and_are_forwarded_as_parsed() {
 
 #[test]
 fn forbidden_tools_arguments_and_methods_are_refused_with_the_reason() {
-    let refusal = |body: Vec<u8>| {
-        check_post(&body, &allow(), &params())
-            .unwrap_err()
-            .to_string()
-    };
+    let refusal = |body: Vec<u8>| post(&body, &allow(), &params()).unwrap_err().to_string();
     assert!(
         refusal(call("delete_volume", json!({"volumeId": "v"}))).contains(
             "tool \"delete_volume\" is not allowed; allowed tools: [list_*, create_custom_domain]"
@@ -161,7 +181,7 @@ fn forbidden_tools_arguments_and_methods_are_refused_with_the_reason() {
         br#"{"jsonrpc":"2.0","id":1,"id":2,"method":"ping"}"#,
     ] {
         assert!(
-            check_post(broken, &allow(), &params()).is_err(),
+            post(broken, &allow(), &params()).is_err(),
             "{}",
             String::from_utf8_lossy(broken)
         );
@@ -174,7 +194,7 @@ fn a_batch_is_refused_whole_when_one_message_is_refused() {
         {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "list_projects"}},
         {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "delete_volume", "arguments": {"volumeId": "prod-db"}}}
     ]);
-    let refusal = check_post(batch.to_string().as_bytes(), &allow(), &params()).unwrap_err();
+    let refusal = post(batch.to_string().as_bytes(), &allow(), &params()).unwrap_err();
     assert!(
         matches!(refusal, McpDenial::InBatch { index: 1, .. }),
         "{refusal}"
@@ -183,7 +203,7 @@ fn a_batch_is_refused_whole_when_one_message_is_refused() {
         {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
         {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "list_projects"}}
     ]);
-    let (checked, _) = check_post(fine.to_string().as_bytes(), &allow(), &params()).unwrap();
+    let (checked, _) = post(fine.to_string().as_bytes(), &allow(), &params()).unwrap();
     assert_eq!(checked.len(), 2);
 }
 
@@ -213,11 +233,11 @@ fn lists_offer_only_what_the_grant_may_use() {
 
 #[test]
 fn replies_are_filtered_whole_or_event_by_event_however_they_are_chunked() {
-    let post = json!([
+    let batch = json!([
         {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
         {"jsonrpc": "2.0", "id": "b", "method": "tools/call", "params": {"name": "list_projects"}}
     ]);
-    let (checked, _) = check_post(post.to_string().as_bytes(), &allow(), &params()).unwrap();
+    let (checked, _) = post(batch.to_string().as_bytes(), &allow(), &params()).unwrap();
     let filter = ReplyFilter::new(&checked, allow(), params());
     let listed = json!({"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "delete_volume"}, {"name": "list_projects"}]}});
     let filtered: serde_json::Value =
@@ -271,7 +291,7 @@ fn only_what_was_checked_is_forwarded_and_client_capabilities_are_narrowed() {
             },
         },
     });
-    let (_, forwarded) = check_post(body.to_string().as_bytes(), &allow(), &params()).unwrap();
+    let (_, forwarded) = post(body.to_string().as_bytes(), &allow(), &params()).unwrap();
     let forwarded: serde_json::Value = serde_json::from_slice(&forwarded).unwrap();
     let params_forwarded = &forwarded["params"];
     assert_eq!(params_forwarded["name"], "list_projects");
@@ -289,7 +309,7 @@ fn only_what_was_checked_is_forwarded_and_client_capabilities_are_narrowed() {
     });
     let mut allowing_roots = allow();
     allowing_roots.client_requests.insert(ClientRequest::Roots);
-    let (_, forwarded) = check_post(
+    let (_, forwarded) = post(
         initialize.to_string().as_bytes(),
         &allowing_roots,
         &params(),
@@ -302,18 +322,17 @@ fn only_what_was_checked_is_forwarded_and_client_capabilities_are_narrowed() {
 #[test]
 fn server_requests_and_client_answers_pass_only_where_the_scope_allows() {
     let answer = json!({"jsonrpc": "2.0", "id": "s1", "result": {"roots": []}});
-    assert!(check_post(answer.to_string().as_bytes(), &allow(), &params()).is_err());
+    assert!(post(answer.to_string().as_bytes(), &allow(), &params()).is_err());
     let mut allowing = allow();
     allowing.client_requests.insert(ClientRequest::Elicitation);
-    let (checked, forwarded) =
-        check_post(answer.to_string().as_bytes(), &allowing, &params()).unwrap();
+    let (checked, forwarded) = post(answer.to_string().as_bytes(), &allowing, &params()).unwrap();
     assert_eq!(checked[0].method, "(response)");
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&forwarded).unwrap(),
         answer
     );
 
-    let call_checked = check_post(&call("list_projects", json!({})), &allow(), &params())
+    let call_checked = post(&call("list_projects", json!({})), &allow(), &params())
         .unwrap()
         .0;
     let stream = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"elicitation/create\",\"params\":{}}\n\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"sampling/createMessage\",\"params\":{}}\n\n";
@@ -331,6 +350,7 @@ fn an_approval_fingerprint_covers_the_tool_and_exact_arguments_not_the_id() {
         let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "delete_volume", "arguments": {"volumeId": volume}}});
         let mut allowing = allow();
         allowing.tools.push(ToolRule {
+            kind: "tool",
             index: 2,
             name: Glob::new("delete_volume"),
             arguments: BTreeMap::new(),
@@ -340,7 +360,7 @@ fn an_approval_fingerprint_covers_the_tool_and_exact_arguments_not_the_id() {
             max_calls: None,
             allow_broad: None,
         });
-        check_post(body.to_string().as_bytes(), &allowing, &params())
+        post(body.to_string().as_bytes(), &allowing, &params())
             .unwrap()
             .0
             .remove(0)
@@ -351,11 +371,9 @@ fn an_approval_fingerprint_covers_the_tool_and_exact_arguments_not_the_id() {
     assert_eq!(first, retried);
     assert_ne!(first.body_sha256, other.body_sha256);
     assert_eq!(first.target, "delete_volume");
-    assert!(
-        first
-            .body_preview
-            .unwrap()
-            .contains("\"volumeId\": \"v-1\"")
+    assert_eq!(
+        first.rendering,
+        "tools/call \"delete_volume\"\narguments:\n  {\n    \"volumeId\": \"v-1\"\n  }"
     );
 }
 
@@ -378,7 +396,7 @@ fn a_session_id_works_only_with_the_grant_that_opened_it() {
 
 #[test]
 fn sse_line_ends_are_read_as_the_client_reads_them() {
-    let checked = check_post(&call("list_projects", json!({})), &allow(), &params())
+    let checked = post(&call("list_projects", json!({})), &allow(), &params())
         .unwrap()
         .0;
     // A lone CR ends a line and a blank line ends an event for every SSE client: a server

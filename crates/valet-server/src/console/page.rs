@@ -12,6 +12,9 @@ use super::form::encode;
 
 /// Text made safe for HTML content and attribute values.
 pub fn escape(text: &str) -> String {
+    // First as every place an operator reads agent text shows it (disguising characters written
+    // out), then for HTML.
+    let text = valet_core::approval::escape_for_people(text);
     let mut escaped = String::with_capacity(text.len());
     for character in text.chars() {
         match character {
@@ -24,6 +27,11 @@ pub fn escape(text: &str) -> String {
         }
     }
     escaped
+}
+
+/// Text of several lines (a rendered approval), each line escaped as [`escape`] escapes.
+pub fn escape_lines(text: &str) -> String {
+    text.lines().map(escape).collect::<Vec<_>>().join("\n")
 }
 
 /// Who is logged in, for the page header and every form.
@@ -196,7 +204,7 @@ pub fn approval_card(session: &Session, approval: &ApprovalRequest, now: UnixTim
             valet_core::approval::ApprovalKind::Call => "call",
         },
         environment = escape(&approval.environment),
-        rendered = escape(&approval.render()),
+        rendered = escape_lines(&approval.render()),
         requester = escape(&approval.requester),
         task = escape(&approval.task_id),
         purpose = escape(&approval.purpose),
