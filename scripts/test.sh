@@ -105,14 +105,17 @@ install_etcd() {
 install_chromium() {
   command -v chromium >/dev/null || apt_install chromium
 }
+install_go_and_php() {
+  { [ -x /usr/bin/go ] && [ -x /usr/bin/php ]; } || apt_install golang-go php-cli
+}
 install_venv() {
   local venv=var/venv
-  "$venv/bin/python" -c 'import moto, boto3, strawberry, uvicorn, starlette, grpc, grpc_tools, kubernetes_validate, mcp' 2>/dev/null && return 0
+  "$venv/bin/python" -c 'import moto, boto3, strawberry, uvicorn, starlette, fastapi, grpc, grpc_tools, kubernetes_validate, mcp' 2>/dev/null && return 0
   if ! "$venv/bin/python" -c '' 2>/dev/null && ! python3 -m venv "$venv" 2>/dev/null; then
     apt_install python3-venv && python3 -m venv "$venv" || return 1
   fi
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5' 'boto3==1.44.5' \
-    'strawberry-graphql==0.341.2' 'uvicorn==0.54.0' 'starlette==0.50.0' \
+    'strawberry-graphql==0.341.2' 'uvicorn==0.54.0' 'starlette==0.50.0' 'fastapi==0.128.0' \
     'grpcio==1.85.1' 'grpcio-tools==1.85.1' 'kubernetes-validate==1.37.0' 'mcp==2.3.0'
 }
 install_node_upstreams() {
@@ -137,8 +140,9 @@ install_client_venv() {
 
 setup "nginx, the gateway benchmark's baseline (the benchmark smoke runs it)" install_nginx
 setup "etcd for the distributed-mode tests (Debian's etcd-server and etcd-client)" install_etcd
-setup "Python tools in var/venv: moto and boto3 (AWS), Strawberry (a GraphQL upstream), grpcio (a non-Rust client), the MCP SDK (MCP server and agent)" install_venv
+setup "Python tools in var/venv: moto and boto3 (AWS), Strawberry and FastAPI (GraphQL and REST upstreams), grpcio (a non-Rust client), the MCP SDK (MCP server and agent)" install_venv
 setup "Chromium for the web console's browser tests (Debian's chromium, driven by Playwright)" install_chromium
+setup "Go and PHP, for upstreams in two more language families the gateway's tests run against (Debian's golang-go and php-cli)" install_go_and_php
 setup "Node upstreams for the gateway's tests against real servers (express-graphql, Express), in tests/upstreams" install_node_upstreams
 setup "build the binaries the end-to-end tests run (valetd, valet, valet-bench)" cargo build --workspace --bins --locked
 setup "the Python client's wheel (stubs generated from proto/), in a fresh var/python-client-venv with pytest and Playwright" install_client_venv

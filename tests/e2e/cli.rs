@@ -1261,7 +1261,7 @@ async fn config_explain_prints_what_docs_policy_md_shows() {
         .unwrap();
     assert_eq!(output.status.code(), Some(3));
     let printed = String::from_utf8_lossy(&output.stdout);
-    assert!(printed.starts_with("needs approval: allow[1]"), "{printed}");
+    assert!(printed.starts_with("needs approval: allow[2]"), "{printed}");
     assert!(doc.contains(printed.trim_end()), "{printed}");
 }
 

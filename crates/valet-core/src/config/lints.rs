@@ -158,6 +158,20 @@ fn lint_scope(config: &Config, scope: &Scope, found: &mut Vec<Lint>) {
                 );
             }
         }
+        for rule in allow.tools.iter().chain(&allow.prompts) {
+            let relative = format!("mcp.{}[{}]", rule.kind, rule.index);
+            if let Some((param, risk)) = unbound_tenant(scope, rule) {
+                push(
+                    &relative,
+                    "tenant-argument-unbound",
+                    risk,
+                    format!(
+                        "bind the argument that names the {param} to the grant (arguments = {{ {param}Id = \"{{{param}}}\" }}, as the server names it), or say why the {} may reach every {param} (allow_broad)",
+                        rule.kind
+                    ),
+                );
+            }
+        }
         for (index, resource) in allow.resources.iter().enumerate() {
             if resource.chars().all(|character| character == '*') {
                 push(
@@ -284,6 +298,31 @@ fn lint_scope(config: &Config, scope: &Scope, found: &mut Vec<Lint>) {
                     .to_string(),
             );
         }
+        if let Some(graphql) = &rule.graphql
+            && let Some(param) = tenant_params(scope).first()
+        {
+            for field in graphql.query.iter().chain(&graphql.mutation) {
+                let bound = graphql.arguments.iter().any(|(path, value)| {
+                    path.field == *field
+                        && value
+                            .param()
+                            .is_some_and(|name| tenant_params(scope).contains(&name))
+                });
+                if !bound && field != "__typename" {
+                    push(
+                        &relative,
+                        "tenant-argument-unbound",
+                        format!(
+                            "rule {} allows the GraphQL field {field} with no argument bound to the grant's {param}: a grant for one {param} can ask it about another",
+                            rule.index
+                        ),
+                        format!(
+                            "bind its argument to the grant ([scope.allow.graphql.arguments] \"{field}.id\" = \"{{{param}}}\", as the schema names it), or say why it may reach every {param} (allow_broad)"
+                        ),
+                    );
+                }
+            }
+        }
         if rule.methods.contains("POST")
             && rule.graphql.is_none()
             && rule.path.source().to_lowercase().contains("graphql")
@@ -314,6 +353,55 @@ fn lint_scope(config: &Config, scope: &Scope, found: &mut Vec<Lint>) {
             push(&relative, lint.0, lint.1, lint.2);
         }
     }
+}
+
+/// Words that make a parameter name a tenant: what one grant is for and another is not.
+const TENANT_WORDS: [&str; 12] = [
+    "tenant",
+    "project",
+    "namespace",
+    "environment",
+    "org",
+    "account",
+    "team",
+    "workspace",
+    "customer",
+    "cluster",
+    "owner",
+    "repo",
+];
+
+/// The scope's parameters that name a tenant (a project, a namespace, an environment…).
+fn tenant_params(scope: &Scope) -> Vec<&str> {
+    scope
+        .params
+        .keys()
+        .filter(|name| {
+            let name = name.to_ascii_lowercase();
+            TENANT_WORDS.iter().any(|word| name.contains(word))
+        })
+        .map(String::as_str)
+        .collect()
+}
+
+/// When the scope has tenant parameters and an MCP tool or prompt rule binds none of them to an
+/// argument: the parameter, and the risk in a sentence.
+fn unbound_tenant(scope: &Scope, rule: &crate::mcp::ToolRule) -> Option<(String, String)> {
+    let tenants = tenant_params(scope);
+    let param = tenants.first()?;
+    let bound = rule.arguments.values().any(|argument| {
+        matches!(argument, crate::mcp::ArgumentRule::Value(value)
+            if value.param().is_some_and(|name| tenants.contains(&name)))
+    });
+    (!bound).then(|| {
+        (
+            param.to_string(),
+            format!(
+                "{rule} binds no argument to the grant's {param}: a grant for one {param} can {} it for another",
+                if rule.kind == "tool" { "call" } else { "get" }
+            ),
+        )
+    })
 }
 
 /// Approvers who can never approve, and a policy that can then never be satisfied.

@@ -1460,9 +1460,12 @@ fn build_scope(
             ),
         );
     }
-    for tool in scope_mcp.iter().flat_map(|allowed| &allowed.tools) {
-        if let Some(reason) = &tool.allow_broad {
-            allow_broad.insert(format!("mcp.tool[{}]", tool.index), reason.clone());
+    for rule in scope_mcp
+        .iter()
+        .flat_map(|allowed| allowed.tools.iter().chain(&allowed.prompts))
+    {
+        if let Some(reason) = &rule.allow_broad {
+            allow_broad.insert(format!("mcp.{}[{}]", rule.kind, rule.index), reason.clone());
         }
     }
     if let Some(allowed) = &scope_mcp

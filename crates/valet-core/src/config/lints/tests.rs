@@ -257,3 +257,58 @@ allow_broad = "caches rebuild themselves in a minute"
         Some("caches rebuild themselves in a minute")
     );
 }
+
+#[test]
+fn a_tool_prompt_or_graphql_field_binding_no_argument_to_the_grants_tenant_is_flagged() {
+    let lints = lints_of(
+        r#"
+[[upstream]]
+name = "tools"
+kind = "mcp"
+command = "deploy-mcp"
+env = { TOKEN = "{secret}" }
+credential = "railway"
+[[scope]]
+name = "per-project"
+upstream = "tools"
+environment = "staging"
+default_ttl = "5m"
+max_ttl = "10m"
+[scope.params.project]
+pattern = "p-[a-z]+"
+[scope.mcp]
+prompts = ["summarise"]
+[[scope.mcp.tool]]
+name = "list_*"
+[[scope.mcp.tool]]
+name = "list_volumes"
+arguments = { projectId = "{project}" }
+[[scope.mcp.prompt]]
+name = "status"
+arguments = { projectId = "{project}" }
+[[scope]]
+name = "graph"
+upstream = "railway"
+environment = "staging"
+default_ttl = "5m"
+max_ttl = "10m"
+[scope.params.project_id]
+pattern = "p-[a-z]+"
+[[scope.allow]]
+path = "/graphql"
+[scope.allow.graphql]
+query = ["project", "projects"]
+arguments = { "project.id" = "{project_id}" }
+"#,
+    );
+    let flagged = |path: &str| has(&lints, path, "tenant-argument-unbound");
+    assert!(flagged("scope[0].mcp.tool[0]"), "{lints:?}");
+    assert!(!flagged("scope[0].mcp.tool[1]"), "{lints:?}");
+    assert!(flagged("scope[0].mcp.prompt[0]"), "{lints:?}");
+    assert!(!flagged("scope[0].mcp.prompt[1]"), "{lints:?}");
+    let graphql: Vec<_> = lints
+        .iter()
+        .filter(|(path, code, _)| path == "scope[1].allow[0]" && *code == "tenant-argument-unbound")
+        .collect();
+    assert_eq!(graphql.len(), 1, "only `projects` binds nothing: {lints:?}");
+}
