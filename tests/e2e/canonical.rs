@@ -71,6 +71,9 @@ max_batch = 16
 name = "scale_deployment"
 arguments = { namespace = "{namespace}", replicas = { min = 1, max = 5 } }
 required = ["namespace"]
+[[scope.mcp.tool]]
+name = "delete_volume"
+approval = { confirm = "environment", timeout = "5m" }
 "#,
     );
     scopes.push("\"go-mcp-staging\"".into());
@@ -580,4 +583,83 @@ async fn text_that_would_disguise_itself_is_refused_where_it_enters() {
             "the refusal shows it escaped: {error}"
         );
     }
+}
+
+/// A rendering with its grant id written as docs/approvals.md writes it.
+fn as_documented(rendered: &str) -> String {
+    let mut lines: Vec<String> = rendered.lines().map(str::to_string).collect();
+    if let Some(first) = lines.first_mut()
+        && let Some((head, _)) = first.rsplit_once(" with grant ")
+    {
+        *first = format!("{head} with grant 01kcq3xv8h2m9t6r4w0e5nd7y1:");
+    }
+    lines.join("\n")
+}
+
+#[tokio::test]
+async fn docs_approvals_md_shows_what_an_approver_reads_for_a_rest_and_an_mcp_call() {
+    let stack = Stack::start();
+    let gateway = stack.gateway();
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/approvals.md"),
+    )
+    .unwrap();
+    // REST: the whole body, pretty, names sorted as the upstream receives them.
+    let token = stack.token("go-volumes", "drop-scratch").await;
+    let body = r#"{"volumeId":"vol-scratch-7","keepBackups":false,"note":"done with it"}"#;
+    let asked = post(&gateway, "/u/rest-go/volumes/delete", &token, body, &[]).await;
+    assert_eq!(asked.status, 428, "{}", asked.body);
+    let id = asked.json()["approval_id"].as_str().unwrap().to_string();
+    let rest = as_documented(&pending(&stack.valetd, &id).await.rendered);
+    assert!(
+        doc.contains(&rest),
+        "docs/approvals.md shows a REST call as valetd renders it:\n{rest}"
+    );
+    // MCP: the tool and every argument; the held call is released by the denial.
+    let token = stack.token("go-mcp-staging", "drop-volume").await;
+    let message = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "delete_volume", "arguments": {"volumeId": "v-shop-db", "force": true}},
+    })
+    .to_string();
+    let held = {
+        let gateway = gateway.clone();
+        tokio::spawn(async move { post(&gateway, "/mcp/go-mcp", &token, &message, &[]).await })
+    };
+    let mut waiting = None;
+    for _ in 0..200 {
+        waiting = stack
+            .valetd
+            .pending_approvals()
+            .await
+            .into_iter()
+            .find(|approval| approval.task_id == "drop-volume");
+        if waiting.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waiting = waiting.expect("the MCP call waits for a person");
+    let mcp = as_documented(&waiting.rendered);
+    assert!(
+        doc.contains(&mcp),
+        "docs/approvals.md shows an MCP call as valetd renders it:\n{mcp}"
+    );
+    stack
+        .valetd
+        .client(OPERATOR_KEY)
+        .await
+        .admin()
+        .deny(v1::DenyRequest {
+            id: waiting.id.clone(),
+            reason: "not today".into(),
+        })
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(30), held)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.body.contains("not today"), "{}", answer.body);
+    assert!(stack.go_mcp.executed().is_empty());
 }
