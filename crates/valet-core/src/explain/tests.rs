@@ -22,7 +22,8 @@ fn a_principal_is_explained_scope_by_scope() {
     let text = words(&explanation);
     for expected in [
         "scope railway-production-maintenance — environment production",
-        "GraphQL query [project, volumes], mutation [volumeBackupCreate]",
+        "GraphQL query [project], mutation []",
+        "GraphQL query [], mutation [volumeBackupCreate]",
         "project.id = the grant's {project_id}",
         "mutation [volumeDelete]; each call needs 1 approval(s) from any operator or admin",
         "typing the environment to confirm",
