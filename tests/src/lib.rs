@@ -161,6 +161,17 @@ pub struct Valetd {
     /// The console listener's address (`IP:PORT`), when the config has one.
     pub console: Option<String>,
     output: Arc<Mutex<String>>,
+    /// One message per output stream whose reader has read it to its end.
+    ended: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+/// Sent when dropped: a reader thread's last act, however it ends.
+struct EndSignal(std::sync::mpsc::Sender<()>);
+
+impl Drop for EndSignal {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
 }
 
 impl Valetd {
@@ -171,6 +182,8 @@ impl Valetd {
             .expect("start valetd");
         let output = Arc::new(Mutex::new(String::new()));
         let (address_sender, address_receiver) = std::sync::mpsc::channel();
+        // Each reader says when its stream ended, so the whole output can be awaited.
+        let (ended_sender, ended) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().expect("piped stderr");
         let stdout = child.stdout.take().expect("piped stdout");
         for (stream, is_stderr) in [
@@ -179,7 +192,9 @@ impl Valetd {
         ] {
             let output = output.clone();
             let address_sender = address_sender.clone();
+            let ended_sender = ended_sender.clone();
             std::thread::spawn(move || {
+                let _ended = EndSignal(ended_sender);
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     // Each listener announces its address: `<what> listening on IP:PORT …`.
                     for (announcement, tag) in [
@@ -207,6 +222,7 @@ impl Valetd {
             });
         }
         let mut valetd = Valetd {
+            ended: Mutex::new(ended),
             child: Some(child),
             address: String::new(),
             gateway: None,
@@ -294,9 +310,26 @@ impl Valetd {
     /// Stops valetd (SIGTERM) and returns everything it printed, to the end.
     pub async fn stop_with_output(self) -> String {
         let output = self.output.clone();
+        let ended = std::mem::replace(
+            &mut *self
+                .ended
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            std::sync::mpsc::channel().1,
+        );
         self.stop().await;
-        // The reader threads finish once the pipes close.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Both readers (stdout, stderr) finish once the pipes close: wait for them, so nothing
+        // valetd printed is missed.
+        tokio::task::spawn_blocking(move || {
+            for _ in 0..2 {
+                assert!(
+                    ended.recv_timeout(Duration::from_secs(30)).is_ok(),
+                    "valetd's output did not end within 30 s of its exit"
+                );
+            }
+        })
+        .await
+        .expect("wait for the output readers");
         output
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
