@@ -163,7 +163,9 @@ async fn losing_etcd_quorum_fails_closed_and_nothing_is_lost_when_it_returns() {
     let during = agent.request_token(staging("task-q2")).await.unwrap();
     let mut introspected = agent.introspect(during.token_str()).await;
     let started = std::time::Instant::now();
-    while introspected.as_ref().is_err_and(|error| error.code() == Some(tonic::Code::Unavailable))
+    while introspected
+        .as_ref()
+        .is_err_and(|error| error.code() == Some(tonic::Code::Unavailable))
         && started.elapsed() < Duration::from_secs(10)
     {
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -436,6 +436,18 @@ async fn batches_and_smuggled_messages_are_refused_whole_and_never_execute() {
             ]),
             // A response to a request the server never made through the gateway.
             json!({"jsonrpc": "2.0", "id": 7, "result": {"action": "accept"}}),
+            // One id twice: the tools/list reply would be matched to the call, unnarrowed (on a
+            // stdio server the forbidden tools were listed).
+            json!([
+                {"jsonrpc": "2.0", "id": 11, "method": "tools/list"},
+                {"jsonrpc": "2.0", "id": 11, "method": "tools/call", "params": {"name": "list_projects"}},
+            ]),
+            // More messages than a POST may batch.
+            Value::Array(
+                (0..3000)
+                    .map(|id| json!({"jsonrpc": "2.0", "id": 100 + id, "method": "tools/call", "params": {"name": "list_projects"}}))
+                    .collect(),
+            ),
             // A method that is not JSON-RPC 2.0, and one the gateway does not know.
             json!({"jsonrpc": "1.0", "id": 8, "method": "tools/call", "params": {"name": "delete_project"}}),
             json!({"jsonrpc": "2.0", "id": 9, "method": "tasks/run", "params": {"name": "delete_project"}}),

@@ -720,7 +720,7 @@ impl Valet {
 /// Bodies from this size on are read on the blocking pool.
 const HEAVY_BODY: usize = 16 * 1024;
 
-fn body_is_heavy(body: &[u8]) -> bool {
+pub(crate) fn body_is_heavy(body: &[u8]) -> bool {
     body.len() >= HEAVY_BODY
 }
 

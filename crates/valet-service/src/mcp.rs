@@ -115,43 +115,36 @@ impl Valet {
         };
         // The POST read once, as the canonical call reads a body: JSON-RPC is application/json.
         crate::gateway::refuse_content_encoding(&request.content_encodings)?;
-        let value = match Body::read(&request.content_types, request.body) {
-            Ok(Body::Json { media_type, value }) if media_type == "application/json" => value,
-            Ok(other) => {
-                return Err(CallRefusal::BadHeader {
-                    header: "Content-Type".into(),
-                    reason: format!(
-                        "{}: send JSON-RPC as application/json",
-                        other.content_type().unwrap_or_else(|| "(none)".into())
-                    ),
-                }
-                .into());
-            }
-            Err(BodyError::Json(error)) => {
-                return Err(CallRefusal::Denied {
-                    scope: scope.name.clone(),
-                    rules: allow.summary(),
-                    asked: "a body that is not JSON-RPC".into(),
-                    reason: McpDenial::NotJsonRpc(error.to_string()).to_string(),
-                }
-                .into());
-            }
-            Err(error) => {
-                return Err(CallRefusal::BadHeader {
-                    header: "Content-Type".into(),
-                    reason: error.to_string(),
-                }
-                .into());
-            }
+        let (checked, body) = if crate::gateway::body_is_heavy(request.body) {
+            // A large POST is read on the blocking pool: no request holds the async workers.
+            let content_types: Vec<String> = request
+                .content_types
+                .iter()
+                .map(|value| value.to_string())
+                .collect();
+            let (bytes, allow, params, scope_name) = (
+                bytes::Bytes::copy_from_slice(request.body),
+                allow.clone(),
+                grant.params.clone(),
+                scope.name.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                let content_types: Vec<&str> = content_types.iter().map(String::as_str).collect();
+                read_post(&content_types, &bytes, &allow, &params, &scope_name)
+            })
+            .await
+            .map_err(|error| {
+                ServiceError::Internal(format!("reading the call failed: {error}"))
+            })??
+        } else {
+            read_post(
+                &request.content_types,
+                request.body,
+                &allow,
+                &grant.params,
+                &scope.name,
+            )?
         };
-        let (checked, body) = mcp::check_post(&value, &allow, &grant.params).map_err(|denial| {
-            CallRefusal::Denied {
-                scope: scope.name.clone(),
-                rules: allow.summary(),
-                asked: denial.asked(),
-                reason: denial.to_string(),
-            }
-        })?;
         let holder = GrantHolder {
             site,
             principal: grant.principal.clone(),
@@ -222,4 +215,47 @@ impl Valet {
             server_session,
         })
     }
+}
+
+/// A POST of JSON-RPC read once, as the canonical call reads a body (`application/json`, strict
+/// JSON), then checked message by message against what the scope allows.
+fn read_post(
+    content_types: &[&str],
+    bytes: &[u8],
+    allow: &McpAllow,
+    params: &std::collections::BTreeMap<String, String>,
+    scope: &str,
+) -> Result<(Vec<CheckedMessage>, Vec<u8>), CallRefusal> {
+    let denied = |asked: String, reason: String| CallRefusal::Denied {
+        scope: scope.to_string(),
+        rules: allow.summary(),
+        asked,
+        reason,
+    };
+    let value = match Body::read(content_types, bytes) {
+        Ok(Body::Json { media_type, value }) if media_type == "application/json" => value,
+        Ok(other) => {
+            return Err(CallRefusal::BadHeader {
+                header: "Content-Type".into(),
+                reason: format!(
+                    "{}: send JSON-RPC as application/json",
+                    other.content_type().unwrap_or_else(|| "(none)".into())
+                ),
+            });
+        }
+        Err(BodyError::Json(error)) => {
+            return Err(denied(
+                "a body that is not JSON-RPC".into(),
+                McpDenial::NotJsonRpc(error.to_string()).to_string(),
+            ));
+        }
+        Err(error) => {
+            return Err(CallRefusal::BadHeader {
+                header: "Content-Type".into(),
+                reason: error.to_string(),
+            });
+        }
+    };
+    mcp::check_post(&value, allow, params)
+        .map_err(|denial| denied(denial.asked(), denial.to_string()))
 }
