@@ -399,7 +399,7 @@ async fn the_root_secret_cannot_be_recovered_from_any_answer() {
         .await
         .unwrap();
     let token = issued.token_str();
-    let masked = "*".repeat(RAILWAY_ROOT_SECRET.len());
+    let masked = "[masked by valet]";
     for (what, encoding, range) in [
         ("plain", None, None),
         ("gzip asked", Some("gzip"), None),
@@ -425,7 +425,7 @@ async fn the_root_secret_cannot_be_recovered_from_any_answer() {
             "{what}: {}",
             reply.body
         );
-        assert!(reply.body.contains(&masked), "{what}: the echo is masked");
+        assert!(reply.body.contains(masked), "{what}: the echo is masked");
     }
     // An upstream that encodes anyway: nothing of its answer is passed on.
     let reply = call(

@@ -144,7 +144,7 @@ async fn answer(
         let (sender, receiver) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
         tokio::spawn(async move {
             let _ = sender
-                .send(Ok(Frame::data(Bytes::from_static(b"first\n"))))
+                .send(Ok(Frame::data(Bytes::from(stream_first()))))
                 .await;
             release.notified().await;
             let _ = sender
@@ -175,6 +175,15 @@ async fn answer(
         response
     };
     Ok(response)
+}
+
+/// The first chunk `/stream` sends: longer than the gateway's masking window (4 KiB), so part of
+/// it reaches the agent before the second chunk is released.
+pub fn stream_first() -> Vec<u8> {
+    let mut first = b"first ".to_vec();
+    first.extend(std::iter::repeat_n(b'x', 6000));
+    first.push(b'\n');
+    first
 }
 
 fn text(body: &str) -> http::Response<Body> {

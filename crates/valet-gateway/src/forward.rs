@@ -41,6 +41,18 @@ pub async fn forward(
 ) -> http::Response<Body> {
     let started = Instant::now();
     let valet = &gateway.valet;
+    // A credential the answer could not be masked for is never sent.
+    let masker = match stream::masker_for(&decision.secret) {
+        Ok(masker) => masker,
+        Err(too_long) => {
+            let refusal = CallRefusal::UpstreamFailed {
+                upstream: decision.upstream.name.clone(),
+                detail: too_long.to_string(),
+            };
+            let error = valet.call_failed(&decision, refusal).await;
+            return response::error_response(valet, &error, Some(&decision.grant.id));
+        }
+    };
     let sent = send(gateway, parts, &decision).await;
     // The call's record was written before the call left; nothing of the answer reaches the
     // agent before that record is on disk.
@@ -63,18 +75,62 @@ pub async fn forward(
             return response::error_response(valet, &error, Some(&decision.grant.id));
         }
     };
-    let (mut parts, upstream_body) = answer.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    let masker = stream::masker_for(&decision.upstream, &decision.secret);
-    for value in parts.headers.values_mut() {
-        if let Some(masked) = masker.mask_once(value.as_bytes())
-            && let Ok(masked) = HeaderValue::from_bytes(&masked)
-        {
-            *value = masked;
+    let (parts, upstream_body) = answer.into_parts();
+    let status = parts.status;
+    // The gateway's own response: the upstream's status code, never its reason phrase (hyper
+    // keeps a non-standard one in the extensions); only the answer headers clients read, masked.
+    let mut response = http::Response::new(());
+    *response.status_mut() = status;
+    *response.headers_mut() = answer_headers(&parts.headers, &masker);
+    let closing = Closing::new(valet.clone(), decision, status.as_u16(), started);
+    let (parts, ()) = response.into_parts();
+    http::Response::from_parts(parts, stream::masked(upstream_body, masker, closing))
+}
+
+/// The headers of an upstream's answer an agent receives: what clients read about a body, a
+/// redirect, caching and retrying, each masked. Everything else — `Set-Cookie` (a session the
+/// root credential opened would carry its authority), `Content-Length` (masking changes lengths),
+/// diagnostics and custom headers an upstream may reflect the request into — is dropped.
+pub const ANSWER_HEADERS: [&str; 24] = [
+    "content-type",
+    "content-language",
+    "content-disposition",
+    "cache-control",
+    "etag",
+    "last-modified",
+    "expires",
+    "location",
+    "retry-after",
+    "link",
+    "vary",
+    "www-authenticate",
+    "x-request-id",
+    "x-github-request-id",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "x-ratelimit-used",
+    "x-ratelimit-resource",
+    "ratelimit",
+    "ratelimit-policy",
+    "ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+];
+
+/// The allowlisted answer headers, masked; a value that masking makes unusable as a header is
+/// dropped.
+pub fn answer_headers(sent: &HeaderMap, masker: &crate::mask::Masker) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in sent {
+        if !ANSWER_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
+        if let Ok(masked) = HeaderValue::from_bytes(&masker.mask_whole(value.as_bytes())) {
+            headers.append(name.clone(), masked);
         }
     }
-    let closing = Closing::new(valet.clone(), decision, parts.status.as_u16(), started);
-    http::Response::from_parts(parts, stream::masked(upstream_body, masker, closing))
+    headers
 }
 
 async fn send(

@@ -332,7 +332,17 @@ async fn dispatch(
         server_session,
     } = decision;
     let filter = ReplyFilter::new(&checked, allow, call.grant.params.clone());
-    let masker = stream::masker_for(&call.upstream, &call.secret);
+    let masker = match stream::masker_for(&call.secret) {
+        Ok(masker) => masker,
+        Err(too_long) => {
+            let refused = CallRefusal::UpstreamFailed {
+                upstream: call.upstream.name.clone(),
+                detail: too_long.to_string(),
+            };
+            let error = valet.call_failed(&call, refused).await;
+            return refusal(&valet, &error, Some(&call.grant.id), single_id(&call.body));
+        }
+    };
     let answered = match &call.upstream.target {
         Target::Url { .. } => {
             remote(
@@ -351,19 +361,17 @@ async fn dispatch(
         return refusal(&valet, &error, Some(&call.grant.id), single_id(&call.body));
     }
     match answered {
-        Ok((status, headers, body)) => {
+        Ok((status, headers, body, framing)) => {
             let mut response = http::Response::new(Full::new(Bytes::new()));
             *response.status_mut() = status;
             for (name, value) in &headers {
-                let value = masker
-                    .mask_once(value.as_bytes())
-                    .and_then(|masked| HeaderValue::from_bytes(&masked).ok())
-                    .unwrap_or_else(|| value.clone());
-                response.headers_mut().insert(name.clone(), value);
+                if let Ok(value) = HeaderValue::from_bytes(&masker.mask_whole(value.as_bytes())) {
+                    response.headers_mut().insert(name.clone(), value);
+                }
             }
             let (parts, _) = response.into_parts();
             let closing = Closing::new(valet, call, status.as_u16(), started);
-            http::Response::from_parts(parts, stream::masked(body, masker, closing))
+            http::Response::from_parts(parts, stream::masked_as(body, masker, closing, framing))
         }
         Err(refused) => {
             let error = valet.call_failed(&call, refused).await;
@@ -372,7 +380,9 @@ async fn dispatch(
     }
 }
 
-type Answered = (http::StatusCode, HeaderMap, Body);
+/// The server's answer: status, the headers the agent gets, the body and how it is framed (a
+/// JSON body or SSE events re-serialised whole, or bytes as they came).
+type Answered = (http::StatusCode, HeaderMap, Body, stream::Framing);
 
 /// A remote server over Streamable HTTP: the checked body POSTed with the root credential on
 /// the leg, and the headers the protocol needs built by the gateway from what it checked.
@@ -459,6 +469,13 @@ async fn remote(
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default()
         .to_ascii_lowercase();
+    let framing = if content_type.starts_with("text/event-stream")
+        || content_type.starts_with("application/json")
+    {
+        stream::Framing::Whole
+    } else {
+        stream::Framing::Stream
+    };
     let body: Body = if content_type.starts_with("text/event-stream") {
         // Event by event, as they arrive: a long tool call streams its progress.
         let events =
@@ -504,7 +521,7 @@ async fn remote(
         // to narrow; it is still masked.
         BodyExt::boxed(body.map_err(|error| Box::new(error) as BoxError))
     };
-    Ok((parts.status, kept, body))
+    Ok((parts.status, kept, body, framing))
 }
 
 /// A stdio server valetd runs for this grant: `initialize` and `server/discover` are answered
@@ -607,6 +624,7 @@ async fn stdio(
             http::StatusCode::ACCEPTED,
             headers,
             response::full(Bytes::new()),
+            stream::Framing::Whole,
         ));
     }
     // The canonical body is an array exactly when the agent sent a batch.
@@ -629,6 +647,7 @@ async fn stdio(
         http::StatusCode::OK,
         headers,
         response::full(Bytes::from(body)),
+        stream::Framing::Whole,
     ))
 }
 

@@ -5,12 +5,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use valet_core::config::Upstream;
 use valet_service::{CallDecision, CallOutcome, Valet};
 
-use crate::forward::percent_encode;
 use crate::mask::Masker;
 use crate::response::{Body, BoxError};
 
@@ -74,17 +73,10 @@ impl std::fmt::Debug for Closing {
     }
 }
 
-/// The secret as an upstream could echo it: raw, and percent-encoded (a redirect's URL, an error
-/// page quoting the query string), so an echo of either form is caught.
-pub fn masker_for(_upstream: &Upstream, secret: &valet_core::Secret) -> Masker {
-    let mut needles = vec![secret.expose().to_vec()];
-    if let Some(text) = secret.expose_str() {
-        let encoded = percent_encode(text);
-        if encoded != text {
-            needles.push(encoded.into_bytes());
-        }
-    }
-    Masker::new(needles)
+/// The masker for a call's answer: every form an upstream may write the root credential in (see
+/// [`crate::mask::needles_of`]).
+pub fn masker_for(secret: &valet_core::Secret) -> Result<Masker, crate::mask::TooLong> {
+    Masker::new(crate::mask::needles_of(secret.expose()))
 }
 
 /// The upstream's body, streamed frame by frame as it arrives, with the root credential masked,
@@ -94,23 +86,46 @@ where
     B: hyper::body::Body<Data = bytes::Bytes> + Send + Sync + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
+    masked_as(body, masker, closing, Framing::Stream)
+}
+
+/// How a body's frames relate to what is masked in them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Bytes as an upstream streams them: masked through the fixed window.
+    Stream,
+    /// Each frame is whole units the gateway built (a re-serialised JSON body, complete SSE
+    /// events): masked frame by frame, released at once.
+    Whole,
+}
+
+/// The body masked as its framing says, counted for the closing record.
+pub fn masked_as<B>(body: B, masker: Masker, closing: Closing, framing: Framing) -> Body
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let stream = futures::stream::unfold(
         (Some(body), masker, closing),
-        |(body, mut masker, mut closing)| async move {
+        move |(body, mut masker, mut closing)| async move {
             let mut body = body?;
             loop {
                 match body.frame().await {
                     Some(Ok(frame)) => match frame.into_data() {
                         Ok(data) => {
                             closing.bytes += data.len() as u64;
-                            let ready = masker.push(&data);
+                            let ready = match framing {
+                                Framing::Stream => masker.push(&data),
+                                Framing::Whole => Bytes::from(masker.mask_whole(&data)),
+                            };
                             if ready.is_empty() {
                                 continue;
                             }
                             return Some((Ok(Frame::data(ready)), (Some(body), masker, closing)));
                         }
-                        // Trailers pass through.
-                        Err(frame) => return Some((Ok(frame), (Some(body), masker, closing))),
+                        // Trailers are not passed on: a value of theirs would be a channel the
+                        // masker does not see (an HTTP/2 upstream could put the credential in one).
+                        Err(_) => continue,
                     },
                     Some(Err(error)) => {
                         return Some((Err(error.into()), (Some(body), masker, closing)));
