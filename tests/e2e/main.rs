@@ -27,3 +27,4 @@ mod startup;
 mod tls;
 mod tour;
 mod traces;
+mod unobservable;

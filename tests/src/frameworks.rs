@@ -124,6 +124,18 @@ impl Framework {
         }
     }
 
+    /// An upstream that reflects its request into every channel of its answer (status line,
+    /// a header, agent-chosen body chunks, an HTTP/2 trailer): over HTTP/1.1, or with `tls`
+    /// (certificate and key files) HTTP/2 over TLS.
+    pub fn reflect(tls: Option<(&Path, &Path)>) -> Framework {
+        let mut command = Command::new("node");
+        command.arg(repository().join("tests/upstreams/reflect.js"));
+        let after: Vec<&std::ffi::OsStr> = tls
+            .map(|(certificate, key)| vec![certificate.as_os_str(), key.as_os_str()])
+            .unwrap_or_default();
+        Framework::start_with(&mut command, &after)
+    }
+
     fn node(script: &str) -> Framework {
         let modules = repository().join("tests/upstreams/node_modules");
         assert!(
@@ -137,12 +149,19 @@ impl Framework {
     }
 
     fn start(command: &mut Command) -> Framework {
+        Framework::start_with(command, &[])
+    }
+
+    /// Starts `command PORT LOG [after…]` with port 0 and a fresh log, and waits for the line
+    /// saying where it listens.
+    fn start_with(command: &mut Command, after: &[&std::ffi::OsStr]) -> Framework {
         let directory = tempfile::tempdir().expect("temp dir");
         let log = directory.path().join("executed.jsonl");
         std::fs::write(&log, b"").expect("create the execution log");
         let mut child = command
             .arg("0")
             .arg(&log)
+            .args(after)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -1,0 +1,90 @@
+// An upstream that reflects its request into every channel of its answer, streaming bytes the
+// agent chooses in chunks the agent chooses: the worst case of an API that echoes (a debug
+// endpoint, job logs the agent can write into, an error page quoting headers). Wherever a part
+// says "$AUTH", the Authorization header it received — the root credential — goes instead.
+//
+//   POST /reflect  {"status_message": "...", "header": "...", "trailer": "...",
+//                   "chunks": ["...", "$AUTH", ...], "pause_ms": 25}
+//
+// The status line's reason phrase, a header (x-reflect), each chunk of the body and (over HTTP/2)
+// a trailer (x-trailer) carry what the agent asked, $AUTH replaced. Every request is appended to
+// the log as one JSON line.
+//
+// Usage: node reflect.js PORT LOG                  HTTP/1.1 on 127.0.0.1:PORT (0: any)
+//        node reflect.js PORT LOG CERT KEY         HTTP/2 over TLS (h2 by ALPN)
+// Prints "listening on PORT" once it listens.
+"use strict";
+const fs = require("fs");
+const http = require("http");
+const http2 = require("http2");
+
+const [port, log, cert, key] = process.argv.slice(2);
+
+function plan(body) {
+  try {
+    return JSON.parse(body || "{}");
+  } catch (error) {
+    return { chunks: ["not JSON"] };
+  }
+}
+
+function fill(text, auth) {
+  return String(text === undefined ? "" : text).split("$AUTH").join(auth);
+}
+
+function readBody(request, done) {
+  const parts = [];
+  request.on("data", (part) => parts.push(part));
+  request.on("end", () => done(Buffer.concat(parts).toString("utf8")));
+}
+
+async function stream(response, chunks, auth, pauseMs) {
+  for (const chunk of chunks) {
+    response.write(fill(chunk, auth));
+    await new Promise((resolve) => setTimeout(resolve, pauseMs));
+  }
+}
+
+function logged(request, asked) {
+  fs.appendFileSync(log, JSON.stringify({ path: request.url, http: request.httpVersion, asked }) + "\n");
+}
+
+if (cert) {
+  const server = http2.createSecureServer({ cert: fs.readFileSync(cert), key: fs.readFileSync(key) });
+  server.on("stream", (h2stream, headers) => {
+    const parts = [];
+    h2stream.on("data", (part) => parts.push(part));
+    h2stream.on("end", async () => {
+      const asked = plan(Buffer.concat(parts).toString("utf8"));
+      const auth = headers.authorization || "";
+      fs.appendFileSync(log, JSON.stringify({ path: headers[":path"], http: "2", asked }) + "\n");
+      h2stream.respond(
+        { ":status": 200, "content-type": "text/plain", "x-reflect": fill(asked.header, auth) },
+        { waitForTrailers: true },
+      );
+      h2stream.on("wantTrailers", () => h2stream.sendTrailers({ "x-trailer": fill(asked.trailer, auth) }));
+      for (const chunk of asked.chunks || []) {
+        h2stream.write(fill(chunk, auth));
+        await new Promise((resolve) => setTimeout(resolve, asked.pause_ms || 25));
+      }
+      h2stream.end();
+    });
+  });
+  server.listen(Number(port), "127.0.0.1", () => console.log(`listening on ${server.address().port}`));
+} else {
+  const server = http.createServer((request, response) => {
+    readBody(request, async (body) => {
+      const asked = plan(body);
+      const auth = request.headers.authorization || "";
+      logged(request, asked);
+      response.statusCode = 200;
+      response.statusMessage = fill(asked.status_message || "OK", auth);
+      response.setHeader("content-type", "text/plain");
+      response.setHeader("x-reflect", fill(asked.header, auth));
+      response.flushHeaders();
+      await stream(response, asked.chunks || [], auth, asked.pause_ms || 25);
+      response.end();
+    });
+  });
+  server.listen(Number(port), "127.0.0.1", () => console.log(`listening on ${server.address().port}`));
+}
