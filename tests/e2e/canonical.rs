@@ -32,7 +32,11 @@ fn config(servers: &[(&str, &Framework)], go_mcp: &str, graphql: &[(&str, &Frame
     let mut extra = String::new();
     let mut scopes = vec![];
     for (name, server) in servers {
-        extra.push_str(&upstream(&format!("rest-{name}"), &server.url, ""));
+        extra.push_str(&upstream(
+            &format!("rest-{name}"),
+            &server.url,
+            "forward_headers = [\"x-api-version\"]\n",
+        ));
         extra.push_str(&format!(
             r#"
 [[scope]]
@@ -50,10 +54,45 @@ approval = {{ timeout = "5m" }}
 method = "POST"
 path = "/deployments/scale"
 max_body = 1048576
+
+[[scope]]
+name = "{name}-deploy"
+upstream = "rest-{name}"
+environment = "staging"
+default_ttl = "5m"
+max_ttl = "10m"
+[scope.params.env]
+values = ["staging", "production"]
+[[scope.allow]]
+method = "POST"
+path = "/deploy"
+query = {{ env = "{{env}}" }}
 "#
         ));
-        scopes.push(format!("\"{name}-volumes\""));
+        scopes.push(format!("\"{name}-volumes\", \"{name}-deploy\""));
     }
+    // Two rules on one route, under different approval policies.
+    extra.push_str(
+        r#"
+[[scope]]
+name = "go-two-rules"
+upstream = "rest-go"
+environment = "staging"
+default_ttl = "5m"
+max_ttl = "10m"
+[[scope.allow]]
+method = "POST"
+path = "/volumes/delete"
+max_body = 64
+approval = { approvers = ["admin"], timeout = "5m" }
+[[scope.allow]]
+method = "POST"
+path = "/volumes/delete"
+max_body = 65536
+approval = { timeout = "5m" }
+"#,
+    );
+    scopes.push("\"go-two-rules\"".into());
     extra.push_str(&upstream("go-mcp", go_mcp, "kind = \"mcp\"\n"));
     extra.push_str(
         r#"
@@ -166,6 +205,9 @@ impl Stack {
         let mut request = TokenRequest::new(scope, task);
         if scope == "go-mcp-staging" {
             request = request.with_param("namespace", "staging");
+        }
+        if scope.ends_with("-deploy") {
+            request = request.with_param("env", "staging");
         }
         self.valetd
             .client(AGENT_KEY)
@@ -662,4 +704,229 @@ async fn docs_approvals_md_shows_what_an_approver_reads_for_a_rest_and_an_mcp_ca
         .unwrap();
     assert!(answer.body.contains("not today"), "{}", answer.body);
     assert!(stack.go_mcp.executed().is_empty());
+}
+
+#[tokio::test]
+async fn json_under_another_type_meets_json_s_rules_and_types_read_by_prefix_are_refused() {
+    let stack = Stack::start();
+    let gateway = stack.gateway();
+    let (name, server) = &stack.rest[2];
+    let token = stack.token(&format!("{name}-volumes"), "sniffed").await;
+    let path = format!("/u/rest-{name}/deployments/scale");
+    // Go's handler reads the body as JSON whatever its type says.
+    let folded = r#"{"namespace": "staging", "deployment": "web", "NAMESPACE": "production"}"#;
+    for content_type in ["text/plain", "application/octet-stream"] {
+        let refused = post(
+            &gateway,
+            &path,
+            &token,
+            folded,
+            &[("content-type", content_type)],
+        )
+        .await;
+        assert_eq!(refused.status, 400, "{content_type}: {}", refused.body);
+        assert!(
+            refused
+                .body
+                .contains("JSON sent under another Content-Type"),
+            "{}",
+            refused.body
+        );
+    }
+    // Symfony reads any type starting with application/x-www-form-urlencoded as a form.
+    let prefixed = post(
+        &gateway,
+        &path,
+        &token,
+        r#"{"namespace": "staging", "deployment": "web"}"#,
+        &[("content-type", "application/x-www-form-urlencoded+json")],
+    )
+    .await;
+    assert_eq!(prefixed.status, 400, "{}", prefixed.body);
+    assert!(server.executed().is_empty(), "{:?}", server.executed());
+    // Plain text that is valid JSON, each name once, passes as the text it is.
+    let fine = post(
+        &gateway,
+        &path,
+        &token,
+        r#"{"namespace": "staging", "deployment": "web"}"#,
+        &[("content-type", "text/plain")],
+    )
+    .await;
+    assert_eq!(fine.status, 200, "{}", fine.body);
+    assert_eq!(server.executed()[0]["namespace"], "staging");
+}
+
+#[tokio::test]
+async fn a_body_cannot_override_a_bound_query_parameter_or_the_method() {
+    let stack = Stack::start();
+    let gateway = stack.gateway();
+    for (name, server) in &stack.rest {
+        if !["go", "php"].contains(name) {
+            continue;
+        }
+        let token = stack
+            .token(&format!("{name}-deploy"), &format!("merge-{name}"))
+            .await;
+        let path = format!("/u/rest-{name}/deploy?env=staging");
+        let form = [("content-type", "application/x-www-form-urlencoded")];
+        // PHP's $_REQUEST and Go's r.FormValue take the body's env over the query's.
+        for body in ["env=production", "ENV=production"] {
+            let refused = post(&gateway, &path, &token, body, &form).await;
+            assert_eq!(refused.status, 400, "{name} {body}: {}", refused.body);
+            assert!(
+                refused.body.contains("also a query parameter"),
+                "{}",
+                refused.body
+            );
+        }
+        let json = post(&gateway, &path, &token, r#"{"env": "production"}"#, &[]).await;
+        assert_eq!(json.status, 400, "{name}: {}", json.body);
+        assert!(
+            server.executed().is_empty(),
+            "{name}: {:?}",
+            server.executed()
+        );
+        let fine = post(&gateway, &path, &token, "note=ok", &form).await;
+        assert_eq!(fine.status, 200, "{name}: {}", fine.body);
+        let executed = server.executed();
+        let env = if *name == "go" {
+            "formvalue_env"
+        } else {
+            "request_env"
+        };
+        assert_eq!(executed[0][env], "staging", "{name}: {executed:?}");
+    }
+    // method-override reading `_method` from a form or JSON body (Express).
+    let (name, server) = &stack.rest[0];
+    let token = stack.token(&format!("{name}-volumes"), "override").await;
+    let path = format!("/u/rest-{name}/deployments/scale");
+    for (body, content_type) in [
+        (
+            "_method=DELETE&namespace=staging",
+            "application/x-www-form-urlencoded",
+        ),
+        (
+            r#"{"_method": "DELETE", "namespace": "staging"}"#,
+            "application/json",
+        ),
+        (
+            r#"{"_METHOD": "DELETE", "namespace": "staging"}"#,
+            "application/json",
+        ),
+    ] {
+        let refused = post(
+            &gateway,
+            &path,
+            &token,
+            body,
+            &[("content-type", content_type)],
+        )
+        .await;
+        assert_eq!(refused.status, 400, "{body}: {}", refused.body);
+        assert!(refused.body.contains("method-override"), "{}", refused.body);
+    }
+    assert!(server.executed().is_empty(), "{:?}", server.executed());
+}
+
+#[tokio::test]
+async fn an_approval_binds_the_headers_the_upstream_receives_and_the_rule_that_asked() {
+    let stack = Stack::start();
+    let gateway = stack.gateway();
+    let (name, server) = &stack.rest[3];
+    let token = stack.token(&format!("{name}-volumes"), "headers").await;
+    let path = format!("/u/rest-{name}/volumes/delete");
+    let body = r#"{"volumeId":"scratch"}"#;
+    let asked = post(
+        &gateway,
+        &path,
+        &token,
+        body,
+        &[("x-api-version", "2023-01-01")],
+    )
+    .await;
+    assert_eq!(asked.status, 428, "{}", asked.body);
+    let id = asked.json()["approval_id"].as_str().unwrap().to_string();
+    let shown = pending(&stack.valetd, &id).await;
+    assert!(
+        shown.rendered.contains("x-api-version: 2023-01-01"),
+        "{}",
+        shown.rendered
+    );
+    approve(&stack.valetd, &id).await;
+    let other_version = post(
+        &gateway,
+        &path,
+        &token,
+        body,
+        &[("x-api-version", "2099-12-31"), ("valet-approval", &id)],
+    )
+    .await;
+    assert_eq!(other_version.status, 403, "{}", other_version.body);
+    assert!(
+        other_version.body.contains("headers"),
+        "{}",
+        other_version.body
+    );
+    let added = post(
+        &gateway,
+        &path,
+        &token,
+        body,
+        &[
+            ("x-api-version", "2023-01-01"),
+            ("if-match", "*"),
+            ("valet-approval", &id),
+        ],
+    )
+    .await;
+    assert_eq!(added.status, 403, "{}", added.body);
+    let twice = post(
+        &gateway,
+        &path,
+        &token,
+        body,
+        &[
+            ("x-api-version", "2023-01-01"),
+            ("x-api-version", "2099-12-31"),
+        ],
+    )
+    .await;
+    assert_eq!(twice.status, 400, "a header sent twice: {}", twice.body);
+    assert!(server.executed().is_empty());
+    let released = post(
+        &gateway,
+        &path,
+        &token,
+        body,
+        &[("x-api-version", "2023-01-01"), ("valet-approval", &id)],
+    )
+    .await;
+    assert_eq!(released.status, 200, "{}", released.body);
+
+    // Padding the body does not move the call to a rule with a weaker approval: rules bound what
+    // the upstream receives, and an approval is for the rule that asked.
+    let token = stack.token("go-two-rules", "two-rules").await;
+    let padded = format!("{{\"volumeId\":\"prod-db\"{}}}", " ".repeat(100));
+    let asked = post(&gateway, "/u/rest-go/volumes/delete", &token, &padded, &[]).await;
+    assert_eq!(asked.status, 428, "{}", asked.body);
+    let id = asked.json()["approval_id"].as_str().unwrap().to_string();
+    let shown = pending(&stack.valetd, &id).await;
+    assert_eq!(
+        shown.approvers,
+        ["admin"],
+        "the first rule's policy: {shown:?}"
+    );
+    let by_operator = stack
+        .valetd
+        .client(OPERATOR_KEY)
+        .await
+        .admin()
+        .approve(v1::ApproveRequest {
+            id: id.clone(),
+            confirm: String::new(),
+            reason: "not mine to give".into(),
+        })
+        .await;
+    assert!(by_operator.is_err(), "only admin approves under allow[0]");
 }

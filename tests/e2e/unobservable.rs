@@ -14,7 +14,13 @@ use valet_tests::{AGENT_KEY, Deployment, Valetd, standard_config};
 /// What every complete occurrence becomes.
 const MARKER: &str = "[masked by valet]";
 
-fn config(reflect: &str, reflect_h2: &str, ca: &Path, mcp_remote: &str, stdio_log: &Path) -> String {
+fn config(
+    reflect: &str,
+    reflect_h2: &str,
+    ca: &Path,
+    mcp_remote: &str,
+    stdio_log: &Path,
+) -> String {
     let extra = format!(
         r#"
 [[upstream]]
@@ -182,10 +188,13 @@ async fn capture_with(gateway: &str, path: &str, token: &str, body: &str, extra:
     );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(60), stream.read_to_end(&mut raw))
-        .await
-        .expect("the answer ends")
-        .unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        stream.read_to_end(&mut raw),
+    )
+    .await
+    .expect("the answer ends")
+    .unwrap();
     let split = raw
         .windows(4)
         .position(|window| window == b"\r\n\r\n")
@@ -198,13 +207,19 @@ async fn capture_with(gateway: &str, path: &str, token: &str, body: &str, extra:
         .map(|line| line.to_ascii_lowercase())
         .collect();
     headers.sort();
-    let chunked = headers.iter().any(|line| line == "transfer-encoding: chunked");
+    let chunked = headers
+        .iter()
+        .any(|line| line == "transfer-encoding: chunked");
     let mut rest = &raw[split + 4..];
     let mut chunks = Vec::new();
     if chunked {
         loop {
-            let end = rest.windows(2).position(|window| window == b"\r\n").unwrap();
-            let size = usize::from_str_radix(std::str::from_utf8(&rest[..end]).unwrap().trim(), 16).unwrap();
+            let end = rest
+                .windows(2)
+                .position(|window| window == b"\r\n")
+                .unwrap();
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..end]).unwrap().trim(), 16)
+                .unwrap();
             rest = &rest[end + 2..];
             if size == 0 {
                 break;
@@ -227,7 +242,10 @@ struct Scripts(u64);
 
 impl Scripts {
     fn next(&mut self, bound: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 33) % bound
     }
 
@@ -241,7 +259,9 @@ impl Scripts {
             for _ in 0..(1 + self.next(3)) {
                 match self.next(5) {
                     0 => chunk.push_str("$AUTH"),
-                    1 => chunk.push_str(&guessed[..1 + self.next(guessed.len() as u64 - 1) as usize]),
+                    1 => {
+                        chunk.push_str(&guessed[..1 + self.next(guessed.len() as u64 - 1) as usize])
+                    }
                     2 => chunk.push_str(&".".repeat(self.next(5000) as usize)),
                     _ => {
                         let length = self.next(40) as usize;
@@ -264,7 +284,10 @@ impl Scripts {
 #[tokio::test]
 async fn the_same_agent_sees_the_same_bytes_whatever_the_root_secret_is() {
     // Two secrets of different lengths; the agent guesses at prefixes of the first.
-    let (first, second) = ("rk_live_4f8c2a7e9b1d3f5a6c8e0b2d4f6a8c0e", "sk_other_93jd71ka");
+    let (first, second) = (
+        "rk_live_4f8c2a7e9b1d3f5a6c8e0b2d4f6a8c0e",
+        "sk_other_93jd71ka",
+    );
     let runs = [Run::start(first), Run::start(second)];
     let mut scripts = Scripts(0x5eed_0f_7a1e);
     for round in 0..10 {
@@ -281,15 +304,26 @@ async fn the_same_agent_sees_the_same_bytes_whatever_the_root_secret_is() {
             let mut both = Vec::new();
             for scope in ["reflect", "reflect-h2"] {
                 let token = run.token(scope).await;
-                let captured = capture(&gateway, &format!("/u/{scope}/reflect"), &token, &script).await;
-                assert_eq!(captured.status_line, "HTTP/1.1 200 OK", "{scope}: the gateway's own status line");
+                let captured =
+                    capture(&gateway, &format!("/u/{scope}/reflect"), &token, &script).await;
+                assert_eq!(
+                    captured.status_line, "HTTP/1.1 200 OK",
+                    "{scope}: the gateway's own status line"
+                );
                 assert!(
-                    !captured.headers.iter().any(|header| header.starts_with("x-reflect") || header.starts_with("x-trailer")),
+                    !captured
+                        .headers
+                        .iter()
+                        .any(|header| header.starts_with("x-reflect")
+                            || header.starts_with("x-trailer")),
                     "{scope}: reflected headers and trailers are not passed on: {:?}",
                     captured.headers
                 );
                 let body = captured.body();
-                assert!(!body.contains(first) && !body.contains(second), "{scope}: {body}");
+                assert!(
+                    !body.contains(first) && !body.contains(second),
+                    "{scope}: {body}"
+                );
                 assert_eq!(body.contains(MARKER), reflects_in_body, "{scope}: {body}");
                 both.push(captured);
             }
@@ -310,7 +344,8 @@ async fn the_same_agent_sees_the_same_bytes_whatever_the_root_secret_is() {
         }},
     })
     .to_string();
-    let modern = "mcp-protocol-version: 2026-07-28\r\naccept: application/json, text/event-stream\r\n";
+    let modern =
+        "mcp-protocol-version: 2026-07-28\r\naccept: application/json, text/event-stream\r\n";
     for upstream in ["mcp-remote", "mcp-stdio"] {
         let mut seen = Vec::new();
         for run in &runs {
@@ -319,7 +354,10 @@ async fn the_same_agent_sees_the_same_bytes_whatever_the_root_secret_is() {
             let captured =
                 capture_with(&gateway, &format!("/mcp/{upstream}"), &token, &call, modern).await;
             let body = captured.body();
-            assert!(body.contains(&format!("account token: {MARKER}")), "{upstream}: {body}");
+            assert!(
+                body.contains(&format!("account token: {MARKER}")),
+                "{upstream}: {body}"
+            );
             seen.push(body);
         }
         assert_eq!(seen[0], seen[1], "{upstream}");

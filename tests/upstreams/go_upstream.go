@@ -74,6 +74,12 @@ func volumesDelete(writer http.ResponseWriter, request *http.Request) {
 	reply(writer, 200, map[string]string{"deleted": call.VolumeID})
 }
 
+// POST /deploy: r.FormValue, which reads the body's form before the query.
+func deploy(writer http.ResponseWriter, request *http.Request) {
+	executed(map[string]interface{}{"route": "deploy", "query_env": request.URL.Query().Get("env"), "formvalue_env": request.FormValue("env")})
+	reply(writer, 200, map[string]string{"env": request.FormValue("env")})
+}
+
 // POST /deployments/scale
 func deploymentsScale(writer http.ResponseWriter, request *http.Request) {
 	var call scaleDeployment
@@ -188,6 +194,7 @@ func main() {
 	fmt.Printf("listening on %d\n", listener.Addr().(*net.TCPAddr).Port)
 	http.HandleFunc("/volumes/delete", volumesDelete)
 	http.HandleFunc("/deployments/scale", deploymentsScale)
+	http.HandleFunc("/deploy", deploy)
 	http.HandleFunc("/mcp", mcp)
 	http.Serve(listener, nil)
 }

@@ -4,6 +4,8 @@
 // `a b` into `a_b` and `a[b]` into arrays). Every call it executes is appended to the log file
 // named by UPSTREAM_LOG as one JSON line: what really ran.
 //
+// `/deploy` reads its parameters from $_REQUEST (query and body merged, the body winning).
+//
 // Usage: UPSTREAM_LOG=FILE php -S 127.0.0.1:PORT php_upstream.php
 
 function executed(array $entry): void
@@ -44,6 +46,17 @@ switch ($path) {
         $volume = $call['volumeId'] ?? null;
         executed(['route' => 'delete_volume', 'volumeId' => $volume, 'content_type' => $_SERVER['CONTENT_TYPE'] ?? '']);
         reply(200, ['deleted' => $volume]);
+        break;
+    case '/deploy':
+        // Parameters as many handlers read them: $_REQUEST (query and body merged, the body
+        // winning), and a version header that picks behaviour.
+        executed([
+            'route' => 'deploy',
+            'get_env' => $_GET['env'] ?? null,
+            'request_env' => $_REQUEST['env'] ?? null,
+            'api_version' => $_SERVER['HTTP_X_API_VERSION'] ?? null,
+        ]);
+        reply(200, ['env' => $_REQUEST['env'] ?? null]);
         break;
     case '/deployments/scale':
         executed(['route' => 'scale_deployment', 'namespace' => $call['namespace'] ?? null, 'deployment' => $call['deployment'] ?? null]);

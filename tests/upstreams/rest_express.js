@@ -17,6 +17,16 @@ app.use(methodOverride("_method"));
 // JSON in every */json type and forms with qs (extended), as many APIs accept both.
 app.use(express.json({ type: ["application/json", "application/*+json"] }));
 app.use(express.urlencoded({ extended: true }));
+// And the method from a body's `_method`, as method-override's README shows for forms.
+app.use(
+  methodOverride((request) => {
+    if (request.body && typeof request.body === "object" && "_method" in request.body) {
+      const method = request.body._method;
+      delete request.body._method;
+      return method;
+    }
+  }),
+);
 
 const executed = (request) =>
   fs.appendFileSync(

@@ -109,15 +109,25 @@ pub struct CallFingerprint {
     /// printed document and its variables), already escaped for people; empty without a body.
     #[serde(default)]
     pub rendering: String,
+    /// The request headers the upstream receives from the agent (lowercased names).
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// The rule that asked for the approval (`allow[1] POST /volumes/delete`): only that rule's
+    /// calls can use it.
+    #[serde(default)]
+    pub rule: String,
 }
 
 impl CallFingerprint {
-    /// Whether `other` is the same call: method, target, content type and body.
+    /// Whether `other` is the same call, under the same rule: method, target, headers, content
+    /// type and body.
     pub fn same_call(&self, other: &CallFingerprint) -> bool {
         self.method == other.method
             && self.target == other.target
+            && self.headers == other.headers
             && self.content_type == other.content_type
             && self.body_sha256 == other.body_sha256
+            && self.rule == other.rule
     }
 }
 
@@ -376,6 +386,15 @@ impl ApprovalRequest {
                 "target {} instead of {}",
                 call.target, approved.target
             )),
+            Some(approved) if approved.rule != call.rule => Some(format!(
+                "the call falls under {} and the approval was given for {}",
+                call.rule, approved.rule
+            )),
+            Some(approved) if approved.headers != call.headers => Some(format!(
+                "headers [{}] instead of [{}]",
+                header_list(&call.headers),
+                header_list(&approved.headers)
+            )),
             Some(approved) if approved.content_type != call.content_type => Some(format!(
                 "Content-Type {} instead of {}",
                 or_none(&call.content_type),
@@ -451,6 +470,9 @@ impl ApprovalRequest {
                     self.requester, call.upstream, self.environment, self.grant_id
                 ));
                 lines.push(format!("  {} {}", call.method, call.target));
+                for (name, value) in &call.headers {
+                    lines.push(format!("  {name}: {value}"));
+                }
                 if !call.content_type.is_empty() {
                     lines.push(format!("  content-type: {}", call.content_type));
                 }
@@ -771,6 +793,14 @@ pub fn escape_for_people(text: &str) -> String {
         }
     }
     out
+}
+
+fn header_list(headers: &[(String, String)]) -> String {
+    headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn or_none(text: &str) -> &str {

@@ -224,7 +224,10 @@ fn allows(
         asked,
         reason: format!("{rule}: {reason}"),
     };
-    if call.sent_length > rule.max_body {
+    // The rule bounds what the upstream receives: the same canonical call meets the same rule,
+    // however it was spaced when sent.
+    let body = call.body.bytes();
+    if body.len() as u64 > rule.max_body {
         return Err(CallRefusal::BodyTooLarge { max: rule.max_body });
     }
     let Some(allow) = &rule.graphql else {
@@ -233,7 +236,7 @@ fn allows(
         return Ok(Forwarded {
             query: query.canonical(),
             content_type: call.body.content_type(),
-            body: call.body.bytes(),
+            body,
             rendering: call.body.render(),
             graphql: None,
         });
@@ -303,7 +306,12 @@ pub fn rules_summary(scope: &Scope) -> String {
 
 /// The identity of a call for approval — its canonical call as the upstream receives it — and
 /// the whole of it as a person reads it.
-pub fn fingerprint(upstream: &str, call: &CanonicalCall, forwarded: &Forwarded) -> CallFingerprint {
+pub fn fingerprint(
+    upstream: &str,
+    rule: &AllowRule,
+    call: &CanonicalCall,
+    forwarded: &Forwarded,
+) -> CallFingerprint {
     let target = match &forwarded.query {
         Some(query) => format!("{}?{query}", call.path.canonical()),
         None => call.path.canonical(),
@@ -324,6 +332,8 @@ pub fn fingerprint(upstream: &str, call: &CanonicalCall, forwarded: &Forwarded) 
             .unwrap_or_default(),
         body_bytes: forwarded.body.len() as u64,
         rendering: forwarded.rendering.clone().unwrap_or_default(),
+        headers: call.headers.clone(),
+        rule: rule.to_string(),
     }
 }
 

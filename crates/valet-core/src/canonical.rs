@@ -17,6 +17,15 @@ pub const MAX_RENDERING: usize = 16 * 1024;
 /// Most pairs in a form body (Express's `qs` and PHP stop reading at 1000 and drop the rest).
 pub const MAX_FORM_PAIRS: usize = 1000;
 
+/// Starts of a `+json` type's name that servers matching types by prefix read as another type
+/// (Symfony reads `application/x-www-form-urlencoded+json` as a form).
+const PREFIX_READ: [&str; 4] = [
+    "x-www-form-urlencoded",
+    "octet-stream",
+    "form-data",
+    "graphql",
+];
+
 /// The body types the gateway reads, for refusals.
 pub const ACCEPTED: &str = "application/json (or application/*+json, such as application/merge-patch+json), application/x-www-form-urlencoded, text/plain and application/octet-stream, with no charset but utf-8";
 
@@ -31,9 +40,38 @@ pub struct CanonicalCall {
     pub path: CheckedPath,
     /// The query's pairs, decoded, in the order sent.
     pub query: Vec<(String, String)>,
+    /// The request headers the upstream will receive from the agent (the gateway's allowlist
+    /// and the upstream's `forward_headers`), lowercased names, in the order sent.
+    pub headers: Vec<(String, String)>,
     pub body: Body,
-    /// The body's size as sent: what a rule's `max_body` bounds.
-    pub sent_length: u64,
+}
+
+/// The headers the upstream receives from the agent, read once: each given at most once, as
+/// visible text (servers read a repeated header as the first, the last or both).
+fn read_headers(headers: &[(String, &[u8])]) -> Result<Vec<(String, String)>, CallRefusal> {
+    let mut read: Vec<(String, String)> = Vec::new();
+    for (name, value) in headers {
+        let name = name.to_ascii_lowercase();
+        if read.iter().any(|(seen, _)| *seen == name) {
+            return Err(CallRefusal::BadHeader {
+                header: name,
+                reason: "it is sent more than once; servers read a repeated header differently, so send it once".into(),
+            });
+        }
+        let value = std::str::from_utf8(value)
+            .ok()
+            .filter(|value| {
+                value
+                    .bytes()
+                    .all(|byte| byte == b'\t' || (0x20..0x7f).contains(&byte))
+            })
+            .ok_or_else(|| CallRefusal::BadHeader {
+                header: name.clone(),
+                reason: "its value has characters other than visible ASCII, spaces and tabs".into(),
+            })?;
+        read.push((name, value.to_string()));
+    }
+    Ok(read)
 }
 
 impl CanonicalCall {
@@ -44,6 +82,7 @@ impl CanonicalCall {
         sent_path: &str,
         path: CheckedPath,
         raw_query: Option<&str>,
+        headers: &[(String, &[u8])],
         content_types: &[&str],
         body: &[u8],
     ) -> Result<CanonicalCall, CallRefusal> {
@@ -58,14 +97,56 @@ impl CanonicalCall {
             },
             other => CallRefusal::BadBody(other.to_string()),
         })?;
-        Ok(CanonicalCall {
+        let headers = read_headers(headers)?;
+        let call = CanonicalCall {
             method: method.to_string(),
             sent_path: sent_path.to_string(),
             path,
             query,
+            headers,
             body: read,
-            sent_length: body.len() as u64,
-        })
+        };
+        call.refuse_merged_names()?;
+        Ok(call)
+    }
+
+    /// Frameworks merge the query and the body's top-level names into one set of parameters
+    /// (PHP's `$_REQUEST`, Go's `r.FormValue`, Express's `req.param`, Laravel's `input()`) and
+    /// disagree on which wins; and method-override middleware reads `_method` from a body. A body
+    /// name that is also a query name (in any spelling of case), or that overrides the method, is
+    /// refused: the rules check the query and the method, and the upstream would act on the body.
+    fn refuse_merged_names(&self) -> Result<(), CallRefusal> {
+        let query: std::collections::HashSet<String> = self
+            .query
+            .iter()
+            .map(|(name, _)| json::fold(name))
+            .collect();
+        for name in self.body_names() {
+            let folded = json::fold(name);
+            if folded == "_method" {
+                return Err(CallRefusal::BadBody(format!(
+                    "the body names {name:?}, which method-override middleware reads as the method to run; the method is the request's own"
+                )));
+            }
+            if query.contains(&folded) {
+                return Err(CallRefusal::BadBody(format!(
+                    "the body names {name:?}, which is also a query parameter: frameworks merge the two and disagree on which wins; send it in one place"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The names at the top of the body: a form's pairs, a JSON object's members.
+    pub fn body_names(&self) -> Vec<&str> {
+        match &self.body {
+            Body::Form(pairs) => pairs.iter().map(|(name, _)| name.as_str()).collect(),
+            Body::Json {
+                value: Value::Object(object),
+                ..
+            } => object.keys().map(String::as_str).collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// What was asked, for refusals and their records: `GET /items?state=open`.
@@ -111,6 +192,10 @@ pub enum BodyError {
     RepeatedHeader(usize),
     #[error("{0}")]
     Json(JsonError),
+    #[error(
+        "the body is JSON sent under another Content-Type, which some servers read as JSON anyway: {0}"
+    )]
+    JsonUnderAnotherType(JsonError),
     #[error("the form body is refused: {0}")]
     Form(String),
     #[error("the text body is refused: {0}")]
@@ -131,14 +216,22 @@ impl Body {
         if bytes.is_empty() {
             return Ok(Body::Empty);
         }
-        match media_type.as_str() {
-            "application/x-www-form-urlencoded" => read_form(bytes).map(Body::Form),
-            "text/plain" => read_text(bytes).map(Body::Text),
-            "application/octet-stream" => Ok(Body::Bytes(bytes.to_vec())),
-            _ => json::parse_strict(bytes)
-                .map(|value| Body::Json { media_type, value })
-                .map_err(BodyError::Json),
+        let read = match media_type.as_str() {
+            "application/x-www-form-urlencoded" => read_form(bytes).map(Body::Form)?,
+            "text/plain" => read_text(bytes).map(Body::Text)?,
+            "application/octet-stream" => Body::Bytes(bytes.to_vec()),
+            _ => {
+                return json::parse_strict(bytes)
+                    .map(|value| Body::Json { media_type, value })
+                    .map_err(BodyError::Json);
+            }
+        };
+        // Some servers read a body as JSON whatever its type says: one that is JSON must meet
+        // JSON's rules under any type.
+        if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok() {
+            json::parse_strict(bytes).map_err(BodyError::JsonUnderAnotherType)?;
         }
+        Ok(read)
     }
 
     /// The Content-Type the upstream receives, set by the gateway.
@@ -225,6 +318,8 @@ pub fn media_type(content_type: &str) -> Result<String, BodyError> {
                 && name
                     .bytes()
                     .all(|byte| byte.is_ascii_alphanumeric() || b".-_".contains(&byte))
+                // Servers that match a type by its start would read these as another type.
+                && !PREFIX_READ.iter().any(|other| name.starts_with(other))
         });
     if !known {
         return Err(BodyError::UnknownContentType(content_type.to_string()));
@@ -475,6 +570,109 @@ mod tests {
                 .render(),
             None
         );
+    }
+
+    #[test]
+    fn json_under_another_type_meets_json_s_rules() {
+        for content_type in [
+            "text/plain",
+            "application/octet-stream",
+            "application/x-www-form-urlencoded",
+        ] {
+            assert!(
+                matches!(
+                    read(content_type, r#"{"a": 1, "A": 2}"#),
+                    Err(BodyError::JsonUnderAnotherType(_) | BodyError::Form(_))
+                ),
+                "{content_type}"
+            );
+        }
+        assert!(read("text/plain", r#"{"a": 1}"#).is_ok());
+        for prefixed in [
+            "application/x-www-form-urlencoded+json",
+            "application/octet-stream+json",
+            "application/graphql+json",
+        ] {
+            assert!(
+                matches!(read(prefixed, "{}"), Err(BodyError::UnknownContentType(_))),
+                "{prefixed}"
+            );
+        }
+        assert!(read("application/json-patch+json", "[]").is_ok());
+    }
+
+    fn call(
+        query: &str,
+        content_type: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<CanonicalCall, CallRefusal> {
+        let headers: Vec<(String, &[u8])> = headers
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.as_bytes()))
+            .collect();
+        CanonicalCall::read(
+            "POST",
+            "/deploy",
+            crate::rules::check_path("/deploy").unwrap(),
+            Some(query),
+            &headers,
+            &[content_type],
+            body.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn a_body_name_that_is_also_a_query_name_or_overrides_the_method_is_refused() {
+        let form = "application/x-www-form-urlencoded";
+        assert!(call("env=staging", form, "note=ok", &[]).is_ok());
+        for body in ["env=production", "Env=production", "_method=DELETE"] {
+            assert!(
+                matches!(
+                    call("env=staging", form, body, &[]),
+                    Err(CallRefusal::BadBody(_))
+                ),
+                "{body}"
+            );
+        }
+        assert!(matches!(
+            call(
+                "env=staging",
+                "application/json",
+                r#"{"ENV": "production"}"#,
+                &[]
+            ),
+            Err(CallRefusal::BadBody(_))
+        ));
+        assert!(call("env=staging", "application/json", r#"[{"env": "x"}]"#, &[]).is_ok());
+    }
+
+    #[test]
+    fn forwarded_headers_are_read_once_as_text() {
+        let read = call(
+            "",
+            "application/json",
+            "{}",
+            &[("X-Api-Version", "2023-01-01")],
+        )
+        .unwrap();
+        assert_eq!(
+            read.headers,
+            [("x-api-version".to_string(), "2023-01-01".to_string())]
+        );
+        assert!(matches!(
+            call(
+                "",
+                "application/json",
+                "{}",
+                &[("if-match", "a"), ("If-Match", "b")]
+            ),
+            Err(CallRefusal::BadHeader { .. })
+        ));
+        assert!(matches!(
+            call("", "application/json", "{}", &[("if-match", "a\u{7f}")]),
+            Err(CallRefusal::BadHeader { .. })
+        ));
     }
 
     #[test]

@@ -381,6 +381,7 @@ pub fn explain_call(
         path,
         checked,
         query,
+        &[],
         &content_types,
         body,
     ) {

@@ -388,6 +388,20 @@ impl Grant {
         Ok(next)
     }
 
+    /// The record after every one of `calls` (a rule and how many times it is called), as one
+    /// change: refused whole when any does not fit, so a request refused in part counts nothing.
+    pub fn called_all(
+        &self,
+        calls: &[(RuleCounter, u64)],
+        now: UnixTime,
+    ) -> Result<Grant, CallRefused> {
+        let mut next = self.clone();
+        for (rule, executed) in calls {
+            next = next.called(rule, *executed, now)?;
+        }
+        Ok(next)
+    }
+
     /// The record after renewal for `ttl` from `now`, signed by `key_id`. The new expiry is capped
     /// at `max_expires_at`; a renewal that cannot extend at all is refused.
     pub fn renewed(

@@ -284,6 +284,7 @@ impl McpDenial {
 /// not.
 pub fn call_fingerprint(
     upstream: &str,
+    rule: &ToolRule,
     message: &CheckedMessage,
 ) -> crate::approval::CallFingerprint {
     let params = message.message.get("params");
@@ -319,6 +320,8 @@ pub fn call_fingerprint(
         calls: Vec::new(),
         body_bytes: canonical.len() as u64,
         rendering,
+        headers: Vec::new(),
+        rule: rule.to_string(),
     }
 }
 

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::Full;
 use valet_core::call::CallRefusal;
-use valet_core::config::{FORWARDED_HEADERS, Injection, Target, Upstream, never_forwarded};
+use valet_core::config::{Injection, Target, Upstream};
 use valet_core::rules;
 use valet_service::CallDecision;
 
@@ -175,7 +175,7 @@ fn upstream_request(
     parts: http::request::Parts,
     decision: &CallDecision,
 ) -> Result<http::Request<Full<Bytes>>, CallRefusal> {
-    let mut headers = forwarded_headers(&parts.headers, upstream, decision);
+    let mut headers = forwarded_headers(decision);
     let uri = upstream_leg(
         upstream,
         &decision.site.path,
@@ -258,16 +258,17 @@ pub fn upstream_leg(
     Ok(uri)
 }
 
-/// The headers the upstream receives: the allowlisted ones the agent sent, and what the gateway
-/// sets itself (encoding, origin, and the content type of the canonical body).
-fn forwarded_headers(sent: &HeaderMap, upstream: &Upstream, decision: &CallDecision) -> HeaderMap {
+/// The headers the upstream receives: the agent's, as the canonical call read them (the
+/// allowlist and the upstream's `forward_headers`, each once), and what the gateway sets itself
+/// (encoding, origin, and the content type of the canonical body).
+fn forwarded_headers(decision: &CallDecision) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    for (name, value) in sent {
-        let allowed = FORWARDED_HEADERS.contains(&name.as_str())
-            || upstream.forward_headers.contains(name.as_str());
-        // The body's type is the canonical call's, set below: never the agent's header.
-        if allowed && never_forwarded(name.as_str()).is_none() {
-            headers.append(name.clone(), value.clone());
+    for (name, value) in &decision.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.append(name, value);
         }
     }
     if let Some(value) = decision

@@ -181,6 +181,11 @@ impl Gateway {
                     .and_then(|value| value.to_str().ok()),
                 content_types: header_values(&parts.headers, http::header::CONTENT_TYPE),
                 content_encodings: header_values(&parts.headers, http::header::CONTENT_ENCODING),
+                headers: parts
+                    .headers
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), value.as_bytes()))
+                    .collect(),
                 body: Box::new(route::IncomingBody::new(&parts.headers, body)),
             })
             .await;

@@ -91,6 +91,9 @@ pub struct CallRequest<'a> {
     pub content_types: Vec<&'a str>,
     /// Every `Content-Encoding` header as sent.
     pub content_encodings: Vec<&'a str>,
+    /// Every request header as sent: those the upstream may receive (the gateway's allowlist and
+    /// the upstream's `forward_headers`) are part of the canonical call.
+    pub headers: Vec<(&'a str, &'a [u8])>,
     pub body: Box<dyn BodySource + 'a>,
 }
 
@@ -102,6 +105,8 @@ pub struct CallDecision {
     pub site: CallSite,
     /// The Content-Type the upstream receives: the gateway's own, for the canonical body.
     pub content_type: Option<String>,
+    /// The agent's headers the upstream receives, as the canonical call read them.
+    pub headers: Vec<(String, String)>,
     pub grant: Grant,
     pub upstream: Upstream,
     /// The rule that allowed the call, as people read it (`allow[0] POST /graphql`).
@@ -446,6 +451,12 @@ impl Valet {
             .iter()
             .map(|value| value.to_string())
             .collect();
+        let headers: Vec<(String, Vec<u8>)> = request
+            .headers
+            .iter()
+            .filter(|(name, _)| forwards_header(&upstream, name))
+            .map(|(name, value)| (name.to_ascii_lowercase(), value.to_vec()))
+            .collect();
         let read_and_choose = {
             let config = config.clone();
             let scope_name = scope.name.clone();
@@ -459,11 +470,16 @@ impl Valet {
                     .get(&scope_name)
                     .ok_or(CallRefusal::UnknownGrant)?;
                 let content_types: Vec<&str> = content_types.iter().map(String::as_str).collect();
+                let headers: Vec<(String, &[u8])> = headers
+                    .iter()
+                    .map(|(name, value)| (name.clone(), value.as_slice()))
+                    .collect();
                 let canonical = CanonicalCall::read(
                     &method,
                     &sent_path,
                     path,
                     query.as_deref(),
+                    &headers,
                     &content_types,
                     &body,
                 )?;
@@ -499,7 +515,7 @@ impl Valet {
                 }
                 Some((
                     approval,
-                    call::fingerprint(&upstream.name, &canonical, &forwarded),
+                    call::fingerprint(&upstream.name, rule, &canonical, &forwarded),
                 ))
             }
             None => None,
@@ -541,6 +557,7 @@ impl Valet {
         Ok(CallDecision {
             site: forwarded_site,
             content_type: forwarded.content_type.clone(),
+            headers: canonical.headers.clone(),
             grant,
             rule: rule.to_string(),
             upstream,
@@ -700,12 +717,22 @@ impl Valet {
         rule: &RuleCounter,
         executed: u64,
     ) -> Result<Grant, ServiceError> {
-        if grant.max_uses.is_none() && rule.max_calls.is_none() {
+        self.count_calls(grant, &[(rule.clone(), executed)]).await
+    }
+
+    /// Records every one of `calls` on the grant as one compare-and-swap, when a limit applies:
+    /// all of them fit, or none is counted.
+    pub(crate) async fn count_calls(
+        &self,
+        grant: Grant,
+        calls: &[(RuleCounter, u64)],
+    ) -> Result<Grant, ServiceError> {
+        if grant.max_uses.is_none() && calls.iter().all(|(rule, _)| rule.max_calls.is_none()) {
             return Ok(grant);
         }
         let swapped = compare_and_swap(self.store.as_ref(), grant, |grant: &Grant| {
             let next = grant
-                .called(rule, executed, self.clock.now())
+                .called_all(calls, self.clock.now())
                 .map_err(CallRefusal::LimitReached)?;
             Ok(Decision::Write(next, ()))
         })
@@ -715,6 +742,15 @@ impl Valet {
             Swapped::Kept { current, .. } => current,
         })
     }
+}
+
+/// Whether a request header named `name` reaches `upstream`: on the gateway's allowlist or the
+/// upstream's `forward_headers`, and none that changes what the upstream acts on.
+fn forwards_header(upstream: &Upstream, name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    (valet_core::config::FORWARDED_HEADERS.contains(&name.as_str())
+        || upstream.forward_headers.contains(name.as_str()))
+        && valet_core::config::never_forwarded(&name).is_none()
 }
 
 /// Bodies from this size on are read on the blocking pool.

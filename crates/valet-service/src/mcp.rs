@@ -153,40 +153,44 @@ impl Valet {
         // only as the exact call a person approved.
         let mut grant = grant;
         let mut rules = Vec::new();
+        let mut counted = Vec::new();
         let n_messages = checked.len();
         for message in &checked {
             let Some(rule) = message.tool_rule.map(|index| &allow.tools[index]) else {
                 continue;
             };
             rules.push(rule.to_string());
-            let gated = match &rule.approval {
-                Some(approval) => {
-                    if n_messages > 1 {
-                        return Err(CallRefusal::Denied {
-                            scope: scope.name.clone(),
-                            rules: allow.summary(),
-                            asked: format!("tools/call {}", message.target.clone().unwrap_or_default()),
-                            reason: format!(
-                                "{rule} needs a person's approval of each call, and a batch of {n_messages} messages holds it; send the call on its own"
-                            ),
-                        }
-                        .into());
-                    }
-                    Some((approval, mcp::call_fingerprint(&upstream.name, message)))
-                }
-                None => None,
+            let Some(approval) = &rule.approval else {
+                counted.push((rule.counter(), 1));
+                continue;
             };
+            if n_messages > 1 {
+                return Err(CallRefusal::Denied {
+                    scope: scope.name.clone(),
+                    rules: allow.summary(),
+                    asked: format!("tools/call {}", message.target.clone().unwrap_or_default()),
+                    reason: format!(
+                        "{rule} needs a person's approval of each call, and a batch of {n_messages} messages holds it; send the call on its own"
+                    ),
+                }
+                .into());
+            }
+            let call = mcp::call_fingerprint(&upstream.name, rule, message);
             grant = self
                 .admit_call(
                     &holder,
                     grant,
                     &rule.counter(),
                     1,
-                    gated,
+                    Some((approval, call)),
                     request.approval,
                     context,
                 )
                 .await?;
+        }
+        // Every call of the POST counted as one change: a batch refused in part counts nothing.
+        if !counted.is_empty() {
+            grant = self.count_calls(grant, &counted).await?;
         }
         let records: Vec<Value> = checked
             .iter()
@@ -203,6 +207,7 @@ impl Valet {
             call: CallDecision {
                 site: site.clone(),
                 content_type: Some("application/json".into()),
+                headers: Vec::new(),
                 grant,
                 upstream,
                 rule,

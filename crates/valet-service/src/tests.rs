@@ -723,6 +723,7 @@ async fn call(
             approval,
             content_types: vec!["application/json"],
             content_encodings: Vec::new(),
+            headers: Vec::new(),
             body: Box::new(body),
         })
         .await
@@ -1202,6 +1203,7 @@ async fn an_approval_marked_approved_in_the_store_releases_nothing() {
             approval: Some(&pending.id),
             content_types: Vec::new(),
             content_encodings: Vec::new(),
+            headers: Vec::new(),
             body: Box::new(empty()),
         })
         .await;

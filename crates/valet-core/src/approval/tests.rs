@@ -19,6 +19,8 @@ fn call() -> CallFingerprint {
         calls: vec!["mutation volumeDelete(volumeId: \"v1\")".into()],
         body_bytes: 90,
         rendering: "document:\n  mutation {\n    volumeDelete(volumeId: \"v1\")\n  }".into(),
+        headers: Vec::new(),
+        rule: "allow[1] POST /graphql/v2".into(),
     }
 }
 

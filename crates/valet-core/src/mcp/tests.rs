@@ -365,9 +365,10 @@ fn an_approval_fingerprint_covers_the_tool_and_exact_arguments_not_the_id() {
             .0
             .remove(0)
     };
-    let first = call_fingerprint("deploy", &checked(1, "v-1"));
-    let retried = call_fingerprint("deploy", &checked(2, "v-1"));
-    let other = call_fingerprint("deploy", &checked(1, "v-2"));
+    let rule = &allow().tools[0];
+    let first = call_fingerprint("deploy", rule, &checked(1, "v-1"));
+    let retried = call_fingerprint("deploy", rule, &checked(2, "v-1"));
+    let other = call_fingerprint("deploy", rule, &checked(1, "v-2"));
     assert_eq!(first, retried);
     assert_ne!(first.body_sha256, other.body_sha256);
     assert_eq!(first.target, "delete_volume");
