@@ -173,3 +173,27 @@ async fn plaintext_off_loopback_is_refused_unless_the_config_says_so() {
         "nothing is opened before the listeners are checked"
     );
 }
+
+#[tokio::test]
+async fn an_upstream_credential_too_long_to_mask_keeps_valetd_from_starting() {
+    // The gateway masks an upstream's credential in every answer; one longer than it can mask
+    // would reach agents in a stream, so valetd refuses it at start and names it.
+    let config = standard_config(
+        r#"
+[[upstream]]
+name = "railway"
+base_url = "http://127.0.0.1:9"
+credential = "railway"
+[upstream.inject]
+header = { Authorization = "Bearer {secret}" }
+"#,
+    );
+    let deployment = Deployment::new(&config);
+    std::fs::write(deployment.path("railway.secret"), "x".repeat(1025)).unwrap();
+    let (code, output) = deployment.start_expecting_failure(&[]);
+    assert_eq!(code, 64, "{output}");
+    assert!(
+        output.contains("credential \"railway\"") && output.contains("1025 bytes"),
+        "{output}"
+    );
+}

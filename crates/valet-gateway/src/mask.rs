@@ -21,9 +21,10 @@ pub const MARKER: &[u8] = b"[masked by valet]";
 /// same whatever the secret is.
 pub const WINDOW: usize = 4096;
 
-/// The longest root credential the gateway masks: its longest encoding (every byte percent-encoded,
-/// three bytes a byte) must fit in [`WINDOW`].
-pub const MAX_SECRET_BYTES: usize = 1024;
+/// The longest root credential the gateway masks (valetd refuses a longer one for an upstream at
+/// start): its longest encoding (every byte percent-encoded, three bytes a byte) fits in
+/// [`WINDOW`].
+pub const MAX_SECRET_BYTES: usize = valet_core::config::MAX_MASKED_CREDENTIAL_BYTES;
 
 /// A needle longer than the window could straddle what was released and what is held.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -64,8 +64,26 @@ impl Config {
         }
         for credential in self.credentials.values() {
             let at = format!("credential {:?}", credential.name);
-            if let Err(detail) = read_secret(environment, &credential.source) {
-                found.unusable(at.clone(), credential.source.to_string(), detail);
+            let fronted = self
+                .upstreams
+                .values()
+                .any(|upstream| upstream.credential == credential.name);
+            match read_secret(environment, &credential.source) {
+                Err(detail) => found.unusable(at.clone(), credential.source.to_string(), detail),
+                // The gateway keeps an upstream's credential out of answers by masking it, which
+                // it does for credentials up to a bound (their encodings must fit its window).
+                Ok(secret) if fronted && secret.expose().len() > super::MAX_MASKED_CREDENTIAL_BYTES => {
+                    found.unusable(
+                        at.clone(),
+                        credential.source.to_string(),
+                        format!(
+                            "it is {} bytes, and an upstream's credential may be at most {} (the gateway masks it in every answer)",
+                            secret.expose().len(),
+                            super::MAX_MASKED_CREDENTIAL_BYTES
+                        ),
+                    )
+                }
+                Ok(_) => {}
             }
             if let Some(aws) = &credential.aws
                 && let Some(name) = &aws.access_key_id_env

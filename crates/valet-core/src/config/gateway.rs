@@ -148,6 +148,10 @@ impl Injection {
     }
 }
 
+/// The longest credential an upstream may carry: the gateway masks it in answers, and every
+/// encoding of it (every byte percent-encoded: three bytes a byte) must fit the masking window.
+pub const MAX_MASKED_CREDENTIAL_BYTES: usize = 1024;
+
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];

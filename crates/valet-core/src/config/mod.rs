@@ -14,8 +14,8 @@ mod store;
 pub use aws::{AwsCredential, AwsRevoke, AwsStsScope, ConditionValues, is_access_key_id};
 pub use environment::{Environment, read_secret};
 pub use gateway::{
-    BaseUrl, FORWARDED_HEADERS, Injection, StdioServer, Target, Upstream, UpstreamKind,
-    is_credential_header, never_forwarded,
+    BaseUrl, FORWARDED_HEADERS, Injection, MAX_MASKED_CREDENTIAL_BYTES, StdioServer, Target,
+    Upstream, UpstreamKind, is_credential_header, never_forwarded,
 };
 pub use identity::{
     CertificateMatch, ClientAuth, Glob, IdentityMatch, Issuer, KeySet, ServerTls, is_spiffe_id,
