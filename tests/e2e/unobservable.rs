@@ -289,7 +289,7 @@ async fn the_same_agent_sees_the_same_bytes_whatever_the_root_secret_is() {
         "sk_other_93jd71ka",
     );
     let runs = [Run::start(first), Run::start(second)];
-    let mut scripts = Scripts(0x5eed_0f_7a1e);
+    let mut scripts = Scripts(0x005e_ed0f_7a1e);
     for round in 0..10 {
         let script = scripts.script(first);
         let reflects_in_body = script["chunks"]
