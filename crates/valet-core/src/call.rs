@@ -224,6 +224,22 @@ fn allows(
         asked,
         reason: format!("{rule}: {reason}"),
     };
+    // Frameworks bind a route's parameters from a body too, some letting the body win (Laravel's
+    // `$request->env`, Spring's `@ModelAttribute`): a body name that is one of the path's
+    // parameters could replace the segment the rule bound.
+    if let Some(name) = call.body_names().into_iter().find(|name| {
+        rule.path
+            .params()
+            .any(|param| crate::json::fold(param) == crate::json::fold(name))
+    }) {
+        return Err(denied(
+            call.asked(),
+            format!(
+                "the body names {name:?}, a parameter of the path {}; frameworks that bind both let the body win, so send it in the path only",
+                rule.path
+            ),
+        ));
+    }
     // The rule bounds what the upstream receives: the same canonical call meets the same rule,
     // however it was spaced when sent.
     let body = call.body.bytes();

@@ -12,6 +12,17 @@ use crate::call::CallRefusal;
 use crate::json::{self, JsonError};
 use crate::rules::{CheckedPath, QueryError, encode_component, percent_decode};
 
+/// Longest path and query the upstream receives. With the credential (up to three times its
+/// 512 bytes, percent-encoded, when it travels in the query) it stays far below the request-line
+/// limits of common servers (8 KiB for nginx and Apache), so no limit an agent can push against
+/// depends on the credential's length.
+pub const MAX_TARGET_BYTES: usize = 4096;
+/// Longest value of one forwarded agent header, and of all of them together (names included):
+/// with the credential's header, far below common header limits (Node's 16 KiB in all, Apache's
+/// 8 KiB a line).
+pub const MAX_HEADER_BYTES: usize = 2048;
+pub const MAX_HEADERS_BYTES: usize = 8192;
+
 /// Longest rendering a person is asked to approve; a larger call cannot be approved.
 pub const MAX_RENDERING: usize = 16 * 1024;
 /// Most pairs in a form body (Express's `qs` and PHP stop reading at 1000 and drop the rest).
@@ -69,7 +80,25 @@ fn read_headers(headers: &[(String, &[u8])]) -> Result<Vec<(String, String)>, Ca
                 header: name.clone(),
                 reason: "its value has characters other than visible ASCII, spaces and tabs".into(),
             })?;
+        if value.len() > MAX_HEADER_BYTES {
+            return Err(CallRefusal::BadHeader {
+                header: name,
+                reason: format!(
+                    "its value is {} bytes; at most {MAX_HEADER_BYTES} are forwarded (so the request stays below every common header limit, whatever the credential's length)",
+                    value.len()
+                ),
+            });
+        }
         read.push((name, value.to_string()));
+    }
+    let total: usize = read.iter().map(|(name, value)| name.len() + value.len() + 4).sum();
+    if total > MAX_HEADERS_BYTES {
+        return Err(CallRefusal::BadHeader {
+            header: "(all forwarded)".into(),
+            reason: format!(
+                "the forwarded headers are {total} bytes together; at most {MAX_HEADERS_BYTES} are (so the request stays below every common header limit, whatever the credential's length)"
+            ),
+        });
     }
     Ok(read)
 }
@@ -98,6 +127,11 @@ impl CanonicalCall {
             other => CallRefusal::BadBody(other.to_string()),
         })?;
         let headers = read_headers(headers)?;
+        let target = path.canonical().len()
+            + query_string(&query).map_or(0, |query| query.len() + 1);
+        if target > MAX_TARGET_BYTES {
+            return Err(CallRefusal::BadPath(crate::rules::PathError::TooLong(target)));
+        }
         let call = CanonicalCall {
             method: method.to_string(),
             sent_path: sent_path.to_string(),
@@ -193,9 +227,9 @@ pub enum BodyError {
     #[error("{0}")]
     Json(JsonError),
     #[error(
-        "the body is JSON sent under another Content-Type, which some servers read as JSON anyway: {0}"
+        "the body is JSON sent as {0}, which some servers read as JSON anyway: send it as application/json (or an application/*+json type), where it is read by JSON's rules"
     )]
-    JsonUnderAnotherType(JsonError),
+    JsonUnderAnotherType(String),
     #[error("the form body is refused: {0}")]
     Form(String),
     #[error("the text body is refused: {0}")]
@@ -226,10 +260,11 @@ impl Body {
                     .map_err(BodyError::Json);
             }
         };
-        // Some servers read a body as JSON whatever its type says: one that is JSON must meet
-        // JSON's rules under any type.
-        if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok() {
-            json::parse_strict(bytes).map_err(BodyError::JsonUnderAnotherType)?;
+        // Some servers read a body as JSON whatever its type says (and skip a byte order mark):
+        // JSON travels as JSON, under a JSON type, where it is read by JSON's rules.
+        let unmarked = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+        if serde_json::from_slice::<serde::de::IgnoredAny>(unmarked).is_ok() {
+            return Err(BodyError::JsonUnderAnotherType(media_type));
         }
         Ok(read)
     }
@@ -579,15 +614,24 @@ mod tests {
             "application/octet-stream",
             "application/x-www-form-urlencoded",
         ] {
-            assert!(
-                matches!(
-                    read(content_type, r#"{"a": 1, "A": 2}"#),
-                    Err(BodyError::JsonUnderAnotherType(_) | BodyError::Form(_))
-                ),
-                "{content_type}"
-            );
+            for body in [
+                r#"{"a": 1, "A": 2}"#,
+                r#"{"a": "="}"#,
+                "\u{FEFF}{\"_method\": \"DELETE\"}",
+                "42",
+            ] {
+                assert!(
+                    matches!(
+                        read(content_type, body),
+                        Err(BodyError::JsonUnderAnotherType(_)
+                            | BodyError::Form(_)
+                            | BodyError::Text(_))
+                    ),
+                    "{content_type} {body}"
+                );
+            }
         }
-        assert!(read("text/plain", r#"{"a": 1}"#).is_ok());
+        assert!(read("text/plain", "deploy the {shop} service").is_ok());
         for prefixed in [
             "application/x-www-form-urlencoded+json",
             "application/octet-stream+json",

@@ -327,6 +327,11 @@ pub enum PathError {
         "the path has a backslash, a control character, a character URLs do not allow unencoded, or an invalid percent-encoding"
     )]
     BadCharacter,
+    #[error(
+        "the path and query are {0} bytes as forwarded; at most {max} are (the upstream receives them with the credential, and stays far below the limits servers set, so no limit an agent reaches depends on the credential)",
+        max = crate::canonical::MAX_TARGET_BYTES
+    )]
+    TooLong(usize),
 }
 
 /// A path that passed every check: its decoded segments (what rules match) and the canonical form

@@ -148,9 +148,9 @@ impl Injection {
     }
 }
 
-/// The longest credential an upstream may carry: the gateway masks it in answers, and every
-/// encoding of it (every byte percent-encoded: three bytes a byte) must fit the masking window.
-pub const MAX_MASKED_CREDENTIAL_BYTES: usize = 1024;
+/// The longest credential an upstream may carry: the gateway masks it in answers, and its
+/// longest encoding (each byte escaped, up to nine bytes a byte) must fit the masking window.
+pub const MAX_MASKED_CREDENTIAL_BYTES: usize = 512;
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
