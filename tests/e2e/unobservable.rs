@@ -258,7 +258,15 @@ impl Scripts {
             let mut chunk = String::new();
             for _ in 0..(1 + self.next(3)) {
                 match self.next(5) {
-                    0 => chunk.push_str("$AUTH"),
+                    0 => chunk.push_str(
+                        [
+                            "$AUTH",
+                            "$AUTH_URL",
+                            "$AUTH_JSON",
+                            "$AUTH_HTML",
+                            "$AUTH_B64",
+                        ][self.next(5) as usize],
+                    ),
                     1 => {
                         chunk.push_str(&guessed[..1 + self.next(guessed.len() as u64 - 1) as usize])
                     }
@@ -290,8 +298,18 @@ async fn the_same_agent_sees_the_same_bytes_whatever_the_root_secret_is() {
     );
     let runs = [Run::start(first), Run::start(second)];
     let mut scripts = Scripts(0x005e_ed0f_7a1e);
-    for round in 0..10 {
-        let script = scripts.script(first);
+    // One write of the echo and 200,000 bytes, which the upstream cuts into frames wherever the
+    // raw bytes fall (the chunks once showed the secret's length), then random scripts.
+    let big = serde_json::json!({
+        "status_message": "OK",
+        "chunks": [format!("$AUTH{}", "x".repeat(200_000))],
+    });
+    for round in 0..11 {
+        let script = if round == 0 {
+            big.clone()
+        } else {
+            scripts.script(first)
+        };
         let reflects_in_body = script["chunks"]
             .as_array()
             .unwrap()
@@ -324,12 +342,37 @@ async fn the_same_agent_sees_the_same_bytes_whatever_the_root_secret_is() {
                     !body.contains(first) && !body.contains(second),
                     "{scope}: {body}"
                 );
-                assert_eq!(body.contains(MARKER), reflects_in_body, "{scope}: {body}");
+                assert_eq!(
+                    body.contains(MARKER),
+                    reflects_in_body,
+                    "{scope}: marker in {} bytes",
+                    body.len()
+                );
                 both.push(captured);
             }
             seen.push(both);
         }
-        assert_eq!(seen[0], seen[1], "round {round}: script {script}");
+        if seen[0] != seen[1] {
+            let sizes = |run: &Vec<Captured>| -> Vec<Vec<usize>> {
+                run.iter()
+                    .map(|captured| captured.chunks.iter().map(Vec::len).collect())
+                    .collect()
+            };
+            panic!(
+                "round {round} (script {}…): chunk sizes {:?} and {:?}; heads {:?} and {:?}",
+                script.chars().take(300).collect::<String>(),
+                sizes(&seen[0]),
+                sizes(&seen[1]),
+                seen[0]
+                    .iter()
+                    .map(|captured| &captured.headers)
+                    .collect::<Vec<_>>(),
+                seen[1]
+                    .iter()
+                    .map(|captured| &captured.headers)
+                    .collect::<Vec<_>>(),
+            );
+        }
     }
 
     // MCP: a tool whose result carries the account token, on a remote server and on one valetd

@@ -28,8 +28,21 @@ function plan(body) {
   }
 }
 
+// $AUTH as it came, and as encoders write it: $AUTH_URL (encodeURIComponent), $AUTH_JSON
+// (JSON.stringify, and \u0026 for & as Go writes it), $AUTH_HTML (numeric references),
+// $AUTH_B64 (base64 of the whole header value).
 function fill(text, auth) {
-  return String(text === undefined ? "" : text).split("$AUTH").join(auth);
+  const forms = {
+    $AUTH_URL: encodeURIComponent(auth),
+    $AUTH_JSON: JSON.stringify(auth).slice(1, -1).split("&").join("\\u0026").split("/").join("\\/"),
+    $AUTH_HTML: auth.replace(/[^A-Za-z0-9 ]/g, (character) => `&#${character.charCodeAt(0)};`),
+    $AUTH_B64: Buffer.from(auth).toString("base64"),
+  };
+  let filled = String(text === undefined ? "" : text);
+  for (const [name, value] of Object.entries(forms)) {
+    filled = filled.split(name).join(value);
+  }
+  return filled.split("$AUTH").join(auth);
 }
 
 function readBody(request, done) {

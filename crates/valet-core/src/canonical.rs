@@ -91,7 +91,10 @@ fn read_headers(headers: &[(String, &[u8])]) -> Result<Vec<(String, String)>, Ca
         }
         read.push((name, value.to_string()));
     }
-    let total: usize = read.iter().map(|(name, value)| name.len() + value.len() + 4).sum();
+    let total: usize = read
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + 4)
+        .sum();
     if total > MAX_HEADERS_BYTES {
         return Err(CallRefusal::BadHeader {
             header: "(all forwarded)".into(),
@@ -127,10 +130,12 @@ impl CanonicalCall {
             other => CallRefusal::BadBody(other.to_string()),
         })?;
         let headers = read_headers(headers)?;
-        let target = path.canonical().len()
-            + query_string(&query).map_or(0, |query| query.len() + 1);
+        let target =
+            path.canonical().len() + query_string(&query).map_or(0, |query| query.len() + 1);
         if target > MAX_TARGET_BYTES {
-            return Err(CallRefusal::BadPath(crate::rules::PathError::TooLong(target)));
+            return Err(CallRefusal::BadPath(crate::rules::PathError::TooLong(
+                target,
+            )));
         }
         let call = CanonicalCall {
             method: method.to_string(),

@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use valet_service::{CallDecision, CallOutcome, Valet};
 
-use crate::mask::Masker;
+use crate::mask::{BLOCK, Masker};
 use crate::response::{Body, BoxError};
 
 /// Writes the closing record (status, bytes, latency) when the response body ends — or is
@@ -73,10 +73,9 @@ impl std::fmt::Debug for Closing {
     }
 }
 
-/// The masker for a call's answer: every form an upstream may write the root credential in (see
-/// [`crate::mask::needles_of`]).
+/// The masker for a call's answer (see [`crate::mask`]).
 pub fn masker_for(secret: &valet_core::Secret) -> Result<Masker, crate::mask::TooLong> {
-    Masker::new(crate::mask::needles_of(secret.expose()))
+    Masker::new(secret.expose())
 }
 
 /// The upstream's body, streamed frame by frame as it arrives, with the root credential masked,
@@ -105,38 +104,44 @@ where
     B: hyper::body::Body<Data = bytes::Bytes> + Send + Sync + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
+    // Masked bytes are handed on one block at a time, each its own frame (an HTTP/1.1 chunk, an
+    // HTTP/2 DATA frame): how many blocks a single upstream frame released depends on where the
+    // credential's occurrences fall, and one frame of several blocks would show that in its size.
     let stream = futures::stream::unfold(
-        (Some(body), masker, closing),
-        move |(body, mut masker, mut closing)| async move {
-            let mut body = body?;
+        (Some(body), masker, closing, Bytes::new()),
+        move |(mut body, mut masker, mut closing, mut pending)| async move {
             loop {
-                match body.frame().await {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => {
-                            closing.bytes += data.len() as u64;
-                            let ready = match framing {
-                                Framing::Stream => masker.push(&data),
-                                Framing::Whole => Bytes::from(masker.mask_whole(&data)),
-                            };
-                            if ready.is_empty() {
-                                continue;
+                if !pending.is_empty() {
+                    let frame = pending.split_to(pending.len().min(BLOCK));
+                    return Some((Ok(Frame::data(frame)), (body, masker, closing, pending)));
+                }
+                let upstream = body.as_mut()?;
+                match upstream.frame().await {
+                    // Trailers are not passed on: a value of theirs would be a channel the
+                    // masker does not see (an HTTP/2 upstream could put the credential in one).
+                    Some(Ok(frame)) => {
+                        let Ok(data) = frame.into_data() else {
+                            continue;
+                        };
+                        closing.bytes += data.len() as u64;
+                        match framing {
+                            Framing::Stream => pending = masker.push(&data),
+                            Framing::Whole => {
+                                let whole = Bytes::from(masker.mask_whole(&data));
+                                if !whole.is_empty() {
+                                    let state = (body, masker, closing, pending);
+                                    return Some((Ok(Frame::data(whole)), state));
+                                }
                             }
-                            return Some((Ok(Frame::data(ready)), (Some(body), masker, closing)));
                         }
-                        // Trailers are not passed on: a value of theirs would be a channel the
-                        // masker does not see (an HTTP/2 upstream could put the credential in one).
-                        Err(_) => continue,
-                    },
+                    }
                     Some(Err(error)) => {
-                        return Some((Err(error.into()), (Some(body), masker, closing)));
+                        return Some((Err(error.into()), (body, masker, closing, pending)));
                     }
                     None => {
                         closing.finish(true);
-                        let rest = masker.finish();
-                        if rest.is_empty() {
-                            return None;
-                        }
-                        return Some((Ok(Frame::data(rest)), (None, masker, closing)));
+                        body = None;
+                        pending = masker.finish();
                     }
                 }
             }

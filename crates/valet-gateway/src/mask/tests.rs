@@ -1,94 +1,149 @@
-//! The masker replaces every complete occurrence, in every encoding, with one fixed marker, and
-//! its output — bytes and chunk boundaries — never depends on the secret otherwise: the same
-//! script of upstream chunks, run against two secrets, gives the same chunks.
+//! The masker replaces every complete occurrence, in every form decoders read, with one fixed
+//! marker, and its output — bytes, chunk sizes, and what has left by the end of each write of
+//! the upstream — never depends on the secret otherwise: the same script of upstream writes, cut
+//! into frames wherever the raw bytes fall, run against two secrets, gives the same result.
 
 use proptest::prelude::*;
 
 use super::*;
 
-fn stream(secret: &[u8], chunks: &[&[u8]]) -> Vec<Vec<u8>> {
-    let mut masker = Masker::new(needles_of(secret)).unwrap();
-    let mut out: Vec<Vec<u8>> = chunks
+/// Every chunk released, pushing each of `writes` whole.
+fn stream(secret: &[u8], writes: &[&[u8]]) -> Vec<Vec<u8>> {
+    let mut masker = Masker::new(secret).unwrap();
+    let mut out: Vec<Vec<u8>> = writes
         .iter()
-        .map(|chunk| masker.push(chunk).to_vec())
+        .map(|write| masker.push(write).to_vec())
         .collect();
     out.push(masker.finish().to_vec());
     out
 }
 
-fn joined(chunks: &[Vec<u8>]) -> String {
-    String::from_utf8(chunks.concat()).unwrap()
+fn whole(secret: &[u8], text: &str) -> String {
+    String::from_utf8(Masker::new(secret).unwrap().mask_whole(text.as_bytes())).unwrap()
+}
+
+const MARK: &str = "[masked by valet]";
+
+#[test]
+fn every_form_decoders_read_becomes_one_fixed_marker() {
+    let secret = b"AbC/dEf+GhIj&KlM\"nOp";
+    for written in [
+        "AbC/dEf+GhIj&KlM\"nOp",
+        // Percent-encoded, in any mixture (Go's url.PathEscape, Python's quote).
+        "AbC%2FdEf%2BGhIj%26KlM%22nOp",
+        "AbC%2fdEf+GhIj%26KlM%22nOp",
+        "AbC/dEf%2BGhIj&KlM%22nOp",
+        "%41%62%43%2F%64%45%66%2B%47%68%49%6A%26%4B%6C%4D%22%6E%4F%70",
+        // JSON-escaped (Go writes & as \u0026), and JSON inside JSON.
+        "AbC\\/dEf+GhIj\\u0026KlM\\\"nOp",
+        "AbC/dEf\\u002bGhIj\\\\u0026KlM\\\\\\\"nOp",
+        // HTML references, named and numeric.
+        "AbC/dEf&#43;GhIj&amp;KlM&quot;nOp",
+        "AbC&#x2F;dEf&#x002b;GhIj&#38;KlM&#34;nOp",
+    ] {
+        assert_eq!(
+            whole(secret, &format!("<{written}>")),
+            format!("<{MARK}>"),
+            "{written}"
+        );
+    }
+    assert_eq!(
+        whole(secret, "AbC/dEf+GhIj&KlM\"nOq"),
+        "AbC/dEf+GhIj&KlM\"nOq"
+    );
 }
 
 #[test]
-fn every_occurrence_becomes_one_fixed_marker_in_any_encoding_and_across_chunks() {
-    let secret = b"rk_live/Secret+42";
-    let marker = String::from_utf8(MARKER.to_vec()).unwrap();
-    assert_eq!(
-        joined(&stream(secret, &[b"key=rk_live/Secret+42&x=1"])),
-        format!("key={marker}&x=1")
-    );
-    assert_eq!(
-        joined(&stream(secret, &[b"key=rk_li", b"ve/Secr", b"et+42!"])),
-        format!("key={marker}!")
-    );
-    assert_eq!(
-        joined(&stream(
-            secret,
-            &[b"u=rk_live%2FSecret%2B42 l=rk_live%2fSecret%2b42"]
-        )),
-        format!("u={marker} l={marker}")
-    );
-    assert_eq!(
-        joined(&stream(secret, &[br#"{"a":"rk_live\/Secret+42"}"#])),
-        format!(r#"{{"a":"{marker}"}}"#)
-    );
-    // A reflected Basic header: base64 of user:secret.
+fn base64_is_masked_with_the_characters_it_shares_with_its_neighbours() {
     use base64::Engine;
-    let basic = base64::engine::general_purpose::STANDARD.encode(b"bot:rk_live/Secret+42");
-    let masked = joined(&stream(
-        secret,
-        &[format!("Authorization: Basic {basic}").as_bytes()],
-    ));
-    assert!(masked.contains(&marker), "{masked}");
-    assert!(!masked.contains(&basic[8..]), "{masked}");
-    // Not the secret: untouched.
+    let encode = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+    for secret in ["sk_live_4f8c2a7e9b1d", "ck_other_93jd71kaQQ"] {
+        for (before, after) in [
+            ("", ""),
+            ("Bearer ", ""),
+            ("{\"auth\":\"Bearer ", "\",\"n\":1}"),
+            ("x", "yz"),
+        ] {
+            let text = format!(
+                "state={}&next=1",
+                encode(&format!("{before}{secret}{after}"))
+            );
+            let masked = whole(secret.as_bytes(), &text);
+            assert!(masked.contains(MARK), "{secret} {before}…{after}: {masked}");
+        }
+    }
+    // What is left around the marker does not tell the two secrets apart.
+    let around = |secret: &str| {
+        whole(
+            secret.as_bytes(),
+            &format!(
+                "state={}&next=1",
+                encode(&format!("{{\"auth\":\"Bearer {secret}\",\"n\":1}}"))
+            ),
+        )
+    };
     assert_eq!(
-        joined(&stream(secret, &[b"rk_live/Secret+43 is not it"])),
-        "rk_live/Secret+43 is not it"
+        around("sk_live_4f8c2a7e9b1d"),
+        around("ck_other_93jd71kaQQ")
     );
 }
 
 #[test]
 fn a_guessed_prefix_is_held_exactly_as_any_other_bytes_are() {
-    // The old masker released "first\n" at once and held "SE" back when the secret began with SE:
-    // where the chunk broke told the agent its guess was a prefix. Now only the window decides.
     let right = stream(b"SECRET42", &[b"first\nSE", b"X"]);
     let wrong = stream(b"QWERTY99", &[b"first\nSE", b"X"]);
     assert_eq!(right, wrong);
+    let mut long = vec![b'a'; WINDOW + BLOCK + 10];
+    long.extend_from_slice(b"SE");
+    let out = stream(b"SECRET42", &[&long, b"CRET42"]);
     assert_eq!(
-        right[0], b"",
-        "under the window, nothing is released before the end"
+        out[0].len(),
+        BLOCK,
+        "released in whole blocks, whatever the bytes"
     );
-    let long = vec![b'a'; WINDOW + 10];
-    let out = stream(b"SECRET42", &[&long, b"SE"]);
-    assert_eq!(out[0].len(), 10);
     assert_eq!(
-        out[1].len(),
-        2,
-        "the window moves by the chunk's size, whatever the bytes"
+        String::from_utf8(out.concat())
+            .unwrap()
+            .matches(MARK)
+            .count(),
+        1
     );
 }
 
 #[test]
-fn a_credential_too_long_to_mask_in_a_stream_is_refused() {
-    assert!(Masker::new(needles_of(&[b'x'; MAX_SECRET_BYTES])).is_ok());
-    assert!(Masker::new(needles_of(&[b'/'; MAX_SECRET_BYTES + 400])).is_err());
+fn an_echo_in_one_large_frame_releases_the_same_blocks_for_any_secret_length() {
+    // The attack that found the last masker out: one write of the echo and 200,000 bytes, cut by
+    // the upstream into frames of 16,384 raw bytes; the first chunk was 12,305 minus the secret's
+    // length.
+    let frames = |secret: &[u8]| {
+        let mut raw = secret.to_vec();
+        raw.extend(std::iter::repeat_n(b'x', 200_000));
+        let mut masker = Masker::new(secret).unwrap();
+        let mut chunks = Vec::new();
+        for frame in raw.chunks(16_384) {
+            let released = masker.push(frame);
+            chunks.extend(released.chunks(BLOCK).map(<[u8]>::to_vec));
+        }
+        chunks.push(masker.finish().to_vec());
+        chunks
+    };
+    let (one, two) = (
+        frames(b"sk_short_20_bytes_x"),
+        frames(b"sk_longer_secret_of_23b"),
+    );
+    assert!(one.iter().rev().skip(1).all(|chunk| chunk.len() == BLOCK));
+    assert_eq!(one, two);
 }
 
-/// One piece of what an upstream sends back: bytes the agent chose (the same in every run), a
-/// guess at a prefix of the first secret (the same bytes in every run), or an echo of the run's
-/// own secret in some encoding.
+#[test]
+fn a_credential_too_long_to_mask_is_refused() {
+    assert!(Masker::new(&[b'x'; MAX_SECRET_BYTES]).is_ok());
+    assert!(Masker::new(&[b'x'; MAX_SECRET_BYTES + 1]).is_err());
+}
+
+/// One piece of what the upstream writes: bytes the agent chose (the same in every run), a guess
+/// at a prefix of the first secret (the same bytes in every run), or the run's own secret in one
+/// of the forms upstreams write it.
 #[derive(Debug, Clone)]
 enum Piece {
     Agent(Vec<u8>),
@@ -96,18 +151,47 @@ enum Piece {
     Echo(usize),
 }
 
-/// The upstream's chunks for a script; with an empty `secret`, echoes are left out.
-fn render(pieces: &[Vec<Piece>], secret: &[u8], guessed: &[u8]) -> Vec<Vec<u8>> {
+/// The secret as upstreams write it: raw, percent-encoded, JSON-escaped, HTML-escaped, base64.
+fn echo_forms(secret: &[u8]) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    let text = String::from_utf8(secret.to_vec()).unwrap();
+    let percent: String = secret
+        .iter()
+        .map(|byte| {
+            if byte.is_ascii_alphanumeric() {
+                char::from(*byte).to_string()
+            } else {
+                format!("%{byte:02x}")
+            }
+        })
+        .collect();
+    vec![
+        secret.to_vec(),
+        percent.into_bytes(),
+        serde_json::to_string(&text)
+            .unwrap()
+            .replace('/', "\\/")
+            .into_bytes(),
+        text.replace('+', "&#43;")
+            .replace('/', "&#x2F;")
+            .into_bytes(),
+        base64::engine::general_purpose::STANDARD
+            .encode(format!("Bearer {text}"))
+            .into_bytes(),
+    ]
+}
+
+fn render(writes: &[Vec<Piece>], secret: &[u8], guessed: &[u8]) -> Vec<Vec<u8>> {
     let echoes = if secret.is_empty() {
         vec![Vec::new()]
     } else {
         echo_forms(secret)
     };
-    pieces
+    writes
         .iter()
-        .map(|chunk| {
+        .map(|write| {
             let mut bytes = Vec::new();
-            for piece in chunk {
+            for piece in write {
                 match piece {
                     Piece::Agent(agent) => bytes.extend_from_slice(agent),
                     Piece::Guess(length) => {
@@ -121,38 +205,96 @@ fn render(pieces: &[Vec<Piece>], secret: &[u8], guessed: &[u8]) -> Vec<Vec<u8>> 
         .collect()
 }
 
-/// The secret as upstreams write it: raw, percent-encoded, JSON-escaped, base64.
-fn echo_forms(secret: &[u8]) -> Vec<Vec<u8>> {
-    use base64::Engine;
-    let text = String::from_utf8(secret.to_vec()).unwrap();
-    // As URL encoders write it: unreserved characters as they are, the rest %XX.
-    let percent: String = secret
-        .iter()
-        .map(|byte| {
-            if byte.is_ascii_alphanumeric() || b"-._~".contains(byte) {
-                char::from(*byte).to_string()
-            } else {
-                format!("%{byte:02X}")
-            }
-        })
-        .collect();
-    vec![
-        secret.to_vec(),
-        percent.into_bytes(),
-        serde_json::to_string(&text).unwrap().into_bytes(),
-        base64::engine::general_purpose::STANDARD
-            .encode(secret)
-            .into_bytes(),
+fn piece() -> impl Strategy<Value = Piece> {
+    prop_oneof![
+        proptest::collection::vec(
+            prop_oneof![Just(b'S'), Just(b'/'), Just(b'%'), any::<u8>()],
+            0..64
+        )
+        .prop_map(Piece::Agent),
+        (1usize..48).prop_map(|length| Piece::Agent(vec![b'.'; length * 400])),
+        (0usize..48).prop_map(Piece::Guess),
+        (0usize..5).prop_map(Piece::Echo),
     ]
 }
 
-fn piece() -> impl Strategy<Value = Piece> {
-    prop_oneof![
-        proptest::collection::vec(prop_oneof![Just(b'S'), Just(b'/'), any::<u8>()], 0..64)
-            .prop_map(Piece::Agent),
-        (0usize..48).prop_map(Piece::Guess),
-        (0usize..4).prop_map(Piece::Echo),
-    ]
+/// Whether an occurrence of `secret` starts in bytes the agent wrote (running into an echo).
+fn agent_bytes_start_an_occurrence(writes: &[Vec<Piece>], secret: &[u8], guessed: &[u8]) -> bool {
+    let echoes = echo_forms(secret);
+    let mut stream = Vec::new();
+    let mut agent_spans = Vec::new();
+    for write in writes {
+        for piece in write {
+            let start = stream.len();
+            match piece {
+                Piece::Agent(agent) => stream.extend_from_slice(agent),
+                Piece::Guess(length) => {
+                    stream.extend_from_slice(&guessed[..(*length).min(guessed.len() - 1)])
+                }
+                Piece::Echo(form) => {
+                    stream.extend_from_slice(&echoes[form % echoes.len()]);
+                    continue;
+                }
+            }
+            agent_spans.push(start..stream.len());
+        }
+    }
+    agent_spans.into_iter().flatten().any(|at| {
+        matches!(escaped_match(&stream, at, secret), Found::Occurrence(..))
+            || base64_forms(secret)
+                .iter()
+                .any(|form| matches!(form.match_at(&stream, at), Found::Occurrence(..)))
+    })
+}
+
+/// Chunks as text, runs of padding counted, for a failure's message.
+fn shown(chunks: &[Vec<u8>]) -> Vec<String> {
+    chunks
+        .iter()
+        .map(|chunk| {
+            let text = String::from_utf8_lossy(chunk).into_owned();
+            let mut out = String::new();
+            let mut dots = 0;
+            for character in text.chars() {
+                if character == '.' {
+                    dots += 1;
+                    continue;
+                }
+                if dots > 0 {
+                    out.push_str(&format!(".{{{dots}}}"));
+                    dots = 0;
+                }
+                out.push(character);
+            }
+            if dots > 0 {
+                out.push_str(&format!(".{{{dots}}}"));
+            }
+            out
+        })
+        .collect()
+}
+
+/// What has left the masker by the end of each write (the upstream cuts each write into frames
+/// of `frame` raw bytes), and every chunk's size.
+fn run(secret: &[u8], writes: &[Vec<u8>], frame: usize) -> (Vec<Vec<u8>>, Vec<usize>) {
+    let mut masker = Masker::new(secret).unwrap();
+    let mut per_write = Vec::new();
+    let mut sizes = Vec::new();
+    for write in writes {
+        let mut released = Vec::new();
+        for piece in write.chunks(frame.max(1)) {
+            let chunk = masker.push(piece);
+            if !chunk.is_empty() {
+                sizes.push(chunk.len());
+            }
+            released.extend_from_slice(&chunk);
+        }
+        per_write.push(released);
+    }
+    let rest = masker.finish();
+    sizes.push(rest.len());
+    per_write.push(rest.to_vec());
+    (per_write, sizes)
 }
 
 proptest! {
@@ -162,32 +304,36 @@ proptest! {
         .. ProptestConfig::default()
     })]
 
-    /// The same script against two secrets (their lengths differ too): the same chunks, byte for
-    /// byte — the echoes are the marker in both, and nothing else tells the secrets apart.
+    /// The same writes against two secrets (their lengths differ too): the same bytes leave by the
+    /// end of each write, in chunks of one size — the echoes are the marker in both, and nothing
+    /// else tells the secrets apart.
     #[test]
     fn what_the_agent_receives_does_not_depend_on_the_secret(
         first in "S[A-Za-z0-9/+]{7,40}",
         second in "[A-Za-z0-9_]{8,47}",
-        script in proptest::collection::vec(proptest::collection::vec(piece(), 0..4), 1..8),
-        padding in 0usize..(WINDOW + 200),
+        writes in proptest::collection::vec(proptest::collection::vec(piece(), 0..5), 1..8),
+        frame in 1usize..20_000,
     ) {
-        let mut script = script;
-        // Sometimes push the guesses past the window, where the old masker released on a miss.
-        script.insert(0, vec![Piece::Agent(vec![b'.'; padding])]);
         let guessed = first.as_bytes();
-        // The agent's own bytes spelling out a whole secret is a correct guess of all of it, which
-        // masking shows (and cannot help showing): only scripts that do not are compared.
-        let without_echoes: Vec<u8> = render(&script, b"", guessed).concat();
+        // The agent's own bytes spelling out a whole secret is a correct guess of all of it,
+        // which masking shows (and cannot help showing): only scripts that do not are compared.
+        let without_echoes = render(&writes, b"", guessed).concat();
         for secret in [first.as_bytes(), second.as_bytes()] {
-            for needle in needles_of(secret) {
-                prop_assume!(memchr::memmem::find(&without_echoes, &needle).is_none());
-            }
+            let masker = Masker::new(secret).unwrap();
+            prop_assume!(masker.mask_whole(&without_echoes) == without_echoes);
         }
-        let chunks = |secret: &[u8]| {
-            let rendered = render(&script, secret, guessed);
-            let slices: Vec<&[u8]> = rendered.iter().map(Vec::as_slice).collect();
-            stream(secret, &slices)
-        };
-        prop_assert_eq!(chunks(first.as_bytes()), chunks(second.as_bytes()));
+        // Nor an agent's guess that runs into the echo after it to spell the whole secret (a
+        // secret whose first characters repeat at its end, guessed to all but those): the
+        // occurrence found first then shows the echo's last characters, which the guess had
+        // all but named. Masking cannot hide what the agent already knows.
+        for secret in [first.as_bytes(), second.as_bytes()] {
+            prop_assume!(!agent_bytes_start_an_occurrence(&writes, secret, guessed));
+        }
+        let (one, one_sizes) = run(first.as_bytes(), &render(&writes, first.as_bytes(), guessed), frame);
+        let (two, two_sizes) = run(second.as_bytes(), &render(&writes, second.as_bytes(), guessed), frame);
+        prop_assert!(one == two, "{:?}\n!=\n{:?}\nwrites {:?}", shown(&one), shown(&two), shown(&render(&writes, first.as_bytes(), guessed)));
+        let last = one_sizes.len() - 1;
+        prop_assert!(one_sizes[..last].iter().all(|size| *size % BLOCK == 0));
+        prop_assert!(two_sizes[..last].iter().all(|size| *size % BLOCK == 0));
     }
 }
