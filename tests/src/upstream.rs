@@ -181,7 +181,7 @@ async fn answer(
 /// it reaches the agent before the second chunk is released.
 pub fn stream_first() -> Vec<u8> {
     let mut first = b"first ".to_vec();
-    first.extend(std::iter::repeat_n(b'x', 6000));
+    first.extend(std::iter::repeat_n(b'x', 14_000));
     first.push(b'\n');
     first
 }

@@ -33,12 +33,24 @@ pub fn request_id() -> String {
 pub struct RandomnessUnavailable;
 
 /// A new grant id: 48 bits of milliseconds then 80 random bits, in Crockford base32 (26
-/// characters), so ids sort by issue time and listing in id order lists oldest first.
+/// characters), so ids sort by issue time and listing in id order lists oldest first. Within one
+/// process ids only grow: one issued in the same millisecond as the last (or after the clock went
+/// back) is the last plus one, so two grants issued one after the other list in that order.
 pub fn grant_id(now_millis: u64) -> Result<String, RandomnessUnavailable> {
+    static LAST: std::sync::Mutex<u128> = std::sync::Mutex::new(0);
     let random: [u8; 10] = bytes()?;
     let mut value: u128 = u128::from(now_millis & 0xFFFF_FFFF_FFFF) << 80;
     for (index, byte) in random.iter().enumerate() {
         value |= u128::from(*byte) << (8 * (9 - index));
+    }
+    {
+        let mut last = LAST
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if value >> 80 <= *last >> 80 {
+            value = last.wrapping_add(1);
+        }
+        *last = value;
     }
     const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
     let mut text = [0u8; 26];
@@ -60,5 +72,10 @@ mod tests {
         assert_eq!(early.len(), 26);
         assert!(early < late);
         assert_ne!(grant_id(1_000).unwrap(), grant_id(1_000).unwrap());
+        let ids: Vec<String> = (0..100).map(|_| grant_id(5_000).unwrap()).collect();
+        assert!(
+            ids.windows(2).all(|pair| pair[0] < pair[1]),
+            "ids issued in one millisecond grow"
+        );
     }
 }
