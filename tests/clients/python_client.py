@@ -41,6 +41,12 @@ def main():
     parser.add_argument("--key", help="a principal key, sent as the bearer credential")
     parser.add_argument("--scope", required=True)
     parser.add_argument("--task", required=True)
+    parser.add_argument(
+        "--until-refused",
+        type=float,
+        help="call again on the same channel every half second until refused (at most this many "
+        "seconds), then once on a new channel sharing a TLS session cache with the first",
+    )
     arguments = parser.parse_args()
 
     import grpc
@@ -61,9 +67,10 @@ def main():
         options = []
         if arguments.server_name:
             options.append(("grpc.ssl_target_name_override", arguments.server_name))
-        with grpc.secure_channel(arguments.target, credentials, options=options) as channel:
+        metadata = [("authorization", f"Bearer {arguments.key}")] if arguments.key else []
+
+        def call(channel):
             stub = broker_pb2_grpc.BrokerStub(channel)
-            metadata = [("authorization", f"Bearer {arguments.key}")] if arguments.key else []
             try:
                 reply = stub.RequestToken(
                     broker_pb2.RequestTokenRequest(scope=arguments.scope, task_id=arguments.task),
@@ -71,18 +78,42 @@ def main():
                     timeout=10,
                 )
             except grpc.RpcError as error:
-                print(json.dumps({"error": error.code().name, "details": error.details()}))
-                return
-            print(
-                json.dumps(
-                    {
-                        "grant_id": reply.grant.id,
-                        "principal": reply.grant.principal,
-                        "token_parts": len(reply.token.split(".")),
-                    }
-                )
-            )
+                return {"error": error.code().name, "details": error.details()}
+            return {
+                "grant_id": reply.grant.id,
+                "principal": reply.grant.principal,
+                "token_parts": len(reply.token.split(".")),
+            }
 
+        if arguments.until_refused is None:
+            with grpc.secure_channel(arguments.target, credentials, options=options) as channel:
+                print(json.dumps(call(channel)))
+            return
+
+        # One TLS session cache for both channels: grpcio resumes a session when the server
+        # allows it.
+        import time
+
+        from grpc.experimental import session_cache
+
+        cache = session_cache.ssl_session_cache_lru(8)
+        options.append(("grpc.ssl_session_cache", cache))
+        outcome = {}
+        with grpc.secure_channel(arguments.target, credentials, options=options) as channel:
+            outcome["first"] = call(channel)
+            deadline = time.monotonic() + arguments.until_refused
+            n_calls = 1
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                result = call(channel)
+                n_calls += 1
+                if "error" in result:
+                    outcome["refused"] = result
+                    break
+            outcome["n_calls_on_first_channel"] = n_calls
+            with grpc.secure_channel(arguments.target, credentials, options=options) as again:
+                outcome["new_channel"] = call(again)
+        print(json.dumps(outcome))
 
 if __name__ == "__main__":
     main()

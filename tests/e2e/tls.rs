@@ -503,3 +503,224 @@ async fn a_python_grpcio_client_interoperates_over_tls_and_mtls() {
     ]);
     assert_eq!(refused["error"], "UNAVAILABLE", "{refused}");
 }
+
+/// Calls on `client`'s open connection until a call is refused (within 20 s): the refusal.
+async fn first_refusal(client: &Client, task: &str) -> Option<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Err(error) = client
+            .request_token(TokenRequest::new("limited", task))
+            .await
+        {
+            return Some(error.to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    None
+}
+
+/// The records of authentications refused for a client certificate.
+fn certificate_refusals(deployment: &Deployment) -> Vec<String> {
+    deployment
+        .audit_records()
+        .iter()
+        .filter(|record| {
+            record["action"] == "principal.authenticate" && record["reason_kind"] == "client_certificate"
+        })
+        .map(|record| record["reason"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_checked_at_every_request_on_an_open_connection() {
+    let ca = Ca::new("valet test CA");
+    let client_ca = Ca::new("workload CA");
+    let deployment = tls_deployment(&ca, Some("optional"));
+    client_ca.write_certificate(&deployment.path("client-ca.crt"));
+    let directory = deployment.directory.path();
+    let short = client_ca.client_certificate(
+        ClientName::SpiffeId(BUILDER_SPIFFE_ID),
+        Validity::ForSeconds(4),
+        directory,
+        "short",
+    );
+    let lasting = client_ca.client_certificate(
+        ClientName::SpiffeId(BUILDER_SPIFFE_ID),
+        Validity::Current,
+        directory,
+        "lasting",
+    );
+    let valetd = deployment.start(&[]);
+    let server = https(&valetd.address);
+    let ca_file = Some(deployment.path("ca.crt"));
+
+    // A certificate that expires while its connection is open stops authenticating on it.
+    let client = connect(&server, None, ca_file.clone(), Some(short.clone()))
+        .await
+        .expect("connect with a certificate valid for a few seconds");
+    client
+        .request_token(TokenRequest::new("limited", "before-expiry"))
+        .await
+        .expect("a token while the certificate is valid");
+    let last_error = first_refusal(&client, "after-expiry")
+        .await
+        .expect("the expired certificate kept authenticating its connection");
+    assert!(last_error.contains("expired at"), "{last_error}");
+    assert!(
+        certificate_refusals(&deployment)
+            .iter()
+            .any(|reason| reason.contains("expired at")),
+        "the refusal is audited"
+    );
+    // A new connection with it fails at the handshake.
+    let again = refusal(&server, None, ca_file.clone(), Some(short)).await;
+    assert!(again.contains("refused the client certificate"), "{again}");
+
+    // Removing the CA from server.client_ca_file ends what its certificates authenticate, on
+    // connections already open too.
+    let open = connect(&server, None, ca_file.clone(), Some(lasting))
+        .await
+        .expect("connect with a current certificate");
+    open.request_token(TokenRequest::new("limited", "before-the-swap"))
+        .await
+        .expect("a token while its CA is configured");
+    Ca::new("next workload CA").write_certificate(&deployment.path("client-ca.crt"));
+    let last_error = first_refusal(&open, "after-the-swap")
+        .await
+        .expect("a certificate from a removed CA kept authenticating its connection");
+    assert!(
+        last_error.contains("no longer in server.client_ca_file"),
+        "{last_error}"
+    );
+}
+
+/// Opens a TLS 1.3 connection to `address` with `config`, reads what the server sends after the
+/// handshake (its session tickets, if any), and says whether the handshake resumed a session.
+async fn handshake(address: &str, config: std::sync::Arc<rustls::ClientConfig>) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(address.trim_start_matches("http://"))
+        .await
+        .expect("connect");
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut stream = connector.connect(name, tcp).await.expect("a TLS handshake");
+    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("the HTTP/2 preface");
+    let mut buffer = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buffer)).await;
+    resumed
+}
+
+fn client_config(
+    ca_file: &Path,
+    certificate: Option<(PathBuf, PathBuf)>,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca_file).unwrap() {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut config = match certificate {
+        Some((certificate, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(certificate)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_file(key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    std::sync::Arc::new(config)
+}
+
+#[tokio::test]
+async fn no_tls_session_is_resumed_where_client_certificates_authenticate() {
+    // Without client CAs a session resumes (so the check below can tell)…
+    let ca = Ca::new("valet test CA");
+    let plain = tls_deployment(&ca, None);
+    let plain_valetd = plain.start(&[]);
+    let config = client_config(&plain.path("ca.crt"), None);
+    assert!(!handshake(&plain_valetd.address, config.clone()).await);
+    assert!(
+        handshake(&plain_valetd.address, config).await,
+        "the second handshake resumes the first's session"
+    );
+
+    // …with them, every connection is a full handshake that shows its certificate.
+    let client_ca = Ca::new("workload CA");
+    let deployment = tls_deployment(&ca, Some("optional"));
+    client_ca.write_certificate(&deployment.path("client-ca.crt"));
+    let builder = client_ca.client_certificate(
+        ClientName::SpiffeId(BUILDER_SPIFFE_ID),
+        Validity::Current,
+        deployment.directory.path(),
+        "builder",
+    );
+    let valetd = deployment.start(&[]);
+    for certificate in [Some(builder), None] {
+        let config = client_config(&deployment.path("ca.crt"), certificate);
+        assert!(!handshake(&valetd.address, config.clone()).await);
+        assert!(
+            !handshake(&valetd.address, config).await,
+            "no session is resumed"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_python_grpcio_client_with_a_session_cache_is_refused_once_its_certificate_expires() {
+    let ca = Ca::new("valet test CA");
+    let client_ca = Ca::new("workload CA");
+    let deployment = tls_deployment(&ca, Some("optional"));
+    client_ca.write_certificate(&deployment.path("client-ca.crt"));
+    let (certificate, key) = client_ca.client_certificate(
+        ClientName::SpiffeId(BUILDER_SPIFFE_ID),
+        Validity::ForSeconds(4),
+        deployment.directory.path(),
+        "short",
+    );
+    let valetd = deployment.start(&[]);
+    let target = valetd.address.trim_start_matches("http://").to_string();
+    let ca_file = deployment.path("ca.crt");
+    let outcome = python_client(&[
+        "--target",
+        &target,
+        "--ca-file",
+        path_text(&ca_file),
+        "--cert-file",
+        path_text(&certificate),
+        "--key-file",
+        path_text(&key),
+        "--scope",
+        "limited",
+        "--task",
+        "python-expiring",
+        "--until-refused",
+        "20",
+    ]);
+    assert_eq!(outcome["first"]["principal"], "builder", "{outcome}");
+    assert_eq!(outcome["refused"]["error"], "UNAUTHENTICATED", "{outcome}");
+    assert!(
+        outcome["refused"]["details"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("expired at"),
+        "{outcome}"
+    );
+    // A new channel sharing the session cache gets no resumed session to ride on.
+    assert!(outcome["new_channel"]["error"].is_string(), "{outcome}");
+    assert_ne!(outcome["new_channel"]["error"], "OK", "{outcome}");
+}

@@ -26,6 +26,8 @@ pub enum ClientName<'a> {
 pub enum Validity {
     Current,
     Expired,
+    /// Valid from an hour ago until this many seconds from now.
+    ForSeconds(i64),
 }
 
 impl Ca {
@@ -58,6 +60,9 @@ impl Ca {
         (params.not_before, params.not_after) = match validity {
             Validity::Current => (now - Duration::hours(1), now + Duration::days(7)),
             Validity::Expired => (now - Duration::days(10), now - Duration::days(1)),
+            Validity::ForSeconds(seconds) => {
+                (now - Duration::hours(1), now + Duration::seconds(seconds))
+            }
         };
         params.extended_key_usages = vec![usage];
         let key = KeyPair::generate().expect("a key");

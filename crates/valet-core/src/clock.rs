@@ -73,7 +73,13 @@ pub fn add_duration(at: UnixTime, duration: Duration) -> UnixTime {
 /// Formats a Unix time as RFC 3339 (UTC), for records people read.
 pub fn format_time(at: UnixTime) -> String {
     let seconds = u64::try_from(at).unwrap_or(0);
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(seconds)).to_string()
+    // Past year 9999 RFC 3339 has no form (and the addition could overflow): the seconds then.
+    match UNIX_EPOCH.checked_add(Duration::from_secs(seconds)) {
+        Some(time) if seconds < 253_402_300_800 => {
+            humantime::format_rfc3339_seconds(time).to_string()
+        }
+        _ => format!("{seconds} s after 1970"),
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod jwt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::UnixTime;
 use crate::config::{Config, Principal};
 use crate::secret::constant_time_eq;
 
@@ -77,7 +78,9 @@ impl AuthenticatedBy {
     }
 }
 
-/// The names in a client certificate that the TLS layer verified against the client CA.
+/// The names in a client certificate that the TLS layer verified against the client CA, and
+/// what its trust rests on, so that every request re-checks it (a connection, or a session
+/// resumed from it, outlives the moment of the handshake).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PresentedCertificate {
     /// URI subject alternative names (SPIFFE IDs among them).
@@ -86,6 +89,47 @@ pub struct PresentedCertificate {
     pub common_names: Vec<String>,
     /// SHA-256 of the certificate's DER, hex: how the audit log names the certificate.
     pub fingerprint: String,
+    /// The first and last moments (inclusive) at which the certificate, every certificate of
+    /// the chain it came with and the client CA it was verified up to are all valid.
+    pub not_before: UnixTime,
+    pub not_after: UnixTime,
+    /// SHA-256 of each configured client CA the chain was verified up to, hex.
+    pub authorities: Vec<String>,
+}
+
+/// Whether a certificate the TLS layer verified at the handshake still authenticates at `now`:
+/// within its (and its chain's) validity, and issued by a client CA the listeners still trust
+/// (`trusted`: the fingerprints of the client CAs in force). Checked at every request.
+pub fn certificate_still_valid(
+    certificate: &PresentedCertificate,
+    trusted: &[String],
+    now: UnixTime,
+) -> Result<(), String> {
+    if now < certificate.not_before {
+        return Err(format!(
+            "the client certificate ({}) is not valid before {}",
+            certificate.display_name(),
+            crate::clock::format_time(certificate.not_before)
+        ));
+    }
+    if now > certificate.not_after {
+        return Err(format!(
+            "the client certificate ({}) or its chain expired at {}: connect with a current certificate",
+            certificate.display_name(),
+            crate::clock::format_time(certificate.not_after)
+        ));
+    }
+    if !certificate
+        .authorities
+        .iter()
+        .any(|authority| trusted.contains(authority))
+    {
+        return Err(format!(
+            "the client certificate ({}) was issued by a client CA that is no longer in server.client_ca_file: connect with a certificate from a configured CA",
+            certificate.display_name()
+        ));
+    }
+    Ok(())
 }
 
 impl PresentedCertificate {

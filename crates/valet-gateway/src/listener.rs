@@ -289,7 +289,8 @@ impl Acceptor {
                     }
                     continue;
                 };
-                let acceptor = tokio_rustls::TlsAcceptor::from(material.server_config(*which));
+                let (server_config, authorities) = material.for_handshake(*which);
+                let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
                 let sender = sender.clone();
                 tokio::spawn(async move {
                     let handshake = acceptor.accept(stream).into_fallible();
@@ -309,8 +310,7 @@ impl Acceptor {
                         .get_ref()
                         .1
                         .peer_certificates()
-                        .and_then(|chain| chain.first())
-                        .and_then(crate::tls::presented_certificate)
+                        .and_then(|chain| crate::tls::presented_certificate(chain, &authorities))
                         .map(Arc::new);
                     let peer = Peer {
                         address,

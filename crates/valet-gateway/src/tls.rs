@@ -45,12 +45,25 @@ pub struct Loaded {
     pub not_after: String,
     /// How many CA certificates client certificates are verified against (0: none asked for).
     pub n_client_cas: usize,
+    /// SHA-256 of each of them, hex: the service refuses, at every request, a certificate that
+    /// was not issued by one of these.
+    pub client_authorities: Vec<String>,
+}
+
+/// A client CA in force, as a presented chain is traced back to it.
+#[derive(Debug, Clone)]
+pub struct ClientAuthority {
+    fingerprint: String,
+    /// Its subject, DER: the issuer a certificate it signed names.
+    subject: Vec<u8>,
+    not_after: i64,
 }
 
 /// The server configs of both listeners, built from one set of files.
 struct Material {
     grpc: Arc<rustls::ServerConfig>,
     gateway: Arc<rustls::ServerConfig>,
+    client_authorities: Arc<[ClientAuthority]>,
     /// SHA-256 over every file's bytes: a reload with unchanged files changes nothing.
     digest: [u8; 32],
 }
@@ -122,13 +135,18 @@ impl TlsMaterial {
         }
     }
 
-    /// The rustls config a new connection on `listener` is served with.
-    pub fn server_config(&self, listener: Listener) -> Arc<rustls::ServerConfig> {
+    /// The rustls config a new connection on `listener` is served with, and the client CAs it
+    /// verifies client certificates against.
+    pub fn for_handshake(
+        &self,
+        listener: Listener,
+    ) -> (Arc<rustls::ServerConfig>, Arc<[ClientAuthority]>) {
         let material = self.current.load();
-        match listener {
+        let config = match listener {
             Listener::Grpc => material.grpc.clone(),
             Listener::Gateway => material.gateway.clone(),
-        }
+        };
+        (config, material.client_authorities.clone())
     }
 }
 
@@ -213,9 +231,23 @@ fn build(files: &ServerTls, contents: &Contents) -> Result<(Material, Loaded), T
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let leaf = chain[0].clone();
+    let mut client_authorities = Vec::new();
     let (verifier, n_client_cas) = match (&files.client_ca_file, &contents.client_ca) {
         (Some(path), Some(bytes)) => {
             let cas = certificates("server.client_ca_file", path, bytes)?;
+            for ca in &cas {
+                let (_, parsed) =
+                    x509_parser::parse_x509_certificate(ca).map_err(|error| TlsError::Invalid {
+                        what: "server.client_ca_file",
+                        path: path.display().to_string(),
+                        detail: format!("a certificate does not parse: {error}"),
+                    })?;
+                client_authorities.push(ClientAuthority {
+                    fingerprint: fingerprint(ca),
+                    subject: parsed.subject().as_raw().to_vec(),
+                    not_after: parsed.validity().not_after.timestamp(),
+                });
+            }
             let mut roots = rustls::RootCertStore::empty();
             for ca in &cas {
                 roots.add(ca.clone()).map_err(|error| TlsError::Invalid {
@@ -259,11 +291,19 @@ fn build(files: &ServerTls, contents: &Contents) -> Result<(Material, Loaded), T
                 detail: format!("does not fit the certificate in server.tls_cert_file: {error}"),
             })?;
         config.alpn_protocols = protocols.iter().map(|protocol| protocol.to_vec()).collect();
+        if verifier.is_some() {
+            // No session resumption where client certificates authenticate: a resumed session
+            // carries the certificate of its first handshake, without a look at it. (Every
+            // request re-checks the certificate anyway; see `certificate_still_valid`.)
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+        }
         Ok(Arc::new(config))
     };
     let material = Material {
         grpc: server_config(&[b"h2"])?,
         gateway: server_config(&[b"h2", b"http/1.1"])?,
+        client_authorities: client_authorities.clone().into(),
         digest,
     };
     let not_after = x509_parser::parse_x509_certificate(&leaf)
@@ -279,6 +319,10 @@ fn build(files: &ServerTls, contents: &Contents) -> Result<(Material, Loaded), T
             certificate_fingerprint: fingerprint(&leaf),
             not_after,
             n_client_cas,
+            client_authorities: client_authorities
+                .into_iter()
+                .map(|authority| authority.fingerprint)
+                .collect(),
         },
     ))
 }
@@ -288,14 +332,22 @@ fn fingerprint(certificate: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, certificate))
 }
 
-/// The names of a client certificate rustls has verified against the client CA. `None` when
-/// it does not parse (rustls parsed it already, so this does not happen in practice; the caller
-/// is then treated as having presented no certificate).
-pub fn presented_certificate(certificate: &CertificateDer<'_>) -> Option<PresentedCertificate> {
+/// What the service needs of a client certificate chain rustls has verified against the client
+/// CAs `authorities`: the leaf's names, the validity window of the whole chain and of the CAs it
+/// was verified up to, and which CAs those are. `None` when the leaf does not parse (rustls
+/// parsed it already, so this does not happen in practice; the caller is then treated as having
+/// presented no certificate).
+pub fn presented_certificate(
+    chain: &[CertificateDer<'_>],
+    authorities: &[ClientAuthority],
+) -> Option<PresentedCertificate> {
     use x509_parser::extensions::GeneralName;
-    let (_, parsed) = x509_parser::parse_x509_certificate(certificate).ok()?;
+    let leaf = chain.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).ok()?;
     let mut presented = PresentedCertificate {
-        fingerprint: fingerprint(certificate),
+        fingerprint: fingerprint(leaf),
+        not_before: i64::MIN,
+        not_after: i64::MAX,
         ..PresentedCertificate::default()
     };
     if let Ok(Some(names)) = parsed.subject_alternative_name() {
@@ -310,6 +362,23 @@ pub fn presented_certificate(certificate: &CertificateDer<'_>) -> Option<Present
     for common_name in parsed.subject().iter_common_name() {
         if let Ok(text) = common_name.as_str() {
             presented.common_names.push(text.to_string());
+        }
+    }
+    for certificate in chain {
+        let Ok((_, parsed)) = x509_parser::parse_x509_certificate(certificate) else {
+            continue;
+        };
+        let validity = parsed.validity();
+        presented.not_before = presented.not_before.max(validity.not_before.timestamp());
+        presented.not_after = presented.not_after.min(validity.not_after.timestamp());
+        let own = fingerprint(certificate);
+        for authority in authorities {
+            if (authority.subject == parsed.issuer().as_raw() || authority.fingerprint == own)
+                && !presented.authorities.contains(&authority.fingerprint)
+            {
+                presented.not_after = presented.not_after.min(authority.not_after);
+                presented.authorities.push(authority.fingerprint.clone());
+            }
         }
     }
     Some(presented)

@@ -211,6 +211,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         None => None,
         Some(files) => {
             let (material, loaded) = TlsMaterial::load(files)?;
+            valet.trust_client_authorities(loaded.client_authorities.clone());
             tracing::info!(
                 certificate_sha256 = loaded.certificate_fingerprint,
                 not_after = loaded.not_after,
@@ -409,6 +410,7 @@ async fn follow_tls_files(valet: Arc<Valet>, material: Arc<TlsMaterial>) {
         let outcome = match material.reload() {
             Ok(None) => continue,
             Ok(Some(loaded)) => {
+                valet.trust_client_authorities(loaded.client_authorities.clone());
                 tracing::info!(
                     trigger,
                     certificate_sha256 = loaded.certificate_fingerprint,

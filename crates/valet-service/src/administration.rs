@@ -240,6 +240,14 @@ impl Valet {
 }
 
 impl Valet {
+    /// Sets the client CAs the listeners trust now (SHA-256 of each, hex), at start and after
+    /// every TLS reload: certificates issued by any other are refused from the next request on,
+    /// on connections already open too.
+    pub fn trust_client_authorities(&self, fingerprints: Vec<String>) {
+        self.client_authorities
+            .store(std::sync::Arc::new(fingerprints));
+    }
+
     /// Resolves after the next applied config reload.
     pub async fn config_reloaded(&self) {
         self.reloaded.notified().await;

@@ -6,8 +6,8 @@
 use valet_core::audit::{AuditAction, AuditEvent, Outcome};
 use valet_core::config::{Config, Principal};
 use valet_core::identity::{
-    AuthenticatedBy, PresentedCertificate, jwt, principal_for_certificate, principal_for_identity,
-    principal_for_key,
+    AuthenticatedBy, PresentedCertificate, certificate_still_valid, jwt, principal_for_certificate,
+    principal_for_identity, principal_for_key,
 };
 
 use crate::identity_keys::VerifiedIdentity;
@@ -92,28 +92,30 @@ impl Valet {
                     ,
             ),
         };
-        let (principal, authentication) = match identify(&config, presented, verified) {
-            Ok(found) => found,
-            Err(refusal) => {
-                if let (Some(source), Some(retry_after)) = (presented.source, throttled) {
-                    let reason = throttled_reason(source, limit, retry_after);
-                    let refusal = Refusal::new("source_rate_limited", reason.clone());
+        let trusted = self.client_authorities.load();
+        let (principal, authentication) =
+            match identify(&config, presented, verified, &trusted, self.clock.now()) {
+                Ok(found) => found,
+                Err(refusal) => {
+                    if let (Some(source), Some(retry_after)) = (presented.source, throttled) {
+                        let reason = throttled_reason(source, limit, retry_after);
+                        let refusal = Refusal::new("source_rate_limited", reason.clone());
+                        self.refuse_authentication(presented, operation, request_id, refusal)
+                            .await?;
+                        return Err(ServiceError::RateLimited {
+                            reason,
+                            retry_after,
+                        });
+                    }
+                    if let Some(source) = presented.source {
+                        self.limits.failed(source, limit, now_ms);
+                    }
+                    let reason = refusal.reason.clone();
                     self.refuse_authentication(presented, operation, request_id, refusal)
                         .await?;
-                    return Err(ServiceError::RateLimited {
-                        reason,
-                        retry_after,
-                    });
+                    return Err(ServiceError::Unauthenticated { reason });
                 }
-                if let Some(source) = presented.source {
-                    self.limits.failed(source, limit, now_ms);
-                }
-                let reason = refusal.reason.clone();
-                self.refuse_authentication(presented, operation, request_id, refusal)
-                    .await?;
-                return Err(ServiceError::Unauthenticated { reason });
-            }
-        };
+            };
         self.admit_principal(&principal, operation, request_id, now_ms)
             .await?;
         Ok(Caller {
@@ -271,7 +273,15 @@ fn identify(
     config: &Config,
     presented: Presented<'_>,
     verified: Option<Result<std::sync::Arc<VerifiedIdentity>, String>>,
+    trusted_authorities: &[String],
+    now: valet_core::UnixTime,
 ) -> Result<(Principal, AuthenticatedBy), Refusal> {
+    // A certificate the connection was opened with is re-checked at every request: a new
+    // handshake with it would fail once it expired or its CA was removed, and so does this.
+    if let Some(certificate) = presented.certificate {
+        certificate_still_valid(certificate, trusted_authorities, now)
+            .map_err(|reason| Refusal::new("client_certificate", reason))?;
+    }
     let by_certificate = presented.certificate.map(|certificate| {
         principal_for_certificate(config, certificate)
             .map(|principal| (principal, AuthenticatedBy::client_certificate(certificate)))

@@ -104,6 +104,9 @@ pub struct Valet {
     metrics: Arc<metrics::Metrics>,
     /// The web console's key and last chain verification.
     console: console::ConsoleState,
+    /// SHA-256 of each client CA the listeners trust now, hex: a client certificate issued by
+    /// none of them is refused at every request (a connection outlives a CA's removal).
+    client_authorities: ArcSwap<Vec<String>>,
 }
 
 /// What it takes to start the service.
@@ -174,6 +177,7 @@ impl Valet {
             deferred,
             metrics,
             console,
+            client_authorities: ArcSwap::from_pointee(Vec::new()),
         });
         valet.restore_deferred_grants().await?;
         Ok(valet)
