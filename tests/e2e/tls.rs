@@ -525,7 +525,8 @@ fn certificate_refusals(deployment: &Deployment) -> Vec<String> {
         .audit_records()
         .iter()
         .filter(|record| {
-            record["action"] == "principal.authenticate" && record["reason_kind"] == "client_certificate"
+            record["action"] == "principal.authenticate"
+                && record["reason_kind"] == "client_certificate"
         })
         .map(|record| record["reason"].as_str().unwrap_or_default().to_string())
         .collect()

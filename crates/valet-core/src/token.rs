@@ -210,13 +210,21 @@ pub fn verify(
             expected: audience.to_string(),
         });
     }
-    if expect.now >= claims.exp.saturating_add(expect.leeway_seconds) {
+    check_window(&claims, expect.now, expect.leeway_seconds)?;
+    Ok(claims)
+}
+
+/// Whether a token is inside its validity window at `now`, `leeway` seconds each way. Computed
+/// in 128 bits, so no claim value can wrap a sum into a pass.
+pub fn check_window(claims: &Claims, now: UnixTime, leeway: i64) -> Result<(), VerifyError> {
+    let (now, leeway) = (i128::from(now), i128::from(leeway.max(0)));
+    if now >= i128::from(claims.exp) + leeway {
         return Err(VerifyError::Expired { exp: claims.exp });
     }
-    if expect.now.saturating_add(expect.leeway_seconds) < claims.nbf {
+    if now + leeway < i128::from(claims.nbf) {
         return Err(VerifyError::NotYetValid { nbf: claims.nbf });
     }
-    Ok(claims)
+    Ok(())
 }
 
 /// A valet token as valetd holds it: a bearer credential, so it cannot be printed (`Debug` shows

@@ -176,9 +176,11 @@ impl IdentityKeys {
                 .and_then(serde_json::Value::as_i64)
                 .unwrap_or_default()
         };
-        let skew = issuer.clock_skew.as_secs() as i64;
-        let acceptable_until =
-            (time("exp") + skew).min(time("iat") + issuer.max_token_age.as_secs() as i64 + skew);
+        let skew = i64::try_from(issuer.clock_skew.as_secs()).unwrap_or(i64::MAX);
+        let max_age = i64::try_from(issuer.max_token_age.as_secs()).unwrap_or(i64::MAX);
+        let acceptable_until = time("exp")
+            .saturating_add(skew)
+            .min(time("iat").saturating_add(max_age).saturating_add(skew));
         Ok((
             VerifiedIdentity {
                 issuer: issuer.name.clone(),

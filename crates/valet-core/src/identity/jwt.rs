@@ -339,32 +339,14 @@ fn check_claims(claims: &Map<String, Value>, pins: Pins<'_>, now: UnixTime) -> R
                 .ok_or_else(|| format!("the identity token's {name} is not a number")),
         }
     };
-    let skew = pins.clock_skew.as_secs() as i64;
-    let expires = time("exp", true)?.unwrap_or_default();
-    if now > expires + skew {
-        return Err(format!(
-            "the identity token expired {} s ago; get a fresh one",
-            now - expires
-        ));
-    }
-    if let Some(not_before) = time("nbf", false)?
-        && now + skew < not_before
-    {
-        return Err("the identity token is not valid yet (nbf is in the future)".to_string());
-    }
-    let issued = time("iat", true)?.unwrap_or_default();
-    if issued > now + skew {
-        return Err(
-            "the identity token was issued in the future (iat); check the clocks".to_string(),
-        );
-    }
-    let max_age = pins.max_token_age.as_secs() as i64;
-    if now - issued > max_age + skew {
-        return Err(format!(
-            "the identity token was issued {} s ago; this issuer's tokens are accepted for {max_age} s (issuer.max_token_age)",
-            now - issued
-        ));
-    }
+    check_times(
+        now,
+        time("exp", true)?.unwrap_or_default(),
+        time("nbf", false)?,
+        time("iat", true)?.unwrap_or_default(),
+        pins.clock_skew,
+        pins.max_token_age,
+    )?;
     match claims.get("sub").and_then(Value::as_str) {
         Some(subject) if !subject.is_empty() => Ok(()),
         _ => Err("the identity token has no sub claim".to_string()),
@@ -385,6 +367,47 @@ pub fn claim_text(claims: &Map<String, Value>, path: &str) -> Option<String> {
         Value::Bool(flag) => Some(flag.to_string()),
         _ => None,
     }
+}
+
+/// The time checks of an identity token: `exp`, `nbf`, `iat` and the issuer's maximum token age,
+/// with `skew` of leeway each way. Computed in 128 bits: no claim value (`i64::MIN` included, which
+/// only an issuer could sign) can wrap a sum or a difference into a pass.
+pub fn check_times(
+    now: UnixTime,
+    expires: UnixTime,
+    not_before: Option<UnixTime>,
+    issued: UnixTime,
+    skew: Duration,
+    max_token_age: Duration,
+) -> Result<(), String> {
+    let now = i128::from(now);
+    let skew = i128::from(skew.as_secs());
+    let expires = i128::from(expires);
+    let issued = i128::from(issued);
+    if now > expires + skew {
+        return Err(format!(
+            "the identity token expired {} s ago; get a fresh one",
+            now - expires
+        ));
+    }
+    if let Some(not_before) = not_before
+        && now + skew < i128::from(not_before)
+    {
+        return Err("the identity token is not valid yet (nbf is in the future)".to_string());
+    }
+    if issued > now + skew {
+        return Err(
+            "the identity token was issued in the future (iat); check the clocks".to_string(),
+        );
+    }
+    let max_age = i128::from(max_token_age.as_secs());
+    if now - issued > max_age + skew {
+        return Err(format!(
+            "the identity token was issued {} s ago; this issuer's tokens are accepted for {max_age} s (issuer.max_token_age)",
+            now - issued
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -206,3 +206,23 @@ fn garbage_is_malformed_not_a_panic() {
         Err(VerifyError::TooLong { .. })
     ));
 }
+
+proptest::proptest! {
+    /// Whatever `exp` and `nbf` hold, the window check neither panics nor wraps into a pass: an
+    /// accepted token is, in exact arithmetic, inside its window.
+    #[test]
+    fn the_window_holds_in_exact_arithmetic_for_any_claim_values(
+        now in proptest::prop_oneof![proptest::prelude::Just(i64::MIN), proptest::prelude::Just(i64::MAX), proptest::prelude::any::<i64>()],
+        exp in proptest::prop_oneof![proptest::prelude::Just(i64::MIN), proptest::prelude::Just(i64::MAX), proptest::prelude::any::<i64>()],
+        nbf in proptest::prop_oneof![proptest::prelude::Just(i64::MIN), proptest::prelude::Just(i64::MAX), proptest::prelude::any::<i64>()],
+        leeway in proptest::prop_oneof![proptest::prelude::Just(i64::MAX), 0i64..3600],
+    ) {
+        let mut token = claims(0);
+        token.exp = exp;
+        token.nbf = nbf;
+        let accepted = check_window(&token, now, leeway).is_ok();
+        let (now, exp, nbf, leeway) =
+            (i128::from(now), i128::from(exp), i128::from(nbf), i128::from(leeway));
+        proptest::prop_assert_eq!(accepted, now < exp + leeway && nbf <= now + leeway);
+    }
+}

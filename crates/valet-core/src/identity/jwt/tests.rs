@@ -224,3 +224,61 @@ fn malformed_tokens_and_jwks_are_refused_not_panicked_on() {
         assert!(parse_jwks(document).is_err());
     }
 }
+
+/// Claim values at and near the ends of `i64`, and ordinary ones.
+fn extreme_time() -> impl proptest::strategy::Strategy<Value = i64> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(i64::MIN),
+        Just(i64::MIN + 1),
+        Just(i64::MAX),
+        Just(i64::MAX - 1),
+        Just(0),
+        -1_000_000i64..1_000_000_000_000,
+        any::<i64>(),
+    ]
+}
+
+proptest::proptest! {
+    /// Whatever the claims hold, the checks neither panic nor wrap into a pass: an accepted
+    /// token is, in exact arithmetic, unexpired, already valid, not from the future and younger
+    /// than the maximum age.
+    #[test]
+    fn time_checks_hold_in_exact_arithmetic_for_any_claim_values(
+        now in extreme_time(),
+        expires in extreme_time(),
+        not_before in proptest::option::of(extreme_time()),
+        issued in extreme_time(),
+        skew in 0u64..=u64::MAX,
+        max_age in 0u64..=u64::MAX,
+    ) {
+        let accepted = check_times(
+            now,
+            expires,
+            not_before,
+            issued,
+            Duration::from_secs(skew),
+            Duration::from_secs(max_age),
+        )
+        .is_ok();
+        let (now, expires, issued) = (i128::from(now), i128::from(expires), i128::from(issued));
+        let (skew, max_age) = (i128::from(skew), i128::from(max_age));
+        let within = now <= expires + skew
+            && not_before.is_none_or(|not_before| i128::from(not_before) <= now + skew)
+            && issued <= now + skew
+            && now - issued <= max_age + skew;
+        proptest::prop_assert_eq!(accepted, within);
+    }
+}
+
+#[test]
+fn an_iat_at_the_end_of_i64_is_refused_not_wrapped() {
+    let now = 1_800_000_000;
+    let hour = Duration::from_secs(3600);
+    let refused = check_times(now, now + 60, None, i64::MIN, Duration::from_secs(60), hour)
+        .expect_err("an iat of i64::MIN is older than any maximum age");
+    assert!(refused.contains("issued"), "{refused}");
+    assert!(check_times(now, i64::MIN, None, now, hour, hour).is_err());
+    assert!(check_times(now, now + 60, Some(i64::MAX), now, hour, hour).is_err());
+    assert!(check_times(now, i64::MAX, None, i64::MAX, hour, hour).is_err());
+}
