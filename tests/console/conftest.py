@@ -27,6 +27,8 @@ deploy = client_harness.deploy  # the fixture
 standard_config = client_harness.standard_config
 client_for = client_harness.client_for
 AGENT_KEY = client_harness.AGENT_KEY
+ADMIN_KEY = client_harness.ADMIN_KEY
+sha256_hex = client_harness.sha256_hex
 OPERATOR_KEY = client_harness.OPERATOR_KEY
 BINARIES = client_harness.BINARIES
 certificates = client_harness.certificates
@@ -46,21 +48,30 @@ def console_config(session_ttl: str = "", tls: bool = False) -> str:
     return standard_config(server_extra=server)
 
 
-def login_url(valetd, key: str = OPERATOR_KEY, ca_file: str = "") -> str:
-    """What `valet console --print-url` prints for the principal of `key`."""
+def login_url(valetd, key: str = OPERATOR_KEY, ca_file: str = "") -> tuple:
+    """What `valet console --json` answers for the principal of `key`: the login URL and the code
+    its page asks for."""
     environment = {"PATH": os.environ.get("PATH", ""), "VALET_SERVER": valetd.server, "VALET_KEY": key}
     if ca_file:
         environment["VALET_CA_FILE"] = ca_file
     answer = subprocess.run(
-        [str(BINARIES / "valet"), "console", "--print-url"],
+        [str(BINARIES / "valet"), "console", "--json"],
         env=environment,
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert answer.returncode == 0, answer.stderr
-    assert "single-use login link" in answer.stderr
-    return answer.stdout.strip()
+    login = json.loads(answer.stdout)
+    return login["url"], login["code"]
+
+
+def valet_cli(valetd, *arguments: str, key: str = OPERATOR_KEY) -> subprocess.CompletedProcess:
+    """`valet ARGUMENTS` as the principal of `key`."""
+    environment = {"PATH": os.environ.get("PATH", ""), "VALET_SERVER": valetd.server, "VALET_KEY": key}
+    return subprocess.run(
+        [str(BINARIES / "valet"), *arguments], env=environment, capture_output=True, text=True, timeout=30
+    )
 
 
 def audit_records(deployment) -> list:

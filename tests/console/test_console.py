@@ -14,13 +14,17 @@ import pytest
 import valet
 
 from conftest import (
+    ADMIN_KEY,
     AGENT_KEY,
+    OPERATOR_KEY,
     SCREENSHOTS,
     audit_records,
     certificates,
     client_for,
     console_config,
     login_url,
+    sha256_hex,
+    valet_cli,
 )
 
 LIVE = "body[data-live=connected]"
@@ -29,8 +33,10 @@ LIVE = "body[data-live=connected]"
 def log_in(context, valetd):
     """A page of `context` logged in as the operator through a fresh login link."""
     page = context.new_page()
-    landing = page.goto(login_url(valetd))
+    url, code = login_url(valetd)
+    landing = page.goto(url)
     assert landing.status == 200
+    page.fill("#code", code)
     page.click("#login")
     page.wait_for_url("**/approvals")
     page.wait_for_selector(LIVE)
@@ -197,13 +203,20 @@ def test_the_console_refuses_without_a_session_a_used_link_a_stale_csrf_token_an
     events = anonymous.request.get(f"{valetd.console}/events/grants")
     assert events.status == 401
 
-    # A login link opens one session, once.
-    url = login_url(valetd)
+    # A login link opens nothing without its code, and one session, once, with it.
+    url, code = login_url(valetd)
+    bystander = browser.new_context().new_page()
+    bystander.goto(url)
+    bystander.fill("#code", "AAAA-AAAA")
+    bystander.click("#login")
+    assert "code does not match" in bystander.locator(".error").inner_text()
     page.goto(url)
+    page.fill("#code", code)
     page.click("#login")
     page.wait_for_url("**/approvals")
     again = browser.new_context().new_page()
     again.goto(url)
+    again.fill("#code", code)
     again.click("#login")
     assert "used already" in again.locator(".error").inner_text()
 
@@ -246,7 +259,7 @@ def test_the_console_refuses_without_a_session_a_used_link_a_stale_csrf_token_an
     replay.add_cookies(saved)
     ended = replay.new_page()
     assert ended.goto(f"{valetd.console}/approvals").status == 401
-    assert "ended (logged out)" in ended.locator(".error").inner_text()
+    assert "was ended (logged out" in ended.locator(".error").inner_text()
 
     records = audit_records(deployment)
     refused = [record for record in records if record["action"] == "console.refuse"]
@@ -259,6 +272,45 @@ def test_the_console_refuses_without_a_session_a_used_link_a_stale_csrf_token_an
     assert any(record["action"] == "console.logout" for record in records)
     # The stale page revoked nothing.
     assert not any(record.get("via") == "revoke_all" and record["outcome"] == "allowed" for record in records)
+
+
+def test_a_rotated_key_ends_the_console_session_it_opened_live_and_operators_end_sessions(deploy, browser):
+    deployment = deploy(console_config())
+    valetd = deployment.start()
+    mine = log_in(browser.new_context(), valetd)
+    other_context = browser.new_context()
+    other = log_in(other_context, valetd)
+
+    # The sessions page lists both, with the key that opened them; ending the other one from
+    # here ends it on its next request.
+    mine.goto(f"{valetd.console}/sessions")
+    rows = mine.locator("tr[data-session-id]")
+    assert rows.count() == 2
+    assert "principal key" in rows.first.inner_text()
+    screenshot(mine, "sessions")
+    with mine.expect_navigation():
+        mine.locator("tr[data-session-id] form button").first.click()
+    assert mine.locator("tr[data-session-id]").count() == 1
+    assert other.goto(f"{valetd.console}/grants").status == 401
+    assert "by an operator" in other.locator(".error").inner_text()
+
+    # The operator key is rotated while the session is open on a live page: the event stream
+    # ends within seconds and the page says so; the next request is refused with the reason.
+    mine.goto(f"{valetd.console}/grants")
+    mine.wait_for_selector(LIVE)
+    config = deployment.path("valet.toml")
+    config.write_text(
+        config.read_text().replace(sha256_hex(OPERATOR_KEY), sha256_hex("vk_test_operator_rotated_77"))
+    )
+    reload = valet_cli(valetd, "config", "reload", key=ADMIN_KEY)
+    assert reload.returncode == 0, reload.stderr
+    mine.wait_for_selector("body[data-live=logged-out]", timeout=15_000)
+    assert mine.goto(f"{valetd.console}/approvals").status == 401
+    message = mine.locator(".error").inner_text()
+    assert "no longer accepted" in message and "key was replaced" in message
+    ended = [record for record in audit_records(deployment) if record["action"] == "console.session_end"]
+    assert any("key was replaced" in record["reason"] for record in ended)
+    assert any("by an operator" in record["reason"] for record in ended)
 
 
 def test_an_expired_session_is_refused(deploy, browser):
@@ -302,12 +354,13 @@ def test_over_tls_the_console_speaks_http2_and_its_cookie_is_secure_and_host_onl
     certificates(deployment.directory)
     valetd = deployment.start(scheme="https")
     assert valetd.console.startswith("https://127.0.0.1:")
-    url = login_url(valetd, ca_file=str(deployment.path("ca.crt")))
+    url, code = login_url(valetd, ca_file=str(deployment.path("ca.crt")))
     assert url.startswith(valetd.console + "/login?link=")
     # The test's CA is not in Chromium's store; the certificate itself is checked by the CLI above.
     context = browser.new_context(ignore_https_errors=True)
     page = context.new_page()
     page.goto(url)
+    page.fill("#code", code)
     page.click("#login")
     page.wait_for_url("**/approvals")
     page.wait_for_selector(LIVE)

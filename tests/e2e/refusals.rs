@@ -209,6 +209,20 @@ async fn every_rpc_refusal_leaves_one_audit_record_with_its_reason() {
             .admin()
             .create_console_login(v1::CreateConsoleLoginRequest {})
     );
+    refused!(
+        "Admin/ListConsoleSessions",
+        agent
+            .admin()
+            .list_console_sessions(v1::ListConsoleSessionsRequest {})
+    );
+    refused!(
+        "Admin/EndConsoleSession",
+        agent
+            .admin()
+            .end_console_session(v1::EndConsoleSessionRequest {
+                id: "0123456789abcdef0123456789abcdef".into()
+            })
+    );
     // These refuse nothing beyond authentication: the JWKS is public, every principal may ask
     // who it is, and list and watch the approval requests it may see (its own; operators: all).
     for rpc in [

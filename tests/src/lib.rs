@@ -13,6 +13,7 @@ use valet_client::{Client, ClientConfig};
 pub mod etcd;
 pub mod frameworks;
 pub mod moto;
+pub mod nginx;
 pub mod oidc;
 pub mod pki;
 pub mod ports;

@@ -127,15 +127,18 @@ pub enum Command {
     /// which server said so.
     Whoami,
     /// Open the web console in a browser, logged in as this principal (operators): valetd makes a
-    /// single-use login link good for a minute.
+    /// single-use login link good for a minute, which opens a session only with the code shown
+    /// here; list and end console sessions.
     #[command(
-        after_help = "Examples:\n  valet console                  # opens the browser (xdg-open, or $BROWSER)\n  valet console --print-url      # prints the link instead; open it within a minute, once"
+        after_help = "Examples:\n  valet console                  # opens the browser (xdg-open, or $BROWSER); type the code shown here\n  valet console --print-url      # prints the link instead; open it within a minute, once\n  valet console sessions         # the sessions open, with the credential each was opened with\n  valet console end 3f2a…        # ends one, on every replica"
     )]
     Console {
-        /// Print the login link instead of opening a browser. The link is a credential for one
-        /// login: paste it only into your own browser.
+        /// Print the login link instead of opening a browser (the code is shown on stderr). The
+        /// link opens a session only with the code: a copy of the link elsewhere opens nothing.
         #[arg(long)]
         print_url: bool,
+        #[command(subcommand)]
+        action: Option<ConsoleCommand>,
     },
     /// Print shell completions.
     #[command(after_help = "Example:\n  valet completions bash > /etc/bash_completion.d/valet")]
@@ -324,6 +327,18 @@ pub struct RevokeAllArguments {
 pub enum KeysCommand {
     /// Make a new signing key current; the old one verifies until its tokens expire.
     Rotate,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConsoleCommand {
+    /// The console sessions open now on every replica: who, opened with which credential, until
+    /// when, and whether that credential is still accepted.
+    Sessions,
+    /// End a console session (as `valet console sessions` lists it) on every replica.
+    End {
+        /// The session's id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -14,7 +14,7 @@ use valet_core::config::Config;
 use valet_core::{Clock, Secret, SystemClock};
 
 use crate::arguments::{
-    ApprovalsCommand, Arguments, AuditCommand, Command, ConfigCommand, Connection,
+    ApprovalsCommand, Arguments, AuditCommand, Command, ConfigCommand, Connection, ConsoleCommand,
     GrantFilterArguments, GrantsCommand, KeysCommand, RevokeAllArguments, TaskCommand,
     TokenCommand, TokenRequestArguments,
 };
@@ -401,7 +401,73 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
                 println!("server     {}", client.server());
             }
         }
-        Command::Console { print_url } => {
+        Command::Console {
+            action: Some(ConsoleCommand::Sessions),
+            ..
+        } => {
+            let sessions = client
+                .admin()
+                .list_console_sessions(v1::ListConsoleSessionsRequest {})
+                .await
+                .map_err(ClientError::from)?
+                .into_inner()
+                .sessions;
+            if json {
+                let rows: Vec<serde_json::Value> = sessions
+                    .iter()
+                    .map(|session| {
+                        serde_json::json!({
+                            "id": session.id,
+                            "principal": session.principal,
+                            "credential": session.credential,
+                            "opened_at": crate::output::time_of(&session.opened_at),
+                            "expires_at": crate::output::time_of(&session.expires_at),
+                            "credential_refused": session.credential_refused,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else if sessions.is_empty() {
+                println!("no console session is open");
+            } else {
+                for session in &sessions {
+                    let standing = if session.credential_refused.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "  (ends at its next request: {})",
+                            session.credential_refused
+                        )
+                    };
+                    println!(
+                        "{}  {}  {}  until {}{standing}",
+                        session.id,
+                        session.principal,
+                        session.credential,
+                        crate::output::time_of(&session.expires_at)
+                    );
+                }
+            }
+        }
+        Command::Console {
+            action: Some(ConsoleCommand::End { id }),
+            ..
+        } => {
+            client
+                .admin()
+                .end_console_session(v1::EndConsoleSessionRequest { id: id.clone() })
+                .await
+                .map_err(ClientError::from)?;
+            if json {
+                println!("{}", serde_json::json!({ "ended": id }));
+            } else {
+                println!("ended console session {id} on every replica");
+            }
+        }
+        Command::Console {
+            print_url,
+            action: None,
+        } => {
             let login = client
                 .admin()
                 .create_console_login(v1::CreateConsoleLoginRequest {})
@@ -412,13 +478,16 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({ "url": login.url, "expires_at": expires })
+                    serde_json::json!({ "url": login.url, "code": login.code, "expires_at": expires })
                 );
             } else if print_url {
                 println!("{}", login.url);
-                eprintln!("single-use login link, valid until {expires}");
+                eprintln!(
+                    "single-use login link, valid until {expires}; the login page asks for this code: {}",
+                    login.code
+                );
             } else {
-                open_in_browser(&login.url, &expires);
+                open_in_browser(&login.url, &login.code, &expires);
             }
         }
         Command::Config(
@@ -436,8 +505,10 @@ async fn online(command: Command, client: &Client, json: bool) -> anyhow::Result
 }
 
 /// Opens `url` with `$BROWSER` or `xdg-open`; prints it when neither can (a server, an SSH
-/// session), so the operator can open it where a browser runs.
-fn open_in_browser(url: &str, expires: &str) {
+/// session), so the operator can open it where a browser runs. The code goes to the terminal
+/// only: the browser's arguments are visible to every local user, and the link without the code
+/// opens nothing.
+fn open_in_browser(url: &str, code: &str, expires: &str) {
     let browser = std::env::var("BROWSER")
         .ok()
         .filter(|browser| !browser.trim().is_empty());
@@ -450,10 +521,12 @@ fn open_in_browser(url: &str, expires: &str) {
         .status()
         .is_ok_and(|status| status.success());
     if opened {
-        eprintln!("opened the console with {opener}; the login link works once, until {expires}");
+        eprintln!(
+            "opened the console with {opener}; type this code on its login page: {code}\n(the link works once, until {expires})"
+        );
     } else {
         eprintln!(
-            "could not open a browser with {opener}; open this single-use link yourself before {expires}:"
+            "could not open a browser with {opener}; open this single-use link yourself before {expires}, and type the code {code} on its login page:"
         );
         println!("{url}");
     }

@@ -111,10 +111,15 @@ pub enum AuditAction {
     ConsoleLogout,
     /// A console request refused before any operation: no session, a stale CSRF token.
     ConsoleRefuse,
+    /// The open console sessions listed for an operator.
+    ConsoleSessions,
+    /// A console session ended by an operator other than its own, or because the credential
+    /// that opened it is no longer accepted.
+    ConsoleSessionEnd,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 33] = [
+    pub const ALL: [AuditAction; 35] = [
         AuditAction::Authenticate,
         AuditAction::TokenIssue,
         AuditAction::TokenRenew,
@@ -148,6 +153,8 @@ impl AuditAction {
         AuditAction::ConsoleLogin,
         AuditAction::ConsoleLogout,
         AuditAction::ConsoleRefuse,
+        AuditAction::ConsoleSessions,
+        AuditAction::ConsoleSessionEnd,
     ];
 
     /// The action's name in the log.
@@ -186,6 +193,8 @@ impl AuditAction {
             AuditAction::ConsoleLogin => "console.login",
             AuditAction::ConsoleLogout => "console.logout",
             AuditAction::ConsoleRefuse => "console.refuse",
+            AuditAction::ConsoleSessions => "console.sessions",
+            AuditAction::ConsoleSessionEnd => "console.session_end",
         }
     }
 }

@@ -9,10 +9,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::UnixTime;
 use crate::config::{Principal, Role};
+use crate::identity::Credential;
 use crate::keyring::SealKey;
 
-/// The longest pass text valetd reads; anything longer is refused before it is decoded.
-pub const MAX_PASS_BYTES: usize = 2048;
+/// The longest pass text valetd reads or makes (a browser keeps a cookie of up to 4096 bytes,
+/// its name included); anything longer is refused before it is decoded.
+pub const MAX_PASS_BYTES: usize = 3800;
+/// How many wrong codes a login link takes before it is used up.
+pub const MAX_CODE_ATTEMPTS: usize = 5;
 /// How long a login link stays usable.
 pub const LOGIN_LINK_SECONDS: i64 = 60;
 
@@ -48,27 +52,33 @@ pub struct ConsolePass {
     /// The principal's roles when the pass was made; a session whose principal's roles changed
     /// since ends.
     pub roles: Vec<String>,
-    /// How the principal proved who it is to obtain the link (`principal_key`, …).
-    pub authenticated_by: String,
+    /// The credential the principal proved who it is with to obtain the link: the session
+    /// ends when valetd would no longer accept it.
+    pub credential: Credential,
     pub issued_at: UnixTime,
     pub expires_at: UnixTime,
 }
 
 impl ConsolePass {
-    /// A new pass for `principal`, valid `seconds` from `now`.
+    /// A new pass for `principal`, who authenticated with `credential`: valid `seconds` from
+    /// `now`, and no longer than the credential itself.
     pub fn new(
         principal: &Principal,
-        authenticated_by: &str,
+        credential: &Credential,
         now: UnixTime,
         seconds: i64,
     ) -> Result<ConsolePass, crate::random::RandomnessUnavailable> {
+        let mut expires_at = now.saturating_add(seconds);
+        if let Some(until) = credential.valid_until() {
+            expires_at = expires_at.min(until.saturating_add(1));
+        }
         Ok(ConsolePass {
             id: hex::encode(crate::random::bytes::<16>()?),
             principal: principal.name.clone(),
             roles: role_names(principal),
-            authenticated_by: authenticated_by.to_string(),
+            credential: credential.clone(),
             issued_at: now,
-            expires_at: now.saturating_add(seconds),
+            expires_at,
         })
     }
 
@@ -124,11 +134,53 @@ impl ConsoleKey {
         ConsoleKey(seal_key.derive_mac_key("valet console passes"))
     }
 
-    /// `pass` as text: `BODY.MAC`, both base64url; the body is the pass's JSON.
-    pub fn seal(&self, kind: PassKind, pass: &ConsolePass) -> String {
+    /// `pass` as text: `BODY.MAC`, both base64url; the body is the pass's JSON. Refused when
+    /// longer than [`MAX_PASS_BYTES`] (a credential with many names or claims).
+    pub fn seal(&self, kind: PassKind, pass: &ConsolePass) -> Result<String, ConsoleError> {
         let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(pass).unwrap_or_default());
         let mac = self.mac(kind, body.as_bytes());
-        format!("{body}.{}", URL_SAFE_NO_PAD.encode(mac))
+        let text = format!("{body}.{}", URL_SAFE_NO_PAD.encode(mac));
+        if text.len() > MAX_PASS_BYTES {
+            return Err(ConsoleError::TooLong {
+                what: kind.describe(),
+            });
+        }
+        Ok(text)
+    }
+
+    /// The code that goes with login link `link_id`: shown only where `valet console` runs, and
+    /// needed with the link to open a session, so a link seen elsewhere (a process list, a shell
+    /// history, a log) opens nothing. Eight characters of Crockford base32 (40 bits), `XXXX-XXXX`.
+    pub fn login_code(&self, link_id: &str) -> String {
+        const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+        let mut message = b"valet console login code v1\0".to_vec();
+        message.extend_from_slice(link_id.as_bytes());
+        let tag = ring::hmac::sign(&self.0, &message);
+        let bits = u64::from_be_bytes(tag.as_ref()[..8].try_into().unwrap_or([0; 8]));
+        let characters: String = (0..8)
+            .map(|index| char::from(ALPHABET[((bits >> (59 - 5 * index)) & 0x1F) as usize]))
+            .collect();
+        format!("{}-{}", &characters[..4], &characters[4..])
+    }
+
+    /// Whether `presented` is link `link_id`'s code, as people type it: any case, with or
+    /// without the dash and spaces, `O` for `0` and `I`/`L` for `1` (compared in constant time).
+    pub fn login_code_matches(&self, link_id: &str, presented: &str) -> bool {
+        let normalise = |text: &str| -> Vec<u8> {
+            text.bytes()
+                .filter(|byte| !matches!(byte, b'-' | b' '))
+                .take(64)
+                .map(|byte| match byte.to_ascii_uppercase() {
+                    b'O' => b'0',
+                    b'I' | b'L' => b'1',
+                    other => other,
+                })
+                .collect()
+        };
+        crate::secret::constant_time_eq(
+            &normalise(&self.login_code(link_id)),
+            &normalise(presented),
+        )
     }
 
     /// The pass `text` carries, when valetd made it for `kind` and it has not expired at `now`.
@@ -199,15 +251,50 @@ mod tests {
         crate::config::principal_for_tests("alice", &[Role::Operator])
     }
 
+    fn key_credential() -> Credential {
+        Credential::PrincipalKey {
+            fingerprint: "0123456789abcdef".into(),
+        }
+    }
+
     fn pass(now: UnixTime) -> ConsolePass {
-        ConsolePass::new(&operator(), "principal_key", now, 60).expect("randomness")
+        ConsolePass::new(&operator(), &key_credential(), now, 60).expect("randomness")
+    }
+
+    #[test]
+    fn a_pass_lasts_no_longer_than_the_credential_that_opened_it() {
+        let certificate = Credential::ClientCertificate {
+            certificate: crate::identity::PresentedCertificate {
+                not_after: 1_030,
+                ..Default::default()
+            },
+        };
+        let pass = ConsolePass::new(&operator(), &certificate, 1_000, 3_600).unwrap();
+        assert_eq!(pass.expires_at, 1_031);
+        let pass = ConsolePass::new(&operator(), &key_credential(), 1_000, 3_600).unwrap();
+        assert_eq!(pass.expires_at, 4_600);
+    }
+
+    #[test]
+    fn a_login_code_belongs_to_one_link_and_reads_as_people_type_it() {
+        let key = key_of(1);
+        let code = key.login_code("link-a");
+        assert_eq!(code.len(), 9);
+        assert_eq!(&code[4..5], "-");
+        assert!(key.login_code_matches("link-a", &code));
+        assert!(key.login_code_matches("link-a", &code.to_lowercase().replace('-', " ")));
+        let typed: String = code.replace('0', "O").replace('1', "l");
+        assert!(key.login_code_matches("link-a", &typed));
+        assert!(!key.login_code_matches("link-b", &code));
+        assert!(!key_of(2).login_code_matches("link-a", &code));
+        assert!(!key.login_code_matches("link-a", ""));
     }
 
     #[test]
     fn a_pass_opens_until_it_expires_and_not_a_second_after() {
         let key = key_of(1);
         let pass = pass(1_000);
-        let text = key.seal(PassKind::Session, &pass);
+        let text = key.seal(PassKind::Session, &pass).unwrap();
         assert_eq!(key.open(PassKind::Session, &text, 1_059), Ok(pass.clone()));
         let expired = key.open(PassKind::Session, &text, 1_060).unwrap_err();
         assert!(matches!(expired, ConsoleError::Expired { .. }), "{expired}");
@@ -217,12 +304,12 @@ mod tests {
     #[test]
     fn a_login_link_is_not_a_session_and_a_session_is_not_a_login_link() {
         let key = key_of(1);
-        let link = key.seal(PassKind::LoginLink, &pass(1_000));
+        let link = key.seal(PassKind::LoginLink, &pass(1_000)).unwrap();
         assert!(matches!(
             key.open(PassKind::Session, &link, 1_001),
             Err(ConsoleError::NotValetd { .. })
         ));
-        let session = key.seal(PassKind::Session, &pass(1_000));
+        let session = key.seal(PassKind::Session, &pass(1_000)).unwrap();
         assert!(matches!(
             key.open(PassKind::LoginLink, &session, 1_001),
             Err(ConsoleError::NotValetd { .. })
@@ -233,14 +320,14 @@ mod tests {
     fn an_altered_pass_or_one_under_another_key_is_refused_without_being_quoted() {
         let key = key_of(1);
         let original = pass(1_000);
-        let text = key.seal(PassKind::Session, &original);
+        let text = key.seal(PassKind::Session, &original).unwrap();
         // The body says admin and a later expiry; the MAC is the original's.
         let forged = ConsolePass {
             roles: vec!["admin".into()],
             expires_at: 9_999_999,
             ..original.clone()
         };
-        let forged_body = key.seal(PassKind::Session, &forged);
+        let forged_body = key.seal(PassKind::Session, &forged).unwrap();
         let spliced = format!(
             "{}.{}",
             forged_body.split_once('.').unwrap().0,
@@ -251,7 +338,7 @@ mod tests {
             "",
             "no-dot",
             "a.b",
-            &key_of(2).seal(PassKind::Session, &original),
+            &key_of(2).seal(PassKind::Session, &original).unwrap(),
         ] {
             let error = key.open(PassKind::Session, bad, 1_001).unwrap_err();
             assert!(matches!(error, ConsoleError::NotValetd { .. }), "{error}");

@@ -81,7 +81,7 @@ impl AuthenticatedBy {
 /// The names in a client certificate that the TLS layer verified against the client CA, and
 /// what its trust rests on, so that every request re-checks it (a connection, or a session
 /// resumed from it, outlives the moment of the handshake).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PresentedCertificate {
     /// URI subject alternative names (SPIFFE IDs among them).
     pub uris: Vec<String>,
@@ -95,6 +95,193 @@ pub struct PresentedCertificate {
     pub not_after: UnixTime,
     /// SHA-256 of each configured client CA the chain was verified up to, hex.
     pub authorities: Vec<String>,
+}
+
+/// The credential a caller authenticated with, as much of it as is needed to tell later whether
+/// valetd would still accept it: what a console session is bound to, so that rotating a key,
+/// removing a certificate's CA or an identity binding, or letting a credential expire ends the
+/// sessions it opened. Holds no secret: a principal key is named by a fingerprint of its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum Credential {
+    PrincipalKey {
+        /// [`key_fingerprint`] of the key's hash.
+        fingerprint: String,
+    },
+    ClientCertificate {
+        /// Its names, validity and CAs, as presented.
+        certificate: PresentedCertificate,
+    },
+    IdentityToken {
+        /// The `[[issuer]]` name.
+        issuer: String,
+        subject: String,
+        /// SHA-256 of the token, hex.
+        fingerprint: String,
+        /// The claims the principal's `[[principal.identity]]` entries read (`sub` and the
+        /// claim paths they name), as the token had them.
+        claims: serde_json::Map<String, serde_json::Value>,
+        /// The last moment the token itself is accepted (`exp`, `iat` + the maximum age).
+        acceptable_until: UnixTime,
+    },
+}
+
+/// How a principal key is named where its hash is not shown: the first 8 bytes of a SHA-256 over
+/// its hash, hex.
+pub fn key_fingerprint(key_sha256: &[u8; 32]) -> String {
+    let mut message = b"valet principal key fingerprint\0".to_vec();
+    message.extend_from_slice(key_sha256);
+    hex::encode(&ring::digest::digest(&ring::digest::SHA256, &message).as_ref()[..8])
+}
+
+/// The claims of `claims` that any of `principal`'s identity entries for `issuer` reads: `sub` and
+/// each named claim path, nested as in the token.
+pub fn claims_read_by(
+    principal: &Principal,
+    issuer: &str,
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut kept = serde_json::Map::new();
+    let mut paths: Vec<&str> = vec!["sub"];
+    for matcher in principal
+        .identities
+        .iter()
+        .filter(|matcher| matcher.issuer == issuer)
+    {
+        paths.extend(matcher.claims.keys().map(String::as_str));
+    }
+    for path in paths {
+        let segments: Vec<&str> = path.split('/').collect();
+        let mut source = claims;
+        let mut found = true;
+        for segment in &segments[..segments.len() - 1] {
+            match source.get(*segment).and_then(serde_json::Value::as_object) {
+                Some(inner) => source = inner,
+                None => {
+                    found = false;
+                    break;
+                }
+            }
+        }
+        let Some(value) = source.get(segments[segments.len() - 1]).filter(|_| found) else {
+            continue;
+        };
+        insert_at(&mut kept, &segments, value.clone());
+    }
+    kept
+}
+
+/// Puts `value` at the path `segments` of `target`, making the objects on the way.
+fn insert_at(
+    target: &mut serde_json::Map<String, serde_json::Value>,
+    segments: &[&str],
+    value: serde_json::Value,
+) {
+    match segments {
+        [] => {}
+        [last] => {
+            target.insert(last.to_string(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = target
+                .entry(first.to_string())
+                .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+            if let Some(inner) = entry.as_object_mut() {
+                insert_at(inner, rest, value);
+            }
+        }
+    }
+}
+
+impl Credential {
+    /// The last moment the credential itself is valid, when it has one (a certificate's, an
+    /// identity token's); a key has none.
+    pub fn valid_until(&self) -> Option<UnixTime> {
+        match self {
+            Credential::PrincipalKey { .. } => None,
+            Credential::ClientCertificate { certificate } => Some(certificate.not_after),
+            Credential::IdentityToken {
+                acceptable_until, ..
+            } => Some(*acceptable_until),
+        }
+    }
+
+    /// The credential in a few words, for listings and audit records.
+    pub fn describe(&self) -> String {
+        match self {
+            Credential::PrincipalKey { fingerprint } => format!("principal key {fingerprint}"),
+            Credential::ClientCertificate { certificate } => format!(
+                "client certificate {} (sha256 {})",
+                certificate.display_name(),
+                &certificate.fingerprint[..certificate.fingerprint.len().min(16)]
+            ),
+            Credential::IdentityToken {
+                issuer, subject, ..
+            } => format!("identity token from {issuer} (sub {subject})"),
+        }
+    }
+
+    /// Whether valetd would still authenticate `principal` with this credential at `now`, under
+    /// `config` and the client CAs trusted now; the reason when not.
+    pub fn still_accepted(
+        &self,
+        config: &Config,
+        principal: &str,
+        trusted_authorities: &[String],
+        now: UnixTime,
+    ) -> Result<(), String> {
+        let Some(configured) = config.principals.get(principal) else {
+            return Err(format!(
+                "principal {principal:?} is no longer in the config"
+            ));
+        };
+        match self {
+            Credential::PrincipalKey { fingerprint } => match &configured.key_sha256 {
+                Some(hash) if key_fingerprint(hash) == *fingerprint => Ok(()),
+                Some(_) => Err(format!(
+                    "principal {principal:?}'s key was replaced (the session was opened with key {fingerprint})"
+                )),
+                None => Err(format!("principal {principal:?} no longer has a key")),
+            },
+            Credential::ClientCertificate { certificate } => {
+                certificate_still_valid(certificate, trusted_authorities, now)?;
+                match principal_for_certificate(config, certificate) {
+                    Ok(found) if found.name == principal => Ok(()),
+                    Ok(found) => Err(format!(
+                        "the client certificate ({}) now names principal {:?}",
+                        certificate.display_name(),
+                        found.name
+                    )),
+                    Err(reason) => Err(reason),
+                }
+            }
+            Credential::IdentityToken {
+                issuer,
+                subject,
+                claims,
+                acceptable_until,
+                ..
+            } => {
+                if now > *acceptable_until {
+                    return Err(format!(
+                        "the identity token from {issuer} (sub {subject}) stopped being accepted at {}",
+                        crate::clock::format_time(*acceptable_until)
+                    ));
+                }
+                if !config.issuers.contains_key(issuer) {
+                    return Err(format!("issuer {issuer} is no longer in the config"));
+                }
+                match principal_for_identity(config, issuer, claims) {
+                    Ok(found) if found.name == principal => Ok(()),
+                    Ok(found) => Err(format!(
+                        "the identity token from {issuer} (sub {subject}) now names principal {:?}",
+                        found.name
+                    )),
+                    Err(reason) => Err(reason),
+                }
+            }
+        }
+    }
 }
 
 /// Whether a certificate the TLS layer verified at the handshake still authenticates at `now`:
@@ -139,6 +326,46 @@ impl PresentedCertificate {
             .iter()
             .map(String::as_str)
             .find(|uri| crate::config::is_spiffe_id(uri))
+    }
+
+    /// The certificate with only the names `principal`'s `[[principal.certificate]]` entries
+    /// match: what a session bound to it keeps (a certificate may carry many names).
+    pub fn narrowed_to(&self, principal: &Principal) -> PresentedCertificate {
+        let matched = |candidate: PresentedCertificate| {
+            principal
+                .certificates
+                .iter()
+                .any(|matcher| matcher.matches(&candidate))
+        };
+        let alone = |uris: Vec<String>, dns_names: Vec<String>, common_names: Vec<String>| {
+            PresentedCertificate {
+                uris,
+                dns_names,
+                common_names,
+                ..PresentedCertificate::default()
+            }
+        };
+        PresentedCertificate {
+            uris: self
+                .uris
+                .iter()
+                .filter(|uri| matched(alone(vec![uri.to_string()], vec![], vec![])))
+                .cloned()
+                .collect(),
+            dns_names: self
+                .dns_names
+                .iter()
+                .filter(|dns| matched(alone(vec![], vec![dns.to_string()], vec![])))
+                .cloned()
+                .collect(),
+            common_names: self
+                .common_names
+                .iter()
+                .filter(|common| matched(alone(vec![], vec![], vec![common.to_string()])))
+                .cloned()
+                .collect(),
+            ..self.clone()
+        }
     }
 
     /// The name to show for it: SPIFFE ID, else first DNS name, else common name.

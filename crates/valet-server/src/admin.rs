@@ -350,7 +350,48 @@ impl Admin for AdminService {
                     seconds: login.expires_at,
                     nanos: 0,
                 }),
+                code: login.code,
             }),
+        )
+    }
+
+    async fn list_console_sessions(
+        &self,
+        request: Request<v1::ListConsoleSessionsRequest>,
+    ) -> Result<Response<v1::ListConsoleSessionsResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let sessions = self.valet.console_sessions(&caller).await;
+        let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+        reply(
+            &self.valet,
+            &caller,
+            sessions.map(|sessions| v1::ListConsoleSessionsResponse {
+                sessions: sessions
+                    .into_iter()
+                    .map(|open| v1::ConsoleSession {
+                        id: open.pass.id,
+                        principal: open.pass.principal,
+                        credential: open.pass.credential.describe(),
+                        opened_at: at(open.pass.issued_at),
+                        expires_at: at(open.pass.expires_at),
+                        credential_refused: open.credential_accepted.err().unwrap_or_default(),
+                    })
+                    .collect(),
+            }),
+        )
+    }
+
+    async fn end_console_session(
+        &self,
+        request: Request<v1::EndConsoleSessionRequest>,
+    ) -> Result<Response<v1::EndConsoleSessionResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let id = request.get_ref().id.clone();
+        let ended = self.valet.end_console_session_by_id(&caller, &id).await;
+        reply(
+            &self.valet,
+            &caller,
+            ended.map(|()| v1::EndConsoleSessionResponse {}),
         )
     }
 

@@ -74,9 +74,9 @@ fn status_unredacted(error: ServiceError, request_id: &str) -> Status {
         ServiceError::Request(error) if error.is_invalid_argument() => Code::InvalidArgument,
         ServiceError::Request(_) | ServiceError::Access(_) => Code::PermissionDenied,
         ServiceError::Transition(_) | ServiceError::Inactive(_) => Code::FailedPrecondition,
-        ServiceError::GrantNotFound { .. } | ServiceError::ApprovalNotFound { .. } => {
-            Code::NotFound
-        }
+        ServiceError::GrantNotFound { .. }
+        | ServiceError::ApprovalNotFound { .. }
+        | ServiceError::ConsoleSessionNotFound { .. } => Code::NotFound,
         ServiceError::InvalidField { .. } => Code::InvalidArgument,
         ServiceError::Reload(_) => Code::FailedPrecondition,
         ServiceError::Aws(error) if error.is_invalid_argument() => Code::InvalidArgument,

@@ -104,7 +104,7 @@ where
 
 /// The methods valetd serves. A client chooses the path it calls, so any other path is labelled
 /// `other`: a metric label never takes a value from outside this list.
-const METHODS: [&str; 25] = [
+const METHODS: [&str; 27] = [
     "/valet.v1.Broker/RequestToken",
     "/valet.v1.Broker/WaitForGrant",
     "/valet.v1.Broker/RenewToken",
@@ -126,6 +126,8 @@ const METHODS: [&str; 25] = [
     "/valet.v1.Admin/Deny",
     "/valet.v1.Admin/WatchApprovals",
     "/valet.v1.Admin/CreateConsoleLogin",
+    "/valet.v1.Admin/ListConsoleSessions",
+    "/valet.v1.Admin/EndConsoleSession",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",

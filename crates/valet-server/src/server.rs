@@ -260,14 +260,14 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     }
     if let Some(console_address) = config.server.console_listen {
         let (console_listener, bound) = bind(console_address).await?;
+        let url = config.server.console_base_url(bound);
+        valet.serve_console_at(url.clone());
         tokio::spawn(crate::console::serve(
             console_listener,
             limits,
             tls.clone(),
             valet.clone(),
         ));
-        let url = config.server.console_base_url(bound);
-        valet.serve_console_at(url.clone());
         tracing::info!(address = %bound, %url, "console listening on {bound}");
     }
     tokio::spawn(sweep_forever(valet.clone()));

@@ -169,12 +169,22 @@ impl Store for AuthenticatedStore {
 
     // A marker carries no MAC: planting one can only refuse a console link or end a session
     // (fail closed); removing one needs the link itself, which is MAC'd and expires in a minute.
-    async fn claim_once(&self, name: &str, until: UnixTime) -> Result<bool, StoreError> {
-        self.inner.claim_once(name, until).await
+    // Payloads pass as they are: the console opens each session's sealed pass, MAC and all.
+    async fn claim_once_with(
+        &self,
+        name: &str,
+        until: UnixTime,
+        payload: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.inner.claim_once_with(name, until, payload).await
     }
 
     async fn claimed(&self, name: &str) -> Result<bool, StoreError> {
         self.inner.claimed(name).await
+    }
+
+    async fn claims_under(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.claims_under(prefix).await
     }
 
     async fn create_approval(&self, approval: &ApprovalRequest) -> Result<(), StoreError> {

@@ -6,8 +6,8 @@
 use valet_core::audit::{AuditAction, AuditEvent, Outcome};
 use valet_core::config::{Config, Principal};
 use valet_core::identity::{
-    AuthenticatedBy, PresentedCertificate, certificate_still_valid, jwt, principal_for_certificate,
-    principal_for_identity, principal_for_key,
+    AuthenticatedBy, Credential, PresentedCertificate, certificate_still_valid, claims_read_by,
+    jwt, key_fingerprint, principal_for_certificate, principal_for_identity, principal_for_key,
 };
 
 use crate::identity_keys::VerifiedIdentity;
@@ -20,6 +20,9 @@ pub struct Caller {
     pub principal: Principal,
     /// How it proved who it is.
     pub authentication: AuthenticatedBy,
+    /// The credential it proved it with, as far as it can be checked again (console sessions
+    /// are bound to it).
+    pub credential: Credential,
     pub request_id: String,
 }
 
@@ -93,7 +96,7 @@ impl Valet {
             ),
         };
         let trusted = self.client_authorities.load();
-        let (principal, authentication) =
+        let (principal, authentication, credential) =
             match identify(&config, presented, verified, &trusted, self.clock.now()) {
                 Ok(found) => found,
                 Err(refusal) => {
@@ -121,6 +124,7 @@ impl Valet {
         Ok(Caller {
             principal,
             authentication,
+            credential,
             request_id: request_id.to_string(),
         })
     }
@@ -275,7 +279,7 @@ fn identify(
     verified: Option<Result<std::sync::Arc<VerifiedIdentity>, String>>,
     trusted_authorities: &[String],
     now: valet_core::UnixTime,
-) -> Result<(Principal, AuthenticatedBy), Refusal> {
+) -> Result<(Principal, AuthenticatedBy, Credential), Refusal> {
     // A certificate the connection was opened with is re-checked at every request: a new
     // handshake with it would fail once it expired or its CA was removed, and so does this.
     if let Some(certificate) = presented.certificate {
@@ -283,8 +287,16 @@ fn identify(
             .map_err(|reason| Refusal::new("client_certificate", reason))?;
     }
     let by_certificate = presented.certificate.map(|certificate| {
-        principal_for_certificate(config, certificate)
-            .map(|principal| (principal, AuthenticatedBy::client_certificate(certificate)))
+        principal_for_certificate(config, certificate).map(|principal| {
+            let credential = Credential::ClientCertificate {
+                certificate: certificate.narrowed_to(&principal),
+            };
+            (
+                principal,
+                AuthenticatedBy::client_certificate(certificate),
+                credential,
+            )
+        })
     });
     let Some(bearer) = presented.bearer else {
         return match by_certificate {
@@ -295,11 +307,18 @@ fn identify(
             )),
         };
     };
-    let (principal, authentication) = match verified {
+    let (principal, authentication, credential) = match verified {
         Some(verified) => {
             let identity = verified.map_err(|reason| Refusal::new("identity_token", reason))?;
             let principal = principal_for_identity(config, &identity.issuer, &identity.claims)
                 .map_err(|reason| Refusal::new("identity_token", reason))?;
+            let credential = Credential::IdentityToken {
+                issuer: identity.issuer.clone(),
+                subject: identity.subject.clone(),
+                fingerprint: identity.fingerprint.clone(),
+                claims: claims_read_by(&principal, &identity.issuer, &identity.claims),
+                acceptable_until: identity.acceptable_until,
+            };
             (
                 principal,
                 AuthenticatedBy::identity_token(
@@ -307,6 +326,7 @@ fn identify(
                     &identity.subject,
                     &identity.fingerprint,
                 ),
+                credential,
             )
         }
         None => {
@@ -316,10 +336,17 @@ fn identify(
                 "unknown_key",
                 "the principal key is not known to valetd (revoked, mistyped, or for another deployment)",
             ))?;
-            (principal, AuthenticatedBy::principal_key())
+            let credential = Credential::PrincipalKey {
+                fingerprint: principal
+                    .key_sha256
+                    .as_ref()
+                    .map(key_fingerprint)
+                    .unwrap_or_default(),
+            };
+            (principal, AuthenticatedBy::principal_key(), credential)
         }
     };
-    if let Some(Ok((other, _))) = &by_certificate
+    if let Some(Ok((other, _, _))) = &by_certificate
         && other.name != principal.name
     {
         return Err(Refusal::new(
@@ -330,7 +357,7 @@ fn identify(
             ),
         ));
     }
-    Ok((principal, authentication))
+    Ok((principal, authentication, credential))
 }
 
 /// The credential in `authorization: Bearer <credential>`.

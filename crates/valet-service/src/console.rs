@@ -10,7 +10,9 @@ use base64::Engine as _;
 use valet_core::UnixTime;
 use valet_core::audit::{self, AuditAction, AuditEvent, ChainKey, Outcome};
 use valet_core::config::Role;
-use valet_core::console::{ConsoleKey, ConsolePass, LOGIN_LINK_SECONDS, PassKind};
+use valet_core::console::{
+    ConsoleKey, ConsolePass, LOGIN_LINK_SECONDS, MAX_CODE_ATTEMPTS, PassKind,
+};
 use valet_core::grant::Grant;
 use valet_core::identity::AuthenticatedBy;
 use valet_core::policy;
@@ -44,10 +46,25 @@ impl ConsoleState {
 
 /// A login link's pass and where it leads.
 pub struct ConsoleLogin {
-    /// `{console_url}/login?link=PASS`: a capability for one login within a minute.
+    /// `{console_url}/login?link=PASS`: one login within a minute, together with `code`.
     pub url: String,
+    /// The code the login page asks for: shown only where `valet console` runs, so the link
+    /// alone (in a process list, a shell history, a log) opens nothing.
+    pub code: String,
     pub expires_at: UnixTime,
 }
+
+/// An open console session, as operators list it.
+pub struct OpenSession {
+    pub pass: ConsolePass,
+    /// `Err` with the reason when the credential that opened it is no longer accepted (the
+    /// session ends at its next request).
+    pub credential_accepted: Result<(), String>,
+}
+
+/// Where each console session's sealed pass is kept (with a marker per session), so operators
+/// can list them.
+const SESSION_PREFIX: &str = "console-session/";
 
 /// A session a login link opened.
 pub struct OpenedSession {
@@ -115,12 +132,12 @@ impl Valet {
             let base = self.console_url().ok_or(ServiceError::ConsoleOff)?;
             let pass = ConsolePass::new(
                 &caller.principal,
-                &caller.authentication.method,
+                &caller.credential,
                 self.clock.now(),
                 LOGIN_LINK_SECONDS,
             )
             .map_err(|error| ServiceError::Internal(error.to_string()))?;
-            let text = self.console.key.seal(PassKind::LoginLink, &pass);
+            let text = self.console.key.seal(PassKind::LoginLink, &pass)?;
             Ok((pass, format!("{base}/login?link={text}")))
         }
         .await;
@@ -136,15 +153,19 @@ impl Valet {
         self.record(caller, event).await?;
         Ok(ConsoleLogin {
             url,
+            code: self.console.key.login_code(&pass.id),
             expires_at: pass.expires_at,
         })
     }
 
-    /// Opens a session from a login link, once: a link already used, expired, altered, or for a
-    /// principal whose roles changed is refused (and the refusal recorded).
+    /// Opens a session from a login link and its code, once: a link already used, expired,
+    /// altered, for a principal whose roles changed, or whose credential is no longer accepted is
+    /// refused (and the refusal recorded). A wrong code is counted against the link: after
+    /// [`MAX_CODE_ATTEMPTS`] the link is used up.
     pub async fn open_console_session(
         &self,
         link: &str,
+        code: &str,
         source: Option<std::net::IpAddr>,
         request_id: &str,
     ) -> Result<OpenedSession, ServiceError> {
@@ -152,83 +173,295 @@ impl Valet {
         let mut context = context(AuditAction::ConsoleLogin);
         let outcome = async {
             let now = self.clock.now();
-            let link = self.console.key.open(PassKind::LoginLink, link, now)?;
+            let link = self
+                .console
+                .key
+                .open(PassKind::LoginLink, link, now)
+                .map_err(|error| self.count_failed_authentication(source, error.into()))?;
             context.set("principal", &link.principal);
             context.set("link_id", &link.id);
             let principal = self.console_principal(&link)?;
+            if !self.console.key.login_code_matches(&link.id, code) {
+                let failure = self.count_wrong_code(&link).await?;
+                return Err(self.count_failed_authentication(source, failure));
+            }
+            link.credential
+                .still_accepted(
+                    &self.config(),
+                    &link.principal,
+                    &self.client_authorities.load(),
+                    now,
+                )
+                .map_err(|reason| ServiceError::Unauthenticated {
+                    reason: format!(
+                        "the credential this login link was made with is no longer accepted: {reason}"
+                    ),
+                })?;
             if !self
                 .store
                 .claim_once(&format!("console-link/{}", link.id), link.expires_at)
                 .await?
             {
                 return Err(ServiceError::Unauthenticated {
-                    reason: "this login link was used already: each opens one session; get a new one with `valet console`".into(),
+                    reason: "this login link was used already (or used up by wrong codes): each opens one session; get a new one with `valet console`".into(),
                 });
             }
             let ttl = self.config().server.console_session_ttl.as_secs() as i64;
-            let session = ConsolePass::new(&principal, &link.authenticated_by, now, ttl)
+            let session = ConsolePass::new(&principal, &link.credential, now, ttl)
                 .map_err(|error| ServiceError::Internal(error.to_string()))?;
-            Ok((link, session))
+            let sealed = self.console.key.seal(PassKind::Session, &session)?;
+            self.store
+                .claim_once_with(
+                    &format!("{SESSION_PREFIX}{}", session.id),
+                    session.expires_at,
+                    sealed.as_bytes(),
+                )
+                .await?;
+            Ok((link, session, sealed))
         }
         .await;
-        let (link, session) = self.answer(&visitor, context, outcome).await?;
+        let (link, session, sealed) = self.answer(&visitor, context, outcome).await?;
         let event = AuditEvent::new(AuditAction::ConsoleLogin, Outcome::Allowed)
             .with("principal", &session.principal)
             .with("link_id", &link.id)
             .with("session_id", &session.id)
+            .with("credential", session.credential.describe())
             .with(
                 "expires_at",
                 valet_core::clock::format_time(session.expires_at),
             );
         self.record(&visitor, event).await?;
         Ok(OpenedSession {
-            cookie: self.console.key.seal(PassKind::Session, &session),
+            cookie: sealed,
             pass: session,
         })
     }
 
+    /// Counts a wrong code against `link` (across replicas); the refusal to answer with.
+    async fn count_wrong_code(&self, link: &ConsolePass) -> Result<ServiceError, ServiceError> {
+        for attempt in 1..=MAX_CODE_ATTEMPTS {
+            let name = format!("console-link-attempt/{}/{attempt}", link.id);
+            if !self.store.claim_once(&name, link.expires_at).await? {
+                continue;
+            }
+            if attempt == MAX_CODE_ATTEMPTS {
+                self.store
+                    .claim_once(&format!("console-link/{}", link.id), link.expires_at)
+                    .await?;
+                break;
+            }
+            return Ok(ServiceError::Unauthenticated {
+                reason: format!(
+                    "the code does not match this login link (wrong code {attempt} of {MAX_CODE_ATTEMPTS}): type the code `valet console` showed where it ran"
+                ),
+            });
+        }
+        Ok(ServiceError::Unauthenticated {
+            reason: format!(
+                "this login link took {MAX_CODE_ATTEMPTS} wrong codes and is used up; get a new one with `valet console`"
+            ),
+        })
+    }
+
     /// The caller a session cookie stands for: refused when it is not valetd's, expired, ended,
-    /// or its principal's roles changed. Not recorded (pages are read often); actions are.
-    /// An invalid cookie counts against its source's failed-authentication budget, and a valid
-    /// one against its principal's rate, as a key does over gRPC.
+    /// its principal's roles changed, or the credential that opened it is no longer accepted
+    /// (a rotated key, a removed certificate CA or identity binding, an expired credential) —
+    /// which ends the session, recorded once. Not recorded otherwise (pages are read often);
+    /// actions are. An invalid cookie counts against its source's failed-authentication
+    /// budget, and a valid one against its principal's rate, as a key does over gRPC.
     pub async fn console_caller(
         &self,
         cookie: &str,
         source: Option<std::net::IpAddr>,
         request_id: &str,
     ) -> Result<ConsoleCaller, ServiceError> {
+        let now = self.clock.now();
         let session = self
             .console
             .key
-            .open(PassKind::Session, cookie, self.clock.now())
+            .open(PassKind::Session, cookie, now)
             .map_err(|error| self.count_failed_authentication(source, error.into()))?;
         let principal = self.console_principal(&session)?;
         self.admit_principal(&principal, "console", request_id, self.clock.now_millis())
             .await?;
+        let caller = Caller {
+            principal,
+            authentication: AuthenticatedBy {
+                method: CONSOLE_SESSION.to_string(),
+                issuer: Some(session.credential.describe()),
+                subject: None,
+                fingerprint: Some(session.id.clone()),
+            },
+            credential: session.credential.clone(),
+            request_id: request_id.to_string(),
+        };
+        self.console_session_in_force(&session, &caller).await?;
+        Ok(ConsoleCaller { caller, session })
+    }
+
+    /// Whether `session` still stands, checked at every use (every page, every action, and
+    /// every few seconds of an event stream): not ended, its principal's roles unchanged, and the
+    /// credential that opened it still accepted. A session whose credential is no longer
+    /// accepted is ended on every replica, recorded once (attributed to `caller`).
+    pub async fn console_session_in_force(
+        &self,
+        session: &ConsolePass,
+        caller: &Caller,
+    ) -> Result<(), ServiceError> {
+        let now = self.clock.now();
+        if now >= session.expires_at {
+            return Err(valet_core::console::ConsoleError::Expired {
+                what: "console session",
+                at: valet_core::clock::format_time(session.expires_at),
+            }
+            .into());
+        }
+        self.console_principal(session)?;
+        // The credential first, so a session it ended keeps saying why.
+        let Err(reason) = session.credential.still_accepted(
+            &self.config(),
+            &session.principal,
+            &self.client_authorities.load(),
+            now,
+        ) else {
+            // The credential stands: the session does, unless it was ended.
+            if self
+                .store
+                .claimed(&format!("console-session-ended/{}", session.id))
+                .await?
+            {
+                return Err(ServiceError::Unauthenticated {
+                    reason:
+                        "this console session was ended (logged out, or by an operator); log in again with `valet console`"
+                            .into(),
+                });
+            }
+            return Ok(());
+        };
+        let reason = format!(
+            "this console session ended: the credential it was opened with is no longer accepted ({reason}); log in again with `valet console`"
+        );
         if self
             .store
-            .claimed(&format!("console-session-ended/{}", session.id))
+            .claim_once(
+                &format!("console-session-ended/{}", session.id),
+                session.expires_at,
+            )
             .await?
         {
-            return Err(ServiceError::Unauthenticated {
-                reason:
-                    "this console session was ended (logged out); log in again with `valet console`"
-                        .into(),
+            let event = AuditEvent::new(AuditAction::ConsoleSessionEnd, Outcome::Allowed)
+                .with("session_id", &session.id)
+                .with("session_principal", &session.principal)
+                .with("reason", &reason);
+            self.record(caller, event).await?;
+        }
+        Err(ServiceError::Unauthenticated { reason })
+    }
+
+    /// The console sessions open now, oldest first: operators only. Each is read back from the
+    /// store with its MAC checked; one that does not check is left out, and said loudly.
+    pub async fn console_sessions(
+        &self,
+        caller: &Caller,
+    ) -> Result<Vec<OpenSession>, ServiceError> {
+        let outcome = async {
+            policy::require_role(
+                &caller.principal,
+                Role::Operator,
+                "listing console sessions",
+            )?;
+            self.open_sessions().await
+        }
+        .await;
+        let sessions = self
+            .answer(caller, context(AuditAction::ConsoleSessions), outcome)
+            .await?;
+        let event = AuditEvent::new(AuditAction::ConsoleSessions, Outcome::Allowed)
+            .with("n_sessions", sessions.len().to_string());
+        self.record(caller, event).await?;
+        Ok(sessions)
+    }
+
+    async fn open_sessions(&self) -> Result<Vec<OpenSession>, ServiceError> {
+        let now = self.clock.now();
+        let config = self.config();
+        let trusted = self.client_authorities.load();
+        let mut sessions = Vec::new();
+        for (name, sealed) in self.store.claims_under(SESSION_PREFIX).await? {
+            let text = String::from_utf8_lossy(&sealed);
+            let pass = match self.console.key.open(PassKind::Session, &text, now) {
+                Ok(pass) if name == format!("{SESSION_PREFIX}{}", pass.id) => pass,
+                Ok(_) | Err(valet_core::console::ConsoleError::NotValetd { .. }) => {
+                    tracing::error!(
+                        marker = name,
+                        "A CONSOLE SESSION RECORD IN THE STORE DOES NOT CARRY VALETD'S MAC (or names another session): it was written or altered by someone without the key-encryption key; it is left out"
+                    );
+                    continue;
+                }
+                // Expired, not yet swept.
+                Err(_) => continue,
+            };
+            if self
+                .store
+                .claimed(&format!("console-session-ended/{}", pass.id))
+                .await?
+            {
+                continue;
+            }
+            let credential_accepted =
+                pass.credential
+                    .still_accepted(&config, &pass.principal, &trusted, now);
+            sessions.push(OpenSession {
+                pass,
+                credential_accepted,
             });
         }
-        Ok(ConsoleCaller {
-            caller: Caller {
-                principal,
-                authentication: AuthenticatedBy {
-                    method: CONSOLE_SESSION.to_string(),
-                    issuer: Some(session.authenticated_by.clone()),
-                    subject: None,
-                    fingerprint: Some(session.id.clone()),
-                },
-                request_id: request_id.to_string(),
-            },
-            session,
-        })
+        sessions.sort_by(|left, right| {
+            (left.pass.issued_at, &left.pass.id).cmp(&(right.pass.issued_at, &right.pass.id))
+        });
+        Ok(sessions)
+    }
+
+    /// Ends console session `id` on every replica, for an operator (any principal's session);
+    /// recorded with who ended it.
+    pub async fn end_console_session_by_id(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(), ServiceError> {
+        let mut context = context(AuditAction::ConsoleSessionEnd);
+        let outcome = async {
+            policy::require_role(&caller.principal, Role::Operator, "ending console sessions")?;
+            if id.is_empty() || id.len() > 64 || !id.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+                return Err(ServiceError::InvalidField {
+                    field: "session_id",
+                    problem:
+                        "a session id is 32 hex characters, as `valet console sessions` lists it"
+                            .into(),
+                });
+            }
+            context.set("session_id", id);
+            let session = self
+                .open_sessions()
+                .await?
+                .into_iter()
+                .find(|open| open.pass.id == id)
+                .ok_or_else(|| ServiceError::ConsoleSessionNotFound { id: id.to_string() })?;
+            self.store
+                .claim_once(
+                    &format!("console-session-ended/{id}"),
+                    session.pass.expires_at,
+                )
+                .await?;
+            Ok(session.pass)
+        }
+        .await;
+        let pass = self.answer(caller, context, outcome).await?;
+        let event = AuditEvent::new(AuditAction::ConsoleSessionEnd, Outcome::Allowed)
+            .with("session_id", &pass.id)
+            .with("session_principal", &pass.principal)
+            .with("reason", "ended by an operator");
+        self.record(caller, event).await
     }
 
     /// The CSRF token every form of `session` carries.

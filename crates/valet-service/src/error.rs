@@ -36,6 +36,10 @@ pub enum ServiceError {
     GrantNotFound { id: String },
     #[error("approval {id} does not exist (ended approvals are swept)")]
     ApprovalNotFound { id: String },
+    #[error(
+        "no open console session {id}: `valet console sessions` lists the open ones (ended and expired sessions are not)"
+    )]
+    ConsoleSessionNotFound { id: String },
     #[error("{field}: {problem}")]
     InvalidField {
         field: &'static str,
@@ -108,6 +112,7 @@ impl ServiceError {
             ServiceError::Inactive(_) => "inactive",
             ServiceError::GrantNotFound { .. } => "unknown_grant",
             ServiceError::ApprovalNotFound { .. } => "unknown_approval",
+            ServiceError::ConsoleSessionNotFound { .. } => "unknown_console_session",
             ServiceError::InvalidField { .. } => "invalid_field",
             ServiceError::Reload(_) => "reload_refused",
             ServiceError::Approval(_) => "approval_refused",
@@ -125,7 +130,7 @@ impl ServiceError {
     }
 
     /// Every [`ServiceError::kind`] that is not a gateway refusal's ([`CallRefusal::KINDS`]).
-    pub const KINDS: [&'static str; 20] = [
+    pub const KINDS: [&'static str; 21] = [
         "unauthenticated",
         "rate_limited",
         "invalid_request",
@@ -134,6 +139,7 @@ impl ServiceError {
         "inactive",
         "unknown_grant",
         "unknown_approval",
+        "unknown_console_session",
         "invalid_field",
         "reload_refused",
         "approval_refused",

@@ -30,6 +30,9 @@ pub struct VerifiedIdentity {
     pub claims: serde_json::Map<String, serde_json::Value>,
     /// SHA-256 of the token, hex: how grants and audit records name it.
     pub fingerprint: String,
+    /// The last moment the token is accepted: `exp`, or `iat` plus the issuer's maximum age,
+    /// whichever comes first (the clock skew included).
+    pub acceptable_until: valet_core::UnixTime,
 }
 
 struct Cached {
@@ -187,6 +190,7 @@ impl IdentityKeys {
                 subject,
                 claims: decoded.claims,
                 fingerprint,
+                acceptable_until,
             },
             acceptable_until,
         ))

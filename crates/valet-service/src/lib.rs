@@ -52,7 +52,8 @@ pub use aws_client::{AwsError, StsCredentials};
 pub use aws_grants::AwsGrant;
 pub use caller::{Attribution, Caller, Presented};
 pub use console::{
-    CONSOLE_SESSION, ChainCheck, ConsoleCaller, ConsoleLogin, OpenedSession, TRAIL_WINDOW,
+    CONSOLE_SESSION, ChainCheck, ConsoleCaller, ConsoleLogin, OpenSession, OpenedSession,
+    TRAIL_WINDOW,
 };
 pub use deferred_grants::CHECKPOINT_INTERVAL;
 pub use error::ServiceError;

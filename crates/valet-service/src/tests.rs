@@ -251,8 +251,14 @@ impl Fixture {
     }
 
     fn caller(&self, name: &str) -> Caller {
+        let principal = self.valet.config().principals[name].clone();
         Caller {
-            principal: self.valet.config().principals[name].clone(),
+            credential: valet_core::identity::Credential::PrincipalKey {
+                fingerprint: valet_core::identity::key_fingerprint(
+                    principal.key_sha256.as_ref().unwrap(),
+                ),
+            },
+            principal,
             authentication: valet_core::identity::AuthenticatedBy::principal_key(),
             request_id: format!("test-{name}"),
         }
@@ -1243,19 +1249,53 @@ async fn a_console_login_link_opens_one_session_which_ends_at_its_lifetime_or_lo
         .url
         .strip_prefix("https://valet.test:7473/login?link=")
         .expect("the link leads to the console");
+    // The link alone opens nothing: its code, shown only to the CLI, goes with it.
+    for attempt in 1..=2 {
+        let wrong = fixture
+            .valet
+            .open_console_session(link, "AAAA-AAAA", None, "r0")
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            wrong
+                .to_string()
+                .contains(&format!("wrong code {attempt} of 5")),
+            "{wrong}"
+        );
+    }
     let opened = fixture
         .valet
-        .open_console_session(link, None, "r1")
+        .open_console_session(link, &login.code, None, "r1")
         .await
         .unwrap();
     assert_eq!(opened.pass.principal, "operator");
     let used = fixture
         .valet
-        .open_console_session(link, None, "r2")
+        .open_console_session(link, &login.code, None, "r2")
         .await
         .err()
         .unwrap();
     assert!(used.to_string().contains("used already"), "{used}");
+    // Five wrong codes use a link up, the right one included after them.
+    let guessed = fixture.valet.create_console_login(&operator).await.unwrap();
+    let guessed_link = guessed.url.split_once("link=").unwrap().1;
+    for _ in 0..5 {
+        assert!(
+            fixture
+                .valet
+                .open_console_session(guessed_link, "BBBB-BBBB", None, "r-guess")
+                .await
+                .is_err()
+        );
+    }
+    let used_up = fixture
+        .valet
+        .open_console_session(guessed_link, &guessed.code, None, "r-guess")
+        .await
+        .err()
+        .unwrap();
+    assert!(used_up.to_string().contains("used"), "{used_up}");
 
     let session = fixture
         .valet
@@ -1336,7 +1376,7 @@ async fn a_console_login_link_opens_one_session_which_ends_at_its_lifetime_or_lo
     assert!(
         fixture
             .valet
-            .open_console_session(late_link, None, "r6")
+            .open_console_session(late_link, &late.code, None, "r6")
             .await
             .err()
             .unwrap()
@@ -1348,7 +1388,12 @@ async fn a_console_login_link_opens_one_session_which_ends_at_its_lifetime_or_lo
     let fresh = fixture.valet.create_console_login(&operator).await.unwrap();
     let fresh = fixture
         .valet
-        .open_console_session(fresh.url.split_once("link=").unwrap().1, None, "r7")
+        .open_console_session(
+            fresh.url.split_once("link=").unwrap().1,
+            &fresh.code,
+            None,
+            "r7",
+        )
         .await
         .unwrap();
     let session = fixture
@@ -1365,6 +1410,72 @@ async fn a_console_login_link_opens_one_session_which_ends_at_its_lifetime_or_lo
         .unwrap();
     assert!(ended.to_string().contains("logged out"), "{ended}");
 
+    // Operators list the sessions open (read back and MAC-checked) and end any of them.
+    let other = fixture.valet.create_console_login(&operator).await.unwrap();
+    let other = fixture
+        .valet
+        .open_console_session(
+            other.url.split_once("link=").unwrap().1,
+            &other.code,
+            None,
+            "r10",
+        )
+        .await
+        .unwrap();
+    let open = fixture.valet.console_sessions(&operator).await.unwrap();
+    let ids: Vec<&str> = open.iter().map(|open| open.pass.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [other.pass.id.as_str()],
+        "ended and expired ones are not listed"
+    );
+    assert!(open[0].credential_accepted.is_ok());
+    assert!(
+        fixture
+            .valet
+            .console_sessions(&fixture.caller("agent"))
+            .await
+            .is_err()
+    );
+    fixture
+        .valet
+        .end_console_session_by_id(&operator, &other.pass.id)
+        .await
+        .unwrap();
+    let ended = fixture
+        .valet
+        .console_caller(&other.cookie, None, "r11")
+        .await
+        .err()
+        .unwrap();
+    assert!(ended.to_string().contains("by an operator"), "{ended}");
+    assert!(matches!(
+        fixture
+            .valet
+            .end_console_session_by_id(&operator, &other.pass.id)
+            .await,
+        Err(ServiceError::ConsoleSessionNotFound { .. })
+    ));
+    // A session record planted in the store without the key is left out.
+    assert!(
+        valet_store::Store::claim_once_with(
+            &*fixture.raw,
+            "console-session/planted",
+            START + 6_000,
+            b"forged.pass"
+        )
+        .await
+        .unwrap()
+    );
+    assert!(
+        fixture
+            .valet
+            .console_sessions(&operator)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
     let records = fixture.records();
     let actions: Vec<(&str, &str)> = records
         .iter()
@@ -1379,6 +1490,11 @@ async fn a_console_login_link_opens_one_session_which_ends_at_its_lifetime_or_lo
     assert!(actions.contains(&("console.login", "denied")));
     assert!(actions.contains(&("console.refuse", "denied")));
     assert!(actions.contains(&("console.logout", "allowed")));
+    assert!(
+        actions.contains(&("console.sessions", "allowed")),
+        "{actions:?}"
+    );
+    assert!(actions.contains(&("console.session_end", "allowed")));
     // No pass is ever written to the audit log.
     let text = std::fs::read_to_string(fixture.audit_path()).unwrap();
     assert!(!text.contains(&opened.cookie) && !text.contains(link) && !text.contains(&csrf));

@@ -52,6 +52,7 @@ macro_rules! conformance_tests {
             deferred_grants_read_back_and_a_checkpoint_creates_what_is_missing,
             approvals_are_created_once_and_decided_by_compare_and_swap,
             a_marker_is_claimed_once_among_racing_claimants_and_swept_after_its_moment,
+            markers_keep_their_payload_and_are_listed_by_prefix_until_swept,
             a_lock_excludes_every_other_holder_for_as_long_as_it_is_held
         );
     };
@@ -266,6 +267,56 @@ pub async fn a_marker_is_claimed_once_among_racing_claimants_and_swept_after_its
     store.sweep(20_000, Duration::from_secs(60)).await.unwrap();
     assert!(!store.claimed("console-link/a").await.unwrap());
     assert!(store.claimed("console-link/b").await.unwrap());
+}
+
+pub async fn markers_keep_their_payload_and_are_listed_by_prefix_until_swept(store: &dyn Store) {
+    assert!(
+        store
+            .claims_under("console-session/")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .claim_once_with("console-session/b", 20_000, b"second")
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .claim_once_with("console-session/a", 30_000, b"first")
+            .await
+            .unwrap()
+    );
+    // A claim that loses keeps the winner's payload.
+    assert!(
+        !store
+            .claim_once_with("console-session/a", 40_000, b"intruder")
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .claim_once("console-session-ended/a", 30_000)
+            .await
+            .unwrap()
+    );
+    assert!(store.claim_once("console-link/x", 30_000).await.unwrap());
+    assert_eq!(
+        store.claims_under("console-session/").await.unwrap(),
+        [
+            ("console-session/a".to_string(), b"first".to_vec()),
+            ("console-session/b".to_string(), b"second".to_vec()),
+        ],
+        "in name order, with their payloads, and only under the prefix"
+    );
+    store.sweep(20_000, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(
+        store.claims_under("console-session/").await.unwrap(),
+        [("console-session/a".to_string(), b"first".to_vec())],
+        "swept once its moment has passed"
+    );
 }
 
 /// How long [`a_lock_excludes_every_other_holder_for_as_long_as_it_is_held`] holds its lock:

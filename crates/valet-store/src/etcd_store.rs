@@ -960,7 +960,12 @@ impl Store for EtcdStore {
         Ok(())
     }
 
-    async fn claim_once(&self, name: &str, until: UnixTime) -> Result<bool, StoreError> {
+    async fn claim_once_with(
+        &self,
+        name: &str,
+        until: UnixTime,
+        payload: &[u8],
+    ) -> Result<bool, StoreError> {
         let key = self.key("once", name);
         // The moment, then a nonce: a retried transaction whose first attempt landed finds its
         // own record and still counts as this call's claim.
@@ -968,7 +973,7 @@ impl Store for EtcdStore {
             engine: ENGINE,
             detail: error.to_string(),
         })?;
-        let record = [until.to_be_bytes().as_slice(), nonce.as_slice()].concat();
+        let record = [until.to_be_bytes().as_slice(), nonce.as_slice(), payload].concat();
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), record.clone(), None)])
@@ -979,6 +984,16 @@ impl Store for EtcdStore {
 
     async fn claimed(&self, name: &str) -> Result<bool, StoreError> {
         Ok(self.get_value(self.key("once", name)).await?.is_some())
+    }
+
+    async fn claims_under(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let start = self.key("once", "");
+        let mut claims = Vec::new();
+        for (key, bytes) in self.scan(&self.key("once", prefix)).await? {
+            let name = String::from_utf8_lossy(&key[start.len()..]).into_owned();
+            claims.push((name, bytes.get(24..).unwrap_or_default().to_vec()));
+        }
+        Ok(claims)
     }
 
     async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRequest>, StoreError> {

@@ -270,10 +270,26 @@ pub trait Store: Send + Sync + 'static {
     /// Marks `name` (such as `console-link/ID`) as taken until `until`, across every valetd
     /// sharing this store; true when this call took it, false when it was already taken. Durable
     /// on return. Markers are swept after `until`, so `until` must outlast what they guard.
-    async fn claim_once(&self, name: &str, until: UnixTime) -> Result<bool, StoreError>;
+    async fn claim_once(&self, name: &str, until: UnixTime) -> Result<bool, StoreError> {
+        self.claim_once_with(name, until, &[]).await
+    }
+
+    /// [`Store::claim_once`], with `payload` kept with the marker (a console session's sealed
+    /// pass, so operators can list the sessions open). The payload is stored as given: a caller
+    /// that trusts it later authenticates it itself.
+    async fn claim_once_with(
+        &self,
+        name: &str,
+        until: UnixTime,
+        payload: &[u8],
+    ) -> Result<bool, StoreError>;
 
     /// Whether `name` is taken (see [`Store::claim_once`]).
     async fn claimed(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Every marker whose name starts with `prefix` and has not been swept, with its payload,
+    /// in name order.
+    async fn claims_under(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
     /// Changes made through this store from now on.
     fn subscribe(&self) -> broadcast::Receiver<StoreChange>;

@@ -470,14 +470,19 @@ impl Engine {
         })
     }
 
-    async fn claim_once(&self, name: &str, until: UnixTime) -> Result<bool, StoreError> {
+    async fn claim_once_with(
+        &self,
+        name: &str,
+        until: UnixTime,
+        payload: &[u8],
+    ) -> Result<bool, StoreError> {
         let taken = self
             .trees
             .meta
             .compare_and_swap(
                 marker_key(name),
                 None as Option<&[u8]>,
-                Some(until.to_be_bytes().to_vec()),
+                Some([until.to_be_bytes().as_slice(), payload].concat()),
             )
             .map_err(unavailable)?
             .is_ok();
@@ -492,6 +497,16 @@ impl Engine {
             .meta
             .contains_key(marker_key(name))
             .map_err(unavailable)
+    }
+
+    async fn claims_under(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut claims = Vec::new();
+        for entry in self.trees.meta.scan_prefix(marker_key(prefix)) {
+            let (key, bytes) = entry.map_err(unavailable)?;
+            let name = String::from_utf8_lossy(&key[MARKER_PREFIX.len()..]).into_owned();
+            claims.push((name, bytes.get(8..).unwrap_or_default().to_vec()));
+        }
+        Ok(claims)
     }
 
     async fn create_approval(&self, approval: &ApprovalRequest) -> Result<(), StoreError> {
@@ -670,13 +685,23 @@ impl Store for SledStore {
             .await
     }
 
-    async fn claim_once(&self, name: &str, until: UnixTime) -> Result<bool, StoreError> {
-        self.run(async |engine| engine.claim_once(name, until).await)
+    async fn claim_once_with(
+        &self,
+        name: &str,
+        until: UnixTime,
+        payload: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.run(async |engine| engine.claim_once_with(name, until, payload).await)
             .await
     }
 
     async fn claimed(&self, name: &str) -> Result<bool, StoreError> {
         self.run(async |engine| engine.claimed(name).await).await
+    }
+
+    async fn claims_under(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.run(async |engine| engine.claims_under(prefix).await)
+            .await
     }
 
     async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRequest>, StoreError> {
@@ -814,7 +839,9 @@ impl Trees {
         }
         for entry in self.meta.scan_prefix(MARKER_PREFIX) {
             let (key, bytes) = entry.map_err(unavailable)?;
-            let until = <[u8; 8]>::try_from(bytes.as_ref())
+            let until = bytes
+                .get(..8)
+                .and_then(|head| <[u8; 8]>::try_from(head).ok())
                 .map(UnixTime::from_be_bytes)
                 .unwrap_or(0);
             if sweep.marker_may_go(until) {

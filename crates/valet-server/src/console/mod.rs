@@ -46,7 +46,8 @@ const N_TAIL: u32 = 50;
 
 struct Console {
     valet: Arc<Valet>,
-    /// Served over TLS: the cookie is `Secure` and `__Host-` prefixed.
+    /// Browsers reach it over https (valetd's own TLS, or `console_url` naming https behind a
+    /// TLS-terminating proxy): the cookie is `Secure` and `__Host-` prefixed, and HSTS is sent.
     secure: bool,
 }
 
@@ -81,7 +82,10 @@ pub async fn serve(
 ) {
     let console = Arc::new(Console {
         valet: valet.clone(),
-        secure: tls.is_some(),
+        secure: tls.is_some()
+            || valet
+                .console_url()
+                .is_some_and(|url| url.to_ascii_lowercase().starts_with("https://")),
     });
     let mut acceptor = Acceptor::start(
         listener,
@@ -138,6 +142,13 @@ async fn handle(console: &Console, request: Request<Incoming>, peer: SocketAddr)
     ] {
         headers.insert(name, http::HeaderValue::from_static(value));
     }
+    if console.secure {
+        // Browsers reach the console over https only from now on, even typed as http://.
+        headers.insert(
+            "strict-transport-security",
+            http::HeaderValue::from_static("max-age=31536000"),
+        );
+    }
     if let Ok(value) = http::HeaderValue::from_str(&request_id) {
         headers.insert("x-request-id", value);
     }
@@ -188,7 +199,12 @@ async fn route(
                 Err(response) => return response,
             };
             return match valet
-                .open_console_session(fields.get("link"), Some(peer.ip()), request_id)
+                .open_console_session(
+                    fields.get("link"),
+                    fields.get("code"),
+                    Some(peer.ip()),
+                    request_id,
+                )
                 .await
             {
                 Ok(opened) => {
@@ -360,6 +376,13 @@ async fn read(
                 page::audit(view, &head, check.as_ref(), &tail),
             ))
         }
+        ["sessions"] => {
+            let open = valet.console_sessions(caller).await?;
+            Ok(html(
+                StatusCode::OK,
+                page::sessions(view, &session.session.id, &open, now),
+            ))
+        }
         ["events", "approvals"] => {
             let approvals = valet.watch_approvals(caller).await?;
             let events = approvals.map(|approval| match approval {
@@ -369,7 +392,7 @@ async fn read(
                 ),
                 Err(error) => event("error", &serde_json::json!({ "error": error.to_string() })),
             });
-            Ok(event_stream(valet, session.session.expires_at, events))
+            Ok(event_stream(valet, session, events))
         }
         ["events", "grants"] => {
             // Every change to a grant of the other filters: a row the table shows changes
@@ -383,13 +406,13 @@ async fn read(
                 ),
                 Err(error) => event("error", &serde_json::json!({ "error": error.to_string() })),
             });
-            Ok(event_stream(valet, session.session.expires_at, events))
+            Ok(event_stream(valet, session, events))
         }
         _ => Ok(html(
             StatusCode::NOT_FOUND,
             page::error(
                 StatusCode::NOT_FOUND,
-                "no such page; the console has /approvals, /grants and /audit",
+                "no such page; the console has /approvals, /grants, /audit and /sessions",
                 Some(view),
             ),
         )),
@@ -470,6 +493,10 @@ async fn act(
             valet.verify_audit_chain(caller).await?;
             Ok(redirect("/audit"))
         }
+        ["sessions", id, "end"] => {
+            valet.end_console_session_by_id(caller, id).await?;
+            Ok(redirect("/sessions"))
+        }
         ["logout"] => {
             valet.end_console_session(session).await?;
             let mut response = html(
@@ -488,7 +515,7 @@ async fn act(
         }
         _ => Err(ServiceError::InvalidField {
             field: "path",
-            problem: "no such action; the console's forms post to /approvals/ID/approve, /approvals/ID/deny, /grants/ID/revoke, /tasks/revoke, /revoke-all, /audit/verify and /logout".into(),
+            problem: "no such action; the console's forms post to /approvals/ID/approve, /approvals/ID/deny, /grants/ID/revoke, /tasks/revoke, /revoke-all, /audit/verify, /sessions/ID/end and /logout".into(),
         }),
     }
 }
@@ -575,24 +602,52 @@ fn event(name: &str, data: &serde_json::Value) -> Bytes {
 
 /// A `text/event-stream` of `events`, with heartbeats, ended when the session expires or valetd
 /// stops (the browser reconnects, and is then asked to log in again if its session is over).
+/// How often an open event stream checks that its session still stands (not ended, its
+/// credential still accepted): a revocation ends the stream within this.
+const SESSION_CHECK: Duration = Duration::from_secs(2);
+
+/// `events` as a server-sent event stream for `session`: heartbeats keep it open; it ends when
+/// the session expires, is ended or loses its credential (checked before every event and every
+/// [`SESSION_CHECK`]), or when valetd stops.
 fn event_stream(
     valet: &Arc<Valet>,
-    session_expires_at: valet_core::UnixTime,
+    session: &ConsoleCaller,
     events: impl futures::Stream<Item = Bytes> + Send + 'static,
 ) -> Response<Body> {
-    let remaining = (session_expires_at - valet.now()).max(0) as u64;
+    let remaining = (session.session.expires_at - valet.now()).max(0) as u64;
     let stopping = valet.clone();
     let heartbeats = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(HEARTBEAT))
-        .map(|_| Bytes::from_static(b": heartbeat\n\n"));
+        .map(|_| Some(Bytes::from_static(b": heartbeat\n\n")));
+    let checks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(SESSION_CHECK))
+        .map(|_| None);
     let end = async move {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(remaining)) => {}
             _ = stopping.shutting_down() => {}
         }
     };
-    let stream = futures::stream::select(events, heartbeats)
-        .take_until(end)
-        .map(|bytes| Ok::<_, Infallible>(Frame::data(bytes)));
+    let (checker, pass, caller) = (
+        valet.clone(),
+        session.session.clone(),
+        session.caller.clone(),
+    );
+    let stream = futures::stream::select(
+        futures::stream::select(events.map(Some), heartbeats),
+        checks,
+    )
+    .take_until(end)
+    .then(move |item| {
+        let (checker, pass, caller) = (checker.clone(), pass.clone(), caller.clone());
+        async move {
+            checker
+                .console_session_in_force(&pass, &caller)
+                .await
+                .map(|()| item)
+        }
+    })
+    .take_while(|checked| std::future::ready(checked.is_ok()))
+    .filter_map(|checked| std::future::ready(checked.ok().flatten()))
+    .map(|bytes| Ok::<_, Infallible>(Frame::data(bytes)));
     let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -651,6 +706,7 @@ fn refusal(valet: &Valet, error: ServiceError, session: Option<&Session>) -> Res
         }
         ServiceError::GrantNotFound { .. }
         | ServiceError::ApprovalNotFound { .. }
+        | ServiceError::ConsoleSessionNotFound { .. }
         | ServiceError::ConsoleOff => StatusCode::NOT_FOUND,
         ServiceError::Request(_)
         | ServiceError::InvalidField { .. }

@@ -47,6 +47,7 @@ pub enum Section {
     Approvals,
     Grants,
     Audit,
+    Sessions,
     None,
 }
 
@@ -64,10 +65,11 @@ pub fn layout(title: &str, section: Section, session: Option<&Session>, body: &s
                 format!("<a href=\"{href}\"{current}>{label}</a>")
             };
             format!(
-                "<nav>{}{}{}<span class=\"who\">{} · session until {}</span>{}</nav>",
+                "<nav>{}{}{}{}<span class=\"who\">{} · session until {}</span>{}</nav>",
                 link(Section::Approvals, "/approvals", "Approvals"),
                 link(Section::Grants, "/grants", "Grants"),
                 link(Section::Audit, "/audit", "Audit"),
+                link(Section::Sessions, "/sessions", "Sessions"),
                 escape(session.principal),
                 format_time(session.expires_at),
                 form(
@@ -537,11 +539,54 @@ fn record_item(record: &WrittenRecord) -> String {
 /// The login link's landing page: a button, so a link unfurled by a chat tool is not spent.
 pub fn login(link: &str) -> String {
     let body = format!(
-        "<h1>Log in to the Valet console</h1><p>This single-use link opens one console session in this browser.</p>\
-<form method=\"post\" action=\"/login\"><input type=\"hidden\" name=\"link\" value=\"{}\"><button type=\"submit\" id=\"login\">Open the console</button></form>",
+        "<h1>Log in to the Valet console</h1><p>This single-use link opens one console session in this browser, with the code <code>valet console</code> showed where it ran. The link alone opens nothing: if you did not just run <code>valet console</code>, do not type a code here.</p>\
+<form method=\"post\" action=\"/login\"><input type=\"hidden\" name=\"link\" value=\"{}\"><label>Code <input name=\"code\" id=\"code\" autocomplete=\"one-time-code\" placeholder=\"XXXX-XXXX\" required></label> <button type=\"submit\" id=\"login\">Open the console</button></form>",
         escape(link)
     );
     layout("Log in", Section::None, None, &body)
+}
+
+/// The console sessions open now, each with its credential and an end button.
+pub fn sessions(
+    session: &Session,
+    own_id: &str,
+    open: &[valet_service::OpenSession],
+    now: UnixTime,
+) -> String {
+    let rows: String = open
+        .iter()
+        .map(|open| {
+            let pass = &open.pass;
+            let standing = match &open.credential_accepted {
+                Ok(()) => "in force".to_string(),
+                Err(reason) => format!("ends at its next request: {reason}"),
+            };
+            let end = if pass.id == own_id {
+                "this session (log out to end it)".to_string()
+            } else {
+                form(
+                    &format!("/sessions/{}/end", pass.id),
+                    session.csrf,
+                    "",
+                    "<button type=\"submit\">End</button>",
+                )
+            };
+            format!(
+                "<tr data-session-id=\"{id}\"><td><code>{id}</code></td><td>{principal}</td><td>{credential}</td><td>{opened}</td><td>{expires}</td><td>{standing}</td><td>{end}</td></tr>",
+                id = escape(&pass.id),
+                principal = escape(&pass.principal),
+                credential = escape(&pass.credential.describe()),
+                opened = format_time(pass.issued_at),
+                expires = time_left(pass.expires_at, now),
+                standing = escape(&standing),
+            )
+        })
+        .collect();
+    let body = format!(
+        "<h1>Console sessions</h1><p>Every console session open on any replica, with the credential that opened it: a session ends when that credential is no longer accepted (a rotated key, a removed certificate CA or identity binding), when it expires, when its operator logs out, or when an operator ends it here.</p>\
+<table><thead><tr><th>Session</th><th>Principal</th><th>Opened with</th><th>Opened</th><th>Expires</th><th>Credential</th><th></th></tr></thead><tbody>{rows}</tbody></table>"
+    );
+    layout("Sessions", Section::Sessions, Some(session), &body)
 }
 
 /// After login: a same-site navigation to the inbox, so the new SameSite=Strict cookie is sent

@@ -89,7 +89,16 @@ function live(source, fragmentUrl, containerSelector, itemSelector, key, rowUrl)
     document.body.dataset.live = "connected";
     refresh();
   });
-  events.addEventListener("error", () => { document.body.dataset.live = "reconnecting"; });
+  events.addEventListener("error", () => {
+    document.body.dataset.live = "reconnecting";
+    // The stream ended for good (the session was ended, expired, or lost its credential): say
+    // so when the page itself is refused now.
+    if (events.readyState === EventSource.CLOSED) {
+      fetch(window.location.href, { credentials: "same-origin" }).then((answer) => {
+        if (answer.status === 401) { document.body.dataset.live = "logged-out"; }
+      });
+    }
+  });
   for (const name of ["approval", "grant"]) {
     events.addEventListener(name, (event) => {
       if (!rowUrl) { refresh(); return; }
