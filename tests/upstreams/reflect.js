@@ -4,8 +4,10 @@
 // says "$AUTH", the Authorization header it received — the root credential — goes instead.
 //
 //   POST /reflect  {"status_message": "...", "header": "...", "trailer": "...",
-//                   "chunks": ["...", "$AUTH", ...], "pause_ms": 25}
+//                   "chunks": ["...", "$AUTH", ...], "pause_ms": 25, "abort": false}
 //
+// With "abort", the answer is cut off after the last chunk (the connection or stream reset):
+// the agent then gets exactly what the gateway had released by then.
 // The status line's reason phrase, a header (x-reflect), each chunk of the body and (over HTTP/2)
 // a trailer (x-trailer) carry what the agent asked, $AUTH replaced. Every request is appended to
 // the log as one JSON line.
@@ -28,11 +30,16 @@ function plan(body) {
   }
 }
 
-// $AUTH as it came, and as encoders write it: $AUTH_URL (encodeURIComponent), $AUTH_JSON
-// (JSON.stringify, and \u0026 for & as Go writes it), $AUTH_HTML (numeric references),
-// $AUTH_B64 (base64 of the whole header value).
+// $AUTH as it came, and as encoders write it: $AUTH_URL (encodeURIComponent), $AUTH_URL2
+// (that twice), $AUTH_JSON (JSON.stringify, and \u0026 for & as Go writes it), $AUTH_GOHTML (Go's
+// html/template references inside Go's JSON), $AUTH_HTML (numeric references), $AUTH_B64 (base64
+// of the whole header value), $AUTH_B64URL (that in a URL query).
 function fill(text, auth) {
+  const references = auth.replace(/[^A-Za-z0-9 ]/g, (character) => `&#${character.charCodeAt(0)};`);
   const forms = {
+    $AUTH_URL2: encodeURIComponent(encodeURIComponent(auth)),
+    $AUTH_GOHTML: references.split("&").join("\\u0026"),
+    $AUTH_B64URL: encodeURIComponent(Buffer.from(auth).toString("base64")),
     $AUTH_URL: encodeURIComponent(auth),
     $AUTH_JSON: JSON.stringify(auth).slice(1, -1).split("&").join("\\u0026").split("/").join("\\/"),
     $AUTH_HTML: auth.replace(/[^A-Za-z0-9 ]/g, (character) => `&#${character.charCodeAt(0)};`),
@@ -64,7 +71,10 @@ function logged(request, asked) {
 
 if (cert) {
   const server = http2.createSecureServer({ cert: fs.readFileSync(cert), key: fs.readFileSync(key) });
+  // A stream cut off on purpose (abort) must not take the server down with it.
+  server.on("sessionError", () => {});
   server.on("stream", (h2stream, headers) => {
+    h2stream.on("error", () => {});
     const parts = [];
     h2stream.on("data", (part) => parts.push(part));
     h2stream.on("end", async () => {
@@ -79,6 +89,10 @@ if (cert) {
       for (const chunk of asked.chunks || []) {
         h2stream.write(fill(chunk, auth));
         await new Promise((resolve) => setTimeout(resolve, asked.pause_ms || 25));
+      }
+      if (asked.abort) {
+        h2stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR);
+        return;
       }
       h2stream.end();
     });
@@ -96,6 +110,10 @@ if (cert) {
       response.setHeader("x-reflect", fill(asked.header, auth));
       response.flushHeaders();
       await stream(response, asked.chunks || [], auth, asked.pause_ms || 25);
+      if (asked.abort) {
+        response.socket.destroy();
+        return;
+      }
       response.end();
     });
   });

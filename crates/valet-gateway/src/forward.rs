@@ -301,14 +301,20 @@ pub fn gateway_headers(headers: &mut HeaderMap, peer: std::net::SocketAddr) {
 /// Why an answer cannot be passed on masked: an encoding the masker cannot see through, or a
 /// piece of a whole that could hold a part of the secret.
 pub fn unmaskable(headers: &HeaderMap, status: http::StatusCode) -> Option<String> {
-    if let Some(encoding) = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|value| value.to_str().ok())
-        .filter(|encoding| !encoding.trim().eq_ignore_ascii_case("identity"))
+    // The header's value is not quoted: what an upstream writes there is its own, and could be
+    // the credential in a form the redactor does not know.
+    if headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|value| {
+            !value
+                .to_str()
+                .is_ok_and(|encoding| encoding.trim().eq_ignore_ascii_case("identity"))
+        })
     {
-        return Some(format!(
-            "it answered with Content-Encoding {encoding} although the gateway asked for identity; an encoded answer cannot be checked for the root credential, so nothing of it is passed on"
-        ));
+        return Some(
+            "it answered with a Content-Encoding other than identity although the gateway asked for identity; an encoded answer cannot be checked for the root credential, so nothing of it is passed on".into(),
+        );
     }
     if status == http::StatusCode::PARTIAL_CONTENT {
         return Some(

@@ -5,14 +5,21 @@
 //!
 //! Every complete occurrence of the secret becomes one fixed [`MARKER`], whatever the secret's
 //! length, in every form an upstream writes it: byte by byte raw, percent-encoded, JSON-escaped
-//! (at up to two levels of nesting) or HTML-escaped, in any mixture, as decoders accept them; and
-//! base64 (standard and URL-safe) at each alignment, the characters it shares with its neighbours
-//! included. Nothing else the masker does depends on the secret: a streamed body is held back by a
-//! fixed [`WINDOW`] — every position is decided once the window has passed it, whatever its bytes —
-//! and released in blocks of exactly [`BLOCK`] bytes, so neither where a chunk ends nor how long it
-//! is tells an agent anything (holding back "a tail that could start the secret" told an agent
-//! choosing the bytes whether its guess was a prefix; releasing what each upstream frame freed told
-//! it the secret's length).
+//! or HTML-escaped, in any mixture, with the escape's own characters escaped once more the way
+//! encoders stack (Go's `\u0026#43;`, `%252B`, `%5Cu0026`, `\&quot;`), JSON inside JSON up to
+//! three levels; and base64 (standard and URL-safe, either percent-encoded) at each alignment, the
+//! characters it shares with its neighbours and the rest of its text included.
+//!
+//! Nothing else the masker does depends on the secret. What it holds changes length only where a
+//! complete occurrence is replaced and by rules that look at nothing but the bytes themselves (the
+//! rest of a base64 text is absorbed character by character); a position whose fate is not yet
+//! known — bytes that could begin the secret — stays held as it is. A streamed body is held back
+//! by a fixed [`WINDOW`] and released in blocks of exactly [`BLOCK`] bytes, so neither where a
+//! chunk ends, how long it is, nor when it leaves tells an agent anything about the secret
+//! (holding back "a tail that could start the secret" told an agent choosing the bytes whether its
+//! guess was a prefix; releasing what each upstream frame freed told it the secret's length; and
+//! absorbing a base64 text's rest only once "the secret does not begin here" was known told it
+//! again, through when a block left).
 
 use bytes::{Bytes, BytesMut};
 
@@ -20,8 +27,7 @@ use bytes::{Bytes, BytesMut};
 pub const MARKER: &[u8] = b"[masked by valet]";
 
 /// How many bytes of a streamed body are held back before a position is decided: more than the
-/// longest form of the longest secret the gateway masks (each byte escaped: nine bytes a byte),
-/// and the same whatever the secret is.
+/// longest form of the longest secret the gateway masks, and the same whatever the secret is.
 pub const WINDOW: usize = 8192;
 
 /// The size of every chunk a streamed body is released in (the last one aside).
@@ -31,9 +37,16 @@ pub const BLOCK: usize = 4096;
 /// start).
 pub const MAX_SECRET_BYTES: usize = valet_core::config::MAX_MASKED_CREDENTIAL_BYTES;
 
-/// Longest form one secret byte takes: four backslashes (two levels of JSON) and `u00XX`, or the
-/// eight backslashes of a backslash at three levels.
-const MAX_BYTE_FORM: usize = 9;
+/// Longest form one secret byte takes: a numeric HTML reference with leading zeros whose `&` is
+/// JSON-escaped (`\u0026#x00002b;`).
+const MAX_BYTE_FORM: usize = 15;
+
+/// How many absorbed bytes are kept to find an occurrence that began in them and runs on.
+const SHADOW: usize = MAX_SECRET_BYTES * MAX_BYTE_FORM;
+
+// Every form of the longest secret fits in the window, so a position a window behind the end is
+// always decided.
+const _: () = assert!(SHADOW < WINDOW);
 
 /// A secret the gateway cannot mask within its window.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,9 +62,21 @@ pub struct Masker {
     held: BytesMut,
     /// Positions of `held` before this one are decided (masked or clean).
     decided: usize,
-    /// After a base64 occurrence, the rest of its text goes too (see [`Base64Form`]): which
-    /// alphabet, and how many more characters at most.
-    absorbing: Option<(usize, usize)>,
+    /// After a base64 occurrence, the rest of its text goes too: which form's alphabet, and the
+    /// raw bytes taken so far (the last [`SHADOW`] of them).
+    absorbing: Option<(usize, Vec<u8>)>,
+    /// Where absorbing stopped, not yet decided (see [`Masker::at_stop`]).
+    stops: Vec<Stop>,
+}
+
+/// Where the rest of a base64 text stopped being absorbed.
+struct Stop {
+    /// A position of `held`.
+    position: usize,
+    /// The base64 form whose text it was.
+    form: usize,
+    /// The raw bytes absorbed last (up to [`SHADOW`]).
+    taken: Vec<u8>,
 }
 
 /// What is at one position, as far as the bytes there tell.
@@ -70,7 +95,6 @@ impl Masker {
         if secret.len() > MAX_SECRET_BYTES {
             return Err(TooLong(secret.len()));
         }
-        debug_assert!(secret.len() * MAX_BYTE_FORM + BASE64_TAIL < WINDOW);
         Ok(Masker {
             base64: if secret.is_empty() {
                 Vec::new()
@@ -81,6 +105,7 @@ impl Masker {
             held: BytesMut::new(),
             decided: 0,
             absorbing: None,
+            stops: Vec::new(),
         })
     }
 
@@ -95,6 +120,9 @@ impl Masker {
         // A position a window behind the end is always decided: every form fits in the window.
         debug_assert!(self.decided >= release);
         self.decided = self.decided.saturating_sub(release);
+        for stop in &mut self.stops {
+            stop.position = stop.position.saturating_sub(release);
+        }
         self.held.split_to(release).freeze()
     }
 
@@ -103,6 +131,7 @@ impl Masker {
         self.scan(true);
         self.decided = 0;
         self.absorbing = None;
+        self.stops.clear();
         std::mem::take(&mut self.held).freeze()
     }
 
@@ -110,14 +139,32 @@ impl Masker {
     pub fn mask_whole(&self, value: &[u8]) -> Vec<u8> {
         let mut whole = Masker {
             secret: self.secret.clone(),
-            base64: Vec::new(),
+            base64: base64_forms_of(&self.base64),
             held: BytesMut::from(value),
             decided: 0,
             absorbing: None,
+            stops: Vec::new(),
         };
-        whole.base64 = base64_forms_of(&self.base64);
         whole.scan(true);
         whole.held.to_vec()
+    }
+
+    /// Replaces `held[at..end]` with `with`; pending straddles after it move with the bytes, any
+    /// inside it go.
+    fn replace(&mut self, at: usize, end: usize, with: &[u8]) -> Vec<u8> {
+        let mut rest = self.held.split_off(at);
+        let removed = rest.split_to(end - at).to_vec();
+        self.held.extend_from_slice(with);
+        self.held.unsplit(rest);
+        self.stops.retain_mut(|stop| {
+            if stop.position >= end && end > at {
+                stop.position = stop.position - (end - at) + with.len();
+                true
+            } else {
+                stop.position < at
+            }
+        });
+        removed
     }
 
     /// Replaces every complete occurrence from the first undecided position on, and decides
@@ -126,30 +173,76 @@ impl Masker {
         let mut at = self.decided;
         let mut first_undecided = None;
         while at < self.held.len() {
-            if let Some((form, remaining)) = self.absorbing {
-                match self.absorbable(at, form, remaining, at_end) {
-                    Some(0) => self.absorbing = None,
-                    Some(taken) => {
-                        let rest = self.held.split_off(at);
-                        self.held.extend_from_slice(&rest[taken..]);
-                        self.absorbing = Some((form, remaining - taken));
+            if let Some((form, _)) = &self.absorbing {
+                let form = *form;
+                match base64_unit(&self.held, at) {
+                    // The text goes on: taken, whatever the secret is, by what it is alone — a
+                    // character of its alphabet, or padding; percent-encoded, only the ones URL
+                    // encoders encode (`%2B`, `%2F`, `%3D`).
+                    Unit::Character(character, end)
+                        if (self.base64[form].alphabet[usize::from(character)]
+                            || character == b'=')
+                            && (end == at + 1 || matches!(character, b'+' | b'/' | b'=')) =>
+                    {
+                        let removed = self.replace(at, end, &[]);
+                        if let Some((_, shadow)) = &mut self.absorbing {
+                            shadow.extend_from_slice(&removed);
+                            let excess = shadow.len().saturating_sub(SHADOW);
+                            shadow.drain(..excess);
+                        }
                         continue;
                     }
-                    // Whether the secret begins here, where the text would end, cannot be told
-                    // yet: wait for more.
-                    None => {
+                    // A percent sign the bytes end in: whether it is text is told by the next.
+                    Unit::Partial if !at_end => {
                         first_undecided.get_or_insert(at);
                         break;
+                    }
+                    _ => {
+                        if let Some((form, shadow)) = self.absorbing.take() {
+                            self.stops.push(Stop {
+                                position: at,
+                                form,
+                                taken: shadow,
+                            });
+                        }
+                    }
+                }
+            }
+            // Where a base64 text's rest stopped, an occurrence in any form may begin (in what
+            // was taken, or right here): it goes too, as if it were part of the text, and the
+            // text goes on after it — an echo whose characters are all base64's would have been
+            // taken whole, and the bytes after it with it.
+            if let Some(index) = self.stops.iter().position(|stop| stop.position == at) {
+                match self.at_stop(&self.stops[index], at, at_end) {
+                    Found::Occurrence(end, _) => {
+                        let stop = self.stops.remove(index);
+                        let removed = self.replace(at, end, &[]);
+                        let mut taken = stop.taken;
+                        taken.extend_from_slice(&removed);
+                        let excess = taken.len().saturating_sub(SHADOW);
+                        taken.drain(..excess);
+                        self.absorbing = Some((stop.form, taken));
+                        continue;
+                    }
+                    Found::Nothing => {
+                        self.stops.remove(index);
+                    }
+                    // Held as they are (the same length whatever the secret), decided later;
+                    // the bytes after are scanned on meanwhile.
+                    Found::Undecided => {
+                        first_undecided.get_or_insert(at);
+                        at += 1;
+                        continue;
                     }
                 }
             }
             match self.find_at(&self.held, at, at_end) {
                 Found::Occurrence(end, base64) => {
-                    let rest = self.held.split_off(at);
-                    self.held.extend_from_slice(MARKER);
-                    self.held.extend_from_slice(&rest[end - at..]);
+                    self.replace(at, end, MARKER);
                     at += MARKER.len();
-                    self.absorbing = base64.map(|form| (form, BASE64_TAIL));
+                    if let Some(form) = base64 {
+                        self.absorbing = Some((form, Vec::new()));
+                    }
                 }
                 Found::Nothing => at += 1,
                 Found::Undecided => {
@@ -161,25 +254,34 @@ impl Masker {
         self.decided = first_undecided.unwrap_or(self.held.len());
     }
 
-    /// How many characters at `at` belong to the base64 text an occurrence was found in: its
-    /// alphabet and padding, up to `remaining`, stopping where the secret begins in another form.
-    /// `None` when that cannot be told yet.
-    fn absorbable(&self, at: usize, form: usize, remaining: usize, at_end: bool) -> Option<usize> {
-        let mut taken = 0;
-        while taken < remaining {
-            let Some(character) = self.held.get(at + taken) else {
-                return if at_end { Some(taken) } else { None };
-            };
-            if !(self.base64[form].alphabet[usize::from(*character)] || *character == b'=') {
+    /// At a stop: an occurrence that began in what was taken and runs on here, or one that begins
+    /// right here; where it ends.
+    /// A percent sign that stopped the text counts with an occurrence beginning one or two bytes
+    /// after it: had the occurrence's first characters been hex, sign and all would have been one
+    /// encoded character of the text, and taken.
+    fn at_stop(&self, stop: &Stop, at: usize, at_end: bool) -> Found {
+        let straddle = straddling(&stop.taken, &self.held[at..], &self.secret, at_end);
+        if let Found::Occurrence(length, _) = straddle {
+            return Found::Occurrence(at + length, None);
+        }
+        let mut undecided = matches!(straddle, Found::Undecided);
+        let starts = if self.held[at] == b'%' { 0..3 } else { 0..1 };
+        for start in starts {
+            if at + start >= self.held.len() {
+                undecided |= !at_end;
                 break;
             }
-            match escaped_match(&self.held, at + taken, &self.secret) {
-                Found::Occurrence(..) => break,
-                Found::Undecided if !at_end => return None,
-                _ => taken += 1,
+            match self.find_at(&self.held, at + start, at_end) {
+                Found::Occurrence(end, _) => return Found::Occurrence(end, None),
+                Found::Undecided => undecided = true,
+                Found::Nothing => {}
             }
         }
-        Some(taken)
+        if undecided {
+            Found::Undecided
+        } else {
+            Found::Nothing
+        }
     }
 
     /// Whether an occurrence of the secret, in any form, starts at `at` of `haystack`.
@@ -212,106 +314,206 @@ impl Masker {
     }
 }
 
+/// An occurrence that began in `taken` (what absorbing removed) and runs on into `rest`: how
+/// many bytes of `rest` it takes. One wholly inside `taken` went with it.
+fn straddling(taken: &[u8], rest: &[u8], secret: &[u8], at_end: bool) -> Found {
+    if secret.is_empty() || taken.is_empty() {
+        return Found::Nothing;
+    }
+    let mut joined = taken.to_vec();
+    joined.extend_from_slice(&rest[..rest.len().min(SHADOW)]);
+    let mut undecided = false;
+    for start in 0..taken.len() {
+        if !(joined[start] == secret[0] || matches!(joined[start], b'%' | b'\\' | b'&')) {
+            continue;
+        }
+        match escaped_match(&joined, start, secret) {
+            Found::Occurrence(end, _) if end > taken.len() => {
+                return Found::Occurrence(end - taken.len(), None);
+            }
+            Found::Undecided => undecided = true,
+            _ => {}
+        }
+    }
+    if undecided && !at_end && rest.len() < SHADOW {
+        Found::Undecided
+    } else {
+        Found::Nothing
+    }
+}
+
+/// Appends to `ends` where `form` (ASCII, compared without regard to case) ends when it is
+/// written at `at`; sets `short` when the bytes end inside it.
+fn literal(form: &[u8], haystack: &[u8], at: usize, ends: &mut Vec<usize>, short: &mut bool) {
+    let rest = &haystack[at..];
+    if rest.len() >= form.len() {
+        if rest[..form.len()].eq_ignore_ascii_case(form) {
+            ends.push(at + form.len());
+        }
+    } else if form[..rest.len()].eq_ignore_ascii_case(rest) {
+        *short = true;
+    }
+}
+
+/// Where a character of an escape sequence (`%`, `&`, `\`, or a character JSON escapes with a
+/// backslash) ends when written at `at`, one level of escaping deep, as encoders stack: itself;
+/// percent-encoded (`%25` for `%`: percent-encoding applied twice; `%5C` for `\`: JSON in a URL);
+/// `&` as `\u0026` (Go's JSON) or `&amp;` (HTML escaped twice); a quote as an HTML reference
+/// (JSON in an HTML attribute).
+fn escape_character(
+    character: u8,
+    haystack: &[u8],
+    at: usize,
+    ends: &mut Vec<usize>,
+    short: &mut bool,
+) {
+    let Some(first) = haystack.get(at) else {
+        *short = true;
+        return;
+    };
+    if *first == character {
+        ends.push(at + 1);
+    }
+    literal(
+        format!("%{character:02X}").as_bytes(),
+        haystack,
+        at,
+        ends,
+        short,
+    );
+    let references: &[&[u8]] = match character {
+        b'&' => &[b"\\u0026", b"&amp;"],
+        b'"' => &[b"&quot;", b"&#34;", b"&#x22;"],
+        b'\'' => &[b"&#39;", b"&#x27;", b"&apos;"],
+        _ => &[],
+    };
+    for reference in references {
+        literal(reference, haystack, at, ends, short);
+    }
+}
+
+/// The character JSON writes `byte` as after a backslash, if any.
+fn short_escape(byte: u8) -> Option<u8> {
+    match byte {
+        b'"' => Some(b'"'),
+        b'/' => Some(b'/'),
+        0x08 => Some(b'b'),
+        0x0c => Some(b'f'),
+        b'\n' => Some(b'n'),
+        b'\r' => Some(b'r'),
+        b'\t' => Some(b't'),
+        _ => None,
+    }
+}
+
 /// Every way one byte may be written, as decoders read it: itself; percent-encoded (either case
 /// of hex); JSON-escaped (`\uXXXX` in either case, the short escapes, `\/`), with the escape's
 /// backslash itself escaped once or twice (JSON inside JSON); HTML character references
-/// (decimal, hex, the named five).
+/// (decimal, hex, the named five) — each escape's own characters escaped once more as
+/// [`escape_character`] says.
 fn byte_forms(byte: u8, haystack: &[u8], at: usize, ends: &mut Vec<usize>, short: &mut bool) {
     let rest = &haystack[at..];
-    let mut take = |length: usize| ends.push(at + length);
     if rest.first() == Some(&byte) {
-        take(1);
+        ends.push(at + 1);
     }
-    // Percent-encoded.
-    match rest {
-        [b'%', high, low, ..] if hex_value(*high, *low) == Some(byte) => take(3),
-        [b'%'] | [b'%', _] => *short = true,
-        _ => {}
+    let mut starts = Vec::new();
+    // Percent-encoded: a percent sign (itself perhaps encoded), then the hex.
+    escape_character(b'%', haystack, at, &mut starts, short);
+    for start in starts.drain(..) {
+        match &haystack[start..] {
+            [high, low, ..] if hex_value(*high, *low) == Some(byte) => ends.push(start + 2),
+            [high] if hex_value(*high, b'0').is_some() => *short = true,
+            [] => *short = true,
+            _ => {}
+        }
     }
-    // JSON escapes, at any of the first levels of nesting (JSON in a JSON string escapes the
-    // backslash again): `\"` at level one is `\\\"` at level two.
-    let backslashes = rest
+    // JSON escapes: a run of backslashes (JSON in a JSON string escapes the backslash again:
+    // `\"` at level one is `\\\"` at level two), or one written `%5C`.
+    let run = rest
         .iter()
         .take(9)
         .take_while(|character| **character == b'\\')
         .count();
-    if backslashes > 0 {
-        if backslashes == rest.len() {
-            *short = true;
-        } else if byte == b'\\' {
-            for run in [2usize, 4, 8] {
-                if backslashes >= run {
-                    take(run);
-                }
+    if run > 0 && run == rest.len() {
+        *short = true;
+    }
+    if byte == b'\\' {
+        for length in [2usize, 4, 8] {
+            if run >= length {
+                ends.push(at + length);
             }
-        } else {
-            let short_escape = match byte {
-                b'"' => Some(b'"'),
-                b'/' => Some(b'/'),
-                0x08 => Some(b'b'),
-                0x0c => Some(b'f'),
-                b'\n' => Some(b'n'),
-                b'\r' => Some(b'r'),
-                b'\t' => Some(b't'),
-                _ => None,
-            };
-            let after = &rest[backslashes..];
-            match after[0] {
-                escape if Some(escape) == short_escape && backslashes <= 7 => take(backslashes + 1),
-                b'u' if byte < 0x80 && backslashes <= 4 => match &after[1..] {
-                    [a, b, c, d, ..]
+        }
+    } else {
+        let mut after = Vec::new();
+        if run > 0 {
+            after.push((at + run, run));
+        }
+        let mut percent = Vec::new();
+        literal(b"%5C", haystack, at, &mut percent, short);
+        after.extend(percent.into_iter().map(|end| (end, 1)));
+        for (start, backslashes) in after {
+            if let Some(escape) = short_escape(byte)
+                && backslashes <= 7
+            {
+                escape_character(escape, haystack, start, ends, short);
+            }
+            if byte < 0x80 && backslashes <= 4 {
+                match &haystack[start..] {
+                    [b'u', a, b, c, d, ..]
                         if hex_value(*a, *b) == Some(0) && hex_value(*c, *d) == Some(byte) =>
                     {
-                        take(backslashes + 5)
+                        ends.push(start + 5);
                     }
-                    partial if partial.len() < 4 => *short = true,
+                    [b'u', partial @ ..] if partial.len() < 4 => *short = true,
+                    [] => *short = true,
                     _ => {}
-                },
-                _ => {}
+                }
             }
         }
     }
-    // HTML character references.
-    if rest.first() == Some(&b'&') {
-        let named: &[u8] = match byte {
-            b'&' => b"&amp;",
-            b'<' => b"&lt;",
-            b'>' => b"&gt;",
-            b'"' => b"&quot;",
-            b'\'' => b"&apos;",
-            _ => b"",
-        };
+    // HTML character references: an ampersand (itself perhaps escaped), then the name or number.
+    escape_character(b'&', haystack, at, &mut starts, short);
+    let named: &[u8] = match byte {
+        b'&' => b"amp;",
+        b'<' => b"lt;",
+        b'>' => b"gt;",
+        b'"' => b"quot;",
+        b'\'' => b"apos;",
+        _ => b"",
+    };
+    for start in starts {
         if !named.is_empty() {
-            if rest.starts_with(named) {
-                take(named.len());
-            } else if named.starts_with(rest) {
-                *short = true;
-            }
+            literal(named, haystack, start, ends, short);
         }
-        if let Some(length) = numeric_reference(rest, byte, short) {
-            take(length);
+        if let Some(length) = numeric_reference(&haystack[start..], byte, short) {
+            ends.push(start + length);
         }
     }
 }
 
-/// `&#NN;` or `&#xHH;` (up to three leading zeros) naming `byte`: its length.
+/// `#NN;` or `#xHH;` (up to six digits, leading zeros too) naming `byte`, after an ampersand:
+/// its length.
 fn numeric_reference(rest: &[u8], byte: u8, short: &mut bool) -> Option<usize> {
-    if rest == b"&" {
+    if rest.is_empty() {
         *short = true;
         return None;
     }
-    let body = rest.strip_prefix(b"&#")?;
+    let body = rest.strip_prefix(b"#")?;
     let (digits, radix, prefix) = match body.first() {
-        Some(b'x' | b'X') => (&body[1..], 16, 3),
-        _ => (body, 10, 2),
+        Some(b'x' | b'X') => (&body[1..], 16, 2),
+        Some(_) => (body, 10, 1),
+        None => {
+            *short = true;
+            return None;
+        }
     };
     let count = digits
         .iter()
-        .take(6)
+        .take(7)
         .take_while(|digit| char::from(**digit).is_digit(radix))
         .count();
     if count == digits.len() {
-        *short = true;
+        *short = count <= 6 || *short;
         return None;
     }
     if count == 0 || count > 6 || digits[count] != b';' {
@@ -354,6 +556,27 @@ fn escaped_match(haystack: &[u8], at: usize, secret: &[u8]) -> Found {
     Found::Occurrence(positions[0], None)
 }
 
+/// One character of a base64 text as decoders read it: itself, or percent-encoded (a base64
+/// text inside a URL).
+enum Unit {
+    /// The character, and where its form ends.
+    Character(u8, usize),
+    /// The bytes end inside a percent-encoded character.
+    Partial,
+}
+
+fn base64_unit(haystack: &[u8], at: usize) -> Unit {
+    match &haystack[at..] {
+        [] => Unit::Partial,
+        [b'%', high, low, ..] if hex_value(*high, *low).is_some() => {
+            Unit::Character(hex_value(*high, *low).unwrap_or(b'%'), at + 3)
+        }
+        [b'%'] => Unit::Partial,
+        [b'%', high] if hex_value(*high, b'0').is_some() => Unit::Partial,
+        [character, ..] => Unit::Character(*character, at + 1),
+    }
+}
+
 /// The secret in base64 at one alignment: the characters only it determines, and the classes of
 /// the characters it shares with what comes before and after (each shows some bits of the
 /// secret's first or last byte, so they are masked with it), then any padding.
@@ -362,12 +585,9 @@ struct Base64Form {
     core: Vec<u8>,
     /// The alphabet's characters: what follows the secret in its text (the shared trailing
     /// character, the rest encoded at an alignment the secret's length decides, the padding that
-    /// tells that length) is absorbed with it.
+    /// tells that length) is absorbed with it, to the text's end.
     alphabet: [bool; 256],
 }
-
-/// How much of a base64 text after the secret is masked with it.
-const BASE64_TAIL: usize = 2048;
 
 fn base64_forms(secret: &[u8]) -> Vec<Base64Form> {
     use base64::Engine;
@@ -426,25 +646,33 @@ fn base64_forms(secret: &[u8]) -> Vec<Base64Form> {
 
 impl Base64Form {
     /// An occurrence starting at `at`: the shared leading character (when the alignment has one)
-    /// and the characters only the secret determines. The rest of the text is absorbed after it.
+    /// and the characters only the secret determines, each perhaps percent-encoded, with line
+    /// breaks between them (MIME's 76 columns). The rest of the text is absorbed after it.
     fn match_at(&self, haystack: &[u8], at: usize) -> Found {
         let mut position = at;
         if let Some(lead) = &self.lead {
-            if !lead[usize::from(haystack[position])] {
-                return Found::Nothing;
+            match base64_unit(haystack, position) {
+                Unit::Character(character, end) if lead[usize::from(character)] => position = end,
+                Unit::Character(..) => return Found::Nothing,
+                Unit::Partial => return Found::Undecided,
             }
-            position += 1;
-        } else if self.core.first() != haystack.get(at) {
-            return Found::Nothing;
         }
-        let rest = &haystack[position.min(haystack.len())..];
-        if rest.starts_with(&self.core) {
-            Found::Occurrence(position + self.core.len(), None)
-        } else if self.core.starts_with(rest) {
-            Found::Undecided
-        } else {
-            Found::Nothing
+        for expected in &self.core {
+            if position > at {
+                match &haystack[position..] {
+                    [b'\r', b'\n', ..] => position += 2,
+                    [b'\n', ..] => position += 1,
+                    [b'\r'] => return Found::Undecided,
+                    _ => {}
+                }
+            }
+            match base64_unit(haystack, position) {
+                Unit::Character(character, end) if character == *expected => position = end,
+                Unit::Character(..) => return Found::Nothing,
+                Unit::Partial => return Found::Undecided,
+            }
         }
+        Found::Occurrence(position, None)
     }
 }
 

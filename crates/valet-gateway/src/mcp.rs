@@ -454,11 +454,23 @@ async fn remote(
             kept.insert(name, value.clone());
         }
     }
-    // The agent gets the server's session only bound to its grant, never as the server gave it.
-    if let Some(value) = parts
+    // The agent gets the server's session only bound to its grant, never as the server gave it;
+    // a session id that carries the credential is refused (its binding would be a function of
+    // the credential, and the agent could not use it masked).
+    let server_session = parts
         .headers
         .get("mcp-session-id")
-        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.to_str().ok());
+    if let Some(session) = server_session {
+        let masker =
+            crate::stream::masker_for(&call.secret).map_err(|error| failed(error.to_string()))?;
+        if masker.mask_whole(session.as_bytes()) != session.as_bytes() {
+            return Err(failed(
+                "its MCP session id carries the root credential; a session valetd binds to a grant must not".into(),
+            ));
+        }
+    }
+    if let Some(value) = server_session
         .map(|session| gateway.valet.bind_mcp_session(&call.grant.id, session))
         .and_then(|session| HeaderValue::from_str(&session).ok())
     {
@@ -536,8 +548,18 @@ async fn stdio(
 ) -> Result<Answered, CallRefusal> {
     let upstream = &call.upstream;
     let valet = gateway.valet.clone();
-    let redact: Arc<dyn Fn(&str) -> String + Send + Sync> =
-        Arc::new(move |line: &str| valet.redact(line));
+    // What the server writes to its log reaches valetd's log with the credential masked in every
+    // form the masker knows, then redacted (every credential valetd holds, raw).
+    let log_masker =
+        crate::stream::masker_for(&call.secret).map_err(|error| CallRefusal::UpstreamFailed {
+            upstream: upstream.name.clone(),
+            detail: error.to_string(),
+        })?;
+    let redact: Arc<dyn Fn(&str) -> String + Send + Sync> = Arc::new(move |line: &str| {
+        valet.redact(&String::from_utf8_lossy(
+            &log_masker.mask_whole(line.as_bytes()),
+        ))
+    });
     let process = gateway
         .processes
         .process_for(upstream, &call.grant.id, &call.secret, redact)

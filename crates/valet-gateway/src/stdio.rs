@@ -361,13 +361,15 @@ impl Process {
                 StdioError::Unavailable(format!("its server did not initialize: {error}"))
             })?;
         let Some(result) = initialized.get("result").cloned() else {
-            return Err(StdioError::Unavailable(format!(
-                "its server refused initialize: {}",
-                log(&initialized
-                    .get("error")
-                    .map(ToString::to_string)
-                    .unwrap_or_default())
-            )));
+            // The server's own words stay in valetd's log: what reaches the agent is valetd's.
+            let error = initialized
+                .get("error")
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            tracing::warn!(upstream = name, error = %log(&error), "stdio MCP server refused initialize");
+            return Err(StdioError::Unavailable(
+                "its server refused initialize (its answer is in valetd's log)".into(),
+            ));
         };
         process
             .write(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))

@@ -40,6 +40,13 @@ fn every_form_decoders_read_becomes_one_fixed_marker() {
         // HTML references, named and numeric.
         "AbC/dEf&#43;GhIj&amp;KlM&quot;nOp",
         "AbC&#x2F;dEf&#x002b;GhIj&#38;KlM&#34;nOp",
+        // Stacked: Go's html/template inside Go's JSON, percent-encoding applied twice, JSON in
+        // a URL, JSON in an HTML attribute, HTML escaped twice.
+        "AbC/dEf\\u0026#43;GhIj\\u0026amp;KlM\\u0026#34;nOp",
+        "AbC%252FdEf%252BGhIj%2526KlM%2522nOp",
+        "AbC%5C/dEf+GhIj%5Cu0026KlM%5C%22nOp",
+        "AbC/dEf+GhIj&KlM\\&quot;nOp",
+        "AbC/dEf&amp;#43;GhIj&amp;amp;KlM&amp;quot;nOp",
     ] {
         assert_eq!(
             whole(secret, &format!("<{written}>")),
@@ -86,6 +93,59 @@ fn base64_is_masked_with_the_characters_it_shares_with_its_neighbours() {
         around("sk_live_4f8c2a7e9b1d"),
         around("ck_other_93jd71kaQQ")
     );
+}
+
+#[test]
+fn base64_inside_a_url_or_broken_into_lines_is_masked_and_its_rest_goes_with_it() {
+    use base64::Engine;
+    let secret = "sk_live_4f8c>?~2a7e9b1d";
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("Bearer {secret}"));
+    let percent = encoded
+        .replace('+', "%2B")
+        .replace('/', "%2F")
+        .replace('=', "%3D");
+    let masked = whole(secret.as_bytes(), &format!("?t={percent}&next=1"));
+    assert!(masked.ends_with("[masked by valet]&next=1"), "{masked}");
+    let mime = format!("{}\r\n{}", &encoded[..14], &encoded[14..]);
+    let masked = whole(secret.as_bytes(), &format!("<{mime}>"));
+    assert!(masked.contains(MARK), "{masked}");
+    // However long the text after it, all of it goes: what follows the secret is encoded at an
+    // alignment its length decides.
+    let around = |secret: &str| {
+        let encoded = base64::engine::general_purpose::STANDARD
+            .encode(format!("|{secret}{}", "A".repeat(2100)));
+        whole(secret.as_bytes(), &format!("<{encoded}>"))
+    };
+    assert_eq!(
+        around("sk_live_4f8c2a7e9b1d"),
+        around("ck_other_93jd71kaQQx")
+    );
+}
+
+#[test]
+fn when_a_block_leaves_does_not_tell_whether_a_guess_begins_the_secret() {
+    // The attack on the masker before: base64 of the echo, a long base64 tail the agent wrote,
+    // then a guess at the secret's first bytes that leaves it undecided (a lone percent sign);
+    // the next byte comes seconds later. Whether the first block left at once told the agent
+    // whether its guess was right.
+    use base64::Engine;
+    let secret = b"rk_live_4f8c/2a7e+9b";
+    let echo = base64::engine::general_purpose::STANDARD.encode(b"Bearer rk_live_4f8c/2a7e+9b");
+    let first_write = |guess: &str| {
+        let mut write = "."
+            .repeat(12_288 - 26 - 2000 - guess.len() + 20)
+            .into_bytes();
+        write.extend_from_slice(echo.as_bytes());
+        write.extend(std::iter::repeat_n(b'B', 2000));
+        write.extend_from_slice(guess.as_bytes());
+        let mut masker = Masker::new(secret).unwrap();
+        let released = masker.push(&write).len();
+        (released, masker.push(b"|").len() + masker.finish().len())
+    };
+    let right = first_write("rk%5Fl%");
+    for wrong in ["rj%5Fl%", "qk%5Fl%", "rk%5Fm%"] {
+        assert_eq!(first_write(wrong), right, "{wrong}");
+    }
 }
 
 #[test]
@@ -178,6 +238,20 @@ fn echo_forms(secret: &[u8]) -> Vec<Vec<u8>> {
         base64::engine::general_purpose::STANDARD
             .encode(format!("Bearer {text}"))
             .into_bytes(),
+        // Base64 in a URL.
+        base64::engine::general_purpose::STANDARD
+            .encode(format!("Bearer {text}"))
+            .replace('+', "%2B")
+            .replace('/', "%2F")
+            .replace('=', "%3D")
+            .into_bytes(),
+        // Go's html/template inside Go's JSON; percent-encoding applied twice.
+        text.replace('+', "\\u0026#43;")
+            .replace('/', "\\u0026#x2f;")
+            .into_bytes(),
+        text.replace('+', "%252B")
+            .replace('/', "%252F")
+            .into_bytes(),
     ]
 }
 
@@ -213,8 +287,12 @@ fn piece() -> impl Strategy<Value = Piece> {
         )
         .prop_map(Piece::Agent),
         (1usize..48).prop_map(|length| Piece::Agent(vec![b'.'; length * 400])),
+        // A base64 text of the agent's own, long or short.
+        (1usize..3000).prop_map(|length| Piece::Agent(vec![b'B'; length])),
+        Just(Piece::Agent(b"%".to_vec())),
+        Just(Piece::Agent(b"|".to_vec())),
         (0usize..48).prop_map(Piece::Guess),
-        (0usize..5).prop_map(Piece::Echo),
+        (0usize..8).prop_map(Piece::Echo),
     ]
 }
 
@@ -298,8 +376,9 @@ fn run(secret: &[u8], writes: &[Vec<u8>], frame: usize) -> (Vec<Vec<u8>>, Vec<us
 }
 
 proptest! {
+    // VALET_MASK_CASES runs more (the suite runs 300; thousands before a change to the masker).
     #![proptest_config(ProptestConfig {
-        cases: 300,
+        cases: std::env::var("VALET_MASK_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(300),
         failure_persistence: None,
         .. ProptestConfig::default()
     })]
