@@ -141,6 +141,15 @@ async fn both_listeners_serve_tls_and_clients_verify_valetds_certificate() {
     )
     .await;
     assert!(no_scheme.contains("there is no scheme"), "{no_scheme}");
+    // A scheme in capitals means what it says: HTTPS is TLS.
+    let capitals = server.replacen("https://", "HTTPS://", 1);
+    let client = connect(&capitals, Some(AGENT_KEY), Some(ca_file.clone()), None)
+        .await
+        .expect("HTTPS:// connects over TLS");
+    client
+        .request_token(TokenRequest::new("limited", "capital-scheme"))
+        .await
+        .expect("a token over TLS");
     let http_with_ca = refusal(
         &valetd.address,
         Some(AGENT_KEY),

@@ -117,6 +117,122 @@ def test_task_scope_revokes_on_exit_however_it_exits(valetd):
     asyncio.run(scoped())
 
 
+class Listener:
+    """A plaintext TCP listener on loopback that keeps every byte it is sent."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(8)
+        self.socket.settimeout(0.2)
+        self.port = self.socket.getsockname()[1]
+        self.received = bytearray()
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while self.running:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                continue
+            connection.settimeout(0.5)
+            try:
+                while True:
+                    data = connection.recv(65536)
+                    if not data:
+                        break
+                    self.received.extend(data)
+            except OSError:
+                pass
+            finally:
+                connection.close()
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join()
+        self.socket.close()
+
+
+def test_a_server_address_is_read_as_the_cli_reads_it_and_https_never_means_plaintext():
+    listener = Listener()
+    try:
+        # An address without a scheme is refused before anything is sent.
+        for server in (f"127.0.0.1:{listener.port}", f"localhost:{listener.port}"):
+            with pytest.raises(valet.ConfigurationError, match="no scheme"):
+                valet.Client(valet.Settings(server=server, credential=valet.PrincipalKey(AGENT_KEY)))
+        assert listener.received == b""
+        # HTTPS in any case is TLS: the plaintext listener sees a TLS handshake, never the key.
+        for server in (f"HTTPS://127.0.0.1:{listener.port}", f"Https://127.0.0.1:{listener.port}"):
+            client = valet.Client(
+                valet.Settings(server=server, credential=valet.PrincipalKey(AGENT_KEY)), timeout=2
+            )
+            with pytest.raises(valet.ValetError):
+                client.request_token("deploy-staging", "py-url", params={"project": "shop"})
+            client.close()
+        time.sleep(0.6)
+        assert listener.received, "the client connected"
+        assert listener.received[0] == 0x16, "a TLS record (handshake), not HTTP/2 in the clear"
+        assert AGENT_KEY.encode() not in listener.received
+        assert b"authorization" not in listener.received.lower()
+    finally:
+        listener.close()
+
+
+TASK_UNDER_SIGNAL = """
+import asyncio, sys, time
+import valet
+from valet.aio import AsyncClient
+
+server, key, mode = sys.argv[1:4]
+settings = valet.Settings(server=server, credential=valet.PrincipalKey(key))
+if mode == "sync":
+    with valet.Client(settings) as client:
+        with client.task("py-signalled-" + sys.argv[4], renew=False) as task:
+            issued = task.request_token("deploy-staging", params={"project": "shop"})
+            print(issued.token.reveal(), flush=True)
+            time.sleep(60)
+else:
+    async def main():
+        async with AsyncClient(settings) as client:
+            async with client.task("py-signalled-" + sys.argv[4], renew=False) as task:
+                issued = await task.request_token("deploy-staging", params={"project": "shop"})
+                print(issued.token.reveal(), flush=True)
+                await asyncio.sleep(60)
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_task_scope_ended_by_sigterm_or_sighup_revokes_its_grants(valetd, mode, signame):
+    import signal as signals
+    import sys
+
+    signum = getattr(signals, signame)
+    process = subprocess.Popen(
+        [sys.executable, "-c", TASK_UNDER_SIGNAL, valetd.server, AGENT_KEY, mode, f"{mode}-{signame}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        token = process.stdout.readline().strip()
+        assert token.count(".") == 2, process.stderr.read()
+        process.send_signal(signum)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    # The process still ends by the signal, once its grants are revoked.
+    assert process.returncode == -signum, process.stderr.read()
+    with client_for(valetd, AGENT_KEY) as agent:
+        answer = agent.introspect(token)
+        assert not answer.active
+        assert f"task interrupted by signal {signame}" in answer.grant.status_reason, answer
+
+
 def test_approval_wait(valetd):
     with client_for(valetd, AGENT_KEY) as agent, client_for(valetd, OPERATOR_KEY) as operator:
         issued = agent.request_token("prod-approval", "py-approval", purpose="migrate")

@@ -24,8 +24,17 @@ def test_settings_read_the_cli_variables_and_say_what_is_wrong(tmp_path):
         valet.Settings.from_env({"VALET_KEY": "k", "VALET_SERVER": "https://h:1", "VALET_CLIENT_CERT": "c"})
     with pytest.raises(valet.ConfigurationError, match="use https://"):
         valet.Settings.from_env({"VALET_KEY": "k", "VALET_CA_FILE": "ca.pem"})
-    with pytest.raises(valet.ConfigurationError, match="must be http://HOST:PORT"):
+    with pytest.raises(valet.ConfigurationError, match="the scheme ftp:// is not supported"):
         valet.Settings.from_env({"VALET_KEY": "k", "VALET_SERVER": "ftp://h:1"})
+    # As the CLI reads them: a scheme in any case means what it says (HTTPS is TLS), and an
+    # address without one is refused, never taken for plaintext.
+    for server in ("HTTPS://valet.internal:7470", "Https://valet.internal:7470"):
+        settings = valet.Settings.from_env({"VALET_KEY": "k", "VALET_SERVER": server})
+        assert settings.secure and settings.target == "valet.internal:7470"
+    assert not valet.Settings.from_env({"VALET_KEY": "k", "VALET_SERVER": "HTTP://127.0.0.1:1"}).secure
+    for server in ("valet.internal:7470", "127.0.0.1:7470", "//valet.internal:7470"):
+        with pytest.raises(valet.ConfigurationError, match="no scheme|must be"):
+            valet.Settings.from_env({"VALET_KEY": "k", "VALET_SERVER": server})
     with pytest.raises(valet.ConfigurationError, match="cannot read the identity token file"):
         valet.Settings.from_env({"VALET_IDENTITY_TOKEN_FILE": str(tmp_path / "absent")})
     token = tmp_path / "token"

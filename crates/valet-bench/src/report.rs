@@ -88,6 +88,19 @@ fn round(value: f64) -> f64 {
 }
 
 /// The reports as Markdown: a table per scenario, with the machine, the date and the command.
+/// The line after which benchmarks.md holds sections measured once, by hand (comparisons with
+/// builds that no longer exist): a new run keeps them as they are.
+pub const KEPT_MARKER: &str =
+    "<!-- Sections below were measured once and are kept as they are by valet-bench -->";
+
+/// The kept sections of an existing benchmarks.md, the marker line included.
+pub fn kept_sections(document: &str) -> Option<&str> {
+    document.find(KEPT_MARKER).map(|at| {
+        let start = document[..at].rfind("\n\n").map_or(at, |blank| blank + 1);
+        &document[start..]
+    })
+}
+
 pub fn markdown(reports: &[Report], command: &str, micro: &str) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

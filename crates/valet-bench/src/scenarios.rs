@@ -112,7 +112,13 @@ pub async fn run(scenario: Scenario, options: &Options) -> anyhow::Result<bool> 
             .as_ref()
             .and_then(|path| std::fs::read_to_string(path).ok())
             .unwrap_or_default();
-        std::fs::write(path, crate::report::markdown(&reports, &command, &micro))?;
+        let kept = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| crate::report::kept_sections(&text).map(str::to_string))
+            .unwrap_or_default();
+        let mut document = crate::report::markdown(&reports, &command, &micro);
+        document.push_str(&kept);
+        std::fs::write(path, document)?;
         eprintln!("wrote {}", path.display());
     }
     let mut clean = true;

@@ -16,10 +16,17 @@ pub(crate) fn endpoint(config: &ClientConfig) -> Result<Endpoint, ClientError> {
         server: config.server.clone(),
         detail,
     };
-    let scheme = config.server.split_once("://").map(|(scheme, _)| scheme);
-    let endpoint =
-        Endpoint::from_shared(config.server.clone()).map_err(|error| bad_url(error.to_string()));
-    match scheme {
+    // URL schemes are case-insensitive: `HTTPS://` is TLS, as `https://` is (never plaintext).
+    let (scheme, server) = match config.server.split_once("://") {
+        Some((scheme, rest)) => {
+            let scheme = scheme.to_ascii_lowercase();
+            let server = format!("{scheme}://{rest}");
+            (Some(scheme), server)
+        }
+        None => (None, config.server.clone()),
+    };
+    let endpoint = Endpoint::from_shared(server).map_err(|error| bad_url(error.to_string()));
+    match scheme.as_deref() {
         Some("http") => {
             if config.tls.is_set() {
                 return Err(bad_url(format!(

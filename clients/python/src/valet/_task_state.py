@@ -4,6 +4,7 @@ latest token of each), and which are due for renewal."""
 from __future__ import annotations
 
 import datetime
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -79,7 +80,56 @@ class TaskState:
                 held.renewing = False
 
 
+class TaskInterrupted(BaseException):
+    """SIGTERM or SIGHUP arrived inside a task scope: raised in the main thread so the scope
+    unwinds and revokes its grants, as KeyboardInterrupt does for SIGINT. The scope re-sends the
+    signal once its grants are revoked, so the process still ends the way the signal says."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+#: The signals a task scope turns into TaskInterrupted (SIGINT is KeyboardInterrupt already).
+TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class TerminationSignals:
+    """While a task scope is open in the main thread, SIGTERM and SIGHUP raise TaskInterrupted
+    there instead of killing the process on the spot — only where the application left the
+    default action in place (a handler of its own is left alone: it decides). Elsewhere (another
+    thread, where Python cannot install handlers) nothing changes: end the task yourself."""
+
+    def __init__(self) -> None:
+        self.installed: Dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def interrupt(signum, _frame):
+            raise TaskInterrupted(signum)
+
+        for signum in TERMINATING:
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                self.installed[signum] = signal.signal(signum, interrupt)
+
+    def restore(self) -> None:
+        for signum, previous in self.installed.items():
+            signal.signal(signum, previous)
+        self.installed.clear()
+
+
+def resend(error: Optional[BaseException]) -> None:
+    """After the grants of a scope that a signal interrupted are revoked: the signal again, now
+    with the handler the application had (the default: the process ends by it)."""
+    if isinstance(error, TaskInterrupted):
+        signal.raise_signal(error.signum)
+
+
 def end_reason(error: Optional[BaseException]) -> str:
     if error is None:
         return "task ended"
+    if isinstance(error, TaskInterrupted):
+        return f"task interrupted by {error}"
     return f"task failed: {type(error).__name__}"

@@ -13,7 +13,7 @@ import grpc.aio
 
 from valet import _calls
 from valet._calls import Ttl, admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
-from valet._task_state import TaskState, end_reason
+from valet._task_state import TERMINATING, TaskInterrupted, TaskState, end_reason, resend
 from valet.client import OnWaiting
 from valet.errors import ValetError, from_rpc_error
 from valet.secret import Secret
@@ -188,6 +188,8 @@ class AsyncTask:
         self._renew = renew
         self._check_every = check_every
         self._renewer: Optional[asyncio.Task] = None
+        self._signals: List[int] = []
+        self._interrupted: Optional[int] = None
         self.revoked: List[str] = []
 
     @property
@@ -220,7 +222,38 @@ class AsyncTask:
             await asyncio.sleep(self._check_every)
             await self.renew_due()
 
+    def _watch_signals(self) -> None:
+        """SIGTERM and SIGHUP cancel the block (where the application left their default action
+        and the loop can watch signals: the main thread on Unix); the scope then revokes its grants
+        and sends the signal again."""
+        import signal
+
+        loop = asyncio.get_running_loop()
+        block = asyncio.current_task()
+        if block is None:
+            return
+
+        def interrupted(signum: int) -> None:
+            self._interrupted = signum
+            block.cancel()
+
+        for signum in TERMINATING:
+            if signal.getsignal(signum) is not signal.SIG_DFL:
+                continue
+            try:
+                loop.add_signal_handler(signum, interrupted, signum)
+            except (NotImplementedError, RuntimeError, ValueError):
+                continue
+            self._signals.append(signum)
+
+    def _unwatch_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in self._signals:
+            loop.remove_signal_handler(signum)
+        self._signals.clear()
+
     async def __aenter__(self) -> "AsyncTask":
+        self._watch_signals()
         if self._renew:
             self._renewer = asyncio.create_task(self._renew_forever(), name=f"valet-task-{self.task_id}")
         return self
@@ -237,6 +270,8 @@ class AsyncTask:
         return self.revoked
 
     async def __aexit__(self, _type, error, _traceback) -> None:
+        if self._interrupted is not None:
+            error = TaskInterrupted(self._interrupted)
         try:
             # Shielded: a cancelled block (a timeout around it) still revokes its grants.
             await asyncio.shield(self.end(error))
@@ -244,3 +279,6 @@ class AsyncTask:
             if error is None:
                 raise
             log.error("task %s failed and its grants could not be revoked: %s", self.task_id, revoke_error)
+        finally:
+            self._unwatch_signals()
+            resend(error)

@@ -13,7 +13,7 @@ import grpc
 
 from valet import _calls
 from valet._calls import Ttl, admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
-from valet._task_state import TaskState, end_reason
+from valet._task_state import TaskState, TerminationSignals, end_reason, resend
 from valet.errors import ValetError, from_rpc_error
 from valet.secret import Secret
 from valet.settings import Settings
@@ -184,8 +184,10 @@ class Client:
 
     def task(self, task_id: str, *, renew: bool = True, check_every: float = 1.0) -> "Task":
         """A scope for one task: `with client.task("fix-dns-42") as task:`. Every grant of the
-        task is revoked when the block exits, however it exits; with `renew`, grants are renewed
-        in the background once a third of their lifetime is left."""
+        task is revoked when the block exits, however it exits — an exception, Ctrl-C (SIGINT),
+        and, in the main thread, SIGTERM and SIGHUP (the signal is sent again once the grants are
+        revoked, so the process still ends by it); with `renew`, grants are renewed in the
+        background once a third of their lifetime is left."""
         return Task(self, task_id, renew=renew, check_every=check_every)
 
 
@@ -199,6 +201,7 @@ class Task:
         self._check_every = check_every
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._signals = TerminationSignals()
         self.revoked: List[str] = []
 
     @property
@@ -233,6 +236,7 @@ class Task:
             self.renew_due()
 
     def __enter__(self) -> "Task":
+        self._signals.install()
         if self._renew:
             self._thread = threading.Thread(target=self._renew_forever, name=f"valet-task-{self.task_id}", daemon=True)
             self._thread.start()
@@ -255,3 +259,6 @@ class Task:
                 raise
             # The task's own failure is what propagates; the failed revocation is said loudly.
             log.error("task %s failed and its grants could not be revoked: %s", self.task_id, revoke_error)
+        finally:
+            self._signals.restore()
+            resend(error)

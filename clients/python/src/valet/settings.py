@@ -186,17 +186,38 @@ class Settings:
         self.target  # noqa: B018 - checks the address
 
     @property
+    def scheme(self) -> str:
+        """`http` or `https`, in any case as written (URL schemes are case-insensitive); an address
+        without one, or with another, is refused — never taken for plaintext — as the CLI does."""
+        if "://" not in self.server:
+            raise ConfigurationError(
+                f"{SERVER_ENV} is {self.server!r}, which has no scheme; write https://HOST:PORT "
+                "(or http://HOST:PORT for a plaintext loopback listener)"
+            )
+        scheme = self.server.split("://", 1)[0].lower()
+        if scheme not in ("http", "https"):
+            raise ConfigurationError(
+                f"{SERVER_ENV} is {self.server!r}: the scheme {scheme}:// is not supported; "
+                "use https:// (TLS) or http:// (plaintext)"
+            )
+        return scheme
+
+    @property
     def secure(self) -> bool:
-        return self.server.startswith("https://")
+        return self.scheme == "https"
 
     @property
     def target(self) -> str:
-        parsed = urllib.parse.urlsplit(self.server if "://" in self.server else f"http://{self.server}")
-        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.path not in ("", "/"):
+        scheme = self.scheme
+        parsed = urllib.parse.urlsplit(f"{scheme}://{self.server.split('://', 1)[1]}")
+        if not parsed.hostname or parsed.path not in ("", "/") or parsed.query or parsed.fragment:
             raise ConfigurationError(
                 f"{SERVER_ENV} must be http://HOST:PORT or https://HOST:PORT, and is {self.server!r}"
             )
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            port = parsed.port or (443 if scheme == "https" else 80)
+        except ValueError as error:
+            raise ConfigurationError(f"{SERVER_ENV} is {self.server!r}: {error}") from error
         host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
         return f"{host}:{port}"
 
