@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio_stream::StreamExt;
 use valet_client::{TokenRequest, v1};
 use valet_tests::{
@@ -178,6 +179,92 @@ async fn revoke_all_by_principal_scope_and_environment_needs_an_operator_and_a_r
         !last.active && last.reason.contains("revoked by operator: incident 42"),
         "{}",
         last.reason
+    );
+}
+
+#[tokio::test]
+async fn a_watch_or_tail_stream_ends_when_the_key_that_opened_it_is_rotated() {
+    let deployment = Deployment::standard();
+    let valetd = deployment.start(&[]);
+    let operator = valetd.client(OPERATOR_KEY).await;
+    let mut grants = operator
+        .admin()
+        .watch_grants(v1::WatchGrantsRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tail = operator
+        .admin()
+        .audit_tail(v1::AuditTailRequest {
+            last: 0,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The operator's key is rotated out (config change, reload).
+    let config = std::fs::read_to_string(deployment.config_path()).unwrap();
+    std::fs::write(
+        deployment.config_path(),
+        config.replace(
+            &valet_tests::sha256_hex(OPERATOR_KEY),
+            &valet_tests::sha256_hex("vk_test_operator_rotated_91"),
+        ),
+    )
+    .unwrap();
+    valetd
+        .client(ADMIN_KEY)
+        .await
+        .admin()
+        .reload_config(v1::ReloadConfigRequest {})
+        .await
+        .expect("the reload applies");
+    // Both streams end within seconds with the reason, though nothing else happened on them.
+    for (name, ended) in [
+        (
+            "WatchGrants",
+            async {
+                loop {
+                    match grants.next().await {
+                        Some(Ok(_)) => continue,
+                        Some(Err(status)) => return Some(status),
+                        None => return None,
+                    }
+                }
+            }
+            .boxed(),
+        ),
+        (
+            "AuditTail",
+            async {
+                loop {
+                    match tail.next().await {
+                        Some(Ok(_)) => continue,
+                        Some(Err(status)) => return Some(status),
+                        None => return None,
+                    }
+                }
+            }
+            .boxed(),
+        ),
+    ] {
+        let status = tokio::time::timeout(Duration::from_secs(15), ended)
+            .await
+            .unwrap_or_else(|_| panic!("{name} kept streaming after the key was rotated"))
+            .unwrap_or_else(|| panic!("{name} ended without saying why"));
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{name}");
+        assert!(
+            status.message().contains("key was replaced"),
+            "{name}: {}",
+            status.message()
+        );
+    }
+    assert!(
+        deployment
+            .audit_records()
+            .iter()
+            .any(|record| record["reason_kind"] == "credential_withdrawn"),
+        "the end is audited"
     );
 }
 

@@ -41,17 +41,47 @@ fn filter_from_wire(wire: Option<v1::GrantFilter>) -> Result<GrantFilter, Servic
 }
 
 /// A service stream as a wire stream, each item encoded and each error mapped once.
+/// How often a long-lived stream re-checks that its caller's authority still stands.
+const AUTHORITY_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn wire_stream<T: Send + 'static, W: Send + 'static>(
     valet: &Arc<Valet>,
-    request_id: &str,
+    caller: &valet_service::Caller,
     stream: ServiceStream<T>,
     encode: impl Fn(T, &Valet) -> W + Send + 'static,
 ) -> WireStream<W> {
     let encoder = valet.clone();
-    let request_id = request_id.to_string();
+    let request_id = caller.request_id.clone();
+    // The caller's authority is checked before every item and every couple of seconds: a stream
+    // ends (with UNAUTHENTICATED and the reason) once its credential is withdrawn, as a new
+    // request would be refused.
+    let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(AUTHORITY_CHECK))
+        .map(|_| None);
+    let (checker, caller) = (valet.clone(), caller.clone());
+    let checked = futures::stream::select(stream.map(Some), ticks)
+        .then(move |item| {
+            let (checker, caller) = (checker.clone(), caller.clone());
+            async move {
+                match checker.caller_in_force(&caller).await {
+                    Ok(()) => (item, None),
+                    Err(error) => (None, Some(error)),
+                }
+            }
+        })
+        .scan(false, |ended, (item, refused)| {
+            if *ended {
+                return std::future::ready(None);
+            }
+            if let Some(error) = refused {
+                *ended = true;
+                return std::future::ready(Some(Some(Err(error))));
+            }
+            std::future::ready(Some(item))
+        })
+        .filter_map(std::future::ready);
     until_shutdown(
         valet,
-        stream.map(move |item| {
+        checked.map(move |item| {
             item.map(|item| encode(item, &encoder))
                 .map_err(|error| status_of(&encoder, error, &request_id))
         }),
@@ -134,7 +164,7 @@ impl Admin for AdminService {
         let events = reply(&self.valet, &caller, events)?.into_inner();
         Ok(Response::new(wire_stream(
             &self.valet,
-            &caller.request_id,
+            &caller,
             events,
             |event, valet| v1::GrantEvent {
                 kind: match event.kind {
@@ -329,7 +359,7 @@ impl Admin for AdminService {
         let approvals = reply(&self.valet, &caller, approvals)?.into_inner();
         Ok(Response::new(wire_stream(
             &self.valet,
-            &caller.request_id,
+            &caller,
             approvals,
             |approval, valet| approval_to_wire(&approval, valet.now()),
         )))
@@ -407,7 +437,7 @@ impl Admin for AdminService {
         let records = reply(&self.valet, &caller, records)?.into_inner();
         Ok(Response::new(wire_stream(
             &self.valet,
-            &caller.request_id,
+            &caller,
             records,
             |record, _| v1::AuditRecord {
                 sequence: record.sequence,

@@ -129,6 +129,45 @@ impl Valet {
         })
     }
 
+    /// Whether `caller`'s authority still stands, for what outlives the request that
+    /// authenticated it (a watch or tail stream): its principal is still configured with the
+    /// same roles, and valetd would still accept the credential it proved itself with (a rotated
+    /// key, an expired certificate or one whose CA was removed, an identity token past its time
+    /// or binding end it). The first refusal is recorded.
+    pub async fn caller_in_force(&self, caller: &Caller) -> Result<(), ServiceError> {
+        let config = self.config();
+        let outcome = match config.principals.get(&caller.principal.name) {
+            None => Err(format!(
+                "principal {:?} is no longer in the config",
+                caller.principal.name
+            )),
+            Some(principal) if principal.roles != caller.principal.roles => Err(format!(
+                "the roles of principal {:?} changed since this stream began",
+                caller.principal.name
+            )),
+            Some(_) => caller.credential.still_accepted(
+                &config,
+                &caller.principal.name,
+                &self.client_authorities.load(),
+                self.clock.now(),
+            ),
+        };
+        let Err(reason) = outcome else {
+            return Ok(());
+        };
+        let error = ServiceError::Unauthenticated {
+            reason: format!(
+                "the credential this stream was opened with is no longer accepted: {reason}; reconnect with a current one"
+            ),
+        };
+        self.answer(
+            caller,
+            crate::context(AuditAction::Authenticate).with("reason_kind", "credential_withdrawn"),
+            Err::<(), _>(error),
+        )
+        .await
+    }
+
     /// Takes one request from the principal's rate (`principal.rate`); over it, the refusal is
     /// recorded (once per window, the rest in its summary) and returned.
     pub(crate) async fn admit_principal(
