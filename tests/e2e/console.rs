@@ -281,6 +281,37 @@ async fn a_login_link_seen_in_the_process_list_opens_nothing_without_the_code_sh
 }
 
 #[tokio::test]
+async fn however_many_codes_arrive_at_once_a_link_compares_five() {
+    let (deployment, _) = console_deployment("");
+    let valetd = deployment.start(&[]);
+    let (link, code) = login_link(&valetd).await;
+    // Forty wrong codes at once, then the right one: at most five codes are ever compared, so
+    // the right one comes too late.
+    let guesses: Vec<(String, String)> = (0..40)
+        .map(|n| (link.clone(), format!("WRNG-{n:04}")))
+        .collect();
+    let wrong: Vec<_> = guesses.iter().map(|guess| open(&valetd, guess)).collect();
+    let answers = futures::future::join_all(wrong).await;
+    assert!(
+        answers
+            .iter()
+            .all(|(status, cookie, _)| *status == 401 && cookie.is_none())
+    );
+    let compared = answers
+        .iter()
+        .filter(|(_, _, body)| body.contains("code does not match"))
+        .count();
+    assert_eq!(
+        compared, 5,
+        "five codes were compared; the rest found the link used up"
+    );
+    let (status, cookie, body) = open(&valetd, &(link, code)).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(cookie.is_none());
+    assert!(body.contains("used up"), "{body}");
+}
+
+#[tokio::test]
 async fn a_rotated_operator_key_ends_the_sessions_it_opened_and_operators_list_and_end_sessions() {
     let (deployment, config) = console_deployment("");
     let valetd = deployment.start(&[]);

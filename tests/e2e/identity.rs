@@ -475,3 +475,61 @@ async fn the_cli_in_a_github_actions_job_asks_the_runner_for_its_identity_token(
     let queries = seen.lock().expect("lock").clone();
     assert_eq!(queries, vec!["api-version=2.0&audience=valet".to_string()]);
 }
+
+#[tokio::test]
+async fn a_key_the_issuer_no_longer_publishes_ends_the_streams_its_tokens_opened() {
+    let setup = setup().await;
+    let token = setup
+        .rsa
+        .sign(&oidc::gitlab_claims("acme/infra", "main", "staging"));
+    let client = client_with_token(&setup, &token).await;
+    let mut grants = client
+        .admin()
+        .watch_grants(valet_client::v1::WatchGrantsRequest { filter: None })
+        .await
+        .expect("an agent watches its own grants")
+        .into_inner();
+    // The issuer drops the key (compromised, say) and publishes another; valetd re-reads it.
+    let keys = tempfile::tempdir().expect("a temp dir");
+    let next = SigningKey::rsa("rsa-next", keys.path());
+    std::fs::write(
+        setup.deployment.path("gitlab-jwks.json"),
+        json!({"keys": [next.jwk()]}).to_string(),
+    )
+    .expect("write the GitLab JWKS");
+    setup
+        .valetd
+        .client(valet_tests::ADMIN_KEY)
+        .await
+        .admin()
+        .reload_config(valet_client::v1::ReloadConfigRequest {})
+        .await
+        .expect("the reload applies");
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            match tokio_stream::StreamExt::next(&mut grants).await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => return Some(status),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the stream outlived the key that signed its token")
+    .expect("the stream ended without saying why");
+    assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended:?}");
+    assert!(
+        ended.message().contains("no longer publishes the key"),
+        "{}",
+        ended.message()
+    );
+    // A token signed with the published key is accepted at once after the reload.
+    client_with_token(
+        &setup,
+        &next.sign(&oidc::gitlab_claims("acme/infra", "main", "staging")),
+    )
+    .await
+    .request_token(TokenRequest::new("limited", "after-the-key-change"))
+    .await
+    .expect("the new key's token is accepted right after the reload");
+}

@@ -681,6 +681,97 @@ async fn an_approval_gated_tool_call_is_held_shown_exactly_approved_and_runs_onc
 }
 
 #[tokio::test]
+async fn identical_held_calls_share_one_approval_and_past_the_grants_share_are_answered_at_once() {
+    let stack = Stack::start();
+    let gateway = stack.gateway();
+    let upstream = "deploy-remote";
+    let token = stack.token(upstream, "held-flood").await;
+    let initialize = post(&gateway, upstream, &token, &[], &json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
+    })).await;
+    assert_eq!(initialize.status, 200, "{}", initialize.body);
+    let session = initialize
+        .headers
+        .get("mcp-session-id")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    // Twenty identical approval-gated calls at once.
+    let flood: Vec<_> = (0..20)
+        .map(|_| {
+            let (gateway, token, session) = (gateway.clone(), token.clone(), session.clone());
+            tokio::spawn(async move {
+                let headers = [
+                    ("mcp-protocol-version", "2025-06-18"),
+                    ("mcp-session-id", session.as_str()),
+                ];
+                post(&gateway, upstream, &token, &headers, &json!({
+                    "jsonrpc": "2.0", "id": 100, "method": "tools/call",
+                    "params": {"name": "delete_volume", "arguments": {"volumeId": "v-staging-cache"}},
+                }))
+                .await
+            })
+        })
+        .collect();
+    let approval = pending_approval(&stack.valetd).await;
+    // Past the grant's share (8 held), calls are answered at once, saying why.
+    let mut answered = Vec::new();
+    for _ in 0..100 {
+        if flood.iter().filter(|call| call.is_finished()).count() >= 12 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut held = Vec::new();
+    for call in flood {
+        if call.is_finished() {
+            answered.push(call.await.unwrap());
+        } else {
+            held.push(call);
+        }
+    }
+    assert_eq!((answered.len(), held.len()), (12, 8));
+    for call in &answered {
+        assert_eq!(call.status, 429, "{}", call.body);
+        assert!(
+            call.body.contains("already held waiting for approval"),
+            "{}",
+            call.body
+        );
+        assert!(call.body.contains(&approval.id), "{}", call.body);
+    }
+    assert_eq!(
+        stack.valetd.pending_approvals().await.len(),
+        1,
+        "identical calls wait on one approval"
+    );
+    // The gateway still answers others while they wait.
+    let health = call(&gateway, "GET", "/healthz", "", "", &[]).await;
+    assert_eq!(health.status, 200);
+    // Denied, every held call ends with the refusal.
+    stack
+        .valetd
+        .client(OPERATOR_KEY)
+        .await
+        .admin()
+        .deny(v1::DenyRequest {
+            id: approval.id.clone(),
+            reason: "not now".into(),
+        })
+        .await
+        .unwrap();
+    for call in held {
+        let ended = tokio::time::timeout(Duration::from_secs(20), call)
+            .await
+            .expect("a held call ends once its approval is decided")
+            .unwrap();
+        assert!(ended.body.contains("denied"), "{}", ended.body);
+    }
+    stack.valetd.stop().await;
+}
+
+#[tokio::test]
 async fn a_stdio_server_is_per_grant_restarted_after_a_crash_and_ends_with_its_grant() {
     let stack = Stack::start();
     let gateway = stack.gateway();

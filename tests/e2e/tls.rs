@@ -604,6 +604,76 @@ async fn a_client_certificate_is_checked_at_every_request_on_an_open_connection(
     );
 }
 
+#[tokio::test]
+async fn a_removed_ca_ends_its_certificates_whatever_else_their_chains_carry() {
+    let ca = Ca::new("valet test CA");
+    let removed = Ca::new("workload CA");
+    let kept = Ca::new("second workload CA");
+    // The same name under a new key, as when a CA is re-keyed.
+    let rekeyed = Ca::new("workload CA");
+    let deployment = tls_deployment(&ca, Some("optional"));
+    let directory = deployment.directory.path();
+    let pem = |ca: &Ca, stem: &str| {
+        let path = directory.join(format!("{stem}.pem"));
+        ca.write_certificate(&path);
+        std::fs::read_to_string(path).unwrap()
+    };
+    let (removed_pem, kept_pem, rekeyed_pem) = (
+        pem(&removed, "removed"),
+        pem(&kept, "kept"),
+        pem(&rekeyed, "rekeyed"),
+    );
+    std::fs::write(
+        deployment.path("client-ca.crt"),
+        format!("{removed_pem}{kept_pem}{rekeyed_pem}"),
+    )
+    .unwrap();
+    let plain = removed.client_certificate(
+        ClientName::SpiffeId(BUILDER_SPIFFE_ID),
+        Validity::Current,
+        directory,
+        "plain",
+    );
+    // The attacker's move: another trusted CA's (public) certificate appended to its chain.
+    let padded = removed.client_certificate(
+        ClientName::SpiffeId(BUILDER_SPIFFE_ID),
+        Validity::Current,
+        directory,
+        "padded",
+    );
+    let leaf = std::fs::read_to_string(&padded.0).unwrap();
+    std::fs::write(&padded.0, format!("{leaf}{kept_pem}")).unwrap();
+    let valetd = deployment.start(&[]);
+    let server = https(&valetd.address);
+    let ca_file = Some(deployment.path("ca.crt"));
+    let mut open = Vec::new();
+    for (name, certificate) in [("padded", padded), ("plain", plain)] {
+        let client = connect(&server, None, ca_file.clone(), Some(certificate))
+            .await
+            .unwrap_or_else(|error| panic!("connect with the {name} certificate: {error}"));
+        client
+            .request_token(TokenRequest::new("limited", name))
+            .await
+            .unwrap_or_else(|error| panic!("a token with the {name} certificate: {error}"));
+        open.push((name, client));
+    }
+    // The CA that issued both is removed; the one appended and the re-keyed one stay.
+    std::fs::write(
+        deployment.path("client-ca.crt"),
+        format!("{kept_pem}{rekeyed_pem}"),
+    )
+    .unwrap();
+    for (name, client) in &open {
+        let refused = first_refusal(client, &format!("{name}-after"))
+            .await
+            .unwrap_or_else(|| panic!("the {name} certificate kept authenticating its connection"));
+        assert!(
+            refused.contains("no longer in server.client_ca_file"),
+            "{name}: {refused}"
+        );
+    }
+}
+
 /// Opens a TLS 1.3 connection to `address` with `config`, reads what the server sends after the
 /// handshake (its session tickets, if any), and says whether the handshake resumed a session.
 async fn handshake(address: &str, config: std::sync::Arc<rustls::ClientConfig>) -> bool {

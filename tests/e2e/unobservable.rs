@@ -445,3 +445,33 @@ async fn the_same_agent_sees_the_same_bytes_whatever_the_root_secret_is() {
         assert_eq!(seen[0], seen[1], "{upstream}");
     }
 }
+
+/// Authority is checked while an answer streams too: revoking its grant cuts it off.
+#[tokio::test]
+async fn revoking_a_grant_cuts_off_its_answer_while_it_streams() {
+    let run = Run::start("rk_live_revoked_while_streaming_0123456789");
+    let agent = run.valetd.client(AGENT_KEY).await;
+    let issued = agent
+        .request_token(TokenRequest::new("reflect", "long-answer"))
+        .await
+        .unwrap();
+    let gateway = run.valetd.gateway.clone().expect("a gateway");
+    // Thirty chunks of 5000 bytes, one every 500 ms: about 15 s if nothing stops it.
+    let chunks = vec!["x".repeat(5000); 30];
+    let body = serde_json::json!({ "chunks": chunks, "pause_ms": 500 }).to_string();
+    let token = issued.token_str().to_string();
+    let streaming =
+        tokio::spawn(async move { capture(&gateway, "/u/reflect/reflect", &token, &body).await });
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    agent
+        .revoke(&issued.grant.id, "revoked while its answer streams")
+        .await
+        .expect("the revocation");
+    let captured = streaming.await.expect("the capture");
+    let received = captured.chunks.concat().len();
+    assert!(received > 0, "the answer had begun before the revocation");
+    assert!(
+        received < 30 * 5000,
+        "the whole answer ({received} bytes) arrived after its grant was revoked"
+    );
+}

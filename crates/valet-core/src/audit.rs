@@ -304,6 +304,40 @@ impl AuditEvent {
         self
     }
 
+    /// The event with every text value longer than `max_bytes` (except the top-level fields
+    /// `exempt`) cut to an excerpt that names its length and SHA-256: what a record keeps of a
+    /// value a caller chose is bounded, and still binds the whole value.
+    pub fn bounded(mut self, max_bytes: usize, exempt: &[&str]) -> AuditEvent {
+        fn bound(value: &mut Value, max_bytes: usize) {
+            match value {
+                Value::String(text) if text.len() > max_bytes => {
+                    let mut cut = max_bytes;
+                    while !text.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+                    *text = format!(
+                        "{}… [{} bytes, sha256 {}]",
+                        &text[..cut],
+                        text.len(),
+                        hex::encode(digest)
+                    );
+                }
+                Value::Array(items) => items.iter_mut().for_each(|item| bound(item, max_bytes)),
+                Value::Object(fields) => {
+                    fields.values_mut().for_each(|item| bound(item, max_bytes))
+                }
+                Value::String(_) | Value::Null | Value::Bool(_) | Value::Number(_) => {}
+            }
+        }
+        for (key, value) in self.fields.iter_mut() {
+            if !exempt.contains(&key.as_str()) {
+                bound(value, max_bytes);
+            }
+        }
+        self
+    }
+
     pub fn action(&self) -> &str {
         self.text("action").unwrap_or_default()
     }

@@ -15,7 +15,7 @@ use crate::keyring::SealKey;
 /// The longest pass text valetd reads or makes (a browser keeps a cookie of up to 4096 bytes,
 /// its name included); anything longer is refused before it is decoded.
 pub const MAX_PASS_BYTES: usize = 3800;
-/// How many wrong codes a login link takes before it is used up.
+/// How many codes a login link compares before it is used up.
 pub const MAX_CODE_ATTEMPTS: usize = 5;
 /// How long a login link stays usable.
 pub const LOGIN_LINK_SECONDS: i64 = 60;

@@ -123,6 +123,10 @@ pub enum Credential {
         claims: serde_json::Map<String, serde_json::Value>,
         /// The last moment the token itself is accepted (`exp`, `iat` + the maximum age).
         acceptable_until: UnixTime,
+        /// [`jwt::PublicKey::thumbprint`] of the issuer's key that verified it: once the issuer
+        /// no longer publishes that key, the token authenticates nothing more.
+        #[serde(default)]
+        signing_key: String,
     },
 }
 

@@ -1,8 +1,43 @@
 //! Request rates: `"600/min"` as written in the config, and the token bucket that enforces one
-//! (a burst of the whole count, refilled evenly over the period), driven by an injected clock.
+//! (a burst of the whole count, refilled evenly over the period), driven by an injected clock;
+//! and the source a budget counts a caller against.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
+
+/// Where requests come from, as budgets (connections, failed authentications) count them: one IPv4 address, or one IPv6 /64 (what
+/// one host or one customer of a provider commonly holds; an IPv4 address mapped into IPv6 is
+/// that IPv4 address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    V4(Ipv4Addr),
+    V6Prefix(u64),
+}
+
+impl Source {
+    pub fn of(address: IpAddr) -> Source {
+        match address {
+            IpAddr::V4(v4) => Source::V4(v4),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source::V4(v4),
+                None => Source::V6Prefix((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::V4(address) => write!(formatter, "{address}"),
+            Source::V6Prefix(prefix) => {
+                let address = std::net::Ipv6Addr::from(u128::from(*prefix) << 64);
+                write!(formatter, "{address}/64")
+            }
+        }
+    }
+}
 
 /// A number of events per period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -316,6 +316,18 @@ pub fn unmaskable(headers: &HeaderMap, status: http::StatusCode) -> Option<Strin
             "it answered with a Content-Encoding other than identity although the gateway asked for identity; an encoded answer cannot be checked for the root credential, so nothing of it is passed on".into(),
         );
     }
+    // HTTP/1.1 lets an upstream compress in transfer (`Transfer-Encoding: gzip, chunked`); the
+    // client takes off the chunking only, so anything but plain chunking is refused likewise.
+    if headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.to_str().unwrap_or("(not text)").split(','))
+        .any(|coding| !coding.trim().eq_ignore_ascii_case("chunked"))
+    {
+        return Some(
+            "it answered with a Transfer-Encoding other than chunked (a compression in transfer); an encoded answer cannot be checked for the root credential, so nothing of it is passed on".into(),
+        );
+    }
     if status == http::StatusCode::PARTIAL_CONTENT {
         return Some(
             "it answered with a part of a resource (206) although the gateway asked for the whole; a part cannot be checked for the root credential, so nothing of it is passed on".into(),
@@ -362,4 +374,37 @@ pub fn percent_encode(text: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(name: &'static str, value: &'static str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(name, http::HeaderValue::from_static(value));
+        headers
+    }
+
+    #[test]
+    fn an_answer_encoded_in_any_way_but_plain_chunking_is_unmaskable() {
+        let ok = http::StatusCode::OK;
+        assert!(unmaskable(&HeaderMap::new(), ok).is_none());
+        assert!(unmaskable(&with("transfer-encoding", "chunked"), ok).is_none());
+        assert!(unmaskable(&with("transfer-encoding", "Chunked"), ok).is_none());
+        assert!(unmaskable(&with("content-encoding", "identity"), ok).is_none());
+        for (name, value) in [
+            ("transfer-encoding", "gzip, chunked"),
+            ("transfer-encoding", "deflate"),
+            ("content-encoding", "gzip"),
+            ("content-encoding", "br"),
+        ] {
+            let refused = unmaskable(&with(name, value), ok).expect("refused");
+            assert!(
+                !refused.contains(value),
+                "the upstream's value is not quoted"
+            );
+        }
+        assert!(unmaskable(&HeaderMap::new(), http::StatusCode::PARTIAL_CONTENT).is_some());
+    }
 }

@@ -7,7 +7,9 @@
 //! audit record, valet-service again). The gateway keeps no grant bookkeeping of its own.
 //! [`listener`] accepts connections under the abuse limits, for the gRPC listener too.
 
+pub mod budget;
 mod forward;
+mod held;
 pub mod listener;
 mod mask;
 mod mcp;
@@ -39,6 +41,8 @@ pub struct Gateway {
     upstreams: upstream::Clients,
     /// The MCP servers valetd runs.
     processes: stdio::Processes,
+    /// MCP calls held open for an approval.
+    held: Arc<held::HeldCalls>,
 }
 
 impl Gateway {
@@ -47,6 +51,7 @@ impl Gateway {
             valet,
             upstreams: upstream::Clients::default(),
             processes: stdio::Processes::default(),
+            held: Arc::default(),
         })
     }
 
@@ -100,11 +105,20 @@ impl Gateway {
             tokio::select! {
                 accepted = acceptor.accept() => {
                     let Some((stream, peer)) = accepted else { break };
-                    let peer = peer.address;
+                    let (connection, peer) = (peer.connection, peer.address);
                     let gateway = self.clone();
-                    let service = hyper::service::service_fn(move |request| {
+                    let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
                         let gateway = gateway.clone();
-                        async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, peer).await) }
+                        // In flight until its answer has been sent; the connection handle lets
+                        // authorization mark the connection authenticated.
+                        let guard = connection.as_ref().map(budget::ConnectionHandle::request);
+                        if let Some(connection) = &connection {
+                            request.extensions_mut().insert(connection.clone());
+                        }
+                        async move {
+                            let response = gateway.handle(request, peer).await;
+                            Ok::<_, std::convert::Infallible>(response.map(|body| budget::GuardedBody::new(body, guard)))
+                        }
                     });
                     let connection = connection_builder().serve_connection(TokioIo::new(stream), service).into_owned();
                     let connection = graceful.watch(connection);
@@ -190,7 +204,12 @@ impl Gateway {
             })
             .await;
         let decision = match decision {
-            Ok(decision) => decision,
+            Ok(decision) => {
+                if let Some(connection) = parts.extensions.get::<budget::ConnectionHandle>() {
+                    connection.authenticated(&decision.grant.principal);
+                }
+                decision
+            }
             Err(denial) => {
                 tracing::info!(request_id = site.request_id, reason = %self.valet.redact(&denial.error.to_string()), "gateway call refused");
                 return response::error_response(

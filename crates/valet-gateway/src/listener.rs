@@ -1,7 +1,10 @@
-//! Accepting connections for valetd's listeners (gRPC and gateway) under abuse limits: at most
-//! `max_connections` open at once, a connection that neither reads nor writes for `idle_timeout`
-//! is closed, accept errors (such as running out of file descriptors) back off instead of
-//! spinning, with a bounded log, and TLS handshakes run concurrently, each within a deadline.
+//! Accepting connections for valetd's listeners (gRPC, gateway, console, metrics) under abuse
+//! limits: each connection takes a place in the listener's [`budget`](crate::budget) (caps per
+//! source and for connections that have not authenticated; an idle connection of whoever holds
+//! the most gives way to a newcomer), a connection that neither reads nor writes for
+//! `idle_timeout`, or carries no request for that long (whatever pings it answers), is closed,
+//! accept errors (such as running out of file descriptors) back off instead of spinning, with a
+//! bounded log, and TLS handshakes run concurrently, each within a deadline.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,10 +15,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use valet_core::identity::PresentedCertificate;
 
+use crate::budget::{Budget, ConnectionCaps, ConnectionHandle, Place};
 use crate::tls::TlsMaterial;
 
 /// The first pause after a failed accept; it doubles up to [`MAX_BACKOFF`].
@@ -28,59 +31,85 @@ const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 /// The limits a listener keeps.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    pub max_connections: usize,
+    pub caps: ConnectionCaps,
     pub idle_timeout: Duration,
 }
 
 /// A listener that hands out connections within its [`Limits`].
 pub struct LimitedListener {
     listener: TcpListener,
-    permits: Arc<Semaphore>,
+    budget: Arc<Budget>,
     limits: Limits,
     name: &'static str,
     /// When the last accept warning was logged, and the failures since.
     warned: std::sync::Mutex<(Option<Instant>, u64)>,
+    /// When the last refused-connection warning was logged, and the refusals since.
+    refused: std::sync::Mutex<(Option<Instant>, u64)>,
 }
 
 impl LimitedListener {
     pub fn new(listener: TcpListener, limits: Limits, name: &'static str) -> LimitedListener {
         LimitedListener {
             listener,
-            permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            budget: Budget::new(limits.caps),
             limits,
             name,
             warned: std::sync::Mutex::new((None, 0)),
+            refused: std::sync::Mutex::new((None, 0)),
         }
     }
 
-    /// The next connection. While `max_connections` are open this waits for one to close (new
-    /// connections queue in the kernel's backlog); while accepting fails it backs off.
+    /// The next connection that has a place in the budget (a connection refused one is closed
+    /// at once, and counted in a bounded log); while accepting fails it backs off.
     pub async fn accept(&self) -> (LimitedStream, SocketAddr) {
-        // The semaphore is never closed, so this waits for a free place and never fails.
-        let permit = self.permits.clone().acquire_owned().await.ok();
-        if self.permits.available_permits() == 0 {
-            tracing::debug!(
-                listener = self.name,
-                max_connections = self.limits.max_connections,
-                "connection limit reached; new connections wait"
-            );
-        }
         let mut backoff = FIRST_BACKOFF;
         loop {
             match self.listener.accept().await {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    return (
-                        LimitedStream::new(stream, permit, self.limits.idle_timeout),
-                        peer,
-                    );
-                }
+                Ok((stream, peer)) => match self.budget.admit(peer.ip()) {
+                    Ok(place) => {
+                        let _ = stream.set_nodelay(true);
+                        return (
+                            LimitedStream::new(stream, Some(place), self.limits.idle_timeout),
+                            peer,
+                        );
+                    }
+                    Err(refusal) => {
+                        drop(stream);
+                        self.note_refusal(peer, refusal);
+                    }
+                },
                 Err(error) => {
                     self.warn(&error);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
+        }
+    }
+
+    /// Logs a refused connection, at most once per [`WARNING_INTERVAL`], with the count since.
+    fn note_refusal(&self, peer: SocketAddr, refusal: crate::budget::Refusal) {
+        let mut refused = self
+            .refused
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (last, n_refused) = &mut *refused;
+        *n_refused += 1;
+        let now = Instant::now();
+        if last.is_none_or(|at| now.duration_since(at) >= WARNING_INTERVAL) {
+            let (open, unauthenticated) = self.budget.counts();
+            tracing::warn!(
+                listener = self.name,
+                source = %crate::budget::Source::of(peer.ip()),
+                reason = refusal.describe(),
+                refused = *n_refused,
+                open,
+                unauthenticated,
+                closed_to_make_room = self.budget.n_evicted(),
+                "connection refused (at most one such warning every 10 s)"
+            );
+            *last = Some(now);
+            *n_refused = 0;
         }
     }
 
@@ -105,7 +134,7 @@ impl LimitedListener {
 /// with `TimedOut` once it has neither read nor written for the idle timeout.
 pub struct LimitedStream {
     stream: TcpStream,
-    _permit: Option<OwnedSemaphorePermit>,
+    place: Option<Place>,
     idle_timeout: Duration,
     /// When bytes last moved; the timer below is re-armed from it only when it fires, so
     /// activity costs a clock read, not a timer update.
@@ -114,14 +143,10 @@ pub struct LimitedStream {
 }
 
 impl LimitedStream {
-    fn new(
-        stream: TcpStream,
-        permit: Option<OwnedSemaphorePermit>,
-        idle_timeout: Duration,
-    ) -> Self {
+    fn new(stream: TcpStream, place: Option<Place>, idle_timeout: Duration) -> Self {
         LimitedStream {
             stream,
-            _permit: permit,
+            place,
             idle_timeout,
             last_active: Instant::now(),
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
@@ -133,23 +158,54 @@ impl LimitedStream {
         &self.stream
     }
 
+    /// What requests on this connection use to mark themselves in flight and authenticated.
+    pub fn handle(&self) -> Option<ConnectionHandle> {
+        self.place.as_ref().map(Place::handle)
+    }
+
     fn active(&mut self) {
         self.last_active = Instant::now();
     }
 
-    /// After a pending read or write: has the connection been idle too long?
+    /// Before a read or write: was this connection closed to make room for another?
+    fn check_evicted(&self, reader: bool, context: &mut Context<'_>) -> Option<io::Error> {
+        let shared = self.place.as_ref()?.shared();
+        shared.register(reader, context.waker());
+        shared.evicted().then(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the connection was idle and closed to make room for another (connection budget)",
+            )
+        })
+    }
+
+    /// After a pending read or write: has the connection been idle too long, moving no bytes or
+    /// carrying no request (pings do not count)?
     fn check_idle(&mut self, context: &mut Context<'_>) -> Poll<io::Error> {
         loop {
             match self.idle.as_mut().poll(context) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(()) => {
-                    let deadline = self.last_active + self.idle_timeout;
-                    if deadline <= Instant::now() {
+                    let now = Instant::now();
+                    let bytes_deadline = self.last_active + self.idle_timeout;
+                    if bytes_deadline <= now {
                         return Poll::Ready(io::Error::new(
                             io::ErrorKind::TimedOut,
                             "the connection was idle for longer than the listener's idle timeout",
                         ));
                     }
+                    let requests_deadline = self
+                        .place
+                        .as_ref()
+                        .and_then(|place| place.shared().request_idle_deadline(self.idle_timeout));
+                    if requests_deadline.is_some_and(|deadline| deadline <= now) {
+                        return Poll::Ready(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the connection carried no request for longer than the listener's idle timeout",
+                        ));
+                    }
+                    let deadline = requests_deadline
+                        .map_or(bytes_deadline, |deadline| deadline.min(bytes_deadline));
                     self.idle.as_mut().reset(deadline);
                 }
             }
@@ -164,6 +220,9 @@ impl AsyncRead for LimitedStream {
         buffer: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(error) = this.check_evicted(true, context) {
+            return Poll::Ready(Err(error));
+        }
         match Pin::new(&mut this.stream).poll_read(context, buffer) {
             Poll::Ready(result) => {
                 this.active();
@@ -181,6 +240,9 @@ impl AsyncWrite for LimitedStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(error) = this.check_evicted(false, context) {
+            return Poll::Ready(Err(error));
+        }
         match Pin::new(&mut this.stream).poll_write(context, data) {
             Poll::Ready(result) => {
                 this.active();
@@ -204,6 +266,9 @@ impl AsyncWrite for LimitedStream {
         buffers: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(error) = this.check_evicted(false, context) {
+            return Poll::Ready(Err(error));
+        }
         match Pin::new(&mut this.stream).poll_write_vectored(context, buffers) {
             Poll::Ready(result) => {
                 this.active();
@@ -249,6 +314,9 @@ pub struct Peer {
     pub local_address: Option<SocketAddr>,
     /// The client certificate verified against the client CA, when one was presented.
     pub certificate: Option<Arc<PresentedCertificate>>,
+    /// The connection's place in the listener's budget, for requests to mark themselves in
+    /// flight and the connection authenticated.
+    pub connection: Option<ConnectionHandle>,
 }
 
 /// Accepts connections within [`Limits`] and completes their TLS handshakes concurrently (a
@@ -274,11 +342,13 @@ impl Acceptor {
                     _ = sender.closed() => return,
                 };
                 let local_address = stream.tcp().local_addr().ok();
+                let connection = stream.handle();
                 let Some((material, which)) = &tls else {
                     let peer = Peer {
                         address,
                         local_address,
                         certificate: None,
+                        connection,
                     };
                     if sender
                         .send((Connection::Plain(stream), peer))
@@ -316,6 +386,7 @@ impl Acceptor {
                         address,
                         local_address,
                         certificate,
+                        connection,
                     };
                     let _ = sender.send((Connection::Tls(Box::new(stream)), peer)).await;
                 });

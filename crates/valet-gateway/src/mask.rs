@@ -583,7 +583,7 @@ fn base64_unit(haystack: &[u8], at: usize) -> Unit {
 struct Base64Form {
     lead: Option<[bool; 256]>,
     core: Vec<u8>,
-    /// The alphabet's characters: what follows the secret in its text (the shared trailing
+    /// Both alphabets' characters: what follows the secret in its text (the shared trailing
     /// character, the rest encoded at an alignment the secret's length decides, the padding that
     /// tells that length) is absorbed with it, to the text's end.
     alphabet: [bool; 256],
@@ -630,8 +630,12 @@ fn base64_forms(secret: &[u8]) -> Vec<Base64Form> {
             // The leading shared character shows the secret's first bits in its low ones.
             let lead = (start_bit % 6 != 0)
                 .then(|| class(start_bit / 6, (1u8 << (6 - start_bit % 6)) - 1));
+            // Both alphabets, whichever form matched: a standard form matches a secret whose
+            // base64 has neither `+` nor `/` inside base64url text too, and absorbing that text
+            // only up to its first `-` or `_` would show the rest (its alignment, the secret's
+            // length modulo 3, and the character it shares with the secret's last byte).
             let mut members = [false; 256];
-            for character in alphabet {
+            for character in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_" {
                 members[usize::from(*character)] = true;
             }
             forms.push(Base64Form {

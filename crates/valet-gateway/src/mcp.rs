@@ -30,8 +30,7 @@ use crate::stream::{self, Closing};
 const MAX_REQUEST_BODY: u64 = 1024 * 1024;
 /// Largest JSON reply read whole from a remote server (SSE replies stream).
 const MAX_REPLY_BODY: usize = 16 * 1024 * 1024;
-/// How often a held call's approval is looked at, and how often the agent hears it still waits.
-const APPROVAL_POLL: Duration = Duration::from_millis(250);
+/// How often the agent hears that a held call still waits.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// JSON-RPC error codes of the gateway's own answers.
@@ -151,7 +150,12 @@ pub async fn handle(
         })
         .await;
     match authorized {
-        Ok(decision) => dispatch(gateway, decision, &agent).await,
+        Ok(decision) => {
+            if let Some(connection) = parts.extensions.get::<crate::budget::ConnectionHandle>() {
+                connection.authenticated(&decision.call.grant.principal);
+            }
+            dispatch(gateway, decision, &agent).await
+        }
         Err(denial) => match &denial.error {
             ServiceError::Call(CallRefusal::ApprovalRequired {
                 approval_id,
@@ -162,9 +166,33 @@ pub async fn handle(
                     "waiting for a person to approve {} {} on {} (approval {approval_id}: {approve_command})",
                     call.method, call.target, call.upstream
                 );
+                let (Some(grant), Some(principal)) =
+                    (denial.grant_id.as_deref(), denial.principal.as_deref())
+                else {
+                    return refusal(valet, &denial.error, denial.grant_id.as_deref(), request_id);
+                };
+                // Held within the grant's and principal's share, on the approval's one wait.
+                let (place, wait) =
+                    match gateway
+                        .held
+                        .hold(&gateway.valet, grant, principal, approval_id)
+                    {
+                        Ok(held) => held,
+                        Err(crate::held::NotHeld(reason)) => {
+                            return jsonrpc_error(
+                                http::StatusCode::TOO_MANY_REQUESTS,
+                                request_id,
+                                CODE_REFUSED,
+                                &reason,
+                                Some(json!({"approval_id": approval_id})),
+                            );
+                        }
+                    };
                 hold(
                     gateway,
                     Held {
+                        _place: place,
+                        wait,
                         site,
                         agent,
                         content_types: content_types
@@ -197,6 +225,10 @@ async fn refuse_unread(
 
 /// A tool call waiting for a person's approval.
 struct Held {
+    /// Its place among the held calls of its grant and principal.
+    _place: crate::held::HeldPlace,
+    /// The wait it shares with every call held on the same approval.
+    wait: futures::future::Shared<futures::future::BoxFuture<'static, crate::held::Decided>>,
     site: CallSite,
     agent: AgentHeaders,
     /// The body's Content-Type headers as sent (the first authorization read them).
@@ -288,12 +320,8 @@ async fn hold(gateway: &Arc<Gateway>, held: Held) -> http::Response<Body> {
 /// service refuses the call and records why.
 async fn decide(gateway: &Gateway, held: &Held) -> http::Response<Body> {
     let valet = &gateway.valet;
-    loop {
-        match valet.approval_pending(&held.approval_id).await {
-            Ok(true) => tokio::time::sleep(APPROVAL_POLL).await,
-            Ok(false) => break,
-            Err(error) => return refusal(valet, &error, None, held.request_id.clone()),
-        }
+    if let Err(error) = held.wait.clone().await {
+        return refusal(valet, &error, None, held.request_id.clone());
     }
     let authorized = valet
         .authorize_mcp(McpRequest {

@@ -11,6 +11,9 @@ use hyper::body::Frame;
 use valet_service::{CallDecision, CallOutcome, Valet};
 
 use crate::mask::{BLOCK, Masker};
+
+/// How often a streaming answer checks that its grant is still active.
+const GRANT_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::response::{Body, BoxError};
 
 /// Writes the closing record (status, bytes, latency) when the response body ends — or is
@@ -107,41 +110,70 @@ where
     // Masked bytes are handed on one block at a time, each its own frame (an HTTP/1.1 chunk, an
     // HTTP/2 DATA frame): how many blocks a single upstream frame released depends on where the
     // credential's occurrences fall, and one frame of several blocks would show that in its size.
+    // While the answer streams, its grant is checked every couple of seconds: a revoked,
+    // expired or used-up grant ends it there (the agent's stream is cut, not completed).
+    let grant = closing
+        .decision
+        .as_ref()
+        .map(|decision| decision.grant.id.clone());
+    let mut next_check = tokio::time::Instant::now() + GRANT_CHECK;
     let stream = futures::stream::unfold(
         (Some(body), masker, closing, Bytes::new()),
-        move |(mut body, mut masker, mut closing, mut pending)| async move {
-            loop {
-                if !pending.is_empty() {
-                    let frame = pending.split_to(pending.len().min(BLOCK));
-                    return Some((Ok(Frame::data(frame)), (body, masker, closing, pending)));
-                }
-                let upstream = body.as_mut()?;
-                match upstream.frame().await {
-                    // Trailers are not passed on: a value of theirs would be a channel the
-                    // masker does not see (an HTTP/2 upstream could put the credential in one).
-                    Some(Ok(frame)) => {
-                        let Ok(data) = frame.into_data() else {
-                            continue;
-                        };
-                        closing.bytes += data.len() as u64;
-                        match framing {
-                            Framing::Stream => pending = masker.push(&data),
-                            Framing::Whole => {
-                                let whole = Bytes::from(masker.mask_whole(&data));
-                                if !whole.is_empty() {
-                                    let state = (body, masker, closing, pending);
-                                    return Some((Ok(Frame::data(whole)), state));
+        move |(mut body, mut masker, mut closing, mut pending)| {
+            let grant = grant.clone();
+            async move {
+                loop {
+                    if !pending.is_empty() {
+                        let frame = pending.split_to(pending.len().min(BLOCK));
+                        return Some((Ok(Frame::data(frame)), (body, masker, closing, pending)));
+                    }
+                    let upstream = body.as_mut()?;
+                    let next = tokio::select! {
+                        next = upstream.frame() => Some(next.map(|frame| frame.map_err(Into::<BoxError>::into))),
+                        () = tokio::time::sleep_until(next_check) => None,
+                    };
+                    let Some(next) = next else {
+                        next_check = tokio::time::Instant::now() + GRANT_CHECK;
+                        let Some(grant) = grant.clone() else { continue };
+                        let valet = closing.valet.clone();
+                        let active =
+                            tokio::spawn(async move { valet.grant_is_active(&grant).await });
+                        if !active.await.unwrap_or(false) {
+                            tracing::info!(
+                                "a gateway answer was cut off: its grant ended while it streamed"
+                            );
+                            let error: BoxError = "the grant ended (revoked, expired or used up) while its answer streamed; the rest is not passed on".into();
+                            return Some((Err(error), (None, masker, closing, Bytes::new())));
+                        }
+                        continue;
+                    };
+                    match next {
+                        // Trailers are not passed on: a value of theirs would be a channel the
+                        // masker does not see (an HTTP/2 upstream could put the credential in one).
+                        Some(Ok(frame)) => {
+                            let Ok(data) = frame.into_data() else {
+                                continue;
+                            };
+                            closing.bytes += data.len() as u64;
+                            match framing {
+                                Framing::Stream => pending = masker.push(&data),
+                                Framing::Whole => {
+                                    let whole = Bytes::from(masker.mask_whole(&data));
+                                    if !whole.is_empty() {
+                                        let state = (body, masker, closing, pending);
+                                        return Some((Ok(Frame::data(whole)), state));
+                                    }
                                 }
                             }
                         }
-                    }
-                    Some(Err(error)) => {
-                        return Some((Err(error.into()), (body, masker, closing, pending)));
-                    }
-                    None => {
-                        closing.finish(true);
-                        body = None;
-                        pending = masker.finish();
+                        Some(Err(error)) => {
+                            return Some((Err(error), (body, masker, closing, pending)));
+                        }
+                        None => {
+                            closing.finish(true);
+                            body = None;
+                            pending = masker.finish();
+                        }
                     }
                 }
             }

@@ -50,13 +50,14 @@ pub struct Loaded {
     pub client_authorities: Vec<String>,
 }
 
-/// A client CA in force, as a presented chain is traced back to it.
+/// A client CA in force, as a presented chain is traced back to it: by verifying the chain,
+/// signatures included, with this CA as its only root (never by names, nor by what else the
+/// client put in its chain).
 #[derive(Debug, Clone)]
 pub struct ClientAuthority {
     fingerprint: String,
-    /// Its subject, DER: the issuer a certificate it signed names.
-    subject: Vec<u8>,
     not_after: i64,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
 
 /// The server configs of both listeners, built from one set of files.
@@ -242,10 +243,28 @@ fn build(files: &ServerTls, contents: &Contents) -> Result<(Material, Loaded), T
                         path: path.display().to_string(),
                         detail: format!("a certificate does not parse: {error}"),
                     })?;
+                let mut only_root = rustls::RootCertStore::empty();
+                only_root
+                    .add(ca.clone())
+                    .map_err(|error| TlsError::Invalid {
+                        what: "server.client_ca_file",
+                        path: path.display().to_string(),
+                        detail: error.to_string(),
+                    })?;
+                let verifier = WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(only_root),
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|error| TlsError::Invalid {
+                    what: "server.client_ca_file",
+                    path: path.display().to_string(),
+                    detail: error.to_string(),
+                })?;
                 client_authorities.push(ClientAuthority {
                     fingerprint: fingerprint(ca),
-                    subject: parsed.subject().as_raw().to_vec(),
                     not_after: parsed.validity().not_after.timestamp(),
+                    verifier,
                 });
             }
             let mut roots = rustls::RootCertStore::empty();
@@ -364,6 +383,8 @@ pub fn presented_certificate(
             presented.common_names.push(text.to_string());
         }
     }
+    // Every certificate the client sent narrows the window (one that played no part in the
+    // verified path can only end it sooner).
     for certificate in chain {
         let Ok((_, parsed)) = x509_parser::parse_x509_certificate(certificate) else {
             continue;
@@ -371,14 +392,18 @@ pub fn presented_certificate(
         let validity = parsed.validity();
         presented.not_before = presented.not_before.max(validity.not_before.timestamp());
         presented.not_after = presented.not_after.min(validity.not_after.timestamp());
-        let own = fingerprint(certificate);
-        for authority in authorities {
-            if (authority.subject == parsed.issuer().as_raw() || authority.fingerprint == own)
-                && !presented.authorities.contains(&authority.fingerprint)
-            {
-                presented.not_after = presented.not_after.min(authority.not_after);
-                presented.authorities.push(authority.fingerprint.clone());
-            }
+    }
+    // The CAs it chains to are those under which the chain verifies, each on its own: a CA
+    // certificate appended to the chain, or a new CA key under the old CA's name, is not one.
+    let now = rustls::pki_types::UnixTime::now();
+    for authority in authorities {
+        if authority
+            .verifier
+            .verify_client_cert(leaf, &chain[1..], now)
+            .is_ok()
+        {
+            presented.not_after = presented.not_after.min(authority.not_after);
+            presented.authorities.push(authority.fingerprint.clone());
         }
     }
     Some(presented)

@@ -54,21 +54,30 @@ fn wire_stream<T: Send + 'static, W: Send + 'static>(
     let request_id = caller.request_id.clone();
     // The caller's authority is checked before every item and every couple of seconds: a stream
     // ends (with UNAUTHENTICATED and the reason) once its credential is withdrawn, as a new
-    // request would be refused.
+    // request would be refused. It ends as it would otherwise when the service's stream does.
+    enum Event<T> {
+        Item(T),
+        Tick,
+        End,
+    }
     let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(AUTHORITY_CHECK))
-        .map(|_| None);
+        .map(|_| Event::Tick);
+    let items = stream
+        .map(Event::Item)
+        .chain(futures::stream::once(std::future::ready(Event::End)));
     let (checker, caller) = (valet.clone(), caller.clone());
-    let checked = futures::stream::select(stream.map(Some), ticks)
-        .then(move |item| {
+    let checked = futures::stream::select(items, ticks)
+        .take_while(|event| std::future::ready(!matches!(event, Event::End)))
+        .then(move |event| {
             let (checker, caller) = (checker.clone(), caller.clone());
             async move {
                 match checker.caller_in_force(&caller).await {
-                    Ok(()) => (item, None),
-                    Err(error) => (None, Some(error)),
+                    Ok(()) => (event, None),
+                    Err(error) => (event, Some(error)),
                 }
             }
         })
-        .scan(false, |ended, (item, refused)| {
+        .scan(false, |ended, (event, refused)| {
             if *ended {
                 return std::future::ready(None);
             }
@@ -76,7 +85,10 @@ fn wire_stream<T: Send + 'static, W: Send + 'static>(
                 *ended = true;
                 return std::future::ready(Some(Some(Err(error))));
             }
-            std::future::ready(Some(item))
+            std::future::ready(Some(match event {
+                Event::Item(item) => Some(item),
+                Event::Tick | Event::End => None,
+            }))
         })
         .filter_map(std::future::ready);
     until_shutdown(

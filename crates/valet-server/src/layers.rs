@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tower::{Layer, Service};
 use tracing::Instrument;
+use valet_gateway::budget::{ConnectionHandle, GuardedBody};
 use valet_service::Valet;
 
 use crate::error::status_of;
@@ -185,7 +186,7 @@ where
     RequestBody: Send + 'static,
     ResponseBody: Default + Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<GuardedBody<ResponseBody>>;
     type Error = S::Error;
     type Future = BoxFuture<Result<Self::Response, Self::Error>>;
 
@@ -199,9 +200,22 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let valet = self.valet.clone();
         Box::pin(async move {
+            let peer = request
+                .extensions()
+                .get::<valet_gateway::listener::Peer>()
+                .cloned();
+            // In flight (never closed as idle or to make room) until its answer, a stream
+            // included, has been sent.
+            let guard = peer
+                .as_ref()
+                .and_then(|peer| peer.connection.as_ref())
+                .map(ConnectionHandle::request);
+            let guarded = |response: http::Response<ResponseBody>| {
+                response.map(|body| GuardedBody::new(body, guard))
+            };
             let path = request.uri().path().to_string();
             if path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.") {
-                return inner.call(request).await;
+                return inner.call(request).await.map(guarded);
             }
             let request_id = request
                 .extensions()
@@ -212,10 +226,6 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .map(|value| value.as_bytes().to_vec());
-            let peer = request
-                .extensions()
-                .get::<valet_gateway::listener::Peer>()
-                .cloned();
             let presented = valet_service::Presented {
                 bearer: bearer.as_deref(),
                 certificate: peer.as_ref().and_then(|peer| peer.certificate.as_deref()),
@@ -224,12 +234,17 @@ where
             match valet.authenticate(presented, &path, &request_id).await {
                 Ok(caller) => {
                     tracing::Span::current().record("principal", caller.principal.name.as_str());
+                    if let Some(connection) =
+                        peer.as_ref().and_then(|peer| peer.connection.as_ref())
+                    {
+                        connection.authenticated(&caller.principal.name);
+                    }
                     request.extensions_mut().insert(caller);
-                    inner.call(request).await
+                    inner.call(request).await.map(guarded)
                 }
                 Err(error) => {
                     tracing::warn!(reason = %error, "authentication failed");
-                    Ok(status_of(&valet, error, &request_id).into_http())
+                    Ok(guarded(status_of(&valet, error, &request_id).into_http()))
                 }
             }
         })

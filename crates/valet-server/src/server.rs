@@ -224,7 +224,11 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         }
     };
     let limits = valet_gateway::listener::Limits {
-        max_connections: config.server.max_connections,
+        caps: valet_gateway::budget::ConnectionCaps {
+            max_connections: config.server.max_connections,
+            per_source: config.server.max_connections_per_source,
+            unauthenticated_per_source: config.server.max_unauthenticated_per_source,
+        },
         idle_timeout: config.server.idle_timeout,
     };
     let (stopping_sender, mut stopping) = tokio::sync::watch::channel(false);

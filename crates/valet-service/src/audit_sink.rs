@@ -16,6 +16,12 @@ use valet_store::Store;
 
 use crate::redactor::Redactor;
 
+/// What a record keeps of one text value at most (bytes): longer ones, such as a 64 KB query
+/// string a refused caller sent, keep an excerpt, their length and their SHA-256.
+pub const MAX_RECORD_VALUE: usize = 512;
+/// Fields valetd writes from its own config, kept whole however long.
+const VALETD_AUTHORED_FIELDS: &[&str] = &["rules", "aws_session_policy"];
+
 /// Why a record could not be written.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
@@ -373,7 +379,10 @@ impl Writer {
                 head = next;
             }
             for (event, _) in &batch {
-                let event = event.clone().redacted(|text| self.redactor.redact(text));
+                let event = event
+                    .clone()
+                    .redacted(|text| self.redactor.redact(text))
+                    .bounded(MAX_RECORD_VALUE, VALETD_AUTHORED_FIELDS);
                 let (line, next) = audit::chain(&head, &event, now, Some(&self.chain_key));
                 observed.push(event);
                 push(line, &next, &mut text);

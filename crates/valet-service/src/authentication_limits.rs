@@ -1,15 +1,31 @@
-//! Limits on who may try to authenticate and how often: failed authentications per source
-//! address (beyond the budget the source is refused before its credentials are looked at),
-//! request rates per principal (`rate = "600/min"`), and the aggregation that keeps refused
-//! floods from filling the audit log: the first refusal of a kind from a source in a window is
-//! recorded at once, the rest are counted and recorded as one summary when the window closes.
+//! Limits on who may try to authenticate and how often: failed authentications per source (an
+//! IPv4 address or an IPv6 /64; beyond its budget the source is refused before its credentials
+//! are looked at) and across all sources (beyond it, every source's failures are), a few
+//! identity-token verifications a source over budget still gets (so a valid token is not locked
+//! out by a neighbour), request rates per principal (`rate = "600/min"`), and the aggregation
+//! that keeps refused floods from filling the audit log: the first refusal of a kind from a
+//! source in a window is recorded at once, the rest are counted and recorded as one summary when
+//! the window closes; past [`MAX_NEW_WINDOWS_PER_MINUTE`] sources in a minute, newcomers share
+//! one window, so rotating addresses buys no records.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::Duration;
 
 use valet_core::audit::AuditAction;
-use valet_core::rate::{Bucket, Rate};
+use valet_core::rate::{Bucket, Rate, Source};
+
+/// Identity tokens a source over its failure budget may still have verified (new ones; those
+/// verified before are taken from memory at no cost).
+pub const GRACE_VERIFICATIONS: Rate = Rate {
+    count: 10,
+    per: Duration::from_secs(60),
+};
+/// Windows (sources, each with one record at once) opened per minute at most; past it new
+/// sources' refusals share the catch-all window.
+pub const MAX_NEW_WINDOWS_PER_MINUTE: u32 = 100;
+/// The subject of the catch-all window.
+pub const OTHER_SOURCES: &str = "(other sources)";
 
 /// How long refusals of one kind from one source are gathered into one summary.
 pub const AGGREGATION_WINDOW: Duration = Duration::from_secs(60);
@@ -49,7 +65,13 @@ pub struct Summary {
 
 #[derive(Default)]
 struct State {
-    failures_by_source: HashMap<IpAddr, Bucket>,
+    failures_by_source: HashMap<Source, Bucket>,
+    /// Failures across all sources.
+    failures: Option<Bucket>,
+    /// Verifications granted to sources over budget.
+    grace_by_source: HashMap<Source, Bucket>,
+    /// Windows opened in the current minute: (minute, count).
+    new_windows: (u64, u32),
     requests_by_principal: HashMap<String, Bucket>,
     windows: HashMap<(Subject, AuditAction, &'static str), Window>,
 }
@@ -68,22 +90,26 @@ impl AuthenticationLimits {
     }
 
     /// Whether `source` may try to authenticate now: refused, with how long to wait, while its
-    /// failed-authentication budget is spent.
+    /// failed-authentication budget is spent, or the budget of all sources (`total`) is.
     pub fn source_admitted(
         &self,
         source: IpAddr,
         limit: Rate,
+        total: Rate,
         now_ms: u64,
     ) -> Result<(), Duration> {
         let state = self.state();
-        match state.failures_by_source.get(&source) {
-            Some(bucket) => bucket.peek(limit, now_ms),
+        if let Some(bucket) = state.failures_by_source.get(&Source::of(source)) {
+            bucket.peek(limit, now_ms)?;
+        }
+        match &state.failures {
+            Some(bucket) => bucket.peek(total, now_ms),
             None => Ok(()),
         }
     }
 
-    /// Spends one of `source`'s failed-authentication budget.
-    pub fn failed(&self, source: IpAddr, limit: Rate, now_ms: u64) {
+    /// Spends one of `source`'s failed-authentication budget, and one of all sources'.
+    pub fn failed(&self, source: IpAddr, limit: Rate, total: Rate, now_ms: u64) {
         let mut state = self.state();
         if state.failures_by_source.len() >= MAX_BUCKETS {
             state
@@ -92,9 +118,29 @@ impl AuthenticationLimits {
         }
         let _ = state
             .failures_by_source
-            .entry(source)
+            .entry(Source::of(source))
             .or_insert_with(|| Bucket::full(limit, now_ms))
             .take(limit, now_ms);
+        let _ = state
+            .failures
+            .get_or_insert_with(|| Bucket::full(total, now_ms))
+            .take(total, now_ms);
+    }
+
+    /// Whether `source`, over budget, may still have one new identity token verified now.
+    pub fn grace_verification(&self, source: IpAddr, now_ms: u64) -> bool {
+        let mut state = self.state();
+        if state.grace_by_source.len() >= MAX_BUCKETS {
+            state
+                .grace_by_source
+                .retain(|_, bucket| !bucket.is_full(GRACE_VERIFICATIONS, now_ms));
+        }
+        state
+            .grace_by_source
+            .entry(Source::of(source))
+            .or_insert_with(|| Bucket::full(GRACE_VERIFICATIONS, now_ms))
+            .take(GRACE_VERIFICATIONS, now_ms)
+            .is_ok()
     }
 
     /// Takes one request from `principal`'s rate; refused, with how long to wait, when spent.
@@ -129,13 +175,21 @@ impl AuthenticationLimits {
         now_ms: u64,
     ) -> bool {
         let mut state = self.state();
-        let key = if state.windows.len() >= MAX_WINDOWS
-            && !state.windows.contains_key(&(subject.clone(), action, kind))
+        let minute = now_ms / 60_000;
+        if state.new_windows.0 != minute {
+            state.new_windows = (minute, 0);
+        }
+        let key = if !state.windows.contains_key(&(subject.clone(), action, kind))
+            && (state.windows.len() >= MAX_WINDOWS
+                || state.new_windows.1 >= MAX_NEW_WINDOWS_PER_MINUTE)
         {
-            ("(other sources)".to_string(), action, kind)
+            (OTHER_SOURCES.to_string(), action, kind)
         } else {
             (subject, action, kind)
         };
+        if !state.windows.contains_key(&key) {
+            state.new_windows.1 += 1;
+        }
         match state.windows.get_mut(&key) {
             Some(window) => {
                 window.n_more += 1;
@@ -257,19 +311,70 @@ mod tests {
     fn a_source_that_spent_its_failure_budget_is_refused_until_it_refills() {
         let limits = AuthenticationLimits::default();
         let limit = Rate::parse("3/min").unwrap();
+        let total = Rate::parse("100/min").unwrap();
         let source: IpAddr = "10.0.0.1".parse().unwrap();
         for _ in 0..3 {
-            limits.source_admitted(source, limit, 0).unwrap();
-            limits.failed(source, limit, 0);
+            limits.source_admitted(source, limit, total, 0).unwrap();
+            limits.failed(source, limit, total, 0);
         }
-        let wait = limits.source_admitted(source, limit, 0).unwrap_err();
+        let wait = limits.source_admitted(source, limit, total, 0).unwrap_err();
         assert_eq!(wait, Duration::from_secs(20));
         assert!(
             limits
-                .source_admitted("10.0.0.2".parse().unwrap(), limit, 0)
+                .source_admitted("10.0.0.2".parse().unwrap(), limit, total, 0)
                 .is_ok()
         );
-        assert!(limits.source_admitted(source, limit, 20_000).is_ok());
+        assert!(limits.source_admitted(source, limit, total, 20_000).is_ok());
+        // An IPv6 /64 is one source.
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        for _ in 0..3 {
+            limits.failed(v6, limit, total, 0);
+        }
+        assert!(
+            limits
+                .source_admitted("2001:db8::ffff".parse().unwrap(), limit, total, 0)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn rotating_sources_spend_the_budget_of_all_sources_and_open_few_windows() {
+        let limits = AuthenticationLimits::default();
+        let limit = Rate::parse("60/min").unwrap();
+        let total = Rate::parse("1000/min").unwrap();
+        let mut recorded = 0;
+        for n in 0..1_500u32 {
+            let source = IpAddr::from([10, 1, (n / 250) as u8, (n % 250) as u8]);
+            limits.source_admitted(source, limit, total, 0).ok();
+            limits.failed(source, limit, total, 0);
+            if limits.note_refusal(
+                source.to_string(),
+                AuditAction::Authenticate,
+                "unknown_key",
+                "unknown",
+                "/a",
+                0,
+            ) {
+                recorded += 1;
+            }
+        }
+        // Past the budget of all sources, a fresh address is refused too.
+        assert!(
+            limits
+                .source_admitted("10.9.9.9".parse().unwrap(), limit, total, 0)
+                .is_err()
+        );
+        assert_eq!(
+            recorded,
+            MAX_NEW_WINDOWS_PER_MINUTE as usize + 1,
+            "the rest share one window"
+        );
+        // A source over budget may still have a few new identity tokens verified.
+        let source: IpAddr = "10.1.0.1".parse().unwrap();
+        let granted = (0..50)
+            .filter(|_| limits.grace_verification(source, 0))
+            .count();
+        assert_eq!(granted, GRACE_VERIFICATIONS.count as usize);
     }
 
     #[test]

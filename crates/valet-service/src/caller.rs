@@ -71,23 +71,38 @@ impl Valet {
     ) -> Result<Caller, ServiceError> {
         let config = self.config();
         let now_ms = self.clock.now_millis();
-        let limit = config.server.failed_authentication_limit;
+        let (limit, total) = (
+            config.server.failed_authentication_limit,
+            config.server.failed_authentication_limit_total,
+        );
         // A source over its failed-authentication budget still gets in with a valid key or
         // certificate (cheap to check; its neighbours behind one address are not locked out),
         // but its identity tokens are not verified and its failures are refused as throttled.
-        let throttled = presented
-            .source
-            .and_then(|source| self.limits.source_admitted(source, limit, now_ms).err());
+        let throttled = presented.source.and_then(|source| {
+            self.limits
+                .source_admitted(source, limit, total, now_ms)
+                .err()
+        });
         // An identity token is verified first (its issuer's keys may need fetching).
         let token = presented
             .bearer
             .and_then(|bearer| bearer_text(bearer).ok())
             .filter(|credential| jwt::looks_like_jwt(credential));
+        // Over budget, a token verified before is taken from memory, and a few new ones per
+        // source are still verified: a valid token is not locked out by a neighbour's failures.
         let verified = match token {
             None => None,
-            Some(_) if throttled.is_some() => Some(Err(
-                "identity tokens from this source are not verified while it is over its failed-authentication budget".to_string(),
-            )),
+            Some(token)
+                if throttled.is_some()
+                    && self.identity_keys.remembered(token, self.clock.now()).is_none()
+                    && !presented
+                        .source
+                        .is_some_and(|source| self.limits.grace_verification(source, now_ms)) =>
+            {
+                Some(Err(
+                    "identity tokens from this source are not verified while it is over its failed-authentication budget (beyond a few a minute)".to_string(),
+                ))
+            }
             Some(token) => Some(
                 self.identity_keys
                     .verify(&config, self.outbound.as_ref(), token, self.clock.now())
@@ -111,7 +126,7 @@ impl Valet {
                         });
                     }
                     if let Some(source) = presented.source {
-                        self.limits.failed(source, limit, now_ms);
+                        self.limits.failed(source, limit, total, now_ms);
                     }
                     let reason = refusal.reason.clone();
                     self.refuse_authentication(presented, operation, request_id, refusal)
@@ -145,12 +160,10 @@ impl Valet {
                 "the roles of principal {:?} changed since this stream began",
                 caller.principal.name
             )),
-            Some(_) => caller.credential.still_accepted(
-                &config,
-                &caller.principal.name,
-                &self.client_authorities.load(),
-                self.clock.now(),
-            ),
+            Some(_) => {
+                self.credential_still_accepted(&caller.principal.name, &caller.credential)
+                    .await
+            }
         };
         let Err(reason) = outcome else {
             return Ok(());
@@ -166,6 +179,34 @@ impl Valet {
             Err::<(), _>(error),
         )
         .await
+    }
+
+    /// Whether valetd would still accept `credential` for `principal` (see
+    /// [`Credential::still_accepted`]); for an identity token, also that its issuer still
+    /// publishes the key that signed it.
+    pub(crate) async fn credential_still_accepted(
+        &self,
+        principal: &str,
+        credential: &Credential,
+    ) -> Result<(), String> {
+        let config = self.config();
+        credential.still_accepted(
+            &config,
+            principal,
+            &self.client_authorities.load(),
+            self.clock.now(),
+        )?;
+        if let Credential::IdentityToken {
+            issuer,
+            signing_key,
+            ..
+        } = credential
+        {
+            self.identity_keys
+                .key_published(&config, self.outbound.as_ref(), issuer, signing_key)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Takes one request from the principal's rate (`principal.rate`); over it, the refusal is
@@ -224,15 +265,21 @@ impl Valet {
         let Some(source) = source else {
             return failure;
         };
-        let limit = self.config().server.failed_authentication_limit;
+        let (limit, total) = {
+            let config = self.config();
+            (
+                config.server.failed_authentication_limit,
+                config.server.failed_authentication_limit_total,
+            )
+        };
         let now_ms = self.clock.now_millis();
-        if let Err(retry_after) = self.limits.source_admitted(source, limit, now_ms) {
+        if let Err(retry_after) = self.limits.source_admitted(source, limit, total, now_ms) {
             return ServiceError::RateLimited {
                 reason: throttled_reason(source, limit, retry_after),
                 retry_after,
             };
         }
-        self.limits.failed(source, limit, now_ms);
+        self.limits.failed(source, limit, total, now_ms);
         failure
     }
 
@@ -357,6 +404,7 @@ fn identify(
                 fingerprint: identity.fingerprint.clone(),
                 claims: claims_read_by(&principal, &identity.issuer, &identity.claims),
                 acceptable_until: identity.acceptable_until,
+                signing_key: identity.signing_key.clone(),
             };
             (
                 principal,
@@ -420,7 +468,8 @@ fn throttled_reason(
     retry_after: std::time::Duration,
 ) -> String {
     format!(
-        "too many failed authentications from {source} (at most {limit}, server.failed_authentication_limit); retry in {} s",
+        "too many failed authentications from {} (at most {limit}, server.failed_authentication_limit; or from all sources, server.failed_authentication_limit_total); retry in {} s",
+        valet_core::rate::Source::of(source),
         retry_after.as_secs().max(1)
     )
 }

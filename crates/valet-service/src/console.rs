@@ -181,8 +181,11 @@ impl Valet {
             context.set("principal", &link.principal);
             context.set("link_id", &link.id);
             let principal = self.console_principal(&link)?;
+            // Every code typed takes one of the link's attempts before it is compared (across
+            // replicas): however many arrive at once, at most MAX_CODE_ATTEMPTS are compared.
+            let attempt = self.take_code_attempt(&link).await?;
             if !self.console.key.login_code_matches(&link.id, code) {
-                let failure = self.count_wrong_code(&link).await?;
+                let failure = self.wrong_code(&link, attempt).await?;
                 return Err(self.count_failed_authentication(source, failure));
             }
             link.credential
@@ -237,28 +240,42 @@ impl Valet {
         })
     }
 
-    /// Counts a wrong code against `link` (across replicas); the refusal to answer with.
-    async fn count_wrong_code(&self, link: &ConsolePass) -> Result<ServiceError, ServiceError> {
+    /// Takes the next of `link`'s code attempts (across replicas), or refuses: the link is used
+    /// up once all are taken.
+    async fn take_code_attempt(&self, link: &ConsolePass) -> Result<usize, ServiceError> {
         for attempt in 1..=MAX_CODE_ATTEMPTS {
             let name = format!("console-link-attempt/{}/{attempt}", link.id);
-            if !self.store.claim_once(&name, link.expires_at).await? {
-                continue;
+            if self.store.claim_once(&name, link.expires_at).await? {
+                return Ok(attempt);
             }
-            if attempt == MAX_CODE_ATTEMPTS {
-                self.store
-                    .claim_once(&format!("console-link/{}", link.id), link.expires_at)
-                    .await?;
-                break;
-            }
+        }
+        Err(ServiceError::Unauthenticated {
+            reason: format!(
+                "this login link took {MAX_CODE_ATTEMPTS} codes and is used up; get a new one with `valet console`"
+            ),
+        })
+    }
+
+    /// A wrong code on attempt `attempt` of `link`: the refusal to answer with (the last attempt
+    /// uses the link up).
+    async fn wrong_code(
+        &self,
+        link: &ConsolePass,
+        attempt: usize,
+    ) -> Result<ServiceError, ServiceError> {
+        if attempt == MAX_CODE_ATTEMPTS {
+            self.store
+                .claim_once(&format!("console-link/{}", link.id), link.expires_at)
+                .await?;
             return Ok(ServiceError::Unauthenticated {
                 reason: format!(
-                    "the code does not match this login link (wrong code {attempt} of {MAX_CODE_ATTEMPTS}): type the code `valet console` showed where it ran"
+                    "the code does not match, and this login link took {MAX_CODE_ATTEMPTS} codes and is used up; get a new one with `valet console`"
                 ),
             });
         }
         Ok(ServiceError::Unauthenticated {
             reason: format!(
-                "this login link took {MAX_CODE_ATTEMPTS} wrong codes and is used up; get a new one with `valet console`"
+                "the code does not match this login link (attempt {attempt} of {MAX_CODE_ATTEMPTS}): type the code `valet console` showed where it ran"
             ),
         })
     }
@@ -318,12 +335,10 @@ impl Valet {
         }
         self.console_principal(session)?;
         // The credential first, so a session it ended keeps saying why.
-        let Err(reason) = session.credential.still_accepted(
-            &self.config(),
-            &session.principal,
-            &self.client_authorities.load(),
-            now,
-        ) else {
+        let Err(reason) = self
+            .credential_still_accepted(&session.principal, &session.credential)
+            .await
+        else {
             // The credential stands: the session does, unless it was ended.
             if self
                 .store

@@ -137,6 +137,8 @@ impl std::fmt::Debug for CallDecision {
 pub struct CallDenial {
     pub error: ServiceError,
     pub grant_id: Option<String>,
+    /// The principal the grant belongs to, once the token named one.
+    pub principal: Option<String>,
 }
 
 /// How a forwarded call ended.
@@ -168,11 +170,18 @@ impl Valet {
     ) -> Result<CallDecision, CallDenial> {
         let site = request.site;
         let source = site.peer.ip();
-        let limit = self.config().server.failed_authentication_limit;
+        let (limit, total) = {
+            let config = self.config();
+            (
+                config.server.failed_authentication_limit,
+                config.server.failed_authentication_limit_total,
+            )
+        };
         let now_ms = self.clock.now_millis();
         let mut context = call_context(None);
         let mut outcome = self.authorize_decided(request, &mut context).await;
         let grant_id = context.get("grant_id").map(str::to_string);
+        let principal = context.get("grant_principal").map(str::to_string);
         // Calls without a valid token are anonymous: counted against their source (beyond its
         // budget they are refused as throttled), and recorded the first time per source and
         // kind in a window, the rest in its summary.
@@ -182,8 +191,8 @@ impl Valet {
         )) = &outcome
         {
             anonymous = Some(refusal.kind());
-            match self.limits.source_admitted(source, limit, now_ms) {
-                Ok(()) => self.limits.failed(source, limit, now_ms),
+            match self.limits.source_admitted(source, limit, total, now_ms) {
+                Ok(()) => self.limits.failed(source, limit, total, now_ms),
                 Err(retry_after) => {
                     anonymous = Some("source_rate_limited");
                     outcome = Err(ServiceError::RateLimited {
@@ -206,11 +215,19 @@ impl Valet {
                 now_ms,
             )
         {
-            return outcome.map_err(|error| CallDenial { error, grant_id });
+            return outcome.map_err(|error| CallDenial {
+                error,
+                grant_id,
+                principal,
+            });
         }
         self.answer(site, context, outcome)
             .await
-            .map_err(|error| CallDenial { error, grant_id })
+            .map_err(|error| CallDenial {
+                error,
+                grant_id,
+                principal,
+            })
     }
 
     /// Records a call refused before it reached an upstream's rules (an unknown route), so
@@ -616,6 +633,9 @@ impl Valet {
         named: Option<&str>,
     ) -> Result<Grant, ServiceError> {
         let Some(id) = named.map(str::trim) else {
+            // One look-then-open at a time on this replica (across replicas the approval limits
+            // bound the duplicates a race can open).
+            let _opening = self.call_approvals.lock().await;
             let waiting: Vec<ApprovalRequest> = self
                 .store
                 .list_approvals(true)

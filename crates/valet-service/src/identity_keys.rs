@@ -33,6 +33,8 @@ pub struct VerifiedIdentity {
     /// The last moment the token is accepted: `exp`, or `iat` plus the issuer's maximum age,
     /// whichever comes first (the clock skew included).
     pub acceptable_until: valet_core::UnixTime,
+    /// The thumbprint of the issuer's key that verified it.
+    pub signing_key: String,
 }
 
 struct Cached {
@@ -111,6 +113,22 @@ impl IdentityKeys {
         Ok(identity)
     }
 
+    /// The identity of a token verified before, while its times still allow it; no work beyond
+    /// a hash and a lookup.
+    pub fn remembered(
+        &self,
+        token: &str,
+        now: valet_core::UnixTime,
+    ) -> Option<Arc<VerifiedIdentity>> {
+        let digest = valet_core::Secret::from(token.to_string()).sha256();
+        self.remembered
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&digest)
+            .filter(|remembered| now <= remembered.acceptable_until)
+            .map(|remembered| remembered.identity.clone())
+    }
+
     /// Forgets every verified token (the issuers' pins may have changed).
     pub fn forget_verified(&self) {
         self.remembered
@@ -159,7 +177,7 @@ impl IdentityKeys {
             }
             other => other,
         };
-        verified.map_err(|refusal| match refusal {
+        let signing_key = verified.map_err(|refusal| match refusal {
             Refusal::UnknownKey { kid } => format!(
                 "the identity token's kid {kid:?} is not in issuer {}'s keys, even after re-fetching them",
                 issuer.name
@@ -191,6 +209,7 @@ impl IdentityKeys {
                 claims: decoded.claims,
                 fingerprint,
                 acceptable_until,
+                signing_key,
             },
             acceptable_until,
         ))
@@ -298,10 +317,49 @@ impl IdentityKeys {
 
     /// Forgets cached keys read from files, so a reload re-reads them.
     pub fn forget_files(&self) {
+        let mut forgotten = Vec::new();
         self.cached
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .retain(|_, entry| !matches!(entry.source, KeySet::File(_)));
+            .retain(|name, entry| {
+                let file = matches!(entry.source, KeySet::File(_));
+                if file {
+                    forgotten.push(name.clone());
+                }
+                !file
+            });
+        // A file is read again at once: its last read does not count against the retry
+        // interval (which would refuse every token of the issuer for a while after a reload).
+        let mut attempts = self
+            .attempts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for name in forgotten {
+            attempts.remove(&name);
+        }
+    }
+
+    /// Whether issuer `issuer_name` still publishes the key `thumbprint` (its cached key set,
+    /// re-read when the cache is stale or was emptied by a reload).
+    pub async fn key_published(
+        &self,
+        config: &Config,
+        outbound: &dyn Outbound,
+        issuer_name: &str,
+        thumbprint: &str,
+    ) -> Result<(), String> {
+        let issuer = config
+            .issuers
+            .get(issuer_name)
+            .ok_or_else(|| format!("issuer {issuer_name} is no longer in the config"))?;
+        let keys = self.keys(issuer, outbound, false).await?;
+        if keys.iter().any(|jwk| jwk.key.thumbprint() == thumbprint) {
+            Ok(())
+        } else {
+            Err(format!(
+                "issuer {issuer_name} no longer publishes the key that signed the identity token"
+            ))
+        }
     }
 }
 

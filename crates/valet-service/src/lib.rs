@@ -108,6 +108,9 @@ pub struct Valet {
     /// SHA-256 of each client CA the listeners trust now, hex: a client certificate issued by
     /// none of them is refused at every request (a connection outlives a CA's removal).
     client_authorities: ArcSwap<Vec<String>>,
+    /// Held while a call approval is looked for and opened: identical calls arriving at once on
+    /// this replica point at one request instead of each opening its own.
+    call_approvals: tokio::sync::Mutex<()>,
 }
 
 /// What it takes to start the service.
@@ -174,6 +177,7 @@ impl Valet {
             mcp_sessions,
             identity_keys: identity_keys::IdentityKeys::default(),
             limits: authentication_limits::AuthenticationLimits::default(),
+            call_approvals: tokio::sync::Mutex::new(()),
             stopping: tokio::sync::watch::Sender::new(false),
             deferred,
             metrics,

@@ -53,9 +53,14 @@ impl Valet {
         let mut context = call_context(None);
         let outcome = self.authorize_mcp_decided(request, &mut context).await;
         let grant_id = context.get("grant_id").map(str::to_string);
+        let principal = context.get("grant_principal").map(str::to_string);
         self.answer(site, context, outcome)
             .await
-            .map_err(|error| CallDenial { error, grant_id })
+            .map_err(|error| CallDenial {
+                error,
+                grant_id,
+                principal,
+            })
     }
 
     /// The session id an agent is given for the server's `server_session` on `grant_id`.

@@ -1260,7 +1260,7 @@ async fn a_console_login_link_opens_one_session_which_ends_at_its_lifetime_or_lo
         assert!(
             wrong
                 .to_string()
-                .contains(&format!("wrong code {attempt} of 5")),
+                .contains(&format!("attempt {attempt} of 5")),
             "{wrong}"
         );
     }

@@ -323,3 +323,33 @@ mod keyed {
         assert!(verify_with(both, &with_key).is_ok());
     }
 }
+
+#[test]
+fn long_values_keep_an_excerpt_their_length_and_their_digest() {
+    let long = "é".repeat(400);
+    let event = AuditEvent::new(AuditAction::GatewayCall, Outcome::Denied)
+        .with("query", &long)
+        .with("rules", &long)
+        .with("short", "kept as it is")
+        .with_value("arguments", serde_json::json!({"note": long}))
+        .bounded(101, &["rules"]);
+    let query = event.text("query").unwrap();
+    assert!(
+        query.starts_with(&"é".repeat(50)),
+        "cut at a character boundary"
+    );
+    assert!(query.ends_with(&format!(
+        "… [800 bytes, sha256 {}]",
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, long.as_bytes()))
+    )));
+    assert!(query.len() < 200);
+    assert_eq!(event.text("rules"), Some(long.as_str()), "exempt");
+    assert_eq!(event.text("short"), Some("kept as it is"));
+    assert!(
+        event.value("arguments").unwrap()["note"]
+            .as_str()
+            .unwrap()
+            .len()
+            < 200
+    );
+}

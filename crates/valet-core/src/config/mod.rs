@@ -100,8 +100,13 @@ pub struct ServerConfig {
     /// The listeners may serve plaintext on addresses other than loopback (the operator has
     /// said that something else protects the network: a TLS-terminating proxy, a mesh).
     pub insecure_plaintext: bool,
-    /// The most connections each listener keeps open at once; more wait in the kernel's backlog.
+    /// The most connections each listener keeps open at once.
     pub max_connections: usize,
+    /// The most connections each listener keeps open from one source (an IPv4 address, an IPv6
+    /// /64).
+    pub max_connections_per_source: usize,
+    /// The most connections that have not authenticated each listener keeps from one source.
+    pub max_unauthenticated_per_source: usize,
     /// A connection that neither reads nor writes for this long is closed.
     pub idle_timeout: Duration,
     /// TLS on both listeners; plaintext when `None`.
@@ -109,6 +114,9 @@ pub struct ServerConfig {
     /// Failed authentications allowed per source address; beyond, the source is refused
     /// before its credentials are looked at, until its budget refills.
     pub failed_authentication_limit: crate::rate::Rate,
+    /// Failed authentications allowed across all sources; beyond, every source's failures are
+    /// refused before their credentials are looked at (valid keys and certificates still pass).
+    pub failed_authentication_limit_total: crate::rate::Rate,
 }
 
 /// Failed authentications per source when the config does not say.
@@ -187,6 +195,18 @@ impl ServerConfig {
             &mut self.max_connections,
             &running.max_connections,
             "server.max_connections",
+            &mut differed,
+        );
+        keep(
+            &mut self.max_connections_per_source,
+            &running.max_connections_per_source,
+            "server.max_connections_per_source",
+            &mut differed,
+        );
+        keep(
+            &mut self.max_unauthenticated_per_source,
+            &running.max_unauthenticated_per_source,
+            "server.max_unauthenticated_per_source",
             &mut differed,
         );
         keep(
@@ -839,6 +859,35 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             DEFAULT_MAX_CONNECTIONS
         }
     };
+    // Per source: a quarter of the listener's places, and an eighth before authenticating.
+    let mut per_source = |value: Option<i64>, key: &str, default: usize, at_most: usize| match value
+    {
+        None => default.clamp(1, at_most),
+        Some(number) if number >= 1 && (number as u64) <= at_most as u64 => number as usize,
+        Some(number) => {
+            problems.push(
+                key,
+                invalid(
+                    &number.to_string(),
+                    "connection limit",
+                    &format!("a whole number from 1 to {at_most}"),
+                ),
+            );
+            default.clamp(1, at_most)
+        }
+    };
+    let max_connections_per_source = per_source(
+        raw_server.max_connections_per_source,
+        "server.max_connections_per_source",
+        max_connections / 4,
+        max_connections,
+    );
+    let max_unauthenticated_per_source = per_source(
+        raw_server.max_unauthenticated_per_source,
+        "server.max_unauthenticated_per_source",
+        max_connections / 8,
+        max_connections_per_source,
+    );
     let idle_timeout = match raw_server.idle_timeout {
         None => Some(DEFAULT_IDLE_TIMEOUT),
         Some(text) => problems
@@ -863,6 +912,20 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
                 invalid(&text, "rate", crate::rate::RATE_RULE),
             );
             DEFAULT_FAILED_AUTHENTICATION_LIMIT
+        }),
+    };
+    // Across all sources: twenty sources' worth by default, over the same period.
+    let failed_authentication_limit_total = match raw_server.failed_authentication_limit_total {
+        None => crate::rate::Rate {
+            count: failed_authentication_limit.count.saturating_mul(20),
+            per: failed_authentication_limit.per,
+        },
+        Some(text) => crate::rate::Rate::parse(&text).unwrap_or_else(|| {
+            problems.push(
+                "server.failed_authentication_limit_total",
+                invalid(&text, "rate", crate::rate::RATE_RULE),
+            );
+            failed_authentication_limit
         }),
     };
     let raw_approvals = raw.approvals.unwrap_or_default();
@@ -1111,9 +1174,12 @@ fn build(raw: raw::RawConfig, base_dir: &Path, problems: &mut Problems) -> Optio
             otlp_endpoint,
             insecure_plaintext: raw_server.insecure_plaintext.unwrap_or(false),
             max_connections,
+            max_connections_per_source,
+            max_unauthenticated_per_source,
             idle_timeout: idle_timeout?,
             tls: server_tls,
             failed_authentication_limit,
+            failed_authentication_limit_total,
         },
         seal,
         audit: AuditConfig { path: audit_path? },

@@ -105,12 +105,15 @@ pub struct RawServer {
     pub otlp_endpoint: Option<String>,
     pub insecure_plaintext: Option<bool>,
     pub max_connections: Option<i64>,
+    pub max_connections_per_source: Option<i64>,
+    pub max_unauthenticated_per_source: Option<i64>,
     pub idle_timeout: Option<String>,
     pub tls_cert_file: Option<String>,
     pub tls_key_file: Option<String>,
     pub client_ca_file: Option<String>,
     pub client_auth: Option<String>,
     pub failed_authentication_limit: Option<String>,
+    pub failed_authentication_limit_total: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -57,6 +57,29 @@ pub enum PublicKey {
 }
 
 impl PublicKey {
+    /// SHA-256 over the key's kind and public bytes, hex: names the key that verified a token,
+    /// so what the token opened ends when the issuer stops publishing that key.
+    pub fn thumbprint(&self) -> String {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        match self {
+            PublicKey::Rsa { n, e } => {
+                context.update(b"rsa\0");
+                context.update(&(n.len() as u64).to_be_bytes());
+                context.update(n);
+                context.update(e);
+            }
+            PublicKey::P256(point) => {
+                context.update(b"p256\0");
+                context.update(point);
+            }
+            PublicKey::Ed25519(point) => {
+                context.update(b"ed25519\0");
+                context.update(point);
+            }
+        }
+        hex::encode(context.finish())
+    }
+
     fn algorithm(&self) -> Algorithm {
         match self {
             PublicKey::Rsa { .. } => Algorithm::Rs256,
@@ -251,7 +274,7 @@ pub fn verify(
     pins: Pins<'_>,
     keys: &[PublicJwk],
     now: UnixTime,
-) -> Result<(), Refusal> {
+) -> Result<String, Refusal> {
     let invalid = |text: String| Refusal::Invalid(text);
     let pinned = pins
         .algorithms
@@ -300,7 +323,8 @@ pub fn verify(
             "the identity token's signature does not verify with the issuer's key".to_string(),
         ));
     }
-    check_claims(&token.claims, pins, now).map_err(invalid)
+    check_claims(&token.claims, pins, now).map_err(invalid)?;
+    Ok(key.key.thumbprint())
 }
 
 fn check_claims(claims: &Map<String, Value>, pins: Pins<'_>, now: UnixTime) -> Result<(), String> {

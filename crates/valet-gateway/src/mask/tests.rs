@@ -123,6 +123,25 @@ fn base64_inside_a_url_or_broken_into_lines_is_masked_and_its_rest_goes_with_it(
 }
 
 #[test]
+fn base64url_text_goes_whole_whichever_alphabet_the_secret_matched_in() {
+    use base64::Engine;
+    // An alphanumeric secret's base64 has neither `+` nor `/`: its standard form matches inside
+    // base64url text, and the text's rest (after a `-` or `_`) must go all the same — it tells
+    // the secret's length modulo 3 and bits of its last byte.
+    let text = |secret: &str| {
+        let mut bytes = format!("Bearer {secret}").into_bytes();
+        bytes.extend_from_slice(&[0xff; 6]);
+        bytes.extend_from_slice(b"ABCDEF");
+        let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&bytes);
+        whole(secret.as_bytes(), &format!("tok={encoded} end"))
+    };
+    let masked = text("sk_live_9fK2mQ7xR4tZ8wL1pN6vB3cH5jD0gYaE");
+    assert_eq!(masked, text("sk_live_Hq3XbV2nR8yT5kW9mZ4cJ7dF1gP6sLoo"));
+    assert_eq!(masked, text("sk_live_Hq3XbV2nR8yT5kW9mZ4cJ7dF1gP6sLoo1"));
+    assert!(masked.ends_with(&format!("{MARK} end")), "{masked}");
+}
+
+#[test]
 fn when_a_block_leaves_does_not_tell_whether_a_guess_begins_the_secret() {
     // The attack on the masker before: base64 of the echo, a long base64 tail the agent wrote,
     // then a guess at the secret's first bytes that leaves it undecided (a lone percent sign);

@@ -20,6 +20,7 @@ use hyper::body::{Frame, Incoming};
 use tokio::net::TcpListener;
 use valet_core::approval::ApprovalStatus;
 use valet_core::grant::GrantStatus;
+use valet_gateway::budget::{ConnectionHandle, GuardedBody};
 use valet_gateway::listener::{Acceptor, Limits};
 use valet_gateway::tls::{Listener, TlsMaterial};
 use valet_service::{ConsoleCaller, ServiceError, Valet};
@@ -98,9 +99,18 @@ pub async fn serve(
         while let Some((connection, peer)) = acceptor.accept().await {
             let console = console.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
                     let console = console.clone();
-                    async move { Ok::<_, Infallible>(handle(&console, request, peer.address).await) }
+                    let address = peer.address;
+                    // In flight until its answer (an event stream included) has been sent.
+                    let guard = peer.connection.as_ref().map(ConnectionHandle::request);
+                    if let Some(connection) = &peer.connection {
+                        request.extensions_mut().insert(connection.clone());
+                    }
+                    async move {
+                        let response = handle(&console, request, address).await;
+                        Ok::<_, Infallible>(response.map(|body| GuardedBody::new(body, guard)))
+                    }
                 });
                 // HTTP/1.1, or HTTP/2 when a browser negotiates it over TLS.
                 let served = valet_gateway::connection_builder()
@@ -243,6 +253,9 @@ async fn route(
         }
         Err(error) => return refusal(valet, error, None),
     };
+    if let Some(connection) = request.extensions().get::<ConnectionHandle>() {
+        connection.authenticated(&session.session.principal);
+    }
     let csrf = valet.console_csrf(&session.session);
     let view = Session {
         principal: &session.session.principal,

@@ -1,0 +1,598 @@
+//! Who holds a listener's connections, and the share each may hold: a cap per source (an IPv4
+//! address, an IPv6 /64) on open connections and on those that have not authenticated, room kept
+//! for authenticated callers under the listener's cap, and, when a new connection needs a
+//! place, an idle one taken from whoever holds the most (never one with a request in flight).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::task::AtomicWaker;
+use tokio::time::Instant;
+pub use valet_core::rate::Source;
+
+/// The share of `max_connections` that connections which have not authenticated may fill; the
+/// rest is kept for authenticated callers.
+const UNAUTHENTICATED_SHARE_PERCENT: usize = 75;
+
+/// The caps one listener keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionCaps {
+    /// Connections open at once, all sources.
+    pub max_connections: usize,
+    /// Connections open at once from one source.
+    pub per_source: usize,
+    /// Connections from one source that have not (yet) authenticated.
+    pub unauthenticated_per_source: usize,
+}
+
+impl ConnectionCaps {
+    /// How many connections that have not authenticated the listener holds at most.
+    fn unauthenticated_total(&self) -> usize {
+        (self.max_connections * UNAUTHENTICATED_SHARE_PERCENT / 100).max(1)
+    }
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its source holds `per_source` connections already.
+    SourceFull,
+    /// Every place is taken by a connection with a request in flight.
+    ListenerBusy,
+}
+
+impl Refusal {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Refusal::SourceFull => {
+                "its source address holds server.max_connections_per_source connections already"
+            }
+            Refusal::ListenerBusy => {
+                "every connection place is taken by a connection with a request in flight"
+            }
+        }
+    }
+}
+
+/// What a connection and its budget share: whether it has been told to close, its requests in
+/// flight and when the last one began or ended.
+#[derive(Debug)]
+pub struct Shared {
+    evicted: AtomicBool,
+    reader: AtomicWaker,
+    writer: AtomicWaker,
+    in_flight: AtomicU32,
+    /// Milliseconds since the budget's epoch.
+    last_request_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Shared {
+    /// Whether the budget closed this connection to make room.
+    pub fn evicted(&self) -> bool {
+        self.evicted.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn register(&self, reader: bool, waker: &std::task::Waker) {
+        if reader {
+            self.reader.register(waker);
+        } else {
+            self.writer.register(waker);
+        }
+    }
+
+    /// When a connection with no request in flight has been without one for `idle`, the
+    /// instant it became idle plus `idle`; `None` while a request is in flight.
+    pub(crate) fn request_idle_deadline(&self, idle: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_request_ms.load(Ordering::Acquire));
+        Some(self.epoch + last + idle)
+    }
+
+    fn touch(&self) {
+        let elapsed = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_request_ms.store(elapsed, Ordering::Release);
+    }
+
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::Release);
+        self.reader.wake();
+        self.writer.wake();
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    source: Source,
+    /// The principal it authenticated as, once it has.
+    holder: Option<String>,
+    shared: Arc<Shared>,
+}
+
+impl Entry {
+    fn idle(&self) -> bool {
+        self.shared.in_flight.load(Ordering::Acquire) == 0
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    open: usize,
+    unauthenticated: usize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_id: u64,
+    /// By id, so oldest first.
+    entries: BTreeMap<u64, Entry>,
+    by_source: HashMap<Source, Counts>,
+    by_holder: HashMap<String, usize>,
+    unauthenticated: usize,
+}
+
+impl State {
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&id)?;
+        if let Some(counts) = self.by_source.get_mut(&entry.source) {
+            counts.open -= 1;
+            if entry.holder.is_none() {
+                counts.unauthenticated -= 1;
+            }
+            if counts.open == 0 {
+                self.by_source.remove(&entry.source);
+            }
+        }
+        match &entry.holder {
+            None => self.unauthenticated -= 1,
+            Some(holder) => {
+                if let Some(count) = self.by_holder.get_mut(holder) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.by_holder.remove(holder);
+                    }
+                }
+            }
+        }
+        Some(entry)
+    }
+
+    /// The oldest idle connection that has not authenticated, from `source` if given, else from
+    /// the source holding the most such connections.
+    fn unauthenticated_victim(&self, source: Option<Source>) -> Option<u64> {
+        let source = match source {
+            Some(source) => source,
+            None => {
+                let mut by_source: HashMap<Source, usize> = HashMap::new();
+                for entry in self.entries.values() {
+                    if entry.holder.is_none() && entry.idle() {
+                        *by_source.entry(entry.source).or_default() += 1;
+                    }
+                }
+                by_source
+                    .into_iter()
+                    .max_by_key(|(source, count)| (*count, std::cmp::Reverse(*source)))?
+                    .0
+            }
+        };
+        self.entries
+            .iter()
+            .find(|(_, entry)| entry.source == source && entry.holder.is_none() && entry.idle())
+            .map(|(id, _)| *id)
+    }
+
+    /// The oldest idle authenticated connection of the principal holding the most connections.
+    fn authenticated_victim(&self) -> Option<u64> {
+        let mut by_holder: HashMap<&str, usize> = HashMap::new();
+        for entry in self.entries.values() {
+            if let Some(holder) = &entry.holder
+                && entry.idle()
+            {
+                *by_holder.entry(holder.as_str()).or_default() += 1;
+            }
+        }
+        let (holder, _) = by_holder
+            .into_iter()
+            .max_by_key(|(holder, count)| (*count, std::cmp::Reverse(*holder)))?;
+        let holder = holder.to_string();
+        self.entries
+            .iter()
+            .find(|(_, entry)| entry.holder.as_deref() == Some(holder.as_str()) && entry.idle())
+            .map(|(id, _)| *id)
+    }
+}
+
+/// The budget of one listener's connections.
+#[derive(Debug)]
+pub struct Budget {
+    caps: ConnectionCaps,
+    epoch: Instant,
+    state: std::sync::Mutex<State>,
+    /// Connections closed to make room, for the log.
+    n_evicted: AtomicU64,
+}
+
+/// A connection's place in the budget: released when dropped.
+#[derive(Debug)]
+pub struct Place {
+    budget: Arc<Budget>,
+    id: u64,
+    shared: Arc<Shared>,
+}
+
+impl Budget {
+    pub fn new(caps: ConnectionCaps) -> Arc<Budget> {
+        Arc::new(Budget {
+            caps,
+            epoch: Instant::now(),
+            state: std::sync::Mutex::new(State::default()),
+            n_evicted: AtomicU64::new(0),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Connections closed so far to make room for others.
+    pub fn n_evicted(&self) -> u64 {
+        self.n_evicted.load(Ordering::Relaxed)
+    }
+
+    /// A place for a new connection from `address`, closing an idle one if that is what it
+    /// takes; refused when its source holds its share, or when every place is busy.
+    pub fn admit(self: &Arc<Self>, address: IpAddr) -> Result<Place, Refusal> {
+        let source = Source::of(address);
+        let caps = self.caps;
+        let mut state = self.state();
+        let mut victims = Vec::new();
+        let (open, unauthenticated) = state
+            .by_source
+            .get(&source)
+            .map_or((0, 0), |counts| (counts.open, counts.unauthenticated));
+        if open >= caps.per_source.max(1) {
+            // Its own idle connection that has not authenticated makes room, if there is one.
+            let Some(victim) = state.unauthenticated_victim(Some(source)) else {
+                return Err(Refusal::SourceFull);
+            };
+            victims.push(victim);
+        } else if unauthenticated >= caps.unauthenticated_per_source.max(1) {
+            if let Some(victim) = state.unauthenticated_victim(Some(source)) {
+                victims.push(victim);
+            } else {
+                return Err(Refusal::SourceFull);
+            }
+        }
+        for victim in &victims {
+            if let Some(entry) = state.remove(*victim) {
+                entry.shared.evict();
+            }
+        }
+        victims.clear();
+        if state.unauthenticated >= caps.unauthenticated_total() {
+            // Past the unauthenticated share: the largest such holder gives way.
+            match state.unauthenticated_victim(None) {
+                Some(victim) => victims.push(victim),
+                None => return Err(Refusal::ListenerBusy),
+            }
+        } else if state.entries.len() >= caps.max_connections.max(1) {
+            match state
+                .unauthenticated_victim(None)
+                .or_else(|| state.authenticated_victim())
+            {
+                Some(victim) => victims.push(victim),
+                None => return Err(Refusal::ListenerBusy),
+            }
+        }
+        for victim in victims {
+            if let Some(entry) = state.remove(victim) {
+                entry.shared.evict();
+                self.n_evicted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let shared = Arc::new(Shared {
+            evicted: AtomicBool::new(false),
+            reader: AtomicWaker::new(),
+            writer: AtomicWaker::new(),
+            in_flight: AtomicU32::new(0),
+            last_request_ms: AtomicU64::new(0),
+            epoch: self.epoch,
+        });
+        shared.touch();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.entries.insert(
+            id,
+            Entry {
+                source,
+                holder: None,
+                shared: shared.clone(),
+            },
+        );
+        let counts = state.by_source.entry(source).or_default();
+        counts.open += 1;
+        counts.unauthenticated += 1;
+        state.unauthenticated += 1;
+        Ok(Place {
+            budget: self.clone(),
+            id,
+            shared,
+        })
+    }
+
+    /// How many connections are open, and how many of them have not authenticated.
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.state();
+        (state.entries.len(), state.unauthenticated)
+    }
+}
+
+impl Place {
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// What requests on this connection hold to mark themselves in flight and authenticated.
+    pub fn handle(&self) -> ConnectionHandle {
+        ConnectionHandle {
+            budget: self.budget.clone(),
+            id: self.id,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.budget.state().remove(self.id);
+    }
+}
+
+/// A request's view of its connection (in its extensions): marks the connection authenticated
+/// once a credential was accepted on it, and the request in flight while it runs.
+#[derive(Debug, Clone)]
+pub struct ConnectionHandle {
+    budget: Arc<Budget>,
+    id: u64,
+    shared: Arc<Shared>,
+}
+
+impl ConnectionHandle {
+    /// The connection carried a credential valetd accepted, for `principal`: from now on it
+    /// counts against that principal, not against its source's unauthenticated share.
+    pub fn authenticated(&self, principal: &str) {
+        let mut state = self.budget.state();
+        let State {
+            entries,
+            by_source,
+            by_holder,
+            unauthenticated,
+            ..
+        } = &mut *state;
+        let Some(entry) = entries.get_mut(&self.id) else {
+            return;
+        };
+        if entry.holder.as_deref() == Some(principal) {
+            return;
+        }
+        match entry.holder.replace(principal.to_string()) {
+            None => {
+                *unauthenticated -= 1;
+                if let Some(counts) = by_source.get_mut(&entry.source) {
+                    counts.unauthenticated -= 1;
+                }
+            }
+            Some(previous) => {
+                if let Some(count) = by_holder.get_mut(&previous) {
+                    *count -= 1;
+                    if *count == 0 {
+                        by_holder.remove(&previous);
+                    }
+                }
+            }
+        }
+        *by_holder.entry(principal.to_string()).or_default() += 1;
+    }
+
+    /// Marks a request in flight until the returned guard is dropped: a connection with a
+    /// request in flight is never closed to make room, nor for idleness.
+    pub fn request(&self) -> RequestGuard {
+        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.shared.touch();
+        RequestGuard {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// A request in flight on its connection.
+#[derive(Debug)]
+pub struct RequestGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.shared.touch();
+        self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request in flight until it has been sent (or dropped).
+#[derive(Debug)]
+pub struct GuardedBody<B> {
+    inner: B,
+    _guard: Option<RequestGuard>,
+}
+
+impl<B> GuardedBody<B> {
+    pub fn new(inner: B, guard: Option<RequestGuard>) -> GuardedBody<B> {
+        GuardedBody {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: Default> Default for GuardedBody<B> {
+    fn default() -> Self {
+        GuardedBody::new(B::default(), None)
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for GuardedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(context)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(max_connections: usize, per_source: usize, unauthenticated: usize) -> ConnectionCaps {
+        ConnectionCaps {
+            max_connections,
+            per_source,
+            unauthenticated_per_source: unauthenticated,
+        }
+    }
+
+    fn address(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64_bit_prefix_and_mapped_ipv4_as_ipv4() {
+        assert_eq!(
+            Source::of(address("2001:db8::1")),
+            Source::of(address("2001:db8::ffff:1234"))
+        );
+        assert_ne!(
+            Source::of(address("2001:db8::1")),
+            Source::of(address("2001:db8:0:1::1"))
+        );
+        assert_eq!(
+            Source::of(address("::ffff:10.0.0.1")),
+            Source::of(address("10.0.0.1"))
+        );
+        assert_eq!(
+            Source::of(address("2001:db8::1")).to_string(),
+            "2001:db8::/64"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_source_over_its_share_gives_way_with_its_own_idle_connections() {
+        let budget = Budget::new(caps(100, 3, 2));
+        let first = budget.admit(address("10.0.0.1")).unwrap();
+        let second = budget.admit(address("10.0.0.1")).unwrap();
+        // A third unauthenticated connection from the same source closes the oldest idle one.
+        let third = budget.admit(address("10.0.0.1")).unwrap();
+        assert!(first.shared().evicted());
+        assert!(!second.shared().evicted());
+        // An authenticated one, or one with a request in flight, is not closed for another.
+        second.handle().authenticated("agent");
+        let _third_busy = third.handle().request();
+        let fourth = budget.admit(address("10.0.0.1")).unwrap();
+        let _fourth_busy = fourth.handle().request();
+        assert_eq!(
+            budget.admit(address("10.0.0.1")).unwrap_err(),
+            Refusal::SourceFull
+        );
+        assert!(!second.shared().evicted() && !third.shared().evicted());
+        // Another source is not affected.
+        let other = budget.admit(address("10.0.0.2")).unwrap();
+        assert!(!other.shared().evicted());
+    }
+
+    #[tokio::test]
+    async fn connections_that_never_authenticate_cannot_fill_the_listener() {
+        let budget = Budget::new(caps(8, 8, 8));
+        let legitimate = budget.admit(address("10.0.0.1")).unwrap();
+        legitimate.handle().authenticated("agent");
+        // Attackers from many addresses, each within its own share, fill the unauthenticated
+        // share (6 of 8) and then keep arriving.
+        let attackers: Vec<Place> = (2..40)
+            .filter_map(|n| budget.admit(address(&format!("10.0.1.{n}"))).ok())
+            .collect();
+        assert_eq!(
+            attackers.len(),
+            38,
+            "newcomers are admitted by closing idle ones"
+        );
+        let (open, unauthenticated) = budget.counts();
+        assert!(unauthenticated <= 6, "{unauthenticated}");
+        assert!(open <= 8);
+        assert!(!legitimate.shared().evicted());
+        // A legitimate newcomer still gets a place.
+        let newcomer = budget.admit(address("10.0.0.3")).unwrap();
+        newcomer.handle().authenticated("operator");
+        assert!(!newcomer.shared().evicted());
+        assert!(!legitimate.shared().evicted());
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_the_principal_holding_the_most_idle_connections_gives_way() {
+        let budget = Budget::new(caps(4, 4, 4));
+        let hog: Vec<Place> = (0..3)
+            .map(|n| {
+                let place = budget.admit(address(&format!("10.0.0.{n}"))).unwrap();
+                place.handle().authenticated("hog");
+                place
+            })
+            .collect();
+        let modest = budget.admit(address("10.0.0.9")).unwrap();
+        modest.handle().authenticated("modest");
+        let newcomer = budget.admit(address("10.0.0.10")).unwrap();
+        assert!(hog[0].shared().evicted());
+        assert!(!modest.shared().evicted());
+        assert!(!newcomer.shared().evicted());
+        // When every connection has a request in flight, a newcomer is refused instead.
+        let _guards: Vec<RequestGuard> = hog[1..]
+            .iter()
+            .chain([&modest, &newcomer])
+            .map(|place| place.handle().request())
+            .collect();
+        newcomer.handle().authenticated("modest");
+        assert_eq!(
+            budget.admit(address("10.0.0.11")).unwrap_err(),
+            Refusal::ListenerBusy
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_place_is_released_once() {
+        let budget = Budget::new(caps(4, 2, 2));
+        let first = budget.admit(address("10.0.0.1")).unwrap();
+        let second = budget.admit(address("10.0.0.1")).unwrap();
+        let third = budget.admit(address("10.0.0.1")).unwrap();
+        assert!(first.shared().evicted());
+        drop(first);
+        assert_eq!(budget.counts(), (2, 2));
+        drop(second);
+        drop(third);
+        assert_eq!(budget.counts(), (0, 0));
+    }
+}
