@@ -6,6 +6,8 @@
 //! and end sessions; behind a TLS-terminating nginx the cookie is `Secure`, `__Host-` and HSTS is
 //! sent. (The browser tests in tests/console drive the pages themselves.)
 
+use std::time::Duration;
+
 use valet_client::v1;
 use valet_tests::etcd::EtcdCluster;
 use valet_tests::upstream::raw_exchange;
@@ -237,10 +239,16 @@ async fn a_login_link_seen_in_the_process_list_opens_nothing_without_the_code_sh
 
     // Another local user (nobody) reads the link from the browser's command line.
     let needle = format!("http://{console}/login?link=");
-    let (pid, _) = processes_showing(&needle)
-        .into_iter()
-        .next()
-        .expect("the browser process shows the link");
+    // The browser was started in the background: it shows up once it has been exec'd.
+    let mut shown = None;
+    for _ in 0..100 {
+        shown = processes_showing(&needle).into_iter().next();
+        if shown.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (pid, _) = shown.expect("the browser process shows the link");
     let seen = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
         .arg(format!("/proc/{pid}/cmdline"))

@@ -15,6 +15,7 @@ mod differential;
 mod disk_full;
 mod distributed;
 mod gateway;
+mod hostile;
 mod identity;
 mod lifecycle;
 mod mcp;

@@ -12,7 +12,8 @@ use valet_client::{TokenRequest, v1};
 use valet_tests::frameworks::{Framework, executed_log, repository, venv_python};
 use valet_tests::upstream::call;
 use valet_tests::{
-    AGENT_KEY, Deployment, OPERATOR_KEY, RAILWAY_ROOT_SECRET, sha256_hex, standard_config,
+    AGENT_KEY, Deployment, OPERATOR_KEY, OTHER_AGENT_KEY, RAILWAY_ROOT_SECRET, sha256_hex,
+    standard_config,
 };
 
 /// The tools, resources and prompts both MCP scopes allow.
@@ -66,7 +67,17 @@ args = ["{script}", "--stdio", "{log}"]
 credential = "railway"
 env = {{ DEPLOY_TOKEN = "{{secret}}" }}
 max_processes = 2
-{remote}{stdio}"#,
+max_processes_per_principal = 2
+
+[[upstream]]
+name = "deploy-shared"
+kind = "mcp"
+command = "{python}"
+args = ["{script}", "--stdio", "{log}"]
+credential = "railway"
+env = {{ DEPLOY_TOKEN = "{{secret}}" }}
+shared = true
+{remote}{stdio}{shared}"#,
         python = venv_python().display(),
         script = repository().join("tests/upstreams/mcp_deploy.py").display(),
         log = stdio_log.display(),
@@ -76,6 +87,7 @@ max_processes = 2
             "deploy-stdio",
             "[[scope.mcp.tool]]\nname = \"crash\"\n"
         ),
+        shared = mcp_scope("deploy-mcp-shared", "deploy-shared", ""),
     );
     standard_config(&extra)
         .replace(
@@ -84,7 +96,11 @@ max_processes = 2
         )
         .replace(
             "scopes = [\"deploy-staging\", \"limited\", \"short\"]",
-            "scopes = [\"deploy-staging\", \"limited\", \"short\", \"deploy-mcp-remote\", \"deploy-mcp-stdio\"]",
+            "scopes = [\"deploy-staging\", \"limited\", \"short\", \"deploy-mcp-remote\", \"deploy-mcp-stdio\", \"deploy-mcp-shared\"]",
+        )
+        .replace(
+            "scopes = [\"deploy-staging\", \"prod-db\"]",
+            "scopes = [\"deploy-staging\", \"prod-db\", \"deploy-mcp-stdio\", \"deploy-mcp-shared\"]",
         )
 }
 
@@ -126,12 +142,17 @@ impl Stack {
     }
 
     async fn token(&self, upstream: &str, task: &str) -> String {
-        let scope = if upstream == "deploy-remote" {
-            "deploy-mcp-remote"
-        } else {
-            "deploy-mcp-stdio"
+        self.token_of(AGENT_KEY, upstream, task).await
+    }
+
+    /// A token of the principal with `key`.
+    async fn token_of(&self, key: &str, upstream: &str, task: &str) -> String {
+        let scope = match upstream {
+            "deploy-remote" => "deploy-mcp-remote",
+            "deploy-shared" => "deploy-mcp-shared",
+            _ => "deploy-mcp-stdio",
         };
-        let agent = self.valetd.client(AGENT_KEY).await;
+        let agent = self.valetd.client(key).await;
         agent
             .request_token(TokenRequest::new(scope, task).with_param("project", "p-shop"))
             .await
@@ -768,6 +789,80 @@ async fn identical_held_calls_share_one_approval_and_past_the_grants_share_are_a
             .unwrap();
         assert!(ended.body.contains("denied"), "{}", ended.body);
     }
+    stack.valetd.stop().await;
+}
+
+/// The pids that served each call so far, in order.
+fn serving_pids(stack: &Stack) -> Vec<u64> {
+    executed_log(&stack.stdio_log)
+        .iter()
+        .map(|entry| entry["pid"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn server_processes_are_shared_where_the_config_says_so_and_a_principal_keeps_its_share() {
+    let config = |stack_config: String| {
+        stack_config.replace(
+            "max_processes = 2\nmax_processes_per_principal = 2\n",
+            "max_processes = 2\nmax_processes_per_principal = 1\n",
+        )
+    };
+    let remote = Framework::mcp_deploy(RAILWAY_ROOT_SECRET);
+    let directory = tempfile::tempdir().unwrap();
+    let stdio_log = directory.path().join("stdio-executed.jsonl");
+    let deployment = Deployment::new(&config(self::config(&remote.url, &stdio_log)));
+    let valetd = deployment.start(&[]);
+    let stack = Stack {
+        remote,
+        stdio_log,
+        _directory: directory,
+        deployment,
+        valetd,
+    };
+    let gateway = stack.gateway();
+    let steps = json!([["call_tool", "list_projects", {}]]);
+    // The other principal's grant has its warm process...
+    let theirs = stack
+        .token_of(OTHER_AGENT_KEY, "deploy-stdio", "share-theirs")
+        .await;
+    agent(&gateway, "deploy-stdio", &theirs, "legacy", steps.clone()).await;
+    let their_pid = serving_pids(&stack)[0];
+    // ...and fresh grants of one principal, past its share (1 of 2), take only its own place.
+    for task in ["share-mine-1", "share-mine-2", "share-mine-3"] {
+        let mine = stack.token("deploy-stdio", task).await;
+        let results = agent(&gateway, "deploy-stdio", &mine, "legacy", steps.clone()).await;
+        assert_eq!(results[0]["ok"], true, "{results:?}");
+    }
+    agent(&gateway, "deploy-stdio", &theirs, "legacy", steps.clone()).await;
+    let pids = serving_pids(&stack);
+    assert_eq!(
+        pids.last(),
+        Some(&their_pid),
+        "the other principal's warm process was kept: {pids:?}"
+    );
+    let mine: std::collections::BTreeSet<u64> = pids[1..4].iter().copied().collect();
+    assert_eq!(
+        mine.len(),
+        3,
+        "each of my fresh grants had a process of its own"
+    );
+    assert!(!mine.contains(&their_pid));
+
+    // A server that keeps no per-grant state serves every grant from one process.
+    let before = serving_pids(&stack).len();
+    for (key, task) in [
+        (AGENT_KEY, "shared-1"),
+        (AGENT_KEY, "shared-2"),
+        (OTHER_AGENT_KEY, "shared-3"),
+    ] {
+        let token = stack.token_of(key, "deploy-shared", task).await;
+        let results = agent(&gateway, "deploy-shared", &token, "legacy", steps.clone()).await;
+        assert_eq!(results[0]["ok"], true, "{results:?}");
+    }
+    let shared: std::collections::BTreeSet<u64> =
+        serving_pids(&stack)[before..].iter().copied().collect();
+    assert_eq!(shared.len(), 1, "one process for every grant: {shared:?}");
     stack.valetd.stop().await;
 }
 

@@ -109,6 +109,20 @@ impl Deployment {
             .collect()
     }
 
+    /// How many calls were refused, by the records valetd wrote: each refusal recorded whole,
+    /// and those a summary counted (`n_more`). Read after valetd stopped, when every open
+    /// window's summary has been written.
+    pub fn refused_calls(&self) -> u64 {
+        self.audit_records()
+            .iter()
+            .filter(|record| record["action"] == "gateway.call" && record["outcome"] == "denied")
+            .map(|record| match record["n_more"].as_str() {
+                Some(more) => more.parse().unwrap_or(0),
+                None => 1,
+            })
+            .sum()
+    }
+
     /// Starts valetd on this deployment with extra arguments.
     pub fn start(&self, extra_arguments: &[&str]) -> Valetd {
         Valetd::start(&self.config_path(), extra_arguments, &[])

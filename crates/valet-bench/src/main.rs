@@ -2,6 +2,7 @@
 //! prints throughput, latency percentiles, errors and the ratio against a baseline measured in
 //! the same run — on these shared machines only ratios compare across runs.
 
+mod hostile;
 mod load;
 mod processes;
 mod report;
@@ -71,6 +72,10 @@ pub enum Scenario {
     Peer,
     Revoke,
     Churn,
+    /// A legitimate client under each attack of a hostile caller (idle and half-sent
+    /// connections, idle HTTP/2, refused calls with huge queries, bad tokens from rotating
+    /// addresses), against the same client unattacked.
+    Hostile,
 }
 
 fn main() {

@@ -38,9 +38,9 @@ pub enum StoreKind {
     Etcd,
 }
 
-struct Setup {
-    deployment: Deployment,
-    valetd: Process,
+pub(crate) struct Setup {
+    pub(crate) deployment: Deployment,
+    pub(crate) valetd: Process,
     echo: Process,
     upstream: Process,
 }
@@ -98,6 +98,9 @@ pub async fn run(scenario: Scenario, options: &Options) -> anyhow::Result<bool> 
     if all || scenario == Scenario::IssueIdentity {
         reports.extend(issue_identity(&setup, options).await?);
     }
+    if all || scenario == Scenario::Hostile {
+        reports.extend(crate::hostile::hostile(&setup, options).await?);
+    }
     if all || scenario == Scenario::Revoke {
         reports.push(revoke(&setup, options).await?);
     }
@@ -139,7 +142,7 @@ pub async fn run(scenario: Scenario, options: &Options) -> anyhow::Result<bool> 
     Ok(clean)
 }
 
-async fn agent(setup: &Setup) -> anyhow::Result<Client> {
+pub(crate) async fn agent(setup: &Setup) -> anyhow::Result<Client> {
     Ok(Client::connect(ClientConfig::new(
         format!("http://{}", setup.valetd.address),
         Secret::from(AGENT_KEY.to_string()),
@@ -147,7 +150,7 @@ async fn agent(setup: &Setup) -> anyhow::Result<Client> {
     .await?)
 }
 
-fn cap(options: &Options) -> Option<u64> {
+pub(crate) fn cap(options: &Options) -> Option<u64> {
     options.smoke.then_some(300)
 }
 
@@ -460,11 +463,15 @@ async fn verify_offline(setup: &Setup, options: &Options) -> anyhow::Result<Repo
 
 type Http = HttpClient<HttpConnector, Full<Bytes>>;
 
-fn http_client() -> Http {
+pub(crate) fn http_client() -> Http {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     HttpClient::builder(TokioExecutor::new())
         .pool_max_idle_per_host(256)
+        // Below valetd's 10 s wait for a request head: a pooled connection is not reused just as
+        // valetd closes it.
+        .pool_idle_timeout(Duration::from_secs(5))
+        .pool_timer(hyper_util::rt::TokioTimer::new())
         .build(connector)
 }
 

@@ -315,12 +315,11 @@ impl AuditEvent {
                     while !text.is_char_boundary(cut) {
                         cut -= 1;
                     }
-                    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
                     *text = format!(
                         "{}… [{} bytes, sha256 {}]",
                         &text[..cut],
                         text.len(),
-                        hex::encode(digest)
+                        sha256_hex(text.as_bytes())
                     );
                 }
                 Value::Array(items) => items.iter_mut().for_each(|item| bound(item, max_bytes)),
@@ -788,7 +787,8 @@ fn parse_record(line: &str) -> ParsedLine {
     }
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// SHA-256 of `bytes`, hex: how records name a value they do not keep whole.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 

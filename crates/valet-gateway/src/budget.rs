@@ -1,7 +1,8 @@
 //! Who holds a listener's connections, and the share each may hold: a cap per source (an IPv4
 //! address, an IPv6 /64) on open connections and on those that have not authenticated, room kept
 //! for authenticated callers under the listener's cap, and, when a new connection needs a
-//! place, an idle one taken from whoever holds the most (never one with a request in flight).
+//! place, an idle one closed for it — the oldest that never authenticated, else one of the
+//! principal holding the most (never one with a request in flight).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -162,27 +163,18 @@ impl State {
         Some(entry)
     }
 
-    /// The oldest idle connection that has not authenticated, from `source` if given, else from
-    /// the source holding the most such connections.
+    /// The oldest idle connection that has not authenticated (from `source`, if given). Oldest,
+    /// not from whoever holds the most: a client that authenticates does so within moments of
+    /// connecting, so the connections that stay unauthenticated longest are the ones held
+    /// without purpose, and a fresh connection is never the one to give way.
     fn unauthenticated_victim(&self, source: Option<Source>) -> Option<u64> {
-        let source = match source {
-            Some(source) => source,
-            None => {
-                let mut by_source: HashMap<Source, usize> = HashMap::new();
-                for entry in self.entries.values() {
-                    if entry.holder.is_none() && entry.idle() {
-                        *by_source.entry(entry.source).or_default() += 1;
-                    }
-                }
-                by_source
-                    .into_iter()
-                    .max_by_key(|(source, count)| (*count, std::cmp::Reverse(*source)))?
-                    .0
-            }
-        };
         self.entries
             .iter()
-            .find(|(_, entry)| entry.source == source && entry.holder.is_none() && entry.idle())
+            .find(|(_, entry)| {
+                source.is_none_or(|source| entry.source == source)
+                    && entry.holder.is_none()
+                    && entry.idle()
+            })
             .map(|(id, _)| *id)
     }
 

@@ -28,6 +28,10 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 use valet_service::{CallSite, Valet};
 
+/// The largest request head (request line or pseudo-headers, and headers) a listener reads: a
+/// longer one is refused by the HTTP layer before anything else looks at it (nginx's default is
+/// 8 KiB per line).
+pub const MAX_REQUEST_HEAD: usize = 32 * 1024;
 /// How long a client has to send a request's head (method, path, headers).
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// HTTP/2 connections are pinged this often, so a live one never looks idle...
@@ -245,12 +249,14 @@ pub fn connection_builder() -> hyper_util::server::conn::auto::Builder<TokioExec
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_HEAD);
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .max_header_list_size(MAX_REQUEST_HEAD as u32);
     builder
 }
 

@@ -590,7 +590,13 @@ async fn stdio(
     });
     let process = gateway
         .processes
-        .process_for(upstream, &call.grant.id, &call.secret, redact)
+        .process_for(
+            upstream,
+            &call.grant.id,
+            &call.grant.principal,
+            &call.secret,
+            redact,
+        )
         .await
         .map_err(|error| CallRefusal::UpstreamFailed {
             upstream: upstream.name.clone(),

@@ -1,8 +1,11 @@
-//! MCP servers valetd runs: one process per grant in use, per upstream config, started on
-//! demand with the root credential in its environment only, initialized by valetd, spoken to
-//! over stdio with request ids of valetd's own (so concurrent callers never see each other's
-//! replies), kept warm up to the upstream's `max_processes` and `idle_timeout`, and restarted
-//! after a crash with backoff. A changed upstream config never reuses a process of the old one.
+//! MCP servers valetd runs: one process per grant in use (or, for a server whose config says it
+//! keeps no per-grant state, one shared by every grant), per upstream config, started on demand
+//! with the root credential in its environment only, initialized by valetd, spoken to over stdio
+//! with request ids of valetd's own (so concurrent callers never see each other's replies), kept
+//! warm up to the upstream's `max_processes` (and `max_processes_per_principal` for each
+//! principal: a principal within its share may take the idle place of the principal holding the
+//! most, one over it only its own) and `idle_timeout`, and restarted after a crash with backoff.
+//! A changed upstream config never reuses a process of the old one.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -53,7 +56,8 @@ pub struct Processes {
 struct Pool {
     /// The config and credential the processes were started with: any change starts a new pool.
     identity: (StdioServer, [u8; 32]),
-    processes: HashMap<String, Arc<Process>>,
+    /// By grant id (or [`SHARED`]), with the principal whose grant started it.
+    processes: HashMap<String, (String, Arc<Process>)>,
     crashes: u32,
     not_before: Option<Instant>,
 }
@@ -72,12 +76,18 @@ pub struct Process {
     initialized: std::sync::OnceLock<Value>,
 }
 
+/// The key of the one process every grant shares, on an upstream whose server keeps no
+/// per-grant state.
+const SHARED: &str = "(shared)";
+
 impl Processes {
-    /// The process serving `grant_id` on `upstream`, started (and initialized) if there is none.
+    /// The process serving `grant_id` (of `principal`) on `upstream`, started (and initialized)
+    /// if there is none.
     pub async fn process_for(
         &self,
         upstream: &Upstream,
         grant_id: &str,
+        principal: &str,
         secret: &Secret,
         log: Arc<dyn Fn(&str) -> String + Send + Sync>,
     ) -> Result<Arc<Process>, StdioError> {
@@ -108,7 +118,8 @@ impl Processes {
         }
         let now = Instant::now();
         pool.reap(server.idle_timeout, now);
-        if let Some(process) = pool.processes.get(grant_id) {
+        let key = if server.shared { SHARED } else { grant_id };
+        if let Some((_, process)) = pool.processes.get(key) {
             process.touch();
             return Ok(process.clone());
         }
@@ -121,28 +132,13 @@ impl Processes {
                 (not_before - now).as_millis()
             )));
         }
-        if pool.processes.len() >= server.max_processes {
-            let idle = pool
-                .processes
-                .iter()
-                .filter(|(_, process)| process.in_flight.load(Ordering::Acquire) == 0)
-                .min_by_key(|(_, process)| process.last_used())
-                .map(|(grant, _)| grant.clone());
-            match idle {
-                Some(grant) => {
-                    pool.processes.remove(&grant);
-                }
-                None => {
-                    return Err(StdioError::Unavailable(format!(
-                        "all {} of its server processes (max_processes) are busy with other grants; retry shortly",
-                        server.max_processes
-                    )));
-                }
-            }
+        if key != SHARED {
+            pool.make_room(principal, server)?;
         }
         match Process::start(&upstream.name, server, secret, log).await {
             Ok(process) => {
-                pool.processes.insert(grant_id.to_string(), process.clone());
+                pool.processes
+                    .insert(key.to_string(), (principal.to_string(), process.clone()));
                 Ok(process)
             }
             Err(error) => {
@@ -171,7 +167,10 @@ impl Processes {
         let mut grants = Vec::new();
         for (name, pool) in self.snapshot() {
             for grant in pool.lock().await.processes.keys() {
-                grants.push((name.clone(), grant.clone()));
+                // The shared process serves no one grant: it ends when idle.
+                if grant != SHARED {
+                    grants.push((name.clone(), grant.clone()));
+                }
             }
         }
         grants
@@ -224,9 +223,68 @@ impl Pool {
     }
 
     /// Drops dead processes (counting crashes) and idle ones.
+    /// Makes room for one more process of `principal`: past its share it gives way with its own
+    /// least recently used idle process; past the upstream's `max_processes`, the principal
+    /// holding the most processes does (only one that holds more than `principal` will after
+    /// this start). A process with a call in flight is never stopped; without a place, refused.
+    fn make_room(&mut self, principal: &str, server: &StdioServer) -> Result<(), StdioError> {
+        let held_by = |pool: &Pool, who: &str| {
+            pool.processes
+                .values()
+                .filter(|(owner, _)| owner == who)
+                .count()
+        };
+        let least_recent_idle = |pool: &Pool, who: Option<&str>| {
+            pool.processes
+                .iter()
+                .filter(|(key, (owner, process))| {
+                    key.as_str() != SHARED
+                        && who.is_none_or(|who| owner == who)
+                        && process.in_flight.load(Ordering::Acquire) == 0
+                })
+                .min_by_key(|(_, (_, process))| process.last_used())
+                .map(|(key, _)| key.clone())
+        };
+        let own = held_by(self, principal);
+        if own >= server.max_processes_per_principal {
+            let Some(victim) = least_recent_idle(self, Some(principal)) else {
+                return Err(StdioError::Unavailable(format!(
+                    "principal {principal:?} has {own} server processes, all busy (max_processes_per_principal is {}); retry shortly",
+                    server.max_processes_per_principal
+                )));
+            };
+            self.processes.remove(&victim);
+            return Ok(());
+        }
+        if self.processes.len() < server.max_processes {
+            return Ok(());
+        }
+        // The principal holding the most (more than the newcomer will) gives way.
+        let mut holders: HashMap<&str, usize> = HashMap::new();
+        for (owner, _) in self.processes.values() {
+            *holders.entry(owner.as_str()).or_default() += 1;
+        }
+        let mut by_most: Vec<(&str, usize)> = holders.into_iter().collect();
+        by_most.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let victim = by_most
+            .into_iter()
+            .filter(|(owner, count)| *owner == principal || *count > own + 1)
+            .find_map(|(owner, _)| least_recent_idle(self, Some(owner)));
+        match victim {
+            Some(victim) => {
+                self.processes.remove(&victim);
+                Ok(())
+            }
+            None => Err(StdioError::Unavailable(format!(
+                "all {} of its server processes (max_processes) are busy or held by principals within their share; retry shortly",
+                server.max_processes
+            ))),
+        }
+    }
+
     fn reap(&mut self, idle_timeout: Duration, now: Instant) {
         let mut crashed = false;
-        self.processes.retain(|_, process| {
+        self.processes.retain(|_, (_, process)| {
             if !process.alive.load(Ordering::Acquire) {
                 if process.started.elapsed() < STABLE_AFTER {
                     crashed = true;

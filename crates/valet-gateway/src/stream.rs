@@ -43,9 +43,10 @@ impl Closing {
     }
 
     fn finish(&mut self, complete: bool) {
-        let Some(decision) = self.decision.take() else {
+        let Some(mut decision) = self.decision.take() else {
             return;
         };
+        decision.answered();
         let outcome = CallOutcome::Answered {
             status: self.status,
             bytes: self.bytes,

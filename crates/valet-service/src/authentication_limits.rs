@@ -21,6 +21,12 @@ pub const GRACE_VERIFICATIONS: Rate = Rate {
     count: 10,
     per: Duration::from_secs(60),
 };
+/// Refused calls a grant may meet; past it, its calls are refused before their body is read or
+/// its record looked up, until the budget refills (a token refused in a loop costs little).
+pub const GRANT_REFUSALS: Rate = Rate {
+    count: 600,
+    per: Duration::from_secs(60),
+};
 /// Windows (sources, each with one record at once) opened per minute at most; past it new
 /// sources' refusals share the catch-all window.
 pub const MAX_NEW_WINDOWS_PER_MINUTE: u32 = 100;
@@ -70,6 +76,8 @@ struct State {
     failures: Option<Bucket>,
     /// Verifications granted to sources over budget.
     grace_by_source: HashMap<Source, Bucket>,
+    /// Refused calls per grant.
+    refusals_by_grant: HashMap<String, Bucket>,
     /// Windows opened in the current minute: (minute, count).
     new_windows: (u64, u32),
     requests_by_principal: HashMap<String, Bucket>,
@@ -125,6 +133,30 @@ impl AuthenticationLimits {
             .failures
             .get_or_insert_with(|| Bucket::full(total, now_ms))
             .take(total, now_ms);
+    }
+
+    /// Whether the grant `grant_id` may have a call looked at now: refused, with how long to
+    /// wait, while it has spent its [`GRANT_REFUSALS`].
+    pub fn grant_admitted(&self, grant_id: &str, now_ms: u64) -> Result<(), Duration> {
+        match self.state().refusals_by_grant.get(grant_id) {
+            Some(bucket) => bucket.peek(GRANT_REFUSALS, now_ms),
+            None => Ok(()),
+        }
+    }
+
+    /// Spends one of the grant's refusal budget.
+    pub fn grant_refused(&self, grant_id: &str, now_ms: u64) {
+        let mut state = self.state();
+        if state.refusals_by_grant.len() >= MAX_BUCKETS {
+            state
+                .refusals_by_grant
+                .retain(|_, bucket| !bucket.is_full(GRANT_REFUSALS, now_ms));
+        }
+        let _ = state
+            .refusals_by_grant
+            .entry(grant_id.to_string())
+            .or_insert_with(|| Bucket::full(GRANT_REFUSALS, now_ms))
+            .take(GRANT_REFUSALS, now_ms);
     }
 
     /// Whether `source`, over budget, may still have one new identity token verified now.

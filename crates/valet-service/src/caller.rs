@@ -327,9 +327,15 @@ impl Valet {
         let summaries = self.limits.close_windows(self.clock.now_millis(), all);
         let n_summaries = summaries.len();
         for summary in summaries {
-            let event = AuditEvent::new(summary.action, Outcome::Denied)
-                .with("aggregated", "true")
-                .with("source", &summary.subject)
+            let event = AuditEvent::new(summary.action, Outcome::Denied).with("aggregated", "true");
+            let event = match summary.subject.strip_prefix(crate::gateway::GRANT_SUBJECT) {
+                Some(grant) => event.with(
+                    "grant_id",
+                    grant.split_once('#').map_or(grant, |(id, _)| id),
+                ),
+                None => event.with("source", &summary.subject),
+            };
+            let event = event
                 .with("reason_kind", summary.kind)
                 .with("reason", &summary.reason)
                 .with("n_more", summary.n_more.to_string())

@@ -514,6 +514,24 @@ impl Valet {
         error: ServiceError,
     ) -> ServiceError {
         let visitor = Visitor { request_id, source };
+        // Without a session, it is a failed authentication: counted against the source's budget
+        // (and all sources'), and aggregated like the other listeners' refusals — the first of
+        // its kind from a source in a window is recorded, the rest go into the summary.
+        let error = match error {
+            ServiceError::Unauthenticated { .. } => self.count_failed_authentication(source, error),
+            other => other,
+        };
+        let subject = source.map_or_else(|| "(unknown)".to_string(), |source| source.to_string());
+        if !self.limits.note_refusal(
+            subject,
+            AuditAction::ConsoleRefuse,
+            error.kind(),
+            &error.to_string(),
+            action,
+            self.clock.now_millis(),
+        ) {
+            return error;
+        }
         let context = context(AuditAction::ConsoleRefuse).with("console_action", action);
         match self.answer(&visitor, context, Err::<(), _>(error)).await {
             Err(error) => error,

@@ -53,6 +53,9 @@ impl Attribution for CallSite {
     }
 }
 
+/// How a refusal window counted per grant names its subject (`grant:ID`).
+pub(crate) const GRANT_SUBJECT: &str = "grant:";
+
 /// The holder of the grant a call presents, as its records name it.
 pub(crate) struct GrantHolder<'a> {
     pub(crate) site: &'a CallSite,
@@ -118,6 +121,17 @@ pub struct CallDecision {
     /// The call's audit record, written before the decision was returned and being made
     /// durable: the gateway forwards meanwhile, and releases no answer before it completes.
     pub durable: Option<crate::DurableRecord>,
+    /// Its place among the grant's and principal's calls in flight, held until the answer has
+    /// been streamed ([`CallDecision::answered`]) or the decision is dropped.
+    pub in_flight: Option<crate::in_flight::InFlightPlace>,
+}
+
+impl CallDecision {
+    /// The answer has been streamed (or the agent went away): the call no longer counts as in
+    /// flight, though its closing record may still be being written.
+    pub fn answered(&mut self) {
+        self.in_flight = None;
+    }
 }
 
 impl std::fmt::Debug for CallDecision {
@@ -221,6 +235,15 @@ impl Valet {
                 principal,
             });
         }
+        if let Err(error) = &outcome
+            && !self.call_refusal_recorded_now(grant_id.as_deref(), site, error)
+        {
+            return outcome.map_err(|error| CallDenial {
+                error,
+                grant_id,
+                principal,
+            });
+        }
         self.answer(site, context, outcome)
             .await
             .map_err(|error| CallDenial {
@@ -228,6 +251,49 @@ impl Valet {
                 grant_id,
                 principal,
             })
+    }
+
+    /// Whether a refused call of the grant `grant_id` is recorded now: the first refusal of each
+    /// kind per grant in a window is, the rest are counted into the window's summary (a token
+    /// sending refused calls in a loop costs a few records a minute, not one each). Approval
+    /// refusals are always recorded: each names the approval a person decides on.
+    pub(crate) fn call_refusal_recorded_now(
+        &self,
+        grant_id: Option<&str>,
+        site: &CallSite,
+        error: &ServiceError,
+    ) -> bool {
+        let Some(grant_id) = grant_id else {
+            return true;
+        };
+        if !matches!(error, ServiceError::RateLimited { .. }) {
+            self.limits.grant_refused(grant_id, self.clock.now_millis());
+        }
+        let summarised = match error {
+            ServiceError::Call(
+                CallRefusal::ApprovalRequired { .. } | CallRefusal::ApprovalRefused(_),
+            ) => false,
+            ServiceError::Call(_) | ServiceError::RateLimited { .. } => true,
+            _ => false,
+        };
+        // A call no rule allows is told apart by what it asked: each different one is recorded
+        // (once a window), repeats of it are counted.
+        let subject = match error {
+            ServiceError::Call(CallRefusal::Denied { asked, .. }) => {
+                let digest = valet_core::audit::sha256_hex(asked.as_bytes());
+                format!("{GRANT_SUBJECT}{grant_id}#{}", &digest[..16])
+            }
+            _ => format!("{GRANT_SUBJECT}{grant_id}"),
+        };
+        !summarised
+            || self.limits.note_refusal(
+                subject,
+                AuditAction::GatewayCall,
+                error.kind(),
+                &error.to_string(),
+                &format!("{} /u/{}{}", site.method, site.upstream, site.path),
+                self.clock.now_millis(),
+            )
     }
 
     /// Records a call refused before it reached an upstream's rules (an unknown route), so
@@ -349,7 +415,15 @@ impl Valet {
         authorization: Option<&str>,
         kind: valet_core::config::UpstreamKind,
         context: &mut AuditEvent,
-    ) -> Result<(std::sync::Arc<valet_core::config::Config>, Upstream, Grant), ServiceError> {
+    ) -> Result<
+        (
+            std::sync::Arc<valet_core::config::Config>,
+            Upstream,
+            Grant,
+            crate::in_flight::InFlightPlace,
+        ),
+        ServiceError,
+    > {
         let config = self.config();
         let upstream = config
             .upstreams
@@ -389,6 +463,20 @@ impl Valet {
         };
         let claims = token::verify(token, self.keys.ring()?.as_ref(), expectations)
             .map_err(CallRefusal::BadToken)?;
+        context.set("grant_id", &claims.jti);
+        if let Err(retry_after) = self
+            .limits
+            .grant_admitted(&claims.jti, self.clock.now_millis())
+        {
+            return Err(ServiceError::RateLimited {
+                reason: format!(
+                    "this grant's calls were refused {} times in a minute, the most a grant meets; until that eases its calls are refused unread: retry in {} s",
+                    crate::authentication_limits::GRANT_REFUSALS.count,
+                    retry_after.as_secs().max(1)
+                ),
+                retry_after,
+            });
+        }
         let grant = self
             .store
             .get_grant(&claims.jti)
@@ -398,6 +486,15 @@ impl Valet {
         if let Some(reason) = grant.inactive_reason(self.clock.now()) {
             return Err(CallRefusal::Inactive(reason).into());
         }
+        // A place among the calls in flight, before anything is counted.
+        let caps = crate::in_flight::Caps::for_connections(config.server.max_connections);
+        let place = self
+            .in_flight
+            .take(caps, &grant.id, &grant.principal)
+            .map_err(|reason| ServiceError::RateLimited {
+                reason,
+                retry_after: std::time::Duration::from_secs(1),
+            })?;
         let scope = config
             .scopes
             .get(&grant.scope)
@@ -414,7 +511,7 @@ impl Valet {
             }
             .into());
         }
-        Ok((config, upstream, grant))
+        Ok((config, upstream, grant, place))
     }
 
     async fn authorize_decided(
@@ -423,7 +520,7 @@ impl Valet {
         context: &mut AuditEvent,
     ) -> Result<CallDecision, ServiceError> {
         let site = request.site;
-        let (config, upstream, grant) = self
+        let (config, upstream, grant, in_flight) = self
             .grant_for_call(
                 site,
                 request.authorization,
@@ -581,6 +678,7 @@ impl Valet {
             body: Bytes::from(forwarded.body),
             secret,
             durable: Some(durable),
+            in_flight: Some(in_flight),
         })
     }
 

@@ -20,6 +20,7 @@ mod deferred_grants;
 mod error;
 mod gateway;
 mod identity_keys;
+mod in_flight;
 mod keys;
 mod listing;
 mod loader;
@@ -111,6 +112,8 @@ pub struct Valet {
     /// Held while a call approval is looked for and opened: identical calls arriving at once on
     /// this replica point at one request instead of each opening its own.
     call_approvals: tokio::sync::Mutex<()>,
+    /// Gateway and MCP calls forwarded and not yet answered, per grant and principal.
+    in_flight: Arc<in_flight::InFlight>,
 }
 
 /// What it takes to start the service.
@@ -178,6 +181,7 @@ impl Valet {
             identity_keys: identity_keys::IdentityKeys::default(),
             limits: authentication_limits::AuthenticationLimits::default(),
             call_approvals: tokio::sync::Mutex::new(()),
+            in_flight: Arc::default(),
             stopping: tokio::sync::watch::Sender::new(false),
             deferred,
             metrics,

@@ -54,6 +54,15 @@ impl Valet {
         let outcome = self.authorize_mcp_decided(request, &mut context).await;
         let grant_id = context.get("grant_id").map(str::to_string);
         let principal = context.get("grant_principal").map(str::to_string);
+        if let Err(error) = &outcome
+            && !self.call_refusal_recorded_now(grant_id.as_deref(), site, error)
+        {
+            return outcome.map_err(|error| CallDenial {
+                error,
+                grant_id,
+                principal,
+            });
+        }
         self.answer(site, context, outcome)
             .await
             .map_err(|error| CallDenial {
@@ -96,7 +105,7 @@ impl Valet {
         context: &mut valet_core::audit::AuditEvent,
     ) -> Result<McpDecision, ServiceError> {
         let site = request.site;
-        let (config, upstream, grant) = self
+        let (config, upstream, grant, in_flight) = self
             .grant_for_call(site, request.authorization, UpstreamKind::Mcp, context)
             .await?;
         let Some(scope) = config.scopes.get(&grant.scope) else {
@@ -219,6 +228,7 @@ impl Valet {
                 body: Bytes::from(body),
                 secret,
                 durable: Some(durable),
+                in_flight: Some(in_flight),
             },
             checked,
             allow,

@@ -61,6 +61,10 @@ pub struct StdioServer {
     pub working_dir: Option<PathBuf>,
     /// Processes kept at once (one per grant in use).
     pub max_processes: usize,
+    /// Processes one principal's grants keep at once.
+    pub max_processes_per_principal: usize,
+    /// The server keeps no per-grant state: every grant shares one process.
+    pub shared: bool,
     /// A process unused this long is stopped.
     pub idle_timeout: Duration,
 }

@@ -74,6 +74,11 @@ pub(super) fn upstream_kind(
             (!raw.env.is_empty(), "env"),
             (raw.working_dir.is_some(), "working_dir"),
             (raw.max_processes.is_some(), "max_processes"),
+            (
+                raw.max_processes_per_principal.is_some(),
+                "max_processes_per_principal",
+            ),
+            (raw.shared.is_some(), "shared"),
             (raw.idle_timeout.is_some(), "idle_timeout"),
         ];
         for (set, key) in stdio_only {
@@ -161,12 +166,38 @@ pub(super) fn build_stdio_server(
             None
         }
     };
+    // Each principal: half the places by default, so two principals can always be served.
+    let max_processes_per_principal = match raw.max_processes_per_principal.take() {
+        None => max_processes.map(|max| max.div_ceil(2)),
+        Some(count)
+            if count >= 1
+                && max_processes
+                    .is_some_and(|max| usize::try_from(count).is_ok_and(|count| count <= max)) =>
+        {
+            usize::try_from(count).ok()
+        }
+        Some(count) => {
+            problems.push(
+                format!("{at}.max_processes_per_principal"),
+                invalid(
+                    &count.to_string(),
+                    "process count",
+                    "a whole number from 1 to the upstream's max_processes",
+                ),
+            );
+            None
+        }
+    };
     let idle_timeout = match raw.idle_timeout.take() {
         None => Some(DEFAULT_IDLE_TIMEOUT),
         Some(text) => problems.duration(Some(text), &format!("{at}.idle_timeout")),
     };
-    let (true, Some(max_processes), Some(idle_timeout)) = (valid, max_processes, idle_timeout)
-    else {
+    let (true, Some(max_processes), Some(max_processes_per_principal), Some(idle_timeout)) = (
+        valid,
+        max_processes,
+        max_processes_per_principal,
+        idle_timeout,
+    ) else {
         return None;
     };
     // A path (not a bare program name found on PATH) is relative to the config's directory.
@@ -181,6 +212,8 @@ pub(super) fn build_stdio_server(
         env,
         working_dir: raw.working_dir.take().map(resolve),
         max_processes,
+        max_processes_per_principal,
+        shared: raw.shared.take().unwrap_or(false),
         idle_timeout,
     })
 }

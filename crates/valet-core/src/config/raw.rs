@@ -263,6 +263,8 @@ pub struct RawUpstream {
     pub env: BTreeMap<String, String>,
     pub working_dir: Option<String>,
     pub max_processes: Option<i64>,
+    pub max_processes_per_principal: Option<i64>,
+    pub shared: Option<bool>,
     pub idle_timeout: Option<String>,
     pub credential: Option<String>,
     pub inject: Option<RawInject>,

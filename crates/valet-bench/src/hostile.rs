@@ -1,0 +1,467 @@
+//! `valet-bench hostile`: a legitimate client issues tokens, introspects one and calls the
+//! gateway while each attack runs from other loopback addresses (127.0.0.0/8 gives many); its
+//! throughput and p99 under each attack against the same client unattacked, same run, and how
+//! fast the audit log grew meanwhile.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use valet_client::TokenRequest;
+
+use crate::load::{self, Measurement};
+use crate::report::Report;
+use crate::scenarios::{Options, Setup, agent, cap, http_client};
+
+/// The legitimate client's concurrency.
+const LEGITIMATE_CONCURRENCY: usize = 8;
+
+/// One attack: its name, and what it does until stopped (counting what it sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attack {
+    /// Connections that never send a request, held open, from a few addresses.
+    IdleConnections,
+    /// Connections that send half a request head and trickle the rest, from many addresses.
+    HalfSentHeads,
+    /// HTTP/2 connections that send no request but answer (and send) pings.
+    IdleHttp2,
+    /// Refused gateway calls of one valid token, each with a 30 KB query string.
+    ExpensiveRefusals,
+    /// Bad tokens, each from a new address.
+    AddressRotation,
+}
+
+impl Attack {
+    const ALL: [Attack; 5] = [
+        Attack::IdleConnections,
+        Attack::HalfSentHeads,
+        Attack::IdleHttp2,
+        Attack::ExpensiveRefusals,
+        Attack::AddressRotation,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Attack::IdleConnections => "hostile: 1,200 idle connections (8 addresses)",
+            Attack::HalfSentHeads => "hostile: half-sent request heads (many addresses)",
+            Attack::IdleHttp2 => "hostile: idle HTTP/2 connections answering pings",
+            Attack::ExpensiveRefusals => "hostile: refused calls with 30 KB queries (one token)",
+            Attack::AddressRotation => "hostile: bad tokens from rotating addresses, 2,000/s",
+        }
+    }
+}
+
+/// Where attacks come from: 127.A.B.C, never 127.0.0.1 (the legitimate client's).
+fn attacker_address(block: u8, n: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        block,
+        ((n / 250) % 250) as u8 + 1,
+        (n % 250) as u8 + 2,
+    ))
+}
+
+/// A TCP connection to `target` from `source`.
+async fn connect_from(source: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    tokio::time::timeout(Duration::from_secs(2), socket.connect(target))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+fn socket_address(address: &str) -> anyhow::Result<SocketAddr> {
+    Ok(address.trim_start_matches("http://").parse()?)
+}
+
+/// Keeps `count` connections to `target` open from `sources` addresses, each doing `hold`
+/// with its stream; reconnects whatever valetd closes, until stopped.
+fn hold_connections<F, Fut>(
+    tasks: &mut tokio::task::JoinSet<()>,
+    target: SocketAddr,
+    block: u8,
+    sources: u32,
+    count: u32,
+    sent: Arc<AtomicU64>,
+    hold: F,
+) where
+    F: Fn(TcpStream) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    for n in 0..count {
+        let (hold, sent) = (hold.clone(), sent.clone());
+        let source = attacker_address(block, n % sources);
+        tasks.spawn(async move {
+            loop {
+                match connect_from(source, target).await {
+                    Ok(stream) => {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        hold(stream).await;
+                        // Closed by valetd: back, a moment later (a holder, not a flood).
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+    }
+}
+
+/// Reads until the peer closes.
+async fn drain(mut stream: TcpStream) {
+    let mut buffer = [0u8; 4096];
+    while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {}
+}
+
+/// An HTTP/2 client that opens a connection and then only pings: it answers the server's
+/// SETTINGS and PINGs and sends a PING of its own every second.
+async fn ping_only(mut stream: TcpStream) {
+    const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    const SETTINGS_ACK: [u8; 9] = [0, 0, 0, 4, 1, 0, 0, 0, 0];
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend_from_slice(&SETTINGS);
+    if stream.write_all(&opening).await.is_err() {
+        return;
+    }
+    let (mut reader, mut writer) = stream.into_split();
+    let (ack_sender, mut acks) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let read = async move {
+        let mut header = [0u8; 9];
+        loop {
+            if reader.read_exact(&mut header).await.is_err() {
+                return;
+            }
+            let length =
+                usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+            let mut payload = vec![0u8; length];
+            if reader.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            let reply = match (header[3], header[4] & 1) {
+                (4, 0) => Some(SETTINGS_ACK.to_vec()),
+                (6, 0) => {
+                    let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                    ack.extend_from_slice(&payload);
+                    Some(ack)
+                }
+                _ => None,
+            };
+            if let Some(reply) = reply
+                && ack_sender.send(reply).await.is_err()
+            {
+                return;
+            }
+        }
+    };
+    let write = async move {
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let frame = tokio::select! {
+                _ = ticks.tick() => vec![0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+                reply = acks.recv() => match reply { Some(reply) => reply, None => return },
+            };
+            if writer.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = read => {}
+        () = write => {}
+    }
+}
+
+/// Starts `attack` against the running valetd, on the attacker's own runtime (`attacker`: one
+/// thread, so it competes with valetd and the legitimate client for the machine's cores as a
+/// process of its own would, not for the legitimate client's scheduler); it runs until the
+/// returned set is dropped. `token` is a valid token of the agent's, for the attacks that hold
+/// one.
+fn start(
+    attack: Attack,
+    setup: &Setup,
+    attacker: &tokio::runtime::Runtime,
+    token: &str,
+    sent: Arc<AtomicU64>,
+) -> anyhow::Result<tokio::task::JoinSet<()>> {
+    let _attacker = attacker.enter();
+    let mut tasks = tokio::task::JoinSet::new();
+    let grpc = socket_address(&setup.valetd.address)?;
+    let gateway_text = setup
+        .valetd
+        .gateway
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("valetd started without a gateway"))?;
+    let gateway = socket_address(&gateway_text)?;
+    match attack {
+        Attack::IdleConnections => {
+            for target in [grpc, gateway] {
+                hold_connections(&mut tasks, target, 10, 8, 600, sent.clone(), drain);
+            }
+        }
+        Attack::HalfSentHeads => {
+            hold_connections(
+                &mut tasks,
+                gateway,
+                11,
+                2000,
+                2000,
+                sent,
+                |mut stream| async move {
+                    if stream
+                        .write_all(b"GET /healthz HTTP/1.1\r\nHost: valet\r\nX-Trickle: ")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        if stream.write_all(b"a").await.is_err() {
+                            return;
+                        }
+                    }
+                },
+            );
+        }
+        Attack::IdleHttp2 => {
+            for target in [grpc, gateway] {
+                hold_connections(&mut tasks, target, 12, 8, 300, sent.clone(), ping_only);
+            }
+        }
+        Attack::ExpensiveRefusals => {
+            let token = token.to_string();
+            let url = Arc::new(format!(
+                "http://{gateway_text}/u/fast/not-allowed?q={}",
+                // As long as valetd reads a request head (32 KiB), headers included.
+                "x".repeat(30_000)
+            ));
+            let client = http_client();
+            for _ in 0..16 {
+                let (client, url, token, sent) =
+                    (client.clone(), url.clone(), token.clone(), sent.clone());
+                tasks.spawn(async move {
+                    loop {
+                        let request = http::Request::get(url.as_str())
+                            .header("authorization", format!("Bearer {token}"))
+                            .body(Full::new(Bytes::new()));
+                        let Ok(request) = request else { return };
+                        if let Ok(response) = client.request(request).await {
+                            let _ = response.into_body().collect().await;
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        }
+        Attack::AddressRotation => {
+            // 2,000 attempts a second, each from an address not used for a while: far more
+            // addresses than any per-address budget could stop.
+            for worker in 0..16u32 {
+                let sent = sent.clone();
+                tasks.spawn(async move {
+                    let mut n = worker;
+                    let mut pace = tokio::time::interval(Duration::from_millis(8));
+                    loop {
+                        pace.tick().await;
+                        n = n.wrapping_add(16);
+                        let source = attacker_address(13, n % 60_000);
+                        let Ok(mut stream) = connect_from(source, gateway).await else {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        };
+                        let request = format!(
+                            "GET /u/fast/ok HTTP/1.1\r\nHost: valet\r\nAuthorization: Bearer not-a-token-{n}\r\nConnection: close\r\n\r\n"
+                        );
+                        if stream.write_all(request.as_bytes()).await.is_ok() {
+                            let mut answer = Vec::new();
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(5),
+                                stream.read_to_end(&mut answer),
+                            )
+                            .await;
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        }
+    }
+    Ok(tasks)
+}
+
+/// The legitimate client: token requests, introspections of one token and gateway calls, in
+/// turn, from 127.0.0.1.
+async fn legitimate(setup: &Setup, options: &Options) -> anyhow::Result<Measurement> {
+    let client = agent(setup).await?;
+    let token = Arc::new(
+        client
+            .request_token(TokenRequest::new("gateway", "hostile-legitimate"))
+            .await?
+            .token_str()
+            .to_string(),
+    );
+    let gateway = setup
+        .valetd
+        .gateway
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("valetd started without a gateway"))?;
+    let url = Arc::new(format!("http://{gateway}/u/fast/ok"));
+    let http = http_client();
+    let counter = Arc::new(AtomicU64::new(0));
+    Ok(load::run(
+        LEGITIMATE_CONCURRENCY,
+        options.duration,
+        cap(options),
+        move |worker| {
+            let (client, token, url, http) =
+                (client.clone(), token.clone(), url.clone(), http.clone());
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            async move {
+                let call = async {
+                    match n % 3 {
+                        0 => client
+                            .request_token(TokenRequest::new(
+                                "bench",
+                                format!("legit-{worker}-{n}"),
+                            ))
+                            .await
+                            .map(|_| ())
+                            .map_err(|error| error.to_string()),
+                        1 => match client.introspect(&token).await {
+                            Ok(reply) if reply.active => Ok(()),
+                            Ok(reply) => Err(format!("inactive: {}", reply.reason)),
+                            Err(error) => Err(error.to_string()),
+                        },
+                        _ => {
+                            let request = http::Request::get(url.as_str())
+                                .header("authorization", format!("Bearer {token}"))
+                                .body(Full::new(Bytes::new()))
+                                .map_err(|error| error.to_string())?;
+                            let response = http
+                                .request(request)
+                                .await
+                                .map_err(|error| error.to_string())?;
+                            let status = response.status();
+                            let _ = response.into_body().collect().await;
+                            if status.is_success() {
+                                Ok(())
+                            } else {
+                                Err(format!("gateway status {status}"))
+                            }
+                        }
+                    }
+                };
+                // Served at all, within seconds: an operation that hangs is an error.
+                tokio::time::timeout(Duration::from_secs(10), call)
+                    .await
+                    .map_err(|_| "no answer within 10 s".to_string())?
+            }
+        },
+    )
+    .await)
+}
+
+fn audit_bytes(setup: &Setup) -> u64 {
+    std::fs::metadata(setup.deployment.directory.path().join("audit.jsonl"))
+        .map(|metadata| metadata.len())
+        .unwrap_or(0)
+}
+
+/// The attacker's runtime, stopped without waiting when the run ends (a runtime cannot be
+/// dropped inside another's task).
+struct Attacker(Option<tokio::runtime::Runtime>);
+
+impl Attacker {
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.0
+            .as_ref()
+            .expect("the attacker's runtime lives until dropped")
+    }
+}
+
+impl Drop for Attacker {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The legitimate client unattacked, then under each attack.
+pub async fn hostile(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> {
+    let attacker = Attacker(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?,
+    ));
+    let attacker = attacker.runtime();
+    let token = agent(setup)
+        .await?
+        .request_token(TokenRequest::new("gateway", "hostile-refusals"))
+        .await?
+        .token_str()
+        .to_string();
+    let unattacked = legitimate(setup, options).await?;
+    let settle = if options.smoke {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(3)
+    };
+    let mut reports = Vec::new();
+    for attack in Attack::ALL {
+        let sent = Arc::new(AtomicU64::new(0));
+        let tasks = start(attack, setup, attacker, &token, sent.clone())?;
+        // Let it take hold, then see what it alone costs the audit log.
+        tokio::time::sleep(settle).await;
+        let audit_before = audit_bytes(setup);
+        let alone = Instant::now();
+        // A minute and a bit: refusal windows close, and their summaries are written, each minute.
+        tokio::time::sleep(if options.smoke {
+            settle
+        } else {
+            Duration::from_secs(65)
+        })
+        .await;
+        let minutes = alone.elapsed().as_secs_f64() / 60.0;
+        let audit_growth = audit_bytes(setup).saturating_sub(audit_before);
+        let measured = legitimate(setup, options).await?;
+        {
+            let _attacker = attacker.enter();
+            drop(tasks);
+        }
+        let mut notes = serde_json::Map::new();
+        let p99_ratio = measured.percentile_ms(0.99) / unattacked.percentile_ms(0.99).max(1e-9);
+        notes.insert(
+            "p99_ratio".into(),
+            Value::from((p99_ratio * 100.0).round() / 100.0),
+        );
+        notes.insert(
+            "audit_growth_kib_per_min".into(),
+            Value::from(((audit_growth as f64 / 1024.0) / minutes.max(1e-9)).round()),
+        );
+        notes.insert(
+            "attacker_connections_or_requests".into(),
+            Value::from(sent.load(Ordering::Relaxed)),
+        );
+        let report = Report {
+            scenario: attack.name().to_string(),
+            concurrency: LEGITIMATE_CONCURRENCY,
+            measured,
+            baseline_name: "unattacked".to_string(),
+            baseline: Some(unattacked.clone()),
+            notes,
+        };
+        report.print(options.json);
+        reports.push(report);
+        // Let what the attack left close before the next one.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(reports)
+}

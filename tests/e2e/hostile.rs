@@ -1,0 +1,407 @@
+//! Under hostile load, legitimate callers are still served: each attack runs from other loopback
+//! addresses while a legitimate client asks for a token, calls the gateway and reads its health,
+//! and must be answered — not fast, but at all, within seconds. What an attack costs the audit
+//! log is bounded too.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use valet_client::TokenRequest;
+use valet_tests::upstream::{Upstream, call};
+use valet_tests::{AGENT_KEY, Deployment, Valetd, standard_config};
+
+/// A gateway route the legitimate client calls, to a local upstream.
+fn config(upstream: &str, server: &str) -> String {
+    let extra = format!(
+        r#"
+[[upstream]]
+name = "fast"
+base_url = "{upstream}"
+credential = "railway"
+[upstream.inject]
+header = {{ Authorization = "Bearer {{secret}}" }}
+
+[[scope]]
+name = "fast"
+upstream = "fast"
+environment = "staging"
+default_ttl = "5m"
+max_ttl = "10m"
+[[scope.allow]]
+method = "GET"
+path = "/ok"
+[[scope.allow]]
+method = "GET"
+path = "/slow"
+"#
+    );
+    standard_config(&extra)
+        .replace(
+            "grant_retention = \"1h\"",
+            &format!("grant_retention = \"1h\"\ngateway_listen = \"127.0.0.1:0\"\n{server}"),
+        )
+        .replace(
+            "scopes = [\"deploy-staging\", \"limited\", \"short\"]",
+            "scopes = [\"deploy-staging\", \"limited\", \"short\", \"fast\"]",
+        )
+}
+
+/// A connection to `target` from the loopback address `source`.
+async fn connect_from(source: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    tokio::time::timeout(Duration::from_secs(2), socket.connect(target))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+fn attacker(block: u8, n: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        block,
+        (n / 250) as u8 + 1,
+        (n % 250) as u8 + 2,
+    ))
+}
+
+fn address(url: &str) -> SocketAddr {
+    url.trim_start_matches("http://").parse().unwrap()
+}
+
+/// The legitimate client, served within seconds: a token over gRPC, a gateway call with it,
+/// and the gateway's health.
+async fn legitimate_client_is_served(valetd: &Valetd, task: &str) {
+    let gateway = valetd.gateway.clone().expect("a gateway");
+    // Within 8 s: before valetd's 10 s request-head deadline would have freed places anyway.
+    let served = tokio::time::timeout(Duration::from_secs(8), async {
+        let client = valetd.client(AGENT_KEY).await;
+        let token = client
+            .request_token(TokenRequest::new("fast", task))
+            .await
+            .expect("a token for the legitimate client")
+            .token_str()
+            .to_string();
+        let answer = call(&gateway, "GET", "/u/fast/ok", &token, "", &[]).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let health = call(&gateway, "GET", "/healthz", "", "", &[]).await;
+        assert_eq!(health.status, 200, "{}", health.body);
+    })
+    .await;
+    assert!(
+        served.is_ok(),
+        "the legitimate client was not served within 8 s"
+    );
+}
+
+/// An HTTP/2 client that sends no request: it answers the server's SETTINGS and PINGs and
+/// pings on its own every 200 ms (so bytes always move). Returns once valetd closes the
+/// connection.
+async fn ping_only(mut stream: TcpStream) {
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    if stream.write_all(&opening).await.is_err() {
+        return;
+    }
+    let (mut reader, mut writer) = stream.into_split();
+    let (acks, mut to_send) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let read = async move {
+        let mut header = [0u8; 9];
+        while reader.read_exact(&mut header).await.is_ok() {
+            let length = (usize::from(header[0]) << 16)
+                | (usize::from(header[1]) << 8)
+                | usize::from(header[2]);
+            let mut payload = vec![0u8; length];
+            if reader.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            let reply = match (header[3], header[4] & 1) {
+                (4, 0) => vec![0, 0, 0, 4, 1, 0, 0, 0, 0],
+                (6, 0) => [vec![0, 0, 8, 6, 1, 0, 0, 0, 0], payload].concat(),
+                _ => continue,
+            };
+            if acks.send(reply).await.is_err() {
+                return;
+            }
+        }
+    };
+    let write = async move {
+        let mut ticks = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            let frame = tokio::select! {
+                _ = ticks.tick() => vec![0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+                reply = to_send.recv() => match reply { Some(reply) => reply, None => return },
+            };
+            if writer.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = read => {}
+        () = write => {}
+    }
+}
+
+#[tokio::test]
+async fn connections_held_idle_half_sent_or_pinging_leave_legitimate_callers_served() {
+    let upstream = Upstream::start().await;
+    let deployment = Deployment::new(&config(
+        &upstream.url(),
+        "max_connections = 60\nidle_timeout = \"20s\"",
+    ));
+    let valetd = deployment.start(&[]);
+    let grpc = address(&valetd.address);
+    let gateway = address(valetd.gateway.as_deref().unwrap());
+
+    // Connections that never send a request, from four addresses, and half-sent request heads
+    // from many: far more than the listeners' 60 places.
+    let mut held = Vec::new();
+    for n in 0..120u32 {
+        for target in [grpc, gateway] {
+            if let Ok(stream) = connect_from(attacker(20, n % 4), target).await {
+                held.push(stream);
+            }
+        }
+    }
+    for n in 0..120u32 {
+        if let Ok(mut stream) = connect_from(attacker(21, n), gateway).await {
+            let _ = stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: valet\r\nX-Slow: ")
+                .await;
+            held.push(stream);
+        }
+    }
+    assert!(
+        held.len() >= 300,
+        "could not open the attacker's connections"
+    );
+    legitimate_client_is_served(&valetd, "while-held").await;
+
+    // HTTP/2 connections that only ping are closed at the idle timeout all the same.
+    let pinging: Vec<_> = (0..10u32)
+        .map(|n| {
+            tokio::spawn(async move {
+                let stream = connect_from(attacker(22, n), gateway).await.unwrap();
+                ping_only(stream).await;
+            })
+        })
+        .collect();
+    for connection in pinging {
+        tokio::time::timeout(Duration::from_secs(60), connection)
+            .await
+            .expect("a connection that only pings was kept past the idle timeout")
+            .unwrap();
+    }
+    legitimate_client_is_served(&valetd, "after-pings").await;
+    drop(held);
+    valetd.stop().await;
+}
+
+#[tokio::test]
+async fn refused_calls_with_huge_queries_cost_the_audit_log_little() {
+    let upstream = Upstream::start().await;
+    let deployment = Deployment::new(&config(&upstream.url(), ""));
+    let valetd = deployment.start(&[]);
+    let gateway = valetd.gateway.clone().unwrap();
+    let token = valetd
+        .client(AGENT_KEY)
+        .await
+        .request_token(TokenRequest::new("fast", "refused-in-a-loop"))
+        .await
+        .unwrap()
+        .token_str()
+        .to_string();
+    let audit = deployment.audit_path();
+    let before = std::fs::metadata(&audit).unwrap().len();
+    let query = "x".repeat(30_000);
+    for _ in 0..200 {
+        let refused = call(
+            &gateway,
+            "GET",
+            &format!("/u/fast/not-allowed?q={query}"),
+            &token,
+            "",
+            &[],
+        )
+        .await;
+        assert_eq!(refused.status, 403, "{}", refused.body);
+    }
+    // A longer head than valetd reads is refused before anything looks at it.
+    let too_long = call(
+        &gateway,
+        "GET",
+        &format!("/u/fast/ok?q={}", "x".repeat(40_000)),
+        &token,
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(too_long.status, 431, "{}", too_long.body);
+    legitimate_client_is_served(&valetd, "after-refusals").await;
+    valetd.stop().await;
+    let grown = std::fs::metadata(&audit).unwrap().len() - before;
+    // Each refusal with a 64 KB query once cost about 190 KB: 200 of them, 39–77 MB.
+    assert!(
+        grown < 64 * 1024,
+        "200 refused calls grew the audit log by {grown} bytes"
+    );
+    let records = deployment.audit_records();
+    let summary = records
+        .iter()
+        .find(|record| record["aggregated"] == "true" && record["grant_id"].is_string())
+        .expect("a summary of the grant's refusals");
+    assert_eq!(summary["n_more"], "199", "{summary}");
+    let first = records
+        .iter()
+        .find(|record| record["action"] == "gateway.call" && record["outcome"] == "denied")
+        .unwrap();
+    let kept = first["query"].as_str().unwrap();
+    assert!(
+        kept.len() < 1024 && kept.contains("30002 bytes, sha256 "),
+        "{kept}"
+    );
+}
+
+#[tokio::test]
+async fn bad_tokens_from_rotating_addresses_spend_one_budget_and_few_records() {
+    let upstream = Upstream::start().await;
+    let deployment = Deployment::new(&config(
+        &upstream.url(),
+        "failed_authentication_limit = \"20/min\"\nfailed_authentication_limit_total = \"200/min\"",
+    ));
+    let valetd = deployment.start(&[]);
+    let gateway = address(valetd.gateway.as_deref().unwrap());
+    let before = deployment.audit_records().len();
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for n in 0..1500u32 {
+        let Ok(mut stream) = connect_from(attacker(23, n), gateway).await else {
+            continue;
+        };
+        let request = format!(
+            "GET /u/fast/ok HTTP/1.1\r\nHost: valet\r\nAuthorization: Bearer not-a-token-{n}\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        let status = String::from_utf8_lossy(&answer)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        *statuses.entry(status).or_default() += 1;
+    }
+    // The budget of all sources ran out: the rest were refused as throttled.
+    assert!(
+        statuses.get(&401).copied().unwrap_or(0) <= 201,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.get(&429).copied().unwrap_or(0) >= 1200,
+        "{statuses:?}"
+    );
+    let records = deployment.audit_records().len() - before;
+    assert!(
+        records <= 210,
+        "{records} audit records for 1,500 refusals from 1,500 addresses"
+    );
+    // A valid token from one of those addresses is still served.
+    let token = valetd
+        .client(AGENT_KEY)
+        .await
+        .request_token(TokenRequest::new("fast", "neighbour"))
+        .await
+        .unwrap()
+        .token_str()
+        .to_string();
+    let mut stream = connect_from(attacker(23, 7), gateway).await.unwrap();
+    let request = format!(
+        "GET /u/fast/ok HTTP/1.1\r\nHost: valet\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer[..answer.len().min(300)])
+    );
+    legitimate_client_is_served(&valetd, "after-rotation").await;
+    valetd.stop().await;
+}
+
+#[tokio::test]
+async fn console_posts_without_a_session_are_budgeted_and_summarised() {
+    let upstream = Upstream::start().await;
+    let deployment = Deployment::new(&config(&upstream.url(), "console_listen = \"127.0.0.1:0\""));
+    let valetd = deployment.start(&[]);
+    let console = valetd.console.clone().expect("the console listens");
+    let before = deployment.audit_records().len();
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for _ in 0..300 {
+        let answer = call(
+            &format!("http://{console}"),
+            "POST",
+            "/revoke-all",
+            "",
+            "scope=deploy-staging",
+            &[("content-type", "application/x-www-form-urlencoded")],
+        )
+        .await;
+        *statuses.entry(answer.status).or_default() += 1;
+    }
+    // The source's failure budget (60/min) spent, the rest are throttled.
+    assert_eq!(statuses.get(&401).copied(), Some(60), "{statuses:?}");
+    assert_eq!(statuses.get(&429).copied(), Some(240), "{statuses:?}");
+    let records = deployment.audit_records().len() - before;
+    assert!(
+        records <= 3,
+        "{records} audit records for 300 refused console posts"
+    );
+    legitimate_client_is_served(&valetd, "after-console-flood").await;
+    valetd.stop().await;
+}
+
+#[tokio::test]
+async fn one_token_cannot_hold_the_gateway_open_on_a_slow_upstream() {
+    let upstream = Upstream::start().await;
+    // A grant may have half of max_connections in flight: 32 here.
+    let deployment = Deployment::new(&config(
+        &upstream.url(),
+        "max_connections = 64\nmax_connections_per_source = 64\nmax_unauthenticated_per_source = 64",
+    ));
+    let valetd = deployment.start(&[]);
+    let gateway = valetd.gateway.clone().unwrap();
+    let token = valetd
+        .client(AGENT_KEY)
+        .await
+        .request_token(TokenRequest::new("fast", "slow-flood"))
+        .await
+        .unwrap()
+        .token_str()
+        .to_string();
+    // Forty calls at once to an upstream that answers after 10 s: the grant's 32 places fill,
+    // the rest are answered at once.
+    let calls: Vec<_> = (0..40)
+        .map(|_| {
+            let (gateway, token) = (gateway.clone(), token.clone());
+            tokio::spawn(
+                async move { call(&gateway, "GET", "/u/fast/slow", &token, "", &[]).await },
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (done, waiting): (Vec<_>, Vec<_>) = calls.into_iter().partition(|call| call.is_finished());
+    assert_eq!((done.len(), waiting.len()), (8, 32));
+    for call in done {
+        let call = call.await.unwrap();
+        assert_eq!(call.status, 429, "{}", call.body);
+        assert!(call.body.contains("in flight already"), "{}", call.body);
+    }
+    legitimate_client_is_served(&valetd, "beside-the-slow-calls").await;
+    for call in waiting {
+        assert_eq!(call.await.unwrap().status, 200);
+    }
+    valetd.stop().await;
+}
