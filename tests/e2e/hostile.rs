@@ -144,6 +144,97 @@ async fn ping_only(mut stream: TcpStream) {
     }
 }
 
+/// One HPACK header field, literal and not indexed (lengths under 127).
+fn literal(name: &str, value: &str) -> Vec<u8> {
+    let mut field = vec![0, name.len() as u8];
+    field.extend_from_slice(name.as_bytes());
+    field.push(value.len() as u8);
+    field.extend_from_slice(value.as_bytes());
+    field
+}
+
+/// An HTTP/2 client that sends one gRPC request whose body never ends, and would never let an
+/// answer through (its receive window is zero), answering valetd's pings so bytes keep moving.
+/// Returns once valetd closes the connection.
+async fn hold_request(mut stream: TcpStream, path: &str, key: Option<&str>) {
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "valet"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ] {
+        block.extend(literal(name, value));
+    }
+    if let Some(key) = key {
+        block.extend(literal("authorization", &format!("Bearer {key}")));
+    }
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS: INITIAL_WINDOW_SIZE (4) = 0.
+    opening.extend_from_slice(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0]);
+    let length = block.len();
+    opening.extend_from_slice(&[0, (length >> 8) as u8, length as u8, 1, 4, 0, 0, 0, 1]);
+    opening.extend_from_slice(&block);
+    // The request's body never ends: it stays in flight as long as the client likes.
+    if stream.write_all(&opening).await.is_err() {
+        return;
+    }
+    let mut header = [0u8; 9];
+    while stream.read_exact(&mut header).await.is_ok() {
+        let length =
+            (usize::from(header[0]) << 16) | (usize::from(header[1]) << 8) | usize::from(header[2]);
+        let mut payload = vec![0u8; length];
+        if stream.read_exact(&mut payload).await.is_err() {
+            return;
+        }
+        let reply = match (header[3], header[4] & 1) {
+            (4, 0) => vec![0, 0, 0, 4, 1, 0, 0, 0, 0],
+            (6, 0) => [vec![0, 0, 8, 6, 1, 0, 0, 0, 0], payload].concat(),
+            _ => continue,
+        };
+        if stream.write_all(&reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn requests_whose_answers_their_client_never_takes_hold_no_places() {
+    let upstream = Upstream::start().await;
+    let deployment = Deployment::new(&config(&upstream.url(), "max_connections = 60"));
+    let valetd = deployment.start(&[]);
+    let grpc = address(&valetd.address);
+    // Health checks need no credential: sixty held from twelve addresses.
+    let mut held = Vec::new();
+    for n in 0..60u32 {
+        if let Ok(stream) = connect_from(attacker(24, n % 12), grpc).await {
+            held.push(tokio::spawn(hold_request(
+                stream,
+                "/grpc.health.v1.Health/Check",
+                None,
+            )));
+        }
+    }
+    // And one principal's key on as many: at most half the places are its.
+    for n in 0..60u32 {
+        if let Ok(stream) = connect_from(attacker(25, n % 12), grpc).await {
+            held.push(tokio::spawn(hold_request(
+                stream,
+                "/valet.v1.Broker/WhoAmI",
+                Some(valet_tests::OTHER_AGENT_KEY),
+            )));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    legitimate_client_is_served(&valetd, "beside-held-answers").await;
+    for task in held {
+        task.abort();
+    }
+    valetd.stop().await;
+}
+
 #[tokio::test]
 async fn connections_held_idle_half_sent_or_pinging_leave_legitimate_callers_served() {
     let upstream = Upstream::start().await;
@@ -275,6 +366,7 @@ async fn bad_tokens_from_rotating_addresses_spend_one_budget_and_few_records() {
     let gateway = address(valetd.gateway.as_deref().unwrap());
     let before = deployment.audit_records().len();
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let started = std::time::Instant::now();
     for n in 0..1500u32 {
         let Ok(mut stream) = connect_from(attacker(23, n), gateway).await else {
             continue;
@@ -292,13 +384,16 @@ async fn bad_tokens_from_rotating_addresses_spend_one_budget_and_few_records() {
             .unwrap_or(0);
         *statuses.entry(status).or_default() += 1;
     }
-    // The budget of all sources ran out: the rest were refused as throttled.
+    // The budget of all sources ran out: the rest were refused as throttled. (It refills at
+    // 200 a minute while the loop runs: slower on a busy machine, a few more get through.)
+    let refilled = (started.elapsed().as_secs_f64() * 200.0 / 60.0).ceil() as usize;
     assert!(
-        statuses.get(&401).copied().unwrap_or(0) <= 201,
-        "{statuses:?}"
+        statuses.get(&401).copied().unwrap_or(0) <= 201 + refilled,
+        "{statuses:?} in {:?}",
+        started.elapsed()
     );
     assert!(
-        statuses.get(&429).copied().unwrap_or(0) >= 1200,
+        statuses.get(&429).copied().unwrap_or(0) >= 1200 - refilled,
         "{statuses:?}"
     );
     let records = deployment.audit_records().len() - before;
@@ -366,7 +461,7 @@ async fn console_posts_without_a_session_are_budgeted_and_summarised() {
 #[tokio::test]
 async fn one_token_cannot_hold_the_gateway_open_on_a_slow_upstream() {
     let upstream = Upstream::start().await;
-    // A grant may have half of max_connections in flight: 32 here.
+    // A grant may have a quarter of max_connections in flight: 16 here.
     let deployment = Deployment::new(&config(
         &upstream.url(),
         "max_connections = 64\nmax_connections_per_source = 64\nmax_unauthenticated_per_source = 64",
@@ -381,9 +476,9 @@ async fn one_token_cannot_hold_the_gateway_open_on_a_slow_upstream() {
         .unwrap()
         .token_str()
         .to_string();
-    // Forty calls at once to an upstream that answers after 10 s: the grant's 32 places fill,
-    // the rest are answered at once.
-    let calls: Vec<_> = (0..40)
+    // Twenty-four calls at once to an upstream that answers after 10 s: the grant's 16 places
+    // fill, the rest are answered at once.
+    let calls: Vec<_> = (0..24)
         .map(|_| {
             let (gateway, token) = (gateway.clone(), token.clone());
             tokio::spawn(
@@ -393,7 +488,7 @@ async fn one_token_cannot_hold_the_gateway_open_on_a_slow_upstream() {
         .collect();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (done, waiting): (Vec<_>, Vec<_>) = calls.into_iter().partition(|call| call.is_finished());
-    assert_eq!((done.len(), waiting.len()), (8, 32));
+    assert_eq!((done.len(), waiting.len()), (8, 16));
     for call in done {
         let call = call.await.unwrap();
         assert_eq!(call.status, 429, "{}", call.body);

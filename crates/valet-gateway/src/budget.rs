@@ -1,8 +1,9 @@
 //! Who holds a listener's connections, and the share each may hold: a cap per source (an IPv4
 //! address, an IPv6 /64) on open connections and on those that have not authenticated, room kept
-//! for authenticated callers under the listener's cap, and, when a new connection needs a
-//! place, an idle one closed for it — the oldest that never authenticated, else one of the
-//! principal holding the most (never one with a request in flight).
+//! for authenticated callers under the listener's cap, at most half of it for one principal, and,
+//! when a new connection needs a place, one closed for it — the oldest that never authenticated
+//! (a request in flight on it protects nothing), else an idle one of the principal holding the
+//! most.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -63,6 +64,8 @@ impl Refusal {
 #[derive(Debug)]
 pub struct Shared {
     evicted: AtomicBool,
+    /// Set once a request on it carried a credential valetd accepted.
+    authenticated: AtomicBool,
     reader: AtomicWaker,
     writer: AtomicWaker,
     in_flight: AtomicU32,
@@ -86,9 +89,13 @@ impl Shared {
     }
 
     /// When a connection with no request in flight has been without one for `idle`, the
-    /// instant it became idle plus `idle`; `None` while a request is in flight.
+    /// instant it became idle plus `idle`; `None` while a request is in flight on an
+    /// authenticated connection. A connection that never authenticated gets `idle` from its last
+    /// request's start or end, in flight or not: a request nobody authenticated (a health check
+    /// whose answer the client never lets through) holds nothing open.
     pub(crate) fn request_idle_deadline(&self, idle: Duration) -> Option<Instant> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
+        if self.in_flight.load(Ordering::Acquire) > 0 && self.authenticated.load(Ordering::Acquire)
+        {
             return None;
         }
         let last = Duration::from_millis(self.last_request_ms.load(Ordering::Acquire));
@@ -168,13 +175,21 @@ impl State {
     /// connecting, so the connections that stay unauthenticated longest are the ones held
     /// without purpose, and a fresh connection is never the one to give way.
     fn unauthenticated_victim(&self, source: Option<Source>) -> Option<u64> {
+        // In flight or not: a request on a connection that never authenticated (one that needs
+        // no credential, a health check) protects nothing.
         self.entries
             .iter()
             .find(|(_, entry)| {
-                source.is_none_or(|source| entry.source == source)
-                    && entry.holder.is_none()
-                    && entry.idle()
+                source.is_none_or(|source| entry.source == source) && entry.holder.is_none()
             })
+            .map(|(id, _)| *id)
+    }
+
+    /// The oldest connection of `principal` other than `except`, in flight or not.
+    fn oldest_of(&self, principal: &str, except: u64) -> Option<u64> {
+        self.entries
+            .iter()
+            .find(|(id, entry)| **id != except && entry.holder.as_deref() == Some(principal))
             .map(|(id, _)| *id)
     }
 
@@ -291,6 +306,7 @@ impl Budget {
         }
         let shared = Arc::new(Shared {
             evicted: AtomicBool::new(false),
+            authenticated: AtomicBool::new(false),
             reader: AtomicWaker::new(),
             writer: AtomicWaker::new(),
             in_flight: AtomicU32::new(0),
@@ -391,6 +407,17 @@ impl ConnectionHandle {
             }
         }
         *by_holder.entry(principal.to_string()).or_default() += 1;
+        self.shared.authenticated.store(true, Ordering::Release);
+        // One principal holds at most half the places: past it, its oldest connection goes,
+        // busy or not.
+        let share = (self.budget.caps.max_connections / 2).max(1);
+        if by_holder.get(principal).copied().unwrap_or(0) > share
+            && let Some(victim) = state.oldest_of(principal, self.id)
+            && let Some(entry) = state.remove(victim)
+        {
+            entry.shared.evict();
+            self.budget.n_evicted.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Marks a request in flight until the returned guard is dropped: a connection with a
@@ -496,23 +523,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_source_over_its_share_gives_way_with_its_own_idle_connections() {
+    async fn a_source_over_its_share_gives_way_with_its_own_connections_that_never_authenticated() {
         let budget = Budget::new(caps(100, 3, 2));
         let first = budget.admit(address("10.0.0.1")).unwrap();
         let second = budget.admit(address("10.0.0.1")).unwrap();
-        // A third unauthenticated connection from the same source closes the oldest idle one.
+        // A third unauthenticated connection from the same source closes the oldest one, even
+        // with a request in flight (one nobody authenticated protects nothing).
+        let _first_busy = first.handle().request();
         let third = budget.admit(address("10.0.0.1")).unwrap();
         assert!(first.shared().evicted());
         assert!(!second.shared().evicted());
-        // An authenticated one, or one with a request in flight, is not closed for another.
+        // An authenticated one is not closed for it.
         second.handle().authenticated("agent");
-        let _third_busy = third.handle().request();
+        third.handle().authenticated("agent");
         let fourth = budget.admit(address("10.0.0.1")).unwrap();
-        let _fourth_busy = fourth.handle().request();
         assert_eq!(
-            budget.admit(address("10.0.0.1")).unwrap_err(),
-            Refusal::SourceFull
+            budget.admit(address("10.0.0.1")).map(|_| ()),
+            Ok(()),
+            "the source's own unauthenticated fourth gives way"
         );
+        assert!(fourth.shared().evicted());
         assert!(!second.shared().evicted() && !third.shared().evicted());
         // Another source is not affected.
         let other = budget.admit(address("10.0.0.2")).unwrap();
@@ -520,58 +550,81 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_that_never_authenticate_cannot_fill_the_listener() {
+    async fn busy_connections_that_never_authenticated_cannot_hold_the_listener() {
         let budget = Budget::new(caps(8, 8, 8));
-        let legitimate = budget.admit(address("10.0.0.1")).unwrap();
-        legitimate.handle().authenticated("agent");
-        // Attackers from many addresses, each within its own share, fill the unauthenticated
-        // share (6 of 8) and then keep arriving.
-        let attackers: Vec<Place> = (2..40)
-            .filter_map(|n| budget.admit(address(&format!("10.0.1.{n}"))).ok())
+        // Attackers keep a request in flight on each (an answer they never let through).
+        let attackers: Vec<(Place, RequestGuard)> = (0..6)
+            .map(|n| {
+                let place = budget.admit(address(&format!("10.0.1.{n}"))).unwrap();
+                let guard = place.handle().request();
+                (place, guard)
+            })
             .collect();
-        assert_eq!(
-            attackers.len(),
-            38,
-            "newcomers are admitted by closing idle ones"
-        );
-        let (open, unauthenticated) = budget.counts();
-        assert!(unauthenticated <= 6, "{unauthenticated}");
-        assert!(open <= 8);
-        assert!(!legitimate.shared().evicted());
-        // A legitimate newcomer still gets a place.
+        // A legitimate newcomer still gets a place, and authenticates.
         let newcomer = budget.admit(address("10.0.0.3")).unwrap();
-        newcomer.handle().authenticated("operator");
+        assert!(
+            attackers[0].0.shared().evicted(),
+            "the oldest attacker gave way"
+        );
+        newcomer.handle().authenticated("agent");
         assert!(!newcomer.shared().evicted());
-        assert!(!legitimate.shared().evicted());
+        // And their requests do not keep them past the idle timeout either.
+        let idle = Duration::from_secs(60);
+        assert!(
+            attackers[1]
+                .0
+                .shared()
+                .request_idle_deadline(idle)
+                .is_some()
+        );
+        let _busy = newcomer.handle().request();
+        assert!(newcomer.shared().request_idle_deadline(idle).is_none());
     }
 
     #[tokio::test]
-    async fn at_the_cap_the_principal_holding_the_most_idle_connections_gives_way() {
-        let budget = Budget::new(caps(4, 4, 4));
-        let hog: Vec<Place> = (0..3)
+    async fn one_principal_holds_at_most_half_the_places() {
+        let budget = Budget::new(caps(8, 8, 8));
+        let places: Vec<(Place, RequestGuard)> = (0..6)
             .map(|n| {
-                let place = budget.admit(address(&format!("10.0.0.{n}"))).unwrap();
+                let place = budget.admit(address(&format!("10.0.2.{n}"))).unwrap();
+                let guard = place.handle().request();
                 place.handle().authenticated("hog");
+                (place, guard)
+            })
+            .collect();
+        // Its fifth and sixth, busy or not, each closed its oldest.
+        let evicted = places
+            .iter()
+            .filter(|(place, _)| place.shared().evicted())
+            .count();
+        assert_eq!(evicted, 2);
+        assert!(places[0].0.shared().evicted() && places[1].0.shared().evicted());
+        let (open, _) = budget.counts();
+        assert_eq!(open, 4);
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_an_idle_connection_of_the_principal_holding_the_most_gives_way() {
+        let budget = Budget::new(caps(6, 6, 6));
+        let mut places = Vec::new();
+        for (n, principal) in ["many", "many", "many", "few"].iter().enumerate() {
+            let place = budget.admit(address(&format!("10.0.3.{n}"))).unwrap();
+            place.handle().authenticated(principal);
+            places.push(place);
+        }
+        let busy = places[3].handle().request();
+        let _others: Vec<Place> = (0..2)
+            .map(|n| {
+                let place = budget.admit(address(&format!("10.0.4.{n}"))).unwrap();
+                place.handle().authenticated(&format!("one-{n}"));
                 place
             })
             .collect();
-        let modest = budget.admit(address("10.0.0.9")).unwrap();
-        modest.handle().authenticated("modest");
-        let newcomer = budget.admit(address("10.0.0.10")).unwrap();
-        assert!(hog[0].shared().evicted());
-        assert!(!modest.shared().evicted());
-        assert!(!newcomer.shared().evicted());
-        // When every connection has a request in flight, a newcomer is refused instead.
-        let _guards: Vec<RequestGuard> = hog[1..]
-            .iter()
-            .chain([&modest, &newcomer])
-            .map(|place| place.handle().request())
-            .collect();
-        newcomer.handle().authenticated("modest");
-        assert_eq!(
-            budget.admit(address("10.0.0.11")).unwrap_err(),
-            Refusal::ListenerBusy
-        );
+        // Full: a newcomer takes the oldest idle place of the principal holding the most.
+        let newcomer = budget.admit(address("10.0.5.1")).unwrap();
+        assert!(places[0].shared().evicted());
+        assert!(!places[3].shared().evicted() && !newcomer.shared().evicted());
+        drop(busy);
     }
 
     #[tokio::test]

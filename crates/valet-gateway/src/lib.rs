@@ -32,6 +32,8 @@ use valet_service::{CallSite, Valet};
 /// longer one is refused by the HTTP layer before anything else looks at it (nginx's default is
 /// 8 KiB per line).
 pub const MAX_REQUEST_HEAD: usize = 32 * 1024;
+/// Requests one HTTP/2 connection may have open at once, on every listener.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// How long a client has to send a request's head (method, path, headers).
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// HTTP/2 connections are pinged this often, so a live one never looks idle...
@@ -256,7 +258,8 @@ pub fn connection_builder() -> hyper_util::server::conn::auto::Builder<TokioExec
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .max_header_list_size(MAX_REQUEST_HEAD as u32);
+        .max_header_list_size(MAX_REQUEST_HEAD as u32)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
     builder
 }
 

@@ -296,6 +296,10 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(valet_gateway::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(valet_gateway::KEEPALIVE_TIMEOUT))
+        // Bounded per connection, as the HTTP listeners are: streams at once, and the head of
+        // each (tonic leaves both unlimited).
+        .max_concurrent_streams(valet_gateway::MAX_CONCURRENT_STREAMS)
+        .http2_max_header_list_size(valet_gateway::MAX_REQUEST_HEAD as u32)
         .layer(layers::stack(valet.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -1,7 +1,7 @@
 //! Gateway and MCP calls in flight — forwarded and not yet answered in full — per grant and per
-//! principal: past half of `server.max_connections` for one grant, or three quarters for one
-//! principal's grants, a call is refused before it is counted or forwarded, so one token cannot
-//! hold the gateway open on a slow upstream.
+//! principal: past a quarter of `server.max_connections` for one grant, or half for one
+//! principal's grants (the connections a principal may hold), a call is refused before it is
+//! counted or forwarded, so one token cannot hold the gateway open on a slow upstream.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,8 +17,8 @@ impl Caps {
     /// The caps for a listener that keeps `max_connections` open.
     pub fn for_connections(max_connections: usize) -> Caps {
         Caps {
-            per_grant: (max_connections / 2).max(1),
-            per_principal: (max_connections * 3 / 4).max(1),
+            per_grant: (max_connections / 4).max(1),
+            per_principal: (max_connections / 2).max(1),
         }
     }
 }
@@ -62,14 +62,14 @@ impl InFlight {
         let of_grant = counts.by_grant.get(grant).copied().unwrap_or(0);
         if of_grant >= caps.per_grant {
             return Err(format!(
-                "{of_grant} calls of this grant are in flight already (at most {}, half of server.max_connections); send it again once one has been answered",
+                "{of_grant} calls of this grant are in flight already (at most {}, a quarter of server.max_connections); send it again once one has been answered",
                 caps.per_grant
             ));
         }
         let of_principal = counts.by_principal.get(principal).copied().unwrap_or(0);
         if of_principal >= caps.per_principal {
             return Err(format!(
-                "{of_principal} calls of principal {principal:?} are in flight already (at most {}, three quarters of server.max_connections); send it again once one has been answered",
+                "{of_principal} calls of principal {principal:?} are in flight already (at most {}, half of server.max_connections); send it again once one has been answered",
                 caps.per_principal
             ));
         }
@@ -111,22 +111,23 @@ mod tests {
     #[test]
     fn a_grant_or_principal_past_its_share_is_refused_until_a_call_ends() {
         let calls = Arc::new(InFlight::default());
-        // Eight connections: four per grant, six per principal.
-        let caps = Caps::for_connections(8);
+        // Sixteen connections: four per grant, eight per principal.
+        let caps = Caps::for_connections(16);
         let mut places: Vec<InFlightPlace> = (0..4)
             .map(|_| calls.take(caps, "g1", "agent").unwrap())
             .collect();
         let refused = calls.take(caps, "g1", "agent").unwrap_err();
         assert!(refused.contains("in flight already"), "{refused}");
-        let second = calls.take(caps, "g2", "agent").unwrap();
-        let third = calls.take(caps, "g2", "agent").unwrap();
+        let others: Vec<InFlightPlace> = (0..4)
+            .map(|_| calls.take(caps, "g2", "agent").unwrap())
+            .collect();
         let refused = calls.take(caps, "g3", "agent").unwrap_err();
         assert!(refused.contains("principal"), "{refused}");
         assert!(
             calls.take(caps, "g4", "other").is_ok(),
             "another principal is not affected"
         );
-        drop((second, third));
+        drop(others);
         places.pop();
         assert!(calls.take(caps, "g1", "agent").is_ok());
     }
