@@ -187,6 +187,13 @@ impl Gateway {
         request: http::Request<hyper::body::Incoming>,
     ) -> http::Response<response::Body> {
         let (parts, body) = request.into_parts();
+        // The connection counts as authenticated once the token is, before the body is read.
+        let connection = parts.extensions.get::<budget::ConnectionHandle>().cloned();
+        let authenticated = move |principal: &str| {
+            if let Some(connection) = &connection {
+                connection.authenticated(principal);
+            }
+        };
         let decision = self
             .valet
             .authorize_call(valet_service::CallRequest {
@@ -207,15 +214,11 @@ impl Gateway {
                     .map(|(name, value)| (name.as_str(), value.as_bytes()))
                     .collect(),
                 body: Box::new(route::IncomingBody::new(&parts.headers, body)),
+                on_authenticated: Some(&authenticated),
             })
             .await;
         let decision = match decision {
-            Ok(decision) => {
-                if let Some(connection) = parts.extensions.get::<budget::ConnectionHandle>() {
-                    connection.authenticated(&decision.grant.principal);
-                }
-                decision
-            }
+            Ok(decision) => decision,
             Err(denial) => {
                 tracing::info!(request_id = site.request_id, reason = %self.valet.redact(&denial.error.to_string()), "gateway call refused");
                 return response::error_response(

@@ -98,6 +98,9 @@ pub struct CallRequest<'a> {
     /// the upstream's `forward_headers`) are part of the canonical call.
     pub headers: Vec<(&'a str, &'a [u8])>,
     pub body: Box<dyn BodySource + 'a>,
+    /// Told the grant's principal once the token is verified and its grant active, before the
+    /// body is read (the gateway counts the connection as authenticated from then on).
+    pub on_authenticated: Option<&'a (dyn Fn(&str) + Sync)>,
 }
 
 /// A call the gateway may forward, with everything it needs to do so: the request the upstream
@@ -414,6 +417,7 @@ impl Valet {
         site: &CallSite,
         authorization: Option<&str>,
         kind: valet_core::config::UpstreamKind,
+        on_authenticated: Option<&(dyn Fn(&str) + Sync)>,
         context: &mut AuditEvent,
     ) -> Result<
         (
@@ -486,6 +490,9 @@ impl Valet {
         if let Some(reason) = grant.inactive_reason(self.clock.now()) {
             return Err(CallRefusal::Inactive(reason).into());
         }
+        if let Some(authenticated) = on_authenticated {
+            authenticated(&grant.principal);
+        }
         // A place among the calls in flight, before anything is counted.
         let caps = crate::in_flight::Caps::for_connections(config.server.max_connections);
         let place = self
@@ -525,6 +532,7 @@ impl Valet {
                 site,
                 request.authorization,
                 valet_core::config::UpstreamKind::Http,
+                request.on_authenticated,
                 context,
             )
             .await?;

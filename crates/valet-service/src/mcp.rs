@@ -106,7 +106,13 @@ impl Valet {
     ) -> Result<McpDecision, ServiceError> {
         let site = request.site;
         let (config, upstream, grant, in_flight) = self
-            .grant_for_call(site, request.authorization, UpstreamKind::Mcp, context)
+            .grant_for_call(
+                site,
+                request.authorization,
+                UpstreamKind::Mcp,
+                None,
+                context,
+            )
             .await?;
         let Some(scope) = config.scopes.get(&grant.scope) else {
             return Err(CallRefusal::UnknownGrant.into());

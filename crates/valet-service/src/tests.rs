@@ -731,6 +731,7 @@ async fn call(
             content_encodings: Vec::new(),
             headers: Vec::new(),
             body: Box::new(body),
+            on_authenticated: None,
         })
         .await
         .map_err(|denial| match denial.error {
@@ -1211,6 +1212,7 @@ async fn an_approval_marked_approved_in_the_store_releases_nothing() {
             content_encodings: Vec::new(),
             headers: Vec::new(),
             body: Box::new(empty()),
+            on_authenticated: None,
         })
         .await;
     let denial = released.expect_err("a forged approval releases nothing");
