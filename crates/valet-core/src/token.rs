@@ -134,6 +134,15 @@ pub fn verify(
     keys: &impl VerifyingKeys,
     expect: Expectations<'_>,
 ) -> Result<Claims, VerifyError> {
+    let claims = verify_signature(token, keys)?;
+    check_claims(&claims, expect)?;
+    Ok(claims)
+}
+
+/// What a token claims, once its form, header and signature check out under `keys` — but not
+/// whether it is for this issuer, audience and moment: [`check_claims`] says that, at every use
+/// (a verified token may be remembered; its claims are checked each time).
+pub fn verify_signature(token: &str, keys: &impl VerifyingKeys) -> Result<Claims, VerifyError> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(VerifyError::TooLong {
             n_bytes: token.len(),
@@ -192,13 +201,16 @@ pub fn verify(
         .map_err(|_| VerifyError::Malformed {
             what: "claims are not base64url",
         })?;
-    let claims: Claims =
-        serde_json::from_slice(&claims_json).map_err(|_| VerifyError::Malformed {
-            what: "claims are not a valet claim set",
-        })?;
+    serde_json::from_slice(&claims_json).map_err(|_| VerifyError::Malformed {
+        what: "claims are not a valet claim set",
+    })
+}
+
+/// Whether verified `claims` are for the expected issuer and audience, and valid at its moment.
+pub fn check_claims(claims: &Claims, expect: Expectations<'_>) -> Result<(), VerifyError> {
     if claims.iss != expect.issuer {
         return Err(VerifyError::WrongIssuer {
-            found: claims.iss,
+            found: claims.iss.clone(),
             expected: expect.issuer.to_string(),
         });
     }
@@ -206,12 +218,11 @@ pub fn verify(
         && claims.aud != audience
     {
         return Err(VerifyError::WrongAudience {
-            found: claims.aud,
+            found: claims.aud.clone(),
             expected: audience.to_string(),
         });
     }
-    check_window(&claims, expect.now, expect.leeway_seconds)?;
-    Ok(claims)
+    check_window(claims, expect.now, expect.leeway_seconds)
 }
 
 /// Whether a token is inside its validity window at `now`, `leeway` seconds each way. Computed

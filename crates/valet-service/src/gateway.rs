@@ -17,7 +17,7 @@ use valet_core::canonical::CanonicalCall;
 use valet_core::config::Upstream;
 use valet_core::grant::{Grant, RuleCounter};
 use valet_core::rules::{self, AllowRule};
-use valet_core::token::{self, Expectations};
+use valet_core::token::Expectations;
 
 use crate::caller::Attribution;
 use crate::compare_and_swap::{Decision, Swapped, compare_and_swap};
@@ -465,7 +465,9 @@ impl Valet {
             now: self.clock.now(),
             leeway_seconds: 0,
         };
-        let claims = token::verify(token, self.keys.ring()?.as_ref(), expectations)
+        let claims = self
+            .verified_tokens
+            .verify(token, &self.keys.ring()?, expectations)
             .map_err(CallRefusal::BadToken)?;
         context.set("grant_id", &claims.jti);
         if let Err(retry_after) = self

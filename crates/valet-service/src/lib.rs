@@ -31,6 +31,7 @@ mod redactor;
 mod revocation;
 mod tokens;
 mod vault;
+mod verified_tokens;
 mod waiting;
 
 #[cfg(test)]
@@ -114,6 +115,8 @@ pub struct Valet {
     call_approvals: tokio::sync::Mutex<()>,
     /// Gateway and MCP calls forwarded and not yet answered, per grant and principal.
     in_flight: Arc<in_flight::InFlight>,
+    /// Valet tokens whose signature was verified under the key ring in force.
+    verified_tokens: verified_tokens::VerifiedTokens,
 }
 
 /// What it takes to start the service.
@@ -182,6 +185,7 @@ impl Valet {
             limits: authentication_limits::AuthenticationLimits::default(),
             call_approvals: tokio::sync::Mutex::new(()),
             in_flight: Arc::default(),
+            verified_tokens: verified_tokens::VerifiedTokens::default(),
             stopping: tokio::sync::watch::Sender::new(false),
             deferred,
             metrics,
