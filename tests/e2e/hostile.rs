@@ -3,12 +3,12 @@
 //! and must be answered — not fast, but at all, within seconds. What an attack costs the audit
 //! log is bounded too.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
 use valet_client::TokenRequest;
+use valet_tests::attacker;
 use valet_tests::upstream::{Upstream, call};
 use valet_tests::{AGENT_KEY, Deployment, Valetd, standard_config};
 
@@ -48,24 +48,6 @@ path = "/slow"
         )
 }
 
-/// A connection to `target` from the loopback address `source`.
-async fn connect_from(source: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    tokio::time::timeout(Duration::from_secs(2), socket.connect(target))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
-}
-
-fn attacker(block: u8, n: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(
-        127,
-        block,
-        (n / 250) as u8 + 1,
-        (n % 250) as u8 + 2,
-    ))
-}
-
 fn address(url: &str) -> SocketAddr {
     url.trim_start_matches("http://").parse().unwrap()
 }
@@ -95,111 +77,6 @@ async fn legitimate_client_is_served(valetd: &Valetd, task: &str) {
     );
 }
 
-/// An HTTP/2 client that sends no request: it answers the server's SETTINGS and PINGs and
-/// pings on its own every 200 ms (so bytes always move). Returns once valetd closes the
-/// connection.
-async fn ping_only(mut stream: TcpStream) {
-    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    opening.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
-    if stream.write_all(&opening).await.is_err() {
-        return;
-    }
-    let (mut reader, mut writer) = stream.into_split();
-    let (acks, mut to_send) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-    let read = async move {
-        let mut header = [0u8; 9];
-        while reader.read_exact(&mut header).await.is_ok() {
-            let length = (usize::from(header[0]) << 16)
-                | (usize::from(header[1]) << 8)
-                | usize::from(header[2]);
-            let mut payload = vec![0u8; length];
-            if reader.read_exact(&mut payload).await.is_err() {
-                return;
-            }
-            let reply = match (header[3], header[4] & 1) {
-                (4, 0) => vec![0, 0, 0, 4, 1, 0, 0, 0, 0],
-                (6, 0) => [vec![0, 0, 8, 6, 1, 0, 0, 0, 0], payload].concat(),
-                _ => continue,
-            };
-            if acks.send(reply).await.is_err() {
-                return;
-            }
-        }
-    };
-    let write = async move {
-        let mut ticks = tokio::time::interval(Duration::from_millis(200));
-        loop {
-            let frame = tokio::select! {
-                _ = ticks.tick() => vec![0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
-                reply = to_send.recv() => match reply { Some(reply) => reply, None => return },
-            };
-            if writer.write_all(&frame).await.is_err() {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        () = read => {}
-        () = write => {}
-    }
-}
-
-/// One HPACK header field, literal and not indexed (lengths under 127).
-fn literal(name: &str, value: &str) -> Vec<u8> {
-    let mut field = vec![0, name.len() as u8];
-    field.extend_from_slice(name.as_bytes());
-    field.push(value.len() as u8);
-    field.extend_from_slice(value.as_bytes());
-    field
-}
-
-/// An HTTP/2 client that sends one gRPC request whose body never ends, and would never let an
-/// answer through (its receive window is zero), answering valetd's pings so bytes keep moving.
-/// Returns once valetd closes the connection.
-async fn hold_request(mut stream: TcpStream, path: &str, key: Option<&str>) {
-    let mut block = Vec::new();
-    for (name, value) in [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", path),
-        (":authority", "valet"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ] {
-        block.extend(literal(name, value));
-    }
-    if let Some(key) = key {
-        block.extend(literal("authorization", &format!("Bearer {key}")));
-    }
-    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    // SETTINGS: INITIAL_WINDOW_SIZE (4) = 0.
-    opening.extend_from_slice(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0]);
-    let length = block.len();
-    opening.extend_from_slice(&[0, (length >> 8) as u8, length as u8, 1, 4, 0, 0, 0, 1]);
-    opening.extend_from_slice(&block);
-    // The request's body never ends: it stays in flight as long as the client likes.
-    if stream.write_all(&opening).await.is_err() {
-        return;
-    }
-    let mut header = [0u8; 9];
-    while stream.read_exact(&mut header).await.is_ok() {
-        let length =
-            (usize::from(header[0]) << 16) | (usize::from(header[1]) << 8) | usize::from(header[2]);
-        let mut payload = vec![0u8; length];
-        if stream.read_exact(&mut payload).await.is_err() {
-            return;
-        }
-        let reply = match (header[3], header[4] & 1) {
-            (4, 0) => vec![0, 0, 0, 4, 1, 0, 0, 0, 0],
-            (6, 0) => [vec![0, 0, 8, 6, 1, 0, 0, 0, 0], payload].concat(),
-            _ => continue,
-        };
-        if stream.write_all(&reply).await.is_err() {
-            return;
-        }
-    }
-}
-
 #[tokio::test]
 async fn requests_whose_answers_their_client_never_takes_hold_no_places() {
     let upstream = Upstream::start().await;
@@ -209,8 +86,8 @@ async fn requests_whose_answers_their_client_never_takes_hold_no_places() {
     // Health checks need no credential: sixty held from twelve addresses.
     let mut held = Vec::new();
     for n in 0..60u32 {
-        if let Ok(stream) = connect_from(attacker(24, n % 12), grpc).await {
-            held.push(tokio::spawn(hold_request(
+        if let Ok(stream) = attacker::connect_from(attacker::address(24, n % 12), grpc).await {
+            held.push(tokio::spawn(attacker::hold_request(
                 stream,
                 "/grpc.health.v1.Health/Check",
                 None,
@@ -219,8 +96,8 @@ async fn requests_whose_answers_their_client_never_takes_hold_no_places() {
     }
     // And one principal's key on as many: at most half the places are its.
     for n in 0..60u32 {
-        if let Ok(stream) = connect_from(attacker(25, n % 12), grpc).await {
-            held.push(tokio::spawn(hold_request(
+        if let Ok(stream) = attacker::connect_from(attacker::address(25, n % 12), grpc).await {
+            held.push(tokio::spawn(attacker::hold_request(
                 stream,
                 "/valet.v1.Broker/WhoAmI",
                 Some(valet_tests::OTHER_AGENT_KEY),
@@ -251,13 +128,13 @@ async fn connections_held_idle_half_sent_or_pinging_leave_legitimate_callers_ser
     let mut held = Vec::new();
     for n in 0..120u32 {
         for target in [grpc, gateway] {
-            if let Ok(stream) = connect_from(attacker(20, n % 4), target).await {
+            if let Ok(stream) = attacker::connect_from(attacker::address(20, n % 4), target).await {
                 held.push(stream);
             }
         }
     }
     for n in 0..120u32 {
-        if let Ok(mut stream) = connect_from(attacker(21, n), gateway).await {
+        if let Ok(mut stream) = attacker::connect_from(attacker::address(21, n), gateway).await {
             let _ = stream
                 .write_all(b"GET /healthz HTTP/1.1\r\nHost: valet\r\nX-Slow: ")
                 .await;
@@ -274,8 +151,10 @@ async fn connections_held_idle_half_sent_or_pinging_leave_legitimate_callers_ser
     let pinging: Vec<_> = (0..10u32)
         .map(|n| {
             tokio::spawn(async move {
-                let stream = connect_from(attacker(22, n), gateway).await.unwrap();
-                ping_only(stream).await;
+                let stream = attacker::connect_from(attacker::address(22, n), gateway)
+                    .await
+                    .unwrap();
+                attacker::ping_only(stream, Duration::from_millis(200)).await;
             })
         })
         .collect();
@@ -368,7 +247,7 @@ async fn bad_tokens_from_rotating_addresses_spend_one_budget_and_few_records() {
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
     let started = std::time::Instant::now();
     for n in 0..1500u32 {
-        let Ok(mut stream) = connect_from(attacker(23, n), gateway).await else {
+        let Ok(mut stream) = attacker::connect_from(attacker::address(23, n), gateway).await else {
             continue;
         };
         let request = format!(
@@ -410,7 +289,9 @@ async fn bad_tokens_from_rotating_addresses_spend_one_budget_and_few_records() {
         .unwrap()
         .token_str()
         .to_string();
-    let mut stream = connect_from(attacker(23, 7), gateway).await.unwrap();
+    let mut stream = attacker::connect_from(attacker::address(23, 7), gateway)
+        .await
+        .unwrap();
     let request = format!(
         "GET /u/fast/ok HTTP/1.1\r\nHost: valet\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
     );

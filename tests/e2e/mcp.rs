@@ -114,10 +114,15 @@ struct Stack {
 
 impl Stack {
     fn start() -> Stack {
+        Stack::start_with(|config| config)
+    }
+
+    /// [`Stack::start`] with the config as `edit` changes it.
+    fn start_with(edit: impl FnOnce(String) -> String) -> Stack {
         let remote = Framework::mcp_deploy(RAILWAY_ROOT_SECRET);
         let directory = tempfile::tempdir().unwrap();
         let stdio_log = directory.path().join("stdio-executed.jsonl");
-        let deployment = Deployment::new(&config(&remote.url, &stdio_log));
+        let deployment = Deployment::new(&edit(config(&remote.url, &stdio_log)));
         let valetd = deployment.start(&[]);
         Stack {
             remote,
@@ -802,24 +807,12 @@ fn serving_pids(stack: &Stack) -> Vec<u64> {
 
 #[tokio::test]
 async fn server_processes_are_shared_where_the_config_says_so_and_a_principal_keeps_its_share() {
-    let config = |stack_config: String| {
-        stack_config.replace(
+    let stack = Stack::start_with(|config| {
+        config.replace(
             "max_processes = 2\nmax_processes_per_principal = 2\n",
             "max_processes = 2\nmax_processes_per_principal = 1\n",
         )
-    };
-    let remote = Framework::mcp_deploy(RAILWAY_ROOT_SECRET);
-    let directory = tempfile::tempdir().unwrap();
-    let stdio_log = directory.path().join("stdio-executed.jsonl");
-    let deployment = Deployment::new(&config(self::config(&remote.url, &stdio_log)));
-    let valetd = deployment.start(&[]);
-    let stack = Stack {
-        remote,
-        stdio_log,
-        _directory: directory,
-        deployment,
-        valetd,
-    };
+    });
     let gateway = stack.gateway();
     let steps = json!([["call_tool", "list_projects", {}]]);
     // The other principal's grant has its warm process...

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use valet_client::{Client, ClientConfig};
 
+pub mod attacker;
 pub mod etcd;
 pub mod frameworks;
 pub mod moto;

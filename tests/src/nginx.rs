@@ -14,12 +14,36 @@ pub struct TlsProxy {
     _directory: tempfile::TempDir,
 }
 
-fn nginx_binary() -> PathBuf {
+/// Where Debian installs nginx, if it is installed.
+pub fn binary() -> Option<PathBuf> {
     ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .map(PathBuf::from)
         .find(|path| path.exists())
-        .expect("nginx is missing: run ./scripts/test.sh, which installs it from Debian's packages")
+}
+
+/// An nginx config that runs in the foreground with its pid and temp files under `directory`,
+/// logs errors to stderr and no access, and serves `http` (the `http` block's own directives).
+pub fn config(directory: &Path, worker_connections: u32, http: &str) -> String {
+    let dir = directory.display();
+    format!(
+        r#"
+daemon off;
+worker_processes 1;
+error_log stderr warn;
+pid {dir}/nginx.pid;
+events {{ worker_connections {worker_connections}; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+{http}
+}}
+"#
+    )
 }
 
 impl TlsProxy {
@@ -28,22 +52,11 @@ impl TlsProxy {
     /// `X-Forwarded-Proto: https` as such proxies do.
     pub fn start(port: u16, upstream: &str, certificate: &Path, key: &Path) -> TlsProxy {
         let directory = tempfile::tempdir().expect("temp dir");
-        let dir = directory.path().display();
-        let config = format!(
-            r#"
-daemon off;
-worker_processes 1;
-error_log stderr warn;
-pid {dir}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body;
-  proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fastcgi;
-  uwsgi_temp_path {dir}/uwsgi;
-  scgi_temp_path {dir}/scgi;
-  server {{
+        let config = config(
+            directory.path(),
+            64,
+            &format!(
+                r#"  server {{
     listen 127.0.0.1:{port} ssl;
     ssl_certificate {certificate};
     ssl_certificate_key {key};
@@ -54,15 +67,17 @@ http {{
       proxy_set_header X-Forwarded-Proto https;
       proxy_buffering off;
     }}
-  }}
-}}
-"#,
-            certificate = certificate.display(),
-            key = key.display(),
+  }}"#,
+                certificate = certificate.display(),
+                key = key.display(),
+            ),
         );
         let path = directory.path().join("nginx.conf");
         std::fs::write(&path, config).expect("write nginx.conf");
-        let child = Command::new(nginx_binary())
+        let nginx = binary().expect(
+            "nginx is missing: run ./scripts/test.sh, which installs it from Debian's packages",
+        );
+        let child = Command::new(nginx)
             .arg("-c")
             .arg(&path)
             .arg("-p")

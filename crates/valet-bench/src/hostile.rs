@@ -3,7 +3,7 @@
 //! throughput and p99 under each attack against the same client unattacked, same run, and how
 //! fast the audit log grew meanwhile.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,8 +12,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use valet_client::TokenRequest;
+use valet_tests::attacker;
 
 use crate::load::{self, Measurement};
 use crate::report::Report;
@@ -57,25 +58,6 @@ impl Attack {
     }
 }
 
-/// Where attacks come from: 127.A.B.C, never 127.0.0.1 (the legitimate client's).
-fn attacker_address(block: u8, n: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(
-        127,
-        block,
-        ((n / 250) % 250) as u8 + 1,
-        (n % 250) as u8 + 2,
-    ))
-}
-
-/// A TCP connection to `target` from `source`.
-async fn connect_from(source: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    tokio::time::timeout(Duration::from_secs(2), socket.connect(target))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
-}
-
 fn socket_address(address: &str) -> anyhow::Result<SocketAddr> {
     Ok(address.trim_start_matches("http://").parse()?)
 }
@@ -96,10 +78,10 @@ fn hold_connections<F, Fut>(
 {
     for n in 0..count {
         let (hold, sent) = (hold.clone(), sent.clone());
-        let source = attacker_address(block, n % sources);
+        let source = attacker::address(block, n % sources);
         tasks.spawn(async move {
             loop {
-                match connect_from(source, target).await {
+                match attacker::connect_from(source, target).await {
                     Ok(stream) => {
                         sent.fetch_add(1, Ordering::Relaxed);
                         hold(stream).await;
@@ -117,64 +99,6 @@ fn hold_connections<F, Fut>(
 async fn drain(mut stream: TcpStream) {
     let mut buffer = [0u8; 4096];
     while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {}
-}
-
-/// An HTTP/2 client that opens a connection and then only pings: it answers the server's
-/// SETTINGS and PINGs and sends a PING of its own every second.
-async fn ping_only(mut stream: TcpStream) {
-    const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
-    const SETTINGS_ACK: [u8; 9] = [0, 0, 0, 4, 1, 0, 0, 0, 0];
-    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    opening.extend_from_slice(&SETTINGS);
-    if stream.write_all(&opening).await.is_err() {
-        return;
-    }
-    let (mut reader, mut writer) = stream.into_split();
-    let (ack_sender, mut acks) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-    let read = async move {
-        let mut header = [0u8; 9];
-        loop {
-            if reader.read_exact(&mut header).await.is_err() {
-                return;
-            }
-            let length =
-                usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
-            let mut payload = vec![0u8; length];
-            if reader.read_exact(&mut payload).await.is_err() {
-                return;
-            }
-            let reply = match (header[3], header[4] & 1) {
-                (4, 0) => Some(SETTINGS_ACK.to_vec()),
-                (6, 0) => {
-                    let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
-                    ack.extend_from_slice(&payload);
-                    Some(ack)
-                }
-                _ => None,
-            };
-            if let Some(reply) = reply
-                && ack_sender.send(reply).await.is_err()
-            {
-                return;
-            }
-        }
-    };
-    let write = async move {
-        let mut ticks = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            let frame = tokio::select! {
-                _ = ticks.tick() => vec![0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
-                reply = acks.recv() => match reply { Some(reply) => reply, None => return },
-            };
-            if writer.write_all(&frame).await.is_err() {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        () = read => {}
-        () = write => {}
-    }
 }
 
 /// Starts `attack` against the running valetd, on the attacker's own runtime (`attacker`: one
@@ -231,7 +155,9 @@ fn start(
         }
         Attack::IdleHttp2 => {
             for target in [grpc, gateway] {
-                hold_connections(&mut tasks, target, 12, 8, 300, sent.clone(), ping_only);
+                hold_connections(&mut tasks, target, 12, 8, 300, sent.clone(), |stream| {
+                    attacker::ping_only(stream, Duration::from_secs(1))
+                });
             }
         }
         Attack::ExpensiveRefusals => {
@@ -270,8 +196,8 @@ fn start(
                     loop {
                         pace.tick().await;
                         n = n.wrapping_add(16);
-                        let source = attacker_address(13, n % 60_000);
-                        let Ok(mut stream) = connect_from(source, gateway).await else {
+                        let source = attacker::address(13, n % 60_000);
+                        let Ok(mut stream) = attacker::connect_from(source, gateway).await else {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         };

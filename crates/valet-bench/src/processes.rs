@@ -530,28 +530,15 @@ audit "file" "bench" {{
 
 /// nginx as a plain reverse proxy injecting the same credential header in front of `upstream`.
 pub fn start_nginx(upstream: &str, directory: &Path) -> anyhow::Result<Process> {
-    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .find(|path| Path::new(path).exists());
-    let Some(nginx) = nginx else {
+    let Some(nginx) = valet_tests::nginx::binary() else {
         bail!("nginx is not installed: `apt-get install -y nginx` (scripts/bench.sh does it)");
     };
     let port = valet_tests::ports::reserve();
-    let config = format!(
-        r#"
-daemon off;
-worker_processes 1;
-error_log stderr warn;
-pid {dir}/nginx.pid;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body;
-  proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fastcgi;
-  uwsgi_temp_path {dir}/uwsgi;
-  scgi_temp_path {dir}/scgi;
-  upstream fast {{ server {upstream}; keepalive 128; }}
+    let config = valet_tests::nginx::config(
+        directory,
+        1024,
+        &format!(
+            r#"  upstream fast {{ server {upstream}; keepalive 128; }}
   server {{
     listen 127.0.0.1:{port};
     location /u/fast/ {{
@@ -560,11 +547,9 @@ http {{
       proxy_set_header Connection "";
       proxy_set_header Authorization "Bearer {secret}";
     }}
-  }}
-}}
-"#,
-        dir = directory.display(),
-        secret = UPSTREAM_SECRET,
+  }}"#,
+            secret = UPSTREAM_SECRET,
+        ),
     );
     let path = directory.join("nginx.conf");
     std::fs::write(&path, config)?;

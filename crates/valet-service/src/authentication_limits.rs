@@ -119,16 +119,12 @@ impl AuthenticationLimits {
     /// Spends one of `source`'s failed-authentication budget, and one of all sources'.
     pub fn failed(&self, source: IpAddr, limit: Rate, total: Rate, now_ms: u64) {
         let mut state = self.state();
-        if state.failures_by_source.len() >= MAX_BUCKETS {
-            state
-                .failures_by_source
-                .retain(|_, bucket| !bucket.is_full(limit, now_ms));
-        }
-        let _ = state
-            .failures_by_source
-            .entry(Source::of(source))
-            .or_insert_with(|| Bucket::full(limit, now_ms))
-            .take(limit, now_ms);
+        let _ = spend(
+            &mut state.failures_by_source,
+            Source::of(source),
+            limit,
+            now_ms,
+        );
         let _ = state
             .failures
             .get_or_insert_with(|| Bucket::full(total, now_ms))
@@ -147,32 +143,24 @@ impl AuthenticationLimits {
     /// Spends one of the grant's refusal budget.
     pub fn grant_refused(&self, grant_id: &str, now_ms: u64) {
         let mut state = self.state();
-        if state.refusals_by_grant.len() >= MAX_BUCKETS {
-            state
-                .refusals_by_grant
-                .retain(|_, bucket| !bucket.is_full(GRANT_REFUSALS, now_ms));
-        }
-        let _ = state
-            .refusals_by_grant
-            .entry(grant_id.to_string())
-            .or_insert_with(|| Bucket::full(GRANT_REFUSALS, now_ms))
-            .take(GRANT_REFUSALS, now_ms);
+        let _ = spend(
+            &mut state.refusals_by_grant,
+            grant_id.to_string(),
+            GRANT_REFUSALS,
+            now_ms,
+        );
     }
 
     /// Whether `source`, over budget, may still have one new identity token verified now.
     pub fn grace_verification(&self, source: IpAddr, now_ms: u64) -> bool {
         let mut state = self.state();
-        if state.grace_by_source.len() >= MAX_BUCKETS {
-            state
-                .grace_by_source
-                .retain(|_, bucket| !bucket.is_full(GRACE_VERIFICATIONS, now_ms));
-        }
-        state
-            .grace_by_source
-            .entry(Source::of(source))
-            .or_insert_with(|| Bucket::full(GRACE_VERIFICATIONS, now_ms))
-            .take(GRACE_VERIFICATIONS, now_ms)
-            .is_ok()
+        spend(
+            &mut state.grace_by_source,
+            Source::of(source),
+            GRACE_VERIFICATIONS,
+            now_ms,
+        )
+        .is_ok()
     }
 
     /// Takes one request from `principal`'s rate; refused, with how long to wait, when spent.
@@ -183,16 +171,12 @@ impl AuthenticationLimits {
         now_ms: u64,
     ) -> Result<(), Duration> {
         let mut state = self.state();
-        if state.requests_by_principal.len() >= MAX_BUCKETS {
-            state
-                .requests_by_principal
-                .retain(|_, bucket| !bucket.is_full(rate, now_ms));
-        }
-        state
-            .requests_by_principal
-            .entry(principal.to_string())
-            .or_insert_with(|| Bucket::full(rate, now_ms))
-            .take(rate, now_ms)
+        spend(
+            &mut state.requests_by_principal,
+            principal.to_string(),
+            rate,
+            now_ms,
+        )
     }
 
     /// Counts a refusal; `true` when it opens a window and must be recorded now (the rest of
@@ -276,6 +260,23 @@ impl AuthenticationLimits {
         }
         summaries
     }
+}
+
+/// Takes one from `key`'s bucket in `buckets` (a full one when it has none), forgetting full
+/// (idle) buckets first once [`MAX_BUCKETS`] are kept; refused, with how long to wait, when empty.
+fn spend<K: std::hash::Hash + Eq>(
+    buckets: &mut HashMap<K, Bucket>,
+    key: K,
+    rate: Rate,
+    now_ms: u64,
+) -> Result<(), Duration> {
+    if buckets.len() >= MAX_BUCKETS {
+        buckets.retain(|_, bucket| !bucket.is_full(rate, now_ms));
+    }
+    buckets
+        .entry(key)
+        .or_insert_with(|| Bucket::full(rate, now_ms))
+        .take(rate, now_ms)
 }
 
 #[cfg(test)]
