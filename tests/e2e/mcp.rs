@@ -810,7 +810,7 @@ async fn server_processes_are_shared_where_the_config_says_so_and_a_principal_ke
     let stack = Stack::start_with(|config| {
         config.replace(
             "max_processes = 2\nmax_processes_per_principal = 2\n",
-            "max_processes = 2\nmax_processes_per_principal = 1\n",
+            "max_processes = 2\nmax_processes_per_principal = 1\nstarts_per_principal = \"3/min\"\n",
         )
     });
     let gateway = stack.gateway();
@@ -841,6 +841,22 @@ async fn server_processes_are_shared_where_the_config_says_so_and_a_principal_ke
         "each of my fresh grants had a process of its own"
     );
     assert!(!mine.contains(&their_pid));
+    // A fourth fresh grant within the minute is past the principal's starts: refused, not
+    // served by a process of its own.
+    let fourth = stack.token("deploy-stdio", "share-mine-4").await;
+    let refused = post(&gateway, "deploy-stdio", &fourth, &[], &json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
+    }))
+    .await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert!(
+        refused.body.contains("upstream_busy") && refused.body.contains("starts_per_principal"),
+        "{}",
+        refused.body
+    );
+    assert!(refused.headers.contains_key("retry-after"));
+    assert_eq!(serving_pids(&stack).len(), pids.len(), "no process started");
 
     // A server that keeps no per-grant state serves every grant from one process.
     let before = serving_pids(&stack).len();

@@ -53,6 +53,14 @@ pub enum CallRefusal {
     UpstreamFailed { upstream: String, detail: String },
     #[error("upstream {upstream} did not answer within {seconds} s")]
     UpstreamTimeout { upstream: String, seconds: u64 },
+    /// The caller is at its share of what serving the upstream costs (an MCP server valetd
+    /// runs: processes held, processes started).
+    #[error("upstream {upstream}: {reason}")]
+    UpstreamBusy {
+        upstream: String,
+        reason: String,
+        retry_after_seconds: u64,
+    },
     #[error(
         "the gateway serves /u/<upstream>/<path>, /mcp/<upstream>, /.well-known/jwks.json, /.well-known/openid-configuration, /healthz and /readyz"
     )]
@@ -72,7 +80,7 @@ pub enum CallRefusal {
 
 impl CallRefusal {
     /// Every kind, as agents see it in the `error` field; tests enumerate this list.
-    pub const KINDS: [&'static str; 19] = [
+    pub const KINDS: [&'static str; 20] = [
         "no_token",
         "bad_token",
         "unknown_grant",
@@ -89,6 +97,7 @@ impl CallRefusal {
         "bad_header",
         "upstream_failed",
         "upstream_timeout",
+        "upstream_busy",
         "not_found",
         "approval_required",
         "approval_refused",
@@ -112,6 +121,7 @@ impl CallRefusal {
             CallRefusal::BadHeader { .. } => "bad_header",
             CallRefusal::UpstreamFailed { .. } => "upstream_failed",
             CallRefusal::UpstreamTimeout { .. } => "upstream_timeout",
+            CallRefusal::UpstreamBusy { .. } => "upstream_busy",
             CallRefusal::NotFound => "not_found",
             CallRefusal::ApprovalRequired { .. } => "approval_required",
             CallRefusal::ApprovalRefused(_) => "approval_refused",

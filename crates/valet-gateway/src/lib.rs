@@ -14,6 +14,7 @@ pub mod listener;
 mod mask;
 mod mcp;
 mod response;
+pub use response::{AnswerAfter, throttle_headers};
 mod route;
 mod stdio;
 mod stream;
@@ -123,6 +124,11 @@ impl Gateway {
                         }
                         async move {
                             let response = gateway.handle(request, peer).await;
+                            // A throttled caller's answer waits, so its loop runs at the pace
+                            // of its (budgeted) connections.
+                            if let Some(response::AnswerAfter(pause)) = response.extensions().get() {
+                                tokio::time::sleep(*pause).await;
+                            }
                             Ok::<_, std::convert::Infallible>(response.map(|body| budget::GuardedBody::new(body, guard)))
                         }
                     });

@@ -598,9 +598,19 @@ async fn stdio(
             redact,
         )
         .await
-        .map_err(|error| CallRefusal::UpstreamFailed {
-            upstream: upstream.name.clone(),
-            detail: error.to_string(),
+        .map_err(|error| match error {
+            crate::stdio::StdioError::Busy {
+                reason,
+                retry_after,
+            } => CallRefusal::UpstreamBusy {
+                upstream: upstream.name.clone(),
+                reason,
+                retry_after_seconds: retry_after.as_secs().max(1),
+            },
+            error => CallRefusal::UpstreamFailed {
+                upstream: upstream.name.clone(),
+                detail: error.to_string(),
+            },
         })?;
     let initialized = process.initialized();
     let modern = agent.modern();

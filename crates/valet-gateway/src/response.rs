@@ -32,6 +32,7 @@ pub fn status_of(error: &ServiceError) -> StatusCode {
             CallRefusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             CallRefusal::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             CallRefusal::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            CallRefusal::UpstreamBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
             CallRefusal::ApprovalRequired { .. } => StatusCode::PRECONDITION_REQUIRED,
         },
         ServiceError::Inactive(_) => StatusCode::UNAUTHORIZED,
@@ -142,7 +143,12 @@ pub fn error_body(
     body
 }
 
-/// `WWW-Authenticate` on a 401, `Retry-After` on a 429.
+/// How long the listener holds a response before sending it (a throttled caller's refusal:
+/// [`ServiceError::answer_after`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AnswerAfter(pub std::time::Duration);
+
+/// `WWW-Authenticate` on a 401, `Retry-After` on a 429, and the pause a throttled refusal waits.
 pub fn with_error_headers(
     mut response: http::Response<Body>,
     error: &ServiceError,
@@ -153,12 +159,30 @@ pub fn with_error_headers(
             http::HeaderValue::from_static("Bearer realm=\"valet\""),
         );
     }
-    if let ServiceError::RateLimited { retry_after, .. } = error
-        && let Ok(value) = http::HeaderValue::from_str(&retry_after.as_secs().max(1).to_string())
+    throttle_headers(&mut response, error);
+    response
+}
+
+/// On a throttled or capped caller's answer (any listener's): `Retry-After`, and the pause it
+/// waits before it is sent ([`AnswerAfter`]).
+pub fn throttle_headers<B>(response: &mut http::Response<B>, error: &ServiceError) {
+    let retry_after = match error {
+        ServiceError::RateLimited { retry_after, .. } => Some(retry_after.as_secs()),
+        ServiceError::Call(CallRefusal::UpstreamBusy {
+            retry_after_seconds,
+            ..
+        }) => Some(*retry_after_seconds),
+        _ => None,
+    };
+    if let Some(retry_after) = retry_after
+        && let Ok(value) = http::HeaderValue::from_str(&retry_after.max(1).to_string())
     {
         response
             .headers_mut()
             .insert(http::header::RETRY_AFTER, value);
     }
-    response
+    let pause = error.answer_after();
+    if !pause.is_zero() {
+        response.extensions_mut().insert(AnswerAfter(pause));
+    }
 }

@@ -19,6 +19,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{Mutex, oneshot};
 use valet_core::Secret;
 use valet_core::config::{StdioServer, Target, Upstream};
+use valet_core::rate::Bucket;
 
 /// The protocol revision valetd initializes stdio servers with.
 pub const STDIO_PROTOCOL_VERSION: &str = "2025-11-25";
@@ -43,6 +44,12 @@ pub enum StdioError {
     Unavailable(String),
     #[error("the server did not answer within {0} s")]
     Timeout(u64),
+    /// The caller is at its share: of processes held, or of processes started.
+    #[error("{reason}")]
+    Busy {
+        reason: String,
+        retry_after: Duration,
+    },
 }
 
 /// Every stdio upstream's processes. Each upstream has its own lock, so a slow start of one
@@ -60,6 +67,9 @@ struct Pool {
     processes: HashMap<String, (String, Arc<Process>)>,
     crashes: u32,
     not_before: Option<Instant>,
+    /// Each principal's process starts (`starts_per_principal`), in milliseconds since `epoch`.
+    starts: HashMap<String, Bucket>,
+    epoch: Instant,
 }
 
 /// One running server.
@@ -79,6 +89,8 @@ pub struct Process {
 /// The key of the one process every grant shares, on an upstream whose server keeps no
 /// per-grant state.
 const SHARED: &str = "(shared)";
+/// Principals whose starts are counted at once; past it, those with a full budget are forgotten.
+const MAX_PRINCIPALS_COUNTED: usize = 10_000;
 
 impl Processes {
     /// The process serving `grant_id` (of `principal`) on `upstream`, started (and initialized)
@@ -132,6 +144,8 @@ impl Processes {
                 (not_before - now).as_millis()
             )));
         }
+        // Counted before room is made, so a refused start stops no one's process.
+        pool.start_admitted(principal, server, now)?;
         if key != SHARED {
             pool.make_room(principal, server)?;
         }
@@ -219,7 +233,40 @@ impl Pool {
             processes: HashMap::new(),
             crashes: 0,
             not_before: None,
+            starts: HashMap::new(),
+            epoch: Instant::now(),
         }
+    }
+
+    /// Takes one of `principal`'s process starts: a start costs the machine far more than a
+    /// call (a runtime and its imports), so fresh grants in a loop are refused past the
+    /// upstream's `starts_per_principal`, not served by a process each.
+    fn start_admitted(
+        &mut self,
+        principal: &str,
+        server: &StdioServer,
+        now: Instant,
+    ) -> Result<(), StdioError> {
+        let rate = server.starts_per_principal;
+        let now_ms = u64::try_from(now.duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX);
+        // Full buckets are forgotten: the table holds only principals that started lately.
+        if self.starts.len() >= MAX_PRINCIPALS_COUNTED {
+            self.starts
+                .retain(|_, bucket| !bucket.is_full(rate, now_ms));
+        }
+        let bucket = self
+            .starts
+            .entry(principal.to_string())
+            .or_insert_with(|| Bucket::full(rate, now_ms));
+        bucket.take(rate, now_ms).map_err(|retry_after| StdioError::Busy {
+            reason: format!(
+                "principal {principal:?} started {} server processes in {} s, the most starts_per_principal allows; retry in {} s",
+                rate.count,
+                rate.per.as_secs(),
+                retry_after.as_secs().max(1)
+            ),
+            retry_after,
+        })
     }
 
     /// Drops dead processes (counting crashes) and idle ones.
@@ -248,10 +295,13 @@ impl Pool {
         let own = held_by(self, principal);
         if own >= server.max_processes_per_principal {
             let Some(victim) = least_recent_idle(self, Some(principal)) else {
-                return Err(StdioError::Unavailable(format!(
-                    "principal {principal:?} has {own} server processes, all busy (max_processes_per_principal is {}); retry shortly",
-                    server.max_processes_per_principal
-                )));
+                return Err(StdioError::Busy {
+                    reason: format!(
+                        "principal {principal:?} has {own} server processes, all busy (max_processes_per_principal is {}); retry shortly",
+                        server.max_processes_per_principal
+                    ),
+                    retry_after: Duration::from_secs(1),
+                });
             };
             self.processes.remove(&victim);
             return Ok(());
@@ -275,10 +325,13 @@ impl Pool {
                 self.processes.remove(&victim);
                 Ok(())
             }
-            None => Err(StdioError::Unavailable(format!(
-                "all {} of its server processes (max_processes) are busy or held by principals within their share; retry shortly",
-                server.max_processes
-            ))),
+            None => Err(StdioError::Busy {
+                reason: format!(
+                    "all {} of its server processes (max_processes) are busy or held by principals within their share; retry shortly",
+                    server.max_processes
+                ),
+                retry_after: Duration::from_secs(1),
+            }),
         }
     }
 

@@ -244,6 +244,9 @@ where
                 }
                 Err(error) => {
                     tracing::warn!(reason = %error, "authentication failed");
+                    // A throttled caller's answer waits, so its loop runs at the pace of its
+                    // streams and connections (which are budgeted).
+                    tokio::time::sleep(error.answer_after()).await;
                     Ok(guarded(status_of(&valet, error, &request_id).into_http()))
                 }
             }

@@ -120,10 +120,7 @@ impl Valet {
                         let refusal = Refusal::new("source_rate_limited", reason.clone());
                         self.refuse_authentication(presented, operation, request_id, refusal)
                             .await?;
-                        return Err(ServiceError::RateLimited {
-                            reason,
-                            retry_after,
-                        });
+                        return Err(ServiceError::throttled(reason, retry_after));
                     }
                     if let Some(source) = presented.source {
                         self.limits.failed(source, limit, total, now_ms);
@@ -249,10 +246,7 @@ impl Valet {
                 .with("request_id", request_id);
             self.audit.record(event).await?;
         }
-        Err(ServiceError::RateLimited {
-            reason,
-            retry_after,
-        })
+        Err(ServiceError::throttled(reason, retry_after))
     }
 
     /// Counts a failed authentication from `source` against its budget; refused as throttled
@@ -274,10 +268,10 @@ impl Valet {
         };
         let now_ms = self.clock.now_millis();
         if let Err(retry_after) = self.limits.source_admitted(source, limit, total, now_ms) {
-            return ServiceError::RateLimited {
-                reason: throttled_reason(source, limit, retry_after),
+            return ServiceError::throttled(
+                throttled_reason(source, limit, retry_after),
                 retry_after,
-            };
+            );
         }
         self.limits.failed(source, limit, total, now_ms);
         failure

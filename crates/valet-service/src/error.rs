@@ -13,16 +13,24 @@ use crate::audit_sink::AuditError;
 use crate::aws_client::AwsError;
 use crate::loader::LoadError;
 
+/// How long a throttled refusal waits before it is answered.
+pub const LOOP_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Why an operation did not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error("{reason}")]
     Unauthenticated { reason: String },
-    /// A source over its failed-authentication budget, or a principal over its rate.
+    /// A source over its failed-authentication budget, a principal over its rate, a grant over
+    /// its refusals (all answered after [`LOOP_PAUSE`]), or a caller at a cap on what it holds
+    /// at once (answered at once). Made with [`ServiceError::throttled`] or
+    /// [`ServiceError::at_capacity`].
     #[error("{reason}")]
     RateLimited {
         reason: String,
         retry_after: std::time::Duration,
+        /// How long the adapter waits before answering.
+        answer_after: std::time::Duration,
     },
     #[error(transparent)]
     Request(#[from] RequestError),
@@ -99,7 +107,35 @@ impl ServiceError {
         }
     }
 
-    /// Whether a record changed under the operation faster than it could retry.
+    /// A caller refused for what it keeps doing (over a rate or a budget): answered after
+    /// [`LOOP_PAUSE`], so a caller that loops on its refusals does so at the pace of its
+    /// connections (which are budgeted), not of the CPU.
+    pub fn throttled(reason: String, retry_after: std::time::Duration) -> Self {
+        ServiceError::RateLimited {
+            reason,
+            retry_after,
+            answer_after: LOOP_PAUSE,
+        }
+    }
+
+    /// A caller at a cap on what it holds at once (calls in flight, held calls): answered at
+    /// once, so it can finish what it holds.
+    pub fn at_capacity(reason: String, retry_after: std::time::Duration) -> Self {
+        ServiceError::RateLimited {
+            reason,
+            retry_after,
+            answer_after: std::time::Duration::ZERO,
+        }
+    }
+
+    /// How long an adapter waits before giving this answer (zero but for throttled callers).
+    pub fn answer_after(&self) -> std::time::Duration {
+        match self {
+            ServiceError::RateLimited { answer_after, .. } => *answer_after,
+            _ => std::time::Duration::ZERO,
+        }
+    }
+
     /// One word for what kind of refusal or failure this is: the `refusal` field of its audit
     /// record and the `reason` label of its metrics. Always one of [`ServiceError::KINDS`].
     pub fn kind(&self) -> &'static str {

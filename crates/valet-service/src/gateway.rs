@@ -212,13 +212,13 @@ impl Valet {
                 Ok(()) => self.limits.failed(source, limit, total, now_ms),
                 Err(retry_after) => {
                     anonymous = Some("source_rate_limited");
-                    outcome = Err(ServiceError::RateLimited {
-                        reason: format!(
+                    outcome = Err(ServiceError::throttled(
+                        format!(
                             "too many calls without a valid token from {source} (at most {limit}, server.failed_authentication_limit); retry in {} s",
                             retry_after.as_secs().max(1)
                         ),
                         retry_after,
-                    });
+                    ));
                 }
             }
         }
@@ -269,7 +269,9 @@ impl Valet {
         let Some(grant_id) = grant_id else {
             return true;
         };
-        if !matches!(error, ServiceError::RateLimited { .. }) {
+        // Every refusal spends the grant's budget (at a cap included: answered at once, they
+        // could otherwise be looped on at full speed) but those of a grant already over it.
+        if error.answer_after().is_zero() {
             self.limits.grant_refused(grant_id, self.clock.now_millis());
         }
         let summarised = match error {
@@ -474,14 +476,14 @@ impl Valet {
             .limits
             .grant_admitted(&claims.jti, self.clock.now_millis())
         {
-            return Err(ServiceError::RateLimited {
-                reason: format!(
-                    "this grant's calls were refused {} times in a minute, the most a grant meets; until that eases its calls are refused unread: retry in {} s",
+            return Err(ServiceError::throttled(
+                format!(
+                    "this grant's calls were refused {} times in a minute, the most a grant meets; until that eases its calls are refused unread, each answered after a pause: retry in {} s",
                     crate::authentication_limits::GRANT_REFUSALS.count,
                     retry_after.as_secs().max(1)
                 ),
                 retry_after,
-            });
+            ));
         }
         let grant = self
             .store
@@ -500,9 +502,8 @@ impl Valet {
         let place = self
             .in_flight
             .take(caps, &grant.id, &grant.principal)
-            .map_err(|reason| ServiceError::RateLimited {
-                reason,
-                retry_after: std::time::Duration::from_secs(1),
+            .map_err(|reason| {
+                ServiceError::at_capacity(reason, std::time::Duration::from_secs(1))
             })?;
         let scope = config
             .scopes

@@ -1002,6 +1002,23 @@ async fn every_gateway_refusal_kind_leaves_one_audit_record_with_its_reason() {
         one_record_with_reason(before, &fixture, kind);
         assert_eq!(fixture.records()[before]["outcome"], "failed");
     }
+    // At its share of what serving the upstream costs: refused, not failed.
+    let busy = CallRefusal::UpstreamBusy {
+        upstream: "railway".into(),
+        reason: "principal \"agent\" started 10 server processes in 60 s".into(),
+        retry_after_seconds: 6,
+    };
+    let kind = busy.kind();
+    let before = fixture.records().len();
+    let error = fixture
+        .valet
+        .record_call_outcome(&decision, CallOutcome::Failed(busy))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ServiceError::Call(_)));
+    covered.insert(kind);
+    one_record_with_reason(before, &fixture, kind);
+    assert_eq!(fixture.records()[before]["outcome"], "denied");
 
     let all: std::collections::BTreeSet<&str> = CallRefusal::KINDS.into_iter().collect();
     assert_eq!(covered, all, "every kind of gateway refusal is exercised");

@@ -63,6 +63,8 @@ pub struct StdioServer {
     pub max_processes: usize,
     /// Processes one principal's grants keep at once.
     pub max_processes_per_principal: usize,
+    /// Processes one principal's calls may start, over time.
+    pub starts_per_principal: crate::rate::Rate,
     /// The server keeps no per-grant state: every grant shares one process.
     pub shared: bool,
     /// A process unused this long is stopped.
@@ -70,6 +72,12 @@ pub struct StdioServer {
 }
 
 pub const DEFAULT_MAX_PROCESSES: usize = 4;
+/// Process starts a principal may cause by default: a start costs a runtime and its imports
+/// (a second or more of CPU for a Python server).
+pub const DEFAULT_STARTS_PER_PRINCIPAL: crate::rate::Rate = crate::rate::Rate {
+    count: 10,
+    per: Duration::from_secs(60),
+};
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Request headers the gateway forwards from the agent to any upstream: end-to-end headers that

@@ -5,7 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use super::gateway::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_PROCESSES, StdioServer, UpstreamKind};
+use super::gateway::{
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_PROCESSES, DEFAULT_STARTS_PER_PRINCIPAL, StdioServer,
+    UpstreamKind,
+};
 use super::raw::{
     RawArgumentRule, RawArgumentTable, RawMcpScope, RawUpstream, RawValueRule, RawValueTable,
 };
@@ -78,6 +81,7 @@ pub(super) fn upstream_kind(
                 raw.max_processes_per_principal.is_some(),
                 "max_processes_per_principal",
             ),
+            (raw.starts_per_principal.is_some(), "starts_per_principal"),
             (raw.shared.is_some(), "shared"),
             (raw.idle_timeout.is_some(), "idle_timeout"),
         ];
@@ -188,16 +192,34 @@ pub(super) fn build_stdio_server(
             None
         }
     };
+    let starts_per_principal = match raw.starts_per_principal.take() {
+        None => Some(DEFAULT_STARTS_PER_PRINCIPAL),
+        Some(text) => crate::rate::Rate::parse(&text).or_else(|| {
+            problems.push(
+                format!("{at}.starts_per_principal"),
+                invalid(&text, "rate", crate::rate::RATE_RULE),
+            );
+            None
+        }),
+    };
     let idle_timeout = match raw.idle_timeout.take() {
         None => Some(DEFAULT_IDLE_TIMEOUT),
         Some(text) => problems.duration(Some(text), &format!("{at}.idle_timeout")),
     };
-    let (true, Some(max_processes), Some(max_processes_per_principal), Some(idle_timeout)) = (
+    let (
+        true,
+        Some(max_processes),
+        Some(max_processes_per_principal),
+        Some(starts_per_principal),
+        Some(idle_timeout),
+    ) = (
         valid,
         max_processes,
         max_processes_per_principal,
+        starts_per_principal,
         idle_timeout,
-    ) else {
+    )
+    else {
         return None;
     };
     // A path (not a bare program name found on PATH) is relative to the config's directory.
@@ -213,6 +235,7 @@ pub(super) fn build_stdio_server(
         working_dir: raw.working_dir.take().map(resolve),
         max_processes,
         max_processes_per_principal,
+        starts_per_principal,
         shared: raw.shared.take().unwrap_or(false),
         idle_timeout,
     })

@@ -264,6 +264,7 @@ pub struct RawUpstream {
     pub working_dir: Option<String>,
     pub max_processes: Option<i64>,
     pub max_processes_per_principal: Option<i64>,
+    pub starts_per_principal: Option<String>,
     pub shared: Option<bool>,
     pub idle_timeout: Option<String>,
     pub credential: Option<String>,

@@ -666,6 +666,10 @@ approval = { approvers = ["role:operator"], confirm = "environment" }
         Some(Path::new("/etc/valet/servers"))
     );
     assert_eq!(server.max_processes, gateway::DEFAULT_MAX_PROCESSES);
+    assert_eq!(
+        server.starts_per_principal,
+        gateway::DEFAULT_STARTS_PER_PRINCIPAL
+    );
     assert_eq!(server.idle_timeout, Duration::from_secs(120));
     let allow = config.scopes["agent"].mcp.as_ref().unwrap();
     assert_eq!(allow.tools.len(), 3);
@@ -713,6 +717,7 @@ kind = "mcp"
 command = "server"
 env = { T = "plain", "1BAD" = "{secret}" }
 max_processes = 0
+starts_per_principal = "often"
 credential = "deploy"
 [[upstream]]
 name = "no-secret-ok"
@@ -726,6 +731,7 @@ kind = "mcp"
 base_url = "https://x.example/mcp"
 credential = "deploy"
 args = ["--x"]
+starts_per_principal = "5/min"
 [upstream.inject]
 header = { Authorization = "Bearer {secret}" }
 [[scope]]
@@ -782,7 +788,9 @@ max_ttl = "1m"
         "upstream[2]: set both base_url and command",
         "upstream[3].env.1BAD: \"1BAD\" is not a valid environment variable",
         "upstream[3].max_processes: \"0\" is not a valid process count",
+        "upstream[3].starts_per_principal: \"often\" is not a valid rate",
         "upstream[5].args: \"…\" is not a valid args; expected only with command",
+        "upstream[5].starts_per_principal: \"…\" is not a valid starts_per_principal; expected only with command",
         "scope[0].mcp: \"(missing)\" is not a valid [scope.mcp]",
         "scope[1].allow: \"[[scope.allow]]\" is not a valid rule list; expected none in a scope for an MCP upstream",
         "scope[1].mcp.resources[0]: \"deploy://{tenant}/*\" is not a valid resource pattern",

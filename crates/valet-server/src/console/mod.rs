@@ -141,6 +141,10 @@ async fn handle(console: &Console, request: Request<Incoming>, peer: SocketAddr)
     );
     let mut response =
         tracing::Instrument::instrument(route(console, request, peer, &request_id), span).await;
+    // A throttled caller's answer waits, so its loop runs at the pace of its connections.
+    if let Some(valet_gateway::AnswerAfter(pause)) = response.extensions().get() {
+        tokio::time::sleep(*pause).await;
+    }
     let headers = response.headers_mut();
     for (name, value) in [
         ("content-security-policy", CONTENT_SECURITY_POLICY),
@@ -735,5 +739,7 @@ fn refusal(valet: &Valet, error: ServiceError, session: Option<&Session>) -> Res
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     let message = valet.redact(&error.to_string());
-    html(status, page::error(status, &message, session))
+    let mut response = html(status, page::error(status, &message, session));
+    valet_gateway::throttle_headers(&mut response, &error);
+    response
 }
