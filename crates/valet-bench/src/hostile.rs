@@ -13,12 +13,14 @@ use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use valet_client::TokenRequest;
+use valet_client::{Client, ClientConfig, TokenRequest};
+use valet_core::Secret;
 use valet_tests::attacker;
 
 use crate::load::{self, Measurement};
+use crate::processes::{self, AGENT_KEY, Deployment, MCP_AGENT_KEY, Process};
 use crate::report::Report;
-use crate::scenarios::{Options, Setup, agent, cap, http_client};
+use crate::scenarios::{Options, Setup, cap, http_client, http_client_from};
 
 /// The legitimate client's concurrency.
 const LEGITIMATE_CONCURRENCY: usize = 8;
@@ -36,15 +38,26 @@ enum Attack {
     ExpensiveRefusals,
     /// Bad tokens, each from a new address.
     AddressRotation,
+    /// One token's identical approval-gated MCP calls, 600 at once, each sent again when
+    /// answered.
+    HeldCalls,
+    /// Console POSTs without a session, from one address.
+    ConsolePosts,
+    /// A fresh grant each second on each of 4 workers, each opening a session with the MCP
+    /// server valetd runs (a process start each, were they not budgeted).
+    ServerProcesses,
 }
 
 impl Attack {
-    const ALL: [Attack; 5] = [
+    const ALL: [Attack; 8] = [
         Attack::IdleConnections,
         Attack::HalfSentHeads,
         Attack::IdleHttp2,
         Attack::ExpensiveRefusals,
         Attack::AddressRotation,
+        Attack::HeldCalls,
+        Attack::ConsolePosts,
+        Attack::ServerProcesses,
     ];
 
     fn name(self) -> &'static str {
@@ -54,6 +67,9 @@ impl Attack {
             Attack::IdleHttp2 => "hostile: idle HTTP/2 connections answering pings",
             Attack::ExpensiveRefusals => "hostile: refused calls with 30 KB queries (one token)",
             Attack::AddressRotation => "hostile: bad tokens from rotating addresses, 2,000/s",
+            Attack::HeldCalls => "hostile: 600 identical approval-gated MCP calls (one token)",
+            Attack::ConsolePosts => "hostile: console POSTs without a session (one address)",
+            Attack::ServerProcesses => "hostile: a fresh grant a second on a stdio MCP server (x4)",
         }
     }
 }
@@ -108,15 +124,15 @@ async fn drain(mut stream: TcpStream) {
 /// one.
 fn start(
     attack: Attack,
-    setup: &Setup,
+    target: &Target,
     attacker: &tokio::runtime::Runtime,
     token: &str,
     sent: Arc<AtomicU64>,
 ) -> anyhow::Result<tokio::task::JoinSet<()>> {
     let _attacker = attacker.enter();
     let mut tasks = tokio::task::JoinSet::new();
-    let grpc = socket_address(&setup.valetd.address)?;
-    let gateway_text = setup
+    let grpc = socket_address(&target.valetd.address)?;
+    let gateway_text = target
         .valetd
         .gateway
         .clone()
@@ -167,7 +183,7 @@ fn start(
                 // As long as valetd reads a request head (32 KiB), headers included.
                 "x".repeat(30_000)
             ));
-            let client = http_client();
+            let client = http_client_from(Some(attacker::address(15, 1)));
             for _ in 0..16 {
                 let (client, url, token, sent) =
                     (client.clone(), url.clone(), token.clone(), sent.clone());
@@ -217,14 +233,158 @@ fn start(
                 });
             }
         }
+        Attack::HeldCalls => {
+            let token = target.held_token.clone();
+            let url = Arc::new(format!("http://{gateway_text}/mcp/deploy"));
+            let client = http_client_from(Some(attacker::address(16, 1)));
+            for _ in 0..600 {
+                let (client, url, token, sent) =
+                    (client.clone(), url.clone(), token.clone(), sent.clone());
+                tasks.spawn(async move {
+                    loop {
+                        let mut request = http::Request::post(url.as_str())
+                            .header("authorization", format!("Bearer {token}"))
+                            .header("content-type", "application/json");
+                        for (name, value) in MCP_HEADERS {
+                            request = request.header(*name, *value);
+                        }
+                        let Ok(request) = request
+                            .header("mcp-name", "delete_volume")
+                            .body(Full::new(Bytes::from_static(HELD_CALL.as_bytes())))
+                        else {
+                            return;
+                        };
+                        match client.request(request).await {
+                            Ok(response) => {
+                                let _ = response.into_body().collect().await;
+                            }
+                            // Its connection refused or closed (one address holds at most a
+                            // quarter of valetd's connections): it connects again shortly, as
+                            // a client library's pool does.
+                            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        }
+        Attack::ConsolePosts => {
+            let console = socket_address(
+                target
+                    .valetd
+                    .console
+                    .as_deref()
+                    .ok_or_else(|| anyhow::anyhow!("valetd started without a console"))?,
+            )?;
+            for _ in 0..16 {
+                let sent = sent.clone();
+                tasks.spawn(async move {
+                    loop {
+                        let posted = async {
+                            let stream = attacker::connect_from(attacker::address(14, 1), console)
+                                .await
+                                .ok()?;
+                            let (mut sender, connection) = hyper::client::conn::http1::handshake(
+                                hyper_util::rt::TokioIo::new(stream),
+                            )
+                            .await
+                            .ok()?;
+                            tokio::spawn(connection);
+                            loop {
+                                let request = http::Request::post("/revoke-all")
+                                    .header("host", "valet")
+                                    .header("content-type", "application/x-www-form-urlencoded")
+                                    .body(Full::new(Bytes::from_static(b"scope=gateway")))
+                                    .ok()?;
+                                let response = sender.send_request(request).await.ok()?;
+                                let _ = response.into_body().collect().await;
+                                sent.fetch_add(1, Ordering::Relaxed);
+                            }
+                        };
+                        let _: Option<()> = posted.await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                });
+            }
+        }
+        Attack::ServerProcesses => {
+            let url = Arc::new(format!("http://{gateway_text}/mcp/deploy-stdio"));
+            let address = target.valetd.address.clone();
+            let client = http_client_from(Some(attacker::address(17, 1)));
+            for worker in 0..4u64 {
+                let (client, url, address, sent) =
+                    (client.clone(), url.clone(), address.clone(), sent.clone());
+                tasks.spawn(async move {
+                    let Ok(agent) = client_of(&address, MCP_AGENT_KEY).await else {
+                        return;
+                    };
+                    let mut pace = tokio::time::interval(Duration::from_secs(1));
+                    for n in 0u64.. {
+                        pace.tick().await;
+                        let Ok(grant) = agent
+                            .request_token(TokenRequest::new(
+                                "mcp-stdio",
+                                format!("fresh-{worker}-{n}"),
+                            ))
+                            .await
+                        else {
+                            continue;
+                        };
+                        let mut request = http::Request::post(url.as_str())
+                            .header("authorization", format!("Bearer {}", grant.token_str()))
+                            .header("content-type", "application/json");
+                        for (name, value) in MCP_HEADERS {
+                            request = request.header(*name, *value);
+                        }
+                        let Ok(request) = request
+                            .header("mcp-name", "list_projects")
+                            .body(Full::new(Bytes::from_static(LIST_CALL.as_bytes())))
+                        else {
+                            return;
+                        };
+                        if let Ok(response) = client.request(request).await {
+                            let _ = response.into_body().collect().await;
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        }
     }
     Ok(tasks)
 }
 
+/// An MCP tool call (2026-07-28: stateless, its envelope in each request).
+const HELD_CALL: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_volume","arguments":{"volumeId":"v-prod-db"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+const LIST_CALL: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"list_projects","arguments":{},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+const MCP_HEADERS: &[(&str, &str)] = &[
+    ("accept", "application/json, text/event-stream"),
+    ("mcp-protocol-version", "2026-07-28"),
+    ("mcp-method", "tools/call"),
+];
+
+/// The valetd the scenario attacks, its deployment, and what it serves the attacker.
+struct Target {
+    deployment: Deployment,
+    valetd: Process,
+    /// A token of the attacker's for the approval-gated MCP calls.
+    held_token: String,
+    _mcp_server: Process,
+    _directory: tempfile::TempDir,
+}
+
+async fn client_of(address: &str, key: &str) -> anyhow::Result<Client> {
+    Ok(Client::connect(ClientConfig::new(
+        format!("http://{address}"),
+        Secret::from(key.to_string()),
+    ))
+    .await?)
+}
+
 /// The legitimate client: token requests, introspections of one token and gateway calls, in
 /// turn, from 127.0.0.1.
-async fn legitimate(setup: &Setup, options: &Options) -> anyhow::Result<Measurement> {
-    let client = agent(setup).await?;
+async fn legitimate(target: &Target, options: &Options) -> anyhow::Result<Measurement> {
+    let client = client_of(&target.valetd.address, AGENT_KEY).await?;
     let token = Arc::new(
         client
             .request_token(TokenRequest::new("gateway", "hostile-legitimate"))
@@ -232,7 +392,7 @@ async fn legitimate(setup: &Setup, options: &Options) -> anyhow::Result<Measurem
             .token_str()
             .to_string(),
     );
-    let gateway = setup
+    let gateway = target
         .valetd
         .gateway
         .clone()
@@ -293,8 +453,8 @@ async fn legitimate(setup: &Setup, options: &Options) -> anyhow::Result<Measurem
     .await)
 }
 
-fn audit_bytes(setup: &Setup) -> u64 {
-    std::fs::metadata(setup.deployment.directory.path().join("audit.jsonl"))
+fn audit_bytes(target: &Target) -> u64 {
+    std::fs::metadata(target.deployment.directory.path().join("audit.jsonl"))
         .map(|metadata| metadata.len())
         .unwrap_or(0)
 }
@@ -321,6 +481,28 @@ impl Drop for Attacker {
 
 /// The legitimate client unattacked, then under each attack.
 pub async fn hostile(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Report>> {
+    let directory = tempfile::tempdir()?;
+    let (mcp_server, mcp_url) =
+        processes::start_mcp_server(&directory.path().join("executed.jsonl"))?;
+    let deployment = Deployment::hostile(
+        &setup.upstream.address,
+        &mcp_url,
+        &directory.path().join("stdio.jsonl"),
+    )?;
+    let (valetd, _) = deployment.start()?;
+    let held_token = client_of(&valetd.address, MCP_AGENT_KEY)
+        .await?
+        .request_token(TokenRequest::new("mcp-held", "hostile-held"))
+        .await?
+        .token_str()
+        .to_string();
+    let target = Target {
+        deployment,
+        valetd,
+        held_token,
+        _mcp_server: mcp_server,
+        _directory: directory,
+    };
     let attacker = Attacker(Some(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -328,13 +510,13 @@ pub async fn hostile(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Rep
             .build()?,
     ));
     let attacker = attacker.runtime();
-    let token = agent(setup)
+    let token = client_of(&target.valetd.address, AGENT_KEY)
         .await?
         .request_token(TokenRequest::new("gateway", "hostile-refusals"))
         .await?
         .token_str()
         .to_string();
-    let unattacked = legitimate(setup, options).await?;
+    let unattacked = legitimate(&target, options).await?;
     let settle = if options.smoke {
         Duration::from_millis(500)
     } else {
@@ -343,10 +525,10 @@ pub async fn hostile(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Rep
     let mut reports = Vec::new();
     for attack in Attack::ALL {
         let sent = Arc::new(AtomicU64::new(0));
-        let tasks = start(attack, setup, attacker, &token, sent.clone())?;
+        let tasks = start(attack, &target, attacker, &token, sent.clone())?;
         // Let it take hold, then see what it alone costs the audit log.
         tokio::time::sleep(settle).await;
-        let audit_before = audit_bytes(setup);
+        let audit_before = audit_bytes(&target);
         let alone = Instant::now();
         // A minute and a bit: refusal windows close, and their summaries are written, each minute.
         tokio::time::sleep(if options.smoke {
@@ -356,8 +538,8 @@ pub async fn hostile(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Rep
         })
         .await;
         let minutes = alone.elapsed().as_secs_f64() / 60.0;
-        let audit_growth = audit_bytes(setup).saturating_sub(audit_before);
-        let measured = legitimate(setup, options).await?;
+        let audit_growth = audit_bytes(&target).saturating_sub(audit_before);
+        let measured = legitimate(&target, options).await?;
         {
             let _attacker = attacker.enter();
             drop(tasks);

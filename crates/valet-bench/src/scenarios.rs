@@ -42,7 +42,7 @@ pub(crate) struct Setup {
     pub(crate) deployment: Deployment,
     pub(crate) valetd: Process,
     echo: Process,
-    upstream: Process,
+    pub(crate) upstream: Process,
 }
 
 /// Runs the chosen scenario(s); returns false when any measurement had errors.
@@ -464,8 +464,15 @@ async fn verify_offline(setup: &Setup, options: &Options) -> anyhow::Result<Repo
 type Http = HttpClient<HttpConnector, Full<Bytes>>;
 
 pub(crate) fn http_client() -> Http {
+    http_client_from(None)
+}
+
+/// An HTTP client whose connections come from `source` (any loopback address), or the
+/// system's choice.
+pub(crate) fn http_client_from(source: Option<std::net::IpAddr>) -> Http {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
+    connector.set_local_address(source);
     HttpClient::builder(TokioExecutor::new())
         .pool_max_idle_per_host(256)
         // Below valetd's 10 s wait for a request head: a pooled connection is not reused just as

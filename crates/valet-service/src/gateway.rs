@@ -258,8 +258,9 @@ impl Valet {
 
     /// Whether a refused call of the grant `grant_id` is recorded now: the first refusal of each
     /// kind per grant in a window is, the rest are counted into the window's summary (a token
-    /// sending refused calls in a loop costs a few records a minute, not one each). Approval
-    /// refusals are always recorded: each names the approval a person decides on.
+    /// sending refused calls in a loop costs a few records a minute, not one each). A call that
+    /// waits for an approval is recorded the first time in a window for each approval (the
+    /// record names it); a refused approval always is.
     pub(crate) fn call_refusal_recorded_now(
         &self,
         grant_id: Option<&str>,
@@ -275,18 +276,20 @@ impl Valet {
             self.limits.grant_refused(grant_id, self.clock.now_millis());
         }
         let summarised = match error {
-            ServiceError::Call(
-                CallRefusal::ApprovalRequired { .. } | CallRefusal::ApprovalRefused(_),
-            ) => false,
+            ServiceError::Call(CallRefusal::ApprovalRefused(_)) => false,
             ServiceError::Call(_) | ServiceError::RateLimited { .. } => true,
             _ => false,
         };
-        // A call no rule allows is told apart by what it asked: each different one is recorded
-        // (once a window), repeats of it are counted.
+        // A call no rule allows is told apart by what it asked, a call waiting for a person by
+        // the approval it waits for: each different one is recorded (once a window), repeats of
+        // it are counted.
         let subject = match error {
             ServiceError::Call(CallRefusal::Denied { asked, .. }) => {
                 let digest = valet_core::audit::sha256_hex(asked.as_bytes());
                 format!("{GRANT_SUBJECT}{grant_id}#{}", &digest[..16])
+            }
+            ServiceError::Call(CallRefusal::ApprovalRequired { approval_id, .. }) => {
+                format!("{GRANT_SUBJECT}{grant_id}#{approval_id}")
             }
             _ => format!("{GRANT_SUBJECT}{grant_id}"),
         };
