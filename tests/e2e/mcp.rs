@@ -707,6 +707,31 @@ async fn an_approval_gated_tool_call_is_held_shown_exactly_approved_and_runs_onc
 }
 
 #[tokio::test]
+async fn a_post_without_a_valid_token_is_refused_before_its_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::start();
+    let gateway = stack.gateway();
+    for authorization in ["", "Authorization: Bearer not-a-token\r\n"] {
+        let mut stream = tokio::net::TcpStream::connect(gateway.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        // A megabyte announced, none of it sent: the answer comes without waiting for it.
+        let head = format!(
+            "POST /mcp/deploy-remote HTTP/1.1\r\nHost: valet\r\nContent-Type: application/json\r\n{authorization}Content-Length: 1000000\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+            .await
+            .expect("answered without the body")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..read]).to_string();
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    }
+    stack.valetd.stop().await;
+}
+
+#[tokio::test]
 async fn identical_held_calls_share_one_approval_and_past_the_grants_share_are_answered_at_once() {
     let stack = Stack::start();
     let gateway = stack.gateway();

@@ -18,6 +18,10 @@ pub use valet_core::rate::Source;
 /// The share of `max_connections` that connections which have not authenticated may fill; the
 /// rest is kept for authenticated callers.
 const UNAUTHENTICATED_SHARE_PERCENT: usize = 75;
+/// Throttled answers waiting out their pause at once on one listener, from one source and from
+/// all: each counted until its pause is over, whether or not its request is still there.
+const MAX_PAUSED_PER_SOURCE: usize = 64;
+const MAX_PAUSED: usize = 1024;
 
 /// The caps one listener keeps.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +48,8 @@ pub enum Refusal {
     SourceFull,
     /// Every place is taken by a connection with a request in flight.
     ListenerBusy,
+    /// Its source has as many throttled answers waiting out their pause as it may.
+    SourceThrottled,
 }
 
 impl Refusal {
@@ -54,6 +60,9 @@ impl Refusal {
             }
             Refusal::ListenerBusy => {
                 "every connection place is taken by a connection with a request in flight"
+            }
+            Refusal::SourceThrottled => {
+                "its source address has as many throttled answers waiting out their pause as it may"
             }
         }
     }
@@ -142,9 +151,27 @@ struct State {
     by_source: HashMap<Source, Counts>,
     by_holder: HashMap<String, usize>,
     unauthenticated: usize,
+    /// Throttled answers' pauses, by when each ends (all pauses are equally long, so in order).
+    paused: std::collections::VecDeque<(Instant, Source)>,
+    paused_by_source: HashMap<Source, usize>,
 }
 
 impl State {
+    /// Forgets the pauses that are over.
+    fn prune_paused(&mut self, now: Instant) {
+        while let Some((ends, source)) = self.paused.front().copied()
+            && ends <= now
+        {
+            self.paused.pop_front();
+            if let Some(count) = self.paused_by_source.get_mut(&source) {
+                *count -= 1;
+                if *count == 0 {
+                    self.paused_by_source.remove(&source);
+                }
+            }
+        }
+    }
+
     fn remove(&mut self, id: u64) -> Option<Entry> {
         let entry = self.entries.remove(&id)?;
         if let Some(counts) = self.by_source.get_mut(&entry.source) {
@@ -259,6 +286,12 @@ impl Budget {
         let source = Source::of(address);
         let caps = self.caps;
         let mut state = self.state();
+        // A source with as many throttled answers waiting as it may have gets no new connection
+        // until they are over: cycling connections buys no refusals.
+        state.prune_paused(Instant::now());
+        if state.paused_by_source.get(&source).copied().unwrap_or(0) >= MAX_PAUSED_PER_SOURCE {
+            return Err(Refusal::SourceThrottled);
+        }
         let mut victims = Vec::new();
         let (open, unauthenticated) = state
             .by_source
@@ -420,6 +453,29 @@ impl ConnectionHandle {
         }
     }
 
+    /// Whether a throttled answer on this connection may wait out its `pause` (its source and
+    /// the listener have room among the answers waiting); if not, the connection is closed.
+    /// An answer counts until its pause is over even if its request is cancelled, so resetting
+    /// streams or closing connections skips no pause.
+    pub fn pause_admitted(&self, pause: Duration) -> bool {
+        let now = Instant::now();
+        let mut state = self.budget.state();
+        state.prune_paused(now);
+        let Some(source) = state.entries.get(&self.id).map(|entry| entry.source) else {
+            return false;
+        };
+        let from_source = state.paused_by_source.get(&source).copied().unwrap_or(0);
+        if from_source >= MAX_PAUSED_PER_SOURCE || state.paused.len() >= MAX_PAUSED {
+            if let Some(entry) = state.remove(self.id) {
+                entry.shared.evict();
+            }
+            return false;
+        }
+        state.paused.push_back((now + pause, source));
+        *state.paused_by_source.entry(source).or_default() += 1;
+        true
+    }
+
     /// Marks a request in flight until the returned guard is dropped: a connection with a
     /// request in flight is never closed to make room, nor for idleness.
     pub fn request(&self) -> RequestGuard {
@@ -428,6 +484,24 @@ impl ConnectionHandle {
         RequestGuard {
             shared: self.shared.clone(),
         }
+    }
+}
+
+/// Waits out a throttled answer's `pause` (zero: none) before it is sent, on every listener: the
+/// request stops counting as in flight (a paused answer keeps no connection from being closed
+/// to make room), and past the answers its source and listener may have waiting the connection
+/// is closed instead.
+pub async fn wait_out_pause(
+    connection: Option<&ConnectionHandle>,
+    guard: &mut Option<RequestGuard>,
+    pause: Duration,
+) {
+    if pause.is_zero() {
+        return;
+    }
+    *guard = None;
+    if connection.is_none_or(|connection| connection.pause_admitted(pause)) {
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -639,5 +713,42 @@ mod tests {
         drop(second);
         drop(third);
         assert_eq!(budget.counts(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paused_answers_are_counted_until_their_pause_ends_and_protect_no_connection() {
+        let budget = Budget::new(caps(1000, 1000, 1000));
+        let pause = Duration::from_secs(1);
+        let first = budget.admit(address("10.0.0.1")).unwrap();
+        // A paused answer's request no longer counts as in flight.
+        let mut guard = Some(first.handle().request());
+        wait_out_pause(Some(&first.handle()), &mut guard, pause).await;
+        assert!(guard.is_none());
+        assert_eq!(first.shared().in_flight.load(Ordering::Acquire), 0);
+        // Its source may have MAX_PAUSED_PER_SOURCE waiting, counted until each pause is over
+        // (the first one's is: the clock moved on while it waited).
+        let connections: Vec<Place> = (0..MAX_PAUSED_PER_SOURCE)
+            .map(|_| budget.admit(address("10.0.0.2")).unwrap())
+            .collect();
+        let over = budget.admit(address("10.0.0.2")).unwrap();
+        for connection in &connections {
+            assert!(connection.handle().pause_admitted(pause));
+        }
+        // Cancelled requests included (these were never answered): one more is refused and its
+        // connection closed.
+        drop(connections);
+        assert!(!over.handle().pause_admitted(pause));
+        assert!(over.shared().evicted());
+        // Another source is not affected; once the pauses are over, the source may wait again.
+        let other = budget.admit(address("10.0.0.3")).unwrap();
+        assert!(other.handle().pause_admitted(pause));
+        // Meanwhile the source gets no new connection.
+        assert_eq!(
+            budget.admit(address("10.0.0.2")).map(|_| ()),
+            Err(Refusal::SourceThrottled)
+        );
+        tokio::time::advance(pause).await;
+        let again = budget.admit(address("10.0.0.2")).unwrap();
+        assert!(again.handle().pause_admitted(pause));
     }
 }

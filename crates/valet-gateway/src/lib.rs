@@ -11,6 +11,7 @@ pub mod budget;
 mod forward;
 mod held;
 pub mod listener;
+pub mod log_budget;
 mod mask;
 mod mcp;
 mod response;
@@ -50,6 +51,8 @@ pub struct Gateway {
     processes: stdio::Processes,
     /// MCP calls held open for an approval.
     held: Arc<held::HeldCalls>,
+    /// Lines for refused calls in valetd's log.
+    refusal_lines: log_budget::LogBudget,
 }
 
 impl Gateway {
@@ -59,6 +62,7 @@ impl Gateway {
             upstreams: upstream::Clients::default(),
             processes: stdio::Processes::default(),
             held: Arc::default(),
+            refusal_lines: log_budget::LogBudget::default(),
         })
     }
 
@@ -118,7 +122,8 @@ impl Gateway {
                         let gateway = gateway.clone();
                         // In flight until its answer has been sent; the connection handle lets
                         // authorization mark the connection authenticated.
-                        let guard = connection.as_ref().map(budget::ConnectionHandle::request);
+                        let mut guard = connection.as_ref().map(budget::ConnectionHandle::request);
+                        let handle = connection.clone();
                         if let Some(connection) = &connection {
                             request.extensions_mut().insert(connection.clone());
                         }
@@ -126,9 +131,8 @@ impl Gateway {
                             let response = gateway.handle(request, peer).await;
                             // A throttled caller's answer waits, so its loop runs at the pace
                             // of its (budgeted) connections.
-                            if let Some(response::AnswerAfter(pause)) = response.extensions().get() {
-                                tokio::time::sleep(*pause).await;
-                            }
+                            let pause = response.extensions().get().map_or(std::time::Duration::ZERO, |response::AnswerAfter(pause)| *pause);
+                            budget::wait_out_pause(handle.as_ref(), &mut guard, pause).await;
                             Ok::<_, std::convert::Infallible>(response.map(|body| budget::GuardedBody::new(body, guard)))
                         }
                     });
@@ -226,7 +230,9 @@ impl Gateway {
         let decision = match decision {
             Ok(decision) => decision,
             Err(denial) => {
-                tracing::info!(request_id = site.request_id, reason = %self.valet.redact(&denial.error.to_string()), "gateway call refused");
+                if let Some(left_out) = self.refusal_lines.take() {
+                    tracing::info!(request_id = site.request_id, reason = %self.valet.redact(&denial.error.to_string()), left_out, "gateway call refused");
+                }
                 return response::error_response(
                     &self.valet,
                     &denial.error,

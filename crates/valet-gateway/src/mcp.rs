@@ -128,6 +128,26 @@ pub async fn handle(
         Ok(agent) => agent,
         Err(refused) => return refuse_unread(valet, &site, refused).await,
     };
+    // The caller first: nothing of the body is read for a request without a valid token, or of
+    // a grant over its budgets.
+    match valet
+        .admit_mcp_caller(&site, agent.authorization.as_deref())
+        .await
+    {
+        Ok(principal) => {
+            if let Some(connection) = parts.extensions.get::<crate::budget::ConnectionHandle>() {
+                connection.authenticated(&principal);
+            }
+        }
+        Err(denial) => {
+            return refusal(
+                valet,
+                &denial.error,
+                denial.grant_id.as_deref(),
+                Value::Null,
+            );
+        }
+    }
     let body = match Box::new(IncomingBody::new(&parts.headers, body))
         .read(MAX_REQUEST_BODY)
         .await
@@ -605,7 +625,9 @@ async fn stdio(
             } => CallRefusal::UpstreamBusy {
                 upstream: upstream.name.clone(),
                 reason,
-                retry_after_seconds: retry_after.as_secs().max(1),
+                retry_after_seconds: u64::try_from(retry_after.as_millis().div_ceil(1000))
+                    .unwrap_or(u64::MAX)
+                    .max(1),
             },
             error => CallRefusal::UpstreamFailed {
                 upstream: upstream.name.clone(),

@@ -64,12 +64,47 @@ struct Pool {
     /// The config and credential the processes were started with: any change starts a new pool.
     identity: (StdioServer, [u8; 32]),
     /// By grant id (or [`SHARED`]), with the principal whose grant started it.
-    processes: HashMap<String, (String, Arc<Process>)>,
-    crashes: u32,
-    not_before: Option<Instant>,
+    processes: HashMap<String, (String, Slot)>,
+    /// Each principal's restart backoff: a server that keeps exiting under one principal's calls
+    /// holds back that principal's starts, not everyone's.
+    backoff: HashMap<String, Backoff>,
     /// Each principal's process starts (`starts_per_principal`), in milliseconds since `epoch`.
     starts: HashMap<String, Bucket>,
     epoch: Instant,
+}
+
+/// A place in the pool: a process running, or one starting (outside the pool's lock, so a slow
+/// start holds up no call to a process already running; callers of the same grant share it).
+#[derive(Clone)]
+enum Slot {
+    Ready(Arc<Process>),
+    Starting(Arc<Starting>),
+}
+
+/// A process being started: its outcome, once known, for every caller waiting on it.
+type Starting = tokio::sync::OnceCell<Result<Arc<Process>, String>>;
+
+impl Slot {
+    /// The running process, if it is one.
+    fn ready(&self) -> Option<&Arc<Process>> {
+        match self {
+            Slot::Ready(process) => Some(process),
+            Slot::Starting(_) => None,
+        }
+    }
+
+    /// Whether it may be stopped to make room: running, with no call in flight.
+    fn idle(&self) -> bool {
+        self.ready()
+            .is_some_and(|process| process.in_flight.load(Ordering::Acquire) == 0)
+    }
+}
+
+/// How a principal's starts are held back after its processes crashed.
+#[derive(Debug, Default)]
+struct Backoff {
+    crashes: u32,
+    not_before: Option<Instant>,
 }
 
 /// One running server.
@@ -119,49 +154,111 @@ impl Processes {
                 .or_insert_with(|| Arc::new(Mutex::new(Pool::new(identity.clone()))))
                 .clone()
         };
-        let mut pool = pool.lock().await;
-        if pool.identity != identity {
-            // A changed config or credential: the old processes end, none is reused.
-            tracing::info!(
-                upstream = upstream.name,
-                "stdio MCP server config changed; stopping its processes"
-            );
-            *pool = Pool::new(identity);
-        }
-        let now = Instant::now();
-        pool.reap(server.idle_timeout, now);
         let key = if server.shared { SHARED } else { grant_id };
-        if let Some((_, process)) = pool.processes.get(key) {
-            process.touch();
-            return Ok(process.clone());
-        }
-        if let Some(not_before) = pool.not_before
-            && now < not_before
-        {
-            return Err(StdioError::Unavailable(format!(
-                "its server exited {} times in a row; the next start is in {} ms",
-                pool.crashes,
-                (not_before - now).as_millis()
-            )));
-        }
-        // Counted before room is made, so a refused start stops no one's process.
-        pool.start_admitted(principal, server, now)?;
-        if key != SHARED {
-            pool.make_room(principal, server)?;
-        }
-        match Process::start(&upstream.name, server, secret, log).await {
+        let starting = {
+            let mut pool = pool.lock().await;
+            if pool.identity != identity {
+                // A changed config or credential: the old processes end, none is reused.
+                tracing::info!(
+                    upstream = upstream.name,
+                    "stdio MCP server config changed; stopping its processes"
+                );
+                *pool = Pool::new(identity);
+            }
+            let now = Instant::now();
+            pool.reap(server.idle_timeout, now);
+            match pool.processes.get(key) {
+                Some((_, Slot::Ready(process))) => {
+                    process.touch();
+                    return Ok(process.clone());
+                }
+                Some((_, Slot::Starting(starting))) => starting.clone(),
+                None => pool.admit_start(key, principal, server, now)?,
+            }
+        };
+        // Started outside the pool's lock; whoever of the grant's callers comes first starts it
+        // (another takes over if it gives up), the others wait for it.
+        let started = starting
+            .get_or_init(|| async {
+                Process::start(&upstream.name, server, secret, log)
+                    .await
+                    .map_err(|error| error.to_string())
+            })
+            .await
+            .clone();
+        let mut pool = pool.lock().await;
+        let current = matches!(
+            pool.processes.get(key),
+            Some((_, Slot::Starting(slot))) if Arc::ptr_eq(slot, &starting)
+        );
+        match started {
             Ok(process) => {
-                pool.processes
-                    .insert(key.to_string(), (principal.to_string(), process.clone()));
+                if current {
+                    pool.processes.insert(
+                        key.to_string(),
+                        (principal.to_string(), Slot::Ready(process.clone())),
+                    );
+                } else if !pool.processes.values().any(|(_, slot)| {
+                    slot.ready()
+                        .is_some_and(|ready| Arc::ptr_eq(ready, &process))
+                }) {
+                    // Its place went while it started (its grant ended, the config changed).
+                    return Err(StdioError::Unavailable(
+                        "its place was given up while the server started (the grant ended or the upstream's config changed); retry".into(),
+                    ));
+                }
+                process.touch();
                 Ok(process)
             }
             Err(error) => {
-                pool.crashed(now);
-                Err(error)
+                if current {
+                    pool.processes.remove(key);
+                    pool.crashed(principal, Instant::now());
+                }
+                Err(StdioError::Unavailable(error))
             }
         }
     }
+}
 
+impl Pool {
+    /// A new process's place for `key`, reserved while it starts: within `principal`'s restart
+    /// backoff and starts, and with room made for it.
+    fn admit_start(
+        &mut self,
+        key: &str,
+        principal: &str,
+        server: &StdioServer,
+        now: Instant,
+    ) -> Result<Arc<Starting>, StdioError> {
+        if let Some(backoff) = self.backoff.get(principal)
+            && let Some(not_before) = backoff.not_before
+            && now < not_before
+        {
+            return Err(StdioError::Busy {
+                reason: format!(
+                    "its server exited {} times in a row under principal {principal:?}'s calls; the next start for them is in {} ms",
+                    backoff.crashes,
+                    (not_before - now).as_millis()
+                ),
+                retry_after: (not_before - now).max(Duration::from_secs(1)),
+            });
+        }
+        // Counted before room is made, so a refused start stops no one's process.
+        self.start_admitted(principal, server, now)?;
+        if key != SHARED {
+            self.make_room(principal, server)?;
+        }
+        let starting = Arc::new(tokio::sync::OnceCell::new());
+        self.processes.insert(
+            key.to_string(),
+            (principal.to_string(), Slot::Starting(starting.clone())),
+        );
+        Ok(starting)
+    }
+}
+
+impl Processes {
     /// Stops processes unused for their upstream's idle timeout.
     pub async fn reap(&self, idle_timeouts: &HashMap<String, Duration>) {
         if let Ok(mut pools) = self.pools.lock() {
@@ -231,8 +328,7 @@ impl Pool {
         Pool {
             identity,
             processes: HashMap::new(),
-            crashes: 0,
-            not_before: None,
+            backoff: HashMap::new(),
             starts: HashMap::new(),
             epoch: Instant::now(),
         }
@@ -263,13 +359,12 @@ impl Pool {
                 "principal {principal:?} started {} server processes in {} s, the most starts_per_principal allows; retry in {} s",
                 rate.count,
                 rate.per.as_secs(),
-                retry_after.as_secs().max(1)
+                retry_after.as_millis().div_ceil(1000).max(1)
             ),
             retry_after,
         })
     }
 
-    /// Drops dead processes (counting crashes) and idle ones.
     /// Makes room for one more process of `principal`: past its share it gives way with its own
     /// least recently used idle process; past the upstream's `max_processes`, the principal
     /// holding the most processes does (only one that holds more than `principal` will after
@@ -284,12 +379,11 @@ impl Pool {
         let least_recent_idle = |pool: &Pool, who: Option<&str>| {
             pool.processes
                 .iter()
-                .filter(|(key, (owner, process))| {
-                    key.as_str() != SHARED
-                        && who.is_none_or(|who| owner == who)
-                        && process.in_flight.load(Ordering::Acquire) == 0
+                .filter(|(key, (owner, slot))| {
+                    key.as_str() != SHARED && who.is_none_or(|who| owner == who) && slot.idle()
                 })
-                .min_by_key(|(_, (_, process))| process.last_used())
+                .filter_map(|(key, (_, slot))| Some((key, slot.ready()?.last_used())))
+                .min_by_key(|(_, last_used)| *last_used)
                 .map(|(key, _)| key.clone())
         };
         let own = held_by(self, principal);
@@ -335,35 +429,43 @@ impl Pool {
         }
     }
 
+    /// Drops dead processes (counting crashes) and idle ones; those starting stay.
     fn reap(&mut self, idle_timeout: Duration, now: Instant) {
-        let mut crashed = false;
-        self.processes.retain(|_, (_, process)| {
+        let mut crashed = Vec::new();
+        self.processes.retain(|_, (owner, slot)| {
+            let Some(process) = slot.ready() else {
+                return true;
+            };
             if !process.alive.load(Ordering::Acquire) {
                 if process.started.elapsed() < STABLE_AFTER {
-                    crashed = true;
+                    crashed.push(owner.clone());
                 }
                 return false;
             }
             process.in_flight.load(Ordering::Acquire) > 0
                 || now.duration_since(process.last_used()) < idle_timeout
         });
-        if crashed {
-            self.crashed(now);
-        } else if self
-            .not_before
-            .is_some_and(|not_before| now >= not_before + STABLE_AFTER)
-        {
-            self.crashes = 0;
-            self.not_before = None;
+        // A principal whose processes stayed up long enough starts afresh.
+        self.backoff.retain(|principal, backoff| {
+            crashed.contains(principal)
+                || backoff
+                    .not_before
+                    .is_some_and(|not_before| now < not_before + STABLE_AFTER)
+        });
+        for principal in crashed {
+            self.crashed(&principal, now);
         }
     }
 
-    fn crashed(&mut self, now: Instant) {
-        self.crashes = self.crashes.saturating_add(1);
-        let backoff = FIRST_BACKOFF
-            .saturating_mul(1u32 << self.crashes.saturating_sub(1).min(16))
+    /// A process of `principal`'s exited soon after it started (or would not start): its next
+    /// start waits, twice as long each time in a row.
+    fn crashed(&mut self, principal: &str, now: Instant) {
+        let backoff = self.backoff.entry(principal.to_string()).or_default();
+        backoff.crashes = backoff.crashes.saturating_add(1);
+        let wait = FIRST_BACKOFF
+            .saturating_mul(1u32 << backoff.crashes.saturating_sub(1).min(16))
             .min(MAX_BACKOFF);
-        self.not_before = Some(now + backoff);
+        backoff.not_before = Some(now + wait);
     }
 }
 

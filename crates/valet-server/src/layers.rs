@@ -32,7 +32,10 @@ pub fn stack(
         // Outermost: every request, even one refused by authentication, gets an id and a span.
         .layer(RequestIdLayer)
         // Then authentication, so no service code runs for an unknown caller.
-        .layer(AuthenticateLayer { valet })
+        .layer(AuthenticateLayer {
+            valet,
+            refusal_lines: Arc::default(),
+        })
 }
 
 /// Gives each request an id and a tracing span, and logs its outcome and latency.
@@ -157,6 +160,8 @@ fn code_label(status: &str) -> String {
 #[derive(Clone)]
 pub struct AuthenticateLayer {
     valet: Arc<Valet>,
+    /// Lines for failed authentications in valetd's log.
+    refusal_lines: Arc<valet_gateway::log_budget::LogBudget>,
 }
 
 impl<S> Layer<S> for AuthenticateLayer {
@@ -166,6 +171,7 @@ impl<S> Layer<S> for AuthenticateLayer {
         AuthenticateService {
             inner,
             valet: self.valet.clone(),
+            refusal_lines: self.refusal_lines.clone(),
         }
     }
 }
@@ -174,6 +180,7 @@ impl<S> Layer<S> for AuthenticateLayer {
 pub struct AuthenticateService<S> {
     inner: S,
     valet: Arc<Valet>,
+    refusal_lines: Arc<valet_gateway::log_budget::LogBudget>,
 }
 
 impl<S, RequestBody, ResponseBody> Service<http::Request<RequestBody>> for AuthenticateService<S>
@@ -199,6 +206,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let valet = self.valet.clone();
+        let refusal_lines = self.refusal_lines.clone();
         Box::pin(async move {
             let peer = request
                 .extensions()
@@ -206,16 +214,19 @@ where
                 .cloned();
             // In flight (never closed as idle or to make room) until its answer, a stream
             // included, has been sent.
-            let guard = peer
+            let mut guard = peer
                 .as_ref()
                 .and_then(|peer| peer.connection.as_ref())
                 .map(ConnectionHandle::request);
-            let guarded = |response: http::Response<ResponseBody>| {
+            let guarded = |response: http::Response<ResponseBody>, guard| {
                 response.map(|body| GuardedBody::new(body, guard))
             };
             let path = request.uri().path().to_string();
             if path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.") {
-                return inner.call(request).await.map(guarded);
+                return inner
+                    .call(request)
+                    .await
+                    .map(|response| guarded(response, guard));
             }
             let request_id = request
                 .extensions()
@@ -240,14 +251,25 @@ where
                         connection.authenticated(&caller.principal.name);
                     }
                     request.extensions_mut().insert(caller);
-                    inner.call(request).await.map(guarded)
+                    inner
+                        .call(request)
+                        .await
+                        .map(|response| guarded(response, guard))
                 }
                 Err(error) => {
-                    tracing::warn!(reason = %error, "authentication failed");
+                    if let Some(left_out) = refusal_lines.take() {
+                        tracing::warn!(reason = %error, left_out, "authentication failed");
+                    }
                     // A throttled caller's answer waits, so its loop runs at the pace of its
                     // streams and connections (which are budgeted).
-                    tokio::time::sleep(error.answer_after()).await;
-                    Ok(guarded(status_of(&valet, error, &request_id).into_http()))
+                    valet_gateway::budget::wait_out_pause(
+                        peer.as_ref().and_then(|peer| peer.connection.as_ref()),
+                        &mut guard,
+                        error.answer_after(),
+                    )
+                    .await;
+                    let response = status_of(&valet, error, &request_id).into_http();
+                    Ok(guarded(response, guard))
                 }
             }
         })

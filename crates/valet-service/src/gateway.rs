@@ -186,6 +186,43 @@ impl Valet {
         request: CallRequest<'_>,
     ) -> Result<CallDecision, CallDenial> {
         let site = request.site;
+        let mut context = call_context(None);
+        let outcome = self.authorize_decided(request, &mut context).await;
+        self.conclude_call(site, context, outcome).await
+    }
+
+    /// The caller of an MCP POST, checked before its body is read (the token, its grant, the
+    /// grant's budgets): a request without a valid token costs its source's budget, not a
+    /// megabyte of memory. Refusals are recorded as every call's are; the principal is returned.
+    pub async fn admit_mcp_caller(
+        &self,
+        site: &CallSite,
+        authorization: Option<&str>,
+    ) -> Result<String, CallDenial> {
+        let mut context = call_context(None);
+        let outcome = self
+            .grant_for_call(
+                site,
+                authorization,
+                valet_core::config::UpstreamKind::Mcp,
+                None,
+                &mut context,
+            )
+            .await
+            .map(|(_, _, grant, _place)| grant.principal);
+        self.conclude_call(site, context, outcome).await
+    }
+
+    /// How every call's decision ends: a call without a valid token is anonymous, counted
+    /// against its source (beyond its budget refused as throttled) and recorded the first time
+    /// per source and kind in a window, the rest in its summary; a grant's refusal spends its
+    /// budget and is recorded (or summarised); an allowed call was recorded by its decision.
+    pub(crate) async fn conclude_call<T>(
+        &self,
+        site: &CallSite,
+        context: AuditEvent,
+        mut outcome: Result<T, ServiceError>,
+    ) -> Result<T, CallDenial> {
         let source = site.peer.ip();
         let (limit, total) = {
             let config = self.config();
@@ -195,13 +232,8 @@ impl Valet {
             )
         };
         let now_ms = self.clock.now_millis();
-        let mut context = call_context(None);
-        let mut outcome = self.authorize_decided(request, &mut context).await;
         let grant_id = context.get("grant_id").map(str::to_string);
         let principal = context.get("grant_principal").map(str::to_string);
-        // Calls without a valid token are anonymous: counted against their source (beyond its
-        // budget they are refused as throttled), and recorded the first time per source and
-        // kind in a window, the rest in its summary.
         let mut anonymous = None;
         if let Err(ServiceError::Call(
             refusal @ (CallRefusal::NoToken | CallRefusal::BadToken(_)),
@@ -378,6 +410,22 @@ impl Valet {
         outcome: CallOutcome,
     ) -> Result<(), ServiceError> {
         match outcome {
+            // Valet's own refusal after the decision (the caller at its share of an upstream's
+            // processes): it spends the grant's refusal budget and is summarised like any other.
+            CallOutcome::Failed(refusal @ CallRefusal::UpstreamBusy { .. }) => {
+                let error = ServiceError::Call(refusal);
+                if self.call_refusal_recorded_now(Some(&decision.grant.id), &decision.site, &error)
+                {
+                    self.answer::<()>(
+                        &decision.site,
+                        call_context(Some(&decision.grant)),
+                        Err(error),
+                    )
+                    .await
+                } else {
+                    Err(error)
+                }
+            }
             CallOutcome::Failed(refusal) => {
                 self.answer::<()>(
                     &decision.site,
@@ -481,7 +529,7 @@ impl Valet {
         {
             return Err(ServiceError::throttled(
                 format!(
-                    "this grant's calls were refused {} times in a minute, the most a grant meets; until that eases its calls are refused unread, each answered after a pause: retry in {} s",
+                    "this grant's calls met {} refusals in a minute (refused by its scope, or at a cap such as its principal's calls in flight), the most a grant meets; until that eases its calls are refused unread, each answered after a pause: retry in {} s",
                     crate::authentication_limits::GRANT_REFUSALS.count,
                     retry_after.as_secs().max(1)
                 ),

@@ -52,24 +52,7 @@ impl Valet {
         let site = request.site;
         let mut context = call_context(None);
         let outcome = self.authorize_mcp_decided(request, &mut context).await;
-        let grant_id = context.get("grant_id").map(str::to_string);
-        let principal = context.get("grant_principal").map(str::to_string);
-        if let Err(error) = &outcome
-            && !self.call_refusal_recorded_now(grant_id.as_deref(), site, error)
-        {
-            return outcome.map_err(|error| CallDenial {
-                error,
-                grant_id,
-                principal,
-            });
-        }
-        self.answer(site, context, outcome)
-            .await
-            .map_err(|error| CallDenial {
-                error,
-                grant_id,
-                principal,
-            })
+        self.conclude_call(site, context, outcome).await
     }
 
     /// The session id an agent is given for the server's `server_session` on `grant_id`.

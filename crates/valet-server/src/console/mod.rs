@@ -103,12 +103,25 @@ pub async fn serve(
                     let console = console.clone();
                     let address = peer.address;
                     // In flight until its answer (an event stream included) has been sent.
-                    let guard = peer.connection.as_ref().map(ConnectionHandle::request);
+                    let mut guard = peer.connection.as_ref().map(ConnectionHandle::request);
+                    let handle_of_connection = peer.connection.clone();
                     if let Some(connection) = &peer.connection {
                         request.extensions_mut().insert(connection.clone());
                     }
                     async move {
                         let response = handle(&console, request, address).await;
+                        // A throttled caller's answer waits, so its loop runs at the pace of
+                        // its (budgeted) connections.
+                        let pause = response.extensions().get().map_or(
+                            std::time::Duration::ZERO,
+                            |valet_gateway::AnswerAfter(pause)| *pause,
+                        );
+                        valet_gateway::budget::wait_out_pause(
+                            handle_of_connection.as_ref(),
+                            &mut guard,
+                            pause,
+                        )
+                        .await;
                         Ok::<_, Infallible>(response.map(|body| GuardedBody::new(body, guard)))
                     }
                 });
@@ -141,10 +154,6 @@ async fn handle(console: &Console, request: Request<Incoming>, peer: SocketAddr)
     );
     let mut response =
         tracing::Instrument::instrument(route(console, request, peer, &request_id), span).await;
-    // A throttled caller's answer waits, so its loop runs at the pace of its connections.
-    if let Some(valet_gateway::AnswerAfter(pause)) = response.extensions().get() {
-        tokio::time::sleep(*pause).await;
-    }
     let headers = response.headers_mut();
     for (name, value) in [
         ("content-security-policy", CONTENT_SECURITY_POLICY),
@@ -247,15 +256,15 @@ async fn route(
             .console_caller(cookie, Some(peer.ip()), request_id)
             .await
     };
+    // Without a session, any method: counted against the source's budget and aggregated.
     let session = match session {
         Ok(session) => session,
-        Err(error) if method == Method::POST => {
+        Err(error) => {
             let error = valet
                 .refuse_console_request(request_id, Some(peer.ip()), &path, error)
                 .await;
             return refusal(valet, error, None);
         }
-        Err(error) => return refusal(valet, error, None),
     };
     if let Some(connection) = request.extensions().get::<ConnectionHandle>() {
         connection.authenticated(&session.session.principal);
