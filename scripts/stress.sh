@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 rounds=${ROUNDS:-20}
 filters=("$@")
 if [ ${#filters[@]} -eq 0 ]; then
-  filters=(distributed:: aws:: restart:: mcp:: disk_full:: console::)
+  filters=(distributed:: aws:: restart:: mcp:: disk_full:: console:: hostile:: abuse::)
 fi
 
 cargo build --workspace --bins --locked || exit 1

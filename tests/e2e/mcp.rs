@@ -869,11 +869,7 @@ async fn server_processes_are_shared_where_the_config_says_so_and_a_principal_ke
     // A fourth fresh grant within the minute is past the principal's starts: refused, not
     // served by a process of its own.
     let fourth = stack.token("deploy-stdio", "share-mine-4").await;
-    let refused = post(&gateway, "deploy-stdio", &fourth, &[], &json!({
-        "jsonrpc": "2.0", "id": 1, "method": "initialize",
-        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
-    }))
-    .await;
+    let refused = initialize(&gateway, "deploy-stdio", &fourth).await;
     assert_eq!(refused.status, 429, "{}", refused.body);
     assert!(
         refused.body.contains("upstream_busy") && refused.body.contains("starts_per_principal"),
@@ -897,6 +893,77 @@ async fn server_processes_are_shared_where_the_config_says_so_and_a_principal_ke
     let shared: std::collections::BTreeSet<u64> =
         serving_pids(&stack)[before..].iter().copied().collect();
     assert_eq!(shared.len(), 1, "one process for every grant: {shared:?}");
+    stack.valetd.stop().await;
+}
+
+/// An `initialize` through the gateway: answered from the server process's own
+/// initialization, so it needs the grant's process running.
+async fn initialize(gateway: &str, upstream: &str, token: &str) -> valet_tests::upstream::Call {
+    post(gateway, upstream, token, &[], &json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
+    }))
+    .await
+}
+
+#[tokio::test]
+async fn a_slow_server_start_holds_up_no_call_to_a_process_already_running() {
+    // Each start of the per-grant server takes four seconds more.
+    let stack = Stack::start_with(|config| {
+        let python = venv_python().display().to_string();
+        config.replacen(
+            &format!("command = \"{python}\"\nargs = [\""),
+            &format!(
+                "command = \"sh\"\nargs = [\"-c\", \"sleep 4; exec \\\"$0\\\" \\\"$@\\\"\", \"{python}\", \""
+            ),
+            1,
+        )
+    });
+    let gateway = stack.gateway();
+    let mine = stack.token("deploy-stdio", "running").await;
+    let answer = initialize(&gateway, "deploy-stdio", &mine).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    // Another principal's grant starts its process...
+    let theirs = stack
+        .token_of(OTHER_AGENT_KEY, "deploy-stdio", "starting")
+        .await;
+    let starting = {
+        let gateway = gateway.clone();
+        tokio::spawn(async move { initialize(&gateway, "deploy-stdio", &theirs).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ...while mine, already running, answers.
+    let answer = initialize(&gateway, "deploy-stdio", &mine).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(
+        !starting.is_finished(),
+        "the other start was over before my call was answered"
+    );
+    assert_eq!(starting.await.unwrap().status, 200);
+    stack.valetd.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_crashing_under_one_principal_holds_back_only_that_principals_starts() {
+    let stack = Stack::start();
+    let gateway = stack.gateway();
+    // One principal's call crashes the server.
+    let token = stack.token("deploy-stdio", "crash").await;
+    let steps = json!([["call_tool", "crash", {}]]);
+    let crashed = agent(&gateway, "deploy-stdio", &token, "legacy", steps).await;
+    assert_eq!(crashed[0]["ok"], false, "{crashed:?}");
+    // Its next start backs off; another principal's fresh grant, at the same moment, starts.
+    let mine = stack.token("deploy-stdio", "crash-again").await;
+    let theirs = stack
+        .token_of(OTHER_AGENT_KEY, "deploy-stdio", "not-held-back")
+        .await;
+    let (mine, theirs) = tokio::join!(
+        initialize(&gateway, "deploy-stdio", &mine),
+        initialize(&gateway, "deploy-stdio", &theirs)
+    );
+    assert_eq!(mine.status, 429, "{}", mine.body);
+    assert!(mine.body.contains("exited"), "{}", mine.body);
+    assert_eq!(theirs.status, 200, "{}", theirs.body);
     stack.valetd.stop().await;
 }
 
