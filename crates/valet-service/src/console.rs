@@ -505,6 +505,20 @@ impl Valet {
         self.answer(&console.caller, context, Err(error)).await
     }
 
+    /// A console page asked for without a session: counted against the source's failed
+    /// authentication budget (past it, throttled like any other refusal) but not recorded, since
+    /// no action was refused (a browser sent to the login page).
+    pub fn refuse_console_page(
+        &self,
+        source: Option<std::net::IpAddr>,
+        error: ServiceError,
+    ) -> ServiceError {
+        match error {
+            ServiceError::Unauthenticated { .. } => self.count_failed_authentication(source, error),
+            other => other,
+        }
+    }
+
     /// Records a console action refused before any session was known (no cookie, a bad one).
     pub async fn refuse_console_request(
         &self,

@@ -256,14 +256,22 @@ async fn route(
             .console_caller(cookie, Some(peer.ip()), request_id)
             .await
     };
-    // Without a session, any method: counted against the source's budget and aggregated.
+    // Without a session: an action is counted against the source's budget and recorded (the
+    // first of its kind in a window, the rest summarised); a page is counted.
     let session = match session {
         Ok(session) => session,
-        Err(error) => {
+        Err(error) if method == Method::POST => {
             let error = valet
                 .refuse_console_request(request_id, Some(peer.ip()), &path, error)
                 .await;
             return refusal(valet, error, None);
+        }
+        Err(error) => {
+            return refusal(
+                valet,
+                valet.refuse_console_page(Some(peer.ip()), error),
+                None,
+            );
         }
     };
     if let Some(connection) = request.extensions().get::<ConnectionHandle>() {
