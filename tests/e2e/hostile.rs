@@ -421,7 +421,11 @@ async fn console_posts_without_a_session_are_budgeted_and_summarised() {
     // budget refills a place a second, so one of them may pass as a plain 401).
     let mut pages = Vec::new();
     for _ in 0..3 {
-        pages.push(call(&console, "GET", "/approvals", "", "", &[]).await.status);
+        pages.push(
+            call(&console, "GET", "/approvals", "", "", &[])
+                .await
+                .status,
+        );
     }
     assert!(pages.contains(&429), "{pages:?}");
     let records = deployment.audit_records().len() - before;

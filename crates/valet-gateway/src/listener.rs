@@ -27,6 +27,11 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// At most one warning per this long about failing accepts (with the count since the last).
 const WARNING_INTERVAL: Duration = Duration::from_secs(10);
+/// A connection refused a place is held open, unread, this long before it is closed (at most
+/// [`MAX_HELD_REFUSED`] at once; past that, closed at once): a client that reconnects as soon as
+/// it is refused does so at this pace, not at the pace of accepting.
+const REFUSED_HOLD: Duration = Duration::from_secs(1);
+const MAX_HELD_REFUSED: usize = 256;
 
 /// The limits a listener keeps.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +50,8 @@ pub struct LimitedListener {
     warned: std::sync::Mutex<(Option<Instant>, u64)>,
     /// When the last refused-connection warning was logged, and the refusals since.
     refused: std::sync::Mutex<(Option<Instant>, u64)>,
+    /// Places for refused connections held open before they are closed.
+    held_refused: Arc<tokio::sync::Semaphore>,
 }
 
 impl LimitedListener {
@@ -56,11 +63,13 @@ impl LimitedListener {
             name,
             warned: std::sync::Mutex::new((None, 0)),
             refused: std::sync::Mutex::new((None, 0)),
+            held_refused: Arc::new(tokio::sync::Semaphore::new(MAX_HELD_REFUSED)),
         }
     }
 
-    /// The next connection that has a place in the budget (a connection refused one is closed
-    /// at once, and counted in a bounded log); while accepting fails it backs off.
+    /// The next connection that has a place in the budget (a connection refused one is held
+    /// unread for [`REFUSED_HOLD`] then closed, and counted in a bounded log); while accepting
+    /// fails it backs off.
     pub async fn accept(&self) -> (LimitedStream, SocketAddr) {
         let mut backoff = FIRST_BACKOFF;
         loop {
@@ -74,7 +83,12 @@ impl LimitedListener {
                         );
                     }
                     Err(refusal) => {
-                        drop(stream);
+                        if let Ok(held) = self.held_refused.clone().try_acquire_owned() {
+                            tokio::spawn(async move {
+                                tokio::time::sleep(REFUSED_HOLD).await;
+                                drop((stream, held));
+                            });
+                        }
                         self.note_refusal(peer, refusal);
                     }
                 },
