@@ -297,6 +297,46 @@ async fn a_grant_refused_in_a_loop_is_refused_unread_at_the_pace_of_its_connecti
 }
 
 #[tokio::test]
+async fn a_neighbour_throttled_on_the_same_address_does_not_shut_out_a_valid_credential() {
+    let upstream = Upstream::start().await;
+    let deployment = Deployment::new(&config(
+        &upstream.url(),
+        "failed_authentication_limit = \"20/min\"",
+    ));
+    let valetd = deployment.start(&[]);
+    let gateway = address(valetd.gateway.as_deref().unwrap());
+    // Eighty loops of bad tokens from 127.0.0.1, past the source's budget: more throttled
+    // answers waiting than the source may have, so some of its connections are closed.
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    let flood: Vec<_> = (0..80)
+        .map(|n| {
+            tokio::spawn(async move {
+                while std::time::Instant::now() < until {
+                    let source = "127.0.0.1".parse().unwrap();
+                    let Ok(mut stream) = attacker::connect_from(source, gateway).await else {
+                        continue;
+                    };
+                    let request = format!(
+                        "GET /u/fast/ok HTTP/1.1\r\nHost: valet\r\nAuthorization: Bearer bad-{n}\r\nConnection: close\r\n\r\n"
+                    );
+                    if stream.write_all(request.as_bytes()).await.is_ok() {
+                        let mut answer = Vec::new();
+                        let _ = stream.read_to_end(&mut answer).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A client with a valid key and token on the same address is served meanwhile.
+    legitimate_client_is_served(&valetd, "behind-the-same-address").await;
+    for loop_ in flood {
+        loop_.await.unwrap();
+    }
+    valetd.stop().await;
+}
+
+#[tokio::test]
 async fn bad_tokens_from_rotating_addresses_spend_one_budget_and_few_records() {
     let upstream = Upstream::start().await;
     let deployment = Deployment::new(&config(

@@ -48,8 +48,6 @@ pub enum Refusal {
     SourceFull,
     /// Every place is taken by a connection with a request in flight.
     ListenerBusy,
-    /// Its source has as many throttled answers waiting out their pause as it may.
-    SourceThrottled,
 }
 
 impl Refusal {
@@ -60,9 +58,6 @@ impl Refusal {
             }
             Refusal::ListenerBusy => {
                 "every connection place is taken by a connection with a request in flight"
-            }
-            Refusal::SourceThrottled => {
-                "its source address has as many throttled answers waiting out their pause as it may"
             }
         }
     }
@@ -286,12 +281,8 @@ impl Budget {
         let source = Source::of(address);
         let caps = self.caps;
         let mut state = self.state();
-        // A source with as many throttled answers waiting as it may have gets no new connection
-        // until they are over: cycling connections buys no refusals.
-        state.prune_paused(Instant::now());
-        if state.paused_by_source.get(&source).copied().unwrap_or(0) >= MAX_PAUSED_PER_SOURCE {
-            return Err(Refusal::SourceThrottled);
-        }
+        // (A source with throttled answers waiting still gets new connections: a neighbour
+        // behind the same address with a valid credential must not be shut out by them.)
         let mut victims = Vec::new();
         let (open, unauthenticated) = state
             .by_source
@@ -742,11 +733,10 @@ mod tests {
         // Another source is not affected; once the pauses are over, the source may wait again.
         let other = budget.admit(address("10.0.0.3")).unwrap();
         assert!(other.handle().pause_admitted(pause));
-        // Meanwhile the source gets no new connection.
-        assert_eq!(
-            budget.admit(address("10.0.0.2")).map(|_| ()),
-            Err(Refusal::SourceThrottled)
-        );
+        // Meanwhile the source still gets new connections (a neighbour with a valid credential
+        // may be behind it), whose throttled answers are refused a pause.
+        let neighbour = budget.admit(address("10.0.0.2")).unwrap();
+        assert!(!neighbour.handle().pause_admitted(pause));
         tokio::time::advance(pause).await;
         let again = budget.admit(address("10.0.0.2")).unwrap();
         assert!(again.handle().pause_admitted(pause));
