@@ -58,6 +58,18 @@ fn counted(statuses: Vec<u16>) -> std::collections::BTreeMap<u16, usize> {
     counted
 }
 
+/// A token of the agent's for the `fast` scope.
+async fn fast_token(valetd: &Valetd, task: &str) -> String {
+    valetd
+        .client(AGENT_KEY)
+        .await
+        .request_token(TokenRequest::new("fast", task))
+        .await
+        .unwrap()
+        .token_str()
+        .to_string()
+}
+
 fn address(url: &str) -> SocketAddr {
     url.trim_start_matches("http://").parse().unwrap()
 }
@@ -185,14 +197,7 @@ async fn refused_calls_with_huge_queries_cost_the_audit_log_little() {
     let deployment = Deployment::new(&config(&upstream.url(), ""));
     let valetd = deployment.start(&[]);
     let gateway = valetd.gateway.clone().unwrap();
-    let token = valetd
-        .client(AGENT_KEY)
-        .await
-        .request_token(TokenRequest::new("fast", "refused-in-a-loop"))
-        .await
-        .unwrap()
-        .token_str()
-        .to_string();
+    let token = fast_token(&valetd, "refused-in-a-loop").await;
     let audit = deployment.audit_path();
     let before = std::fs::metadata(&audit).unwrap().len();
     let query = "x".repeat(30_000);
@@ -250,14 +255,7 @@ async fn a_grant_refused_in_a_loop_is_refused_unread_at_the_pace_of_its_connecti
     let deployment = Deployment::new(&config(&upstream.url(), ""));
     let valetd = deployment.start(&[]);
     let gateway = valetd.gateway.clone().unwrap();
-    let token = valetd
-        .client(AGENT_KEY)
-        .await
-        .request_token(TokenRequest::new("fast", "refused-until-unread"))
-        .await
-        .unwrap()
-        .token_str()
-        .to_string();
+    let token = fast_token(&valetd, "refused-until-unread").await;
     let refused = |gateway: String, token: String| async move {
         call(&gateway, "GET", "/u/fast/not-allowed", &token, "", &[]).await
     };
@@ -388,14 +386,7 @@ async fn bad_tokens_from_rotating_addresses_spend_one_budget_and_few_records() {
         "{records} audit records for 1,500 refusals from 1,500 addresses"
     );
     // A valid token from one of those addresses is still served.
-    let token = valetd
-        .client(AGENT_KEY)
-        .await
-        .request_token(TokenRequest::new("fast", "neighbour"))
-        .await
-        .unwrap()
-        .token_str()
-        .to_string();
+    let token = fast_token(&valetd, "neighbour").await;
     let mut stream = attacker::connect_from(attacker::address(23, 7), gateway)
         .await
         .unwrap();
@@ -487,14 +478,7 @@ async fn one_token_cannot_hold_the_gateway_open_on_a_slow_upstream() {
     ));
     let valetd = deployment.start(&[]);
     let gateway = valetd.gateway.clone().unwrap();
-    let token = valetd
-        .client(AGENT_KEY)
-        .await
-        .request_token(TokenRequest::new("fast", "slow-flood"))
-        .await
-        .unwrap()
-        .token_str()
-        .to_string();
+    let token = fast_token(&valetd, "slow-flood").await;
     // Twenty-four calls at once to an upstream that answers after 10 s: the grant's 16 places
     // fill, the rest are answered at once.
     let calls: Vec<_> = (0..24)
