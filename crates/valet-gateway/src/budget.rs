@@ -22,6 +22,12 @@ const UNAUTHENTICATED_SHARE_PERCENT: usize = 75;
 /// all: each counted until its pause is over, whether or not its request is still there.
 const MAX_PAUSED_PER_SOURCE: usize = 64;
 const MAX_PAUSED: usize = 1024;
+/// A connection refused a place, or closed to make room, is held open (unread, unwritten) this
+/// long before it is closed, at most [`MAX_HELD`] at once per listener (past that, closed at
+/// once): a client that reconnects as soon as it is refused or closed does so at this pace, not
+/// at the pace of accepting.
+pub const HOLD_BEFORE_CLOSE: Duration = Duration::from_secs(1);
+const MAX_HELD: usize = 256;
 
 /// The caps one listener keeps.
 #[derive(Debug, Clone, Copy)]
@@ -244,6 +250,8 @@ pub struct Budget {
     state: std::sync::Mutex<State>,
     /// Connections closed to make room, for the log.
     n_evicted: AtomicU64,
+    /// Places for connections held open before they are closed ([`HOLD_BEFORE_CLOSE`]).
+    held: Arc<tokio::sync::Semaphore>,
 }
 
 /// A connection's place in the budget: released when dropped.
@@ -261,7 +269,14 @@ impl Budget {
             epoch: Instant::now(),
             state: std::sync::Mutex::new(State::default()),
             n_evicted: AtomicU64::new(0),
+            held: Arc::new(tokio::sync::Semaphore::new(MAX_HELD)),
         })
+    }
+
+    /// A place to hold a connection open for [`HOLD_BEFORE_CLOSE`] before it is closed, if one
+    /// is free.
+    pub fn hold_before_close(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.held.clone().try_acquire_owned().ok()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -369,6 +384,11 @@ impl Budget {
 impl Place {
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The listener's budget.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     /// What requests on this connection hold to mark themselves in flight and authenticated.

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 use valet_core::identity::PresentedCertificate;
 
-use crate::budget::{Budget, ConnectionCaps, ConnectionHandle, Place};
+use crate::budget::{Budget, ConnectionCaps, ConnectionHandle, HOLD_BEFORE_CLOSE, Place};
 use crate::tls::TlsMaterial;
 
 /// The first pause after a failed accept; it doubles up to [`MAX_BACKOFF`].
@@ -27,11 +27,6 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// At most one warning per this long about failing accepts (with the count since the last).
 const WARNING_INTERVAL: Duration = Duration::from_secs(10);
-/// A connection refused a place is held open, unread, this long before it is closed (at most
-/// [`MAX_HELD_REFUSED`] at once; past that, closed at once): a client that reconnects as soon as
-/// it is refused does so at this pace, not at the pace of accepting.
-const REFUSED_HOLD: Duration = Duration::from_secs(1);
-const MAX_HELD_REFUSED: usize = 256;
 
 /// The limits a listener keeps.
 #[derive(Debug, Clone, Copy)]
@@ -50,8 +45,6 @@ pub struct LimitedListener {
     warned: std::sync::Mutex<(Option<Instant>, u64)>,
     /// When the last refused-connection warning was logged, and the refusals since.
     refused: std::sync::Mutex<(Option<Instant>, u64)>,
-    /// Places for refused connections held open before they are closed.
-    held_refused: Arc<tokio::sync::Semaphore>,
 }
 
 impl LimitedListener {
@@ -63,13 +56,12 @@ impl LimitedListener {
             name,
             warned: std::sync::Mutex::new((None, 0)),
             refused: std::sync::Mutex::new((None, 0)),
-            held_refused: Arc::new(tokio::sync::Semaphore::new(MAX_HELD_REFUSED)),
         }
     }
 
     /// The next connection that has a place in the budget (a connection refused one is held
-    /// unread for [`REFUSED_HOLD`] then closed, and counted in a bounded log); while accepting
-    /// fails it backs off.
+    /// unread for [`HOLD_BEFORE_CLOSE`] then closed, and counted in a bounded log); while
+    /// accepting fails it backs off.
     pub async fn accept(&self) -> (LimitedStream, SocketAddr) {
         let mut backoff = FIRST_BACKOFF;
         loop {
@@ -83,9 +75,9 @@ impl LimitedListener {
                         );
                     }
                     Err(refusal) => {
-                        if let Ok(held) = self.held_refused.clone().try_acquire_owned() {
+                        if let Some(held) = self.budget.hold_before_close() {
                             tokio::spawn(async move {
-                                tokio::time::sleep(REFUSED_HOLD).await;
+                                tokio::time::sleep(HOLD_BEFORE_CLOSE).await;
                                 drop((stream, held));
                             });
                         }
@@ -154,6 +146,8 @@ pub struct LimitedStream {
     /// activity costs a clock read, not a timer update.
     last_active: Instant,
     idle: Pin<Box<Sleep>>,
+    /// Once closed to make room: held open until this fires, then closed.
+    closing: Option<(Pin<Box<Sleep>>, tokio::sync::OwnedSemaphorePermit)>,
 }
 
 impl LimitedStream {
@@ -164,6 +158,7 @@ impl LimitedStream {
             idle_timeout,
             last_active: Instant::now(),
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            closing: None,
         }
     }
 
@@ -181,16 +176,36 @@ impl LimitedStream {
         self.last_active = Instant::now();
     }
 
-    /// Before a read or write: was this connection closed to make room for another?
-    fn check_evicted(&self, reader: bool, context: &mut Context<'_>) -> Option<io::Error> {
-        let shared = self.place.as_ref()?.shared();
+    /// Before a read or write: was this connection closed to make room for another? Then it is
+    /// held (nothing read or written) for [`HOLD_BEFORE_CLOSE`] if the listener has room for
+    /// that, and fails after.
+    fn check_evicted(
+        &mut self,
+        reader: bool,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<io::Error>> {
+        let Some(place) = self.place.as_ref() else {
+            return Poll::Ready(None);
+        };
+        let shared = place.shared();
         shared.register(reader, context.waker());
-        shared.evicted().then(|| {
-            io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the connection was idle and closed to make room for another (connection budget)",
-            )
-        })
+        if !shared.evicted() {
+            return Poll::Ready(None);
+        }
+        if self.closing.is_none()
+            && let Some(held) = place.budget().hold_before_close()
+        {
+            self.closing = Some((Box::pin(tokio::time::sleep(HOLD_BEFORE_CLOSE)), held));
+        }
+        if let Some((hold, _)) = self.closing.as_mut()
+            && hold.as_mut().poll(context).is_pending()
+        {
+            return Poll::Pending;
+        }
+        Poll::Ready(Some(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "the connection was closed to make room for another (connection budget)",
+        )))
     }
 
     /// After a pending read or write: has the connection been idle too long, moving no bytes or
@@ -234,8 +249,10 @@ impl AsyncRead for LimitedStream {
         buffer: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(error) = this.check_evicted(true, context) {
-            return Poll::Ready(Err(error));
+        match this.check_evicted(true, context) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(error)) => return Poll::Ready(Err(error)),
+            Poll::Ready(None) => {}
         }
         match Pin::new(&mut this.stream).poll_read(context, buffer) {
             Poll::Ready(result) => {
@@ -254,8 +271,10 @@ impl AsyncWrite for LimitedStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if let Some(error) = this.check_evicted(false, context) {
-            return Poll::Ready(Err(error));
+        match this.check_evicted(false, context) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(error)) => return Poll::Ready(Err(error)),
+            Poll::Ready(None) => {}
         }
         match Pin::new(&mut this.stream).poll_write(context, data) {
             Poll::Ready(result) => {
@@ -280,8 +299,10 @@ impl AsyncWrite for LimitedStream {
         buffers: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if let Some(error) = this.check_evicted(false, context) {
-            return Poll::Ready(Err(error));
+        match this.check_evicted(false, context) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(error)) => return Poll::Ready(Err(error)),
+            Poll::Ready(None) => {}
         }
         match Pin::new(&mut this.stream).poll_write_vectored(context, buffers) {
             Poll::Ready(result) => {
