@@ -90,6 +90,11 @@ impl Shared {
         self.evicted.load(Ordering::Acquire)
     }
 
+    /// Whether a request on it carried a credential valetd accepted.
+    pub fn authenticated(&self) -> bool {
+        self.authenticated.load(Ordering::Acquire)
+    }
+
     pub(crate) fn register(&self, reader: bool, waker: &std::task::Waker) {
         if reader {
             self.reader.register(waker);

@@ -176,9 +176,10 @@ impl LimitedStream {
         self.last_active = Instant::now();
     }
 
-    /// Before a read or write: was this connection closed to make room for another? Then it is
-    /// held (nothing read or written) for [`HOLD_BEFORE_CLOSE`] if the listener has room for
-    /// that, and fails after.
+    /// Before a read or write: was this connection closed to make room for another? Then one
+    /// that never authenticated is held (nothing read or written) for [`HOLD_BEFORE_CLOSE`] if
+    /// the listener has room for that, and fails after; an authenticated one fails at once, so
+    /// its client learns it is closed before it sends a request nobody will read.
     fn check_evicted(
         &mut self,
         reader: bool,
@@ -193,6 +194,7 @@ impl LimitedStream {
             return Poll::Ready(None);
         }
         if self.closing.is_none()
+            && !shared.authenticated()
             && let Some(held) = place.budget().hold_before_close()
         {
             self.closing = Some((Box::pin(tokio::time::sleep(HOLD_BEFORE_CLOSE)), held));
