@@ -242,15 +242,7 @@ fn start(
                     (client.clone(), url.clone(), token.clone(), sent.clone());
                 tasks.spawn(async move {
                     loop {
-                        let mut request = http::Request::post(url.as_str())
-                            .header("authorization", format!("Bearer {token}"))
-                            .header("content-type", "application/json");
-                        for (name, value) in MCP_HEADERS {
-                            request = request.header(*name, *value);
-                        }
-                        let Ok(request) = request
-                            .header("mcp-name", "delete_volume")
-                            .body(Full::new(Bytes::from_static(HELD_CALL.as_bytes())))
+                        let Ok(request) = tool_call(&url, &token, "delete_volume", HELD_CALL)
                         else {
                             return;
                         };
@@ -330,15 +322,8 @@ fn start(
                         else {
                             continue;
                         };
-                        let mut request = http::Request::post(url.as_str())
-                            .header("authorization", format!("Bearer {}", grant.token_str()))
-                            .header("content-type", "application/json");
-                        for (name, value) in MCP_HEADERS {
-                            request = request.header(*name, *value);
-                        }
-                        let Ok(request) = request
-                            .header("mcp-name", "list_projects")
-                            .body(Full::new(Bytes::from_static(LIST_CALL.as_bytes())))
+                        let Ok(request) =
+                            tool_call(&url, grant.token_str(), "list_projects", LIST_CALL)
                         else {
                             return;
                         };
@@ -362,6 +347,23 @@ const MCP_HEADERS: &[(&str, &str)] = &[
     ("mcp-protocol-version", "2026-07-28"),
     ("mcp-method", "tools/call"),
 ];
+
+/// A POST of the MCP tool call `body` (naming `tool`) to `url` with `token`.
+fn tool_call(
+    url: &str,
+    token: &str,
+    tool: &str,
+    body: &'static str,
+) -> http::Result<http::Request<Full<Bytes>>> {
+    let mut request = http::Request::post(url)
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .header("mcp-name", tool);
+    for (name, value) in MCP_HEADERS {
+        request = request.header(*name, *value);
+    }
+    request.body(Full::new(Bytes::from_static(body.as_bytes())))
+}
 
 /// The valetd the scenario attacks, its deployment, and what it serves the attacker.
 struct Target {
