@@ -822,6 +822,14 @@ async fn identical_held_calls_share_one_approval_and_past_the_grants_share_are_a
     stack.valetd.stop().await;
 }
 
+/// A running process's niceness, from `/proc/PID/stat` (the field after the priority).
+fn niceness(pid: u64) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name, in parentheses, may hold spaces: count fields after its end.
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split(' ').nth(16).unwrap().parse().unwrap()
+}
+
 /// The pids that served each call so far, in order.
 fn serving_pids(stack: &Stack) -> Vec<u64> {
     executed_log(&stack.stdio_log)
@@ -846,6 +854,9 @@ async fn server_processes_are_shared_where_the_config_says_so_and_a_principal_ke
         .await;
     agent(&gateway, "deploy-stdio", &theirs, "legacy", steps.clone()).await;
     let their_pid = serving_pids(&stack)[0];
+    // It runs at a lower CPU priority than valetd (its start yields to answering calls).
+    let valetd_niceness = niceness(u64::from(stack.valetd.pid().unwrap()));
+    assert_eq!(niceness(their_pid), (valetd_niceness + 10).min(19));
     // ...and fresh grants of one principal, past its share (1 of 2), take only its own place.
     for task in ["share-mine-1", "share-mine-2", "share-mine-3"] {
         let mine = stack.token("deploy-stdio", task).await;

@@ -524,7 +524,13 @@ pub async fn hostile(setup: &Setup, options: &Options) -> anyhow::Result<Vec<Rep
         Duration::from_secs(3)
     };
     let mut reports = Vec::new();
-    for attack in Attack::ALL {
+    let chosen = Attack::ALL.into_iter().filter(|attack| {
+        options
+            .attack
+            .as_deref()
+            .is_none_or(|text| attack.name().contains(text))
+    });
+    for attack in chosen {
         // The client unattacked right before each attack: this machine drifts by ±20 % over
         // minutes, so each attack is compared with its own baseline.
         let unattacked = legitimate(&target, options).await?;

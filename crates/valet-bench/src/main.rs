@@ -45,6 +45,9 @@ struct Arguments {
     /// stopped by the run; Debian's etcd-server).
     #[arg(long, value_enum, default_value = "sled")]
     store: scenarios::StoreKind,
+    /// `hostile` only: run just the attacks whose name contains this text (such as "held").
+    #[arg(long)]
+    attack: Option<String>,
 }
 
 /// Helper processes the tool starts as baselines (not for people to run).
@@ -114,6 +117,7 @@ fn main() {
                     write_doc: arguments.write_doc.clone(),
                     micro: arguments.micro.clone(),
                     store: arguments.store,
+                    attack: arguments.attack.clone(),
                 };
                 scenarios::run(arguments.scenario, &options).await
             }

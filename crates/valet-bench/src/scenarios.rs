@@ -29,6 +29,8 @@ pub struct Options {
     pub write_doc: Option<std::path::PathBuf>,
     pub micro: Option<std::path::PathBuf>,
     pub store: StoreKind,
+    /// `hostile` only: the attacks whose name contains this text.
+    pub attack: Option<String>,
 }
 
 /// Where valetd keeps its state for the run.

@@ -19,15 +19,17 @@ pub use valet_core::rate::Source;
 /// rest is kept for authenticated callers.
 const UNAUTHENTICATED_SHARE_PERCENT: usize = 75;
 /// Throttled answers waiting out their pause at once on one listener, from one source and from
-/// all: each counted until its pause is over, whether or not its request is still there.
+/// all, besides one on each open connection (those are bounded by the connection caps): each
+/// counted until its pause is over, whether or not its request is still there — a connection's
+/// own pause joins its source's count when the connection closes before it is over.
 const MAX_PAUSED_PER_SOURCE: usize = 64;
 const MAX_PAUSED: usize = 1024;
 /// A connection refused a place, or closed to make room, is held open (unread, unwritten) this
 /// long before it is closed, at most [`MAX_HELD`] at once per listener (past that, closed at
 /// once): a client that reconnects as soon as it is refused or closed does so at this pace, not
-/// at the pace of accepting.
+/// at the pace of accepting. Holding one costs a file descriptor and a timer.
 pub const HOLD_BEFORE_CLOSE: Duration = Duration::from_secs(1);
-const MAX_HELD: usize = 256;
+const MAX_HELD: usize = 1024;
 
 /// The caps one listener keeps.
 #[derive(Debug, Clone, Copy)]
@@ -134,6 +136,8 @@ struct Entry {
     source: Source,
     /// The principal it authenticated as, once it has.
     holder: Option<String>,
+    /// When the throttled answer waiting on it (its own, outside its source's count) ends.
+    paused_until: Option<Instant>,
     shared: Arc<Shared>,
 }
 
@@ -178,8 +182,22 @@ impl State {
         }
     }
 
+    /// Counts a pause ending at `ends` against `source` until it is over.
+    fn count_pause(&mut self, ends: Instant, source: Source) {
+        // Pauses are equally long, so this is the back unless a closed connection's own pause
+        // joins the count.
+        let at = self.paused.partition_point(|(other, _)| *other <= ends);
+        self.paused.insert(at, (ends, source));
+        *self.paused_by_source.entry(source).or_default() += 1;
+    }
+
     fn remove(&mut self, id: u64) -> Option<Entry> {
         let entry = self.entries.remove(&id)?;
+        if let Some(ends) = entry.paused_until
+            && ends > Instant::now()
+        {
+            self.count_pause(ends, entry.source);
+        }
         if let Some(counts) = self.by_source.get_mut(&entry.source) {
             counts.open -= 1;
             if entry.holder.is_none() {
@@ -365,6 +383,7 @@ impl Budget {
             Entry {
                 source,
                 holder: None,
+                paused_until: None,
                 shared: shared.clone(),
             },
         );
@@ -469,15 +488,21 @@ impl ConnectionHandle {
         }
     }
 
-    /// Whether a throttled answer on this connection may wait out its `pause` (its source and
-    /// the listener have room among the answers waiting); if not, the connection is closed.
-    /// An answer counts until its pause is over even if its request is cancelled, so resetting
-    /// streams or closing connections skips no pause.
+    /// Whether a throttled answer on this connection may wait out its `pause`: the first one
+    /// waiting on a connection may (a client waiting for its answers is held to one a pause per
+    /// connection), others while its source and the listener have room among the answers
+    /// waiting; if not, the connection is closed. An answer counts until its pause is over even
+    /// if its request is cancelled, so resetting streams or closing connections skips no pause.
     pub fn pause_admitted(&self, pause: Duration) -> bool {
         let now = Instant::now();
         let mut state = self.budget.state();
         state.prune_paused(now);
-        let Some(source) = state.entries.get(&self.id).map(|entry| entry.source) else {
+        let Some((source, waiting)) = state.entries.get(&self.id).map(|entry| {
+            (
+                entry.source,
+                entry.paused_until.is_some_and(|ends| ends > now),
+            )
+        }) else {
             return false;
         };
         let from_source = state.paused_by_source.get(&source).copied().unwrap_or(0);
@@ -487,8 +512,11 @@ impl ConnectionHandle {
             }
             return false;
         }
-        state.paused.push_back((now + pause, source));
-        *state.paused_by_source.entry(source).or_default() += 1;
+        if waiting {
+            state.count_pause(now + pause, source);
+        } else if let Some(entry) = state.entries.get_mut(&self.id) {
+            entry.paused_until = Some(now + pause);
+        }
         true
     }
 
@@ -765,5 +793,31 @@ mod tests {
         tokio::time::advance(pause).await;
         let again = budget.admit(address("10.0.0.2")).unwrap();
         assert!(again.handle().pause_admitted(pause));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clients_waiting_for_their_answers_wait_one_pause_per_connection_and_no_more() {
+        let budget = Budget::new(caps(1000, 1000, 1000));
+        let pause = Duration::from_secs(1);
+        // Twice as many connections as the source may have counted, each waiting for its one
+        // throttled answer: none is closed.
+        let connections: Vec<Place> = (0..2 * MAX_PAUSED_PER_SOURCE)
+            .map(|_| budget.admit(address("10.0.0.1")).unwrap())
+            .collect();
+        for connection in &connections {
+            assert!(connection.handle().pause_admitted(pause));
+        }
+        assert!(connections.iter().all(|place| !place.shared().evicted()));
+        // A second answer waiting on one connection at once (HTTP/2 streams, or a request
+        // reset and sent again) counts against the source.
+        for _ in 0..MAX_PAUSED_PER_SOURCE {
+            assert!(connections[0].handle().pause_admitted(pause));
+        }
+        assert!(!connections[1].handle().pause_admitted(pause));
+        assert!(connections[1].shared().evicted());
+        // Once the pauses are over, each connection waits one again.
+        tokio::time::advance(pause).await;
+        assert!(connections[2].handle().pause_admitted(pause));
+        assert!(connections[2].handle().pause_admitted(pause));
     }
 }

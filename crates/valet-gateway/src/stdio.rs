@@ -36,6 +36,36 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A process that ran this long before exiting resets the crash count.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// How much lower than valetd's own the CPU priority (niceness) of the servers it runs is: a
+/// server's start, often a second of CPU or more, yields to answering calls.
+const SERVER_NICENESS: i32 = 10;
+
+/// Starts `command` at valetd's niceness plus [`SERVER_NICENESS`] (at most 19). Niceness is per
+/// thread on Linux and children inherit their thread's: the command is started from a thread
+/// of its own whose niceness was raised first, so the server runs at it from its first
+/// instruction, with every thread it starts. If the niceness cannot be raised the server runs
+/// at valetd's (and the log says so).
+async fn spawn_lowered(mut command: Command) -> std::io::Result<Child> {
+    let runtime = tokio::runtime::Handle::current();
+    let (sender, receiver) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("valet-stdio-start".into())
+        .spawn(move || {
+            let _runtime = runtime.enter();
+            let lowered = rustix::process::getpriority_process(None).and_then(|niceness| {
+                rustix::process::setpriority_process(None, (niceness + SERVER_NICENESS).min(19))
+            });
+            if let Err(error) = lowered {
+                tracing::warn!(%error, "could not lower the CPU priority of an MCP server valetd starts; it runs at valetd's");
+            }
+            let _ = sender.send(command.spawn());
+        })?;
+    receiver.await.unwrap_or_else(|_| {
+        Err(std::io::Error::other(
+            "the thread starting it ended without an answer",
+        ))
+    })
+}
 
 /// Why a message could not be answered by a stdio server.
 #[derive(Debug, thiserror::Error)]
@@ -500,7 +530,7 @@ impl Process {
         if let Some(directory) = &server.working_dir {
             command.current_dir(directory);
         }
-        let mut child = command.spawn().map_err(|error| {
+        let mut child = spawn_lowered(command).await.map_err(|error| {
             StdioError::Unavailable(format!(
                 "its server {:?} could not be started: {error}",
                 server.command
