@@ -197,3 +197,38 @@ header = { Authorization = "Bearer {secret}" }
         "{output}"
     );
 }
+
+/// valetd's open-file limits, soft and hard, from `/proc/PID/limits`.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_what_the_connection_budgets_need_or_a_warning_says_so() {
+    let deployment = Deployment::standard();
+    // The standard deployment's one listener (gRPC), 512 connections: 512 + 1,024 held before
+    // closing + 256 = 1,792.
+    let valetd = deployment.start_with_file_limits(1024, 8192);
+    assert_eq!(open_file_limits(valetd.pid().unwrap()), (1792, 8192));
+    let output = valetd.stop_with_output().await;
+    assert!(output.contains("raised the open-file limit"), "{output}");
+    // A hard limit below it: raised as far as it goes, and the log says what to do.
+    let valetd = deployment.start_with_file_limits(1024, 1536);
+    assert_eq!(open_file_limits(valetd.pid().unwrap()), (1536, 1536));
+    let output = valetd.stop_with_output().await;
+    assert!(
+        output.contains("the open-file limit is below what the connection budgets need")
+            && output.contains("needed=1792")
+            && output.contains("LimitNOFILE"),
+        "{output}"
+    );
+}

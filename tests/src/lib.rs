@@ -134,6 +134,14 @@ impl Deployment {
         Valetd::start(&self.config_path(), &[], environment)
     }
 
+    /// Starts valetd with its open-file limits (soft, hard) set by `prlimit` (util-linux),
+    /// which then runs valetd in its own place (same process id).
+    pub fn start_with_file_limits(&self, soft: u64, hard: u64) -> Valetd {
+        let mut command = Command::new("prlimit");
+        command.arg(format!("--nofile={soft}:{hard}"));
+        Valetd::spawn(command, &self.config_path(), &[], &[])
+    }
+
     /// Runs valetd expecting it to fail at start; returns (exit code, everything it printed).
     pub fn start_expecting_failure(&self, extra_arguments: &[&str]) -> (i32, String) {
         let output = valetd_command(&self.config_path(), extra_arguments)
@@ -153,7 +161,14 @@ impl Deployment {
 }
 
 fn valetd_command(config: &Path, extra_arguments: &[&str]) -> Command {
-    let mut command = Command::new(binary("valetd"));
+    valetd_command_in(Command::new(binary("valetd")), config, extra_arguments)
+}
+
+/// `command` (valetd, or a program that runs it with its arguments) with valetd's arguments.
+fn valetd_command_in(mut command: Command, config: &Path, extra_arguments: &[&str]) -> Command {
+    if command.get_program() != binary("valetd").as_os_str() {
+        command.arg(binary("valetd"));
+    }
     command
         .arg("--config")
         .arg(config)
@@ -192,7 +207,21 @@ impl Drop for EndSignal {
 
 impl Valetd {
     fn start(config: &Path, extra_arguments: &[&str], environment: &[(&str, &str)]) -> Valetd {
-        let mut child = valetd_command(config, extra_arguments)
+        Valetd::spawn(
+            Command::new(binary("valetd")),
+            config,
+            extra_arguments,
+            environment,
+        )
+    }
+
+    fn spawn(
+        program: Command,
+        config: &Path,
+        extra_arguments: &[&str],
+        environment: &[(&str, &str)],
+    ) -> Valetd {
+        let mut child = valetd_command_in(program, config, extra_arguments)
             .envs(environment.iter().copied())
             .spawn()
             .expect("start valetd");

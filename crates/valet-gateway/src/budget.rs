@@ -29,7 +29,7 @@ const MAX_PAUSED: usize = 1024;
 /// once): a client that reconnects as soon as it is refused or closed does so at this pace, not
 /// at the pace of accepting. Holding one costs a file descriptor and a timer.
 pub const HOLD_BEFORE_CLOSE: Duration = Duration::from_secs(1);
-const MAX_HELD: usize = 1024;
+pub const MAX_HELD: usize = 1024;
 
 /// The caps one listener keeps.
 #[derive(Debug, Clone, Copy)]

@@ -125,6 +125,82 @@ fn check_plaintext(config: &Config, dev: bool) -> Result<(), ServerError> {
 }
 
 /// Runs valetd until SIGTERM or SIGINT.
+/// File descriptors valetd uses besides its listeners' connections: the store, the audit log,
+/// key files, the runtime's own.
+const FILES_BESIDES_CONNECTIONS: u64 = 256;
+
+/// How many files the budgets let valetd hold open at once: on each listener its connections
+/// and those held before closing, an upstream connection per gateway call in flight, three
+/// pipes per MCP server process, and [`FILES_BESIDES_CONNECTIONS`].
+fn files_needed(config: &valet_core::config::Config) -> u64 {
+    let server = &config.server;
+    let listeners = 1 + [
+        server.gateway_listen,
+        server.console_listen,
+        server.metrics_listen,
+    ]
+    .iter()
+    .filter(|address| address.is_some())
+    .count();
+    let per_listener = (server.max_connections + valet_gateway::budget::MAX_HELD) as u64;
+    let upstream_connections = if server.gateway_listen.is_some() {
+        server.max_connections as u64
+    } else {
+        0
+    };
+    let server_pipes: u64 = config
+        .upstreams
+        .values()
+        .filter_map(|upstream| match &upstream.target {
+            valet_core::config::Target::Process(server) => Some(3 * server.max_processes as u64),
+            valet_core::config::Target::Url { .. } => None,
+        })
+        .sum();
+    listeners as u64 * per_listener
+        + upstream_connections
+        + server_pipes
+        + FILES_BESIDES_CONNECTIONS
+}
+
+/// Raises the open-file limit to what the budgets need (up to the hard limit, as a service
+/// manager allows it), and warns when even the hard limit is lower: past it, accepting fails
+/// and the listener backs off instead of serving within its budgets.
+fn raise_open_file_limit(config: &valet_core::config::Config) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let needed = files_needed(config);
+    let limit = getrlimit(Resource::Nofile);
+    let current = limit.current.unwrap_or(u64::MAX);
+    if current >= needed {
+        return;
+    }
+    let hard = limit.maximum.unwrap_or(u64::MAX);
+    let raised = needed.min(hard);
+    let outcome = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(raised),
+            maximum: limit.maximum,
+        },
+    );
+    match outcome {
+        Ok(()) if raised >= needed => {
+            tracing::info!(
+                from = current,
+                to = raised,
+                "raised the open-file limit to what the connection budgets need"
+            );
+        }
+        Ok(()) | Err(_) => {
+            let now = if outcome.is_ok() { raised } else { current };
+            tracing::warn!(
+                limit = now,
+                needed,
+                "the open-file limit is below what the connection budgets need (each listener's server.max_connections plus the connections held before closing, upstream connections, MCP server pipes): raise the hard limit (LimitNOFILE= in systemd, ulimit -Hn) or lower server.max_connections"
+            );
+        }
+    }
+}
+
 pub async fn run(options: Options) -> Result<(), ServerError> {
     let loaded = valet_service::load_config(&options.config_path, &options.overrides)?;
     let config = loaded.config.clone();
@@ -136,6 +212,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         })?;
         tracing::info!(%endpoint, "exporting traces to {endpoint}/v1/traces");
     }
+    raise_open_file_limit(&config);
     let data_dir = &config.server.data_dir;
     std::fs::create_dir_all(data_dir).map_err(|error| ServerError::DataDir {
         path: data_dir.display().to_string(),

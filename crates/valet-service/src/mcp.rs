@@ -60,13 +60,17 @@ impl Valet {
         self.mcp_sessions.bind(grant_id, server_session)
     }
 
-    /// Whether the grant `id` is still active (not revoked, expired or used up). A store that
-    /// cannot be read answers "active": the caller only stops helpers early with this.
+    /// Whether the grant `id` is still active (not revoked, expired or used up). A grant that
+    /// cannot be read is not: authority that cannot be checked is not used (an answer streaming
+    /// on it is cut off, a server process holding the credential for it is stopped).
     pub async fn grant_is_active(&self, id: &str) -> bool {
         match self.store.get_grant(id).await {
             Ok(Some(grant)) => grant.inactive_reason(self.clock.now()).is_none(),
             Ok(None) => false,
-            Err(_) => true,
+            Err(error) => {
+                tracing::warn!(%error, "a grant could not be read to check it is still active; treated as ended");
+                false
+            }
         }
     }
 
