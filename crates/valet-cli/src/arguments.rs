@@ -415,7 +415,8 @@ pub enum AuditCommand {
     Verify {
         /// The audit log file (JSON lines).
         file: PathBuf,
-        /// The chain head valetd keeps (SEQUENCE:HASH): the chain must end exactly there.
+        /// A chain head valetd kept (SEQUENCE:HASH): the chain must hold it (reach its sequence
+        /// with its hash); records after it are counted as written after it was read.
         #[arg(long, conflicts_with = "fetch_head")]
         head: Option<ChainHead>,
         /// Ask valetd for the chain head and its public keys (operators).

@@ -1253,8 +1253,14 @@ fn audit_verify(
                 )
             };
             let end = match head {
-                Some(_) => "to the head valetd recorded",
-                None => "to its last record (no recorded head given)",
+                Some(head) if summary.n_after_head > 0 => format!(
+                    "to the head valetd recorded (record {}), then {} record{} written after that head was read (chained to it, not covered by it)",
+                    head.sequence,
+                    summary.n_after_head,
+                    if summary.n_after_head == 1 { "" } else { "s" }
+                ),
+                Some(_) => "to the head valetd recorded".to_string(),
+                None => "to its last record (no recorded head given)".to_string(),
             };
             if json {
                 println!(
@@ -1268,6 +1274,7 @@ fn audit_verify(
                         "attested_through": summary.attested_through,
                         "unverified_checkpoints": summary.n_unverified_checkpoints,
                         "matches_recorded_head": head.is_some(),
+                        "after_head": summary.n_after_head,
                     })
                 );
             } else {

@@ -440,7 +440,9 @@ pub struct Verification<'a> {
     pub key: Option<&'a ChainKey>,
     /// Public signing keys by `kid` (the JWKS): checkpoints are checked against them.
     pub public_keys: Option<PublicKeys<'a>>,
-    /// The head valetd recorded: the chain must end exactly there.
+    /// A head valetd recorded (fetched from it, or given): the chain must hold it — reach its
+    /// sequence, with its hash there. Records after it were written after it was read; they
+    /// are counted ([`ChainSummary::n_after_head`]), not covered by it.
     pub expected_head: Option<&'a ChainHead>,
 }
 
@@ -457,6 +459,9 @@ pub struct ChainSummary {
     pub attested_through: Option<u64>,
     /// Checkpoints signed by a key the verifier did not have (retired from the JWKS, say).
     pub n_unverified_checkpoints: u64,
+    /// Records after the expected head: written after it was read (a live log grows), chained
+    /// to it but not covered by it.
+    pub n_after_head: u64,
 }
 
 /// Where and how a chain is broken.
@@ -492,10 +497,6 @@ pub enum BreakKind {
     )]
     HeadMismatch { expected: String, found: String },
     #[error(
-        "the chain runs past the head valetd kept (record {expected}) to record {found_sequence}: records were appended that valetd did not record"
-    )]
-    PastHead { expected: u64, found_sequence: u64 },
-    #[error(
         "the record's MAC is missing or wrong: it was not written by the valetd holding this key-encryption key (forged, or re-chained)"
     )]
     MacMismatch,
@@ -503,6 +504,10 @@ pub enum BreakKind {
         "the file starts at record {found} without a rotation checkpoint attesting the record before it: records were cut from its start"
     )]
     NoStart { found: u64 },
+    #[error(
+        "the file starts at record {first}, after the head given (record {expected}): it cannot show that head is in the chain (verify the file rotated before it against that head)"
+    )]
+    HeadBeforeFile { expected: u64, first: u64 },
     #[error(
         "a checkpoint's signature does not verify, or it attests a head the chain does not have: the log was rewritten"
     )]
@@ -530,7 +535,7 @@ pub fn verify_continuation<'a>(
 
 /// Verifies a whole chain: its structure; with a key, every record's MAC; with public keys, every
 /// checkpoint's signature and what it attests; and that the chain starts at record 1 or at a
-/// rotation checkpoint, and — with an expected head — ends exactly there.
+/// rotation checkpoint, and — with an expected head — holds it (records after it are counted).
 pub fn verify_with<'a>(
     lines: impl IntoIterator<Item = &'a str>,
     verification: &Verification<'_>,
@@ -627,6 +632,18 @@ fn verify_lines<'a>(
                 return Err(fail(Some(sequence), BreakKind::NoStart { found: sequence }));
             }
         }
+        if let Some(expected) = expected_head
+            && sequence == expected.sequence
+            && hash != expected.hash
+        {
+            return Err(fail(
+                Some(sequence),
+                BreakKind::HeadMismatch {
+                    expected: expected.to_string(),
+                    found: ChainHead { sequence, hash }.to_string(),
+                },
+            ));
+        }
         head = Some(ChainHead { sequence, hash });
         n_records += 1;
     }
@@ -642,27 +659,20 @@ fn verify_lines<'a>(
                 },
             });
         }
-        if whole && head.sequence > expected.sequence {
+        if n_records > 0 && first_sequence > expected.sequence {
             return Err(ChainBreak {
-                line: line_number,
-                sequence: Some(head.sequence),
-                kind: BreakKind::PastHead {
+                line: 1,
+                sequence: Some(first_sequence),
+                kind: BreakKind::HeadBeforeFile {
                     expected: expected.sequence,
-                    found_sequence: head.sequence,
-                },
-            });
-        }
-        if head.sequence == expected.sequence && head.hash != expected.hash {
-            return Err(ChainBreak {
-                line: line_number,
-                sequence: Some(head.sequence),
-                kind: BreakKind::HeadMismatch {
-                    expected: expected.to_string(),
-                    found: head.to_string(),
+                    first: first_sequence,
                 },
             });
         }
     }
+    let n_after_head = expected_head.map_or(0, |expected| {
+        head.sequence.saturating_sub(expected.sequence)
+    });
     Ok(ChainSummary {
         n_records,
         head,
@@ -670,6 +680,7 @@ fn verify_lines<'a>(
         macs_checked: key.is_some(),
         attested_through,
         n_unverified_checkpoints,
+        n_after_head,
     })
 }
 

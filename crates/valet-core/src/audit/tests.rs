@@ -261,7 +261,7 @@ mod keyed {
     }
 
     #[test]
-    fn records_past_the_kept_head_and_a_cut_front_are_refused() {
+    fn records_after_a_head_are_counted_a_head_not_held_and_a_cut_front_are_refused() {
         let (key, signer) = (
             ChainKey::from_seal_key(&seal_key()),
             SigningKey::generate().unwrap(),
@@ -277,11 +277,33 @@ mod keyed {
             expected_head: Some(&kept),
             ..Verification::default()
         };
+        // Records after a head were written after it was read: counted, not refused.
+        let summary = verify_with(refs.iter().copied(), &verification).unwrap();
+        assert_eq!((summary.n_after_head, summary.head.sequence), (2, 6));
+        // A head the chain does not hold at its sequence is a rewrite, however far it runs on.
+        let elsewhere = ChainHead {
+            sequence: 4,
+            hash: "0".repeat(64),
+        };
+        let rewritten = Verification {
+            expected_head: Some(&elsewhere),
+            ..Verification::default()
+        };
         assert!(matches!(
-            verify_with(refs.iter().copied(), &verification)
+            verify_with(refs.iter().copied(), &rewritten)
                 .unwrap_err()
                 .kind,
-            BreakKind::PastHead { expected: 4, .. }
+            BreakKind::HeadMismatch { .. }
+        ));
+        // A file that starts after the head cannot show it.
+        assert!(matches!(
+            verify(refs[4..].iter().copied(), Some(&kept))
+                .unwrap_err()
+                .kind,
+            BreakKind::HeadBeforeFile {
+                expected: 4,
+                first: 5
+            }
         ));
         let public_keys = public(&signer);
         let offline = Verification {
