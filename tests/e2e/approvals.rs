@@ -197,6 +197,21 @@ async fn a_sensitive_scope_issues_only_after_approval_with_the_typed_confirmatio
         audit.contains("\"principal\":\"operator\""),
         "who approved is recorded"
     );
+    // The token the approval released is issued on the record, like any other (the record
+    // valet_tokens_issued_total counts).
+    let fingerprint = valet_core::token::fingerprint(issued.token_str());
+    let released: Vec<_> = deployment
+        .audit_records()
+        .into_iter()
+        .filter(|record| {
+            record["action"] == "token.issue"
+                && record["outcome"] == "allowed"
+                && record["grant_id"] == pending.grant.id.as_str()
+        })
+        .collect();
+    assert_eq!(released.len(), 1, "{released:?}");
+    assert_eq!(released[0]["token_fingerprint"], fingerprint.as_str());
+    assert_eq!(released[0]["via"], "wait");
 }
 
 #[tokio::test]

@@ -132,8 +132,9 @@ impl Valet {
         }
     }
 
-    /// A token for an active grant, for its own principal (after an approval), with STS
-    /// credentials for a grant of an aws-sts scope (a new session, recorded in the audit log).
+    /// A token for an active grant, for its own principal (after an approval), recorded as
+    /// issued (`token.issue`, `via: "wait"`), with STS credentials for a grant of an aws-sts
+    /// scope (a new session, recorded in the audit log).
     pub(crate) async fn token_for(
         &self,
         caller: &Caller,
@@ -144,6 +145,15 @@ impl Valet {
         let ring = self.keys.ring()?;
         let now = self.clock.now();
         let token = token::issue(&grant.claims(&config.server.issuer, now), ring.current());
+        // Every token handed out is issued, on the record, before it leaves: here the one a
+        // grant's wait releases (after an approval, or again for an active grant).
+        let issued = AuditEvent::new(AuditAction::TokenIssue, Outcome::Allowed)
+            .with_grant(grant)
+            .with("purpose", &grant.purpose)
+            .with("key_id", ring.current().kid())
+            .with("token_fingerprint", token.fingerprint())
+            .with("via", "wait");
+        self.record(caller, issued).await?;
         // The session already issued, while it is valid: waiting again does not mint another.
         if let Some(issued) = self.issued_session(grant, now) {
             let event = issued.describe(
