@@ -150,16 +150,49 @@ async fn plaintext_off_loopback_is_refused_unless_the_config_says_so() {
     let deployment = Deployment::new(&config);
     let (code, output) = deployment.start_expecting_failure(&[]);
     assert_eq!(code, 64, "{output}");
-    for expected in [
-        "valetd will not serve gRPC in plaintext on 0.0.0.0:0, which is not a loopback address",
+    let expected = [
+        "server.listen: valetd will not serve gRPC in plaintext on 0.0.0.0:0, which is not a loopback address",
         "Listen on 127.0.0.1",
         "`[server] insecure_plaintext = true`",
-    ] {
+    ];
+    for expected in expected {
         assert!(
             output.contains(expected),
             "missing {expected:?} in:\n{output}"
         );
     }
+    // `valet config check` says the same, online or offline: one rule.
+    for offline in [false, true] {
+        let mut check = std::process::Command::new(valet_tests::binary("valet"));
+        check
+            .args(["config", "check"])
+            .env("VALET_TEST_GITHUB_TOKEN", valet_tests::GITHUB_ROOT_SECRET);
+        if offline {
+            check.arg("--offline");
+        }
+        let checked = check.arg(deployment.config_path()).output().unwrap();
+        let printed = String::from_utf8_lossy(&checked.stdout).into_owned()
+            + &String::from_utf8_lossy(&checked.stderr);
+        assert!(!checked.status.success(), "{printed}");
+        for expected in expected {
+            assert!(
+                printed.contains(expected),
+                "missing {expected:?} in:\n{printed}"
+            );
+        }
+    }
+    // Allowed by the config: both accept it, and say it is a risk.
+    let allowed =
+        Deployment::new(&config.replace("[server]\n", "[server]\ninsecure_plaintext = true\n"));
+    let checked = std::process::Command::new(valet_tests::binary("valet"))
+        .args(["config", "check"])
+        .env("VALET_TEST_GITHUB_TOKEN", valet_tests::GITHUB_ROOT_SECRET)
+        .arg(allowed.config_path())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&checked.stdout).into_owned();
+    assert!(checked.status.success(), "{printed}");
+    assert!(printed.contains("plaintext-off-loopback"), "{printed}");
 
     let deployment = Deployment::standard();
     let (code, output) = deployment.start_expecting_failure(&["--gateway-listen", "0.0.0.0:0"]);

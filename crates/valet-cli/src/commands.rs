@@ -961,10 +961,12 @@ fn config_check(
     let (text, base_dir) = read_config_file(file)?;
     // The same two steps as valetd's start: the file, then (unless offline) what it points at.
     let checked = Config::parse(&text, &base_dir).and_then(|config| {
-        if offline {
-            return Ok(config);
-        }
-        let problems = config.check_environment(&SystemEnvironment, dev);
+        let problems = if offline {
+            // What needs nothing read: the listeners.
+            config.server.plaintext_problems(dev)
+        } else {
+            config.check_environment(&SystemEnvironment, dev)
+        };
         if problems.is_empty() {
             Ok(config)
         } else {

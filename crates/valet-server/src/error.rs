@@ -21,10 +21,6 @@ pub enum ServerError {
     #[error("cannot listen on {address}: {detail}")]
     Listen { address: String, detail: String },
     #[error(
-        "valetd will not serve {listener} in plaintext on {address}, which is not a loopback address: principal keys and tokens would cross the network in clear. Listen on 127.0.0.1 (or ::1), set `[server] tls_cert_file` and `tls_key_file` to serve TLS, or, when a TLS-terminating proxy or a service mesh protects that network, set `[server] insecure_plaintext = true` (--dev allows it too)"
-    )]
-    PlaintextOffLoopback { listener: String, address: String },
-    #[error(
         "the key-encryption key from {tried} does not open signing key {kid} in the store: the store was sealed under another key (a different seal key file, or a store from another deployment), or its record was altered. Point [seal] at the key this store was made with; a store cannot be re-sealed with a new key"
     )]
     WrongSealKey { kid: String, tried: String },
@@ -41,7 +37,7 @@ impl ServerError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ServerError::Load(error) if error.is_usage_error() => 64,
-            ServerError::PlaintextOffLoopback { .. } | ServerError::Tls(_) => 64,
+            ServerError::Tls(_) => 64,
             _ => 1,
         }
     }

@@ -99,19 +99,13 @@ pub fn replica_name(config: &Config) -> String {
     }
 }
 
-/// Refuses plaintext listeners off loopback unless the config or `--dev` allows them; when
-/// allowed, says so loudly (and `/healthz` says so for as long as it lasts).
-fn check_plaintext(config: &Config, dev: bool) -> Result<(), ServerError> {
+/// Plaintext listeners off loopback that the config or `--dev` allows: says so loudly (and
+/// `/healthz` says so for as long as it lasts). Ones not allowed were refused with the config's
+/// problems.
+fn warn_plaintext(config: &Config, dev: bool) {
     let exposed = config.server.plaintext_listeners_off_loopback();
-    if exposed.is_empty() {
-        return Ok(());
-    }
-    if !(config.server.insecure_plaintext || dev) {
-        let (listener, address) = exposed[0];
-        return Err(ServerError::PlaintextOffLoopback {
-            listener: listener.to_string(),
-            address: address.to_string(),
-        });
+    if exposed.is_empty() || !(config.server.insecure_plaintext || dev) {
+        return;
     }
     let allowed_by = if config.server.insecure_plaintext {
         "[server] insecure_plaintext = true"
@@ -121,10 +115,8 @@ fn check_plaintext(config: &Config, dev: bool) -> Result<(), ServerError> {
     for (listener, address) in exposed {
         tracing::warn!(listener, %address, allowed_by, "INSECURE: the {listener} listener serves plaintext on {address}, which is not a loopback address; keys and tokens cross that network in clear");
     }
-    Ok(())
 }
 
-/// Runs valetd until SIGTERM or SIGINT.
 /// File descriptors valetd uses besides its listeners' connections: the store, the audit log,
 /// key files, the runtime's own.
 const FILES_BESIDES_CONNECTIONS: u64 = 256;
@@ -201,10 +193,11 @@ fn raise_open_file_limit(config: &valet_core::config::Config) {
     }
 }
 
+/// Runs valetd until SIGTERM or SIGINT.
 pub async fn run(options: Options) -> Result<(), ServerError> {
     let loaded = valet_service::load_config(&options.config_path, &options.overrides)?;
     let config = loaded.config.clone();
-    check_plaintext(&config, options.dev)?;
+    warn_plaintext(&config, options.dev);
     if let Some(endpoint) = &config.server.otlp_endpoint {
         crate::telemetry::export_traces(endpoint).map_err(|detail| ServerError::Telemetry {
             what: format!("the OTLP trace exporter for [server] otlp_endpoint {endpoint:?}"),

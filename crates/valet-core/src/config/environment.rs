@@ -29,7 +29,9 @@ impl Config {
     /// key that is missing, unreadable or not 32 base64 bytes (unless `dev`), root credentials
     /// that cannot be read or are empty, an AWS access key id variable that is unset or wrong,
     /// TLS, client-CA, issuer and etcd files that cannot be read or hold no PEM block of their
-    /// kind, JWKS files without a usable key, and MCP server programs that cannot be found. Every problem, each under its key path.
+    /// kind, JWKS files without a usable key, MCP server programs that cannot be found, and
+    /// listeners serving plaintext off loopback that the config (or `dev`) does not allow.
+    /// Every problem, each under its key path.
     pub fn check_environment(
         &self,
         environment: &dyn Environment,
@@ -37,7 +39,7 @@ impl Config {
     ) -> Vec<ConfigProblem> {
         let mut found = Found {
             environment,
-            problems: Vec::new(),
+            problems: self.server.plaintext_problems(dev),
         };
         match &self.seal {
             None if !dev => found.problems.push(ConfigProblem {

@@ -235,6 +235,32 @@ impl ServerConfig {
     /// The listeners (`"gRPC"`, `"gateway"`, `"console"`) that serve plaintext on an address that is not a
     /// loopback address: each of these carries bearer keys and tokens in clear across a network.
     /// None when TLS is configured (it covers both listeners).
+    /// The key path of each listener's address, by the name
+    /// [`ServerConfig::plaintext_listeners_off_loopback`] gives it.
+    fn listener_key_path(listener: &str) -> &'static str {
+        match listener {
+            "gateway" => "server.gateway_listen",
+            "console" => "server.console_listen",
+            _ => "server.listen",
+        }
+    }
+
+    /// A problem for every listener serving plaintext off loopback, unless the config allows
+    /// it (`insecure_plaintext`) or `dev` does: one rule for valetd's start and `valet config
+    /// check`.
+    pub fn plaintext_problems(&self, dev: bool) -> Vec<ConfigProblem> {
+        if self.insecure_plaintext || dev {
+            return Vec::new();
+        }
+        self.plaintext_listeners_off_loopback()
+            .into_iter()
+            .map(|(listener, address)| ConfigProblem {
+                key_path: Self::listener_key_path(listener).to_string(),
+                kind: ProblemKind::PlaintextOffLoopback { listener, address },
+            })
+            .collect()
+    }
+
     pub fn plaintext_listeners_off_loopback(&self) -> Vec<(&'static str, SocketAddr)> {
         if self.tls.is_some() {
             return Vec::new();
@@ -441,6 +467,13 @@ pub enum ProblemKind {
     },
     #[error("{name:?} is defined more than once")]
     Duplicate { name: String },
+    #[error(
+        "valetd will not serve {listener} in plaintext on {address}, which is not a loopback address: principal keys and tokens would cross the network in clear. Listen on 127.0.0.1 (or ::1), set `[server] tls_cert_file` and `tls_key_file` to serve TLS, or, when a TLS-terminating proxy or a service mesh protects that network, set `[server] insecure_plaintext = true` (--dev allows it too)"
+    )]
+    PlaintextOffLoopback {
+        listener: &'static str,
+        address: SocketAddr,
+    },
     #[error("names credential {name:?}, which is not defined; defined credentials: [{defined}]")]
     UnknownCredential { name: String, defined: String },
     #[error("names scope {name:?}, which is not defined; defined scopes: [{defined}]")]
