@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
@@ -14,8 +13,6 @@ use valet_service::{ServiceError, Valet};
 pub const MAX_HELD_PER_GRANT: usize = 8;
 /// Calls of one principal's grants held at once.
 pub const MAX_HELD_PER_PRINCIPAL: usize = 32;
-/// How often a wait asks whether its approval is still pending.
-const APPROVAL_POLL: Duration = Duration::from_millis(250);
 
 /// How a wait ended: the approval was decided (or is gone), or reading it failed.
 pub type Decided = Result<(), Arc<ServiceError>>;
@@ -95,19 +92,12 @@ impl HeldCalls {
     }
 }
 
-/// Waits until `approval` is no longer pending (approved, denied, expired or gone).
+/// Waits until `approval` is no longer pending (approved, denied, expired or gone): the
+/// service's wait on the store's changes, the one `WaitForGrant` uses.
 fn wait_for(valet: Arc<Valet>, approval: String) -> Shared<BoxFuture<'static, Decided>> {
-    async move {
-        loop {
-            match valet.approval_pending(&approval).await {
-                Ok(true) => tokio::time::sleep(APPROVAL_POLL).await,
-                Ok(false) => return Ok(()),
-                Err(error) => return Err(Arc::new(error)),
-            }
-        }
-    }
-    .boxed()
-    .shared()
+    async move { valet.wait_for_approval(&approval).await.map_err(Arc::new) }
+        .boxed()
+        .shared()
 }
 
 impl Drop for HeldPlace {

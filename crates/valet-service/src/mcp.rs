@@ -5,7 +5,6 @@
 
 use bytes::Bytes;
 use serde_json::Value;
-use valet_core::approval::ApprovalStatus;
 use valet_core::audit::{AuditAction, Outcome};
 use valet_core::call::CallRefusal;
 use valet_core::canonical::{Body, BodyError};
@@ -71,18 +70,6 @@ impl Valet {
                 tracing::warn!(%error, "a grant could not be read to check it is still active; treated as ended");
                 false
             }
-        }
-    }
-
-    /// Whether the approval a held MCP call waits for is still waiting for people. Once it is
-    /// not (approved, denied, expired, gone), the held call is authorized again with it, which
-    /// uses it once or refuses — and records either.
-    pub async fn approval_pending(&self, id: &str) -> Result<bool, ServiceError> {
-        let parsed = valet_core::ApprovalId::parse(id).map_err(ServiceError::Request)?;
-        match self.fetch_approval(&parsed).await {
-            Ok(approval) => Ok(approval.status_at(self.clock.now()) == ApprovalStatus::Pending),
-            Err(ServiceError::ApprovalNotFound { .. }) => Ok(false),
-            Err(error) => Err(error),
         }
     }
 

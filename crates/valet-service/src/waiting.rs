@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use tokio::sync::broadcast::error::RecvError;
-use valet_core::GrantId;
-use valet_core::approval::ApprovalRequest;
+use valet_core::approval::{ApprovalRequest, ApprovalStatus};
 use valet_core::audit::AuditAction;
 use valet_core::grant::{Grant, GrantStatus};
 use valet_core::policy;
 use valet_core::token::Token;
+use valet_core::{ApprovalId, GrantId};
 use valet_store::StoreChange;
 
 use crate::aws_grants::AwsGrant;
@@ -73,6 +73,51 @@ impl Valet {
         Ok(stream_from_task(move |sender| async move {
             follow(valet, caller, changes, timeout, grant, approval, sender).await;
         }))
+    }
+}
+
+impl Valet {
+    /// Waits until approval `id` no longer waits for people (approved, denied, timed out or
+    /// gone), following the store's change stream as [`Valet::wait_for_grant`] does: read again,
+    /// checked, at each change to it (a change in the stream is what the engine saw; only a
+    /// record valetd wrote decides), at a resync, and at its expiry. An MCP call held on the
+    /// approval is then authorized again with it, which uses it once or refuses — and records
+    /// either.
+    pub async fn wait_for_approval(&self, id: &str) -> Result<(), ServiceError> {
+        let id = ApprovalId::parse(id).map_err(ServiceError::Request)?;
+        // Subscribe first, so no change falls between a read and the wait.
+        let mut changes = self.store.subscribe();
+        loop {
+            let approval = match self.fetch_approval(&id).await {
+                Ok(approval) => approval,
+                Err(ServiceError::ApprovalNotFound { .. }) => return Ok(()),
+                Err(error) => return Err(error),
+            };
+            let now = self.clock.now();
+            if approval.status_at(now) != ApprovalStatus::Pending {
+                return Ok(());
+            }
+            // Its expiry, a moment after: the sweep that times it out writes a change too.
+            let expires_in =
+                Duration::from_secs(u64::try_from(approval.expires_at - now).unwrap_or(0) + 1);
+            let expired = tokio::time::sleep(expires_in);
+            tokio::pin!(expired);
+            loop {
+                tokio::select! {
+                    change = changes.recv() => match change {
+                        Ok(StoreChange::ApprovalChanged(changed)) if changed.id == approval.id => break,
+                        Ok(StoreChange::Resync) | Err(RecvError::Lagged(_)) => break,
+                        Ok(_) => {}
+                        Err(RecvError::Closed) => {
+                            return Err(ServiceError::Internal(
+                                "the store's change stream ended".into(),
+                            ));
+                        }
+                    },
+                    () = &mut expired => break,
+                }
+            }
+        }
     }
 }
 
