@@ -87,7 +87,7 @@ async fn page(valetd: &Valetd, cookie: &str, path: &str) -> (u16, String) {
 #[tokio::test]
 async fn a_login_link_opens_one_session_across_replicas_and_logout_ends_it_on_every_one() {
     let cluster = EtcdCluster::start(1);
-    let (_deployments, replicas) = console_replicas(&cluster);
+    let (deployments, replicas) = console_replicas(&cluster);
 
     // Made on replica 0, opened on replica 1; replica 0 then refuses it.
     let link = login_link(&replicas[0]).await;
@@ -118,8 +118,35 @@ async fn a_login_link_opens_one_session_across_replicas_and_logout_ends_it_on_ev
         .and_then(|rest| rest.split('"').next())
         .expect("the page's forms carry the CSRF token")
         .to_string();
-    // ... and logging out on replica 0 ends it on replica 1.
     let header = format!("valet_console={cookie}");
+    // A revoke-all without its typed confirmation is refused by the service, on the record.
+    let form = format!("csrf={csrf}&target=environment&name=staging&reason=drill&confirm=revoke");
+    let (status, _, body) = raw_exchange(
+        replicas[0].console.as_deref().unwrap(),
+        "POST",
+        "/revoke-all",
+        &[
+            ("cookie", &header),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        form.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("type `revoke all` to confirm"), "{body}");
+    assert!(
+        deployments[0].audit_records().iter().any(|record| {
+            record["action"] == "token.revoke"
+                && record["via"] == "revoke_all"
+                && record["outcome"] == "denied"
+                && record["principal"] == "operator"
+                && record["reason"]
+                    .as_str()
+                    .is_some_and(|reason| reason.contains("type `revoke all` to confirm"))
+        }),
+        "the refusal is recorded"
+    );
+    // ... and logging out on replica 0 ends it on replica 1.
     let form = format!("csrf={csrf}");
     let (status, _, body) = raw_exchange(
         replicas[0].console.as_deref().unwrap(),

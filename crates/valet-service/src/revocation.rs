@@ -14,6 +14,9 @@ use valet_core::approval::ApprovalRequest;
 use crate::compare_and_swap::{Decision, Swapped, compare_and_swap};
 use crate::{Attribution, Caller, ServiceError, Valet, context};
 
+/// What an operator types in the console to confirm revoking every live grant of a target.
+pub const REVOKE_ALL_CONFIRMATION: &str = "revoke all";
+
 /// Grants read per page while revoking a whole target.
 const REVOKE_PAGE: usize = 500;
 
@@ -103,7 +106,68 @@ impl Valet {
         reason: &str,
     ) -> Result<Vec<Grant>, ServiceError> {
         let context = context(AuditAction::TokenRevoke).with("via", "revoke_all");
+        let outcome = self.revoke_all_decided(caller, filter, reason).await;
+        self.answer(caller, context, outcome).await
+    }
+
+    /// Revokes every live grant of a target named as the console's form names it (`target`:
+    /// environment, principal or scope; `name`), once the operator typed `revoke all` to
+    /// confirm. A missing confirmation or an unknown target is refused and recorded like any
+    /// other refusal.
+    pub async fn revoke_all_confirmed(
+        &self,
+        caller: &Caller,
+        (target, name): (&str, Option<String>),
+        confirmation: &str,
+        reason: &str,
+    ) -> Result<Vec<Grant>, ServiceError> {
+        let context = context(AuditAction::TokenRevoke).with("via", "revoke_all");
         let outcome = async {
+            if confirmation.trim() != REVOKE_ALL_CONFIRMATION {
+                return Err(ServiceError::InvalidField {
+                    field: "confirm",
+                    problem: format!(
+                        "type `{REVOKE_ALL_CONFIRMATION}` to confirm revoking every live grant of the target"
+                    ),
+                });
+            }
+            let filter = match (target, name) {
+                (_, None) => None,
+                ("environment", Some(name)) => Some(GrantFilter {
+                    environment: Some(name),
+                    ..GrantFilter::default()
+                }),
+                ("principal", Some(name)) => Some(GrantFilter {
+                    principal: Some(name),
+                    ..GrantFilter::default()
+                }),
+                ("scope", Some(name)) => Some(GrantFilter {
+                    scope: Some(name),
+                    ..GrantFilter::default()
+                }),
+                (other, Some(_)) => {
+                    return Err(ServiceError::InvalidField {
+                        field: "target",
+                        problem: format!(
+                            "{:?} is not a target; one of environment, principal, scope",
+                            crate::tokens::bounded(other, 64)
+                        ),
+                    });
+                }
+            };
+            self.revoke_all_decided(caller, filter, reason).await
+        }
+        .await;
+        self.answer(caller, context, outcome).await
+    }
+
+    async fn revoke_all_decided(
+        &self,
+        caller: &Caller,
+        filter: Option<GrantFilter>,
+        reason: &str,
+    ) -> Result<Vec<Grant>, ServiceError> {
+        {
             policy::require_role(
                 &caller.principal,
                 Role::Operator,
@@ -142,8 +206,6 @@ impl Valet {
             }
             Ok(revoked)
         }
-        .await;
-        self.answer(caller, context, outcome).await
     }
 
     /// Revokes `current` in Valet (the outer result), withdraws the approval requests that could

@@ -489,38 +489,10 @@ async fn act(
             )))
         }
         ["revoke-all"] => {
-            if fields.get("confirm").trim() != "revoke all" {
-                return Err(ServiceError::InvalidField {
-                    field: "confirm",
-                    problem: "type `revoke all` to confirm revoking every live grant of the target"
-                        .into(),
-                });
-            }
-            let name = fields.non_empty("name");
-            let filter = match (fields.get("target"), name) {
-                (_, None) => None,
-                ("environment", Some(name)) => Some(GrantFilter {
-                    environment: Some(name),
-                    ..GrantFilter::default()
-                }),
-                ("principal", Some(name)) => Some(GrantFilter {
-                    principal: Some(name),
-                    ..GrantFilter::default()
-                }),
-                ("scope", Some(name)) => Some(GrantFilter {
-                    scope: Some(name),
-                    ..GrantFilter::default()
-                }),
-                (other, Some(_)) => {
-                    return Err(ServiceError::InvalidField {
-                        field: "target",
-                        problem: format!(
-                            "{other:?} is not a target; one of environment, principal, scope"
-                        ),
-                    });
-                }
-            };
-            let revoked = valet.revoke_all(caller, filter, reason).await?;
+            let target = (fields.get("target"), fields.non_empty("name"));
+            let revoked = valet
+                .revoke_all_confirmed(caller, target, fields.get("confirm"), reason)
+                .await?;
             Ok(redirect(&format!("/grants?revoked={}", revoked.len())))
         }
         ["audit", "verify"] => {
