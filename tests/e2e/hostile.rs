@@ -503,3 +503,74 @@ async fn one_token_cannot_hold_the_gateway_open_on_a_slow_upstream() {
     }
     valetd.stop().await;
 }
+
+#[tokio::test]
+async fn waits_for_a_pending_grant_are_budgeted_and_end_with_their_client() {
+    let config = standard_config(
+        r#"
+[[scope]]
+name = "gated"
+credential = "railway"
+environment = "production"
+audience = "railway"
+default_ttl = "5m"
+max_ttl = "10m"
+[scope.approval]
+timeout = "10m"
+"#,
+    )
+    .replace(
+        "scopes = [\"deploy-staging\", \"limited\", \"short\"]",
+        "scopes = [\"deploy-staging\", \"limited\", \"short\", \"gated\"]",
+    );
+    let deployment = Deployment::new(&config);
+    let valetd = deployment.start(&[]);
+    let agent = valetd.client(AGENT_KEY).await;
+    let pending = agent
+        .request_token(TokenRequest::new("gated", "waits"))
+        .await
+        .unwrap();
+    assert!(pending.is_pending());
+    let wait = || {
+        let mut broker = agent.broker();
+        let grant_id = pending.grant.id.clone();
+        async move {
+            broker
+                .wait_for_grant(valet_client::v1::WaitForGrantRequest {
+                    grant_id,
+                    timeout_seconds: 3600,
+                })
+                .await
+        }
+    };
+    // Eight waits on one grant stay open; a ninth is refused at once, saying why.
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        let mut stream = wait()
+            .await
+            .expect("a wait within the grant's budget")
+            .into_inner();
+        // Each answers with the grant as it stands, then waits.
+        stream.message().await.unwrap().unwrap();
+        open.push(stream);
+    }
+    let refused = wait().await.expect_err("past the grant's waits");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        refused
+            .message()
+            .contains("waits for this grant are open already (at most 8)"),
+        "{}",
+        refused.message()
+    );
+    // A client that goes away frees its waits (not at the wait's end, an hour off).
+    drop(open);
+    assert!(
+        valet_tests::eventually(Duration::from_secs(10), || async { wait().await.is_ok() }).await,
+        "the waits of a client that went away were freed"
+    );
+    agent
+        .request_token(TokenRequest::new("limited", "after-waits"))
+        .await
+        .expect("the principal is served");
+}

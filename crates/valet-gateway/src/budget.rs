@@ -440,7 +440,17 @@ pub struct ConnectionHandle {
     shared: Arc<Shared>,
 }
 
+/// What a request on a connection being closed is answered, unread and unauthenticated.
+pub const CLOSING: &str = "this connection is being closed (it was chosen to make room for another, or its source has more throttled answers waiting than its budget); the request was not read: connect again";
+
 impl ConnectionHandle {
+    /// Whether the budget closed this connection: a request still arriving on it (an HTTP/2
+    /// stream sent before the close) is answered [`CLOSING`] without being authenticated or
+    /// read, so streams sent in a burst cost nothing once their connection is closed.
+    pub fn closing(&self) -> bool {
+        self.shared.evicted()
+    }
+
     /// The connection carried a credential valetd accepted, for `principal`: from now on it
     /// counts against that principal, not against its source's unauthenticated share.
     pub fn authenticated(&self, principal: &str) {
@@ -505,6 +515,14 @@ impl ConnectionHandle {
         }) else {
             return false;
         };
+        // Its own pause first: whatever others on its source do, a connection waiting for one
+        // answer at a time is never closed for it.
+        if !waiting {
+            if let Some(entry) = state.entries.get_mut(&self.id) {
+                entry.paused_until = Some(now + pause);
+            }
+            return true;
+        }
         let from_source = state.paused_by_source.get(&source).copied().unwrap_or(0);
         if from_source >= MAX_PAUSED_PER_SOURCE || state.paused.len() >= MAX_PAUSED {
             if let Some(entry) = state.remove(self.id) {
@@ -512,11 +530,7 @@ impl ConnectionHandle {
             }
             return false;
         }
-        if waiting {
-            state.count_pause(now + pause, source);
-        } else if let Some(entry) = state.entries.get_mut(&self.id) {
-            entry.paused_until = Some(now + pause);
-        }
+        state.count_pause(now + pause, source);
         true
     }
 
@@ -778,20 +792,25 @@ mod tests {
         for connection in &connections {
             assert!(connection.handle().pause_admitted(pause));
         }
-        // Cancelled requests included (these were never answered): one more is refused and its
-        // connection closed.
+        // Cancelled requests included (these were never answered, their connections closed):
+        // a connection of the source may wait its own answer's pause, but a second at once is
+        // refused and its connection closed.
         drop(connections);
+        assert!(over.handle().pause_admitted(pause));
         assert!(!over.handle().pause_admitted(pause));
         assert!(over.shared().evicted());
         // Another source is not affected; once the pauses are over, the source may wait again.
         let other = budget.admit(address("10.0.0.3")).unwrap();
         assert!(other.handle().pause_admitted(pause));
         // Meanwhile the source still gets new connections (a neighbour with a valid credential
-        // may be behind it), whose throttled answers are refused a pause.
+        // may be behind it), each of which may wait one answer's pause, not two.
         let neighbour = budget.admit(address("10.0.0.2")).unwrap();
+        assert!(neighbour.handle().pause_admitted(pause));
         assert!(!neighbour.handle().pause_admitted(pause));
+        assert!(neighbour.shared().evicted());
         tokio::time::advance(pause).await;
         let again = budget.admit(address("10.0.0.2")).unwrap();
+        assert!(again.handle().pause_admitted(pause));
         assert!(again.handle().pause_admitted(pause));
     }
 

@@ -128,6 +128,13 @@ impl Gateway {
                             request.extensions_mut().insert(connection.clone());
                         }
                         async move {
+                            if handle.as_ref().is_some_and(budget::ConnectionHandle::closing) {
+                                let closing = response::json(
+                                    http::StatusCode::SERVICE_UNAVAILABLE,
+                                    &serde_json::json!({"error": "connection_closing", "message": budget::CLOSING}),
+                                );
+                                return Ok(closing.map(|body| budget::GuardedBody::new(body, guard)));
+                            }
                             let response = gateway.handle(request, peer).await;
                             // A throttled caller's answer waits, so its loop runs at the pace
                             // of its (budgeted) connections.

@@ -221,6 +221,14 @@ where
             let guarded = |response: http::Response<ResponseBody>, guard| {
                 response.map(|body| GuardedBody::new(body, guard))
             };
+            if peer
+                .as_ref()
+                .and_then(|peer| peer.connection.as_ref())
+                .is_some_and(ConnectionHandle::closing)
+            {
+                let closing = tonic::Status::unavailable(valet_gateway::budget::CLOSING);
+                return Ok(guarded(closing.into_http(), guard));
+            }
             let path = request.uri().path().to_string();
             if path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.") {
                 return inner

@@ -115,6 +115,8 @@ pub struct Valet {
     call_approvals: tokio::sync::Mutex<()>,
     /// Gateway and MCP calls forwarded and not yet answered, per grant and principal.
     in_flight: Arc<in_flight::InFlight>,
+    /// `WaitForGrant` streams open, per grant and per principal.
+    waits: Arc<waiting::Waits>,
     /// Valet tokens whose signature was verified under the key ring in force.
     verified_tokens: verified_tokens::VerifiedTokens,
 }
@@ -185,6 +187,7 @@ impl Valet {
             limits: authentication_limits::AuthenticationLimits::default(),
             call_approvals: tokio::sync::Mutex::new(()),
             in_flight: Arc::default(),
+            waits: Arc::default(),
             verified_tokens: verified_tokens::VerifiedTokens::default(),
             stopping: tokio::sync::watch::Sender::new(false),
             deferred,

@@ -299,7 +299,16 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (sender, receiver) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(task(sender));
+    // The task ends when its reader goes away (the client disconnected, the stream was
+    // dropped), not at its next item, which may be an hour off.
+    let reader_gone = sender.clone();
+    let task = task(sender);
+    tokio::spawn(async move {
+        tokio::select! {
+            () = task => {}
+            () = reader_gone.closed() => {}
+        }
+    });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))
 }
 

@@ -109,6 +109,22 @@ pub async fn serve(
                         request.extensions_mut().insert(connection.clone());
                     }
                     async move {
+                        if handle_of_connection
+                            .as_ref()
+                            .is_some_and(ConnectionHandle::closing)
+                        {
+                            let closing = html(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                page::error(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    valet_gateway::budget::CLOSING,
+                                    None,
+                                ),
+                            );
+                            return Ok::<_, Infallible>(
+                                closing.map(|body| GuardedBody::new(body, guard)),
+                            );
+                        }
                         let response = handle(&console, request, address).await;
                         // A throttled caller's answer waits, so its loop runs at the pace of
                         // its (budgeted) connections.
