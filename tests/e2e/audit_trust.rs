@@ -3,6 +3,7 @@
 //! valetd processes never share one audit log.
 
 use std::process::Command;
+use std::time::Duration;
 
 use valet_client::TokenRequest;
 use valet_core::audit::{self, AuditEvent, ChainHead};
@@ -149,6 +150,8 @@ async fn verifying_a_live_log_against_its_fetched_head_never_cries_tampering() {
             let _ = agent
                 .request_token(TokenRequest::new("limited", format!("live-{index}")))
                 .await;
+            // A steady writer, not a flood: the race needs records, not load.
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     });
     let path = deployment.audit_path();

@@ -560,6 +560,7 @@ fn verify_lines<'a>(
     let mut n_records = 0u64;
     let mut line_number = 0u64;
     let mut first_sequence = 0;
+    let mut first_prev = String::new();
     let mut attested_through = None;
     let mut n_unverified_checkpoints = 0;
     for line in lines {
@@ -619,6 +620,7 @@ fn verify_lines<'a>(
             }
         } else {
             first_sequence = sequence;
+            first_prev = prev.clone();
             if sequence == 1 && prev != GENESIS_HASH {
                 return Err(fail(Some(sequence), BreakKind::PrevMismatch));
             }
@@ -659,7 +661,22 @@ fn verify_lines<'a>(
                 },
             });
         }
-        if n_records > 0 && first_sequence > expected.sequence {
+        // A file that starts right after the head holds it as its first record's `prev`.
+        if n_records > 0 && first_sequence == expected.sequence + 1 && first_prev != expected.hash {
+            return Err(ChainBreak {
+                line: 1,
+                sequence: Some(first_sequence),
+                kind: BreakKind::HeadMismatch {
+                    expected: expected.to_string(),
+                    found: ChainHead {
+                        sequence: expected.sequence,
+                        hash: first_prev,
+                    }
+                    .to_string(),
+                },
+            });
+        }
+        if n_records > 0 && first_sequence > expected.sequence + 1 {
             return Err(ChainBreak {
                 line: 1,
                 sequence: Some(first_sequence),

@@ -295,13 +295,36 @@ mod keyed {
                 .kind,
             BreakKind::HeadMismatch { .. }
         ));
-        // A file that starts after the head cannot show it.
-        assert!(matches!(
+        // A file that starts right after the head holds it (its first record's prev); one that
+        // starts later cannot show it.
+        assert_eq!(
             verify(refs[4..].iter().copied(), Some(&kept))
+                .unwrap()
+                .n_after_head,
+            2
+        );
+        assert_eq!(
+            verify(refs.iter().copied(), Some(&ChainHead::genesis()))
+                .unwrap()
+                .n_after_head,
+            6
+        );
+        assert!(matches!(
+            verify(refs[4..].iter().copied(), Some(&elsewhere))
+                .unwrap_err()
+                .kind,
+            BreakKind::HeadMismatch { .. }
+        ));
+        let earlier = ChainHead {
+            sequence: 3,
+            hash: verify(refs[..3].iter().copied(), None).unwrap().head.hash,
+        };
+        assert!(matches!(
+            verify(refs[4..].iter().copied(), Some(&earlier))
                 .unwrap_err()
                 .kind,
             BreakKind::HeadBeforeFile {
-                expected: 4,
+                expected: 3,
                 first: 5
             }
         ));
