@@ -228,7 +228,10 @@ fn is_transient(error: &etcd_client::Error) -> bool {
     match error {
         etcd_client::Error::TransportError(_) => true,
         etcd_client::Error::GRpcStatus(status) => match status.code() {
+            // The member's connection closed with the request on it ("operation was canceled",
+            // hyper's `Canceled`: a killed member): another member may answer.
             tonic::Code::Unavailable => true,
+            tonic::Code::Cancelled if status.message().contains("operation was canceled") => true,
             tonic::Code::Unknown | tonic::Code::Cancelled => {
                 status.message().contains("transport error")
                     || status.message().contains("Timeout expired")
