@@ -87,7 +87,11 @@ shared = true
             "deploy-stdio",
             "[[scope.mcp.tool]]\nname = \"crash\"\n"
         ),
-        shared = mcp_scope("deploy-mcp-shared", "deploy-shared", ""),
+        shared = mcp_scope(
+            "deploy-mcp-shared",
+            "deploy-shared",
+            "[[scope.mcp.tool]]\nname = \"crash\"\n"
+        ),
     );
     standard_config(&extra)
         .replace(
@@ -975,6 +979,38 @@ async fn a_server_crashing_under_one_principal_holds_back_only_that_principals_s
     assert_eq!(mine.status, 429, "{}", mine.body);
     assert!(mine.body.contains("exited"), "{}", mine.body);
     assert_eq!(theirs.status, 200, "{}", theirs.body);
+
+    // On a shared server the crash counts against the principal whose call went to it last,
+    // not the one whose call happened to start it.
+    let starter = stack
+        .token_of(OTHER_AGENT_KEY, "deploy-shared", "starts-shared")
+        .await;
+    let listed = agent(
+        &gateway,
+        "deploy-shared",
+        &starter,
+        "legacy",
+        json!([["call_tool", "list_projects", {}]]),
+    )
+    .await;
+    assert_eq!(listed[0]["ok"], true, "{listed:?}");
+    let crasher = stack.token("deploy-shared", "crash-shared").await;
+    let crashed = agent(
+        &gateway,
+        "deploy-shared",
+        &crasher,
+        "legacy",
+        json!([["call_tool", "crash", {}]]),
+    )
+    .await;
+    assert_eq!(crashed[0]["ok"], false, "{crashed:?}");
+    let again = stack.token("deploy-shared", "crash-shared-again").await;
+    let (mine, theirs) = tokio::join!(
+        initialize(&gateway, "deploy-shared", &again),
+        initialize(&gateway, "deploy-shared", &starter)
+    );
+    assert_eq!(theirs.status, 200, "{}", theirs.body);
+    assert_eq!(mine.status, 429, "{}", mine.body);
     stack.valetd.stop().await;
 }
 

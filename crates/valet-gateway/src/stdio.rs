@@ -145,7 +145,10 @@ pub struct Process {
     next_id: AtomicU64,
     alive: Arc<AtomicBool>,
     in_flight: AtomicUsize,
-    last_used: std::sync::Mutex<Instant>,
+    /// When it was last used, and by which principal's call: a process that exits soon after
+    /// it started counts against the principal whose call went to it last (on a shared server,
+    /// not the one whose call happened to start it).
+    last_used: std::sync::Mutex<(Instant, String)>,
     started: Instant,
     /// The server's answer to valetd's `initialize`.
     initialized: std::sync::OnceLock<Value>,
@@ -197,9 +200,15 @@ impl Processes {
             }
             let now = Instant::now();
             pool.reap(server.idle_timeout, now);
+            // On a shared server, a principal whose calls keep making it exit is held back from
+            // the running process too (its next call would end it for everyone), not only from
+            // starting one.
+            if key == SHARED {
+                pool.check_backoff(principal, now)?;
+            }
             match pool.processes.get(key) {
                 Some((_, Slot::Ready(process))) => {
-                    process.touch();
+                    process.touch(Some(principal));
                     return Ok(process.clone());
                 }
                 Some((_, Slot::Starting(starting))) => starting.clone(),
@@ -237,7 +246,7 @@ impl Processes {
                         "its place was given up while the server started (the grant ended or the upstream's config changed); retry".into(),
                     ));
                 }
-                process.touch();
+                process.touch(Some(principal));
                 Ok(process)
             }
             Err(error) => {
@@ -252,6 +261,24 @@ impl Processes {
 }
 
 impl Pool {
+    /// Refused while `principal` is in its crash backoff.
+    fn check_backoff(&self, principal: &str, now: Instant) -> Result<(), StdioError> {
+        if let Some(backoff) = self.backoff.get(principal)
+            && let Some(not_before) = backoff.not_before
+            && now < not_before
+        {
+            return Err(StdioError::Busy {
+                reason: format!(
+                    "its server exited {} times in a row under principal {principal:?}'s calls; their next call to it is in {} ms",
+                    backoff.crashes,
+                    (not_before - now).as_millis()
+                ),
+                retry_after: (not_before - now).max(Duration::from_secs(1)),
+            });
+        }
+        Ok(())
+    }
+
     /// A new process's place for `key`, reserved while it starts: within `principal`'s restart
     /// backoff and starts, and with room made for it.
     fn admit_start(
@@ -261,19 +288,7 @@ impl Pool {
         server: &StdioServer,
         now: Instant,
     ) -> Result<Arc<Starting>, StdioError> {
-        if let Some(backoff) = self.backoff.get(principal)
-            && let Some(not_before) = backoff.not_before
-            && now < not_before
-        {
-            return Err(StdioError::Busy {
-                reason: format!(
-                    "its server exited {} times in a row under principal {principal:?}'s calls; the next start for them is in {} ms",
-                    backoff.crashes,
-                    (not_before - now).as_millis()
-                ),
-                retry_after: (not_before - now).max(Duration::from_secs(1)),
-            });
-        }
+        self.check_backoff(principal, now)?;
         // Counted before room is made, so a refused start stops no one's process.
         self.start_admitted(principal, server, now)?;
         if key != SHARED {
@@ -468,7 +483,12 @@ impl Pool {
             };
             if !process.alive.load(Ordering::Acquire) {
                 if process.started.elapsed() < STABLE_AFTER {
-                    crashed.push(owner.clone());
+                    let caller = process.last_caller();
+                    crashed.push(if caller.is_empty() {
+                        owner.clone()
+                    } else {
+                        caller
+                    });
                 }
                 return false;
             }
@@ -551,7 +571,7 @@ impl Process {
             next_id: AtomicU64::new(1),
             alive: alive.clone(),
             in_flight: AtomicUsize::new(0),
-            last_used: std::sync::Mutex::new(Instant::now()),
+            last_used: std::sync::Mutex::new((Instant::now(), String::new())),
             started: Instant::now(),
             initialized: std::sync::OnceLock::new(),
         };
@@ -627,16 +647,30 @@ impl Process {
         self.initialized.get().unwrap_or(&NONE)
     }
 
-    fn touch(&self) {
+    /// Marks it used now, by `principal`'s call when given.
+    fn touch(&self, principal: Option<&str>) {
         if let Ok(mut last_used) = self.last_used.lock() {
-            *last_used = Instant::now();
+            last_used.0 = Instant::now();
+            if let Some(principal) = principal
+                && last_used.1 != principal
+            {
+                last_used.1 = principal.to_string();
+            }
         }
+    }
+
+    /// The principal whose call went to it last (none yet: empty).
+    fn last_caller(&self) -> String {
+        self.last_used
+            .lock()
+            .map(|last_used| last_used.1.clone())
+            .unwrap_or_default()
     }
 
     fn last_used(&self) -> Instant {
         self.last_used
             .lock()
-            .map(|last| *last)
+            .map(|last| last.0)
             .unwrap_or_else(|_| Instant::now())
     }
 
@@ -689,7 +723,7 @@ impl Process {
         }
         .await;
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.touch();
+        self.touch(None);
         if outcome.is_err()
             && let Ok(mut pending) = self.pending.lock()
         {
