@@ -1,7 +1,8 @@
 //! Gateway and MCP calls in flight — forwarded and not yet answered in full — per grant and per
 //! principal: past a quarter of `server.max_connections` for one grant, or half for one
 //! principal's grants (the connections a principal may hold), a call is refused before it is
-//! counted or forwarded, so one token cannot hold the gateway open on a slow upstream.
+//! counted or forwarded, so one token cannot hold the gateway open on a slow upstream. The same
+//! counting, with caps of their own, bounds the waits for a pending grant.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,6 +36,13 @@ pub struct InFlight {
     counts: std::sync::Mutex<Counts>,
 }
 
+/// Which share a new place would exceed, with how many places are held there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Over {
+    Grant(usize),
+    Principal(usize),
+}
+
 /// One call's place: released when the last holder of its decision drops it (once the answer
 /// has been streamed, or the call failed).
 #[derive(Debug)]
@@ -58,20 +66,36 @@ impl InFlight {
         grant: &str,
         principal: &str,
     ) -> Result<InFlightPlace, String> {
+        self.take_counted(caps, grant, principal)
+            .map_err(|over| match over {
+                Over::Grant(held) => format!(
+                    "{held} calls of this grant are in flight already (at most {}, a quarter of server.max_connections); send it again once one has been answered",
+                    caps.per_grant
+                ),
+                Over::Principal(held) => format!(
+                    "{held} calls of principal {principal:?} are in flight already (at most {}, half of server.max_connections); send it again once one has been answered",
+                    caps.per_principal
+                ),
+            })
+    }
+
+    /// A place for one more of `grant` (of `principal`) within `caps`, or which share it would
+    /// exceed: the counting every per-grant and per-principal budget of places shares (calls in
+    /// flight, waits for a grant), each wording its own refusal.
+    pub fn take_counted(
+        self: &Arc<Self>,
+        caps: Caps,
+        grant: &str,
+        principal: &str,
+    ) -> Result<InFlightPlace, Over> {
         let mut counts = self.counts();
         let of_grant = counts.by_grant.get(grant).copied().unwrap_or(0);
         if of_grant >= caps.per_grant {
-            return Err(format!(
-                "{of_grant} calls of this grant are in flight already (at most {}, a quarter of server.max_connections); send it again once one has been answered",
-                caps.per_grant
-            ));
+            return Err(Over::Grant(of_grant));
         }
         let of_principal = counts.by_principal.get(principal).copied().unwrap_or(0);
         if of_principal >= caps.per_principal {
-            return Err(format!(
-                "{of_principal} calls of principal {principal:?} are in flight already (at most {}, half of server.max_connections); send it again once one has been answered",
-                caps.per_principal
-            ));
+            return Err(Over::Principal(of_principal));
         }
         *counts.by_grant.entry(grant.to_string()).or_default() += 1;
         *counts

@@ -115,8 +115,9 @@ pub struct Valet {
     call_approvals: tokio::sync::Mutex<()>,
     /// Gateway and MCP calls forwarded and not yet answered, per grant and principal.
     in_flight: Arc<in_flight::InFlight>,
-    /// `WaitForGrant` streams open, per grant and per principal.
-    waits: Arc<waiting::Waits>,
+    /// `WaitForGrant` streams open, per grant and per principal (counted as calls in flight
+    /// are, with caps of their own).
+    waits: Arc<in_flight::InFlight>,
     /// Valet tokens whose signature was verified under the key ring in force.
     verified_tokens: verified_tokens::VerifiedTokens,
 }

@@ -1,7 +1,6 @@
 //! Waiting for a pending grant: the requester follows its grant (and its approval request) until
 //! it is decided, and receives the token once it is approved. Only the requester ever does.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::sync::broadcast::error::RecvError;
@@ -14,6 +13,7 @@ use valet_core::{ApprovalId, GrantId};
 use valet_store::StoreChange;
 
 use crate::aws_grants::AwsGrant;
+use crate::in_flight::Over;
 use crate::listing::{ServiceStream, stream_from_task};
 use crate::{Caller, ServiceError, Valet, context};
 
@@ -26,75 +26,6 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
 /// holds a stream, a task and a follower of the store's changes (woken by every change).
 pub const MAX_WAITS_PER_GRANT: usize = 8;
 pub const MAX_WAITS_PER_PRINCIPAL: usize = 64;
-
-/// The waits open, by grant and by principal.
-#[derive(Debug, Default)]
-pub(crate) struct Waits {
-    counts: std::sync::Mutex<(HashMap<String, usize>, HashMap<String, usize>)>,
-}
-
-/// One open wait's place: released when its stream ends.
-struct WaitPlace {
-    waits: std::sync::Arc<Waits>,
-    grant: String,
-    principal: String,
-}
-
-impl Waits {
-    fn take(
-        self: &std::sync::Arc<Self>,
-        grant: &str,
-        principal: &str,
-    ) -> Result<WaitPlace, ServiceError> {
-        let mut counts = self
-            .counts
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (by_grant, by_principal) = &mut *counts;
-        let of_grant = by_grant.get(grant).copied().unwrap_or(0);
-        let of_principal = by_principal.get(principal).copied().unwrap_or(0);
-        let over = if of_grant >= MAX_WAITS_PER_GRANT {
-            Some(format!(
-                "{of_grant} waits for this grant are open already (at most {MAX_WAITS_PER_GRANT}); end one, or wait on one of them"
-            ))
-        } else if of_principal >= MAX_WAITS_PER_PRINCIPAL {
-            Some(format!(
-                "{of_principal} waits of principal {principal:?} are open already (at most {MAX_WAITS_PER_PRINCIPAL}); end one first"
-            ))
-        } else {
-            None
-        };
-        if let Some(reason) = over {
-            return Err(ServiceError::at_capacity(reason, Duration::from_secs(1)));
-        }
-        *by_grant.entry(grant.to_string()).or_default() += 1;
-        *by_principal.entry(principal.to_string()).or_default() += 1;
-        Ok(WaitPlace {
-            waits: self.clone(),
-            grant: grant.to_string(),
-            principal: principal.to_string(),
-        })
-    }
-}
-
-impl Drop for WaitPlace {
-    fn drop(&mut self) {
-        let mut counts = self
-            .waits
-            .counts
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (by_grant, by_principal) = &mut *counts;
-        for (counts, key) in [(by_grant, &self.grant), (by_principal, &self.principal)] {
-            if let Some(count) = counts.get_mut(key) {
-                *count -= 1;
-                if *count == 0 {
-                    counts.remove(key);
-                }
-            }
-        }
-    }
-}
 
 /// The grant as it stands, with its token once it is active.
 #[derive(Debug)]
@@ -133,7 +64,25 @@ impl Valet {
             let grant = self.fetch_grant(grant_id.as_str()).await?;
             context.set_grant(&grant);
             policy::may_receive_token(&caller.principal, &grant)?;
-            let place = self.waits.take(&grant.id, &caller.principal.name)?;
+            let caps = crate::in_flight::Caps {
+                per_grant: MAX_WAITS_PER_GRANT,
+                per_principal: MAX_WAITS_PER_PRINCIPAL,
+            };
+            let place = self
+                .waits
+                .take_counted(caps, &grant.id, &caller.principal.name)
+                .map_err(|over| {
+                    let reason = match over {
+                        Over::Grant(held) => format!(
+                            "{held} waits for this grant are open already (at most {MAX_WAITS_PER_GRANT}); end one, or wait on one of them"
+                        ),
+                        Over::Principal(held) => format!(
+                            "{held} waits of principal {:?} are open already (at most {MAX_WAITS_PER_PRINCIPAL}); end one first",
+                            caller.principal.name
+                        ),
+                    };
+                    ServiceError::at_capacity(reason, Duration::from_secs(1))
+                })?;
             let approval = self
                 .store
                 .list_approvals(false)
